@@ -1,0 +1,1 @@
+"""aiwfe shared runtime: config, serve(), errors, identity, telemetry, generated stubs."""

@@ -1,0 +1,198 @@
+"""The one table from domain exceptions to gRPC status codes, with google.rpc details.
+
+Each exception class carries its code (grpc-interceptor style). The error-mapping
+interceptor turns them into a status with `ErrorInfo` (a stable reason) and, where they
+apply, `BadRequest` field violations or `RetryInfo`/`QuotaFailure` details.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+ERROR_DOMAIN = "aiwfe.dev"
+
+
+class AiwfeError(Exception):
+    """Base of every error a caller may see; `code` decides the gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason:
+            self.reason = reason
+        self.error_metadata = dict(metadata or {})
+
+    def details(self) -> list[Message]:
+        """google.rpc detail messages attached to the status."""
+        return [
+            error_details_pb2.ErrorInfo(
+                reason=self.reason, domain=ERROR_DOMAIN, metadata=self.error_metadata
+            )
+        ]
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Extra plain-text trailers (e.g. retry-after) besides the status details."""
+        return ()
+
+    def to_status(self) -> grpc.Status:
+        """The full gRPC status, details packed into `grpc-status-details-bin`."""
+        packed = []
+        for detail in self.details():
+            any_msg = any_pb2.Any()
+            any_msg.Pack(detail)
+            packed.append(any_msg)
+        status = rpc_status.to_status(
+            status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
+        )
+        if extra := self.trailing_metadata():
+            return Status(status.code, status.details, tuple(status.trailing_metadata) + extra)
+        return status
+
+
+class Status(grpc.Status):
+    """A plain grpc.Status value (the grpc package defines only the interface)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+
+
+class InvalidArgument(AiwfeError):
+    """The caller's request is malformed; lists every offending field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: Sequence[tuple[str, str]], message: str | None = None) -> None:
+        self.violations = list(violations)
+        summary = "; ".join(f"{f}: {d}" for f, d in self.violations)
+        super().__init__(message or f"invalid request: {summary}")
+
+    def details(self) -> list[Message]:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                for f, d in self.violations
+            ]
+        )
+        return [*super().details(), bad]
+
+
+class Unauthenticated(AiwfeError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(AiwfeError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+class NotFound(AiwfeError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(AiwfeError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(AiwfeError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
+class Aborted(AiwfeError):
+    code = grpc.StatusCode.ABORTED
+    reason = "ABORTED"
+
+
+class Unavailable(AiwfeError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "UNAVAILABLE"
+
+
+class DeadlineExceeded(AiwfeError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
+class ResourceExhausted(AiwfeError):
+    """A limit was hit; tells the caller when to retry and which quota it exceeded."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        quota_violations: Iterable[tuple[str, str]] = (),
+        reason: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_after = retry_after
+        self.quota_violations = list(quota_violations)
+        self.headers = dict(headers or {})
+
+    def details(self) -> list[Message]:
+        out = super().details()
+        if self.retry_after is not None:
+            secs = max(0.0, self.retry_after)
+            out.append(
+                error_details_pb2.RetryInfo(
+                    retry_delay=duration_pb2.Duration(
+                        seconds=int(secs), nanos=int((secs % 1) * 1e9)
+                    )
+                )
+            )
+        if self.quota_violations:
+            out.append(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(subject=s, description=d)
+                        for s, d in self.quota_violations
+                    ]
+                )
+            )
+        return out
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        extra = dict(self.headers)
+        if self.retry_after is not None:
+            extra.setdefault("retry-after", str(max(1, round(self.retry_after))))
+        return tuple(extra.items())
+
+
+def status_from_rpc_error(error: grpc.aio.AioRpcError) -> grpc.Status:
+    """Re-raisable status of a downstream failure, keeping its google.rpc details."""
+    trailers = tuple(
+        (k, v)
+        for k, v in (error.trailing_metadata() or ())
+        if k == rpc_status.GRPC_DETAILS_METADATA_KEY
+    )
+    return Status(error.code(), error.details() or "", trailers)
+
+
+def internal_status(reference: str) -> grpc.Status:
+    """Generic status for an unexpected failure: never leaks the exception, only a reference."""
+    return AiwfeError(f"internal error (reference {reference}); the failure is logged").to_status()

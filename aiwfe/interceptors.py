@@ -1,0 +1,209 @@
+"""Server interceptors shared by all services, and the helper that wraps method handlers.
+
+Order, outermost first: (telemetry) → error mapping → service-specific (rate limit,
+authentication, authorization, caching at the gateway; internal identity at back ends).
+Health and reflection are exempt from all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from aiwfe.errors import AiwfeError, Status, internal_status, status_from_rpc_error
+from aiwfe.identity import (
+    IDENTITY_METADATA_KEY,
+    InternalIdentity,
+    current_principal,
+    request_deadline,
+)
+
+log = logging.getLogger("aiwfe.errors")
+
+EXEMPT_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+Guard = Callable[[Behavior, bool], Behavior]
+
+
+def is_exempt(method: str) -> bool:
+    return method.startswith(EXEMPT_PREFIXES)
+
+
+def metadata_value(metadata: Any, key: str) -> str | None:
+    for k, v in metadata or ():
+        if k == key:
+            return v
+    return None
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHandler:
+    """Rebuilds `handler` of the same kind with `guard(behavior, response_streaming)` applied."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            guard(handler.unary_unary, False),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            guard(handler.unary_stream, True),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            guard(handler.stream_unary, False),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        guard(handler.stream_stream, True),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def rejecting_handler(handler: grpc.RpcMethodHandler, error: AiwfeError) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that fails with `error` (a proper status even
+    for streams)."""
+
+    def guard(_: Behavior, streaming: bool) -> Behavior:
+        if streaming:
+
+            async def reject_stream(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator:
+                raise error
+                yield  # pragma: no cover - makes this an async generator
+
+            return reject_stream
+
+        async def reject(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            raise error
+
+        return reject
+
+    return wrap_handler(handler, guard)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """Ends the RPC with the status `exc` maps to (the one error table in action)."""
+    if isinstance(exc, AiwfeError):
+        status = exc.to_status()
+    elif isinstance(exc, NotImplementedError):
+        status = Status(grpc.StatusCode.UNIMPLEMENTED, "method not implemented yet", ())
+    elif isinstance(exc, grpc.aio.AioRpcError):
+        # A downstream failure keeps its code and details (UNAVAILABLE stays UNAVAILABLE).
+        status = status_from_rpc_error(exc)
+    else:
+        reference = uuid.uuid4().hex[:12]
+        log.error("unhandled exception (reference %s)", reference, exc_info=exc)
+        status = internal_status(reference)
+    await context.abort(status.code, status.details, tuple(status.trailing_metadata))
+
+
+def _enter(context: grpc.aio.ServicerContext) -> None:
+    remaining = context.time_remaining()
+    request_deadline.set(None if remaining is None else time.monotonic() + remaining)
+
+
+def _error_guard(behavior: Behavior, streaming: bool) -> Behavior:
+    if streaming:
+
+        async def guarded_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
+            _enter(context)
+            try:
+                result = behavior(request, context)
+                if inspect.isawaitable(result):  # a handler that writes with context.write()
+                    await result
+                    return
+                async for item in result:
+                    yield item
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await abort_with(context, exc)
+
+        return guarded_stream
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        _enter(context)
+        try:
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    return guarded
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps domain exceptions to statuses; unknown ones become INTERNAL with a reference."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or is_exempt(handler_call_details.method):
+            return handler
+        return wrap_handler(handler, _error_guard)
+
+
+class InternalIdentityInterceptor(grpc.aio.ServerInterceptor):
+    """Back ends: every call must carry a valid gateway- or service-signed assertion."""
+
+    def __init__(self, identity: InternalIdentity) -> None:
+        self._identity = identity
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or is_exempt(handler_call_details.method):
+            return handler
+        token = metadata_value(handler_call_details.invocation_metadata, IDENTITY_METADATA_KEY)
+        try:
+            principal = self._identity.verify(token)
+        except AiwfeError as exc:
+            return rejecting_handler(handler, exc)
+        return with_principal(handler, principal)
+
+
+def with_principal(handler: grpc.RpcMethodHandler, principal: Any) -> grpc.RpcMethodHandler:
+    """Runs `handler` with `current_principal` set for its whole duration."""
+
+    def guard(behavior: Behavior, streaming: bool) -> Behavior:
+        if streaming:
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
+                current_principal.set(principal)
+                result = behavior(request, context)
+                if inspect.isawaitable(result):
+                    await result
+                    return
+                async for item in result:
+                    yield item
+
+            return stream
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            current_principal.set(principal)
+            return await behavior(request, context)
+
+        return unary
+
+    return wrap_handler(handler, guard)

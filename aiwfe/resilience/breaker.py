@@ -1,0 +1,76 @@
+"""An asyncio circuit breaker per downstream, as the seed specifies.
+
+Only failures that mean the downstream is sick count (UNAVAILABLE, DEADLINE_EXCEEDED,
+INTERNAL); a caller's mistake (INVALID_ARGUMENT, NOT_FOUND, ...) never opens it.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import grpc
+
+from aiwfe.errors import Unavailable
+
+SICK_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
+)
+
+
+class BreakerState(enum.Enum):
+    CLOSED = 0
+    OPEN = 1
+    HALF_OPEN = 2
+
+
+class CircuitBreaker:
+    """CLOSED → (threshold consecutive failures) → OPEN → (timeout) → HALF_OPEN → one probe."""
+
+    def __init__(self, name: str, failure_threshold: int = 5, timeout: float = 60.0) -> None:
+        self.name = name
+        self.failure_threshold = failure_threshold
+        self.timeout = timeout
+        self.state = BreakerState.CLOSED
+        self.failure_count = 0
+        self._opened_at = 0.0
+        self._probe_in_flight = False
+
+    def before_call(self) -> None:
+        """Admits a call or raises Unavailable at once while the circuit is open."""
+        if self.state is BreakerState.CLOSED:
+            return
+        now = time.monotonic()
+        if self.state is BreakerState.OPEN:
+            wait = self._opened_at + self.timeout - now
+            if wait > 0:
+                raise Unavailable(
+                    f"{self.name} is unavailable (circuit open; retry in {wait:.0f} s)",
+                    reason="CIRCUIT_OPEN",
+                    metadata={"downstream": self.name},
+                )
+            self.state = BreakerState.HALF_OPEN
+            self._probe_in_flight = False
+        if self._probe_in_flight:
+            raise Unavailable(
+                f"{self.name} is unavailable (circuit half-open, probe in flight)",
+                reason="CIRCUIT_OPEN",
+                metadata={"downstream": self.name},
+            )
+        self._probe_in_flight = True
+
+    def record_success(self) -> None:
+        self.state = BreakerState.CLOSED
+        self.failure_count = 0
+        self._probe_in_flight = False
+
+    def record_failure(self, code: grpc.StatusCode | None) -> None:
+        """Counts a failure if `code` means the downstream is sick; otherwise it is a success."""
+        if code not in SICK_CODES:
+            self.record_success()
+            return
+        self._probe_in_flight = False
+        self.failure_count += 1
+        if self.state is BreakerState.HALF_OPEN or self.failure_count >= self.failure_threshold:
+            self.state = BreakerState.OPEN
+            self._opened_at = time.monotonic()

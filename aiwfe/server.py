@@ -1,0 +1,196 @@
+"""The one bootstrap shared by all four services.
+
+settings → logging → `grpc.aio.server` with the interceptor chain → servicers → health
+(grpc.health.v1, per full service name) → reflection → start. On SIGTERM/SIGINT: health
+NOT_SERVING first, drain in-flight calls for the configured grace, then release resources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from aiwfe.channels import channel_options
+from aiwfe.config import ConfigError, Settings, load_settings
+from aiwfe.interceptors import ErrorMappingInterceptor
+from aiwfe.logs import configure_logging
+
+log = logging.getLogger("aiwfe.server")
+
+
+class Service:
+    """What a service plugs into the bootstrap. Subclasses override what they need."""
+
+    name = "service"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def start(self) -> None:
+        """Opens pools and clients before the port accepts calls."""
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        """Adds servicers; returns their full service names (from descriptors)."""
+        return []
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Service-specific interceptors, run inside error mapping."""
+        return []
+
+    def reflection_names(self, registered: list[str]) -> list[str]:
+        """Services listed over reflection; the gateway adds the ones it proxies."""
+        return registered
+
+    async def healthy(self) -> bool:
+        """Periodic readiness probe (e.g. the database answers)."""
+        return True
+
+    async def stop(self) -> None:
+        """Releases pools and clients after the server has drained."""
+
+
+class RunningService:
+    """A started server: its bound port, health servicer and the service behind it."""
+
+    def __init__(
+        self,
+        service: Service,
+        server: grpc.aio.Server,
+        port: int,
+        health_servicer: health.aio.HealthServicer,
+        names: Sequence[str],
+        host: str,
+    ) -> None:
+        self.service = service
+        self.server = server
+        self.port = port
+        self.host = host
+        self.health = health_servicer
+        self.names = list(names)
+        self._probe_task: asyncio.Task[None] | None = None
+        self._serving: bool | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        if serving == self._serving:
+            return
+        self._serving = serving
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.names):
+            await self.health.set(name, status)
+        log.info("health %s", "SERVING" if serving else "NOT_SERVING")
+
+    async def _probe_loop(self, interval: float) -> None:
+        while True:
+            try:
+                ok = await self.service.healthy()
+            except Exception:
+                ok = False
+            await self.set_serving(ok)
+            await asyncio.sleep(interval if ok else min(interval, 1.0))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING first, drain with grace, then release resources."""
+        if self._probe_task:
+            self._probe_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe_task
+        await self.health.enter_graceful_shutdown()
+        grace = self.service.settings.grpc.shutdown_grace_seconds if grace is None else grace
+        await self.server.stop(grace)
+        await self.service.stop()
+
+
+async def start_service(
+    service: Service, host: str | None = None, port: int | None = None, probe_interval: float = 2.0
+) -> RunningService:
+    """Starts `service` on host:port (port 0 picks a free one) and returns once it serves."""
+    settings = service.settings
+    endpoint = getattr(settings.services, service.name)
+    host = host or endpoint.host
+    port = endpoint.port if port is None else port
+    await service.start()
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor(), *service.interceptors()],
+        options=[
+            *channel_options(settings),
+            ("grpc.max_concurrent_streams", settings.grpc.max_concurrent_streams),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=None,
+    )
+    names = service.register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [
+            *service.reflection_names(names),
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        await service.stop()
+        raise ConfigError(
+            f"configuration key 'services.{service.name}.port': cannot bind {host}:{port}"
+        ) from exc
+    await server.start()
+    running = RunningService(service, server, bound, health_servicer, names, host)
+    await running.set_serving(await service.healthy())
+    running._probe_task = asyncio.create_task(running._probe_loop(probe_interval))
+    log.info("%s listening on %s", service.name, running.address)
+    return running
+
+
+async def serve(service: Service) -> None:
+    """Runs `service` until SIGTERM/SIGINT, then shuts down gracefully."""
+    running = await start_service(service)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # A readiness line on stdout lets launchers (aiwfe up) wait without polling the port.
+    print(f"{service.name}: {running.address}", flush=True)
+    await stop.wait()
+    log.info("%s shutting down", service.name)
+    await running.stop()
+
+
+def main(service_cls: type[Service], argv: Sequence[str] | None = None) -> None:
+    """Console entry for `python -m <service>`: load settings, run, exit 2 on bad config."""
+    try:
+        settings = load_settings()
+        configure_logging(service_cls.name, settings.logging)
+        service = service_cls(settings)
+    except ConfigError as exc:
+        print(f"{service_cls.name}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    try:
+        runner(serve(service))
+    except ConfigError as exc:
+        print(f"{service_cls.name}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,203 @@
+import datetime
+
+from aiwfe.options.v1 import options_pb2 as _options_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class WorkflowState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WORKFLOW_STATE_UNSPECIFIED: _ClassVar[WorkflowState]
+    WORKFLOW_STATE_PENDING: _ClassVar[WorkflowState]
+    WORKFLOW_STATE_RUNNING: _ClassVar[WorkflowState]
+    WORKFLOW_STATE_SUCCEEDED: _ClassVar[WorkflowState]
+    WORKFLOW_STATE_FAILED: _ClassVar[WorkflowState]
+    WORKFLOW_STATE_CANCELLED: _ClassVar[WorkflowState]
+    WORKFLOW_STATE_TIMED_OUT: _ClassVar[WorkflowState]
+
+class StepState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STEP_STATE_UNSPECIFIED: _ClassVar[StepState]
+    STEP_STATE_PENDING: _ClassVar[StepState]
+    STEP_STATE_RUNNING: _ClassVar[StepState]
+    STEP_STATE_SUCCEEDED: _ClassVar[StepState]
+    STEP_STATE_FAILED: _ClassVar[StepState]
+    STEP_STATE_CANCELLED: _ClassVar[StepState]
+    STEP_STATE_RETRYING: _ClassVar[StepState]
+WORKFLOW_STATE_UNSPECIFIED: WorkflowState
+WORKFLOW_STATE_PENDING: WorkflowState
+WORKFLOW_STATE_RUNNING: WorkflowState
+WORKFLOW_STATE_SUCCEEDED: WorkflowState
+WORKFLOW_STATE_FAILED: WorkflowState
+WORKFLOW_STATE_CANCELLED: WorkflowState
+WORKFLOW_STATE_TIMED_OUT: WorkflowState
+STEP_STATE_UNSPECIFIED: StepState
+STEP_STATE_PENDING: StepState
+STEP_STATE_RUNNING: StepState
+STEP_STATE_SUCCEEDED: StepState
+STEP_STATE_FAILED: StepState
+STEP_STATE_CANCELLED: StepState
+STEP_STATE_RETRYING: StepState
+
+class RetryPolicy(_message.Message):
+    __slots__ = ("max_attempts", "initial_backoff_seconds", "backoff_multiplier", "max_backoff_seconds", "jitter")
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_BACKOFF_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    MAX_BACKOFF_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    JITTER_FIELD_NUMBER: _ClassVar[int]
+    max_attempts: int
+    initial_backoff_seconds: float
+    backoff_multiplier: float
+    max_backoff_seconds: float
+    jitter: float
+    def __init__(self, max_attempts: _Optional[int] = ..., initial_backoff_seconds: _Optional[float] = ..., backoff_multiplier: _Optional[float] = ..., max_backoff_seconds: _Optional[float] = ..., jitter: _Optional[float] = ...) -> None: ...
+
+class StepSpec(_message.Message):
+    __slots__ = ("name", "op", "inputs", "depends_on", "retry_policy", "timeout_seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    DEPENDS_ON_FIELD_NUMBER: _ClassVar[int]
+    RETRY_POLICY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    op: str
+    inputs: _struct_pb2.Struct
+    depends_on: _containers.RepeatedScalarFieldContainer[str]
+    retry_policy: RetryPolicy
+    timeout_seconds: float
+    def __init__(self, name: _Optional[str] = ..., op: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class WorkflowSpec(_message.Message):
+    __slots__ = ("name", "steps", "timeout_seconds", "priority")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    steps: _containers.RepeatedCompositeFieldContainer[StepSpec]
+    timeout_seconds: float
+    priority: int
+    def __init__(self, name: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepSpec, _Mapping]]] = ..., timeout_seconds: _Optional[float] = ..., priority: _Optional[int] = ...) -> None: ...
+
+class StepStatus(_message.Message):
+    __slots__ = ("name", "state", "attempts", "output", "error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: StepState
+    attempts: int
+    output: _struct_pb2.Struct
+    error: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[StepState, str]] = ..., attempts: _Optional[int] = ..., output: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class Workflow(_message.Message):
+    __slots__ = ("workflow_id", "owner", "state", "spec", "steps", "create_time", "update_time", "error")
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    owner: str
+    state: WorkflowState
+    spec: WorkflowSpec
+    steps: _containers.RepeatedCompositeFieldContainer[StepStatus]
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    error: str
+    def __init__(self, workflow_id: _Optional[str] = ..., owner: _Optional[str] = ..., state: _Optional[_Union[WorkflowState, str]] = ..., spec: _Optional[_Union[WorkflowSpec, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[StepStatus, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class SubmitWorkflowRequest(_message.Message):
+    __slots__ = ("spec", "idempotency_key")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    spec: WorkflowSpec
+    idempotency_key: str
+    def __init__(self, spec: _Optional[_Union[WorkflowSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class SubmitWorkflowResponse(_message.Message):
+    __slots__ = ("workflow",)
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    workflow: Workflow
+    def __init__(self, workflow: _Optional[_Union[Workflow, _Mapping]] = ...) -> None: ...
+
+class GetWorkflowRequest(_message.Message):
+    __slots__ = ("workflow_id",)
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    def __init__(self, workflow_id: _Optional[str] = ...) -> None: ...
+
+class GetWorkflowResponse(_message.Message):
+    __slots__ = ("workflow",)
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    workflow: Workflow
+    def __init__(self, workflow: _Optional[_Union[Workflow, _Mapping]] = ...) -> None: ...
+
+class ListWorkflowsRequest(_message.Message):
+    __slots__ = ("state", "page_size", "page_token")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    state: WorkflowState
+    page_size: int
+    page_token: str
+    def __init__(self, state: _Optional[_Union[WorkflowState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListWorkflowsResponse(_message.Message):
+    __slots__ = ("workflows", "next_page_token")
+    WORKFLOWS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    workflows: _containers.RepeatedCompositeFieldContainer[Workflow]
+    next_page_token: str
+    def __init__(self, workflows: _Optional[_Iterable[_Union[Workflow, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CancelWorkflowRequest(_message.Message):
+    __slots__ = ("workflow_id",)
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    def __init__(self, workflow_id: _Optional[str] = ...) -> None: ...
+
+class CancelWorkflowResponse(_message.Message):
+    __slots__ = ("workflow",)
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    workflow: Workflow
+    def __init__(self, workflow: _Optional[_Union[Workflow, _Mapping]] = ...) -> None: ...
+
+class WatchWorkflowRequest(_message.Message):
+    __slots__ = ("workflow_id", "after_sequence")
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    after_sequence: int
+    def __init__(self, workflow_id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+
+class WatchWorkflowResponse(_message.Message):
+    __slots__ = ("sequence", "workflow_state", "step_name", "step_state", "message", "event_time")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_STATE_FIELD_NUMBER: _ClassVar[int]
+    STEP_NAME_FIELD_NUMBER: _ClassVar[int]
+    STEP_STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    workflow_state: WorkflowState
+    step_name: str
+    step_state: StepState
+    message: str
+    event_time: _timestamp_pb2.Timestamp
+    def __init__(self, sequence: _Optional[int] = ..., workflow_state: _Optional[_Union[WorkflowState, str]] = ..., step_name: _Optional[str] = ..., step_state: _Optional[_Union[StepState, str]] = ..., message: _Optional[str] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

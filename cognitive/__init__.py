@@ -1,0 +1,1 @@
+"""cognitive: embeddings, semantic search, classification and generation."""

@@ -1,0 +1,4 @@
+from aiwfe.server import main
+from cognitive.service import CognitiveService
+
+main(CognitiveService)

@@ -1,0 +1,1 @@
+"""dataplatform: PostgreSQL, Redis and Qdrant behind one internal gRPC API."""

@@ -1,0 +1,90 @@
+"""The data platform service: the only process holding database connections."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import sys
+
+import grpc
+
+from aiwfe.config import Settings
+from aiwfe.data.v1 import cache_store_service_pb2, user_store_service_pb2
+from aiwfe.data.v1 import cache_store_service_pb2_grpc as cache_grpc
+from aiwfe.data.v1 import user_store_service_pb2_grpc as user_grpc
+from aiwfe.identity import InternalIdentity
+from aiwfe.interceptors import InternalIdentityInterceptor
+from aiwfe.passwords import hash_password_async
+from aiwfe.server import Service
+from dataplatform.cache_store import CacheStore
+from dataplatform.db import Database
+from dataplatform.users import UserStore
+
+log = logging.getLogger("aiwfe.dataplatform")
+_PURGE_INTERVAL = 60.0
+
+
+class DataPlatformService(Service):
+    name = "dataplatform"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.identity = InternalIdentity.from_settings(settings)
+        self.db = Database(settings.require("database.postgres.dsn"), settings.database.postgres)
+        self.users = UserStore(self.db)
+        self.cache = CacheStore(self.db)
+        self._purger: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.db.open()
+        await self._bootstrap_admin()
+        self._purger = asyncio.create_task(self._purge_loop())
+
+    async def _bootstrap_admin(self) -> None:
+        """Creates the first admin on an empty user table (from config, or generated once)."""
+        if await self.users.count():
+            return
+        admin = self.settings.authentication.admin
+        password = admin.password
+        generated = password is None
+        if generated:
+            password = secrets.token_urlsafe(18)
+        user = await self.users.create(
+            admin.username, await hash_password_async(password), ["admin"]
+        )
+        log.info("created bootstrap admin %r", user.username)
+        if generated:
+            # Shown once on the terminal, never written to the logs.
+            print(
+                f"aiwfe: bootstrap admin '{admin.username}' created with generated password: "
+                f"{password}  (shown once; set AIWFE_ADMIN_PASSWORD to choose it)",
+                file=sys.stdout,
+                flush=True,
+            )
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_PURGE_INTERVAL)
+            with contextlib.suppress(Exception):
+                await self.cache.purge_expired()
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        user_grpc.add_UserStoreServiceServicer_to_server(self.users, server)
+        cache_grpc.add_CacheStoreServiceServicer_to_server(self.cache, server)
+        return [
+            user_store_service_pb2.DESCRIPTOR.services_by_name["UserStoreService"].full_name,
+            cache_store_service_pb2.DESCRIPTOR.services_by_name["CacheStoreService"].full_name,
+        ]
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return [InternalIdentityInterceptor(self.identity)]
+
+    async def healthy(self) -> bool:
+        return await self.db.ping()
+
+    async def stop(self) -> None:
+        if self._purger:
+            self._purger.cancel()
+        await self.db.close()

@@ -1,0 +1,81 @@
+"""Access policy read from the contract: each RPC's `aiwfe.options.v1.policy` option.
+
+The gateway builds this table from descriptors at start-up; there is no second list of
+method names to keep in sync. An RPC with no declared permission is denied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from google.protobuf.descriptor import FileDescriptor, MethodDescriptor
+
+from aiwfe.auth.v1 import auth_service_pb2
+from aiwfe.cognitive.v1 import cognitive_service_pb2
+from aiwfe.data.v1 import cache_store_service_pb2, user_store_service_pb2
+from aiwfe.options.v1 import options_pb2
+from aiwfe.taskproc.v1 import workflow_service_pb2
+
+# Every contract the gateway knows. Packages other than auth are proxied to their owner.
+CONTRACTS: tuple[FileDescriptor, ...] = (
+    auth_service_pb2.DESCRIPTOR,
+    cognitive_service_pb2.DESCRIPTOR,
+    workflow_service_pb2.DESCRIPTOR,
+    user_store_service_pb2.DESCRIPTOR,
+    cache_store_service_pb2.DESCRIPTOR,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MethodInfo:
+    """One RPC as the gateway sees it: where it goes and who may call it."""
+
+    path: str  # "/aiwfe.cognitive.v1.CognitiveService/Embed"
+    package: str
+    service: str
+    permission: str
+    public: bool
+    authenticated: bool
+    cache_ttl_seconds: int
+    idempotent: bool
+    client_streaming: bool
+    server_streaming: bool
+
+    @property
+    def declared(self) -> bool:
+        """Whether the contract grants access at all (deny by default)."""
+        return self.public or self.authenticated or bool(self.permission)
+
+
+def _info(method: MethodDescriptor) -> MethodInfo:
+    policy = method.GetOptions().Extensions[options_pb2.policy]
+    service = method.containing_service
+    return MethodInfo(
+        path=f"/{service.full_name}/{method.name}",
+        package=service.file.package,
+        service=service.full_name,
+        permission=policy.permission,
+        public=policy.public,
+        authenticated=policy.authenticated,
+        cache_ttl_seconds=policy.cache_ttl_seconds,
+        idempotent=policy.idempotent,
+        client_streaming=method.client_streaming,
+        server_streaming=method.server_streaming,
+    )
+
+
+def method_table(files: Iterable[FileDescriptor] = CONTRACTS) -> dict[str, MethodInfo]:
+    """Method path → MethodInfo for every RPC in `files`."""
+    return {
+        info.path: info
+        for file in files
+        for service in file.services_by_name.values()
+        for info in (_info(m) for m in service.methods)
+    }
+
+
+def public_services(files: Iterable[FileDescriptor] = CONTRACTS) -> list[str]:
+    """Services with at least one RPC a caller may reach (listed over reflection)."""
+    table = method_table(files)
+    return sorted({m.service for m in table.values() if m.declared})

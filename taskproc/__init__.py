@@ -1,0 +1,1 @@
+"""taskproc: durable multi-step AI workflows."""

@@ -1,0 +1,264 @@
+"""Tests for aiwfe.embedded: finding or starting PostgreSQL and Redis for `aiwfe up`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from aiwfe import embedded
+from aiwfe.embedded import (
+    LOCAL_POSTGRES_DSN,
+    Provisioned,
+    free_port,
+    provision_postgres,
+    provision_redis,
+)
+
+
+def _postgres_up() -> bool:
+    try:
+        with psycopg.connect(LOCAL_POSTGRES_DSN, connect_timeout=2):
+            return True
+    except psycopg.Error:
+        return False
+
+
+def _redis_up() -> bool:
+    try:
+        return bool(redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie (containers may not reap orphans)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _wait_dead(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live pids whose command line contains ``text``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline and _alive(int(entry.name)):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def shared_home() -> Iterator[Path]:
+    """A home the unprivileged postgres account can traverse (tmp_path's parents are 0700)."""
+    base = Path(tempfile.mkdtemp(prefix="aiwfe-embedded-"))
+    base.chmod(0o711)
+    try:
+        yield base / "home"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_free_port_is_bindable() -> None:
+    """free_port returns a loopback port that can be bound immediately."""
+    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+    assert 0 < port < 65536
+
+
+def test_configured_values_returned_untouched(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Configured DSN/URL come back verbatim, nothing is started, and passwords are not logged."""
+    dsn = "postgresql://svc:s3cr3t-pg@db.example:5433/prod?sslmode=require"
+    url = "redis://:s3cr3t-redis@cache.example:6380/2"
+    with caplog.at_level(logging.DEBUG, logger="aiwfe.embedded"):
+        pg = provision_postgres(tmp_path, dsn)
+        rd = provision_redis(tmp_path, url)
+    assert (pg.url, pg.kind) == (dsn, "configured")
+    assert (rd.url, rd.kind) == (url, "configured")
+    pg.stop()
+    rd.stop()
+    assert list(tmp_path.iterdir()) == []
+    assert "s3cr3t" not in caplog.text
+    assert "db.example" in caplog.text
+
+
+@pytest.mark.skipif(not _postgres_up(), reason="no PostgreSQL on 127.0.0.1:5432")
+def test_local_postgres_detected_and_database_created(tmp_path: Path) -> None:
+    """With a server on 127.0.0.1:5432, it is used as "local" and the database is created."""
+    dbname = f"aiwfe_test_{uuid.uuid4().hex[:12]}"
+    try:
+        prov = provision_postgres(tmp_path, None, dbname=dbname)
+        assert prov.kind == "local"
+        assert prov.url == f"postgresql://postgres@127.0.0.1:5432/{dbname}"
+        with psycopg.connect(prov.url) as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == (dbname,)
+        # A second launch finds the database already there and must not fail.
+        assert provision_postgres(tmp_path, None, dbname=dbname).url == prov.url
+        prov.stop()  # no-op: the shared server keeps running
+        assert _postgres_up()
+        assert not (tmp_path / "postgres").exists()
+    finally:
+        with psycopg.connect(LOCAL_POSTGRES_DSN, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+            )
+
+
+@pytest.mark.skipif(not _redis_up(), reason="no Redis on 127.0.0.1:6379")
+def test_local_redis_detected(tmp_path: Path) -> None:
+    """With Redis answering on 127.0.0.1:6379, it is used as "local" and nothing is started."""
+    prov = provision_redis(tmp_path, None)
+    assert (prov.url, prov.kind) == ("redis://127.0.0.1:6379/0", "local")
+    prov.stop()
+    assert _redis_up()
+    assert not (tmp_path / "redis").exists()
+
+
+def test_redis_none_when_embedding_disabled(tmp_path: Path) -> None:
+    """Without a local server and with embedding off, Redis is reported as absent."""
+    prov = provision_redis(tmp_path, None, embedded=False, probe_local=False)
+    assert prov == Provisioned(url=None, kind="none", stop=prov.stop)
+    assert prov.url is None and prov.kind == "none"
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+def test_embedded_redis_starts_and_stops(tmp_path: Path) -> None:
+    """An embedded Redis answers PING on a non-standard port and is gone, port closed, on stop."""
+    prov = provision_redis(tmp_path, None, probe_local=False)
+    try:
+        assert prov.kind == "embedded"
+        assert prov.url is not None
+        client = redis.Redis.from_url(prov.url)
+        assert client.ping()
+        port = client.connection_pool.connection_kwargs["port"]
+        assert port != 6379
+        pid = int(client.info("server")["process_id"])
+        client.set("k", "v")
+        client.close()
+    finally:
+        prov.stop()
+    assert _wait_dead(pid)
+    assert not _port_open(port)
+    prov.stop()  # idempotent
+    # A cache: nothing persisted on shutdown.
+    assert {p.name for p in (tmp_path / "redis").iterdir()} <= {"redis.log"}
+
+
+def test_embedded_postgres_persists_across_restart(shared_home: Path) -> None:
+    """An embedded PostgreSQL keeps committed data across stop()/start and leaves no process."""
+    data = shared_home / "postgres" / "data"
+
+    first = provision_postgres(shared_home, None, probe_local=False)
+    try:
+        assert first.kind == "embedded"
+        assert first.url is not None
+        pid = int((data / "postmaster.pid").read_text().split()[0])
+        with psycopg.connect(first.url) as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == ("aiwfe",)
+            conn.execute("CREATE TABLE kept (v text)")
+            conn.execute("INSERT INTO kept VALUES ('survives')")
+        port = int(str(conninfo_to_dict(first.url)["port"]))
+    finally:
+        first.stop()
+    assert _wait_dead(pid)
+    assert not _port_open(port)
+    assert not (data / "postmaster.pid").exists()  # clean shutdown, not a crash
+    pg_version_mtime = (data / "PG_VERSION").stat().st_mtime_ns
+
+    second = provision_postgres(shared_home, None, probe_local=False)
+    try:
+        assert second.kind == "embedded"
+        assert second.url is not None
+        with psycopg.connect(second.url) as conn:
+            assert conn.execute("SELECT v FROM kept").fetchall() == [("survives",)]
+        pid = int((data / "postmaster.pid").read_text().split()[0])
+    finally:
+        second.stop()
+    assert (data / "PG_VERSION").stat().st_mtime_ns == pg_version_mtime  # no second initdb
+    assert _wait_dead(pid)
+    assert _processes_mentioning(str(data)) == []
+    if os.geteuid() == 0:
+        assert data.stat().st_uid != 0  # the server ran unprivileged
+
+
+def _has_account(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0 and not _has_account("pgserver"),
+    reason="as root, pgserver would add a 'pgserver' system account to this machine",
+)
+def test_pgserver_fallback_persists_across_restart(
+    shared_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without system binaries, pgserver serves over a unix-socket DSN and keeps data on restart."""
+    pytest.importorskip("pgserver")
+    monkeypatch.setattr(embedded, "_find_system_pg", list)
+    data = shared_home / "postgres" / "data"
+
+    first = provision_postgres(shared_home, None, probe_local=False)
+    try:
+        assert first.kind == "embedded"
+        assert first.url is not None
+        assert str(conninfo_to_dict(first.url)["host"]).startswith("/")
+        with psycopg.connect(first.url) as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == ("aiwfe",)
+            conn.execute("CREATE TABLE kept (v text)")
+            conn.execute("INSERT INTO kept VALUES ('survives')")
+        pid = int((data / "postmaster.pid").read_text().split()[0])
+    finally:
+        first.stop()
+    assert _wait_dead(pid)
+
+    second = provision_postgres(shared_home, None, probe_local=False)
+    try:
+        assert second.url is not None
+        with psycopg.connect(second.url) as conn:
+            assert conn.execute("SELECT v FROM kept").fetchall() == [("survives",)]
+        pid = int((data / "postmaster.pid").read_text().split()[0])
+    finally:
+        second.stop()
+    assert _wait_dead(pid)
