@@ -18,6 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ENV_PREFIX = "AIWFE_"
 CONFIG_ENV = "AIWFE_CONFIG"
+# Well-known variables accepted as they are named in the seed and the README.
+ENV_ALIASES = {
+    "AIWFE_HOME": "home",
+    "JWT_SECRET_KEY": "authentication.jwt.secret_key",
+    "AIWFE_INTERNAL_SECRET_KEY": "authentication.internal.secret_key",
+    "AIWFE_ADMIN_USERNAME": "authentication.admin.username",
+    "AIWFE_ADMIN_PASSWORD": "authentication.admin.password",
+}
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -341,9 +349,12 @@ def _interpolate(value: Any, env: Mapping[str, str], path: str) -> Any:
 
 def _apply_env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
+        if name in ENV_ALIASES:
+            keys = ENV_ALIASES[name].split(".")
+        elif name.startswith(ENV_PREFIX) and "__" in name:
+            keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
+        else:
             continue
-        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
         node = data
         for key in keys[:-1]:
             child = node.get(key)

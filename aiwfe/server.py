@@ -160,8 +160,13 @@ async def start_service(
     return running
 
 
-async def serve(service: Service) -> None:
-    """Runs `service` until SIGTERM/SIGINT, then shuts down gracefully."""
+async def serve(service_cls: type[Service], settings: Settings) -> None:
+    """Runs the service until SIGTERM/SIGINT, then shuts down gracefully.
+
+    The service is built inside the running loop: gRPC aio channels bind to the loop
+    that exists when they are created.
+    """
+    service = service_cls(settings)
     running = await start_service(service)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -174,12 +179,11 @@ async def serve(service: Service) -> None:
     await running.stop()
 
 
-def main(service_cls: type[Service], argv: Sequence[str] | None = None) -> None:
+def main(service_cls: type[Service]) -> None:
     """Console entry for `python -m <service>`: load settings, run, exit 2 on bad config."""
     try:
         settings = load_settings()
         configure_logging(service_cls.name, settings.logging)
-        service = service_cls(settings)
     except ConfigError as exc:
         print(f"{service_cls.name}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -190,7 +194,7 @@ def main(service_cls: type[Service], argv: Sequence[str] | None = None) -> None:
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     try:
-        runner(serve(service))
+        runner(serve(service_cls, settings))
     except ConfigError as exc:
         print(f"{service_cls.name}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,0 +1,3 @@
+from aiwfe.cli import main
+
+main()

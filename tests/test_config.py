@@ -1,0 +1,114 @@
+"""Settings: the seed's values as defaults, YAML with ${ENV}, env overrides, precise errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from aiwfe.config import ConfigError, load_settings
+
+
+def test_defaults_are_the_seed_values() -> None:
+    """Without a file, every seed value (TTLs, pools, roles, limits) is the default."""
+    s = load_settings(env={})
+    a = s.authentication
+    assert (a.jwt.algorithm, a.jwt.expire_hours, a.jwt.refresh_expire_days) == ("HS256", 24, 30)
+    assert (a.validation.cache_ttl, a.validation.redis_key_prefix) == (300, "jwt_cache:")
+    rl = a.rate_limiting
+    assert (rl.login_attempts, rl.login_window, rl.api_requests, rl.api_window) == (5, 300, 100, 60)
+    assert s.rbac.roles["admin"].permissions == ("api:*", "cognitive:*", "data:*", "system:*")
+    assert s.rbac.roles["user"].permissions == ("api:read", "api:workflow:*", "cognitive:inference")
+    assert s.rbac.roles["readonly"].permissions == ("api:read",)
+    assert s.rbac.middleware.cache_ttl == 600
+    pg = s.database.postgres
+    assert (pg.pool_size, pg.max_overflow, pg.pool_timeout, pg.pool_recycle) == (20, 30, 30, 3600)
+    assert s.database.pgbouncer.pool_mode == "transaction"
+    pool = s.redis.connection_pool
+    assert (pool.max_connections, pool.retry_on_timeout, pool.health_check_interval) == (
+        20,
+        True,
+        60,
+    )
+    cs = s.redis.cache_strategies
+    assert (cs.session_cache.ttl, cs.api_cache.ttl, cs.cognitive_cache.ttl) == (3600, 300, 1800)
+    q = s.qdrant
+    assert (q.collection_config.vectors.size, q.collection_config.vectors.distance) == (
+        768,
+        "Cosine",
+    )
+    assert (q.performance.hnsw_config.m, q.performance.hnsw_config.ef_construct) == (16, 100)
+    assert (
+        q.connection.timeout,
+        q.connection.retry_attempts,
+        q.connection.connection_pool_size,
+    ) == (
+        30,
+        3,
+        10,
+    )
+    assert (s.grpc.keepalive_time_ms, s.grpc.keepalive_timeout_ms) == (30000, 5000)
+    assert (s.circuit_breaker.failure_threshold, s.circuit_breaker.timeout) == (5, 60)
+
+
+def test_yaml_with_env_interpolation_and_overrides(tmp_path) -> None:
+    """${VAR} and ${VAR:-default} are substituted, then AIWFE_<BLOCK>__<KEY> overrides win."""
+    path = tmp_path / "aiwfe.yaml"
+    path.write_text(
+        "authentication:\n"
+        "  jwt:\n"
+        "    secret_key: ${JWT_SECRET}\n"
+        "    expire_hours: ${HOURS:-12}\n"
+        "services:\n"
+        "  gateway:\n"
+        "    port: 6000\n"
+    )
+    env = {"JWT_SECRET": "s" * 40, "AIWFE_SERVICES__GATEWAY__PORT": "7000"}
+    s = load_settings(path, env=env)
+    assert s.authentication.jwt.secret_key == "s" * 40
+    assert s.authentication.jwt.expire_hours == 12
+    assert s.services.gateway.port == 7000
+
+
+def test_seed_variable_names_are_accepted() -> None:
+    """JWT_SECRET_KEY and AIWFE_ADMIN_PASSWORD work without a config file."""
+    s = load_settings(env={"JWT_SECRET_KEY": "k" * 32, "AIWFE_ADMIN_PASSWORD": "p" * 12})
+    assert s.authentication.jwt.secret_key == "k" * 32
+    assert s.authentication.admin.password == "p" * 12
+
+
+def test_secrets_do_not_appear_in_repr() -> None:
+    """Secret values never show in a settings repr (and so never in a log line)."""
+    s = load_settings(env={"JWT_SECRET_KEY": "very-secret-value-" * 3})
+    assert "very-secret-value" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"AIWFE_DATABASE__POSTGRES__POOL_SIZE": "-1"}, "database.postgres.pool_size"),
+        ({"AIWFE_SERVICES__GATEWAY__PORT": "http"}, "services.gateway.port"),
+        ({"AIWFE_RBAC__NO_SUCH_KEY": "1"}, "rbac.no_such_key"),
+        ({"JWT_SECRET_KEY": "short"}, "authentication.jwt.secret_key"),
+    ],
+)
+def test_invalid_values_name_the_key(env, key) -> None:
+    """An invalid or unknown value refuses to load with a message naming its key."""
+    with pytest.raises(ConfigError) as err:
+        load_settings(env=env)
+    assert repr(key) in str(err.value)
+
+
+def test_unset_variable_reference_names_the_key(tmp_path) -> None:
+    """A ${VAR} with no value and no default is an error naming the key and the variable."""
+    path = tmp_path / "aiwfe.yaml"
+    path.write_text("redis:\n  url: ${REDIS_URL}\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, env={})
+    assert "'redis.url'" in str(err.value) and "REDIS_URL" in str(err.value)
+
+
+def test_required_secret_is_named_when_missing() -> None:
+    """require() names the dotted key and its environment variable."""
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={}).require("authentication.internal.secret_key")
+    assert "authentication.internal.secret_key" in str(err.value)
+    assert "AIWFE_AUTHENTICATION__INTERNAL__SECRET_KEY" in str(err.value)

@@ -1,0 +1,151 @@
+"""`aiwfe up` as a user runs it: a subprocess that starts all four services, then a real
+client logs in and embeds through the gateway; SIGTERM stops everything. Also `buf curl`
+reaching Embed through the gateway with reflection alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from aiwfe.cli import check_health
+from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
+from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
+from aiwfe.embedded import free_port
+from tests.conftest import ADMIN_PASSWORD, bearer, login
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def processes_with_env(entry: str) -> list[int]:
+    """Pids whose environment holds `entry` (our unique home marks the suite's processes)."""
+    found = []
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            environ = (proc_dir / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if entry.encode() in environ:
+            found.append(int(proc_dir.name))
+    return found
+
+
+def buf_binary() -> str | None:
+    return (
+        os.environ.get("AIWFE_BUF")
+        or shutil.which("buf")
+        or (str(p) if (p := ROOT / ".tools/node_modules/.bin/buf").exists() else None)
+    )
+
+
+@pytest.fixture
+def up_process(database_dsn: str, tmp_path: Path):
+    """`aiwfe up` on free ports, configured only through the environment."""
+    ports = {name: free_port() for name in ("gateway", "cognitive", "taskproc", "dataplatform")}
+    env = {
+        **os.environ,
+        "AIWFE_HOME": str(tmp_path / "home"),
+        "AIWFE_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "AIWFE_DATABASE__POSTGRES__DSN": database_dsn,
+        "AIWFE_DATABASE__POSTGRES__POOL_SIZE": "2",
+        **{f"AIWFE_SERVICES__{n.upper()}__PORT": str(p) for n, p in ports.items()},
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aiwfe", "up"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    banner = []
+    deadline = time.monotonic() + 60
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        banner.append(line.rstrip())
+        if line.startswith("Ctrl-C"):
+            break
+    try:
+        yield proc, ports, banner, env["AIWFE_HOME"]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+async def test_up_starts_suite_login_and_embed(up_process) -> None:
+    """The banner names the gateway; all four report SERVING; login and Embed work; SIGTERM
+    stops every process."""
+    proc, ports, banner, home = up_process
+    assert f"gateway: 127.0.0.1:{ports['gateway']}" in banner, banner
+    for port in ports.values():
+        assert await check_health(f"127.0.0.1:{port}", "", 5) == "SERVING"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['gateway']}") as ch:
+        token = await login(ch)
+        reply = await cog_grpc.CognitiveServiceStub(ch).Embed(
+            cog_pb.EmbedRequest(texts=["hello from aiwfe up"]), metadata=bearer(token), timeout=10
+        )
+    assert reply.dimension == 768 and len(reply.embeddings[0].values) == 768
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    rest = proc.stdout.read()
+    assert "aiwfe: stopped" in rest
+    assert processes_with_env(f"AIWFE_HOME={home}") == []
+    for port in ports.values():
+        with pytest.raises(grpc.aio.AioRpcError):
+            await check_health(f"127.0.0.1:{port}", "", 1)
+
+
+def test_buf_curl_reaches_embed_through_gateway(up_process) -> None:
+    """buf curl, using only the gateway's reflection, logs in and calls Embed with a Bearer."""
+    buf = buf_binary()
+    if buf is None:
+        if os.environ.get("CI"):
+            pytest.fail("buf is required in CI (.ci/run installs @bufbuild/buf)")
+        pytest.skip("buf not installed (npm install @bufbuild/buf)")
+    _, ports, _, _ = up_process
+    base = f"http://127.0.0.1:{ports['gateway']}"
+    common = [buf, "curl", "--protocol", "grpc", "--http2-prior-knowledge"]
+    login_out = subprocess.run(
+        [
+            *common,
+            "-d",
+            json.dumps({"username": "admin", "password": ADMIN_PASSWORD}),
+            f"{base}/aiwfe.auth.v1.AuthService/Login",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    token = json.loads(login_out.stdout)["accessToken"]
+    embed_out = subprocess.run(
+        [
+            *common,
+            "-H",
+            f"authorization: Bearer {token}",
+            "-d",
+            '{"texts":["hello"]}',
+            f"{base}/aiwfe.cognitive.v1.CognitiveService/Embed",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    reply = json.loads(embed_out.stdout)
+    assert reply["dimension"] == 768
+    assert len(reply["embeddings"][0]["values"]) == 768
