@@ -24,7 +24,7 @@ async def check_health(address: str, service: str, timeout: float) -> str:
 
 
 def _serve(name: str) -> None:
-    import importlib  # noqa: PLC0415
+    import importlib
 
     importlib.import_module(f"{name}.__main__")
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "up":
-        from aiwfe.launcher import up  # noqa: PLC0415
+        from aiwfe.launcher import up
 
         try:
             raise SystemExit(up(args.config))

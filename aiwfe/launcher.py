@@ -63,18 +63,20 @@ def banner(settings: Settings, pg: Provisioned, redis: Provisioned) -> str:
     s = settings.services
     admin = settings.authentication.admin.username
     gw = s.gateway.address
+    qdrant = f"server {settings.qdrant.url}" if settings.qdrant.url else "embedded engine"
+    redis_kind = redis.kind if redis.url else "none (single-node mode)"
+    curl = "buf curl --protocol grpc --http2-prior-knowledge"
+    login_body = f'{{"username":"{admin}","password":"\'"$AIWFE_ADMIN_PASSWORD"\'"}}'
     lines = [
         "aiwfe is up",
         *(f"{name}: {getattr(s, name).address}" for name in reversed(SERVICE_ORDER)),
-        f"postgres: {pg.kind}   redis: {redis.kind if redis.url else 'none (single-node mode)'}"
-        f"   qdrant: {'server ' + settings.qdrant.url if settings.qdrant.url else 'embedded engine'}",
-        f"admin login: {admin} (password from AIWFE_ADMIN_PASSWORD, or the one printed on first start)",
+        f"postgres: {pg.kind}   redis: {redis_kind}   qdrant: {qdrant}",
+        f"admin login: {admin} (password: $AIWFE_ADMIN_PASSWORD, or printed on first start)",
         "try it:",
-        f"  TOKEN=$(buf curl --protocol grpc --http2-prior-knowledge -d '{{\"username\":\"{admin}\","
-        f"\"password\":\"'$AIWFE_ADMIN_PASSWORD'\"}}' http://{gw}/aiwfe.auth.v1.AuthService/Login"
+        f"  TOKEN=$({curl} -d '{login_body}' http://{gw}/aiwfe.auth.v1.AuthService/Login"
         " | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"accessToken\"])')",
-        f"  buf curl --protocol grpc --http2-prior-knowledge -H \"authorization: Bearer $TOKEN\""
-        f" -d '{{\"texts\":[\"hello world\"]}}' http://{gw}/aiwfe.cognitive.v1.CognitiveService/Embed",
+        f'  {curl} -H "authorization: Bearer $TOKEN" -d \'{{"texts":["hello world"]}}\''
+        f" http://{gw}/aiwfe.cognitive.v1.CognitiveService/Embed",
         "Ctrl-C stops everything.",
     ]
     return "\n".join(lines)
@@ -122,18 +124,24 @@ async def run_up(settings: Settings) -> int:
     code = 0
     try:
         for name in SERVICE_ORDER:
+            # A session of its own: Ctrl-C reaches only the launcher, which stops in order.
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", name, env=env,
-                stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C reaches the launcher, which stops children in order
+                sys.executable,
+                "-m",
+                name,
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
             )
             children.append((name, proc))
             ready: asyncio.Future[str] = loop.create_future()
             assert proc.stdout is not None
             pumps.append(asyncio.create_task(_pump(name, proc.stdout, ready)))
             waiter = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait({ready, waiter}, timeout=READY_TIMEOUT,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {ready, waiter}, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
             waiter.cancel()
             if stop.is_set():
                 return 0

@@ -112,3 +112,14 @@ def test_required_secret_is_named_when_missing() -> None:
         load_settings(env={}).require("authentication.internal.secret_key")
     assert "authentication.internal.secret_key" in str(err.value)
     assert "AIWFE_AUTHENTICATION__INTERNAL__SECRET_KEY" in str(err.value)
+
+
+def test_shipped_example_config_matches_the_defaults() -> None:
+    """deploy/aiwfe.yaml loads and states exactly the built-in (seed) defaults."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "deploy" / "aiwfe.yaml"
+    env = {"JWT_SECRET_KEY": "k" * 32, "AIWFE_INTERNAL_SECRET_KEY": "i" * 32}
+    shipped = load_settings(path, env=env)
+    defaults = load_settings(env=env)
+    assert shipped == defaults

@@ -1,0 +1,154 @@
+"""Closed-loop load generation with grpc.aio: N calls in flight, bounded by time and count.
+
+Requests are sent pre-serialized and responses kept as bytes (no protobuf work per call on
+the client), so the load generator spends its CPU on the transport, not on messages; the
+first reply is parsed once to check it is a real, cached embedding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
+from benchmarks import procstat
+
+EMBED_METHOD = "/aiwfe.cognitive.v1.CognitiveService/Embed"
+# One short text: cached after the warm-up, so the figures measure the hops, not embedding.
+EMBED_TEXT = "benchmark probe: the quick brown fox jumps over the lazy dog"
+CALL_TIMEOUT_S = 10.0
+
+
+def embed_request() -> bytes:
+    return cog_pb.EmbedRequest(texts=[EMBED_TEXT]).SerializeToString()
+
+
+@dataclass
+class PhaseResult:
+    """One timed phase at a fixed concurrency."""
+
+    concurrency: int
+    requests: int = 0
+    errors: int = 0
+    error_codes: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    rps: float = 0.0
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    mean_ms: float | None = None
+    max_ms: float | None = None
+    server_cpu_us_per_request: float | None = None
+    proxy_cpu_us_per_request: float | None = None
+    client_cpu_us_per_request: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: _round(v) for k, v in self.__dict__.items()}
+
+
+def _round(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value
+
+
+class PreflightError(RuntimeError):
+    """The target does not answer Embed correctly; the scenario cannot be measured."""
+
+
+async def preflight(
+    channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...], attempts: int = 50
+) -> cog_pb.EmbedResponse:
+    """Calls Embed until it succeeds (a proxy may still be binding), then checks the reply."""
+    call = channel.unary_unary(EMBED_METHOD)
+    request = embed_request()
+    last: grpc.aio.AioRpcError | None = None
+    for _ in range(attempts):
+        try:
+            raw = await call(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise PreflightError(f"{exc.code().name}: {exc.details()}") from None
+            last = exc
+            await asyncio.sleep(0.1)
+            continue
+        reply = cog_pb.EmbedResponse.FromString(raw)
+        if len(reply.embeddings) != 1 or len(reply.embeddings[0].values) != reply.dimension:
+            raise PreflightError(f"unexpected Embed reply: {len(reply.embeddings)} embeddings")
+        return reply
+    assert last is not None
+    raise PreflightError(f"{last.code().name}: {last.details()}")
+
+
+async def _drive(
+    channel: grpc.aio.Channel,
+    metadata: tuple[tuple[str, str], ...],
+    concurrency: int,
+    seconds: float,
+    max_requests: int,
+) -> tuple[list[int], Counter[str], float]:
+    """Runs `concurrency` closed loops; returns latencies (ns), error codes, elapsed s."""
+    call = channel.unary_unary(EMBED_METHOD)
+    request = embed_request()
+    latencies: list[int] = []
+    errors: Counter[str] = Counter()
+    started = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    async def loop() -> None:
+        nonlocal started
+        while started < max_requests and time.perf_counter() < deadline:
+            started += 1
+            t0 = time.perf_counter_ns()
+            try:
+                await call(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] += 1
+                continue
+            latencies.append(time.perf_counter_ns() - t0)
+
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return latencies, errors, time.perf_counter() - start
+
+
+async def run_phase(
+    channel: grpc.aio.Channel,
+    metadata: tuple[tuple[str, str], ...],
+    concurrency: int,
+    seconds: float,
+    warmup_seconds: float,
+    max_requests: int,
+    server_pids: list[int],
+    proxy_pids: list[int] | None = None,
+) -> PhaseResult:
+    """Warms up, then measures latency, throughput and CPU per request for one phase."""
+    await _drive(channel, metadata, concurrency, warmup_seconds, max_requests)
+    server_cpu0 = procstat.total_cpu_seconds(server_pids)
+    proxy_cpu0 = procstat.total_cpu_seconds(proxy_pids) if proxy_pids else 0.0
+    client_cpu0 = time.process_time()
+    latencies, errors, elapsed = await _drive(channel, metadata, concurrency, seconds, max_requests)
+    client_cpu = time.process_time() - client_cpu0
+    server_cpu = procstat.total_cpu_seconds(server_pids) - server_cpu0
+    proxy_cpu = procstat.total_cpu_seconds(proxy_pids) - proxy_cpu0 if proxy_pids else None
+
+    result = PhaseResult(concurrency=concurrency, seconds=elapsed)
+    result.requests = len(latencies)
+    result.errors = sum(errors.values())
+    result.error_codes = dict(errors)
+    if latencies:
+        ms = np.asarray(latencies, dtype=np.float64) / 1e6
+        p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+        result.p50_ms, result.p95_ms, result.p99_ms = float(p50), float(p95), float(p99)
+        result.mean_ms, result.max_ms = float(ms.mean()), float(ms.max())
+        result.rps = result.requests / elapsed
+        # Per completed request; /proc resolution is one clock tick (usually 10 ms).
+        result.server_cpu_us_per_request = server_cpu / result.requests * 1e6
+        result.client_cpu_us_per_request = client_cpu / result.requests * 1e6
+        if proxy_cpu is not None:
+            result.proxy_cpu_us_per_request = proxy_cpu / result.requests * 1e6
+    return result

@@ -1,0 +1,172 @@
+"""The benchmark's server process: the whole suite in one process, on loopback.
+
+    python -m benchmarks.servers --database aiwfe_bench_<random>
+
+Creates that database on the local PostgreSQL, starts the four services in-process with
+`aiwfe.suite.start_suite` (free ports), plus a second gateway with `authentication.enabled:
+false` wired to the same back ends (the "gateway-noauth" scenario), prints the addresses as
+one JSON line on stdout, runs until SIGTERM/SIGINT (or until its parent goes away) and then
+stops the services and drops the database.
+
+Secrets come from the environment so they never show in `ps`: AIWFE_BENCH_JWT_SECRET,
+AIWFE_BENCH_INTERNAL_SECRET and AIWFE_BENCH_ADMIN_PASSWORD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import copy
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import uuid
+from collections.abc import Awaitable
+from typing import Any
+
+import psycopg
+
+from aiwfe.config import LoggingSettings
+from aiwfe.logs import configure_logging
+from aiwfe.suite import SERVICE_ORDER, Suite, start_suite
+
+DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+ADMIN_DSN_ENV = "AIWFE_BENCH_PG_ADMIN_DSN"
+JWT_SECRET_ENV = "AIWFE_BENCH_JWT_SECRET"
+INTERNAL_SECRET_ENV = "AIWFE_BENCH_INTERNAL_SECRET"
+ADMIN_PASSWORD_ENV = "AIWFE_BENCH_ADMIN_PASSWORD"
+ADMIN_USERNAME = "admin"
+_DB_NAME = re.compile(r"aiwfe_bench_[a-z0-9_]{1,40}")
+
+
+def database_dsn(admin_dsn: str, name: str) -> str:
+    """The DSN of database `name` on the server `admin_dsn` points at."""
+    return admin_dsn.rsplit("/", 1)[0] + f"/{name}"
+
+
+def create_database(admin_dsn: str, name: str) -> None:
+    if not _DB_NAME.fullmatch(name):
+        raise ValueError(f"refusing database name {name!r} (must match {_DB_NAME.pattern})")
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def drop_database(admin_dsn: str, name: str) -> None:
+    """Drops `name` if it exists; FORCE ends sessions a killed server may have left."""
+    if not _DB_NAME.fullmatch(name):
+        raise ValueError(f"refusing database name {name!r}")
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _overrides(home: str, dsn: str) -> dict[str, Any]:
+    """Like the tests' base overrides: small pools, random secrets, quiet logs."""
+    return {
+        "home": home,
+        "authentication": {
+            "jwt": {"secret_key": os.environ[JWT_SECRET_ENV]},
+            "internal": {"secret_key": os.environ[INTERNAL_SECRET_ENV]},
+            "admin": {"username": ADMIN_USERNAME, "password": os.environ[ADMIN_PASSWORD_ENV]},
+        },
+        "database": {"postgres": {"dsn": dsn, "pool_size": 2, "max_overflow": 8}},
+        "redis": {"key_prefix": f"aiwfe-bench:{uuid.uuid4().hex[:8]}:"},
+        "grpc": {"shutdown_grace_seconds": 0.5},
+        "logging": {"json_format": False, "level": "WARNING"},
+    }
+
+
+async def _watch_parent(stop: asyncio.Event, parent: int) -> None:
+    """Stops the servers when the harness dies without stopping us (re-parented)."""
+    while not stop.is_set():
+        if os.getppid() != parent:
+            stop.set()
+            return
+        await asyncio.sleep(1.0)
+
+
+async def serve(home: str, dsn: str, database: str) -> None:
+    """Starts both suites, announces them, waits for a stop signal, stops them."""
+    overrides = _overrides(home, dsn)
+    suites: list[Suite] = []
+    try:
+        suite = await start_suite(overrides)
+        suites.append(suite)
+        # Same back ends, authentication off: only this gateway's interceptor differs.
+        noauth = copy.deepcopy(overrides)
+        noauth["authentication"]["enabled"] = False
+        noauth["services"] = {
+            name: {"port": suite.running[name].port} for name in SERVICE_ORDER if name != "gateway"
+        }
+        noauth_suite = await start_suite(noauth, only=("gateway",))
+        suites.append(noauth_suite)
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        watcher = asyncio.create_task(_watch_parent(stop, os.getppid()))
+        addresses = {name: suite.address(name) for name in SERVICE_ORDER}
+        addresses["gateway_noauth"] = noauth_suite.address("gateway")
+        announcement = {
+            "pid": os.getpid(),
+            "database": database,
+            "addresses": addresses,
+            "in_process": [*SERVICE_ORDER, "gateway (authentication disabled)"],
+            "event_loop": type(loop).__module__.split(".")[0],
+        }
+        print(json.dumps(announcement), flush=True)
+        await stop.wait()
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    finally:
+        for running in reversed(suites):
+            await running.stop()
+
+
+def _runner() -> Any:
+    """uvloop when installed, as `aiwfe` services run in production (server.main)."""
+    try:
+        import uvloop
+
+        return uvloop.run
+    except ImportError:  # pragma: no cover
+        return asyncio.run
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the aiwfe suite for the benchmarks.")
+    parser.add_argument("--database", required=True, help="database to create (aiwfe_bench_*)")
+    parser.add_argument(
+        "--admin-dsn",
+        default=os.environ.get(ADMIN_DSN_ENV, DEFAULT_ADMIN_DSN),
+        help="PostgreSQL maintenance DSN used to create and drop the database",
+    )
+    args = parser.parse_args(argv)
+    missing = [
+        name
+        for name in (JWT_SECRET_ENV, INTERNAL_SECRET_ENV, ADMIN_PASSWORD_ENV)
+        if not os.environ.get(name)
+    ]
+    if missing:
+        print(f"benchmarks.servers: set {', '.join(missing)}", file=sys.stderr)
+        raise SystemExit(2)
+    configure_logging("bench-servers", LoggingSettings(level="WARNING", json_format=False))
+
+    create_database(args.admin_dsn, args.database)
+    try:
+        with tempfile.TemporaryDirectory(prefix="aiwfe-bench-home-") as home:
+            coro: Awaitable[None] = serve(
+                home, database_dsn(args.admin_dsn, args.database), args.database
+            )
+            _runner()(coro)
+    finally:
+        drop_database(args.admin_dsn, args.database)
+
+
+if __name__ == "__main__":
+    main()
