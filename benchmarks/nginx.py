@@ -51,6 +51,12 @@ def available() -> str | None:
     return shutil.which("nginx")
 
 
+def version(binary: str) -> str:
+    """`nginx -v` (it prints to stderr)."""
+    done = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False)
+    return (done.stderr or done.stdout).strip()
+
+
 def free_port() -> int:
     """A free loopback port (nginx cannot pick one itself)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -1,0 +1,305 @@
+"""Runs the scenarios: starts the server process (and nginx), drives the load, stops both.
+
+Topology (all on loopback, see benchmarks.servers):
+
+    harness process (grpc.aio load) ──► server process: gateway, gateway (auth off),
+                                          cognitive, taskproc, dataplatform ──► PostgreSQL
+                               └──► nginx (grpc_pass) ──► cognitive        [when installed]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
+from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
+from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from benchmarks import load, nginx, procstat, servers
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RPC_SCENARIOS = ("direct", "gateway", "gateway-noauth", "nginx")
+OTHER_SCENARIOS = ("embedder", "vector-search")
+ALL_SCENARIOS = RPC_SCENARIOS + OTHER_SCENARIOS
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to run and for how long."""
+
+    scenarios: tuple[str, ...]
+    seconds: float = 3.0
+    warmup_seconds: float = 0.5
+    concurrency: int = 32
+    latency_concurrency: int = 1
+    max_requests: int = 1_000_000
+    vector_n: int = 20_000
+    embedder_seconds: float = 3.0
+    admin_dsn: str = servers.DEFAULT_ADMIN_DSN
+
+
+class ServerProcess:
+    """`python -m benchmarks.servers` in its own process group, with its own database."""
+
+    def __init__(self, admin_dsn: str) -> None:
+        self.admin_dsn = admin_dsn
+        self.database = f"aiwfe_bench_{secrets.token_hex(6)}"
+        self.jwt_secret = secrets.token_urlsafe(32)
+        self.internal_secret = secrets.token_urlsafe(32)
+        self.admin_password = secrets.token_urlsafe(18)
+        self.process: subprocess.Popen[str] | None = None
+        self.info: dict[str, Any] = {}
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def address(self, name: str) -> str:
+        return self.info["addresses"][name]
+
+    def start(self, timeout: float = 90.0) -> dict[str, Any]:
+        """Starts the process and returns its announcement (addresses, pid, database)."""
+        env = {
+            **os.environ,
+            servers.JWT_SECRET_ENV: self.jwt_secret,
+            servers.INTERNAL_SECRET_ENV: self.internal_secret,
+            servers.ADMIN_PASSWORD_ENV: self.admin_password,
+        }
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.servers",
+                "--database",
+                self.database,
+                "--admin-dsn",
+                self.admin_dsn,
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+            # Own group: on failure the whole group is killed, whatever it spawned.
+            start_new_session=True,
+        )
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(f"server process did not announce itself within {timeout} s")
+            ready, _, _ = select.select([self.process.stdout], [], [], remaining)
+            if not ready:
+                continue
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"server process exited with {self.process.wait()}")
+            try:
+                info = json.loads(line)
+            except json.JSONDecodeError:
+                print(f"[server] {line.rstrip()}", file=sys.stderr)
+                continue
+            if isinstance(info, dict) and "addresses" in info:
+                self.info = info
+                return info
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (the server drops its database), SIGKILL to the group if it hangs, and
+        drop the database here too in case the server could not."""
+        try:
+            if self.process is not None:
+                if self.process.poll() is None:
+                    self.process.send_signal(signal.SIGTERM)
+                    try:
+                        self.process.wait(timeout=timeout)
+                    except subprocess.TimeoutExpired:
+                        print("server process did not stop; killing it", file=sys.stderr)
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.process.wait()
+                if self.process.stdout:
+                    self.process.stdout.close()
+        finally:
+            servers.drop_database(self.admin_dsn, self.database)
+
+
+async def _login(address: str, password: str) -> str:
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await auth_grpc.AuthServiceStub(channel).Login(
+            auth_pb.LoginRequest(username=servers.ADMIN_USERNAME, password=password), timeout=30
+        )
+    return reply.access_token
+
+
+async def _measure(
+    name: str,
+    address: str,
+    metadata_factory: Any,
+    opts: Options,
+    server_pids: list[int],
+    proxy_pids: list[int] | None = None,
+) -> dict[str, Any]:
+    """Both phases of one RPC scenario on one channel."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        first = await load.preflight(channel, metadata_factory())
+        phases: dict[str, load.PhaseResult] = {}
+        for phase, concurrency in (
+            ("latency", opts.latency_concurrency),
+            ("throughput", opts.concurrency),
+        ):
+            # A fresh assertion per phase: internal assertions live 60 s.
+            phases[phase] = await load.run_phase(
+                channel,
+                metadata_factory(),
+                concurrency,
+                opts.seconds,
+                opts.warmup_seconds,
+                opts.max_requests,
+                server_pids,
+                proxy_pids,
+            )
+        check = await load.preflight(channel, metadata_factory())
+    lat, thr = phases["latency"], phases["throughput"]
+    return {
+        "name": name,
+        "address": address,
+        # Headline figures: latency at 1 in flight, throughput and CPU at full concurrency.
+        "requests": lat.requests + thr.requests,
+        "errors": lat.errors + thr.errors,
+        "p50_ms": lat.p50_ms,
+        "p95_ms": lat.p95_ms,
+        "p99_ms": lat.p99_ms,
+        "rps": thr.rps,
+        "server_cpu_us_per_request": thr.server_cpu_us_per_request,
+        "proxy_cpu_us_per_request": thr.proxy_cpu_us_per_request,
+        "client_cpu_us_per_request": thr.client_cpu_us_per_request,
+        "first_reply_cached": first.cached_count == 1,
+        "measured_reply_cached": check.cached_count == 1,
+        "phases": {k: v.as_dict() for k, v in phases.items()},
+    }
+
+
+async def _rpc_scenarios(
+    server: ServerProcess, opts: Options, results: dict[str, Any], notes: list[str]
+) -> None:
+    identity = InternalIdentity(server.internal_secret)
+
+    def internal() -> tuple[tuple[str, str], ...]:
+        return ((IDENTITY_METADATA_KEY, identity.assertion(None, "bench")),)
+
+    pids = [server.pid]
+    for name in RPC_SCENARIOS:
+        if name not in opts.scenarios:
+            continue
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        try:
+            if name == "direct":
+                results[name] = await _measure(
+                    name, server.address("cognitive"), internal, opts, pids
+                )
+            elif name == "gateway":
+                token = await _login(server.address("gateway"), server.admin_password)
+                bearer = (("authorization", f"Bearer {token}"),)
+                results[name] = await _measure(
+                    name, server.address("gateway"), lambda b=bearer: b, opts, pids
+                )
+            elif name == "gateway-noauth":
+                results[name] = await _measure(
+                    name, server.address("gateway_noauth"), lambda: (), opts, pids
+                )
+            elif name == "nginx":
+                await _nginx_scenario(server, opts, internal, pids, results, notes)
+        except (load.PreflightError, grpc.aio.AioRpcError, RuntimeError) as exc:
+            detail = (
+                f"{exc.code().name}: {exc.details()}"
+                if isinstance(exc, grpc.aio.AioRpcError)
+                else str(exc)
+            )
+            results[name] = {"name": name, "failed": detail, "requests": 0, "errors": 1}
+
+
+async def _nginx_scenario(
+    server: ServerProcess,
+    opts: Options,
+    internal: Any,
+    pids: list[int],
+    results: dict[str, Any],
+    notes: list[str],
+) -> None:
+    binary = nginx.available()
+    if binary is None:
+        results["nginx"] = {"name": "nginx", "skipped": "nginx not installed"}
+        return
+    proxy = nginx.Nginx(binary, server.address("cognitive"))
+    try:
+        await asyncio.to_thread(proxy.start)  # polls the port with blocking sleeps
+        results["nginx"] = await _measure(
+            "nginx", proxy.address, internal, opts, pids, proxy_pids=proxy.pids()
+        )
+        results["nginx"]["nginx_version"] = await asyncio.to_thread(nginx.version, binary)
+    except BaseException:
+        log = proxy.error_log().strip()
+        if log:
+            notes.append(f"nginx error log:\n{log}")
+        raise
+    finally:
+        proxy.stop()
+
+
+def run(opts: Options) -> dict[str, Any]:
+    """Runs the selected scenarios; returns the raw results (see benchmarks.report)."""
+    results: dict[str, Any] = {}
+    notes: list[str] = []
+    server_info: dict[str, Any] = {}
+    if any(name in RPC_SCENARIOS for name in opts.scenarios):
+        server = ServerProcess(opts.admin_dsn)
+        try:
+            print("starting the server process ...", file=sys.stderr, flush=True)
+            info = server.start()
+            time.sleep(0.5)  # let start-up garbage settle before reading the idle RSS
+            server_info = {
+                "pid": info["pid"],
+                "idle_rss_mb": round(procstat.rss_mb(server.pid), 1),
+                "in_process": info["in_process"],
+                "event_loop": info["event_loop"],
+                "database": info["database"],
+            }
+            _run_loop(_rpc_scenarios(server, opts, results, notes))
+        finally:
+            server.stop()
+    if "embedder" in opts.scenarios:
+        print("running embedder ...", file=sys.stderr, flush=True)
+        from benchmarks import embedder
+
+        results["embedder"] = embedder.run(opts.embedder_seconds)
+    if "vector-search" in opts.scenarios:
+        print(f"running vector-search (n={opts.vector_n}) ...", file=sys.stderr, flush=True)
+        from benchmarks import vector_search
+
+        results["vector-search"] = vector_search.run(n=opts.vector_n)
+    return {"server": server_info, "scenarios": results, "notes": notes}
+
+
+def _run_loop(coro: Any) -> Any:
+    """uvloop when installed, like the server process, so both sides use the same loop."""
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)

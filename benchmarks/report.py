@@ -1,0 +1,232 @@
+"""Machine description, ratios against the `direct` baseline, and the printed table."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from typing import Any
+
+import grpc
+from google.protobuf import __version__ as protobuf_version
+from google.protobuf.internal import api_implementation
+
+HOP_SCENARIOS = ("gateway", "gateway-noauth", "nginx")
+VARIANCE_NOTE = (
+    "Absolute figures vary between machines; the ratios to `direct` measured in the same run "
+    "are the result."
+)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "protobuf": protobuf_version,
+        "protobuf_implementation": api_implementation.Type(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+    }
+
+
+def _measured(scenarios: dict[str, Any], name: str) -> dict[str, Any] | None:
+    s = scenarios.get(name)
+    if not s or s.get("failed") or s.get("skipped") or not s.get("p50_ms"):
+        return None
+    return s
+
+
+def _total_cpu(s: dict[str, Any]) -> float | None:
+    """Server CPU plus the proxy's (nginx runs outside the server process)."""
+    if s.get("server_cpu_us_per_request") is None:
+        return None
+    return s["server_cpu_us_per_request"] + (s.get("proxy_cpu_us_per_request") or 0.0)
+
+
+def ratios(scenarios: dict[str, Any]) -> dict[str, Any]:
+    """Each hop against `direct`, gateway overhead ÷ nginx overhead, auth on vs off."""
+    out: dict[str, Any] = {}
+    direct = _measured(scenarios, "direct")
+    if direct is None:
+        return out
+    nginx = _measured(scenarios, "nginx")
+    nginx_overhead = nginx["p50_ms"] - direct["p50_ms"] if nginx else None
+    for name in HOP_SCENARIOS:
+        s = _measured(scenarios, name)
+        if s is None:
+            continue
+        overhead = s["p50_ms"] - direct["p50_ms"]
+        entry: dict[str, Any] = {
+            "p50_ratio": round(s["p50_ms"] / direct["p50_ms"], 3),
+            "p99_ratio": round(s["p99_ms"] / direct["p99_ms"], 3),
+            "throughput_ratio": round(s["rps"] / direct["rps"], 3) if direct["rps"] else None,
+            "hop_overhead_p50_ms": round(overhead, 4),
+        }
+        cpu, direct_cpu = _total_cpu(s), _total_cpu(direct)
+        if cpu is not None and direct_cpu is not None:
+            entry["hop_cpu_us_per_request"] = round(cpu - direct_cpu, 1)
+        if name != "nginx" and nginx_overhead:
+            entry["overhead_vs_nginx_overhead"] = round(overhead / nginx_overhead, 2)
+        out[name] = entry
+    gateway, noauth = _measured(scenarios, "gateway"), _measured(scenarios, "gateway-noauth")
+    if gateway and noauth:
+        out["auth_on_vs_off_p50_pct"] = round(
+            (gateway["p50_ms"] - noauth["p50_ms"]) / noauth["p50_ms"] * 100, 1
+        )
+    return out
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = [
+        "  ".join(
+            h.rjust(w) if i else h.ljust(w)
+            for i, (h, w) in enumerate(zip(headers, widths, strict=True))
+        )
+    ]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    return "\n".join(lines)
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The human-readable report."""
+    m, opts, server = doc["machine"], doc["options"], doc["server"]
+    scenarios, rat = doc["scenarios"], doc["ratios"]
+    out = [
+        f"aiwfe benchmarks — {m['date']}",
+        f"machine: {m['cores']} cores, Python {m['python']}, grpcio {m['grpcio']}, "
+        f"protobuf {m['protobuf']} ({m['protobuf_implementation']}), {m['platform']}",
+        VARIANCE_NOTE,
+    ]
+    if server:
+        out.append(
+            f"server process: pid {server['pid']}, {server['event_loop']} loop, idle RSS "
+            f"{server['idle_rss_mb']:.1f} MB — one process for all four services in-process "
+            f"(plus a second gateway with authentication disabled, same back ends)"
+        )
+        out.append(
+            f"load: grpc.aio in the harness process, {opts['warmup_seconds']} s warm-up then "
+            f"{opts['seconds']} s per phase: latency at {opts['latency_concurrency']} in flight, "
+            f"throughput and CPU at {opts['concurrency']} in flight; one cached Embed text"
+        )
+    rpc_rows = []
+    unmeasured: list[str] = []  # skipped or failed scenarios, listed under the table
+    c = opts["concurrency"]
+    for name in ("direct", *HOP_SCENARIOS):
+        s = scenarios.get(name)
+        if s is None:
+            continue
+        if s.get("skipped") or s.get("failed"):
+            reason = f"skipped: {s['skipped']}" if s.get("skipped") else f"FAILED: {s['failed']}"
+            unmeasured.append(f"{name}: {reason}")
+            continue
+        thr = s["phases"]["throughput"]
+        rpc_rows.append(
+            [
+                name,
+                _f(s["p50_ms"]),
+                _f(s["p95_ms"]),
+                _f(s["p99_ms"]),
+                _f(s["rps"], 0),
+                _f(thr["p50_ms"], 2),
+                _f(thr["p99_ms"], 2),
+                _f(s["server_cpu_us_per_request"], 0),
+                _f(s.get("proxy_cpu_us_per_request"), 0),
+                _f(s["client_cpu_us_per_request"], 0),
+                str(s["errors"]),
+            ]
+        )
+    if rpc_rows:
+        out += [
+            "",
+            _table(
+                [
+                    "scenario",
+                    "p50 ms",
+                    "p95 ms",
+                    "p99 ms",
+                    "rps",
+                    f"p50@{c} ms",
+                    f"p99@{c} ms",
+                    "server CPU µs/req",
+                    "nginx CPU µs/req",
+                    "client CPU µs/req",
+                    "errors",
+                ],
+                rpc_rows,
+            ),
+        ]
+    out += unmeasured
+    hop_rows = [
+        [
+            name,
+            _f(r["p50_ratio"], 2) + "x",
+            _f(r["throughput_ratio"], 2) + "x",
+            _f(r["hop_overhead_p50_ms"]),
+            _f(r.get("hop_cpu_us_per_request"), 0),
+            _f(r.get("overhead_vs_nginx_overhead"), 2),
+        ]
+        for name, r in rat.items()
+        if isinstance(r, dict)
+    ]
+    if hop_rows:
+        out += [
+            "",
+            "ratios to direct (same run):",
+            _table(
+                [
+                    "scenario",
+                    "p50 ratio",
+                    "rps ratio",
+                    "hop p50 overhead ms",
+                    "hop CPU µs/req",
+                    "overhead ÷ nginx overhead",
+                ],
+                hop_rows,
+            ),
+        ]
+    elif rpc_rows:
+        out += ["", "ratios: need `direct` measured in the same run"]
+    if "auth_on_vs_off_p50_pct" in rat:
+        out.append(
+            f"auth on vs off: gateway p50 {rat['auth_on_vs_off_p50_pct']:+.1f}% vs gateway-noauth"
+        )
+    emb = scenarios.get("embedder")
+    if emb:
+        out += [
+            "",
+            f"embedder ({emb['model']}, batches of {emb['batch_size']}): short "
+            f"{emb['short_texts_per_s']:,.0f} texts/s, long {emb['long_texts_per_s']:,.0f} "
+            f"texts/s, cold {emb['short_cold_cache_texts_per_s']:,.0f} texts/s; recall@10 "
+            f"{emb['builtin_recall_at_10']:.3f} (random {emb['random_recall_at_10']:.3f}), "
+            f"MRR {emb['builtin_mrr']:.3f}",
+        ]
+    vec = scenarios.get("vector-search")
+    if vec:
+        recall = next((v for k, v in vec.items() if k.startswith("recall@")), None)
+        out += [
+            "",
+            f"vector-search (n={vec['n']:,}, dim {vec['dim']}): upsert "
+            f"{vec['upsert_points_per_s']:,} points/s, index build {vec['index_build_s']} s, "
+            f"search p50 {vec['search_p50_ms']} ms p99 {vec['search_p99_ms']} ms, "
+            f"recall@10 {recall}, goal met: {vec['goal_met']}",
+        ]
+    for note in doc.get("notes", []):
+        out += ["", note]
+    return "\n".join(out)
