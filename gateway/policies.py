@@ -13,7 +13,11 @@ from google.protobuf.descriptor import FileDescriptor, MethodDescriptor
 
 from aiwfe.auth.v1 import auth_service_pb2
 from aiwfe.cognitive.v1 import cognitive_service_pb2
-from aiwfe.data.v1 import cache_store_service_pb2, user_store_service_pb2
+from aiwfe.data.v1 import (
+    cache_store_service_pb2,
+    user_store_service_pb2,
+    vector_store_service_pb2,
+)
 from aiwfe.options.v1 import options_pb2
 from aiwfe.taskproc.v1 import workflow_service_pb2
 
@@ -24,6 +28,7 @@ CONTRACTS: tuple[FileDescriptor, ...] = (
     workflow_service_pb2.DESCRIPTOR,
     user_store_service_pb2.DESCRIPTOR,
     cache_store_service_pb2.DESCRIPTOR,
+    vector_store_service_pb2.DESCRIPTOR,
 )
 
 

@@ -9,7 +9,11 @@ from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.channels import Downstream
 from aiwfe.cognitive.v1 import cognitive_service_pb2
 from aiwfe.config import Settings
-from aiwfe.data.v1 import cache_store_service_pb2, user_store_service_pb2
+from aiwfe.data.v1 import (
+    cache_store_service_pb2,
+    user_store_service_pb2,
+    vector_store_service_pb2,
+)
 from aiwfe.identity import InternalIdentity
 from aiwfe.server import Service
 from aiwfe.taskproc.v1 import workflow_service_pb2
@@ -20,7 +24,11 @@ from gateway.proxy import ProxyHandler
 from gateway.rbac import Rbac
 from gateway.tokens import TokenService
 
-_DATA_FILES = (user_store_service_pb2.DESCRIPTOR, cache_store_service_pb2.DESCRIPTOR)
+_DATA_FILES = (
+    user_store_service_pb2.DESCRIPTOR,
+    cache_store_service_pb2.DESCRIPTOR,
+    vector_store_service_pb2.DESCRIPTOR,
+)
 
 
 class GatewayService(Service):

@@ -22,29 +22,36 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from aiwfe.options.v1 import options_pb2 as aiwfe_dot_options_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'aiwfe/data/v1/cache_store_service.proto\x12\raiwfe.data.v1\"=\n\nCacheEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\"&\n\x16GetCacheEntriesRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"E\n\x17GetCacheEntriesResponse\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.aiwfe.data.v1.CacheEntry\"D\n\x16SetCacheEntriesRequest\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.aiwfe.data.v1.CacheEntry\"*\n\x17SetCacheEntriesResponse\x12\x0f\n\x07written\x18\x01 \x01(\x05\")\n\x19\x44\x65leteCacheEntriesRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"-\n\x1a\x44\x65leteCacheEntriesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\x32\xc2\x02\n\x11\x43\x61\x63heStoreService\x12`\n\x0fGetCacheEntries\x12%.aiwfe.data.v1.GetCacheEntriesRequest\x1a&.aiwfe.data.v1.GetCacheEntriesResponse\x12`\n\x0fSetCacheEntries\x12%.aiwfe.data.v1.SetCacheEntriesRequest\x1a&.aiwfe.data.v1.SetCacheEntriesResponse\x12i\n\x12\x44\x65leteCacheEntries\x12(.aiwfe.data.v1.DeleteCacheEntriesRequest\x1a).aiwfe.data.v1.DeleteCacheEntriesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'aiwfe/data/v1/cache_store_service.proto\x12\raiwfe.data.v1\x1a\x1e\x61iwfe/options/v1/options.proto\"=\n\nCacheEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\"&\n\x16GetCacheEntriesRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"E\n\x17GetCacheEntriesResponse\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.aiwfe.data.v1.CacheEntry\"D\n\x16SetCacheEntriesRequest\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.aiwfe.data.v1.CacheEntry\"*\n\x17SetCacheEntriesResponse\x12\x0f\n\x07written\x18\x01 \x01(\x05\")\n\x19\x44\x65leteCacheEntriesRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"-\n\x1a\x44\x65leteCacheEntriesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\x32\xda\x02\n\x11\x43\x61\x63heStoreService\x12h\n\x0fGetCacheEntries\x12%.aiwfe.data.v1.GetCacheEntriesRequest\x1a&.aiwfe.data.v1.GetCacheEntriesResponse\"\x06\xca\xf3\x18\x02(\x01\x12h\n\x0fSetCacheEntries\x12%.aiwfe.data.v1.SetCacheEntriesRequest\x1a&.aiwfe.data.v1.SetCacheEntriesResponse\"\x06\xca\xf3\x18\x02(\x01\x12q\n\x12\x44\x65leteCacheEntries\x12(.aiwfe.data.v1.DeleteCacheEntriesRequest\x1a).aiwfe.data.v1.DeleteCacheEntriesResponse\"\x06\xca\xf3\x18\x02(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aiwfe.data.v1.cache_store_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CACHEENTRY']._serialized_start=58
-  _globals['_CACHEENTRY']._serialized_end=119
-  _globals['_GETCACHEENTRIESREQUEST']._serialized_start=121
-  _globals['_GETCACHEENTRIESREQUEST']._serialized_end=159
-  _globals['_GETCACHEENTRIESRESPONSE']._serialized_start=161
-  _globals['_GETCACHEENTRIESRESPONSE']._serialized_end=230
-  _globals['_SETCACHEENTRIESREQUEST']._serialized_start=232
-  _globals['_SETCACHEENTRIESREQUEST']._serialized_end=300
-  _globals['_SETCACHEENTRIESRESPONSE']._serialized_start=302
-  _globals['_SETCACHEENTRIESRESPONSE']._serialized_end=344
-  _globals['_DELETECACHEENTRIESREQUEST']._serialized_start=346
-  _globals['_DELETECACHEENTRIESREQUEST']._serialized_end=387
-  _globals['_DELETECACHEENTRIESRESPONSE']._serialized_start=389
-  _globals['_DELETECACHEENTRIESRESPONSE']._serialized_end=434
-  _globals['_CACHESTORESERVICE']._serialized_start=437
-  _globals['_CACHESTORESERVICE']._serialized_end=759
+  _globals['_CACHESTORESERVICE'].methods_by_name['GetCacheEntries']._loaded_options = None
+  _globals['_CACHESTORESERVICE'].methods_by_name['GetCacheEntries']._serialized_options = b'\312\363\030\002(\001'
+  _globals['_CACHESTORESERVICE'].methods_by_name['SetCacheEntries']._loaded_options = None
+  _globals['_CACHESTORESERVICE'].methods_by_name['SetCacheEntries']._serialized_options = b'\312\363\030\002(\001'
+  _globals['_CACHESTORESERVICE'].methods_by_name['DeleteCacheEntries']._loaded_options = None
+  _globals['_CACHESTORESERVICE'].methods_by_name['DeleteCacheEntries']._serialized_options = b'\312\363\030\002(\001'
+  _globals['_CACHEENTRY']._serialized_start=90
+  _globals['_CACHEENTRY']._serialized_end=151
+  _globals['_GETCACHEENTRIESREQUEST']._serialized_start=153
+  _globals['_GETCACHEENTRIESREQUEST']._serialized_end=191
+  _globals['_GETCACHEENTRIESRESPONSE']._serialized_start=193
+  _globals['_GETCACHEENTRIESRESPONSE']._serialized_end=262
+  _globals['_SETCACHEENTRIESREQUEST']._serialized_start=264
+  _globals['_SETCACHEENTRIESREQUEST']._serialized_end=332
+  _globals['_SETCACHEENTRIESRESPONSE']._serialized_start=334
+  _globals['_SETCACHEENTRIESRESPONSE']._serialized_end=376
+  _globals['_DELETECACHEENTRIESREQUEST']._serialized_start=378
+  _globals['_DELETECACHEENTRIESREQUEST']._serialized_end=419
+  _globals['_DELETECACHEENTRIESRESPONSE']._serialized_start=421
+  _globals['_DELETECACHEENTRIESRESPONSE']._serialized_end=466
+  _globals['_CACHESTORESERVICE']._serialized_start=469
+  _globals['_CACHESTORESERVICE']._serialized_end=815
 # @@protoc_insertion_point(module_scope)

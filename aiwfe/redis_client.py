@@ -1,0 +1,116 @@
+"""Optional Redis for caches, rate limits and revocation push (the seed's key patterns).
+
+Redis is optional on one machine: every call degrades (a miss, a skipped write) when Redis
+is unconfigured or down, and after a failure Redis is skipped for a short back-off so a
+dead server costs nothing per request. It comes back by itself on the next attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from aiwfe.config import RedisSettings
+
+log = logging.getLogger("aiwfe.redis")
+T = TypeVar("T")
+_BACKOFF_SECONDS = 1.0
+
+
+def token_hash(token: str) -> str:
+    """Tokens are never stored raw: keys use their SHA-256."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class RedisClient:
+    """A pooled asyncio Redis client (seed: 20 connections, retry on timeout, health check 60 s)."""
+
+    def __init__(self, settings: RedisSettings) -> None:
+        self.settings = settings
+        self.prefix = settings.key_prefix
+        pool = settings.connection_pool
+        self.client: aioredis.Redis | None = None
+        if settings.url:
+            self.client = aioredis.Redis.from_url(
+                settings.url,
+                max_connections=pool.max_connections,
+                retry_on_timeout=pool.retry_on_timeout,
+                health_check_interval=pool.health_check_interval,
+                socket_timeout=pool.socket_timeout,
+                socket_connect_timeout=pool.socket_timeout,
+            )
+        self._skip_until = 0.0
+
+    @property
+    def configured(self) -> bool:
+        return self.client is not None
+
+    @property
+    def available(self) -> bool:
+        """Configured and not inside the back-off after a failure."""
+        return self.client is not None and time.monotonic() >= self._skip_until
+
+    def key(self, raw: str) -> str:
+        """Namespaces a key with the configured prefix."""
+        return self.prefix + raw
+
+    def session_key(self, token: str) -> str:
+        return self.key(
+            self.settings.cache_strategies.session_cache.key_pattern.format(token=token_hash(token))
+        )
+
+    def api_key(self, endpoint: str, user_id: str, params_hash: str) -> str:
+        return self.key(f"api:{endpoint}:{user_id}:{params_hash}")
+
+    def cognitive_key(self, service: str, input_hash: str) -> str:
+        return self.key(
+            self.settings.cache_strategies.cognitive_cache.key_pattern.format(
+                service=service, input_hash=input_hash
+            )
+        )
+
+    async def run(self, op: Callable[[aioredis.Redis], Awaitable[T]], default: T) -> T:
+        """Runs `op` against Redis, or returns `default` when Redis is unavailable."""
+        if not self.available:
+            return default
+        assert self.client is not None
+        try:
+            return await op(self.client)
+        except (RedisError, OSError) as exc:
+            self._skip_until = time.monotonic() + _BACKOFF_SECONDS
+            log.warning("redis unavailable, degrading for %.0f s: %s", _BACKOFF_SECONDS, exc)
+            return default
+
+    async def get(self, key: str) -> bytes | None:
+        return await self.run(lambda r: r.get(key), None)
+
+    async def mget(self, keys: list[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        return await self.run(lambda r: r.mget(keys), [None] * len(keys))
+
+    async def set(self, key: str, value: bytes | str, ttl: float) -> bool:
+        return bool(await self.run(lambda r: r.set(key, value, px=max(1, int(ttl * 1000))), False))
+
+    async def delete(self, *keys: str) -> int:
+        return int(await self.run(lambda r: r.delete(*keys), 0))
+
+    async def publish(self, channel: str, message: str) -> int:
+        return int(await self.run(lambda r: r.publish(self.key(channel), message), 0))
+
+    async def ping(self) -> bool:
+        return bool(await self.run(lambda r: r.ping(), False))
+
+    async def eval_script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Runs a registered Lua script (`client.register_script`) atomically; None if down."""
+        return await self.run(lambda r: script(keys=keys, args=args, client=r), None)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
