@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.descriptor import FileDescriptor
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from aiwfe.config import Settings
+from aiwfe.config import ConfigError, Settings, TlsSettings
 from aiwfe.identity import (
     IDENTITY_METADATA_KEY,
     InternalIdentity,
@@ -21,8 +24,17 @@ from aiwfe.identity import (
 )
 from aiwfe.options.v1 import options_pb2
 from aiwfe.resilience.breaker import CircuitBreaker
+from aiwfe.telemetry import inject_metadata
 
 T = TypeVar("T")
+_tracer = trace.get_tracer("aiwfe")
+
+
+def _method_name(rpc: Any) -> str:
+    method = getattr(rpc, "_method", b"")
+    return method.decode() if isinstance(method, bytes) else str(method)
+
+
 _DEADLINE_MARGIN = 0.005  # leave the caller a few ms to turn our failure into its answer
 
 
@@ -79,16 +91,67 @@ def service_config(settings: Settings, files: Iterable[FileDescriptor]) -> str:
     return json.dumps(config)
 
 
+def read_pem(path: str | None, key: str) -> bytes | None:
+    """The bytes of a PEM file, or ConfigError naming the configuration key."""
+    if not path:
+        return None
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"configuration key {key!r}: cannot read {path}: {exc.strerror}"
+        ) from None
+
+
+def channel_credentials(
+    ca_file: str | None, cert_file: str | None = None, key_file: str | None = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials verifying the server against ca_file (system roots when None),
+    presenting cert_file/key_file as the client certificate when given (mTLS)."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=read_pem(ca_file, "tls.ca_file"),
+        private_key=read_pem(key_file, "tls.client_key_file"),
+        certificate_chain=read_pem(cert_file, "tls.client_cert_file"),
+    )
+
+
+def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials:
+    """TLS for a server port; with client_ca_file, clients must present a certificate."""
+    client_ca = read_pem(tls.client_ca_file, "tls.client_ca_file")
+    return grpc.ssl_server_credentials(
+        [(read_pem(tls.key_file, "tls.key_file"), read_pem(tls.cert_file, "tls.cert_file"))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 def create_channel(
     target: str, settings: Settings, files: Iterable[FileDescriptor] = ()
 ) -> grpc.aio.Channel:
-    """An insecure loopback/cluster channel with keepalive, limits and the retry policy."""
+    """A cluster channel with keepalive, limits and the retry policy; TLS (and a client
+    certificate for mTLS) when `tls.ca_file` is configured, plaintext otherwise."""
     options = [
         *channel_options(settings),
         ("grpc.service_config", service_config(settings, files)),
         ("grpc.enable_retries", 1),
     ]
+    tls = settings.tls
+    if tls.channel_enabled:
+        creds = channel_credentials(tls.ca_file, tls.client_cert_file, tls.client_key_file)
+        return grpc.aio.secure_channel(target, creds, options=options)
     return grpc.aio.insecure_channel(target, options=options)
+
+
+def remaining_timeout(cap: float) -> float:
+    """What remains of the current RPC's deadline (less a margin), at most `cap` seconds.
+
+    Every outbound call (gRPC or HTTP) takes its timeout from here, so a callee never
+    works on after its caller has given up.
+    """
+    deadline = request_deadline.get()
+    if deadline is None:
+        return cap
+    return max(0.001, min(cap, deadline - time.monotonic() - _DEADLINE_MARGIN))
 
 
 class Downstream:
@@ -115,30 +178,31 @@ class Downstream:
 
     def timeout(self) -> float:
         """What remains of the current RPC's deadline, capped by the default deadline."""
-        deadline = request_deadline.get()
-        if deadline is None:
-            return self._default_deadline
-        return max(
-            0.001, min(self._default_deadline, deadline - time.monotonic() - _DEADLINE_MARGIN)
-        )
+        return remaining_timeout(self._default_deadline)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """This service's assertion, acting for the current user if there is one."""
         principal = current_principal.get()
         if principal is not None and not principal.is_user:
             principal = None
-        return ((IDENTITY_METADATA_KEY, self._identity.assertion(principal, self._caller)),)
+        return inject_metadata(
+            ((IDENTITY_METADATA_KEY, self._identity.assertion(principal, self._caller)),)
+        )
 
     async def call(self, rpc: Any, request: Any, timeout: float | None = None) -> Any:
         """Calls a unary stub method through the breaker with identity and deadline."""
         self.breaker.before_call()
-        try:
-            response = await rpc(
-                request, timeout=timeout or self.timeout(), metadata=self.metadata()
-            )
-        except grpc.aio.AioRpcError as exc:
-            self.breaker.record_failure(exc.code())
-            raise
+        with _tracer.start_as_current_span(
+            f"{self.name} {_method_name(rpc)}", kind=SpanKind.CLIENT
+        ) as span:
+            try:
+                response = await rpc(
+                    request, timeout=timeout or self.timeout(), metadata=self.metadata()
+                )
+            except grpc.aio.AioRpcError as exc:
+                self.breaker.record_failure(exc.code())
+                span.set_status(Status(StatusCode.ERROR, exc.code().name))
+                raise
         self.breaker.record_success()
         return response
 

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "AIWFE_"
 CONFIG_ENV = "AIWFE_CONFIG"
@@ -40,6 +47,21 @@ class _Block(BaseModel):
 # --- authentication (seed) -------------------------------------------------------------
 
 
+class JwtKeySettings(_Block):
+    """One extra HMAC verification key (rotation: several kids are valid at once)."""
+
+    kid: str = Field(min_length=1, max_length=64)
+    secret_key: str = Field(repr=False)
+    algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
+
+    @field_validator("secret_key")
+    @classmethod
+    def _strong_enough(cls, v: str) -> str:
+        if len(v.encode()) < 32:
+            raise ValueError("must be at least 32 bytes")
+        return v
+
+
 class JwtSettings(_Block):
     secret_key: str | None = Field(default=None, repr=False)
     algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
@@ -48,7 +70,12 @@ class JwtSettings(_Block):
     issuer: str = "aiwfe"
     audience: str = "aiwfe-api"
     leeway_seconds: float = Field(default=30, ge=0, le=300)
-    key_id: str = "k1"
+    key_id: str = "k1"  # the kid of secret_key (the default key)
+    keys: tuple[JwtKeySettings, ...] = ()  # more verification keys, each pinned to its algorithm
+    signing_key_id: str | None = None  # kid that signs new tokens; default key_id
+    jwks_file: str | None = None  # RS256/EdDSA public keys (JWKS JSON) of an external issuer
+    jwks_url: str | None = None
+    jwks_refetch_interval: float = Field(default=300, gt=0)  # unknown kid refetches at most this often
 
     @field_validator("secret_key")
     @classmethod
@@ -73,6 +100,16 @@ class RateLimitSettings(_Block):
     login_attempts_per_address: int = Field(default=20, gt=0)
     api_requests: int = Field(default=100, gt=0)
     api_window: int = Field(default=60, gt=0)
+    api_requests_per_role: dict[str, int] = Field(default_factory=dict)  # overrides, most generous wins
+    api_reserve_batch: int = Field(default=10, gt=0, le=1000)  # quota a replica reserves per Redis trip
+
+
+class RevocationSettings(_Block):
+    """How revocations reach every gateway replica (push, with a database poll as fallback)."""
+
+    channel: str = "auth:revocations"  # Redis pub/sub channel (under redis.key_prefix)
+    poll_interval_seconds: float = Field(default=0.5, gt=0, le=1)  # while the push is down
+    reconcile_interval_seconds: float = Field(default=30, gt=0)  # while the push is up
 
 
 class InternalIdentitySettings(_Block):
@@ -104,6 +141,7 @@ class AuthenticationSettings(_Block):
     jwt: JwtSettings = JwtSettings()
     validation: ValidationCacheSettings = ValidationCacheSettings()
     rate_limiting: RateLimitSettings = RateLimitSettings()
+    revocation: RevocationSettings = RevocationSettings()
     internal: InternalIdentitySettings = InternalIdentitySettings()
     admin: BootstrapAdminSettings = BootstrapAdminSettings()
     password_policy: PasswordPolicySettings = PasswordPolicySettings()
@@ -251,10 +289,11 @@ class ServiceEndpoint(_Block):
 
 
 class ServicesSettings(_Block):
-    gateway: ServiceEndpoint = ServiceEndpoint(port=50051)
-    cognitive: ServiceEndpoint = ServiceEndpoint(port=50052)
-    taskproc: ServiceEndpoint = ServiceEndpoint(port=50053)
-    dataplatform: ServiceEndpoint = ServiceEndpoint(port=50054)
+    # metrics_port: the Prometheus scrape endpoint of each service process (null disables).
+    gateway: ServiceEndpoint = ServiceEndpoint(port=50051, metrics_port=9464)
+    cognitive: ServiceEndpoint = ServiceEndpoint(port=50052, metrics_port=9465)
+    taskproc: ServiceEndpoint = ServiceEndpoint(port=50053, metrics_port=9466)
+    dataplatform: ServiceEndpoint = ServiceEndpoint(port=50054, metrics_port=9467)
 
 
 class GrpcSettings(_Block):
@@ -274,9 +313,78 @@ class GrpcSettings(_Block):
     retry_max_attempts: int = Field(default=3, ge=1, le=5)
 
 
+class TlsSettings(_Block):
+    """TLS for the server port (cert + key) and for inter-service channels (ca_file).
+
+    client_ca_file turns on mTLS for the server (clients must present a certificate it
+    signed); client_cert_file/client_key_file are what this service presents as a client.
+    """
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+    ca_file: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TlsSettings:
+        for cert, key in (("cert_file", "key_file"), ("client_cert_file", "client_key_file")):
+            if bool(getattr(self, cert)) != bool(getattr(self, key)):
+                missing = key if getattr(self, cert) else cert
+                raise ValueError(f"{missing} is required together with {cert}/{key}")
+        if self.client_ca_file and not self.cert_file:
+            raise ValueError("client_ca_file (mTLS) needs cert_file and key_file")
+        return self
+
+    @property
+    def server_enabled(self) -> bool:
+        return bool(self.cert_file and self.key_file)
+
+    @property
+    def channel_enabled(self) -> bool:
+        return bool(self.ca_file)
+
+
 class CircuitBreakerSettings(_Block):
     failure_threshold: int = Field(default=5, gt=0)
     timeout: float = Field(default=60, gt=0)
+
+
+class EmbeddingBackendSettings(_Block):
+    """One embedding backend: built-in hashing, local sentence-transformers, Ollama, OpenAI."""
+
+    kind: Literal["builtin", "local", "ollama", "openai"]
+    url: str | None = None  # ollama/openai: server base URL, e.g. http://localhost:11434
+    model: str | None = None  # local: model name or path; ollama/openai: the model to ask for
+    api_key: str | None = Field(default=None, repr=False)  # openai: Bearer token
+    dimension: int | None = Field(default=None, gt=0, le=65536)  # http: expected length
+    timeout: float = Field(default=30, gt=0)  # per HTTP call, capped by the caller's deadline
+
+
+class GenerationBackendSettings(_Block):
+    """One LLM backend reached over HTTP."""
+
+    kind: Literal["ollama", "openai"]
+    url: str
+    model: str
+    api_key: str | None = Field(default=None, repr=False)
+    api: Literal["chat", "generate"] = "chat"  # ollama: /api/chat or /api/generate
+    timeout: float = Field(default=120, gt=0)  # per read of a streamed chunk
+
+
+def _builtin_backend() -> dict[str, EmbeddingBackendSettings]:
+    return {"builtin": EmbeddingBackendSettings(kind="builtin")}
+
+
+class EmbeddingSettings(_Block):
+    default: str = "builtin"
+    backends: dict[str, EmbeddingBackendSettings] = Field(default_factory=_builtin_backend)
+
+
+class GenerationSettings(_Block):
+    default: str | None = None  # unset: the only backend, if exactly one is configured
+    backends: dict[str, GenerationBackendSettings] = Field(default_factory=dict)
 
 
 class CognitiveSettings(_Block):
@@ -285,6 +393,32 @@ class CognitiveSettings(_Block):
     max_text_chars: int = Field(default=32768, gt=0)
     memory_cache_entries: int = Field(default=1000, ge=0)
     memory_cache_ttl: int = Field(default=300, gt=0)
+    max_documents: int = Field(default=256, gt=0)
+    max_document_chars: int = Field(default=200_000, gt=0)
+    max_chunks_per_call: int = Field(default=4096, gt=0)
+    chunk_chars: int = Field(default=1000, ge=100)
+    chunk_overlap_chars: int = Field(default=200, ge=0)
+    embedding: EmbeddingSettings = EmbeddingSettings()
+    generation: GenerationSettings = GenerationSettings()
+
+
+class TaskProcSettings(_Block):
+    """Workflow workers (taskproc) and the limits on submitted workflows."""
+
+    worker_concurrency: int = Field(default=32, gt=0, le=1024)  # steps run at once per process
+    claim_batch: int = Field(default=32, gt=0, le=1000)  # steps leased per ClaimSteps call
+    lease_seconds: float = Field(default=30, gt=0, le=3600)
+    poll_interval: float = Field(default=0.5, gt=0, le=60)  # fallback when no wake-up arrives
+    watch_poll_interval: float = Field(default=0.1, gt=0, le=10)
+    max_steps: int = Field(default=100, gt=0, le=1000)
+    max_name_chars: int = Field(default=64, gt=0, le=256)
+    max_input_bytes: int = Field(default=256 * 1024, gt=0)
+    max_output_bytes: int = Field(default=1024 * 1024, gt=0)
+    default_step_timeout: float = Field(default=60, gt=0)
+    max_step_timeout: float = Field(default=3600, gt=0)
+    default_workflow_timeout: float = Field(default=3600, gt=0)
+    max_workflow_timeout: float = Field(default=7 * 86400, gt=0)
+    max_attempts: int = Field(default=100, gt=0)  # upper bound a retry policy may ask for
 
 
 class LoggingSettings(_Block):
@@ -303,8 +437,10 @@ class Settings(_Block):
     qdrant: QdrantSettings = QdrantSettings()
     services: ServicesSettings = ServicesSettings()
     grpc: GrpcSettings = GrpcSettings()
+    tls: TlsSettings = TlsSettings()
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
     cognitive: CognitiveSettings = CognitiveSettings()
+    taskproc: TaskProcSettings = TaskProcSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @property

@@ -1,6 +1,7 @@
-"""Structured JSON logs carrying the service name (trace ids join them in the telemetry
-issue). Secrets never reach a log line: settings hide them from repr, and nothing logs
-tokens or passwords."""
+"""Structured JSON logs carrying the service name and the current trace and span ids.
+
+Secrets never reach a log line: settings hide them from repr, and nothing logs tokens or
+passwords."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import logging
 import sys
 import time
+
+from opentelemetry import trace
 
 from aiwfe.config import LoggingSettings
 
@@ -26,6 +29,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            entry["trace_id"] = format(span.trace_id, "032x")
+            entry["span_id"] = format(span.span_id, "016x")
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

@@ -18,10 +18,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from aiwfe.channels import channel_options
+from aiwfe.channels import channel_options, server_credentials
 from aiwfe.config import ConfigError, Settings, load_settings
 from aiwfe.interceptors import ErrorMappingInterceptor
 from aiwfe.logs import configure_logging
+from aiwfe.metrics import serve_metrics
+from aiwfe.telemetry import TelemetryInterceptor, configure_tracing, flush_telemetry
 
 log = logging.getLogger("aiwfe.server")
 
@@ -114,6 +116,7 @@ class RunningService:
         grace = self.service.settings.grpc.shutdown_grace_seconds if grace is None else grace
         await self.server.stop(grace)
         await self.service.stop()
+        flush_telemetry()
 
 
 async def start_service(
@@ -124,9 +127,15 @@ async def start_service(
     endpoint = getattr(settings.services, service.name)
     host = host or endpoint.host
     port = endpoint.port if port is None else port
+    # Read before start(): an unreadable certificate is a config error, not a leaked pool.
+    credentials = server_credentials(settings.tls) if settings.tls.server_enabled else None
     await service.start()
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor(), *service.interceptors()],
+        interceptors=[
+            TelemetryInterceptor(service.name),
+            ErrorMappingInterceptor(),
+            *service.interceptors(),
+        ],
         options=[
             *channel_options(settings),
             ("grpc.max_concurrent_streams", settings.grpc.max_concurrent_streams),
@@ -146,7 +155,10 @@ async def start_service(
         server,
     )
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if credentials is not None:
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
+        else:
+            bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as exc:
         await service.stop()
         raise ConfigError(
@@ -168,6 +180,10 @@ async def serve(service_cls: type[Service], settings: Settings) -> None:
     """
     service = service_cls(settings)
     running = await start_service(service)
+    endpoint = getattr(settings.services, service.name)
+    if endpoint.metrics_port is not None:
+        port = serve_metrics(endpoint.metrics_port, endpoint.host)
+        log.info("%s metrics on %s:%d/metrics", service.name, endpoint.host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -184,6 +200,7 @@ def main(service_cls: type[Service]) -> None:
     try:
         settings = load_settings()
         configure_logging(service_cls.name, settings.logging)
+        configure_tracing(service_cls.name)
     except ConfigError as exc:
         print(f"{service_cls.name}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

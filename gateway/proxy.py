@@ -18,8 +18,20 @@ from aiwfe.config import GrpcSettings
 from aiwfe.identity import INTERNAL_METADATA_PREFIX
 from gateway.policies import MethodInfo
 
-# Client metadata never forwarded: credentials, our own internal keys, transport headers.
-_DROPPED = frozenset({"authorization", "user-agent", "te", "content-type", "grpc-accept-encoding"})
+# Client metadata never forwarded: credentials, our own internal keys, transport headers,
+# and the client's trace context (replaced by the gateway span's, so back-end spans are its
+# children).
+_DROPPED = frozenset(
+    {
+        "authorization",
+        "user-agent",
+        "te",
+        "content-type",
+        "grpc-accept-encoding",
+        "traceparent",
+        "tracestate",
+    }
+)
 
 
 def forwarded_metadata(

@@ -11,9 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 
 from aiwfe.cli import check_health
@@ -23,6 +26,16 @@ from aiwfe.embedded import free_port
 from tests.conftest import ADMIN_PASSWORD, bearer, login
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class UpProcess:
+    proc: subprocess.Popen
+    ports: dict[str, int]
+    metrics_ports: dict[str, int]
+    banner: list[str]
+    home: str
+    log_path: Path
 
 
 def processes_with_env(entry: str) -> list[int]:
@@ -52,19 +65,24 @@ def buf_binary() -> str | None:
 def up_process(database_dsn: str, tmp_path: Path):
     """`aiwfe up` on free ports, configured only through the environment."""
     ports = {name: free_port() for name in ("gateway", "cognitive", "taskproc", "dataplatform")}
+    metrics_ports = {name: free_port() for name in ports}
     env = {
         **os.environ,
         "AIWFE_HOME": str(tmp_path / "home"),
         "AIWFE_ADMIN_PASSWORD": ADMIN_PASSWORD,
         "AIWFE_DATABASE__POSTGRES__DSN": database_dsn,
         "AIWFE_DATABASE__POSTGRES__POOL_SIZE": "2",
+        "AIWFE_LOGGING__LEVEL": "DEBUG",
         **{f"AIWFE_SERVICES__{n.upper()}__PORT": str(p) for n, p in ports.items()},
+        **{f"AIWFE_SERVICES__{n.upper()}__METRICS_PORT": str(p) for n, p in metrics_ports.items()},
     }
+    log_path = tmp_path / "services.log"
+    log_file = log_path.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "aiwfe", "up"],
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=log_file,
         text=True,
         start_new_session=True,
     )
@@ -79,17 +97,19 @@ def up_process(database_dsn: str, tmp_path: Path):
         if line.startswith("Ctrl-C"):
             break
     try:
-        yield proc, ports, banner, env["AIWFE_HOME"]
+        yield UpProcess(proc, ports, metrics_ports, banner, env["AIWFE_HOME"], log_path)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+        log_file.close()
 
 
 async def test_up_starts_suite_login_and_embed(up_process) -> None:
+    up = up_process
     """The banner names the gateway; all four report SERVING; login and Embed work; SIGTERM
     stops every process."""
-    proc, ports, banner, home = up_process
+    proc, ports, banner, home = up.proc, up.ports, up.banner, up.home
     assert f"gateway: 127.0.0.1:{ports['gateway']}" in banner, banner
     for port in ports.values():
         assert await check_health(f"127.0.0.1:{port}", "", 5) == "SERVING"
@@ -110,13 +130,14 @@ async def test_up_starts_suite_login_and_embed(up_process) -> None:
 
 
 def test_buf_curl_reaches_embed_through_gateway(up_process) -> None:
+    up = up_process
     """buf curl, using only the gateway's reflection, logs in and calls Embed with a Bearer."""
     buf = buf_binary()
     if buf is None:
         if os.environ.get("CI"):
             pytest.fail("buf is required in CI (.ci/run installs @bufbuild/buf)")
         pytest.skip("buf not installed (npm install @bufbuild/buf)")
-    _, ports, _, _ = up_process
+    ports = up.ports
     base = f"http://127.0.0.1:{ports['gateway']}"
     common = [buf, "curl", "--protocol", "grpc", "--http2-prior-knowledge"]
     login_out = subprocess.run(
@@ -149,3 +170,69 @@ def test_buf_curl_reaches_embed_through_gateway(up_process) -> None:
     reply = json.loads(embed_out.stdout)
     assert reply["dimension"] == 768
     assert len(reply["embeddings"][0]["values"]) == 768
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """Sample name{labels} → value from a Prometheus text endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+def _total(samples: dict[str, float], name: str, **labels: str) -> float:
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(
+        v for k, v in samples.items()
+        if k.split("{")[0] == name and all(w in k for w in want)
+    )  # fmt: skip
+
+
+async def test_metrics_scrape_and_no_secrets_in_logs(up_process, database_dsn) -> None:
+    """Each service's scrape endpoint exports the seed's metric names and their values move
+    after traffic; no token, password or password hash appears in any log line."""
+    up = up_process
+    before = {name: _scrape(port) for name, port in up.metrics_ports.items()}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{up.ports['gateway']}") as ch:
+        token = await login(ch)
+        stub = cog_grpc.CognitiveServiceStub(ch)
+        await stub.Embed(cog_pb.EmbedRequest(texts=["metrics probe"]), metadata=bearer(token))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Embed(cog_pb.EmbedRequest(texts=[]), metadata=bearer(token))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await login(ch, "admin", "a-wrong-password-for-the-log-test")
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Embed(cog_pb.EmbedRequest(texts=["x"]), metadata=bearer(token + "tampered"))
+    after = {name: _scrape(port) for name, port in up.metrics_ports.items()}
+    embed = "/aiwfe.cognitive.v1.CognitiveService/Embed"
+    for service in ("gateway", "cognitive"):
+        grew = _total(after[service], "request_rate_counter_total", method=embed) - _total(
+            before[service], "request_rate_counter_total", method=embed
+        )
+        assert grew >= 2, service
+        assert (
+            _total(after[service], "error_rate_total", method=embed, code="INVALID_ARGUMENT") >= 1
+        )
+        assert _total(after[service], "request_duration_histogram_count", method=embed) >= 2
+    assert _total(after["gateway"], "error_rate_total", code="UNAUTHENTICATED") >= 2
+    assert _total(after["dataplatform"], "request_rate_counter_total") > _total(
+        before["dataplatform"], "request_rate_counter_total"
+    )
+    for name, samples in after.items():
+        names = {k.split("{")[0] for k in samples}
+        assert "workflow_queue_depth" in names, name  # every endpoint answers with the set
+        if name != "taskproc":  # the only service this traffic does not reach
+            assert "request_duration_histogram_bucket" in names, name
+    up.proc.send_signal(signal.SIGTERM)
+    up.proc.wait(30)
+    logs = up.log_path.read_text()
+    assert "DEBUG" in logs or "INFO" in logs
+    with psycopg.connect(database_dsn) as conn:
+        hashes = [r[0] for r in conn.execute("SELECT password_hash FROM users").fetchall()]
+    for secret in [token, ADMIN_PASSWORD, "a-wrong-password-for-the-log-test", *hashes]:
+        assert secret not in logs
+    assert token.split(".")[2] not in logs  # not even the signature
