@@ -17,7 +17,13 @@ from typing import Any
 
 import grpc
 
-from aiwfe.errors import AiwfeError, Status, internal_status, status_from_rpc_error
+from aiwfe.errors import (
+    AiwfeError,
+    InvalidArgument,
+    Status,
+    internal_status,
+    status_from_rpc_error,
+)
 from aiwfe.identity import (
     IDENTITY_METADATA_KEY,
     InternalIdentity,
@@ -121,6 +127,7 @@ def _error_guard(behavior: Behavior, streaming: bool) -> Behavior:
         async def guarded_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
             _enter(context)
             try:
+                _reject_undecodable(request)
                 result = behavior(request, context)
                 if inspect.isawaitable(result):  # a handler that writes with context.write()
                     await result
@@ -137,6 +144,7 @@ def _error_guard(behavior: Behavior, streaming: bool) -> Behavior:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         _enter(context)
         try:
+            _reject_undecodable(request)
             result = behavior(request, context)
             return await result if inspect.isawaitable(result) else result
         except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -147,8 +155,61 @@ def _error_guard(behavior: Behavior, streaming: bool) -> Behavior:
     return guarded
 
 
+class HandlerCache:
+    """Wrapped handlers per method: servers hand out the same handler object for a method
+    on every call, so wrapping once per method keeps per-call work to a dict lookup."""
+
+    __slots__ = ("_guard_for", "_lenient", "_wrapped")
+
+    def __init__(self, guard_for: Callable[[str], Guard], lenient: bool = False) -> None:
+        self._guard_for = guard_for
+        self._lenient = lenient
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        entry = self._wrapped.get(method)
+        if entry is not None and entry[0] is handler:
+            return entry[1]
+        wrapped = wrap_handler(handler, self._guard_for(method))
+        lenient = self._lenient and not handler.request_streaming
+        if lenient and handler.request_deserializer is not None:
+            wrapped = wrapped._replace(
+                request_deserializer=_lenient(handler.request_deserializer, method)
+            )
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
+class _Undecodable:
+    """Stands for request bytes that do not parse, so the caller gets INVALID_ARGUMENT
+    (grpc itself would answer INTERNAL for a deserialization failure)."""
+
+    __slots__ = ("method",)
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+
+
+def _lenient(deserializer: Callable[[bytes], Any], method: str) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:
+            return _Undecodable(method)
+
+    return deserialize
+
+
+def _reject_undecodable(request: Any) -> None:
+    if type(request) is _Undecodable:
+        raise InvalidArgument([("request", f"is not a valid request message for {request.method}")])
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Maps domain exceptions to statuses; unknown ones become INTERNAL with a reference."""
+
+    def __init__(self) -> None:
+        self._cache = HandlerCache(lambda _: _error_guard, lenient=True)
 
     async def intercept_service(
         self,
@@ -156,9 +217,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or is_exempt(handler_call_details.method):
+        method = handler_call_details.method
+        if handler is None or is_exempt(method):
             return handler
-        return wrap_handler(handler, _error_guard)
+        return self._cache.get(method, handler)
 
 
 class InternalIdentityInterceptor(grpc.aio.ServerInterceptor):
@@ -184,26 +246,10 @@ class InternalIdentityInterceptor(grpc.aio.ServerInterceptor):
 
 
 def with_principal(handler: grpc.RpcMethodHandler, principal: Any) -> grpc.RpcMethodHandler:
-    """Runs `handler` with `current_principal` set for its whole duration."""
+    """Makes `principal` the current principal of the RPC being intercepted.
 
-    def guard(behavior: Behavior, streaming: bool) -> Behavior:
-        if streaming:
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
-                current_principal.set(principal)
-                result = behavior(request, context)
-                if inspect.isawaitable(result):
-                    await result
-                    return
-                async for item in result:
-                    yield item
-
-            return stream
-
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            current_principal.set(principal)
-            return await behavior(request, context)
-
-        return unary
-
-    return wrap_handler(handler, guard)
+    grpc.aio runs interceptors in the RPC's own task, before the handler, so a ContextVar
+    set here is what the handler sees; no per-call wrapper is needed.
+    """
+    current_principal.set(principal)
+    return handler

@@ -28,7 +28,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from aiwfe import metrics
-from aiwfe.interceptors import Behavior, is_exempt, wrap_handler
+from aiwfe.interceptors import Behavior, HandlerCache, is_exempt
 
 log = logging.getLogger("aiwfe.telemetry")
 _INSTRUMENTATION = "aiwfe"
@@ -132,13 +132,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, service: str) -> None:
         self._service = service
         self._tracer = trace.get_tracer(_INSTRUMENTATION)
-        self._guards: dict[str, Callable[[Behavior, bool], Behavior]] = {}
-
-    def _guard_for(self, method: str) -> Callable[[Behavior, bool], Behavior]:
-        guard = self._guards.get(method)
-        if guard is None:
-            guard = self._guards[method] = self._make_guard(method)
-        return guard
+        self._cache = HandlerCache(self._make_guard)
 
     def _make_guard(self, method: str) -> Callable[[Behavior, bool], Behavior]:
         service = self._service
@@ -217,4 +211,4 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or is_exempt(method):
             return handler
-        return wrap_handler(handler, self._guard_for(method))
+        return self._cache.get(method, handler)
