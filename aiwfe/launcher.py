@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import secrets
@@ -22,7 +23,15 @@ from aiwfe.embedded import Provisioned, provision_postgres, provision_redis
 from aiwfe.suite import SERVICE_ORDER
 
 READY_TIMEOUT = 60.0
+_PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT = 15.0
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM (a graceful stop) if the launcher dies, even by SIGKILL,
+    so no service outlives `aiwfe up`."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _persistent_secrets(home: Path) -> dict[str, str]:
@@ -133,6 +142,7 @@ async def run_up(settings: Settings) -> int:
                 stdout=asyncio.subprocess.PIPE,
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
             children.append((name, proc))
             ready: asyncio.Future[str] = loop.create_future()

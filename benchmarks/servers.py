@@ -71,9 +71,14 @@ def _overrides(home: str, dsn: str) -> dict[str, Any]:
             "jwt": {"secret_key": os.environ[JWT_SECRET_ENV]},
             "internal": {"secret_key": os.environ[INTERNAL_SECRET_ENV]},
             "admin": {"username": ADMIN_USERNAME, "password": os.environ[ADMIN_PASSWORD_ENV]},
+            # The limiter stays on (its cost is measured) with a quota the load cannot reach.
+            "rate_limiting": {"api_requests": 1_000_000_000, "login_attempts": 1_000},
         },
         "database": {"postgres": {"dsn": dsn, "pool_size": 2, "max_overflow": 8}},
-        "redis": {"key_prefix": f"aiwfe-bench:{uuid.uuid4().hex[:8]}:"},
+        "redis": {
+            "url": os.environ.get("AIWFE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            "key_prefix": f"aiwfe-bench:{uuid.uuid4().hex[:8]}:",
+        },
         "grpc": {"shutdown_grace_seconds": 0.5},
         "logging": {"json_format": False, "level": "WARNING"},
     }

@@ -100,8 +100,12 @@ def up_process(database_dsn: str, tmp_path: Path):
         yield UpProcess(proc, ports, metrics_ports, banner, env["AIWFE_HOME"], log_path)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+            proc.send_signal(signal.SIGTERM)  # the launcher stops its services in order
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # services then get SIGTERM via PDEATHSIG
+                proc.wait(10)
         log_file.close()
 
 
