@@ -170,7 +170,10 @@ class Downstream:
         self.target = target
         self.channel = create_channel(target, settings, files)
         self.breaker = CircuitBreaker(
-            name, settings.circuit_breaker.failure_threshold, settings.circuit_breaker.timeout
+            name,
+            settings.circuit_breaker.failure_threshold,
+            settings.circuit_breaker.timeout,
+            service=caller,
         )
         self._identity = identity
         self._caller = caller
@@ -207,4 +210,5 @@ class Downstream:
         return response
 
     async def close(self) -> None:
+        self.breaker.retire()
         await self.channel.close()

@@ -23,6 +23,8 @@ from aiwfe.config import ConfigError, Settings, load_settings
 from aiwfe.interceptors import ErrorMappingInterceptor
 from aiwfe.logs import configure_logging
 from aiwfe.metrics import serve_metrics
+from aiwfe.system.v1 import system_service_pb2_grpc as system_grpc
+from aiwfe.system_service import LocalSystemServicer
 from aiwfe.telemetry import TelemetryInterceptor, configure_tracing, flush_telemetry
 
 log = logging.getLogger("aiwfe.server")
@@ -46,6 +48,10 @@ class Service:
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """Service-specific interceptors, run inside error mapping."""
         return []
+
+    def system_servicer(self) -> system_grpc.SystemServiceServicer:
+        """Reports this service's circuit breakers (the gateway aggregates every service's)."""
+        return LocalSystemServicer(self.name)
 
     def reflection_names(self, registered: list[str]) -> list[str]:
         """Services listed over reflection; the gateway adds the ones it proxies."""
@@ -144,6 +150,7 @@ async def start_service(
         maximum_concurrent_rpcs=None,
     )
     names = service.register(server)
+    system_grpc.add_SystemServiceServicer_to_server(service.system_servicer(), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

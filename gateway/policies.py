@@ -19,11 +19,13 @@ from aiwfe.data.v1 import (
     vector_store_service_pb2,
 )
 from aiwfe.options.v1 import options_pb2
+from aiwfe.system.v1 import system_service_pb2
 from aiwfe.taskproc.v1 import workflow_service_pb2
 
 # Every contract the gateway knows. Packages other than auth are proxied to their owner.
 CONTRACTS: tuple[FileDescriptor, ...] = (
     auth_service_pb2.DESCRIPTOR,
+    system_service_pb2.DESCRIPTOR,
     cognitive_service_pb2.DESCRIPTOR,
     workflow_service_pb2.DESCRIPTOR,
     user_store_service_pb2.DESCRIPTOR,

@@ -22,6 +22,7 @@ from gateway.authn import AuthInterceptor
 from gateway.policies import method_table, public_services
 from gateway.proxy import ProxyHandler
 from gateway.rbac import Rbac
+from gateway.system import GatewaySystemServicer
 from gateway.tokens import TokenService
 
 _DATA_FILES = (
@@ -72,6 +73,9 @@ class GatewayService(Service):
 
     def reflection_names(self, registered: list[str]) -> list[str]:
         return sorted(set(registered) | set(public_services()))
+
+    def system_servicer(self) -> GatewaySystemServicer:
+        return GatewaySystemServicer(list(self.downstreams.values()))
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import enum
 import time
+import weakref
 
 import grpc
 
+from aiwfe import metrics
 from aiwfe.errors import Unavailable
 
 SICK_CODES = frozenset(
@@ -24,21 +26,56 @@ class BreakerState(enum.Enum):
     HALF_OPEN = 2
 
 
+# Every live breaker, so admins can read their state (SystemService.ListCircuitBreakers).
+_LIVE: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+
+
+def breakers_of(service: str) -> list[CircuitBreaker]:
+    """The live breakers held by `service`, sorted by downstream."""
+    return sorted((b for b in _LIVE if b.service == service), key=lambda b: b.name)
+
+
 class CircuitBreaker:
     """CLOSED → (threshold consecutive failures) → OPEN → (timeout) → HALF_OPEN → one probe."""
 
-    def __init__(self, name: str, failure_threshold: int = 5, timeout: float = 60.0) -> None:
+    def __init__(
+        self, name: str, failure_threshold: int = 5, timeout: float = 60.0, service: str = ""
+    ) -> None:
         self.name = name
+        self.service = service
         self.failure_threshold = failure_threshold
         self.timeout = timeout
-        self.state = BreakerState.CLOSED
+        self._state = BreakerState.CLOSED
         self.failure_count = 0
         self._opened_at = 0.0
         self._probe_in_flight = False
+        self._gauge = metrics.circuit_breaker_state.labels(service, name)
+        self._gauge.set(0)
+        _LIVE.add(self)
+
+    @property
+    def state(self) -> BreakerState:
+        return self._state
+
+    @state.setter
+    def state(self, value: BreakerState) -> None:
+        if value is not self._state:
+            self._state = value
+            self._gauge.set(value.value)
+
+    def retire(self) -> None:
+        """Stops reporting this breaker (its downstream was closed)."""
+        _LIVE.discard(self)
+
+    def open_remaining(self) -> float:
+        """Seconds an open breaker keeps failing calls at once (0 otherwise)."""
+        if self._state is not BreakerState.OPEN:
+            return 0.0
+        return max(0.0, self._opened_at + self.timeout - time.monotonic())
 
     def before_call(self) -> None:
         """Admits a call or raises Unavailable at once while the circuit is open."""
-        if self.state is BreakerState.CLOSED:
+        if self._state is BreakerState.CLOSED:
             return
         now = time.monotonic()
         if self.state is BreakerState.OPEN:
@@ -60,7 +97,8 @@ class CircuitBreaker:
         self._probe_in_flight = True
 
     def record_success(self) -> None:
-        self.state = BreakerState.CLOSED
+        if self._state is not BreakerState.CLOSED:
+            self.state = BreakerState.CLOSED
         self.failure_count = 0
         self._probe_in_flight = False
 

@@ -87,7 +87,7 @@ async def test_random_metadata_and_tokens(suite, path, auth, extra) -> None:
 @FUZZ
 @given(
     path=st.sampled_from(
-        [*INTERNAL, *(p for p in PUBLIC if METHODS[p].package != "aiwfe.auth.v1")]
+        [*INTERNAL, *(p for p in PUBLIC if METHODS[p].package in BACKEND_OF)]
     ),
     payload=st.binary(max_size=1024),
 )

@@ -1,0 +1,31 @@
+"""The gateway's SystemService: its own breakers plus each back end's, asked over gRPC."""
+
+from __future__ import annotations
+
+import grpc
+
+from aiwfe.channels import Downstream
+from aiwfe.errors import AiwfeError
+from aiwfe.system.v1 import system_service_pb2 as pb
+from aiwfe.system.v1 import system_service_pb2_grpc as pb_grpc
+from aiwfe.system_service import local_breakers
+
+
+class GatewaySystemServicer(pb_grpc.SystemServiceServicer):
+    def __init__(self, downstreams: list[Downstream]) -> None:
+        self._downstreams = downstreams
+
+    async def ListCircuitBreakers(
+        self, request: pb.ListCircuitBreakersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListCircuitBreakersResponse:
+        reply = pb.ListCircuitBreakersResponse(breakers=local_breakers("gateway"))
+        for downstream in self._downstreams:
+            stub = pb_grpc.SystemServiceStub(downstream.channel)
+            try:
+                theirs = await downstream.call(stub.ListCircuitBreakers, request, timeout=2.0)
+            except (grpc.aio.AioRpcError, AiwfeError):
+                reply.unreachable_services.append(downstream.name)
+                continue
+            reply.breakers.extend(theirs.breakers)
+        reply.breakers.sort(key=lambda b: (b.service, b.downstream))
+        return reply
