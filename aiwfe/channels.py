@@ -203,7 +203,7 @@ class Downstream:
                     request, timeout=timeout or self.timeout(), metadata=self.metadata()
                 )
             except grpc.aio.AioRpcError as exc:
-                self.breaker.record_failure(exc.code())
+                self.breaker.record_error(exc)
                 span.set_status(Status(StatusCode.ERROR, exc.code().name))
                 raise
         self.breaker.record_success()

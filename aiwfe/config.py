@@ -75,7 +75,8 @@ class JwtSettings(_Block):
     signing_key_id: str | None = None  # kid that signs new tokens; default key_id
     jwks_file: str | None = None  # RS256/EdDSA public keys (JWKS JSON) of an external issuer
     jwks_url: str | None = None
-    jwks_refetch_interval: float = Field(default=300, gt=0)  # unknown kid refetches at most this often
+    # An unknown kid refetches jwks_url at most once per this many seconds.
+    jwks_refetch_interval: float = Field(default=300, gt=0)
 
     @field_validator("secret_key")
     @classmethod
@@ -100,8 +101,10 @@ class RateLimitSettings(_Block):
     login_attempts_per_address: int = Field(default=20, gt=0)
     api_requests: int = Field(default=100, gt=0)
     api_window: int = Field(default=60, gt=0)
-    api_requests_per_role: dict[str, int] = Field(default_factory=dict)  # overrides, most generous wins
-    api_reserve_batch: int = Field(default=10, gt=0, le=1000)  # quota a replica reserves per Redis trip
+    # Per-role API limits; a user gets the most generous of its roles (default api_requests).
+    api_requests_per_role: dict[str, int] = Field(default_factory=dict)
+    # The most quota one gateway replica reserves from Redis per round trip.
+    api_reserve_batch: int = Field(default=10, gt=0, le=1000)
 
 
 class RevocationSettings(_Block):
@@ -409,7 +412,8 @@ class TaskProcSettings(_Block):
     claim_batch: int = Field(default=32, gt=0, le=1000)  # steps leased per ClaimSteps call
     lease_seconds: float = Field(default=30, gt=0, le=3600)
     poll_interval: float = Field(default=0.5, gt=0, le=60)  # fallback when no wake-up arrives
-    watch_poll_interval: float = Field(default=0.1, gt=0, le=10)
+    # WatchWorkflow long-polls dataplatform this long (events pushed within one replica).
+    watch_poll_interval: float = Field(default=1.0, gt=0, le=30)
     max_steps: int = Field(default=100, gt=0, le=1000)
     max_name_chars: int = Field(default=64, gt=0, le=256)
     max_input_bytes: int = Field(default=256 * 1024, gt=0)

@@ -16,6 +16,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 ERROR_DOMAIN = "aiwfe.dev"
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 class AiwfeError(Exception):
@@ -125,8 +126,15 @@ class Aborted(AiwfeError):
 
 
 class Unavailable(AiwfeError):
+    """A live server saying something it needs is down. Tells gRPC clients not to retry
+    at once (`grpc-retry-pushback-ms: -1`): retrying would only multiply the load on a
+    failing dependency or an open circuit."""
+
     code = grpc.StatusCode.UNAVAILABLE
     reason = "UNAVAILABLE"
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((RETRY_PUSHBACK_KEY, "-1"),)
 
 
 class DeadlineExceeded(AiwfeError):
@@ -185,11 +193,8 @@ class ResourceExhausted(AiwfeError):
 
 def status_from_rpc_error(error: grpc.aio.AioRpcError) -> grpc.Status:
     """Re-raisable status of a downstream failure, keeping its google.rpc details."""
-    trailers = tuple(
-        (k, v)
-        for k, v in (error.trailing_metadata() or ())
-        if k == rpc_status.GRPC_DETAILS_METADATA_KEY
-    )
+    keep = (rpc_status.GRPC_DETAILS_METADATA_KEY, RETRY_PUSHBACK_KEY)
+    trailers = tuple((k, v) for k, v in (error.trailing_metadata() or ()) if k in keep)
     return Status(error.code(), error.details() or "", trailers)
 
 

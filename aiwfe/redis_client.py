@@ -37,14 +37,18 @@ class RedisClient:
         pool = settings.connection_pool
         self.client: aioredis.Redis | None = None
         if settings.url:
-            self.client = aioredis.Redis.from_url(
+            # Blocking pool: a burst beyond max_connections waits for a free connection
+            # (bounded by socket_timeout) instead of failing with "Too many connections".
+            connections = aioredis.BlockingConnectionPool.from_url(
                 settings.url,
                 max_connections=pool.max_connections,
+                timeout=pool.socket_timeout,
                 retry_on_timeout=pool.retry_on_timeout,
                 health_check_interval=pool.health_check_interval,
                 socket_timeout=pool.socket_timeout,
                 socket_connect_timeout=pool.socket_timeout,
             )
+            self.client = aioredis.Redis(connection_pool=connections)
         self._skip_until = 0.0
 
     @property
@@ -114,3 +118,4 @@ class RedisClient:
     async def close(self) -> None:
         if self.client is not None:
             await self.client.aclose()
+            await self.client.connection_pool.disconnect()

@@ -30,7 +30,7 @@ from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from benchmarks import load, nginx, procstat, servers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RPC_SCENARIOS = ("direct", "gateway", "gateway-noauth", "nginx")
+RPC_SCENARIOS = ("direct", "gateway", "gateway-cached", "gateway-noauth", "nginx", "before")
 OTHER_SCENARIOS = ("embedder", "vector-search")
 ALL_SCENARIOS = RPC_SCENARIOS + OTHER_SCENARIOS
 
@@ -212,9 +212,13 @@ async def _rpc_scenarios(
                 results[name] = await _measure(
                     name, server.address("cognitive"), internal, opts, pids
                 )
-            elif name == "gateway":
+            elif name in ("gateway", "gateway-cached"):
                 token = await _login(server.address("gateway"), server.admin_password)
-                bearer = (("authorization", f"Bearer {token}"),)
+                bearer: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),)
+                if name == "gateway":
+                    # The hop itself: proxied to cognitive, not answered by the gateway's
+                    # response cache (Embed declares a cache TTL in its contract).
+                    bearer += (("cache-control", "no-store"),)
                 results[name] = await _measure(
                     name, server.address("gateway"), lambda b=bearer: b, opts, pids
                 )
@@ -224,6 +228,8 @@ async def _rpc_scenarios(
                 )
             elif name == "nginx":
                 await _nginx_scenario(server, opts, internal, pids, results, notes)
+            elif name == "before":
+                await _before_scenario(server, opts, pids, results)
         except (load.PreflightError, grpc.aio.AioRpcError, RuntimeError) as exc:
             detail = (
                 f"{exc.code().name}: {exc.details()}"
@@ -259,6 +265,34 @@ async def _nginx_scenario(
         raise
     finally:
         proxy.stop()
+
+
+async def _before_scenario(
+    server: ServerProcess, opts: Options, pids: list[int], results: dict[str, Any]
+) -> None:
+    """The seed's before-topology (benchmarks.legacy) in its own process."""
+    env = {
+        **os.environ,
+        servers.JWT_SECRET_ENV: server.jwt_secret,
+        servers.INTERNAL_SECRET_ENV: server.internal_secret,
+    }
+    dsn = servers.database_dsn(server.admin_dsn, server.database)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.legacy", "--cognitive", server.address("cognitive"),
+        "--dsn", dsn, cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        info = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
+        token = await _login(server.address("gateway"), server.admin_password)
+        bearer = (("authorization", f"Bearer {token}"),)
+        results["before"] = await _measure(
+            "before", info["edge"], lambda: bearer, opts, pids, proxy_pids=[proc.pid]
+        )
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
 
 
 def run(opts: Options) -> dict[str, Any]:

@@ -1,15 +1,21 @@
-"""Embedding cache by content hash: L1 in process, then the persistent store in dataplatform.
+"""The seed's multi-layer cache for embeddings, keyed by content hash.
 
-Keys follow the seed: `cognitive:{service}:{sha256 of the canonical input}`. A cache that
-cannot be reached is skipped, never fatal: the embedding is computed instead.
+L1 in process (bounded, TTL 300 s) → L2 Redis (TTL 1800 s) → L3 PostgreSQL through
+dataplatform's CacheStoreService (TTL 1800 s). A hit in a lower layer backfills the upper
+ones; concurrent identical misses compute once (single flight). A layer that cannot be
+reached (Redis down, dataplatform's breaker open) is skipped, never fatal: the embedding is
+computed instead. Keys follow the seed: `cognitive:{service}:{sha256 of the canonical input}`.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -18,65 +24,161 @@ from aiwfe.channels import Downstream
 from aiwfe.data.v1 import cache_store_service_pb2 as cache_pb
 from aiwfe.data.v1 import cache_store_service_pb2_grpc as cache_grpc
 from aiwfe.errors import AiwfeError
+from aiwfe.metrics import redis_cache_hit_rate
+from aiwfe.redis_client import RedisClient
 
 log = logging.getLogger("aiwfe.cognitive.cache")
 
+Vector = list[float]
+Compute = Callable[[list[str]], Awaitable[dict[str, Vector]]]
 
-def cache_key(service: str, input_data: dict) -> str:
-    """The seed's content key: sha256 of the canonical JSON of the input."""
+
+def input_hash(input_data: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of the input (sorted keys, no whitespace)."""
     canonical = json.dumps(input_data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return f"cognitive:{service}:{hashlib.sha256(canonical.encode()).hexdigest()}"
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def pack(vector: list[float]) -> bytes:
+def pack(vector: Sequence[float]) -> bytes:
     return array.array("f", vector).tobytes()
 
 
-def unpack(data: bytes) -> list[float]:
+def unpack(data: bytes) -> Vector:
     return array.array("f", data).tolist()
 
 
 class EmbeddingCache:
-    """L1 (bounded, seed TTL 300 s) over L3 (dataplatform, seed TTL 1800 s), with backfill."""
+    """Three layers with backfill and single flight; `service` names the key space."""
 
     def __init__(
-        self, dataplatform: Downstream, l1_entries: int, l1_ttl: float, persistent_ttl: int
+        self,
+        dataplatform: Downstream,
+        redis: RedisClient,
+        *,
+        l1_entries: int,
+        l1_ttl: float,
+        ttl: int,
+        key_pattern: str = "cognitive:{service}:{input_hash}",
+        service: str = "embed",
     ) -> None:
-        self._l1: TTLCache[str, list[float]] = TTLCache(l1_entries)
+        self._l1: TTLCache[str, Vector] = TTLCache(l1_entries)
         self._l1_ttl = l1_ttl
-        self._ttl = persistent_ttl
+        self._ttl = ttl
         self._dp = dataplatform
         self._stub = cache_grpc.CacheStoreServiceStub(dataplatform.channel)
+        self._redis = redis
+        self._pattern = key_pattern
+        self._service = service
+        self._inflight: dict[str, asyncio.Future[Vector]] = {}
 
-    async def get_many(self, keys: list[str]) -> dict[str, list[float]]:
-        found: dict[str, list[float]] = {}
-        missing = []
+    def key(self, input_data: dict[str, Any]) -> str:
+        """The L1/L3 key of an input (L2 adds the configured Redis key prefix)."""
+        return self._pattern.format(service=self._service, input_hash=input_hash(input_data))
+
+    async def get_or_compute(
+        self, keys: Sequence[str], compute: Compute, *, bypass: bool = False
+    ) -> tuple[dict[str, Vector], set[str]]:
+        """Returns a vector for every key, and the keys a cache layer answered.
+
+        Args:
+            keys: Distinct cache keys.
+            compute: Computes the vectors of the keys no layer holds.
+            bypass: Skip every lookup (and joining other callers' computations); the
+                fresh results still refresh all layers.
+        """
+        if bypass:
+            computed = await compute(list(keys))
+            await self._store(computed)
+            return computed, set()
+        found: dict[str, Vector] = {}
+        missing: list[str] = []
         for key in keys:
             hit = self._l1.get(key)
             if hit is None:
                 missing.append(key)
             else:
                 found[key] = hit
+        _count("l1", len(found), len(missing))
         if not missing:
+            return found, set(found)
+        joined: dict[str, asyncio.Future[Vector]] = {}
+        owned: dict[str, asyncio.Future[Vector]] = {}
+        loop = asyncio.get_running_loop()
+        for key in missing:
+            if (future := self._inflight.get(key)) is not None:
+                joined[key] = future
+            else:
+                owned[key] = self._inflight[key] = loop.create_future()
+        cached = set(found)
+        try:
+            if owned:
+                lower = await self._lookup_lower(list(owned))
+                cached.update(lower)
+                todo = [k for k in owned if k not in lower]
+                computed = await compute(todo) if todo else {}
+                for key, future in owned.items():
+                    future.set_result(lower.get(key) or computed[key])
+                found.update(lower)
+                found.update(computed)
+                await self._store(computed)
+        except BaseException as exc:
+            for future in owned.values():
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else _Abandoned())
+                    future.exception()  # retrieved: joiners re-raise it, no "never retrieved"
+            raise
+        finally:
+            for key in owned:
+                self._inflight.pop(key, None)
+        for key, future in joined.items():
+            try:
+                found[key] = await asyncio.shield(future)
+            except _Abandoned:
+                # The caller computing it went away (cancelled): compute it ourselves.
+                computed = await compute([key])
+                await self._store(computed)
+                found.update(computed)
+        return found, cached
+
+    async def _lookup_lower(self, keys: list[str]) -> dict[str, Vector]:
+        """L2 then L3 for keys L1 missed, backfilling the layers above each hit."""
+        found: dict[str, Vector] = {}
+        if self._redis.configured:
+            values = await self._redis.mget([self._redis.key(k) for k in keys])
+            for key, value in zip(keys, values, strict=True):
+                if value:
+                    found[key] = vector = unpack(value)
+                    self._l1.set(key, vector, self._l1_ttl)
+            _count("l2", len(found), len(keys) - len(found))
+        rest = [k for k in keys if k not in found]
+        if not rest:
             return found
         try:
             reply = await self._dp.call(
-                self._stub.GetCacheEntries, cache_pb.GetCacheEntriesRequest(keys=missing)
+                self._stub.GetCacheEntries, cache_pb.GetCacheEntriesRequest(keys=rest)
             )
         except (grpc.aio.AioRpcError, AiwfeError) as exc:
             log.warning("persistent cache unavailable, computing instead: %s", _describe(exc))
+            _count("l3", 0, len(rest))
             return found
+        l3: dict[str, Vector] = {}
         for entry in reply.entries:
-            vector = unpack(entry.value)
-            found[entry.key] = vector
-            self._l1.set(entry.key, vector, self._l1_ttl)  # backfill L1
+            l3[entry.key] = vector = unpack(entry.value)
+            self._l1.set(entry.key, vector, self._l1_ttl)
+        _count("l3", len(l3), len(rest) - len(l3))
+        if l3 and self._redis.configured:
+            await self._redis_set(l3)
+        found.update(l3)
         return found
 
-    async def put_many(self, items: dict[str, list[float]]) -> None:
-        for key, vector in items.items():
-            self._l1.set(key, vector, self._l1_ttl)
+    async def _store(self, items: dict[str, Vector]) -> None:
+        """Writes fresh vectors to every layer; a failing layer is logged and skipped."""
         if not items:
             return
+        for key, vector in items.items():
+            self._l1.set(key, vector, self._l1_ttl)
+        if self._redis.configured:
+            await self._redis_set(items)
         request = cache_pb.SetCacheEntriesRequest(
             entries=[
                 cache_pb.CacheEntry(key=k, value=pack(v), ttl_seconds=self._ttl)
@@ -87,6 +189,28 @@ class EmbeddingCache:
             await self._dp.call(self._stub.SetCacheEntries, request)
         except (grpc.aio.AioRpcError, AiwfeError) as exc:
             log.warning("persistent cache write skipped: %s", _describe(exc))
+
+    async def _redis_set(self, items: dict[str, Vector]) -> None:
+        ttl_ms = self._ttl * 1000
+
+        async def write(client: Any) -> None:
+            pipe = client.pipeline(transaction=False)
+            for key, vector in items.items():
+                pipe.set(self._redis.key(key), pack(vector), px=ttl_ms)
+            await pipe.execute()
+
+        await self._redis.run(write, None)
+
+
+class _Abandoned(Exception):
+    """The request computing a key was cancelled before it finished."""
+
+
+def _count(layer: str, hits: int, misses: int) -> None:
+    if hits:
+        redis_cache_hit_rate.labels(cache="cognitive", layer=layer, result="hit").inc(hits)
+    if misses:
+        redis_cache_hit_rate.labels(cache="cognitive", layer=layer, result="miss").inc(misses)
 
 
 def _describe(exc: Exception) -> str:

@@ -1,81 +1,508 @@
-"""CognitiveService: Embed with the built-in embedder and a content-hash cache.
+"""CognitiveService: Embed, IndexDocuments, Search, Classify and streamed Generate.
 
-IndexDocuments, Search, Classify and Generate answer UNIMPLEMENTED until the cognitive
-services issue adds them.
+Embeddings come from the configured backends (`cognitive/backends.py`) through the seed's
+multi-layer cache (`cognitive/embed_cache.py`); vectors are stored and searched in
+dataplatform's VectorStoreService. Indexing does not go through the cache: chunks are
+one-off texts that would only evict the entries worth keeping.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import grpc
+import numpy as np
 
+from aiwfe.cache import TTLCache
 from aiwfe.channels import Downstream
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as pb_grpc
-from aiwfe.config import Settings
-from aiwfe.data.v1 import cache_store_service_pb2
-from aiwfe.errors import InvalidArgument
+from aiwfe.config import ConfigError, Settings
+from aiwfe.data.v1 import cache_store_service_pb2, vector_store_service_pb2
+from aiwfe.data.v1 import vector_store_service_pb2 as vs_pb
+from aiwfe.data.v1 import vector_store_service_pb2_grpc as vs_grpc
+from aiwfe.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from aiwfe.identity import InternalIdentity
 from aiwfe.interceptors import InternalIdentityInterceptor
+from aiwfe.redis_client import RedisClient
 from aiwfe.server import Service
 from aiwfe.validation import Violations
-from cognitive.builtin_embedder import HashingEmbedder
-from cognitive.embed_cache import EmbeddingCache, cache_key
+from cognitive.backends import Backends, EmbeddingBackend, GenerationParams
+from cognitive.chunking import chunk_text
+from cognitive.embed_cache import EmbeddingCache
 
-# Above this many texts to compute, embed off the event loop so other calls keep flowing.
-_THREAD_THRESHOLD = 32
+# Bounds from the contract (cognitive_service.proto comments).
+MAX_TOP_K = 100
+DEFAULT_TOP_K = 10
+MIN_LABELS, MAX_LABELS = 2, 100
+MAX_LABEL_CHARS = 200
+MAX_EXAMPLES = 1000
+DEFAULT_CONTEXT_TOP_K, MAX_CONTEXT_TOP_K = 4, 20
+MAX_GENERATE_TOKENS = 32768
+MAX_DOCUMENT_ID_CHARS = 200  # chunk ids `{id}#{n}` stay under the store's 256
+MAX_METADATA_FIELDS = 32
+MAX_METADATA_VALUE_CHARS = 1024
+# Payload keys every chunk carries; metadata may not shadow them.
+DOCUMENT_ID, TEXT = "document_id", "text"
+RESERVED_KEYS = frozenset({DOCUMENT_ID, TEXT})
+COLLECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+FIELD_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+# Points per UpsertPoints: 256 x 768 floats plus 1,000-char texts stay near 1 MB, well under
+# the 4 MB message limit (the store would take 1,000).
+UPSERT_BATCH = 256
+COUNT_CONCURRENCY = 32  # CountPoints calls in flight per IndexDocuments
+COLLECTION_CACHE_TTL = 10.0  # seconds a collection's shape is trusted without asking again
 
 
 class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
-    def __init__(
-        self, settings: Settings, embedder: HashingEmbedder, cache: EmbeddingCache
-    ) -> None:
-        self._limits = settings.cognitive
-        self._embedder = embedder
-        self._cache = cache
+    """The five RPCs; every input bounded and checked before any work is done."""
 
-    def _validate_texts(self, texts: list[str], field: str = "texts") -> None:
-        v = Violations()
-        limit = self._limits.max_texts
+    def __init__(
+        self,
+        settings: Settings,
+        backends: Backends,
+        cache: EmbeddingCache,
+        dataplatform: Downstream,
+    ) -> None:
+        self._cfg = settings.cognitive
+        self._backends = backends
+        self._cache = cache
+        self._dp = dataplatform
+        self._vectors = vs_grpc.VectorStoreServiceStub(dataplatform.channel)
+        self._collections: TTLCache[str, vs_pb.Collection] = TTLCache(256)
+
+    # --- embeddings -----------------------------------------------------------------------
+
+    async def _embed(
+        self, backend: EmbeddingBackend, texts: Sequence[str], *, bypass: bool = False
+    ) -> tuple[list[list[float]], int]:
+        """Vectors for `texts` through the cache, and how many texts a cache layer answered."""
+        keys = [self._cache.key({"model": backend.model, "text": t}) for t in texts]
+        text_of = dict(zip(keys, texts, strict=True))
+
+        async def compute(todo: list[str]) -> dict[str, list[float]]:
+            vectors = await self._compute(backend, [text_of[k] for k in todo])
+            return dict(zip(todo, vectors, strict=True))
+
+        found, cached = await self._cache.get_or_compute(
+            list(dict.fromkeys(keys)), compute, bypass=bypass
+        )
+        return [found[k] for k in keys], sum(k in cached for k in keys)
+
+    async def _compute(self, backend: EmbeddingBackend, texts: list[str]) -> list[list[float]]:
+        """Embeds in backend-sized batches and checks the vectors are usable."""
+        out: list[list[float]] = []
+        step = self._cfg.max_texts
+        for i in range(0, len(texts), step):
+            out.extend(await backend.embed(texts[i : i + step]))
+        lengths = {len(v) for v in out}
+        if len(out) != len(texts) or len(lengths) != 1 or 0 in lengths:
+            raise Unavailable(
+                f"embedding backend {backend.name!r} returned malformed vectors",
+                reason="BACKEND_FAILED",
+            )
+        return out
+
+    def _check_texts(self, v: Violations, texts: Sequence[str], field: str) -> None:
+        limit = self._cfg.max_texts
         if v.check(
             1 <= len(texts) <= limit, field, f"must list 1 to {limit} texts (got {len(texts)})"
         ):
             for i, text in enumerate(texts):
-                v.text(text, f"{field}[{i}]", max_chars=self._limits.max_text_chars)
-        v.raise_if_any()
+                v.text(text, f"{field}[{i}]", max_chars=self._cfg.max_text_chars)
 
     async def Embed(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> pb.EmbedResponse:
-        texts = list(request.texts)
-        self._validate_texts(texts)
-        if request.model and request.model != self._embedder.model:
-            raise InvalidArgument(
-                [("model", f"unknown model {request.model!r}; available: {self._embedder.model}")]
-            )
-        model = self._embedder.model
-        keys = [cache_key("embed", {"model": model, "text": t}) for t in texts]
-        cached = (
-            {} if request.bypass_cache else await self._cache.get_many(list(dict.fromkeys(keys)))
+        v = Violations()
+        self._check_texts(v, request.texts, "texts")
+        v.raise_if_any()
+        backend = self._backends.embedder(request.model)
+        vectors, cached = await self._embed(
+            backend, list(request.texts), bypass=request.bypass_cache
         )
-        todo = [i for i, k in enumerate(keys) if k not in cached]
-        computed: dict[str, list[float]] = {}
-        if todo:
-            batch = [texts[i] for i in todo]
-            if len(batch) > _THREAD_THRESHOLD:
-                matrix = await asyncio.to_thread(self._embedder.embed, batch)
-            else:
-                matrix = self._embedder.embed(batch)
-            for i, row in zip(todo, matrix.tolist(), strict=True):
-                computed[keys[i]] = row
-            await self._cache.put_many(computed)
         response = pb.EmbedResponse(
-            dimension=self._embedder.dimension, model=model, cached_count=len(texts) - len(todo)
+            dimension=len(vectors[0]), model=backend.model, cached_count=cached
         )
-        for key in keys:
-            response.embeddings.add().values.extend(cached.get(key) or computed[key])
+        for vector in vectors:
+            response.embeddings.add().values.extend(vector)
         return response
+
+    # --- collections ----------------------------------------------------------------------
+
+    async def _get_collection(self, name: str) -> vs_pb.Collection | None:
+        """The collection's shape (cached briefly), or None when it does not exist."""
+        if (hit := self._collections.get(name)) is not None:
+            return hit
+        try:
+            reply = await self._dp.call(
+                self._vectors.GetCollection, vs_pb.GetCollectionRequest(name=name)
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        self._collections.set(name, reply.collection, COLLECTION_CACHE_TTL)
+        return reply.collection
+
+    async def _ensure_collection(
+        self, name: str, dimension: int, fields: Sequence[str]
+    ) -> tuple[vs_pb.Collection, bool]:
+        """The collection, created on first use; True when this call created it."""
+        existing = await self._get_collection(name)
+        if existing is not None:
+            return existing, False
+        spec = vs_pb.Collection(
+            name=name, dimension=dimension, distance="Cosine", indexed_fields=fields
+        )
+        try:
+            reply = await self._dp.call(
+                self._vectors.CreateCollection, vs_pb.CreateCollectionRequest(collection=spec)
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            # A concurrent first use won the race: use what it created.
+            found = await self._get_collection(name)
+            if found is None:
+                raise
+            return found, False
+        self._collections.set(name, reply.collection, COLLECTION_CACHE_TTL)
+        return reply.collection, True
+
+    def _check_dimension(
+        self, collection: vs_pb.Collection, backend: EmbeddingBackend, dimension: int
+    ) -> None:
+        if collection.dimension != dimension:
+            raise FailedPrecondition(
+                f"collection {collection.name!r} holds {collection.dimension}-d vectors but "
+                f"model {backend.model!r} produces {dimension}-d ones: use the model the "
+                "collection was indexed with",
+                reason="DIMENSION_MISMATCH",
+            )
+
+    # --- IndexDocuments -------------------------------------------------------------------
+
+    def _check_collection(self, v: Violations, name: str, field: str) -> None:
+        if v.check(bool(name), field, "must not be empty"):
+            v.check(
+                bool(COLLECTION_RE.match(name)),
+                field,
+                "must be 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit",
+            )
+
+    def _check_fields(
+        self, v: Violations, fields: Mapping[str, str], field: str, reserved: frozenset[str]
+    ) -> None:
+        v.check(
+            len(fields) <= MAX_METADATA_FIELDS,
+            field,
+            f"must have at most {MAX_METADATA_FIELDS} entries (got {len(fields)})",
+        )
+        for key, value in fields.items():
+            path = f"{field}[{key!r}]"
+            if not FIELD_RE.match(key):
+                v.add(path, "key must be 1-64 letters, digits, '_', '-' or '.', letter first")
+            elif key in reserved:
+                v.add(path, f"key {key!r} is reserved ({', '.join(sorted(reserved))})")
+            v.text(value, path, max_chars=MAX_METADATA_VALUE_CHARS, required=False)
+
+    async def IndexDocuments(
+        self, request: pb.IndexDocumentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.IndexDocumentsResponse:
+        cfg = self._cfg
+        v = Violations()
+        self._check_collection(v, request.collection, "collection")
+        docs = request.documents
+        v.check(
+            1 <= len(docs) <= cfg.max_documents,
+            "documents",
+            f"must list 1 to {cfg.max_documents} documents (got {len(docs)})",
+        )
+        seen: set[str] = set()
+        chunks: list[list[str]] = []
+        for i, doc in enumerate(docs[: cfg.max_documents]):
+            v.text(doc.id, f"documents[{i}].id", max_chars=MAX_DOCUMENT_ID_CHARS)
+            if doc.id in seen:
+                v.add(f"documents[{i}].id", f"duplicate document id {doc.id!r} in this call")
+            seen.add(doc.id)
+            v.text(doc.text, f"documents[{i}].text", max_chars=cfg.max_document_chars)
+            self._check_fields(v, doc.metadata, f"documents[{i}].metadata", RESERVED_KEYS)
+            chunks.append(
+                chunk_text(doc.text, cfg.chunk_chars, cfg.chunk_overlap_chars)
+                if doc.text and len(doc.text) <= cfg.max_document_chars
+                else []
+            )
+        total = sum(len(c) for c in chunks)
+        v.check(
+            total <= cfg.max_chunks_per_call,
+            "documents",
+            f"would make {total} chunks, more than {cfg.max_chunks_per_call}: split the call",
+        )
+        for i, doc_chunks in enumerate(chunks):
+            if docs[i].text and not doc_chunks:
+                v.add(f"documents[{i}].text", "must contain more than whitespace")
+        v.raise_if_any()
+        backend = self._backends.embedder(request.model)
+
+        flat = [c for doc_chunks in chunks for c in doc_chunks]
+        vectors = await self._compute(backend, flat)
+        fields = sorted({DOCUMENT_ID, *(k for doc in docs for k in doc.metadata)})
+        collection, created = await self._ensure_collection(
+            request.collection, len(vectors[0]), fields
+        )
+        self._check_dimension(collection, backend, len(vectors[0]))
+
+        # Chunks beyond the new count are stale (ids are `{id}#{n}`, n = 0..count-1).
+        previous = {doc.id: 0 for doc in docs}
+        if not created:
+            previous = await self._chunk_counts(collection.name, [doc.id for doc in docs])
+        points: list[vs_pb.Point] = []
+        stale: list[str] = []
+        it = iter(vectors)
+        for doc, doc_chunks in zip(docs, chunks, strict=True):
+            for n, text in enumerate(doc_chunks):
+                payload = {**doc.metadata, DOCUMENT_ID: doc.id, TEXT: text}
+                points.append(vs_pb.Point(id=f"{doc.id}#{n}", values=next(it), payload=payload))
+            stale.extend(f"{doc.id}#{n}" for n in range(len(doc_chunks), previous[doc.id]))
+        for i in range(0, len(points), UPSERT_BATCH):
+            await self._dp.call(
+                self._vectors.UpsertPoints,
+                vs_pb.UpsertPointsRequest(
+                    collection=collection.name, points=points[i : i + UPSERT_BATCH]
+                ),
+            )
+        for i in range(0, len(stale), UPSERT_BATCH):
+            await self._dp.call(
+                self._vectors.DeletePoints,
+                vs_pb.DeletePointsRequest(
+                    collection=collection.name, ids=stale[i : i + UPSERT_BATCH]
+                ),
+            )
+        return pb.IndexDocumentsResponse(document_count=len(docs), chunk_count=len(points))
+
+    async def _chunk_counts(self, collection: str, ids: list[str]) -> dict[str, int]:
+        """How many chunks each document has stored, asked a group at a time (bounded)."""
+
+        async def count(doc_id: str) -> int:
+            reply = await self._dp.call(
+                self._vectors.CountPoints,
+                vs_pb.CountPointsRequest(collection=collection, filter={DOCUMENT_ID: doc_id}),
+            )
+            return int(reply.count)
+
+        counts: dict[str, int] = {}
+        for i in range(0, len(ids), COUNT_CONCURRENCY):
+            group = ids[i : i + COUNT_CONCURRENCY]
+            counts.update(zip(group, await asyncio.gather(*map(count, group)), strict=True))
+        return counts
+
+    # --- Search ---------------------------------------------------------------------------
+
+    async def _search(
+        self,
+        collection_name: str,
+        query: str,
+        top_k: int,
+        filter: Mapping[str, str],
+        threshold: float | None,
+        model: str = "",
+        field: str = "collection",
+    ) -> tuple[list[pb.SearchHit], EmbeddingBackend]:
+        backend = self._backends.embedder(model)
+        collection = await self._get_collection(collection_name)
+        if collection is None:
+            raise NotFound(
+                f"collection {collection_name!r} does not exist: IndexDocuments creates it",
+                reason="COLLECTION_NOT_FOUND",
+                metadata={"field": field, "collection": collection_name},
+            )
+        unindexed = sorted(set(filter) - set(collection.indexed_fields))
+        if unindexed:
+            indexed = ", ".join(collection.indexed_fields)
+            raise InvalidArgument(
+                [
+                    (f"filter[{k!r}]", f"field {k!r} is not indexed in {collection_name!r}"
+                     f" (indexed: {indexed})")
+                    for k in unindexed
+                ]
+            )  # fmt: skip
+        (vector,), _ = await self._embed(backend, [query])
+        self._check_dimension(collection, backend, len(vector))
+        request = vs_pb.SearchPointsRequest(
+            collection=collection_name,
+            vector=vector,
+            top_k=top_k,
+            filter=dict(filter),
+            score_threshold=threshold or 0.0,
+            has_score_threshold=threshold is not None,
+        )
+        try:
+            reply = await self._dp.call(self._vectors.SearchPoints, request)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                self._collections.pop(collection_name)  # deleted since we cached its shape
+            raise
+        hits = []
+        for point in reply.hits:
+            payload = dict(point.payload)
+            document_id = payload.pop(DOCUMENT_ID, "")
+            text = payload.pop(TEXT, "")
+            hits.append(
+                pb.SearchHit(
+                    document_id=document_id,
+                    chunk_id=point.id,
+                    text=text,
+                    metadata=payload,
+                    score=point.score,
+                )
+            )
+        return hits, backend
+
+    async def Search(
+        self, request: pb.SearchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SearchResponse:
+        v = Violations()
+        self._check_collection(v, request.collection, "collection")
+        v.text(request.query, "query", max_chars=self._cfg.max_text_chars)
+        top_k = request.top_k or DEFAULT_TOP_K
+        v.check(1 <= top_k <= MAX_TOP_K, "top_k", f"must be 1 to {MAX_TOP_K} (got {top_k})")
+        self._check_fields(v, request.filter, "filter", frozenset())
+        threshold = request.score_threshold
+        v.check(
+            math.isfinite(threshold) and -1.0 <= threshold <= 1.0,
+            "score_threshold",
+            f"must be a cosine similarity in [-1, 1] (got {threshold})",
+        )
+        v.raise_if_any()
+        # proto3 cannot tell 0 from unset: 0 means "no threshold".
+        hits, backend = await self._search(
+            request.collection, request.query, top_k, request.filter, threshold or None
+        )
+        return pb.SearchResponse(hits=hits, model=backend.model)
+
+    # --- Classify -------------------------------------------------------------------------
+
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        v = Violations()
+        v.text(request.text, "text", max_chars=self._cfg.max_text_chars)
+        labels = list(request.labels)
+        if v.check(
+            MIN_LABELS <= len(labels) <= MAX_LABELS,
+            "labels",
+            f"must list {MIN_LABELS} to {MAX_LABELS} labels (got {len(labels)})",
+        ):
+            for i, label in enumerate(labels):
+                v.text(label, f"labels[{i}]", max_chars=MAX_LABEL_CHARS)
+            if len(set(labels)) != len(labels):
+                v.add("labels", "must not repeat a label")
+        v.check(
+            len(request.examples) <= MAX_EXAMPLES,
+            "examples",
+            f"must list at most {MAX_EXAMPLES} examples (got {len(request.examples)})",
+        )
+        known = set(labels)
+        for i, example in enumerate(request.examples[:MAX_EXAMPLES]):
+            if example.label not in known:
+                v.add(f"examples[{i}].label", f"{example.label!r} is not one of the labels")
+            v.text(example.text, f"examples[{i}].text", max_chars=self._cfg.max_text_chars)
+        v.raise_if_any()
+        backend = self._backends.embedder("")
+        texts = [request.text, *labels, *(e.text for e in request.examples)]
+        vectors, _ = await self._embed(backend, texts)
+        matrix = np.asarray(vectors, dtype=np.float64)
+        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+        matrix /= np.where(norms > 0, norms, 1.0)
+        query, label_vecs = matrix[0], matrix[1 : 1 + len(labels)]
+        scores = label_vecs @ query
+        if request.examples:
+            example_vecs = matrix[1 + len(labels) :]
+            for index, label in enumerate(labels):
+                rows = [i for i, e in enumerate(request.examples) if e.label == label]
+                if rows:
+                    centroid = example_vecs[rows].mean(axis=0)
+                    norm = np.linalg.norm(centroid)
+                    # Equal say for the label's name and its examples' centroid.
+                    if norm > 0:
+                        scores[index] = (scores[index] + centroid @ query / norm) / 2
+        order = sorted(range(len(labels)), key=lambda i: (-scores[i], i))
+        return pb.ClassifyResponse(
+            labels=[pb.LabelScore(label=labels[i], score=float(scores[i])) for i in order],
+            model=backend.model,
+        )
+
+    # --- Generate -------------------------------------------------------------------------
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        v = Violations()
+        v.text(request.prompt, "prompt", max_chars=self._cfg.max_text_chars)
+        v.text(request.system, "system", max_chars=self._cfg.max_text_chars, required=False)
+        v.check(
+            0 <= request.max_tokens <= MAX_GENERATE_TOKENS,
+            "max_tokens",
+            f"must be 0 (backend default) to {MAX_GENERATE_TOKENS}",
+        )
+        v.check(
+            math.isfinite(request.temperature) and 0.0 <= request.temperature <= 2.0,
+            "temperature",
+            "must be 0 (backend default) to 2",
+        )
+        top_k = request.context_top_k or DEFAULT_CONTEXT_TOP_K
+        v.check(
+            1 <= top_k <= MAX_CONTEXT_TOP_K,
+            "context_top_k",
+            f"must be 0 (default {DEFAULT_CONTEXT_TOP_K}) to {MAX_CONTEXT_TOP_K}",
+        )
+        if request.context_collection:
+            self._check_collection(v, request.context_collection, "context_collection")
+        v.raise_if_any()
+        backend = self._backends.generator(request.model)
+        prompt, citations = request.prompt, []
+        if request.context_collection:
+            hits, _ = await self._search(
+                request.context_collection,
+                request.prompt,
+                top_k,
+                {},
+                None,
+                field="context_collection",
+            )
+            citations = [hit.chunk_id for hit in hits]
+            prompt = grounded_prompt(request.prompt, hits)
+        params = GenerationParams(
+            prompt=prompt,
+            system=request.system,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+        )
+        first = True
+        async for piece in backend.generate(params):
+            yield pb.GenerateResponse(
+                text=piece, citations=citations if first else (), model=backend.model
+            )
+            first = False
+        yield pb.GenerateResponse(
+            done=True, citations=citations if first else (), model=backend.model
+        )
+
+
+def grounded_prompt(question: str, hits: Sequence[pb.SearchHit]) -> str:
+    """The prompt with retrieved chunks as numbered context the model is asked to cite."""
+    if not hits:
+        return question
+    context = "\n\n".join(f"[{hit.chunk_id}] {hit.text}" for hit in hits)
+    return (
+        "Answer the question using the context below. Cite the sources you use by their id "
+        "in square brackets, e.g. [doc#0]. If the context does not answer it, say so.\n\n"
+        f"Context:\n{context}\n\nQuestion: {question}"
+    )
 
 
 class CognitiveService(Service):
@@ -83,6 +510,12 @@ class CognitiveService(Service):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
+        cfg = settings.cognitive
+        if cfg.chunk_overlap_chars * 2 >= cfg.chunk_chars:
+            raise ConfigError(
+                "configuration key 'cognitive.chunk_overlap_chars' must be under half of "
+                f"cognitive.chunk_chars ({cfg.chunk_chars})"
+            )
         self.identity = InternalIdentity.from_settings(settings)
         self.dataplatform = Downstream(
             "dataplatform",
@@ -90,20 +523,23 @@ class CognitiveService(Service):
             settings,
             self.identity,
             caller=self.name,
-            files=[cache_store_service_pb2.DESCRIPTOR],
+            files=[cache_store_service_pb2.DESCRIPTOR, vector_store_service_pb2.DESCRIPTOR],
         )
-        cfg = settings.cognitive
-        self.embedder = HashingEmbedder(cfg.embedding_dimension)
+        self.redis = RedisClient(settings.redis)
+        strategy = settings.redis.cache_strategies.cognitive_cache
         self.cache = EmbeddingCache(
             self.dataplatform,
-            cfg.memory_cache_entries,
-            cfg.memory_cache_ttl,
-            settings.redis.cache_strategies.cognitive_cache.ttl,
+            self.redis,
+            l1_entries=cfg.memory_cache_entries,
+            l1_ttl=cfg.memory_cache_ttl,
+            ttl=strategy.ttl,
+            key_pattern=strategy.key_pattern,
         )
+        self.backends = Backends(settings)
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         pb_grpc.add_CognitiveServiceServicer_to_server(
-            CognitiveServicer(self.settings, self.embedder, self.cache), server
+            CognitiveServicer(self.settings, self.backends, self.cache, self.dataplatform), server
         )
         return [pb.DESCRIPTOR.services_by_name["CognitiveService"].full_name]
 
@@ -111,4 +547,6 @@ class CognitiveService(Service):
         return [InternalIdentityInterceptor(self.identity)]
 
     async def stop(self) -> None:
+        await self.backends.close()
+        await self.redis.close()
         await self.dataplatform.close()

@@ -7,19 +7,26 @@ server-side prepared statements (prepare_threshold None) unless configured.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from importlib import resources
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from aiwfe.config import PostgresSettings
+from aiwfe.metrics import database_connection_pool_usage
 
 log = logging.getLogger("aiwfe.dataplatform.db")
 
 # Two replicas starting together serialise on this lock; each migration applies once.
 _MIGRATION_LOCK = 0x61697766  # "aiwf"
+# Without it a connect to a black-holed address waits for the kernel's TCP timeout (minutes).
+_CONNECT_TIMEOUT_SECONDS = 5
 
 
 def _migrations() -> list[tuple[int, str, str]]:
@@ -62,17 +69,25 @@ class Database:
 
     def __init__(self, dsn: str, settings: PostgresSettings) -> None:
         self.settings = settings
+        kwargs: dict = {"prepare_threshold": settings.prepare_threshold, "row_factory": dict_row}
+        if "connect_timeout" not in conninfo_to_dict(dsn):
+            kwargs["connect_timeout"] = _CONNECT_TIMEOUT_SECONDS
         self.pool = AsyncConnectionPool(
             dsn,
             min_size=settings.pool_size,
             max_size=settings.pool_size + settings.max_overflow,
             timeout=settings.pool_timeout,
             max_lifetime=settings.pool_recycle,
-            kwargs={"prepare_threshold": settings.prepare_threshold, "row_factory": dict_row},
+            kwargs=kwargs,
             open=False,
             name="aiwfe",
-            reconnect_timeout=0,  # keep trying forever: recovery without a restart
+            # While the database is down, give up background reconnects quickly: the next
+            # request (or health probe) grows the pool again, so it recovers without a restart
+            # as soon as the database answers instead of after a long back-off.
+            reconnect_timeout=0,
         )
+        self._checking: asyncio.Task[None] | None = None
+        self._pinging: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         """Opens the pool and migrates; fails fast when the database cannot be reached."""
@@ -80,23 +95,93 @@ class Database:
         async with self.pool.connection(timeout=self.settings.pool_timeout) as conn:
             await migrate(conn)
 
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        """A pooled connection in autocommit for one read-only statement.
+
+        One round trip instead of three (BEGIN, query, COMMIT): a point read's latency is
+        mostly round trips. Use `pool.connection()` (a transaction) for anything else.
+        """
+        async with self.pool.connection() as conn:
+            await conn.set_autocommit(True)
+            try:
+                yield conn
+            finally:
+                try:
+                    await conn.set_autocommit(False)
+                except Exception:
+                    # Never hand an autocommit connection back to code expecting a transaction.
+                    await conn.close()
+
     async def ping(self, timeout: float = 2.0) -> bool:
-        try:
-            async with self.pool.connection(timeout=timeout) as conn:
-                await conn.execute("SELECT 1")
-        except Exception:
-            return False
-        return True
+        """True when a pooled connection answers within `timeout` (a hung socket counts as down).
+
+        The query runs in its own task that is abandoned, not awaited, on timeout: psycopg's
+        clean-up after a cancellation sends a cancel request to the server, which on a dead
+        network can itself take many seconds. At most one probe query is in flight. On
+        failure the idle connections are checked too, so the dead ones a network cut left
+        behind go at once rather than one per probe after the database returns.
+        """
+        if self._pinging is not None and not self._pinging.done():
+            return False  # the previous probe is still stuck
+        self._pinging = task = asyncio.create_task(self._select_one(timeout))
+        task.add_done_callback(_ignore_result)
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if done and not task.cancelled() and task.exception() is None:
+            return True
+        task.cancel()
+        self.check_soon()
+        return False
+
+    async def _select_one(self, timeout: float) -> None:
+        async with self.pool.connection(timeout=timeout) as conn:
+            await conn.execute("SELECT 1")
+
+    def check_soon(self) -> None:
+        """Starts one background check of the idle connections unless one is running.
+
+        Never cancelled: psycopg_pool's check() takes every idle connection out of the pool
+        first, so cancelling it half-way would leak them.
+        """
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.create_task(self.pool.check())
+            self._checking.add_done_callback(_ignore_result)
+
+    async def maintain(self, interval: float) -> None:
+        """Runs forever: every `interval` s checks idle connections and exports pool usage."""
+        while True:
+            await asyncio.sleep(interval)
+            self.check_soon()
+            self.export_usage()
 
     def usage(self) -> dict[str, int]:
         """Pool statistics for the database_connection_pool_usage metric."""
         stats = self.pool.get_stats()
+        size = stats.get("pool_size", 0)
+        available = stats.get("pool_available", 0)
         return {
-            "size": stats.get("pool_size", 0),
-            "available": stats.get("pool_available", 0),
+            "size": size,
+            "in_use": max(0, size - available),
+            "available": available,
             "waiting": stats.get("requests_waiting", 0),
             "max": self.pool.max_size,
         }
 
+    def export_usage(self) -> dict[str, int]:
+        """Sets database_connection_pool_usage{state} from the pool's statistics."""
+        usage = self.usage()
+        for state, value in usage.items():
+            database_connection_pool_usage.labels(state=state).set(value)
+        return usage
+
     async def close(self) -> None:
+        for task in (self._checking, self._pinging):
+            if task is not None:
+                task.cancel()
         await self.pool.close()
+
+
+def _ignore_result(task: asyncio.Task[None]) -> None:
+    """A failed background probe or check is not an error: the next probe reports the state."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("database probe failed: %s", task.exception())

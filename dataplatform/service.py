@@ -11,16 +11,28 @@ import sys
 import grpc
 
 from aiwfe.config import Settings
-from aiwfe.data.v1 import cache_store_service_pb2, user_store_service_pb2
+from aiwfe.data.v1 import (
+    cache_store_service_pb2,
+    token_store_service_pb2,
+    token_store_service_pb2_grpc,
+    user_store_service_pb2,
+    vector_store_service_pb2,
+    vector_store_service_pb2_grpc,
+    workflow_store_service_pb2,
+)
 from aiwfe.data.v1 import cache_store_service_pb2_grpc as cache_grpc
 from aiwfe.data.v1 import user_store_service_pb2_grpc as user_grpc
+from aiwfe.data.v1 import workflow_store_service_pb2_grpc as workflow_store_grpc
 from aiwfe.identity import InternalIdentity
 from aiwfe.interceptors import InternalIdentityInterceptor
 from aiwfe.passwords import hash_password_async
 from aiwfe.server import Service
 from dataplatform.cache_store import CacheStore
 from dataplatform.db import Database
+from dataplatform.token_store import TokenStore
 from dataplatform.users import UserStore
+from dataplatform.vector_service import VectorService
+from dataplatform.workflow_store import WorkflowStore
 
 log = logging.getLogger("aiwfe.dataplatform")
 _PURGE_INTERVAL = 60.0
@@ -35,12 +47,18 @@ class DataPlatformService(Service):
         self.db = Database(settings.require("database.postgres.dsn"), settings.database.postgres)
         self.users = UserStore(self.db)
         self.cache = CacheStore(self.db)
+        self.workflows = WorkflowStore(self.db)
+        self.tokens = TokenStore(self.db)
+        self.vectors = VectorService(settings)
         self._purger: asyncio.Task[None] | None = None
+        self._maintainer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.db.open()
         await self._bootstrap_admin()
         self._purger = asyncio.create_task(self._purge_loop())
+        interval = self.settings.database.connection_strategy.health_check_interval
+        self._maintainer = asyncio.create_task(self.db.maintain(interval))
 
     async def _bootstrap_admin(self) -> None:
         """Creates the first admin on an empty user table (from config, or generated once)."""
@@ -69,22 +87,38 @@ class DataPlatformService(Service):
             await asyncio.sleep(_PURGE_INTERVAL)
             with contextlib.suppress(Exception):
                 await self.cache.purge_expired()
+            with contextlib.suppress(Exception):
+                await self.tokens.purge_expired()
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         user_grpc.add_UserStoreServiceServicer_to_server(self.users, server)
         cache_grpc.add_CacheStoreServiceServicer_to_server(self.cache, server)
+        workflow_store_grpc.add_WorkflowStoreServiceServicer_to_server(self.workflows, server)
+        token_store_service_pb2_grpc.add_TokenStoreServiceServicer_to_server(self.tokens, server)
+        vector_store_service_pb2_grpc.add_VectorStoreServiceServicer_to_server(self.vectors, server)
         return [
             user_store_service_pb2.DESCRIPTOR.services_by_name["UserStoreService"].full_name,
             cache_store_service_pb2.DESCRIPTOR.services_by_name["CacheStoreService"].full_name,
+            workflow_store_service_pb2.DESCRIPTOR.services_by_name[
+                "WorkflowStoreService"
+            ].full_name,
+            token_store_service_pb2.DESCRIPTOR.services_by_name["TokenStoreService"].full_name,
+            vector_store_service_pb2.DESCRIPTOR.services_by_name["VectorStoreService"].full_name,
         ]
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [InternalIdentityInterceptor(self.identity)]
 
     async def healthy(self) -> bool:
-        return await self.db.ping()
+        """PostgreSQL answers; also exports database_connection_pool_usage on every probe."""
+        ok = await self.db.ping()
+        self.db.export_usage()
+        return ok
 
     async def stop(self) -> None:
         if self._purger:
             self._purger.cancel()
+        if self._maintainer:
+            self._maintainer.cancel()
         await self.db.close()
+        await self.vectors.close()

@@ -1,5 +1,11 @@
-"""Authentication and authorization interceptor: bearer JWT → principal → RBAC check of
-the permission the contract declares. Rejections are proper statuses for every RPC kind."""
+"""The gateway's policy interceptor: bearer token → principal → API rate limit → RBAC check
+of the permission the contract declares → per-user response cache for cacheable RPCs.
+
+Order note: CONVENTIONS put the rate limit before authentication, but the API limit is per
+user, so it runs right after the token is authenticated, inside this one interceptor (and
+before authorization, so denied calls count too). Unauthenticated calls never reach a back
+end. Rejections are proper statuses for every RPC kind (streams included).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,9 @@ from aiwfe.errors import AiwfeError, PermissionDenied, Unauthenticated
 from aiwfe.identity import Principal
 from aiwfe.interceptors import is_exempt, rejecting_handler, with_principal
 from gateway.policies import MethodInfo
+from gateway.ratelimit import ApiLimiter
 from gateway.rbac import Rbac
+from gateway.response_cache import ResponseCache
 from gateway.tokens import TokenService
 
 # The principal of the benchmark's "auth off" mode: a service acting for nobody.
@@ -35,13 +43,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         tokens: TokenService,
         rbac: Rbac,
         enabled: bool = True,
+        limiter: ApiLimiter | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self._methods = methods
         self._tokens = tokens
         self._rbac = rbac
         self._enabled = enabled
+        self._limiter = limiter
+        self._cache = cache
 
-    def authorize(self, info: MethodInfo | None, metadata: tuple | None) -> Principal | None:
+    async def admit(self, info: MethodInfo | None, metadata: tuple | None) -> Principal | None:
         """The caller's principal (None for public RPCs), or a domain error."""
         if info is None or not info.declared:
             raise PermissionDenied("this method is not exposed through the gateway")
@@ -49,7 +61,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return None
         if not self._enabled:
             return ANONYMOUS
-        principal = self._tokens.verify(bearer_token(metadata))
+        token = bearer_token(metadata)
+        principal = (self._tokens.cached(token) if token else None) or (
+            await self._tokens.authenticate(token)
+        )
+        limiter = self._limiter
+        if limiter is not None and not limiter.try_local(principal.user_id):
+            await limiter.acquire(principal.user_id, principal.roles)
         if not info.authenticated and not self._rbac.allows(principal.roles, info.permission):
             raise PermissionDenied(f"permission {info.permission!r} required")
         return principal
@@ -63,10 +81,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or is_exempt(method):
             return handler
+        info = self._methods.get(method)
         try:
-            principal = self.authorize(
-                self._methods.get(method), handler_call_details.invocation_metadata
-            )
+            principal = await self.admit(info, handler_call_details.invocation_metadata)
         except AiwfeError as exc:
             return rejecting_handler(handler, exc)
-        return handler if principal is None else with_principal(handler, principal)
+        if principal is None:
+            return handler
+        if self._cache is not None and principal.is_user and ResponseCache.applies(info):
+            assert info is not None
+            handler = self._cache.wrap(handler, info, principal.user_id)
+        return with_principal(handler, principal)

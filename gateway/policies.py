@@ -15,8 +15,10 @@ from aiwfe.auth.v1 import auth_service_pb2
 from aiwfe.cognitive.v1 import cognitive_service_pb2
 from aiwfe.data.v1 import (
     cache_store_service_pb2,
+    token_store_service_pb2,
     user_store_service_pb2,
     vector_store_service_pb2,
+    workflow_store_service_pb2,
 )
 from aiwfe.options.v1 import options_pb2
 from aiwfe.system.v1 import system_service_pb2
@@ -31,6 +33,8 @@ CONTRACTS: tuple[FileDescriptor, ...] = (
     user_store_service_pb2.DESCRIPTOR,
     cache_store_service_pb2.DESCRIPTOR,
     vector_store_service_pb2.DESCRIPTOR,
+    workflow_store_service_pb2.DESCRIPTOR,
+    token_store_service_pb2.DESCRIPTOR,
 )
 
 

@@ -93,7 +93,7 @@ def _method_handler(
                     metadata=forwarded_metadata(context, downstream),
                 )
             except grpc.aio.AioRpcError as exc:
-                breaker.record_failure(exc.code())
+                breaker.record_error(exc)
                 raise
             breaker.record_success()
             return response
@@ -114,7 +114,7 @@ def _method_handler(
                 async for message in upstream:
                     yield message
             except grpc.aio.AioRpcError as exc:
-                breaker.record_failure(exc.code())
+                breaker.record_error(exc)
                 raise
             finally:
                 upstream.cancel()  # a client that leaves frees the work behind it
@@ -136,7 +136,7 @@ def _method_handler(
                     metadata=forwarded_metadata(context, downstream),
                 )
             except grpc.aio.AioRpcError as exc:
-                breaker.record_failure(exc.code())
+                breaker.record_error(exc)
                 raise
             breaker.record_success()
             return response
@@ -156,7 +156,7 @@ def _method_handler(
             async for message in upstream:
                 yield message
         except grpc.aio.AioRpcError as exc:
-            breaker.record_failure(exc.code())
+            breaker.record_error(exc)
             raise
         finally:
             upstream.cancel()

@@ -11,17 +11,23 @@ from aiwfe.cognitive.v1 import cognitive_service_pb2
 from aiwfe.config import Settings
 from aiwfe.data.v1 import (
     cache_store_service_pb2,
+    token_store_service_pb2,
     user_store_service_pb2,
     vector_store_service_pb2,
 )
 from aiwfe.identity import InternalIdentity
+from aiwfe.redis_client import RedisClient
 from aiwfe.server import Service
 from aiwfe.taskproc.v1 import workflow_service_pb2
-from gateway.auth_service import AuthServicer
+from gateway.auth_service import AuthServicer, UserAdminServicer
 from gateway.authn import AuthInterceptor
 from gateway.policies import method_table, public_services
 from gateway.proxy import ProxyHandler
+from gateway.ratelimit import ApiLimiter, LoginLimiter
 from gateway.rbac import Rbac
+from gateway.response_cache import ResponseCache
+from gateway.revocation import RevocationState, RevocationSync
+from gateway.sessions import SessionManager
 from gateway.system import GatewaySystemServicer
 from gateway.tokens import TokenService
 
@@ -29,6 +35,7 @@ _DATA_FILES = (
     user_store_service_pb2.DESCRIPTOR,
     cache_store_service_pb2.DESCRIPTOR,
     vector_store_service_pb2.DESCRIPTOR,
+    token_store_service_pb2.DESCRIPTOR,
 )
 
 
@@ -38,7 +45,9 @@ class GatewayService(Service):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.identity = InternalIdentity.from_settings(settings)
-        self.tokens = TokenService(settings.authentication)
+        self.redis = RedisClient(settings.redis)
+        self.revocation_state = RevocationState()
+        self.tokens = TokenService(settings.authentication, self.redis, self.revocation_state)
         self.rbac = Rbac(settings.rbac)
         self.methods = method_table()
         s = settings.services
@@ -55,13 +64,30 @@ class GatewayService(Service):
             ),
             "aiwfe.data.v1": downstream("dataplatform", s.dataplatform.address, _DATA_FILES),
         }
+        auth = settings.authentication
+        data = self.downstreams["aiwfe.data.v1"]
+        self.revocations = RevocationSync(self.revocation_state, self.redis, data, auth)
+        self.sessions = SessionManager(self.tokens, data, self.revocations)
+        self.login_limiter = LoginLimiter(auth.rate_limiting, self.redis)
+        self.api_limiter = ApiLimiter(auth.rate_limiting, self.redis)
+        self.response_cache = ResponseCache(self.redis)
+
+    async def start(self) -> None:
+        await self.revocations.start()
 
     def register(self, server: grpc.aio.Server) -> list[str]:
+        data = self.downstreams["aiwfe.data.v1"]
         auth_grpc.add_AuthServiceServicer_to_server(
-            AuthServicer(self.tokens, self.rbac, self.downstreams["aiwfe.data.v1"]), server
+            AuthServicer(
+                self.sessions, self.rbac, data, self.login_limiter, self.tokens.access_ttl
+            ),
+            server,
         )
         auth_grpc.add_UserAdminServiceServicer_to_server(
-            auth_grpc.UserAdminServiceServicer(), server
+            UserAdminServicer(
+                self.sessions, self.rbac, data, self.settings.authentication.password_policy
+            ),
+            server,
         )
         server.add_generic_rpc_handlers(
             (ProxyHandler(self.methods, self.downstreams, self.settings.grpc),)
@@ -80,10 +106,17 @@ class GatewayService(Service):
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [
             AuthInterceptor(
-                self.methods, self.tokens, self.rbac, self.settings.authentication.enabled
+                self.methods,
+                self.tokens,
+                self.rbac,
+                self.settings.authentication.enabled,
+                limiter=self.api_limiter,
+                cache=self.response_cache,
             )
         ]
 
     async def stop(self) -> None:
+        await self.revocations.stop()
         for downstream in self.downstreams.values():
             await downstream.close()
+        await self.redis.close()

@@ -1,17 +1,172 @@
-"""The task processor service. Its WorkflowService RPCs answer UNIMPLEMENTED until the
-workflows issue builds durable execution; it already starts, serves health and reflection,
-and accepts only calls carrying a valid internal identity."""
+"""The task processor: WorkflowService (the public API, owner-scoped) and the worker pool.
+
+Durable state lives in PostgreSQL behind dataplatform's WorkflowStoreService; this process
+holds no state a crash could lose. Users see only their own workflows (another user's is
+NOT_FOUND); the `admin` role sees all.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
+from aiwfe.channels import Downstream
+from aiwfe.cognitive.v1 import cognitive_service_pb2
 from aiwfe.config import Settings
-from aiwfe.identity import InternalIdentity
+from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
+from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
+from aiwfe.errors import PermissionDenied
+from aiwfe.identity import InternalIdentity, Principal, require_principal
 from aiwfe.interceptors import InternalIdentityInterceptor
 from aiwfe.server import Service
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
+from aiwfe.validation import Violations
+from taskproc.spec import validate
+from taskproc.worker import Worker
+
+ADMIN_ROLE = "admin"
+TERMINAL = frozenset(
+    {
+        pb.WORKFLOW_STATE_SUCCEEDED,
+        pb.WORKFLOW_STATE_FAILED,
+        pb.WORKFLOW_STATE_CANCELLED,
+        pb.WORKFLOW_STATE_TIMED_OUT,
+    }
+)
+MAX_IDEMPOTENCY_KEY = 256
+MAX_WORKFLOW_ID = 64
+
+
+def _user() -> Principal:
+    principal = require_principal()
+    if not principal.is_user:
+        raise PermissionDenied("workflows belong to users: call on behalf of one")
+    return principal
+
+
+def _scope(principal: Principal) -> store_pb.WorkflowScope:
+    return store_pb.WorkflowScope(
+        owner_id=principal.user_id, all_owners=ADMIN_ROLE in principal.roles
+    )
+
+
+def _check_id(workflow_id: str) -> None:
+    v = Violations()
+    v.text(workflow_id, "workflow_id", max_chars=MAX_WORKFLOW_ID)
+    v.raise_if_any()
+
+
+class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
+    def __init__(self, settings: Settings, store: Downstream) -> None:
+        self._limits = settings.taskproc
+        self._store = store
+        self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
+
+    async def SubmitWorkflow(
+        self, request: pb.SubmitWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SubmitWorkflowResponse:
+        principal = _user()
+        v = Violations()
+        v.text(
+            request.idempotency_key,
+            "idempotency_key",
+            max_chars=MAX_IDEMPOTENCY_KEY,
+            required=False,
+        )
+        v.raise_if_any()
+        spec = validate(request.spec, self._limits)
+        reply = await self._store.call(
+            self._stub.CreateWorkflow,
+            store_pb.CreateWorkflowRequest(
+                owner=store_pb.WorkflowOwner(
+                    user_id=principal.user_id,
+                    username=principal.username,
+                    roles=list(principal.roles),
+                ),
+                spec=spec,
+                idempotency_key=request.idempotency_key,
+            ),
+        )
+        return pb.SubmitWorkflowResponse(workflow=reply.workflow)
+
+    async def GetWorkflow(
+        self, request: pb.GetWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetWorkflowResponse:
+        scope = _scope(_user())
+        _check_id(request.workflow_id)
+        reply = await self._store.call(
+            self._stub.GetStoredWorkflow,
+            store_pb.GetStoredWorkflowRequest(workflow_id=request.workflow_id, scope=scope),
+        )
+        return pb.GetWorkflowResponse(workflow=reply.workflow)
+
+    async def ListWorkflows(
+        self, request: pb.ListWorkflowsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListWorkflowsResponse:
+        scope = _scope(_user())
+        v = Violations()
+        v.check(0 <= request.page_size <= 1000, "page_size", "must be between 0 and 1000")
+        v.text(request.page_token, "page_token", max_chars=512, required=False)
+        v.check(
+            request.state in pb.WorkflowState.values(), "state", "is not a known workflow state"
+        )
+        v.raise_if_any()
+        reply = await self._store.call(
+            self._stub.ListStoredWorkflows,
+            store_pb.ListStoredWorkflowsRequest(
+                scope=scope,
+                state=request.state,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            ),
+        )
+        return pb.ListWorkflowsResponse(
+            workflows=reply.workflows, next_page_token=reply.next_page_token
+        )
+
+    async def CancelWorkflow(
+        self, request: pb.CancelWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelWorkflowResponse:
+        scope = _scope(_user())
+        _check_id(request.workflow_id)
+        reply = await self._store.call(
+            self._stub.CancelStoredWorkflow,
+            store_pb.CancelStoredWorkflowRequest(workflow_id=request.workflow_id, scope=scope),
+        )
+        return pb.CancelWorkflowResponse(workflow=reply.workflow)
+
+    async def WatchWorkflow(
+        self, request: pb.WatchWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchWorkflowResponse]:
+        """Streams events after `after_sequence` until the workflow is terminal and every
+        event up to the last has been sent."""
+        scope = _scope(_user())
+        _check_id(request.workflow_id)
+        v = Violations()
+        v.check(request.after_sequence >= 0, "after_sequence", "must not be negative")
+        v.raise_if_any()
+        after = request.after_sequence
+        # Long polls: dataplatform answers as soon as an event is appended (pushed in its
+        # process), or after `wait` so events written by another replica are seen too.
+        wait = self._limits.watch_poll_interval
+        while True:
+            reply = await self._store.call(
+                self._stub.ListWorkflowEvents,
+                store_pb.ListWorkflowEventsRequest(
+                    workflow_id=request.workflow_id,
+                    scope=scope,
+                    after_sequence=after,
+                    wait_seconds=wait,
+                ),
+                timeout=wait + 10,
+            )
+            for event in reply.events:
+                yield event
+                after = event.sequence
+            if reply.workflow_state in TERMINAL and after >= reply.last_sequence:
+                return
 
 
 class TaskProcService(Service):
@@ -20,10 +175,37 @@ class TaskProcService(Service):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.identity = InternalIdentity.from_settings(settings)
+        self.store = Downstream(
+            "dataplatform",
+            settings.services.dataplatform.address,
+            settings,
+            self.identity,
+            caller=self.name,
+            files=[store_pb.DESCRIPTOR],
+        )
+        self.cognitive = Downstream(
+            "cognitive",
+            settings.services.cognitive.address,
+            settings,
+            self.identity,
+            caller=self.name,
+            files=[cognitive_service_pb2.DESCRIPTOR],
+        )
+        self.worker = Worker(settings, self.store, self.cognitive)
+
+    async def start(self) -> None:
+        self.worker.start()
 
     def register(self, server: grpc.aio.Server) -> list[str]:
-        pb_grpc.add_WorkflowServiceServicer_to_server(pb_grpc.WorkflowServiceServicer(), server)
+        pb_grpc.add_WorkflowServiceServicer_to_server(
+            WorkflowServicer(self.settings, self.store), server
+        )
         return [pb.DESCRIPTOR.services_by_name["WorkflowService"].full_name]
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [InternalIdentityInterceptor(self.identity)]
+
+    async def stop(self) -> None:
+        await self.worker.stop()
+        await self.store.close()
+        await self.cognitive.close()

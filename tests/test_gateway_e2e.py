@@ -65,7 +65,10 @@ async def test_embed_is_cached_through_dataplatform(suite, gateway_channel) -> N
     stub = cog_grpc.CognitiveServiceStub(gateway_channel)
     text = f"persisted cache probe {time.time_ns()}"
     first = await stub.Embed(cog_pb.EmbedRequest(texts=[text]), metadata=bearer(token), timeout=10)
-    second = await stub.Embed(cog_pb.EmbedRequest(texts=[text]), metadata=bearer(token), timeout=10)
+    # Another request (the gateway's response cache would replay identical request bytes).
+    second = await stub.Embed(
+        cog_pb.EmbedRequest(texts=[text, f"{text} fresh"]), metadata=bearer(token), timeout=10
+    )
     assert first.cached_count == 0
     assert second.cached_count == 1
     assert list(second.embeddings[0].values) == pytest.approx(list(first.embeddings[0].values))
@@ -333,13 +336,15 @@ async def test_server_streaming_rpc_is_proxied(base_overrides) -> None:
         await backend.stop(0)
 
 
-async def test_unimplemented_streaming_upstream_keeps_its_status(suite, gateway_channel) -> None:
-    """A streaming RPC the back end does not implement yet → UNIMPLEMENTED, never INTERNAL."""
+async def test_streaming_upstream_error_keeps_its_status(suite, gateway_channel) -> None:
+    """A back end's error on a server stream reaches the client with its code and message."""
     token = await login(gateway_channel)
     stream = wf_grpc.WorkflowServiceStub(gateway_channel).WatchWorkflow(
-        wf_pb.WatchWorkflowRequest(workflow_id="wf"), metadata=bearer(token), timeout=5
+        wf_pb.WatchWorkflowRequest(workflow_id="00000000-0000-0000-0000-000000000000"),
+        metadata=bearer(token),
+        timeout=5,
     )
     with pytest.raises(grpc.aio.AioRpcError) as err:
         async for _ in stream:
             pass
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

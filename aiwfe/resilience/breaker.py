@@ -15,6 +15,7 @@ import grpc
 from aiwfe import metrics
 from aiwfe.errors import Unavailable
 
+DETAILS_KEY = "grpc-status-details-bin"
 SICK_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
 )
@@ -101,6 +102,18 @@ class CircuitBreaker:
             self.state = BreakerState.CLOSED
         self.failure_count = 0
         self._probe_in_flight = False
+
+    def record_error(self, error: grpc.aio.AioRpcError) -> None:
+        """Counts a downstream's error, unless a live server answered it: an UNAVAILABLE
+        that carries google.rpc details (e.g. cognitive saying its LLM backend is down)
+        means the downstream is up and only its own dependency is not."""
+        code = error.code()
+        if code is grpc.StatusCode.UNAVAILABLE and any(
+            key == DETAILS_KEY for key, _ in error.trailing_metadata() or ()
+        ):
+            self.record_success()
+            return
+        self.record_failure(code)
 
     def record_failure(self, code: grpc.StatusCode | None) -> None:
         """Counts a failure if `code` means the downstream is sick; otherwise it is a success."""

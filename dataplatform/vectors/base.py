@@ -13,6 +13,7 @@ import numpy as np
 __all__ = [
     "DISTANCES",
     "ID_PAYLOAD_KEY",
+    "NAME_PATTERN",
     "CollectionExists",
     "CollectionNotFound",
     "CollectionSpec",
@@ -38,7 +39,7 @@ ID_PAYLOAD_KEY = "_aiwfe_id"
 _ID_NAMESPACE = uuid.UUID("6f1c2a4e-9b7d-5e3a-8c21-4d0f7a9b3e15")
 
 # Collection names become directory names (edge) and URL path segments (server).
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class VectorStoreError(Exception):
@@ -98,7 +99,7 @@ class CollectionSpec:
     indexed_fields: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not _NAME_RE.match(self.name):
+        if not NAME_PATTERN.match(self.name):
             raise ValueError(f"invalid collection name: {self.name!r}")
         if self.dimension <= 0:
             raise ValueError(f"dimension must be positive, got {self.dimension}")

@@ -28,7 +28,7 @@ from .base import (
     validate_vector,
 )
 
-__all__ = ["QdrantServerStore"]
+__all__ = ["QdrantServerStore", "is_transient"]
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ class QdrantServerStore(VectorStore):
             try:
                 return await fn()
             except Exception as exc:
-                if attempt >= self._attempts or not _is_transient(exc):
+                if attempt >= self._attempts or not is_transient(exc):
                     raise
                 delay = self._backoff * 2 ** (attempt - 1)
                 log.warning("qdrant call failed (%s), retry %d in %.1fs", exc, attempt, delay)
@@ -364,7 +364,7 @@ def _http_status(exc: BaseException) -> int | None:
     return status if isinstance(status, int) else None
 
 
-def _is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
     if _grpc_code(exc) in _TRANSIENT_GRPC or _http_status(exc) in _TRANSIENT_HTTP:
         return True
     # ResponseHandlingException wraps httpx transport errors (connect/read timeouts).

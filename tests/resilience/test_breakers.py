@@ -102,3 +102,46 @@ async def test_admin_reads_breakers_of_every_service(base_overrides) -> None:
             assert "cognitive" in reply.unreachable_services
     finally:
         await suite.stop()
+
+
+class _DependencyDown(cog_grpc.CognitiveServiceServicer):
+    """A live cognitive whose own backend is down: it answers UNAVAILABLE with details."""
+
+    calls = 0
+
+    async def Embed(self, request, context):
+        type(self).calls += 1
+        raise Unavailable("ollama at http://llm:11434 is unavailable")
+
+
+async def test_live_server_unavailable_is_neither_retried_nor_counted() -> None:
+    """An UNAVAILABLE answered by a live server (its dependency is down) reaches the caller
+    once — no automatic retry — and does not open the caller's breaker for that server."""
+    from aiwfe.channels import Downstream
+    from aiwfe.cognitive.v1 import cognitive_service_pb2
+    from aiwfe.config import load_settings
+    from aiwfe.identity import InternalIdentity
+    from aiwfe.interceptors import ErrorMappingInterceptor
+
+    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
+    cog_grpc.add_CognitiveServiceServicer_to_server(_DependencyDown(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    settings = load_settings(env={})
+    identity = InternalIdentity("s" * 40)
+    downstream = Downstream(
+        "cognitive", f"127.0.0.1:{port}", settings, identity, caller="test-live",
+        files=[cognitive_service_pb2.DESCRIPTOR],
+    )  # fmt: skip
+    try:
+        stub = cog_grpc.CognitiveServiceStub(downstream.channel)
+        for _ in range(7):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await downstream.call(stub.Embed, cog_pb.EmbedRequest(texts=["x"]), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "ollama" in err.value.details()
+        assert _DependencyDown.calls == 7  # Embed is idempotent, yet never retried
+        assert downstream.breaker.state is BreakerState.CLOSED
+    finally:
+        await downstream.close()
+        await server.stop(0)

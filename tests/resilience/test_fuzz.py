@@ -86,9 +86,7 @@ async def test_random_metadata_and_tokens(suite, path, auth, extra) -> None:
 
 @FUZZ
 @given(
-    path=st.sampled_from(
-        [*INTERNAL, *(p for p in PUBLIC if METHODS[p].package in BACKEND_OF)]
-    ),
+    path=st.sampled_from([*INTERNAL, *(p for p in PUBLIC if METHODS[p].package in BACKEND_OF)]),
     payload=st.binary(max_size=1024),
 )
 async def test_random_bytes_to_back_ends(suite, path, payload) -> None:

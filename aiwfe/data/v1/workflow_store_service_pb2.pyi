@@ -1,0 +1,255 @@
+import datetime
+
+from aiwfe.options.v1 import options_pb2 as _options_pb2
+from aiwfe.taskproc.v1 import workflow_service_pb2 as _workflow_service_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class WorkflowOwner(_message.Message):
+    __slots__ = ("user_id", "username", "roles")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    username: str
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user_id: _Optional[str] = ..., username: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WorkflowScope(_message.Message):
+    __slots__ = ("owner_id", "all_owners")
+    OWNER_ID_FIELD_NUMBER: _ClassVar[int]
+    ALL_OWNERS_FIELD_NUMBER: _ClassVar[int]
+    owner_id: str
+    all_owners: bool
+    def __init__(self, owner_id: _Optional[str] = ..., all_owners: _Optional[bool] = ...) -> None: ...
+
+class CreateWorkflowRequest(_message.Message):
+    __slots__ = ("owner", "spec", "idempotency_key")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    owner: WorkflowOwner
+    spec: _workflow_service_pb2.WorkflowSpec
+    idempotency_key: str
+    def __init__(self, owner: _Optional[_Union[WorkflowOwner, _Mapping]] = ..., spec: _Optional[_Union[_workflow_service_pb2.WorkflowSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class CreateWorkflowResponse(_message.Message):
+    __slots__ = ("workflow", "created")
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    workflow: _workflow_service_pb2.Workflow
+    created: bool
+    def __init__(self, workflow: _Optional[_Union[_workflow_service_pb2.Workflow, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class GetStoredWorkflowRequest(_message.Message):
+    __slots__ = ("workflow_id", "scope")
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    scope: WorkflowScope
+    def __init__(self, workflow_id: _Optional[str] = ..., scope: _Optional[_Union[WorkflowScope, _Mapping]] = ...) -> None: ...
+
+class GetStoredWorkflowResponse(_message.Message):
+    __slots__ = ("workflow",)
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    workflow: _workflow_service_pb2.Workflow
+    def __init__(self, workflow: _Optional[_Union[_workflow_service_pb2.Workflow, _Mapping]] = ...) -> None: ...
+
+class ListStoredWorkflowsRequest(_message.Message):
+    __slots__ = ("scope", "state", "page_size", "page_token")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    scope: WorkflowScope
+    state: _workflow_service_pb2.WorkflowState
+    page_size: int
+    page_token: str
+    def __init__(self, scope: _Optional[_Union[WorkflowScope, _Mapping]] = ..., state: _Optional[_Union[_workflow_service_pb2.WorkflowState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListStoredWorkflowsResponse(_message.Message):
+    __slots__ = ("workflows", "next_page_token")
+    WORKFLOWS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    workflows: _containers.RepeatedCompositeFieldContainer[_workflow_service_pb2.Workflow]
+    next_page_token: str
+    def __init__(self, workflows: _Optional[_Iterable[_Union[_workflow_service_pb2.Workflow, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CancelStoredWorkflowRequest(_message.Message):
+    __slots__ = ("workflow_id", "scope")
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    scope: WorkflowScope
+    def __init__(self, workflow_id: _Optional[str] = ..., scope: _Optional[_Union[WorkflowScope, _Mapping]] = ...) -> None: ...
+
+class CancelStoredWorkflowResponse(_message.Message):
+    __slots__ = ("workflow",)
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    workflow: _workflow_service_pb2.Workflow
+    def __init__(self, workflow: _Optional[_Union[_workflow_service_pb2.Workflow, _Mapping]] = ...) -> None: ...
+
+class ListWorkflowEventsRequest(_message.Message):
+    __slots__ = ("workflow_id", "scope", "after_sequence", "limit", "wait_seconds")
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    scope: WorkflowScope
+    after_sequence: int
+    limit: int
+    wait_seconds: float
+    def __init__(self, workflow_id: _Optional[str] = ..., scope: _Optional[_Union[WorkflowScope, _Mapping]] = ..., after_sequence: _Optional[int] = ..., limit: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+
+class ListWorkflowEventsResponse(_message.Message):
+    __slots__ = ("events", "workflow_state", "last_sequence")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[_workflow_service_pb2.WatchWorkflowResponse]
+    workflow_state: _workflow_service_pb2.WorkflowState
+    last_sequence: int
+    def __init__(self, events: _Optional[_Iterable[_Union[_workflow_service_pb2.WatchWorkflowResponse, _Mapping]]] = ..., workflow_state: _Optional[_Union[_workflow_service_pb2.WorkflowState, str]] = ..., last_sequence: _Optional[int] = ...) -> None: ...
+
+class StepRef(_message.Message):
+    __slots__ = ("workflow_id", "step_name", "attempt")
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_NAME_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    step_name: str
+    attempt: int
+    def __init__(self, workflow_id: _Optional[str] = ..., step_name: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class ClaimedStep(_message.Message):
+    __slots__ = ("ref", "op", "inputs", "timeout_seconds", "owner", "lease_expire_time", "dependency_outputs")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    DEPENDENCY_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    ref: StepRef
+    op: str
+    inputs: _struct_pb2.Struct
+    timeout_seconds: float
+    owner: WorkflowOwner
+    lease_expire_time: _timestamp_pb2.Timestamp
+    dependency_outputs: _struct_pb2.Struct
+    def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., op: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., owner: _Optional[_Union[WorkflowOwner, _Mapping]] = ..., lease_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., dependency_outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class ClaimStepsRequest(_message.Message):
+    __slots__ = ("worker_id", "max_steps", "lease_seconds")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    max_steps: int
+    lease_seconds: float
+    def __init__(self, worker_id: _Optional[str] = ..., max_steps: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+
+class ClaimStepsResponse(_message.Message):
+    __slots__ = ("steps", "next_run_time")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_RUN_TIME_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[ClaimedStep]
+    next_run_time: _timestamp_pb2.Timestamp
+    def __init__(self, steps: _Optional[_Iterable[_Union[ClaimedStep, _Mapping]]] = ..., next_run_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ExtendLeasesRequest(_message.Message):
+    __slots__ = ("worker_id", "steps", "lease_seconds")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    steps: _containers.RepeatedCompositeFieldContainer[StepRef]
+    lease_seconds: float
+    def __init__(self, worker_id: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepRef, _Mapping]]] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+
+class ExtendLeasesResponse(_message.Message):
+    __slots__ = ("lost",)
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    lost: _containers.RepeatedCompositeFieldContainer[StepRef]
+    def __init__(self, lost: _Optional[_Iterable[_Union[StepRef, _Mapping]]] = ...) -> None: ...
+
+class StepResult(_message.Message):
+    __slots__ = ("ref", "output")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ref: StepRef
+    output: _struct_pb2.Struct
+    def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., output: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class CompleteStepsRequest(_message.Message):
+    __slots__ = ("worker_id", "results")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    results: _containers.RepeatedCompositeFieldContainer[StepResult]
+    def __init__(self, worker_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ...) -> None: ...
+
+class CompleteStepsResponse(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, accepted: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class FailStepRequest(_message.Message):
+    __slots__ = ("worker_id", "ref", "error", "retryable")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RETRYABLE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    ref: StepRef
+    error: str
+    retryable: bool
+    def __init__(self, worker_id: _Optional[str] = ..., ref: _Optional[_Union[StepRef, _Mapping]] = ..., error: _Optional[str] = ..., retryable: _Optional[bool] = ...) -> None: ...
+
+class FailStepResponse(_message.Message):
+    __slots__ = ("accepted", "will_retry", "next_run_time")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    WILL_RETRY_FIELD_NUMBER: _ClassVar[int]
+    NEXT_RUN_TIME_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    will_retry: bool
+    next_run_time: _timestamp_pb2.Timestamp
+    def __init__(self, accepted: _Optional[bool] = ..., will_retry: _Optional[bool] = ..., next_run_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ReleaseStepsRequest(_message.Message):
+    __slots__ = ("worker_id", "steps")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    steps: _containers.RepeatedCompositeFieldContainer[StepRef]
+    def __init__(self, worker_id: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepRef, _Mapping]]] = ...) -> None: ...
+
+class ReleaseStepsResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...
+
+class WaitForWorkRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class WaitForWorkResponse(_message.Message):
+    __slots__ = ("work_available", "stopped_workflow_ids")
+    WORK_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_WORKFLOW_IDS_FIELD_NUMBER: _ClassVar[int]
+    work_available: bool
+    stopped_workflow_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, work_available: _Optional[bool] = ..., stopped_workflow_ids: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -1,0 +1,273 @@
+"""Workflow benchmarks, printed (never timed tests):
+
+    python -m benchmarks.workflows [--jobs 5000] [--e2e 1000] [--latency 100]
+
+1. `bare-skip-locked`: a bare psycopg loop claiming and completing jobs from a one-table
+   queue with `FOR UPDATE SKIP LOCKED` (batches of 32, 4 loops) — the ceiling on this box.
+2. `store-queue`: the same number of single-step `noop` workflows claimed and completed by
+   taskproc's real `Worker` (batch claims, batched completions) against `python -m
+   dataplatform` in its own process: leases, attempts, per-attempt records, events and
+   DAG advance included.
+3. `e2e`: single-step workflows submitted through the gateway (32 in flight), each watched
+   until done, against the whole suite in its own process (`benchmarks.servers`).
+4. `latency`: submit → done (Watch ends) one at a time on the idle suite, p50/p99.
+
+Goals from the issue: (2) ≥ 3,000 jobs/s, (3) ≥ 300 workflows/s, (4) p50 ≤ 20 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import grpc
+import psycopg
+
+from aiwfe.channels import Downstream
+from aiwfe.config import load_settings
+from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
+from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
+from aiwfe.embedded import free_port
+from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
+from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
+from benchmarks import procstat, servers
+from benchmarks.harness import REPO_ROOT, ServerProcess, _login
+from taskproc.worker import Worker
+
+BATCH = 32
+LOOPS = 4
+
+
+async def bare_skip_locked(dsn: str, jobs: int) -> dict[str, Any]:
+    """Claim+complete throughput of a minimal SKIP LOCKED queue (no events, no leases)."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(
+            "CREATE TABLE bench_jobs (id bigserial PRIMARY KEY, state smallint NOT NULL"
+            " DEFAULT 0, payload jsonb, result jsonb)"
+        )
+        await conn.execute("CREATE INDEX bench_jobs_ready ON bench_jobs (id) WHERE state = 0")
+        await conn.execute(
+            "INSERT INTO bench_jobs (payload) SELECT '{}'::jsonb FROM generate_series(1, %s)",
+            (jobs,),
+        )
+
+    async def loop() -> int:
+        done = 0
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            while True:
+                cur = await conn.execute(
+                    "UPDATE bench_jobs SET state = 1 WHERE id IN (SELECT id FROM bench_jobs"
+                    " WHERE state = 0 ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
+                    " RETURNING id",
+                    (BATCH,),
+                )
+                ids = [r[0] for r in await cur.fetchall()]
+                if not ids:
+                    return done
+                await conn.execute(
+                    "UPDATE bench_jobs SET state = 2, result = '{}' WHERE id = ANY(%s)", (ids,)
+                )
+                done += len(ids)
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(loop() for _ in range(LOOPS)))
+    elapsed = time.perf_counter() - start
+    assert sum(counts) == jobs
+    return {"jobs": jobs, "seconds": round(elapsed, 3), "jobs_per_s": round(jobs / elapsed)}
+
+
+def _start_dataplatform(env: dict[str, str]) -> subprocess.Popen[str]:
+    """`python -m dataplatform` configured by `env`, returned once it serves."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dataplatform"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("dataplatform:"):
+        proc.kill()
+        raise RuntimeError(f"dataplatform did not start: {line!r}")
+    return proc
+
+
+async def store_queue(dsn: str, jobs: int) -> dict[str, Any]:
+    """The real Worker against dataplatform in its own process, on preloaded workflows."""
+    secret = secrets.token_urlsafe(32)
+    port = free_port()
+    env = {
+        **os.environ,
+        "AIWFE_DATABASE__POSTGRES__DSN": dsn,
+        "AIWFE_INTERNAL_SECRET_KEY": secret,
+        "AIWFE_ADMIN_PASSWORD": secrets.token_urlsafe(18),
+        "AIWFE_SERVICES__DATAPLATFORM__PORT": str(port),
+        "AIWFE_LOGGING__LEVEL": "WARNING",
+    }
+    proc = _start_dataplatform(env)
+    try:
+        settings = load_settings(
+            env={},
+            overrides={
+                "authentication": {"internal": {"secret_key": secret}},
+                "services": {"dataplatform": {"port": port}, "cognitive": {"port": free_port()}},
+                "taskproc": {"worker_concurrency": 256, "claim_batch": 128},
+            },
+        )
+        identity = InternalIdentity.from_settings(settings)
+        store = Downstream(
+            "dataplatform", f"127.0.0.1:{port}", settings, identity, "taskproc",
+            files=[store_pb.DESCRIPTOR],
+        )  # fmt: skip
+        cognitive = Downstream(
+            "cognitive", settings.services.cognitive.address, settings, identity, "taskproc"
+        )
+        stub = store_grpc.WorkflowStoreServiceStub(store.channel)
+        md = ((IDENTITY_METADATA_KEY, identity.assertion(None, "bench")),)
+        spec = wf_pb.WorkflowSpec(name="bench", timeout_seconds=3600)
+        step = spec.steps.add(name="a", op="noop", timeout_seconds=60)
+        step.retry_policy.max_attempts = 3
+        step.retry_policy.initial_backoff_seconds = 1
+        step.retry_policy.backoff_multiplier = 2
+        step.retry_policy.max_backoff_seconds = 100
+        owner = store_pb.WorkflowOwner(user_id="bench", username="bench")
+        sem = asyncio.Semaphore(32)
+
+        async def create() -> None:
+            async with sem:
+                await stub.CreateWorkflow(
+                    store_pb.CreateWorkflowRequest(owner=owner, spec=spec), metadata=md, timeout=30
+                )
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(create() for _ in range(jobs)))
+        submit_rate = jobs / (time.perf_counter() - t0)
+        worker = Worker(settings, store, cognitive)
+        cpu_store = procstat.cpu_seconds(proc.pid)
+        cpu_worker = time.process_time()
+        start = time.perf_counter()
+        worker.start()
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            for _ in range(100_000):
+                cur = await conn.execute("SELECT count(*) FROM workflows WHERE state = 3")
+                row = await cur.fetchone()
+                if row and row[0] >= jobs:
+                    break
+                await asyncio.sleep(0.02)
+        elapsed = time.perf_counter() - start
+        cpu_store = procstat.cpu_seconds(proc.pid) - cpu_store
+        cpu_worker = time.process_time() - cpu_worker
+        await worker.stop()
+        await store.close()
+        await cognitive.close()
+        return {
+            "jobs": jobs,
+            "seconds": round(elapsed, 3),
+            "jobs_per_s": round(jobs / elapsed),
+            "store_submit_per_s": round(submit_rate),
+            # CPU per step: where the time goes (the rest is PostgreSQL).
+            "dataplatform_cpu_us_per_job": round(cpu_store / jobs * 1e6),
+            "worker_cpu_us_per_job": round(cpu_worker / jobs * 1e6),
+        }
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def _noop_spec() -> wf_pb.WorkflowSpec:
+    spec = wf_pb.WorkflowSpec(name="bench")
+    spec.steps.add(name="a", op="noop")
+    return spec
+
+
+async def _submit_and_wait(stub: wf_grpc.WorkflowServiceStub, md: Any) -> float:
+    start = time.perf_counter()
+    reply = await stub.SubmitWorkflow(
+        wf_pb.SubmitWorkflowRequest(spec=_noop_spec()), metadata=md, timeout=30
+    )
+    last = None
+    async for event in stub.WatchWorkflow(
+        wf_pb.WatchWorkflowRequest(workflow_id=reply.workflow.workflow_id), metadata=md, timeout=30
+    ):
+        last = event
+    assert last is not None and last.workflow_state == wf_pb.WORKFLOW_STATE_SUCCEEDED
+    return time.perf_counter() - start
+
+
+async def gateway_phases(admin_dsn: str, e2e: int, latency: int) -> dict[str, Any]:
+    server = ServerProcess(admin_dsn)
+    server.start()
+    try:
+        token = await _login(server.address("gateway"), server.admin_password)
+        md = (("authorization", f"Bearer {token}"),)
+        async with grpc.aio.insecure_channel(server.address("gateway")) as channel:
+            stub = wf_grpc.WorkflowServiceStub(channel)
+            for _ in range(20):  # warm-up
+                await _submit_and_wait(stub, md)
+            samples = [await _submit_and_wait(stub, md) for _ in range(latency)]
+            samples.sort()
+            sem = asyncio.Semaphore(32)
+
+            async def one() -> None:
+                async with sem:
+                    await _submit_and_wait(stub, md)
+
+            start = time.perf_counter()
+            await asyncio.gather(*(one() for _ in range(e2e)))
+            elapsed = time.perf_counter() - start
+        return {
+            "latency_idle_ms": {
+                "n": latency,
+                "p50": round(statistics.median(samples) * 1000, 2),
+                "p99": round(samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1000, 2),
+            },
+            "e2e": {
+                "workflows": e2e,
+                "seconds": round(elapsed, 3),
+                "workflows_per_s": round(e2e / elapsed),
+                "in_flight": 32,
+            },
+        }
+    finally:
+        server.stop()
+
+
+async def main(opts: argparse.Namespace) -> dict[str, Any]:
+    database = f"aiwfe_bench_wf_{secrets.token_hex(4)}"
+    servers.create_database(opts.admin_dsn, database)
+    dsn = servers.database_dsn(opts.admin_dsn, database)
+    try:
+        result: dict[str, Any] = {"bare-skip-locked": await bare_skip_locked(dsn, opts.jobs)}
+        result["store-queue"] = await store_queue(dsn, opts.jobs)
+    finally:
+        servers.drop_database(opts.admin_dsn, database)
+    result.update(await gateway_phases(opts.admin_dsn, opts.e2e, opts.latency))
+    result["store_vs_bare"] = round(
+        result["store-queue"]["jobs_per_s"] / result["bare-skip-locked"]["jobs_per_s"], 3
+    )
+    return result
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=5000)
+    parser.add_argument("--e2e", type=int, default=1000)
+    parser.add_argument("--latency", type=int, default=100)
+    parser.add_argument("--admin-dsn", default=servers.DEFAULT_ADMIN_DSN)
+    opts = parser.parse_args()
+    print(json.dumps(asyncio.run(main(opts)), indent=2))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,306 @@
+"""VectorStoreService: collections and points on the configured vector store.
+
+The store is a Qdrant server (`qdrant.url` set) or Qdrant's engine in process under
+`qdrant.path` (default `<home>/qdrant`); the embedded engine allows one process per path.
+Every request is validated here, whole, before the store sees it, so a bad batch writes
+nothing and the caller gets every offending field at once (BadRequest field violations).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from aiwfe.config import Settings
+from aiwfe.data.v1 import vector_store_service_pb2 as pb
+from aiwfe.data.v1 import vector_store_service_pb2_grpc as pb_grpc
+from aiwfe.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from aiwfe.metrics import qdrant_query_latency
+from aiwfe.validation import Violations
+from dataplatform.vectors import (
+    CollectionExists,
+    CollectionNotFound,
+    CollectionSpec,
+    UnindexedFilterField,
+    VectorPoint,
+    VectorStore,
+    open_vector_store,
+)
+from dataplatform.vectors.base import DISTANCES, ID_PAYLOAD_KEY, NAME_PATTERN
+from dataplatform.vectors.server import is_transient
+
+MAX_BATCH = 1000
+MAX_DIMENSION = 65536
+MAX_ID_CHARS = 256
+MAX_INDEXED_FIELDS = 32
+MAX_FIELD_CHARS = 128
+MAX_PAYLOAD_FIELDS = 64
+MAX_PAYLOAD_VALUE_CHARS = 65536
+MAX_FILTER_FIELDS = 16
+MAX_TOP_K = 100
+# Qdrant reads '.' and '[]' in a filter key as a path into nested payload: keep indexed
+# (filterable) field names plain so a filter always means the flat key it names.
+FIELD_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,127}")
+
+
+def open_configured_store(settings: Settings) -> VectorStore:
+    """The store chosen by config, with the seed's HNSW, quantization and client settings."""
+    q = settings.qdrant
+    perf = q.performance
+    index = {
+        "hnsw_m": perf.hnsw_config.m,
+        "ef_construct": perf.hnsw_config.ef_construct,
+        "quantization": perf.quantization_enabled,
+    }
+    if q.url:
+        conn = q.connection
+        return open_vector_store(
+            q.url,
+            Path(),
+            api_key=q.api_key,
+            timeout=conn.timeout,
+            retries=conn.retry_attempts,
+            pool_size=conn.connection_pool_size,
+            **index,
+        )
+    path = Path(q.path).expanduser() if q.path else settings.home_path / "qdrant"
+    return open_vector_store(None, path, **index)
+
+
+def _check_name(value: str, field: str, v: Violations) -> None:
+    if not value:
+        v.add(field, "must not be empty")
+    elif not NAME_PATTERN.fullmatch(value):
+        v.add(field, "must be 1-128 letters, digits, '_', '-' or '.', starting alphanumeric")
+
+
+def _check_filter(
+    filter: Mapping[str, str], spec: CollectionSpec, field: str, v: Violations
+) -> None:
+    v.check(len(filter) <= MAX_FILTER_FIELDS, field, f"at most {MAX_FILTER_FIELDS} conditions")
+    for key, value in filter.items():
+        if key not in spec.indexed_fields:
+            v.add(f"{field}.{key}", "is not an indexed field of this collection")
+        elif len(value) > MAX_PAYLOAD_VALUE_CHARS:
+            v.add(f"{field}.{key}", f"must be at most {MAX_PAYLOAD_VALUE_CHARS} characters")
+
+
+def _check_vector(
+    values: object, spec: CollectionSpec, field: str, v: Violations
+) -> np.ndarray | None:
+    arr = np.asarray(values, dtype=np.float32)
+    if arr.shape[0] != spec.dimension:
+        v.add(field, f"must have {spec.dimension} values (got {arr.shape[0]})")
+        return None
+    if not np.isfinite(arr).all():
+        v.add(field, "must be finite numbers (no NaN or infinity)")
+        return None
+    if spec.distance == "Cosine" and not arr.any():
+        v.add(field, "must not be all zeros under Cosine distance")
+        return None
+    return arr
+
+
+def _collection(spec: CollectionSpec, count: int = 0) -> pb.Collection:
+    return pb.Collection(
+        name=spec.name,
+        dimension=spec.dimension,
+        distance=spec.distance,
+        indexed_fields=list(spec.indexed_fields),
+        point_count=count,
+    )
+
+
+class VectorService(pb_grpc.VectorStoreServiceServicer):
+    """Validates requests, calls the store, maps its errors and records qdrant_query_latency."""
+
+    def __init__(self, settings: Settings, store: VectorStore | None = None) -> None:
+        self._defaults = settings.qdrant.collection_config.vectors
+        self.store = store or open_configured_store(settings)
+
+    @contextlib.contextmanager
+    def _op(self, operation: str) -> Iterator[None]:
+        """Times one store operation and turns store errors into the caller's status."""
+        start = time.perf_counter()
+        try:
+            yield
+        except CollectionNotFound as exc:
+            raise NotFound(f"collection {exc.name!r} not found") from None
+        except CollectionExists as exc:
+            raise AlreadyExists(f"collection {exc.name!r} already exists") from None
+        except UnindexedFilterField as exc:
+            raise InvalidArgument(
+                [(f"filter.{exc.field}", "is not an indexed field of this collection")]
+            ) from None
+        except Exception as exc:
+            if is_transient(exc):
+                raise Unavailable("vector store unavailable, retry later") from None
+            raise
+        finally:
+            qdrant_query_latency.labels(operation=operation).observe(time.perf_counter() - start)
+
+    async def _spec(self, name: str, field: str) -> CollectionSpec:
+        v = Violations()
+        _check_name(name, field, v)
+        v.raise_if_any()
+        with self._op("get_collection"):
+            return await self.store.get_collection(name)
+
+    async def CreateCollection(
+        self, request: pb.CreateCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateCollectionResponse:
+        c = request.collection
+        dimension = c.dimension or self._defaults.size
+        distance = c.distance or self._defaults.distance
+        fields = list(c.indexed_fields)
+        v = Violations()
+        _check_name(c.name, "collection.name", v)
+        v.check(
+            0 < dimension <= MAX_DIMENSION,
+            "collection.dimension",
+            f"must be between 1 and {MAX_DIMENSION} (0 means {self._defaults.size})",
+        )
+        v.check(distance in DISTANCES, "collection.distance", f"must be one of {DISTANCES}")
+        v.check(
+            len(fields) <= MAX_INDEXED_FIELDS,
+            "collection.indexed_fields",
+            f"at most {MAX_INDEXED_FIELDS} fields",
+        )
+        v.check(len(set(fields)) == len(fields), "collection.indexed_fields", "must be unique")
+        for i, name in enumerate(fields):
+            field = f"collection.indexed_fields[{i}]"
+            if not name:
+                v.add(field, "must not be empty")
+            elif not FIELD_PATTERN.fullmatch(name):
+                v.add(field, "must be a letter or '_' then up to 127 letters, digits, '_' or '-'")
+            v.check(name != ID_PAYLOAD_KEY, field, "is reserved")
+        v.raise_if_any()
+        spec = CollectionSpec(c.name, dimension, distance, tuple(fields))
+        with self._op("create_collection"):
+            await self.store.create_collection(spec)
+        return pb.CreateCollectionResponse(collection=_collection(spec))
+
+    async def GetCollection(
+        self, request: pb.GetCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetCollectionResponse:
+        spec = await self._spec(request.name, "name")
+        with self._op("count"):
+            count = await self.store.count(spec.name)
+        return pb.GetCollectionResponse(collection=_collection(spec, count))
+
+    async def ListCollections(
+        self, request: pb.ListCollectionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListCollectionsResponse:
+        with self._op("list_collections"):
+            specs = await self.store.list_collections()
+        out = []
+        for spec in specs:
+            try:
+                with self._op("count"):
+                    count = await self.store.count(spec.name)
+            except NotFound:
+                continue  # deleted while listing
+            out.append(_collection(spec, count))
+        return pb.ListCollectionsResponse(collections=out)
+
+    async def DeleteCollection(
+        self, request: pb.DeleteCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteCollectionResponse:
+        v = Violations()
+        _check_name(request.name, "name", v)
+        v.raise_if_any()
+        with self._op("delete_collection"):
+            await self.store.delete_collection(request.name)
+        return pb.DeleteCollectionResponse()
+
+    async def UpsertPoints(
+        self, request: pb.UpsertPointsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpsertPointsResponse:
+        n = len(request.points)
+        v = Violations()
+        v.check(1 <= n <= MAX_BATCH, "points", f"must list 1 to {MAX_BATCH} points (got {n})")
+        v.raise_if_any()
+        spec = await self._spec(request.collection, "collection")
+        points = []
+        for i, p in enumerate(request.points):
+            v.text(p.id, f"points[{i}].id", max_chars=MAX_ID_CHARS)
+            vector = _check_vector(p.values, spec, f"points[{i}].values", v)
+            v.check(
+                len(p.payload) <= MAX_PAYLOAD_FIELDS,
+                f"points[{i}].payload",
+                f"at most {MAX_PAYLOAD_FIELDS} fields",
+            )
+            for key, value in p.payload.items():
+                field = f"points[{i}].payload.{key[:MAX_FIELD_CHARS]}"
+                v.text(key, field, max_chars=MAX_FIELD_CHARS)
+                v.check(key != ID_PAYLOAD_KEY, field, "is a reserved key")
+                v.check(
+                    len(value) <= MAX_PAYLOAD_VALUE_CHARS,
+                    field,
+                    f"value must be at most {MAX_PAYLOAD_VALUE_CHARS} characters",
+                )
+            if vector is not None:
+                points.append(VectorPoint(p.id, vector, dict(p.payload)))
+        v.raise_if_any()
+        with self._op("upsert"):
+            written = await self.store.upsert(spec.name, points)
+        return pb.UpsertPointsResponse(upserted=written)
+
+    async def DeletePoints(
+        self, request: pb.DeletePointsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeletePointsResponse:
+        ids = list(request.ids)
+        v = Violations()
+        v.check(1 <= len(ids) <= MAX_BATCH, "ids", f"must list 1 to {MAX_BATCH} ids")
+        for i, point_id in enumerate(ids):
+            v.text(point_id, f"ids[{i}]", max_chars=MAX_ID_CHARS)
+        v.raise_if_any()
+        spec = await self._spec(request.collection, "collection")
+        with self._op("delete"):
+            deleted = await self.store.delete(spec.name, ids)
+        return pb.DeletePointsResponse(deleted=deleted)
+
+    async def SearchPoints(
+        self, request: pb.SearchPointsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SearchPointsResponse:
+        spec = await self._spec(request.collection, "collection")
+        v = Violations()
+        vector = _check_vector(request.vector, spec, "vector", v)
+        v.check(1 <= request.top_k <= MAX_TOP_K, "top_k", f"must be between 1 and {MAX_TOP_K}")
+        threshold = request.score_threshold if request.has_score_threshold else None
+        v.check(
+            threshold is None or math.isfinite(threshold),
+            "score_threshold",
+            "must be a finite number",
+        )
+        _check_filter(request.filter, spec, "filter", v)
+        v.raise_if_any()
+        assert vector is not None
+        with self._op("search"):
+            hits = await self.store.search(
+                spec.name, vector, request.top_k, dict(request.filter), threshold
+            )
+        return pb.SearchPointsResponse(
+            hits=[pb.ScoredPoint(id=h.id, score=h.score, payload=h.payload) for h in hits]
+        )
+
+    async def CountPoints(
+        self, request: pb.CountPointsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CountPointsResponse:
+        spec = await self._spec(request.collection, "collection")
+        v = Violations()
+        _check_filter(request.filter, spec, "filter", v)
+        v.raise_if_any()
+        with self._op("count"):
+            count = await self.store.count(spec.name, dict(request.filter))
+        return pb.CountPointsResponse(count=count)
+
+    async def close(self) -> None:
+        await self.store.close()

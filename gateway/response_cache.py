@@ -1,0 +1,99 @@
+"""The API response cache (seed: `api:{endpoint}:{user_id}:{params_hash}`, 300 s).
+
+Only for unary RPCs whose contract declares `cache_ttl_seconds` (read-only, deterministic
+ones). The gateway proxies bytes, so it caches the response bytes keyed by the caller and
+the SHA-256 of the request bytes: in process first, then Redis. Failures are never cached.
+A request with `cache-control: no-cache` metadata skips the lookup (the fresh answer is
+stored), `cache-control: no-store` bypasses the cache entirely; a message-level flag such
+as EmbedRequest.bypass_cache changes the request bytes, so it never matches an entry
+stored without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import grpc
+
+from aiwfe import metrics
+from aiwfe.cache import TTLCache
+from aiwfe.interceptors import Behavior, wrap_handler
+from aiwfe.redis_client import RedisClient
+from gateway.policies import MethodInfo
+
+_L1_MAX_TTL = 60.0  # replicas' L1 copies stay short-lived; Redis holds the full TTL
+_MAX_CACHED_BYTES = 1024 * 1024
+
+_counters = {
+    (layer, result): metrics.redis_cache_hit_rate.labels("api", layer, result)
+    for layer in ("l1", "redis")
+    for result in ("hit", "miss")
+}
+
+
+class ResponseCache:
+    """L1 + Redis cache of proxied response bytes per (method, user, request hash)."""
+
+    def __init__(self, redis: RedisClient, max_entries: int = 10_000) -> None:
+        self._redis = redis
+        self._l1: TTLCache[str, bytes] = TTLCache(max_entries)
+
+    @staticmethod
+    def applies(info: MethodInfo | None) -> bool:
+        return bool(
+            info and info.cache_ttl_seconds and not info.client_streaming
+            and not info.server_streaming
+        )  # fmt: skip
+
+    def wrap(
+        self, handler: grpc.RpcMethodHandler, info: MethodInfo, user_id: str
+    ) -> grpc.RpcMethodHandler:
+        """`handler` answering from the cache when it can."""
+        ttl = float(info.cache_ttl_seconds)
+        endpoint = info.path.lstrip("/").replace("/", ".")
+
+        def guard(behavior: Behavior, streaming: bool) -> Behavior:
+            async def cached(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if not isinstance(request, bytes):
+                    return await behavior(request, context)
+                key = self._redis.api_key(endpoint, user_id, hashlib.sha256(request).hexdigest())
+                directive = _cache_control(context)
+                if directive == "no-store":  # neither answered from nor written to the cache
+                    return await behavior(request, context)
+                if directive == "no-cache":  # a fresh answer, which replaces the stored one
+                    return await self._store(key, await behavior(request, context), ttl)
+                hit = self._l1.get(key)
+                if hit is not None:
+                    _counters["l1", "hit"].inc()
+                    return hit
+                _counters["l1", "miss"].inc()
+                if self._redis.available:
+                    stored = await self._redis.get(key)
+                    if stored is not None:
+                        _counters["redis", "hit"].inc()
+                        self._l1.set(key, stored, min(ttl, _L1_MAX_TTL))
+                        return stored
+                    _counters["redis", "miss"].inc()
+                return await self._store(key, await behavior(request, context), ttl)
+
+            return cached
+
+        return wrap_handler(handler, guard)
+
+    async def _store(self, key: str, response: Any, ttl: float) -> Any:
+        if isinstance(response, bytes) and len(response) <= _MAX_CACHED_BYTES:
+            self._l1.set(key, response, min(ttl, _L1_MAX_TTL))
+            await self._redis.set(key, response, ttl)
+        return response
+
+
+def _cache_control(context: grpc.aio.ServicerContext) -> str | None:
+    """`cache-control` metadata as in HTTP: "no-store" or "no-cache" (None otherwise)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "cache-control":
+            if "no-store" in value:
+                return "no-store"
+            if "no-cache" in value:
+                return "no-cache"
+    return None

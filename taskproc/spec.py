@@ -1,0 +1,279 @@
+"""Workflow specs: whole-spec validation before anything is stored, defaults (Temporal's
+retry defaults), and `${steps.NAME.output.FIELD}` references.
+
+A reference is a string input. When the whole string is one reference, the referenced value
+replaces it as is (a list stays a list); inside a longer string it is formatted as text.
+FIELD is a dotted path whose first part must be an output field of the referenced step's
+op, and the referenced step must be an ancestor (via depends_on, transitively), so its
+output exists when the step runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from google.protobuf import json_format
+
+from aiwfe.config import TaskProcSettings
+from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
+from aiwfe.validation import Violations
+from taskproc.ops import OPS, StepError
+
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+REFERENCE = re.compile(r"\$\{steps\.([A-Za-z][A-Za-z0-9_-]*)\.output\.([A-Za-z0-9_.]+)\}")
+_ANY_REFERENCE = re.compile(r"\$\{steps\.[^}]*\}")
+WHOLE_REFERENCE = re.compile(rf"^{REFERENCE.pattern}$")
+
+# Temporal's defaults: 3 attempts here (Temporal retries forever; a bounded default is the
+# safer choice for AI calls that cost money), 1 s initial, x2, cap 100 x initial.
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_INITIAL_BACKOFF = 1.0
+DEFAULT_MULTIPLIER = 2.0
+MAX_BACKOFF_SECONDS = 86400.0
+MAX_PRIORITY = 1000
+MAX_SPEC_NAME = 200
+
+
+def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """Every string inside a JSON value, with its field path."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _strings(v, f"{path}[{i}]")
+
+
+def _ancestors(deps: dict[str, list[str]]) -> dict[str, set[str]]:
+    """Transitive dependencies of every step (the graph is acyclic here)."""
+    memo: dict[str, set[str]] = {}
+
+    def visit(name: str) -> set[str]:
+        if name not in memo:
+            memo[name] = set()
+            for d in deps.get(name, ()):
+                memo[name] |= {d, *visit(d)}
+        return memo[name]
+
+    for name in deps:
+        visit(name)
+    return memo
+
+
+def _cycle(deps: dict[str, list[str]]) -> list[str] | None:
+    """One cycle of the dependency graph, or None (iterative DFS, bounded by the steps)."""
+    color: dict[str, int] = {}
+    for root in deps:
+        if color.get(root):
+            continue
+        stack: list[tuple[str, Iterator[str]]] = [(root, iter(deps[root]))]
+        color[root] = 1
+        path = [root]
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                color[node] = 2
+                stack.pop()
+                path.pop()
+            elif child in deps and color.get(child) == 1:
+                return [*path[path.index(child) :], child]
+            elif child in deps and not color.get(child):
+                color[child] = 1
+                stack.append((child, iter(deps[child])))
+                path.append(child)
+    return None
+
+
+def validate(spec: pb.WorkflowSpec, limits: TaskProcSettings) -> pb.WorkflowSpec:
+    """Checks the whole spec and returns a copy with every default filled in.
+
+    Raises:
+        InvalidArgument: listing every violation as `spec.steps[i].field` paths.
+    """
+    v = Violations()
+    v.text(spec.name, "spec.name", max_chars=MAX_SPEC_NAME, required=False)
+    n = len(spec.steps)
+    v.check(1 <= n <= limits.max_steps, "spec.steps", f"must list 1 to {limits.max_steps} steps")
+    v.check(
+        0 <= spec.timeout_seconds <= limits.max_workflow_timeout,
+        "spec.timeout_seconds",
+        f"must be between 0 (default) and {limits.max_workflow_timeout:g}",
+    )
+    v.check(
+        abs(spec.priority) <= MAX_PRIORITY,
+        "spec.priority",
+        f"must be between -{MAX_PRIORITY} and {MAX_PRIORITY}",
+    )
+    if n > limits.max_steps:
+        v.raise_if_any()  # do not walk an oversized spec
+    index: dict[str, int] = {}
+    for i, step in enumerate(spec.steps):
+        field = f"spec.steps[{i}]"
+        v.text(step.name, f"{field}.name", max_chars=limits.max_name_chars)
+        if step.name and len(step.name) <= limits.max_name_chars:
+            if not NAME.fullmatch(step.name):
+                v.add(f"{field}.name", "must match [A-Za-z][A-Za-z0-9_-]*")
+            elif step.name in index:
+                v.add(f"{field}.name", f"duplicate step name {step.name!r}")
+            else:
+                index[step.name] = i
+    deps: dict[str, list[str]] = {}
+    for i, step in enumerate(spec.steps):
+        field = f"spec.steps[{i}]"
+        if step.op not in OPS:
+            v.add(f"{field}.op", f"unknown op {step.op!r}; known: {', '.join(sorted(OPS))}")
+        seen: set[str] = set()
+        for j, dep in enumerate(step.depends_on):
+            if dep == step.name:
+                v.add(f"{field}.depends_on[{j}]", "a step cannot depend on itself")
+            elif dep not in index:
+                v.add(f"{field}.depends_on[{j}]", f"no step named {dep[:80]!r}")
+            elif dep in seen:
+                v.add(f"{field}.depends_on[{j}]", f"{dep!r} is listed twice")
+            seen.add(dep)
+        if step.name in index and index[step.name] == i:
+            deps[step.name] = [d for d in step.depends_on if d in index and d != step.name]
+        _check_retry(step.retry_policy, f"{field}.retry_policy", limits, v)
+        v.check(
+            0 <= step.timeout_seconds <= limits.max_step_timeout,
+            f"{field}.timeout_seconds",
+            f"must be between 0 (default) and {limits.max_step_timeout:g}",
+        )
+        size = step.inputs.ByteSize()
+        v.check(
+            size <= limits.max_input_bytes,
+            f"{field}.inputs",
+            f"must be at most {limits.max_input_bytes} bytes (got {size})",
+        )
+    cycle = _cycle(deps)
+    if cycle:
+        v.add(f"spec.steps[{index[cycle[0]]}].depends_on", f"cycle: {' -> '.join(cycle)}")
+    v.raise_if_any()
+    ancestors = _ancestors(deps)
+    for i, step in enumerate(spec.steps):
+        inputs = json_format.MessageToDict(step.inputs)
+        _check_references(step.name, inputs, f"spec.steps[{i}].inputs", spec, index, ancestors, v)
+        if not any(_ANY_REFERENCE.search(s) for _, s in _strings(inputs, "")):
+            problem = OPS[step.op].check_inputs(inputs)
+            if problem:
+                v.add(f"spec.steps[{i}].inputs", problem)
+    v.raise_if_any()
+    return _with_defaults(spec, limits)
+
+
+def _check_retry(rp: pb.RetryPolicy, field: str, limits: TaskProcSettings, v: Violations) -> None:
+    v.check(
+        0 <= rp.max_attempts <= limits.max_attempts,
+        f"{field}.max_attempts",
+        f"must be between 0 (default {DEFAULT_MAX_ATTEMPTS}) and {limits.max_attempts}",
+    )
+    v.check(
+        0 <= rp.initial_backoff_seconds <= MAX_BACKOFF_SECONDS,
+        f"{field}.initial_backoff_seconds",
+        f"must be between 0 (default 1) and {MAX_BACKOFF_SECONDS:g}",
+    )
+    v.check(
+        rp.backoff_multiplier == 0 or 1 <= rp.backoff_multiplier <= 100,
+        f"{field}.backoff_multiplier",
+        "must be 0 (default 2) or between 1 and 100",
+    )
+    v.check(
+        0 <= rp.max_backoff_seconds <= MAX_BACKOFF_SECONDS,
+        f"{field}.max_backoff_seconds",
+        f"must be between 0 (default 100 x initial) and {MAX_BACKOFF_SECONDS:g}",
+    )
+    if rp.max_backoff_seconds and rp.initial_backoff_seconds > rp.max_backoff_seconds:
+        v.add(f"{field}.max_backoff_seconds", "must not be less than initial_backoff_seconds")
+    v.check(0 <= rp.jitter <= 1, f"{field}.jitter", "must be between 0 and 1")
+
+
+def _check_references(
+    name: str,
+    inputs: dict[str, Any],
+    field: str,
+    spec: pb.WorkflowSpec,
+    index: dict[str, int],
+    ancestors: dict[str, set[str]],
+    v: Violations,
+) -> None:
+    for path, text in _strings(inputs, field):
+        for raw in _ANY_REFERENCE.findall(text):
+            m = REFERENCE.fullmatch(raw)
+            if m is None:
+                v.add(path, f"malformed reference {raw[:80]!r}: use ${{steps.NAME.output.FIELD}}")
+                continue
+            target, out_field = m.group(1), m.group(2)
+            if target not in index:
+                v.add(path, f"references unknown step {target!r}")
+            elif target not in ancestors.get(name, set()):
+                v.add(path, f"references step {target!r}, which is not in depends_on")
+            else:
+                fields = OPS[spec.steps[index[target]].op].output_fields
+                head = out_field.split(".", 1)[0]
+                if fields is not None and head not in fields:
+                    v.add(
+                        path,
+                        f"step {target!r} has no output field {head!r}; "
+                        f"it has: {', '.join(sorted(fields))}",
+                    )
+
+
+def _with_defaults(spec: pb.WorkflowSpec, limits: TaskProcSettings) -> pb.WorkflowSpec:
+    out = pb.WorkflowSpec()
+    out.CopyFrom(spec)
+    out.timeout_seconds = spec.timeout_seconds or limits.default_workflow_timeout
+    for step in out.steps:
+        rp = step.retry_policy
+        rp.max_attempts = rp.max_attempts or DEFAULT_MAX_ATTEMPTS
+        rp.initial_backoff_seconds = rp.initial_backoff_seconds or DEFAULT_INITIAL_BACKOFF
+        rp.backoff_multiplier = rp.backoff_multiplier or DEFAULT_MULTIPLIER
+        rp.max_backoff_seconds = rp.max_backoff_seconds or 100 * rp.initial_backoff_seconds
+        step.timeout_seconds = step.timeout_seconds or limits.default_step_timeout
+    return out
+
+
+def _lookup(value: Any, path: str, raw: str) -> Any:
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            raise StepError(f"{raw}: the output has no {part!r}", retryable=False)
+    return value
+
+
+def resolve(inputs: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
+    """Inputs with every reference replaced by the referenced output value.
+
+    Raises:
+        StepError: (not retryable) when a referenced output or field does not exist.
+    """
+
+    def one(m: re.Match[str]) -> Any:
+        step, path = m.group(1), m.group(2)
+        if step not in outputs:
+            raise StepError(f"{m.group(0)}: step {step!r} has no output", retryable=False)
+        return _lookup(outputs[step], path, m.group(0))
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, str) and "${steps." in value:
+            whole = WHOLE_REFERENCE.match(value)
+            if whole:
+                return one(whole)
+            return REFERENCE.sub(
+                lambda m: x if isinstance(x := one(m), str) else json.dumps(x), value
+            )
+        return value
+
+    return walk(inputs)

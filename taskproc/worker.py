@@ -1,0 +1,311 @@
+"""The worker pool of one taskproc process: claims leased steps from dataplatform, runs them
+with a per-process concurrency limit, extends leases while they run, and records results.
+
+- Wakes on dataplatform's `WaitForWork` stream (pushed on submit/complete/cancel) and falls
+  back to polling every `poll_interval` (or sooner when a retry is due).
+- Results are sent in batches: whatever finished while the previous CompleteSteps call was
+  in flight goes in the next one, so an idle worker adds no delay and a busy one few calls.
+- A step stops when its workflow is cancelled or timed out (pushed, or found when a lease
+  extension reports it lost); its result is then discarded by the store's lease check.
+- `stop()` (SIGTERM): stop claiming, let running steps finish within the grace period, then
+  cancel the rest and release their leases so another worker takes them at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from aiwfe import metrics
+from aiwfe.channels import Downstream
+from aiwfe.config import Settings
+from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
+from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
+from aiwfe.identity import Principal, current_principal
+from taskproc.ops import OPS, PERMANENT_CODES, StepContext, StepError
+from taskproc.spec import resolve
+
+log = logging.getLogger("aiwfe.taskproc.worker")
+StepKey = tuple[str, str, int]  # workflow_id, step name, attempt
+_STREAM_SECONDS = 300.0  # WaitForWork streams are re-opened this often
+_RPC_RETRY_SECONDS = 0.5
+
+
+@dataclass
+class _Running:
+    step: store_pb.ClaimedStep
+    task: asyncio.Task[None] | None = None
+    stop_reason: str = ""  # why we cancelled it: "stopped", "lost" or "shutdown"
+    started: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    """Runs claimed steps; one per taskproc process."""
+
+    def __init__(self, settings: Settings, store: Downstream, cognitive: Downstream) -> None:
+        self.cfg = settings.taskproc
+        self.grace = settings.grpc.shutdown_grace_seconds
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._store = store
+        self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
+        self._cognitive = cognitive
+        self._running: dict[StepKey, _Running] = {}
+        self._wake = asyncio.Event()
+        self._results: list[tuple[store_pb.StepResult, asyncio.Future[bool]]] = []
+        self._results_ready = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    async def _call(self, rpc: Any, request: Any, timeout: float) -> Any:
+        """A queue call with the service identity and a deadline but no circuit breaker: the
+        worker's own polling is the back-off, and an open breaker would stall the queue for
+        its whole open period after a short dataplatform blip."""
+        return await rpc(request, timeout=timeout, metadata=self._store.metadata())
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
+    def start(self) -> None:
+        self._loops = [
+            asyncio.create_task(self._claim_loop(), name="taskproc-claim"),
+            asyncio.create_task(self._wake_loop(), name="taskproc-wake"),
+            asyncio.create_task(self._lease_loop(), name="taskproc-lease"),
+            asyncio.create_task(self._complete_loop(), name="taskproc-complete"),
+        ]
+
+    # --- claiming -------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            wait = self.cfg.poll_interval
+            free = self.cfg.worker_concurrency - len(self._running)
+            if free > 0:
+                want = min(free, self.cfg.claim_batch)
+                try:
+                    reply = await self._call(
+                        self._stub.ClaimSteps,
+                        store_pb.ClaimStepsRequest(
+                            worker_id=self.id, max_steps=want, lease_seconds=self.cfg.lease_seconds
+                        ),
+                        timeout=10,
+                    )
+                except Exception as exc:  # dataplatform down or breaker open: poll later
+                    log.warning("claim failed: %s", exc)
+                else:
+                    for step in reply.steps:
+                        self._launch(step)
+                    if len(reply.steps) == want:
+                        continue  # probably more waiting
+                    if reply.HasField("next_run_time"):
+                        due = reply.next_run_time.ToDatetime().timestamp() - time.time()
+                        wait = max(0.001, min(wait, due))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    def _launch(self, step: store_pb.ClaimedStep) -> None:
+        key = (step.ref.workflow_id, step.ref.step_name, step.ref.attempt)
+        running = _Running(step)
+        self._running[key] = running
+        running.task = asyncio.create_task(self._run(key, running), name=f"step-{key[1]}")
+
+    # --- running a step -------------------------------------------------------------------
+
+    async def _run(self, key: StepKey, running: _Running) -> None:
+        step = running.step
+        op = OPS.get(step.op)
+        outcome = "failed"
+        try:
+            try:
+                if op is None:
+                    raise StepError(f"unknown op {step.op!r}", retryable=False)
+                inputs = json_format.MessageToDict(step.inputs)
+                if step.HasField("dependency_outputs"):
+                    inputs = resolve(inputs, json_format.MessageToDict(step.dependency_outputs))
+                # The step acts for the workflow's owner: the service identity plus theirs.
+                current_principal.set(
+                    Principal(
+                        user_id=step.owner.user_id,
+                        username=step.owner.username,
+                        roles=tuple(step.owner.roles),
+                    )
+                )
+                ctx = StepContext(step.ref.attempt, self.id, self._cognitive, step.timeout_seconds)
+                output = await asyncio.wait_for(op.run(ctx, inputs), step.timeout_seconds)
+                size = len(json.dumps(output))
+                if size > self.cfg.max_output_bytes:
+                    raise StepError(
+                        f"output of {size} bytes exceeds {self.cfg.max_output_bytes}", False
+                    )
+            except asyncio.CancelledError:
+                outcome = "cancelled"
+                raise
+            except StepError as exc:
+                await self._fail(step, str(exc), exc.retryable)
+            except TimeoutError:
+                await self._fail(step, f"timed out after {step.timeout_seconds:g}s", True)
+            except grpc.aio.AioRpcError as exc:
+                await self._fail(
+                    step, f"{exc.code().name}: {exc.details()}", exc.code() not in PERMANENT_CODES
+                )
+            except Exception as exc:  # an op bug: retry, the error text is recorded
+                log.exception("step %s/%s crashed", key[0], key[1])
+                await self._fail(step, f"{type(exc).__name__}: {exc}", True)
+            else:
+                outcome = "succeeded" if await self._complete(step, output) else "lost"
+        finally:
+            metrics.workflow_step_latency.labels(step.op if op else "unknown", outcome).observe(
+                time.monotonic() - running.started
+            )
+            self._running.pop(key, None)
+            self._wake.set()  # a slot is free
+
+    async def _retrying(self, what: str, call: Any) -> Any:
+        """Calls the store until it answers, while our lease keeps the step ours."""
+        delay = _RPC_RETRY_SECONDS
+        while True:
+            try:
+                return await call()
+            except (grpc.aio.AioRpcError, Exception) as exc:
+                if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in PERMANENT_CODES:
+                    raise
+                log.warning("%s failed, retrying: %s", what, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.cfg.lease_seconds / 3)
+
+    async def _complete(self, step: store_pb.ClaimedStep, output: dict[str, Any]) -> bool:
+        result = store_pb.StepResult(ref=step.ref)
+        result.output.update(output)
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._results.append((result, done))
+        self._results_ready.set()
+        return await done
+
+    async def _complete_loop(self) -> None:
+        while True:
+            await self._results_ready.wait()
+            self._results_ready.clear()
+            batch, self._results = self._results[:1000], self._results[1000:]
+            if self._results:
+                self._results_ready.set()
+            if not batch:
+                continue
+            request = store_pb.CompleteStepsRequest(
+                worker_id=self.id, results=[r for r, _ in batch]
+            )
+            try:
+                reply = await self._retrying(
+                    "complete",
+                    lambda req=request: self._call(self._stub.CompleteSteps, req, timeout=10),
+                )
+            except Exception as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), ok in zip(batch, reply.accepted, strict=True):
+                if not fut.done():
+                    fut.set_result(ok)
+            if not all(reply.accepted):
+                log.warning("%d results discarded: lease lost", reply.accepted.count(False))
+
+    async def _fail(self, step: store_pb.ClaimedStep, error: str, retryable: bool) -> None:
+        request = store_pb.FailStepRequest(
+            worker_id=self.id, ref=step.ref, error=error, retryable=retryable
+        )
+        await self._retrying("fail", lambda: self._call(self._stub.FailStep, request, timeout=10))
+
+    # --- leases, wake-ups, cancellation ---------------------------------------------------
+
+    def _cancel(self, key: StepKey, reason: str) -> None:
+        running = self._running.get(key)
+        if running and running.task and not running.task.done():
+            running.stop_reason = reason
+            running.task.cancel()
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.lease_seconds / 3)
+            refs = [r.step.ref for r in self._running.values()]
+            if not refs:
+                continue
+            try:
+                reply = await self._call(
+                    self._stub.ExtendLeases,
+                    store_pb.ExtendLeasesRequest(
+                        worker_id=self.id, steps=refs, lease_seconds=self.cfg.lease_seconds
+                    ),
+                    timeout=max(1.0, self.cfg.lease_seconds / 3),
+                )
+            except Exception as exc:
+                log.warning("lease extension failed: %s", exc)
+                continue
+            for ref in reply.lost:
+                self._cancel((ref.workflow_id, ref.step_name, ref.attempt), "lost")
+
+    async def _wake_loop(self) -> None:
+        while True:
+            try:
+                stream = self._stub.WaitForWork(
+                    store_pb.WaitForWorkRequest(worker_id=self.id),
+                    timeout=_STREAM_SECONDS,
+                    metadata=self._store.metadata(),
+                )
+                async for wake in stream:
+                    if wake.work_available:
+                        self._wake.set()
+                    stopped = set(wake.stopped_workflow_ids)
+                    for key in [k for k in self._running if k[0] in stopped]:
+                        self._cancel(key, "stopped")
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    log.info("wake-up stream ended (%s); polling meanwhile", exc.code().name)
+                    await asyncio.sleep(self.cfg.poll_interval)
+
+    # --- shutdown -------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Stops claiming, lets running steps finish within the grace, releases the rest."""
+        self._stopping = True
+        self._wake.set()
+        tasks = [r.task for r in self._running.values() if r.task]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.grace)
+        leftover = list(self._running.items())
+        for key, _ in leftover:
+            self._cancel(key, "shutdown")
+        pending = [r.task for _, r in leftover if r.task]
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+        if leftover:
+            with contextlib.suppress(Exception):
+                reply = await self._call(
+                    self._stub.ReleaseSteps,
+                    store_pb.ReleaseStepsRequest(
+                        worker_id=self.id, steps=[r.step.ref for _, r in leftover]
+                    ),
+                    timeout=5,
+                )
+                log.info("released %d running steps on shutdown", reply.released)
+        # Let the last batch of results reach the store before the loops go.
+        for _ in range(100):
+            if not self._results:
+                break
+            await asyncio.sleep(0.01)
+        for loop in self._loops:
+            loop.cancel()
+        for loop in self._loops:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await loop

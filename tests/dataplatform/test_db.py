@@ -1,0 +1,46 @@
+"""The PostgreSQL pool: autocommit point reads never leak autocommit into transactions, and
+pool usage is exported as database_connection_pool_usage."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from aiwfe.config import PostgresSettings
+from aiwfe.metrics import REGISTRY
+from dataplatform.db import Database
+
+
+@pytest.fixture
+async def db(database_dsn: str):
+    database = Database(database_dsn, PostgresSettings(pool_size=1, max_overflow=1))
+    await database.open()
+    yield database
+    await database.close()
+
+
+async def test_reading_restores_transactions_even_after_errors(db: Database) -> None:
+    """After reading() — clean or failed — the same pooled connection is transactional again."""
+    async with db.reading() as conn:
+        assert conn.autocommit
+        await conn.execute("SELECT 1")
+    with pytest.raises(psycopg.errors.UndefinedTable):
+        async with db.reading() as conn:
+            await conn.execute("SELECT * FROM no_such_table")
+    for _ in range(2):  # whichever connection the pool hands out
+        async with db.pool.connection() as conn:
+            assert not conn.autocommit
+            await conn.execute("SELECT 1")
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+
+
+async def test_pool_usage_is_exported(db: Database) -> None:
+    """export_usage() publishes size, in-use, available, waiting and max per state label."""
+    async with db.pool.connection():
+        usage = db.export_usage()
+        assert usage["in_use"] >= 1
+    assert usage["max"] == 2
+    for state, value in usage.items():
+        sample = REGISTRY.get_sample_value("database_connection_pool_usage", {"state": state})
+        assert sample == value
+    assert await db.ping()

@@ -1,0 +1,66 @@
+"""Schema migrations: an empty database migrates, a re-run is a no-op, and two migrators
+starting together apply each migration exactly once (advisory transaction lock)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from dataplatform.db import _migrations, migrate
+from tests.conftest import ADMIN_DSN
+
+
+@pytest.fixture
+def empty_dsn(database_dsn: str) -> Iterator[str]:
+    """A new empty database on the same server (reached like the suite's, e.g. via PgBouncer)."""
+    name = f"aiwfe_test_mig_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield database_dsn.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _connect(dsn: str) -> psycopg.AsyncConnection:
+    # The same connection settings as the pool: no server-side prepared statements.
+    return await psycopg.AsyncConnection.connect(dsn, prepare_threshold=None, row_factory=dict_row)
+
+
+async def test_empty_database_migrates_then_rerun_is_noop(empty_dsn: str) -> None:
+    """Every migration file applies in order once; running again applies nothing."""
+    expected = [name for _, name, _ in _migrations()]
+    assert expected == sorted(expected)
+    async with await _connect(empty_dsn) as conn:
+        assert await migrate(conn) == expected
+        assert await migrate(conn) == []
+        cur = await conn.execute("SELECT version, name FROM schema_migrations ORDER BY version")
+        rows = await cur.fetchall()
+        cur = await conn.execute(
+            "SELECT to_regclass('users')::text AS t, to_regclass('cache_entries')::text AS c"
+        )
+        tables = await cur.fetchone()
+    assert [r["name"] for r in rows] == expected
+    assert tables == {"t": "users", "c": "cache_entries"}
+
+
+async def test_concurrent_migrators_apply_each_migration_once(empty_dsn: str) -> None:
+    """Two replicas starting together: one applies everything, the other waits and applies none."""
+    conns = [await _connect(empty_dsn) for _ in range(2)]
+    try:
+        results = await asyncio.gather(*(migrate(c) for c in conns))
+        cur = await conns[0].execute(
+            "SELECT version, count(*) AS n FROM schema_migrations GROUP BY version"
+        )
+        counts = await cur.fetchall()
+    finally:
+        for c in conns:
+            await c.close()
+    expected = [name for _, name, _ in _migrations()]
+    assert sorted(results, key=len) == [[], expected]
+    assert len(counts) == len(expected)
+    assert all(r["n"] == 1 for r in counts)

@@ -1,0 +1,1 @@
+"""Gateway security tests: tokens, sessions, RBAC matrix, rate limits, caches."""

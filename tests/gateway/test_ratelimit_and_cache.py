@@ -1,0 +1,175 @@
+"""Rate limits (login per username and per address, API per user) with full refusal
+details, and the per-user API response cache."""
+
+from __future__ import annotations
+
+import copy
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
+from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
+from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
+from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
+from aiwfe.suite import start_suite
+from tests.conftest import bearer, login
+from tests.gateway.conftest import gateway_overrides
+
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def refusal(err: grpc.aio.AioRpcError) -> tuple[float, list[str], dict[str, str]]:
+    """(retry delay, quota subjects, trailing metadata) of a RESOURCE_EXHAUSTED status."""
+    status = rpc_status.from_call(err)
+    assert status is not None
+    delay, subjects = -1.0, []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            delay = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+        if detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            quota = error_details_pb2.QuotaFailure()
+            detail.Unpack(quota)
+            subjects = [v.subject for v in quota.violations]
+    trailers = {k: v for k, v in err.trailing_metadata() or () if isinstance(v, str)}
+    return delay, subjects, trailers
+
+
+async def failed_login(gw, username: str) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.login(username, "definitely-the-wrong-password")
+    return err.value.code()
+
+
+async def test_login_brute_force_is_exhausted_per_username(gw_any) -> None:
+    """Five failures lock that username (even for the right password) with RetryInfo,
+    QuotaFailure and rate-limit metadata; another user still logs in."""
+    gw = gw_any
+    victim = await gw.create_user(["user"], "victim")
+    bystander = await gw.create_user(["user"], "bystander")
+    codes = [await failed_login(gw, victim) for _ in range(5)]
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 5
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.login(victim)  # the right password, but locked
+    assert err.value.code() == EXHAUSTED
+    delay, subjects, trailers = refusal(err.value)
+    assert 0 < delay <= 300
+    assert subjects == ["login:username"]
+    assert trailers["x-ratelimit-limit"] == "5"
+    assert trailers["x-ratelimit-remaining"] == "0"
+    assert 0 < int(trailers["x-ratelimit-reset"]) <= 300
+    assert 1 <= int(trailers["retry-after"]) <= 300
+    assert (await gw.login(bystander)).access_token
+
+
+@pytest.mark.slow
+async def test_successful_logins_do_not_count(gw) -> None:
+    """Logins that succeed give their reserved attempt back."""
+    name = await gw.create_user(["user"], "good")
+    for _ in range(8):
+        assert (await gw.login(name)).access_token
+
+
+@pytest.mark.slow
+async def test_one_address_cannot_spray_usernames(gw) -> None:
+    """Twenty failures over many usernames exhaust the client address."""
+    codes = [await failed_login(gw, f"spray-{i}") for i in range(20)]
+    assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.login("spray-new-name", "whatever-password")
+    assert err.value.code() == EXHAUSTED
+    _, subjects, trailers = refusal(err.value)
+    assert subjects == ["login:client_address"]
+    assert trailers["x-ratelimit-limit"] == "20"
+
+
+@pytest.fixture(params=["redis", "no_redis"])
+async def small_api_limit(request, base_overrides):
+    """A suite whose API limit is 12 requests per minute (30 for admins)."""
+    overrides = copy.deepcopy(gateway_overrides(base_overrides, redis=request.param == "redis"))
+    overrides["authentication"]["rate_limiting"] = {
+        "api_requests": 12,
+        "api_requests_per_role": {"admin": 30},
+    }
+    suite = await start_suite(overrides, only=("dataplatform", "gateway"))
+    try:
+        async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+            yield suite, channel
+    finally:
+        await suite.stop()
+
+
+async def test_api_limit_per_user_with_details(small_api_limit) -> None:
+    """The 13th call of a user in a window is RESOURCE_EXHAUSTED with details; a second
+    replica shares the same budget through Redis; admins get their role's higher limit."""
+    suite, channel = small_api_limit
+    admin = await login(channel)
+    auth = auth_grpc.AuthServiceStub(channel)
+    await auth_grpc.UserAdminServiceStub(channel).CreateUser(
+        auth_pb.CreateUserRequest(
+            username=f"limited-{id(suite)}", password="a-long-enough-passphrase-42", roles=["user"]
+        ),
+        metadata=bearer(admin),
+        timeout=5,
+    )
+    token = await login(channel, f"limited-{id(suite)}", "a-long-enough-passphrase-42")
+    ok = 0
+    refused = None
+    for _ in range(20):
+        try:
+            await auth.WhoAmI(auth_pb.WhoAmIRequest(), metadata=bearer(token), timeout=5)
+            ok += 1
+        except grpc.aio.AioRpcError as err:
+            refused = err
+            break
+    assert ok == 12
+    assert refused is not None and refused.code() == EXHAUSTED
+    delay, subjects, trailers = refusal(refused)
+    assert 0 < delay <= 61 and subjects == ["api:user"]
+    assert trailers["x-ratelimit-limit"] == "12"
+    admin_ok = 0
+    for _ in range(16):  # the admin already spent 1 on CreateUser
+        await auth.WhoAmI(auth_pb.WhoAmIRequest(), metadata=bearer(admin), timeout=5)
+        admin_ok += 1
+    assert admin_ok == 16
+
+
+async def test_cacheable_rpc_is_served_from_the_response_cache(gw) -> None:
+    """A repeated Embed by the same user is answered from the gateway's cache (the same
+    bytes, even though the back end would now report a cache hit); another user is not."""
+    stub = cog_grpc.CognitiveServiceStub(gw.channel)
+    request = cog_pb.EmbedRequest(texts=[f"response cache probe {id(gw)}"])
+    first = await stub.Embed(request, metadata=bearer(gw.admin_token), timeout=10)
+    second = await stub.Embed(request, metadata=bearer(gw.admin_token), timeout=10)
+    assert first.cached_count == 0
+    assert second == first  # replayed bytes: the back end was not asked
+    other = await gw.create_user(["user"], "cache")
+    token = (await gw.login(other)).access_token
+    theirs = await stub.Embed(request, metadata=bearer(token), timeout=10)
+    assert theirs.cached_count == 1  # their own key: the back end answered (from its cache)
+    key_count = 0
+    redis = gw.suite.running["gateway"].service.redis
+    async for _ in redis.client.scan_iter(match=redis.key("api:*"), count=100):
+        key_count += 1
+    assert key_count == 2
+
+
+async def test_no_cache_metadata_skips_the_response_cache(gw) -> None:
+    """`cache-control: no-cache` makes the gateway ask the back end again (which then
+    reports its own content-cache hit) instead of replaying the stored bytes."""
+    stub = cog_grpc.CognitiveServiceStub(gw.channel)
+    request = cog_pb.EmbedRequest(texts=[f"no-cache probe {id(gw)}"])
+    first = await stub.Embed(request, metadata=bearer(gw.admin_token), timeout=10)
+    fresh = await stub.Embed(
+        request,
+        metadata=(*bearer(gw.admin_token), ("cache-control", "no-cache")),
+        timeout=10,
+    )
+    assert first.cached_count == 0
+    assert fresh.cached_count == 1  # the back end answered, from its content cache
+    replay = await stub.Embed(request, metadata=bearer(gw.admin_token), timeout=10)
+    assert replay == fresh  # the fresh answer replaced the stored one

@@ -1,0 +1,99 @@
+"""Shared helpers for the workflow tests: users, specs and waiting for a workflow."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from aiwfe.data.v1 import user_store_service_pb2 as user_pb
+from aiwfe.data.v1 import user_store_service_pb2_grpc as user_grpc
+from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.passwords import hash_password
+from aiwfe.suite import Suite
+from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
+from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
+from tests.conftest import bearer, login
+
+TERMINAL = {
+    wf_pb.WORKFLOW_STATE_SUCCEEDED,
+    wf_pb.WORKFLOW_STATE_FAILED,
+    wf_pb.WORKFLOW_STATE_CANCELLED,
+    wf_pb.WORKFLOW_STATE_TIMED_OUT,
+}
+PASSWORD = "workflow-test-password-1"
+
+
+async def new_user(
+    suite: Suite, channel: grpc.aio.Channel, roles: tuple[str, ...] = ("user",)
+) -> str:
+    """Creates a user through dataplatform and returns their access token (via the gateway)."""
+    name = f"wf{uuid.uuid4().hex[:12]}"
+    identity = InternalIdentity.from_settings(suite.settings)
+    async with grpc.aio.insecure_channel(suite.address("dataplatform")) as ch:
+        await user_grpc.UserStoreServiceStub(ch).CreateUser(
+            user_pb.CreateUserRequest(
+                username=name, password_hash=hash_password(PASSWORD), roles=list(roles)
+            ),
+            metadata=((IDENTITY_METADATA_KEY, identity.assertion(None, "test")),),
+            timeout=5,
+        )
+    return await login(channel, name, PASSWORD)
+
+
+def spec(*steps: dict[str, Any], **fields: Any) -> wf_pb.WorkflowSpec:
+    """A WorkflowSpec from its JSON form."""
+    return json_format.ParseDict(
+        {"name": "test", "steps": list(steps), **fields}, wf_pb.WorkflowSpec()
+    )
+
+
+async def submit(
+    channel: grpc.aio.Channel, token: str, workflow: wf_pb.WorkflowSpec, key: str = ""
+) -> wf_pb.Workflow:
+    reply = await wf_grpc.WorkflowServiceStub(channel).SubmitWorkflow(
+        wf_pb.SubmitWorkflowRequest(spec=workflow, idempotency_key=key),
+        metadata=bearer(token),
+        timeout=10,
+    )
+    return reply.workflow
+
+
+async def watch(
+    channel: grpc.aio.Channel, token: str, workflow_id: str, after: int = 0, timeout: float = 30
+) -> list[wf_pb.WatchWorkflowResponse]:
+    """Every event after `after` until the workflow is terminal (the stream ends)."""
+    stream = wf_grpc.WorkflowServiceStub(channel).WatchWorkflow(
+        wf_pb.WatchWorkflowRequest(workflow_id=workflow_id, after_sequence=after),
+        metadata=bearer(token),
+        timeout=timeout,
+    )
+    return [event async for event in stream]
+
+
+async def get(channel: grpc.aio.Channel, token: str, workflow_id: str) -> wf_pb.Workflow:
+    reply = await wf_grpc.WorkflowServiceStub(channel).GetWorkflow(
+        wf_pb.GetWorkflowRequest(workflow_id=workflow_id), metadata=bearer(token), timeout=10
+    )
+    return reply.workflow
+
+
+async def finish(
+    channel: grpc.aio.Channel, token: str, workflow_id: str, timeout: float = 30
+) -> wf_pb.Workflow:
+    """Waits (via Watch) until the workflow is terminal and returns it."""
+    await watch(channel, token, workflow_id, timeout=timeout)
+    workflow = await get(channel, token, workflow_id)
+    assert workflow.state in TERMINAL, workflow
+    return workflow
+
+
+def step_status(workflow: wf_pb.Workflow, name: str) -> wf_pb.StepStatus:
+    return next(s for s in workflow.steps if s.name == name)
+
+
+def deadline(seconds: float) -> float:
+    return time.monotonic() + seconds

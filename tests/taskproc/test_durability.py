@@ -1,0 +1,328 @@
+"""Durable execution: racing workers, stale leases, kill -9 of a worker process mid-step,
+and graceful SIGTERM releasing running steps."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+
+from aiwfe.config import TaskProcSettings
+from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
+from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
+from aiwfe.embedded import free_port
+from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.server import start_service
+from aiwfe.suite import start_suite
+from aiwfe.taskproc.v1 import workflow_service_pb2 as S
+from taskproc.service import TaskProcService
+from taskproc.spec import validate
+from tests.taskproc.helpers import deadline, finish, get, new_user, spec, step_status, submit, watch
+
+
+@pytest.fixture
+async def roomy_suite(base_overrides) -> Any:
+    """The suite with the per-user API rate limit lifted (these tests make many calls)."""
+    overrides = {
+        **base_overrides,
+        "authentication": {
+            **base_overrides["authentication"],
+            "rate_limiting": {"api_requests": 100_000},
+        },
+    }
+    running = await start_suite(overrides)
+    yield running
+    await running.stop()
+
+
+async def test_two_workers_racing_never_run_a_step_twice(roomy_suite) -> None:
+    """With two taskproc workers on one queue, every step runs exactly once (one RUNNING
+    event, one recorded attempt) and both workers take work."""
+    suite = roomy_suite
+    gateway_channel = grpc.aio.insecure_channel(suite.address("gateway"))
+    second = await start_service(TaskProcService(suite.settings), host="127.0.0.1", port=0)
+    try:
+        token = await new_user(suite, gateway_channel)
+        workflow = spec(
+            *({"name": f"s{i}", "op": "noop", "inputs": {"sleep_ms": 20}} for i in range(4))
+        )
+        wfs = await asyncio.gather(*(submit(gateway_channel, token, workflow) for _ in range(30)))
+        workers: set[str] = set()
+        for wf in wfs:
+            done = await finish(gateway_channel, token, wf.workflow_id)
+            assert done.state == S.WORKFLOW_STATE_SUCCEEDED
+            assert all(s.attempts == 1 for s in done.steps)
+            workers |= {s.output["worker"] for s in done.steps}
+            events = await watch(gateway_channel, token, wf.workflow_id)
+            running = Counter(e.step_name for e in events if e.step_state == S.STEP_STATE_RUNNING)
+            assert set(running.values()) == {1}
+        assert len(workers) == 2
+        async with await psycopg.AsyncConnection.connect(
+            suite.settings.database.postgres.dsn
+        ) as conn:
+            cur = await conn.execute(
+                "SELECT count(*), count(DISTINCT (workflow_id, step_name))"
+                " FROM workflow_step_attempts WHERE workflow_id = ANY(%s)",
+                ([w.workflow_id for w in wfs],),
+            )
+            assert await cur.fetchone() == (120, 120)
+    finally:
+        await second.stop(grace=0.5)
+        await gateway_channel.close()
+
+
+@pytest.fixture
+async def store(base_overrides) -> Any:
+    """dataplatform alone, and a WorkflowStoreService stub with a service identity."""
+    running = await start_suite(base_overrides, only=("dataplatform",))
+    identity = InternalIdentity.from_settings(running.settings)
+    metadata = ((IDENTITY_METADATA_KEY, identity.assertion(None, "taskproc")),)
+    async with grpc.aio.insecure_channel(running.address("dataplatform")) as ch:
+        yield store_grpc.WorkflowStoreServiceStub(ch), metadata, running
+    await running.stop()
+
+
+async def _create(stub, metadata, owner: str, n_steps: int, lease_prio: int = 0) -> str:
+    workflow = validate(
+        spec(*({"name": f"s{i}", "op": "noop"} for i in range(n_steps)), priority=lease_prio),
+        TaskProcSettings(),
+    )
+    reply = await stub.CreateWorkflow(
+        store_pb.CreateWorkflowRequest(
+            owner=store_pb.WorkflowOwner(user_id=owner, username=owner), spec=workflow
+        ),
+        metadata=metadata,
+        timeout=10,
+    )
+    return reply.workflow.workflow_id
+
+
+async def test_concurrent_claims_are_disjoint_and_priority_ordered(store) -> None:
+    """Eight claimers racing over 60 runnable steps never lease the same step twice, and
+    higher-priority work is claimed first."""
+    stub, md, _ = store
+    owner = f"race{time.time_ns()}"
+    low = [await _create(stub, md, owner, 10) for _ in range(5)]
+    high = await _create(stub, md, owner, 10, lease_prio=5)
+    first = await stub.ClaimSteps(
+        store_pb.ClaimStepsRequest(worker_id="w-first", max_steps=10, lease_seconds=30),
+        metadata=md,
+        timeout=10,
+    )
+    assert {s.ref.workflow_id for s in first.steps} == {high}
+    replies = await asyncio.gather(
+        *(
+            stub.ClaimSteps(
+                store_pb.ClaimStepsRequest(worker_id=f"w{i}", max_steps=10, lease_seconds=30),
+                metadata=md,
+                timeout=10,
+            )
+            for i in range(8)
+        )
+    )
+    claimed = [(s.ref.workflow_id, s.ref.step_name) for r in replies for s in r.steps]
+    assert len(claimed) == len(set(claimed)) == 50
+    assert {wf for wf, _ in claimed} == set(low)
+
+
+async def test_stale_lease_cannot_complete_or_advance_twice(store) -> None:
+    """A worker whose lease expired loses the step: the sweep hands it to another worker with
+    a new attempt number, the old worker's result is discarded, its lease cannot be
+    extended, and the step succeeds exactly once."""
+    stub, md, _ = store
+    owner = f"stale{time.time_ns()}"
+    wid = await _create(stub, md, owner, 1)
+    old = await stub.ClaimSteps(
+        store_pb.ClaimStepsRequest(worker_id="old", max_steps=1, lease_seconds=0.2),
+        metadata=md,
+        timeout=10,
+    )
+    assert [s.ref.attempt for s in old.steps] == [1]
+    new = store_pb.ClaimStepsResponse()
+    until = deadline(5)
+    while not new.steps:
+        assert time.monotonic() < until
+        await asyncio.sleep(0.1)
+        new = await stub.ClaimSteps(
+            store_pb.ClaimStepsRequest(worker_id="new", max_steps=1, lease_seconds=30),
+            metadata=md,
+            timeout=10,
+        )
+    assert new.steps[0].ref.attempt == 2
+    stale = await stub.CompleteSteps(
+        store_pb.CompleteStepsRequest(
+            worker_id="old", results=[store_pb.StepResult(ref=old.steps[0].ref)]
+        ),
+        metadata=md,
+        timeout=10,
+    )
+    assert list(stale.accepted) == [False]
+    lost = await stub.ExtendLeases(
+        store_pb.ExtendLeasesRequest(worker_id="old", steps=[old.steps[0].ref], lease_seconds=30),
+        metadata=md,
+        timeout=10,
+    )
+    assert len(lost.lost) == 1
+    fresh = await stub.CompleteSteps(
+        store_pb.CompleteStepsRequest(
+            worker_id="new", results=[store_pb.StepResult(ref=new.steps[0].ref)] * 2
+        ),
+        metadata=md,
+        timeout=10,
+    )
+    assert list(fresh.accepted) == [True, False]  # the duplicate in one batch is ignored too
+    scope = store_pb.WorkflowScope(owner_id=owner)
+    events = await stub.ListWorkflowEvents(
+        store_pb.ListWorkflowEventsRequest(workflow_id=wid, scope=scope), metadata=md, timeout=10
+    )
+    assert events.workflow_state == S.WORKFLOW_STATE_SUCCEEDED
+    succeeded = [e for e in events.events if e.step_state == S.STEP_STATE_SUCCEEDED]
+    assert len(succeeded) == 1
+    assert any("lease expired" in e.message for e in events.events)
+
+
+# --- worker processes ----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def external_taskproc(base_overrides) -> Iterator[Any]:
+    """dataplatform, cognitive and gateway in process; taskproc runs as subprocesses on one
+    fixed port (`start()` launches one, configured only through the environment)."""
+    port = free_port()
+    overrides = {**base_overrides, "services": {"taskproc": {"port": port}}}
+    running = await start_suite(overrides, only=("dataplatform", "cognitive", "gateway"))
+    settings = running.settings
+    env = {
+        **os.environ,
+        "AIWFE_INTERNAL_SECRET_KEY": settings.authentication.internal.secret_key,
+        "AIWFE_SERVICES__TASKPROC__PORT": str(port),
+        "AIWFE_SERVICES__DATAPLATFORM__PORT": str(running.running["dataplatform"].port),
+        "AIWFE_SERVICES__COGNITIVE__PORT": str(running.running["cognitive"].port),
+        "AIWFE_TASKPROC__LEASE_SECONDS": "1",
+        "AIWFE_TASKPROC__POLL_INTERVAL": "0.2",
+        "AIWFE_GRPC__SHUTDOWN_GRACE_SECONDS": "0.3",
+        "AIWFE_LOGGING__JSON_FORMAT": "false",
+    }
+    procs: list[subprocess.Popen[str]] = []
+
+    def start() -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "taskproc"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the readiness line, "taskproc: host:port"
+        assert line.startswith("taskproc:"), line
+        return proc
+
+    try:
+        yield running, start
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        await running.stop()
+
+
+async def _exit_code(proc: subprocess.Popen[str], timeout: float) -> int:
+    """Waits for a process without blocking the loop (dataplatform runs in this loop)."""
+    until = deadline(timeout)
+    while proc.poll() is None:
+        assert time.monotonic() < until, "process did not exit"
+        await asyncio.sleep(0.05)
+    return proc.returncode
+
+
+async def _wait_running(channel, token, wid: str, step: str) -> None:
+    until = deadline(15)
+    while step_status(await get(channel, token, wid), step).state != S.STEP_STATE_RUNNING:
+        assert time.monotonic() < until, "step never started"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.slow
+async def test_kill_9_worker_mid_step_workflow_still_completes(external_taskproc) -> None:
+    """kill -9 of the worker process mid-step: after its lease expires a new worker runs the
+    step again, the workflow completes, and no step's result is recorded twice."""
+    running, start = external_taskproc
+    worker = start()
+    async with grpc.aio.insecure_channel(running.address("gateway")) as ch:
+        token = await new_user(running, ch)
+        wf = await submit(
+            ch,
+            token,
+            spec(
+                {"name": "first", "op": "noop"},
+                {
+                    "name": "slow",
+                    "op": "noop",
+                    "depends_on": ["first"],
+                    "inputs": {"sleep_ms": 1500},
+                },
+                {
+                    "name": "last",
+                    "op": "cognitive.embed",
+                    "depends_on": ["slow"],
+                    "inputs": {"texts": ["after the crash"]},
+                },
+            ),
+        )
+        await _wait_running(ch, token, wf.workflow_id, "slow")
+        os.killpg(worker.pid, signal.SIGKILL)
+        await _exit_code(worker, 10)
+        start()
+        done = await finish(ch, token, wf.workflow_id, timeout=30)
+        assert done.state == S.WORKFLOW_STATE_SUCCEEDED, done.error
+        assert step_status(done, "slow").attempts == 2
+        assert step_status(done, "first").attempts == 1
+        events = await watch(ch, token, wf.workflow_id)
+        assert any(e.step_name == "slow" and "lease expired" in e.message for e in events)
+    async with await psycopg.AsyncConnection.connect(
+        running.settings.database.postgres.dsn
+    ) as conn:
+        cur = await conn.execute(
+            "SELECT step_name, count(*) FROM workflow_step_attempts"
+            " WHERE workflow_id = %s AND succeeded GROUP BY step_name ORDER BY step_name",
+            (wf.workflow_id,),
+        )
+        assert await cur.fetchall() == [("first", 1), ("last", 1), ("slow", 1)]
+
+
+@pytest.mark.slow
+async def test_sigterm_releases_running_steps(external_taskproc) -> None:
+    """SIGTERM: the worker exits cleanly within its grace, releasing the step it could not
+    finish, and the next worker runs it at once (no lease wait, no failure counted)."""
+    running, start = external_taskproc
+    worker = start()
+    async with grpc.aio.insecure_channel(running.address("gateway")) as ch:
+        token = await new_user(running, ch)
+        wf = await submit(
+            ch,
+            token,
+            spec({"name": "long", "op": "noop", "inputs": {"sleep_ms": 2000},
+                  "retry_policy": {"max_attempts": 1}}),
+        )  # fmt: skip
+        await _wait_running(ch, token, wf.workflow_id, "long")
+        worker.send_signal(signal.SIGTERM)
+        assert await _exit_code(worker, 15) == 0
+        start()
+        done = await finish(ch, token, wf.workflow_id, timeout=30)
+        assert done.state == S.WORKFLOW_STATE_SUCCEEDED, done.error
+        events = await watch(ch, token, wf.workflow_id)
+        assert any(e.step_name == "long" and "released" in e.message for e in events)
