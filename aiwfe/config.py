@@ -430,6 +430,12 @@ class LoggingSettings(_Block):
     json_format: bool = True
 
 
+class TelemetrySettings(_Block):
+    """Server spans and RPC metrics; exporters come from the standard OTEL_* variables."""
+
+    enabled: bool = True
+
+
 class Settings(_Block):
     """The whole configuration; every service reads the blocks it needs."""
 
@@ -446,6 +452,7 @@ class Settings(_Block):
     cognitive: CognitiveSettings = CognitiveSettings()
     taskproc: TaskProcSettings = TaskProcSettings()
     logging: LoggingSettings = LoggingSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     @property
     def home_path(self) -> Path:

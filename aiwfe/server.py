@@ -138,7 +138,7 @@ async def start_service(
     await service.start()
     server = grpc.aio.server(
         interceptors=[
-            TelemetryInterceptor(service.name),
+            *([TelemetryInterceptor(service.name)] if settings.telemetry.enabled else []),
             ErrorMappingInterceptor(),
             *service.interceptors(),
         ],

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Mutable
 from typing import Any
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -127,16 +128,24 @@ def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
 
 
 class TelemetryInterceptor(grpc.aio.ServerInterceptor):
-    """Server span + RPC metrics around every non-exempt call."""
+    """Server span + RPC metrics around every non-exempt call.
+
+    Per-call work is kept small: metric series are resolved once per (method, code), the
+    caller's trace context is parsed only when it sent one, and without an SDK tracer
+    provider (no exporter configured) no span is created at all — the caller's context is
+    still made current, so downstream calls carry the same trace.
+    """
 
     def __init__(self, service: str) -> None:
         self._service = service
         self._tracer = trace.get_tracer(_INSTRUMENTATION)
+        self._recording = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
         self._cache = HandlerCache(self._make_guard)
 
     def _make_guard(self, method: str) -> Callable[[Behavior, bool], Behavior]:
         service = self._service
         tracer = self._tracer
+        recording = self._recording
         rpc_service, _, rpc_method = method.lstrip("/").partition("/")
         attributes = {
             "rpc.system": "grpc",
@@ -145,17 +154,56 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             "aiwfe.service": service,
         }
         in_flight = metrics.concurrent_requests.labels(service, method)
+        series: dict[grpc.StatusCode, tuple[Any, Any, Any]] = {}
 
-        def finish(span: trace.Span, context: grpc.aio.ServicerContext, started: float) -> None:
+        def series_for(code: grpc.StatusCode) -> tuple[Any, Any, Any]:
+            entry = series.get(code)
+            if entry is None:
+                entry = series[code] = (
+                    metrics.request_rate_counter.labels(service, method, code.name),
+                    metrics.request_duration_histogram.labels(service, method, code.name),
+                    None
+                    if code is grpc.StatusCode.OK
+                    else metrics.error_rate.labels(service, method, code.name),
+                )
+            return entry
+
+        def start(context: grpc.aio.ServicerContext) -> tuple[Any, object | None]:
+            """Makes the caller's trace (and our span, when recording) current."""
+            metadata = context.invocation_metadata()
+            parent = None
+            for key, _ in metadata or ():
+                if key == "traceparent":
+                    parent = propagate.extract(metadata, getter=_GETTER)
+                    break
+            if recording:
+                span = tracer.start_span(
+                    method, context=parent, kind=SpanKind.SERVER, attributes=attributes,
+                    record_exception=False, set_status_on_exception=False,
+                )  # fmt: skip
+                return span, otel_context.attach(trace.set_span_in_context(span, parent))
+            if parent is not None:
+                return None, otel_context.attach(parent)
+            return None, None
+
+        def finish(
+            span: Any, token: object | None, context: grpc.aio.ServicerContext, started: float
+        ) -> None:
+            elapsed = time.perf_counter() - started
+            in_flight.dec()
             code = _code_of(context)
-            span.set_attribute("rpc.grpc.status_code", code.value[0])
-            if code is not grpc.StatusCode.OK:
-                span.set_status(Status(StatusCode.ERROR, code.name))
-                metrics.error_rate.labels(service, method, code.name).inc()
-            metrics.request_rate_counter.labels(service, method, code.name).inc()
-            metrics.request_duration_histogram.labels(service, method, code.name).observe(
-                time.perf_counter() - started
-            )
+            rate, duration, errors = series_for(code)
+            rate.inc()
+            duration.observe(elapsed)
+            if errors is not None:
+                errors.inc()
+            if span is not None:
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                if errors is not None:
+                    span.set_status(Status(StatusCode.ERROR, code.name))
+                span.end()
+            if token is not None:
+                otel_context.detach(token)
 
         def guard(behavior: Behavior, streaming: bool) -> Behavior:
             if streaming:
@@ -163,40 +211,30 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
                 async def traced_stream(
                     request: Any, context: grpc.aio.ServicerContext
                 ) -> AsyncIterator:
-                    parent = propagate.extract(context.invocation_metadata(), getter=_GETTER)
                     started = time.perf_counter()
                     in_flight.inc()
-                    with tracer.start_as_current_span(
-                        method, context=parent, kind=SpanKind.SERVER, attributes=attributes,
-                        record_exception=False, set_status_on_exception=False,
-                    ) as span:  # fmt: skip
-                        try:
-                            result = behavior(request, context)
-                            if inspect.isawaitable(result):
-                                await result
-                            else:
-                                async for item in result:
-                                    yield item
-                        finally:
-                            in_flight.dec()
-                            finish(span, context, started)
+                    span, token = start(context)
+                    try:
+                        result = behavior(request, context)
+                        if inspect.isawaitable(result):
+                            await result
+                        else:
+                            async for item in result:
+                                yield item
+                    finally:
+                        finish(span, token, context, started)
 
                 return traced_stream
 
             async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                parent = propagate.extract(context.invocation_metadata(), getter=_GETTER)
                 started = time.perf_counter()
                 in_flight.inc()
-                with tracer.start_as_current_span(
-                    method, context=parent, kind=SpanKind.SERVER, attributes=attributes,
-                    record_exception=False, set_status_on_exception=False,
-                ) as span:  # fmt: skip
-                    try:
-                        result = behavior(request, context)
-                        return await result if inspect.isawaitable(result) else result
-                    finally:
-                        in_flight.dec()
-                        finish(span, context, started)
+                span, token = start(context)
+                try:
+                    result = behavior(request, context)
+                    return await result if inspect.isawaitable(result) else result
+                finally:
+                    finish(span, token, context, started)
 
             return traced
 

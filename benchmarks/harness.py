@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as trace_pb
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as trace_grpc
 
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
@@ -31,7 +33,7 @@ from benchmarks import load, nginx, procstat, servers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RPC_SCENARIOS = ("direct", "gateway", "gateway-cached", "gateway-noauth", "nginx", "before")
-OTHER_SCENARIOS = ("embedder", "vector-search")
+OTHER_SCENARIOS = ("telemetry", "embedder", "vector-search")
 ALL_SCENARIOS = RPC_SCENARIOS + OTHER_SCENARIOS
 
 
@@ -53,8 +55,9 @@ class Options:
 class ServerProcess:
     """`python -m benchmarks.servers` in its own process group, with its own database."""
 
-    def __init__(self, admin_dsn: str) -> None:
+    def __init__(self, admin_dsn: str, extra_env: dict[str, str] | None = None) -> None:
         self.admin_dsn = admin_dsn
+        self.extra_env = extra_env or {}
         self.database = f"aiwfe_bench_{secrets.token_hex(6)}"
         self.jwt_secret = secrets.token_urlsafe(32)
         self.internal_secret = secrets.token_urlsafe(32)
@@ -77,6 +80,7 @@ class ServerProcess:
             servers.JWT_SECRET_ENV: self.jwt_secret,
             servers.INTERNAL_SECRET_ENV: self.internal_secret,
             servers.ADMIN_PASSWORD_ENV: self.admin_password,
+            **self.extra_env,
         }
         self.process = subprocess.Popen(
             [
@@ -295,6 +299,58 @@ async def _before_scenario(
             await proc.wait()
 
 
+class _Collector(trace_grpc.TraceServiceServicer):
+    """A stand-in OpenTelemetry Collector: accepts OTLP/gRPC span exports, counts spans."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+
+    async def Export(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self.spans += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+        return trace_pb.ExportTraceServiceResponse()
+
+
+async def _telemetry_scenario(opts: Options) -> dict[str, Any]:
+    """Gateway Embed (proxied) with telemetry on — server spans in every service exported
+    over OTLP to a local collector, RPC metrics — vs the telemetry interceptor off."""
+    collector = _Collector()
+    server = grpc.aio.server()
+    trace_grpc.add_TraceServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    variants = {
+        "on": {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            servers.TELEMETRY_ENV: "1",
+        },
+        "off": {"OTEL_TRACES_EXPORTER": "none", servers.TELEMETRY_ENV: "0"},
+    }
+    out: dict[str, Any] = {}
+    try:
+        for name, env in variants.items():
+            proc = ServerProcess(opts.admin_dsn, env)
+            try:
+                await asyncio.to_thread(proc.start)
+                token = await _login(proc.address("gateway"), proc.admin_password)
+                metadata = (("authorization", f"Bearer {token}"), ("cache-control", "no-store"))
+                out[name] = await _measure(
+                    f"gateway telemetry {name}", proc.address("gateway"), lambda m=metadata: m,
+                    opts, [proc.pid],
+                )  # fmt: skip
+            finally:
+                await asyncio.to_thread(proc.stop)
+        out["spans_exported"] = collector.spans
+        out["p50_ratio_on_off"] = round(out["on"]["p50_ms"] / out["off"]["p50_ms"], 3)
+        out["cpu_ratio_on_off"] = round(
+            out["on"]["server_cpu_us_per_request"] / out["off"]["server_cpu_us_per_request"], 3
+        )
+    finally:
+        await server.stop(0)
+    return out
+
+
 def run(opts: Options) -> dict[str, Any]:
     """Runs the selected scenarios; returns the raw results (see benchmarks.report)."""
     results: dict[str, Any] = {}
@@ -316,6 +372,9 @@ def run(opts: Options) -> dict[str, Any]:
             _run_loop(_rpc_scenarios(server, opts, results, notes))
         finally:
             server.stop()
+    if "telemetry" in opts.scenarios:
+        print("running telemetry (on vs off) ...", file=sys.stderr, flush=True)
+        results["telemetry"] = _run_loop(_telemetry_scenario(opts))
     if "embedder" in opts.scenarios:
         print("running embedder ...", file=sys.stderr, flush=True)
         from benchmarks import embedder

@@ -225,6 +225,15 @@ def render(doc: dict[str, Any]) -> str:
         out.append(
             f"auth on vs off: gateway p50 {rat['auth_on_vs_off_p50_pct']:+.1f}% vs gateway-noauth"
         )
+    tel = scenarios.get("telemetry")
+    if tel and "p50_ratio_on_off" in tel:
+        out += [
+            "",
+            f"telemetry through the gateway: p50 on {tel['on']['p50_ms']:.3f} ms vs off "
+            f"{tel['off']['p50_ms']:.3f} ms = {tel['p50_ratio_on_off']:.2f}x (goal ≤ 1.10x); "
+            f"server CPU {tel['cpu_ratio_on_off']:.2f}x; {tel['spans_exported']:,} spans "
+            "exported over OTLP to a local collector",
+        ]
     emb = scenarios.get("embedder")
     if emb:
         out += [

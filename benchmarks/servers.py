@@ -33,6 +33,7 @@ import psycopg
 from aiwfe.config import LoggingSettings
 from aiwfe.logs import configure_logging
 from aiwfe.suite import SERVICE_ORDER, Suite, start_suite
+from aiwfe.telemetry import configure_tracing
 
 DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 ADMIN_DSN_ENV = "AIWFE_BENCH_PG_ADMIN_DSN"
@@ -96,6 +97,10 @@ async def _watch_parent(stop: asyncio.Event, parent: int) -> None:
 async def serve(home: str, dsn: str, database: str) -> None:
     """Starts both suites, announces them, waits for a stop signal, stops them."""
     overrides = _overrides(home, dsn)
+    # The telemetry scenario starts this process twice: tracing exported over OTLP (the
+    # standard OTEL_* variables it passes) and the telemetry interceptor off.
+    overrides["telemetry"] = {"enabled": os.environ.get(TELEMETRY_ENV, "1") != "0"}
+    configure_tracing("bench")
     suites: list[Suite] = []
     try:
         suite = await start_suite(overrides)
@@ -131,6 +136,9 @@ async def serve(home: str, dsn: str, database: str) -> None:
     finally:
         for running in reversed(suites):
             await running.stop()
+
+
+TELEMETRY_ENV = "AIWFE_BENCH_TELEMETRY"
 
 
 def _runner() -> Any:
