@@ -32,7 +32,9 @@ from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from benchmarks import load, nginx, procstat, servers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RPC_SCENARIOS = ("direct", "gateway", "gateway-cached", "gateway-noauth", "nginx", "before")
+RPC_SCENARIOS = (
+    "direct", "gateway", "gateway-cached", "gateway-noauth", "python-proxy", "nginx", "before"
+)  # fmt: skip
 OTHER_SCENARIOS = ("telemetry", "embedder", "vector-search")
 ALL_SCENARIOS = RPC_SCENARIOS + OTHER_SCENARIOS
 
@@ -206,7 +208,8 @@ async def _rpc_scenarios(
     def internal() -> tuple[tuple[str, str], ...]:
         return ((IDENTITY_METADATA_KEY, identity.assertion(None, "bench")),)
 
-    pids = [server.pid]
+    # The back ends' process plus each gateway process (idle ones add nothing).
+    pids = [server.pid, *server.info.get("gateway_pids", {}).values()]
     for name in RPC_SCENARIOS:
         if name not in opts.scenarios:
             continue
@@ -232,8 +235,8 @@ async def _rpc_scenarios(
                 )
             elif name == "nginx":
                 await _nginx_scenario(server, opts, internal, pids, results, notes)
-            elif name == "before":
-                await _before_scenario(server, opts, pids, results)
+            elif name in ("before", "python-proxy"):
+                await _legacy_scenario(name, server, opts, internal, pids, results)
         except (load.PreflightError, grpc.aio.AioRpcError, RuntimeError) as exc:
             detail = (
                 f"{exc.code().name}: {exc.details()}"
@@ -271,10 +274,16 @@ async def _nginx_scenario(
         proxy.stop()
 
 
-async def _before_scenario(
-    server: ServerProcess, opts: Options, pids: list[int], results: dict[str, Any]
+async def _legacy_scenario(
+    name: str,
+    server: ServerProcess,
+    opts: Options,
+    internal: Any,
+    pids: list[int],
+    results: dict[str, Any],
 ) -> None:
-    """The seed's before-topology (benchmarks.legacy) in its own process."""
+    """benchmarks.legacy in its own process: the seed's before-topology (`before`, with a
+    Bearer token) or a bare Python byte proxy (`python-proxy`, with an internal identity)."""
     env = {
         **os.environ,
         servers.JWT_SECRET_ENV: server.jwt_secret,
@@ -288,11 +297,13 @@ async def _before_scenario(
     try:
         assert proc.stdout is not None
         info = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
-        token = await _login(server.address("gateway"), server.admin_password)
-        bearer = (("authorization", f"Bearer {token}"),)
-        results["before"] = await _measure(
-            "before", info["edge"], lambda: bearer, opts, pids, proxy_pids=[proc.pid]
-        )
+        if name == "before":
+            token = await _login(server.address("gateway"), server.admin_password)
+            bearer = (("authorization", f"Bearer {token}"),)
+            address, metadata = info["edge"], lambda: bearer
+        else:
+            address, metadata = info["naive"], internal
+        results[name] = await _measure(name, address, metadata, opts, pids, proxy_pids=[proc.pid])
     finally:
         if proc.returncode is None:
             proc.terminate()
@@ -337,7 +348,7 @@ async def _telemetry_scenario(opts: Options) -> dict[str, Any]:
                 metadata = (("authorization", f"Bearer {token}"), ("cache-control", "no-store"))
                 out[name] = await _measure(
                     f"gateway telemetry {name}", proc.address("gateway"), lambda m=metadata: m,
-                    opts, [proc.pid],
+                    opts, [proc.pid, *proc.info.get("gateway_pids", {}).values()],
                 )  # fmt: skip
             finally:
                 await asyncio.to_thread(proc.stop)
@@ -366,6 +377,10 @@ def run(opts: Options) -> dict[str, Any]:
                 "pid": info["pid"],
                 "idle_rss_mb": round(procstat.rss_mb(server.pid), 1),
                 "in_process": info["in_process"],
+                "gateway_idle_rss_mb": {
+                    name: round(procstat.rss_mb(pid), 1)
+                    for name, pid in info.get("gateway_pids", {}).items()
+                },
                 "event_loop": info["event_loop"],
                 "database": info["database"],
             }

@@ -1,4 +1,5 @@
-"""The seed's before-topology, for the `before` scenario: Client → Caddy → API → Database.
+"""The seed's before-topology, for the `before` scenario: Client → Caddy → API → Database,
+and a bare Python byte proxy (`python-proxy`), the floor any Python gateway starts from.
 
 One process (its own, so it does not share the suite's interpreter) serves three hops:
   * `edge`  — a pass-through proxy standing for Caddy (the extra hop);
@@ -116,13 +117,35 @@ async def run(cognitive: str, dsn: str) -> None:
         return handle
 
     edge_server, edge_port = await _serve(_Generic(edge))
-    print(json.dumps({"edge": f"127.0.0.1:{edge_port}", "pid": os.getpid()}), flush=True)
+
+    def naive(method: str) -> Any:
+        forward = upstream.unary_unary(method)
+
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> Any:
+            return await forward(
+                request, metadata=tuple(context.invocation_metadata() or ()), timeout=10
+            )
+
+        return handle
+
+    # The floor for any Python gateway: a bare grpc.aio byte pass-through to cognitive.
+    naive_server, naive_port = await _serve(_Generic(naive))
+    print(
+        json.dumps(
+            {
+                "edge": f"127.0.0.1:{edge_port}",
+                "naive": f"127.0.0.1:{naive_port}",
+                "pid": os.getpid(),
+            }
+        ),
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    for server in (edge_server, api_server, auth_server):
+    for server in (naive_server, edge_server, api_server, auth_server):
         await server.stop(0.5)
     await pool.close()
 

@@ -11,7 +11,7 @@ import grpc
 from google.protobuf import __version__ as protobuf_version
 from google.protobuf.internal import api_implementation
 
-HOP_SCENARIOS = ("gateway", "gateway-cached", "gateway-noauth", "nginx", "before")
+HOP_SCENARIOS = ("gateway", "gateway-cached", "gateway-noauth", "python-proxy", "nginx", "before")
 VARIANCE_NOTE = (
     "Absolute figures vary between machines; the ratios to `direct` measured in the same run "
     "are the result."
@@ -128,8 +128,9 @@ def render(doc: dict[str, Any]) -> str:
     if server:
         out.append(
             f"server process: pid {server['pid']}, {server['event_loop']} loop, idle RSS "
-            f"{server['idle_rss_mb']:.1f} MB — one process for all four services in-process "
-            f"(plus a second gateway with authentication disabled, same back ends)"
+            f"{server['idle_rss_mb']:.1f} MB for the back ends (dataplatform, cognitive, taskproc "
+            f"in one process); each gateway in its own process, idle RSS "
+            f"{server.get('gateway_idle_rss_mb')} MB (one with authentication disabled)"
         )
         out.append(
             f"load: grpc.aio in the harness process, {opts['warmup_seconds']} s warm-up then "
@@ -176,7 +177,7 @@ def render(doc: dict[str, Any]) -> str:
                     f"p50@{c} ms",
                     f"p99@{c} ms",
                     "server CPU µs/req",
-                    "nginx CPU µs/req",
+                    "proxy CPU µs/req",
                     "client CPU µs/req",
                     "errors",
                 ],

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import copy
 import json
 import os
 import re
@@ -94,38 +93,77 @@ async def _watch_parent(stop: asyncio.Event, parent: int) -> None:
         await asyncio.sleep(1.0)
 
 
+def _gateway_env(overrides: dict[str, Any], suite: Suite, auth: bool) -> dict[str, str]:
+    """Environment for a `python -m gateway` process wired to the in-process back ends."""
+    a = overrides["authentication"]
+    env = {
+        **os.environ,
+        "JWT_SECRET_KEY": a["jwt"]["secret_key"],
+        "AIWFE_INTERNAL_SECRET_KEY": a["internal"]["secret_key"],
+        "AIWFE_SERVICES__GATEWAY__PORT": "0",
+        "AIWFE_SERVICES__GATEWAY__METRICS_PORT": "null",
+        "AIWFE_AUTHENTICATION__ENABLED": "true" if auth else "false",
+        "AIWFE_AUTHENTICATION__RATE_LIMITING__API_REQUESTS": str(
+            a["rate_limiting"]["api_requests"]
+        ),
+        "AIWFE_AUTHENTICATION__RATE_LIMITING__LOGIN_ATTEMPTS": str(
+            a["rate_limiting"]["login_attempts"]
+        ),
+        "AIWFE_REDIS__URL": overrides["redis"]["url"] or "",
+        "AIWFE_REDIS__KEY_PREFIX": overrides["redis"]["key_prefix"],
+        "AIWFE_TELEMETRY__ENABLED": "true" if overrides["telemetry"]["enabled"] else "false",
+        "AIWFE_LOGGING__LEVEL": "WARNING",
+    }
+    for name in SERVICE_ORDER:
+        if name != "gateway":
+            env[f"AIWFE_SERVICES__{name.upper()}__PORT"] = str(suite.running[name].port)
+    return env
+
+
+async def _start_gateway(env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", env=env, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().strip()
+    if not line.startswith("gateway: "):
+        raise RuntimeError(f"gateway did not start: {line!r}")
+    return proc, line.split(": ", 1)[1]
+
+
 async def serve(home: str, dsn: str, database: str) -> None:
-    """Starts both suites, announces them, waits for a stop signal, stops them."""
+    """Starts the back ends in this process and each gateway in a process of its own (as in
+    production, so a gateway does not share an interpreter with what it proxies),
+    announces them, waits for a stop signal, stops them."""
     overrides = _overrides(home, dsn)
     # The telemetry scenario starts this process twice: tracing exported over OTLP (the
     # standard OTEL_* variables it passes) and the telemetry interceptor off.
     overrides["telemetry"] = {"enabled": os.environ.get(TELEMETRY_ENV, "1") != "0"}
     configure_tracing("bench")
     suites: list[Suite] = []
+    gateways: list[asyncio.subprocess.Process] = []
     try:
-        suite = await start_suite(overrides)
+        suite = await start_suite(overrides, only=("dataplatform", "cognitive", "taskproc"))
         suites.append(suite)
-        # Same back ends, authentication off: only this gateway's interceptor differs.
-        noauth = copy.deepcopy(overrides)
-        noauth["authentication"]["enabled"] = False
-        noauth["services"] = {
-            name: {"port": suite.running[name].port} for name in SERVICE_ORDER if name != "gateway"
-        }
-        noauth_suite = await start_suite(noauth, only=("gateway",))
-        suites.append(noauth_suite)
+        addresses = {name: suite.address(name) for name in suite.running}
+        pids = {}
+        # Same back ends; only the gateways' authentication differs.
+        for name, auth in (("gateway", True), ("gateway_noauth", False)):
+            proc, address = await _start_gateway(_gateway_env(overrides, suite, auth))
+            gateways.append(proc)
+            addresses[name], pids[name] = address, proc.pid
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         watcher = asyncio.create_task(_watch_parent(stop, os.getppid()))
-        addresses = {name: suite.address(name) for name in SERVICE_ORDER}
-        addresses["gateway_noauth"] = noauth_suite.address("gateway")
         announcement = {
             "pid": os.getpid(),
+            "gateway_pids": pids,
             "database": database,
             "addresses": addresses,
-            "in_process": [*SERVICE_ORDER, "gateway (authentication disabled)"],
+            "in_process": ["dataplatform", "cognitive", "taskproc"],
             "event_loop": type(loop).__module__.split(".")[0],
         }
         print(json.dumps(announcement), flush=True)
@@ -134,6 +172,10 @@ async def serve(home: str, dsn: str, database: str) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
     finally:
+        for proc in gateways:
+            if proc.returncode is None:
+                proc.terminate()
+                await proc.wait()
         for running in reversed(suites):
             await running.stop()
 

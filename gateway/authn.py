@@ -90,5 +90,5 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if self._cache is not None and principal.is_user and ResponseCache.applies(info):
             assert info is not None
-            handler = self._cache.wrap(handler, info, principal.user_id)
+            handler = self._cache.wrap(handler, info)
         return with_principal(handler, principal)

@@ -191,6 +191,12 @@ class ApiLimiter:
     def _limit_for(self, roles: tuple[str, ...]) -> int:
         return max((self._per_role.get(r, self._default) for r in roles), default=self._default)
 
+    def batch_for(self, limit: int) -> int:
+        """Quota reserved per Redis trip: the configured batch, or 1% of a large limit (at
+        most 1,000), so a high limit costs one round trip per hundreds of requests while a
+        small one (the seed's 100/min) keeps its fine-grained batches."""
+        return max(self._batch, min(1000, limit // 100))
+
     def try_local(self, user_id: str) -> bool:
         """Spends one locally reserved request (the hot path); False when none is left."""
         a = self._allowances.get(user_id)
@@ -218,7 +224,7 @@ class ApiLimiter:
         if self._script is not None:
             key = self._redis.key(f"ratelimit:api:{user_id}:{window}")
             result = await self._redis.eval_script(
-                self._script, [key], [limit, self._batch, self._window * 1000 + 1000]
+                self._script, [key], [limit, self.batch_for(limit), self._window * 1000 + 1000]
             )
         if result is not None:
             granted = int(result[0])

@@ -18,7 +18,8 @@ import grpc
 
 from aiwfe import metrics
 from aiwfe.cache import TTLCache
-from aiwfe.interceptors import Behavior, wrap_handler
+from aiwfe.identity import current_principal
+from aiwfe.interceptors import Behavior, HandlerCache
 from aiwfe.redis_client import RedisClient
 from gateway.policies import MethodInfo
 
@@ -35,9 +36,13 @@ _counters = {
 class ResponseCache:
     """L1 + Redis cache of proxied response bytes per (method, user, request hash)."""
 
-    def __init__(self, redis: RedisClient, max_entries: int = 10_000) -> None:
+    def __init__(
+        self, redis: RedisClient, methods: dict[str, MethodInfo], max_entries: int = 10_000
+    ) -> None:
         self._redis = redis
+        self._methods = methods
         self._l1: TTLCache[str, bytes] = TTLCache(max_entries)
+        self._handlers = HandlerCache(self._guard_for)
 
     @staticmethod
     def applies(info: MethodInfo | None) -> bool:
@@ -46,18 +51,23 @@ class ResponseCache:
             and not info.server_streaming
         )  # fmt: skip
 
-    def wrap(
-        self, handler: grpc.RpcMethodHandler, info: MethodInfo, user_id: str
-    ) -> grpc.RpcMethodHandler:
-        """`handler` answering from the cache when it can."""
+    def wrap(self, handler: grpc.RpcMethodHandler, info: MethodInfo) -> grpc.RpcMethodHandler:
+        """`handler` answering from the cache when it can; built once per method (the
+        caller comes from the principal ContextVar the auth interceptor sets)."""
+        return self._handlers.get(info.path, handler)
+
+    def _guard_for(self, method: str) -> Any:
+        info = self._methods[method]
         ttl = float(info.cache_ttl_seconds)
         endpoint = info.path.lstrip("/").replace("/", ".")
 
         def guard(behavior: Behavior, streaming: bool) -> Behavior:
             async def cached(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if not isinstance(request, bytes):
+                principal = current_principal.get()
+                if not isinstance(request, bytes) or principal is None:
                     return await behavior(request, context)
-                key = self._redis.api_key(endpoint, user_id, hashlib.sha256(request).hexdigest())
+                digest = hashlib.sha256(request).hexdigest()
+                key = self._redis.api_key(endpoint, principal.user_id, digest)
                 directive = _cache_control(context)
                 if directive == "no-store":  # neither answered from nor written to the cache
                     return await behavior(request, context)
@@ -79,7 +89,7 @@ class ResponseCache:
 
             return cached
 
-        return wrap_handler(handler, guard)
+        return guard
 
     async def _store(self, key: str, response: Any, ttl: float) -> Any:
         if isinstance(response, bytes) and len(response) <= _MAX_CACHED_BYTES:

@@ -70,7 +70,7 @@ class GatewayService(Service):
         self.sessions = SessionManager(self.tokens, data, self.revocations)
         self.login_limiter = LoginLimiter(auth.rate_limiting, self.redis)
         self.api_limiter = ApiLimiter(auth.rate_limiting, self.redis)
-        self.response_cache = ResponseCache(self.redis)
+        self.response_cache = ResponseCache(self.redis, self.methods)
 
     async def start(self) -> None:
         await self.revocations.start()
