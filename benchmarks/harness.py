@@ -179,6 +179,11 @@ async def _measure(
                 server_pids,
                 proxy_pids,
             )
+        if phases["throughput"].rps:
+            # Latency at half of the maximum throughput just measured (open loop).
+            phases["half_load"] = await load.run_rate(
+                channel, metadata_factory(), phases["throughput"].rps / 2, opts.seconds
+            )
         check = await load.preflight(channel, metadata_factory())
     lat, thr = phases["latency"], phases["throughput"]
     return {

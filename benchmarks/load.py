@@ -116,6 +116,52 @@ async def _drive(
     return latencies, errors, time.perf_counter() - start
 
 
+async def run_rate(
+    channel: grpc.aio.Channel,
+    metadata: tuple[tuple[str, str], ...],
+    rate: float,
+    seconds: float,
+) -> PhaseResult:
+    """Open loop at a fixed request rate (e.g. half the measured maximum): latency under a
+    realistic load, not at saturation. Calls still in flight at the end are awaited."""
+    call = channel.unary_unary(EMBED_METHOD)
+    request = embed_request()
+    latencies: list[int] = []
+    errors: Counter[str] = Counter()
+
+    async def one() -> None:
+        t0 = time.perf_counter_ns()
+        try:
+            await call(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            errors[exc.code().name] += 1
+            return
+        latencies.append(time.perf_counter_ns() - t0)
+
+    tasks = []
+    interval = 1.0 / rate
+    start = time.perf_counter()
+    n = int(rate * seconds)
+    for i in range(n):
+        delay = start + i * interval - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one()))
+    await asyncio.gather(*tasks)
+    result = PhaseResult(concurrency=0, seconds=time.perf_counter() - start)
+    result.requests, result.errors, result.error_codes = (
+        len(latencies),
+        sum(errors.values()),
+        dict(errors),
+    )
+    if latencies:
+        ms = np.asarray(latencies, dtype=np.float64) / 1e6
+        p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+        result.p50_ms, result.p95_ms, result.p99_ms = float(p50), float(p95), float(p99)
+        result.rps = result.requests / result.seconds
+    return result
+
+
 async def run_phase(
     channel: grpc.aio.Channel,
     metadata: tuple[tuple[str, str], ...],

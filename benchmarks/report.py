@@ -135,7 +135,8 @@ def render(doc: dict[str, Any]) -> str:
         out.append(
             f"load: grpc.aio in the harness process, {opts['warmup_seconds']} s warm-up then "
             f"{opts['seconds']} s per phase: latency at {opts['latency_concurrency']} in flight, "
-            f"throughput and CPU at {opts['concurrency']} in flight; one cached Embed text"
+            f"throughput and CPU at {opts['concurrency']} in flight, then an open loop at half "
+            "that throughput (@½max); one cached Embed text"
         )
     rpc_rows = []
     unmeasured: list[str] = []  # skipped or failed scenarios, listed under the table
@@ -158,6 +159,8 @@ def render(doc: dict[str, Any]) -> str:
                 _f(s["rps"], 0),
                 _f(thr["p50_ms"], 2),
                 _f(thr["p99_ms"], 2),
+                _f((s["phases"].get("half_load") or {}).get("p50_ms"), 2),
+                _f((s["phases"].get("half_load") or {}).get("p99_ms"), 2),
                 _f(s["server_cpu_us_per_request"], 0),
                 _f(s.get("proxy_cpu_us_per_request"), 0),
                 _f(s["client_cpu_us_per_request"], 0),
@@ -176,6 +179,8 @@ def render(doc: dict[str, Any]) -> str:
                     "rps",
                     f"p50@{c} ms",
                     f"p99@{c} ms",
+                    "p50@½max ms",
+                    "p99@½max ms",
                     "server CPU µs/req",
                     "proxy CPU µs/req",
                     "client CPU µs/req",
