@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RPC_SCENARIOS = (
     "direct", "gateway", "gateway-cached", "gateway-noauth", "python-proxy", "nginx", "before"
 )  # fmt: skip
-OTHER_SCENARIOS = ("telemetry", "embedder", "vector-search")
+OTHER_SCENARIOS = ("memory", "telemetry", "embedder", "vector-search")
 ALL_SCENARIOS = RPC_SCENARIOS + OTHER_SCENARIOS
 
 
@@ -392,6 +392,11 @@ def run(opts: Options) -> dict[str, Any]:
             _run_loop(_rpc_scenarios(server, opts, results, notes))
         finally:
             server.stop()
+    if "memory" in opts.scenarios:
+        print("running memory (aiwfe up, idle RSS per service) ...", file=sys.stderr, flush=True)
+        from benchmarks import memory
+
+        results["memory"] = memory.run(opts.admin_dsn)
     if "telemetry" in opts.scenarios:
         print("running telemetry (on vs off) ...", file=sys.stderr, flush=True)
         results["telemetry"] = _run_loop(_telemetry_scenario(opts))

@@ -231,6 +231,14 @@ def render(doc: dict[str, Any]) -> str:
         out.append(
             f"auth on vs off: gateway p50 {rat['auth_on_vs_off_p50_pct']:+.1f}% vs gateway-noauth"
         )
+    mem = scenarios.get("memory")
+    if mem:
+        per = ", ".join(f"{k} {v:.0f} MB" for k, v in mem["idle_rss_mb"].items())
+        out += [
+            "",
+            f"idle RSS per service (aiwfe up, built-in embedder): {per} "
+            f"(goal ≤ {mem['goal_mb']:.0f} MB each: {'met' if mem['goal_met'] else 'NOT met'})",
+        ]
     tel = scenarios.get("telemetry")
     if tel and "p50_ratio_on_off" in tel:
         out += [

@@ -28,13 +28,13 @@ from dataplatform.vectors import (
     CollectionExists,
     CollectionNotFound,
     CollectionSpec,
+    EdgeVectorStore,
     UnindexedFilterField,
     VectorPoint,
     VectorStore,
     open_vector_store,
 )
 from dataplatform.vectors.base import DISTANCES, ID_PAYLOAD_KEY, NAME_PATTERN
-from dataplatform.vectors.server import is_transient
 
 MAX_BATCH = 1000
 MAX_DIMENSION = 65536
@@ -124,6 +124,7 @@ class VectorService(pb_grpc.VectorStoreServiceServicer):
     def __init__(self, settings: Settings, store: VectorStore | None = None) -> None:
         self._defaults = settings.qdrant.collection_config.vectors
         self.store = store or open_configured_store(settings)
+        self._store_is_server = not isinstance(self.store, EdgeVectorStore)
 
     @contextlib.contextmanager
     def _op(self, operation: str) -> Iterator[None]:
@@ -140,7 +141,7 @@ class VectorService(pb_grpc.VectorStoreServiceServicer):
                 [(f"filter.{exc.field}", "is not an indexed field of this collection")]
             ) from None
         except Exception as exc:
-            if is_transient(exc):
+            if self._store_is_server and _server_transient(exc):
                 raise Unavailable("vector store unavailable, retry later") from None
             raise
         finally:
@@ -304,3 +305,10 @@ class VectorService(pb_grpc.VectorStoreServiceServicer):
 
     async def close(self) -> None:
         await self.store.close()
+
+
+def _server_transient(exc: BaseException) -> bool:
+    # Imported here: qdrant-client costs ~70 MB of RSS and only the server store needs it.
+    from dataplatform.vectors.server import is_transient
+
+    return is_transient(exc)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import (
     CollectionExists,
@@ -17,7 +17,9 @@ from .base import (
     VectorStoreError,
 )
 from .edge import EdgeVectorStore
-from .server import QdrantServerStore
+
+if TYPE_CHECKING:
+    from .server import QdrantServerStore
 
 __all__ = [
     "CollectionExists",
@@ -47,5 +49,16 @@ def open_vector_store(url: str | None, path: Path, **kw: Any) -> VectorStore:
         A QdrantServerStore when ``url`` is set, else an EdgeVectorStore at ``path``.
     """
     if url:
+        from .server import QdrantServerStore
+
         return QdrantServerStore(url, **kw)
     return EdgeVectorStore(Path(path), **kw)
+
+
+def __getattr__(name: str) -> Any:
+    # The server store pulls in qdrant-client (~70 MB RSS): loaded only when used.
+    if name == "QdrantServerStore":
+        from .server import QdrantServerStore
+
+        return QdrantServerStore
+    raise AttributeError(name)
