@@ -302,6 +302,7 @@ class ServicesSettings(_Block):
 class GrpcSettings(_Block):
     """Transport limits and the seed's keepalive options for inter-service channels."""
 
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"  # uvloop measured faster (benchmarks)
     keepalive_time_ms: int = 30000
     keepalive_timeout_ms: int = 5000
     keepalive_permit_without_calls: bool = True

@@ -211,12 +211,14 @@ def main(service_cls: type[Service]) -> None:
     except ConfigError as exc:
         print(f"{service_cls.name}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    try:
-        import uvloop
+    runner = asyncio.run
+    if settings.grpc.event_loop == "uvloop":
+        try:
+            import uvloop
 
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover
-        runner = asyncio.run
+            runner = uvloop.run
+        except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+            pass
     try:
         runner(serve(service_cls, settings))
     except ConfigError as exc:

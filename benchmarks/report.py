@@ -11,7 +11,10 @@ import grpc
 from google.protobuf import __version__ as protobuf_version
 from google.protobuf.internal import api_implementation
 
-HOP_SCENARIOS = ("gateway", "gateway-cached", "gateway-noauth", "python-proxy", "nginx", "before")
+HOP_SCENARIOS = (
+    "gateway", "gateway-cached", "gateway-noauth", "gateway-asyncio", "python-proxy", "nginx",
+    "before",
+)  # fmt: skip
 VARIANCE_NOTE = (
     "Absolute figures vary between machines; the ratios to `direct` measured in the same run "
     "are the result."

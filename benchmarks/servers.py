@@ -148,8 +148,13 @@ async def serve(home: str, dsn: str, database: str) -> None:
         addresses = {name: suite.address(name) for name in suite.running}
         pids = {}
         # Same back ends; only the gateways' authentication differs.
-        for name, auth in (("gateway", True), ("gateway_noauth", False)):
-            proc, address = await _start_gateway(_gateway_env(overrides, suite, auth))
+        for name, auth, loop_kind in (
+            ("gateway", True, "uvloop"),
+            ("gateway_noauth", False, "uvloop"),
+            ("gateway_asyncio", True, "asyncio"),  # the uvloop lever, measured
+        ):
+            env = {**_gateway_env(overrides, suite, auth), "AIWFE_GRPC__EVENT_LOOP": loop_kind}
+            proc, address = await _start_gateway(env)
             gateways.append(proc)
             addresses[name], pids[name] = address, proc.pid
 
