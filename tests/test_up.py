@@ -4,6 +4,7 @@ reaching Embed through the gateway with reflection alone."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -211,7 +212,15 @@ async def test_metrics_scrape_and_no_secrets_in_logs(up_process, database_dsn) -
             await login(ch, "admin", "a-wrong-password-for-the-log-test")
         with pytest.raises(grpc.aio.AioRpcError):
             await stub.Embed(cog_pb.EmbedRequest(texts=["x"]), metadata=bearer(token + "tampered"))
-    after = {name: _scrape(port) for name, port in up.metrics_ports.items()}
+    # A status can reach the client a moment before the server's interceptor records it:
+    # scrape until the last expected sample shows up (bounded).
+    deadline = time.monotonic() + 5
+    while True:
+        after = {name: _scrape(port) for name, port in up.metrics_ports.items()}
+        unauthenticated = _total(after["gateway"], "error_rate_total", code="UNAUTHENTICATED")
+        if unauthenticated >= 2 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
     embed = "/aiwfe.cognitive.v1.CognitiveService/Embed"
     for service in ("gateway", "cognitive"):
         grew = _total(after[service], "request_rate_counter_total", method=embed) - _total(
