@@ -345,6 +345,12 @@ async def _telemetry_scenario(opts: Options) -> dict[str, Any]:
         },
         "off": {"OTEL_TRACES_EXPORTER": "none", servers.TELEMETRY_ENV: "0"},
     }
+    # The same, sampling 10% of traces (standard OTEL_TRACES_SAMPLER variables).
+    variants["on_sampled"] = {
+        **variants["on"],
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.1",
+    }
     out: dict[str, Any] = {}
     try:
         for name, env in variants.items():
@@ -361,6 +367,7 @@ async def _telemetry_scenario(opts: Options) -> dict[str, Any]:
                 await asyncio.to_thread(proc.stop)
         out["spans_exported"] = collector.spans
         out["p50_ratio_on_off"] = round(out["on"]["p50_ms"] / out["off"]["p50_ms"], 3)
+        out["p50_ratio_sampled_off"] = round(out["on_sampled"]["p50_ms"] / out["off"]["p50_ms"], 3)
         out["cpu_ratio_on_off"] = round(
             out["on"]["server_cpu_us_per_request"] / out["off"]["server_cpu_us_per_request"], 3
         )

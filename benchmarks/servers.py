@@ -121,14 +121,27 @@ def _gateway_env(overrides: dict[str, Any], suite: Suite, auth: bool) -> dict[st
 
 
 async def _start_gateway(env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", env=env, stdout=asyncio.subprocess.PIPE
-    )
-    assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().strip()
-    if not line.startswith("gateway: "):
-        raise RuntimeError(f"gateway did not start: {line!r}")
-    return proc, line.split(": ", 1)[1]
+    """`python -m gateway`, waiting for its readiness line; one retry, then its stderr."""
+    last = ""
+    for _ in range(2):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().strip()
+        if line.startswith("gateway: "):
+            # Keep draining stderr so the gateway never blocks on a full pipe.
+            asyncio.get_running_loop().create_task(_drain(proc.stderr))
+            return proc, line.split(": ", 1)[1]
+        last = (await proc.stderr.read()).decode(errors="replace")[-2000:]
+        await proc.wait()
+    raise RuntimeError(f"gateway did not start: {last}")
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(65536):
+        pass
 
 
 async def serve(home: str, dsn: str, database: str) -> None:
