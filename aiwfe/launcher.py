@@ -17,6 +17,7 @@ import secrets
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from aiwfe.config import Settings, load_settings
 from aiwfe.embedded import Provisioned, provision_postgres, provision_redis
@@ -149,8 +150,9 @@ async def run_up(settings: Settings) -> int:
             assert proc.stdout is not None
             pumps.append(asyncio.create_task(_pump(name, proc.stdout, ready)))
             waiter = asyncio.create_task(stop.wait())
+            ready_or_stop: set[asyncio.Future[Any]] = {ready, waiter}
             done, _ = await asyncio.wait(
-                {ready, waiter}, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+                ready_or_stop, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
             )
             waiter.cancel()
             if stop.is_set():
@@ -161,10 +163,10 @@ async def run_up(settings: Settings) -> int:
         print(banner(settings, pg, redis), flush=True)
         exits = [asyncio.create_task(p.wait()) for _, p in children]
         stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({*exits, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        exited, _ = await asyncio.wait({*exits, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
         for (name, proc), task in zip(children, exits, strict=True):
-            if task in done:
+            if task in exited:
                 print(f"aiwfe: {name} exited with code {proc.returncode}; stopping", flush=True)
                 code = 1
             task.cancel()
@@ -173,9 +175,9 @@ async def run_up(settings: Settings) -> int:
         code = 1
     finally:
         await _stop_children(children)
-        for task in pumps:
+        for pump in pumps:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 2)
+                await asyncio.wait_for(pump, 2)
         redis.stop()
         pg.stop()
     print("aiwfe: stopped", flush=True)

@@ -90,7 +90,8 @@ _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
 
 
 def _series() -> tuple[frozenset[str], frozenset[str]]:
-    families, series = set(), set()
+    families: set[str] = set()
+    series: set[str] = set()
     for collector in (
         request_duration_histogram, request_rate_counter, error_rate, concurrent_requests,
         jwt_validation_time, session_cache_hit_rate, authentication_success_rate,

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -91,13 +91,16 @@ class RedisClient:
             log.warning("redis unavailable, degrading for %.0f s: %s", _BACKOFF_SECONDS, exc)
             return default
 
+    # decode_responses is off, so replies are bytes; redis-py's stubs also allow str.
     async def get(self, key: str) -> bytes | None:
-        return await self.run(lambda r: r.get(key), None)
+        return cast("bytes | None", await self.run(lambda r: r.get(key), None))
 
     async def mget(self, keys: list[str]) -> list[bytes | None]:
         if not keys:
             return []
-        return await self.run(lambda r: r.mget(keys), [None] * len(keys))
+        return cast(
+            "list[bytes | None]", await self.run(lambda r: r.mget(keys), [None] * len(keys))
+        )
 
     async def set(self, key: str, value: bytes | str, ttl: float) -> bool:
         return bool(await self.run(lambda r: r.set(key, value, px=max(1, int(ttl * 1000))), False))

@@ -12,7 +12,8 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -211,7 +212,7 @@ def main(service_cls: type[Service]) -> None:
     except ConfigError as exc:
         print(f"{service_cls.name}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    runner = asyncio.run
+    runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
     if settings.grpc.event_loop == "uvloop":
         try:
             import uvloop

@@ -21,11 +21,14 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from contextvars import Token
 from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from aiwfe import metrics
@@ -36,7 +39,7 @@ _INSTRUMENTATION = "aiwfe"
 _configured = False
 
 
-class _MetadataGetter:
+class _MetadataGetter(Getter[Any]):
     """Reads W3C headers from gRPC invocation metadata (a sequence of pairs)."""
 
     def get(self, carrier: Any, key: str) -> list[str] | None:
@@ -168,7 +171,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
                 )
             return entry
 
-        def start(context: grpc.aio.ServicerContext) -> tuple[Any, object | None]:
+        def start(context: grpc.aio.ServicerContext) -> tuple[Any, Token[Context] | None]:
             """Makes the caller's trace (and our span, when recording) current."""
             metadata = context.invocation_metadata()
             parent = None
@@ -187,7 +190,10 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             return None, None
 
         def finish(
-            span: Any, token: object | None, context: grpc.aio.ServicerContext, started: float
+            span: Any,
+            token: Token[Context] | None,
+            context: grpc.aio.ServicerContext,
+            started: float,
         ) -> None:
             elapsed = time.perf_counter() - started
             in_flight.dec()

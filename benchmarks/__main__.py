@@ -12,8 +12,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
+
+# The harness starts processes while its gRPC channels are live; gRPC's fork handlers are
+# of no use to a child that execs at once and can abort it. Set before grpc is imported;
+# child processes inherit it.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from benchmarks import harness, report
 

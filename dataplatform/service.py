@@ -29,6 +29,7 @@ from aiwfe.passwords import hash_password_async
 from aiwfe.server import Service
 from dataplatform.cache_store import CacheStore
 from dataplatform.db import Database
+from dataplatform.guard import DatabaseGuard
 from dataplatform.token_store import TokenStore
 from dataplatform.users import UserStore
 from dataplatform.vector_service import VectorService
@@ -67,7 +68,7 @@ class DataPlatformService(Service):
         admin = self.settings.authentication.admin
         password = admin.password
         generated = password is None
-        if generated:
+        if password is None:
             password = secrets.token_urlsafe(18)
         user = await self.users.create(
             admin.username, await hash_password_async(password), ["admin"]
@@ -107,7 +108,18 @@ class DataPlatformService(Service):
         ]
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [InternalIdentityInterceptor(self.identity)]
+        database_backed = [
+            user_store_service_pb2.DESCRIPTOR.services_by_name["UserStoreService"].full_name,
+            cache_store_service_pb2.DESCRIPTOR.services_by_name["CacheStoreService"].full_name,
+            workflow_store_service_pb2.DESCRIPTOR.services_by_name[
+                "WorkflowStoreService"
+            ].full_name,
+            token_store_service_pb2.DESCRIPTOR.services_by_name["TokenStoreService"].full_name,
+        ]
+        return [
+            InternalIdentityInterceptor(self.identity),
+            DatabaseGuard(self.db, database_backed),
+        ]
 
     async def healthy(self) -> bool:
         """PostgreSQL answers; also exports database_connection_pool_usage on every probe."""

@@ -20,7 +20,7 @@ from aiwfe.data.v1 import token_store_service_pb2 as pb
 from aiwfe.data.v1 import token_store_service_pb2_grpc as pb_grpc
 from aiwfe.errors import AlreadyExists, InvalidArgument
 from aiwfe.validation import Violations
-from dataplatform.db import Database
+from dataplatform.db import Database, DictConnection
 
 MAX_ITEMS = 100
 MAX_JTI_CHARS = 128
@@ -151,7 +151,7 @@ class TokenStore(pb_grpc.TokenStoreServiceServicer):
         )
 
     async def _revoke_families(
-        self, conn: psycopg.AsyncConnection, family_ids: list[Any], reason: str
+        self, conn: DictConnection, family_ids: list[Any], reason: str
     ) -> list[pb.RevokedAccessToken]:
         """Marks families revoked and records a revocation of each live access token."""
         if not family_ids:

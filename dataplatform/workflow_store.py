@@ -39,7 +39,7 @@ from aiwfe.data.v1 import workflow_store_service_pb2_grpc as pb_grpc
 from aiwfe.errors import InvalidArgument, NotFound
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.validation import Violations
-from dataplatform.db import Database
+from dataplatform.db import Database, DictConnection
 
 log = logging.getLogger("aiwfe.dataplatform.workflows")
 T = TypeVar("T")
@@ -178,7 +178,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
 
     # --- plumbing -------------------------------------------------------------------------
 
-    async def _tx(self, work: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
+    async def _tx(self, work: Callable[[DictConnection], Awaitable[T]]) -> T:
         """Runs `work` in one transaction, retrying on deadlock/serialization failures."""
         for attempt in range(_TX_RETRIES):
             touched: set[uuid.UUID] = set()
@@ -198,7 +198,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         raise AssertionError("unreachable")
 
     @staticmethod
-    async def _lock_workflows(conn: psycopg.AsyncConnection, ids: list[uuid.UUID]) -> None:
+    async def _lock_workflows(conn: DictConnection, ids: list[uuid.UUID]) -> None:
         """Locks workflow rows in id order, so concurrent batches never deadlock on them."""
         if len(ids) > 1:
             await conn.execute(
@@ -209,7 +209,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
 
     async def _append_events(
         self,
-        conn: psycopg.AsyncConnection,
+        conn: DictConnection,
         events: list[tuple[uuid.UUID, str, int, str]],
         new_states: dict[uuid.UUID, tuple[int, str]] | None = None,
         promote_pending: bool = False,
@@ -254,9 +254,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             },
         )
 
-    async def _load(
-        self, conn: psycopg.AsyncConnection, rows: list[dict[str, Any]]
-    ) -> list[wf_pb.Workflow]:
+    async def _load(self, conn: DictConnection, rows: list[dict[str, Any]]) -> list[wf_pb.Workflow]:
         """Workflow messages for workflow rows, with their steps in spec order."""
         if not rows:
             return []
@@ -271,7 +269,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         return [_workflow(r, steps.get(r["workflow_id"], [])) for r in rows]
 
     async def _visible(
-        self, conn: psycopg.AsyncConnection, workflow_id: str, scope: pb.WorkflowScope
+        self, conn: DictConnection, workflow_id: str, scope: pb.WorkflowScope
     ) -> dict[str, Any]:
         wid = _uuid(workflow_id)
         cur = await conn.execute(
@@ -296,7 +294,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         v.raise_if_any()
         key = request.idempotency_key or None
 
-        async def work(conn: psycopg.AsyncConnection) -> tuple[dict[str, Any], bool]:
+        async def work(conn: DictConnection) -> tuple[dict[str, Any], bool]:
             wid = uuid.uuid4()
             cur = await conn.execute(
                 "INSERT INTO workflows (workflow_id, owner_id, owner_username, owner_roles,"
@@ -354,7 +352,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             await self._append_events(conn, [(wid, "", 0, "workflow submitted")])
             return row, True
 
-        async def run(conn: psycopg.AsyncConnection) -> pb.CreateWorkflowResponse:
+        async def run(conn: DictConnection) -> pb.CreateWorkflowResponse:
             row, created = await work(conn)
             if created:  # nothing to read back: every step is PENDING with no attempts
                 steps = [
@@ -387,7 +385,8 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         v.check(0 <= request.page_size <= 1000, "page_size", "must be between 0 and 1000")
         v.raise_if_any()
         size = request.page_size or 50
-        where, args = ["true"], []
+        where: list[str] = ["true"]
+        args: list[Any] = []
         if not request.scope.all_owners:
             where.append("owner_id = %s")
             args.append(request.scope.owner_id)
@@ -411,9 +410,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         token = _page_token(rows[-1]["created_at"], rows[-1]["workflow_id"]) if more else ""
         return pb.ListStoredWorkflowsResponse(workflows=workflows, next_page_token=token)
 
-    async def _stop(
-        self, conn: psycopg.AsyncConnection, wid: uuid.UUID, state: int, message: str
-    ) -> bool:
+    async def _stop(self, conn: DictConnection, wid: uuid.UUID, state: int, message: str) -> bool:
         """Cancels a workflow's unfinished steps and moves it to `state` (if still active)."""
         cur = await conn.execute(
             "UPDATE workflow_steps SET state = 5, lease_owner = NULL, lease_expires_at = NULL,"
@@ -438,7 +435,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         self, request: pb.CancelStoredWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelStoredWorkflowResponse:
         async def work(
-            conn: psycopg.AsyncConnection,
+            conn: DictConnection,
         ) -> tuple[pb.CancelStoredWorkflowResponse, bool]:
             row = await self._visible(conn, request.workflow_id, request.scope)
             stopped = False
@@ -515,7 +512,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
 
     # --- the queue ------------------------------------------------------------------------
 
-    async def _sweep(self, conn: psycopg.AsyncConnection) -> list[str]:
+    async def _sweep(self, conn: DictConnection) -> list[str]:
         """Times out overdue workflows and makes expired leases claimable again (counting a
         failed attempt); returns the ids of workflows stopped."""
         stopped: list[str] = []
@@ -557,7 +554,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         return stopped
 
     async def _fail_workflow(
-        self, conn: psycopg.AsyncConnection, wid: uuid.UUID, step: str, attempts: int, error: str
+        self, conn: DictConnection, wid: uuid.UUID, step: str, attempts: int, error: str
     ) -> None:
         """The dead letter: the step FAILED, the rest cancelled, the workflow FAILED."""
         await conn.execute(
@@ -601,7 +598,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             stopped = await self._tx(self._sweep)
             self.wakeups.stopped(stopped)
 
-        async def work(conn: psycopg.AsyncConnection) -> pb.ClaimStepsResponse:
+        async def work(conn: DictConnection) -> pb.ClaimStepsResponse:
             cur = await conn.execute(
                 "WITH picked AS (SELECT workflow_id, name FROM workflow_steps"
                 "   WHERE state IN (1, 6) AND remaining_deps = 0 AND next_run_at <= now()"
@@ -718,7 +715,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         outputs = [json.dumps(_dict(r.output)) for r in results]
         me = request.worker_id
 
-        async def work(conn: psycopg.AsyncConnection) -> tuple[list[bool], bool]:
+        async def work(conn: DictConnection) -> tuple[list[bool], bool]:
             # One statement records the results where the lease is still ours, one row per
             # attempt (its primary key makes "recorded once" a database guarantee), and
             # counts down the dependents' unmet dependencies.
@@ -793,7 +790,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         wid = _uuid(request.ref.workflow_id)
         error = request.error[:MAX_ERROR_CHARS] or "failed"
 
-        async def work(conn: psycopg.AsyncConnection) -> tuple[pb.FailStepResponse, bool]:
+        async def work(conn: DictConnection) -> tuple[pb.FailStepResponse, bool]:
             cur = await conn.execute(
                 "UPDATE workflow_steps SET failures = failures + 1, error = %s, updated_at = now()"
                 " WHERE workflow_id = %s AND name = %s AND attempt = %s AND lease_owner = %s"
@@ -854,7 +851,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             return pb.ReleaseStepsResponse()
         wf, name, attempt = self._refs(request.steps)
 
-        async def work(conn: psycopg.AsyncConnection) -> int:
+        async def work(conn: DictConnection) -> int:
             cur = await conn.execute(
                 "UPDATE workflow_steps s SET state = 1, lease_owner = NULL,"
                 "   lease_expires_at = NULL, next_run_at = now(), updated_at = now()"

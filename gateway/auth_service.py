@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import TypeVar
 
 import grpc
 
@@ -33,6 +34,8 @@ MAX_PASSWORD_CHARS = 256
 MAX_ROLES = 32
 _USERNAME = re.compile(r"[A-Za-z0-9._-]{3,64}")
 _BAD_CREDENTIALS = "invalid username or password"
+# Login and Refresh answer the same token-pair fields.
+_PairResponse = TypeVar("_PairResponse", pb.LoginResponse, pb.RefreshResponse)
 
 _login_ok = metrics.authentication_success_rate.labels("login", "success")
 _login_failed = metrics.authentication_success_rate.labels("login", "failure")
@@ -61,7 +64,7 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
         self._limiter = limiter
         self._access_ttl = access_ttl
 
-    def _pair(self, pair: TokenPair, cls: type) -> object:
+    def _pair(self, pair: TokenPair, cls: type[_PairResponse]) -> _PairResponse:
         return cls(
             access_token=pair.access.token,
             refresh_token=pair.refresh,

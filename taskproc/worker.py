@@ -218,8 +218,8 @@ class Worker:
             for (_, fut), ok in zip(batch, reply.accepted, strict=True):
                 if not fut.done():
                     fut.set_result(ok)
-            if not all(reply.accepted):
-                log.warning("%d results discarded: lease lost", reply.accepted.count(False))
+            if discarded := sum(1 for ok in reply.accepted if not ok):
+                log.warning("%d results discarded: lease lost", discarded)
 
     async def _fail(self, step: store_pb.ClaimedStep, error: str, retryable: bool) -> None:
         request = store_pb.FailStepRequest(

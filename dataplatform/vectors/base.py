@@ -20,6 +20,7 @@ __all__ = [
     "DimensionMismatch",
     "ScoredPoint",
     "UnindexedFilterField",
+    "Vector",
     "VectorPoint",
     "VectorStore",
     "VectorStoreError",
@@ -28,6 +29,9 @@ __all__ = [
     "validate_matrix",
     "validate_vector",
 ]
+
+#: A vector as callers hold it: a float sequence or a NumPy array (validate_vector takes both).
+Vector = Sequence[float] | np.ndarray
 
 #: Distance names accepted in CollectionSpec (Qdrant's spelling).
 DISTANCES = ("Cosine", "Dot", "Euclid", "Manhattan")
@@ -117,7 +121,7 @@ class VectorPoint:
     """A point to upsert: caller's string id, vector and keyword payload."""
 
     id: str
-    vector: Sequence[float]
+    vector: Vector
     payload: dict[str, str] = field(default_factory=dict)
 
 
@@ -162,7 +166,7 @@ def validate_matrix(spec: CollectionSpec, points: Sequence[VectorPoint]) -> np.n
     return out
 
 
-def validate_vector(spec: CollectionSpec, vector: Sequence[float]) -> np.ndarray:
+def validate_vector(spec: CollectionSpec, vector: Vector) -> np.ndarray:
     """Check one vector's length and values; return it as float32.
 
     Raises:
@@ -259,7 +263,7 @@ class VectorStore(abc.ABC):
     async def search(
         self,
         name: str,
-        vector: Sequence[float],
+        vector: Vector,
         top_k: int,
         filter: Mapping[str, str] | None = None,
         score_threshold: float | None = None,

@@ -50,6 +50,7 @@ from .base import (
     CollectionNotFound,
     CollectionSpec,
     ScoredPoint,
+    Vector,
     VectorPoint,
     VectorStore,
     check_filter,
@@ -260,7 +261,7 @@ class EdgeVectorStore(VectorStore):
     async def delete(self, name: str, ids: Sequence[str]) -> int:
         """Delete by string id; returns how many of them existed."""
         coll = self._get(name)
-        engine_ids = list(dict.fromkeys(engine_id(i) for i in ids))
+        engine_ids: list[qe.PointId] = list(dict.fromkeys(engine_id(i) for i in ids))
         if not engine_ids:
             return 0
         async with coll.write_lock, coll.rw.read():
@@ -270,7 +271,7 @@ class EdgeVectorStore(VectorStore):
     async def search(
         self,
         name: str,
-        vector: Sequence[float],
+        vector: Vector,
         top_k: int,
         filter: Mapping[str, str] | None = None,
         score_threshold: float | None = None,
@@ -429,7 +430,7 @@ def _upsert_batch(shard: qe.EdgeShard, points: Sequence[VectorPoint], vectors: n
     shard.update(qe.UpdateOperation.upsert_points(batch))
 
 
-def _delete_existing(shard: qe.EdgeShard, ids: list[str]) -> int:
+def _delete_existing(shard: qe.EdgeShard, ids: list[qe.PointId]) -> int:
     # The engine's delete reports nothing, so count the ids that exist first.
     existing = shard.retrieve(ids, with_payload=False, with_vector=False)
     if existing:

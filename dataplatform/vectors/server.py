@@ -8,6 +8,7 @@ recovered from ``payload_schema`` (keyword indexes). Nothing is kept locally exc
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ from .base import (
     CollectionNotFound,
     CollectionSpec,
     ScoredPoint,
+    Vector,
     VectorPoint,
     VectorStore,
     check_filter,
@@ -138,8 +140,12 @@ class QdrantServerStore(VectorStore):
             raise
         for field_name in spec.indexed_fields:
             await self._retry(
-                lambda f=field_name: self._client.create_payload_index(
-                    spec.name, f, models.PayloadSchemaType.KEYWORD, wait=True
+                functools.partial(
+                    self._client.create_payload_index,
+                    spec.name,
+                    field_name,
+                    models.PayloadSchemaType.KEYWORD,
+                    wait=True,
                 )
             )
         self._specs[spec.name] = spec
@@ -191,7 +197,7 @@ class QdrantServerStore(VectorStore):
                     strict=True,
                 )
             ]
-            await self._call(name, lambda b=batch: self._client.upsert(name, b, wait=True))
+            await self._call(name, functools.partial(self._client.upsert, name, batch, wait=True))
         return len(points)
 
     async def delete(self, name: str, ids: Sequence[str]) -> int:
@@ -212,7 +218,7 @@ class QdrantServerStore(VectorStore):
     async def search(
         self,
         name: str,
-        vector: Sequence[float],
+        vector: Vector,
         top_k: int,
         filter: Mapping[str, str] | None = None,
         score_threshold: float | None = None,

@@ -170,7 +170,8 @@ async def test_joiner_computes_itself_when_the_owner_is_cancelled(cognitive) -> 
     backend.embed = gated  # type: ignore[method-assign]
     text = f"abandoned flight probe {time.time_ns()}"
     misses = _hits("l1", "miss")
-    owner = asyncio.ensure_future(cog.Embed(pb.EmbedRequest(texts=[text]), metadata=md, timeout=1))
+    # Generous deadline: the joiner must join before it expires, even on a loaded machine.
+    owner = asyncio.ensure_future(cog.Embed(pb.EmbedRequest(texts=[text]), metadata=md, timeout=3))
     for _ in range(500):
         if calls:
             break

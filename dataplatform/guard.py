@@ -1,0 +1,63 @@
+"""Fail fast while PostgreSQL is unreachable: the database-backed RPCs answer UNAVAILABLE at
+once instead of each waiting out its deadline for a pool connection, and a connection lost
+mid-call is UNAVAILABLE too (never INTERNAL). The vector store does not need PostgreSQL and
+is left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import psycopg
+
+from aiwfe.errors import Unavailable
+from aiwfe.interceptors import Behavior, HandlerCache, is_exempt, rejecting_handler
+from dataplatform.db import Database
+
+_DOWN = "the database is unavailable; retry later"
+
+
+def _unavailable_on_db_errors(behavior: Behavior, streaming: bool) -> Behavior:
+    """`behavior` with lost connections and pool timeouts turned into UNAVAILABLE."""
+    if streaming:
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except psycopg.OperationalError:
+                raise Unavailable(_DOWN) from None
+
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except psycopg.OperationalError:
+            raise Unavailable(_DOWN) from None
+
+    return unary
+
+
+class DatabaseGuard(grpc.aio.ServerInterceptor):
+    """Guards the RPCs of `services` (full names) by the database's last health probe."""
+
+    def __init__(self, db: Database, services: list[str]) -> None:
+        self._db = db
+        self._prefixes = tuple(f"/{name}/" for name in services)
+        self._cache = HandlerCache(lambda _: _unavailable_on_db_errors)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or is_exempt(method) or not method.startswith(self._prefixes):
+            return handler
+        if not self._db.reachable:
+            return rejecting_handler(handler, Unavailable(_DOWN))
+        return self._cache.get(method, handler)
