@@ -205,11 +205,9 @@ def _reject_undecodable(request: Any) -> None:
         raise InvalidArgument([("request", f"is not a valid request message for {request.method}")])
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain exceptions to statuses; unknown ones become INTERNAL with a reference."""
-
-    def __init__(self) -> None:
-        self._cache = HandlerCache(lambda _: _error_guard, lenient=True)
+class MethodInterceptor(grpc.aio.ServerInterceptor):
+    """Base of every interceptor here: unknown methods (UNIMPLEMENTED), health and
+    reflection pass untouched; subclasses see only the suite's own RPCs."""
 
     async def intercept_service(
         self,
@@ -220,24 +218,37 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or is_exempt(method):
             return handler
+        return await self.intercept(method, handler, handler_call_details)
+
+    async def intercept(
+        self, method: str, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        """The handler to run for `method` (a wrapped one, or a rejecting one)."""
+        raise NotImplementedError
+
+
+class ErrorMappingInterceptor(MethodInterceptor):
+    """Maps domain exceptions to statuses; unknown ones become INTERNAL with a reference."""
+
+    def __init__(self) -> None:
+        self._cache = HandlerCache(lambda _: _error_guard, lenient=True)
+
+    async def intercept(
+        self, method: str, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
         return self._cache.get(method, handler)
 
 
-class InternalIdentityInterceptor(grpc.aio.ServerInterceptor):
+class InternalIdentityInterceptor(MethodInterceptor):
     """Back ends: every call must carry a valid gateway- or service-signed assertion."""
 
     def __init__(self, identity: InternalIdentity) -> None:
         self._identity = identity
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or is_exempt(handler_call_details.method):
-            return handler
-        token = metadata_value(handler_call_details.invocation_metadata, IDENTITY_METADATA_KEY)
+    async def intercept(
+        self, method: str, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        token = metadata_value(details.invocation_metadata, IDENTITY_METADATA_KEY)
         try:
             principal = self._identity.verify(token)
         except AiwfeError as exc:

@@ -20,7 +20,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping
 from contextvars import Token
 from typing import Any
 
@@ -32,7 +32,7 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from aiwfe import metrics
-from aiwfe.interceptors import Behavior, HandlerCache, is_exempt
+from aiwfe.interceptors import Behavior, HandlerCache, MethodInterceptor
 
 log = logging.getLogger("aiwfe.telemetry")
 _INSTRUMENTATION = "aiwfe"
@@ -130,7 +130,7 @@ def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-class TelemetryInterceptor(grpc.aio.ServerInterceptor):
+class TelemetryInterceptor(MethodInterceptor):
     """Server span + RPC metrics around every non-exempt call.
 
     Per-call work is kept small: metric series are resolved once per (method, code), the
@@ -246,13 +246,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
 
         return guard
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or is_exempt(method):
-            return handler
+    async def intercept(
+        self, method: str, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
         return self._cache.get(method, handler)

@@ -6,14 +6,14 @@ is left alone.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import psycopg
 
 from aiwfe.errors import Unavailable
-from aiwfe.interceptors import Behavior, HandlerCache, is_exempt, rejecting_handler
+from aiwfe.interceptors import Behavior, HandlerCache, MethodInterceptor, rejecting_handler
 from dataplatform.db import Database
 
 _DOWN = "the database is unavailable; retry later"
@@ -41,7 +41,7 @@ def _unavailable_on_db_errors(behavior: Behavior, streaming: bool) -> Behavior:
     return unary
 
 
-class DatabaseGuard(grpc.aio.ServerInterceptor):
+class DatabaseGuard(MethodInterceptor):
     """Guards the RPCs of `services` (full names) by the database's last health probe."""
 
     def __init__(self, db: Database, services: list[str]) -> None:
@@ -49,14 +49,10 @@ class DatabaseGuard(grpc.aio.ServerInterceptor):
         self._prefixes = tuple(f"/{name}/" for name in services)
         self._cache = HandlerCache(lambda _: _unavailable_on_db_errors)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or is_exempt(method) or not method.startswith(self._prefixes):
+    async def intercept(
+        self, method: str, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        if not method.startswith(self._prefixes):
             return handler
         if not self._db.reachable:
             return rejecting_handler(handler, Unavailable(_DOWN))

@@ -9,13 +9,11 @@ end. Rejections are proper statuses for every RPC kind (streams included).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import grpc
 
 from aiwfe.errors import AiwfeError, PermissionDenied, Unauthenticated
 from aiwfe.identity import Principal
-from aiwfe.interceptors import is_exempt, rejecting_handler, with_principal
+from aiwfe.interceptors import MethodInterceptor, rejecting_handler, with_principal
 from gateway.policies import MethodInfo
 from gateway.ratelimit import ApiLimiter
 from gateway.rbac import Rbac
@@ -36,7 +34,7 @@ def bearer_token(metadata: tuple[tuple[str, str], ...] | None) -> str | None:
     return None
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(MethodInterceptor):
     def __init__(
         self,
         methods: dict[str, MethodInfo],
@@ -72,18 +70,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             raise PermissionDenied(f"permission {info.permission!r} required")
         return principal
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or is_exempt(method):
-            return handler
+    async def intercept(
+        self, method: str, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
         info = self._methods.get(method)
         try:
-            principal = await self.admit(info, handler_call_details.invocation_metadata)
+            principal = await self.admit(info, details.invocation_metadata)
         except AiwfeError as exc:
             return rejecting_handler(handler, exc)
         if principal is None:

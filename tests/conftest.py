@@ -12,6 +12,8 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
@@ -80,3 +82,16 @@ async def login(
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """field → description from the google.rpc BadRequest detail of a failed call."""
+    status = rpc_status.from_call(error)
+    assert status is not None, "status details missing"
+    out: dict[str, str] = {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out.update({v.field: v.description for v in bad.field_violations})
+    return out

@@ -7,8 +7,6 @@ import time
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as pb_grpc
@@ -18,7 +16,7 @@ from aiwfe.data.v1 import vector_store_service_pb2 as vs_pb
 from aiwfe.data.v1 import vector_store_service_pb2_grpc as vs_grpc
 from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from aiwfe.passwords import hash_password
-from tests.conftest import bearer, login
+from tests.conftest import bearer, field_violations, login
 
 DOCS = [
     pb.Document(
@@ -37,18 +35,6 @@ DOCS = [
         metadata={"topic": "gardening", "lang": "en"},
     ),
 ]
-
-
-def violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    out: dict[str, str] = {}
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            out.update({v.field: v.description for v in bad.field_violations})
-    return out
 
 
 def _internal(suite) -> tuple[tuple[str, str], ...]:
@@ -213,7 +199,7 @@ async def test_index_bad_input_lists_every_violation(suite, admin) -> None:
             metadata=md,
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    fields = violations(err.value)
+    fields = field_violations(err.value)
     assert set(fields) >= {
         "collection",
         "documents[1].id",
@@ -224,19 +210,19 @@ async def test_index_bad_input_lists_every_violation(suite, admin) -> None:
     }
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await cog.IndexDocuments(pb.IndexDocumentsRequest(collection="c"), metadata=md)
-    assert "documents" in violations(err.value)
+    assert "documents" in field_violations(err.value)
     too_many = [pb.Document(id=str(i), text="x") for i in range(257)]
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await cog.IndexDocuments(
             pb.IndexDocumentsRequest(collection="c", documents=too_many), metadata=md
         )
-    assert "257" in violations(err.value)["documents"]
+    assert "257" in field_violations(err.value)["documents"]
     huge = pb.Document(id="h", text="y" * 200_001)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await cog.IndexDocuments(
             pb.IndexDocumentsRequest(collection="c", documents=[huge]), metadata=md
         )
-    assert "documents[0].text" in violations(err.value)
+    assert "documents[0].text" in field_violations(err.value)
 
 
 async def test_search_bad_input_and_unknown_collection(suite, admin) -> None:
@@ -248,7 +234,7 @@ async def test_search_bad_input_and_unknown_collection(suite, admin) -> None:
             metadata=md,
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert set(violations(err.value)) == {"query", "top_k", "score_threshold"}
+    assert set(field_violations(err.value)) == {"query", "top_k", "score_threshold"}
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await cog.Search(pb.SearchRequest(collection="nope", query="x"), metadata=md)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -261,7 +247,7 @@ async def test_search_bad_input_and_unknown_collection(suite, admin) -> None:
             pb.SearchRequest(collection="kb6", query="x", filter={"colour": "red"}), metadata=md
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "not indexed" in violations(err.value)["filter['colour']"]
+    assert "not indexed" in field_violations(err.value)["filter['colour']"]
 
 
 async def test_embed_bad_input_and_unknown_model(suite, admin) -> None:
@@ -269,14 +255,14 @@ async def test_embed_bad_input_and_unknown_model(suite, admin) -> None:
     cog, md = admin
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await cog.Embed(pb.EmbedRequest(texts=["x"] * 257), metadata=md)
-    assert "texts" in violations(err.value)
+    assert "texts" in field_violations(err.value)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await cog.Embed(pb.EmbedRequest(texts=["ok", "", "z" * 32769]), metadata=md)
-    assert set(violations(err.value)) == {"texts[1]", "texts[2]"}
+    assert set(field_violations(err.value)) == {"texts[1]", "texts[2]"}
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await cog.Embed(pb.EmbedRequest(texts=["x"], model="gpt-17"), metadata=md)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "builtin" in violations(err.value)["model"]
+    assert "builtin" in field_violations(err.value)["model"]
 
 
 async def test_classify_ranks_labels_by_similarity(suite, admin) -> None:
@@ -313,7 +299,7 @@ async def test_classify_bad_input(suite, admin) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await cog.Classify(pb.ClassifyRequest(text="x", labels=["only"]), metadata=md)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "labels" in violations(err.value)
+    assert "labels" in field_violations(err.value)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await cog.Classify(
             pb.ClassifyRequest(
@@ -323,7 +309,7 @@ async def test_classify_bad_input(suite, admin) -> None:
             ),
             metadata=md,
         )
-    assert set(violations(err.value)) == {"text", "labels", "examples[0].label"}
+    assert set(field_violations(err.value)) == {"text", "labels", "examples[0].label"}
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await cog.Classify(pb.ClassifyRequest(text="x", labels=[]), metadata=md)
-    assert "labels" in violations(err.value)
+    assert "labels" in field_violations(err.value)

@@ -15,8 +15,8 @@ from aiwfe.data.v1 import user_store_service_pb2 as user_pb
 from aiwfe.data.v1 import user_store_service_pb2_grpc as user_grpc
 from aiwfe.data.v1 import vector_store_service_pb2 as vec_pb
 from aiwfe.data.v1 import vector_store_service_pb2_grpc as vec_grpc
+from tests.conftest import field_violations
 from tests.dataplatform.test_vector_service import DIM, unit
-from tests.test_gateway_e2e import field_violations
 
 # Classic payloads: quote breaking, stacked statements, comments, dollar quoting, psycopg and
 # Python placeholders, LIKE wildcards, backslashes and non-ASCII.

@@ -13,7 +13,7 @@ import pytest
 from aiwfe.data.v1 import vector_store_service_pb2 as pb
 from aiwfe.data.v1 import vector_store_service_pb2_grpc as pb_grpc
 from aiwfe.metrics import REGISTRY
-from tests.test_gateway_e2e import field_violations
+from tests.conftest import field_violations
 
 DIM = 8
 

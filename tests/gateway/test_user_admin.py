@@ -6,9 +6,8 @@ import grpc
 import pytest
 
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
-from tests.conftest import bearer
+from tests.conftest import bearer, field_violations
 from tests.gateway.conftest import PASSWORD, unique
-from tests.test_gateway_e2e import field_violations
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import pytest
 
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
-from tests.conftest import bearer, login
+from tests.conftest import bearer, field_violations, login
 from tests.taskproc.helpers import (
     deadline,
     finish,
@@ -24,7 +24,6 @@ from tests.taskproc.helpers import (
     submit,
     watch,
 )
-from tests.test_gateway_e2e import field_violations
 
 S = wf_pb
 
