@@ -215,7 +215,7 @@ async def _rpc_scenarios(
         return ((IDENTITY_METADATA_KEY, identity.assertion(None, "bench")),)
 
     # The back ends' process plus each gateway process (idle ones add nothing).
-    pids = [server.pid, *server.info.get("gateway_pids", {}).values()]
+    pids = [server.pid, *server.info.get("service_pids", {}).values()]
     for name in RPC_SCENARIOS:
         if name not in opts.scenarios:
             continue
@@ -361,7 +361,7 @@ async def _telemetry_scenario(opts: Options) -> dict[str, Any]:
                 metadata = (("authorization", f"Bearer {token}"), ("cache-control", "no-store"))
                 out[name] = await _measure(
                     f"gateway telemetry {name}", proc.address("gateway"), lambda m=metadata: m,
-                    opts, [proc.pid, *proc.info.get("gateway_pids", {}).values()],
+                    opts, [proc.pid, *proc.info.get("service_pids", {}).values()],
                 )  # fmt: skip
             finally:
                 await asyncio.to_thread(proc.stop)
@@ -389,11 +389,9 @@ def run(opts: Options) -> dict[str, Any]:
             time.sleep(0.5)  # let start-up garbage settle before reading the idle RSS
             server_info = {
                 "pid": info["pid"],
-                "idle_rss_mb": round(procstat.rss_mb(server.pid), 1),
-                "in_process": info["in_process"],
-                "gateway_idle_rss_mb": {
+                "idle_rss_mb": {
                     name: round(procstat.rss_mb(pid), 1)
-                    for name, pid in info.get("gateway_pids", {}).items()
+                    for name, pid in info["service_pids"].items()
                 },
                 "event_loop": info["event_loop"],
                 "database": info["database"],

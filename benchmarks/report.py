@@ -129,11 +129,10 @@ def render(doc: dict[str, Any]) -> str:
         VARIANCE_NOTE,
     ]
     if server:
+        rss = ", ".join(f"{k} {v:.0f} MB" for k, v in server["idle_rss_mb"].items())
         out.append(
-            f"server process: pid {server['pid']}, {server['event_loop']} loop, idle RSS "
-            f"{server['idle_rss_mb']:.1f} MB for the back ends (dataplatform, cognitive, taskproc "
-            f"in one process); each gateway in its own process, idle RSS "
-            f"{server.get('gateway_idle_rss_mb')} MB (one with authentication disabled)"
+            "servers: each service in a process of its own, as `aiwfe up` runs them, plus a "
+            f"gateway with authentication off and one on asyncio; idle RSS {rss}"
         )
         out.append(
             f"load: grpc.aio in the harness process, {opts['warmup_seconds']} s warm-up then "

@@ -30,9 +30,9 @@ from typing import Any
 import psycopg
 
 from aiwfe.config import LoggingSettings
+from aiwfe.embedded import free_port
 from aiwfe.logs import configure_logging
-from aiwfe.suite import SERVICE_ORDER, Suite, start_suite
-from aiwfe.telemetry import configure_tracing
+from aiwfe.suite import SERVICE_ORDER
 
 DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 ADMIN_DSN_ENV = "AIWFE_BENCH_PG_ADMIN_DSN"
@@ -93,50 +93,59 @@ async def _watch_parent(stop: asyncio.Event, parent: int) -> None:
         await asyncio.sleep(1.0)
 
 
-def _gateway_env(overrides: dict[str, Any], suite: Suite, auth: bool) -> dict[str, str]:
-    """Environment for a `python -m gateway` process wired to the in-process back ends."""
+def _service_env(
+    overrides: dict[str, Any], ports: dict[str, int], dsn: str, home: str
+) -> dict[str, str]:
+    """Environment shared by the four `python -m <service>` processes (as `aiwfe up`)."""
     a = overrides["authentication"]
     env = {
         **os.environ,
+        "AIWFE_HOME": home,
         "JWT_SECRET_KEY": a["jwt"]["secret_key"],
         "AIWFE_INTERNAL_SECRET_KEY": a["internal"]["secret_key"],
-        "AIWFE_SERVICES__GATEWAY__PORT": "0",
-        "AIWFE_SERVICES__GATEWAY__METRICS_PORT": "null",
-        "AIWFE_AUTHENTICATION__ENABLED": "true" if auth else "false",
+        "AIWFE_ADMIN_PASSWORD": a["admin"]["password"],
         "AIWFE_AUTHENTICATION__RATE_LIMITING__API_REQUESTS": str(
             a["rate_limiting"]["api_requests"]
         ),
         "AIWFE_AUTHENTICATION__RATE_LIMITING__LOGIN_ATTEMPTS": str(
             a["rate_limiting"]["login_attempts"]
         ),
+        "AIWFE_DATABASE__POSTGRES__DSN": dsn,
+        "AIWFE_DATABASE__POSTGRES__POOL_SIZE": "4",
         "AIWFE_REDIS__URL": overrides["redis"]["url"] or "",
         "AIWFE_REDIS__KEY_PREFIX": overrides["redis"]["key_prefix"],
         "AIWFE_TELEMETRY__ENABLED": "true" if overrides["telemetry"]["enabled"] else "false",
+        "AIWFE_GRPC__SHUTDOWN_GRACE_SECONDS": "0.5",
         "AIWFE_LOGGING__LEVEL": "WARNING",
     }
-    for name in SERVICE_ORDER:
-        if name != "gateway":
-            env[f"AIWFE_SERVICES__{name.upper()}__PORT"] = str(suite.running[name].port)
+    for name, port in ports.items():
+        env[f"AIWFE_SERVICES__{name.upper()}__PORT"] = str(port)
+        env[f"AIWFE_SERVICES__{name.upper()}__METRICS_PORT"] = "null"
     return env
 
 
-async def _start_gateway(env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
-    """`python -m gateway`, waiting for its readiness line; one retry, then its stderr."""
+async def _start_service(name: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+    """`python -m <name>`, waiting for its readiness line; one retry, then its stderr."""
     last = ""
     for _ in range(2):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", env=env,
+            sys.executable, "-m", name, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert proc.stdout is not None and proc.stderr is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().strip()
-        if line.startswith("gateway: "):
-            # Keep draining stderr so the gateway never blocks on a full pipe.
-            asyncio.get_running_loop().create_task(_drain(proc.stderr))
-            return proc, line.split(": ", 1)[1]
+        if line.startswith(f"{name}: "):
+            # Keep draining both pipes so the service never blocks on a full one.
+            _DRAINS.update(
+                asyncio.create_task(_drain(stream)) for stream in (proc.stdout, proc.stderr)
+            )
+            return proc
         last = (await proc.stderr.read()).decode(errors="replace")[-2000:]
         await proc.wait()
-    raise RuntimeError(f"gateway did not start: {last}")
+    raise RuntimeError(f"{name} did not start: {last}")
+
+
+_DRAINS: set[asyncio.Task[None]] = set()  # references keep the drain tasks alive
 
 
 async def _drain(stream: asyncio.StreamReader) -> None:
@@ -145,31 +154,29 @@ async def _drain(stream: asyncio.StreamReader) -> None:
 
 
 async def serve(home: str, dsn: str, database: str) -> None:
-    """Starts the back ends in this process and each gateway in a process of its own (as in
-    production, so a gateway does not share an interpreter with what it proxies),
-    announces them, waits for a stop signal, stops them."""
+    """Starts each service in a process of its own, as `aiwfe up` and production run them
+    (so no service shares an interpreter with another), plus two more gateways — auth off,
+    and the asyncio event loop — on the same back ends; announces them; waits for a stop
+    signal; stops them."""
     overrides = _overrides(home, dsn)
     # The telemetry scenario starts this process twice: tracing exported over OTLP (the
     # standard OTEL_* variables it passes) and the telemetry interceptor off.
     overrides["telemetry"] = {"enabled": os.environ.get(TELEMETRY_ENV, "1") != "0"}
-    configure_tracing("bench")
-    suites: list[Suite] = []
-    gateways: list[asyncio.subprocess.Process] = []
+    ports = {name: free_port() for name in SERVICE_ORDER}
+    env = _service_env(overrides, ports, dsn, home)
+    procs: dict[str, asyncio.subprocess.Process] = {}
     try:
-        suite = await start_suite(overrides, only=("dataplatform", "cognitive", "taskproc"))
-        suites.append(suite)
-        addresses = {name: suite.address(name) for name in suite.running}
-        pids = {}
-        # Same back ends; only the gateways' authentication differs.
-        for name, auth, loop_kind in (
-            ("gateway", True, "uvloop"),
-            ("gateway_noauth", False, "uvloop"),
-            ("gateway_asyncio", True, "asyncio"),  # the uvloop lever, measured
+        for name in SERVICE_ORDER:
+            procs[name] = await _start_service(name, env)
+        for name, extra in (
+            ("gateway_noauth", {"AIWFE_AUTHENTICATION__ENABLED": "false"}),
+            ("gateway_asyncio", {"AIWFE_GRPC__EVENT_LOOP": "asyncio"}),  # the uvloop lever
         ):
-            env = {**_gateway_env(overrides, suite, auth), "AIWFE_GRPC__EVENT_LOOP": loop_kind}
-            proc, address = await _start_gateway(env)
-            gateways.append(proc)
-            addresses[name], pids[name] = address, proc.pid
+            port = free_port()
+            procs[name] = await _start_service(
+                "gateway", {**env, **extra, "AIWFE_SERVICES__GATEWAY__PORT": str(port)}
+            )
+            ports[name] = port
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -178,10 +185,10 @@ async def serve(home: str, dsn: str, database: str) -> None:
         watcher = asyncio.create_task(_watch_parent(stop, os.getppid()))
         announcement = {
             "pid": os.getpid(),
-            "gateway_pids": pids,
+            "service_pids": {name: proc.pid for name, proc in procs.items()},
             "database": database,
-            "addresses": addresses,
-            "in_process": ["dataplatform", "cognitive", "taskproc"],
+            "addresses": {name: f"127.0.0.1:{port}" for name, port in ports.items()},
+            "in_process": [],
             "event_loop": type(loop).__module__.split(".")[0],
         }
         print(json.dumps(announcement), flush=True)
@@ -190,12 +197,14 @@ async def serve(home: str, dsn: str, database: str) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
     finally:
-        for proc in gateways:
+        for proc in reversed(procs.values()):
             if proc.returncode is None:
                 proc.terminate()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 15)
+            if proc.returncode is None:
+                proc.kill()
                 await proc.wait()
-        for running in reversed(suites):
-            await running.stop()
 
 
 TELEMETRY_ENV = "AIWFE_BENCH_TELEMETRY"
