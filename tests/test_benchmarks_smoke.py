@@ -39,5 +39,7 @@ def test_quick_direct_and_gateway_run(tmp_path: Path) -> None:
         assert scenario["requests"] > 0, scenario
         assert scenario["p50_ms"] > 0, scenario
         assert scenario["errors"] == 0, scenario
-    assert doc["server"]["idle_rss_mb"] > 0
+    rss = doc["server"]["idle_rss_mb"]
+    assert set(rss) >= {"gateway", "cognitive", "taskproc", "dataplatform"}
+    assert all(mb > 0 for mb in rss.values())
     assert "gateway" in doc["ratios"]
