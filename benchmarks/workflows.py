@@ -205,7 +205,9 @@ async def _submit_and_wait(stub: wf_grpc.WorkflowServiceStub, md: Any) -> float:
     return time.perf_counter() - start
 
 
-async def gateway_phases(admin_dsn: str, e2e: int, latency: int) -> dict[str, Any]:
+async def gateway_phases(
+    admin_dsn: str, e2e: int, latency: int, in_flight: int = 32
+) -> dict[str, Any]:
     server = ServerProcess(admin_dsn)
     server.start()
     try:
@@ -217,7 +219,7 @@ async def gateway_phases(admin_dsn: str, e2e: int, latency: int) -> dict[str, An
                 await _submit_and_wait(stub, md)
             samples = [await _submit_and_wait(stub, md) for _ in range(latency)]
             samples.sort()
-            sem = asyncio.Semaphore(32)
+            sem = asyncio.Semaphore(in_flight)
 
             async def one() -> None:
                 async with sem:
@@ -236,7 +238,7 @@ async def gateway_phases(admin_dsn: str, e2e: int, latency: int) -> dict[str, An
                 "workflows": e2e,
                 "seconds": round(elapsed, 3),
                 "workflows_per_s": round(e2e / elapsed),
-                "in_flight": 32,
+                "in_flight": in_flight,
             },
         }
     finally:
@@ -252,7 +254,7 @@ async def main(opts: argparse.Namespace) -> dict[str, Any]:
         result["store-queue"] = await store_queue(dsn, opts.jobs)
     finally:
         servers.drop_database(opts.admin_dsn, database)
-    result.update(await gateway_phases(opts.admin_dsn, opts.e2e, opts.latency))
+    result.update(await gateway_phases(opts.admin_dsn, opts.e2e, opts.latency, opts.in_flight))
     result["store_vs_bare"] = round(
         result["store-queue"]["jobs_per_s"] / result["bare-skip-locked"]["jobs_per_s"], 3
     )
@@ -264,6 +266,7 @@ def cli() -> None:
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--e2e", type=int, default=1000)
     parser.add_argument("--latency", type=int, default=100)
+    parser.add_argument("--in-flight", type=int, default=32, help="e2e workflows in flight")
     parser.add_argument("--admin-dsn", default=servers.DEFAULT_ADMIN_DSN)
     opts = parser.parse_args()
     print(json.dumps(asyncio.run(main(opts)), indent=2))
