@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -208,6 +208,29 @@ class Downstream:
                 raise
         self.breaker.record_success()
         return response
+
+    async def stream(self, rpc: Any, request: Any) -> AsyncIterator[Any]:
+        """Reads a server stream through the breaker with identity. Its deadline is the
+        current RPC's (none when the caller set none): a watch lives as long as its caller,
+        and the caller going away cancels it."""
+        self.breaker.before_call()
+        span = _tracer.start_span(f"{self.name} {_method_name(rpc)}", kind=SpanKind.CLIENT)
+        deadline = request_deadline.get()
+        timeout = None if deadline is None else remaining_timeout(deadline - time.monotonic())
+        with trace.use_span(span, end_on_exit=False):  # the trace context goes in metadata
+            call = rpc(request, timeout=timeout, metadata=self.metadata())
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            self.breaker.record_error(exc)
+            span.set_status(Status(StatusCode.ERROR, exc.code().name))
+            raise
+        else:
+            self.breaker.record_success()
+        finally:
+            call.cancel()  # the reader stopped early: end the stream upstream too
+            span.end()
 
     async def close(self) -> None:
         self.breaker.retire()

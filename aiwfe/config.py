@@ -413,8 +413,9 @@ class TaskProcSettings(_Block):
     claim_batch: int = Field(default=32, gt=0, le=1000)  # steps leased per ClaimSteps call
     lease_seconds: float = Field(default=30, gt=0, le=3600)
     poll_interval: float = Field(default=0.5, gt=0, le=60)  # fallback when no wake-up arrives
-    # WatchWorkflow long-polls dataplatform this long (events pushed within one replica).
-    watch_poll_interval: float = Field(default=1.0, gt=0, le=30)
+    # A watch sees events committed by another dataplatform replica within this long (its
+    # own replica's are pushed at once).
+    watch_poll_interval: float = Field(default=1.0, ge=0.01, le=30)
     max_steps: int = Field(default=100, gt=0, le=1000)
     max_name_chars: int = Field(default=64, gt=0, le=256)
     max_input_bytes: int = Field(default=256 * 1024, gt=0)

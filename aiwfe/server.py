@@ -136,7 +136,14 @@ async def start_service(
     port = endpoint.port if port is None else port
     # Read before start(): an unreadable certificate is a config error, not a leaked pool.
     credentials = server_credentials(settings.tls) if settings.tls.server_enabled else None
-    await service.start()
+    try:
+        await service.start()
+    except BaseException:
+        # Half-started resources (a pool reconnecting in the background) would otherwise
+        # keep the process alive after the failure is reported.
+        with contextlib.suppress(Exception):
+            await service.stop()
+        raise
     server = grpc.aio.server(
         interceptors=[
             *([TelemetryInterceptor(service.name)] if settings.telemetry.enabled else []),

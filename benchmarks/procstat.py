@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -14,7 +14,7 @@ def cpu_seconds(pid: int) -> float:
     # The command name may contain spaces and parentheses: split after its closing one.
     fields = stat[stat.rindex(")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / _CLOCK_TICKS
+    return (utime + stime) / CLOCK_TICKS
 
 
 def total_cpu_seconds(pids: list[int]) -> float:

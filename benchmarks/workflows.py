@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -205,6 +206,49 @@ async def _submit_and_wait(stub: wf_grpc.WorkflowServiceStub, md: Any) -> float:
     return time.perf_counter() - start
 
 
+def _named_pids(prefix: str) -> list[int]:
+    """Every process whose command name starts with `prefix` (PostgreSQL's backends do
+    the queue's work; Redis serves the gateway's rate limits and sessions)."""
+    return [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _comm(entry).startswith(prefix)
+    ]
+
+
+def _comm(entry: Path) -> str:
+    try:
+        return (entry / "comm").read_text()
+    except OSError:
+        return ""
+
+
+def _machine_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far (all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / procstat.CLOCK_TICKS
+
+
+def _cpu(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each service, of PostgreSQL and Redis (processes started
+    since count in full), of this process (the load generator) and of the machine."""
+    used = {name: procstat.cpu_seconds(pid) for name, pid in pids.items()}
+    used["postgresql"] = procstat.total_cpu_seconds(_named_pids("postgres"))
+    used["redis"] = procstat.total_cpu_seconds(_named_pids("redis-server"))
+    used["load-generator"] = time.process_time()
+    used["machine"] = _machine_cpu_seconds()
+    return used
+
+
+def _commits(admin_dsn: str, database: str) -> int:
+    """Transactions committed in `database` so far (backends report about once a second)."""
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (database,)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 async def gateway_phases(
     admin_dsn: str, e2e: int, latency: int, in_flight: int = 32
 ) -> dict[str, Any]:
@@ -225,9 +269,17 @@ async def gateway_phases(
                 async with sem:
                     await _submit_and_wait(stub, md)
 
+            pids = {n: p for n, p in server.info["service_pids"].items() if "_" not in n}
+            before = _cpu(pids)
+            commits = _commits(admin_dsn, server.database)
             start = time.perf_counter()
             await asyncio.gather(*(one() for _ in range(e2e)))
             elapsed = time.perf_counter() - start
+            used = {name: cpu - before[name] for name, cpu in _cpu(pids).items()}
+            await asyncio.sleep(1.5)  # backends report their statistics about once a second
+            commits = _commits(admin_dsn, server.database) - commits
+            machine = used.pop("machine")
+            used["other"] = max(0.0, machine - sum(used.values()))
         return {
             "latency_idle_ms": {
                 "n": latency,
@@ -239,6 +291,10 @@ async def gateway_phases(
                 "seconds": round(elapsed, 3),
                 "workflows_per_s": round(e2e / elapsed),
                 "in_flight": in_flight,
+                # CPU per workflow, by process: where the two cores go.
+                "cpu_ms_per_workflow": {n: round(c / e2e * 1000, 2) for n, c in used.items()},
+                "cpu_cores_busy": round(machine / elapsed, 2),
+                "pg_transactions_per_workflow": round(commits / e2e, 2),
             },
         }
     finally:

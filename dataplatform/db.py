@@ -57,7 +57,8 @@ async def migrate(conn: DictConnection) -> list[str]:
         for version, name, sql in _migrations():
             if version in done:
                 continue
-            await conn.execute(sql.encode())
+            # Never prepared: a migration is many statements, and runs once.
+            await conn.execute(sql.encode(), prepare=False)
             await conn.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name)
             )

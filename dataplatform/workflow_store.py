@@ -57,9 +57,14 @@ MAX_LEASE_SECONDS = 3600.0
 _SWEEP_INTERVAL = 0.25  # expired leases and workflow deadlines, at most this often
 _HEARTBEAT_SECONDS = 15.0
 _TX_RETRIES = 5
-_MAX_WAIT_SECONDS = 30.0
-# Workflows whose events the current transaction appended (announced after it commits).
-_touched: ContextVar[set[uuid.UUID] | None] = ContextVar("aiwfe_wf_touched", default=None)
+_EVENT_PAGE = 500
+_DEFAULT_POLL_SECONDS = 1.0
+_MIN_POLL_SECONDS = 0.01
+_MAX_POLL_SECONDS = 30.0
+# Events the current transaction appended, by workflow (pushed to watchers once it commits).
+_touched: ContextVar[dict[uuid.UUID, list[dict[str, Any]]] | None] = ContextVar(
+    "aiwfe_wf_touched", default=None
+)
 
 _STEP_COLUMNS = "name, position, state, attempt, output, error"
 _WF_COLUMNS = (
@@ -105,6 +110,17 @@ def _workflow(row: dict[str, Any], steps: list[dict[str, Any]]) -> wf_pb.Workflo
     return wf
 
 
+def _event(e: dict[str, Any]) -> wf_pb.WatchWorkflowResponse:
+    return wf_pb.WatchWorkflowResponse(
+        sequence=e["sequence"],
+        workflow_state=e["workflow_state"],
+        step_name=e["step_name"],
+        step_state=e["step_state"],
+        message=e["message"],
+        event_time=_ts(e["created_at"]),
+    )
+
+
 def _uuid(value: str) -> uuid.UUID:
     """A workflow id; anything that is not a UUID cannot exist, so it is NOT_FOUND."""
     try:
@@ -118,25 +134,25 @@ class Wakeups:
 
     def __init__(self) -> None:
         self._subscribers: set[_Subscriber] = set()
-        self._watchers: dict[uuid.UUID, set[asyncio.Event]] = {}
+        self._watchers: dict[uuid.UUID, set[_Watch]] = {}
 
-    def watch(self, workflow_id: uuid.UUID) -> asyncio.Event:
-        """An event set when `workflow_id` gets new events (call `unwatch` after)."""
-        event = asyncio.Event()
-        self._watchers.setdefault(workflow_id, set()).add(event)
-        return event
+    def watch(self, workflow_id: uuid.UUID) -> _Watch:
+        """Receives the events this process commits for `workflow_id` (`unwatch` after)."""
+        watch = _Watch()
+        self._watchers.setdefault(workflow_id, set()).add(watch)
+        return watch
 
-    def unwatch(self, workflow_id: uuid.UUID, event: asyncio.Event) -> None:
-        events = self._watchers.get(workflow_id)
-        if events is not None:
-            events.discard(event)
-            if not events:
+    def unwatch(self, workflow_id: uuid.UUID, watch: _Watch) -> None:
+        watches = self._watchers.get(workflow_id)
+        if watches is not None:
+            watches.discard(watch)
+            if not watches:
                 del self._watchers[workflow_id]
 
-    def appended(self, workflow_ids: set[uuid.UUID]) -> None:
-        for wid in workflow_ids:
-            for event in self._watchers.get(wid, ()):
-                event.set()
+    def appended(self, events: dict[uuid.UUID, list[dict[str, Any]]]) -> None:
+        for wid, rows in events.items():
+            for watch in self._watchers.get(wid, ()):
+                watch.push(rows)
 
     def subscribe(self) -> _Subscriber:
         sub = _Subscriber()
@@ -170,6 +186,48 @@ class _Subscriber:
         self.event.set()
 
 
+class _Watch:
+    """One watcher's inbox: committed event rows pushed in process, and a wake-up."""
+
+    __slots__ = ("event", "overflowed", "rows")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.rows: list[dict[str, Any]] = []
+        self.overflowed = False
+
+    def push(self, rows: list[dict[str, Any]]) -> None:
+        if len(self.rows) + len(rows) > _EVENT_PAGE:
+            self.rows.clear()  # a slow reader: it re-reads from the database instead
+            self.overflowed = True
+        elif not self.overflowed:
+            self.rows.extend(rows)
+        self.event.set()
+
+    def reset(self) -> None:
+        """Before a database read, which sees everything committed so far."""
+        self.event.clear()
+        self.rows.clear()
+        self.overflowed = False
+
+    def take(self, after: int) -> tuple[list[dict[str, Any]], bool]:
+        """The pushed events that follow `after` without a gap, and whether any are missing
+        (another replica's commit in between, or an overflow): then the caller re-reads."""
+        self.event.clear()
+        rows = sorted((r for r in self.rows if r["sequence"] > after), key=_sequence)
+        self.rows.clear()
+        run: list[dict[str, Any]] = []
+        for row in rows:
+            if row["sequence"] != after + len(run) + 1:
+                break
+            run.append(row)
+        return run, self.overflowed or len(run) < len(rows)
+
+
+def _sequence(row: dict[str, Any]) -> int:
+    return int(row["sequence"])
+
+
 class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -181,7 +239,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
     async def _tx(self, work: Callable[[DictConnection], Awaitable[T]]) -> T:
         """Runs `work` in one transaction, retrying on deadlock/serialization failures."""
         for attempt in range(_TX_RETRIES):
-            touched: set[uuid.UUID] = set()
+            touched: dict[uuid.UUID, list[dict[str, Any]]] = {}
             token = _touched.set(touched)
             try:
                 async with self._db.pool.connection() as conn:
@@ -193,7 +251,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                 continue
             finally:
                 _touched.reset(token)
-            self.wakeups.appended(touched)  # committed: wake long-polling watchers
+            self.wakeups.appended(touched)  # committed: push to this replica's watchers
             return result
         raise AssertionError("unreachable")
 
@@ -220,12 +278,9 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         if not events:
             return
         new_states = new_states or {}
-        touched = _touched.get()
-        if touched is not None:
-            touched.update(e[0] for e in events)
         if not locked:
             await self._lock_workflows(conn, list({e[0] for e in events}))
-        await conn.execute(
+        cur = await conn.execute(
             "WITH c AS (SELECT * FROM unnest(%(wf)s::uuid[], %(step)s::text[],"
             "   %(ss)s::smallint[], %(msg)s::text[]) WITH ORDINALITY AS c(wf, step, ss, msg, ord)),"
             " n AS (SELECT wf, count(*) AS k FROM c GROUP BY wf),"
@@ -241,7 +296,9 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             " (workflow_id, sequence, workflow_state, step_name, step_state, message)"
             " SELECT c.wf, w.last_sequence - w.k"
             "   + row_number() OVER (PARTITION BY c.wf ORDER BY c.ord), w.state, c.step, c.ss,"
-            "   c.msg FROM c JOIN w ON w.workflow_id = c.wf",
+            "   c.msg FROM c JOIN w ON w.workflow_id = c.wf"
+            " RETURNING workflow_id, sequence, workflow_state, step_name, step_state, message,"
+            "   created_at",
             {
                 "wf": [e[0] for e in events],
                 "step": [e[1] for e in events],
@@ -253,6 +310,10 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                 "promote": promote_pending,
             },
         )
+        touched = _touched.get()
+        if touched is not None:
+            for row in await cur.fetchall():
+                touched.setdefault(row["workflow_id"], []).append(row)
 
     async def _load(self, conn: DictConnection, rows: list[dict[str, Any]]) -> list[wf_pb.Workflow]:
         """Workflow messages for workflow rows, with their steps in spec order."""
@@ -456,45 +517,72 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         v = Violations()
         v.check(0 <= request.limit <= 1000, "limit", "must be between 0 and 1000")
         v.check(request.after_sequence >= 0, "after_sequence", "must not be negative")
-        v.check(
-            0 <= request.wait_seconds <= _MAX_WAIT_SECONDS,
-            "wait_seconds",
-            f"must be between 0 and {_MAX_WAIT_SECONDS:g}",
-        )
         v.raise_if_any()
-        wid = _uuid(request.workflow_id)
-        # Registered before reading, so an event committed in between still wakes us.
-        appended = self.wakeups.watch(wid)
-        try:
-            row, events = await self._events(request)
-            if not events and row["state"] in ACTIVE and request.wait_seconds > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(appended.wait(), request.wait_seconds)
-                row, events = await self._events(request)
-        finally:
-            self.wakeups.unwatch(wid, appended)
+        row, events = await self._events(
+            _uuid(request.workflow_id),
+            request.scope,
+            request.after_sequence,
+            request.limit or _EVENT_PAGE,
+        )
         return pb.ListWorkflowEventsResponse(
-            events=[
-                wf_pb.WatchWorkflowResponse(
-                    sequence=e["sequence"],
-                    workflow_state=e["workflow_state"],
-                    step_name=e["step_name"],
-                    step_state=e["step_state"],
-                    message=e["message"],
-                    event_time=_ts(e["created_at"]),
-                )
-                for e in events
-            ],
+            events=[_event(e) for e in events],
             workflow_state=row["state"],
             last_sequence=row["last_sequence"],
         )
 
+    async def WatchWorkflowEvents(
+        self, request: pb.WatchWorkflowEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchWorkflowEventsResponse]:
+        """One stream per watcher. This replica's commits push their event rows here (no
+        read); a gap in the sequence (another replica's commit), an overflow or the poll
+        interval passing without a push makes it read from the database instead."""
+        v = Violations()
+        v.check(request.after_sequence >= 0, "after_sequence", "must not be negative")
+        v.check(
+            request.poll_interval_seconds == 0
+            or _MIN_POLL_SECONDS <= request.poll_interval_seconds <= _MAX_POLL_SECONDS,
+            "poll_interval_seconds",
+            f"must be 0 (default) or between {_MIN_POLL_SECONDS:g} and {_MAX_POLL_SECONDS:g}",
+        )
+        v.raise_if_any()
+        wid = _uuid(request.workflow_id)
+        poll = request.poll_interval_seconds or _DEFAULT_POLL_SECONDS
+        after = request.after_sequence
+        watch = self.wakeups.watch(wid)  # before the first read: nothing committed is missed
+        try:
+            need_read = True
+            while True:
+                if need_read:
+                    watch.reset()
+                    row, events = await self._events(wid, request.scope, after, _EVENT_PAGE)
+                    last = events[-1]["sequence"] if events else after
+                    finished = row["state"] not in ACTIVE and last >= row["last_sequence"]
+                    need_read = len(events) == _EVENT_PAGE  # more are waiting
+                else:
+                    events, need_read = watch.take(after)
+                    # A terminal event is its workflow's last: every transition after it
+                    # would need an active workflow.
+                    finished = bool(events) and events[-1]["workflow_state"] not in ACTIVE
+                if events:
+                    after = events[-1]["sequence"]
+                    yield pb.WatchWorkflowEventsResponse(events=[_event(e) for e in events])
+                if finished:
+                    return
+                if need_read:
+                    continue
+                try:
+                    await asyncio.wait_for(watch.event.wait(), poll)
+                except TimeoutError:
+                    need_read = True
+        finally:
+            self.wakeups.unwatch(wid, watch)
+
     async def _events(
-        self, request: pb.ListWorkflowEventsRequest
+        self, wid: uuid.UUID, scope: pb.WorkflowScope, after: int, limit: int
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """The workflow (state, last sequence) and its events after the requested sequence,
-        in one query."""
-        async with self._db.pool.connection() as conn:
+        """The workflow (state, last sequence) and its events after `after`, in one
+        autocommit query."""
+        async with self._db.reading() as conn:
             cur = await conn.execute(
                 "SELECT w.owner_id, w.state, w.last_sequence, e.sequence, e.workflow_state,"
                 " e.step_name, e.step_state, e.message, e.created_at FROM workflows w"
@@ -502,10 +590,9 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                 "   WHERE x.workflow_id = w.workflow_id AND x.sequence > %s"
                 "   ORDER BY x.sequence LIMIT %s) e ON true"
                 " WHERE w.workflow_id = %s ORDER BY e.sequence",
-                (request.after_sequence, request.limit or 500, _uuid(request.workflow_id)),
+                (after, limit, wid),
             )
             rows = await cur.fetchall()
-        scope = request.scope
         if not rows or (not scope.all_owners and rows[0]["owner_id"] != scope.owner_id):
             raise NotFound("workflow not found")
         return rows[0], [r for r in rows if r["sequence"] is not None]

@@ -27,14 +27,6 @@ from taskproc.spec import validate
 from taskproc.worker import Worker
 
 ADMIN_ROLE = "admin"
-TERMINAL = frozenset(
-    {
-        pb.WORKFLOW_STATE_SUCCEEDED,
-        pb.WORKFLOW_STATE_FAILED,
-        pb.WORKFLOW_STATE_CANCELLED,
-        pb.WORKFLOW_STATE_TIMED_OUT,
-    }
-)
 MAX_IDEMPOTENCY_KEY = 256
 MAX_WORKFLOW_ID = 64
 
@@ -141,32 +133,25 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         self, request: pb.WatchWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchWorkflowResponse]:
         """Streams events after `after_sequence` until the workflow is terminal and every
-        event up to the last has been sent."""
+        event up to the last has been sent (dataplatform ends the stream then)."""
         scope = _scope(_user())
         _check_id(request.workflow_id)
         v = Violations()
         v.check(request.after_sequence >= 0, "after_sequence", "must not be negative")
         v.raise_if_any()
-        after = request.after_sequence
-        # Long polls: dataplatform answers as soon as an event is appended (pushed in its
-        # process), or after `wait` so events written by another replica are seen too.
-        wait = self._limits.watch_poll_interval
-        while True:
-            reply = await self._store.call(
-                self._stub.ListWorkflowEvents,
-                store_pb.ListWorkflowEventsRequest(
-                    workflow_id=request.workflow_id,
-                    scope=scope,
-                    after_sequence=after,
-                    wait_seconds=wait,
-                ),
-                timeout=wait + 10,
-            )
-            for event in reply.events:
+        # One stream from dataplatform: it pushes as soon as it commits an event and re-reads
+        # every poll interval for events another replica committed.
+        async for batch in self._store.stream(
+            self._stub.WatchWorkflowEvents,
+            store_pb.WatchWorkflowEventsRequest(
+                workflow_id=request.workflow_id,
+                scope=scope,
+                after_sequence=request.after_sequence,
+                poll_interval_seconds=self._limits.watch_poll_interval,
+            ),
+        ):
+            for event in batch.events:
                 yield event
-                after = event.sequence
-            if reply.workflow_state in TERMINAL and after >= reply.last_sequence:
-                return
 
 
 class TaskProcService(Service):

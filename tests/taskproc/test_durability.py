@@ -25,8 +25,10 @@ from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from aiwfe.server import start_service
 from aiwfe.suite import start_suite
 from aiwfe.taskproc.v1 import workflow_service_pb2 as S
+from dataplatform.service import DataPlatformService
 from taskproc.service import TaskProcService
 from taskproc.spec import validate
+from tests.conftest import field_violations
 from tests.taskproc.helpers import deadline, finish, get, new_user, spec, step_status, submit, watch
 
 
@@ -189,6 +191,99 @@ async def test_stale_lease_cannot_complete_or_advance_twice(store) -> None:
     succeeded = [e for e in events.events if e.step_state == S.STEP_STATE_SUCCEEDED]
     assert len(succeeded) == 1
     assert any("lease expired" in e.message for e in events.events)
+
+
+async def _next_events(stream: Any, within: float) -> list[Any]:
+    message = await asyncio.wait_for(stream.read(), within)
+    assert message is not grpc.aio.EOF
+    return list(message.events)
+
+
+async def test_event_stream_is_pushed_polled_across_replicas_and_resumable(store) -> None:
+    """WatchWorkflowEvents gets the events its own replica commits pushed at once (the poll
+    interval here is 30 s); an event another replica committed is read from the database
+    when a pushed one shows the gap, or on the poll interval; the stream ends after the
+    terminal event, resumes after a sequence, and is owner-scoped."""
+    stub, md, running = store
+    owner = f"watch{time.time_ns()}"
+    wid = await _create(stub, md, owner, 2)
+    scope = store_pb.WorkflowScope(owner_id=owner)
+
+    def open_watch(after: int, poll: float) -> Any:
+        return stub.WatchWorkflowEvents(
+            store_pb.WatchWorkflowEventsRequest(
+                workflow_id=wid, scope=scope, after_sequence=after, poll_interval_seconds=poll
+            ),
+            metadata=md,
+            timeout=20,
+        )
+
+    pushed = open_watch(0, 30)
+    assert [e.sequence for e in await _next_events(pushed, 5)] == [1]
+    claim = await stub.ClaimSteps(
+        store_pb.ClaimStepsRequest(worker_id="w", max_steps=2, lease_seconds=30),
+        metadata=md,
+        timeout=10,
+    )
+    running_events = await _next_events(pushed, 5)  # long before the 30 s poll
+    assert [(e.sequence, e.step_state) for e in running_events] == [
+        (2, S.STEP_STATE_RUNNING),
+        (3, S.STEP_STATE_RUNNING),
+    ]
+    first, second = (store_pb.StepResult(ref=step.ref) for step in claim.steps)
+    polled = open_watch(3, 0.2)
+    other = await start_service(DataPlatformService(running.settings), "127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{other.port}") as channel:
+            done = await store_grpc.WorkflowStoreServiceStub(channel).CompleteSteps(
+                store_pb.CompleteStepsRequest(worker_id="w", results=[first]),
+                metadata=md,
+                timeout=10,
+            )
+        assert list(done.accepted) == [True]
+        # Sequence 4 was committed by the other replica: only polling finds it here.
+        assert [e.sequence for e in await _next_events(polled, 3)] == [4]
+        pending = asyncio.ensure_future(pushed.read())
+        assert not (await asyncio.wait({pending}, timeout=0.5))[0]  # nothing pushed here
+    finally:
+        await other.stop(grace=0.5)
+    # This replica commits 5 and 6 and pushes them; the 30 s stream sees the gap (it has
+    # 3) and reads 4 from the database at once.
+    done = await stub.CompleteSteps(
+        store_pb.CompleteStepsRequest(worker_id="w", results=[second]), metadata=md, timeout=10
+    )
+    assert list(done.accepted) == [True]
+    rest = list((await asyncio.wait_for(pending, 5)).events)
+    rest += [] if rest[-1].sequence == 6 else await _next_events(pushed, 5)
+    assert [e.sequence for e in rest] == [4, 5, 6]
+    assert rest[-1].workflow_state == S.WORKFLOW_STATE_SUCCEEDED
+    assert await pushed.read() is grpc.aio.EOF  # terminal and every event sent
+    assert [e.sequence for e in await _next_events(polled, 5)] == [5, 6]
+    assert await polled.read() is grpc.aio.EOF
+
+    resumed = open_watch(4, 0)
+    assert [e.sequence async for m in resumed for e in m.events] == [5, 6]
+
+    for request, code in (
+        (
+            store_pb.WatchWorkflowEventsRequest(
+                workflow_id=wid, scope=store_pb.WorkflowScope(owner_id="someone-else")
+            ),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        (
+            store_pb.WatchWorkflowEventsRequest(
+                workflow_id=wid, scope=scope, poll_interval_seconds=0.001
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            async for _ in stub.WatchWorkflowEvents(request, metadata=md, timeout=10):
+                pass
+        assert failed.value.code() == code
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            assert "poll_interval_seconds" in field_violations(failed.value)
 
 
 # --- worker processes ----------------------------------------------------------------------

@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*aiwfe/data/v1/workflow_store_service.proto\x12\raiwfe.data.v1\x1a\x1e\x61iwfe/options/v1/options.proto\x1a(aiwfe/taskproc/v1/workflow_service.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"A\n\rWorkflowOwner\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\r\n\x05roles\x18\x03 \x03(\t\"5\n\rWorkflowScope\x12\x10\n\x08owner_id\x18\x01 \x01(\t\x12\x12\n\nall_owners\x18\x02 \x01(\x08\"\x8c\x01\n\x15\x43reateWorkflowRequest\x12+\n\x05owner\x18\x01 \x01(\x0b\x32\x1c.aiwfe.data.v1.WorkflowOwner\x12-\n\x04spec\x18\x02 \x01(\x0b\x32\x1f.aiwfe.taskproc.v1.WorkflowSpec\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"X\n\x16\x43reateWorkflowResponse\x12-\n\x08workflow\x18\x01 \x01(\x0b\x32\x1b.aiwfe.taskproc.v1.Workflow\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\\\n\x18GetStoredWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12+\n\x05scope\x18\x02 \x01(\x0b\x32\x1c.aiwfe.data.v1.WorkflowScope\"J\n\x19GetStoredWorkflowResponse\x12-\n\x08workflow\x18\x01 \x01(\x0b\x32\x1b.aiwfe.taskproc.v1.Workflow\"\xa1\x01\n\x1aListStoredWorkflowsRequest\x12+\n\x05scope\x18\x01 \x01(\x0b\x32\x1c.aiwfe.data.v1.WorkflowScope\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .aiwfe.taskproc.v1.WorkflowState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"f\n\x1bListStoredWorkflowsResponse\x12.\n\tworkflows\x18\x01 \x03(\x0b\x32\x1b.aiwfe.taskproc.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"_\n\x1b\x43\x61ncelStoredWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12+\n\x05scope\x18\x02 \x01(\x0b\x32\x1c.aiwfe.data.v1.WorkflowScope\"M\n\x1c\x43\x61ncelStoredWorkflowResponse\x12-\n\x08workflow\x18\x01 \x01(\x0b\x32\x1b.aiwfe.taskproc.v1.Workflow\"\x9a\x01\n\x19ListWorkflowEventsRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12+\n\x05scope\x18\x02 \x01(\x0b\x32\x1c.aiwfe.data.v1.WorkflowScope\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\r\n\x05limit\x18\x04 \x01(\x05\x12\x14\n\x0cwait_seconds\x18\x05 \x01(\x01\"\xa7\x01\n\x1aListWorkflowEventsResponse\x12\x38\n\x06\x65vents\x18\x01 \x03(\x0b\x32(.aiwfe.taskproc.v1.WatchWorkflowResponse\x12\x38\n\x0eworkflow_state\x18\x02 \x01(\x0e\x32 .aiwfe.taskproc.v1.WorkflowState\x12\x15\n\rlast_sequence\x18\x03 \x01(\x03\"B\n\x07StepRef\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x11\n\tstep_name\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\"\x99\x02\n\x0b\x43laimedStep\x12#\n\x03ref\x18\x01 \x01(\x0b\x32\x16.aiwfe.data.v1.StepRef\x12\n\n\x02op\x18\x02 \x01(\t\x12\'\n\x06inputs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\x12+\n\x05owner\x18\x05 \x01(\x0b\x32\x1c.aiwfe.data.v1.WorkflowOwner\x12\x35\n\x11lease_expire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x12\x64\x65pendency_outputs\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"P\n\x11\x43laimStepsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tmax_steps\x18\x02 \x01(\x05\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\"r\n\x12\x43laimStepsResponse\x12)\n\x05steps\x18\x01 \x03(\x0b\x32\x1a.aiwfe.data.v1.ClaimedStep\x12\x31\n\rnext_run_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"f\n\x13\x45xtendLeasesRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x05steps\x18\x02 \x03(\x0b\x32\x16.aiwfe.data.v1.StepRef\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\"<\n\x14\x45xtendLeasesResponse\x12$\n\x04lost\x18\x01 \x03(\x0b\x32\x16.aiwfe.data.v1.StepRef\"Z\n\nStepResult\x12#\n\x03ref\x18\x01 \x01(\x0b\x32\x16.aiwfe.data.v1.StepRef\x12\'\n\x06output\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"U\n\x14\x43ompleteStepsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.aiwfe.data.v1.StepResult\")\n\x15\x43ompleteStepsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x03(\x08\"k\n\x0f\x46\x61ilStepRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x03ref\x18\x02 \x01(\x0b\x32\x16.aiwfe.data.v1.StepRef\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\"k\n\x10\x46\x61ilStepResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x12\n\nwill_retry\x18\x02 \x01(\x08\x12\x31\n\rnext_run_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"O\n\x13ReleaseStepsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x05steps\x18\x02 \x03(\x0b\x32\x16.aiwfe.data.v1.StepRef\"(\n\x14ReleaseStepsResponse\x12\x10\n\x08released\x18\x01 \x01(\x05\"\'\n\x12WaitForWorkRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"K\n\x13WaitForWorkResponse\x12\x16\n\x0ework_available\x18\x01 \x01(\x08\x12\x1c\n\x14stopped_workflow_ids\x18\x02 \x03(\t2\xd5\x08\n\x14WorkflowStoreService\x12\x65\n\x0e\x43reateWorkflow\x12$.aiwfe.data.v1.CreateWorkflowRequest\x1a%.aiwfe.data.v1.CreateWorkflowResponse\"\x06\xca\xf3\x18\x02(\x01\x12n\n\x11GetStoredWorkflow\x12\'.aiwfe.data.v1.GetStoredWorkflowRequest\x1a(.aiwfe.data.v1.GetStoredWorkflowResponse\"\x06\xca\xf3\x18\x02(\x01\x12t\n\x13ListStoredWorkflows\x12).aiwfe.data.v1.ListStoredWorkflowsRequest\x1a*.aiwfe.data.v1.ListStoredWorkflowsResponse\"\x06\xca\xf3\x18\x02(\x01\x12w\n\x14\x43\x61ncelStoredWorkflow\x12*.aiwfe.data.v1.CancelStoredWorkflowRequest\x1a+.aiwfe.data.v1.CancelStoredWorkflowResponse\"\x06\xca\xf3\x18\x02(\x01\x12q\n\x12ListWorkflowEvents\x12(.aiwfe.data.v1.ListWorkflowEventsRequest\x1a).aiwfe.data.v1.ListWorkflowEventsResponse\"\x06\xca\xf3\x18\x02(\x01\x12Q\n\nClaimSteps\x12 .aiwfe.data.v1.ClaimStepsRequest\x1a!.aiwfe.data.v1.ClaimStepsResponse\x12W\n\x0c\x45xtendLeases\x12\".aiwfe.data.v1.ExtendLeasesRequest\x1a#.aiwfe.data.v1.ExtendLeasesResponse\x12Z\n\rCompleteSteps\x12#.aiwfe.data.v1.CompleteStepsRequest\x1a$.aiwfe.data.v1.CompleteStepsResponse\x12K\n\x08\x46\x61ilStep\x12\x1e.aiwfe.data.v1.FailStepRequest\x1a\x1f.aiwfe.data.v1.FailStepResponse\x12W\n\x0cReleaseSteps\x12\".aiwfe.data.v1.ReleaseStepsRequest\x1a#.aiwfe.data.v1.ReleaseStepsResponse\x12V\n\x0bWaitForWork\x12!.aiwfe.data.v1.WaitForWorkRequest\x1a\".aiwfe.data.v1.WaitForWorkResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*aiwfe/data/v1/workflow_store_service.proto\x12\raiwfe.data.v1\x1a\x1e\x61iwfe/options/v1/options.proto\x1a(aiwfe/taskproc/v1/workflow_service.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"A\n\rWorkflowOwner\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\r\n\x05roles\x18\x03 \x03(\t\"5\n\rWorkflowScope\x12\x10\n\x08owner_id\x18\x01 \x01(\t\x12\x12\n\nall_owners\x18\x02 \x01(\x08\"\x8c\x01\n\x15\x43reateWorkflowRequest\x12+\n\x05owner\x18\x01 \x01(\x0b\x32\x1c.aiwfe.data.v1.WorkflowOwner\x12-\n\x04spec\x18\x02 \x01(\x0b\x32\x1f.aiwfe.taskproc.v1.WorkflowSpec\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"X\n\x16\x43reateWorkflowResponse\x12-\n\x08workflow\x18\x01 \x01(\x0b\x32\x1b.aiwfe.taskproc.v1.Workflow\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\\\n\x18GetStoredWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12+\n\x05scope\x18\x02 \x01(\x0b\x32\x1c.aiwfe.data.v1.WorkflowScope\"J\n\x19GetStoredWorkflowResponse\x12-\n\x08workflow\x18\x01 \x01(\x0b\x32\x1b.aiwfe.taskproc.v1.Workflow\"\xa1\x01\n\x1aListStoredWorkflowsRequest\x12+\n\x05scope\x18\x01 \x01(\x0b\x32\x1c.aiwfe.data.v1.WorkflowScope\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .aiwfe.taskproc.v1.WorkflowState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"f\n\x1bListStoredWorkflowsResponse\x12.\n\tworkflows\x18\x01 \x03(\x0b\x32\x1b.aiwfe.taskproc.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"_\n\x1b\x43\x61ncelStoredWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12+\n\x05scope\x18\x02 \x01(\x0b\x32\x1c.aiwfe.data.v1.WorkflowScope\"M\n\x1c\x43\x61ncelStoredWorkflowResponse\x12-\n\x08workflow\x18\x01 \x01(\x0b\x32\x1b.aiwfe.taskproc.v1.Workflow\"\x98\x01\n\x19ListWorkflowEventsRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12+\n\x05scope\x18\x02 \x01(\x0b\x32\x1c.aiwfe.data.v1.WorkflowScope\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\r\n\x05limit\x18\x04 \x01(\x05J\x04\x08\x05\x10\x06R\x0cwait_seconds\"\x95\x01\n\x1aWatchWorkflowEventsRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12+\n\x05scope\x18\x02 \x01(\x0b\x32\x1c.aiwfe.data.v1.WorkflowScope\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\x1d\n\x15poll_interval_seconds\x18\x04 \x01(\x01\"W\n\x1bWatchWorkflowEventsResponse\x12\x38\n\x06\x65vents\x18\x01 \x03(\x0b\x32(.aiwfe.taskproc.v1.WatchWorkflowResponse\"\xa7\x01\n\x1aListWorkflowEventsResponse\x12\x38\n\x06\x65vents\x18\x01 \x03(\x0b\x32(.aiwfe.taskproc.v1.WatchWorkflowResponse\x12\x38\n\x0eworkflow_state\x18\x02 \x01(\x0e\x32 .aiwfe.taskproc.v1.WorkflowState\x12\x15\n\rlast_sequence\x18\x03 \x01(\x03\"B\n\x07StepRef\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x11\n\tstep_name\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\"\x99\x02\n\x0b\x43laimedStep\x12#\n\x03ref\x18\x01 \x01(\x0b\x32\x16.aiwfe.data.v1.StepRef\x12\n\n\x02op\x18\x02 \x01(\t\x12\'\n\x06inputs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\x12+\n\x05owner\x18\x05 \x01(\x0b\x32\x1c.aiwfe.data.v1.WorkflowOwner\x12\x35\n\x11lease_expire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x12\x64\x65pendency_outputs\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"P\n\x11\x43laimStepsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tmax_steps\x18\x02 \x01(\x05\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\"r\n\x12\x43laimStepsResponse\x12)\n\x05steps\x18\x01 \x03(\x0b\x32\x1a.aiwfe.data.v1.ClaimedStep\x12\x31\n\rnext_run_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"f\n\x13\x45xtendLeasesRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x05steps\x18\x02 \x03(\x0b\x32\x16.aiwfe.data.v1.StepRef\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\"<\n\x14\x45xtendLeasesResponse\x12$\n\x04lost\x18\x01 \x03(\x0b\x32\x16.aiwfe.data.v1.StepRef\"Z\n\nStepResult\x12#\n\x03ref\x18\x01 \x01(\x0b\x32\x16.aiwfe.data.v1.StepRef\x12\'\n\x06output\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"U\n\x14\x43ompleteStepsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.aiwfe.data.v1.StepResult\")\n\x15\x43ompleteStepsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x03(\x08\"k\n\x0f\x46\x61ilStepRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x03ref\x18\x02 \x01(\x0b\x32\x16.aiwfe.data.v1.StepRef\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\"k\n\x10\x46\x61ilStepResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x12\n\nwill_retry\x18\x02 \x01(\x08\x12\x31\n\rnext_run_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"O\n\x13ReleaseStepsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x05steps\x18\x02 \x03(\x0b\x32\x16.aiwfe.data.v1.StepRef\"(\n\x14ReleaseStepsResponse\x12\x10\n\x08released\x18\x01 \x01(\x05\"\'\n\x12WaitForWorkRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"K\n\x13WaitForWorkResponse\x12\x16\n\x0ework_available\x18\x01 \x01(\x08\x12\x1c\n\x14stopped_workflow_ids\x18\x02 \x03(\t2\xc5\t\n\x14WorkflowStoreService\x12\x65\n\x0e\x43reateWorkflow\x12$.aiwfe.data.v1.CreateWorkflowRequest\x1a%.aiwfe.data.v1.CreateWorkflowResponse\"\x06\xca\xf3\x18\x02(\x01\x12n\n\x11GetStoredWorkflow\x12\'.aiwfe.data.v1.GetStoredWorkflowRequest\x1a(.aiwfe.data.v1.GetStoredWorkflowResponse\"\x06\xca\xf3\x18\x02(\x01\x12t\n\x13ListStoredWorkflows\x12).aiwfe.data.v1.ListStoredWorkflowsRequest\x1a*.aiwfe.data.v1.ListStoredWorkflowsResponse\"\x06\xca\xf3\x18\x02(\x01\x12w\n\x14\x43\x61ncelStoredWorkflow\x12*.aiwfe.data.v1.CancelStoredWorkflowRequest\x1a+.aiwfe.data.v1.CancelStoredWorkflowResponse\"\x06\xca\xf3\x18\x02(\x01\x12q\n\x12ListWorkflowEvents\x12(.aiwfe.data.v1.ListWorkflowEventsRequest\x1a).aiwfe.data.v1.ListWorkflowEventsResponse\"\x06\xca\xf3\x18\x02(\x01\x12n\n\x13WatchWorkflowEvents\x12).aiwfe.data.v1.WatchWorkflowEventsRequest\x1a*.aiwfe.data.v1.WatchWorkflowEventsResponse0\x01\x12Q\n\nClaimSteps\x12 .aiwfe.data.v1.ClaimStepsRequest\x1a!.aiwfe.data.v1.ClaimStepsResponse\x12W\n\x0c\x45xtendLeases\x12\".aiwfe.data.v1.ExtendLeasesRequest\x1a#.aiwfe.data.v1.ExtendLeasesResponse\x12Z\n\rCompleteSteps\x12#.aiwfe.data.v1.CompleteStepsRequest\x1a$.aiwfe.data.v1.CompleteStepsResponse\x12K\n\x08\x46\x61ilStep\x12\x1e.aiwfe.data.v1.FailStepRequest\x1a\x1f.aiwfe.data.v1.FailStepResponse\x12W\n\x0cReleaseSteps\x12\".aiwfe.data.v1.ReleaseStepsRequest\x1a#.aiwfe.data.v1.ReleaseStepsResponse\x12V\n\x0bWaitForWork\x12!.aiwfe.data.v1.WaitForWorkRequest\x1a\".aiwfe.data.v1.WaitForWorkResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -66,39 +66,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANCELSTOREDWORKFLOWRESPONSE']._serialized_start=1088
   _globals['_CANCELSTOREDWORKFLOWRESPONSE']._serialized_end=1165
   _globals['_LISTWORKFLOWEVENTSREQUEST']._serialized_start=1168
-  _globals['_LISTWORKFLOWEVENTSREQUEST']._serialized_end=1322
-  _globals['_LISTWORKFLOWEVENTSRESPONSE']._serialized_start=1325
-  _globals['_LISTWORKFLOWEVENTSRESPONSE']._serialized_end=1492
-  _globals['_STEPREF']._serialized_start=1494
-  _globals['_STEPREF']._serialized_end=1560
-  _globals['_CLAIMEDSTEP']._serialized_start=1563
-  _globals['_CLAIMEDSTEP']._serialized_end=1844
-  _globals['_CLAIMSTEPSREQUEST']._serialized_start=1846
-  _globals['_CLAIMSTEPSREQUEST']._serialized_end=1926
-  _globals['_CLAIMSTEPSRESPONSE']._serialized_start=1928
-  _globals['_CLAIMSTEPSRESPONSE']._serialized_end=2042
-  _globals['_EXTENDLEASESREQUEST']._serialized_start=2044
-  _globals['_EXTENDLEASESREQUEST']._serialized_end=2146
-  _globals['_EXTENDLEASESRESPONSE']._serialized_start=2148
-  _globals['_EXTENDLEASESRESPONSE']._serialized_end=2208
-  _globals['_STEPRESULT']._serialized_start=2210
-  _globals['_STEPRESULT']._serialized_end=2300
-  _globals['_COMPLETESTEPSREQUEST']._serialized_start=2302
-  _globals['_COMPLETESTEPSREQUEST']._serialized_end=2387
-  _globals['_COMPLETESTEPSRESPONSE']._serialized_start=2389
-  _globals['_COMPLETESTEPSRESPONSE']._serialized_end=2430
-  _globals['_FAILSTEPREQUEST']._serialized_start=2432
-  _globals['_FAILSTEPREQUEST']._serialized_end=2539
-  _globals['_FAILSTEPRESPONSE']._serialized_start=2541
-  _globals['_FAILSTEPRESPONSE']._serialized_end=2648
-  _globals['_RELEASESTEPSREQUEST']._serialized_start=2650
-  _globals['_RELEASESTEPSREQUEST']._serialized_end=2729
-  _globals['_RELEASESTEPSRESPONSE']._serialized_start=2731
-  _globals['_RELEASESTEPSRESPONSE']._serialized_end=2771
-  _globals['_WAITFORWORKREQUEST']._serialized_start=2773
-  _globals['_WAITFORWORKREQUEST']._serialized_end=2812
-  _globals['_WAITFORWORKRESPONSE']._serialized_start=2814
-  _globals['_WAITFORWORKRESPONSE']._serialized_end=2889
-  _globals['_WORKFLOWSTORESERVICE']._serialized_start=2892
-  _globals['_WORKFLOWSTORESERVICE']._serialized_end=4001
+  _globals['_LISTWORKFLOWEVENTSREQUEST']._serialized_end=1320
+  _globals['_WATCHWORKFLOWEVENTSREQUEST']._serialized_start=1323
+  _globals['_WATCHWORKFLOWEVENTSREQUEST']._serialized_end=1472
+  _globals['_WATCHWORKFLOWEVENTSRESPONSE']._serialized_start=1474
+  _globals['_WATCHWORKFLOWEVENTSRESPONSE']._serialized_end=1561
+  _globals['_LISTWORKFLOWEVENTSRESPONSE']._serialized_start=1564
+  _globals['_LISTWORKFLOWEVENTSRESPONSE']._serialized_end=1731
+  _globals['_STEPREF']._serialized_start=1733
+  _globals['_STEPREF']._serialized_end=1799
+  _globals['_CLAIMEDSTEP']._serialized_start=1802
+  _globals['_CLAIMEDSTEP']._serialized_end=2083
+  _globals['_CLAIMSTEPSREQUEST']._serialized_start=2085
+  _globals['_CLAIMSTEPSREQUEST']._serialized_end=2165
+  _globals['_CLAIMSTEPSRESPONSE']._serialized_start=2167
+  _globals['_CLAIMSTEPSRESPONSE']._serialized_end=2281
+  _globals['_EXTENDLEASESREQUEST']._serialized_start=2283
+  _globals['_EXTENDLEASESREQUEST']._serialized_end=2385
+  _globals['_EXTENDLEASESRESPONSE']._serialized_start=2387
+  _globals['_EXTENDLEASESRESPONSE']._serialized_end=2447
+  _globals['_STEPRESULT']._serialized_start=2449
+  _globals['_STEPRESULT']._serialized_end=2539
+  _globals['_COMPLETESTEPSREQUEST']._serialized_start=2541
+  _globals['_COMPLETESTEPSREQUEST']._serialized_end=2626
+  _globals['_COMPLETESTEPSRESPONSE']._serialized_start=2628
+  _globals['_COMPLETESTEPSRESPONSE']._serialized_end=2669
+  _globals['_FAILSTEPREQUEST']._serialized_start=2671
+  _globals['_FAILSTEPREQUEST']._serialized_end=2778
+  _globals['_FAILSTEPRESPONSE']._serialized_start=2780
+  _globals['_FAILSTEPRESPONSE']._serialized_end=2887
+  _globals['_RELEASESTEPSREQUEST']._serialized_start=2889
+  _globals['_RELEASESTEPSREQUEST']._serialized_end=2968
+  _globals['_RELEASESTEPSRESPONSE']._serialized_start=2970
+  _globals['_RELEASESTEPSRESPONSE']._serialized_end=3010
+  _globals['_WAITFORWORKREQUEST']._serialized_start=3012
+  _globals['_WAITFORWORKREQUEST']._serialized_end=3051
+  _globals['_WAITFORWORKRESPONSE']._serialized_start=3053
+  _globals['_WAITFORWORKRESPONSE']._serialized_end=3128
+  _globals['_WORKFLOWSTORESERVICE']._serialized_start=3131
+  _globals['_WORKFLOWSTORESERVICE']._serialized_end=4352
 # @@protoc_insertion_point(module_scope)

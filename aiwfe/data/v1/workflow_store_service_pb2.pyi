@@ -97,18 +97,34 @@ class CancelStoredWorkflowResponse(_message.Message):
     def __init__(self, workflow: _Optional[_Union[_workflow_service_pb2.Workflow, _Mapping]] = ...) -> None: ...
 
 class ListWorkflowEventsRequest(_message.Message):
-    __slots__ = ("workflow_id", "scope", "after_sequence", "limit", "wait_seconds")
+    __slots__ = ("workflow_id", "scope", "after_sequence", "limit")
     WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
-    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     workflow_id: str
     scope: WorkflowScope
     after_sequence: int
     limit: int
-    wait_seconds: float
-    def __init__(self, workflow_id: _Optional[str] = ..., scope: _Optional[_Union[WorkflowScope, _Mapping]] = ..., after_sequence: _Optional[int] = ..., limit: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, workflow_id: _Optional[str] = ..., scope: _Optional[_Union[WorkflowScope, _Mapping]] = ..., after_sequence: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class WatchWorkflowEventsRequest(_message.Message):
+    __slots__ = ("workflow_id", "scope", "after_sequence", "poll_interval_seconds")
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    POLL_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    scope: WorkflowScope
+    after_sequence: int
+    poll_interval_seconds: float
+    def __init__(self, workflow_id: _Optional[str] = ..., scope: _Optional[_Union[WorkflowScope, _Mapping]] = ..., after_sequence: _Optional[int] = ..., poll_interval_seconds: _Optional[float] = ...) -> None: ...
+
+class WatchWorkflowEventsResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[_workflow_service_pb2.WatchWorkflowResponse]
+    def __init__(self, events: _Optional[_Iterable[_Union[_workflow_service_pb2.WatchWorkflowResponse, _Mapping]]] = ...) -> None: ...
 
 class ListWorkflowEventsResponse(_message.Message):
     __slots__ = ("events", "workflow_state", "last_sequence")

@@ -60,6 +60,11 @@ class WorkflowStoreServiceStub:
                 request_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.ListWorkflowEventsRequest.SerializeToString,
                 response_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.ListWorkflowEventsResponse.FromString,
                 _registered_method=True)
+        self.WatchWorkflowEvents = channel.unary_stream(
+                '/aiwfe.data.v1.WorkflowStoreService/WatchWorkflowEvents',
+                request_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsResponse.FromString,
+                _registered_method=True)
         self.ClaimSteps = channel.unary_unary(
                 '/aiwfe.data.v1.WorkflowStoreService/ClaimSteps',
                 request_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.ClaimStepsRequest.SerializeToString,
@@ -126,6 +131,14 @@ class WorkflowStoreServiceServicer:
 
     def ListWorkflowEvents(self, request, context):
         """ListWorkflowEvents returns a workflow's events after a sequence number.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchWorkflowEvents(self, request, context):
+        """WatchWorkflowEvents streams a workflow's events after a sequence number as they are
+        appended, and ends once the workflow is terminal and its last event has been sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -200,6 +213,11 @@ def add_WorkflowStoreServiceServicer_to_server(servicer, server):
                     servicer.ListWorkflowEvents,
                     request_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.ListWorkflowEventsRequest.FromString,
                     response_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.ListWorkflowEventsResponse.SerializeToString,
+            ),
+            'WatchWorkflowEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchWorkflowEvents,
+                    request_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsRequest.FromString,
+                    response_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsResponse.SerializeToString,
             ),
             'ClaimSteps': grpc.unary_unary_rpc_method_handler(
                     servicer.ClaimSteps,
@@ -368,6 +386,33 @@ class WorkflowStoreService:
             '/aiwfe.data.v1.WorkflowStoreService/ListWorkflowEvents',
             aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.ListWorkflowEventsRequest.SerializeToString,
             aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.ListWorkflowEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchWorkflowEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aiwfe.data.v1.WorkflowStoreService/WatchWorkflowEvents',
+            aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsRequest.SerializeToString,
+            aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
