@@ -8,7 +8,7 @@ own, then times sequential point reads from this process:
 - ``rpc GetUser``: UserStoreService.GetUser by username over gRPC on loopback;
 - ``rpc GetCacheEntries``: CacheStoreService.GetCacheEntries of one key;
 - ``psycopg pool (as the service)``: the GetUser query through dataplatform's own
-  `Database.reading()` (psycopg_pool, autocommit read), exactly as the servicer runs it;
+  `Database.autocommit()` (psycopg_pool, autocommit read), exactly as the servicer runs it;
 - ``psycopg autocommit``: the same query on one autocommit connection (the floor).
 
 Goal: p50 <= 1 ms through the RPC (the design's seed target for a database query: 40 ms).
@@ -116,7 +116,7 @@ async def measure(address: str, dsn: str, internal_secret: str, n: int) -> dict[
     try:
 
         async def pooled() -> None:
-            async with db.reading() as conn:
+            async with db.autocommit() as conn:
                 cur = await conn.execute(_USER_QUERY, (servers.ADMIN_USERNAME,))
                 await cur.fetchone()
 

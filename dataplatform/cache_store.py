@@ -31,7 +31,7 @@ class CacheStore(pb_grpc.CacheStoreServiceServicer):
         v = Violations()
         _check_keys(keys, v)
         v.raise_if_any()
-        async with self._db.reading() as conn:
+        async with self._db.autocommit() as conn:
             cur = await conn.execute(
                 "SELECT key, value,"
                 " COALESCE(ceil(extract(epoch FROM expires_at - now())), 0)::bigint AS ttl"

@@ -103,8 +103,9 @@ class Database:
             await migrate(conn)
 
     @contextlib.asynccontextmanager
-    async def reading(self) -> AsyncIterator[DictConnection]:
-        """A pooled connection in autocommit for one read-only statement.
+    async def autocommit(self) -> AsyncIterator[DictConnection]:
+        """A pooled connection in autocommit, for one statement: a read, or a write whose
+        CTEs do all its work (a statement is atomic by itself).
 
         One round trip instead of three (BEGIN, query, COMMIT): a point read's latency is
         mostly round trips. Use `pool.connection()` (a transaction) for anything else.

@@ -69,7 +69,7 @@ class UserStore(pb_grpc.UserStoreServiceServicer):
         return to_proto(row)
 
     async def count(self) -> int:
-        async with self._db.reading() as conn:
+        async with self._db.autocommit() as conn:
             cur = await conn.execute("SELECT count(*) AS n FROM users")
             row = await cur.fetchone()
         return int(row["n"]) if row else 0
@@ -93,7 +93,7 @@ class UserStore(pb_grpc.UserStoreServiceServicer):
             query = f"SELECT {_COLUMNS} FROM users WHERE user_id = %s"
         else:
             raise InvalidArgument([("username", "username or user_id is required")])
-        async with self._db.reading() as conn:
+        async with self._db.autocommit() as conn:
             cur = await conn.execute(query, (arg,))
             row = await cur.fetchone()
         if row is None:
@@ -108,7 +108,7 @@ class UserStore(pb_grpc.UserStoreServiceServicer):
         v.raise_if_any()
         size = request.page_size or 100
         after = _page_after(request.page_token) if request.page_token else ""
-        async with self._db.reading() as conn:
+        async with self._db.autocommit() as conn:
             cur = await conn.execute(
                 f"SELECT {_COLUMNS} FROM users WHERE username > %s ORDER BY username LIMIT %s",
                 (after, size + 1),

@@ -353,84 +353,71 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         v.check(1 <= len(spec.steps) <= MAX_STEPS, "spec.steps", f"must list 1 to {MAX_STEPS}")
         v.check(spec.timeout_seconds > 0, "spec.timeout_seconds", "must be positive")
         v.raise_if_any()
-        key = request.idempotency_key or None
-
-        async def work(conn: DictConnection) -> tuple[dict[str, Any], bool]:
-            wid = uuid.uuid4()
+        steps = list(spec.steps)
+        policies = [st.retry_policy for st in steps]
+        args = {
+            "wid": uuid.uuid4(),
+            "owner": request.owner.user_id,
+            "username": request.owner.username,
+            "roles": list(request.owner.roles),
+            "key": request.idempotency_key or None,
+            "spec": spec.SerializeToString(),
+            "priority": spec.priority,
+            "timeout": spec.timeout_seconds,
+            "name": [st.name for st in steps],
+            "op": [st.op for st in steps],
+            "inputs": [Jsonb(_dict(st.inputs)) for st in steps],
+            "deps": [Jsonb(list(st.depends_on)) for st in steps],
+            "ma": [p.max_attempts for p in policies],
+            "ib": [p.initial_backoff_seconds for p in policies],
+            "bm": [p.backoff_multiplier for p in policies],
+            "mb": [p.max_backoff_seconds for p in policies],
+            "j": [p.jitter for p in policies],
+            "t": [st.timeout_seconds for st in steps],
+        }
+        # One statement, so one round trip in autocommit and atomic by itself: the workflow
+        # row, its steps and its first event, unless the idempotency key was used before.
+        # Nobody can watch a workflow whose id is not out yet, so nothing is pushed.
+        async with self._db.autocommit() as conn:
             cur = await conn.execute(
-                "INSERT INTO workflows (workflow_id, owner_id, owner_username, owner_roles,"
-                " idempotency_key, spec, state, priority, deadline_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, 1, %s, now() + %s * interval '1 second')"
-                f" ON CONFLICT (owner_id, idempotency_key) DO NOTHING RETURNING {_WF_COLUMNS}",
-                (
-                    wid,
-                    request.owner.user_id,
-                    request.owner.username,
-                    list(request.owner.roles),
-                    key,
-                    spec.SerializeToString(),
-                    spec.priority,
-                    spec.timeout_seconds,
-                ),
+                "WITH w AS (INSERT INTO workflows (workflow_id, owner_id, owner_username,"
+                "   owner_roles, idempotency_key, spec, state, priority, deadline_at,"
+                "   last_sequence)"
+                "   VALUES (%(wid)s, %(owner)s, %(username)s, %(roles)s, %(key)s, %(spec)s, 1,"
+                "   %(priority)s, now() + %(timeout)s * interval '1 second', 1)"
+                f"  ON CONFLICT (owner_id, idempotency_key) DO NOTHING RETURNING {_WF_COLUMNS}),"
+                " s AS (INSERT INTO workflow_steps (workflow_id, name, position, op, inputs,"
+                "   depends_on, remaining_deps, state, priority, max_attempts, initial_backoff,"
+                "   backoff_multiplier, max_backoff, jitter, timeout_seconds)"
+                "   SELECT w.workflow_id, u.name, u.ord - 1, u.op, u.inputs,"
+                "   ARRAY(SELECT jsonb_array_elements_text(u.deps)), jsonb_array_length(u.deps),"
+                "   1, %(priority)s, u.ma, u.ib, u.bm, u.mb, u.j, u.t"
+                "   FROM w, unnest(%(name)s::text[], %(op)s::text[], %(inputs)s::jsonb[],"
+                "   %(deps)s::jsonb[], %(ma)s::int[], %(ib)s::float8[], %(bm)s::float8[],"
+                "   %(mb)s::float8[], %(j)s::float8[], %(t)s::float8[])"
+                "   WITH ORDINALITY AS u(name, op, inputs, deps, ma, ib, bm, mb, j, t, ord)),"
+                " e AS (INSERT INTO workflow_events (workflow_id, sequence, workflow_state,"
+                "   message) SELECT workflow_id, 1, state, 'workflow submitted' FROM w)"
+                " SELECT * FROM w",
+                args,
             )
             row = await cur.fetchone()
-            if row is None:  # the idempotency key was used before: the same workflow
-                cur = await conn.execute(
-                    f"SELECT {_WF_COLUMNS} FROM workflows"
-                    " WHERE owner_id = %s AND idempotency_key = %s",
-                    (request.owner.user_id, key),
-                )
-                existing = await cur.fetchone()
-                assert existing is not None
-                return existing, False
-            steps = list(spec.steps)
-            policies = [st.retry_policy for st in steps]
-            await conn.execute(
-                "INSERT INTO workflow_steps (workflow_id, name, position, op, inputs,"
-                " depends_on, remaining_deps, state, priority, max_attempts, initial_backoff,"
-                " backoff_multiplier, max_backoff, jitter, timeout_seconds)"
-                " SELECT %s, u.name, u.ord - 1, u.op, u.inputs,"
-                "   ARRAY(SELECT jsonb_array_elements_text(u.deps)), jsonb_array_length(u.deps),"
-                "   1, %s, u.ma, u.ib, u.bm, u.mb, u.j, u.t"
-                " FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::jsonb[], %s::int[],"
-                "   %s::float8[], %s::float8[], %s::float8[], %s::float8[], %s::float8[])"
-                "   WITH ORDINALITY AS u(name, op, inputs, deps, ma, ib, bm, mb, j, t, ord)",
-                (
-                    wid,
-                    spec.priority,
-                    [st.name for st in steps],
-                    [st.op for st in steps],
-                    [Jsonb(_dict(st.inputs)) for st in steps],
-                    [Jsonb(list(st.depends_on)) for st in steps],
-                    [p.max_attempts for p in policies],
-                    [p.initial_backoff_seconds for p in policies],
-                    [p.backoff_multiplier for p in policies],
-                    [p.max_backoff_seconds for p in policies],
-                    [p.jitter for p in policies],
-                    [st.timeout_seconds for st in steps],
-                ),
-            )
-            await self._append_events(conn, [(wid, "", 0, "workflow submitted")])
-            return row, True
-
-        async def run(conn: DictConnection) -> pb.CreateWorkflowResponse:
-            row, created = await work(conn)
-            if created:  # nothing to read back: every step is PENDING with no attempts
-                steps = [
+            if row is not None:  # nothing to read back: every step is PENDING, no attempts
+                self.wakeups.work()
+                pending = [
                     {"name": st.name, "state": S_PENDING, "attempt": 0, "error": "", "output": None}
-                    for st in spec.steps
+                    for st in steps
                 ]
-                return pb.CreateWorkflowResponse(workflow=_workflow(row, steps), created=True)
-            return pb.CreateWorkflowResponse(workflow=(await self._load(conn, [row]))[0])
-
-        try:
-            reply = await self._tx(run)
-        except psycopg.errors.UniqueViolation:
-            # Two submissions with one key raced; the loser reads the winner's workflow.
-            reply = await self._tx(run)
-        if reply.created:
-            self.wakeups.work()
-        return reply
+                return pb.CreateWorkflowResponse(workflow=_workflow(row, pending), created=True)
+            # The idempotency key was used before (or is being used right now: the insert
+            # waited for that transaction, so its workflow is committed): the same workflow.
+            cur = await conn.execute(
+                f"SELECT {_WF_COLUMNS} FROM workflows WHERE owner_id = %s AND idempotency_key = %s",
+                (request.owner.user_id, args["key"]),
+            )
+            existing = await cur.fetchone()
+            assert existing is not None
+            return pb.CreateWorkflowResponse(workflow=(await self._load(conn, [existing]))[0])
 
     async def GetStoredWorkflow(
         self, request: pb.GetStoredWorkflowRequest, context: grpc.aio.ServicerContext
@@ -582,7 +569,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The workflow (state, last sequence) and its events after `after`, in one
         autocommit query."""
-        async with self._db.reading() as conn:
+        async with self._db.autocommit() as conn:
             cur = await conn.execute(
                 "SELECT w.owner_id, w.state, w.last_sequence, e.sequence, e.workflow_state,"
                 " e.step_name, e.step_state, e.message, e.created_at FROM workflows w"

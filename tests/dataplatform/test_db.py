@@ -19,13 +19,13 @@ async def db(database_dsn: str):
     await database.close()
 
 
-async def test_reading_restores_transactions_even_after_errors(db: Database) -> None:
-    """After reading() — clean or failed — the same pooled connection is transactional again."""
-    async with db.reading() as conn:
+async def test_autocommit_restores_transactions_even_after_errors(db: Database) -> None:
+    """After autocommit() — clean or failed — the same pooled connection is transactional again."""
+    async with db.autocommit() as conn:
         assert conn.autocommit
         await conn.execute("SELECT 1")
     with pytest.raises(psycopg.errors.UndefinedTable):
-        async with db.reading() as conn:
+        async with db.autocommit() as conn:
             await conn.execute("SELECT * FROM no_such_table")
     for _ in range(2):  # whichever connection the pool hands out
         async with db.pool.connection() as conn:
