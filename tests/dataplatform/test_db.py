@@ -1,14 +1,18 @@
-"""The PostgreSQL pool: autocommit point reads never leak autocommit into transactions, and
-pool usage is exported as database_connection_pool_usage."""
+"""The PostgreSQL pool: autocommit point reads never leak autocommit into transactions,
+pool usage is exported as database_connection_pool_usage, and a failed start closes it."""
 
 from __future__ import annotations
 
 import psycopg
+import psycopg_pool
 import pytest
 
-from aiwfe.config import PostgresSettings
+from aiwfe.config import PostgresSettings, load_settings
+from aiwfe.embedded import free_port
 from aiwfe.metrics import REGISTRY
+from aiwfe.server import start_service
 from dataplatform.db import Database
+from dataplatform.service import DataPlatformService
 
 
 @pytest.fixture
@@ -44,3 +48,24 @@ async def test_pool_usage_is_exported(db: Database) -> None:
         sample = REGISTRY.get_sample_value("database_connection_pool_usage", {"state": state})
         assert sample == value
     assert await db.ping()
+
+
+async def test_a_failed_start_closes_what_it_opened(base_overrides) -> None:
+    """When dataplatform cannot start (no database answers), start_service stops it: its
+    pool is closed, so nothing keeps reconnecting and the process can exit."""
+    settings = load_settings(
+        env={},
+        overrides={
+            **base_overrides,
+            "database": {
+                "postgres": {
+                    "dsn": f"postgresql://postgres@127.0.0.1:{free_port()}/none",
+                    "pool_timeout": 1,
+                }
+            },
+        },
+    )
+    service = DataPlatformService(settings)
+    with pytest.raises(psycopg_pool.PoolTimeout):
+        await start_service(service, "127.0.0.1", 0)
+    assert service.db.pool.closed
