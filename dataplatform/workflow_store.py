@@ -61,10 +61,10 @@ _EVENT_PAGE = 500
 _DEFAULT_POLL_SECONDS = 1.0
 _MIN_POLL_SECONDS = 0.01
 _MAX_POLL_SECONDS = 30.0
-# Events the current transaction appended, by workflow (pushed to watchers once it commits).
-_touched: ContextVar[dict[uuid.UUID, list[dict[str, Any]]] | None] = ContextVar(
-    "aiwfe_wf_touched", default=None
-)
+# Events the current transaction appended, by workflow, pushed to watchers once it commits;
+# None where nobody watched when they were appended (rows not fetched: watchers re-read).
+_Appended = dict[uuid.UUID, list[dict[str, Any]] | None]
+_touched: ContextVar[_Appended | None] = ContextVar("aiwfe_wf_touched", default=None)
 
 _STEP_COLUMNS = "name, position, state, attempt, output, error"
 _WF_COLUMNS = (
@@ -149,7 +149,10 @@ class Wakeups:
             if not watches:
                 del self._watchers[workflow_id]
 
-    def appended(self, events: dict[uuid.UUID, list[dict[str, Any]]]) -> None:
+    def watching(self, workflow_ids: set[uuid.UUID]) -> bool:
+        return not self._watchers.keys().isdisjoint(workflow_ids)
+
+    def appended(self, events: _Appended) -> None:
         for wid, rows in events.items():
             for watch in self._watchers.get(wid, ()):
                 watch.push(rows)
@@ -196,9 +199,9 @@ class _Watch:
         self.rows: list[dict[str, Any]] = []
         self.overflowed = False
 
-    def push(self, rows: list[dict[str, Any]]) -> None:
-        if len(self.rows) + len(rows) > _EVENT_PAGE:
-            self.rows.clear()  # a slow reader: it re-reads from the database instead
+    def push(self, rows: list[dict[str, Any]] | None) -> None:
+        if rows is None or len(self.rows) + len(rows) > _EVENT_PAGE:
+            self.rows.clear()  # unknown rows or a slow reader: re-read from the database
             self.overflowed = True
         elif not self.overflowed:
             self.rows.extend(rows)
@@ -239,7 +242,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
     async def _tx(self, work: Callable[[DictConnection], Awaitable[T]]) -> T:
         """Runs `work` in one transaction, retrying on deadlock/serialization failures."""
         for attempt in range(_TX_RETRIES):
-            touched: dict[uuid.UUID, list[dict[str, Any]]] = {}
+            touched: _Appended = {}
             token = _touched.set(touched)
             try:
                 async with self._db.pool.connection() as conn:
@@ -312,8 +315,14 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         )
         touched = _touched.get()
         if touched is not None:
-            for row in await cur.fetchall():
-                touched.setdefault(row["workflow_id"], []).append(row)
+            wids = {e[0] for e in events}
+            if self.wakeups.watching(wids):
+                for row in await cur.fetchall():
+                    rows = touched.setdefault(row["workflow_id"], [])
+                    if rows is not None:
+                        rows.append(row)
+            else:  # parsing rows nobody reads costs the queue; a late watcher re-reads
+                touched.update(dict.fromkeys(wids))
 
     async def _load(self, conn: DictConnection, rows: list[dict[str, Any]]) -> list[wf_pb.Workflow]:
         """Workflow messages for workflow rows, with their steps in spec order."""
@@ -893,17 +902,19 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                 row["max_backoff"],
                 row["jitter"],
             )
+            await self._append_events(
+                conn, [(wid, request.ref.step_name, S_RETRYING, f"{msg}; retry in {delay:.3f}s")]
+            )
+            # Counted from after the RETRYING event's time, so the recorded schedule never
+            # shows a retry earlier than its backoff.
             cur = await conn.execute(
                 "UPDATE workflow_steps SET state = 6, lease_owner = NULL, lease_expires_at = NULL,"
-                " next_run_at = now() + %s * interval '1 second'"
+                " next_run_at = clock_timestamp() + %s * interval '1 second'"
                 " WHERE workflow_id = %s AND name = %s RETURNING next_run_at",
                 (delay, wid, request.ref.step_name),
             )
             nxt = await cur.fetchone()
             assert nxt is not None
-            await self._append_events(
-                conn, [(wid, request.ref.step_name, S_RETRYING, f"{msg}; retry in {delay:.3f}s")]
-            )
             metrics.workflow_step_retries.labels(row["op"]).inc()
             reply = pb.FailStepResponse(accepted=True, will_retry=True)
             reply.next_run_time.CopyFrom(_ts(nxt["next_run_at"]))
