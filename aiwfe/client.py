@@ -346,6 +346,13 @@ class AsyncClient:
         request = wf_pb.WatchWorkflowRequest(workflow_id=workflow_id, after_sequence=after_sequence)
         return self._stream(self.workflows.WatchWorkflow, request)
 
+    def run_workflow(
+        self, spec: wf_pb.WorkflowSpec, idempotency_key: str = ""
+    ) -> AsyncIterator[wf_pb.RunWorkflowResponse]:
+        """Submits and follows in one call: the workflow first, then each event to the end."""
+        request = wf_pb.RunWorkflowRequest(spec=spec, idempotency_key=idempotency_key)
+        return self._stream(self.workflows.RunWorkflow, request)
+
     # --- SystemService --------------------------------------------------------------------
 
     async def list_circuit_breakers(self) -> sys_pb.ListCircuitBreakersResponse:
@@ -453,6 +460,9 @@ class Client:
         self, workflow_id: str, after_sequence: int = 0
     ) -> Iterator[wf_pb.WatchWorkflowResponse]:
         return self._iterate(self.aio.watch_workflow(workflow_id, after_sequence))
+
+    def run_workflow(self, *args: Any, **kwargs: Any) -> Iterator[wf_pb.RunWorkflowResponse]:
+        return self._iterate(self.aio.run_workflow(*args, **kwargs))
 
     def list_circuit_breakers(self) -> sys_pb.ListCircuitBreakersResponse:
         return self._run(self.aio.list_circuit_breakers())

@@ -9,8 +9,11 @@
    dataplatform` in its own process: leases, attempts, per-attempt records, events and
    DAG advance included.
 3. `e2e`: single-step workflows submitted through the gateway (32 in flight), each watched
-   until done, against the whole suite in its own process (`benchmarks.servers`).
-4. `latency`: submit → done (Watch ends) one at a time on the idle suite, p50/p99.
+   until done, against the whole suite in its own process (`benchmarks.servers`), with
+   the CPU each process spent per workflow and PostgreSQL transactions per workflow;
+   `e2e_run`: the same through RunWorkflow (submit and watch in one call).
+4. `latency`: submit → done (Watch ends) one at a time on the idle suite, p50/p99; and the
+   same through RunWorkflow.
 
 Goals from the issue: (2) ≥ 3,000 jobs/s, (3) ≥ 300 workflows/s, (4) p50 ≤ 20 ms.
 """
@@ -249,9 +252,64 @@ def _commits(admin_dsn: str, database: str) -> int:
     return int(row[0]) if row else 0
 
 
+async def _run_and_wait(stub: wf_grpc.WorkflowServiceStub, md: Any) -> float:
+    """The same workflow through RunWorkflow: submit and watch in one call."""
+    start = time.perf_counter()
+    last = None
+    async for update in stub.RunWorkflow(
+        wf_pb.RunWorkflowRequest(spec=_noop_spec()), metadata=md, timeout=30
+    ):
+        last = update
+    assert last is not None and last.event.workflow_state == wf_pb.WORKFLOW_STATE_SUCCEEDED
+    return time.perf_counter() - start
+
+
+async def _throughput(
+    server: ServerProcess, admin_dsn: str, workflows: int, in_flight: int, run: Any
+) -> dict[str, Any]:
+    """`workflows` runs of `run()` with `in_flight` at a time, and where the CPU went."""
+    sem = asyncio.Semaphore(in_flight)
+
+    async def one() -> None:
+        async with sem:
+            await run()
+
+    pids = {n: p for n, p in server.info["service_pids"].items() if "_" not in n}
+    before = _cpu(pids)
+    commits = _commits(admin_dsn, server.database)
+    start = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(workflows)))
+    elapsed = time.perf_counter() - start
+    used = {name: cpu - before[name] for name, cpu in _cpu(pids).items()}
+    await asyncio.sleep(1.5)  # backends report their statistics about once a second
+    commits = _commits(admin_dsn, server.database) - commits
+    machine = used.pop("machine")
+    used["other"] = max(0.0, machine - sum(used.values()))
+    return {
+        "workflows": workflows,
+        "seconds": round(elapsed, 3),
+        "workflows_per_s": round(workflows / elapsed),
+        "in_flight": in_flight,
+        # CPU per workflow, by process: where the two cores go.
+        "cpu_ms_per_workflow": {n: round(c / workflows * 1000, 2) for n, c in used.items()},
+        "cpu_cores_busy": round(machine / elapsed, 2),
+        "pg_transactions_per_workflow": round(commits / workflows, 2),
+    }
+
+
+def _percentiles(samples: list[float]) -> dict[str, Any]:
+    samples = sorted(samples)
+    return {
+        "n": len(samples),
+        "p50": round(statistics.median(samples) * 1000, 2),
+        "p99": round(samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1000, 2),
+    }
+
+
 async def gateway_phases(
     admin_dsn: str, e2e: int, latency: int, in_flight: int = 32
 ) -> dict[str, Any]:
+    """Submit + Watch (two calls) and RunWorkflow (one), idle latency and throughput."""
     server = ServerProcess(admin_dsn)
     server.start()
     try:
@@ -261,41 +319,20 @@ async def gateway_phases(
             stub = wf_grpc.WorkflowServiceStub(channel)
             for _ in range(20):  # warm-up
                 await _submit_and_wait(stub, md)
-            samples = [await _submit_and_wait(stub, md) for _ in range(latency)]
-            samples.sort()
-            sem = asyncio.Semaphore(in_flight)
-
-            async def one() -> None:
-                async with sem:
-                    await _submit_and_wait(stub, md)
-
-            pids = {n: p for n, p in server.info["service_pids"].items() if "_" not in n}
-            before = _cpu(pids)
-            commits = _commits(admin_dsn, server.database)
-            start = time.perf_counter()
-            await asyncio.gather(*(one() for _ in range(e2e)))
-            elapsed = time.perf_counter() - start
-            used = {name: cpu - before[name] for name, cpu in _cpu(pids).items()}
-            await asyncio.sleep(1.5)  # backends report their statistics about once a second
-            commits = _commits(admin_dsn, server.database) - commits
-            machine = used.pop("machine")
-            used["other"] = max(0.0, machine - sum(used.values()))
+                await _run_and_wait(stub, md)
+            idle = [await _submit_and_wait(stub, md) for _ in range(latency)]
+            idle_run = [await _run_and_wait(stub, md) for _ in range(latency)]
+            e2e_result = await _throughput(
+                server, admin_dsn, e2e, in_flight, lambda: _submit_and_wait(stub, md)
+            )
+            run_result = await _throughput(
+                server, admin_dsn, e2e, in_flight, lambda: _run_and_wait(stub, md)
+            )
         return {
-            "latency_idle_ms": {
-                "n": latency,
-                "p50": round(statistics.median(samples) * 1000, 2),
-                "p99": round(samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1000, 2),
-            },
-            "e2e": {
-                "workflows": e2e,
-                "seconds": round(elapsed, 3),
-                "workflows_per_s": round(e2e / elapsed),
-                "in_flight": in_flight,
-                # CPU per workflow, by process: where the two cores go.
-                "cpu_ms_per_workflow": {n: round(c / e2e * 1000, 2) for n, c in used.items()},
-                "cpu_cores_busy": round(machine / elapsed, 2),
-                "pg_transactions_per_workflow": round(commits / e2e, 2),
-            },
+            "latency_idle_ms": _percentiles(idle),
+            "latency_idle_run_ms": _percentiles(idle_run),
+            "e2e": e2e_result,
+            "e2e_run": run_result,
         }
     finally:
         server.stop()

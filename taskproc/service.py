@@ -56,19 +56,11 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         self._store = store
         self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
 
-    async def SubmitWorkflow(
-        self, request: pb.SubmitWorkflowRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SubmitWorkflowResponse:
+    async def _submit(self, spec: pb.WorkflowSpec, idempotency_key: str) -> pb.Workflow:
         principal = _user()
         v = Violations()
-        v.text(
-            request.idempotency_key,
-            "idempotency_key",
-            max_chars=MAX_IDEMPOTENCY_KEY,
-            required=False,
-        )
+        v.text(idempotency_key, "idempotency_key", max_chars=MAX_IDEMPOTENCY_KEY, required=False)
         v.raise_if_any()
-        spec = validate(request.spec, self._limits)
         reply = await self._store.call(
             self._stub.CreateWorkflow,
             store_pb.CreateWorkflowRequest(
@@ -77,11 +69,18 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
                     username=principal.username,
                     roles=list(principal.roles),
                 ),
-                spec=spec,
-                idempotency_key=request.idempotency_key,
+                spec=validate(spec, self._limits),
+                idempotency_key=idempotency_key,
             ),
         )
-        return pb.SubmitWorkflowResponse(workflow=reply.workflow)
+        return reply.workflow
+
+    async def SubmitWorkflow(
+        self, request: pb.SubmitWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SubmitWorkflowResponse:
+        return pb.SubmitWorkflowResponse(
+            workflow=await self._submit(request.spec, request.idempotency_key)
+        )
 
     async def GetWorkflow(
         self, request: pb.GetWorkflowRequest, context: grpc.aio.ServicerContext
@@ -139,14 +138,31 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         v = Violations()
         v.check(request.after_sequence >= 0, "after_sequence", "must not be negative")
         v.raise_if_any()
+        async for event in self._events(request.workflow_id, scope, request.after_sequence):
+            yield event
+
+    async def RunWorkflow(
+        self, request: pb.RunWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RunWorkflowResponse]:
+        """SubmitWorkflow then WatchWorkflow in one call: one round of RPC set-ups
+        through every hop instead of two."""
+        workflow = await self._submit(request.spec, request.idempotency_key)
+        yield pb.RunWorkflowResponse(workflow=workflow)
+        scope = _scope(_user())
+        async for event in self._events(workflow.workflow_id, scope, 0):
+            yield pb.RunWorkflowResponse(event=event)
+
+    async def _events(
+        self, workflow_id: str, scope: store_pb.WorkflowScope, after: int
+    ) -> AsyncIterator[pb.WatchWorkflowResponse]:
         # One stream from dataplatform: it pushes as soon as it commits an event and re-reads
         # every poll interval for events another replica committed.
         async for batch in self._store.stream(
             self._stub.WatchWorkflowEvents,
             store_pb.WatchWorkflowEventsRequest(
-                workflow_id=request.workflow_id,
+                workflow_id=workflow_id,
                 scope=scope,
-                after_sequence=request.after_sequence,
+                after_sequence=after,
                 poll_interval_seconds=self._limits.watch_poll_interval,
             ),
         ):

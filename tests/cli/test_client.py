@@ -122,25 +122,31 @@ def test_credential_store_honours_the_environment(tmp_path, monkeypatch) -> None
     assert CredentialStore().path == Path(os.environ["AIWFE_CREDENTIALS"])
 
 
-def blocking_session(gateway: str, spec: wf_pb.WorkflowSpec) -> tuple[str, int, list[int]]:
-    """The README's blocking example: login, embed, submit and watch a workflow."""
+def blocking_session(
+    gateway: str, spec: wf_pb.WorkflowSpec
+) -> tuple[str, int, list[int], list[int]]:
+    """The README's blocking example: login, embed, submit and watch a workflow; then the
+    same in one call with run_workflow."""
     with Client(gateway, timeout=10) as client:
         client.login("admin", ADMIN_PASSWORD)
         who = client.whoami().username
         dimension = client.embed(["from the blocking client"]).dimension
         workflow = client.submit_workflow(spec).workflow
         states = [event.workflow_state for event in client.watch_workflow(workflow.workflow_id)]
-    return who, dimension, states
+        ran = [u.event.workflow_state for u in client.run_workflow(spec) if u.HasField("event")]
+    return who, dimension, states, ran
 
 
 async def test_blocking_client(suite: Suite) -> None:
-    """Client (sync) logs in, embeds, and streams a workflow's events to the end."""
+    """Client (sync) logs in, embeds, and streams a workflow's events to the end, by
+    submit + watch and by run_workflow."""
     spec = wf_pb.WorkflowSpec(name="sdk", steps=[wf_pb.StepSpec(name="only", op="noop")])
-    who, dimension, states = await asyncio.to_thread(
+    who, dimension, states, ran = await asyncio.to_thread(
         blocking_session, suite.address("gateway"), spec
     )
     assert (who, dimension) == ("admin", 768)
     assert states and states[-1] == wf_pb.WORKFLOW_STATE_SUCCEEDED
+    assert ran == states  # the same transitions, submitted and followed in one call
 
 
 def readme_sdk_example() -> str:

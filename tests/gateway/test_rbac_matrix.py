@@ -49,6 +49,7 @@ EXPECTED: dict[str, dict[str, object]] = {
     _WF + "ListWorkflows": _row(REACHED, REACHED, REACHED, UNAUTH),
     _WF + "CancelWorkflow": _row(REACHED, REACHED, DENIED, UNAUTH),
     _WF + "WatchWorkflow": _row(REACHED, REACHED, REACHED, UNAUTH),
+    _WF + "RunWorkflow": _row(REACHED, REACHED, DENIED, UNAUTH),
     "/aiwfe.system.v1.SystemService/ListCircuitBreakers": _row(REACHED, DENIED, DENIED, UNAUTH),
 }
 # Internal data-platform RPCs declare no permission: denied to everyone, token or not.

@@ -1,5 +1,5 @@
 """WorkflowService through the real gateway: DAG execution with references, validation,
-idempotency, owner scoping, Watch, retries with backoff, dead letters, cancellation and
+idempotency, owner scoping, Watch, RunWorkflow, retries with backoff, dead letters, cancellation and
 workflow timeouts."""
 
 from __future__ import annotations
@@ -248,6 +248,51 @@ async def test_watch_sees_every_transition_and_resumes(suite, gateway_channel) -
         rest = await watch(gateway_channel, token, wf.workflow_id, after=cut)
         assert [e.sequence for e in rest] == [e.sequence for e in events[cut:]]
     assert await watch(gateway_channel, token, wf.workflow_id, after=len(events)) == []
+
+
+async def _run(channel, token: str, workflow: wf_pb.WorkflowSpec, key: str = "") -> list:
+    stream = wf_grpc.WorkflowServiceStub(channel).RunWorkflow(
+        S.RunWorkflowRequest(spec=workflow, idempotency_key=key), metadata=bearer(token), timeout=30
+    )
+    return [update async for update in stream]
+
+
+async def test_run_workflow_submits_and_streams_to_the_end(suite, gateway_channel) -> None:
+    """RunWorkflow answers with the accepted workflow, then exactly the events Watch shows,
+    until the terminal one; a rerun with the same key follows the same workflow; a bad spec
+    is INVALID_ARGUMENT before anything is stored."""
+    token = await new_user(suite, gateway_channel)
+    workflow = spec(
+        {"name": "a", "op": "noop", "inputs": {"echo": "hello"}},
+        {
+            "name": "b",
+            "op": "noop",
+            "depends_on": ["a"],
+            "inputs": {"echo": "${steps.a.output.echo}"},
+        },
+    )
+    first, *events = await _run(gateway_channel, token, workflow, key="run-1")
+    assert first.WhichOneof("update") == "workflow"
+    wid = first.workflow.workflow_id
+    assert first.workflow.state == S.WORKFLOW_STATE_PENDING
+    assert {u.WhichOneof("update") for u in events} == {"event"}
+    assert [u.event for u in events] == await watch(gateway_channel, token, wid)
+    assert [u.event.sequence for u in events] == list(range(1, 7))
+    assert events[-1].event.workflow_state == S.WORKFLOW_STATE_SUCCEEDED
+    assert step_status(await get(gateway_channel, token, wid), "b").output["echo"] == "hello"
+
+    again = await _run(gateway_channel, token, workflow, key="run-1")
+    assert again[0].workflow.workflow_id == wid
+    assert [u.event for u in again[1:]] == [u.event for u in events]
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _run(gateway_channel, token, spec({"name": "x", "op": "no.such.op"}))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "spec.steps[0].op" in field_violations(err.value)
+    listed = await wf_grpc.WorkflowServiceStub(gateway_channel).ListWorkflows(
+        S.ListWorkflowsRequest(), metadata=bearer(token), timeout=10
+    )
+    assert [w.workflow_id for w in listed.workflows] == [wid]
 
 
 async def test_retry_backoff_schedule_is_honoured(suite, gateway_channel) -> None:

@@ -130,6 +130,22 @@ class SubmitWorkflowRequest(_message.Message):
     idempotency_key: str
     def __init__(self, spec: _Optional[_Union[WorkflowSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
+class RunWorkflowRequest(_message.Message):
+    __slots__ = ("spec", "idempotency_key")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    spec: WorkflowSpec
+    idempotency_key: str
+    def __init__(self, spec: _Optional[_Union[WorkflowSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class RunWorkflowResponse(_message.Message):
+    __slots__ = ("workflow", "event")
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    workflow: Workflow
+    event: WatchWorkflowResponse
+    def __init__(self, workflow: _Optional[_Union[Workflow, _Mapping]] = ..., event: _Optional[_Union[WatchWorkflowResponse, _Mapping]] = ...) -> None: ...
+
 class SubmitWorkflowResponse(_message.Message):
     __slots__ = ("workflow",)
     WORKFLOW_FIELD_NUMBER: _ClassVar[int]

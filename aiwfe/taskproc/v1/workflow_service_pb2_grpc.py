@@ -60,6 +60,11 @@ class WorkflowServiceStub:
                 request_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowRequest.SerializeToString,
                 response_deserializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowResponse.FromString,
                 _registered_method=True)
+        self.RunWorkflow = channel.unary_stream(
+                '/aiwfe.taskproc.v1.WorkflowService/RunWorkflow',
+                request_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RunWorkflowRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RunWorkflowResponse.FromString,
+                _registered_method=True)
 
 
 class WorkflowServiceServicer:
@@ -101,6 +106,14 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunWorkflow(self, request, context):
+        """RunWorkflow submits a workflow (as SubmitWorkflow) and streams it as WatchWorkflow
+        does, in one call: the accepted workflow first, then every event until it is terminal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkflowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.WatchWorkflow,
                     request_deserializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowRequest.FromString,
                     response_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowResponse.SerializeToString,
+            ),
+            'RunWorkflow': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunWorkflow,
+                    request_deserializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RunWorkflowRequest.FromString,
+                    response_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RunWorkflowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +284,33 @@ class WorkflowService:
             '/aiwfe.taskproc.v1.WorkflowService/WatchWorkflow',
             aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowRequest.SerializeToString,
             aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aiwfe.taskproc.v1.WorkflowService/RunWorkflow',
+            aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RunWorkflowRequest.SerializeToString,
+            aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RunWorkflowResponse.FromString,
             options,
             channel_credentials,
             insecure,
