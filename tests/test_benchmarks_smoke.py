@@ -43,3 +43,36 @@ def test_quick_direct_and_gateway_run(tmp_path: Path) -> None:
     assert set(rss) >= {"gateway", "cognitive", "taskproc", "dataplatform"}
     assert all(mb > 0 for mb in rss.values())
     assert "gateway" in doc["ratios"]
+
+
+def test_workflow_benchmark_runs_every_phase() -> None:
+    """`python -m benchmarks.workflows` with tiny counts runs the queue, both end-to-end
+    paths and the latency phases, and accounts CPU to every service."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.workflows",
+            "--jobs",
+            "40",
+            "--e2e",
+            "20",
+            "--latency",
+            "3",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    doc = json.loads(done.stdout)
+    assert doc["store-queue"]["jobs"] == 40 and doc["store-queue"]["jobs_per_s"] > 0
+    for phase in ("e2e", "e2e_run"):
+        e2e = doc[phase]
+        assert e2e["workflows"] == 20 and e2e["workflows_per_s"] > 0, e2e
+        cpu = e2e["cpu_ms_per_workflow"]
+        assert all(cpu[name] > 0 for name in ("gateway", "taskproc", "dataplatform")), cpu
+        assert e2e["pg_transactions_per_workflow"] > 0, e2e
+    for phase in ("latency_idle_ms", "latency_idle_run_ms"):
+        assert doc[phase]["n"] == 3 and doc[phase]["p50"] > 0, doc[phase]
