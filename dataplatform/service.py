@@ -37,6 +37,14 @@ from dataplatform.workflow_store import WorkflowStore
 
 log = logging.getLogger("aiwfe.dataplatform")
 _PURGE_INTERVAL = 60.0
+# Services answered from PostgreSQL (DatabaseGuard fails them fast while it is down); the
+# vector store is not one of them.
+_DATABASE_BACKED = [
+    user_store_service_pb2.DESCRIPTOR.services_by_name["UserStoreService"].full_name,
+    cache_store_service_pb2.DESCRIPTOR.services_by_name["CacheStoreService"].full_name,
+    workflow_store_service_pb2.DESCRIPTOR.services_by_name["WorkflowStoreService"].full_name,
+    token_store_service_pb2.DESCRIPTOR.services_by_name["TokenStoreService"].full_name,
+]
 
 
 class DataPlatformService(Service):
@@ -98,27 +106,14 @@ class DataPlatformService(Service):
         token_store_service_pb2_grpc.add_TokenStoreServiceServicer_to_server(self.tokens, server)
         vector_store_service_pb2_grpc.add_VectorStoreServiceServicer_to_server(self.vectors, server)
         return [
-            user_store_service_pb2.DESCRIPTOR.services_by_name["UserStoreService"].full_name,
-            cache_store_service_pb2.DESCRIPTOR.services_by_name["CacheStoreService"].full_name,
-            workflow_store_service_pb2.DESCRIPTOR.services_by_name[
-                "WorkflowStoreService"
-            ].full_name,
-            token_store_service_pb2.DESCRIPTOR.services_by_name["TokenStoreService"].full_name,
+            *_DATABASE_BACKED,
             vector_store_service_pb2.DESCRIPTOR.services_by_name["VectorStoreService"].full_name,
         ]
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        database_backed = [
-            user_store_service_pb2.DESCRIPTOR.services_by_name["UserStoreService"].full_name,
-            cache_store_service_pb2.DESCRIPTOR.services_by_name["CacheStoreService"].full_name,
-            workflow_store_service_pb2.DESCRIPTOR.services_by_name[
-                "WorkflowStoreService"
-            ].full_name,
-            token_store_service_pb2.DESCRIPTOR.services_by_name["TokenStoreService"].full_name,
-        ]
         return [
             InternalIdentityInterceptor(self.identity),
-            DatabaseGuard(self.db, database_backed),
+            DatabaseGuard(self.db, _DATABASE_BACKED),
         ]
 
     async def healthy(self) -> bool:

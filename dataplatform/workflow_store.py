@@ -26,6 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from datetime import datetime
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import grpc
@@ -217,7 +218,7 @@ class _Watch:
         """The pushed events that follow `after` without a gap, and whether any are missing
         (another replica's commit in between, or an overflow): then the caller re-reads."""
         self.event.clear()
-        rows = sorted((r for r in self.rows if r["sequence"] > after), key=_sequence)
+        rows = sorted((r for r in self.rows if r["sequence"] > after), key=itemgetter("sequence"))
         self.rows.clear()
         run: list[dict[str, Any]] = []
         for row in rows:
@@ -225,10 +226,6 @@ class _Watch:
                 break
             run.append(row)
         return run, self.overflowed or len(run) < len(rows)
-
-
-def _sequence(row: dict[str, Any]) -> int:
-    return int(row["sequence"])
 
 
 class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):

@@ -4,9 +4,10 @@ backfill, single flight, bypass, per-layer metrics, and Redis being down."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -47,6 +48,29 @@ async def cognitive(base_overrides) -> AsyncIterator[tuple[Any, tuple, Cognitive
         assert isinstance(service, CognitiveService)
         yield pb_grpc.CognitiveServiceStub(channel), md, service
     await suite.stop()
+
+
+@contextlib.contextmanager
+def _gated_backend(
+    service: CognitiveService,
+) -> Iterator[tuple[list[list[str]], asyncio.Event]]:
+    """The default embedding backend made to record each call and wait for the gate;
+    restored on exit."""
+    backend = service.backends.default_embedding
+    calls: list[list[str]] = []
+    gate = asyncio.Event()
+    original = backend.embed
+
+    async def gated(texts):
+        calls.append(list(texts))
+        await gate.wait()
+        return await original(texts)
+
+    backend.embed = gated  # type: ignore[method-assign]
+    try:
+        yield calls, gate
+    finally:
+        backend.embed = original  # type: ignore[method-assign]
 
 
 def _key(service: CognitiveService, text: str) -> str:
@@ -92,31 +116,20 @@ async def test_lower_layers_answer_and_backfill_upper_ones(cognitive) -> None:
 async def test_concurrent_identical_misses_compute_once(cognitive) -> None:
     """Eight concurrent Embeds of one new text call the backend once and get one vector."""
     cog, md, service = cognitive
-    backend = service.backends.default_embedding
-    calls: list[list[str]] = []
-    gate = asyncio.Event()
-    original = backend.embed
-
-    async def gated(texts):
-        calls.append(list(texts))
-        await gate.wait()
-        return await original(texts)
-
-    backend.embed = gated  # type: ignore[method-assign]
-    text = f"single flight probe {time.time_ns()}"
-    misses = _hits("l1", "miss")
-    tasks = [
-        asyncio.ensure_future(cog.Embed(pb.EmbedRequest(texts=[text]), metadata=md, timeout=10))
-        for _ in range(8)
-    ]
-    # Release the computation only once all eight requests have missed L1 and are waiting.
-    for _ in range(500):
-        if _hits("l1", "miss") >= misses + 8:
-            break
-        await asyncio.sleep(0.01)
-    gate.set()
-    replies = await asyncio.gather(*tasks)
-    backend.embed = original  # type: ignore[method-assign]
+    with _gated_backend(service) as (calls, gate):
+        text = f"single flight probe {time.time_ns()}"
+        misses = _hits("l1", "miss")
+        tasks = [
+            asyncio.ensure_future(cog.Embed(pb.EmbedRequest(texts=[text]), metadata=md, timeout=10))
+            for _ in range(8)
+        ]
+        # Release the computation only once all eight requests have missed L1 and are waiting.
+        for _ in range(500):
+            if _hits("l1", "miss") >= misses + 8:
+                break
+            await asyncio.sleep(0.01)
+        gate.set()
+        replies = await asyncio.gather(*tasks)
     assert calls == [[text]]
     assert len({tuple(r.embeddings[0].values) for r in replies}) == 1
 
@@ -157,38 +170,29 @@ async def test_works_with_redis_down(base_overrides) -> None:
 async def test_joiner_computes_itself_when_the_owner_is_cancelled(cognitive) -> None:
     """If the request computing a text hits its deadline, a request waiting on it still succeeds."""
     cog, md, service = cognitive
-    backend = service.backends.default_embedding
-    calls: list[list[str]] = []
-    gate = asyncio.Event()
-    original = backend.embed
-
-    async def gated(texts):
-        calls.append(list(texts))
-        await gate.wait()
-        return await original(texts)
-
-    backend.embed = gated  # type: ignore[method-assign]
-    text = f"abandoned flight probe {time.time_ns()}"
-    misses = _hits("l1", "miss")
-    # Generous deadline: the joiner must join before it expires, even on a loaded machine.
-    owner = asyncio.ensure_future(cog.Embed(pb.EmbedRequest(texts=[text]), metadata=md, timeout=3))
-    for _ in range(500):
-        if calls:
-            break
-        await asyncio.sleep(0.01)
-    joiner = asyncio.ensure_future(
-        cog.Embed(pb.EmbedRequest(texts=[text]), metadata=md, timeout=10)
-    )
-    for _ in range(500):
-        if _hits("l1", "miss") >= misses + 2:
-            break
-        await asyncio.sleep(0.01)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await owner
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    gate.set()
-    reply = await joiner
-    backend.embed = original  # type: ignore[method-assign]
+    with _gated_backend(service) as (calls, gate):
+        text = f"abandoned flight probe {time.time_ns()}"
+        misses = _hits("l1", "miss")
+        # Generous deadline: the joiner must join before it expires, even on a loaded machine.
+        owner = asyncio.ensure_future(
+            cog.Embed(pb.EmbedRequest(texts=[text]), metadata=md, timeout=3)
+        )
+        for _ in range(500):
+            if calls:
+                break
+            await asyncio.sleep(0.01)
+        joiner = asyncio.ensure_future(
+            cog.Embed(pb.EmbedRequest(texts=[text]), metadata=md, timeout=10)
+        )
+        for _ in range(500):
+            if _hits("l1", "miss") >= misses + 2:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await owner
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        gate.set()
+        reply = await joiner
     assert len(reply.embeddings[0].values) == 768
     # The joiner either computed the text itself (the owner's computation was cancelled
     # with it) or, if the server saw the owner's deadline only after the gate opened,
