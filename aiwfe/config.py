@@ -413,8 +413,8 @@ class TaskProcSettings(_Block):
     claim_batch: int = Field(default=32, gt=0, le=1000)  # steps leased per ClaimSteps call
     lease_seconds: float = Field(default=30, gt=0, le=3600)
     poll_interval: float = Field(default=0.5, gt=0, le=60)  # fallback when no wake-up arrives
-    # A watch sees events committed by another dataplatform replica within this long (its
-    # own replica's are pushed at once).
+    # A watch re-reads the database at least this often; commits are pushed at once (its own
+    # replica's in process, other replicas' through Redis when configured).
     watch_poll_interval: float = Field(default=1.0, ge=0.01, le=30)
     max_steps: int = Field(default=100, gt=0, le=1000)
     max_name_chars: int = Field(default=64, gt=0, le=256)

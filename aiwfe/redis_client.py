@@ -7,6 +7,8 @@ dead server costs nothing per request. It comes back by itself on the next attem
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -21,6 +23,7 @@ from aiwfe.config import RedisSettings
 log = logging.getLogger("aiwfe.redis")
 T = TypeVar("T")
 _BACKOFF_SECONDS = 1.0
+_RESUBSCRIBE_SECONDS = 1.0
 
 
 def token_hash(token: str) -> str:
@@ -122,3 +125,52 @@ class RedisClient:
         if self.client is not None:
             await self.client.aclose()
             await self.client.connection_pool.disconnect()
+
+
+class Subscription:
+    """Follows one pub/sub channel until cancelled, resubscribing after a loss.
+
+    Pub/sub is fire-and-forget: `on_subscribed` runs after every (re)subscription, so the
+    owner can catch up on what it may have missed, and `up` says whether messages are
+    arriving at all (while it is False, owners poll their record instead).
+    """
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        channel: str,
+        on_message: Callable[[bytes], None],
+        on_subscribed: Callable[[], Awaitable[object]],
+        name: str,
+    ) -> None:
+        self._redis = redis
+        self.channel = redis.key(channel)
+        self._on_message = on_message
+        self._on_subscribed = on_subscribed
+        self._name = name
+        self.up = False
+
+    async def run(self) -> None:
+        while True:
+            client = self._redis.client
+            assert client is not None, "subscribe only where Redis is configured"
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                self.up = True
+                with contextlib.suppress(Exception):
+                    await self._on_subscribed()
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        self._on_message(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.up:
+                    log.warning("%s push lost, polling: %s", self._name, type(exc).__name__)
+            finally:
+                self.up = False
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(_RESUBSCRIBE_SECONDS)

@@ -26,10 +26,12 @@ from aiwfe.data.v1 import workflow_store_service_pb2_grpc as workflow_store_grpc
 from aiwfe.identity import InternalIdentity
 from aiwfe.interceptors import InternalIdentityInterceptor
 from aiwfe.passwords import hash_password_async
+from aiwfe.redis_client import RedisClient
 from aiwfe.server import Service
 from dataplatform.cache_store import CacheStore
 from dataplatform.db import Database
 from dataplatform.guard import DatabaseGuard
+from dataplatform.replica_bus import ReplicaBus
 from dataplatform.token_store import TokenStore
 from dataplatform.users import UserStore
 from dataplatform.vector_service import VectorService
@@ -57,6 +59,9 @@ class DataPlatformService(Service):
         self.users = UserStore(self.db)
         self.cache = CacheStore(self.db)
         self.workflows = WorkflowStore(self.db)
+        self.redis = RedisClient(settings.redis)
+        self.replicas = ReplicaBus(self.redis, self.workflows.wakeups, self.workflows.stopped_among)
+        self.workflows.wakeups.peers = self.replicas
         self.tokens = TokenStore(self.db)
         self.vectors = VectorService(settings)
         self._purger: asyncio.Task[None] | None = None
@@ -68,6 +73,7 @@ class DataPlatformService(Service):
         self._purger = asyncio.create_task(self._purge_loop())
         interval = self.settings.database.connection_strategy.health_check_interval
         self._maintainer = asyncio.create_task(self.db.maintain(interval))
+        self.replicas.start()
 
     async def _bootstrap_admin(self) -> None:
         """Creates the first admin on an empty user table (from config, or generated once)."""
@@ -127,5 +133,7 @@ class DataPlatformService(Service):
             self._purger.cancel()
         if self._maintainer:
             self._maintainer.cancel()
+        await self.replicas.stop()
+        await self.redis.close()
         await self.db.close()
         await self.vectors.close()

@@ -9,8 +9,9 @@ to claimable (crash recovery), counting as a failed attempt.
 
 Every transition appends an event under the workflow row's lock, so per-workflow sequence
 numbers are gap-free and commit in order: a watcher resuming `after_sequence` loses nothing.
-Workers wake through `WaitForWork` (pushed in process on submit/complete/cancel) and poll as
-a fallback, because LISTEN/NOTIFY does not survive PgBouncer's transaction pooling.
+Workers wake through `WaitForWork` (pushed in process on submit/complete/cancel, and to
+other replicas through `replica_bus`) and poll as a fallback, because LISTEN/NOTIFY does
+not survive PgBouncer's transaction pooling.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from aiwfe.errors import InvalidArgument, NotFound
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.validation import Violations
 from dataplatform.db import Database, DictConnection
+from dataplatform.replica_bus import ReplicaBus
 
 log = logging.getLogger("aiwfe.dataplatform.workflows")
 T = TypeVar("T")
@@ -131,11 +133,14 @@ def _uuid(value: str) -> uuid.UUID:
 
 
 class Wakeups:
-    """In-process fan-out to WaitForWork streams: work may be runnable, workflows stopped."""
+    """Fan-out to WaitForWork and WatchWorkflowEvents streams: work may be runnable,
+    workflows stopped, events committed. This replica's commits wake its own streams in
+    process and are told to the other replicas through `peers` when there are any."""
 
     def __init__(self) -> None:
         self._subscribers: set[_Subscriber] = set()
         self._watchers: dict[uuid.UUID, set[_Watch]] = {}
+        self.peers: ReplicaBus | None = None
 
     def watch(self, workflow_id: uuid.UUID) -> _Watch:
         """Receives the events this process commits for `workflow_id` (`unwatch` after)."""
@@ -153,11 +158,6 @@ class Wakeups:
     def watching(self, workflow_ids: set[uuid.UUID]) -> bool:
         return not self._watchers.keys().isdisjoint(workflow_ids)
 
-    def appended(self, events: _Appended) -> None:
-        for wid, rows in events.items():
-            for watch in self._watchers.get(wid, ()):
-                watch.push(rows)
-
     def subscribe(self) -> _Subscriber:
         sub = _Subscriber()
         self._subscribers.add(sub)
@@ -166,18 +166,50 @@ class Wakeups:
     def unsubscribe(self, sub: _Subscriber) -> None:
         self._subscribers.discard(sub)
 
+    # --- this replica committed -----------------------------------------------------------
+
+    def appended(self, events: _Appended) -> None:
+        if not events:
+            return
+        for wid, rows in events.items():
+            for watch in self._watchers.get(wid, ()):
+                watch.push(rows)
+        if self.peers is not None:
+            self.peers.events(list(events))
+
     def work(self) -> None:
+        self.wake_work()
+        if self.peers is not None:
+            self.peers.work()
+
+    def stopped(self, workflow_ids: list[str]) -> None:
+        self.wake_stopped(workflow_ids)
+        if self.peers is not None:
+            self.peers.stopped(workflow_ids)
+
+    # --- this replica's streams only (also what another replica's notice wakes) ----------
+
+    def wake_work(self) -> None:
         for sub in self._subscribers:
             sub.work = True
             sub.event.set()
 
-    def stopped(self, workflow_ids: list[str]) -> None:
+    def wake_stopped(self, workflow_ids: list[str]) -> None:
         if not workflow_ids:
             return
         for sub in self._subscribers:
             if len(sub.stopped) < MAX_BATCH:
                 sub.stopped.update(workflow_ids)
             sub.event.set()
+
+    def wake_watchers(self, workflow_ids: set[uuid.UUID] | None) -> None:
+        """Watchers of these workflows (None: all) re-read from the database."""
+        if workflow_ids is None:
+            watches = [w for ws in self._watchers.values() for w in ws]
+        else:
+            watches = [w for wid in workflow_ids for w in self._watchers.get(wid, ())]
+        for watch in watches:
+            watch.push(None)
 
 
 class _Subscriber:
@@ -569,6 +601,16 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                     need_read = True
         finally:
             self.wakeups.unwatch(wid, watch)
+
+    async def stopped_among(self, ids: list[uuid.UUID]) -> list[str]:
+        """Those of `ids` that name a workflow no longer active."""
+        async with self._db.autocommit() as conn:
+            cur = await conn.execute(
+                "SELECT workflow_id FROM workflows WHERE workflow_id = ANY(%s)"
+                " AND state NOT IN (1, 2)",
+                (ids,),
+            )
+            return [str(r["workflow_id"]) for r in await cur.fetchall()]
 
     async def _events(
         self, wid: uuid.UUID, scope: pb.WorkflowScope, after: int, limit: int

@@ -27,14 +27,13 @@ from aiwfe.config import AuthenticationSettings
 from aiwfe.data.v1 import token_store_service_pb2 as store_pb
 from aiwfe.data.v1 import token_store_service_pb2_grpc as store_grpc
 from aiwfe.identity import Principal
-from aiwfe.redis_client import RedisClient
+from aiwfe.redis_client import RedisClient, Subscription
 
 log = logging.getLogger("aiwfe.gateway.revocation")
 _LOOKBACK_SECONDS = 5  # re-read recent events: ids can commit out of order
 _PAGE = 5000
 _MAX_PAGES = 1000  # bounds one replay (5M events)
 _STARTUP_TIMEOUT = 5.0
-_RESUBSCRIBE_BACKOFF = 1.0
 
 
 class RevocationState:
@@ -89,9 +88,10 @@ class RevocationSync:
         self._store = store_grpc.TokenStoreServiceStub(dataplatform.channel)
         self._cfg = settings.revocation
         self._prefix = settings.validation.redis_key_prefix
-        self._channel = redis.key(self._cfg.channel)
+        self._push = Subscription(
+            redis, self._cfg.channel, self.apply_message, self.replay, "revocation"
+        )
         self._cursor = 0
-        self.push_up = False
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -101,7 +101,7 @@ class RevocationSync:
         except (TimeoutError, grpc.aio.AioRpcError, Exception) as exc:
             log.warning("revocation replay at start-up failed, will retry: %s", type(exc).__name__)
         if self._redis.configured:
-            self._tasks.append(asyncio.create_task(self._subscribe_loop()))
+            self._tasks.append(asyncio.create_task(self._push.run()))
         self._tasks.append(asyncio.create_task(self._poll_loop()))
 
     async def stop(self) -> None:
@@ -143,7 +143,7 @@ class RevocationSync:
                     repr(not_before),
                     px=max(1, int((watermark_expires - now) * 1000)),
                 )
-            pipe.publish(self._channel, message)
+            pipe.publish(self._push.channel, message)
             return await pipe.execute()
 
         await self._redis.run(write, None)
@@ -190,40 +190,13 @@ class RevocationSync:
                 break
         return seen
 
-    async def _subscribe_loop(self) -> None:
-        while True:
-            client = self._redis.client
-            assert client is not None
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self._channel)
-                self.push_up = True
-                # Events between the last replay and the subscription would be missed.
-                with contextlib.suppress(Exception):
-                    await self.replay()
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        self.apply_message(message["data"])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self.push_up:
-                    log.warning("revocation push lost, polling the record: %s", type(exc).__name__)
-                self.push_up = False
-            finally:
-                self.push_up = False
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-            await asyncio.sleep(_RESUBSCRIBE_BACKOFF)
-
     async def _poll_loop(self) -> None:
         last = time.monotonic()
         while True:
             # Ticks at the fast interval so a lost push is noticed within one tick.
             await asyncio.sleep(self._cfg.poll_interval_seconds)
             now = time.monotonic()
-            if self.push_up and now - last < self._cfg.reconcile_interval_seconds:
+            if self._push.up and now - last < self._cfg.reconcile_interval_seconds:
                 continue
             last = now
             try:

@@ -4,6 +4,7 @@ and graceful SIGTERM releasing running steps."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -25,10 +26,12 @@ from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from aiwfe.server import start_service
 from aiwfe.suite import start_suite
 from aiwfe.taskproc.v1 import workflow_service_pb2 as S
+from dataplatform.replica_bus import CHANNEL
 from dataplatform.service import DataPlatformService
 from taskproc.service import TaskProcService
 from taskproc.spec import validate
 from tests.conftest import field_violations
+from tests.gateway.conftest import REDIS_URL
 from tests.taskproc.helpers import deadline, finish, get, new_user, spec, step_status, submit, watch
 
 
@@ -284,6 +287,76 @@ async def test_event_stream_is_pushed_polled_across_replicas_and_resumable(store
         assert failed.value.code() == code
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             assert "poll_interval_seconds" in field_violations(failed.value)
+
+
+async def test_replicas_wake_each_others_streams_through_redis(base_overrides) -> None:
+    """With Redis configured, what replica A commits reaches replica B's streams at once
+    (the poll interval here is 30 s): B's watcher gets A's events, B's WaitForWork stream
+    hears of A's new work, and of A's cancellation only as a workflow B confirms stopped in
+    the database (a forged notice cancels nothing)."""
+    overrides = {**base_overrides, "redis": {**base_overrides["redis"], "url": REDIS_URL}}
+    a = await start_suite(overrides, only=("dataplatform",))
+    b = await start_service(DataPlatformService(a.settings), "127.0.0.1", 0)
+    buses = [a.running["dataplatform"].service.replicas, b.service.replicas]
+    try:
+        while not all(bus.active for bus in buses):  # both subscribed and aware of the other
+            await asyncio.sleep(0.01)
+        identity = InternalIdentity.from_settings(a.settings)
+        md = ((IDENTITY_METADATA_KEY, identity.assertion(None, "taskproc")),)
+        async with (
+            grpc.aio.insecure_channel(a.address("dataplatform")) as ch_a,
+            grpc.aio.insecure_channel(f"127.0.0.1:{b.port}") as ch_b,
+        ):
+            on_a = store_grpc.WorkflowStoreServiceStub(ch_a)
+            on_b = store_grpc.WorkflowStoreServiceStub(ch_b)
+            wakes = on_b.WaitForWork(store_pb.WaitForWorkRequest(worker_id="w"), metadata=md)
+            assert (await asyncio.wait_for(wakes.read(), 5)).work_available  # on subscribing
+
+            owner = f"bus{time.time_ns()}"
+            wid = await _create(on_a, md, owner, 1)
+            wake = await asyncio.wait_for(wakes.read(), 5)  # A's new work, told to B
+            assert wake.work_available and not wake.stopped_workflow_ids
+
+            watched = on_b.WatchWorkflowEvents(
+                store_pb.WatchWorkflowEventsRequest(
+                    workflow_id=wid,
+                    scope=store_pb.WorkflowScope(owner_id=owner),
+                    poll_interval_seconds=30,
+                ),
+                metadata=md,
+                timeout=20,
+            )
+            assert [e.sequence for e in await _next_events(watched, 5)] == [1]
+            await on_a.ClaimSteps(
+                store_pb.ClaimStepsRequest(worker_id="w", max_steps=1, lease_seconds=30),
+                metadata=md,
+                timeout=10,
+            )
+            running_events = await _next_events(watched, 5)  # long before the 30 s poll
+            assert [(e.sequence, e.step_state) for e in running_events] == [
+                (2, S.STEP_STATE_RUNNING)
+            ]
+
+            # A notice naming an active workflow (forged, or stale) cancels nobody's steps.
+            pending = asyncio.ensure_future(wakes.read())
+            forged = {"r": "someone", "s": [wid]}
+            assert await buses[0]._redis.publish(CHANNEL, json.dumps(forged)) == 2
+            assert not (await asyncio.wait({pending}, timeout=0.5))[0]
+            await on_a.CancelStoredWorkflow(
+                store_pb.CancelStoredWorkflowRequest(
+                    workflow_id=wid, scope=store_pb.WorkflowScope(owner_id=owner)
+                ),
+                metadata=md,
+                timeout=10,
+            )
+            wake = await asyncio.wait_for(pending, 5)
+            assert list(wake.stopped_workflow_ids) == [wid]
+            events = await _next_events(watched, 5)
+            assert events[-1].workflow_state == S.WORKFLOW_STATE_CANCELLED
+            wakes.cancel()
+    finally:
+        await b.stop(grace=0.5)
+        await a.stop()
 
 
 # --- worker processes ----------------------------------------------------------------------
