@@ -62,6 +62,7 @@ _HEARTBEAT_SECONDS = 15.0
 _TX_RETRIES = 5
 _EVENT_PAGE = 500
 _DEFAULT_POLL_SECONDS = 1.0
+_SUBMITTED = "workflow submitted"  # a workflow's first event
 _MIN_POLL_SECONDS = 0.01
 _MAX_POLL_SECONDS = 30.0
 # Events the current transaction appended, by workflow, pushed to watchers once it commits;
@@ -121,6 +122,14 @@ def _event(e: dict[str, Any]) -> wf_pb.WatchWorkflowResponse:
         step_state=e["step_state"],
         message=e["message"],
         event_time=_ts(e["created_at"]),
+    )
+
+
+def _check_poll(v: Violations, seconds: float) -> None:
+    v.check(
+        seconds == 0 or _MIN_POLL_SECONDS <= seconds <= _MAX_POLL_SECONDS,
+        "poll_interval_seconds",
+        f"must be 0 (default) or between {_MIN_POLL_SECONDS:g} and {_MAX_POLL_SECONDS:g}",
     )
 
 
@@ -384,6 +393,12 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
     async def CreateWorkflow(
         self, request: pb.CreateWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateWorkflowResponse:
+        return await self._create(request, uuid.uuid4())
+
+    async def _create(
+        self, request: pb.CreateWorkflowRequest, wid: uuid.UUID
+    ) -> pb.CreateWorkflowResponse:
+        """Stores the workflow as `wid`, or returns the one its idempotency key names."""
         spec = request.spec
         v = Violations()
         v.text(request.owner.user_id, "owner.user_id", max_chars=MAX_ID_CHARS)
@@ -394,7 +409,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         steps = list(spec.steps)
         policies = [st.retry_policy for st in steps]
         args = {
-            "wid": uuid.uuid4(),
+            "wid": wid,
             "owner": request.owner.user_id,
             "username": request.owner.username,
             "roles": list(request.owner.roles),
@@ -412,10 +427,12 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             "mb": [p.max_backoff_seconds for p in policies],
             "j": [p.jitter for p in policies],
             "t": [st.timeout_seconds for st in steps],
+            "submitted": _SUBMITTED,
         }
         # One statement, so one round trip in autocommit and atomic by itself: the workflow
         # row, its steps and its first event, unless the idempotency key was used before.
-        # Nobody can watch a workflow whose id is not out yet, so nothing is pushed.
+        # Its first event is not pushed: only RunStoredWorkflow watches an id not out yet,
+        # and it sends that event itself.
         async with self._db.autocommit() as conn:
             cur = await conn.execute(
                 "WITH w AS (INSERT INTO workflows (workflow_id, owner_id, owner_username,"
@@ -435,7 +452,8 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                 "   %(mb)s::float8[], %(j)s::float8[], %(t)s::float8[])"
                 "   WITH ORDINALITY AS u(name, op, inputs, deps, ma, ib, bm, mb, j, t, ord)),"
                 " e AS (INSERT INTO workflow_events (workflow_id, sequence, workflow_state,"
-                "   message) SELECT workflow_id, 1, state, 'workflow submitted' FROM w)"
+                "   message, created_at)"
+                "   SELECT workflow_id, 1, state, %(submitted)s, created_at FROM w)"
                 " SELECT * FROM w",
                 args,
             )
@@ -558,49 +576,96 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
     async def WatchWorkflowEvents(
         self, request: pb.WatchWorkflowEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchWorkflowEventsResponse]:
-        """One stream per watcher. This replica's commits push their event rows here (no
-        read); a gap in the sequence (another replica's commit), an overflow or the poll
-        interval passing without a push makes it read from the database instead."""
+        """One stream per watcher, until the workflow is terminal and every event is sent."""
         v = Violations()
         v.check(request.after_sequence >= 0, "after_sequence", "must not be negative")
-        v.check(
-            request.poll_interval_seconds == 0
-            or _MIN_POLL_SECONDS <= request.poll_interval_seconds <= _MAX_POLL_SECONDS,
-            "poll_interval_seconds",
-            f"must be 0 (default) or between {_MIN_POLL_SECONDS:g} and {_MAX_POLL_SECONDS:g}",
-        )
+        _check_poll(v, request.poll_interval_seconds)
         v.raise_if_any()
         wid = _uuid(request.workflow_id)
-        poll = request.poll_interval_seconds or _DEFAULT_POLL_SECONDS
-        after = request.after_sequence
         watch = self.wakeups.watch(wid)  # before the first read: nothing committed is missed
         try:
-            need_read = True
-            while True:
-                if need_read:
-                    watch.reset()
-                    row, events = await self._events(wid, request.scope, after, _EVENT_PAGE)
-                    last = events[-1]["sequence"] if events else after
-                    finished = row["state"] not in ACTIVE and last >= row["last_sequence"]
-                    need_read = len(events) == _EVENT_PAGE  # more are waiting
-                else:
-                    events, need_read = watch.take(after)
-                    # A terminal event is its workflow's last: every transition after it
-                    # would need an active workflow.
-                    finished = bool(events) and events[-1]["workflow_state"] not in ACTIVE
-                if events:
-                    after = events[-1]["sequence"]
-                    yield pb.WatchWorkflowEventsResponse(events=[_event(e) for e in events])
-                if finished:
-                    return
-                if need_read:
-                    continue
-                try:
-                    await asyncio.wait_for(watch.event.wait(), poll)
-                except TimeoutError:
-                    need_read = True
+            async for events in self._follow(
+                wid, request.scope, request.after_sequence, request.poll_interval_seconds, watch
+            ):
+                yield pb.WatchWorkflowEventsResponse(events=events)
         finally:
             self.wakeups.unwatch(wid, watch)
+
+    async def RunStoredWorkflow(
+        self, request: pb.RunStoredWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RunStoredWorkflowResponse]:
+        """CreateWorkflow, then its events. The new id is watched before the insert, so
+        every event is pushed to this stream and none needs a read; a reused idempotency
+        key follows the existing workflow from its first event, read from the database."""
+        v = Violations()
+        _check_poll(v, request.poll_interval_seconds)
+        v.raise_if_any()
+        wid = uuid.uuid4()
+        watch = self.wakeups.watch(wid)
+        try:
+            stored = await self._create(request.create, wid)
+            yield pb.RunStoredWorkflowResponse(stored=stored)
+            after, need_read = 0, True
+            if stored.created:  # its first event is the row just inserted: no read
+                wf = stored.workflow
+                first = wf_pb.WatchWorkflowResponse(
+                    sequence=1, workflow_state=wf.state, message=_SUBMITTED
+                )
+                first.event_time.CopyFrom(wf.create_time)
+                yield pb.RunStoredWorkflowResponse(
+                    events=pb.WatchWorkflowEventsResponse(events=[first])
+                )
+                after, need_read = 1, False
+            else:
+                self.wakeups.unwatch(wid, watch)
+                wid = uuid.UUID(stored.workflow.workflow_id)
+                watch = self.wakeups.watch(wid)
+            scope = pb.WorkflowScope(owner_id=request.create.owner.user_id)
+            async for events in self._follow(
+                wid, scope, after, request.poll_interval_seconds, watch, need_read
+            ):
+                yield pb.RunStoredWorkflowResponse(
+                    events=pb.WatchWorkflowEventsResponse(events=events)
+                )
+        finally:
+            self.wakeups.unwatch(wid, watch)
+
+    async def _follow(
+        self,
+        wid: uuid.UUID,
+        scope: pb.WorkflowScope,
+        after: int,
+        poll_seconds: float,
+        watch: _Watch,
+        need_read: bool = True,
+    ) -> AsyncIterator[list[wf_pb.WatchWorkflowResponse]]:
+        """Batches of events after `after` until the workflow is terminal. Commits pushed
+        to `watch` need no read; a gap in their sequences (another replica's commit), an
+        overflow or `poll_seconds` without a push makes it read from the database."""
+        poll = poll_seconds or _DEFAULT_POLL_SECONDS
+        while True:
+            if need_read:
+                watch.reset()
+                row, events = await self._events(wid, scope, after, _EVENT_PAGE)
+                last = events[-1]["sequence"] if events else after
+                finished = row["state"] not in ACTIVE and last >= row["last_sequence"]
+                need_read = len(events) == _EVENT_PAGE  # more are waiting
+            else:
+                events, need_read = watch.take(after)
+                # A terminal event is its workflow's last: every transition after it would
+                # need an active workflow.
+                finished = bool(events) and events[-1]["workflow_state"] not in ACTIVE
+            if events:
+                after = events[-1]["sequence"]
+                yield [_event(e) for e in events]
+            if finished:
+                return
+            if need_read:
+                continue
+            try:
+                await asyncio.wait_for(watch.event.wait(), poll)
+            except TimeoutError:
+                need_read = True
 
     async def stopped_among(self, ids: list[uuid.UUID]) -> list[str]:
         """Those of `ids` that name a workflow no longer active."""

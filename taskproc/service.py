@@ -56,31 +56,30 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         self._store = store
         self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
 
-    async def _submit(self, spec: pb.WorkflowSpec, idempotency_key: str) -> pb.Workflow:
+    def _create_request(
+        self, spec: pb.WorkflowSpec, idempotency_key: str
+    ) -> store_pb.CreateWorkflowRequest:
+        """The store request for a submission, once the spec and key are valid."""
         principal = _user()
         v = Violations()
         v.text(idempotency_key, "idempotency_key", max_chars=MAX_IDEMPOTENCY_KEY, required=False)
         v.raise_if_any()
-        reply = await self._store.call(
-            self._stub.CreateWorkflow,
-            store_pb.CreateWorkflowRequest(
-                owner=store_pb.WorkflowOwner(
-                    user_id=principal.user_id,
-                    username=principal.username,
-                    roles=list(principal.roles),
-                ),
-                spec=validate(spec, self._limits),
-                idempotency_key=idempotency_key,
+        return store_pb.CreateWorkflowRequest(
+            owner=store_pb.WorkflowOwner(
+                user_id=principal.user_id,
+                username=principal.username,
+                roles=list(principal.roles),
             ),
+            spec=validate(spec, self._limits),
+            idempotency_key=idempotency_key,
         )
-        return reply.workflow
 
     async def SubmitWorkflow(
         self, request: pb.SubmitWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitWorkflowResponse:
-        return pb.SubmitWorkflowResponse(
-            workflow=await self._submit(request.spec, request.idempotency_key)
-        )
+        create = self._create_request(request.spec, request.idempotency_key)
+        reply = await self._store.call(self._stub.CreateWorkflow, create)
+        return pb.SubmitWorkflowResponse(workflow=reply.workflow)
 
     async def GetWorkflow(
         self, request: pb.GetWorkflowRequest, context: grpc.aio.ServicerContext
@@ -144,13 +143,19 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
     async def RunWorkflow(
         self, request: pb.RunWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RunWorkflowResponse]:
-        """SubmitWorkflow then WatchWorkflow in one call: one round of RPC set-ups
-        through every hop instead of two."""
-        workflow = await self._submit(request.spec, request.idempotency_key)
-        yield pb.RunWorkflowResponse(workflow=workflow)
-        scope = _scope(_user())
-        async for event in self._events(workflow.workflow_id, scope, 0):
-            yield pb.RunWorkflowResponse(event=event)
+        """SubmitWorkflow then WatchWorkflow in one call, relayed from one dataplatform
+        stream: one round of RPC set-ups through every hop instead of two."""
+        create = self._create_request(request.spec, request.idempotency_key)
+        async for update in self._store.stream(
+            self._stub.RunStoredWorkflow,
+            store_pb.RunStoredWorkflowRequest(
+                create=create, poll_interval_seconds=self._limits.watch_poll_interval
+            ),
+        ):
+            if update.HasField("stored"):
+                yield pb.RunWorkflowResponse(workflow=update.stored.workflow)
+            for event in update.events.events:
+                yield pb.RunWorkflowResponse(event=event)
 
     async def _events(
         self, workflow_id: str, scope: store_pb.WorkflowScope, after: int

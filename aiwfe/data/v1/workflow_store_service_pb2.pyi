@@ -126,6 +126,22 @@ class WatchWorkflowEventsResponse(_message.Message):
     events: _containers.RepeatedCompositeFieldContainer[_workflow_service_pb2.WatchWorkflowResponse]
     def __init__(self, events: _Optional[_Iterable[_Union[_workflow_service_pb2.WatchWorkflowResponse, _Mapping]]] = ...) -> None: ...
 
+class RunStoredWorkflowRequest(_message.Message):
+    __slots__ = ("create", "poll_interval_seconds")
+    CREATE_FIELD_NUMBER: _ClassVar[int]
+    POLL_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    create: CreateWorkflowRequest
+    poll_interval_seconds: float
+    def __init__(self, create: _Optional[_Union[CreateWorkflowRequest, _Mapping]] = ..., poll_interval_seconds: _Optional[float] = ...) -> None: ...
+
+class RunStoredWorkflowResponse(_message.Message):
+    __slots__ = ("stored", "events")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    stored: CreateWorkflowResponse
+    events: WatchWorkflowEventsResponse
+    def __init__(self, stored: _Optional[_Union[CreateWorkflowResponse, _Mapping]] = ..., events: _Optional[_Union[WatchWorkflowEventsResponse, _Mapping]] = ...) -> None: ...
+
 class ListWorkflowEventsResponse(_message.Message):
     __slots__ = ("events", "workflow_state", "last_sequence")
     EVENTS_FIELD_NUMBER: _ClassVar[int]

@@ -65,6 +65,11 @@ class WorkflowStoreServiceStub:
                 request_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsRequest.SerializeToString,
                 response_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsResponse.FromString,
                 _registered_method=True)
+        self.RunStoredWorkflow = channel.unary_stream(
+                '/aiwfe.data.v1.WorkflowStoreService/RunStoredWorkflow',
+                request_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.RunStoredWorkflowRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.RunStoredWorkflowResponse.FromString,
+                _registered_method=True)
         self.ClaimSteps = channel.unary_unary(
                 '/aiwfe.data.v1.WorkflowStoreService/ClaimSteps',
                 request_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.ClaimStepsRequest.SerializeToString,
@@ -144,6 +149,15 @@ class WorkflowStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunStoredWorkflow(self, request, context):
+        """RunStoredWorkflow is CreateWorkflow then WatchWorkflowEvents in one call: the stored
+        workflow first, then its events until it is terminal. A new workflow is watched from
+        before it is stored, so its events are pushed from the first one, with no read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ClaimSteps(self, request, context):
         """ClaimSteps leases up to max_steps runnable steps to a worker (FOR UPDATE SKIP LOCKED).
         """
@@ -218,6 +232,11 @@ def add_WorkflowStoreServiceServicer_to_server(servicer, server):
                     servicer.WatchWorkflowEvents,
                     request_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsRequest.FromString,
                     response_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsResponse.SerializeToString,
+            ),
+            'RunStoredWorkflow': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunStoredWorkflow,
+                    request_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.RunStoredWorkflowRequest.FromString,
+                    response_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.RunStoredWorkflowResponse.SerializeToString,
             ),
             'ClaimSteps': grpc.unary_unary_rpc_method_handler(
                     servicer.ClaimSteps,
@@ -413,6 +432,33 @@ class WorkflowStoreService:
             '/aiwfe.data.v1.WorkflowStoreService/WatchWorkflowEvents',
             aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsRequest.SerializeToString,
             aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunStoredWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aiwfe.data.v1.WorkflowStoreService/RunStoredWorkflow',
+            aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.RunStoredWorkflowRequest.SerializeToString,
+            aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.RunStoredWorkflowResponse.FromString,
             options,
             channel_credentials,
             insecure,
