@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -288,11 +288,12 @@ def rpc_error_line(exc: grpc.aio.AioRpcError) -> str:
 # --- commands -------------------------------------------------------------------------------
 
 
-async def _watch(args: argparse.Namespace, client: Any, workflow_id: str) -> int:
+async def _follow(args: argparse.Namespace, events: AsyncIterator[Any]) -> int:
+    """Prints workflow events to the end; exit status 0 only if it succeeded."""
     from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 
     terminal = wf_pb.WORKFLOW_STATE_PENDING
-    async for event in client.watch_workflow(workflow_id):
+    async for event in events:
         terminal = event.workflow_state
         if args.json:
             print(json.dumps(_as_dict(event)), flush=True)
@@ -462,10 +463,13 @@ async def run_api_command(args: argparse.Namespace) -> int:
             sub = args.workflow_command
             if sub == "submit":
                 assert spec is not None  # loaded and validated above
+                if args.watch:  # one call: the workflow first, then its events
+                    updates = client.run_workflow(spec, args.idempotency_key)
+                    submitted = (await anext(updates)).workflow
+                    _emit(args, submitted, lambda: _workflow_lines(submitted))
+                    return await _follow(args, (u.event async for u in updates))
                 submitted = (await client.submit_workflow(spec, args.idempotency_key)).workflow
                 _emit(args, submitted, lambda: _workflow_lines(submitted))
-                if args.watch:
-                    return await _watch(args, client, submitted.workflow_id)
             elif sub == "ls":
                 page = await client.list_workflows(state, args.page_size, args.page_token)
                 _emit(
@@ -490,7 +494,7 @@ async def run_api_command(args: argparse.Namespace) -> int:
                 cancelled = (await client.cancel_workflow(args.workflow_id)).workflow
                 _emit(args, cancelled, lambda: _workflow_lines(cancelled))
             else:
-                return await _watch(args, client, args.workflow_id)
+                return await _follow(args, client.watch_workflow(args.workflow_id))
         elif command == "breakers":
             from aiwfe.system.v1 import system_service_pb2 as sys_pb
 
