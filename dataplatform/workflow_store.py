@@ -63,6 +63,8 @@ _TX_RETRIES = 5
 _EVENT_PAGE = 500
 _DEFAULT_POLL_SECONDS = 1.0
 _SUBMITTED = "workflow submitted"  # a workflow's first event
+_RECENT_SECONDS = 5.0  # how long a new workflow's events wait for a watcher to adopt them
+_RECENT_MAX = 10_000
 _MIN_POLL_SECONDS = 0.01
 _MAX_POLL_SECONDS = 30.0
 # Events the current transaction appended, by workflow, pushed to watchers once it commits;
@@ -180,9 +182,7 @@ class Wakeups:
     def appended(self, events: _Appended) -> None:
         if not events:
             return
-        for wid, rows in events.items():
-            for watch in self._watchers.get(wid, ()):
-                watch.push(rows)
+        self.deliver(events)
         if self.peers is not None:
             self.peers.events(list(events))
 
@@ -210,6 +210,12 @@ class Wakeups:
             if len(sub.stopped) < MAX_BATCH:
                 sub.stopped.update(workflow_ids)
             sub.event.set()
+
+    def deliver(self, events: _Appended) -> None:
+        """Committed rows (None: unknown, re-read) to this replica's watchers."""
+        for wid, rows in events.items():
+            for watch in self._watchers.get(wid, ()):
+                watch.push(rows)
 
     def wake_watchers(self, workflow_ids: set[uuid.UUID] | None) -> None:
         """Watchers of these workflows (None: all) re-read from the database."""
@@ -274,6 +280,8 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         self._db = db
         self.wakeups = Wakeups()
         self._next_sweep = 0.0
+        # Watches CreateWorkflow left for new workflows: (expiry, owner, watch), oldest first.
+        self._recent: dict[uuid.UUID, tuple[float, str, _Watch]] = {}
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -393,7 +401,41 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
     async def CreateWorkflow(
         self, request: pb.CreateWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateWorkflowResponse:
-        return await self._create(request, uuid.uuid4())
+        """Stores a workflow. A new one is watched from before the insert for a few seconds,
+        so the WatchWorkflowEvents that usually follows adopts its events with no read."""
+        wid = uuid.uuid4()
+        self._remember(wid, request.owner.user_id)
+        created = False
+        try:
+            stored = await self._create(request, wid)
+            created = stored.created
+        finally:
+            if not created:
+                self._forget(wid)
+        return stored
+
+    def _remember(self, wid: uuid.UUID, owner: str) -> None:
+        now = time.monotonic()
+        while self._recent:  # oldest first: they expire in insertion order
+            oldest, (expires, _, _) = next(iter(self._recent.items()))
+            if expires > now and len(self._recent) < _RECENT_MAX:
+                break
+            self._forget(oldest)
+        self._recent[wid] = (now + _RECENT_SECONDS, owner, self.wakeups.watch(wid))
+
+    def _forget(self, wid: uuid.UUID) -> None:
+        entry = self._recent.pop(wid, None)
+        if entry is not None:
+            self.wakeups.unwatch(wid, entry[2])
+
+    def _adopt(self, wid: uuid.UUID, scope: pb.WorkflowScope, after: int) -> _Watch | None:
+        """The watch CreateWorkflow left for `wid`, if this caller may see the workflow and
+        follows it from the start (it holds every event this replica committed since)."""
+        entry = self._recent.get(wid)
+        if entry is None or after != 0 or not (scope.all_owners or scope.owner_id == entry[1]):
+            return None
+        del self._recent[wid]
+        return entry[2]
 
     async def _create(
         self, request: pb.CreateWorkflowRequest, wid: uuid.UUID
@@ -431,8 +473,8 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         }
         # One statement, so one round trip in autocommit and atomic by itself: the workflow
         # row, its steps and its first event, unless the idempotency key was used before.
-        # Its first event is not pushed: only RunStoredWorkflow watches an id not out yet,
-        # and it sends that event itself.
+        # Only this replica can watch an id not out yet (RunStoredWorkflow, or the watch
+        # CreateWorkflow leaves), so the first event is delivered here, not announced.
         async with self._db.autocommit() as conn:
             cur = await conn.execute(
                 "WITH w AS (INSERT INTO workflows (workflow_id, owner_id, owner_username,"
@@ -460,6 +502,15 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             row = await cur.fetchone()
             if row is not None:  # nothing to read back: every step is PENDING, no attempts
                 self.wakeups.work()
+                first = {
+                    "sequence": 1,
+                    "workflow_state": row["state"],
+                    "step_name": "",
+                    "step_state": 0,
+                    "message": _SUBMITTED,
+                    "created_at": row["created_at"],
+                }
+                self.wakeups.deliver({wid: [first]})  # watched before the insert, if at all
                 pending = [
                     {"name": st.name, "state": S_PENDING, "attempt": 0, "error": "", "output": None}
                     for st in steps
@@ -582,10 +633,18 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         _check_poll(v, request.poll_interval_seconds)
         v.raise_if_any()
         wid = _uuid(request.workflow_id)
-        watch = self.wakeups.watch(wid)  # before the first read: nothing committed is missed
+        watch = self._adopt(wid, request.scope, request.after_sequence)
+        adopted = watch is not None
+        if watch is None:
+            watch = self.wakeups.watch(wid)  # before the first read: nothing is missed
         try:
             async for events in self._follow(
-                wid, request.scope, request.after_sequence, request.poll_interval_seconds, watch
+                wid,
+                request.scope,
+                request.after_sequence,
+                request.poll_interval_seconds,
+                watch,
+                need_read=not adopted,
             ):
                 yield pb.WatchWorkflowEventsResponse(events=events)
         finally:
@@ -605,24 +664,13 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         try:
             stored = await self._create(request.create, wid)
             yield pb.RunStoredWorkflowResponse(stored=stored)
-            after, need_read = 0, True
-            if stored.created:  # its first event is the row just inserted: no read
-                wf = stored.workflow
-                first = wf_pb.WatchWorkflowResponse(
-                    sequence=1, workflow_state=wf.state, message=_SUBMITTED
-                )
-                first.event_time.CopyFrom(wf.create_time)
-                yield pb.RunStoredWorkflowResponse(
-                    events=pb.WatchWorkflowEventsResponse(events=[first])
-                )
-                after, need_read = 1, False
-            else:
+            if not stored.created:
                 self.wakeups.unwatch(wid, watch)
                 wid = uuid.UUID(stored.workflow.workflow_id)
                 watch = self.wakeups.watch(wid)
             scope = pb.WorkflowScope(owner_id=request.create.owner.user_id)
             async for events in self._follow(
-                wid, scope, after, request.poll_interval_seconds, watch, need_read
+                wid, scope, 0, request.poll_interval_seconds, watch, not stored.created
             ):
                 yield pb.RunStoredWorkflowResponse(
                     events=pb.WatchWorkflowEventsResponse(events=events)

@@ -289,6 +289,52 @@ async def test_event_stream_is_pushed_polled_across_replicas_and_resumable(store
             assert "poll_interval_seconds" in field_violations(failed.value)
 
 
+async def test_the_watch_after_create_adopts_its_events_without_a_read(store) -> None:
+    """CreateWorkflow watches its new workflow from before the insert, so the watch that
+    follows on the same replica gets every event committed since (here one committed before
+    it opened) with no database read; another owner still gets NOT_FOUND."""
+    stub, md, running = store
+    pool = running.running["dataplatform"].service.db.pool
+    owner = f"adopt{time.time_ns()}"
+    wid = await _create(stub, md, owner, 1)
+
+    def open_watch(owner_id: str) -> Any:
+        return stub.WatchWorkflowEvents(
+            store_pb.WatchWorkflowEventsRequest(
+                workflow_id=wid,
+                scope=store_pb.WorkflowScope(owner_id=owner_id),
+                poll_interval_seconds=30,
+            ),
+            metadata=md,
+            timeout=20,
+        )
+
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await _next_events(open_watch("someone-else"), 5)
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+    claim = await stub.ClaimSteps(
+        store_pb.ClaimStepsRequest(worker_id="w", max_steps=1, lease_seconds=30),
+        metadata=md,
+        timeout=10,
+    )
+    assert [s.ref.workflow_id for s in claim.steps] == [wid]
+    reads = pool.get_stats()["requests_num"]
+    watched = open_watch(owner)
+    assert [e.sequence for e in await _next_events(watched, 5)] == [1, 2]
+    assert pool.get_stats()["requests_num"] == reads  # adopted: no connection taken
+    await stub.CompleteSteps(
+        store_pb.CompleteStepsRequest(
+            worker_id="w", results=[store_pb.StepResult(ref=claim.steps[0].ref)]
+        ),
+        metadata=md,
+        timeout=10,
+    )
+    events = await _next_events(watched, 5)  # pushed, long before the 30 s poll
+    assert [e.sequence for e in events] == [3, 4]
+    assert events[-1].workflow_state == S.WORKFLOW_STATE_SUCCEEDED
+    assert await watched.read() is grpc.aio.EOF
+
+
 async def test_replicas_wake_each_others_streams_through_redis(base_overrides) -> None:
     """With Redis configured, what replica A commits reaches replica B's streams at once
     (the poll interval here is 30 s): B's watcher gets A's events, B's WaitForWork stream
