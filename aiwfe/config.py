@@ -427,6 +427,15 @@ class TaskProcSettings(_Block):
     max_attempts: int = Field(default=100, gt=0)  # upper bound a retry policy may ask for
 
 
+class GatewaySettings(_Block):
+    """The gateway's front door."""
+
+    # An HTTP/2 relay on the public port passes the calls it can admit at once straight to
+    # their back end and everything else to the gateway's gRPC server (see gateway/front.py).
+    # Off: the gRPC server takes the port and proxies every call itself.
+    relay: bool = True
+
+
 class LoggingSettings(_Block):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = True
@@ -453,6 +462,7 @@ class Settings(_Block):
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
     cognitive: CognitiveSettings = CognitiveSettings()
     taskproc: TaskProcSettings = TaskProcSettings()
+    gateway: GatewaySettings = GatewaySettings()
     logging: LoggingSettings = LoggingSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
 

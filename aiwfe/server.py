@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,6 +32,19 @@ from aiwfe.system_service import LocalSystemServicer
 from aiwfe.telemetry import TelemetryInterceptor, configure_tracing, flush_telemetry
 
 log = logging.getLogger("aiwfe.server")
+
+
+class Front(Protocol):
+    """A listener that owns the service's port and passes calls on to its gRPC server,
+    which then listens on a private Unix socket only (the gateway's relay)."""
+
+    async def start(self, host: str, port: int) -> int:
+        """Listens on host:port (0: a free port); returns the port."""
+        ...
+
+    async def stop(self, grace: float) -> None:
+        """Stops taking calls; those in flight get `grace` seconds to finish."""
+        ...
 
 
 class Service:
@@ -49,6 +65,10 @@ class Service:
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """Service-specific interceptors, run inside error mapping."""
         return []
+
+    def front(self, server_socket: str) -> Front | None:
+        """A Front for the port, passing calls on to `server_socket` (None: no front)."""
+        return None
 
     def system_servicer(self) -> system_grpc.SystemServiceServicer:
         """Reports this service's circuit breakers (the gateway aggregates every service's)."""
@@ -77,9 +97,13 @@ class RunningService:
         health_servicer: health.aio.HealthServicer,
         names: Sequence[str],
         host: str,
+        front: Front | None = None,
+        socket_dir: str | None = None,
     ) -> None:
         self.service = service
         self.server = server
+        self.front = front
+        self._socket_dir = socket_dir
         self.port = port
         self.host = host
         self.health = health_servicer
@@ -121,8 +145,12 @@ class RunningService:
                 await self._probe_task
         await self.health.enter_graceful_shutdown()
         grace = self.service.settings.grpc.shutdown_grace_seconds if grace is None else grace
+        if self.front is not None:
+            await self.front.stop(grace)
         await self.server.stop(grace)
         await self.service.stop()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
         flush_telemetry()
 
 
@@ -169,18 +197,35 @@ async def start_service(
         ],
         server,
     )
+    # With a front, the gRPC server listens on a Unix socket in a directory only this
+    # user can enter, and the front takes the port.
+    private = tempfile.mkdtemp(prefix=f"aiwfe-{service.name}-")
+    socket = os.path.join(private, "grpc.sock")
+    front = service.front(socket)
+    socket_dir = private if front is not None else None
+    if front is None:
+        shutil.rmtree(private)
     try:
-        if credentials is not None:
+        if front is not None:
+            server.add_insecure_port(f"unix:{socket}")
+        elif credentials is not None:
             bound = server.add_secure_port(f"{host}:{port}", credentials)
         else:
             bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError as exc:
+        await server.start()
+        if front is not None:
+            bound = await front.start(host, port)
+    except (RuntimeError, OSError) as exc:
+        await server.stop(0)
         await service.stop()
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)
         raise ConfigError(
             f"configuration key 'services.{service.name}.port': cannot bind {host}:{port}"
         ) from exc
-    await server.start()
-    running = RunningService(service, server, bound, health_servicer, names, host)
+    running = RunningService(
+        service, server, bound, health_servicer, names, host, front, socket_dir
+    )
     await running.set_serving(await service.healthy())
     running._probe_task = asyncio.create_task(running._probe_loop(probe_interval))
     log.info("%s listening on %s", service.name, running.address)

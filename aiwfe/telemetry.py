@@ -130,6 +130,53 @@ def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def rpc_attributes(service: str, method: str) -> dict[str, str]:
+    """A server span's attributes for `method` ("/package.Service/Method") in `service`."""
+    rpc_service, _, rpc_method = method.lstrip("/").partition("/")
+    return {
+        "rpc.system": "grpc",
+        "rpc.service": rpc_service,
+        "rpc.method": rpc_method,
+        "aiwfe.service": service,
+    }
+
+
+def end_span(span: Any, code: grpc.StatusCode) -> None:
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code is not grpc.StatusCode.OK:
+        span.set_status(Status(StatusCode.ERROR, code.name))
+    span.end()
+
+
+class RpcSeries:
+    """The seed's RPC metrics for one method of one service, each series resolved once."""
+
+    __slots__ = ("_by_code", "_method", "_service", "in_flight")
+
+    def __init__(self, service: str, method: str) -> None:
+        self._service = service
+        self._method = method
+        self.in_flight = metrics.concurrent_requests.labels(service, method)
+        self._by_code: dict[grpc.StatusCode, tuple[Any, Any, Any]] = {}
+
+    def finish(self, code: grpc.StatusCode, seconds: float) -> None:
+        """One call ended with `code` after `seconds` (it was counted in flight)."""
+        entry = self._by_code.get(code)
+        if entry is None:
+            labels = (self._service, self._method, code.name)
+            entry = self._by_code[code] = (
+                metrics.request_rate_counter.labels(*labels),
+                metrics.request_duration_histogram.labels(*labels),
+                None if code is grpc.StatusCode.OK else metrics.error_rate.labels(*labels),
+            )
+        rate, duration, errors = entry
+        self.in_flight.dec()
+        rate.inc()
+        duration.observe(seconds)
+        if errors is not None:
+            errors.inc()
+
+
 class TelemetryInterceptor(MethodInterceptor):
     """Server span + RPC metrics around every non-exempt call.
 
@@ -149,27 +196,9 @@ class TelemetryInterceptor(MethodInterceptor):
         service = self._service
         tracer = self._tracer
         recording = self._recording
-        rpc_service, _, rpc_method = method.lstrip("/").partition("/")
-        attributes = {
-            "rpc.system": "grpc",
-            "rpc.service": rpc_service,
-            "rpc.method": rpc_method,
-            "aiwfe.service": service,
-        }
-        in_flight = metrics.concurrent_requests.labels(service, method)
-        series: dict[grpc.StatusCode, tuple[Any, Any, Any]] = {}
-
-        def series_for(code: grpc.StatusCode) -> tuple[Any, Any, Any]:
-            entry = series.get(code)
-            if entry is None:
-                entry = series[code] = (
-                    metrics.request_rate_counter.labels(service, method, code.name),
-                    metrics.request_duration_histogram.labels(service, method, code.name),
-                    None
-                    if code is grpc.StatusCode.OK
-                    else metrics.error_rate.labels(service, method, code.name),
-                )
-            return entry
+        attributes = rpc_attributes(service, method)
+        series = RpcSeries(service, method)
+        in_flight = series.in_flight
 
         def start(context: grpc.aio.ServicerContext) -> tuple[Any, Token[Context] | None]:
             """Makes the caller's trace (and our span, when recording) current."""
@@ -195,19 +224,10 @@ class TelemetryInterceptor(MethodInterceptor):
             context: grpc.aio.ServicerContext,
             started: float,
         ) -> None:
-            elapsed = time.perf_counter() - started
-            in_flight.dec()
             code = _code_of(context)
-            rate, duration, errors = series_for(code)
-            rate.inc()
-            duration.observe(elapsed)
-            if errors is not None:
-                errors.inc()
+            series.finish(code, time.perf_counter() - started)
             if span is not None:
-                span.set_attribute("rpc.grpc.status_code", code.value[0])
-                if errors is not None:
-                    span.set_status(Status(StatusCode.ERROR, code.name))
-                span.end()
+                end_span(span, code)
             if token is not None:
                 otel_context.detach(token)
 

@@ -24,7 +24,7 @@ from aiwfe.errors import NotFound, Unauthenticated
 from aiwfe.identity import require_principal
 from aiwfe.passwords import hash_password_async, policy_violation, verify_password_async
 from aiwfe.validation import Violations
-from gateway.ratelimit import LoginLimiter, client_address
+from gateway.ratelimit import LoginLimiter, caller_peer, client_address
 from gateway.rbac import Rbac
 from gateway.sessions import MAX_REFRESH_CHARS, SessionManager, TokenPair
 
@@ -79,7 +79,7 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
         v.text(request.username, "username", max_chars=MAX_USERNAME_CHARS)
         v.text(request.password, "password", max_chars=MAX_PASSWORD_CHARS)
         v.raise_if_any()
-        address = client_address(context.peer())
+        address = client_address(caller_peer(context))
         try:
             await self._limiter.reserve(request.username, address)
         except Exception:

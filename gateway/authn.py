@@ -17,7 +17,7 @@ from aiwfe.interceptors import MethodInterceptor, rejecting_handler, with_princi
 from gateway.policies import MethodInfo
 from gateway.ratelimit import ApiLimiter
 from gateway.rbac import Rbac
-from gateway.response_cache import ResponseCache
+from gateway.response_cache import ResponseCache, cache_directive
 from gateway.tokens import TokenService
 
 # The principal of the benchmark's "auth off" mode: a service acting for nobody.
@@ -68,6 +68,36 @@ class AuthInterceptor(MethodInterceptor):
             await limiter.acquire(principal.user_id, principal.roles)
         if not info.authenticated and not self._rbac.allows(principal.roles, info.permission):
             raise PermissionDenied(f"permission {info.permission!r} required")
+        return principal
+
+    def admit_at_once(
+        self, info: MethodInfo, authorization: str | None, cache_control: str | None
+    ) -> Principal | None:
+        """The principal of a call that can be admitted without waiting: a token already
+        in the in-process cache, a role that allows the method, locally reserved quota, and
+        no response cache to consult. None means "not at once": the call takes the full
+        path (`admit` and the response cache), which also makes every denial."""
+        if not info.declared or info.public:
+            return None
+        if not self._enabled:
+            return ANONYMOUS
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None
+        principal = self._tokens.cached(token.strip())
+        if principal is None:
+            return None
+        if not info.authenticated and not self._rbac.allows(principal.roles, info.permission):
+            return None
+        if (
+            self._cache is not None
+            and principal.is_user
+            and ResponseCache.applies(info)
+            and cache_directive(cache_control) != "no-store"
+        ):
+            return None
+        if self._limiter is not None and not self._limiter.try_local(principal.user_id):
+            return None
         return principal
 
     async def intercept(

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
+import grpc
+
 from aiwfe.config import RateLimitSettings
 from aiwfe.errors import ResourceExhausted
 from aiwfe.redis_client import RedisClient
@@ -61,6 +63,21 @@ return {grant, used, redis.call('PTTL', KEYS[1])}
 def _digest(value: str) -> str:
     """Keys never carry raw usernames or addresses (bounded length, nothing to leak)."""
     return hashlib.sha256(value.encode()).hexdigest()[:32]
+
+
+# The client's peer, added by the gateway's relay to the calls it passes to the gateway's
+# own gRPC server; believed only on that server's private Unix socket.
+RELAYED_PEER_KEY = "x-aiwfe-client-peer"
+
+
+def caller_peer(context: grpc.aio.ServicerContext) -> str | None:
+    """The gRPC peer of the client behind a call, through the gateway's relay or not."""
+    peer = context.peer()
+    if peer and peer.startswith("unix:"):
+        for key, value in context.invocation_metadata() or ():
+            if key == RELAYED_PEER_KEY:
+                return str(value)
+    return peer
 
 
 def client_address(peer: str | None) -> str:

@@ -98,12 +98,18 @@ class ResponseCache:
         return response
 
 
+def cache_directive(value: str | None) -> str | None:
+    """A `cache-control` value as in HTTP: "no-store" or "no-cache" (None otherwise)."""
+    if value:
+        if "no-store" in value:
+            return "no-store"
+        if "no-cache" in value:
+            return "no-cache"
+    return None
+
+
 def _cache_control(context: grpc.aio.ServicerContext) -> str | None:
-    """`cache-control` metadata as in HTTP: "no-store" or "no-cache" (None otherwise)."""
     for key, value in context.invocation_metadata() or ():
         if key == "cache-control":
-            if "no-store" in value:
-                return "no-store"
-            if "no-cache" in value:
-                return "no-cache"
+            return cache_directive(value)
     return None

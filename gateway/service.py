@@ -21,6 +21,7 @@ from aiwfe.server import Service
 from aiwfe.taskproc.v1 import workflow_service_pb2
 from gateway.auth_service import AuthServicer, UserAdminServicer
 from gateway.authn import AuthInterceptor
+from gateway.front import FrontDoor
 from gateway.policies import method_table, public_services
 from gateway.proxy import ProxyHandler
 from gateway.ratelimit import ApiLimiter, LoginLimiter
@@ -71,6 +72,14 @@ class GatewayService(Service):
         self.login_limiter = LoginLimiter(auth.rate_limiting, self.redis)
         self.api_limiter = ApiLimiter(auth.rate_limiting, self.redis)
         self.response_cache = ResponseCache(self.redis, self.methods)
+        self.admission = AuthInterceptor(
+            self.methods,
+            self.tokens,
+            self.rbac,
+            auth.enabled,
+            limiter=self.api_limiter,
+            cache=self.response_cache,
+        )
 
     async def start(self) -> None:
         await self.revocations.start()
@@ -104,16 +113,19 @@ class GatewayService(Service):
         return GatewaySystemServicer(list(self.downstreams.values()))
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [
-            AuthInterceptor(
-                self.methods,
-                self.tokens,
-                self.rbac,
-                self.settings.authentication.enabled,
-                limiter=self.api_limiter,
-                cache=self.response_cache,
-            )
-        ]
+        return [self.admission]
+
+    def front(self, server_socket: str) -> FrontDoor | None:
+        if not self.settings.gateway.relay:
+            return None
+        return FrontDoor(
+            self.settings,
+            self.methods,
+            self.admission,
+            self.identity,
+            self.downstreams,
+            server_socket,
+        )
 
     async def stop(self) -> None:
         await self.revocations.stop()
