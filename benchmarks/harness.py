@@ -34,8 +34,8 @@ from benchmarks import load, nginx, procstat, servers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RPC_SCENARIOS = (
-    "direct", "gateway", "gateway-cached", "gateway-noauth", "gateway-asyncio", "python-proxy",
-    "nginx", "before",
+    "direct", "gateway", "gateway-cached", "gateway-noauth", "gateway-asyncio", "gateway-grpc",
+    "python-proxy", "nginx", "before",
 )  # fmt: skip
 OTHER_SCENARIOS = ("memory", "telemetry", "embedder", "vector-search")
 ALL_SCENARIOS = RPC_SCENARIOS + OTHER_SCENARIOS
@@ -226,14 +226,16 @@ async def _rpc_scenarios(
                 results[name] = await _measure(
                     name, server.address("cognitive"), internal, opts, pids
                 )
-            elif name in ("gateway", "gateway-cached", "gateway-asyncio"):
+            elif name in ("gateway", "gateway-cached", "gateway-asyncio", "gateway-grpc"):
                 token = await _login(server.address("gateway"), server.admin_password)
                 bearer: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),)
                 if name != "gateway-cached":
                     # The hop itself: proxied to cognitive, not answered by the gateway's
                     # response cache (Embed declares a cache TTL in its contract).
                     bearer += (("cache-control", "no-store"),)
-                target = "gateway_asyncio" if name == "gateway-asyncio" else "gateway"
+                target = {"gateway-asyncio": "gateway_asyncio", "gateway-grpc": "gateway_grpc"}.get(
+                    name, "gateway"
+                )
                 results[name] = await _measure(
                     name, server.address(target), lambda b=bearer: b, opts, pids
                 )

@@ -12,8 +12,8 @@ from google.protobuf import __version__ as protobuf_version
 from google.protobuf.internal import api_implementation
 
 HOP_SCENARIOS = (
-    "gateway", "gateway-cached", "gateway-noauth", "gateway-asyncio", "python-proxy", "nginx",
-    "before",
+    "gateway", "gateway-cached", "gateway-noauth", "gateway-asyncio", "gateway-grpc",
+    "python-proxy", "nginx", "before",
 )  # fmt: skip
 VARIANCE_NOTE = (
     "Absolute figures vary between machines; the ratios to `direct` measured in the same run "

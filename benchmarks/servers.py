@@ -3,8 +3,8 @@
     python -m benchmarks.servers --database aiwfe_bench_<random>
 
 Creates that database on the local PostgreSQL, starts the four services in-process with
-`aiwfe.suite.start_suite` (free ports), plus a second gateway with `authentication.enabled:
-false` wired to the same back ends (the "gateway-noauth" scenario), prints the addresses as
+`aiwfe.suite.start_suite` (free ports), plus gateway variants wired to the same back ends
+(auth off, asyncio loop, relay off: the "gateway-*" scenarios), prints the addresses as
 one JSON line on stdout, runs until SIGTERM/SIGINT (or until its parent goes away) and then
 stops the services and drops the database.
 
@@ -155,9 +155,9 @@ async def _drain(stream: asyncio.StreamReader) -> None:
 
 async def serve(home: str, dsn: str, database: str) -> None:
     """Starts each service in a process of its own, as `aiwfe up` and production run them
-    (so no service shares an interpreter with another), plus two more gateways — auth off,
-    and the asyncio event loop — on the same back ends; announces them; waits for a stop
-    signal; stops them."""
+    (so no service shares an interpreter with another), plus three more gateways — auth
+    off, the asyncio event loop, and the relay off (grpc-python proxies every call) — on
+    the same back ends; announces them; waits for a stop signal; stops them."""
     overrides = _overrides(home, dsn)
     # The telemetry scenario starts this process twice: tracing exported over OTLP (the
     # standard OTEL_* variables it passes) and the telemetry interceptor off.
@@ -171,6 +171,7 @@ async def serve(home: str, dsn: str, database: str) -> None:
         for name, extra in (
             ("gateway_noauth", {"AIWFE_AUTHENTICATION__ENABLED": "false"}),
             ("gateway_asyncio", {"AIWFE_GRPC__EVENT_LOOP": "asyncio"}),  # the uvloop lever
+            ("gateway_grpc", {"AIWFE_GATEWAY__RELAY": "false"}),  # the relay lever
         ):
             port = free_port()
             procs[name] = await _start_service(
