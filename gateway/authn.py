@@ -84,7 +84,10 @@ class AuthInterceptor(MethodInterceptor):
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             return None
-        principal = self._tokens.cached(token.strip())
+        try:
+            principal = self._tokens.cached(token.strip())
+        except AiwfeError:  # revoked or expired: the full path says so properly
+            return None
         if principal is None:
             return None
         if not info.authenticated and not self._rbac.allows(principal.roles, info.permission):

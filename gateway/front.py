@@ -133,6 +133,8 @@ class FrontDoor:
         self._recording = self._metrics and not isinstance(
             trace.get_tracer_provider(), trace.ProxyTracerProvider
         )
+        self.fast_calls = 0  # went straight to a back end
+        self.full_calls = 0  # went to the gateway's gRPC server
         upstreams = {GATEWAY: Endpoint(authority=b"localhost", path=server_socket)}
         for package, downstream in downstreams.items():
             upstreams[package] = _endpoint(downstream.target, tls)
@@ -175,12 +177,14 @@ class FrontDoor:
             )
             if principal is not None:
                 assert path is not None
+                self.fast_calls += 1
                 default = (
                     self._stream_timeout
                     if info.server_streaming or info.client_streaming
                     else self._unary_timeout
                 )
                 return self._fast(info, route, path, headers, timeout or default, principal)
+        self.full_calls += 1
         forwarded = [(n, v) for n, v in headers if not n.startswith(_INTERNAL)]
         forwarded.append((_PEER, peer.encode()))
         return Decision(GATEWAY, forwarded)

@@ -255,4 +255,8 @@ class ApiLimiter:
         n, _ = self._local.count(local_key, mono)
         if n >= limit:
             raise _refusal("requests", "api:user", limit, reset)
-        self._local.add(local_key, 1, reset, mono)
+        # Without Redis this replica's count is the record: reserve a batch from it too,
+        # so the next calls are admitted by try_local (the gateway relay's fast path).
+        grant = max(1, min(self.batch_for(limit), limit - n))
+        self._local.add(local_key, grant, reset, mono)
+        a.left += grant - 1

@@ -549,7 +549,15 @@ class _Client(_Connection):
         if self.draining or len(self.streams) >= self.relay.max_streams:
             self.write(h2.rst_stream(sid, h2.REFUSED_STREAM))
             return
-        decision = self.relay.decide(headers, self.peer, self.relay.up)
+        try:
+            decision = self.relay.decide(headers, self.peer, self.relay.up)
+        except Exception:  # a bug costs this call, not the connection's others
+            log.exception("deciding a call failed")
+            status = h2.grpc_status_headers(grpc.StatusCode.INTERNAL.value[0], "", False)
+            self.write(h2.headers_frames(sid, h2.header_block(status), h2.END_STREAM))
+            if not flags & h2.END_STREAM:
+                self.write(h2.rst_stream(sid, h2.NO_ERROR))
+            return
         stream = _Stream(self, sid, decision, h2.header_block(decision.headers))
         self.streams[sid] = stream
         stream.client_ended = bool(flags & h2.END_STREAM)

@@ -14,6 +14,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
+from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
 from aiwfe.suite import start_suite
@@ -126,3 +128,36 @@ async def test_rejected_call_produces_error_spans(exporter, base_overrides) -> N
     rejected = _server_span(anon, "gateway", embed)
     assert rejected.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
     assert not [s for s in anon if s.attributes.get("aiwfe.service") == "cognitive"]
+
+
+async def test_a_call_the_relay_admits_at_once_keeps_the_trace(exporter, base_overrides) -> None:
+    """A call the gateway's relay sends straight to cognitive still has the gateway's
+    server span between the client's span and cognitive's, in the client's trace."""
+    suite = await start_suite(base_overrides)
+    tracer = trace.get_tracer("test")
+    try:
+        async with grpc.aio.insecure_channel(suite.address("gateway")) as ch:
+            token = await login(ch)
+            # A first call validates the token (full path) and caches it.
+            await auth_grpc.AuthServiceStub(ch).WhoAmI(
+                auth_pb.WhoAmIRequest(), metadata=bearer(token), timeout=10
+            )
+            front = suite.running["gateway"].front
+            fast_before = front.fast_calls
+            with tracer.start_as_current_span("client call", kind=SpanKind.CLIENT) as root:
+                await cog_grpc.CognitiveServiceStub(ch).Embed(
+                    cog_pb.EmbedRequest(texts=[f"fast trace {time.time_ns()}"]),
+                    metadata=(*_call_metadata(token), ("cache-control", "no-store")),
+                    timeout=10,
+                )
+            assert front.fast_calls == fast_before + 1
+    finally:
+        await suite.stop()
+    trace_id = root.get_span_context().trace_id
+    spans = [s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id]
+    embed = "/aiwfe.cognitive.v1.CognitiveService/Embed"
+    gateway = _server_span(spans, "gateway", embed)
+    cognitive = _server_span(spans, "cognitive", embed)
+    assert gateway.parent.span_id == root.get_span_context().span_id
+    assert cognitive.parent.span_id == gateway.context.span_id
+    assert gateway.attributes["rpc.grpc.status_code"] == 0

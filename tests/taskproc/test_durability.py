@@ -345,8 +345,12 @@ async def test_replicas_wake_each_others_streams_through_redis(base_overrides) -
     b = await start_service(DataPlatformService(a.settings), "127.0.0.1", 0)
     buses = [a.running["dataplatform"].service.replicas, b.service.replicas]
     try:
-        while not all(bus.active for bus in buses):  # both subscribed and aware of the other
+        for _ in range(500):  # both subscribed and aware of the other
+            if all(bus.active for bus in buses):
+                break
             await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the replicas never heard of each other")
         identity = InternalIdentity.from_settings(a.settings)
         md = ((IDENTITY_METADATA_KEY, identity.assertion(None, "taskproc")),)
         async with (

@@ -1,0 +1,248 @@
+"""The gateway's HTTP/2 relay between real gRPC peers: a grpc.aio client on one side, a
+grpc.aio server on the other, and the relay passing every call between them. Messages
+larger than every flow-control window, streams each way, cancellation, an upstream that
+is down and comes back or shuts down gracefully, and HTTP/2 input that is not."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from aiwfe.embedded import free_port
+from gateway import h2
+from gateway.relay import Decision, Endpoint, Relay
+
+MB = 1024 * 1024
+CHUNK = 64 * 1024
+_OPTIONS = [("grpc.max_send_message_length", 8 * MB), ("grpc.max_receive_message_length", 8 * MB)]
+
+
+class Backend(grpc.GenericRpcHandler):
+    """Echo, download, upload, chat, a stream that waits forever, and a failure."""
+
+    def __init__(self) -> None:
+        self.metadata: list[dict[str, str]] = []
+        self.cancelled = asyncio.Event()
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return {
+            "/t.T/Echo": grpc.unary_unary_rpc_method_handler(self.echo),
+            "/t.T/Download": grpc.unary_stream_rpc_method_handler(self.download),
+            "/t.T/Upload": grpc.stream_unary_rpc_method_handler(self.upload),
+            "/t.T/Chat": grpc.stream_stream_rpc_method_handler(self.chat),
+            "/t.T/Hang": grpc.unary_stream_rpc_method_handler(self.hang),
+            "/t.T/Fail": grpc.unary_unary_rpc_method_handler(self.fail),
+        }.get(details.method)
+
+    async def echo(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.metadata.append({k: v for k, v in context.invocation_metadata() or ()})
+        return request
+
+    async def download(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
+        left = int(request)
+        while left > 0:
+            yield bytes([left % 251]) * min(CHUNK, left)
+            left -= CHUNK
+
+    async def upload(self, requests: AsyncIterator[bytes], context: Any) -> bytes:
+        total = 0
+        async for chunk in requests:
+            total += len(chunk)
+        return str(total).encode()
+
+    async def chat(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        async for message in requests:
+            yield message[::-1]
+
+    async def hang(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
+        yield b"first"
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    async def fail(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, "bad ü input", (("why-bin", b"\x00\xff"),)
+        )
+        raise AssertionError("unreachable")
+
+
+async def _backend(port: int = 0) -> tuple[grpc.aio.Server, Backend, int]:
+    backend = Backend()
+    server = grpc.aio.server(options=_OPTIONS)
+    server.add_generic_rpc_handlers((backend,))
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server, backend, bound
+
+
+class Harness:
+    """A relay in front of one upstream port, recording how each call ended."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.finished: list[grpc.StatusCode] = []
+        endpoint = Endpoint(b"upstream", host="127.0.0.1", port=upstream_port)
+        self.relay = Relay(self.decide, {"up": endpoint}, max_streams=100)
+
+    def decide(self, headers: list[tuple[bytes, bytes]], peer: str, up: Any) -> Decision:
+        kept = [(n, v) for n, v in headers if n != b"authorization"]
+        return Decision("up", [*kept, (b"x-relayed", peer.encode())], self.finish)
+
+    def finish(self, code: grpc.StatusCode, details: bool) -> None:
+        self.finished.append(code)
+
+
+@pytest.fixture
+async def relayed() -> AsyncIterator[tuple[grpc.aio.Channel, Backend, Harness]]:
+    server, backend, port = await _backend()
+    harness = Harness(port)
+    relay_port = await harness.relay.start("127.0.0.1", 0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{relay_port}", options=_OPTIONS) as channel:
+        yield channel, backend, harness
+    await harness.relay.stop(0.5)
+    await server.stop(0)
+
+
+async def test_unary_call_metadata_and_a_failure_with_details(relayed) -> None:
+    """The decided headers reach the upstream (credentials gone, the client's address
+    added); a failure keeps its code, its percent-encoded message and binary trailers."""
+    channel, backend, harness = relayed
+    reply = await channel.unary_unary("/t.T/Echo")(
+        b"hello", metadata=(("authorization", "Bearer x"), ("x-custom", "1")), timeout=5
+    )
+    assert reply == b"hello"
+    seen = backend.metadata[-1]
+    assert "authorization" not in seen and seen["x-custom"] == "1"
+    assert seen["x-relayed"].startswith("ipv4:127.0.0.1:")
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await channel.unary_unary("/t.T/Fail")(b"x", timeout=5)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failed.value.details() == "bad ü input"
+    assert ("why-bin", b"\x00\xff") in tuple(failed.value.trailing_metadata())
+    assert harness.finished == [grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT]
+
+
+async def test_messages_larger_than_every_window_pass_both_ways(relayed) -> None:
+    """3 MiB up (client stream), down (server stream) and both ways in one unary call, far
+    beyond the 64 KiB default and the relay's 1 MiB stream windows: nothing lost or
+    reordered."""
+    channel, _, harness = relayed
+    payload = bytes(range(256)) * (3 * MB // 256)
+    assert await channel.unary_unary("/t.T/Echo")(payload, timeout=20) == payload
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(12):
+            yield bytes([i]) * (MB // 4)
+
+    assert await channel.stream_unary("/t.T/Upload")(chunks(), timeout=20) == b"3145728"
+    received = [m async for m in channel.unary_stream("/t.T/Download")(b"3145728", timeout=20)]
+    assert sum(map(len, received)) == 3 * MB and len(received) == 48
+    assert all(m == bytes([m[0]]) * len(m) for m in received)
+    assert harness.finished == [grpc.StatusCode.OK] * 3
+
+
+async def test_bidirectional_stream_and_many_calls_at_once(relayed) -> None:
+    channel, _, _ = relayed
+    chat = channel.stream_stream("/t.T/Chat")(timeout=10)
+    for i in range(50):
+        await chat.write(f"message {i}".encode())
+        assert await chat.read() == f"message {i}".encode()[::-1]
+    await chat.done_writing()
+    assert await chat.read() is grpc.aio.EOF
+    echo = channel.unary_unary("/t.T/Echo")
+    replies = await asyncio.gather(*(echo(str(i).encode(), timeout=10) for i in range(300)))
+    assert replies == [str(i).encode() for i in range(300)]
+
+
+async def test_a_client_cancelling_cancels_the_upstream_call(relayed) -> None:
+    channel, backend, harness = relayed
+    stream = channel.unary_stream("/t.T/Hang")(b"", timeout=30)
+    assert await stream.read() == b"first"
+    stream.cancel()
+    await asyncio.wait_for(backend.cancelled.wait(), 5)
+    assert harness.finished == [grpc.StatusCode.CANCELLED]
+
+
+async def test_upstream_down_is_unavailable_then_recovers() -> None:
+    """Nothing listening upstream: UNAVAILABLE at once, not a hang. Once the upstream is
+    up, calls go through again without restarting the relay."""
+    port = free_port()
+    harness = Harness(port)
+    relay_port = await harness.relay.start("127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{relay_port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await channel.unary_unary("/t.T/Echo")(b"x", timeout=5)
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert not harness.relay.up("up")
+            server, _, _ = await _backend(port)
+            try:
+                assert await channel.unary_unary("/t.T/Echo")(b"back", timeout=5) == b"back"
+            finally:
+                await server.stop(0)
+    finally:
+        await harness.relay.stop(0.5)
+    assert harness.finished == [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK]
+
+
+async def test_upstream_shutting_down_finishes_calls_in_flight() -> None:
+    """An upstream stopping gracefully (GOAWAY) lets the relay's call in flight finish;
+    the next call gets a fresh connection to the upstream that replaced it."""
+    server, _, port = await _backend()
+    harness = Harness(port)
+    relay_port = await harness.relay.start("127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{relay_port}") as channel:
+            chat = channel.stream_stream("/t.T/Chat")(timeout=10)
+            await chat.write(b"before")
+            assert await chat.read() == b"erofeb"
+            stopping = asyncio.ensure_future(server.stop(5))
+            await asyncio.sleep(0.2)
+            await chat.write(b"during")
+            assert await chat.read() == b"gnirud"
+            await chat.done_writing()
+            assert await chat.read() is grpc.aio.EOF
+            await stopping
+            replacement, _, _ = await _backend(port)
+            try:
+                assert await channel.unary_unary("/t.T/Echo")(b"after", timeout=5) == b"after"
+            finally:
+                await replacement.stop(0)
+    finally:
+        await harness.relay.stop(0.5)
+
+
+async def _raw(port: int, data: bytes) -> bytes:
+    """What the relay answers to `data` on a fresh connection, until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+async def test_input_that_is_not_http2_closes_only_that_connection(relayed) -> None:
+    """HTTP/1.1 gets nothing but the relay's own preface before the connection closes; an
+    oversized frame and a stream opened with an even id are answered with GOAWAY; the
+    relay keeps serving everyone else."""
+    channel, _, harness = relayed
+    port = harness.relay._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    http1 = h2.FrameReader().feed(await _raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert {ftype for ftype, *_ in http1} == {h2.SETTINGS, h2.WINDOW_UPDATE}
+    settings = h2.settings([])
+    oversized = bytes((0x01, 0x00, 0x00, h2.DATA, 0)) + b"\x00\x00\x00\x01"
+    even = h2.frame(h2.HEADERS, h2.END_HEADERS, 2, b"\x82")
+    for bad, code in ((oversized, h2.FRAME_SIZE_ERROR), (even, h2.PROTOCOL_ERROR)):
+        answer = await _raw(port, h2.PREFACE + settings + bad)
+        frames = h2.FrameReader().feed(answer)
+        goaways = [payload for ftype, _, _, payload in frames if ftype == h2.GOAWAY]
+        assert goaways and h2.u32(goaways[0], 4) == code, frames
+    assert await channel.unary_unary("/t.T/Echo")(b"still here", timeout=5) == b"still here"
