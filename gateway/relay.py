@@ -42,6 +42,11 @@ _STREAM_CREDIT = STREAM_WINDOW // 4  # credit is returned in batches of at least
 _CONNECTION_CREDIT = CONNECTION_WINDOW // 4
 _MAX_HEADER_BLOCK = 64 * 1024
 _MAX_PINGS_WITHOUT_DATA = 100
+# "Rapid reset" (CVE-2023-44487): streams opened and cancelled at once cost the upstream
+# work while never counting against the concurrent-stream limit. A connection may cancel
+# this many calls per second, on average, before it is closed.
+_RESETS_PER_SECOND = 200.0
+_RESET_BURST = 1000.0
 _DOWN_SECONDS = 1.0
 _CONNECT_SECONDS = 5.0  # an upstream that refused a connection is not offered calls this long
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
@@ -468,6 +473,8 @@ class _Client(_Connection):
         self.last_sid = 0
         self.draining = False
         self._preface = bytearray()
+        self._reset_budget = _RESET_BURST
+        self._reset_at = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -589,8 +596,17 @@ class _Client(_Connection):
 
     def on_reset(self, sid: int, code: int) -> None:
         stream = self.streams.get(sid)
-        if stream is not None:
-            self._cancel(stream)
+        if stream is None:
+            return
+        now = time.monotonic()
+        self._reset_budget = min(
+            _RESET_BURST, self._reset_budget + (now - self._reset_at) * _RESETS_PER_SECOND
+        )
+        self._reset_at = now
+        self._reset_budget -= 1
+        if self._reset_budget < 0:
+            raise ProtocolViolation(h2.ENHANCE_YOUR_CALM, "too many cancelled streams")
+        self._cancel(stream)
 
     def _cancel(self, stream: _Stream) -> None:
         """The client gave up on the call: so does the upstream."""

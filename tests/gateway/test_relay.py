@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import hpack
 import pytest
 
 from aiwfe.embedded import free_port
@@ -245,4 +246,23 @@ async def test_input_that_is_not_http2_closes_only_that_connection(relayed) -> N
         frames = h2.FrameReader().feed(answer)
         goaways = [payload for ftype, _, _, payload in frames if ftype == h2.GOAWAY]
         assert goaways and h2.u32(goaways[0], 4) == code, frames
+    assert await channel.unary_unary("/t.T/Echo")(b"still here", timeout=5) == b"still here"
+
+
+async def test_rapid_reset_closes_the_connection(relayed) -> None:
+    """Streams opened and cancelled at once (CVE-2023-44487) end the connection with
+    GOAWAY(ENHANCE_YOUR_CALM) instead of costing the upstream work without end."""
+    channel, _, harness = relayed
+    port = harness.relay._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    block = hpack.Encoder().encode(
+        [(":method", "POST"), (":scheme", "http"), (":path", "/t.T/Hang"),
+         (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")]
+    )  # fmt: skip
+    attack = b"".join(
+        h2.frame(h2.HEADERS, h2.END_HEADERS, sid, block) + h2.rst_stream(sid, h2.CANCEL)
+        for sid in range(1, 2 * 1500, 2)
+    )
+    frames = h2.FrameReader().feed(await _raw(port, h2.PREFACE + h2.settings([]) + attack))
+    goaways = [payload for ftype, _, _, payload in frames if ftype == h2.GOAWAY]
+    assert goaways and h2.u32(goaways[0], 4) == h2.ENHANCE_YOUR_CALM
     assert await channel.unary_unary("/t.T/Echo")(b"still here", timeout=5) == b"still here"
