@@ -77,6 +77,14 @@ class AuthInterceptor(MethodInterceptor):
         in the in-process cache, a role that allows the method, locally reserved quota, and
         no response cache to consult. None means "not at once": the call takes the full
         path (`admit` and the response cache), which also makes every denial."""
+        principal = self.known_caller(info, authorization)
+        if principal is None or self.consults_cache(info, principal, cache_control):
+            return None
+        return principal if self.spend_at_once(principal) else None
+
+    def known_caller(self, info: MethodInfo, authorization: str | None) -> Principal | None:
+        """The caller, if its token is cached and its roles allow the method (no quota
+        spent); None otherwise."""
         if not info.declared or info.public:
             return None
         if not self._enabled:
@@ -92,16 +100,22 @@ class AuthInterceptor(MethodInterceptor):
             return None
         if not info.authenticated and not self._rbac.allows(principal.roles, info.permission):
             return None
-        if (
+        return principal
+
+    def consults_cache(
+        self, info: MethodInfo, principal: Principal, cache_control: str | None
+    ) -> bool:
+        """Whether the response cache takes part in this call (its answer, or storing it)."""
+        return (
             self._cache is not None
             and principal.is_user
             and ResponseCache.applies(info)
             and cache_directive(cache_control) != "no-store"
-        ):
-            return None
-        if self._limiter is not None and not self._limiter.try_local(principal.user_id):
-            return None
-        return principal
+        )
+
+    def spend_at_once(self, principal: Principal) -> bool:
+        """Spends one request of the caller's locally reserved quota, if any is left."""
+        return self._limiter is None or self._limiter.try_local(principal.user_id)
 
     async def intercept(
         self, method: str, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails

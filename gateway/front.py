@@ -35,6 +35,7 @@ from gateway.authn import AuthInterceptor
 from gateway.policies import MethodInfo
 from gateway.ratelimit import RELAYED_PEER_KEY
 from gateway.relay import Decision, Endpoint, Headers, Relay
+from gateway.response_cache import ResponseCache, cache_directive
 
 GATEWAY = "gateway"  # the upstream name of the gateway's own gRPC server
 _INTERNAL = INTERNAL_METADATA_PREFIX.encode()
@@ -116,12 +117,14 @@ class FrontDoor:
         settings: Settings,
         methods: dict[str, MethodInfo],
         admission: AuthInterceptor,
+        cache: ResponseCache,
         identity: InternalIdentity,
         downstreams: dict[str, Downstream],
         server_socket: str,
     ) -> None:
         self._methods = methods
         self._admission = admission
+        self._cache = cache
         self._identity = identity
         tls = client_tls(settings.tls)
         self._routes = {pkg: _Route(d, tls is not None) for pkg, d in downstreams.items()}
@@ -134,7 +137,8 @@ class FrontDoor:
             trace.get_tracer_provider(), trace.ProxyTracerProvider
         )
         self.fast_calls = 0  # went straight to a back end
-        self.full_calls = 0  # went to the gateway's gRPC server
+        self.answered_calls = 0  # answered by the relay from the in-process response cache
+        self.full_calls = 0  # sent to the gateway's gRPC server (if not answered)
         upstreams = {GATEWAY: Endpoint(authority=b"localhost", path=server_socket)}
         for package, downstream in downstreams.items():
             upstreams[package] = _endpoint(downstream.target, tls)
@@ -170,24 +174,55 @@ class FrontDoor:
             and route.breaker.state is BreakerState.CLOSED
             and up(info.package)
         ):
-            principal = self._admission.admit_at_once(
-                info,
-                authorization.decode("latin-1") if authorization else None,
-                cache_control.decode("latin-1") if cache_control else None,
+            admission = self._admission
+            principal = admission.known_caller(
+                info, authorization.decode("latin-1") if authorization else None
             )
-            if principal is not None:
+            control = cache_control.decode("latin-1") if cache_control else None
+            if principal is not None and admission.consults_cache(info, principal, control):
+                if cache_directive(control) is None:  # "no-cache" wants a fresh answer
+                    return self._full(headers, peer)._replace(
+                        answer=self._cached_answer(info, principal)
+                    )
+            elif principal is not None and admission.spend_at_once(principal):
                 assert path is not None
                 self.fast_calls += 1
-                default = (
-                    self._stream_timeout
-                    if info.server_streaming or info.client_streaming
-                    else self._unary_timeout
-                )
+                streaming = info.server_streaming or info.client_streaming
+                default = self._stream_timeout if streaming else self._unary_timeout
                 return self._fast(info, route, path, headers, timeout or default, principal)
+        return self._full(headers, peer)
+
+    def _full(self, headers: Headers, peer: str) -> Decision:
+        """To the gateway's gRPC server, as the client sent it plus the client's address."""
         self.full_calls += 1
         forwarded = [(n, v) for n, v in headers if not n.startswith(_INTERNAL)]
         forwarded.append((_PEER, peer.encode()))
         return Decision(GATEWAY, forwarded)
+
+    def _cached_answer(self, info: MethodInfo, principal: Any) -> Any:
+        """The relay's question once the request is whole: an answer in the gateway's
+        in-process response cache (spending quota), or None for the full path."""
+        started = time.perf_counter()
+        started_ns = time.time_ns()
+
+        def answer(request: bytes) -> bytes | None:
+            reply = self._cache.answer_at_once(info, principal.user_id, request)
+            if reply is None or not self._admission.spend_at_once(principal):
+                return None
+            self.answered_calls += 1
+            if self._metrics:
+                series = self._series_for(info.path)
+                series.in_flight.inc()
+                series.finish(grpc.StatusCode.OK, time.perf_counter() - started)
+            if self._recording:
+                span = self._tracer.start_span(
+                    info.path, kind=SpanKind.SERVER, start_time=started_ns,
+                    attributes=rpc_attributes(GATEWAY, info.path),
+                )  # fmt: skip
+                end_span(span, grpc.StatusCode.OK)
+            return reply
+
+        return answer
 
     def _fast(
         self,

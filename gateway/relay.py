@@ -47,6 +47,7 @@ _MAX_PINGS_WITHOUT_DATA = 100
 # this many calls per second, on average, before it is closed.
 _RESETS_PER_SECOND = 200.0
 _RESET_BURST = 1000.0
+_HOLD_BYTES = STREAM_WINDOW // 4  # a request longer than this is sent on, not answered
 _DOWN_SECONDS = 1.0
 _CONNECT_SECONDS = 5.0  # an upstream that refused a connection is not offered calls this long
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
@@ -62,6 +63,9 @@ class Decision(NamedTuple):
     upstream: str
     headers: Headers
     finish: Finish | None = None  # told once how the call ended
+    # Asked with the request message once it is whole (a unary call): a response message
+    # the relay sends back itself, or None to send the call on after all.
+    answer: Callable[[bytes], bytes | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -166,8 +170,8 @@ class _Half:
 class _Stream:
     __slots__ = (
         "cid", "client", "client_credit", "client_ended", "client_recv", "code", "decision",
-        "details", "done", "request", "response_started", "to_client", "to_upstream", "uid",
-        "upstream", "upstream_credit", "upstream_ended", "upstream_recv",
+        "details", "done", "held", "request", "response_started", "to_client", "to_upstream",
+        "uid", "upstream", "upstream_credit", "upstream_ended", "upstream_recv",
     )  # fmt: skip
 
     def __init__(self, client: _Client, cid: int, decision: Decision, request: bytes) -> None:
@@ -190,6 +194,7 @@ class _Stream:
         self.upstream_credit = 0
         self.client_recv = STREAM_WINDOW  # what each side may still send us
         self.upstream_recv = STREAM_WINDOW
+        self.held = -1  # request bytes held for decision.answer; -1 when not held
 
 
 def _send(stream: _Stream, to_upstream: bool) -> None:
@@ -568,7 +573,10 @@ class _Client(_Connection):
         stream = _Stream(self, sid, decision, h2.header_block(decision.headers))
         self.streams[sid] = stream
         stream.client_ended = bool(flags & h2.END_STREAM)
-        self.relay.pools[decision.upstream].open(stream)
+        if decision.answer is not None and not stream.client_ended:
+            stream.held = 0  # opened upstream only if the whole request finds no answer
+        else:
+            self.relay.pools[decision.upstream].open(stream)
 
     def on_data(self, sid: int, flags: int, payload: bytes) -> None:
         stream = self.streams.get(sid)
@@ -587,12 +595,47 @@ class _Client(_Connection):
             self._end_request(stream, data)
         else:
             stream.to_upstream.queue.append((h2.DATA, 0, data))
-            _send(stream, True)
+            self._pass_on(stream, len(data))
 
     def _end_request(self, stream: _Stream, data: bytes) -> None:
         stream.client_ended = True
         stream.to_upstream.queue.append((h2.DATA, h2.END_STREAM, data))
-        _send(stream, True)
+        self._pass_on(stream, len(data))
+
+    def _pass_on(self, stream: _Stream, size: int) -> None:
+        if stream.held < 0:
+            _send(stream, True)
+            return
+        stream.held += size
+        if stream.client_ended:
+            assert stream.decision.answer is not None
+            body = b"".join(payload for _, _, payload in stream.to_upstream.queue)
+            message = _single_message(body)
+            reply = stream.decision.answer(message) if message is not None else None
+            if reply is not None:
+                self._answer(stream, reply)
+                return
+        elif stream.held < _HOLD_BYTES:
+            return
+        stream.held = -1
+        self.relay.pools[stream.decision.upstream].open(stream)
+
+    def _answer(self, stream: _Stream, reply: bytes) -> None:
+        """Responds with `reply` (status OK) without the upstream."""
+        self.credit(stream.held)  # the request was consumed here
+        stream.held = -1
+        stream.to_upstream.queue.clear()
+        stream.upstream_ended = stream.response_started = True
+        stream.code = grpc.StatusCode.OK
+        ok = h2.grpc_status_headers(0, "", response_started=True)
+        stream.to_client.queue.extend(
+            (
+                (h2.HEADERS, 0, _RESPONSE_HEADERS),
+                (h2.DATA, 0, b"\x00" + len(reply).to_bytes(4, "big") + reply),
+                (h2.HEADERS, h2.END_STREAM, h2.header_block(ok)),
+            )
+        )
+        _send(stream, False)
 
     def on_reset(self, sid: int, code: int) -> None:
         stream = self.streams.get(sid)
@@ -807,6 +850,16 @@ class _Upstream(_Connection):
                 _finish(stream, grpc.StatusCode.UNAVAILABLE)
         if not self.streams:
             self.close()
+
+
+_RESPONSE_HEADERS = h2.header_block([(b":status", b"200"), (b"content-type", b"application/grpc")])
+
+
+def _single_message(body: bytes) -> bytes | None:
+    """The one uncompressed gRPC message `body` holds, if that is what it holds."""
+    if len(body) >= 5 and body[0] == 0 and int.from_bytes(body[1:5], "big") == len(body) - 5:
+        return body[5:]
+    return None
 
 
 def _peer(address: Any) -> str:

@@ -56,10 +56,19 @@ class ResponseCache:
         caller comes from the principal ContextVar the auth interceptor sets)."""
         return self._handlers.get(info.path, handler)
 
+    def answer_at_once(self, info: MethodInfo, user_id: str, request: bytes) -> bytes | None:
+        """The in-process (L1) copy of the answer to `request`, if there is one (a miss
+        is counted by the full path, which looks again and then asks Redis)."""
+        key = self._redis.api_key(_endpoint(info), user_id, hashlib.sha256(request).hexdigest())
+        hit = self._l1.get(key)
+        if hit is not None:
+            _counters["l1", "hit"].inc()
+        return hit
+
     def _guard_for(self, method: str) -> Any:
         info = self._methods[method]
         ttl = float(info.cache_ttl_seconds)
-        endpoint = info.path.lstrip("/").replace("/", ".")
+        endpoint = _endpoint(info)
 
         def guard(behavior: Behavior, streaming: bool) -> Behavior:
             async def cached(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -96,6 +105,10 @@ class ResponseCache:
             self._l1.set(key, response, min(ttl, _L1_MAX_TTL))
             await self._redis.set(key, response, ttl)
         return response
+
+
+def _endpoint(info: MethodInfo) -> str:
+    return info.path.lstrip("/").replace("/", ".")
 
 
 def cache_directive(value: str | None) -> str | None:

@@ -122,6 +122,7 @@ class GatewayService(Service):
             self.settings,
             self.methods,
             self.admission,
+            self.response_cache,
             self.identity,
             self.downstreams,
             server_socket,

@@ -58,3 +58,30 @@ async def test_a_client_cannot_choose_the_address_login_limits_count(gw: Gateway
     with pytest.raises(grpc.aio.AioRpcError) as limited:
         await gw.login("spoof-new-name", "whatever-password")
     assert limited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_the_relay_answers_from_the_response_cache_per_user(gw) -> None:
+    """A cacheable call the gateway answered before is answered by the relay itself from
+    the in-process cache, byte for byte; "no-cache" still goes to the back end, and another
+    user asking the same is never answered from the first user's entry."""
+    front = gw.suite.running["gateway"].front
+    stub = cog_grpc.CognitiveServiceStub(gw.channel)
+    first, second = [
+        (await gw.login(await gw.create_user(["user"], "cache"))).access_token for _ in range(2)
+    ]
+    request = cog_pb.EmbedRequest(texts=["answered by the relay"])
+    stored = await stub.Embed(request, metadata=bearer(first), timeout=10)  # full path stores
+    answered = front.answered_calls
+    again = await stub.Embed(request, metadata=bearer(first), timeout=10)
+    assert front.answered_calls == answered + 1
+    assert again.SerializeToString() == stored.SerializeToString()
+
+    fresh = await stub.Embed(
+        request, metadata=(*bearer(first), ("cache-control", "no-cache")), timeout=10
+    )
+    assert front.answered_calls == answered + 1
+    assert list(fresh.embeddings[0].values) == list(stored.embeddings[0].values)
+    await gw.auth.WhoAmI(auth_pb.WhoAmIRequest(), metadata=bearer(second), timeout=10)
+    other = await stub.Embed(request, metadata=bearer(second), timeout=10)  # token cached
+    assert front.answered_calls == answered + 1  # entries are per user: a miss
+    assert list(other.embeddings[0].values) == list(stored.embeddings[0].values)
