@@ -114,8 +114,13 @@ class AuthInterceptor(MethodInterceptor):
         )
 
     def spend_at_once(self, principal: Principal) -> bool:
-        """Spends one request of the caller's locally reserved quota, if any is left."""
-        return self._limiter is None or self._limiter.try_local(principal.user_id)
+        """Spends one request of the caller's locally reserved quota, if any is left (with
+        authentication off nothing is counted, as on the full path)."""
+        return (
+            principal is ANONYMOUS
+            or self._limiter is None
+            or self._limiter.try_local(principal.user_id)
+        )
 
     async def intercept(
         self, method: str, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
