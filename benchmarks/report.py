@@ -131,8 +131,9 @@ def render(doc: dict[str, Any]) -> str:
     if server:
         rss = ", ".join(f"{k} {v:.0f} MB" for k, v in server["idle_rss_mb"].items())
         out.append(
-            "servers: each service in a process of its own, as `aiwfe up` runs them, plus a "
-            f"gateway with authentication off and one on asyncio; idle RSS {rss}"
+            "servers: each service in a process of its own, as `aiwfe up` runs them, plus "
+            "gateways with authentication off, on asyncio, and with the relay off; "
+            f"idle RSS {rss}"
         )
         out.append(
             f"load: grpc.aio in the harness process, {opts['warmup_seconds']} s warm-up then "
