@@ -730,6 +730,10 @@ class _Upstream(_Connection):
                 self._start(stream)
         self.relay.flush()
 
+    def eof_received(self) -> bool:
+        self.usable = False  # no new streams here, even before connection_lost runs
+        return False
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._lost("connection to the back end lost")

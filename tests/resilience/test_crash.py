@@ -200,7 +200,7 @@ async def test_kill_9_worker_with_several_workflows_in_flight(external_taskproc)
     """kill -9 of the only worker while 6 workflows have a step running: a new worker picks
     every one up after the leases expire, all succeed, no step's result is recorded twice."""
     running, start = external_taskproc
-    worker = start()
+    worker = await start()
     async with grpc.aio.insecure_channel(running.address("gateway")) as ch:
         token = await new_user(running, ch)
         workflow = spec(
@@ -218,7 +218,7 @@ async def test_kill_9_worker_with_several_workflows_in_flight(external_taskproc)
             await asyncio.sleep(0.05)
         os.killpg(worker.pid, signal.SIGKILL)
         await _exit_code(worker, 10)
-        start()
+        await start()
         for wid in wids:
             done = await finish(ch, token, wid, timeout=40)
             assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error

@@ -433,7 +433,7 @@ async def external_taskproc(base_overrides) -> Iterator[Any]:
     }
     procs: list[subprocess.Popen[str]] = []
 
-    def start() -> subprocess.Popen[str]:
+    def launch() -> subprocess.Popen[str]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "taskproc"],
             env=env,
@@ -447,6 +447,11 @@ async def external_taskproc(base_overrides) -> Iterator[Any]:
         line = proc.stdout.readline()  # the readiness line, "taskproc: host:port"
         assert line.startswith("taskproc:"), line
         return proc
+
+    async def start() -> subprocess.Popen[str]:
+        # Off the loop: the in-process gateway keeps running meanwhile (and notices the
+        # old worker's dead connection before a new call could be sent down it).
+        return await asyncio.to_thread(launch)
 
     try:
         yield running, start
@@ -479,7 +484,7 @@ async def test_kill_9_worker_mid_step_workflow_still_completes(external_taskproc
     """kill -9 of the worker process mid-step: after its lease expires a new worker runs the
     step again, the workflow completes, and no step's result is recorded twice."""
     running, start = external_taskproc
-    worker = start()
+    worker = await start()
     async with grpc.aio.insecure_channel(running.address("gateway")) as ch:
         token = await new_user(running, ch)
         wf = await submit(
@@ -504,7 +509,7 @@ async def test_kill_9_worker_mid_step_workflow_still_completes(external_taskproc
         await _wait_running(ch, token, wf.workflow_id, "slow")
         os.killpg(worker.pid, signal.SIGKILL)
         await _exit_code(worker, 10)
-        start()
+        await start()
         done = await finish(ch, token, wf.workflow_id, timeout=30)
         assert done.state == S.WORKFLOW_STATE_SUCCEEDED, done.error
         assert step_status(done, "slow").attempts == 2
@@ -527,7 +532,7 @@ async def test_sigterm_releases_running_steps(external_taskproc) -> None:
     """SIGTERM: the worker exits cleanly within its grace, releasing the step it could not
     finish, and the next worker runs it at once (no lease wait, no failure counted)."""
     running, start = external_taskproc
-    worker = start()
+    worker = await start()
     async with grpc.aio.insecure_channel(running.address("gateway")) as ch:
         token = await new_user(running, ch)
         wf = await submit(
@@ -539,7 +544,7 @@ async def test_sigterm_releases_running_steps(external_taskproc) -> None:
         await _wait_running(ch, token, wf.workflow_id, "long")
         worker.send_signal(signal.SIGTERM)
         assert await _exit_code(worker, 15) == 0
-        start()
+        await start()
         done = await finish(ch, token, wf.workflow_id, timeout=30)
         assert done.state == S.WORKFLOW_STATE_SUCCEEDED, done.error
         events = await watch(ch, token, wf.workflow_id)
