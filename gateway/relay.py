@@ -113,6 +113,7 @@ class Relay:
         self.pools = {name: _Pool(self, endpoint) for name, endpoint in upstreams.items()}
         self.clients: set[_Client] = set()
         self.dirty: list[_Connection] = []
+        self.later: list[Callable[[], None]] = []
         self._server: asyncio.Server | None = None
         self._quiet = asyncio.Event()  # set while draining once no call is in flight
         self._draining = False
@@ -152,9 +153,14 @@ class Relay:
             self._quiet.set()
 
     def flush(self) -> None:
+        """Writes what the connections have to send, then does the bookkeeping that was
+        put off so as not to delay it (trailer statuses, metrics, breakers)."""
         dirty, self.dirty = self.dirty, []
         for conn in dirty:
             conn.flush()
+        later, self.later = self.later, []
+        for work in later:
+            work()
 
 
 class _Half:
@@ -171,7 +177,7 @@ class _Stream:
     __slots__ = (
         "cid", "client", "client_credit", "client_ended", "client_recv", "code", "decision",
         "details", "done", "held", "request", "response_started", "to_client", "to_upstream",
-        "uid", "upstream", "upstream_credit", "upstream_ended", "upstream_recv",
+        "trailers", "uid", "upstream", "upstream_credit", "upstream_ended", "upstream_recv",
     )  # fmt: skip
 
     def __init__(self, client: _Client, cid: int, decision: Decision, request: bytes) -> None:
@@ -195,6 +201,7 @@ class _Stream:
         self.client_recv = STREAM_WINDOW  # what each side may still send us
         self.upstream_recv = STREAM_WINDOW
         self.held = -1  # request bytes held for decision.answer; -1 when not held
+        self.trailers = b""  # the upstream's trailers block, once it sent them
 
 
 def _send(stream: _Stream, to_upstream: bool) -> None:
@@ -268,6 +275,13 @@ def _complete(stream: _Stream) -> None:
         client.write(h2.rst_stream(stream.cid, h2.NO_ERROR))
         if upstream is not None and stream.uid:
             upstream.write(h2.rst_stream(stream.uid, h2.NO_ERROR))
+    client.relay.later.append(lambda: _finish_after(stream))
+
+
+def _finish_after(stream: _Stream) -> None:
+    """How a completed call ended, read from its trailers once the response is out."""
+    if stream.trailers and stream.upstream is not None:
+        stream.code, stream.details = stream.upstream.status(stream.trailers)
     _finish(stream, stream.code, stream.details)
 
 
@@ -793,12 +807,13 @@ class _Upstream(_Connection):
             return
         if end:
             stream.upstream_ended = True
-            stream.code, stream.details = self._status(block)
+            stream.trailers = block  # decoded for the status after the response is out
         stream.response_started = True
         stream.to_client.queue.append((h2.HEADERS, end, block))
         _send(stream, False)
 
-    def _status(self, block: bytes) -> tuple[grpc.StatusCode, bool]:
+    def status(self, block: bytes) -> tuple[grpc.StatusCode, bool]:
+        """The gRPC status in a trailers block, and whether it carries details."""
         try:
             fields = dict(self.decoder.decode(block, raw=True))
         except hpack.HPACKError:
