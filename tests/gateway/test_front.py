@@ -10,8 +10,9 @@ import pytest
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
+from aiwfe.suite import start_suite
 from gateway.ratelimit import RELAYED_PEER_KEY
-from tests.conftest import bearer
+from tests.conftest import bearer, login
 from tests.gateway.conftest import Gateway
 
 
@@ -85,3 +86,24 @@ async def test_the_relay_answers_from_the_response_cache_per_user(gw) -> None:
     other = await stub.Embed(request, metadata=bearer(second), timeout=10)  # token cached
     assert front.answered_calls == answered + 1  # entries are per user: a miss
     assert list(other.embeddings[0].values) == list(stored.embeddings[0].values)
+
+
+async def test_with_the_relay_off_the_grpc_server_takes_the_port(base_overrides) -> None:
+    """`gateway.relay: false`: no front, the gateway's gRPC server listens on the port and
+    proxies every call itself, with the same answers."""
+    suite = await start_suite(
+        {**base_overrides, "gateway": {"relay": False}},
+        only=("dataplatform", "cognitive", "gateway"),
+    )
+    try:
+        assert suite.running["gateway"].front is None
+        async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+            token = await login(channel)
+            reply = await cog_grpc.CognitiveServiceStub(channel).Embed(
+                cog_pb.EmbedRequest(texts=["no relay"]),
+                metadata=(*bearer(token), ("cache-control", "no-store")),
+                timeout=10,
+            )
+            assert reply.dimension == 768
+    finally:
+        await suite.stop()
