@@ -38,8 +38,9 @@ class Front(Protocol):
     """A listener that owns the service's port and passes calls on to its gRPC server,
     which then listens on a private Unix socket only (the gateway's relay)."""
 
-    async def start(self, host: str, port: int) -> int:
-        """Listens on host:port (0: a free port); returns the port."""
+    async def start(self, host: str, port: int, server_socket: str) -> int:
+        """Listens on host:port (0: a free port), passing calls on to the gRPC server at
+        `server_socket`; returns the port."""
         ...
 
     async def stop(self, grace: float) -> None:
@@ -66,8 +67,8 @@ class Service:
         """Service-specific interceptors, run inside error mapping."""
         return []
 
-    def front(self, server_socket: str) -> Front | None:
-        """A Front for the port, passing calls on to `server_socket` (None: no front)."""
+    def front(self) -> Front | None:
+        """A Front that takes the port from the gRPC server (None: no front)."""
         return None
 
     def system_servicer(self) -> system_grpc.SystemServiceServicer:
@@ -199,12 +200,9 @@ async def start_service(
     )
     # With a front, the gRPC server listens on a Unix socket in a directory only this
     # user can enter, and the front takes the port.
-    private = tempfile.mkdtemp(prefix=f"aiwfe-{service.name}-")
-    socket = os.path.join(private, "grpc.sock")
-    front = service.front(socket)
-    socket_dir = private if front is not None else None
-    if front is None:
-        shutil.rmtree(private)
+    front = service.front()
+    socket_dir = tempfile.mkdtemp(prefix=f"aiwfe-{service.name}-") if front else None
+    socket = os.path.join(socket_dir, "grpc.sock") if socket_dir else ""
     try:
         if front is not None:
             server.add_insecure_port(f"unix:{socket}")
@@ -214,7 +212,7 @@ async def start_service(
             bound = server.add_insecure_port(f"{host}:{port}")
         await server.start()
         if front is not None:
-            bound = await front.start(host, port)
+            bound = await front.start(host, port, socket)
     except (RuntimeError, OSError) as exc:
         await server.stop(0)
         await service.stop()

@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol
 
 from aiwfe.redis_client import RedisClient, Subscription
@@ -94,7 +94,7 @@ class ReplicaBus:
             self._stopped.update(workflow_ids)
             self._kick.set()
 
-    def events(self, workflow_ids: list[uuid.UUID]) -> None:
+    def events(self, workflow_ids: Collection[uuid.UUID]) -> None:
         if self.active and workflow_ids:
             if len(self._events) + len(workflow_ids) > MAX_IDS:
                 self._all_events = True

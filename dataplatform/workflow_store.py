@@ -184,7 +184,7 @@ class Wakeups:
             return
         self.deliver(events)
         if self.peers is not None:
-            self.peers.events(list(events))
+            self.peers.events(events.keys())
 
     def work(self) -> None:
         self.wake_work()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from typing import Any
+from collections.abc import Callable
 
 import grpc
 from opentelemetry import propagate, trace
@@ -28,7 +28,12 @@ from opentelemetry.trace import SpanKind
 
 from aiwfe.channels import Downstream
 from aiwfe.config import Settings, TlsSettings
-from aiwfe.identity import IDENTITY_METADATA_KEY, INTERNAL_METADATA_PREFIX, InternalIdentity
+from aiwfe.identity import (
+    IDENTITY_METADATA_KEY,
+    INTERNAL_METADATA_PREFIX,
+    InternalIdentity,
+    Principal,
+)
 from aiwfe.resilience.breaker import BreakerState, CircuitBreaker
 from aiwfe.telemetry import RpcSeries, end_span, rpc_attributes
 from gateway.authn import AuthInterceptor
@@ -61,9 +66,9 @@ _TRACE = frozenset({b"traceparent", b"tracestate"})
 def _grpc_timeout(seconds: float) -> bytes:
     """A grpc-timeout value (at most 8 digits, as the spec allows)."""
     millis = max(1, round(seconds * 1000))
-    return (
-        f"{millis}m".encode() if millis < 10**8 else f"{min(10**8 - 1, round(seconds))}S".encode()
-    )
+    if millis < 10**8:
+        return f"{millis}m".encode()
+    return f"{min(10**8 - 1, round(seconds))}S".encode()
 
 
 def server_tls(tls: TlsSettings) -> ssl.SSLContext | None:
@@ -120,7 +125,6 @@ class FrontDoor:
         cache: ResponseCache,
         identity: InternalIdentity,
         downstreams: dict[str, Downstream],
-        server_socket: str,
     ) -> None:
         self._methods = methods
         self._admission = admission
@@ -139,23 +143,22 @@ class FrontDoor:
         self.fast_calls = 0  # went straight to a back end
         self.answered_calls = 0  # answered by the relay from the in-process response cache
         self.full_calls = 0  # sent to the gateway's gRPC server (if not answered)
-        upstreams = {GATEWAY: Endpoint(authority=b"localhost", path=server_socket)}
-        for package, downstream in downstreams.items():
-            upstreams[package] = _endpoint(downstream.target, tls)
-        self.relay = Relay(
-            self.decide,
-            upstreams,
-            settings.grpc.max_concurrent_streams,
-            server_tls(settings.tls),
-        )
+        self._upstreams = {p: _endpoint(d.target, tls) for p, d in downstreams.items()}
+        self._max_streams = settings.grpc.max_concurrent_streams
+        self._tls = server_tls(settings.tls)
+        self._relay: Relay | None = None
 
-    async def start(self, host: str, port: int) -> int:
-        return await self.relay.start(host, port)
+    async def start(self, host: str, port: int, server_socket: str) -> int:
+        gateway = Endpoint(authority=b"localhost", path=server_socket)
+        upstreams = {GATEWAY: gateway, **self._upstreams}
+        self._relay = Relay(self.decide, upstreams, self._max_streams, self._tls)
+        return await self._relay.start(host, port)
 
     async def stop(self, grace: float) -> None:
-        await self.relay.stop(grace)
+        if self._relay is not None:
+            await self._relay.stop(grace)
 
-    def decide(self, headers: Headers, peer: str, up: Any) -> Decision:
+    def decide(self, headers: Headers, peer: str, up: Callable[[str], bool]) -> Decision:
         path = authorization = cache_control = timeout = None
         for name, value in headers:
             if name == b":path":
@@ -199,7 +202,9 @@ class FrontDoor:
         forwarded.append((_PEER, peer.encode()))
         return Decision(GATEWAY, forwarded)
 
-    def _cached_answer(self, info: MethodInfo, principal: Any) -> Any:
+    def _cached_answer(
+        self, info: MethodInfo, principal: Principal
+    ) -> Callable[[bytes], bytes | None]:
         """The relay's question once the request is whole: an answer in the gateway's
         in-process response cache (spending quota), or None for the full path."""
         started = time.perf_counter()
@@ -231,7 +236,7 @@ class FrontDoor:
         path: bytes,
         headers: Headers,
         timeout: bytes,
-        principal: Any,
+        principal: Principal,
     ) -> Decision:
         out: Headers = [
             (b":method", b"POST"),
@@ -267,12 +272,7 @@ class FrontDoor:
         started = time.perf_counter()
 
         def finish(code: grpc.StatusCode, details: bool) -> None:
-            # A live server's UNAVAILABLE with details (its own dependency is down) is not
-            # the back end being sick, as in CircuitBreaker.record_error.
-            if code is grpc.StatusCode.UNAVAILABLE and details:
-                breaker.record_success()
-            else:
-                breaker.record_failure(code)
+            breaker.record_status(code, details)
             if series is not None:
                 series.finish(code, time.perf_counter() - started)
             if span is not None:

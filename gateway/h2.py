@@ -33,7 +33,7 @@ DEFAULT_WINDOW = 65_535
 MAX_WINDOW = 2**31 - 1
 MAX_FRAME = 16_384  # the default SETTINGS_MAX_FRAME_SIZE; the relay never raises it
 
-_GRPC = b"application/grpc"
+RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc"))
 _PRINTABLE = " !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"  # kept as they are in grpc-message (not %)
 _U32 = struct.Struct(">I")
 _SETTING = struct.Struct(">HI")
@@ -164,9 +164,7 @@ def grpc_status_headers(
     code: int, message: str, response_started: bool
 ) -> list[tuple[bytes, bytes]]:
     """Trailers for gRPC status `code`; a trailers-only response when nothing was sent."""
-    fields = (
-        [] if response_started else [(b":status", b"200"), (b"content-type", b"application/grpc")]
-    )
+    fields = [] if response_started else list(RESPONSE_HEADERS)
     fields.append((b"grpc-status", str(code).encode()))
     if message:  # percent-encoded, as the gRPC HTTP/2 spec asks
         fields.append(

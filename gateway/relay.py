@@ -48,10 +48,14 @@ _MAX_PINGS_WITHOUT_DATA = 100
 _RESETS_PER_SECOND = 200.0
 _RESET_BURST = 1000.0
 _HOLD_BYTES = STREAM_WINDOW // 4  # a request longer than this is sent on, not answered
-_DOWN_SECONDS = 1.0
-_CONNECT_SECONDS = 5.0  # an upstream that refused a connection is not offered calls this long
+_DOWN_SECONDS = 1.0  # an upstream that refused a connection is not offered calls this long
+_CONNECT_SECONDS = 5.0
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 _RST_STATUS = {h2.CANCEL: grpc.StatusCode.CANCELLED, h2.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
+
+# What the relay says itself when it answers a call.
+_RESPONSE_BLOCK = h2.header_block(h2.RESPONSE_HEADERS)
+_OK_BLOCK = h2.header_block(h2.grpc_status_headers(0, "", response_started=True))
 
 Headers = list[tuple[bytes, bytes]]
 Finish = Callable[[grpc.StatusCode, bool], None]  # (status, trailers carried details)
@@ -311,6 +315,8 @@ def _fail(stream: _Stream, code: grpc.StatusCode, message: str) -> None:
 class _Connection(asyncio.Protocol):
     """What both sides share: framing, output batching, windows, PING and SETTINGS."""
 
+    toward_upstream = False  # which direction of a stream this connection receives
+
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.transport: asyncio.Transport | None = None
@@ -454,18 +460,18 @@ class _Connection(asyncio.Protocol):
         if stream is not None:
             self.half(stream).window += increment
             self.blocked.pop(stream, None)
-            _send(stream, self.half(stream) is stream.to_upstream)
+            _send(stream, self.toward_upstream)
 
     def unblock(self) -> None:
         blocked, self.blocked = self.blocked, {}
         for stream in blocked:
-            _send(stream, self.half(stream) is stream.to_upstream)
-
-    def forget(self, stream: _Stream) -> None:
-        raise NotImplementedError
+            _send(stream, self.toward_upstream)
 
     def half(self, stream: _Stream) -> _Half:
         """The direction of `stream` this connection receives."""
+        return stream.to_upstream if self.toward_upstream else stream.to_client
+
+    def forget(self, stream: _Stream) -> None:
         raise NotImplementedError
 
     def on_headers(self, sid: int, flags: int, block: bytes) -> None:
@@ -491,7 +497,7 @@ class _Client(_Connection):
         self.peer = "unknown"
         self.last_sid = 0
         self.draining = False
-        self._preface = bytearray()
+        self._preface: bytearray | None = bytearray()  # until the client's preface is in
         self._reset_budget = _RESET_BURST
         self._reset_at = time.monotonic()
 
@@ -526,7 +532,7 @@ class _Client(_Connection):
                 self.close()  # not HTTP/2 (an HTTP/1 client, a port scan): nothing to answer
                 return
             data = bytes(self._preface[len(h2.PREFACE) :])
-            self._preface = None  # type: ignore[assignment]
+            self._preface = None
         super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -547,9 +553,6 @@ class _Client(_Connection):
             self.write(h2.goaway(self.last_sid, h2.NO_ERROR))
         if not self.streams:
             self.close()
-
-    def half(self, stream: _Stream) -> _Half:
-        return stream.to_client
 
     def forget(self, stream: _Stream) -> None:
         self.streams.pop(stream.cid, None)
@@ -641,12 +644,11 @@ class _Client(_Connection):
         stream.to_upstream.queue.clear()
         stream.upstream_ended = stream.response_started = True
         stream.code = grpc.StatusCode.OK
-        ok = h2.grpc_status_headers(0, "", response_started=True)
         stream.to_client.queue.extend(
             (
-                (h2.HEADERS, 0, _RESPONSE_HEADERS),
+                (h2.HEADERS, 0, _RESPONSE_BLOCK),
                 (h2.DATA, 0, b"\x00" + len(reply).to_bytes(4, "big") + reply),
-                (h2.HEADERS, h2.END_STREAM, h2.header_block(ok)),
+                (h2.HEADERS, h2.END_STREAM, _OK_BLOCK),
             )
         )
         _send(stream, False)
@@ -705,6 +707,8 @@ class _Pool:
 
 class _Upstream(_Connection):
     """One connection to an upstream (the relay is the HTTP/2 client)."""
+
+    toward_upstream = True
 
     def __init__(self, relay: Relay, pool: _Pool) -> None:
         super().__init__(relay)
@@ -782,9 +786,6 @@ class _Upstream(_Connection):
         stream.request = b""
         _send(stream, True)
 
-    def half(self, stream: _Stream) -> _Half:
-        return stream.to_upstream
-
     def forget(self, stream: _Stream) -> None:
         if stream.uid:
             self.streams.pop(stream.uid, None)
@@ -818,13 +819,9 @@ class _Upstream(_Connection):
             fields = dict(self.decoder.decode(block, raw=True))
         except hpack.HPACKError:
             return grpc.StatusCode.UNKNOWN, False
-        raw = fields.get(b"grpc-status")
-        code = (
-            _STATUS.get(int(raw), grpc.StatusCode.UNKNOWN)
-            if raw and raw.isdigit()
-            else (grpc.StatusCode.UNKNOWN)
-        )
-        return code, b"grpc-status-details-bin" in fields
+        raw = fields.get(b"grpc-status", b"")
+        code = _STATUS.get(int(raw), grpc.StatusCode.UNKNOWN) if raw.isdigit() else None
+        return code or grpc.StatusCode.UNKNOWN, b"grpc-status-details-bin" in fields
 
     def on_data(self, sid: int, flags: int, payload: bytes) -> None:
         stream = self.streams.get(sid)
@@ -869,9 +866,6 @@ class _Upstream(_Connection):
                 _finish(stream, grpc.StatusCode.UNAVAILABLE)
         if not self.streams:
             self.close()
-
-
-_RESPONSE_HEADERS = h2.header_block([(b":status", b"200"), (b"content-type", b"application/grpc")])
 
 
 def _single_message(body: bytes) -> bytes | None:

@@ -115,7 +115,7 @@ class GatewayService(Service):
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [self.admission]
 
-    def front(self, server_socket: str) -> FrontDoor | None:
+    def front(self) -> FrontDoor | None:
         if not self.settings.gateway.relay:
             return None
         return FrontDoor(
@@ -125,7 +125,6 @@ class GatewayService(Service):
             self.response_cache,
             self.identity,
             self.downstreams,
-            server_socket,
         )
 
     async def stop(self) -> None:

@@ -107,10 +107,12 @@ class CircuitBreaker:
         """Counts a downstream's error, unless a live server answered it: an UNAVAILABLE
         that carries google.rpc details (e.g. cognitive saying its LLM backend is down)
         means the downstream is up and only its own dependency is not."""
-        code = error.code()
-        if code is grpc.StatusCode.UNAVAILABLE and any(
-            key == DETAILS_KEY for key, _ in error.trailing_metadata() or ()
-        ):
+        details = any(key == DETAILS_KEY for key, _ in error.trailing_metadata() or ())
+        self.record_status(error.code(), details)
+
+    def record_status(self, code: grpc.StatusCode, details: bool) -> None:
+        """A call's outcome by its status, and whether its trailers carried details."""
+        if code is grpc.StatusCode.UNAVAILABLE and details:
             self.record_success()
             return
         self.record_failure(code)
