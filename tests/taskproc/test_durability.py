@@ -549,3 +549,31 @@ async def test_sigterm_releases_running_steps(external_taskproc) -> None:
         assert done.state == S.WORKFLOW_STATE_SUCCEEDED, done.error
         events = await watch(ch, token, wf.workflow_id)
         assert any(e.step_name == "long" and "released" in e.message for e in events)
+
+
+async def test_run_stored_workflow_rejects_bad_input_before_storing(store) -> None:
+    """A bad poll interval or a bad spec is INVALID_ARGUMENT naming the field, and nothing
+    is stored for that owner."""
+    stub, md, _ = store
+    owner = f"bad{time.time_ns()}"
+    good = validate(spec({"name": "s", "op": "noop"}), TaskProcSettings())
+    create = store_pb.CreateWorkflowRequest(
+        owner=store_pb.WorkflowOwner(user_id=owner, username=owner), spec=good
+    )
+    empty = store_pb.CreateWorkflowRequest(owner=create.owner)  # no steps, no timeout
+    for request, field in (
+        (store_pb.RunStoredWorkflowRequest(create=create, poll_interval_seconds=0.001),
+         "poll_interval_seconds"),
+        (store_pb.RunStoredWorkflowRequest(create=empty), "spec.steps"),
+    ):  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            async for _ in stub.RunStoredWorkflow(request, metadata=md, timeout=10):
+                pass
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in field_violations(failed.value)
+    listed = await stub.ListStoredWorkflows(
+        store_pb.ListStoredWorkflowsRequest(scope=store_pb.WorkflowScope(owner_id=owner)),
+        metadata=md,
+        timeout=10,
+    )
+    assert not listed.workflows
