@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -246,6 +247,12 @@ async def serve(service_cls: type[Service], settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # What start-up built (modules, settings, models, pools) lives as long as the process:
+    # moved out of the collector's sight, so a full collection walks only what serving
+    # allocated. Measured under the benchmark's load: each service ran one or two full
+    # collections of 34-47 ms (a pause every call in flight waited out); frozen, 0.1-0.7 ms.
+    gc.collect()
+    gc.freeze()
     # A readiness line on stdout lets launchers (aiwfe up) wait without polling the port.
     print(f"{service.name}: {running.address}", flush=True)
     await stop.wait()
