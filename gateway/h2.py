@@ -2,14 +2,22 @@
 
 A frame reader, frame writers, and header blocks that never touch an HPACK dynamic table
 (every field a literal without indexing), so a block means the same on any connection.
-Decoding the blocks clients send is the `hpack` library's job.
+Decoding is the `hpack` library's, behind a memo of the blocks a connection repeats.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Iterable
+from typing import cast
 from urllib.parse import quote
+
+import hpack
+from hpack.table import HeaderTable, table_entry_size
+
+# hpack logs every header it decodes at DEBUG, bearer tokens included: never let it.
+logging.getLogger("hpack").setLevel(logging.WARNING)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -48,6 +56,71 @@ class ProtocolViolation(Exception):
 
 
 Frame = tuple[int, int, int, bytes]  # (type, flags, stream id, payload)
+Headers = list[tuple[bytes, bytes]]
+
+
+class _Table(HeaderTable):
+    """hpack's dynamic table, counting its changes (so a memo knows when it went stale)."""
+
+    changes = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        # An entry larger than the table empties it: no change if it was empty already (a
+        # peer told to keep no table still sends "literal with indexing" fields).
+        if self.dynamic_entries or table_entry_size(name, value) <= self.maxsize:
+            self.changes += 1
+        super().add(name, value)
+
+    @HeaderTable.maxsize.setter  # type: ignore[attr-defined, untyped-decorator, misc]
+    def maxsize(self, value: int) -> None:
+        if value != self.maxsize:
+            self.changes += 1
+        HeaderTable.maxsize.fset(self, value)  # type: ignore[attr-defined]
+
+
+class HeaderDecoder:
+    """One connection's HPACK decoder (`hpack`), with a memo of the blocks it repeats.
+
+    gRPC clients send the same block for every call of a method once the fields are
+    indexed (a token they do not index rides along as a literal without indexing), so a
+    block that left the dynamic table as it was decodes the same until the table changes.
+    Such blocks are kept and answered from the memo (the caller must not modify them); any
+    change to the table empties it. Decoding in pure Python was the relay's largest cost
+    per call.
+    """
+
+    _MEMO_BLOCK = 2048  # bytes: longer blocks are decoded every time
+    _MEMO_ENTRIES = 16
+
+    __slots__ = ("_changes", "_decoder", "_memo", "_table")
+
+    def __init__(self, max_header_list_size: int, table_size: int = 4096) -> None:
+        """`table_size`: the SETTINGS_HEADER_TABLE_SIZE this side announced (0: no table)."""
+        self._decoder = hpack.Decoder(max_header_list_size)
+        self._table = self._decoder.header_table = _Table()
+        self._table.maxsize = self._decoder.max_allowed_table_size = table_size
+        self._memo: dict[bytes, Headers] = {}
+        self._changes = self._table.changes
+
+    def decode(self, block: bytes) -> Headers:
+        """The block's fields; ProtocolViolation(COMPRESSION_ERROR) if it is malformed."""
+        memo = self._memo
+        headers = memo.get(block)
+        if headers is not None:
+            return headers
+        try:
+            headers = cast(Headers, self._decoder.decode(block, raw=True))
+        except hpack.HPACKError as exc:
+            raise ProtocolViolation(COMPRESSION_ERROR, f"a bad header block: {exc}") from None
+        changes = self._table.changes
+        if changes != self._changes:
+            self._changes = changes
+            memo.clear()
+        elif len(block) <= self._MEMO_BLOCK:
+            if len(memo) >= self._MEMO_ENTRIES:
+                memo.clear()
+            memo[block] = headers
+        return headers
 
 
 class FrameReader:
@@ -152,12 +225,25 @@ def _integer(value: int, prefix_bits: int, first: int = 0) -> bytes:
     return bytes(out)
 
 
+_FIELDS: dict[tuple[bytes, bytes], bytes] = {}  # encoded fields, most repeat on every call
+_FIELD_MEMO_BYTES = 256  # longer fields are encoded every time
+_FIELD_MEMO_ENTRIES = 4096
+
+
 def header_block(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     """Literal header fields without indexing, new names, no Huffman (RFC 7541 §6.2.2)."""
-    out = bytearray()
-    for name, value in headers:
-        out += b"\x00" + _integer(len(name), 7) + name + _integer(len(value), 7) + value
-    return bytes(out)
+    out = []
+    for field in headers:
+        encoded = _FIELDS.get(field)
+        if encoded is None:
+            name, value = field
+            encoded = b"\x00" + _integer(len(name), 7) + name + _integer(len(value), 7) + value
+            if len(encoded) <= _FIELD_MEMO_BYTES:
+                if len(_FIELDS) >= _FIELD_MEMO_ENTRIES:
+                    _FIELDS.clear()
+                _FIELDS[field] = encoded
+        out.append(encoded)
+    return b"".join(out)
 
 
 def grpc_status_headers(

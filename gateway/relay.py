@@ -10,7 +10,7 @@ windows advertised).
 Response header blocks are relayed as they are: the relay asks every upstream for no HPACK
 dynamic table (SETTINGS_HEADER_TABLE_SIZE 0), so their blocks reference nothing
 connection-specific and mean the same to the client. Trailers are decoded for the status.
-Request blocks are decoded (the `hpack` library) and the decided headers re-encoded as
+Request blocks are decoded (`h2.HeaderDecoder`) and the decided headers re-encoded as
 literals without indexing.
 """
 
@@ -27,14 +27,11 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import grpc
-import hpack
 
 from gateway import h2
 from gateway.h2 import ProtocolViolation
 
 log = logging.getLogger("aiwfe.gateway.relay")
-# hpack logs every header it decodes at DEBUG, bearer tokens included: never let it.
-logging.getLogger("hpack").setLevel(logging.WARNING)
 
 STREAM_WINDOW = 1 << 20  # per stream, each way: what a sender may have in flight
 CONNECTION_WINDOW = 8 << 20
@@ -57,7 +54,7 @@ _RST_STATUS = {h2.CANCEL: grpc.StatusCode.CANCELLED, h2.REFUSED_STREAM: grpc.Sta
 _RESPONSE_BLOCK = h2.header_block(h2.RESPONSE_HEADERS)
 _OK_BLOCK = h2.header_block(h2.grpc_status_headers(0, "", response_started=True))
 
-Headers = list[tuple[bytes, bytes]]
+Headers = h2.Headers
 Finish = Callable[[grpc.StatusCode, bool], None]  # (status, trailers carried details)
 
 
@@ -492,8 +489,7 @@ class _Client(_Connection):
 
     def __init__(self, relay: Relay) -> None:
         super().__init__(relay)
-        self.decoder = hpack.Decoder()
-        self.decoder.max_header_list_size = _MAX_HEADER_BLOCK
+        self.decoder = h2.HeaderDecoder(_MAX_HEADER_BLOCK)
         self.peer = "unknown"
         self.last_sid = 0
         self.draining = False
@@ -562,10 +558,7 @@ class _Client(_Connection):
             self.relay.check_quiet()
 
     def on_headers(self, sid: int, flags: int, block: bytes) -> None:
-        try:
-            headers = cast(Headers, self.decoder.decode(block, raw=True))
-        except hpack.HPACKError as exc:
-            raise ProtocolViolation(h2.COMPRESSION_ERROR, f"a bad header block: {exc}") from None
+        headers = self.decoder.decode(block)
         stream = self.streams.get(sid)
         if stream is not None:  # trailers from the client: only an end of stream means much
             if not flags & h2.END_STREAM:
@@ -713,7 +706,7 @@ class _Upstream(_Connection):
     def __init__(self, relay: Relay, pool: _Pool) -> None:
         super().__init__(relay)
         self.pool = pool
-        self.decoder = hpack.Decoder()  # for trailers; the peer uses no dynamic table
+        self.decoder = h2.HeaderDecoder(_MAX_HEADER_BLOCK, table_size=0)  # for trailers
         self.next_id = 1
         self.max_streams = 2**31
         self.usable = True
@@ -816,8 +809,8 @@ class _Upstream(_Connection):
     def status(self, block: bytes) -> tuple[grpc.StatusCode, bool]:
         """The gRPC status in a trailers block, and whether it carries details."""
         try:
-            fields = dict(self.decoder.decode(block, raw=True))
-        except hpack.HPACKError:
+            fields = dict(self.decoder.decode(block))
+        except ProtocolViolation:
             return grpc.StatusCode.UNKNOWN, False
         raw = fields.get(b"grpc-status", b"")
         code = _STATUS.get(int(raw), grpc.StatusCode.UNKNOWN) if raw.isdigit() else None
