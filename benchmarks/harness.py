@@ -10,6 +10,7 @@ Topology (all on loopback, see benchmarks.servers):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -19,7 +20,8 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -154,57 +156,114 @@ async def _login(address: str, password: str) -> str:
     return reply.access_token
 
 
+Metadata = tuple[tuple[str, str], ...]
+LATENCY_SLICE_S = 0.25  # latency is measured in slices of this, alternating between targets
+
+
+@dataclass
+class _Target:
+    """One RPC scenario's address, with what each call carries there."""
+
+    name: str
+    address: str
+    metadata: Callable[[], Metadata]
+    proxy_pids: list[int] | None = None  # the hop's own processes: CPU counted apart
+    extra: dict[str, Any] = field(default_factory=dict)  # added to its result
+
+
+def _failed(name: str, exc: BaseException) -> dict[str, Any]:
+    detail = (
+        f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+    )
+    return {"name": name, "failed": detail, "requests": 0, "errors": 1}
+
+
+_SCENARIO_ERRORS = (load.PreflightError, grpc.aio.AioRpcError, RuntimeError)
+
+
 async def _measure(
-    name: str,
-    address: str,
-    metadata_factory: Any,
-    opts: Options,
-    server_pids: list[int],
-    proxy_pids: list[int] | None = None,
-) -> dict[str, Any]:
-    """Both phases of one RPC scenario on one channel."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        first = await load.preflight(channel, metadata_factory())
-        phases: dict[str, load.PhaseResult] = {}
-        for phase, concurrency in (
-            ("latency", opts.latency_concurrency),
-            ("throughput", opts.concurrency),
-        ):
-            # A fresh assertion per phase: internal assertions live 60 s.
-            phases[phase] = await load.run_phase(
-                channel,
-                metadata_factory(),
-                concurrency,
-                opts.seconds,
-                opts.warmup_seconds,
-                opts.max_requests,
-                server_pids,
-                proxy_pids,
-            )
-        if phases["throughput"].rps:
-            # Latency at half of the maximum throughput just measured (open loop).
-            phases["half_load"] = await load.run_rate(
-                channel, metadata_factory(), phases["throughput"].rps / 2, opts.seconds
-            )
-        check = await load.preflight(channel, metadata_factory())
-    lat, thr = phases["latency"], phases["throughput"]
-    return {
-        "name": name,
-        "address": address,
-        # Headline figures: latency at 1 in flight, throughput and CPU at full concurrency.
-        "requests": lat.requests + thr.requests,
-        "errors": lat.errors + thr.errors,
-        "p50_ms": lat.p50_ms,
-        "p95_ms": lat.p95_ms,
-        "p99_ms": lat.p99_ms,
-        "rps": thr.rps,
-        "server_cpu_us_per_request": thr.server_cpu_us_per_request,
-        "proxy_cpu_us_per_request": thr.proxy_cpu_us_per_request,
-        "client_cpu_us_per_request": thr.client_cpu_us_per_request,
-        "first_reply_cached": first.cached_count == 1,
-        "measured_reply_cached": check.cached_count == 1,
-        "phases": {k: v.as_dict() for k, v in phases.items()},
-    }
+    targets: list[_Target], opts: Options, server_pids: list[int], results: dict[str, Any]
+) -> None:
+    """Every target's phases. Latency at `latency_concurrency` comes first, in short slices
+    that alternate between the targets (all up at once, idle while another is measured), so
+    the machine's drift during the run hits every scenario alike: the hop overheads are
+    differences of a tenth of a millisecond. Throughput and the open loop follow, one target
+    after the other."""
+    async with contextlib.AsyncExitStack() as stack:
+        live: list[tuple[_Target, grpc.aio.Channel, Any]] = []
+        for target in targets:
+            channel = grpc.aio.insecure_channel(target.address)
+            stack.push_async_callback(channel.close)
+            try:
+                first = await load.preflight(channel, target.metadata())
+                await load.warm_up(
+                    channel,
+                    target.metadata(),
+                    opts.latency_concurrency,
+                    opts.warmup_seconds,
+                    opts.max_requests,
+                )
+            except _SCENARIO_ERRORS as exc:
+                results[target.name] = _failed(target.name, exc)
+                continue
+            live.append((target, channel, first))
+        if not live:
+            return
+        latency = {target.name: load.Samples() for target, _, _ in live}
+        # Each target's own processes are counted apart from the suite's ("proxy CPU").
+        suite = {
+            target.name: [p for p in server_pids if p not in (target.proxy_pids or ())]
+            for target, _, _ in live
+        }
+        rounds = max(1, round(opts.seconds / LATENCY_SLICE_S))
+        print(f"latency: {rounds} alternating rounds ...", file=sys.stderr, flush=True)
+        for r in range(rounds):
+            turn = r % len(live)  # who goes first rotates
+            for target, channel, _ in live[turn:] + live[:turn]:
+                # A fresh assertion per slice: internal assertions live 60 s.
+                await load.measure(
+                    channel, target.metadata(), opts.latency_concurrency,
+                    opts.seconds / rounds, opts.max_requests, suite[target.name],
+                    target.proxy_pids, latency[target.name],
+                )  # fmt: skip
+        for target, channel, first in live:
+            print(f"running {target.name} ...", file=sys.stderr, flush=True)
+            try:
+                thr = await load.run_phase(
+                    channel, target.metadata(), opts.concurrency, opts.seconds,
+                    opts.warmup_seconds, opts.max_requests, suite[target.name], target.proxy_pids,
+                )  # fmt: skip
+                phases = {"latency": latency[target.name].result(opts.latency_concurrency)}
+                phases["throughput"] = thr
+                if thr.rps:
+                    # Latency at half of the maximum throughput just measured (open loop).
+                    phases["half_load"] = await load.run_rate(
+                        channel, target.metadata(), thr.rps / 2, opts.seconds
+                    )
+                check = await load.preflight(channel, target.metadata())
+            except _SCENARIO_ERRORS as exc:
+                results[target.name] = _failed(target.name, exc)
+                continue
+            lat = phases["latency"]
+            results[target.name] = {
+                "name": target.name,
+                "address": target.address,
+                # Headline figures: latency at 1 in flight, throughput and CPU at full load.
+                "requests": lat.requests + thr.requests,
+                "errors": lat.errors + thr.errors,
+                "p50_ms": lat.p50_ms,
+                "p95_ms": lat.p95_ms,
+                "p99_ms": lat.p99_ms,
+                "latency_slice_p50_ms": [round(v, 4) for v in latency[target.name].slice_p50_ms],
+                "rps": thr.rps,
+                "server_cpu_us_per_request": thr.server_cpu_us_per_request,
+                "proxy_cpu_us_per_request": thr.proxy_cpu_us_per_request,
+                "client_cpu_us_per_request": thr.client_cpu_us_per_request,
+                "first_reply_cached": first.cached_count == 1,
+                "measured_reply_cached": check.cached_count == 1,
+                "phases": {k: v.as_dict() for k, v in phases.items()},
+                **target.extra,
+            }
 
 
 async def _rpc_scenarios(
@@ -212,88 +271,94 @@ async def _rpc_scenarios(
 ) -> None:
     identity = InternalIdentity(server.internal_secret)
 
-    def internal() -> tuple[tuple[str, str], ...]:
+    def internal() -> Metadata:
         return ((IDENTITY_METADATA_KEY, identity.assertion(None, "bench")),)
 
     # The back ends' process plus each gateway process (idle ones add nothing).
     pids = [server.pid, *server.info.get("service_pids", {}).values()]
-    for name in RPC_SCENARIOS:
-        if name not in opts.scenarios:
-            continue
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        try:
-            if name == "direct":
-                results[name] = await _measure(
-                    name, server.address("cognitive"), internal, opts, pids
-                )
-            elif name in ("gateway", "gateway-cached", "gateway-asyncio", "gateway-grpc"):
-                token = await _login(server.address("gateway"), server.admin_password)
-                bearer: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),)
-                if name != "gateway-cached":
-                    # The hop itself: proxied to cognitive, not answered by the gateway's
-                    # response cache (Embed declares a cache TTL in its contract).
-                    bearer += (("cache-control", "no-store"),)
-                target = {"gateway-asyncio": "gateway_asyncio", "gateway-grpc": "gateway_grpc"}.get(
-                    name, "gateway"
-                )
-                results[name] = await _measure(
-                    name, server.address(target), lambda b=bearer: b, opts, pids
-                )
-            elif name == "gateway-noauth":
-                results[name] = await _measure(
-                    name, server.address("gateway_noauth"), lambda: (), opts, pids
-                )
-            elif name == "nginx":
-                await _nginx_scenario(server, opts, internal, pids, results, notes)
-            elif name in ("before", "python-proxy"):
-                await _legacy_scenario(name, server, opts, internal, pids, results)
-        except (load.PreflightError, grpc.aio.AioRpcError, RuntimeError) as exc:
-            detail = (
-                f"{exc.code().name}: {exc.details()}"
-                if isinstance(exc, grpc.aio.AioRpcError)
-                else str(exc)
-            )
-            results[name] = {"name": name, "failed": detail, "requests": 0, "errors": 1}
+    targets: list[_Target] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for name in RPC_SCENARIOS:
+            if name not in opts.scenarios:
+                continue
+            print(f"starting {name} ...", file=sys.stderr, flush=True)
+            try:
+                if name == "direct":
+                    targets.append(_Target(name, server.address("cognitive"), internal))
+                elif name in ("gateway", "gateway-cached", "gateway-asyncio", "gateway-grpc"):
+                    token = await _login(server.address("gateway"), server.admin_password)
+                    bearer: Metadata = (("authorization", f"Bearer {token}"),)
+                    if name != "gateway-cached":
+                        # The hop itself: proxied to cognitive, not answered by the gateway's
+                        # response cache (Embed declares a cache TTL in its contract).
+                        bearer += (("cache-control", "no-store"),)
+                    process = {
+                        "gateway-asyncio": "gateway_asyncio",
+                        "gateway-grpc": "gateway_grpc",
+                    }.get(name, "gateway")
+                    targets.append(
+                        _Target(
+                            name,
+                            server.address(process),
+                            lambda b=bearer: b,  # type: ignore[misc]
+                            [server.info["service_pids"][process]],
+                        )
+                    )
+                elif name == "gateway-noauth":
+                    targets.append(
+                        _Target(
+                            name,
+                            server.address("gateway_noauth"),
+                            lambda: (),
+                            [server.info["service_pids"]["gateway_noauth"]],
+                        )
+                    )
+                elif name == "nginx":
+                    target = await _nginx_target(server, internal, stack, notes)
+                    if target is None:
+                        results[name] = {"name": name, "skipped": "nginx not installed"}
+                    else:
+                        targets.append(target)
+                elif name in ("before", "python-proxy"):
+                    targets.append(await _legacy_target(name, server, internal, stack))
+            except _SCENARIO_ERRORS as exc:
+                results[name] = _failed(name, exc)
+        await _measure(targets, opts, pids, results)
 
 
-async def _nginx_scenario(
+async def _nginx_target(
     server: ServerProcess,
-    opts: Options,
-    internal: Any,
-    pids: list[int],
-    results: dict[str, Any],
+    internal: Callable[[], Metadata],
+    stack: contextlib.AsyncExitStack,
     notes: list[str],
-) -> None:
+) -> _Target | None:
+    """nginx in front of cognitive, stopped when `stack` closes; None if not installed."""
     binary = nginx.available()
     if binary is None:
-        results["nginx"] = {"name": "nginx", "skipped": "nginx not installed"}
-        return
+        return None
     proxy = nginx.Nginx(binary, server.address("cognitive"))
-    try:
-        await asyncio.to_thread(proxy.start)  # polls the port with blocking sleeps
-        results["nginx"] = await _measure(
-            "nginx", proxy.address, internal, opts, pids, proxy_pids=proxy.pids()
-        )
-        results["nginx"]["nginx_version"] = await asyncio.to_thread(nginx.version, binary)
-    except BaseException:
+
+    def stop() -> None:
         log = proxy.error_log().strip()
         if log:
             notes.append(f"nginx error log:\n{log}")
-        raise
-    finally:
         proxy.stop()
 
+    stack.callback(stop)
+    await asyncio.to_thread(proxy.start)  # polls the port with blocking sleeps
+    version = await asyncio.to_thread(nginx.version, binary)
+    return _Target("nginx", proxy.address, internal, proxy.pids(), extra={"nginx_version": version})
 
-async def _legacy_scenario(
+
+async def _legacy_target(
     name: str,
     server: ServerProcess,
-    opts: Options,
-    internal: Any,
-    pids: list[int],
-    results: dict[str, Any],
-) -> None:
-    """benchmarks.legacy in its own process: the seed's before-topology (`before`, with a
-    Bearer token) or a bare Python byte proxy (`python-proxy`, with an internal identity)."""
+    internal: Callable[[], Metadata],
+    stack: contextlib.AsyncExitStack,
+) -> _Target:
+    """benchmarks.legacy in its own process, stopped when `stack` closes: the seed's
+    before-topology (`before`, with a Bearer token) or a bare Python byte proxy
+    (`python-proxy`, with an internal identity)."""
     env = {
         **os.environ,
         servers.JWT_SECRET_ENV: server.jwt_secret,
@@ -304,20 +369,20 @@ async def _legacy_scenario(
         sys.executable, "-m", "benchmarks.legacy", "--cognitive", server.address("cognitive"),
         "--dsn", dsn, cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        info = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
-        if name == "before":
-            token = await _login(server.address("gateway"), server.admin_password)
-            bearer = (("authorization", f"Bearer {token}"),)
-            address, metadata = info["edge"], lambda: bearer
-        else:
-            address, metadata = info["naive"], internal
-        results[name] = await _measure(name, address, metadata, opts, pids, proxy_pids=[proc.pid])
-    finally:
+
+    async def stop() -> None:
         if proc.returncode is None:
             proc.terminate()
             await proc.wait()
+
+    stack.push_async_callback(stop)
+    assert proc.stdout is not None
+    info = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
+    if name == "before":
+        token = await _login(server.address("gateway"), server.admin_password)
+        bearer = (("authorization", f"Bearer {token}"),)
+        return _Target(name, info["edge"], lambda: bearer, [proc.pid])
+    return _Target(name, info["naive"], internal, [proc.pid])
 
 
 class _Collector(trace_grpc.TraceServiceServicer):
