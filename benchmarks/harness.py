@@ -52,6 +52,7 @@ class Options:
     warmup_seconds: float = 0.5
     concurrency: int = 32
     latency_concurrency: int = 1
+    latency_slice_seconds: float = 0.25  # latency slices alternate between the targets
     max_requests: int = 1_000_000
     vector_n: int = 20_000
     embedder_seconds: float = 3.0
@@ -157,7 +158,6 @@ async def _login(address: str, password: str) -> str:
 
 
 Metadata = tuple[tuple[str, str], ...]
-LATENCY_SLICE_S = 0.25  # latency is measured in slices of this, alternating between targets
 
 
 @dataclass
@@ -215,7 +215,7 @@ async def _measure(
             target.name: [p for p in server_pids if p not in (target.proxy_pids or ())]
             for target, _, _ in live
         }
-        rounds = max(1, round(opts.seconds / LATENCY_SLICE_S))
+        rounds = max(1, round(opts.seconds / opts.latency_slice_seconds))
         print(f"latency: {rounds} alternating rounds ...", file=sys.stderr, flush=True)
         for r in range(rounds):
             turn = r % len(live)  # who goes first rotates
@@ -340,7 +340,7 @@ async def _nginx_target(
 
     def stop() -> None:
         log = proxy.error_log().strip()
-        if log:
+        if log:  # empty unless something went wrong (nginx logs warnings and errors)
             notes.append(f"nginx error log:\n{log}")
         proxy.stop()
 

@@ -139,10 +139,10 @@ def render(doc: dict[str, Any]) -> str:
             f"load: grpc.aio in the harness process, {opts['warmup_seconds']} s warm-up then "
             f"{opts['seconds']} s per phase: latency at {opts['latency_concurrency']} in flight, "
             f"throughput and CPU at {opts['concurrency']} in flight, then an open loop at half "
-            "that throughput (@½max); latency in 0.25 s slices alternating between the "
-            "scenarios; one cached Embed text; the harness's garbage collector held off while "
-            "it measures; proxy CPU is the hop's own process (nginx, the gateway), server CPU "
-            "the rest of the suite"
+            f"that throughput (@½max); latency in {opts['latency_slice_seconds']} s slices "
+            "alternating between the scenarios; one cached Embed text; the harness's garbage "
+            "collector held off while it measures; proxy CPU is the hop's own process (nginx, "
+            "the gateway), server CPU the rest of the suite"
         )
     rpc_rows = []
     unmeasured: list[str] = []  # skipped or failed scenarios, listed under the table
