@@ -17,26 +17,51 @@ from aiwfe.system.v1 import system_service_pb2 as sys_pb
 from aiwfe.system.v1 import system_service_pb2_grpc as sys_grpc
 from tests.conftest import bearer, login
 
+NEVER_COUNTED = [
+    (grpc.StatusCode.INVALID_ARGUMENT, False, False),
+    (grpc.StatusCode.NOT_FOUND, False, False),
+    (grpc.StatusCode.PERMISSION_DENIED, False, False),
+    (grpc.StatusCode.UNIMPLEMENTED, False, False),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, False, False),
+    (grpc.StatusCode.INTERNAL, False, False),
+    (grpc.StatusCode.UNKNOWN, False, False),
+    (grpc.StatusCode.CANCELLED, False, False),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, False, True),  # the caller's own short deadline
+    (grpc.StatusCode.UNAVAILABLE, True, False),  # passed on from the back end's dependency
+    (grpc.StatusCode.DEADLINE_EXCEEDED, True, False),  # answered by a live back end
+]
 
-def test_caller_mistakes_never_open_the_breaker() -> None:
-    """INVALID_ARGUMENT and NOT_FOUND reset the count; five UNAVAILABLE in a row open it."""
-    breaker = CircuitBreaker("x", failure_threshold=5, timeout=60, service="test")
-    for _ in range(10):
+
+@pytest.mark.parametrize(("code", "details", "caller_deadline"), NEVER_COUNTED)
+def test_statuses_that_are_not_the_back_ends_failure_never_count(
+    code: grpc.StatusCode, details: bool, caller_deadline: bool
+) -> None:
+    """Fifty calls ending with a status that is not the back end's own failure leave a
+    one-failure breaker closed with nothing counted."""
+    breaker = CircuitBreaker("x", failure_threshold=1, timeout=60, service="test")
+    for _ in range(50):
         breaker.before_call()
-        breaker.record_failure(grpc.StatusCode.INVALID_ARGUMENT)
-        breaker.before_call()
-        breaker.record_failure(grpc.StatusCode.NOT_FOUND)
+        breaker.record_status(code, details, caller_deadline=caller_deadline)
     assert breaker.state is BreakerState.CLOSED
+    assert breaker.failure_count == 0
+
+
+def test_back_end_failures_open_after_the_threshold() -> None:
+    """Bare UNAVAILABLE (transport) and our own DEADLINE_EXCEEDED count: the fifth in a row
+    opens the breaker, which then fails calls at once naming the downstream."""
+    breaker = CircuitBreaker("x", failure_threshold=5, timeout=60, service="test")
     for _ in range(4):
         breaker.before_call()
-        breaker.record_failure(grpc.StatusCode.UNAVAILABLE)
+        breaker.record_status(grpc.StatusCode.UNAVAILABLE, False)
     assert breaker.state is BreakerState.CLOSED
     breaker.before_call()
-    breaker.record_failure(grpc.StatusCode.DEADLINE_EXCEEDED)
+    breaker.record_status(grpc.StatusCode.DEADLINE_EXCEEDED, False, caller_deadline=False)
     assert breaker.state is BreakerState.OPEN
     with pytest.raises(Unavailable) as err:
         breaker.before_call()
     assert "circuit open" in err.value.message
+    assert err.value.reason == "DEPENDENCY_UNAVAILABLE"
+    assert err.value.error_metadata == {"dependency": "x", "circuit": "open"}
     assert 59 < breaker.open_remaining() <= 60
 
 
@@ -44,7 +69,7 @@ def test_half_open_admits_one_probe_and_closes_on_success() -> None:
     """After the timeout one probe passes, a second concurrent call is refused, success closes."""
     breaker = CircuitBreaker("y", failure_threshold=1, timeout=0.05, service="test")
     breaker.before_call()
-    breaker.record_failure(grpc.StatusCode.INTERNAL)
+    breaker.record_failure(grpc.StatusCode.UNAVAILABLE)
     assert breaker.state is BreakerState.OPEN
     time.sleep(0.06)
     breaker.before_call()
