@@ -95,6 +95,24 @@ def test_failed_probe_reopens() -> None:
     assert breaker.open_remaining() > 0.03
 
 
+def test_a_silent_probe_call_frees_the_half_open_slot(monkeypatch) -> None:
+    """A probe call that has not finished within the hold (a long stream, say) no longer
+    blocks the half-open breaker: the next call becomes the probe."""
+    from aiwfe.resilience import breaker as breaker_module
+
+    monkeypatch.setattr(breaker_module, "PROBE_CALL_HOLD", 0.05)
+    breaker = CircuitBreaker("w", failure_threshold=1, timeout=0.01, service="test")
+    breaker.record_status(grpc.StatusCode.UNAVAILABLE, False)
+    time.sleep(0.02)
+    breaker.before_call()  # the probe, which never reports back
+    with pytest.raises(Unavailable):
+        breaker.before_call()
+    time.sleep(0.06)
+    breaker.before_call()
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED
+
+
 async def test_admin_reads_breakers_of_every_service(base_overrides) -> None:
     """ListCircuitBreakers shows the gateway's and back ends' breakers; when cognitive is down
     the gateway's cognitive breaker opens and cognitive is reported unreachable."""
