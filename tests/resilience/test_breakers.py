@@ -309,15 +309,30 @@ async def test_open_breaker_probes_health_and_recovers_without_calls(caplog) -> 
         await server.stop(0)
 
 
-async def test_dependency_outage_is_attributed_and_spares_the_healthy_service(
-    base_overrides,
-) -> None:
-    """With dataplatform stopped, submits through the gateway are UNAVAILABLE with an
-    ErrorInfo naming dataplatform and a RetryInfo, and the gateway's breaker for the healthy
-    taskproc stays closed (only taskproc's breaker for dataplatform opens)."""
+def _attribution(error: grpc.aio.AioRpcError) -> tuple[list, list]:
+    """The ErrorInfo and RetryInfo details of a failed call."""
     from google.rpc import error_details_pb2
     from grpc_status import rpc_status
 
+    status = rpc_status.from_call(error)
+    assert status is not None, error
+    infos: list = []
+    retries: list = []
+    for detail in status.details:
+        for kind, out in ((error_details_pb2.ErrorInfo, infos),
+                          (error_details_pb2.RetryInfo, retries)):  # fmt: skip
+            if detail.Is(kind.DESCRIPTOR):
+                out.append(kind())
+                detail.Unpack(out[-1])
+    return infos, retries
+
+
+async def test_dependency_outage_is_attributed_and_spares_the_healthy_service(
+    base_overrides,
+) -> None:
+    """With dataplatform stopped, submits through the gateway (and the gateway's own Login)
+    are UNAVAILABLE with an ErrorInfo naming dataplatform and a RetryInfo, and the gateway's
+    breaker for the healthy taskproc stays closed (only taskproc's for dataplatform opens)."""
     from aiwfe.resilience.breaker import breakers_of
     from tests.taskproc.helpers import spec, submit
 
@@ -332,26 +347,23 @@ async def test_dependency_outage_is_attributed_and_spares_the_healthy_service(
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await submit(ch, token, workflow)
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-                status = rpc_status.from_call(err.value)
-                assert status is not None, err.value
-                infos, retries = [], []
-                for detail in status.details:
-                    if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                        infos.append(error_details_pb2.ErrorInfo())
-                        detail.Unpack(infos[-1])
-                    elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                        retries.append(error_details_pb2.RetryInfo())
-                        detail.Unpack(retries[-1])
+                infos, retries = _attribution(err.value)
                 assert [i.reason for i in infos] == ["DEPENDENCY_UNAVAILABLE"]
                 assert infos[0].domain == "aiwfe.dev"
                 assert infos[0].metadata["dependency"] == "dataplatform"
-                assert (
-                    len(retries) == 1 and retries[0].retry_delay.ToTimedelta().total_seconds() > 0
-                )
+                assert len(retries) == 1
+                assert retries[0].retry_delay.ToTimedelta().total_seconds() > 0
             gateway = {b.name: b for b in breakers_of("gateway")}
             assert gateway["taskproc"].state is BreakerState.CLOSED
             assert gateway["taskproc"].failure_count == 0
             taskproc = {b.name: b for b in breakers_of("taskproc")}
             assert taskproc["dataplatform"].state is BreakerState.OPEN
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await login(ch)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            infos, _ = _attribution(err.value)
+            assert [(i.reason, i.metadata["dependency"]) for i in infos] == [
+                ("DEPENDENCY_UNAVAILABLE", "dataplatform")
+            ]
     finally:
         await suite.stop()
