@@ -60,9 +60,6 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
         ),
         ("grpc.max_send_message_length", g.max_message_bytes),
         ("grpc.max_receive_message_length", g.max_message_bytes),
-        ("grpc.initial_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS // 4),
-        ("grpc.min_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS // 4),
-        ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS),
     ]
 
 
@@ -144,6 +141,9 @@ def create_channel(
         *channel_options(settings),
         ("grpc.service_config", service_config(settings, files)),
         ("grpc.enable_retries", 1),
+        ("grpc.initial_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS // 4),
+        ("grpc.min_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS // 4),
+        ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS),
     ]
     tls = settings.tls
     if tls.channel_enabled:
@@ -199,10 +199,6 @@ class Downstream:
         self._identity = identity
         self._caller = caller
         self._default_deadline = settings.grpc.default_deadline_seconds
-
-    def timeout(self) -> float:
-        """What remains of the current RPC's deadline, capped by the default deadline."""
-        return remaining_timeout(self._default_deadline)
 
     async def serving(self) -> bool:
         """Whether the back end's grpc.health.v1 answers SERVING (the breaker's probe). It

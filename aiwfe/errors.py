@@ -158,6 +158,7 @@ class DependencyUnavailable(Unavailable):
 
 
 def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    """google.rpc.RetryInfo asking the caller to wait `seconds` before retrying."""
     secs = max(0.0, seconds)
     return error_details_pb2.RetryInfo(
         retry_delay=duration_pb2.Duration(seconds=int(secs), nanos=int((secs % 1) * 1e9))
