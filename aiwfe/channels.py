@@ -46,7 +46,7 @@ _HEALTH_CHECK_TIMEOUT = 1.0
 
 
 def channel_options(settings: Settings) -> list[tuple[str, Any]]:
-    """The seed's keepalive options plus explicit message-size limits."""
+    """A client channel's options: the seed's keepalive options plus message-size limits."""
     g = settings.grpc
     return [
         ("grpc.keepalive_time_ms", g.keepalive_time_ms),
@@ -58,6 +58,24 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
             "grpc.http2.min_ping_interval_without_data_ms",
             g.http2_min_ping_interval_without_data_ms,
         ),
+        ("grpc.max_send_message_length", g.max_message_bytes),
+        ("grpc.max_receive_message_length", g.max_message_bytes),
+    ]
+
+
+def server_options(settings: Settings) -> list[tuple[str, Any]]:
+    """A server's keepalive (it pings idle clients too), its enforcement of the clients'
+    pings, and message-size limits. The seed's `min_ping_interval_without_data` is this
+    enforcement's knob, but at 300 s it refused the suite's own 30 s pings (GOAWAY
+    too_many_pings after two strikes), so servers take `server_min_ping_interval_ms`."""
+    g = settings.grpc
+    return [
+        ("grpc.keepalive_time_ms", g.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", g.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(g.keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", g.http2_max_pings_without_data),
+        ("grpc.http2.min_ping_interval_without_data_ms", g.server_min_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", g.server_max_ping_strikes),
         ("grpc.max_send_message_length", g.max_message_bytes),
         ("grpc.max_receive_message_length", g.max_message_bytes),
     ]

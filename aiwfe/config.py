@@ -300,7 +300,8 @@ class ServicesSettings(_Block):
 
 
 class GrpcSettings(_Block):
-    """Transport limits and the seed's keepalive options for inter-service channels."""
+    """Transport limits, the seed's keepalive options for inter-service channels, and the
+    servers' enforcement of their clients' keepalive pings."""
 
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"  # uvloop measured faster (benchmarks)
     keepalive_time_ms: int = 30000
@@ -309,12 +310,26 @@ class GrpcSettings(_Block):
     http2_max_pings_without_data: int = 0
     http2_min_time_between_pings_ms: int = 10000
     http2_min_ping_interval_without_data_ms: int = 300000
+    # Servers: a client may ping this often, with or without calls in flight (ours every
+    # keepalive_time_ms, grpc-js users often every 10 s); pinging more often earns a strike,
+    # and more than server_max_ping_strikes in a row a GOAWAY too_many_pings.
+    server_min_ping_interval_ms: int = Field(default=5000, ge=0)
+    server_max_ping_strikes: int = Field(default=2, ge=0)
     max_message_bytes: int = Field(default=4 * 1024 * 1024, gt=0, le=64 * 1024 * 1024)
     max_concurrent_streams: int = Field(default=1000, gt=0)
     default_deadline_seconds: float = Field(default=30, gt=0)
     stream_deadline_seconds: float = Field(default=3600, gt=0)
     shutdown_grace_seconds: float = Field(default=10, ge=0)
     retry_max_attempts: int = Field(default=3, ge=1, le=5)
+
+    @model_validator(mode="after")
+    def _pings_permitted(self) -> GrpcSettings:
+        if self.server_min_ping_interval_ms > self.keepalive_time_ms:
+            raise ValueError(
+                "server_min_ping_interval_ms must not exceed keepalive_time_ms: servers"
+                " would answer the suite's own keepalive pings with GOAWAY too_many_pings"
+            )
+        return self
 
 
 class TlsSettings(_Block):
