@@ -211,8 +211,10 @@ class FrontDoor:
         started_ns = time.time_ns()
 
         def answer(request: bytes) -> bytes | None:
-            reply = self._cache.answer_at_once(info, principal.user_id, request)
-            if reply is None or not self._admission.spend_at_once(principal):
+            reply = self._cache.answer_at_once(
+                info, principal.user_id, request, lambda: self._admission.spend_at_once(principal)
+            )
+            if reply is None:
                 return None
             self.answered_calls += 1
             if self._metrics:
