@@ -3,7 +3,11 @@ service: Health/List, reflection v1 (a client that knows only v1), member symbol
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import logging
+import os
 from collections.abc import AsyncIterator
 
 import grpc
@@ -13,6 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2 as refl
 
 from aiwfe.suite import SERVICE_ORDER, Suite
+from tests.conftest import login
+from tests.test_up import ROOT, buf_binary
 
 V1_METHOD = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
 
@@ -109,3 +115,78 @@ async def test_gateway_resolves_embed_over_both_reflection_versions(channels) ->
         refl.ServerReflectionRequest(file_containing_symbol=f"{symbol}Nope"),
     )
     assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+async def _run(*argv: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout=60)
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+@pytest.fixture
+def buf() -> str:
+    found = buf_binary()
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("buf is required in CI (.ci/run installs @bufbuild/buf)")
+        pytest.skip("buf not installed: npm install --prefix .tools @bufbuild/buf@1.75.0")
+    return found
+
+
+async def test_buf_curl_lists_methods_over_reflection_v1(suite, buf) -> None:
+    """`buf curl --list-methods` with reflection v1 only lists every RPC on the gateway
+    (routed ones included) and on each back end."""
+    for name in SERVICE_ORDER:
+        code, out, err = await _run(
+            buf, "curl", "--protocol", "grpc", "--http2-prior-knowledge",
+            "--reflect-protocol", "grpc-v1", "--list-methods",
+            f"http://{suite.address(name)}",
+        )  # fmt: skip
+        assert code == 0, (name, err.decode())
+        methods = set(out.decode().split())
+        assert "grpc.health.v1.Health/List" in methods, name
+        if name == "gateway":
+            assert {
+                "aiwfe.cognitive.v1.CognitiveService/Embed",
+                "aiwfe.taskproc.v1.WorkflowService/ListWorkflows",
+                "aiwfe.auth.v1.AuthService/Login",
+            } <= methods
+
+
+async def test_readme_recipe_decodes_error_details_with_shipped_protos(
+    suite, gateway_channel, buf
+) -> None:
+    """The README's recipe: buf curl -v shows the grpc-status-details-bin trailer, and
+    `buf convert protos --type google.rpc.Status` (the google/rpc protos shipped under
+    protos/third_party) decodes it with its ErrorInfo and BadRequest."""
+    token = await login(gateway_channel)
+    code, _, err = await _run(
+        buf, "curl", "-v", "--protocol", "grpc", "--http2-prior-knowledge",
+        "-H", f"authorization: Bearer {token}", "-d", '{"page_size": 5000}',
+        f"http://{suite.address('gateway')}/aiwfe.taskproc.v1.WorkflowService/ListWorkflows",
+    )  # fmt: skip
+    assert code != 0
+    marker = "grpc-status-details-bin: "
+    (trailer,) = [
+        line[line.lower().index(marker) + len(marker) :].strip()
+        for line in err.decode().splitlines()
+        if marker in line.lower()
+    ]
+    raw = base64.b64decode(trailer + "=" * (-len(trailer) % 4))
+    code, out, err = await _run(
+        buf, "convert", str(ROOT / "protos"), "--type", "google.rpc.Status",
+        "--from", "-#format=binpb", "--to", "-#format=json", stdin=raw,
+    )  # fmt: skip
+    assert code == 0, err.decode()
+    status = json.loads(out)
+    assert status["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    kinds = {d["@type"]: d for d in status["details"]}
+    bad = kinds["type.googleapis.com/google.rpc.BadRequest"]
+    assert bad["fieldViolations"][0]["field"] == "page_size"
+    assert kinds["type.googleapis.com/google.rpc.ErrorInfo"]["domain"] == "aiwfe.dev"

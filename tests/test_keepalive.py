@@ -52,6 +52,7 @@ async def _stays_ready(channel: grpc.aio.Channel, seconds: float) -> None:
     pytest.fail(f"idle channel left READY ({channel.get_state()}): the server sent GOAWAY")
 
 
+@pytest.mark.timeout(120 / SCALE + 60)
 async def test_idle_channels_with_keepalive_pings_live_without_goaway(base_overrides) -> None:
     """An idle channel pinging as ours do (keepalive_time_ms, permitted without calls) and
     one pinging as often as a grpc-js client with a 10 s keepalive both stay READY (no
