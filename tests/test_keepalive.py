@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from typing import Any
 
 import grpc
@@ -19,6 +20,7 @@ import pytest
 from aiwfe.channels import create_channel
 from aiwfe.config import ConfigError, GrpcSettings, load_settings
 from aiwfe.server import Service, start_service
+from tests.test_up import ROOT
 
 SCALE = float(os.environ.get("AIWFE_KEEPALIVE_TEST_SCALE", "15"))
 GRPC_JS_KEEPALIVE_MS = 10_000  # a common grpc-js setting (keepaliveTimeMs)
@@ -82,3 +84,28 @@ def test_a_server_policy_refusing_our_own_pings_is_a_config_error() -> None:
     refused at start-up, naming the keys."""
     with pytest.raises(ConfigError, match="server_min_ping_interval_ms must not exceed"):
         load_settings(env={}, overrides={"grpc": {"server_min_ping_interval_ms": 60_000}})
+
+
+GRPC_JS = ROOT / ".tools/node_modules/@grpc/grpc-js"
+
+
+@pytest.mark.timeout(120 / SCALE + 60)
+async def test_idle_grpc_js_channel_lives_without_goaway(base_overrides) -> None:
+    """A real @grpc/grpc-js channel, idle and pinging every 10 s (scaled), stays READY for
+    two (scaled) minutes against a server configured by the default settings."""
+    node = shutil.which("node")
+    if node is None or not GRPC_JS.exists():
+        pytest.skip("needs node and @grpc/grpc-js: npm install --prefix .tools @grpc/grpc-js")
+    settings = load_settings(env={}, overrides={**base_overrides, "grpc": scaled_grpc_block()})
+    running = await start_service(_Idle(settings), host="127.0.0.1", port=0, probe_interval=60)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            node, str(ROOT / "tests/clients/idle_keepalive.js"), running.address,
+            str(round(GRPC_JS_KEEPALIVE_MS / SCALE)), str(round(120_000 / SCALE)),
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "NODE_PATH": str(GRPC_JS.parent.parent)},
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+    finally:
+        await running.stop(grace=0)
+    assert (proc.returncode, out.decode().strip()) == (0, "ok")
