@@ -1,13 +1,17 @@
 """The one table from domain exceptions to gRPC status codes, with google.rpc details.
 
-Each exception class carries its code (grpc-interceptor style). The error-mapping
-interceptor turns them into a status with `ErrorInfo` (a stable reason) and, where they
-apply, `BadRequest` field violations or `RetryInfo`/`QuotaFailure` details.
+Each exception class carries its code (grpc-interceptor style); each raise names its cause
+with a reason from `REASONS`, the contract clients branch on (AIP-193): an `ErrorInfo` in
+domain `aiwfe.dev` with that reason and its metadata. Where they apply, `BadRequest` field
+violations or `RetryInfo`/`QuotaFailure` details are added. The README's "Error reasons"
+table is this registry (a test keeps the two equal and checks every raise site).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -19,24 +23,154 @@ ERROR_DOMAIN = "aiwfe.dev"
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """One cause a caller can branch on: its status code, when it happens, and the
+    `ErrorInfo.metadata` keys it may carry."""
+
+    code: grpc.StatusCode
+    when: str
+    metadata: tuple[str, ...] = ()
+
+
+_C = grpc.StatusCode
+_BACKEND = ("backend", "http_status")
+
+# Every ErrorInfo.reason the suite sends. Stable: a reason, once published, keeps its
+# meaning; a new cause gets a new name.
+REASONS: Mapping[str, Reason] = MappingProxyType({
+    "REQUEST_INVALID": Reason(
+        _C.INVALID_ARGUMENT, "fields of the request break its rules (BadRequest lists each)",
+        ("fields",),
+    ),
+    "BACKEND_REJECTED_REQUEST": Reason(
+        _C.INVALID_ARGUMENT, "a model backend refused the input (HTTP 400, 413 or 422)",
+        ("fields", *_BACKEND),
+    ),
+    "AUTHORIZATION_MALFORMED": Reason(
+        _C.UNAUTHENTICATED, "the authorization metadata is not 'Bearer <token>'"
+    ),
+    "TOKEN_MISSING": Reason(_C.UNAUTHENTICATED, "no bearer token on a call that needs one"),
+    "TOKEN_INVALID": Reason(
+        _C.UNAUTHENTICATED,
+        "the access token is malformed, forged, for another issuer or audience, or signed "
+        "with an unknown key or algorithm",
+    ),
+    "TOKEN_EXPIRED": Reason(_C.UNAUTHENTICATED, "the access token has expired: refresh it"),
+    "TOKEN_NOT_YET_VALID": Reason(_C.UNAUTHENTICATED, "the access token's nbf/iat is ahead"),
+    "TOKEN_REVOKED": Reason(
+        _C.UNAUTHENTICATED, "the access token was revoked (logout, role change, disabled user)"
+    ),
+    "REFRESH_TOKEN_INVALID": Reason(
+        _C.UNAUTHENTICATED, "the refresh token is unknown, expired or revoked"
+    ),
+    "REFRESH_TOKEN_REUSED": Reason(
+        _C.UNAUTHENTICATED, "a spent refresh token was presented again: its session is revoked"
+    ),
+    "CREDENTIALS_INVALID": Reason(
+        _C.UNAUTHENTICATED, "login with a wrong username or password, or a disabled user"
+    ),
+    "IDENTITY_MISSING": Reason(
+        _C.UNAUTHENTICATED, "a back end was called without the gateway's identity assertion"
+    ),
+    "IDENTITY_INVALID": Reason(
+        _C.UNAUTHENTICATED, "the identity assertion is forged, expired or for another audience"
+    ),
+    "PERMISSION_MISSING": Reason(
+        _C.PERMISSION_DENIED, "the caller's roles lack the permission the RPC declares",
+        ("permission", "method"),
+    ),
+    "METHOD_NOT_EXPOSED": Reason(
+        _C.PERMISSION_DENIED, "the RPC is internal: the gateway does not route it"
+    ),
+    "USER_PRINCIPAL_REQUIRED": Reason(
+        _C.PERMISSION_DENIED, "a workflow RPC called on behalf of no user"
+    ),
+    "WORKFLOW_NOT_FOUND": Reason(
+        _C.NOT_FOUND, "no such workflow, or it belongs to another user", ("workflow_id",)
+    ),
+    "USER_NOT_FOUND": Reason(_C.NOT_FOUND, "no such user", ("username", "user_id")),
+    "COLLECTION_NOT_FOUND": Reason(
+        _C.NOT_FOUND, "no such vector collection", ("collection", "field")
+    ),
+    "USER_ALREADY_EXISTS": Reason(_C.ALREADY_EXISTS, "the username is taken", ("username",)),
+    "SESSION_ALREADY_EXISTS": Reason(_C.ALREADY_EXISTS, "the refresh token is already stored"),
+    "COLLECTION_ALREADY_EXISTS": Reason(
+        _C.ALREADY_EXISTS, "a vector collection of that name exists", ("collection",)
+    ),
+    "DIMENSION_MISMATCH": Reason(
+        _C.FAILED_PRECONDITION,
+        "the embedding model's vectors do not fit the collection's dimension",
+        ("collection", "collection_dimension", "model", "model_dimension"),
+    ),
+    "NO_LLM_CONFIGURED": Reason(_C.FAILED_PRECONDITION, "Generate with no LLM configured"),
+    "NO_DEFAULT_LLM": Reason(
+        _C.FAILED_PRECONDITION, "several LLMs are configured, none is the default or named"
+    ),
+    "BACKEND_MISCONFIGURED": Reason(
+        _C.FAILED_PRECONDITION, "a model backend answered HTTP 401, 403 or 404", _BACKEND
+    ),
+    "RATE_LIMITED": Reason(
+        _C.RESOURCE_EXHAUSTED,
+        "a rate limit is spent (RetryInfo, QuotaFailure, retry-after say when it resets)",
+        ("quota", "limit"),
+    ),
+    "BACKEND_RATE_LIMITED": Reason(
+        _C.RESOURCE_EXHAUSTED, "a model backend answered HTTP 429", _BACKEND
+    ),
+    "DEPENDENCY_UNAVAILABLE": Reason(
+        _C.UNAVAILABLE,
+        "a live service's dependency is down or its breaker open (RetryInfo says when)",
+        ("dependency", "circuit"),
+    ),
+    "DATABASE_UNAVAILABLE": Reason(
+        _C.UNAVAILABLE, "the data platform's PostgreSQL is unreachable", ("dependency",)
+    ),
+    "VECTOR_STORE_UNAVAILABLE": Reason(
+        _C.UNAVAILABLE, "the vector store (Qdrant) failed transiently", ("dependency",)
+    ),
+    "BACKEND_UNREACHABLE": Reason(
+        _C.UNAVAILABLE, "a model backend could not be reached", ("backend",)
+    ),
+    "BACKEND_FAILED": Reason(
+        _C.UNAVAILABLE, "a model backend answered a 5xx or failed mid-stream", _BACKEND
+    ),
+    "BACKEND_REPLY_INVALID": Reason(
+        _C.UNAVAILABLE, "a model backend's reply was malformed (wrong count or shape)",
+        ("backend",),
+    ),
+    "BACKEND_TIMEOUT": Reason(
+        _C.DEADLINE_EXCEEDED, "a model backend did not answer in time", ("backend",)
+    ),
+    "DEPENDENCY_DEADLINE_EXCEEDED": Reason(
+        _C.DEADLINE_EXCEEDED, "a dependency did not answer within our deadline for it",
+        ("dependency",),
+    ),
+    "INTERNAL_ERROR": Reason(
+        _C.INTERNAL, "an unexpected failure; the log holds it under the reference",
+        ("reference",),
+    ),
+})  # fmt: skip
+
+
 class AiwfeError(Exception):
-    """Base of every error a caller may see; `code` decides the gRPC status."""
+    """Base of every error a caller may see: `code` decides the gRPC status, `reason` (a
+    key of `REASONS` for that code) the ErrorInfo; empty metadata values are left out."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-    reason: str = "INTERNAL"
 
     def __init__(
-        self,
-        message: str,
-        *,
-        reason: str | None = None,
-        metadata: Mapping[str, str] | None = None,
+        self, message: str, *, reason: str, metadata: Mapping[str, str] | None = None
     ) -> None:
         super().__init__(message)
+        spec = REASONS.get(reason)
+        if spec is None or spec.code is not self.code:
+            raise ValueError(f"{reason!r} is not a registered reason for {self.code.name}")
         self.message = message
-        if reason:
-            self.reason = reason
-        self.error_metadata = dict(metadata or {})
+        self.reason = reason
+        self.error_metadata = {k: str(v) for k, v in (metadata or {}).items() if v != ""}
+        if unknown := set(self.error_metadata) - set(spec.metadata):
+            raise ValueError(f"metadata {sorted(unknown)} not declared for {reason}")
 
     def details(self) -> list[Message]:
         """google.rpc detail messages attached to the status."""
@@ -78,12 +212,23 @@ class InvalidArgument(AiwfeError):
     """The caller's request is malformed; lists every offending field."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
-    reason = "INVALID_ARGUMENT"
 
-    def __init__(self, violations: Sequence[tuple[str, str]], message: str | None = None) -> None:
+    def __init__(
+        self,
+        violations: Sequence[tuple[str, str]],
+        message: str | None = None,
+        *,
+        reason: str = "REQUEST_INVALID",
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         self.violations = list(violations)
         summary = "; ".join(f"{f}: {d}" for f, d in self.violations)
-        super().__init__(message or f"invalid request: {summary}")
+        fields = ",".join(dict.fromkeys(f for f, _ in self.violations))
+        super().__init__(
+            message or f"invalid request: {summary}",
+            reason=reason,
+            metadata={"fields": fields, **(metadata or {})},
+        )
 
     def details(self) -> list[Message]:
         bad = error_details_pb2.BadRequest(
@@ -97,32 +242,22 @@ class InvalidArgument(AiwfeError):
 
 class Unauthenticated(AiwfeError):
     code = grpc.StatusCode.UNAUTHENTICATED
-    reason = "UNAUTHENTICATED"
 
 
 class PermissionDenied(AiwfeError):
     code = grpc.StatusCode.PERMISSION_DENIED
-    reason = "PERMISSION_DENIED"
 
 
 class NotFound(AiwfeError):
     code = grpc.StatusCode.NOT_FOUND
-    reason = "NOT_FOUND"
 
 
 class AlreadyExists(AiwfeError):
     code = grpc.StatusCode.ALREADY_EXISTS
-    reason = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(AiwfeError):
     code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "FAILED_PRECONDITION"
-
-
-class Aborted(AiwfeError):
-    code = grpc.StatusCode.ABORTED
-    reason = "ABORTED"
 
 
 class Unavailable(AiwfeError):
@@ -131,7 +266,6 @@ class Unavailable(AiwfeError):
     failing dependency or an open circuit."""
 
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "UNAVAILABLE"
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         return ((RETRY_PUSHBACK_KEY, "-1"),)
@@ -142,15 +276,14 @@ class DependencyUnavailable(Unavailable):
     ErrorInfo names the dependency, so callers and their breakers know who failed, and
     RetryInfo says when to try again."""
 
-    reason = "DEPENDENCY_UNAVAILABLE"
-
     def __init__(
         self, dependency: str, message: str, *, circuit: str = "", retry_after: float = 1.0
     ) -> None:
-        metadata = {"dependency": dependency}
-        if circuit:
-            metadata["circuit"] = circuit
-        super().__init__(message, metadata=metadata)
+        super().__init__(
+            message,
+            reason="DEPENDENCY_UNAVAILABLE",
+            metadata={"dependency": dependency, "circuit": circuit},
+        )
         self.retry_after = retry_after
 
     def details(self) -> list[Message]:
@@ -167,14 +300,12 @@ def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
 
 class DeadlineExceeded(AiwfeError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
-    reason = "DEADLINE_EXCEEDED"
 
 
 class ResourceExhausted(AiwfeError):
     """A limit was hit; tells the caller when to retry and which quota it exceeded."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "RESOURCE_EXHAUSTED"
 
     def __init__(
         self,
@@ -182,10 +313,11 @@ class ResourceExhausted(AiwfeError):
         *,
         retry_after: float | None = None,
         quota_violations: Iterable[tuple[str, str]] = (),
-        reason: str | None = None,
+        reason: str,
+        metadata: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(message, reason=reason)
+        super().__init__(message, reason=reason, metadata=metadata)
         self.retry_after = retry_after
         self.quota_violations = list(quota_violations)
         self.headers = dict(headers or {})
@@ -249,4 +381,8 @@ def status_from_rpc_error(error: grpc.aio.AioRpcError) -> grpc.Status:
 
 def internal_status(reference: str) -> grpc.Status:
     """Generic status for an unexpected failure: never leaks the exception, only a reference."""
-    return AiwfeError(f"internal error (reference {reference}); the failure is logged").to_status()
+    return AiwfeError(
+        f"internal error (reference {reference}); the failure is logged",
+        reason="INTERNAL_ERROR",
+        metadata={"reference": reference},
+    ).to_status()

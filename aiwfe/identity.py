@@ -53,7 +53,7 @@ def require_principal() -> Principal:
     """The principal of the current RPC; handlers behind an identity interceptor always have one."""
     principal = current_principal.get()
     if principal is None:
-        raise Unauthenticated("no caller identity")
+        raise Unauthenticated("no caller identity", reason="IDENTITY_MISSING")
     return principal
 
 
@@ -117,7 +117,8 @@ class InternalIdentity:
         """
         if not token:
             raise Unauthenticated(
-                "missing internal identity: call this service through the gateway"
+                "missing internal identity: call this service through the gateway",
+                reason="IDENTITY_MISSING",
             )
         cached = self._verified.get(token)
         if cached is not None:
@@ -132,7 +133,7 @@ class InternalIdentity:
                 leeway=5,
             )
         except jwt.PyJWTError:
-            raise Unauthenticated("invalid internal identity") from None
+            raise Unauthenticated("invalid internal identity", reason="IDENTITY_INVALID") from None
         principal = Principal(
             user_id=str(claims.get("sub", "")),
             username=str(claims.get("usr", "")),

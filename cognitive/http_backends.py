@@ -76,9 +76,21 @@ class HttpBackend:
                 raise self._http_error(reply.status_code, reply.text)
             data = reply.json()
         except httpx.TimeoutException as exc:
-            raise self._failed(DeadlineExceeded(f"{self._what()} timed out: {exc!r}")) from None
+            raise self._failed(
+                DeadlineExceeded(
+                    f"{self._what()} timed out: {exc!r}",
+                    reason="BACKEND_TIMEOUT",
+                    metadata={"backend": self.name},
+                )
+            ) from None
         except (httpx.TransportError, json.JSONDecodeError) as exc:
-            raise self._failed(Unavailable(f"{self._what()} is unreachable: {exc!r}")) from None
+            raise self._failed(
+                Unavailable(
+                    f"{self._what()} is unreachable: {exc!r}",
+                    reason="BACKEND_UNREACHABLE",
+                    metadata={"backend": self.name},
+                )
+            ) from None
         except AiwfeError as exc:
             raise self._failed(exc) from None
         self.breaker.record_success()
@@ -99,9 +111,21 @@ class HttpBackend:
                 self.breaker.record_success()
                 yield reply
         except httpx.TimeoutException as exc:
-            raise self._failed(DeadlineExceeded(f"{self._what()} timed out: {exc!r}")) from None
+            raise self._failed(
+                DeadlineExceeded(
+                    f"{self._what()} timed out: {exc!r}",
+                    reason="BACKEND_TIMEOUT",
+                    metadata={"backend": self.name},
+                )
+            ) from None
         except httpx.TransportError as exc:
-            raise self._failed(Unavailable(f"{self._what()} is unreachable: {exc!r}")) from None
+            raise self._failed(
+                Unavailable(
+                    f"{self._what()} is unreachable: {exc!r}",
+                    reason="BACKEND_UNREACHABLE",
+                    metadata={"backend": self.name},
+                )
+            ) from None
 
     def _what(self) -> str:
         return f"{self.kind} backend {self.name!r} ({self.url}, model {self.model_name!r})"
@@ -117,15 +141,26 @@ class HttpBackend:
         if status in (401, 403, 404):
             return FailedPrecondition(message, reason="BACKEND_MISCONFIGURED", metadata=meta)
         if status == 429:
-            return ResourceExhausted(message, reason="BACKEND_RATE_LIMITED")
+            return ResourceExhausted(message, reason="BACKEND_RATE_LIMITED", metadata=meta)
         if status in (400, 413, 422):
-            return InvalidArgument([(self._field, message)], message=message)
+            return InvalidArgument(
+                [(self._field, message)],
+                message=message,
+                reason="BACKEND_REJECTED_REQUEST",
+                metadata=meta,
+            )
         return Unavailable(message, reason="BACKEND_FAILED", metadata=meta)
 
     def _stream_error(self, error: Any) -> AiwfeError:
         """An error reported inside an open stream (the status line was already 200)."""
         text = error if isinstance(error, str) else json.dumps({"error": error})
-        return self._failed(Unavailable(f"{self._what()} failed mid-stream: {error_message(text)}"))
+        return self._failed(
+            Unavailable(
+                f"{self._what()} failed mid-stream: {error_message(text)}",
+                reason="BACKEND_FAILED",
+                metadata={"backend": self.name},
+            )
+        )
 
     async def close(self) -> None:
         self.breaker.retire()
@@ -149,7 +184,11 @@ def error_message(text: str) -> str:
 def _check_vectors(backend: HttpBackend, vectors: Any, count: int) -> list[Any]:
     if not isinstance(vectors, list) or len(vectors) != count:
         raise backend._failed(
-            Unavailable(f"{backend._what()} returned a malformed embedding reply")
+            Unavailable(
+                f"{backend._what()} returned a malformed embedding reply",
+                reason="BACKEND_REPLY_INVALID",
+                metadata={"backend": backend.name},
+            )
         )
     return vectors
 

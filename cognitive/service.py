@@ -102,7 +102,8 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
         if len(out) != len(texts) or len(lengths) != 1 or 0 in lengths:
             raise Unavailable(
                 f"embedding backend {backend.name!r} returned malformed vectors",
-                reason="BACKEND_FAILED",
+                reason="BACKEND_REPLY_INVALID",
+                metadata={"backend": backend.name},
             )
         return out
 
@@ -182,6 +183,12 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
                 f"model {backend.model!r} produces {dimension}-d ones: use the model the "
                 "collection was indexed with",
                 reason="DIMENSION_MISMATCH",
+                metadata={
+                    "collection": collection.name,
+                    "collection_dimension": str(collection.dimension),
+                    "model": backend.model,
+                    "model_dimension": str(dimension),
+                },
             )
 
     # --- IndexDocuments -------------------------------------------------------------------

@@ -28,7 +28,9 @@ def _unavailable_on_db_errors(behavior: Behavior, streaming: bool) -> Behavior:
                 async for item in behavior(request, context):
                     yield item
             except psycopg.OperationalError:
-                raise Unavailable(_DOWN) from None
+                raise Unavailable(
+                    _DOWN, reason="DATABASE_UNAVAILABLE", metadata={"dependency": "postgresql"}
+                ) from None
 
         return stream
 
@@ -36,7 +38,9 @@ def _unavailable_on_db_errors(behavior: Behavior, streaming: bool) -> Behavior:
         try:
             return await behavior(request, context)
         except psycopg.OperationalError:
-            raise Unavailable(_DOWN) from None
+            raise Unavailable(
+                _DOWN, reason="DATABASE_UNAVAILABLE", metadata={"dependency": "postgresql"}
+            ) from None
 
     return unary
 
@@ -55,5 +59,10 @@ class DatabaseGuard(MethodInterceptor):
         if not method.startswith(self._prefixes):
             return handler
         if not self._db.reachable:
-            return rejecting_handler(handler, Unavailable(_DOWN))
+            return rejecting_handler(
+                handler,
+                Unavailable(
+                    _DOWN, reason="DATABASE_UNAVAILABLE", metadata={"dependency": "postgresql"}
+                ),
+            )
         return self._cache.get(method, handler)

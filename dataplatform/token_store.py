@@ -89,7 +89,7 @@ class TokenStore(pb_grpc.TokenStoreServiceServicer):
                     (request.access_token.jti, family_id, _dt(request.access_token.expire_time)),
                 )
         except psycopg.errors.UniqueViolation:
-            raise AlreadyExists("session already exists") from None
+            raise AlreadyExists("session already exists", reason="SESSION_ALREADY_EXISTS") from None
         except psycopg.errors.ForeignKeyViolation:
             raise InvalidArgument([("user_id", "no such user")]) from None
         return pb.CreateSessionResponse()

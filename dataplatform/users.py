@@ -64,7 +64,11 @@ class UserStore(pb_grpc.UserStoreServiceServicer):
                 )
                 row = await cur.fetchone()
         except psycopg.errors.UniqueViolation:
-            raise AlreadyExists(f"user {username!r} already exists") from None
+            raise AlreadyExists(
+                f"user {username!r} already exists",
+                reason="USER_ALREADY_EXISTS",
+                metadata={"username": username},
+            ) from None
         assert row is not None
         return to_proto(row)
 
@@ -97,7 +101,11 @@ class UserStore(pb_grpc.UserStoreServiceServicer):
             cur = await conn.execute(query, (arg,))
             row = await cur.fetchone()
         if row is None:
-            raise NotFound("user not found")
+            raise NotFound(
+                "user not found",
+                reason="USER_NOT_FOUND",
+                metadata={"username": request.username, "user_id": request.user_id},
+            )
         return pb.GetUserResponse(user=to_proto(row))
 
     async def ListUsers(
@@ -146,5 +154,7 @@ class UserStore(pb_grpc.UserStoreServiceServicer):
             )
             row = await cur.fetchone()
         if row is None:
-            raise NotFound("user not found")
+            raise NotFound(
+                "user not found", reason="USER_NOT_FOUND", metadata={"username": request.username}
+            )
         return pb.UpdateUserResponse(user=to_proto(row))

@@ -133,16 +133,28 @@ class VectorService(pb_grpc.VectorStoreServiceServicer):
         try:
             yield
         except CollectionNotFound as exc:
-            raise NotFound(f"collection {exc.name!r} not found") from None
+            raise NotFound(
+                f"collection {exc.name!r} not found",
+                reason="COLLECTION_NOT_FOUND",
+                metadata={"collection": exc.name},
+            ) from None
         except CollectionExists as exc:
-            raise AlreadyExists(f"collection {exc.name!r} already exists") from None
+            raise AlreadyExists(
+                f"collection {exc.name!r} already exists",
+                reason="COLLECTION_ALREADY_EXISTS",
+                metadata={"collection": exc.name},
+            ) from None
         except UnindexedFilterField as exc:
             raise InvalidArgument(
                 [(f"filter.{exc.field}", "is not an indexed field of this collection")]
             ) from None
         except Exception as exc:
             if self._store_is_server and _server_transient(exc):
-                raise Unavailable("vector store unavailable, retry later") from None
+                raise Unavailable(
+                    "vector store unavailable, retry later",
+                    reason="VECTOR_STORE_UNAVAILABLE",
+                    metadata={"dependency": "qdrant"},
+                ) from None
             raise
         finally:
             qdrant_query_latency.labels(operation=operation).observe(time.perf_counter() - start)

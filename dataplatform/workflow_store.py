@@ -140,7 +140,9 @@ def _uuid(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except (ValueError, AttributeError, TypeError):
-        raise NotFound("workflow not found") from None
+        raise NotFound(
+            "workflow not found", reason="WORKFLOW_NOT_FOUND", metadata={"workflow_id": value}
+        ) from None
 
 
 class Wakeups:
@@ -393,7 +395,11 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         )
         row = await cur.fetchone()
         if row is None or (not scope.all_owners and row["owner_id"] != scope.owner_id):
-            raise NotFound("workflow not found")  # another owner's workflow looks absent
+            raise NotFound(  # another owner's workflow looks absent
+                "workflow not found",
+                reason="WORKFLOW_NOT_FOUND",
+                metadata={"workflow_id": workflow_id},
+            )
         return row
 
     # --- workflows ------------------------------------------------------------------------
@@ -742,7 +748,11 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             )
             rows = await cur.fetchall()
         if not rows or (not scope.all_owners and rows[0]["owner_id"] != scope.owner_id):
-            raise NotFound("workflow not found")
+            raise NotFound(
+                "workflow not found",
+                reason="WORKFLOW_NOT_FOUND",
+                metadata={"workflow_id": str(wid)},
+            )
         return rows[0], [r for r in rows if r["sequence"] is not None]
 
     # --- the queue ------------------------------------------------------------------------

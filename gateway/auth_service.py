@@ -99,7 +99,7 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
         ok = await verify_password_async(user.password_hash if user else None, request.password)
         if not ok or user is None or user.disabled:
             _login_failed.inc()
-            raise Unauthenticated(_BAD_CREDENTIALS)
+            raise Unauthenticated(_BAD_CREDENTIALS, reason="CREDENTIALS_INVALID")
         await self._limiter.refund(request.username, address)
         pair = await self._sessions.create(user.user_id, user.username, list(user.roles))
         _login_ok.inc()
@@ -217,7 +217,11 @@ class UserAdminServicer(pb_grpc.UserAdminServiceServicer):
             reply = await self._dp.call(self._users.UpdateUser, request)
         except grpc.aio.AioRpcError as exc:
             if _not_found(exc):
-                raise NotFound("user not found") from None
+                raise NotFound(
+                    "user not found",
+                    reason="USER_NOT_FOUND",
+                    metadata={"username": request.username},
+                ) from None
             raise
         return reply.user
 

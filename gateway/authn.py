@@ -29,7 +29,10 @@ def bearer_token(metadata: tuple[tuple[str, str], ...] | None) -> str | None:
         if key == "authorization":
             scheme, _, token = value.partition(" ")
             if scheme.lower() != "bearer" or not token:
-                raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
+                raise Unauthenticated(
+                    "authorization metadata must be 'Bearer <token>'",
+                    reason="AUTHORIZATION_MALFORMED",
+                )
             return token.strip()
     return None
 
@@ -54,7 +57,9 @@ class AuthInterceptor(MethodInterceptor):
     async def admit(self, info: MethodInfo | None, metadata: tuple | None) -> Principal | None:
         """The caller's principal (None for public RPCs), or a domain error."""
         if info is None or not info.declared:
-            raise PermissionDenied("this method is not exposed through the gateway")
+            raise PermissionDenied(
+                "this method is not exposed through the gateway", reason="METHOD_NOT_EXPOSED"
+            )
         if info.public:
             return None
         if not self._enabled:
@@ -67,7 +72,11 @@ class AuthInterceptor(MethodInterceptor):
         if limiter is not None and not limiter.try_local(principal.user_id):
             await limiter.acquire(principal.user_id, principal.roles)
         if not info.authenticated and not self._rbac.allows(principal.roles, info.permission):
-            raise PermissionDenied(f"permission {info.permission!r} required")
+            raise PermissionDenied(
+                f"permission {info.permission!r} required",
+                reason="PERMISSION_MISSING",
+                metadata={"permission": info.permission, "method": info.path},
+            )
         return principal
 
     def admit_at_once(

@@ -96,6 +96,7 @@ def _refusal(what: str, subject: str, limit: int, reset: float) -> ResourceExhau
         retry_after=reset,
         quota_violations=[(subject, f"at most {limit} {what} per window")],
         reason="RATE_LIMITED",
+        metadata={"quota": subject, "limit": str(limit)},
         headers={
             "x-ratelimit-limit": str(limit),
             "x-ratelimit-remaining": "0",

@@ -84,7 +84,7 @@ class SessionManager:
             Unauthenticated: unknown, expired, revoked or reused refresh tokens.
         """
         if not refresh_token.startswith(REFRESH_PREFIX) or len(refresh_token) > MAX_REFRESH_CHARS:
-            raise Unauthenticated(_INVALID_REFRESH)
+            raise Unauthenticated(_INVALID_REFRESH, reason="REFRESH_TOKEN_INVALID")
         refresh, digest, expires = self._new_refresh()
         # The access token's id is fixed before the user is known, so the store can record
         # it in the same transaction that spends the refresh token.
@@ -105,9 +105,11 @@ class SessionManager:
                 reply.family_id, reply.user_id, len(reply.revoked),
             )  # fmt: skip
             await self._sync.publish(reply.revoked)
-            raise Unauthenticated("refresh token already used; the session is revoked")
+            raise Unauthenticated(
+                "refresh token already used; the session is revoked", reason="REFRESH_TOKEN_REUSED"
+            )
         if reply.outcome != store_pb.ROTATE_OUTCOME_ROTATED:
-            raise Unauthenticated(_INVALID_REFRESH)
+            raise Unauthenticated(_INVALID_REFRESH, reason="REFRESH_TOKEN_INVALID")
         access = self._tokens.issue(
             reply.user_id, reply.username, list(reply.roles), reply.family_id, jti=jti, exp=exp
         )

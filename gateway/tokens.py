@@ -52,7 +52,7 @@ class IssuedToken:
 def _principal(claims: dict) -> Principal:
     roles = claims.get("roles")
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
-        raise Unauthenticated(_INVALID)
+        raise Unauthenticated(_INVALID, reason="TOKEN_INVALID")
     return Principal(
         user_id=str(claims["sub"]),
         username=str(claims.get("name", "")),
@@ -121,7 +121,7 @@ class TokenService:
 
     def _live(self, principal: Principal) -> Principal:
         if self.revocations.is_revoked(principal):
-            raise Unauthenticated("token revoked")
+            raise Unauthenticated("token revoked", reason="TOKEN_REVOKED")
         return principal
 
     def cached(self, token: str) -> Principal | None:
@@ -145,31 +145,31 @@ class TokenService:
                 options={"require": _REQUIRED},
             )
         except jwt.ExpiredSignatureError:
-            raise Unauthenticated("token expired") from None
+            raise Unauthenticated("token expired", reason="TOKEN_EXPIRED") from None
         except jwt.ImmatureSignatureError:
-            raise Unauthenticated("token not yet valid") from None
+            raise Unauthenticated("token not yet valid", reason="TOKEN_NOT_YET_VALID") from None
         except jwt.PyJWTError:
-            raise Unauthenticated(_INVALID) from None
+            raise Unauthenticated(_INVALID, reason="TOKEN_INVALID") from None
         return _principal(claims)
 
     async def verify_signature(self, token: str) -> Principal:
         """Full verification: header, kid → pinned key, signature and claims."""
         if len(token) > MAX_TOKEN_CHARS:
-            raise Unauthenticated(_INVALID)
+            raise Unauthenticated(_INVALID, reason="TOKEN_INVALID")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise Unauthenticated(_INVALID) from None
+            raise Unauthenticated(_INVALID, reason="TOKEN_INVALID") from None
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
-            raise Unauthenticated(_INVALID)
+            raise Unauthenticated(_INVALID, reason="TOKEN_INVALID")
         key = self.keys.lookup(kid)
         if key is None and self.keys.may_refetch:
             await self.keys.refetch()
             key = self.keys.lookup(kid)
         # The header's alg must be the key's: rejects "none" and HS/RS confusion up front.
         if key is None or header.get("alg") != key.algorithm:
-            raise Unauthenticated(_INVALID)
+            raise Unauthenticated(_INVALID, reason="TOKEN_INVALID")
         return self.decode(token, key)
 
     async def authenticate(self, token: str | None) -> Principal:
@@ -179,13 +179,16 @@ class TokenService:
             Unauthenticated: missing, malformed, forged, expired, revoked or foreign tokens.
         """
         if not token:
-            raise Unauthenticated("missing bearer token (metadata 'authorization: Bearer <token>')")
+            raise Unauthenticated(
+                "missing bearer token (metadata 'authorization: Bearer <token>')",
+                reason="TOKEN_MISSING",
+            )
         hit = self.cached(token)
         if hit is not None:
             return hit
         _miss_l1.inc()
         if len(token) > MAX_TOKEN_CHARS:
-            raise Unauthenticated(_INVALID)
+            raise Unauthenticated(_INVALID, reason="TOKEN_INVALID")
         started = time.perf_counter()
         principal = await self._from_redis(token)
         if principal is not None:
@@ -196,7 +199,7 @@ class TokenService:
             await self._to_redis(token, principal)
         remaining = principal.token_exp - time.time()
         if remaining <= 0:
-            raise Unauthenticated("token expired")
+            raise Unauthenticated("token expired", reason="TOKEN_EXPIRED")
         self._live(principal)
         if self._cache_enabled:
             self._cache.set(token, principal, min(self._cache_ttl, remaining))

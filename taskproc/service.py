@@ -35,7 +35,9 @@ MAX_WORKFLOW_ID = 64
 def _user() -> Principal:
     principal = require_principal()
     if not principal.is_user:
-        raise PermissionDenied("workflows belong to users: call on behalf of one")
+        raise PermissionDenied(
+            "workflows belong to users: call on behalf of one", reason="USER_PRINCIPAL_REQUIRED"
+        )
     return principal
 
 

@@ -157,7 +157,11 @@ class _DependencyDown(cog_grpc.CognitiveServiceServicer):
 
     async def Embed(self, request, context):
         type(self).calls += 1
-        raise Unavailable("ollama at http://llm:11434 is unavailable")
+        raise Unavailable(
+            "ollama at http://llm:11434 is unavailable",
+            reason="BACKEND_UNREACHABLE",
+            metadata={"backend": "ollama"},
+        )
 
 
 async def test_live_server_unavailable_is_neither_retried_nor_counted() -> None:
