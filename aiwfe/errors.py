@@ -34,10 +34,11 @@ class Reason:
 
 
 _C = grpc.StatusCode
-_BACKEND = ("backend", "http_status")
+_BACKEND = ("backend", "httpStatus")
 
 # Every ErrorInfo.reason the suite sends. Stable: a reason, once published, keeps its
-# meaning; a new cause gets a new name.
+# meaning; a new cause gets a new name. Metadata keys are lowerCamelCase (google.rpc's
+# ErrorInfo asks for that).
 REASONS: Mapping[str, Reason] = MappingProxyType({
     "REQUEST_INVALID": Reason(
         _C.INVALID_ARGUMENT, "fields of the request break its rules (BadRequest lists each)",
@@ -87,9 +88,9 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
         _C.PERMISSION_DENIED, "a workflow RPC called on behalf of no user"
     ),
     "WORKFLOW_NOT_FOUND": Reason(
-        _C.NOT_FOUND, "no such workflow, or it belongs to another user", ("workflow_id",)
+        _C.NOT_FOUND, "no such workflow, or it belongs to another user", ("workflowId",)
     ),
-    "USER_NOT_FOUND": Reason(_C.NOT_FOUND, "no such user", ("username", "user_id")),
+    "USER_NOT_FOUND": Reason(_C.NOT_FOUND, "no such user", ("username", "userId")),
     "COLLECTION_NOT_FOUND": Reason(
         _C.NOT_FOUND, "no such vector collection", ("collection", "field")
     ),
@@ -101,7 +102,7 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
     "DIMENSION_MISMATCH": Reason(
         _C.FAILED_PRECONDITION,
         "the embedding model's vectors do not fit the collection's dimension",
-        ("collection", "collection_dimension", "model", "model_dimension"),
+        ("collection", "collectionDimension", "model", "modelDimension"),
     ),
     "NO_LLM_CONFIGURED": Reason(_C.FAILED_PRECONDITION, "Generate with no LLM configured"),
     "NO_DEFAULT_LLM": Reason(

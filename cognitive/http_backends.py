@@ -137,7 +137,7 @@ class HttpBackend:
     def _http_error(self, status: int, text: str) -> AiwfeError:
         """Maps an HTTP error status and body to the status a caller can act on."""
         message = f"{self._what()} answered HTTP {status}: {error_message(text)}"
-        meta = {"backend": self.name, "http_status": str(status)}
+        meta = {"backend": self.name, "httpStatus": str(status)}
         if status in (401, 403, 404):
             return FailedPrecondition(message, reason="BACKEND_MISCONFIGURED", metadata=meta)
         if status == 429:

@@ -185,9 +185,9 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
                 reason="DIMENSION_MISMATCH",
                 metadata={
                     "collection": collection.name,
-                    "collection_dimension": str(collection.dimension),
+                    "collectionDimension": str(collection.dimension),
                     "model": backend.model,
-                    "model_dimension": str(dimension),
+                    "modelDimension": str(dimension),
                 },
             )
 

@@ -104,7 +104,7 @@ class UserStore(pb_grpc.UserStoreServiceServicer):
             raise NotFound(
                 "user not found",
                 reason="USER_NOT_FOUND",
-                metadata={"username": request.username, "user_id": request.user_id},
+                metadata={"username": request.username, "userId": request.user_id},
             )
         return pb.GetUserResponse(user=to_proto(row))
 

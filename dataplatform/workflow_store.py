@@ -141,7 +141,7 @@ def _uuid(value: str) -> uuid.UUID:
         return uuid.UUID(value)
     except (ValueError, AttributeError, TypeError):
         raise NotFound(
-            "workflow not found", reason="WORKFLOW_NOT_FOUND", metadata={"workflow_id": value}
+            "workflow not found", reason="WORKFLOW_NOT_FOUND", metadata={"workflowId": value}
         ) from None
 
 
@@ -398,7 +398,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             raise NotFound(  # another owner's workflow looks absent
                 "workflow not found",
                 reason="WORKFLOW_NOT_FOUND",
-                metadata={"workflow_id": workflow_id},
+                metadata={"workflowId": workflow_id},
             )
         return row
 
@@ -751,7 +751,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             raise NotFound(
                 "workflow not found",
                 reason="WORKFLOW_NOT_FOUND",
-                metadata={"workflow_id": str(wid)},
+                metadata={"workflowId": str(wid)},
             )
         return rows[0], [r for r in rows if r["sequence"] is not None]
 

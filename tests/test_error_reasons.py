@@ -21,6 +21,7 @@ from aiwfe.errors import REASONS, AiwfeError
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("aiwfe", "gateway", "cognitive", "taskproc", "dataplatform")
 UPPER_SNAKE = re.compile(r"^[A-Z][A-Z0-9]*(_[A-Z0-9]+)*$")
+LOWER_CAMEL = re.compile(r"^[a-z][a-zA-Z0-9]*$")  # ErrorInfo.metadata keys, as googleapis asks
 
 
 def _error_classes() -> dict[str, type[AiwfeError]]:
@@ -125,11 +126,12 @@ def test_every_registered_reason_is_raised_somewhere() -> None:
 
 def test_registry_is_well_formed() -> None:
     """Reasons are UPPER_SNAKE, none just repeats a status code's name, each has a
-    description."""
+    description, and metadata keys are lowerCamelCase."""
     for name, spec in REASONS.items():
         assert UPPER_SNAKE.match(name), name
         assert name not in {c.name for c in grpc.StatusCode}, name
         assert spec.when, name
+        assert all(LOWER_CAMEL.match(k) for k in spec.metadata), (name, spec.metadata)
     assert errors.ERROR_DOMAIN == "aiwfe.dev"
 
 

@@ -122,7 +122,7 @@ async def test_denied_missing_and_limited_calls_name_what_applies(suite_and_chan
     missing = str(uuid.uuid4())
     assert await failure(
         workflows.GetWorkflow, wf_pb.GetWorkflowRequest(workflow_id=missing), metadata=reader
-    ) == (grpc.StatusCode.NOT_FOUND, "WORKFLOW_NOT_FOUND", {"workflow_id": missing})
+    ) == (grpc.StatusCode.NOT_FOUND, "WORKFLOW_NOT_FOUND", {"workflowId": missing})
     ghost = unique("ghost")
     assert await failure(
         users.DisableUser, auth_pb.DisableUserRequest(username=ghost), metadata=bearer(admin)
