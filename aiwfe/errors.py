@@ -165,6 +165,8 @@ class AiwfeError(Exception):
     ) -> None:
         super().__init__(message)
         spec = REASONS.get(reason)
+        # A programming error, refused where the error is built (tests/test_error_reasons.py
+        # finds literal ones before they ship): the contract never carries an unlisted reason.
         if spec is None or spec.code is not self.code:
             raise ValueError(f"{reason!r} is not a registered reason for {self.code.name}")
         self.message = message

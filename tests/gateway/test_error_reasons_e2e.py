@@ -21,7 +21,7 @@ from aiwfe.errors import ERROR_DOMAIN
 from aiwfe.suite import start_suite
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
-from tests.conftest import bearer, login
+from tests.conftest import ADMIN_PASSWORD, bearer, login
 from tests.gateway.conftest import PASSWORD, gateway_overrides, unique
 from tests.gateway.test_token_attacks import claims
 
@@ -65,7 +65,8 @@ async def failure(call, *args: Any, **kwargs: Any) -> tuple[grpc.StatusCode, str
 
 async def test_authentication_failures_have_distinct_reasons(suite_and_channel) -> None:
     """No token, a malformed header, garbage, an expired token and a revoked one each get
-    UNAUTHENTICATED with their own reason; a wrong password is CREDENTIALS_INVALID."""
+    UNAUTHENTICATED with their own reason, as do a wrong password and a reused or unknown
+    refresh token."""
     suite, channel = suite_and_channel
     auth = auth_grpc.AuthServiceStub(channel)
     whoami = auth.WhoAmI
@@ -87,6 +88,14 @@ async def test_authentication_failures_have_distinct_reasons(suite_and_channel) 
     )  # fmt: skip
     bad_login = auth_pb.LoginRequest(username="admin", password="wrong-password-1234")
     assert await failure(auth.Login, bad_login) == (unauth, "CREDENTIALS_INVALID", {})
+    pair = await auth.Login(
+        auth_pb.LoginRequest(username="admin", password=ADMIN_PASSWORD), timeout=10
+    )
+    spent = auth_pb.RefreshRequest(refresh_token=pair.refresh_token)
+    await auth.Refresh(spent, timeout=10)
+    assert await failure(auth.Refresh, spent) == (unauth, "REFRESH_TOKEN_REUSED", {})
+    garbage = auth_pb.RefreshRequest(refresh_token="rt_not-a-token")
+    assert await failure(auth.Refresh, garbage) == (unauth, "REFRESH_TOKEN_INVALID", {})
     token = await login(channel)
     await auth.Logout(auth_pb.LogoutRequest(), metadata=bearer(token), timeout=10)
     assert await failure(whoami, request, metadata=bearer(token)) == (
