@@ -3,46 +3,28 @@ that owns its package, without deserializing the messages.
 
 Handlers are chosen per method from the descriptors (unary fast path, streaming where the
 contract streams), and carry the deadline, cancellation, the caller's internal identity
-and the upstream's status with its details.
+and the upstream's status with its details. What is forwarded, the deadline and how the
+outcome reaches the breaker come from gateway/forwarding.py, as on the relay's fast path.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
 
 from aiwfe.channels import Downstream
 from aiwfe.config import GrpcSettings
-from aiwfe.identity import INTERNAL_METADATA_PREFIX
-from gateway.policies import MethodInfo
-
-# Client metadata never forwarded: credentials, our own internal keys, transport headers,
-# and the client's trace context (replaced by the gateway span's, so back-end spans are its
-# children).
-_DROPPED = frozenset(
-    {
-        "authorization",
-        "user-agent",
-        "te",
-        "content-type",
-        "grpc-accept-encoding",
-        "traceparent",
-        "tracestate",
-    }
+from gateway.forwarding import (
+    deadline_cap,
+    effective_deadline,
+    forwarded_metadata,
+    has_details,
+    record_outcome,
 )
-
-
-def forwarded_metadata(
-    context: grpc.aio.ServicerContext, downstream: Downstream
-) -> tuple[tuple[str, Any], ...]:
-    extra = tuple(
-        (k, v)
-        for k, v in context.invocation_metadata() or ()
-        if k not in _DROPPED and not k.startswith((INTERNAL_METADATA_PREFIX, ":", "grpc-"))
-    )
-    return downstream.metadata() + extra
+from gateway.policies import MethodInfo
 
 
 class ProxyHandler(grpc.GenericRpcHandler):
@@ -66,36 +48,49 @@ class ProxyHandler(grpc.GenericRpcHandler):
         return self._handlers.get(handler_call_details.method)
 
 
+class _Upstream:
+    """One proxied call's way to the back end: its deadline and metadata, decided before
+    the breaker is asked, and its outcome told to the breaker once."""
+
+    __slots__ = ("caller_deadline", "metadata", "timeout")
+
+    def __init__(
+        self, context: grpc.aio.ServicerContext, downstream: Downstream, cap: float
+    ) -> None:
+        self.timeout, self.caller_deadline = effective_deadline(context.time_remaining(), cap)
+        client = forwarded_metadata(context.invocation_metadata() or ())
+        self.metadata: tuple[tuple[str, Any], ...] = (*downstream.metadata(), *client)
+
+
+@contextmanager
+def _recorded(downstream: Downstream, call: _Upstream) -> Iterator[None]:
+    breaker = downstream.breaker
+    breaker.before_call()
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        record_outcome(breaker, code, has_details(exc.trailing_metadata()), call.caller_deadline)
+        raise
+    except BaseException:  # the client left (cancelled, or stopped reading a stream)
+        record_outcome(breaker, grpc.StatusCode.CANCELLED, False, call.caller_deadline)
+        raise
+    record_outcome(breaker, grpc.StatusCode.OK, False, call.caller_deadline)
+
+
 def _method_handler(
     info: MethodInfo, downstream: Downstream, settings: GrpcSettings
 ) -> grpc.RpcMethodHandler:
     channel = downstream.channel
-    breaker = downstream.breaker
-    default_timeout = (
-        settings.stream_deadline_seconds
-        if info.server_streaming or info.client_streaming
-        else settings.default_deadline_seconds
-    )
-
-    def timeout(context: grpc.aio.ServicerContext) -> float:
-        remaining = context.time_remaining()
-        return default_timeout if remaining is None else remaining
+    cap = deadline_cap(info, settings)
 
     if not info.client_streaming and not info.server_streaming:
         call = channel.unary_unary(info.path)
 
         async def unary_unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            breaker.before_call()
-            try:
-                response = await call(
-                    request,
-                    timeout=timeout(context),
-                    metadata=forwarded_metadata(context, downstream),
-                )
-            except grpc.aio.AioRpcError as exc:
-                breaker.record_error(exc)
-                raise
-            breaker.record_success()
+            up = _Upstream(context, downstream, cap)
+            with _recorded(downstream, up):
+                response: bytes = await call(request, timeout=up.timeout, metadata=up.metadata)
             return response
 
         return grpc.unary_unary_rpc_method_handler(unary_unary)
@@ -106,19 +101,14 @@ def _method_handler(
         async def unary_stream(
             request: bytes, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[bytes]:
-            breaker.before_call()
-            upstream = stream_call(
-                request, timeout=timeout(context), metadata=forwarded_metadata(context, downstream)
-            )
-            try:
-                async for message in upstream:
-                    yield message
-            except grpc.aio.AioRpcError as exc:
-                breaker.record_error(exc)
-                raise
-            finally:
-                upstream.cancel()  # a client that leaves frees the work behind it
-            breaker.record_success()
+            up = _Upstream(context, downstream, cap)
+            with _recorded(downstream, up):
+                upstream = stream_call(request, timeout=up.timeout, metadata=up.metadata)
+                try:
+                    async for message in upstream:
+                        yield message
+                finally:
+                    upstream.cancel()  # a client that leaves frees the work behind it
 
         return grpc.unary_stream_rpc_method_handler(unary_stream)
 
@@ -128,17 +118,11 @@ def _method_handler(
         async def stream_unary(
             requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
         ) -> bytes:
-            breaker.before_call()
-            try:
-                response = await client_stream_call(
-                    requests,
-                    timeout=timeout(context),
-                    metadata=forwarded_metadata(context, downstream),
+            up = _Upstream(context, downstream, cap)
+            with _recorded(downstream, up):
+                response: bytes = await client_stream_call(
+                    requests, timeout=up.timeout, metadata=up.metadata
                 )
-            except grpc.aio.AioRpcError as exc:
-                breaker.record_error(exc)
-                raise
-            breaker.record_success()
             return response
 
         return grpc.stream_unary_rpc_method_handler(stream_unary)
@@ -148,18 +132,13 @@ def _method_handler(
     async def stream_stream(
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        breaker.before_call()
-        upstream = bidi_call(
-            requests, timeout=timeout(context), metadata=forwarded_metadata(context, downstream)
-        )
-        try:
-            async for message in upstream:
-                yield message
-        except grpc.aio.AioRpcError as exc:
-            breaker.record_error(exc)
-            raise
-        finally:
-            upstream.cancel()
-        breaker.record_success()
+        up = _Upstream(context, downstream, cap)
+        with _recorded(downstream, up):
+            upstream = bidi_call(requests, timeout=up.timeout, metadata=up.metadata)
+            try:
+                async for message in upstream:
+                    yield message
+            finally:
+                upstream.cancel()
 
     return grpc.stream_stream_rpc_method_handler(stream_stream)

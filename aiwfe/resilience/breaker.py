@@ -1,7 +1,8 @@
 """An asyncio circuit breaker per downstream, as the seed specifies.
 
-Only failures that mean the downstream is sick count (UNAVAILABLE, DEADLINE_EXCEEDED,
-INTERNAL); a caller's mistake (INVALID_ARGUMENT, NOT_FOUND, ...) never opens it.
+Only failures that mean the downstream is sick count (UNAVAILABLE, DEADLINE_EXCEEDED of
+our own deadline); a caller's mistake (INVALID_ARGUMENT, NOT_FOUND, INTERNAL, UNKNOWN, its
+own short deadline, ...) never opens it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from aiwfe import metrics
 from aiwfe.errors import Unavailable
 
 DETAILS_KEY = "grpc-status-details-bin"
-SICK_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
-)
+SICK_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 class BreakerState(enum.Enum):
@@ -110,9 +109,12 @@ class CircuitBreaker:
         details = any(key == DETAILS_KEY for key, _ in error.trailing_metadata() or ())
         self.record_status(error.code(), details)
 
-    def record_status(self, code: grpc.StatusCode, details: bool) -> None:
-        """A call's outcome by its status, and whether its trailers carried details."""
-        if code is grpc.StatusCode.UNAVAILABLE and details:
+    def record_status(
+        self, code: grpc.StatusCode, details: bool, *, caller_deadline: bool = False
+    ) -> None:
+        """A call's outcome by its status, and whether its trailers carried details;
+        `caller_deadline`: it ran out of the caller's own (shorter) deadline, not ours."""
+        if (code is grpc.StatusCode.UNAVAILABLE and details) or caller_deadline:
             self.record_success()
             return
         self.record_failure(code)

@@ -44,7 +44,7 @@ def test_half_open_admits_one_probe_and_closes_on_success() -> None:
     """After the timeout one probe passes, a second concurrent call is refused, success closes."""
     breaker = CircuitBreaker("y", failure_threshold=1, timeout=0.05, service="test")
     breaker.before_call()
-    breaker.record_failure(grpc.StatusCode.INTERNAL)
+    breaker.record_failure(grpc.StatusCode.UNAVAILABLE)
     assert breaker.state is BreakerState.OPEN
     time.sleep(0.06)
     breaker.before_call()
