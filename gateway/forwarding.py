@@ -30,6 +30,7 @@ relay hands such a call to the full path, whose proxy names the header.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -42,7 +43,7 @@ from aiwfe.identity import INTERNAL_METADATA_PREFIX
 from aiwfe.resilience.breaker import DETAILS_KEY, CircuitBreaker
 from gateway.policies import MethodInfo
 
-FORWARD, DROP, REPLACE, FRAMING = "forward", "drop", "replace", "framing"
+FORWARD, DROP, REPLACE, FRAMING, INVALID = "forward", "drop", "replace", "framing", "invalid"
 # The user agent the relay's fast path sends (the proxy path's is its gRPC library's).
 RELAY_USER_AGENT = b"aiwfe-gateway-relay/1"
 _CREDENTIALS = frozenset({"authorization", "proxy-authorization", "cookie"})
@@ -95,6 +96,7 @@ def illegal(name: str, value: str | bytes) -> bool:
 
 
 def invalid_header(name: str) -> InvalidArgument:
+    """The refusal of a header gRPC forbids, naming it."""
     return InvalidArgument([(f"metadata.{name}", "is not a valid gRPC header name or value")])
 
 
@@ -136,29 +138,40 @@ def grpc_timeout(seconds: float) -> bytes:
     return f"{min(10**8 - 1, round(seconds))}S".encode()
 
 
-def effective_deadline(client: float | None, cap: float) -> tuple[float, bool]:
-    """The deadline a back end gets (the client's, else the gateway's own), and whether
-    the client's is shorter than the gateway's: a DEADLINE_EXCEEDED then is the caller's
-    doing, not the back end's (a longer one is honoured, and its expiry counts)."""
-    if client is None:
-        return cap, False
-    return client, client < cap
+# A call that ends DEADLINE_EXCEEDED this close to the client's own deadline ran out of it:
+# each hop behind the gateway ends its calls a few milliseconds early.
+_CALLER_MARGIN = 0.05
 
 
-def record_outcome(
-    breaker: CircuitBreaker, code: grpc.StatusCode, details: bool, caller_deadline: bool
-) -> None:
-    """How a proxied call ended, told to the back end's breaker (both paths)."""
-    breaker.record_status(
-        code, details, caller_deadline=caller_deadline and code is grpc.StatusCode.DEADLINE_EXCEEDED
-    )
+class Deadline:
+    """One proxied call's deadline and its breaker's verdict, for both paths: the client's
+    deadline if it sent one, else the gateway's own (`deadline_cap`). A DEADLINE_EXCEEDED
+    is the caller's doing (not counted against the back end) when the client's deadline
+    was the shorter one and the call ran until it."""
+
+    __slots__ = ("_breaker", "_callers", "_started", "seconds")
+
+    def __init__(self, breaker: CircuitBreaker, client: float | None, cap: float) -> None:
+        self._breaker = breaker
+        self.seconds = cap if client is None else client
+        self._callers = client is not None and client < cap
+        self._started = time.monotonic()
+
+    def record(self, code: grpc.StatusCode, details: bool) -> None:
+        """How the call ended, told to the back end's breaker."""
+        caller_deadline = (
+            code is grpc.StatusCode.DEADLINE_EXCEEDED
+            and self._callers
+            and time.monotonic() - self._started >= self.seconds - _CALLER_MARGIN
+        )
+        self._breaker.record_status(code, details, caller_deadline=caller_deadline)
 
 
 def has_details(trailing: Iterable[tuple[str, Any]] | None) -> bool:
+    """Whether a failed call's trailers carried google.rpc details."""
     return any(key == DETAILS_KEY for key, _ in trailing or ())
 
 
-INVALID = "invalid"
 _TRACE_NAMES = frozenset(name.encode() for name in TRACE_FIELDS)
 
 

@@ -6,7 +6,7 @@ direct call's, against nginx's ~0.1 ms. The relay moves frames instead (gateway/
 
 Admission is the gateway's one policy (gateway/authn.py), forwarding its one table
 (gateway/forwarding.py), recording its one recorder (aiwfe/telemetry.py `ServerRecorder`
-and `forwarding.record_outcome`); the relay's fast path is the case where all of them
+and `forwarding.Deadline` for the breaker); the relay's fast path is the case where all of them
 finish without waiting — a method a back end owns, a token already in the in-process
 cache, a role that allows it, locally reserved rate-limit quota, the back end's breaker
 closed, no response cache to consult, only headers gRPC allows. Such a call goes straight
@@ -40,11 +40,10 @@ from aiwfe.telemetry import ServerRecorder, call_context, caller_context
 from gateway.authn import AuthInterceptor
 from gateway.forwarding import (
     RELAY_USER_AGENT,
+    Deadline,
     deadline_cap,
-    effective_deadline,
     grpc_timeout,
     parse_grpc_timeout,
-    record_outcome,
     relayed_headers,
 )
 from gateway.policies import MethodInfo
@@ -183,8 +182,8 @@ class FrontDoor:
             return self._full(headers, peer)
         self.fast_calls += 1
         client = parse_grpc_timeout(timeout) if timeout else None
-        deadline, caller_deadline = effective_deadline(client, deadline_cap(info, self._grpc))
-        return self._fast(info, route, relayed, deadline, caller_deadline, principal)
+        deadline = Deadline(route.breaker, client, deadline_cap(info, self._grpc))
+        return self._fast(info, route, relayed, deadline, principal)
 
     def _full(self, headers: Headers, peer: str) -> Decision:
         """To the gateway's gRPC server, as the client sent it plus the client's address."""
@@ -219,8 +218,7 @@ class FrontDoor:
         info: MethodInfo,
         route: _Route,
         relayed: tuple[Headers, list[tuple[str, str]]],
-        deadline: float,
-        caller_deadline: bool,
+        deadline: Deadline,
         principal: Principal,
     ) -> Decision:
         kept, trace_fields = relayed
@@ -230,7 +228,7 @@ class FrontDoor:
             (b":path", info.path.encode()),
             (b":authority", route.authority),
             (b"te", b"trailers"),
-            (b"grpc-timeout", grpc_timeout(deadline)),
+            (b"grpc-timeout", grpc_timeout(deadline.seconds)),
             (_IDENTITY, self._identity.assertion(principal, GATEWAY).encode()),
             *kept,
             (b"user-agent", RELAY_USER_AGENT),
@@ -245,11 +243,10 @@ class FrontDoor:
                 injected: dict[str, str] = {}
                 propagate.inject(injected, context=context)
                 out.extend((k.encode(), v.encode()) for k, v in injected.items())
-        breaker = route.breaker
         started = time.perf_counter()
 
         def finish(code: grpc.StatusCode, details: bool) -> None:
-            record_outcome(breaker, code, details, caller_deadline)
+            deadline.record(code, details)
             if recorder is not None:
                 recorder.finish(span, code, time.perf_counter() - started)
 

@@ -17,13 +17,7 @@ import grpc
 
 from aiwfe.channels import Downstream
 from aiwfe.config import GrpcSettings
-from gateway.forwarding import (
-    deadline_cap,
-    effective_deadline,
-    forwarded_metadata,
-    has_details,
-    record_outcome,
-)
+from gateway.forwarding import Deadline, deadline_cap, forwarded_metadata, has_details
 from gateway.policies import MethodInfo
 
 
@@ -49,33 +43,33 @@ class ProxyHandler(grpc.GenericRpcHandler):
 
 
 class _Upstream:
-    """One proxied call's way to the back end: its deadline and metadata, decided before
-    the breaker is asked, and its outcome told to the breaker once."""
+    """One proxied call's way to the back end: its metadata and deadline, decided before
+    the breaker is asked."""
 
-    __slots__ = ("caller_deadline", "metadata", "timeout")
+    __slots__ = ("deadline", "metadata", "timeout")
 
     def __init__(
         self, context: grpc.aio.ServicerContext, downstream: Downstream, cap: float
     ) -> None:
-        self.timeout, self.caller_deadline = effective_deadline(context.time_remaining(), cap)
         client = forwarded_metadata(context.invocation_metadata() or ())
         self.metadata: tuple[tuple[str, Any], ...] = (*downstream.metadata(), *client)
+        self.deadline = Deadline(downstream.breaker, context.time_remaining(), cap)
+        self.timeout = self.deadline.seconds
 
 
 @contextmanager
 def _recorded(downstream: Downstream, call: _Upstream) -> Iterator[None]:
-    breaker = downstream.breaker
-    breaker.before_call()
+    """Asks the breaker, then tells it how the call ended (once)."""
+    downstream.breaker.before_call()
     try:
         yield
     except grpc.aio.AioRpcError as exc:
-        code = exc.code()
-        record_outcome(breaker, code, has_details(exc.trailing_metadata()), call.caller_deadline)
+        call.deadline.record(exc.code(), has_details(exc.trailing_metadata()))
         raise
     except BaseException:  # the client left (cancelled, or stopped reading a stream)
-        record_outcome(breaker, grpc.StatusCode.CANCELLED, False, call.caller_deadline)
+        call.deadline.record(grpc.StatusCode.CANCELLED, False)
         raise
-    record_outcome(breaker, grpc.StatusCode.OK, False, call.caller_deadline)
+    call.deadline.record(grpc.StatusCode.OK, False)
 
 
 def _method_handler(

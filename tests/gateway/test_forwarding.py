@@ -20,6 +20,7 @@ import pytest
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.embedded import free_port
 from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.resilience.breaker import BreakerState
 from aiwfe.server import RunningService, start_service
 from aiwfe.suite import Suite, start_suite
 from gateway.forwarding import forwarded_metadata, relayed_headers
@@ -29,6 +30,7 @@ from tests.conftest import bearer, login
 EMBED = "/aiwfe.cognitive.v1.CognitiveService/Embed"
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_AGENT = "header-probe/7"
+EXPIRE, EXPIRE_NOW = b"expire", b"expire-now"
 # One or more of each class a gRPC client library lets a caller send (it refuses
 # upper-case names and CR/LF values itself; the relay refuses connection-specific fields at
 # the HTTP/2 layer, so those are checked on the table below).
@@ -79,6 +81,11 @@ class Recorder(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(self.echo) if details.method == EMBED else None
 
     async def echo(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if request == EXPIRE:  # DEADLINE_EXCEEDED just before the call's deadline
+            await asyncio.sleep(max(0.0, (context.time_remaining() or 0.0) - 0.02))
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "ran out of time")
+        if request == EXPIRE_NOW:  # the back end's own DEADLINE_EXCEEDED, not the caller's
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "gave up")
         remaining = context.time_remaining()
         metadata = [(k, v) for k, v in context.invocation_metadata() or ()]
         self.calls.append(Seen(metadata, remaining or 0.0, request))
@@ -144,7 +151,7 @@ async def test_both_paths_deliver_the_same_headers_to_the_back_end(two_paths) ->
     observed = []
     for seen in (fast, proxied):
         assert seen.request == request
-        assert 5 < seen.time_remaining <= 10  # the client's deadline, rebuilt
+        assert 5 < seen.time_remaining < 11  # the client's 10 s (rounded up on the wire)
         names = Counter(name for name, _ in seen.metadata)
         assert names["user-agent"] == 1 and names[IDENTITY_METADATA_KEY] == 1
         values = dict(seen.metadata)
@@ -159,6 +166,41 @@ async def test_both_paths_deliver_the_same_headers_to_the_back_end(two_paths) ->
         assert kept == EXPECTED_AS_SENT
         observed.append(sorted(names.items()))
     assert observed[0] == observed[1]
+
+
+async def test_the_callers_own_short_deadline_never_counts_against_the_back_end(
+    two_paths,
+) -> None:
+    """Calls that end DEADLINE_EXCEEDED because the caller's own deadline (shorter than the
+    gateway's) ran out leave the back end's breaker closed, on the relay's fast path and
+    through the proxy; the back end's own DEADLINE_EXCEEDED still opens it."""
+    suite, full, _ = two_paths
+    async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+        token = await login(channel)
+    front = suite.running["gateway"].front
+    await _call(suite.address("gateway"), token, b"")  # the token is cached now
+    no_store = (*bearer(token), ("cache-control", "no-store"))  # else the cache's full path
+    relayed = suite.running["gateway"]
+    for address, running in ((relayed.address, relayed), (full.address, full)):
+        breaker = running.service.downstreams["aiwfe.cognitive.v1"].breaker
+        fast_before = front.fast_calls
+        async with grpc.aio.insecure_channel(address) as channel:
+
+            async def code(message: bytes, timeout: float | None) -> grpc.StatusCode:
+                try:
+                    await channel.unary_unary(EMBED)(message, metadata=no_store, timeout=timeout)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+            caller = await asyncio.gather(*(code(EXPIRE, 0.5) for _ in range(10)))
+            assert set(caller) == {grpc.StatusCode.DEADLINE_EXCEEDED}
+            assert breaker.state is BreakerState.CLOSED
+            if running is relayed:
+                assert front.fast_calls >= fast_before + 5  # the rest: quota reserved anew
+            own = await asyncio.gather(*(code(EXPIRE_NOW, None) for _ in range(6)))
+            assert set(own) <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}
+            assert breaker.state is BreakerState.OPEN
 
 
 @pytest.mark.parametrize(
@@ -201,6 +243,51 @@ def test_one_table_decides_both_representations(name: str, value: str) -> None:
         assert (kept_proxied != []) == name.startswith("x-custom")
 
 
+async def h2_call(address: str, headers: list[tuple[str, str]], message: bytes) -> dict:
+    """One unary gRPC call from a raw HTTP/2 client that sends `headers` unchecked and
+    unchanged; the status fields it ends with ({} when the stream is reset)."""
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(
+            client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
+        )
+    )
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        conn.initiate_connection()
+        conn.send_headers(1, headers)
+        conn.send_data(1, b"\x00" + len(message).to_bytes(4, "big") + message, end_stream=True)
+        writer.write(conn.data_to_send())
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            if not data:
+                return {}
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.StreamReset):
+                    return {}
+                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    fields = dict(event.headers)
+                    if b"grpc-status" in fields:
+                        return fields
+            writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+def grpc_headers(address: str, path: str, token: str) -> list[tuple[str, str]]:
+    return [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", address),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        ("authorization", f"Bearer {token}"),
+    ]
+
+
 async def test_a_crlf_value_on_the_full_path_is_invalid_argument(base_overrides, caplog) -> None:
     """With the relay off, a request header whose value holds CR/LF (which only a raw
     HTTP/2 client can send) is answered INVALID_ARGUMENT, not INTERNAL, with nothing
@@ -209,45 +296,14 @@ async def test_a_crlf_value_on_the_full_path_is_invalid_argument(base_overrides,
         {**base_overrides, "gateway": {"relay": False}}, only=("dataplatform", "gateway")
     )
     try:
-        async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+        address = suite.address("gateway")
+        async with grpc.aio.insecure_channel(address) as channel:
             token = await login(channel)
-        conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
-        )
-        host, port = suite.address("gateway").rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
-        conn.initiate_connection()
+        headers = [*grpc_headers(address, EMBED, token), ("x-note", "line\r\nInjected: yes")]
         body = cog_pb.EmbedRequest(texts=["x"]).SerializeToString()
-        conn.send_headers(
-            1,
-            [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":path", EMBED),
-                (":authority", suite.address("gateway")),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-                ("authorization", f"Bearer {token}"),
-                ("x-note", "line\r\nInjected: yes"),
-            ],
-        )
-        conn.send_data(1, b"\x00" + len(body).to_bytes(4, "big") + body, end_stream=True)
-        writer.write(conn.data_to_send())
-        trailers: dict[bytes, bytes] = {}
         with caplog.at_level("ERROR", logger="aiwfe.errors"):
-            while not trailers:
-                data = await asyncio.wait_for(reader.read(65536), 10)
-                assert data, "connection closed before the status"
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
-                        fields = dict(event.headers)
-                        if b"grpc-status" in fields:
-                            trailers = fields
-                writer.write(conn.data_to_send())
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-        assert trailers[b"grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0]).encode()
+            status = await h2_call(address, headers, body)
+        assert status[b"grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0]).encode()
         assert not [r for r in caplog.records if "unhandled" in r.getMessage()]
     finally:
         await suite.stop()
