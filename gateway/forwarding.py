@@ -29,6 +29,7 @@ relay hands such a call to the full path, whose proxy names the header.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Iterable
@@ -66,7 +67,6 @@ _LEGAL_NAME = re.compile(r"[0-9a-z_.\-]+").fullmatch
 _LEGAL_VALUE = re.compile(rb"[\x20-\x7e]*").fullmatch
 _LEGAL_TEXT = re.compile(r"[\x20-\x7e]*").fullmatch
 _MEMO_LIMIT = 4096  # names are the client's choice: the memo of their rules stays bounded
-_rules: dict[bytes, str] = {}
 
 
 def rule(name: str) -> str:
@@ -130,6 +130,7 @@ def parse_grpc_timeout(value: bytes) -> float | None:
     return int(digits) * _UNITS[unit]
 
 
+@functools.lru_cache(maxsize=16)  # asked for the gateway's own few deadlines
 def grpc_timeout(seconds: float) -> bytes:
     """A grpc-timeout value (at most 8 digits, as the spec allows)."""
     millis = max(1, round(seconds * 1000))
@@ -173,18 +174,32 @@ def has_details(trailing: Iterable[tuple[str, Any]] | None) -> bool:
 
 
 _TRACE_NAMES = frozenset(name.encode() for name in TRACE_FIELDS)
+_ILLEGAL_BYTE = re.compile(rb"[^\x20-\x7e]").search
+# What the relay does with a header name: pass it (text, or binary), take it as trace
+# context, skip it (its text value still checked), skip it unchecked (pseudo-headers,
+# checked by the relay), or refuse the call.
+_KEEP, _KEEP_BINARY, _TRACE, _SKIP, _SKIP_UNCHECKED, _REFUSE = range(6)
+_memo: dict[bytes, int] = {}
 
 
-def _rule_of(name: bytes) -> str:
-    """`rule` for a header name as the relay sees it, INVALID for one gRPC forbids
-    (memoized: clients repeat their names)."""
-    found = _rules.get(name)
-    if found is None:
-        text = name.decode("latin-1")
-        found = rule(text) if text[:1] == ":" or _LEGAL_NAME(text) else INVALID
-        if len(_rules) < _MEMO_LIMIT:
-            _rules[name] = found
-    return found
+def _judged(name: bytes) -> int:
+    """What the relay does with header `name` (memoized: clients repeat their names)."""
+    text = name.decode("latin-1")
+    if text[:1] == ":":
+        action = _SKIP_UNCHECKED
+    elif _LEGAL_NAME(text) is None:
+        action = _REFUSE
+    else:
+        found, binary = rule(text), text.endswith("-bin")
+        if found == FORWARD or found == FRAMING:
+            action = _KEEP_BINARY if binary else _KEEP
+        elif name in _TRACE_NAMES:
+            action = _TRACE
+        else:
+            action = _SKIP_UNCHECKED if binary else _SKIP
+    if len(_memo) < _MEMO_LIMIT:
+        _memo[name] = action
+    return action
 
 
 def relayed_headers(
@@ -195,16 +210,24 @@ def relayed_headers(
     call then takes the full path, which refuses it)."""
     kept: list[tuple[bytes, bytes]] = []
     trace: list[tuple[str, str]] = []
-    for name, value in headers:
-        found = _rule_of(name)
-        if found == INVALID:
-            return None
-        if name[:1] == b":":
-            continue
-        if not name.endswith(b"-bin") and _LEGAL_VALUE(value) is None:
-            return None
-        if found == FORWARD or found == FRAMING:
-            kept.append((name, value))
-        elif name in _TRACE_NAMES:
+    text: list[bytes] = []
+    for header in headers:
+        name, value = header
+        action = _memo.get(name)
+        if action is None:
+            action = _judged(name)
+        if action == _KEEP:
+            kept.append(header)
+            text.append(value)
+        elif action == _SKIP:
+            text.append(value)
+        elif action == _KEEP_BINARY:
+            kept.append(header)
+        elif action == _TRACE:
             trace.append((name.decode(), value.decode("latin-1")))
+            text.append(value)
+        elif action == _REFUSE:
+            return None
+    if _ILLEGAL_BYTE(b"".join(text)) is not None:  # one scan for all text values
+        return None
     return kept, trace

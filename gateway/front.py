@@ -171,19 +171,25 @@ class FrontDoor:
             admission.authorize(info, principal)
         except AiwfeError:  # the full path makes every denial, with its status
             return self._full(headers, peer)
+        relayed = relayed_headers(headers)
+        if relayed is None:  # a header gRPC forbids: the full path refuses the call
+            return self._full(headers, peer)
         control = cache_control.decode("latin-1") if cache_control else None
         if admission.consults_cache(info, principal, control):
             decision = self._full(headers, peer)
             if cache_directive(control) is None:  # "no-cache" wants a fresh answer
                 return decision._replace(answer=self._cached_answer(info, principal))
             return decision
-        relayed = relayed_headers(headers)
-        if relayed is None or not admission.spend_now(principal):
+        if not admission.spend_now(principal):
             return self._full(headers, peer)
         self.fast_calls += 1
         client = parse_grpc_timeout(timeout) if timeout else None
-        deadline = Deadline(route.breaker, client, deadline_cap(info, self._grpc))
-        return self._fast(info, route, relayed, deadline, principal)
+        cap = deadline_cap(info, self._grpc)
+        deadline = Deadline(route.breaker, client, cap)
+        # A valid client value is the deadline already; only the gateway's own is written.
+        wire = timeout if client is not None and timeout is not None else grpc_timeout(cap)
+        assert path is not None
+        return self._fast(info, route, path, relayed, deadline, wire, principal)
 
     def _full(self, headers: Headers, peer: str) -> Decision:
         """To the gateway's gRPC server, as the client sent it plus the client's address."""
@@ -217,18 +223,20 @@ class FrontDoor:
         self,
         info: MethodInfo,
         route: _Route,
+        path: bytes,
         relayed: tuple[Headers, list[tuple[str, str]]],
         deadline: Deadline,
+        wire_timeout: bytes,
         principal: Principal,
     ) -> Decision:
         kept, trace_fields = relayed
         out: Headers = [
             (b":method", b"POST"),
             (b":scheme", route.scheme),
-            (b":path", info.path.encode()),
+            (b":path", path),
             (b":authority", route.authority),
             (b"te", b"trailers"),
-            (b"grpc-timeout", grpc_timeout(deadline.seconds)),
+            (b"grpc-timeout", wire_timeout),
             (_IDENTITY, self._identity.assertion(principal, GATEWAY).encode()),
             *kept,
             (b"user-agent", RELAY_USER_AGENT),
