@@ -5,11 +5,12 @@ RPC, which put the gateway hop at 0.6 to 1.0 ms and its throughput at 0.4 to 0.6
 direct call's, against nginx's ~0.1 ms. The relay moves frames instead (gateway/relay.py).
 
 Admission is the gateway's one policy (gateway/authn.py), forwarding its one table
-(gateway/forwarding.py), recording its one recorder (aiwfe/telemetry.py `ServerRecorder`
-and `forwarding.Deadline` for the breaker); the relay's fast path is the case where all of them
-finish without waiting — a method a back end owns, a token already in the in-process
-cache, a role that allows it, locally reserved rate-limit quota, the back end's breaker
-closed, no response cache to consult, only headers gRPC allows. Such a call goes straight
+(gateway/forwarding.py), recording its one recorder (`ServerRecorder` in
+aiwfe/telemetry.py, and `forwarding.Deadline` for the breaker). The relay's fast path is
+the case where all of them finish without waiting: a method a back end owns, a token
+already in the in-process cache, a role that allows it, locally reserved rate-limit
+quota, the back end's breaker closed (where the proxy's `before_call` would let it pass
+without a probe), no response cache to consult, only headers gRPC allows. Such a call goes straight
 to that back end with the headers the table keeps, the identity assertion and the
 deadline. Every other call goes unchanged, plus the client's address, to the gateway's own
 gRPC server on a private Unix socket, whose interceptors and proxy decide it with the same

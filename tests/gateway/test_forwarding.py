@@ -19,6 +19,7 @@ import pytest
 
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.embedded import free_port
+from aiwfe.errors import InvalidArgument
 from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from aiwfe.resilience.breaker import BreakerState
 from aiwfe.server import RunningService, start_service
@@ -232,6 +233,8 @@ def test_one_table_decides_both_representations(name: str, value: str) -> None:
     relayed = relayed_headers([(b":path", b"/p"), (name.encode(), value.encode())])
     if name != name.lower():  # only a raw HTTP/2 client can send it: refused, never kept
         assert relayed is None
+        with pytest.raises(InvalidArgument):
+            forwarded_metadata([(name, value)])
         return
     assert relayed is not None
     kept_relayed = [(n.decode(), v.decode()) for n, v in relayed[0]]
