@@ -202,6 +202,26 @@ def _judged(name: bytes) -> int:
     return action
 
 
+# Each (name, value) a client sent before, judged: clients repeat most of their headers
+# call after call (all but the deadline and the trace context, which are not kept here).
+# Bounded: emptied when full, so headers unique per call cannot crowd out repeated ones.
+_pairs: dict[tuple[bytes, bytes], int] = {}
+
+
+def _judged_pair(header: tuple[bytes, bytes]) -> int:
+    name, value = header
+    action = _memo.get(name)
+    if action is None:
+        action = _judged(name)
+    if action in (_KEEP, _SKIP, _TRACE) and _ILLEGAL_BYTE(value) is not None:
+        action = _REFUSE
+    if action != _TRACE and name != b"grpc-timeout":
+        if len(_pairs) >= _MEMO_LIMIT:  # headers unique per call filled it: start again
+            _pairs.clear()
+        _pairs[header] = action
+    return action
+
+
 def relayed_headers(
     headers: Iterable[tuple[bytes, bytes]],
 ) -> tuple[list[tuple[bytes, bytes]], list[tuple[str, str]]] | None:
@@ -210,24 +230,14 @@ def relayed_headers(
     call then takes the full path, which refuses it)."""
     kept: list[tuple[bytes, bytes]] = []
     trace: list[tuple[str, str]] = []
-    text: list[bytes] = []
     for header in headers:
-        name, value = header
-        action = _memo.get(name)
+        action = _pairs.get(header)
         if action is None:
-            action = _judged(name)
-        if action == _KEEP:
-            kept.append(header)
-            text.append(value)
-        elif action == _SKIP:
-            text.append(value)
-        elif action == _KEEP_BINARY:
+            action = _judged_pair(header)
+        if action == _KEEP or action == _KEEP_BINARY:
             kept.append(header)
         elif action == _TRACE:
-            trace.append((name.decode(), value.decode("latin-1")))
-            text.append(value)
+            trace.append((header[0].decode(), header[1].decode("latin-1")))
         elif action == _REFUSE:
             return None
-    if _ILLEGAL_BYTE(b"".join(text)) is not None:  # one scan for all text values
-        return None
     return kept, trace

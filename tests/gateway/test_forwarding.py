@@ -230,7 +230,9 @@ def test_one_table_decides_both_representations(name: str, value: str) -> None:
     """The relay's byte headers and the proxy's metadata are judged by one table: a header
     a client may send either way is kept by both or by neither (the encodings, which go
     with the message bytes, only where the bytes pass as sent)."""
-    relayed = relayed_headers([(b":path", b"/p"), (name.encode(), value.encode())])
+    headers = [(b":path", b"/p"), (name.encode(), value.encode())]
+    relayed = relayed_headers(headers)
+    assert relayed_headers(headers) == relayed  # judged again from the memo, alike
     if name != name.lower():  # only a raw HTTP/2 client can send it: refused, never kept
         assert relayed is None
         with pytest.raises(InvalidArgument):
