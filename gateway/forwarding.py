@@ -66,7 +66,11 @@ _REPLACED = frozenset({"grpc-timeout", "user-agent"}) | TRACE_FIELDS
 _LEGAL_NAME = re.compile(r"[0-9a-z_.\-]+").fullmatch
 _LEGAL_VALUE = re.compile(rb"[\x20-\x7e]*").fullmatch
 _LEGAL_TEXT = re.compile(r"[\x20-\x7e]*").fullmatch
-_MEMO_LIMIT = 4096  # names are the client's choice: the memo of their rules stays bounded
+# Names and values are the client's choice: the memos keep at most this many entries of
+# at most this size (a few MiB however a client varies them).
+_MEMO_LIMIT = 4096
+_MEMO_NAME = 64
+_MEMO_PAIR = 1024
 
 
 def rule(name: str) -> str:
@@ -197,7 +201,7 @@ def _judged(name: bytes) -> int:
             action = _TRACE
         else:
             action = _SKIP_UNCHECKED if binary else _SKIP
-    if len(_memo) < _MEMO_LIMIT:
+    if len(name) <= _MEMO_NAME and len(_memo) < _MEMO_LIMIT:
         _memo[name] = action
     return action
 
@@ -209,13 +213,14 @@ _pairs: dict[tuple[bytes, bytes], int] = {}
 
 
 def _judged_pair(header: tuple[bytes, bytes]) -> int:
+    """What the relay does with one header, its value checked (memoized when small)."""
     name, value = header
     action = _memo.get(name)
     if action is None:
         action = _judged(name)
     if action in (_KEEP, _SKIP, _TRACE) and _ILLEGAL_BYTE(value) is not None:
         action = _REFUSE
-    if action != _TRACE and name != b"grpc-timeout":
+    if action != _TRACE and name != b"grpc-timeout" and len(name) + len(value) <= _MEMO_PAIR:
         if len(_pairs) >= _MEMO_LIMIT:  # headers unique per call filled it: start again
             _pairs.clear()
         _pairs[header] = action

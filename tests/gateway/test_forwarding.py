@@ -24,6 +24,7 @@ from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from aiwfe.resilience.breaker import BreakerState
 from aiwfe.server import RunningService, start_service
 from aiwfe.suite import Suite, start_suite
+from gateway import forwarding
 from gateway.forwarding import forwarded_metadata, relayed_headers
 from gateway.service import GatewayService
 from tests.conftest import bearer, login
@@ -246,6 +247,17 @@ def test_one_table_decides_both_representations(name: str, value: str) -> None:
     else:
         assert kept_relayed == kept_proxied
         assert (kept_proxied != []) == name.startswith("x-custom")
+
+
+def test_the_relays_memo_of_judged_headers_stays_bounded() -> None:
+    """Headers unique per call, or large, never grow the memo of judged headers past its
+    bound, and a big value is judged without being kept."""
+    for i in range(2 * forwarding._MEMO_LIMIT):
+        relayed_headers([(b"x-request-id", f"req-{i}".encode())])
+        assert len(forwarding._pairs) <= forwarding._MEMO_LIMIT
+    big = (b"x-big", b"v" * 60_000)
+    assert relayed_headers([big]) == ([big], [])
+    assert big not in forwarding._pairs
 
 
 async def h2_call(address: str, headers: list[tuple[str, str]], message: bytes) -> dict:
