@@ -9,8 +9,9 @@
 - hop-by-hop and connection-specific (`connection` `keep-alive` `proxy-connection`
   `transfer-encoding` `upgrade` `te` `host` `http2-settings`): dropped (`te: trailers`
   rebuilt).
-- deadline (`grpc-timeout`): rebuilt from the client's deadline, else the gateway's default
-  (unary or streaming, `deadline_cap`); a malformed value counts as none.
+- deadline (`grpc-timeout`): the client's deadline (a valid value passes as sent), else
+  the gateway's default (unary or streaming, `deadline_cap`); a malformed one counts as
+  none.
 - trace context (the propagator's fields: `traceparent` `tracestate` `baggage`): replaced by
   the call's context, the gateway span's when recording, else the client's own as parsed.
 - user agent (`user-agent`): replaced by the gateway's own; the back end's client is the
@@ -44,7 +45,7 @@ from aiwfe.identity import INTERNAL_METADATA_PREFIX
 from aiwfe.resilience.breaker import DETAILS_KEY, CircuitBreaker
 from gateway.policies import MethodInfo
 
-FORWARD, DROP, REPLACE, FRAMING, INVALID = "forward", "drop", "replace", "framing", "invalid"
+FORWARD, DROP, REPLACE, FRAMING = "forward", "drop", "replace", "framing"
 # The user agent the relay's fast path sends (the proxy path's is its gRPC library's).
 RELAY_USER_AGENT = b"aiwfe-gateway-relay/1"
 _CREDENTIALS = frozenset({"authorization", "proxy-authorization", "cookie"})
