@@ -1,0 +1,209 @@
+"""The `overload` scenario: Embed through the gateway at 10x the concurrency that saturates
+the suite, with load shedding on and off.
+
+For each variant a server process of its own (`benchmarks.servers`, shedding switched by
+`AIWFE_LOAD_SHEDDING__ENABLED`) is measured in three phases:
+- anchor: Embed direct to cognitive at 1 in flight (the machine's speed that moment);
+- unloaded maximum: closed loops at `concurrency` (32) in flight through the gateway;
+- overload: closed loops at `factor` x that (320), each call with a 2 s deadline. A refused
+  call (RESOURCE_EXHAUSTED or UNAVAILABLE) waits the RetryInfo delay it was given before
+  its loop sends again, as a well-behaved gRPC client does.
+
+Reported: p50/p99 of admitted calls, p99 of refused ones, the share refused, admitted
+throughput against the unloaded maximum, and how many calls ended DEADLINE_EXCEEDED.
+The request is `texts` distinct short texts, cached after the warm-up, so each call costs
+the service a few ms of response building, not embedding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
+from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from benchmarks import load
+
+FACTOR = 10
+DEADLINE_S = 2.0
+TEXTS = 32
+REFUSED = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
+SHEDDING_ENV = "AIWFE_LOAD_SHEDDING__ENABLED"
+
+
+def request(texts: int = TEXTS) -> bytes:
+    return cog_pb.EmbedRequest(
+        texts=[f"overload probe {i}: the quick brown fox" for i in range(texts)]
+    ).SerializeToString()
+
+
+def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
+    """The RetryInfo delay a refusal carries (None: none given)."""
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    return None
+
+
+@dataclass
+class Outcome:
+    """What one phase of closed loops saw."""
+
+    ok: list[int] = field(default_factory=list)  # ns
+    refused: list[int] = field(default_factory=list)  # ns
+    codes: Counter[str] = field(default_factory=Counter)
+    without_retry_info: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        def pct(values: list[int], q: float) -> float | None:
+            return round(float(np.percentile(values, q)) / 1e6, 2) if values else None
+
+        total = sum(self.codes.values())
+        return {
+            "calls": total,
+            "admitted_rps": round(len(self.ok) / self.seconds, 1) if self.seconds else 0.0,
+            "admitted_p50_ms": pct(self.ok, 50),
+            "admitted_p99_ms": pct(self.ok, 99),
+            "refused_p50_ms": pct(self.refused, 50),
+            "refused_p99_ms": pct(self.refused, 99),
+            "refused_share": round(len(self.refused) / total, 4) if total else 0.0,
+            "refused_without_retry_info": self.without_retry_info,
+            "deadline_exceeded": self.codes.get("DEADLINE_EXCEEDED", 0),
+            "codes": dict(self.codes),
+        }
+
+
+async def drive(
+    channel: grpc.aio.Channel,
+    metadata: tuple[tuple[str, str], ...],
+    body: bytes,
+    concurrency: int,
+    seconds: float,
+    timeout: float = DEADLINE_S,
+) -> Outcome:
+    """`concurrency` closed loops for `seconds`; a refused loop waits its RetryInfo delay."""
+    call = channel.unary_unary(load.EMBED_METHOD)
+    out = Outcome()
+    start = time.perf_counter()
+    end = start + seconds
+
+    async def loop() -> None:
+        while time.perf_counter() < end:
+            t0 = time.perf_counter_ns()
+            try:
+                await call(body, metadata=metadata, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                elapsed = time.perf_counter_ns() - t0
+                out.codes[exc.code().name] += 1
+                if exc.code() in REFUSED:
+                    out.refused.append(elapsed)
+                    delay = retry_delay(exc)
+                    if delay is None:
+                        out.without_retry_info += 1
+                    # Jittered, as gRPC clients back off, so retries do not come in waves.
+                    await asyncio.sleep((delay or 0.05) * random.uniform(0.8, 1.2))
+                continue
+            out.ok.append(time.perf_counter_ns() - t0)
+            out.codes["OK"] += 1
+
+    with load._collector_held():
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+async def _variant(
+    server: Any, login: Any, concurrency: int, seconds: float, warmup: float, texts: int
+) -> dict[str, Any]:
+    token = await login(server.address("gateway"), server.admin_password)
+    bearer = (("authorization", f"Bearer {token}"), ("cache-control", "no-store"))
+    identity = InternalIdentity(server.internal_secret)
+    body = request(texts)
+    async with contextlib.AsyncExitStack() as stack:
+        gateway = grpc.aio.insecure_channel(server.address("gateway"))
+        direct = grpc.aio.insecure_channel(server.address("cognitive"))
+        stack.push_async_callback(gateway.close)
+        stack.push_async_callback(direct.close)
+        await load.preflight(gateway, bearer)
+        internal = ((IDENTITY_METADATA_KEY, identity.assertion(None, "bench")),)
+        await drive(direct, internal, body, 1, warmup)  # fills the cache with the texts
+        anchor = await drive(direct, internal, body, 1, seconds / 2)
+        await drive(gateway, bearer, body, concurrency, warmup)
+        unloaded = await drive(gateway, bearer, body, concurrency, seconds)
+        overload = await drive(gateway, bearer, body, concurrency * FACTOR, seconds)
+    base = unloaded.summary()
+    over = overload.summary()
+    return {
+        "direct_p50_ms": anchor.summary()["admitted_p50_ms"],
+        "unloaded": base,
+        "overload": over,
+        "throughput_vs_unloaded": (
+            round(over["admitted_rps"] / base["admitted_rps"], 3) if base["admitted_rps"] else None
+        ),
+    }
+
+
+async def run(
+    start_server: Any,
+    login: Any,
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    texts: int = TEXTS,
+) -> dict[str, Any]:
+    """Both variants, one server process after the other (each stopped before the next)."""
+    out: dict[str, Any] = {
+        "texts_per_call": texts,
+        "concurrency": concurrency,
+        "overload_concurrency": concurrency * FACTOR,
+        "deadline_s": DEADLINE_S,
+        "seconds": seconds,
+    }
+    for name, enabled in (("shedding_on", "true"), ("shedding_off", "false")):
+        print(f"running overload ({name}) ...", file=sys.stderr, flush=True)
+        server = await asyncio.to_thread(start_server, {SHEDDING_ENV: enabled})
+        try:
+            out[name] = await _variant(server, login, concurrency, seconds, warmup, texts)
+        finally:
+            await asyncio.to_thread(server.stop)
+    return out
+
+
+def render(result: dict[str, Any]) -> list[str]:
+    """Lines for the printed report."""
+    lines = [
+        "",
+        f"overload: Embed of {result['texts_per_call']} cached texts through the gateway, "
+        f"{result['overload_concurrency']} in flight (unloaded max measured at "
+        f"{result['concurrency']}), {result['deadline_s']} s deadlines, refused calls retried "
+        "after their RetryInfo delay",
+    ]
+    for name in ("shedding_on", "shedding_off"):
+        v = result.get(name)
+        if not v:
+            continue
+        o, u = v["overload"], v["unloaded"]
+        lines.append(
+            f"  {name}: admitted p50 {o['admitted_p50_ms']} ms p99 {o['admitted_p99_ms']} ms; "
+            f"refused {o['refused_share']:.1%} (p99 {o['refused_p99_ms']} ms, "
+            f"{o['refused_without_retry_info']} without RetryInfo); admitted "
+            f"{o['admitted_rps']:,.0f} rps = {v['throughput_vs_unloaded']:.2f}x the unloaded "
+            f"{u['admitted_rps']:,.0f} rps (p50 {u['admitted_p50_ms']} ms); "
+            f"DEADLINE_EXCEEDED {o['deadline_exceeded']}; direct p50 {v['direct_p50_ms']} ms"
+        )
+    return lines
