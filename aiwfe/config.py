@@ -366,9 +366,9 @@ class LoadSheddingSettings(_Block):
     """
 
     enabled: bool = True
-    initial_limit: int = Field(default=32, gt=0)
-    min_limit: int = Field(default=4, gt=0)
-    max_limit: int = Field(default=512, gt=0)
+    initial_limit: int = Field(default=64, gt=0)
+    min_limit: int = Field(default=8, gt=0)
+    max_limit: int = Field(default=1024, gt=0)
     fixed_limit: int | None = Field(default=None, gt=0)
     tolerance: float = Field(default=2.0, ge=1)
     target_latency_seconds: float = Field(default=0.25, gt=0)
