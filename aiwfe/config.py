@@ -366,19 +366,17 @@ class LoadSheddingSettings(_Block):
     """
 
     enabled: bool = True
-    initial_limit: int = Field(default=64, gt=0)
+    initial_limit: int = Field(default=256, gt=0)
     min_limit: int = Field(default=8, gt=0)
     max_limit: int = Field(default=1024, gt=0)
     fixed_limit: int | None = Field(default=None, gt=0)
     tolerance: float = Field(default=2.0, ge=1)
+    latency_floor_seconds: float = Field(default=0.05, ge=0)
     target_latency_seconds: float = Field(default=0.25, gt=0)
     window_seconds: float = Field(default=0.1, gt=0, le=10)
     min_window_samples: int = Field(default=10, gt=0)
     smoothing: float = Field(default=0.2, gt=0, le=1)
     probe_interval_seconds: float = Field(default=10, gt=0)
-    # A health call to the server's own private socket every window measures the wait
-    # before a handler; RetryInfo delays grow while it is over this.
-    queue_target_seconds: float = Field(default=0.05, gt=0)
     min_retry_after_seconds: float = Field(default=0.05, ge=0, le=10)
 
     @model_validator(mode="after")

@@ -16,7 +16,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
@@ -35,7 +34,6 @@ from aiwfe.system_service import LocalSystemServicer
 from aiwfe.telemetry import TelemetryInterceptor, configure_tracing, flush_telemetry
 
 log = logging.getLogger("aiwfe.server")
-MAX_PROBE_WAIT = 2.0  # seconds; a queue probe that waits longer counts as this long
 
 
 class Front(Protocol):
@@ -116,7 +114,6 @@ class RunningService:
         self._probe_task: asyncio.Task[None] | None = None
         self._serving: bool | None = None
         self.limiter: ConcurrencyLimiter | None = None  # load shedding (None: off)
-        self._queue_probe_task: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -144,28 +141,12 @@ class RunningService:
             await self.set_serving(ok)
             await asyncio.sleep(interval if ok else min(interval, 1.0))
 
-    async def _queue_probe_loop(self, limiter: ConcurrencyLimiter, target: str) -> None:
-        """Times a health call to this server's own private socket once per limiter
-        window: it waits in the same queue as every call before its handler runs."""
-        interval = self.service.settings.load_shedding.window_seconds
-        async with grpc.aio.insecure_channel(target) as channel:
-            check = health_pb2_grpc.HealthStub(channel).Check
-            request = health_pb2.HealthCheckRequest()
-            while True:
-                started = time.perf_counter()
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await check(request, timeout=MAX_PROBE_WAIT)
-                limiter.observe_queue(time.perf_counter() - started)
-                await asyncio.sleep(interval)
-
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: NOT_SERVING first, drain with grace, then release resources."""
-        for task in (self._probe_task, self._queue_probe_task):
-            if task is None:
-                continue
-            task.cancel()
+        if self._probe_task:
+            self._probe_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await self._probe_task
         await self.health.enter_graceful_shutdown()
         grace = self.service.settings.grpc.shutdown_grace_seconds if grace is None else grace
         if self.front is not None:
@@ -229,13 +210,9 @@ async def start_service(
     # With a front, the gRPC server listens on a Unix socket in a directory only this
     # user can enter, and the front takes the port.
     front = service.front()
-    private = front is not None or limiter is not None
-    socket_dir = tempfile.mkdtemp(prefix=f"aiwfe-{service.name}-") if private else None
+    socket_dir = tempfile.mkdtemp(prefix=f"aiwfe-{service.name}-") if front else None
     socket = os.path.join(socket_dir, "grpc.sock") if socket_dir else ""
     try:
-        if limiter is not None and front is None:
-            # The queue probe's way in (the front's socket serves for that otherwise).
-            server.add_insecure_port(f"unix:{socket}")
         if front is not None:
             server.add_insecure_port(f"unix:{socket}")
         elif credentials is not None:
@@ -257,10 +234,6 @@ async def start_service(
         service, server, bound, health_servicer, names, host, front, socket_dir
     )
     running.limiter = limiter
-    if limiter is not None:
-        running._queue_probe_task = asyncio.create_task(
-            running._queue_probe_loop(limiter, f"unix:{socket}")
-        )
     await running.set_serving(await service.healthy())
     running._probe_task = asyncio.create_task(running._probe_loop(probe_interval))
     log.info("%s listening on %s", service.name, running.address)

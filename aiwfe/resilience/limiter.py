@@ -7,10 +7,11 @@ interceptor answers them RESOURCE_EXHAUSTED with RetryInfo) instead of waiting i
 event loop, where every call in flight shares the CPU and all of them slow down together.
 
 Every `window_seconds` (once it holds `min_window_samples` completions) the window's mean
-latency `short` is compared with `min_rtt`, the no-load latency, and with the absolute
+latency `short` is compared with `min_rtt`, the no-load latency (latency under
+`latency_floor_seconds` counts as no overload), and with the absolute
 `target_latency_seconds`:
 
-    gradient = clamp(min(tolerance * min_rtt / short, target / short), 0.5, 1)
+    gradient = clamp(min(max(tolerance * min_rtt, floor) / short, target / short), 0.5, 1)
     limit    = smoothed(limit * gradient + sqrt(limit))
 
 `sqrt(limit)` is the headroom that lets the limit probe upwards while latency holds; it is
@@ -53,7 +54,6 @@ class ConcurrencyLimiter:
         "_window_end",
         "in_flight",
         "min_rtt",
-        "queue_delay",
         "refused",
         "short",
     )
@@ -66,7 +66,6 @@ class ConcurrencyLimiter:
         self._limit = float(cfg.fixed_limit or cfg.initial_limit)
         self.min_rtt: float | None = None  # no-load latency (s)
         self.short: float | None = None  # the last window's mean latency (s)
-        self.queue_delay = 0.0  # how long a call waits before its handler runs (s)
         self.in_flight = 0
         self.refused = 0  # since start (tests, diagnostics)
         self._sum = 0.0
@@ -77,7 +76,7 @@ class ConcurrencyLimiter:
         self._retry_after = cfg.min_retry_after_seconds
         now = clock()
         self._window_end = now + cfg.window_seconds
-        self._probing = not cfg.fixed_limit  # the first window measures min_rtt
+        self._probing = False
         self._next_probe = now + cfg.probe_interval_seconds
 
     @property
@@ -123,14 +122,12 @@ class ConcurrencyLimiter:
         """What a refused caller is told to wait (RetryInfo)."""
         return self._retry_after
 
-    def observe_queue(self, delay: float) -> None:
-        """A measure of the wait before a call reaches its handler (see the bootstrap's
-        queue probe). grpc accepts calls one per event-loop turn, so under load they wait
-        in grpc's core, where no handler sees them: refused callers that come back at once
-        lengthen that queue (the refusal is a call too). The RetryInfo delay doubles while
-        the wait is over `queue_target_seconds` and shrinks while it is under."""
-        self.queue_delay = delay
-        if delay > self._cfg.queue_target_seconds:
+    def _pace_retries(self) -> None:
+        """Refused callers that come back at once fill the queues in front of the handlers
+        (a refusal is a call too, and grpc accepts one call per event-loop turn): the
+        RetryInfo delay doubles while refusals outnumber admissions and shrinks while they
+        do not, so retries come back about as fast as calls are admitted."""
+        if self._refused > self._admitted:
             self._retry_after = min(MAX_RETRY_AFTER, self._retry_after * 2)
         else:
             floor = self._cfg.min_retry_after_seconds
@@ -139,6 +136,7 @@ class ConcurrencyLimiter:
     def _update(self, short: float, now: float) -> None:
         cfg = self._cfg
         self.short = short
+        self._pace_retries()
         if self._probing or self.min_rtt is None or short < self.min_rtt:
             self.min_rtt = short
         if self._probing:
@@ -147,11 +145,11 @@ class ConcurrencyLimiter:
             return
         if cfg.fixed_limit:
             return
-        if now >= self._next_probe:
-            self._probing = True
-        # What a caller sees is the queue before the handler plus the handler's time.
-        seen = short + self.queue_delay
-        gradient = min(cfg.tolerance * self.min_rtt / seen, cfg.target_latency_seconds / seen)
+        if now >= self._next_probe and self._max_seen > cfg.min_limit:
+            self._probing = True  # below min_limit every window is a no-load measure
+        # Latency under the floor is no overload, however far over min_rtt (a burst).
+        allowed = max(cfg.tolerance * self.min_rtt, cfg.latency_floor_seconds)
+        gradient = min(allowed / short, cfg.target_latency_seconds / short)
         gradient = max(0.5, min(1.0, gradient))
         limit = self._limit
         headroom = math.sqrt(limit) if self._max_seen * 2 >= limit else 0.0
