@@ -33,6 +33,7 @@ from collections.abc import Callable
 from aiwfe.config import LoadSheddingSettings
 
 MAX_RETRY_AFTER = 2.0  # seconds; RetryInfo never asks for more
+REFUSED_SHARE = 0.05  # of a window's calls; more makes the RetryInfo delay grow
 
 
 class ConcurrencyLimiter:
@@ -123,15 +124,16 @@ class ConcurrencyLimiter:
         return self._retry_after
 
     def _pace_retries(self) -> None:
-        """Refused callers that come back at once fill the queues in front of the handlers
-        (a refusal is a call too, and grpc accepts one call per event-loop turn): the
-        RetryInfo delay doubles while refusals outnumber admissions and shrinks while they
-        do not, so retries come back about as fast as calls are admitted."""
-        if self._refused > self._admitted:
-            self._retry_after = min(MAX_RETRY_AFTER, self._retry_after * 2)
+        """Refused callers that come back at once keep the queues in front of the handlers
+        full (a refusal is a call too, and grpc accepts one call per event-loop turn), and
+        every call waits in them, admitted or not. So the RetryInfo delay grows while a
+        window refuses more than `REFUSED_SHARE` of its calls and shrinks while it does
+        not: it settles where the callers awake are about as many as the limit admits."""
+        if self._refused > REFUSED_SHARE * (self._admitted + self._refused):
+            self._retry_after = min(MAX_RETRY_AFTER, self._retry_after * 1.5)
         else:
             floor = self._cfg.min_retry_after_seconds
-            self._retry_after = max(floor, self._retry_after * 0.8)
+            self._retry_after = max(floor, self._retry_after * 0.9)
 
     def _update(self, short: float, now: float) -> None:
         cfg = self._cfg

@@ -85,13 +85,13 @@ def test_a_deadline_shorter_than_current_latency_is_refused_under_load() -> None
     assert limiter.try_acquire(time_remaining=5.0) is not None
 
 
-def test_retry_after_grows_while_refusals_outnumber_admissions() -> None:
-    """RetryInfo's delay doubles per window while refusals outnumber admissions (up to the
-    cap) and falls back to the minimum once they do not."""
+def test_retry_after_grows_while_a_window_refuses_calls() -> None:
+    """RetryInfo's delay grows per window while more than 5% of its calls are refused (up
+    to the cap) and falls back to the minimum once none are."""
     clock = Clock()
     limiter = ConcurrencyLimiter(settings(fixed_limit=10, min_retry_after_seconds=0.05), clock)
-    for _ in range(12):
-        run_window(limiter, clock, 40, 0.1)  # 10 admitted, 30 refused
+    for _ in range(20):
+        run_window(limiter, clock, 11, 0.1)  # 10 admitted, 1 refused (9%)
     assert limiter.retry_after() == MAX_RETRY_AFTER
     for _ in range(40):
         run_window(limiter, clock, 10, 0.1)
