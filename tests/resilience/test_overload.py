@@ -100,6 +100,37 @@ async def test_a_burst_over_the_limit_is_refused_at_once_with_retry_info(suite: 
         assert elapsed < 1.0, f"refusal took {elapsed:.3f} s"
 
 
+async def test_slots_come_back_when_calls_end_even_abandoned(suite: Suite) -> None:
+    """Calls abandoned by their caller (a 20 ms deadline on a slower Embed) give their
+    slots back, so the limit is not eaten away: afterwards every limiter is idle and a
+    call succeeds."""
+    limiter = suite.running["cognitive"].limiter
+    assert limiter is not None
+    async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+        metadata = (*bearer(await login(channel)), ("cache-control", "no-store"))
+        embed = cog_grpc.CognitiveServiceStub(channel).Embed
+
+        async def abandoned(i: int) -> grpc.StatusCode:
+            texts = [f"abandoned {uuid.uuid4().hex} {i} {n}" for n in range(TEXTS * 4)]
+            request = cog_pb.EmbedRequest(texts=texts, bypass_cache=True)
+            try:
+                await embed(request, metadata=metadata, timeout=0.02)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        codes = await asyncio.gather(*(abandoned(i) for i in range(6)))
+        assert grpc.StatusCode.DEADLINE_EXCEEDED in codes
+        for _ in range(100):
+            if all(r.limiter is None or r.limiter.in_flight == 0 for r in suite.running.values()):
+                break
+            await asyncio.sleep(0.05)
+        assert {name: r.limiter.in_flight for name, r in suite.running.items() if r.limiter} == {
+            name: 0 for name in suite.running
+        }
+        await embed(cog_pb.EmbedRequest(texts=["after"]), metadata=metadata, timeout=10)
+
+
 async def test_streams_and_health_pass_while_unary_slots_are_full(suite: Suite) -> None:
     """With taskproc's unary slots all held, a unary call is refused at once, yet a
     WatchWorkflow stream runs to its end and health says SERVING; freed, calls pass."""
