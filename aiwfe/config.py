@@ -378,11 +378,14 @@ class LoadSheddingSettings(_Block):
     smoothing: float = Field(default=0.2, gt=0, le=1)
     probe_interval_seconds: float = Field(default=10, gt=0)
     min_retry_after_seconds: float = Field(default=0.05, ge=0, le=10)
+    max_retry_after_seconds: float = Field(default=5, gt=0, le=60)
 
     @model_validator(mode="after")
     def _ordered(self) -> LoadSheddingSettings:
         if not self.min_limit <= self.initial_limit <= self.max_limit:
             raise ValueError("needs min_limit <= initial_limit <= max_limit")
+        if self.min_retry_after_seconds > self.max_retry_after_seconds:
+            raise ValueError("needs min_retry_after_seconds <= max_retry_after_seconds")
         return self
 
 

@@ -32,7 +32,6 @@ from collections.abc import Callable
 
 from aiwfe.config import LoadSheddingSettings
 
-MAX_RETRY_AFTER = 2.0  # seconds; RetryInfo never asks for more
 REFUSED_SHARE = 0.05  # of a window's calls; more makes the RetryInfo delay grow
 
 
@@ -130,7 +129,7 @@ class ConcurrencyLimiter:
         window refuses more than `REFUSED_SHARE` of its calls and shrinks while it does
         not: it settles where the callers awake are about as many as the limit admits."""
         if self._refused > REFUSED_SHARE * (self._admitted + self._refused):
-            self._retry_after = min(MAX_RETRY_AFTER, self._retry_after * 1.5)
+            self._retry_after = min(self._cfg.max_retry_after_seconds, self._retry_after * 1.5)
         else:
             floor = self._cfg.min_retry_after_seconds
             self._retry_after = max(floor, self._retry_after * 0.9)

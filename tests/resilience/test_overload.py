@@ -95,7 +95,7 @@ async def test_a_burst_over_the_limit_is_refused_at_once_with_retry_info(suite: 
         assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
         reason, delay = _details(exc)
         assert reason == "OVERLOADED"
-        assert delay is not None and 0 < delay <= 2.0
+        assert delay is not None and 0 < delay <= 5.0
         # At once: no queueing (a wide margin for a loaded machine; ~10-50 ms here).
         assert elapsed < 1.0, f"refusal took {elapsed:.3f} s"
 
