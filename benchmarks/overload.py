@@ -1,8 +1,9 @@
 """The `overload` scenario: Embed through the gateway at 10x the concurrency that saturates
 the suite, with load shedding on and off.
 
-For each variant a server process of its own (`benchmarks.servers`, shedding switched by
-`AIWFE_LOAD_SHEDDING__ENABLED`) is measured in three phases:
+Each variant has a server process of its own (`benchmarks.servers`, shedding switched by
+`AIWFE_LOAD_SHEDDING__ENABLED`); both are up at once and measured in rounds that alternate
+between them (as the harness's latency slices do), each round a slice of three phases:
 - anchor: Embed direct to cognitive at 1 in flight (the machine's speed that moment);
 - unloaded maximum: closed loops at `concurrency` (32) in flight through the gateway;
 - overload: closed loops at `factor` x that (320), each call with a 2 s deadline. A refused
@@ -39,6 +40,7 @@ from benchmarks import load
 FACTOR = 10
 DEADLINE_S = 2.0
 TEXTS = 8
+ROUNDS = 3
 REFUSED = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
 SHEDDING_ENV = "AIWFE_LOAD_SHEDDING__ENABLED"
 
@@ -117,8 +119,10 @@ async def drive(
                     delay = retry_delay(exc)
                     if delay is None:
                         out.without_retry_info += 1
-                    # Jittered, as gRPC clients back off, so retries do not come in waves.
-                    await asyncio.sleep((delay or 0.05) * random.uniform(0.8, 1.2))
+                    # Jittered, as gRPC clients back off, so retries do not come in waves;
+                    # never past the phase's end (its seconds would count the sleep).
+                    pause = (delay or 0.05) * random.uniform(0.8, 1.2)
+                    await asyncio.sleep(min(pause, max(0.0, end - time.perf_counter())))
                 continue
             out.ok.append(time.perf_counter_ns() - t0)
             out.codes["OK"] += 1
@@ -129,37 +133,54 @@ async def drive(
     return out
 
 
-async def _variant(
-    server: Any, login: Any, concurrency: int, seconds: float, warmup: float, texts: int
-) -> dict[str, Any]:
-    token = await login(server.address("gateway"), server.admin_password)
-    bearer = (("authorization", f"Bearer {token}"), ("cache-control", "no-store"))
-    identity = InternalIdentity(server.internal_secret)
-    body = request(texts, bypass=True)
-    async with contextlib.AsyncExitStack() as stack:
-        gateway = grpc.aio.insecure_channel(server.address("gateway"))
-        direct = grpc.aio.insecure_channel(server.address("cognitive"))
-        stack.push_async_callback(gateway.close)
-        stack.push_async_callback(direct.close)
-        await load.preflight(gateway, bearer)
-        internal = ((IDENTITY_METADATA_KEY, identity.assertion(None, "bench")),)
-        await drive(direct, internal, body, 1, warmup)
-        anchor = await drive(direct, internal, body, 1, seconds / 2)
-        await drive(gateway, bearer, body, concurrency, warmup)
-        unloaded = await drive(gateway, bearer, body, concurrency, seconds)
-        # Steady state under overload: the limit has had `warmup` seconds to adapt.
-        await drive(gateway, bearer, body, concurrency * FACTOR, warmup)
-        overload = await drive(gateway, bearer, body, concurrency * FACTOR, seconds)
-    base = unloaded.summary()
-    over = overload.summary()
-    return {
-        "direct_p50_ms": anchor.summary()["admitted_p50_ms"],
-        "unloaded": base,
-        "overload": over,
-        "throughput_vs_unloaded": (
-            round(over["admitted_rps"] / base["admitted_rps"], 3) if base["admitted_rps"] else None
-        ),
-    }
+@dataclass
+class _Variant:
+    """One server process (shedding on or off) and what was measured on it."""
+
+    name: str
+    server: Any
+    gateway: grpc.aio.Channel
+    direct: grpc.aio.Channel
+    bearer: tuple[tuple[str, str], ...]
+    internal: InternalIdentity
+    anchor: Outcome = field(default_factory=Outcome)
+    unloaded: Outcome = field(default_factory=Outcome)
+    overload: Outcome = field(default_factory=Outcome)
+
+    def internal_metadata(self) -> tuple[tuple[str, str], ...]:
+        # A fresh assertion per slice: internal assertions live 60 s.
+        return ((IDENTITY_METADATA_KEY, self.internal.assertion(None, "bench")),)
+
+    def result(self) -> dict[str, Any]:
+        base, over = self.unloaded.summary(), self.overload.summary()
+        return {
+            "direct_p50_ms": self.anchor.summary()["admitted_p50_ms"],
+            "unloaded": base,
+            "overload": over,
+            "throughput_vs_unloaded": (
+                round(over["admitted_rps"] / base["admitted_rps"], 3)
+                if base["admitted_rps"]
+                else None
+            ),
+        }
+
+
+def _merge(into: Outcome, part: Outcome) -> None:
+    into.ok += part.ok
+    into.refused += part.refused
+    into.codes.update(part.codes)
+    into.without_retry_info += part.without_retry_info
+    into.seconds += part.seconds
+
+
+async def _round(v: _Variant, concurrency: int, seconds: float, warmup: float, body: bytes) -> None:
+    """One slice of each phase on `v`, each after a warm-up at its concurrency (the limit
+    and the RetryInfo delay adapt to the load in the warm-up)."""
+    _merge(v.anchor, await drive(v.direct, v.internal_metadata(), body, 1, seconds / 2))
+    await drive(v.gateway, v.bearer, body, concurrency, warmup)
+    _merge(v.unloaded, await drive(v.gateway, v.bearer, body, concurrency, seconds))
+    await drive(v.gateway, v.bearer, body, concurrency * FACTOR, warmup)
+    _merge(v.overload, await drive(v.gateway, v.bearer, body, concurrency * FACTOR, seconds))
 
 
 async def run(
@@ -169,22 +190,44 @@ async def run(
     seconds: float,
     warmup: float,
     texts: int = TEXTS,
+    rounds: int = ROUNDS,
 ) -> dict[str, Any]:
-    """Both variants, one server process after the other (each stopped before the next)."""
+    """Both variants up side by side, measured in rounds that alternate between them (the
+    first rotates), so the machine's drift hits both alike; `seconds` per phase in all."""
     out: dict[str, Any] = {
         "texts_per_call": texts,
         "concurrency": concurrency,
         "overload_concurrency": concurrency * FACTOR,
         "deadline_s": DEADLINE_S,
         "seconds": seconds,
+        "rounds": rounds,
     }
-    for name, enabled in (("shedding_on", "true"), ("shedding_off", "false")):
-        print(f"running overload ({name}) ...", file=sys.stderr, flush=True)
-        server = await asyncio.to_thread(start_server, {SHEDDING_ENV: enabled})
-        try:
-            out[name] = await _variant(server, login, concurrency, seconds, warmup, texts)
-        finally:
-            await asyncio.to_thread(server.stop)
+    body = request(texts, bypass=True)
+    async with contextlib.AsyncExitStack() as stack:
+        variants: list[_Variant] = []
+        for name, enabled in (("shedding_on", "true"), ("shedding_off", "false")):
+            print(f"starting overload ({name}) ...", file=sys.stderr, flush=True)
+            server = await asyncio.to_thread(start_server, {SHEDDING_ENV: enabled})
+            stack.push_async_callback(asyncio.to_thread, server.stop)
+            token = await login(server.address("gateway"), server.admin_password)
+            gateway = grpc.aio.insecure_channel(server.address("gateway"))
+            direct = grpc.aio.insecure_channel(server.address("cognitive"))
+            stack.push_async_callback(gateway.close)
+            stack.push_async_callback(direct.close)
+            bearer = (("authorization", f"Bearer {token}"), ("cache-control", "no-store"))
+            variant = _Variant(
+                name, server, gateway, direct, bearer, InternalIdentity(server.internal_secret)
+            )
+            await load.preflight(gateway, bearer)
+            await drive(direct, variant.internal_metadata(), body, 1, warmup)
+            variants.append(variant)
+        for r in range(rounds):
+            print(f"overload: round {r + 1} of {rounds} ...", file=sys.stderr, flush=True)
+            turn = r % len(variants)
+            for v in variants[turn:] + variants[:turn]:
+                await _round(v, concurrency, seconds / rounds, warmup, body)
+        for v in variants:
+            out[v.name] = v.result()
     return out
 
 
