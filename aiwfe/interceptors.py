@@ -302,8 +302,8 @@ class LoadSheddingInterceptor(MethodInterceptor):
                     reason="OVERLOADED",
                 )
             # The slot is held until the call is over, its response sent: a handler that
-            # answers in one step (an Embed from the in-process cache) leaves its work to
-            # serialising and sending, which is where such calls pile up.
+            # answers in one step (an Embed from the in-process cache) leaves most of its
+            # work to serialising and sending, which a slot given back on return would miss.
             context.add_done_callback(lambda _: limiter.release(started))
             result = behavior(request, context)
             return await result if inspect.isawaitable(result) else result

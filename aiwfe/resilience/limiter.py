@@ -123,9 +123,9 @@ class ConcurrencyLimiter:
         return self._retry_after
 
     def _pace_retries(self) -> None:
-        """Refused callers that come back at once keep the queues in front of the handlers
-        full (a refusal is a call too, and grpc accepts one call per event-loop turn), and
-        every call waits in them, admitted or not. So the RetryInfo delay grows while a
+        """Refused callers that come back at once keep the queue in front of the
+        interceptors full (a refusal is a call too), and every call waits in it, admitted
+        or not, where no handler sees it. So the RetryInfo delay grows while a
         window refuses more than `REFUSED_SHARE` of its calls and shrinks while it does
         not: it settles where the callers awake are about as many as the limit admits."""
         if self._refused > REFUSED_SHARE * (self._admitted + self._refused):
