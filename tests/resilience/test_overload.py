@@ -18,7 +18,9 @@ from grpc_status import rpc_status
 
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
+from aiwfe.resilience.breaker import BreakerState
 from aiwfe.suite import Suite, start_suite
+from gateway.service import GatewayService
 from tests.conftest import bearer, login
 from tests.taskproc.helpers import get, new_user, spec, submit, watch
 
@@ -61,8 +63,8 @@ async def _serving(channel: grpc.aio.Channel) -> int:
 
 async def test_a_burst_over_the_limit_is_refused_at_once_with_retry_info(suite: Suite) -> None:
     """16 concurrent Embeds through the gateway against a limit of 2: the excess is refused
-    RESOURCE_EXHAUSTED/OVERLOADED with RetryInfo within a second, the rest succeed, and
-    health answers SERVING throughout."""
+    RESOURCE_EXHAUSTED/OVERLOADED with RetryInfo within a second, the rest succeed, health
+    answers SERVING throughout, and the gateway's breaker for cognitive stays closed."""
     async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
         metadata = (*bearer(await login(channel)), ("cache-control", "no-store"))
         embed = cog_grpc.CognitiveServiceStub(channel).Embed
@@ -98,6 +100,10 @@ async def test_a_burst_over_the_limit_is_refused_at_once_with_retry_info(suite: 
         assert delay is not None and 0 < delay <= 5.0
         # At once: no queueing (a wide margin for a loaded machine; ~10-50 ms here).
         assert elapsed < 1.0, f"refusal took {elapsed:.3f} s"
+    # More refusals than the breaker's threshold went through it: shedding is no failure.
+    gateway = suite.running["gateway"].service
+    assert isinstance(gateway, GatewayService)
+    assert gateway.downstreams["aiwfe.cognitive.v1"].breaker.state is BreakerState.CLOSED
 
 
 async def test_slots_come_back_when_calls_end_even_abandoned(suite: Suite) -> None:
