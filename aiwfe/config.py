@@ -370,6 +370,40 @@ class CircuitBreakerSettings(_Block):
     timeout: float = Field(default=60, gt=0)
 
 
+class LoadSheddingSettings(_Block):
+    """Each service's bound on the unary calls it works on at once (aiwfe/resilience/limiter.py).
+
+    Calls over the limit are refused at once with RESOURCE_EXHAUSTED + RetryInfo; streams,
+    health and reflection are never counted. The limit adapts between min_limit and
+    max_limit to keep latency within `tolerance` times its no-load value and under
+    `target_latency_seconds`, the no-load latency being measured at min_limit every
+    `probe_interval_seconds`; `fixed_limit` pins it instead.
+    """
+
+    enabled: bool = True
+    initial_limit: int = Field(default=256, gt=0)
+    min_limit: int = Field(default=8, gt=0)
+    max_limit: int = Field(default=1024, gt=0)
+    fixed_limit: int | None = Field(default=None, gt=0)
+    tolerance: float = Field(default=2.0, ge=1)
+    latency_floor_seconds: float = Field(default=0.05, ge=0)
+    target_latency_seconds: float = Field(default=0.25, gt=0)
+    window_seconds: float = Field(default=0.1, gt=0, le=10)
+    min_window_samples: int = Field(default=10, gt=0)
+    smoothing: float = Field(default=0.2, gt=0, le=1)
+    probe_interval_seconds: float = Field(default=10, gt=0)
+    min_retry_after_seconds: float = Field(default=0.05, ge=0, le=10)
+    max_retry_after_seconds: float = Field(default=5, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LoadSheddingSettings:
+        if not self.min_limit <= self.initial_limit <= self.max_limit:
+            raise ValueError("needs min_limit <= initial_limit <= max_limit")
+        if self.min_retry_after_seconds > self.max_retry_after_seconds:
+            raise ValueError("needs min_retry_after_seconds <= max_retry_after_seconds")
+        return self
+
+
 class EmbeddingBackendSettings(_Block):
     """One embedding backend: built-in hashing, local sentence-transformers, Ollama, OpenAI."""
 
@@ -475,6 +509,7 @@ class Settings(_Block):
     grpc: GrpcSettings = GrpcSettings()
     tls: TlsSettings = TlsSettings()
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
+    load_shedding: LoadSheddingSettings = LoadSheddingSettings()
     cognitive: CognitiveSettings = CognitiveSettings()
     taskproc: TaskProcSettings = TaskProcSettings()
     gateway: GatewaySettings = GatewaySettings()
