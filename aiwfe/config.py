@@ -436,6 +436,21 @@ class GatewaySettings(_Block):
     relay: bool = True
 
 
+class LauncherSettings(_Block):
+    """How `aiwfe up` supervises its children: a child that dies is restarted after
+    `restart_backoff` s, doubling per consecutive restart up to `restart_backoff_max`; a
+    child that stayed up `backoff_reset_after` s starts again from `restart_backoff`. More
+    than `crash_loop_restarts` restarts of one child within `crash_loop_window` s stop the
+    suite, showing the child's last `stderr_lines` lines."""
+
+    restart_backoff: float = Field(default=1.0, gt=0)
+    restart_backoff_max: float = Field(default=30.0, gt=0)
+    backoff_reset_after: float = Field(default=60.0, gt=0)
+    crash_loop_restarts: int = Field(default=5, gt=0)
+    crash_loop_window: float = Field(default=60.0, gt=0)
+    stderr_lines: int = Field(default=20, gt=0, le=10_000)
+
+
 class LoggingSettings(_Block):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = True
@@ -463,6 +478,7 @@ class Settings(_Block):
     cognitive: CognitiveSettings = CognitiveSettings()
     taskproc: TaskProcSettings = TaskProcSettings()
     gateway: GatewaySettings = GatewaySettings()
+    launcher: LauncherSettings = LauncherSettings()
     logging: LoggingSettings = LoggingSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
 
