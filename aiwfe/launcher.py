@@ -230,7 +230,8 @@ class Supervisor:
                     f" {len(child.restarts)} restarts within {cfg.crash_loop_window:.0f} s);"
                     f" stopping the suite. Its last stderr lines:\n{lines}"
                 )
-            delay = min(cfg.restart_backoff * 2**child.backoff_step, cfg.restart_backoff_max)
+            doublings = min(child.backoff_step, 32)  # past the cap anyway; no float overflow
+            delay = min(cfg.restart_backoff * 2**doublings, cfg.restart_backoff_max)
             child.backoff_step += 1
             attempt = len(child.restarts) + 1
             print(
