@@ -229,6 +229,8 @@ class Database:
             with contextlib.suppress(Exception):
                 await conn.close()
             raise
+        if self._probe_conn is not conn:  # abandoned while stuck: a newer probe took over
+            await conn.close()
 
     @contextlib.asynccontextmanager
     async def autocommit(self) -> AsyncIterator[DictConnection]:
@@ -313,7 +315,7 @@ class Database:
         return usage
 
     async def close(self) -> None:
-        for task in (self._checking, self._pinging, self._watching, self._probing):
+        for task in (self._checking, self._pinging, self._watching, self._probing, *self._stuck):
             if task is not None:
                 task.cancel()
         if self._probe_conn is not None:

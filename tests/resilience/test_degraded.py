@@ -369,3 +369,20 @@ async def test_calls_when_redis_goes_away_end_within_a_second(redis_proxied, fau
     print(f"\nRedis {fault}, first calls: { {k: round(v, 3) for k, v in took.items()} }")
     for name, seconds in took.items():
         assert seconds < 2, (name, seconds)
+
+
+async def test_a_slow_call_on_a_live_database_is_not_ended(pg_proxied, base_overrides) -> None:
+    """A Login waiting 1.5 s on a lock inside a PostgreSQL that still answers is left to
+    finish (the stall probe's SELECT 1 succeeds on its own connection): only a database
+    that stops answering ends calls in flight."""
+    suite, _ = pg_proxied
+    async with grpc.aio.insecure_channel(suite.address("gateway")) as ch:
+        real_dsn = base_overrides["database"]["postgres"]["dsn"]
+        async with await psycopg.AsyncConnection.connect(real_dsn) as locker:
+            await locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+            pending = asyncio.ensure_future(login(ch))
+            await asyncio.sleep(1.5)  # several stall probes (0.25 s after, 0.5 s timeout)
+            assert not pending.done()
+            await locker.rollback()
+        assert await asyncio.wait_for(pending, 10)
+    assert suite.running["dataplatform"].service.db.reachable
