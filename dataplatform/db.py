@@ -54,6 +54,8 @@ _SOCKET_OPTIONS = {
 _STALL_TICK = 0.05
 # Probes stuck on a dead link are abandoned; past this many, the link counts as down.
 _MAX_STUCK_PROBES = 3
+# A probe waits in slices of this length (see `_answers`).
+_PROBE_SLICE = 0.05
 _LOST = "the database stopped answering"
 T = TypeVar("T")
 
@@ -137,6 +139,8 @@ class Database:
         self._probe_conn: psycopg.AsyncConnection[Any] | None = None
         self._probing: asyncio.Task[None] | None = None
         self._stuck: set[asyncio.Task[None]] = set()
+        # When a call last succeeded: life that a slow probe cannot deny.
+        self._answered_at = 0.0
 
     async def open(self) -> None:
         """Opens the pool and migrates; fails fast when the database cannot be reached."""
@@ -170,7 +174,9 @@ class Database:
             task.cancel()
             task.add_done_callback(_ignore_result)
             raise DatabaseLost(_LOST)
-        return task.result()
+        result = task.result()
+        self._answered_at = time.monotonic()
+        return result
 
     def _set_reachable(self, ok: bool) -> None:
         """Records a probe's verdict; a database found down ends every call in flight."""
@@ -199,20 +205,34 @@ class Database:
 
     async def _answers(self, timeout: float) -> bool:
         """SELECT 1 within `timeout` on the probe's own connection: a pool busy with slow
-        queries is not an outage. A probe that times out is abandoned with its connection."""
-        if len(self._stuck) >= _MAX_STUCK_PROBES:
-            return False
+        queries is not an outage. Time the event loop spent busy elsewhere does not count
+        against `timeout`. A probe that times out is abandoned with its connection, and
+        counts as an answer when another call succeeded meanwhile (a loaded database, not a
+        dead link)."""
+        started = time.monotonic()
+        if len(self._stuck) >= _MAX_STUCK_PROBES:  # no more connections: judge by the calls
+            await asyncio.sleep(timeout)
+            return self._answered_at > started
         self._probing = task = asyncio.create_task(self._select_one_direct())
-        done, _ = await asyncio.wait({task}, timeout=timeout)
-        if done and not task.cancelled() and task.exception() is None:
+        waited = 0.0
+        while not task.done() and waited < timeout:
+            sliced = time.monotonic()
+            await asyncio.wait({task}, timeout=_PROBE_SLICE)
+            # A slice the event loop overran (busy elsewhere, not waiting for the database)
+            # counts as two at most: a stalled loop is not a database that stopped answering.
+            waited += min(time.monotonic() - sliced, 2 * _PROBE_SLICE)
+        if task.done() and not task.cancelled() and task.exception() is None:
             return True
-        if not done:
+        if not task.done():
             self._probe_conn = None  # left to the stuck task; the next probe connects anew
             self._stuck.add(task)
             task.add_done_callback(self._stuck.discard)
             task.add_done_callback(_ignore_result)
         else:
             _ignore_result(task)
+        if self._answered_at > started:
+            log.info("database probe got no answer in %.1f s, but calls did", timeout)
+            return True
         return False
 
     async def _select_one_direct(self) -> None:
