@@ -116,6 +116,11 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
         "a rate limit is spent (RetryInfo, QuotaFailure, retry-after say when it resets)",
         ("quota", "limit"),
     ),
+    "OVERLOADED": Reason(
+        _C.RESOURCE_EXHAUSTED,
+        "a service is at its adaptive concurrency limit and sheds the call (RetryInfo)",
+        ("limit",),
+    ),
     "BACKEND_RATE_LIMITED": Reason(
         _C.RESOURCE_EXHAUSTED, "a model backend answered HTTP 429", _BACKEND
     ),

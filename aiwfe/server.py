@@ -25,10 +25,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aiwfe.channels import server_credentials, server_options
 from aiwfe.config import ConfigError, Settings, load_settings
 from aiwfe.health import NOT_SERVING, SERVING, HealthServicer
-from aiwfe.interceptors import ErrorMappingInterceptor
+from aiwfe.interceptors import ErrorMappingInterceptor, LoadSheddingInterceptor
 from aiwfe.logs import configure_logging
 from aiwfe.metrics import serve_metrics
 from aiwfe.reflection import enable_reflection
+from aiwfe.resilience.limiter import ConcurrencyLimiter
 from aiwfe.system.v1 import system_service_pb2
 from aiwfe.system.v1 import system_service_pb2_grpc as system_grpc
 from aiwfe.system_service import LocalSystemServicer
@@ -121,6 +122,7 @@ class RunningService:
         self._serving: bool | None = None
         self._routed: dict[str, bool] = {}
         self._routed_status: dict[str, int] = {}
+        self.limiter: ConcurrencyLimiter | None = None  # load shedding (None: off)
 
     @property
     def address(self) -> str:
@@ -196,10 +198,16 @@ async def start_service(
         with contextlib.suppress(Exception):
             await service.stop()
         raise
+    shedding = settings.load_shedding
+    # Refusing over the limit here, with RetryInfo, rather than grpc's own
+    # maximum_concurrent_rpcs: that one answers RESOURCE_EXHAUSTED without any detail and
+    # counts streams, which live for minutes.
+    limiter = ConcurrencyLimiter(shedding) if shedding.enabled else None
     server = grpc.aio.server(
         interceptors=[
             *([TelemetryInterceptor(service.name)] if settings.telemetry.enabled else []),
             ErrorMappingInterceptor(),
+            *([LoadSheddingInterceptor(limiter)] if limiter is not None else []),
             *service.interceptors(),
         ],
         options=[
@@ -247,6 +255,7 @@ async def start_service(
     running = RunningService(
         service, server, bound, health_servicer, names, host, front, socket_dir
     )
+    running.limiter = limiter
     await running.set_serving(await service.healthy())
     await running.set_routed(await service.routed_health())
     running._probe_task = asyncio.create_task(running._probe_loop(probe_interval))
