@@ -127,14 +127,19 @@ def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials:
 
 
 def create_channel(
-    target: str, settings: Settings, files: Iterable[FileDescriptor] = ()
+    target: str,
+    settings: Settings,
+    files: Iterable[FileDescriptor] = (),
+    extra_options: Iterable[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
     """A cluster channel with keepalive, limits and the retry policy; TLS (and a client
-    certificate for mTLS) when `tls.ca_file` is configured, plaintext otherwise."""
+    certificate for mTLS) when `tls.ca_file` is configured, plaintext otherwise.
+    `extra_options` are more channel arguments (e.g. a connection of its own)."""
     options = [
         *channel_options(settings),
         ("grpc.service_config", service_config(settings, files)),
         ("grpc.enable_retries", 1),
+        *extra_options,
     ]
     tls = settings.tls
     if tls.channel_enabled:

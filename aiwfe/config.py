@@ -416,6 +416,12 @@ class TaskProcSettings(_Block):
     # A watch re-reads the database at least this often; commits are pushed at once (its own
     # replica's in process, other replicas' through Redis when configured).
     watch_poll_interval: float = Field(default=1.0, ge=0.01, le=30)
+    # Watch streams (WatchWorkflow + RunWorkflow) one process serves at once; more are
+    # refused with RESOURCE_EXHAUSTED + RetryInfo (metric workflow_watch_streams).
+    max_watch_streams: int = Field(default=10_000, gt=0, le=1_000_000)
+    # Streams taskproc opens on one connection to dataplatform (at most
+    # grpc.max_concurrent_streams); more streams open more connections, never refused.
+    streams_per_connection: int = Field(default=500, gt=0)
     max_steps: int = Field(default=100, gt=0, le=1000)
     max_name_chars: int = Field(default=64, gt=0, le=256)
     max_input_bytes: int = Field(default=256 * 1024, gt=0)

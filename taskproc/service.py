@@ -24,6 +24,7 @@ from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
 from aiwfe.validation import Violations
 from taskproc.spec import validate
+from taskproc.streams import StreamPool, WatchSlots
 from taskproc.worker import Worker
 
 ADMIN_ROLE = "admin"
@@ -51,10 +52,14 @@ def _check_id(workflow_id: str) -> None:
 
 
 class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
-    def __init__(self, settings: Settings, store: Downstream) -> None:
+    def __init__(
+        self, settings: Settings, store: Downstream, streams: StreamPool, slots: WatchSlots
+    ) -> None:
         self._limits = settings.taskproc
         self._store = store
         self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
+        self._streams = streams
+        self._slots = slots
 
     def _create_request(
         self, spec: pb.WorkflowSpec, idempotency_key: str
@@ -137,8 +142,9 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         v = Violations()
         v.check(request.after_sequence >= 0, "after_sequence", "must not be negative")
         v.raise_if_any()
-        async for event in self._events(request.workflow_id, scope, request.after_sequence):
-            yield event
+        with self._slots.hold():
+            async for event in self._events(request.workflow_id, scope, request.after_sequence):
+                yield event
 
     async def RunWorkflow(
         self, request: pb.RunWorkflowRequest, context: grpc.aio.ServicerContext
@@ -146,24 +152,25 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         """SubmitWorkflow then WatchWorkflow in one call, relayed from one dataplatform
         stream: one round of RPC set-ups through every hop instead of two."""
         create = self._create_request(request.spec, request.idempotency_key)
-        async for update in self._store.stream(
-            self._stub.RunStoredWorkflow,
-            store_pb.RunStoredWorkflowRequest(
-                create=create, poll_interval_seconds=self._limits.watch_poll_interval
-            ),
-        ):
-            if update.HasField("stored"):
-                yield pb.RunWorkflowResponse(workflow=update.stored.workflow)
-            for event in update.events.events:
-                yield pb.RunWorkflowResponse(event=event)
+        with self._slots.hold():
+            async for update in self._streams.stream(
+                "RunStoredWorkflow",
+                store_pb.RunStoredWorkflowRequest(
+                    create=create, poll_interval_seconds=self._limits.watch_poll_interval
+                ),
+            ):
+                if update.HasField("stored"):
+                    yield pb.RunWorkflowResponse(workflow=update.stored.workflow)
+                for event in update.events.events:
+                    yield pb.RunWorkflowResponse(event=event)
 
     async def _events(
         self, workflow_id: str, scope: store_pb.WorkflowScope, after: int
     ) -> AsyncIterator[pb.WatchWorkflowResponse]:
         # One stream from dataplatform: it pushes as soon as it commits an event and re-reads
         # every poll interval for events another replica committed.
-        async for batch in self._store.stream(
-            self._stub.WatchWorkflowEvents,
+        async for batch in self._streams.stream(
+            "WatchWorkflowEvents",
             store_pb.WatchWorkflowEventsRequest(
                 workflow_id=workflow_id,
                 scope=scope,
@@ -197,6 +204,9 @@ class TaskProcService(Service):
             caller=self.name,
             files=[cognitive_service_pb2.DESCRIPTOR],
         )
+        # Watches ride connections of their own, never the control connection above.
+        self.streams = StreamPool(self.store, settings, [store_pb.DESCRIPTOR])
+        self.watch_slots = WatchSlots(settings.taskproc.max_watch_streams)
         self.worker = Worker(settings, self.store, self.cognitive)
 
     async def start(self) -> None:
@@ -204,7 +214,7 @@ class TaskProcService(Service):
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         pb_grpc.add_WorkflowServiceServicer_to_server(
-            WorkflowServicer(self.settings, self.store), server
+            WorkflowServicer(self.settings, self.store, self.streams, self.watch_slots), server
         )
         return [pb.DESCRIPTOR.services_by_name["WorkflowService"].full_name]
 
@@ -213,5 +223,6 @@ class TaskProcService(Service):
 
     async def stop(self) -> None:
         await self.worker.stop()
+        await self.streams.close()
         await self.store.close()
         await self.cognitive.close()
