@@ -23,6 +23,7 @@ from aiwfe.server import Service
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
 from aiwfe.validation import Violations
+from taskproc.shared_watch import SharedWatches
 from taskproc.spec import validate
 from taskproc.streams import StreamPool, WatchSlots
 from taskproc.worker import Worker
@@ -53,13 +54,19 @@ def _check_id(workflow_id: str) -> None:
 
 class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
     def __init__(
-        self, settings: Settings, store: Downstream, streams: StreamPool, slots: WatchSlots
+        self,
+        settings: Settings,
+        store: Downstream,
+        streams: StreamPool,
+        watches: SharedWatches,
+        slots: WatchSlots,
     ) -> None:
         self._limits = settings.taskproc
         self._store = store
         self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
         self._streams = streams
         self._slots = slots
+        self._watches = watches
 
     def _create_request(
         self, spec: pb.WorkflowSpec, idempotency_key: str
@@ -136,14 +143,17 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         self, request: pb.WatchWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchWorkflowResponse]:
         """Streams events after `after_sequence` until the workflow is terminal and every
-        event up to the last has been sent (dataplatform ends the stream then)."""
+        event up to the last has been sent, from this replica's one dataplatform stream
+        for the workflow (taskproc/shared_watch.py). Holds one of the replica's slots."""
         scope = _scope(_user())
         _check_id(request.workflow_id)
         v = Violations()
         v.check(request.after_sequence >= 0, "after_sequence", "must not be negative")
         v.raise_if_any()
         with self._slots.hold():
-            async for event in self._events(request.workflow_id, scope, request.after_sequence):
+            async for event in self._watches.events(
+                request.workflow_id, scope, request.after_sequence
+            ):
                 yield event
 
     async def RunWorkflow(
@@ -163,23 +173,6 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
                     yield pb.RunWorkflowResponse(workflow=update.stored.workflow)
                 for event in update.events.events:
                     yield pb.RunWorkflowResponse(event=event)
-
-    async def _events(
-        self, workflow_id: str, scope: store_pb.WorkflowScope, after: int
-    ) -> AsyncIterator[pb.WatchWorkflowResponse]:
-        # One stream from dataplatform: it pushes as soon as it commits an event and re-reads
-        # every poll interval for events another replica committed.
-        async for batch in self._streams.stream(
-            "WatchWorkflowEvents",
-            store_pb.WatchWorkflowEventsRequest(
-                workflow_id=workflow_id,
-                scope=scope,
-                after_sequence=after,
-                poll_interval_seconds=self._limits.watch_poll_interval,
-            ),
-        ):
-            for event in batch.events:
-                yield event
 
 
 class TaskProcService(Service):
@@ -206,6 +199,7 @@ class TaskProcService(Service):
         )
         # Watches ride connections of their own, never the control connection above.
         self.streams = StreamPool(self.store, settings, [store_pb.DESCRIPTOR])
+        self.watches = SharedWatches(self.streams, settings.taskproc.watch_poll_interval)
         self.watch_slots = WatchSlots(settings.taskproc.max_watch_streams)
         self.worker = Worker(settings, self.store, self.cognitive)
 
@@ -214,7 +208,10 @@ class TaskProcService(Service):
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         pb_grpc.add_WorkflowServiceServicer_to_server(
-            WorkflowServicer(self.settings, self.store, self.streams, self.watch_slots), server
+            WorkflowServicer(
+                self.settings, self.store, self.streams, self.watches, self.watch_slots
+            ),
+            server,
         )
         return [pb.DESCRIPTOR.services_by_name["WorkflowService"].full_name]
 

@@ -1,10 +1,10 @@
 """Long-lived watch streams never starve taskproc's control traffic to dataplatform.
 
 The servers here allow only 20 concurrent streams per HTTP/2 connection, and taskproc is
-given room for 40 watches: more than one connection to dataplatform can carry. During that
-flood, submitted workflows keep completing, running steps keep their leases (each runs
-once), no breaker opens, and watches above the limit are refused at once with
-RESOURCE_EXHAUSTED + RetryInfo while the others carry on.
+given room for 40 watches of 36 workflows: more upstreams than one connection to
+dataplatform can carry. During that flood, submitted workflows keep completing, running
+steps keep their leases (each runs once), no breaker opens, and watches above the limit
+are refused at once with RESOURCE_EXHAUSTED + RetryInfo while the others carry on.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from aiwfe import metrics
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity, Principal
+from aiwfe.identity import Principal
 from aiwfe.resilience.breaker import BreakerState, breakers_of
 from aiwfe.suite import Suite, start_suite
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
-from tests.taskproc.helpers import TERMINAL, spec
+from tests.taskproc.helpers import TERMINAL, as_user, spec
 
 MAX_STREAMS = 20  # per HTTP/2 connection, on every server of the suite
 WATCH_LIMIT = 2 * MAX_STREAMS  # taskproc.max_watch_streams
@@ -54,12 +54,6 @@ async def crowded(base_overrides: dict[str, Any]) -> AsyncIterator[Suite]:
     await running.stop()
 
 
-def _metadata(suite: Suite, user: Principal) -> tuple[tuple[str, str], ...]:
-    """What the gateway sends taskproc for `user`."""
-    identity = InternalIdentity.from_settings(suite.settings)
-    return ((IDENTITY_METADATA_KEY, identity.assertion(user, "gateway")),)
-
-
 def _connections_to(port: int) -> int:
     """Established TCP connections to local `port` (grpc uses IPv4-mapped IPv6 sockets)."""
     lines = [
@@ -82,7 +76,7 @@ async def test_watch_flood_never_starves_control_traffic(crowded: Suite) -> None
     breaker opens, and the watches above the limit get RESOURCE_EXHAUSTED + RetryInfo."""
     suite = crowded
     user = Principal(user_id="stream-user", username="stream-user", roles=("user",))
-    md = _metadata(suite, user)
+    md = as_user(suite, user)
     address = suite.address("taskproc")
     # Each its own connection (grpc would otherwise share one between equal channels).
     channels = [
@@ -93,25 +87,32 @@ async def test_watch_flood_never_starves_control_traffic(crowded: Suite) -> None
     control = stubs[0]
     dataplatform_port = int(suite.address("dataplatform").rsplit(":", 1)[1])
     try:
-        long_ids = [
-            (
-                await control.SubmitWorkflow(
-                    pb.SubmitWorkflowRequest(
-                        spec=spec(
-                            {"name": "long", "op": "noop", "inputs": {"sleep_ms": LONG_STEP_MS}}
-                        )
-                    ),
-                    metadata=md,
-                    timeout=10,
-                )
-            ).workflow.workflow_id
-            for _ in range(LONG_WORKFLOWS)
+
+        async def submit(workflow: pb.WorkflowSpec) -> str:
+            reply = await control.SubmitWorkflow(
+                pb.SubmitWorkflowRequest(spec=workflow), metadata=md, timeout=10
+            )
+            return reply.workflow.workflow_id
+
+        long_step = {"name": "long", "op": "noop", "inputs": {"sleep_ms": LONG_STEP_MS}}
+        long_ids = [await submit(spec(long_step)) for _ in range(LONG_WORKFLOWS)]
+        # Parked: the first attempt fails and the retry is due long after the test.
+        parked_step = {
+            "name": "parked",
+            "op": "noop",
+            "inputs": {"fail_times": 1},
+            "retry_policy": {"max_attempts": 2, "initial_backoff_seconds": 600},
+        }
+        parked_ids = [
+            await submit(spec(parked_step)) for _ in range(WATCH_LIMIT - 2 * LONG_WORKFLOWS)
         ]
+        # Two watchers per long workflow share one upstream; one per parked workflow.
+        watched = [*long_ids, *long_ids, *parked_ids]
         before = _connections_to(dataplatform_port)
 
         async def watch(n: int) -> list[pb.WatchWorkflowResponse]:
             stream = stubs[n // PER_CLIENT_CHANNEL].WatchWorkflow(
-                pb.WatchWorkflowRequest(workflow_id=long_ids[n % LONG_WORKFLOWS]),
+                pb.WatchWorkflowRequest(workflow_id=watched[n % WATCH_LIMIT]),
                 metadata=md,
                 timeout=60,
             )
@@ -123,8 +124,17 @@ async def test_watch_flood_never_starves_control_traffic(crowded: Suite) -> None
             20,
             "every watch to be in flight",
         )
-        # The flood spreads over connections of their own below the servers' limit.
-        assert _connections_to(dataplatform_port) - before >= WATCH_LIMIT // MAX_STREAMS
+        # One upstream per workflow, spread over connections of their own, each below
+        # the servers' limit (the control connection carries none of them).
+        taskproc = suite.running["taskproc"].service
+        upstreams = len(set(watched))
+        await _wait_for(
+            lambda: sum(c.streams for c in taskproc.streams.connections) == upstreams,
+            10,
+            "one upstream per watched workflow",
+        )
+        assert all(c.streams <= MAX_STREAMS for c in taskproc.streams.connections)
+        assert _connections_to(dataplatform_port) - before >= -(-upstreams // MAX_STREAMS)
 
         # Above the limit: refused at once, with when to retry.
         for n in range(WATCH_LIMIT, WATCH_LIMIT + MAX_STREAMS // 2):
@@ -166,8 +176,16 @@ async def test_watch_flood_never_starves_control_traffic(crowded: Suite) -> None
         assert metrics.REGISTRY.get_sample_value("workflow_watch_streams") == WATCH_LIMIT
 
         # Every watch ran to the end: the long steps ran once, their leases held.
+        for wid in parked_ids:
+            await control.CancelWorkflow(
+                pb.CancelWorkflowRequest(workflow_id=wid), metadata=md, timeout=10
+            )
         results = await asyncio.wait_for(asyncio.gather(*watchers), 60)
-        for events in results:
+        for wid, events in zip(watched, results, strict=True):
+            assert [e.sequence for e in events] == list(range(1, len(events) + 1)), events
+            if wid in parked_ids:
+                assert events[-1].workflow_state == pb.WORKFLOW_STATE_CANCELLED
+                continue
             assert events[-1].workflow_state == pb.WORKFLOW_STATE_SUCCEEDED
             running = Counter(e.step_name for e in events if e.step_state == pb.STEP_STATE_RUNNING)
             assert running == {"long": 1}, events
@@ -188,3 +206,49 @@ async def test_watch_flood_never_starves_control_traffic(crowded: Suite) -> None
     finally:
         for ch in channels:
             await ch.close()
+
+
+async def test_lease_extension_retries_within_the_lease(crowded: Suite) -> None:
+    """With three of every four ExtendLeases calls failing, a running step keeps its lease
+    (retried at once, not a third of a lease later) and runs exactly once."""
+    suite = crowded
+    worker = suite.running["taskproc"].service.worker
+    real_call = worker._call
+    calls = Counter[str]()
+
+    async def flaky(rpc: Any, request: Any, timeout: float) -> Any:
+        if rpc is worker._stub.ExtendLeases:
+            calls["extend"] += 1
+            if calls["extend"] % 4:
+                calls["failed"] += 1
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    details="injected: dataplatform busy",
+                )
+        return await real_call(rpc, request, timeout)
+
+    worker._call = flaky
+    md = as_user(suite, Principal(user_id="lease-user", username="lease-user", roles=("user",)))
+    async with grpc.aio.insecure_channel(suite.address("taskproc")) as channel:
+        stub = pb_grpc.WorkflowServiceStub(channel)
+        reply = await stub.SubmitWorkflow(
+            pb.SubmitWorkflowRequest(
+                spec=spec({"name": "long", "op": "noop", "inputs": {"sleep_ms": LONG_STEP_MS}})
+            ),
+            metadata=md,
+            timeout=10,
+        )
+        events = [
+            e
+            async for e in stub.WatchWorkflow(
+                pb.WatchWorkflowRequest(workflow_id=reply.workflow.workflow_id),
+                metadata=md,
+                timeout=60,
+            )
+        ]
+    assert calls["failed"] >= 6, calls  # the extensions did fail, over several rounds
+    assert events[-1].workflow_state == pb.WORKFLOW_STATE_SUCCEEDED
+    running = [e for e in events if e.step_state == pb.STEP_STATE_RUNNING]
+    assert len(running) == 1, events
