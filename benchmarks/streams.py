@@ -53,12 +53,14 @@ async def _control_phase(
     """Submit → done latency one at a time, then step completions/s of a burst; failed
     workflows are counted by status code (the goal is none)."""
     failed: Counter[str] = Counter()
+    first: dict[str, str] = {}  # the first failure's details per code
 
     async def one() -> float | None:
         try:
             return await _submit_and_wait(stub, md)
         except grpc.aio.AioRpcError as exc:
             failed[exc.code().name] += 1
+            first.setdefault(exc.code().name, exc.details() or "")
             return None
 
     latency = [t for _ in range(samples) if (t := await one()) is not None]
@@ -75,7 +77,7 @@ async def _control_phase(
         "submit_to_done_ms": _percentiles(latency) if latency else None,
         "burst": burst,
         "step_completions_per_s": round(done / elapsed, 1),
-        "failed": dict(failed),
+        "failed": {code: {"n": n, "first": first[code]} for code, n in failed.items()},
     }
 
 

@@ -147,6 +147,14 @@ async def test_watch_flood_never_starves_control_traffic(crowded: Suite) -> None
             assert status is not None
             assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
 
+        # RunWorkflow is a watch too: refused before anything is created.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in control.RunWorkflow(
+                pb.RunWorkflowRequest(spec=spec(long_step)), metadata=md, timeout=10
+            ):
+                pass
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
         # Meanwhile, workflows submitted are claimed, run and completed.
         short_ids = [
             (
@@ -201,6 +209,10 @@ async def test_watch_flood_never_starves_control_traffic(crowded: Suite) -> None
             10,
             "the gauge to return to 0",
         )
+        listed = await control.ListWorkflows(
+            pb.ListWorkflowsRequest(page_size=1000), metadata=md, timeout=10
+        )
+        assert len(listed.workflows) == len(long_ids) + len(parked_ids) + len(short_ids)
         states = {b.name: b.state for b in breakers_of("taskproc")}
         assert states and set(states.values()) == {BreakerState.CLOSED}, states
     finally:
