@@ -246,9 +246,9 @@ class Worker:
     async def _lease_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.lease_seconds / 3)
-            await self.extend_leases()
+            await self._extend_leases()
 
-    async def extend_leases(self) -> None:
+    async def _extend_leases(self) -> None:
         """One round: extends every running step's lease, retrying until the earliest of
         them would run out; then stops the steps whose lease did run out."""
         runs = list(self._running.items())
