@@ -419,6 +419,9 @@ class TaskProcSettings(_Block):
     # Watch streams (WatchWorkflow + RunWorkflow) one process serves at once; more are
     # refused with RESOURCE_EXHAUSTED + RetryInfo (metric workflow_watch_streams).
     max_watch_streams: int = Field(default=10_000, gt=0, le=1_000_000)
+    # The most database re-reads per second this process's watch streams ask dataplatform
+    # for while nothing is pushed: with many streams, each re-reads less often (<= 30 s).
+    watch_reads_per_second: float = Field(default=200, gt=0)
     # Streams taskproc opens on one connection to dataplatform (at most
     # grpc.max_concurrent_streams); more streams open more connections, never refused.
     streams_per_connection: int = Field(default=500, gt=0)

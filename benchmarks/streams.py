@@ -7,8 +7,9 @@ Against the suite in processes of their own (`benchmarks.servers`, as `aiwfe up`
 1. idle: submit → done latency (SubmitWorkflow + WatchWorkflow of a one-step `noop`
    workflow through the gateway, one at a time, p50/p99), then a burst of `--burst`
    such workflows 16 at a time (step completions/s);
-2. flood: `--long` long-running workflows (a `noop` step sleeping longer than the run),
-   and `--streams` WatchWorkflow streams on them through the gateway, opened over
+2. flood: `--long` workflows active for `--hold` seconds (10 run a `noop` step that long;
+   the others wait for a retry, leaving the workers free), and `--streams` WatchWorkflow
+   streams on them through the gateway, opened over
    `--connections-per` streams per client connection (many connections: one carries at
    most the gateway's `grpc.max_concurrent_streams`); each stream counts as open once its
    first event arrived (`--via taskproc` opens them on taskproc itself, past the gateway);
@@ -44,6 +45,7 @@ from benchmarks.workflows import _percentiles, _submit_and_wait
 
 SERVICES = ("gateway", "taskproc", "dataplatform")
 BURST_IN_FLIGHT = 16
+RUNNING = 10  # long workflows whose step runs (the rest wait for a retry: no worker slot)
 Metadata = tuple[tuple[str, str], ...]
 
 
@@ -79,6 +81,20 @@ async def _control_phase(
         "step_completions_per_s": round(done / elapsed, 1),
         "failed": {code: {"n": n, "first": first[code]} for code, n in failed.items()},
     }
+
+
+def _long_spec(hold: int, running: bool) -> wf_pb.WorkflowSpec:
+    """A workflow active for `hold` seconds: a step running that long, or (so as not to
+    take every worker slot) a step whose first attempt fails and whose retry is due then."""
+    spec = wf_pb.WorkflowSpec(name="long", timeout_seconds=hold + 60)
+    step = spec.steps.add(name="hold", op="noop", timeout_seconds=hold + 30)
+    if running:
+        step.inputs.update({"sleep_ms": hold * 1000})
+    else:
+        step.inputs.update({"fail_times": 1})
+        step.retry_policy.max_attempts = 2
+        step.retry_policy.initial_backoff_seconds = hold
+    return spec
 
 
 def _usage(pids: dict[str, int]) -> dict[str, tuple[float, float]]:
@@ -147,17 +163,15 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         idle = await _control_phase(stub, md, opts.samples, opts.burst)
         idle_seconds, after_idle = time.perf_counter() - t0, _usage(pids)
 
-        long_spec = wf_pb.WorkflowSpec(name="long", timeout_seconds=opts.hold + 60)
-        long_spec.steps.add(name="hold", op="noop", timeout_seconds=opts.hold + 30).inputs.update(
-            {"sleep_ms": opts.hold * 1000}
-        )
         long_ids = [
             (
                 await stub.SubmitWorkflow(
-                    wf_pb.SubmitWorkflowRequest(spec=long_spec), metadata=md, timeout=30
+                    wf_pb.SubmitWorkflowRequest(spec=_long_spec(opts.hold, running=i < RUNNING)),
+                    metadata=md,
+                    timeout=30,
                 )
             ).workflow.workflow_id
-            for _ in range(opts.long)
+            for i in range(opts.long)
         ]
         # Many client connections, each its own (grpc would share one between equal channels).
         flood_address, flood_md = address, md
@@ -245,7 +259,7 @@ def cli() -> None:
     parser.add_argument(
         "--connections-per", type=int, default=100, help="streams per client connection"
     )
-    parser.add_argument("--long", type=int, default=10, help="long-running workflows watched")
+    parser.add_argument("--long", type=int, default=10, help="long workflows watched")
     parser.add_argument("--hold", type=int, default=600, help="seconds a long step sleeps")
     parser.add_argument("--samples", type=int, default=100, help="latency samples per phase")
     parser.add_argument("--burst", type=int, default=200, help="workflows per burst")

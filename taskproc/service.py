@@ -166,7 +166,7 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
             async for update in self._streams.stream(
                 "RunStoredWorkflow",
                 store_pb.RunStoredWorkflowRequest(
-                    create=create, poll_interval_seconds=self._limits.watch_poll_interval
+                    create=create, poll_interval_seconds=self._streams.poll_interval()
                 ),
             ):
                 if update.HasField("stored"):
@@ -199,7 +199,7 @@ class TaskProcService(Service):
         )
         # Watches ride connections of their own, never the control connection above.
         self.streams = StreamPool(self.store, settings, [store_pb.DESCRIPTOR])
-        self.watches = SharedWatches(self.streams, settings.taskproc.watch_poll_interval)
+        self.watches = SharedWatches(self.streams)
         self.watch_slots = WatchSlots(settings.taskproc.max_watch_streams)
         self.worker = Worker(settings, self.store, self.cognitive)
 

@@ -54,9 +54,8 @@ class _Shared:
 class SharedWatches:
     """This replica's shared watches, by workflow and scope."""
 
-    def __init__(self, streams: StreamPool, poll_interval: float) -> None:
+    def __init__(self, streams: StreamPool) -> None:
         self._streams = streams
-        self._poll_interval = poll_interval
         self._shared: dict[_Key, _Shared] = {}
 
     @property
@@ -72,7 +71,9 @@ class SharedWatches:
             upstream = self._streams.stream(
                 "WatchWorkflowEvents",
                 store_pb.WatchWorkflowEventsRequest(
-                    workflow_id=key[0], scope=scope, poll_interval_seconds=self._poll_interval
+                    workflow_id=key[0],
+                    scope=scope,
+                    poll_interval_seconds=self._streams.poll_interval(),
                 ),
                 bounded=False,  # it outlives the watcher that opened it
             )

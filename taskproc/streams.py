@@ -41,6 +41,8 @@ _tracer = trace.get_tracer("aiwfe")
 # continually; a second keeps a crowd of retries from arriving at once.
 RETRY_AFTER_SECONDS = 1.0
 # Each stream channel is a connection of its own (see the module docstring).
+# dataplatform's longest re-read interval for a watch (WatchWorkflowEvents' limit).
+MAX_POLL_SECONDS = 30.0
 _OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
 
 
@@ -90,7 +92,21 @@ class StreamPool:
         self.per_connection = min(
             settings.taskproc.streams_per_connection, settings.grpc.max_concurrent_streams
         )
+        self._poll = settings.taskproc.watch_poll_interval
+        self._reads_per_second = settings.taskproc.watch_reads_per_second
         self.connections: list[_Connection] = []
+
+    @property
+    def in_flight(self) -> int:
+        return sum(conn.streams for conn in self.connections)
+
+    def poll_interval(self) -> float:
+        """How often the next watch stream has dataplatform re-read PostgreSQL when nothing
+        was pushed to it: `watch_poll_interval`, stretched so that this process's streams
+        ask for at most `watch_reads_per_second` re-reads. Commits reach a watch by push
+        (in process, or from another replica through Redis); the re-read is the safety
+        net, and thousands of them a second would starve dataplatform's other queries."""
+        return min(MAX_POLL_SECONDS, max(self._poll, (self.in_flight + 1) / self._reads_per_second))
 
     def _acquire(self) -> _Connection:
         for conn in self.connections:

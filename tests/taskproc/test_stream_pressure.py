@@ -22,11 +22,14 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from aiwfe import metrics
-from aiwfe.identity import Principal
+from aiwfe.channels import Downstream
+from aiwfe.config import load_settings
+from aiwfe.identity import InternalIdentity, Principal
 from aiwfe.resilience.breaker import BreakerState, breakers_of
 from aiwfe.suite import Suite, start_suite
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
+from taskproc.streams import StreamPool
 from tests.taskproc.helpers import TERMINAL, as_user, spec
 
 MAX_STREAMS = 20  # per HTTP/2 connection, on every server of the suite
@@ -264,3 +267,30 @@ async def test_lease_extension_retries_within_the_lease(crowded: Suite) -> None:
     assert events[-1].workflow_state == pb.WORKFLOW_STATE_SUCCEEDED
     running = [e for e in events if e.step_state == pb.STEP_STATE_RUNNING]
     assert len(running) == 1, events
+
+
+async def test_watch_reread_interval_stretches_with_streams(base_overrides: dict[str, Any]) -> None:
+    """Past watch_reads_per_second x watch_poll_interval streams, each new stream asks
+    dataplatform to re-read less often, so the re-reads stay within budget (<= 30 s)."""
+    settings = load_settings(
+        env={},
+        overrides={
+            **base_overrides,
+            "taskproc": {"watch_poll_interval": 1.0, "watch_reads_per_second": 10},
+        },
+    )
+    store = Downstream(
+        "dataplatform", "127.0.0.1:1", settings, InternalIdentity.from_settings(settings), "t"
+    )
+    pool = StreamPool(store, settings)
+    try:
+        assert pool.poll_interval() == 1.0
+        for _ in range(99):
+            pool._acquire()  # what each stream opened holds
+        assert pool.poll_interval() == pytest.approx(10.0)
+        for _ in range(1000):
+            pool._acquire()
+        assert pool.poll_interval() == 30.0
+    finally:
+        await pool.close()
+        await store.close()
