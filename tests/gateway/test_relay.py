@@ -15,7 +15,7 @@ import pytest
 
 from aiwfe.embedded import free_port
 from gateway import h2
-from gateway.relay import Decision, Endpoint, Relay
+from gateway.relay import Decision, Endpoint, Relay, RelayLimits
 
 MB = 1024 * 1024
 CHUNK = 64 * 1024
@@ -86,12 +86,16 @@ async def _backend(port: int = 0) -> tuple[grpc.aio.Server, Backend, int]:
 class Harness:
     """A relay in front of one upstream port, recording how each call ended."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(
+        self, upstream_port: int, max_streams: int = 100, limits: RelayLimits | None = None
+    ) -> None:
         self.finished: list[grpc.StatusCode] = []
+        self.decided = 0
         endpoint = Endpoint(b"upstream", host="127.0.0.1", port=upstream_port)
-        self.relay = Relay(self.decide, {"up": endpoint}, max_streams=100)
+        self.relay = Relay(self.decide, {"up": endpoint}, max_streams, limits=limits)
 
     def decide(self, headers: list[tuple[bytes, bytes]], peer: str, up: Any) -> Decision:
+        self.decided += 1
         kept = [(n, v) for n, v in headers if n != b"authorization"]
         return Decision("up", [*kept, (b"x-relayed", peer.encode())], self.finish)
 
