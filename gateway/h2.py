@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple, cast
 from urllib.parse import quote
 
@@ -223,31 +223,33 @@ def trailer_error(headers: Headers) -> Malformed | None:
 
 
 class FrameReader:
-    """Splits a byte stream into frames (payloads up to MAX_FRAME bytes)."""
+    """Splits a byte stream into frames (payloads up to MAX_FRAME bytes), lazily: a
+    consumer that stops at a bad frame (a flood) never pays for parsing the rest."""
 
     __slots__ = ("_buf",)
 
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes) -> Iterator[Frame]:
         buf = self._buf
         buf += data
-        frames: list[Frame] = []
-        pos, size = 0, len(buf)
-        while size - pos >= 9:
-            length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
-            if length > MAX_FRAME:
-                raise ProtocolViolation(FRAME_SIZE_ERROR, f"a {length}-byte frame")
-            end = pos + 9 + length
-            if end > size:
-                break
-            sid = _U32.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF
-            frames.append((buf[pos + 3], buf[pos + 4], sid, bytes(buf[pos + 9 : end])))
-            pos = end
-        if pos:
-            del buf[:pos]
-        return frames
+        pos = 0
+        try:
+            while len(buf) - pos >= 9:
+                length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
+                if length > MAX_FRAME:
+                    raise ProtocolViolation(FRAME_SIZE_ERROR, f"a {length}-byte frame")
+                end = pos + 9 + length
+                if end > len(buf):
+                    break
+                sid = _U32.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF
+                frame = (buf[pos + 3], buf[pos + 4], sid, bytes(buf[pos + 9 : end]))
+                pos = end
+                yield frame
+        finally:
+            if pos:
+                del buf[:pos]
 
 
 def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:

@@ -180,6 +180,7 @@ class Relay:
         self.pools = {name: _Pool(self, endpoint) for name, endpoint in upstreams.items()}
         self.clients: set[_Client] = set()
         self.dirty: list[_Connection] = []
+        self.opening: list[_Stream] = []  # calls to open upstream once this read is handled
         self.later: list[Callable[[], None]] = []
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -237,7 +238,15 @@ class Relay:
 
     def flush(self) -> None:
         """Writes what the connections have to send, then does the bookkeeping that was
-        put off so as not to delay it (trailer statuses, metrics, breakers)."""
+        put off so as not to delay it (trailer statuses, metrics, breakers).
+
+        Calls are opened upstream here, after the whole read was handled: one the client
+        opened and reset in the same read (rapid reset) never costs the upstream a stream."""
+        if self.opening:
+            opening, self.opening = self.opening, []
+            for stream in opening:
+                if not stream.done:
+                    self.pools[stream.decision.upstream].open(stream)
         dirty, self.dirty = self.dirty, []
         for conn in dirty:
             conn.flush()
@@ -929,7 +938,7 @@ class _Client(_Connection):
         if decision.answer is not None and not stream.client_ended:
             stream.held = 0  # opened upstream only if the whole request finds no answer
         else:
-            self.relay.pools[decision.upstream].open(stream)
+            self.relay.opening.append(stream)
 
     def _malformed(self, sid: int, flags: int, malformed: h2.Malformed) -> None:
         """A malformed request: a stream error, or a gRPC status for a bad gRPC header.
@@ -969,7 +978,7 @@ class _Client(_Connection):
             self.credit(len(payload) - len(data))
         if flags & h2.END_STREAM:
             self._end_request(stream, data)
-        else:
+        elif data:  # an empty DATA frame is never passed on (back ends count them)
             stream.to_upstream.queue.append((h2.DATA, 0, data))
             self._pass_on(stream, len(data))
 
@@ -994,7 +1003,7 @@ class _Client(_Connection):
         elif stream.held < _HOLD_BYTES:
             return
         stream.held = -1
-        self.relay.pools[stream.decision.upstream].open(stream)
+        self.relay.opening.append(stream)
 
     def _answer(self, stream: _Stream, reply: bytes) -> None:
         """Responds with `reply` (status OK) without the upstream; DATA frames of at most
@@ -1098,6 +1107,7 @@ class _Upstream(_Connection):
         self.decoder = h2.HeaderDecoder(_MAX_HEADER_BLOCK, table_size=0)
         self.next_id = 1
         self.max_streams = _UPSTREAM_FIRST_STREAMS
+        self.settled = False  # its first SETTINGS arrived
         self.usable = True
         self.waiting: list[_Stream] = []  # opened before the connection was up
         self.connecting: asyncio.Future[None] | None = None
@@ -1182,11 +1192,18 @@ class _Upstream(_Connection):
         if self.pool.queue:
             self.pool.next()
 
+    def settings_frame(self) -> None:
+        if not self.settled:  # no limit in its first SETTINGS: none at all (RFC 9113 §6.5.2)
+            self.settled = True
+            self.max_streams = 2**31
+            if self.pool.queue:
+                self.relay.later.append(self.pool.next)
+
     def on_setting(self, key: int, value: int) -> None:
         if key == h2.MAX_CONCURRENT_STREAMS:
             self.max_streams = value
             if self.pool.queue:
-                self.pool.next()
+                self.relay.later.append(self.pool.next)
         else:
             super().on_setting(key, value)
 
