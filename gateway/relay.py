@@ -66,6 +66,7 @@ _CONTROL_BACKLOG = 1 << 20  # bytes unwritten to a peer that stopped reading: th
 _HOLD_BYTES = STREAM_WINDOW // 4  # a request longer than this is sent on, not answered
 _DOWN_SECONDS = 1.0  # an upstream that refused a connection is not offered calls this long
 _CONNECT_SECONDS = 5.0
+_RETRIES = 5  # a stream the upstream refused is sent again at most this often
 _UPSTREAM_FIRST_STREAMS = 100  # an upstream's stream limit until its SETTINGS say otherwise
 _DRAIN_PING = b"drain\x00\x00\x00"
 _DRAIN_PING_SECONDS = 1.0  # the final GOAWAY at the latest this long after the first
@@ -268,9 +269,9 @@ class _Half:
 class _Stream:
     __slots__ = (
         "cid", "client", "client_credit", "client_ended", "client_recv", "code", "decision",
-        "details", "done", "held", "queued", "request", "response_started", "target",
-        "to_client", "to_upstream", "trailers", "uid", "upstream", "upstream_ended",
-        "upstream_recv",
+        "details", "done", "held", "kept", "queued", "replay", "request", "resent",
+        "response_started", "retries", "target", "to_client", "to_upstream", "trailers", "uid",
+        "upstream", "upstream_ended", "upstream_recv",
     )  # fmt: skip
 
     def __init__(self, client: _Client, cid: int, decision: Decision, request: bytes) -> None:
@@ -298,6 +299,13 @@ class _Stream:
         self.queued = 0
         self.target = _FIRST_GRANT
         self.held = -1  # request bytes held for decision.answer; -1 when not held
+        # What went upstream (after the `request` block) until the response starts, kept
+        # while short so a stream the upstream refused (REFUSED_STREAM: never processed)
+        # can be sent again; None once the response started or the request grew long.
+        self.replay: list[tuple[int, int, bytes]] | None = []
+        self.kept = 0  # bytes in `replay`
+        self.resent = 0  # bytes of a replay not yet written again (credited once already)
+        self.retries = 0
         self.trailers = b""  # the upstream's trailers block, once it sent them
 
 
@@ -326,7 +334,10 @@ def _send(stream: _Stream, to_upstream: bool) -> None:
                 dest.blocked[stream] = None
                 return
             last = n == size
-            dest.write(h2.frame(h2.DATA, flags if last else 0, sid, payload[:n]))
+            chunk = payload[:n] if not last else payload
+            dest.write(h2.frame(h2.DATA, flags if last else 0, sid, chunk))
+            if to_upstream and stream.replay is not None:
+                _keep(stream, flags if last else 0, chunk)
             half.window -= n
             dest.send_window -= n
             if n:
@@ -341,9 +352,25 @@ def _send(stream: _Stream, to_upstream: bool) -> None:
             return
 
 
+def _keep(stream: _Stream, flags: int, chunk: bytes) -> None:
+    """Keeps a DATA frame sent upstream for a replay, while the request stays short."""
+    replay = stream.replay
+    assert replay is not None
+    replay.append((h2.DATA, flags, chunk))
+    stream.kept += len(chunk)
+    if stream.kept > _HOLD_BYTES:
+        stream.replay = None
+
+
 def _passed(stream: _Stream, to_upstream: bool, n: int) -> None:
     """`n` bytes the client (`to_upstream`) or the upstream sent were written on: credit."""
     if to_upstream:
+        if stream.resent:  # replayed bytes: the client had its credit the first time
+            again = min(n, stream.resent)
+            stream.resent -= again
+            n -= again
+            if not n:
+                return
         client = stream.client
         client.credit(n)
         if not stream.client_ended:
@@ -1086,6 +1113,11 @@ class _Pool:
                 queue.appendleft(stream)
                 return
 
+    def retry(self) -> None:
+        """A refused stream's delay is over: send what waits, if there is room now."""
+        self.next()
+        self.relay.flush()
+
     def fail_queued(self, message: str) -> None:
         queue, self.queue = self.queue, deque()
         for stream in queue:
@@ -1177,7 +1209,8 @@ class _Upstream(_Connection):
         self.streams[sid] = stream
         end = h2.END_STREAM if stream.client_ended and not stream.to_upstream.queue else 0
         self.write(h2.headers_frames(sid, stream.request, end))
-        stream.request = b""
+        if stream.replay is None:
+            stream.request = b""
         _grant(stream)
         _send(stream, True)
 
@@ -1223,6 +1256,8 @@ class _Upstream(_Connection):
             stream.upstream_ended = True
             stream.trailers = block  # decoded for the status after the response is out
         stream.response_started = True
+        stream.replay = None
+        stream.request = b""
         stream.to_client.queue.append((h2.HEADERS, end, block))
         _send(stream, False)
 
@@ -1259,7 +1294,34 @@ class _Upstream(_Connection):
         stream = self.streams.get(sid)
         if stream is None or (stream.upstream_ended and code == h2.NO_ERROR):
             return  # after the trailers: only "stop sending"
+        if code == h2.REFUSED_STREAM and self._retry(stream):
+            return
         self._reset_by_upstream(stream, code)
+
+    def _retry(self, stream: _Stream) -> bool:
+        """A stream the upstream refused, never processed: back to the head of the pool's
+        queue, to be sent again once a stream ends (or shortly), if its request was kept.
+        (grpc-core counts a stream against its limit a little after it closed.)"""
+        replay = stream.replay
+        if replay is None or stream.response_started or stream.retries >= _RETRIES:
+            return False
+        self.streams.pop(stream.uid, None)
+        self.blocked.pop(stream, None)
+        stream.retries += 1
+        stream.uid = 0
+        stream.upstream = None
+        stream.resent = stream.kept
+        stream.to_upstream.queue.extendleft(reversed(replay))
+        stream.replay = []
+        stream.kept = 0
+        stream.client.budget += stream.upstream_recv  # its grant is void
+        stream.upstream_recv = 0
+        self.pool.queue.appendleft(stream)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.002 * stream.retries, self.pool.retry)
+        if not self.usable and not self.streams and not self.waiting:
+            self.close()
+        return True
 
     def _reset_by_upstream(self, stream: _Stream, code: int) -> None:
         stream.done = True
@@ -1275,7 +1337,7 @@ class _Upstream(_Connection):
         with contextlib.suppress(ValueError):
             self.pool.conns.remove(self)
         for sid, stream in list(self.streams.items()):
-            if sid > last_stream_id:
+            if sid > last_stream_id and not self._retry(stream):
                 self._reset_by_upstream(stream, h2.REFUSED_STREAM)
         if not self.streams:
             self.close()

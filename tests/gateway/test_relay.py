@@ -23,11 +23,13 @@ _OPTIONS = [("grpc.max_send_message_length", 8 * MB), ("grpc.max_receive_message
 
 
 class Backend(grpc.GenericRpcHandler):
-    """Echo, download, upload, chat, a stream that waits forever, and a failure."""
+    """Echo, download, upload, chat, a stream that waits forever, a failure, and a slow
+    call counting how many run at once."""
 
     def __init__(self) -> None:
         self.metadata: list[dict[str, str]] = []
         self.cancelled = asyncio.Event()
+        self.active = self.most_active = self.hangs = 0
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         return {
@@ -37,6 +39,7 @@ class Backend(grpc.GenericRpcHandler):
             "/t.T/Chat": grpc.stream_stream_rpc_method_handler(self.chat),
             "/t.T/Hang": grpc.unary_stream_rpc_method_handler(self.hang),
             "/t.T/Fail": grpc.unary_unary_rpc_method_handler(self.fail),
+            "/t.T/Slow": grpc.unary_unary_rpc_method_handler(self.slow),
         }.get(details.method)
 
     async def echo(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -59,7 +62,17 @@ class Backend(grpc.GenericRpcHandler):
         async for message in requests:
             yield message[::-1]
 
+    async def slow(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
+        try:
+            await asyncio.sleep(0.05)
+        finally:
+            self.active -= 1
+        return request
+
     async def hang(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
+        self.hangs += 1
         yield b"first"
         try:
             await asyncio.sleep(60)
@@ -74,9 +87,12 @@ class Backend(grpc.GenericRpcHandler):
         raise AssertionError("unreachable")
 
 
-async def _backend(port: int = 0) -> tuple[grpc.aio.Server, Backend, int]:
+async def _backend(
+    port: int = 0, max_streams: int | None = None
+) -> tuple[grpc.aio.Server, Backend, int]:
     backend = Backend()
-    server = grpc.aio.server(options=_OPTIONS)
+    limit = [("grpc.max_concurrent_streams", max_streams)] if max_streams else []
+    server = grpc.aio.server(options=[*_OPTIONS, *limit])
     server.add_generic_rpc_handlers((backend,))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
