@@ -1040,10 +1040,13 @@ class _Client(_Connection):
         stream.to_upstream.queue.clear()
         stream.upstream_ended = stream.response_started = True
         stream.code = grpc.StatusCode.OK
+        message = b"\x00" + len(reply).to_bytes(4, "big") + reply
+        stream.queued += len(message)  # buffered here like an upstream's, from the budget
+        self.budget -= len(message)
         stream.to_client.queue.extend(
             (
                 (h2.HEADERS, 0, _RESPONSE_BLOCK),
-                (h2.DATA, 0, b"\x00" + len(reply).to_bytes(4, "big") + reply),
+                (h2.DATA, 0, message),
                 (h2.HEADERS, h2.END_STREAM, _OK_BLOCK),
             )
         )

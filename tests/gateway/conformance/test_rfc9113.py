@@ -429,6 +429,8 @@ async def test_6_5_2_max_frame_size_default_is_honoured_for_relay_answers() -> N
         body, trailers = await raw.response(1)
         assert body == message(reply) and trailers[b"grpc-status"] == b"0"
         assert sum(1 for fr in raw.seen if fr[0] == f.DATA) >= 2
+        (conn,) = relay.clients  # its budget for buffered answers is whole again
+        assert conn.budget == RelayLimits().max_buffer_bytes // 2 and not conn.streams
 
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         conn.initiate_connection()
