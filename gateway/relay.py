@@ -161,6 +161,7 @@ class Endpoint:
 
 
 Decide = Callable[[Headers, str, Callable[[str], bool]], Decision]
+_UNDECIDED = Decision("", [])  # a stream's decision until the read that opened it is handled
 
 
 class Relay:
@@ -241,12 +242,17 @@ class Relay:
         """Writes what the connections have to send, then does the bookkeeping that was
         put off so as not to delay it (trailer statuses, metrics, breakers).
 
-        Calls are opened upstream here, after the whole read was handled: one the client
-        opened and reset in the same read (rapid reset) never costs the upstream a stream."""
-        if self.opening:
+        Calls are decided and opened upstream here, after the whole read was handled: one
+        the client opened and reset in the same read (rapid reset), or on a connection that
+        failed, costs neither the front door's decision nor an upstream stream."""
+        while self.opening:
             opening, self.opening = self.opening, []
             for stream in opening:
-                if not stream.done:
+                if stream.done or stream.client.closing:
+                    continue
+                if stream.decision is _UNDECIDED:
+                    stream.client.decide(stream)
+                else:
                     self.pools[stream.decision.upstream].open(stream)
         dirty, self.dirty = self.dirty, []
         for conn in dirty:
@@ -269,13 +275,14 @@ class _Half:
 class _Stream:
     __slots__ = (
         "cid", "client", "client_credit", "client_ended", "client_recv", "code", "decision",
-        "details", "done", "held", "kept", "queued", "replay", "request", "resent",
+        "details", "done", "headers", "held", "kept", "queued", "replay", "request", "resent",
         "response_started", "retries", "target", "to_client", "to_upstream", "trailers", "uid",
         "upstream", "upstream_ended", "upstream_recv",
     )  # fmt: skip
 
     def __init__(self, client: _Client, cid: int, decision: Decision, request: bytes) -> None:
         self.client = client
+        self.headers: Headers | None = None  # the request's, until it is decided
         self.cid = cid
         self.upstream: _Upstream | None = None
         self.uid = 0
@@ -471,6 +478,7 @@ class _Connection(asyncio.Protocol):
         self.streams: dict[int, _Stream] = {}
         self.blocked: dict[_Stream, None] = {}  # streams waiting for this peer's window
         self.closed = False
+        self.closing = False  # closed, or about to be: no new calls from it
         self.paused = False  # the transport's buffer is full: the peer is not reading
         self.useful = 0  # frames that did work since the idle-frame budget was last topped up
         self._continuing: tuple[int, int, bytearray, int] | None = None  # a header block so far
@@ -509,6 +517,7 @@ class _Connection(asyncio.Protocol):
             self.owed = 0
 
     def close(self) -> None:
+        self.closing = True
         if not self.closed and self.transport is not None:
             self.flush()
             self.transport.close()
@@ -953,17 +962,32 @@ class _Client(_Connection):
             self.reset(sid, h2.REFUSED_STREAM)
             return
         self.useful += 1
+        stream = _Stream(self, sid, _UNDECIDED, b"")
+        stream.headers = headers
+        self.streams[sid] = stream
+        stream.client_ended = bool(flags & h2.END_STREAM)
+        self.relay.opening.append(stream)  # decided once this read is handled
+
+    def decide(self, stream: _Stream) -> None:
+        """Asks the front door where the call goes, then opens it upstream or holds its
+        request for an answer from the front (DATA of the same read is queued already)."""
+        headers, stream.headers = stream.headers, None
+        assert headers is not None
         try:
             decision = self.relay.decide(headers, self.peer, self.relay.up)
         except Exception:  # a bug costs this call, not the connection's others
             log.exception("deciding a call failed")
-            self._respond(sid, flags, grpc.StatusCode.INTERNAL, "")
+            stream.done = True
+            self.forget(stream)
+            self._respond(stream.cid, stream.client_ended, grpc.StatusCode.INTERNAL, "")
             return
-        stream = _Stream(self, sid, decision, h2.header_block(decision.headers))
-        self.streams[sid] = stream
-        stream.client_ended = bool(flags & h2.END_STREAM)
-        if decision.answer is not None and not stream.client_ended:
-            stream.held = 0  # opened upstream only if the whole request finds no answer
+        stream.decision = decision
+        stream.request = h2.header_block(decision.headers)
+        if decision.answer is not None:
+            # Opened upstream only if the whole request finds no answer.
+            stream.held = sum(len(payload) for _, _, payload in stream.to_upstream.queue)
+            if stream.client_ended or stream.held >= _HOLD_BYTES:
+                self._pass_on(stream, 0)
         else:
             self.relay.opening.append(stream)
 
@@ -973,15 +997,17 @@ class _Client(_Connection):
         log.info("refusing a malformed request from %s: %s", self.peer, malformed.reason)
         if malformed.grpc:
             self._refused(sid)
-            self._respond(sid, flags, grpc.StatusCode.INVALID_ARGUMENT, malformed.reason)
+            ended = bool(flags & h2.END_STREAM)
+            self._respond(sid, ended, grpc.StatusCode.INVALID_ARGUMENT, malformed.reason)
         else:
             self.reset(sid, h2.PROTOCOL_ERROR)
 
-    def _respond(self, sid: int, flags: int, code: grpc.StatusCode, message: str) -> None:
-        """A trailers-only response from the relay itself to a stream it never opened."""
+    def _respond(self, sid: int, ended: bool, code: grpc.StatusCode, message: str) -> None:
+        """A trailers-only response from the relay itself to a stream it never opened
+        upstream (`ended`: the client had sent all of its request)."""
         status = h2.grpc_status_headers(code.value[0], message, False)
         self.write(h2.headers_frames(sid, h2.header_block(status), h2.END_STREAM))
-        if flags & h2.END_STREAM:
+        if ended:
             self._ended(sid, False)
         else:
             self.reset(sid, h2.NO_ERROR, peer_caused=False)
