@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -242,3 +244,46 @@ async def test_connections_over_the_cap_are_refused() -> None:
     finally:
         await harness.relay.stop(0.2)
         await server.stop(0)
+
+
+async def test_the_relay_process_rss_stays_within_the_cap_against_a_client_that_never_reads() -> (
+    None
+):
+    """The same attack against a relay in a process of its own, measured from outside:
+    its RSS grows by less than the 8 MiB cap and is back near where it was after close."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.gateway.conformance.relay_process",
+        stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        port = int(await asyncio.wait_for(process.stdout.readline(), 30))
+
+        def rss() -> int:
+            with open(f"/proc/{process.pid}/statm") as statm:
+                return int(statm.read().split()[1]) * 4096
+
+        warm = await RawClient.connect(port)
+        for sid in range(1, 101, 2):  # the steady state first (50 calls: within its window)
+            warm.call(sid, b"x" * 100)
+            assert (await warm.response(sid))[1][b"grpc-status"] == b"0"
+        warm.close()
+        await asyncio.sleep(0.5)
+        before = rss()
+        client = await RawClient.connect(port, ((h2.INITIAL_WINDOW_SIZE, h2.MAX_WINDOW),))
+        client.send(h2.window_update(0, h2.MAX_WINDOW - h2.DEFAULT_WINDOW))
+        for sid in range(1, 41, 2):
+            client.call(sid, b"16777216", path=b"/t.T/Download")
+        await asyncio.sleep(3.0)
+        during = rss()
+        await client.expect(lambda fr: fr[0] == h2.DATA and len(fr[3]) == h2.MAX_FRAME)
+        client.close()
+        await asyncio.sleep(1.0)
+        after = rss()
+        print(f"\nrelay process RSS {before / MB:.1f} MiB, +{(during - before) / MB:.1f} MiB "
+              f"while attacked, +{(after - before) / MB:.1f} MiB after close")  # fmt: skip
+        assert during - before < RelayLimits().max_buffer_bytes
+        assert after - before < during - before + MB
+    finally:
+        process.kill()
+        await process.wait()
