@@ -179,6 +179,10 @@ CONNECTION_SPECIFIC = frozenset(
 )
 
 
+def _show(raw: bytes) -> str:
+    return repr(raw.decode("latin-1"))
+
+
 def request_error(headers: Headers) -> Malformed | None:
     """What makes a request's header list malformed, or None (RFC 9113 §8.2-8.3: names,
     values, pseudo-headers, connection-specific fields, `te`; plus gRPC's grpc-timeout)."""
@@ -187,26 +191,26 @@ def request_error(headers: Headers) -> Malformed | None:
     for name, value in headers:
         if name[:1] == b":":
             if regular:
-                return Malformed(f"pseudo-header {name!r} after a regular field")
+                return Malformed(f"pseudo-header {_show(name)} after a regular field")
             if name not in _REQUEST_PSEUDO:
-                return Malformed(f"pseudo-header {name!r} in a request")
+                return Malformed(f"pseudo-header {_show(name)} in a request")
             if name in seen:
-                return Malformed(f"a second {name!r}")
+                return Malformed(f"a second {_show(name)}")
             seen.add(name)
             if not value and name != b":authority":
-                return Malformed(f"an empty {name!r}")
+                return Malformed(f"an empty {_show(name)}")
         else:
             regular = True
             if not name or _BAD_NAME.search(name):
-                return Malformed(f"a malformed field name {name[:64]!r}")
+                return Malformed(f"a malformed field name {_show(name[:64])}")
             if name in CONNECTION_SPECIFIC:
-                return Malformed(f"connection-specific field {name!r}")
+                return Malformed(f"connection-specific field {_show(name)}")
             if name == b"te" and value != b"trailers":
                 return Malformed("te other than trailers")
             if name == b"grpc-timeout" and not _GRPC_TIMEOUT.match(value):
-                return Malformed(f"a malformed grpc-timeout {value[:32]!r}", grpc=True)
+                return Malformed(f"a malformed grpc-timeout {_show(value[:32])}", grpc=True)
         if value and _BAD_VALUE.search(value):
-            return Malformed(f"a malformed value in {name[:64]!r}")
+            return Malformed(f"a malformed value in {_show(name[:64])}")
     if len(seen) < 4 and not _REQUEST_PSEUDO.difference(seen) <= {b":authority"}:
         return Malformed("a required pseudo-header is missing")
     return None
@@ -216,9 +220,9 @@ def trailer_error(headers: Headers) -> Malformed | None:
     """What makes a request's trailer section malformed (no pseudo-headers there)."""
     for name, value in headers:
         if not name or _BAD_NAME.search(name) or name in CONNECTION_SPECIFIC:
-            return Malformed(f"a malformed trailer field {name[:64]!r}")
+            return Malformed(f"a malformed trailer field {_show(name[:64])}")
         if value and _BAD_VALUE.search(value):
-            return Malformed(f"a malformed trailer value in {name[:64]!r}")
+            return Malformed(f"a malformed trailer value in {_show(name[:64])}")
     return None
 
 

@@ -992,14 +992,21 @@ class _Client(_Connection):
             self.relay.opening.append(stream)
 
     def _malformed(self, sid: int, flags: int, malformed: h2.Malformed) -> None:
-        """A malformed request: a stream error, or a gRPC status for a bad gRPC header.
-        Either way it reaches neither `decide` nor an upstream."""
+        """A malformed request reaches neither `decide` nor an upstream. It is answered
+        INVALID_ARGUMENT (trailers only), so a gRPC client sees a precise status rather
+        than the INTERNAL it makes of a bare reset, and, when HTTP/2 itself calls it
+        malformed, then reset: the stream error RFC 9113 §8.1.1 asks for."""
         log.info("refusing a malformed request from %s: %s", self.peer, malformed.reason)
+        message = f"malformed request: {malformed.reason}"
         if malformed.grpc:
             self._refused(sid)
             ended = bool(flags & h2.END_STREAM)
-            self._respond(sid, ended, grpc.StatusCode.INVALID_ARGUMENT, malformed.reason)
+            self._respond(sid, ended, grpc.StatusCode.INVALID_ARGUMENT, message)
         else:
+            status = h2.grpc_status_headers(
+                grpc.StatusCode.INVALID_ARGUMENT.value[0], message, False
+            )
+            self.write(h2.headers_frames(sid, h2.header_block(status), h2.END_STREAM))
             self.reset(sid, h2.PROTOCOL_ERROR)
 
     def _respond(self, sid: int, ended: bool, code: grpc.StatusCode, message: str) -> None:

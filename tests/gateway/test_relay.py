@@ -286,3 +286,18 @@ async def test_rapid_reset_closes_the_connection(relayed) -> None:
     goaways = [payload for ftype, _, _, payload in frames if ftype == h2.GOAWAY]
     assert goaways and h2.u32(goaways[0], 4) == h2.ENHANCE_YOUR_CALM
     assert await channel.unary_unary("/t.T/Echo")(b"still here", timeout=5) == b"still here"
+
+
+async def test_a_grpc_client_sending_a_malformed_field_gets_invalid_argument(relayed) -> None:
+    """Metadata a gRPC client may send but HTTP/2 calls malformed (a value with a space at
+    its end, a connection-specific name) is answered INVALID_ARGUMENT, never INTERNAL, and
+    never reaches the back end or the decision."""
+    channel, backend, harness = relayed
+    echo = channel.unary_unary("/t.T/Echo")
+    for metadata in ((("x-tenant", "acme "),), (("upgrade", "h2c"),), (("connection", "close"),)):
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await echo(b"x", metadata=metadata, timeout=5)
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, metadata
+        assert "malformed request" in (failed.value.details() or "")
+    assert backend.metadata == [] and harness.decided == 0
+    assert await echo(b"fine", timeout=5) == b"fine"

@@ -700,12 +700,16 @@ MALFORMED = {
 async def test_8_2_malformed_request_is_stream_error(
     relayed_port: Relayed, fields: list[tuple[bytes, bytes]]
 ) -> None:
-    """A malformed request (RFC 9113 §8.2-8.3) is RST_STREAM(PROTOCOL_ERROR): it is never
-    decided on or forwarded, and the connection serves the next call."""
+    """A malformed request (RFC 9113 §8.2-8.3) is a stream error, RST_STREAM(PROTOCOL_ERROR),
+    after an INVALID_ARGUMENT answer (what a gRPC client reports instead of INTERNAL): it is
+    never decided on or forwarded, and the connection serves the next call."""
     client = await _client(relayed_port)
     client.headers(1, fields)
     client.send(f.frame(f.DATA, f.END_STREAM, 1, message(b"bad")))
     assert await client.reset_code(1) == f.PROTOCOL_ERROR
+    answer = next(fr for fr in client.seen if fr[0] == f.HEADERS and fr[2] == 1)
+    assert answer[1] & f.END_STREAM
+    assert dict(client.decoder.decode(answer[3], raw=True))[b"grpc-status"] == b"3"
     assert relayed_port.harness.decided == 0 and relayed_port.backend.metadata == []
     await _served(client, 3)
     assert relayed_port.harness.decided == 1
