@@ -398,7 +398,8 @@ def _passed(stream: _Stream, to_upstream: bool, n: int) -> None:
 
 def _grant(stream: _Stream) -> None:
     """Tops up the upstream's window for the stream from its client connection's budget,
-    once half of it was used (each top-up doubles the stream's window, up to 1 MiB)."""
+    once half of it was used (each top-up once data flows doubles the stream's window, up
+    to 1 MiB)."""
     inflight = stream.upstream_recv + stream.queued
     want = stream.target - inflight
     if want < stream.target // 2 or stream.upstream is None or not stream.uid:
@@ -412,7 +413,7 @@ def _grant(stream: _Stream) -> None:
     stream.upstream.write(h2.window_update(stream.uid, grant))
     stream.upstream_recv += grant
     client.budget -= grant
-    if stream.target < STREAM_WINDOW and inflight:
+    if stream.target < STREAM_WINDOW and stream.response_started:
         stream.target *= 2
 
 
