@@ -490,17 +490,14 @@ class TaskProcSettings(_Block):
 
 class GatewayHttp2Settings(_Block):
     """The relay's connection management on the public port (gateway/relay.py). Its stream
-    limit is grpc.max_concurrent_streams; the other grpc.* transport options apply to the
-    gRPC servers and channels, not to this port."""
+    limit is grpc.max_concurrent_streams and its keepalive enforcement
+    grpc.server_min_ping_interval_ms / server_max_ping_strikes, as on every gRPC server; the
+    other grpc.* transport options apply to the gRPC servers and channels, not to this port."""
 
     max_connections: int = Field(default=10000, gt=0)  # more are answered GOAWAY and closed
     idle_timeout_seconds: float = Field(default=300, gt=0)  # no call in flight this long
     # Buffered bytes per client connection, both directions together (half each way).
     max_buffer_bytes: int = Field(default=8 * 1024 * 1024, ge=256 * 1024)
-    # PINGs without data closer together than this are strikes (grpc's
-    # grpc.http2.min_ping_interval_without_data_ms); more than max_ping_strikes → GOAWAY.
-    min_ping_interval_without_data_ms: int = Field(default=10000, ge=0)
-    max_ping_strikes: int = Field(default=2, ge=0)
     # Connections to one back end (each holds as many streams as the back end allows;
     # calls beyond them wait for a stream to end).
     max_upstream_connections: int = Field(default=8, gt=0)

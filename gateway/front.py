@@ -130,7 +130,7 @@ class FrontDoor:
         self._upstreams = {p: _endpoint(d.target, tls) for p, d in downstreams.items()}
         self._max_streams = settings.grpc.max_concurrent_streams
         self._tls = server_tls(settings.tls)
-        self._limits = RelayLimits.from_settings(settings.gateway.http2)
+        self._limits = RelayLimits.from_settings(settings.gateway.http2, settings.grpc)
         self._relay: Relay | None = None
 
     async def start(self, host: str, port: int, server_socket: str) -> int:

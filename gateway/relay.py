@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, cast
 
 import grpc
 
-from aiwfe.config import GatewayHttp2Settings
+from aiwfe.config import GatewayHttp2Settings, GrpcSettings
 from gateway import h2
 from gateway.h2 import ProtocolViolation
 
@@ -88,18 +88,20 @@ class RelayLimits:
     max_connections: int = 10_000
     idle_timeout: float = 300.0
     max_buffer_bytes: int = 8 << 20
-    min_ping_interval: float = 10.0  # PINGs without data closer than this are strikes
+    min_ping_interval: float = 5.0  # PINGs without data closer than this are strikes
     max_ping_strikes: int = 2
     upstream_connections: int = 8
 
     @classmethod
-    def from_settings(cls, settings: GatewayHttp2Settings) -> RelayLimits:
+    def from_settings(cls, settings: GatewayHttp2Settings, grpc_: GrpcSettings) -> RelayLimits:
+        """The public port's limits; its keepalive enforcement is the gRPC servers' own
+        (grpc.server_min_ping_interval_ms, grpc.server_max_ping_strikes): one policy."""
         return cls(
             max_connections=settings.max_connections,
             idle_timeout=settings.idle_timeout_seconds,
             max_buffer_bytes=settings.max_buffer_bytes,
-            min_ping_interval=settings.min_ping_interval_without_data_ms / 1000,
-            max_ping_strikes=settings.max_ping_strikes,
+            min_ping_interval=grpc_.server_min_ping_interval_ms / 1000,
+            max_ping_strikes=grpc_.server_max_ping_strikes,
             upstream_connections=settings.max_upstream_connections,
         )
 
