@@ -13,10 +13,12 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.descriptor import FileDescriptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from aiwfe.config import ConfigError, Settings, TlsSettings
+from aiwfe.errors import attribute
 from aiwfe.identity import (
     IDENTITY_METADATA_KEY,
     InternalIdentity,
@@ -37,10 +39,14 @@ def _method_name(rpc: Any) -> str:
 
 
 _DEADLINE_MARGIN = 0.005  # leave the caller a few ms to turn our failure into its answer
+# A channel whose back end went away reconnects at most this far apart (gRPC's default
+# backoff grows to 120 s), so a back end that is back is reached within about a second.
+_MAX_RECONNECT_BACKOFF_MS = 1000
+_HEALTH_CHECK_TIMEOUT = 1.0
 
 
 def channel_options(settings: Settings) -> list[tuple[str, Any]]:
-    """The seed's keepalive options plus explicit message-size limits."""
+    """A client channel's options: the seed's keepalive options plus message-size limits."""
     g = settings.grpc
     return [
         ("grpc.keepalive_time_ms", g.keepalive_time_ms),
@@ -52,6 +58,24 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
             "grpc.http2.min_ping_interval_without_data_ms",
             g.http2_min_ping_interval_without_data_ms,
         ),
+        ("grpc.max_send_message_length", g.max_message_bytes),
+        ("grpc.max_receive_message_length", g.max_message_bytes),
+    ]
+
+
+def server_options(settings: Settings) -> list[tuple[str, Any]]:
+    """A server's keepalive (it pings idle clients too), its enforcement of the clients'
+    pings, and message-size limits. The seed's `min_ping_interval_without_data` is this
+    enforcement's knob, but at 300 s it refused the suite's own 30 s pings (GOAWAY
+    too_many_pings after two strikes), so servers take `server_min_ping_interval_ms`."""
+    g = settings.grpc
+    return [
+        ("grpc.keepalive_time_ms", g.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", g.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(g.keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", g.http2_max_pings_without_data),
+        ("grpc.http2.min_ping_interval_without_data_ms", g.server_min_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", g.server_max_ping_strikes),
         ("grpc.max_send_message_length", g.max_message_bytes),
         ("grpc.max_receive_message_length", g.max_message_bytes),
     ]
@@ -139,6 +163,9 @@ def create_channel(
         *channel_options(settings),
         ("grpc.service_config", service_config(settings, files)),
         ("grpc.enable_retries", 1),
+        ("grpc.initial_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS // 4),
+        ("grpc.min_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS // 4),
+        ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS),
         *extra_options,
     ]
     tls = settings.tls
@@ -154,10 +181,19 @@ def remaining_timeout(cap: float) -> float:
     Every outbound call (gRPC or HTTP) takes its timeout from here, so a callee never
     works on after its caller has given up.
     """
+    return timeout_and_origin(cap)[0]
+
+
+def timeout_and_origin(cap: float) -> tuple[float, bool]:
+    """`remaining_timeout(cap)`, and True when the caller's deadline (shorter than `cap`)
+    set it: a DEADLINE_EXCEEDED then is the caller's, not the back end's failure."""
     deadline = request_deadline.get()
     if deadline is None:
-        return cap
-    return max(0.001, min(cap, deadline - time.monotonic() - _DEADLINE_MARGIN))
+        return cap, False
+    remaining = deadline - time.monotonic() - _DEADLINE_MARGIN
+    if remaining < cap:
+        return max(0.001, remaining), True
+    return cap, False
 
 
 class Downstream:
@@ -175,19 +211,25 @@ class Downstream:
         self.name = name
         self.target = target
         self.channel = create_channel(target, settings, files)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
         self.breaker = CircuitBreaker(
             name,
             settings.circuit_breaker.failure_threshold,
             settings.circuit_breaker.timeout,
             service=caller,
+            health_check=self.serving,
         )
         self._identity = identity
         self._caller = caller
         self._default_deadline = settings.grpc.default_deadline_seconds
 
-    def timeout(self) -> float:
-        """What remains of the current RPC's deadline, capped by the default deadline."""
-        return remaining_timeout(self._default_deadline)
+    async def serving(self) -> bool:
+        """Whether the back end's grpc.health.v1 answers SERVING (the breaker's probe). It
+        waits for the channel to connect, within a short timeout."""
+        reply = await self._health.Check(
+            health_pb2.HealthCheckRequest(), timeout=_HEALTH_CHECK_TIMEOUT, wait_for_ready=True
+        )
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """This service's assertion, acting for the current user if there is one."""
@@ -201,16 +243,18 @@ class Downstream:
     async def call(self, rpc: Any, request: Any, timeout: float | None = None) -> Any:
         """Calls a unary stub method through the breaker with identity and deadline."""
         self.breaker.before_call()
+        caller_deadline = False
+        if not timeout:
+            timeout, caller_deadline = timeout_and_origin(self._default_deadline)
         with _tracer.start_as_current_span(
             f"{self.name} {_method_name(rpc)}", kind=SpanKind.CLIENT
         ) as span:
             try:
-                response = await rpc(
-                    request, timeout=timeout or self.timeout(), metadata=self.metadata()
-                )
+                response = await rpc(request, timeout=timeout, metadata=self.metadata())
             except grpc.aio.AioRpcError as exc:
-                self.breaker.record_error(exc)
+                self.breaker.record_error(exc, caller_deadline=caller_deadline)
                 span.set_status(Status(StatusCode.ERROR, exc.code().name))
+                attribute(exc, self.name)
                 raise
         self.breaker.record_success()
         return response
@@ -218,21 +262,29 @@ class Downstream:
     async def stream(self, rpc: Any, request: Any) -> AsyncIterator[Any]:
         """Reads a server stream through the breaker with identity. Its deadline is the
         current RPC's (none when the caller set none): a watch lives as long as its caller,
-        and the caller going away cancels it."""
+        and the caller going away cancels it. Its first message is the back end's success
+        (a long watch must not hold a half-open breaker's probe slot)."""
         self.breaker.before_call()
         span = _tracer.start_span(f"{self.name} {_method_name(rpc)}", kind=SpanKind.CLIENT)
+        # Only the caller's deadline bounds a stream: its expiry is never the back end's fault.
         timeout = None if request_deadline.get() is None else remaining_timeout(math.inf)
         with trace.use_span(span, end_on_exit=False):  # the trace context goes in metadata
             call = rpc(request, timeout=timeout, metadata=self.metadata())
+        answered = False
         try:
             async for message in call:
+                if not answered:
+                    answered = True
+                    self.breaker.record_success()
                 yield message
         except grpc.aio.AioRpcError as exc:
-            self.breaker.record_error(exc)
+            self.breaker.record_error(exc, caller_deadline=True)
             span.set_status(Status(StatusCode.ERROR, exc.code().name))
+            attribute(exc, self.name)
             raise
         else:
-            self.breaker.record_success()
+            if not answered:
+                self.breaker.record_success()
         finally:
             call.cancel()  # the reader stopped early: end the stream upstream too
             span.end()

@@ -189,6 +189,11 @@ class PostgresSettings(_Block):
     # None disables server-side prepared statements: required through PgBouncer's
     # transaction pooling (PgBouncer < 1.21), which is how production runs.
     prepare_threshold: int | None = None
+    # A call in flight this long makes dataplatform probe PostgreSQL (SELECT 1 on a
+    # connection of its own, `stall_probe_timeout` s); if it does not answer, every call in
+    # flight ends UNAVAILABLE at once instead of at its deadline.
+    stall_probe_after: float = Field(default=0.25, gt=0)
+    stall_probe_timeout: float = Field(default=0.5, gt=0)
 
 
 class PgBouncerSettings(_Block):
@@ -300,7 +305,8 @@ class ServicesSettings(_Block):
 
 
 class GrpcSettings(_Block):
-    """Transport limits and the seed's keepalive options for inter-service channels."""
+    """Transport limits, the seed's keepalive options for inter-service channels, and the
+    servers' enforcement of their clients' keepalive pings."""
 
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"  # uvloop measured faster (benchmarks)
     keepalive_time_ms: int = 30000
@@ -309,12 +315,26 @@ class GrpcSettings(_Block):
     http2_max_pings_without_data: int = 0
     http2_min_time_between_pings_ms: int = 10000
     http2_min_ping_interval_without_data_ms: int = 300000
+    # Servers: a client may ping this often, with or without calls in flight (ours every
+    # keepalive_time_ms, grpc-js users often every 10 s); pinging more often earns a strike,
+    # and more than server_max_ping_strikes in a row a GOAWAY too_many_pings.
+    server_min_ping_interval_ms: int = Field(default=5000, ge=0)
+    server_max_ping_strikes: int = Field(default=2, ge=0)
     max_message_bytes: int = Field(default=4 * 1024 * 1024, gt=0, le=64 * 1024 * 1024)
     max_concurrent_streams: int = Field(default=1000, gt=0)
     default_deadline_seconds: float = Field(default=30, gt=0)
     stream_deadline_seconds: float = Field(default=3600, gt=0)
     shutdown_grace_seconds: float = Field(default=10, ge=0)
     retry_max_attempts: int = Field(default=3, ge=1, le=5)
+
+    @model_validator(mode="after")
+    def _pings_permitted(self) -> GrpcSettings:
+        if self.server_min_ping_interval_ms > self.keepalive_time_ms:
+            raise ValueError(
+                "server_min_ping_interval_ms must not exceed keepalive_time_ms: servers"
+                " would answer the suite's own keepalive pings with GOAWAY too_many_pings"
+            )
+        return self
 
 
 class TlsSettings(_Block):
@@ -355,6 +375,40 @@ class CircuitBreakerSettings(_Block):
     timeout: float = Field(default=60, gt=0)
 
 
+class LoadSheddingSettings(_Block):
+    """Each service's bound on the unary calls it works on at once (aiwfe/resilience/limiter.py).
+
+    Calls over the limit are refused at once with RESOURCE_EXHAUSTED + RetryInfo; streams,
+    health and reflection are never counted. The limit adapts between min_limit and
+    max_limit to keep latency within `tolerance` times its no-load value and under
+    `target_latency_seconds`, the no-load latency being measured at min_limit every
+    `probe_interval_seconds`; `fixed_limit` pins it instead.
+    """
+
+    enabled: bool = True
+    initial_limit: int = Field(default=256, gt=0)
+    min_limit: int = Field(default=8, gt=0)
+    max_limit: int = Field(default=1024, gt=0)
+    fixed_limit: int | None = Field(default=None, gt=0)
+    tolerance: float = Field(default=2.0, ge=1)
+    latency_floor_seconds: float = Field(default=0.05, ge=0)
+    target_latency_seconds: float = Field(default=0.25, gt=0)
+    window_seconds: float = Field(default=0.1, gt=0, le=10)
+    min_window_samples: int = Field(default=10, gt=0)
+    smoothing: float = Field(default=0.2, gt=0, le=1)
+    probe_interval_seconds: float = Field(default=10, gt=0)
+    min_retry_after_seconds: float = Field(default=0.05, ge=0, le=10)
+    max_retry_after_seconds: float = Field(default=5, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LoadSheddingSettings:
+        if not self.min_limit <= self.initial_limit <= self.max_limit:
+            raise ValueError("needs min_limit <= initial_limit <= max_limit")
+        if self.min_retry_after_seconds > self.max_retry_after_seconds:
+            raise ValueError("needs min_retry_after_seconds <= max_retry_after_seconds")
+        return self
+
+
 class EmbeddingBackendSettings(_Block):
     """One embedding backend: built-in hashing, local sentence-transformers, Ollama, OpenAI."""
 
@@ -391,6 +445,12 @@ class GenerationSettings(_Block):
     backends: dict[str, GenerationBackendSettings] = Field(default_factory=dict)
 
 
+class CognitiveCacheSettings(_Block):
+    # The longest an Embed waits on the persistent (PostgreSQL) cache layer, per lookup and
+    # per write; past it the layer is skipped and the call goes on in the background.
+    persistent_budget_ms: int = Field(default=50, gt=0)
+
+
 class CognitiveSettings(_Block):
     embedding_dimension: int = Field(default=768, gt=0, le=8192)
     max_texts: int = Field(default=256, gt=0)
@@ -402,6 +462,7 @@ class CognitiveSettings(_Block):
     max_chunks_per_call: int = Field(default=4096, gt=0)
     chunk_chars: int = Field(default=1000, ge=100)
     chunk_overlap_chars: int = Field(default=200, ge=0)
+    cache: CognitiveCacheSettings = CognitiveCacheSettings()
     embedding: EmbeddingSettings = EmbeddingSettings()
     generation: GenerationSettings = GenerationSettings()
 
@@ -436,6 +497,21 @@ class TaskProcSettings(_Block):
     max_attempts: int = Field(default=100, gt=0)  # upper bound a retry policy may ask for
 
 
+class GatewayHttp2Settings(_Block):
+    """The relay's connection management on the public port (gateway/relay.py). Its stream
+    limit is grpc.max_concurrent_streams and its keepalive enforcement
+    grpc.server_min_ping_interval_ms / server_max_ping_strikes, as on every gRPC server; the
+    other grpc.* transport options apply to the gRPC servers and channels, not to this port."""
+
+    max_connections: int = Field(default=10000, gt=0)  # more are answered GOAWAY and closed
+    idle_timeout_seconds: float = Field(default=300, gt=0)  # no call in flight this long
+    # Buffered bytes per client connection, both directions together (half each way).
+    max_buffer_bytes: int = Field(default=8 * 1024 * 1024, ge=256 * 1024)
+    # Connections to one back end (each holds as many streams as the back end allows;
+    # calls beyond them wait for a stream to end).
+    max_upstream_connections: int = Field(default=8, gt=0)
+
+
 class GatewaySettings(_Block):
     """The gateway's front door."""
 
@@ -443,6 +519,22 @@ class GatewaySettings(_Block):
     # their back end and everything else to the gateway's gRPC server (see gateway/front.py).
     # Off: the gRPC server takes the port and proxies every call itself.
     relay: bool = True
+    http2: GatewayHttp2Settings = GatewayHttp2Settings()
+
+
+class LauncherSettings(_Block):
+    """How `aiwfe up` supervises its children: a child that dies is restarted after
+    `restart_backoff` s, doubling per consecutive restart up to `restart_backoff_max`; a
+    child that stayed up `backoff_reset_after` s starts again from `restart_backoff`. More
+    than `crash_loop_restarts` restarts of one child within `crash_loop_window` s stop the
+    suite, showing the child's last `stderr_lines` lines."""
+
+    restart_backoff: float = Field(default=1.0, gt=0)
+    restart_backoff_max: float = Field(default=30.0, gt=0)
+    backoff_reset_after: float = Field(default=60.0, gt=0)
+    crash_loop_restarts: int = Field(default=5, gt=0)
+    crash_loop_window: float = Field(default=60.0, gt=0)
+    stderr_lines: int = Field(default=20, gt=0, le=10_000)
 
 
 class LoggingSettings(_Block):
@@ -469,9 +561,11 @@ class Settings(_Block):
     grpc: GrpcSettings = GrpcSettings()
     tls: TlsSettings = TlsSettings()
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
+    load_shedding: LoadSheddingSettings = LoadSheddingSettings()
     cognitive: CognitiveSettings = CognitiveSettings()
     taskproc: TaskProcSettings = TaskProcSettings()
     gateway: GatewaySettings = GatewaySettings()
+    launcher: LauncherSettings = LauncherSettings()
     logging: LoggingSettings = LoggingSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
 

@@ -137,6 +137,34 @@ class Unavailable(AiwfeError):
         return ((RETRY_PUSHBACK_KEY, "-1"),)
 
 
+class DependencyUnavailable(Unavailable):
+    """A live service whose own dependency is down (unreachable, or its breaker open): the
+    ErrorInfo names the dependency, so callers and their breakers know who failed, and
+    RetryInfo says when to try again."""
+
+    reason = "DEPENDENCY_UNAVAILABLE"
+
+    def __init__(
+        self, dependency: str, message: str, *, circuit: str = "", retry_after: float = 1.0
+    ) -> None:
+        metadata = {"dependency": dependency}
+        if circuit:
+            metadata["circuit"] = circuit
+        super().__init__(message, metadata=metadata)
+        self.retry_after = retry_after
+
+    def details(self) -> list[Message]:
+        return [*super().details(), retry_info(self.retry_after)]
+
+
+def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    """google.rpc.RetryInfo asking the caller to wait `seconds` before retrying."""
+    secs = max(0.0, seconds)
+    return error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=int(secs), nanos=int((secs % 1) * 1e9))
+    )
+
+
 class DeadlineExceeded(AiwfeError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"
@@ -165,14 +193,7 @@ class ResourceExhausted(AiwfeError):
     def details(self) -> list[Message]:
         out = super().details()
         if self.retry_after is not None:
-            secs = max(0.0, self.retry_after)
-            out.append(
-                error_details_pb2.RetryInfo(
-                    retry_delay=duration_pb2.Duration(
-                        seconds=int(secs), nanos=int((secs % 1) * 1e9)
-                    )
-                )
-            )
+            out.append(retry_info(self.retry_after))
         if self.quota_violations:
             out.append(
                 error_details_pb2.QuotaFailure(
@@ -191,11 +212,39 @@ class ResourceExhausted(AiwfeError):
         return tuple(extra.items())
 
 
+_DEPENDENCY_ATTR = "_aiwfe_dependency"
+
+
+def attribute(error: grpc.aio.AioRpcError, dependency: str) -> grpc.aio.AioRpcError:
+    """Marks `error` as the failure of a call to `dependency` (a `Downstream` does this), so
+    passing it on names who failed."""
+    setattr(error, _DEPENDENCY_ATTR, dependency)
+    return error
+
+
 def status_from_rpc_error(error: grpc.aio.AioRpcError) -> grpc.Status:
-    """Re-raisable status of a downstream failure, keeping its google.rpc details."""
+    """Re-raisable status of a downstream failure, keeping its google.rpc details.
+
+    A bare UNAVAILABLE or DEADLINE_EXCEEDED of a call to a named dependency (transport
+    failure, the dependency's own refusal or our deadline for it) gets an ErrorInfo naming
+    that dependency: this service is alive and answering, so our caller's breaker must not
+    count it against us. The code stays what it was.
+    """
+    trailers = tuple(error.trailing_metadata() or ())
+    dependency = getattr(error, _DEPENDENCY_ATTR, None)
+    code = error.code()
+    message = error.details() or ""
+    if dependency and not any(k == rpc_status.GRPC_DETAILS_METADATA_KEY for k, _ in trailers):
+        if code is grpc.StatusCode.UNAVAILABLE:
+            return DependencyUnavailable(dependency, f"{dependency}: {message}").to_status()
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded(
+                f"{dependency}: {message}",
+                reason="DEPENDENCY_DEADLINE_EXCEEDED",
+                metadata={"dependency": dependency},
+            ).to_status()
     keep = (rpc_status.GRPC_DETAILS_METADATA_KEY, RETRY_PUSHBACK_KEY)
-    trailers = tuple((k, v) for k, v in (error.trailing_metadata() or ()) if k in keep)
-    return Status(error.code(), error.details() or "", trailers)
+    return Status(code, message, tuple((k, v) for k, v in trailers if k in keep))
 
 
 def internal_status(reference: str) -> grpc.Status:

@@ -9,6 +9,8 @@ on whose behalf they act.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 import uuid
 from contextvars import ContextVar
@@ -75,6 +77,11 @@ class InternalIdentity:
             internal.audience,
             internal.ttl_seconds,
         )
+
+    def derived_key(self, purpose: str) -> bytes:
+        """A key for `purpose` (e.g. signing page tokens) derived from the internal secret,
+        so no other use of the secret can be made to produce it."""
+        return hmac.new(self._secret.encode(), purpose.encode(), hashlib.sha256).digest()
 
     def assertion(self, principal: Principal | None, service: str) -> str:
         """An assertion for `service` acting for `principal` (None: the service itself)."""

@@ -1,8 +1,8 @@
 """Server interceptors shared by all services, and the helper that wraps method handlers.
 
-Order, outermost first: (telemetry) → error mapping → service-specific (rate limit,
-authentication, authorization, caching at the gateway; internal identity at back ends).
-Health and reflection are exempt from all of them.
+Order, outermost first: (telemetry) → error mapping → load shedding → service-specific
+(rate limit, authentication, authorization, caching at the gateway; internal identity at
+back ends). Health and reflection are exempt from all of them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import grpc
 from aiwfe.errors import (
     AiwfeError,
     InvalidArgument,
+    ResourceExhausted,
     Status,
     internal_status,
     status_from_rpc_error,
@@ -30,6 +31,7 @@ from aiwfe.identity import (
     current_principal,
     request_deadline,
 )
+from aiwfe.resilience.limiter import ConcurrencyLimiter
 
 log = logging.getLogger("aiwfe.errors")
 
@@ -264,3 +266,46 @@ def with_principal(handler: grpc.RpcMethodHandler, principal: Any) -> grpc.RpcMe
     """
     current_principal.set(principal)
     return handler
+
+
+class LoadSheddingInterceptor(MethodInterceptor):
+    """Refuses unary calls over the concurrency limit at once: RESOURCE_EXHAUSTED with
+    RetryInfo and reason OVERLOADED, instead of a place in the event loop's queue.
+
+    Streams are not counted (a watch would hold a slot for its whole life; the streams'
+    own caps bound them). The slot is taken inside the handler, once the request has
+    arrived (a call cancelled before never holds one), and given back when the call is
+    done (grpc runs done-callbacks for every end: answered, failed or cancelled).
+    """
+
+    def __init__(self, limiter: ConcurrencyLimiter) -> None:
+        self.limiter = limiter
+        self._cache = HandlerCache(lambda _: self._guard)
+
+    async def intercept(
+        self, method: str, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        if handler.request_streaming or handler.response_streaming:
+            return handler
+        return self._cache.get(method, handler)
+
+    def _guard(self, behavior: Behavior, streaming: bool) -> Behavior:
+        limiter = self.limiter
+
+        async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = limiter.try_acquire(context.time_remaining())
+            if started is None:
+                raise ResourceExhausted(
+                    f"server overloaded: {limiter.in_flight} calls in flight "
+                    f"(limit {limiter.limit}); retry after the delay given",
+                    retry_after=limiter.retry_after(),
+                    reason="OVERLOADED",
+                )
+            # The slot is held until the call is over, its response sent: a handler that
+            # answers in one step (an Embed from the in-process cache) leaves most of its
+            # work to serialising and sending, which a slot given back on return would miss.
+            context.add_done_callback(lambda _: limiter.release(started))
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+        return limited

@@ -4,6 +4,10 @@ PostgreSQL and Redis come from the configuration when given; otherwise the local
 on their standard ports, otherwise embedded ones under the aiwfe home. Qdrant runs as its
 engine in process unless `qdrant.url` is set. Secrets nobody configured are generated once
 and kept (0600) in the home, so tokens survive restarts. Ctrl-C/SIGTERM stops everything.
+
+It supervises: a child that dies is restarted with backoff while the others keep serving
+(`launcher.*` settings), each restart logged; a child that crash-loops stops the suite with
+its last stderr lines.
 """
 
 from __future__ import annotations
@@ -11,15 +15,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import secrets
 import signal
 import sys
+import time
+from collections import deque
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiwfe.config import Settings, load_settings
+from aiwfe.config import LauncherSettings, Settings, load_settings
 from aiwfe.embedded import Provisioned, provision_postgres, provision_redis
 from aiwfe.suite import SERVICE_ORDER
 
@@ -92,7 +101,31 @@ def banner(settings: Settings, pg: Provisioned, redis: Provisioned) -> str:
     return "\n".join(lines)
 
 
-async def _pump(name: str, stream: asyncio.StreamReader, ready: asyncio.Future[str]) -> None:
+def _describe_exit(code: int) -> str:
+    """A return code as an operator reads it: `exit code 2`, `signal SIGKILL`."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"
+
+
+@dataclass
+class Child:
+    """One service under supervision: its current process, and what outlives restarts."""
+
+    name: str
+    tail: deque[str]  # its last stderr lines, shown when it crash-loops
+    proc: asyncio.subprocess.Process | None = None
+    ready: asyncio.Future[str] | None = None
+    started: float = 0.0
+    backoff_step: int = 0  # consecutive quick restarts: the next delay doubles per step
+    restarts: deque[float] = field(default_factory=deque)  # when it was restarted (monotonic)
+    pumps: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+async def _pump_stdout(name: str, stream: asyncio.StreamReader, ready: asyncio.Future[str]) -> None:
     """Echoes a child's stdout, resolving `ready` on its readiness line."""
     prefix = f"{name}: "
     while line := await stream.readline():
@@ -105,11 +138,137 @@ async def _pump(name: str, stream: asyncio.StreamReader, ready: asyncio.Future[s
         ready.set_exception(RuntimeError(f"{name} exited before it was ready"))
 
 
-async def _stop_children(children: list[tuple[str, asyncio.subprocess.Process]]) -> None:
-    for _, proc in reversed(children):
+async def _pump_stderr(stream: asyncio.StreamReader, tail: deque[str]) -> None:
+    """Passes a child's stderr (its logs) through unchanged, keeping the last lines."""
+    while line := await stream.readline():
+        text = line.decode(errors="replace")
+        tail.append(text.rstrip("\n"))
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
+class Supervisor:
+    """Starts the children and restarts one that dies, with backoff, until `stop` is set or
+    a child crash-loops."""
+
+    def __init__(self, settings: LauncherSettings, env: dict[str, str], stop: asyncio.Event):
+        self.settings = settings
+        self.env = env
+        self.stop = stop
+        self.children: list[Child] = []
+
+    async def spawn(self, child: Child) -> None:
+        """Starts `child`'s process; `child.ready` resolves with its address once serving."""
+        # A session of its own: Ctrl-C reaches only the launcher, which stops in order.
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            child.name,
+            env=self.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        child.proc, child.started = proc, time.monotonic()
+        child.ready = ready = asyncio.get_running_loop().create_future()
+        child.pumps = [p for p in child.pumps if not p.done()]
+        child.pumps.append(asyncio.create_task(_pump_stdout(child.name, proc.stdout, ready)))
+        child.pumps.append(asyncio.create_task(_pump_stderr(proc.stderr, child.tail)))
+
+    async def start(self, name: str) -> bool:
+        """Starts one child and waits until it is ready; False if `stop` came first."""
+        child = Child(name, deque(maxlen=self.settings.stderr_lines))
+        self.children.append(child)
+        await self.spawn(child)
+        assert child.ready is not None
+        waiter = asyncio.create_task(self.stop.wait())
+        ready_or_stop: set[asyncio.Future[Any]] = {child.ready, waiter}
+        done, _ = await asyncio.wait(
+            ready_or_stop, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
+        waiter.cancel()
+        if self.stop.is_set():
+            return False
+        if child.ready not in done:
+            raise RuntimeError(f"{name} was not ready within {READY_TIMEOUT:.0f} s")
+        child.ready.result()
+        return True
+
+    async def _stopping_within(self, seconds: float | None, *aws: Awaitable[Any]) -> bool:
+        """Waits `seconds` (None: no limit) or until one of `aws` completes; True when the
+        launcher is stopping by then."""
+        stopper = asyncio.create_task(self.stop.wait())
+        others = [asyncio.ensure_future(a) for a in aws]
+        await asyncio.wait({stopper, *others}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for task in (stopper, *others):
+            task.cancel()
+        return self.stop.is_set()
+
+    async def watch(self, child: Child) -> str | None:
+        """Restarts `child` whenever it dies until the launcher stops (None), or returns the
+        crash-loop message that should stop the suite."""
+        cfg = self.settings
+        while True:
+            assert child.proc is not None
+            proc = child.proc
+            if await self._stopping_within(None, proc.wait()):
+                return None  # a death during shutdown is expected, never restarted
+            died = time.monotonic()
+            exit_text = _describe_exit(proc.returncode if proc.returncode is not None else 0)
+            uptime = died - child.started
+            if uptime >= cfg.backoff_reset_after:
+                child.backoff_step = 0
+            while child.restarts and child.restarts[0] < died - cfg.crash_loop_window:
+                child.restarts.popleft()
+            if len(child.restarts) >= cfg.crash_loop_restarts:
+                lines = "\n".join(f"    {line}" for line in child.tail) or "    (none)"
+                return (
+                    f"aiwfe: {child.name} is crash-looping ({exit_text} after"
+                    f" {len(child.restarts)} restarts within {cfg.crash_loop_window:.0f} s);"
+                    f" stopping the suite. Its last stderr lines:\n{lines}"
+                )
+            doublings = min(child.backoff_step, 32)  # past the cap anyway; no float overflow
+            delay = min(cfg.restart_backoff * 2**doublings, cfg.restart_backoff_max)
+            child.backoff_step += 1
+            attempt = len(child.restarts) + 1
+            print(
+                f"aiwfe: {child.name} (pid {proc.pid}) died ({exit_text}) after {uptime:.1f} s;"
+                f" restart attempt {attempt} in {delay:g} s",
+                flush=True,
+            )
+            if await self._stopping_within(delay):
+                return None
+            child.restarts.append(time.monotonic())
+            await self.spawn(child)
+            assert child.ready is not None and child.proc is not None
+            child.ready.add_done_callback(
+                functools.partial(_report_restart, child.name, child.proc.pid, attempt, died)
+            )
+
+
+def _report_restart(
+    name: str, pid: int, attempt: int, died: float, ready: asyncio.Future[str]
+) -> None:
+    """Logs a restarted child serving again."""
+    if ready.cancelled() or ready.exception() is not None:
+        return  # its death is logged as such by the watcher
+    took = time.monotonic() - died
+    print(
+        f"aiwfe: {name} restarted (pid {pid}, attempt {attempt}), serving on"
+        f" {ready.result()} {took:.1f} s after it died",
+        flush=True,
+    )
+
+
+async def _stop_children(children: list[Child]) -> None:
+    live = [(c.name, c.proc) for c in reversed(children) if c.proc is not None]
+    for _, proc in live:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
-    for name, proc in reversed(children):
+    for name, proc in live:
         try:
             await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
         except TimeoutError:
@@ -119,7 +278,8 @@ async def _stop_children(children: list[tuple[str, asyncio.subprocess.Process]])
 
 
 async def run_up(settings: Settings) -> int:
-    """Starts everything, prints the banner, and runs until a signal or a child exits."""
+    """Starts everything, prints the banner, and runs until a signal, restarting a child
+    that dies; a child that crash-loops stops the suite (exit code 1)."""
     home = settings.home_path
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     loop = asyncio.get_running_loop()
@@ -128,56 +288,34 @@ async def run_up(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     pg = await asyncio.to_thread(provision_postgres, home, settings.database.postgres.dsn)
     redis = await asyncio.to_thread(provision_redis, home, settings.redis.url)
-    env = child_environment(settings, pg, redis)
-    children: list[tuple[str, asyncio.subprocess.Process]] = []
-    pumps = []
+    supervisor = Supervisor(settings.launcher, child_environment(settings, pg, redis), stop)
     code = 0
+    watchers: list[asyncio.Task[str | None]] = []
     try:
         for name in SERVICE_ORDER:
-            # A session of its own: Ctrl-C reaches only the launcher, which stops in order.
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                name,
-                env=env,
-                stdout=asyncio.subprocess.PIPE,
-                stdin=asyncio.subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-            children.append((name, proc))
-            ready: asyncio.Future[str] = loop.create_future()
-            assert proc.stdout is not None
-            pumps.append(asyncio.create_task(_pump(name, proc.stdout, ready)))
-            waiter = asyncio.create_task(stop.wait())
-            ready_or_stop: set[asyncio.Future[Any]] = {ready, waiter}
-            done, _ = await asyncio.wait(
-                ready_or_stop, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
-            )
-            waiter.cancel()
-            if stop.is_set():
+            if not await supervisor.start(name):
                 return 0
-            if ready not in done:
-                raise RuntimeError(f"{name} was not ready within {READY_TIMEOUT:.0f} s")
-            ready.result()
         print(banner(settings, pg, redis), flush=True)
-        exits = [asyncio.create_task(p.wait()) for _, p in children]
+        watchers = [asyncio.create_task(supervisor.watch(c)) for c in supervisor.children]
         stopper = asyncio.create_task(stop.wait())
-        exited, _ = await asyncio.wait({*exits, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        ended, _ = await asyncio.wait({*watchers, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
-        for (name, proc), task in zip(children, exits, strict=True):
-            if task in exited:
-                print(f"aiwfe: {name} exited with code {proc.returncode}; stopping", flush=True)
+        for task in ended - {stopper}:
+            if (message := task.result()) is not None:
+                print(message, file=sys.stderr, flush=True)
                 code = 1
-            task.cancel()
     except RuntimeError as exc:
         print(f"aiwfe: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:
-        await _stop_children(children)
-        for pump in pumps:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(pump, 2)
+        stop.set()  # no restarts from here on
+        if watchers:
+            await asyncio.wait(watchers, timeout=5)
+        await _stop_children(supervisor.children)
+        for child in supervisor.children:
+            for pump in child.pumps:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(pump, 2)
         redis.stop()
         pg.stop()
     print("aiwfe: stopped", flush=True)

@@ -2,7 +2,8 @@
 
 Redis is optional on one machine: every call degrades (a miss, a skipped write) when Redis
 is unconfigured or down, and after a failure Redis is skipped for a short back-off so a
-dead server costs nothing per request. It comes back by itself on the next attempt.
+dead server costs nothing per request. It comes back by itself on the next attempt. A
+command never takes longer than the socket timeout in all (retry included).
 """
 
 from __future__ import annotations
@@ -88,8 +89,11 @@ class RedisClient:
             return default
         assert self.client is not None
         try:
-            return await op(self.client)
-        except (RedisError, OSError) as exc:
+            # One budget for the whole command, retry on timeout and reconnect included: a
+            # Redis that stops answering mid-call costs a call at most the socket timeout.
+            async with asyncio.timeout(self.settings.connection_pool.socket_timeout):
+                return await op(self.client)
+        except (RedisError, OSError) as exc:  # the budget's TimeoutError is an OSError
             self._skip_until = time.monotonic() + _BACKOFF_SECONDS
             log.warning("redis unavailable, degrading for %.0f s: %s", _BACKOFF_SECONDS, exc)
             return default

@@ -20,14 +20,17 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aiwfe.channels import channel_options, server_credentials
+from aiwfe.channels import server_credentials, server_options
 from aiwfe.config import ConfigError, Settings, load_settings
-from aiwfe.interceptors import ErrorMappingInterceptor
+from aiwfe.health import NOT_SERVING, SERVING, HealthServicer
+from aiwfe.interceptors import ErrorMappingInterceptor, LoadSheddingInterceptor
 from aiwfe.logs import configure_logging
 from aiwfe.metrics import serve_metrics
+from aiwfe.reflection import enable_reflection
+from aiwfe.resilience.limiter import ConcurrencyLimiter
+from aiwfe.system.v1 import system_service_pb2
 from aiwfe.system.v1 import system_service_pb2_grpc as system_grpc
 from aiwfe.system_service import LocalSystemServicer
 from aiwfe.telemetry import TelemetryInterceptor, configure_tracing, flush_telemetry
@@ -84,6 +87,11 @@ class Service:
         """Periodic readiness probe (e.g. the database answers)."""
         return True
 
+    async def routed_health(self) -> dict[str, bool]:
+        """Health of the services this one answers for besides its own, per full service
+        name, probed with `healthy` (the gateway: each back end it routes to)."""
+        return {}
+
     async def stop(self) -> None:
         """Releases pools and clients after the server has drained."""
 
@@ -96,7 +104,7 @@ class RunningService:
         service: Service,
         server: grpc.aio.Server,
         port: int,
-        health_servicer: health.aio.HealthServicer,
+        health_servicer: HealthServicer,
         names: Sequence[str],
         host: str,
         front: Front | None = None,
@@ -112,6 +120,9 @@ class RunningService:
         self.names = list(names)
         self._probe_task: asyncio.Task[None] | None = None
         self._serving: bool | None = None
+        self._routed: dict[str, bool] = {}
+        self._routed_status: dict[str, int] = {}
+        self.limiter: ConcurrencyLimiter | None = None  # load shedding (None: off)
 
     @property
     def address(self) -> str:
@@ -121,14 +132,22 @@ class RunningService:
         if serving == self._serving:
             return
         self._serving = serving
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        status = SERVING if serving else NOT_SERVING
         for name in ("", *self.names):
             await self.health.set(name, status)
         log.info("health %s", "SERVING" if serving else "NOT_SERVING")
+        await self.set_routed(self._routed)
+
+    async def set_routed(self, routed: dict[str, bool]) -> None:
+        """Health of the services answered for elsewhere: SERVING while both this process
+        and the service are (watchers hear each change)."""
+        self._routed = dict(routed)
+        for name, up in routed.items():
+            status = SERVING if up and self._serving else NOT_SERVING
+            if self._routed_status.get(name) != status:
+                self._routed_status[name] = status
+                await self.health.set(name, status)
+                log.info("health %s %s", name, "SERVING" if status == SERVING else "NOT_SERVING")
 
     async def _probe_loop(self, interval: float) -> None:
         while True:
@@ -137,6 +156,11 @@ class RunningService:
             except Exception:
                 ok = False
             await self.set_serving(ok)
+            try:
+                routed = await self.service.routed_health()
+            except Exception:
+                routed = dict.fromkeys(self._routed, False)
+            await self.set_routed(routed)
             await asyncio.sleep(interval if ok else min(interval, 1.0))
 
     async def stop(self, grace: float | None = None) -> None:
@@ -174,14 +198,20 @@ async def start_service(
         with contextlib.suppress(Exception):
             await service.stop()
         raise
+    shedding = settings.load_shedding
+    # Refusing over the limit here, with RetryInfo, rather than grpc's own
+    # maximum_concurrent_rpcs: that one answers RESOURCE_EXHAUSTED without any detail and
+    # counts streams, which live for minutes.
+    limiter = ConcurrencyLimiter(shedding) if shedding.enabled else None
     server = grpc.aio.server(
         interceptors=[
             *([TelemetryInterceptor(service.name)] if settings.telemetry.enabled else []),
             ErrorMappingInterceptor(),
+            *([LoadSheddingInterceptor(limiter)] if limiter is not None else []),
             *service.interceptors(),
         ],
         options=[
-            *channel_options(settings),
+            *server_options(settings),
             ("grpc.max_concurrent_streams", settings.grpc.max_concurrent_streams),
             ("grpc.so_reuseport", 0),
         ],
@@ -189,13 +219,13 @@ async def start_service(
     )
     names = service.register(server)
     system_grpc.add_SystemServiceServicer_to_server(service.system_servicer(), server)
-    health_servicer = health.aio.HealthServicer()
+    names.append(system_service_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name)
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
+    enable_reflection(
         [
             *service.reflection_names(names),
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
         ],
         server,
     )
@@ -225,7 +255,9 @@ async def start_service(
     running = RunningService(
         service, server, bound, health_servicer, names, host, front, socket_dir
     )
+    running.limiter = limiter
     await running.set_serving(await service.healthy())
+    await running.set_routed(await service.routed_health())
     running._probe_task = asyncio.create_task(running._probe_loop(probe_interval))
     log.info("%s listening on %s", service.name, running.address)
     return running

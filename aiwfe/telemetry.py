@@ -177,6 +177,53 @@ class RpcSeries:
             errors.inc()
 
 
+def caller_context(carrier: Any, getter: Getter[Any] = _GETTER) -> Context | None:
+    """The caller's W3C trace context from its metadata, parsed only when it sent one."""
+    for key, _ in carrier or ():
+        if key == "traceparent":
+            return propagate.extract(carrier, getter=getter)
+    return None
+
+
+def call_context(span: Any, parent: Context | None) -> Context | None:
+    """The context a call runs in and passes on: our span's when recording, else the
+    caller's own (so an unrecorded hop still carries the caller's trace)."""
+    if span is not None:
+        return trace.set_span_in_context(span, parent)
+    return parent
+
+
+class ServerRecorder:
+    """A server span and the seed's RPC metrics for one method's calls: what the
+    interceptor records around every handler, and the gateway's relay around each call it
+    passes on itself (so both record alike)."""
+
+    __slots__ = ("_attributes", "_method", "_series", "_tracer", "recording")
+
+    def __init__(self, service: str, method: str, tracer: Any, recording: bool) -> None:
+        self._method = method
+        self._attributes = rpc_attributes(service, method)
+        self._series = RpcSeries(service, method)
+        self._tracer = tracer
+        self.recording = recording
+
+    def start(self, parent: Context | None, start_time: int | None = None) -> Any:
+        """Counts the call in flight; its span (a child of `parent`) when recording."""
+        self._series.in_flight.inc()
+        if not self.recording:
+            return None
+        return self._tracer.start_span(
+            self._method, context=parent, kind=SpanKind.SERVER, attributes=self._attributes,
+            record_exception=False, set_status_on_exception=False, start_time=start_time,
+        )  # fmt: skip
+
+    def finish(self, span: Any, code: grpc.StatusCode, seconds: float) -> None:
+        """The call ended with `code` after `seconds`."""
+        self._series.finish(code, seconds)
+        if span is not None:
+            end_span(span, code)
+
+
 class TelemetryInterceptor(MethodInterceptor):
     """Server span + RPC metrics around every non-exempt call.
 
@@ -193,30 +240,14 @@ class TelemetryInterceptor(MethodInterceptor):
         self._cache = HandlerCache(self._make_guard)
 
     def _make_guard(self, method: str) -> Callable[[Behavior, bool], Behavior]:
-        service = self._service
-        tracer = self._tracer
-        recording = self._recording
-        attributes = rpc_attributes(service, method)
-        series = RpcSeries(service, method)
-        in_flight = series.in_flight
+        recorder = ServerRecorder(self._service, method, self._tracer, self._recording)
 
         def start(context: grpc.aio.ServicerContext) -> tuple[Any, Token[Context] | None]:
             """Makes the caller's trace (and our span, when recording) current."""
-            metadata = context.invocation_metadata()
-            parent = None
-            for key, _ in metadata or ():
-                if key == "traceparent":
-                    parent = propagate.extract(metadata, getter=_GETTER)
-                    break
-            if recording:
-                span = tracer.start_span(
-                    method, context=parent, kind=SpanKind.SERVER, attributes=attributes,
-                    record_exception=False, set_status_on_exception=False,
-                )  # fmt: skip
-                return span, otel_context.attach(trace.set_span_in_context(span, parent))
-            if parent is not None:
-                return None, otel_context.attach(parent)
-            return None, None
+            parent = caller_context(context.invocation_metadata())
+            span = recorder.start(parent)
+            current = call_context(span, parent)
+            return span, None if current is None else otel_context.attach(current)
 
         def finish(
             span: Any,
@@ -224,10 +255,7 @@ class TelemetryInterceptor(MethodInterceptor):
             context: grpc.aio.ServicerContext,
             started: float,
         ) -> None:
-            code = _code_of(context)
-            series.finish(code, time.perf_counter() - started)
-            if span is not None:
-                end_span(span, code)
+            recorder.finish(span, _code_of(context), time.perf_counter() - started)
             if token is not None:
                 otel_context.detach(token)
 
@@ -238,7 +266,6 @@ class TelemetryInterceptor(MethodInterceptor):
                     request: Any, context: grpc.aio.ServicerContext
                 ) -> AsyncIterator:
                     started = time.perf_counter()
-                    in_flight.inc()
                     span, token = start(context)
                     try:
                         result = behavior(request, context)
@@ -254,7 +281,6 @@ class TelemetryInterceptor(MethodInterceptor):
 
             async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = time.perf_counter()
-                in_flight.inc()
                 span, token = start(context)
                 try:
                     result = behavior(request, context)

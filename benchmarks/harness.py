@@ -39,7 +39,7 @@ RPC_SCENARIOS = (
     "direct", "gateway", "gateway-cached", "gateway-noauth", "gateway-asyncio", "gateway-grpc",
     "python-proxy", "nginx", "before",
 )  # fmt: skip
-OTHER_SCENARIOS = ("memory", "telemetry", "embedder", "vector-search")
+OTHER_SCENARIOS = ("memory", "telemetry", "overload", "embedder", "vector-search")
 ALL_SCENARIOS = RPC_SCENARIOS + OTHER_SCENARIOS
 
 
@@ -507,6 +507,21 @@ def run(opts: Options) -> dict[str, Any]:
     if "telemetry" in opts.scenarios:
         print("running telemetry (on vs off) ...", file=sys.stderr, flush=True)
         results["telemetry"] = _run_loop(_telemetry_scenario(opts))
+    if "overload" in opts.scenarios:
+        from benchmarks import overload
+
+        def start(env: dict[str, str]) -> ServerProcess:
+            server = ServerProcess(opts.admin_dsn, env)
+            try:
+                server.start()
+            except BaseException:
+                server.stop()
+                raise
+            return server
+
+        results["overload"] = _run_loop(
+            overload.run(start, _login, opts.concurrency, opts.seconds, opts.warmup_seconds)
+        )
     if "embedder" in opts.scenarios:
         print("running embedder ...", file=sys.stderr, flush=True)
         from benchmarks import embedder

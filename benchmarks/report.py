@@ -256,6 +256,10 @@ def render(doc: dict[str, Any]) -> str:
             f"{tel.get('cpu_ratio_on_off', 0):.2f}x; {tel['spans_exported']:,} spans exported "
             "over OTLP to a local collector",
         ]
+    if scenarios.get("overload"):
+        from benchmarks import overload
+
+        out += overload.render(scenarios["overload"])
     emb = scenarios.get("embedder")
     if emb:
         out += [

@@ -4,18 +4,23 @@ L1 in process (bounded, TTL 300 s) → L2 Redis (TTL 1800 s) → L3 PostgreSQL t
 dataplatform's CacheStoreService (TTL 1800 s). A hit in a lower layer backfills the upper
 ones; concurrent identical misses compute once (single flight). A layer that cannot be
 reached (Redis down, dataplatform's breaker open) is skipped, never fatal: the embedding is
-computed instead. Keys follow the seed: `cognitive:{service}:{sha256 of the canonical input}`.
+computed instead. A request waits on the persistent layer at most its budget
+(`cognitive.cache.persistent_budget_ms`) per lookup and per write: a slower call counts as a
+miss (or a skipped write) and finishes in the background, so Embed, which does not need the
+database, never waits on it longer than that. Keys follow the seed:
+`cognitive:{service}:{sha256 of the canonical input}`.
 """
 
 from __future__ import annotations
 
 import array
 import asyncio
+import functools
 import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -30,6 +35,7 @@ from aiwfe.redis_client import RedisClient
 log = logging.getLogger("aiwfe.cognitive.cache")
 
 Vector = list[float]
+T = TypeVar("T")
 Compute = Callable[[list[str]], Awaitable[dict[str, Vector]]]
 
 
@@ -58,6 +64,7 @@ class EmbeddingCache:
         l1_entries: int,
         l1_ttl: float,
         ttl: int,
+        persistent_budget: float,
         key_pattern: str = "cognitive:{service}:{input_hash}",
         service: str = "embed",
     ) -> None:
@@ -70,6 +77,9 @@ class EmbeddingCache:
         self._pattern = key_pattern
         self._service = service
         self._inflight: dict[str, asyncio.Future[Vector]] = {}
+        self._budget = persistent_budget
+        # Persistent-layer calls still running (some past their budget): held until done.
+        self._persistent_calls: set[asyncio.Task[Any]] = set()
 
     def key(self, input_data: dict[str, Any]) -> str:
         """The L1/L3 key of an input (L2 adds the configured Redis key prefix)."""
@@ -112,7 +122,7 @@ class EmbeddingCache:
         cached = set(found)
         try:
             if owned:
-                lower = await self._lookup_lower(list(owned))
+                lower, on_time = await self._lookup_lower(list(owned))
                 cached.update(lower)
                 todo = [k for k in owned if k not in lower]
                 computed = await compute(todo) if todo else {}
@@ -120,7 +130,9 @@ class EmbeddingCache:
                     future.set_result(lower.get(key) or computed[key])
                 found.update(lower)
                 found.update(computed)
-                await self._store(computed)
+                # A layer that just ran past its budget is not waited on again (one budget
+                # per request): the write goes on in the background.
+                await self._store(computed, wait=on_time)
         except BaseException as exc:
             for future in owned.values():
                 if not future.done():
@@ -140,8 +152,9 @@ class EmbeddingCache:
                 found.update(computed)
         return found, cached
 
-    async def _lookup_lower(self, keys: list[str]) -> dict[str, Vector]:
-        """L2 then L3 for keys L1 missed, backfilling the layers above each hit."""
+    async def _lookup_lower(self, keys: list[str]) -> tuple[dict[str, Vector], bool]:
+        """L2 then L3 for keys L1 missed, backfilling the layers above each hit; also whether
+        L3 answered within its budget (or was not asked)."""
         found: dict[str, Vector] = {}
         if self._redis.configured:
             values = await self._redis.mget([self._redis.key(k) for k in keys])
@@ -152,15 +165,14 @@ class EmbeddingCache:
             _count("l2", len(found), len(keys) - len(found))
         rest = [k for k in keys if k not in found]
         if not rest:
-            return found
-        try:
-            reply = await self._dp.call(
-                self._stub.GetCacheEntries, cache_pb.GetCacheEntriesRequest(keys=rest)
-            )
-        except (grpc.aio.AioRpcError, AiwfeError) as exc:
-            log.warning("persistent cache unavailable, computing instead: %s", _describe(exc))
+            return found, True
+        reply = await self._within_budget(
+            self._dp.call(self._stub.GetCacheEntries, cache_pb.GetCacheEntriesRequest(keys=rest)),
+            "persistent cache unavailable, computing instead",
+        )
+        if reply is None or isinstance(reply, _Late):
             _count("l3", 0, len(rest))
-            return found
+            return found, reply is None
         l3: dict[str, Vector] = {}
         for entry in reply.entries:
             l3[entry.key] = vector = unpack(entry.value)
@@ -169,10 +181,11 @@ class EmbeddingCache:
         if l3 and self._redis.configured:
             await self._redis_set(l3)
         found.update(l3)
-        return found
+        return found, True
 
-    async def _store(self, items: dict[str, Vector]) -> None:
-        """Writes fresh vectors to every layer; a failing layer is logged and skipped."""
+    async def _store(self, items: dict[str, Vector], wait: bool = True) -> None:
+        """Writes fresh vectors to every layer; a failing layer is logged and skipped. With
+        `wait` False the persistent write is not waited on at all."""
         if not items:
             return
         for key, vector in items.items():
@@ -185,10 +198,30 @@ class EmbeddingCache:
                 for k, v in items.items()
             ]
         )
-        try:
-            await self._dp.call(self._stub.SetCacheEntries, request)
-        except (grpc.aio.AioRpcError, AiwfeError) as exc:
-            log.warning("persistent cache write skipped: %s", _describe(exc))
+        await self._within_budget(
+            self._dp.call(self._stub.SetCacheEntries, request),
+            "persistent cache write skipped",
+            self._budget if wait else 0,
+        )
+
+    async def _within_budget(
+        self, call: Awaitable[T], failed: str, budget: float | None = None
+    ) -> T | _Late | None:
+        """Awaits a persistent-layer call at most `budget` (default the configured one);
+        None when it failed (logged with `failed`), _LATE when it is still running: it then
+        finishes in the background (its breaker still sees how it ended), result unused."""
+        task = asyncio.ensure_future(call)
+        self._persistent_calls.add(task)
+        task.add_done_callback(self._persistent_calls.discard)
+        task.add_done_callback(functools.partial(_log_failure, failed))
+        budget = self._budget if budget is None else budget
+        done, _ = await asyncio.wait((task,), timeout=budget) if budget > 0 else ((), ())
+        if not done:
+            log.debug("persistent cache over its %.0f ms budget; skipped", budget * 1000)
+            return _LATE
+        if task.cancelled() or isinstance(task.exception(), grpc.aio.AioRpcError | AiwfeError):
+            return None
+        return task.result()
 
     async def _redis_set(self, items: dict[str, Vector]) -> None:
         ttl_ms = self._ttl * 1000
@@ -202,6 +235,13 @@ class EmbeddingCache:
         await self._redis.run(write, None)
 
 
+class _Late:
+    """A persistent-layer call still running when its budget ran out."""
+
+
+_LATE = _Late()
+
+
 class _Abandoned(Exception):
     """The request computing a key was cancelled before it finished."""
 
@@ -213,7 +253,15 @@ def _count(layer: str, hits: int, misses: int) -> None:
         redis_cache_hit_rate.labels(cache="cognitive", layer=layer, result="miss").inc(misses)
 
 
-def _describe(exc: Exception) -> str:
+def _log_failure(failed: str, task: asyncio.Task[Any]) -> None:
+    """Logs a persistent-layer call that ended in an error the layer may have (skipped)."""
+    if task.cancelled():
+        return
+    if isinstance(exc := task.exception(), grpc.aio.AioRpcError | AiwfeError):
+        log.warning("%s: %s", failed, _describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name}: {exc.details()}"
     return str(exc)

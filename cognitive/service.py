@@ -533,6 +533,7 @@ class CognitiveService(Service):
             l1_entries=cfg.memory_cache_entries,
             l1_ttl=cfg.memory_cache_ttl,
             ttl=strategy.ttl,
+            persistent_budget=cfg.cache.persistent_budget_ms / 1000,
             key_pattern=strategy.key_pattern,
         )
         self.backends = Backends(settings)

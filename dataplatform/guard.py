@@ -1,11 +1,13 @@
 """Fail fast while PostgreSQL is unreachable: the database-backed RPCs answer UNAVAILABLE at
 once instead of each waiting out its deadline for a pool connection, and a connection lost
-mid-call is UNAVAILABLE too (never INTERNAL). The vector store does not need PostgreSQL and
-is left alone.
+mid-call is UNAVAILABLE too (never INTERNAL), as is a call in flight when a probe finds the
+database down (`Database.run`): it ends then, not at its deadline. The vector store does
+not need PostgreSQL and is left alone.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,8 +21,9 @@ from dataplatform.db import Database
 _DOWN = "the database is unavailable; retry later"
 
 
-def _unavailable_on_db_errors(behavior: Behavior, streaming: bool) -> Behavior:
-    """`behavior` with lost connections and pool timeouts turned into UNAVAILABLE."""
+def _unavailable_on_db_errors(db: Database, behavior: Behavior, streaming: bool) -> Behavior:
+    """`behavior` with lost connections and pool timeouts turned into UNAVAILABLE; a unary
+    call also ends UNAVAILABLE as soon as a probe finds the database down mid-call."""
     if streaming:
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
@@ -34,8 +37,8 @@ def _unavailable_on_db_errors(behavior: Behavior, streaming: bool) -> Behavior:
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behavior(request, context)
-        except psycopg.OperationalError:
+            return await db.run(behavior(request, context))
+        except psycopg.OperationalError:  # DatabaseLost included
             raise Unavailable(_DOWN) from None
 
     return unary
@@ -47,7 +50,7 @@ class DatabaseGuard(MethodInterceptor):
     def __init__(self, db: Database, services: list[str]) -> None:
         self._db = db
         self._prefixes = tuple(f"/{name}/" for name in services)
-        self._cache = HandlerCache(lambda _: _unavailable_on_db_errors)
+        self._cache = HandlerCache(lambda _: functools.partial(_unavailable_on_db_errors, db))
 
     async def intercept(
         self, method: str, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails

@@ -57,6 +57,8 @@ MAX_BATCH = 1000
 MAX_ID_CHARS = 128
 MAX_ERROR_CHARS = 4000
 MAX_LEASE_SECONDS = 3600.0
+# The error of an attempt whose lease expired: its step's error and its attempt row.
+LEASE_LOST = "lease expired (worker lost)"
 _SWEEP_INTERVAL = 0.25  # expired leases and workflow deadlines, at most this often
 _HEARTBEAT_SECONDS = 15.0
 _TX_RETRIES = 5
@@ -758,20 +760,30 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         for row in await cur.fetchall():
             if await self._stop(conn, row["workflow_id"], W_TIMED_OUT, "workflow timed out"):
                 stopped.append(str(row["workflow_id"]))
+        # The lost attempt gets its row like any finished attempt (`e` holds the lease owner
+        # from before the update). No conflict is possible (a recorded attempt is no longer
+        # RUNNING), but a sweep must never abort on one: it is what recovers lost work.
         cur = await conn.execute(
-            "WITH e AS (SELECT workflow_id, name FROM workflow_steps"
+            "WITH e AS (SELECT workflow_id, name, lease_owner FROM workflow_steps"
             "   WHERE state = 2 AND lease_expires_at < now()"
-            "   ORDER BY lease_expires_at LIMIT 100 FOR UPDATE SKIP LOCKED)"
-            " UPDATE workflow_steps s SET state = 6, failures = s.failures + 1,"
+            "   ORDER BY lease_expires_at LIMIT 100 FOR UPDATE SKIP LOCKED),"
+            " u AS (UPDATE workflow_steps s SET state = 6, failures = s.failures + 1,"
             "   lease_owner = NULL, lease_expires_at = NULL, next_run_at = now(),"
-            "   error = 'lease expired: the worker was lost', updated_at = now()"
-            " FROM e WHERE s.workflow_id = e.workflow_id AND s.name = e.name"
-            " RETURNING s.workflow_id, s.name, s.attempt, s.failures, s.max_attempts"
+            "   error = %(lost)s, updated_at = now()"
+            "   FROM e WHERE s.workflow_id = e.workflow_id AND s.name = e.name"
+            "   RETURNING s.workflow_id, s.name, s.attempt, s.failures, s.max_attempts,"
+            "     e.lease_owner),"
+            " rec AS (INSERT INTO workflow_step_attempts"
+            "   (workflow_id, step_name, attempt, worker_id, succeeded, error)"
+            "   SELECT workflow_id, name, attempt, coalesce(lease_owner, ''), false, %(lost)s"
+            "   FROM u ON CONFLICT DO NOTHING)"
+            " SELECT workflow_id, name, attempt, failures, max_attempts FROM u",
+            {"lost": LEASE_LOST},
         )
         expired = sorted(await cur.fetchall(), key=lambda r: (r["workflow_id"], r["name"]))
         events = []
         for r in expired:
-            msg = f"attempt {r['attempt']}: lease expired (worker lost)"
+            msg = f"attempt {r['attempt']}: {LEASE_LOST}"
             if r["failures"] >= r["max_attempts"]:
                 await self._fail_workflow(conn, r["workflow_id"], r["name"], r["failures"], msg)
                 stopped.append(str(r["workflow_id"]))

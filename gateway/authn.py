@@ -13,7 +13,12 @@ import grpc
 
 from aiwfe.errors import AiwfeError, PermissionDenied, Unauthenticated
 from aiwfe.identity import Principal
-from aiwfe.interceptors import MethodInterceptor, rejecting_handler, with_principal
+from aiwfe.interceptors import (
+    MethodInterceptor,
+    metadata_value,
+    rejecting_handler,
+    with_principal,
+)
 from gateway.policies import MethodInfo
 from gateway.ratelimit import ApiLimiter
 from gateway.rbac import Rbac
@@ -24,14 +29,23 @@ from gateway.tokens import TokenService
 ANONYMOUS = Principal(user_id="", username="", service="gateway")
 
 
-def bearer_token(metadata: tuple[tuple[str, str], ...] | None) -> str | None:
-    for key, value in metadata or ():
-        if key == "authorization":
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() != "bearer" or not token:
-                raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
-            return token.strip()
-    return None
+class _Wait:
+    """Admission cannot finish without waiting (the token is not in the cache yet)."""
+
+
+WAIT = _Wait()
+Admitted = Principal | None | _Wait
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `authorization` header, None without one; Unauthenticated if the
+    header is not 'Bearer <token>'."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
+    return token.strip()
 
 
 class AuthInterceptor(MethodInterceptor):
@@ -51,55 +65,39 @@ class AuthInterceptor(MethodInterceptor):
         self._limiter = limiter
         self._cache = cache
 
-    async def admit(self, info: MethodInfo | None, metadata: tuple | None) -> Principal | None:
-        """The caller's principal (None for public RPCs), or a domain error."""
+    def authenticate_now(self, info: MethodInfo | None, authorization: str | None) -> Admitted:
+        """The steps of admission that need no waiting, for both data planes: the method
+        is exposed (PermissionDenied), a public one needs nobody (None), authentication
+        off acts for ANONYMOUS, and otherwise the caller of a token already in the
+        in-process cache (a revoked one raises). WAIT: the token must be verified first."""
         if info is None or not info.declared:
             raise PermissionDenied("this method is not exposed through the gateway")
         if info.public:
             return None
         if not self._enabled:
             return ANONYMOUS
-        token = bearer_token(metadata)
-        principal = (self._tokens.cached(token) if token else None) or (
-            await self._tokens.authenticate(token)
-        )
-        limiter = self._limiter
-        if limiter is not None and not limiter.try_local(principal.user_id):
-            await limiter.acquire(principal.user_id, principal.roles)
+        token = bearer_token(authorization)
+        principal = self._tokens.cached(token) if token else None
+        return WAIT if principal is None else principal
+
+    def authorize(self, info: MethodInfo, principal: Principal) -> None:
+        """PermissionDenied unless `principal`'s roles grant the method's permission."""
         if not info.authenticated and not self._rbac.allows(principal.roles, info.permission):
             raise PermissionDenied(f"permission {info.permission!r} required")
-        return principal
 
-    def admit_at_once(
-        self, info: MethodInfo, authorization: str | None, cache_control: str | None
-    ) -> Principal | None:
-        """The principal of a call that can be admitted without waiting: a token already
-        in the in-process cache, a role that allows the method, locally reserved quota, and
-        no response cache to consult. None means "not at once": the call takes the full
-        path (`admit` and the response cache), which also makes every denial."""
-        principal = self.known_caller(info, authorization)
-        if principal is None or self.consults_cache(info, principal, cache_control):
-            return None
-        return principal if self.spend_at_once(principal) else None
-
-    def known_caller(self, info: MethodInfo, authorization: str | None) -> Principal | None:
-        """The caller, if its token is cached and its roles allow the method (no quota
-        spent); None otherwise."""
-        if not info.declared or info.public:
-            return None
-        if not self._enabled:
-            return ANONYMOUS
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return None
-        try:
-            principal = self._tokens.cached(token.strip())
-        except AiwfeError:  # revoked or expired: the full path says so properly
-            return None
+    async def admit(self, info: MethodInfo | None, metadata: tuple | None) -> Principal | None:
+        """The caller's principal (None for public RPCs), or a domain error."""
+        authorization = metadata_value(metadata, "authorization")
+        principal = self.authenticate_now(info, authorization)
+        if principal is WAIT:
+            principal = await self._tokens.authenticate(bearer_token(authorization))
         if principal is None:
             return None
-        if not info.authenticated and not self._rbac.allows(principal.roles, info.permission):
-            return None
+        assert info is not None and isinstance(principal, Principal)
+        if not self.spend_now(principal):
+            assert self._limiter is not None
+            await self._limiter.acquire(principal.user_id, principal.roles)
+        self.authorize(info, principal)
         return principal
 
     def consults_cache(
@@ -113,9 +111,9 @@ class AuthInterceptor(MethodInterceptor):
             and cache_directive(cache_control) != "no-store"
         )
 
-    def spend_at_once(self, principal: Principal) -> bool:
+    def spend_now(self, principal: Principal) -> bool:
         """Spends one request of the caller's locally reserved quota, if any is left (with
-        authentication off nothing is counted, as on the full path)."""
+        authentication off nothing is counted)."""
         return (
             principal is ANONYMOUS
             or self._limiter is None

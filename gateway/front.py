@@ -4,16 +4,18 @@ Why: proxying through grpc-python costs a whole server call plus a whole client 
 RPC, which put the gateway hop at 0.6 to 1.0 ms and its throughput at 0.4 to 0.6 of a
 direct call's, against nginx's ~0.1 ms. The relay moves frames instead (gateway/relay.py).
 
-A call the gateway can admit at once — a method a back end owns, a token already in the
-in-process cache, a role that allows it, locally reserved rate-limit quota, the back end's
-breaker closed, no response cache to consult (`AuthInterceptor.admit_at_once`) — goes
-straight to that back end: credentials and client `x-aiwfe-*` metadata dropped, the
-internal identity assertion and a deadline added, the gateway's span and RPC metrics
-recorded here. Every other call goes unchanged, plus the client's address, to the
-gateway's own gRPC server on a private Unix socket, whose interceptors decide it as they
-always did: AuthService, health, reflection, a token seen for the first time, an
-exhausted local quota, every denial, cacheable responses, an open breaker. So each policy
-is written once, and the relay itself never refuses a call.
+Admission is the gateway's one policy (gateway/authn.py), forwarding its one table
+(gateway/forwarding.py), recording its one recorder (`ServerRecorder` in
+aiwfe/telemetry.py, and `forwarding.Deadline` for the breaker). The relay's fast path is
+the case where all of them finish without waiting: a method a back end owns, a token
+already in the in-process cache, a role that allows it, locally reserved rate-limit
+quota, the back end's breaker closed (where the proxy's `before_call` would let it pass
+without a probe), no response cache to consult, only headers gRPC allows. Such a call goes straight
+to that back end with the headers the table keeps, the identity assertion and the
+deadline. Every other call goes unchanged, plus the client's address, to the gateway's own
+gRPC server on a private Unix socket, whose interceptors and proxy decide it with the same
+code: AuthService, health, reflection, a token seen for the first time, an exhausted local
+quota, every denial, cacheable responses, an open breaker. The relay never refuses a call.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from collections.abc import Callable
 
 import grpc
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind
 
 from aiwfe.channels import Downstream
 from aiwfe.config import Settings, TlsSettings
+from aiwfe.errors import AiwfeError
 from aiwfe.identity import (
     IDENTITY_METADATA_KEY,
     INTERNAL_METADATA_PREFIX,
@@ -35,40 +37,25 @@ from aiwfe.identity import (
     Principal,
 )
 from aiwfe.resilience.breaker import BreakerState, CircuitBreaker
-from aiwfe.telemetry import RpcSeries, end_span, rpc_attributes
+from aiwfe.telemetry import ServerRecorder, call_context, caller_context
 from gateway.authn import AuthInterceptor
+from gateway.forwarding import (
+    RELAY_USER_AGENT,
+    Deadline,
+    deadline_cap,
+    grpc_timeout,
+    parse_grpc_timeout,
+    relayed_headers,
+)
 from gateway.policies import MethodInfo
 from gateway.ratelimit import RELAYED_PEER_KEY
-from gateway.relay import Decision, Endpoint, Headers, Relay
+from gateway.relay import Decision, Endpoint, Headers, Relay, RelayLimits
 from gateway.response_cache import ResponseCache, cache_directive
 
 GATEWAY = "gateway"  # the upstream name of the gateway's own gRPC server
 _INTERNAL = INTERNAL_METADATA_PREFIX.encode()
 _IDENTITY = IDENTITY_METADATA_KEY.encode()
 _PEER = RELAYED_PEER_KEY.encode()
-# Request headers the fast path rebuilds or must not pass on (credentials, hop-by-hop).
-_REPLACED = frozenset(
-    {
-        b"authorization",
-        b"te",
-        b"grpc-timeout",
-        b"host",
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-_TRACE = frozenset({b"traceparent", b"tracestate"})
-
-
-def _grpc_timeout(seconds: float) -> bytes:
-    """A grpc-timeout value (at most 8 digits, as the spec allows)."""
-    millis = max(1, round(seconds * 1000))
-    if millis < 10**8:
-        return f"{millis}m".encode()
-    return f"{min(10**8 - 1, round(seconds))}S".encode()
 
 
 def server_tls(tls: TlsSettings) -> ssl.SSLContext | None:
@@ -132,26 +119,24 @@ class FrontDoor:
         self._identity = identity
         tls = client_tls(settings.tls)
         self._routes = {pkg: _Route(d, tls is not None) for pkg, d in downstreams.items()}
-        self._unary_timeout = _grpc_timeout(settings.grpc.default_deadline_seconds)
-        self._stream_timeout = _grpc_timeout(settings.grpc.stream_deadline_seconds)
+        self._grpc = settings.grpc
         self._metrics = settings.telemetry.enabled
-        self._series: dict[str, RpcSeries] = {}
+        self._recorders: dict[str, ServerRecorder] = {}
         self._tracer = trace.get_tracer("aiwfe")
-        self._recording = self._metrics and not isinstance(
-            trace.get_tracer_provider(), trace.ProxyTracerProvider
-        )
+        self._recording = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
         self.fast_calls = 0  # went straight to a back end
         self.answered_calls = 0  # answered by the relay from the in-process response cache
         self.full_calls = 0  # sent to the gateway's gRPC server (if not answered)
         self._upstreams = {p: _endpoint(d.target, tls) for p, d in downstreams.items()}
         self._max_streams = settings.grpc.max_concurrent_streams
         self._tls = server_tls(settings.tls)
+        self._limits = RelayLimits.from_settings(settings.gateway.http2, settings.grpc)
         self._relay: Relay | None = None
 
     async def start(self, host: str, port: int, server_socket: str) -> int:
         gateway = Endpoint(authority=b"localhost", path=server_socket)
         upstreams = {GATEWAY: gateway, **self._upstreams}
-        self._relay = Relay(self.decide, upstreams, self._max_streams, self._tls)
+        self._relay = Relay(self.decide, upstreams, self._max_streams, self._tls, self._limits)
         return await self._relay.start(host, port)
 
     async def stop(self, grace: float) -> None:
@@ -172,33 +157,46 @@ class FrontDoor:
         info = self._methods.get(path.decode("latin-1")) if path else None
         route = self._routes.get(info.package) if info is not None else None
         if (
-            info is not None
-            and route is not None
-            and route.breaker.state is BreakerState.CLOSED
-            and up(info.package)
+            info is None
+            or route is None
+            or route.breaker.state is not BreakerState.CLOSED
+            or not up(info.package)
         ):
-            admission = self._admission
-            principal = admission.known_caller(
+            return self._full(headers, peer)
+        admission = self._admission
+        try:
+            principal = admission.authenticate_now(
                 info, authorization.decode("latin-1") if authorization else None
             )
-            control = cache_control.decode("latin-1") if cache_control else None
-            if principal is not None and admission.consults_cache(info, principal, control):
-                if cache_directive(control) is None:  # "no-cache" wants a fresh answer
-                    return self._full(headers, peer)._replace(
-                        answer=self._cached_answer(info, principal)
-                    )
-            elif principal is not None and admission.spend_at_once(principal):
-                assert path is not None
-                self.fast_calls += 1
-                streaming = info.server_streaming or info.client_streaming
-                default = self._stream_timeout if streaming else self._unary_timeout
-                return self._fast(info, route, path, headers, timeout or default, principal)
-        return self._full(headers, peer)
+            if not isinstance(principal, Principal):  # public, or the token is new
+                return self._full(headers, peer)
+            admission.authorize(info, principal)
+        except AiwfeError:  # the full path makes every denial, with its status
+            return self._full(headers, peer)
+        relayed = relayed_headers(headers)
+        if relayed is None:  # a header gRPC forbids: the full path refuses the call
+            return self._full(headers, peer)
+        control = cache_control.decode("latin-1") if cache_control else None
+        if admission.consults_cache(info, principal, control):
+            decision = self._full(headers, peer)
+            if cache_directive(control) is None:  # "no-cache" wants a fresh answer
+                return decision._replace(answer=self._cached_answer(info, principal))
+            return decision
+        if not admission.spend_now(principal):
+            return self._full(headers, peer)
+        self.fast_calls += 1
+        client = parse_grpc_timeout(timeout) if timeout else None
+        cap = deadline_cap(info, self._grpc)
+        deadline = Deadline(route.breaker, client, cap)
+        # A valid client value is the deadline already; only the gateway's own is written.
+        wire = timeout if client is not None and timeout is not None else grpc_timeout(cap)
+        assert path is not None
+        return self._fast(info, route, path, relayed, deadline, wire, principal)
 
     def _full(self, headers: Headers, peer: str) -> Decision:
         """To the gateway's gRPC server, as the client sent it plus the client's address."""
         self.full_calls += 1
-        forwarded = [(n, v) for n, v in headers if not n.startswith(_INTERNAL)]
+        forwarded = [(n, v) for n, v in headers if not n.lower().startswith(_INTERNAL)]
         forwarded.append((_PEER, peer.encode()))
         return Decision(GATEWAY, forwarded)
 
@@ -211,20 +209,16 @@ class FrontDoor:
         started_ns = time.time_ns()
 
         def answer(request: bytes) -> bytes | None:
-            reply = self._cache.answer_at_once(info, principal.user_id, request)
-            if reply is None or not self._admission.spend_at_once(principal):
+            reply = self._cache.answer_at_once(
+                info, principal.user_id, request, lambda: self._admission.spend_now(principal)
+            )
+            if reply is None:
                 return None
             self.answered_calls += 1
-            if self._metrics:
-                series = self._series_for(info.path)
-                series.in_flight.inc()
-                series.finish(grpc.StatusCode.OK, time.perf_counter() - started)
-            if self._recording:
-                span = self._tracer.start_span(
-                    info.path, kind=SpanKind.SERVER, start_time=started_ns,
-                    attributes=rpc_attributes(GATEWAY, info.path),
-                )  # fmt: skip
-                end_span(span, grpc.StatusCode.OK)
+            recorder = self._recorder(info.path)
+            if recorder is not None:
+                span = recorder.start(None, start_time=started_ns)
+                recorder.finish(span, grpc.StatusCode.OK, time.perf_counter() - started)
             return reply
 
         return answer
@@ -234,54 +228,50 @@ class FrontDoor:
         info: MethodInfo,
         route: _Route,
         path: bytes,
-        headers: Headers,
-        timeout: bytes,
+        relayed: tuple[Headers, list[tuple[str, str]]],
+        deadline: Deadline,
+        wire_timeout: bytes,
         principal: Principal,
     ) -> Decision:
+        kept, trace_fields = relayed
         out: Headers = [
             (b":method", b"POST"),
             (b":scheme", route.scheme),
             (b":path", path),
             (b":authority", route.authority),
             (b"te", b"trailers"),
-            (b"grpc-timeout", timeout),
+            (b"grpc-timeout", wire_timeout),
             (_IDENTITY, self._identity.assertion(principal, GATEWAY).encode()),
+            *kept,
+            (b"user-agent", RELAY_USER_AGENT),
         ]
+        recorder = self._recorder(info.path)
         span = None
-        for name, value in headers:
-            if name[:1] == b":" or name in _REPLACED or name.startswith(_INTERNAL):
-                continue
-            if name in _TRACE and self._recording:
-                continue  # replaced by the gateway span's context below
-            out.append((name, value))
-        if self._recording:
-            carrier = {n.decode(): v.decode("latin-1") for n, v in headers if n in _TRACE}
-            parent = propagate.extract(carrier) if carrier else None
-            span = self._tracer.start_span(
-                info.path, context=parent, kind=SpanKind.SERVER,
-                attributes=rpc_attributes(GATEWAY, info.path),
-                record_exception=False, set_status_on_exception=False,
-            )  # fmt: skip
-            injected: dict[str, str] = {}
-            propagate.inject(injected, context=trace.set_span_in_context(span))
-            out.extend((k.encode(), v.encode()) for k, v in injected.items())
-        breaker = route.breaker
-        series = self._series_for(info.path) if self._metrics else None
-        if series is not None:
-            series.in_flight.inc()
+        if recorder is not None:
+            parent = caller_context(trace_fields) if trace_fields else None
+            span = recorder.start(parent)
+            context = call_context(span, parent)
+            if context is not None:
+                injected: dict[str, str] = {}
+                propagate.inject(injected, context=context)
+                out.extend((k.encode(), v.encode()) for k, v in injected.items())
         started = time.perf_counter()
 
         def finish(code: grpc.StatusCode, details: bool) -> None:
-            breaker.record_status(code, details)
-            if series is not None:
-                series.finish(code, time.perf_counter() - started)
-            if span is not None:
-                end_span(span, code)
+            deadline.record(code, details)
+            if recorder is not None:
+                recorder.finish(span, code, time.perf_counter() - started)
 
         return Decision(info.package, out, finish)
 
-    def _series_for(self, path: str) -> RpcSeries:
-        series = self._series.get(path)
-        if series is None:
-            series = self._series[path] = RpcSeries(GATEWAY, path)
-        return series
+    def _recorder(self, path: str) -> ServerRecorder | None:
+        """The span and metrics recorder of `path` (None with telemetry off, as the
+        gateway's gRPC server then has no telemetry interceptor either)."""
+        if not self._metrics:
+            return None
+        recorder = self._recorders.get(path)
+        if recorder is None:
+            recorder = self._recorders[path] = ServerRecorder(
+                GATEWAY, path, self._tracer, self._recording
+            )
+        return recorder

@@ -3,46 +3,22 @@ that owns its package, without deserializing the messages.
 
 Handlers are chosen per method from the descriptors (unary fast path, streaming where the
 contract streams), and carry the deadline, cancellation, the caller's internal identity
-and the upstream's status with its details.
+and the upstream's status with its details. What is forwarded, the deadline and how the
+outcome reaches the breaker come from gateway/forwarding.py, as on the relay's fast path.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
 
 from aiwfe.channels import Downstream
 from aiwfe.config import GrpcSettings
-from aiwfe.identity import INTERNAL_METADATA_PREFIX
+from gateway.forwarding import Deadline, deadline_cap, forwarded_metadata, has_details
 from gateway.policies import MethodInfo
-
-# Client metadata never forwarded: credentials, our own internal keys, transport headers,
-# and the client's trace context (replaced by the gateway span's, so back-end spans are its
-# children).
-_DROPPED = frozenset(
-    {
-        "authorization",
-        "user-agent",
-        "te",
-        "content-type",
-        "grpc-accept-encoding",
-        "traceparent",
-        "tracestate",
-    }
-)
-
-
-def forwarded_metadata(
-    context: grpc.aio.ServicerContext, downstream: Downstream
-) -> tuple[tuple[str, Any], ...]:
-    extra = tuple(
-        (k, v)
-        for k, v in context.invocation_metadata() or ()
-        if k not in _DROPPED and not k.startswith((INTERNAL_METADATA_PREFIX, ":", "grpc-"))
-    )
-    return downstream.metadata() + extra
 
 
 class ProxyHandler(grpc.GenericRpcHandler):
@@ -66,36 +42,49 @@ class ProxyHandler(grpc.GenericRpcHandler):
         return self._handlers.get(handler_call_details.method)
 
 
+class _Upstream:
+    """One proxied call's way to the back end: its metadata and deadline, decided before
+    the breaker is asked."""
+
+    __slots__ = ("deadline", "metadata", "timeout")
+
+    def __init__(
+        self, context: grpc.aio.ServicerContext, downstream: Downstream, cap: float
+    ) -> None:
+        client = forwarded_metadata(context.invocation_metadata() or ())
+        self.metadata: tuple[tuple[str, Any], ...] = (*downstream.metadata(), *client)
+        self.deadline = Deadline(downstream.breaker, context.time_remaining(), cap)
+        self.timeout = self.deadline.seconds
+
+
+@contextmanager
+def _recorded(downstream: Downstream, call: _Upstream) -> Iterator[None]:
+    """Asks the breaker, then tells it how the call ended (once)."""
+    downstream.breaker.before_call()
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        call.deadline.record(exc.code(), has_details(exc.trailing_metadata()))
+        raise
+    except BaseException:  # the client left (cancelled, or stopped reading a stream)
+        call.deadline.record(grpc.StatusCode.CANCELLED, False)
+        raise
+    call.deadline.record(grpc.StatusCode.OK, False)
+
+
 def _method_handler(
     info: MethodInfo, downstream: Downstream, settings: GrpcSettings
 ) -> grpc.RpcMethodHandler:
     channel = downstream.channel
-    breaker = downstream.breaker
-    default_timeout = (
-        settings.stream_deadline_seconds
-        if info.server_streaming or info.client_streaming
-        else settings.default_deadline_seconds
-    )
-
-    def timeout(context: grpc.aio.ServicerContext) -> float:
-        remaining = context.time_remaining()
-        return default_timeout if remaining is None else remaining
+    cap = deadline_cap(info, settings)
 
     if not info.client_streaming and not info.server_streaming:
         call = channel.unary_unary(info.path)
 
         async def unary_unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            breaker.before_call()
-            try:
-                response = await call(
-                    request,
-                    timeout=timeout(context),
-                    metadata=forwarded_metadata(context, downstream),
-                )
-            except grpc.aio.AioRpcError as exc:
-                breaker.record_error(exc)
-                raise
-            breaker.record_success()
+            up = _Upstream(context, downstream, cap)
+            with _recorded(downstream, up):
+                response: bytes = await call(request, timeout=up.timeout, metadata=up.metadata)
             return response
 
         return grpc.unary_unary_rpc_method_handler(unary_unary)
@@ -106,19 +95,14 @@ def _method_handler(
         async def unary_stream(
             request: bytes, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[bytes]:
-            breaker.before_call()
-            upstream = stream_call(
-                request, timeout=timeout(context), metadata=forwarded_metadata(context, downstream)
-            )
-            try:
-                async for message in upstream:
-                    yield message
-            except grpc.aio.AioRpcError as exc:
-                breaker.record_error(exc)
-                raise
-            finally:
-                upstream.cancel()  # a client that leaves frees the work behind it
-            breaker.record_success()
+            up = _Upstream(context, downstream, cap)
+            with _recorded(downstream, up):
+                upstream = stream_call(request, timeout=up.timeout, metadata=up.metadata)
+                try:
+                    async for message in upstream:
+                        yield message
+                finally:
+                    upstream.cancel()  # a client that leaves frees the work behind it
 
         return grpc.unary_stream_rpc_method_handler(unary_stream)
 
@@ -128,17 +112,11 @@ def _method_handler(
         async def stream_unary(
             requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
         ) -> bytes:
-            breaker.before_call()
-            try:
-                response = await client_stream_call(
-                    requests,
-                    timeout=timeout(context),
-                    metadata=forwarded_metadata(context, downstream),
+            up = _Upstream(context, downstream, cap)
+            with _recorded(downstream, up):
+                response: bytes = await client_stream_call(
+                    requests, timeout=up.timeout, metadata=up.metadata
                 )
-            except grpc.aio.AioRpcError as exc:
-                breaker.record_error(exc)
-                raise
-            breaker.record_success()
             return response
 
         return grpc.stream_unary_rpc_method_handler(stream_unary)
@@ -148,18 +126,13 @@ def _method_handler(
     async def stream_stream(
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        breaker.before_call()
-        upstream = bidi_call(
-            requests, timeout=timeout(context), metadata=forwarded_metadata(context, downstream)
-        )
-        try:
-            async for message in upstream:
-                yield message
-        except grpc.aio.AioRpcError as exc:
-            breaker.record_error(exc)
-            raise
-        finally:
-            upstream.cancel()
-        breaker.record_success()
+        up = _Upstream(context, downstream, cap)
+        with _recorded(downstream, up):
+            upstream = bidi_call(requests, timeout=up.timeout, metadata=up.metadata)
+            try:
+                async for message in upstream:
+                    yield message
+            finally:
+                upstream.cancel()
 
     return grpc.stream_stream_rpc_method_handler(stream_stream)

@@ -12,6 +12,7 @@ stored without it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -56,13 +57,17 @@ class ResponseCache:
         caller comes from the principal ContextVar the auth interceptor sets)."""
         return self._handlers.get(info.path, handler)
 
-    def answer_at_once(self, info: MethodInfo, user_id: str, request: bytes) -> bytes | None:
-        """The in-process (L1) copy of the answer to `request`, if there is one (a miss
-        is counted by the full path, which looks again and then asks Redis)."""
+    def answer_at_once(
+        self, info: MethodInfo, user_id: str, request: bytes, admit: Callable[[], bool]
+    ) -> bytes | None:
+        """The in-process (L1) copy of the answer to `request`, if there is one and `admit()`
+        lets the call be answered (quota). A hit is counted only when served: otherwise
+        the call takes the full path, which counts what it does (a miss there included)."""
         key = self._redis.api_key(_endpoint(info), user_id, hashlib.sha256(request).hexdigest())
         hit = self._l1.get(key)
-        if hit is not None:
-            _counters["l1", "hit"].inc()
+        if hit is None or not admit():
+            return None
+        _counters["l1", "hit"].inc()
         return hit
 
     def _guard_for(self, method: str) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
@@ -17,6 +19,7 @@ from aiwfe.data.v1 import (
 )
 from aiwfe.identity import InternalIdentity
 from aiwfe.redis_client import RedisClient
+from aiwfe.resilience.breaker import BreakerState
 from aiwfe.server import Service
 from aiwfe.taskproc.v1 import workflow_service_pb2
 from gateway.auth_service import AuthServicer, UserAdminServicer
@@ -106,6 +109,19 @@ class GatewayService(Service):
             auth_pb.DESCRIPTOR.services_by_name["UserAdminService"].full_name,
         ]
 
+    async def routed_health(self) -> dict[str, bool]:
+        """Each routed service is up while its back end's breaker is not open and the back
+        end's own health answers SERVING (probed here, so an idle back end that went away
+        is noticed without a call failing first)."""
+        packages = list(self.downstreams)
+        up = await asyncio.gather(*(_up(self.downstreams[p]) for p in packages))
+        by_package = dict(zip(packages, up, strict=True))
+        return {
+            info.service: by_package[info.package]
+            for info in self.methods.values()
+            if info.declared and info.package in by_package
+        }
+
     def reflection_names(self, registered: list[str]) -> list[str]:
         return sorted(set(registered) | set(public_services()))
 
@@ -132,3 +148,12 @@ class GatewayService(Service):
         for downstream in self.downstreams.values():
             await downstream.close()
         await self.redis.close()
+
+
+async def _up(downstream: Downstream) -> bool:
+    if downstream.breaker.state is BreakerState.OPEN:
+        return False
+    try:
+        return await downstream.serving()
+    except grpc.aio.AioRpcError:
+        return False

@@ -19,6 +19,7 @@ from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
 from aiwfe.errors import PermissionDenied
 from aiwfe.identity import InternalIdentity, Principal, require_principal
 from aiwfe.interceptors import InternalIdentityInterceptor
+from aiwfe.page_tokens import PageTokens
 from aiwfe.server import Service
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
@@ -57,12 +58,14 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         self,
         settings: Settings,
         store: Downstream,
+        identity: InternalIdentity,
         streams: StreamPool,
         watches: SharedWatches,
         slots: WatchSlots,
     ) -> None:
         self._limits = settings.taskproc
         self._store = store
+        self._pages = PageTokens(identity.derived_key("page-tokens"), "ListWorkflows")
         self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
         self._streams = streams
         self._slots = slots
@@ -115,17 +118,20 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
             request.state in pb.WorkflowState.values(), "state", "is not a known workflow state"
         )
         v.raise_if_any()
+        # A token is bound to its caller and filter (page_size may change between pages).
+        bound = {"caller": scope.owner_id, "filter_": f"state={int(request.state)}"}
         reply = await self._store.call(
             self._stub.ListStoredWorkflows,
             store_pb.ListStoredWorkflowsRequest(
                 scope=scope,
                 state=request.state,
                 page_size=request.page_size,
-                page_token=request.page_token,
+                page_token=self._pages.open(request.page_token, **bound),
             ),
         )
         return pb.ListWorkflowsResponse(
-            workflows=reply.workflows, next_page_token=reply.next_page_token
+            workflows=reply.workflows,
+            next_page_token=self._pages.seal(reply.next_page_token, **bound),
         )
 
     async def CancelWorkflow(
@@ -209,7 +215,12 @@ class TaskProcService(Service):
     def register(self, server: grpc.aio.Server) -> list[str]:
         pb_grpc.add_WorkflowServiceServicer_to_server(
             WorkflowServicer(
-                self.settings, self.store, self.streams, self.watches, self.watch_slots
+                self.settings,
+                self.store,
+                self.identity,
+                self.streams,
+                self.watches,
+                self.watch_slots,
             ),
             server,
         )

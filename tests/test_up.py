@@ -5,14 +5,17 @@ reaching Embed through the gateway with reflection alone."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +65,10 @@ def buf_binary() -> str | None:
     )
 
 
-@pytest.fixture
-def up_process(database_dsn: str, tmp_path: Path):
-    """`aiwfe up` on free ports, configured only through the environment."""
+@contextlib.contextmanager
+def launch_up(database_dsn: str, tmp_path: Path, **extra_env: str) -> Iterator[UpProcess]:
+    """`aiwfe up` on free ports, configured only through the environment (plus `extra_env`),
+    stopped by SIGTERM at the end if still running."""
     ports = {name: free_port() for name in ("gateway", "cognitive", "taskproc", "dataplatform")}
     metrics_ports = {name: free_port() for name in ports}
     env = {
@@ -76,6 +80,7 @@ def up_process(database_dsn: str, tmp_path: Path):
         "AIWFE_LOGGING__LEVEL": "DEBUG",
         **{f"AIWFE_SERVICES__{n.upper()}__PORT": str(p) for n, p in ports.items()},
         **{f"AIWFE_SERVICES__{n.upper()}__METRICS_PORT": str(p) for n, p in metrics_ports.items()},
+        **extra_env,
     }
     log_path = tmp_path / "services.log"
     log_file = log_path.open("w")
@@ -108,6 +113,26 @@ def up_process(database_dsn: str, tmp_path: Path):
                 os.killpg(proc.pid, signal.SIGKILL)  # services then get SIGTERM via PDEATHSIG
                 proc.wait(10)
         log_file.close()
+
+
+@pytest.fixture
+def up_process(database_dsn: str, tmp_path: Path) -> Iterator[UpProcess]:
+    """`aiwfe up` on free ports, configured only through the environment."""
+    with launch_up(database_dsn, tmp_path) as up:
+        yield up
+
+
+def service_pids(home: str) -> dict[str, int]:
+    """The pid of each of the suite's services (`python -m <service>` under our home)."""
+    pids = {}
+    for pid in processes_with_env(f"AIWFE_HOME={home}"):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) >= 3 and argv[1] == b"-m" and argv[2].decode() != "aiwfe":
+            pids[argv[2].decode()] = pid
+    return pids
 
 
 async def test_up_starts_suite_login_and_embed(up_process) -> None:
@@ -249,3 +274,105 @@ async def test_metrics_scrape_and_no_secrets_in_logs(up_process, database_dsn) -
     for secret in [token, ADMIN_PASSWORD, "a-wrong-password-for-the-log-test", *hashes]:
         assert secret not in logs
     assert token.split(".")[2] not in logs  # not even the signature
+
+
+async def _serving_again(port: int, within: float) -> None:
+    """Waits until the service on `port` answers its health check with SERVING."""
+    until = time.monotonic() + within
+    while True:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            if await check_health(f"127.0.0.1:{port}", "", 1) == "SERVING":
+                return
+        assert time.monotonic() < until, f"127.0.0.1:{port} not SERVING within {within} s"
+        await asyncio.sleep(0.1)
+
+
+async def _embed_through_gateway(gateway_port: int, attempts: int) -> None:
+    """Logs in and embeds through the gateway, retrying UNAVAILABLE every 2 s while the
+    gateway's channel reconnects (fewer attempts than would open its circuit breaker)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway_port}") as ch:
+        token = await login(ch)
+        for attempt in range(attempts):
+            try:
+                reply = await cog_grpc.CognitiveServiceStub(ch).Embed(
+                    cog_pb.EmbedRequest(texts=[f"after a restart {time.time_ns()}"]),
+                    metadata=bearer(token),
+                    timeout=5,
+                )
+                assert reply.dimension == 768
+                return
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                assert attempt < attempts - 1, f"Embed still failing: {exc}"
+                await asyncio.sleep(2)
+
+
+async def test_up_restarts_a_killed_child_while_the_others_keep_serving(up_process) -> None:
+    """kill -9 of cognitive: the launcher logs the death and restarts it after its 1 s
+    backoff, the gateway serves Embed again, the other three keep their pids, and SIGTERM
+    still drains everything with no restart during shutdown."""
+    up = up_process
+    before = service_pids(up.home)
+    assert set(before) == {"gateway", "cognitive", "taskproc", "dataplatform"}, before
+    killed = time.monotonic()
+    os.kill(before["cognitive"], signal.SIGKILL)
+    await _serving_again(up.ports["cognitive"], within=60)
+    serving = time.monotonic()
+    await _embed_through_gateway(up.ports["gateway"], attempts=4)
+    served = time.monotonic()
+    after = service_pids(up.home)
+    assert after["cognitive"] != before["cognitive"]
+    assert {n: p for n, p in after.items() if n != "cognitive"} == {
+        n: p for n, p in before.items() if n != "cognitive"
+    }
+    print(
+        f"\ncognitive killed -> SERVING again in {serving - killed:.2f} s,"
+        f" Embed through the gateway in {served - killed:.2f} s"
+    )
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.proc.wait(30) == 0
+    rest = up.proc.stdout.read()
+    print(rest)
+    assert (
+        f"aiwfe: cognitive (pid {before['cognitive']}) died (signal SIGKILL)" in rest
+        and "restart attempt 1 in 1 s" in rest
+    ), rest
+    assert f"aiwfe: cognitive restarted (pid {after['cognitive']}, attempt 1)" in rest, rest
+    assert rest.count("restart attempt") == 1, rest  # nothing restarted while stopping
+    assert "aiwfe: stopped" in rest
+    assert processes_with_env(f"AIWFE_HOME={up.home}") == []
+
+
+def test_up_stops_a_crash_looping_child_with_its_last_errors(database_dsn, tmp_path) -> None:
+    """A child that dies at every start (its port taken by another process after a kill -9)
+    is restarted 5 times with backoff, then the suite stops (exit code 1) with a message
+    naming it and showing its last stderr lines, and no service is left running."""
+    fast = {"AIWFE_LAUNCHER__RESTART_BACKOFF": "0.05", "AIWFE_LAUNCHER__RESTART_BACKOFF_MAX": "0.2"}
+    with launch_up(database_dsn, tmp_path, **fast) as up:
+        port = up.ports["cognitive"]
+        os.kill(service_pids(up.home)["cognitive"], signal.SIGKILL)
+        squatter = socket.socket()
+        until = time.monotonic() + 5
+        while True:  # the port is free once the kernel has reaped the killed process
+            try:
+                squatter.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                assert time.monotonic() < until, "the killed child's port never came free"
+                time.sleep(0.01)
+        squatter.listen()
+        started = time.monotonic()
+        try:
+            assert up.proc.wait(90) == 1
+        finally:
+            squatter.close()
+        print(f"\ncrash loop detected and the suite stopped in {time.monotonic() - started:.1f} s")
+        rest = up.proc.stdout.read()
+        assert rest.count("aiwfe: cognitive (pid") == 5, rest  # each death, once
+        assert "died (exit code 2)" in rest and "restart attempt 5 in 0.2 s" in rest, rest
+        assert "aiwfe: stopped" in rest
+        logs = up.log_path.read_text()
+        message = logs[logs.index("aiwfe: cognitive is crash-looping") :]
+        assert "5 restarts within 60 s" in message, message
+        assert f"cannot bind 127.0.0.1:{port}" in message, message  # its last error line
+        assert processes_with_env(f"AIWFE_HOME={up.home}") == []

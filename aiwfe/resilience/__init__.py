@@ -1,1 +1,1 @@
-"""Resilience primitives: circuit breaker (seed: 5 failures, 60 s open, half-open probe)."""
+"""Resilience primitives: circuit breaker (seed: 5 failures, 60 s open at most; health-probed)."""

@@ -1,0 +1,98 @@
+"""The adaptive concurrency limit (aiwfe/resilience/limiter.py) on a simulated clock."""
+
+from __future__ import annotations
+
+from aiwfe.config import LoadSheddingSettings
+from aiwfe.resilience.limiter import ConcurrencyLimiter
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_window(limiter: ConcurrencyLimiter, clock: Clock, in_flight: int, latency: float) -> None:
+    """One window: `in_flight` calls admitted at once, each taking `latency`, then a pause
+    that ends the window (0.1 s)."""
+    started = [limiter.try_acquire() for _ in range(in_flight)]
+    clock.now += latency
+    for s in started:
+        if s is not None:
+            limiter.release(s)
+    clock.now += 0.1
+
+
+def settings(**kw: object) -> LoadSheddingSettings:
+    base: dict[str, object] = {"initial_limit": 64, "min_limit": 4, "max_limit": 256}
+    return LoadSheddingSettings.model_validate({**base, **kw})
+
+
+def test_the_limit_falls_when_latency_grows_and_recovers_when_it_does_not() -> None:
+    """Latency over tolerance x the no-load latency (and over the floor) lowers the limit
+    towards min_limit; latency back at its no-load value raises it again."""
+    clock = Clock()
+    limiter = ConcurrencyLimiter(settings(latency_floor_seconds=0.0), clock)
+    run_window(limiter, clock, 20, 0.01)  # no-load latency: 10 ms
+    run_window(limiter, clock, 20, 0.01)
+    assert limiter.min_rtt is not None and abs(limiter.min_rtt - 0.01) < 1e-9
+    for _ in range(40):
+        run_window(limiter, clock, limiter.limit, 0.5)  # 50x slower: overloaded
+    low = limiter.limit
+    assert low < 16, low
+    for _ in range(40):
+        run_window(limiter, clock, limiter.limit, 0.01)
+    assert limiter.limit > low
+
+
+def test_latency_under_the_floor_never_lowers_the_limit() -> None:
+    """A burst whose latency stays under latency_floor_seconds is no overload."""
+    clock = Clock()
+    limiter = ConcurrencyLimiter(settings(latency_floor_seconds=0.2), clock)
+    run_window(limiter, clock, 20, 0.005)  # no-load latency: 5 ms
+    for _ in range(30):
+        run_window(limiter, clock, 64, 0.15)
+    assert limiter.limit >= 64
+
+
+def test_over_the_limit_is_refused_and_a_fixed_limit_does_not_move() -> None:
+    """fixed_limit admits exactly that many at once, whatever the latency."""
+    clock = Clock()
+    limiter = ConcurrencyLimiter(settings(fixed_limit=3), clock)
+    for _ in range(20):
+        held = [limiter.try_acquire() for _ in range(5)]
+        assert sum(s is not None for s in held) == 3
+        clock.now += 1.0
+        for s in held:
+            if s is not None:
+                limiter.release(s)
+        clock.now += 0.1
+    assert limiter.limit == 3 and limiter.in_flight == 0
+
+
+def test_a_deadline_shorter_than_current_latency_is_refused_under_load() -> None:
+    """With calls in flight taking ~0.5 s, a call with 0.1 s left is refused; when idle
+    it is admitted (a stale estimate never locks callers out)."""
+    clock = Clock()
+    limiter = ConcurrencyLimiter(settings(fixed_limit=100, min_window_samples=1), clock)
+    run_window(limiter, clock, 10, 0.5)
+    assert limiter.short is not None and limiter.short >= 0.5
+    busy = limiter.try_acquire()
+    assert busy is not None
+    assert limiter.try_acquire(time_remaining=0.1) is None
+    assert limiter.try_acquire(time_remaining=5.0) is not None
+
+
+def test_retry_after_grows_while_a_window_refuses_calls() -> None:
+    """RetryInfo's delay grows per window while more than 5% of its calls are refused (up
+    to the cap) and falls back to the minimum once none are."""
+    clock = Clock()
+    limiter = ConcurrencyLimiter(settings(fixed_limit=10, min_retry_after_seconds=0.05), clock)
+    for _ in range(30):
+        run_window(limiter, clock, 11, 0.1)  # 10 admitted, 1 refused (9%)
+    assert limiter.retry_after() == 5.0
+    for _ in range(60):
+        run_window(limiter, clock, 10, 0.1)
+    assert limiter.retry_after() == 0.05
