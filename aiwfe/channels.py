@@ -5,9 +5,8 @@ caller's identity, deadline and circuit breaker applied to every call.
 from __future__ import annotations
 
 import json
-import math
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -258,36 +257,6 @@ class Downstream:
                 raise
         self.breaker.record_success()
         return response
-
-    async def stream(self, rpc: Any, request: Any) -> AsyncIterator[Any]:
-        """Reads a server stream through the breaker with identity. Its deadline is the
-        current RPC's (none when the caller set none): a watch lives as long as its caller,
-        and the caller going away cancels it. Its first message is the back end's success
-        (a long watch must not hold a half-open breaker's probe slot)."""
-        self.breaker.before_call()
-        span = _tracer.start_span(f"{self.name} {_method_name(rpc)}", kind=SpanKind.CLIENT)
-        # Only the caller's deadline bounds a stream: its expiry is never the back end's fault.
-        timeout = None if request_deadline.get() is None else remaining_timeout(math.inf)
-        with trace.use_span(span, end_on_exit=False):  # the trace context goes in metadata
-            call = rpc(request, timeout=timeout, metadata=self.metadata())
-        answered = False
-        try:
-            async for message in call:
-                if not answered:
-                    answered = True
-                    self.breaker.record_success()
-                yield message
-        except grpc.aio.AioRpcError as exc:
-            self.breaker.record_error(exc, caller_deadline=True)
-            span.set_status(Status(StatusCode.ERROR, exc.code().name))
-            attribute(exc, self.name)
-            raise
-        else:
-            if not answered:
-                self.breaker.record_success()
-        finally:
-            call.cancel()  # the reader stopped early: end the stream upstream too
-            span.end()
 
     async def close(self) -> None:
         self.breaker.retire()

@@ -33,7 +33,7 @@ from aiwfe import metrics
 from aiwfe.channels import Downstream, create_channel, remaining_timeout
 from aiwfe.config import Settings
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
-from aiwfe.errors import ResourceExhausted
+from aiwfe.errors import ResourceExhausted, attribute
 from aiwfe.identity import request_deadline
 
 _tracer = trace.get_tracer("aiwfe")
@@ -143,6 +143,7 @@ class StreamPool:
                     yield message
             except grpc.aio.AioRpcError as exc:
                 span.set_status(Status(StatusCode.ERROR, exc.code().name))
+                attribute(exc, self._store.name)  # passed on as dataplatform's, not ours
                 raise
             finally:
                 call.cancel()  # the reader stopped early: end the stream upstream too
