@@ -42,42 +42,57 @@ _NOW_MS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
-# Settles a lease: ARGV[s..s+3] = trip, first member, spent, reserved. Spent calls count
-# from now (if their lease runs later), unspent ones still in lease are removed.
+# A lease (calls reserved for a replica's fast path) is open until its replica settles
+# it: spent calls then count from now if their lease runs later, the unspent ones go.
+# KEYS[2] maps open leases → ms when they end; a lease its replica never settles
+# (crashed) closes _LEASE_GRACE_MS after its end, its calls counted as spent.
+# ARGV[s..s+3] = trip, first member, spent, reserved.
 _SETTLE = """
-local function settle(key, now, s)
+local function settle(key, leases, now, s)
   local trip, first = ARGV[s], tonumber(ARGV[s + 1])
   local spent, reserved = tonumber(ARGV[s + 2]), tonumber(ARGV[s + 3])
+  local open = redis.call('HDEL', leases, trip) == 1
   for i = first, first + reserved - 1 do
     local m = trip .. ':' .. i
     if i < first + spent then
       redis.call('ZADD', key, 'XX', 'LT', now, m)
-    else
-      local score = redis.call('ZSCORE', key, m)
-      if score and tonumber(score) > now then redis.call('ZREM', key, m) end
+    elseif open then
+      redis.call('ZREM', key, m)
     end
   end
 end
 """
-# KEYS[1]: the user's log (member → ms until which it counts). ARGV: limit, need, extra,
-# window ms, lease ms, trip id, then a lease to settle first (trip '' = none).
-# Admits min(need, free) calls now and reserves up to `extra` (at most a quarter of what
-# stays free) until now + lease. Returns {admitted, reserved, retry ms, held ms}: when
-# nothing is admitted, either others' leases may still give calls back (held ms: ask
-# again then) or the refusal is final until the oldest call slides out (retry ms).
+_LEASE_GRACE_MS = 2000
+# KEYS[1]: the user's log (member → ms until which it counts), KEYS[2]: its open leases.
+# ARGV: limit, need, extra, window ms, lease ms, trip id, then a lease to settle first
+# (trip '' = none). Admits min(need, free) calls now and reserves up to `extra` (at most a
+# quarter of what stays free) until now + lease. Returns {admitted, reserved, retry ms,
+# held ms}: when nothing is admitted, either open leases of other replicas may still
+# give calls back (held ms: ask again then) or the refusal is final until the oldest
+# call slides out (retry ms).
 _API_ADMIT = (
     _NOW_MS
     + _SETTLE
+    + f"local grace = {_LEASE_GRACE_MS}"
     + """
-local key = KEYS[1]
-if ARGV[7] ~= '' then settle(key, now, 7) end
+local key, leases = KEYS[1], KEYS[2]
+if ARGV[7] ~= '' then settle(key, leases, now, 7) end
 local limit, need, extra = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local window, lease, trip = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
 local free = limit - redis.call('ZCARD', key)
 if free <= 0 then
-  local held = redis.call('ZRANGEBYSCORE', key, '(' .. now, '+inf', 'WITHSCORES')
-  if #held > 0 then return {0, 0, 0, tonumber(held[#held]) - now} end
+  local soonest = nil
+  local open = redis.call('HGETALL', leases)
+  for i = 1, #open, 2 do
+    local ends = tonumber(open[i + 1])
+    if ends + grace <= now then
+      redis.call('HDEL', leases, open[i])
+    elseif soonest == nil or ends < soonest then
+      soonest = ends
+    end
+  end
+  if soonest then return {0, 0, 0, math.max(10, math.min(100, soonest - now + 10))} end
   local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
   return {0, 0, tonumber(oldest[2]) + window - now, 0}
 end
@@ -93,10 +108,14 @@ for i = 1, admitted + reserved do
   end
 end
 redis.call('PEXPIRE', key, window + lease + 1000)
+if reserved > 0 then
+  redis.call('HSET', leases, trip, now + lease)
+  redis.call('PEXPIRE', leases, lease + grace + 1000)
+end
 return {admitted, reserved, 0, 0}
 """
 )
-_API_SETTLE = _NOW_MS + _SETTLE + "settle(KEYS[1], now, 1)\nreturn 1\n"
+_API_SETTLE = _NOW_MS + _SETTLE + "settle(KEYS[1], KEYS[2], now, 1)\nreturn 1\n"
 
 # KEYS: username failures, address failures, username checks, address checks (sorted sets
 # of check id → ms until which it holds its slot). ARGV: username limit, address limit,
@@ -229,7 +248,9 @@ class _LocalLog:
         runs = self._logs.setdefault(key, [])
         runs[:] = [r for r in runs if r[0] > now - window]
         free = limit - sum(r[1] for r in runs)
-        if free <= 0:  # no lease in process is unsettled here: the refusal is final
+        if free <= 0:
+            if any(r[2] for r in runs):  # a lease still open: it may give calls back
+                return 0, 0, 0, 10
             return 0, 0, min(r[0] for r in runs) + window - now, 0
         admitted = min(need, free)
         reserved = max(0, min(extra, (free - admitted) // 4))
@@ -242,8 +263,8 @@ class _LocalLog:
         now = _now_ms()
         trip, _, spent, _ = lease
         for run in self._logs.get(key, ()):
-            if run[2] == trip and run[0] > now:
-                run[:] = [now, spent, ""]
+            if run[2] == trip:
+                run[:] = [min(run[0], now), spent, ""]
 
 
 @dataclass(slots=True)
@@ -354,12 +375,13 @@ class ApiLimiter:
                 extra = min(self.batch_for(limit), max(extra, 2 * settle[2]))
             trip = f"{self._replica}{next(self._trips)}"
             key = self._redis.key(f"ratelimit:api:{_digest(user_id)}")
+            keys = [key, key + ":leases"]
             window, lease = self._window_ms, self._lease_ms
             result = None
             if self._admit is not None:
                 flat = settle or ("", 0, 0, 0)
                 result = await self._redis.eval_script(
-                    self._admit, [key], [limit, need, extra, window, lease, trip, *flat]
+                    self._admit, keys, [limit, need, extra, window, lease, trip, *flat]
                 )
             if result is None:
                 result = self._local.admit(user_id, limit, need, extra, window, lease, trip, settle)
@@ -386,17 +408,19 @@ class ApiLimiter:
     def _lease_ended(self, user_id: str, q: _Quota, key: str) -> None:
         q.timer = None
         lease = self._take_lease(q)
-        if lease is not None:
-            task = asyncio.ensure_future(self._settle_lease(user_id, key, lease))
-            self._settling.add(task)
-            task.add_done_callback(self._settling.discard)
+        if lease is None:
+            return
+        if self._settle is None:
+            self._local.settle(user_id, lease)
+            return
+        task = asyncio.ensure_future(self._settle_lease(user_id, key, lease))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     async def _settle_lease(self, user_id: str, key: str, lease: tuple[str, int, int, int]) -> None:
-        if self._settle is not None and await self._redis.eval_script(
-            self._settle, [key], list(lease)
-        ):
-            return
-        self._local.settle(user_id, lease)
+        assert self._settle is not None
+        if not await self._redis.eval_script(self._settle, [key, key + ":leases"], list(lease)):
+            self._local.settle(user_id, lease)
 
 
 class LoginLimiter:

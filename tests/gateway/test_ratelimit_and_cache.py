@@ -3,7 +3,12 @@ details, and the per-user API response cache."""
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import copy
+import time
+import uuid
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -15,8 +20,11 @@ from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
 from aiwfe.suite import start_suite
+from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
+from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from tests.conftest import bearer, login
-from tests.gateway.conftest import gateway_overrides
+from tests.gateway.conftest import Gateway, gateway_overrides
+from tests.taskproc.helpers import new_user
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -173,3 +181,112 @@ async def test_no_cache_metadata_skips_the_response_cache(gw) -> None:
     assert fresh.cached_count == 1  # the back end answered, from its content cache
     replay = await stub.Embed(request, metadata=bearer(gw.admin_token), timeout=10)
     assert replay == fresh  # the fresh answer replaced the stored one
+
+
+# --- Exact API limits (#17 item 5) -----------------------------------------------------------
+
+
+@pytest.fixture(params=["redis", "no_redis"])
+async def seed_api_limit(request, base_overrides):
+    """dataplatform, taskproc and a gateway with the seed's API limit (100 calls per 60 s
+    for role `user`), with Redis or without."""
+    async for g in _limited_gateway(base_overrides, request.param == "redis", window=60):
+        yield g
+
+
+async def _limited_gateway(base, redis: bool, window: int) -> AsyncIterator[Gateway]:
+    overrides = copy.deepcopy(gateway_overrides(base, redis=redis))
+    overrides["authentication"]["rate_limiting"] = {
+        "api_requests": 100,
+        "api_window": window,
+        "api_requests_per_role": {"admin": 100_000},
+    }
+    suite = await start_suite(overrides, only=("dataplatform", "taskproc", "gateway"))
+    try:
+        async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+            yield Gateway(suite, channel, await login(channel))
+    finally:
+        await suite.stop()
+
+
+async def burst(
+    channels: list[grpc.aio.Channel], token: str, n: int
+) -> tuple[list[float], list[grpc.aio.AioRpcError]]:
+    """`n` concurrent GetWorkflow calls (unknown ids: NOT_FOUND once admitted) spread over
+    the channels: (completion times of the admitted calls, the refusals)."""
+
+    async def one(channel: grpc.aio.Channel) -> float | grpc.aio.AioRpcError:
+        stub = wf_grpc.WorkflowServiceStub(channel)
+        request = wf_pb.GetWorkflowRequest(workflow_id=str(uuid.uuid4()))
+        try:
+            await stub.GetWorkflow(request, metadata=bearer(token), timeout=30)
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                assert err.code() == EXHAUSTED, err
+                return err
+        return time.monotonic()
+
+    results = await asyncio.gather(*(one(channels[i % len(channels)]) for i in range(n)))
+    admitted = [r for r in results if isinstance(r, float)]
+    return admitted, [r for r in results if not isinstance(r, float)]
+
+
+def assert_final_refusals(refused: list[grpc.aio.AioRpcError], window: float) -> None:
+    """Every refusal says remaining 0 and when to retry (within the window)."""
+    for err in refused:
+        delay, subjects, trailers = refusal(err)
+        assert 0 < delay <= window + 1 and subjects == ["api:user"]
+        assert trailers["x-ratelimit-remaining"] == "0"
+        assert trailers["x-ratelimit-limit"] == "100"
+
+
+async def test_concurrent_burst_admits_exactly_the_limit(seed_api_limit) -> None:
+    """130 concurrent calls of one user admit exactly 100; the 30 refusals carry RetryInfo
+    and remaining 0, and they are true: no further call in the window succeeds."""
+    gw = seed_api_limit
+    token = await new_user(gw.suite, gw.channel)
+    admitted, refused = await burst([gw.channel], token, 130)
+    assert (len(admitted), len(refused)) == (100, 30)
+    assert_final_refusals(refused, 60)
+    later, refused_later = await burst([gw.channel], token, 10)
+    assert (len(later), len(refused_later)) == (0, 10)
+
+
+async def test_two_replicas_share_the_limit_exactly(base_overrides) -> None:
+    """130 concurrent calls of one user split over two gateway replicas sharing Redis
+    admit exactly 100 in total."""
+    async for gw in _limited_gateway(base_overrides, redis=True, window=60):
+        token = await new_user(gw.suite, gw.channel)
+        second = await gw.second_gateway()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as other:
+                admitted, refused = await burst([gw.channel, other], token, 130)
+                assert (len(admitted), len(refused)) == (100, 30)
+                assert_final_refusals(refused, 60)
+                more = await burst([other, gw.channel], token, 10)
+                assert (len(more[0]), len(more[1])) == (0, 10)
+        finally:
+            await second.stop(0)
+
+
+async def test_window_slides_not_resets(base_overrides) -> None:
+    """With a 3 s window, bursts just before and just after a 3 s clock boundary admit 100
+    together (a fixed window would admit 200), no 3 s span holds more than 100, and once
+    the first burst has slid out the user gets exactly 100 again."""
+    window = 3
+    async for gw in _limited_gateway(base_overrides, redis=True, window=window):
+        token = await new_user(gw.suite, gw.channel)
+        boundary = (time.time() // window + 2) * window
+        await asyncio.sleep(boundary - 0.6 - time.time())
+        before, _ = await burst([gw.channel], token, 130)
+        await asyncio.sleep(max(0.0, boundary + 0.05 - time.time()))
+        after, _ = await burst([gw.channel], token, 130)
+        assert len(before) + len(after) == 100
+        await asyncio.sleep(max(before) + window + 0.5 - time.monotonic())
+        slid, refused = await burst([gw.channel], token, 130)
+        assert (len(slid), len(refused)) == (100, 30)
+        times = sorted(before + after + slid)
+        # Completion times lag the decisions by at most a call's latency: 0.3 s of slack.
+        assert all(
+            bisect.bisect_right(times, t + window - 0.3) - i <= 100 for i, t in enumerate(times)
+        )
