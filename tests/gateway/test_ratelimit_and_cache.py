@@ -22,8 +22,9 @@ from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
 from aiwfe.suite import start_suite
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
+from gateway import auth_service
 from tests.conftest import bearer, login
-from tests.gateway.conftest import Gateway, gateway_overrides
+from tests.gateway.conftest import PASSWORD, Gateway, gateway_overrides
 from tests.taskproc.helpers import new_user
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -290,3 +291,75 @@ async def test_window_slides_not_resets(base_overrides) -> None:
         assert all(
             bisect.bisect_right(times, t + window - 0.3) - i <= 100 for i, t in enumerate(times)
         )
+
+
+# --- The login limiter counts verified failures only (#17 item 6) ---------------------------
+
+
+class PasswordChecks:
+    """Counts the gateway's password verifications; `hold()` keeps them waiting."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started = 0
+        self.open = asyncio.Event()
+        self.open.set()
+        real = auth_service.verify_password_async
+
+        async def verify(password_hash: str | None, password: str) -> bool:
+            self.started += 1
+            await self.open.wait()
+            return await real(password_hash, password)
+
+        monkeypatch.setattr(auth_service, "verify_password_async", verify)
+
+    def hold(self) -> None:
+        self.open.clear()
+
+
+async def test_concurrent_correct_logins_are_never_refused(gw_any) -> None:
+    """Ten concurrent logins of one user with the right password all succeed."""
+    name = await gw_any.create_user(["user"], "busy")
+    replies = await asyncio.gather(*(gw_any.login(name) for _ in range(10)))
+    assert all(r.access_token for r in replies)
+
+
+async def test_abandoned_logins_count_nothing(gw_any, monkeypatch) -> None:
+    """Six correct logins whose client gives up while the password is being checked
+    count nothing: the next login succeeds."""
+    checks = PasswordChecks(monkeypatch)
+    name = await gw_any.create_user(["user"], "impatient")
+    checks.hold()
+    codes = []
+    for err in await asyncio.gather(
+        *(
+            gw_any.auth.Login(auth_pb.LoginRequest(username=name, password=PASSWORD), timeout=1)
+            for _ in range(6)
+        ),
+        return_exceptions=True,
+    ):
+        assert isinstance(err, grpc.aio.AioRpcError)
+        codes.append(err.code())
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 6
+    assert checks.started >= 5  # they were inside the check when abandoned
+    checks.open.set()
+    assert (await gw_any.login(name)).access_token
+
+
+async def test_parallel_brute_force_verifies_at_most_the_limit(gw_any, monkeypatch) -> None:
+    """Twenty concurrent wrong passwords for one username get exactly five verifications
+    (five UNAUTHENTICATED, fifteen RESOURCE_EXHAUSTED); the username is then locked even
+    for the right password."""
+    checks = PasswordChecks(monkeypatch)
+    name = await gw_any.create_user(["user"], "target")
+    results = await asyncio.gather(
+        *(failed_login(gw_any, name) for _ in range(20)), return_exceptions=True
+    )
+    assert sorted(str(c) for c in results) == sorted(
+        [str(grpc.StatusCode.UNAUTHENTICATED)] * 5 + [str(EXHAUSTED)] * 15
+    )
+    assert checks.started == 5
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw_any.login(name)
+    assert err.value.code() == EXHAUSTED
+    delay, subjects, _ = refusal(err.value)
+    assert 290 < delay <= 300 and subjects == ["login:username"]
