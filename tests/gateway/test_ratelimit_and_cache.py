@@ -19,15 +19,21 @@ from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
+from aiwfe.config import RateLimitSettings, RedisSettings
+from aiwfe.errors import ResourceExhausted
+from aiwfe.redis_client import RedisClient
 from aiwfe.suite import start_suite
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from gateway import auth_service
+from gateway.ratelimit import ApiLimiter
 from tests.conftest import bearer, login
+from tests.dataplatform import test_redis_helpers
 from tests.gateway.conftest import PASSWORD, Gateway, gateway_overrides
 from tests.taskproc.helpers import new_user
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+redis_helper = test_redis_helpers.redis  # the real Redis under a key prefix of its own
 
 
 def refusal(err: grpc.aio.AioRpcError) -> tuple[float, list[str], dict[str, str]]:
@@ -211,10 +217,12 @@ async def _limited_gateway(base, redis: bool, window: int) -> AsyncIterator[Gate
 
 
 async def burst(
-    channels: list[grpc.aio.Channel], token: str, n: int
+    addresses: list[str], token: str, n: int, connections: int = 10
 ) -> tuple[list[float], list[grpc.aio.AioRpcError]]:
     """`n` concurrent GetWorkflow calls (unknown ids: NOT_FOUND once admitted) spread over
-    the channels: (completion times of the admitted calls, the refusals)."""
+    `connections` channels to each address: (completion times of the admitted calls, the
+    refusals)."""
+    channels = [grpc.aio.insecure_channel(a) for a in addresses for _ in range(connections)]
 
     async def one(channel: grpc.aio.Channel) -> float | grpc.aio.AioRpcError:
         stub = wf_grpc.WorkflowServiceStub(channel)
@@ -227,7 +235,11 @@ async def burst(
                 return err
         return time.monotonic()
 
-    results = await asyncio.gather(*(one(channels[i % len(channels)]) for i in range(n)))
+    try:
+        await asyncio.gather(*(c.channel_ready() for c in channels))
+        results = await asyncio.gather(*(one(channels[i % len(channels)]) for i in range(n)))
+    finally:
+        await asyncio.gather(*(c.close() for c in channels))
     admitted = [r for r in results if isinstance(r, float)]
     return admitted, [r for r in results if not isinstance(r, float)]
 
@@ -246,10 +258,11 @@ async def test_concurrent_burst_admits_exactly_the_limit(seed_api_limit) -> None
     and remaining 0, and they are true: no further call in the window succeeds."""
     gw = seed_api_limit
     token = await new_user(gw.suite, gw.channel)
-    admitted, refused = await burst([gw.channel], token, 130)
+    address = gw.suite.address("gateway")
+    admitted, refused = await burst([address], token, 130)
     assert (len(admitted), len(refused)) == (100, 30)
     assert_final_refusals(refused, 60)
-    later, refused_later = await burst([gw.channel], token, 10)
+    later, refused_later = await burst([address], token, 10)
     assert (len(later), len(refused_later)) == (0, 10)
 
 
@@ -259,13 +272,13 @@ async def test_two_replicas_share_the_limit_exactly(base_overrides) -> None:
     async for gw in _limited_gateway(base_overrides, redis=True, window=60):
         token = await new_user(gw.suite, gw.channel)
         second = await gw.second_gateway()
+        addresses = [gw.suite.address("gateway"), f"127.0.0.1:{second.port}"]
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as other:
-                admitted, refused = await burst([gw.channel, other], token, 130)
-                assert (len(admitted), len(refused)) == (100, 30)
-                assert_final_refusals(refused, 60)
-                more = await burst([other, gw.channel], token, 10)
-                assert (len(more[0]), len(more[1])) == (0, 10)
+            admitted, refused = await burst(addresses, token, 130)
+            assert (len(admitted), len(refused)) == (100, 30)
+            assert_final_refusals(refused, 60)
+            more = await burst(addresses[::-1], token, 10)
+            assert (len(more[0]), len(more[1])) == (0, 10)
         finally:
             await second.stop(0)
 
@@ -279,12 +292,12 @@ async def test_window_slides_not_resets(base_overrides) -> None:
         token = await new_user(gw.suite, gw.channel)
         boundary = (time.time() // window + 2) * window
         await asyncio.sleep(boundary - 0.6 - time.time())
-        before, _ = await burst([gw.channel], token, 130)
+        before, _ = await burst([gw.suite.address("gateway")], token, 130)
         await asyncio.sleep(max(0.0, boundary + 0.05 - time.time()))
-        after, _ = await burst([gw.channel], token, 130)
+        after, _ = await burst([gw.suite.address("gateway")], token, 130)
         assert len(before) + len(after) == 100
         await asyncio.sleep(max(before) + window + 0.5 - time.monotonic())
-        slid, refused = await burst([gw.channel], token, 130)
+        slid, refused = await burst([gw.suite.address("gateway")], token, 130)
         assert (len(slid), len(refused)) == (100, 30)
         times = sorted(before + after + slid)
         # Completion times lag the decisions by at most a call's latency: 0.3 s of slack.
@@ -297,7 +310,8 @@ async def test_window_slides_not_resets(base_overrides) -> None:
 
 
 class PasswordChecks:
-    """Counts the gateway's password verifications; `hold()` keeps them waiting."""
+    """Counts the gateway's password verifications; `hold()` keeps them waiting (until
+    `open` is set)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.started = 0
@@ -316,23 +330,33 @@ class PasswordChecks:
         self.open.clear()
 
 
+@pytest.fixture
+async def password_checks(gw_any, monkeypatch) -> AsyncIterator[PasswordChecks]:
+    """The gateway's password checks counted (and released before the suite stops)."""
+    checks = PasswordChecks(monkeypatch)
+    yield checks
+    checks.open.set()
+
+
 async def test_concurrent_correct_logins_are_never_refused(gw_any) -> None:
     """Ten concurrent logins of one user with the right password all succeed."""
     name = await gw_any.create_user(["user"], "busy")
-    replies = await asyncio.gather(*(gw_any.login(name) for _ in range(10)))
+    request = auth_pb.LoginRequest(username=name, password=PASSWORD)
+    # Ten argon2 checks: a generous deadline on a loaded machine.
+    replies = await asyncio.gather(*(gw_any.auth.Login(request, timeout=60) for _ in range(10)))
     assert all(r.access_token for r in replies)
 
 
-async def test_abandoned_logins_count_nothing(gw_any, monkeypatch) -> None:
+async def test_abandoned_logins_count_nothing(gw_any, password_checks) -> None:
     """Six correct logins whose client gives up while the password is being checked
     count nothing: the next login succeeds."""
-    checks = PasswordChecks(monkeypatch)
+    checks = password_checks
     name = await gw_any.create_user(["user"], "impatient")
     checks.hold()
     codes = []
     for err in await asyncio.gather(
         *(
-            gw_any.auth.Login(auth_pb.LoginRequest(username=name, password=PASSWORD), timeout=1)
+            gw_any.auth.Login(auth_pb.LoginRequest(username=name, password=PASSWORD), timeout=2)
             for _ in range(6)
         ),
         return_exceptions=True,
@@ -345,16 +369,18 @@ async def test_abandoned_logins_count_nothing(gw_any, monkeypatch) -> None:
     assert (await gw_any.login(name)).access_token
 
 
-async def test_parallel_brute_force_verifies_at_most_the_limit(gw_any, monkeypatch) -> None:
+async def test_parallel_brute_force_verifies_at_most_the_limit(gw_any, password_checks) -> None:
     """Twenty concurrent wrong passwords for one username get exactly five verifications
     (five UNAUTHENTICATED, fifteen RESOURCE_EXHAUSTED); the username is then locked even
     for the right password."""
-    checks = PasswordChecks(monkeypatch)
+    checks = password_checks
     name = await gw_any.create_user(["user"], "target")
+    request = auth_pb.LoginRequest(username=name, password="definitely-the-wrong-password")
     results = await asyncio.gather(
-        *(failed_login(gw_any, name) for _ in range(20)), return_exceptions=True
+        *(gw_any.auth.Login(request, timeout=60) for _ in range(20)), return_exceptions=True
     )
-    assert sorted(str(c) for c in results) == sorted(
+    codes = [r.code() if isinstance(r, grpc.aio.AioRpcError) else r for r in results]
+    assert sorted(map(str, codes)) == sorted(
         [str(grpc.StatusCode.UNAUTHENTICATED)] * 5 + [str(EXHAUSTED)] * 15
     )
     assert checks.started == 5
@@ -362,4 +388,51 @@ async def test_parallel_brute_force_verifies_at_most_the_limit(gw_any, monkeypat
         await gw_any.login(name)
     assert err.value.code() == EXHAUSTED
     delay, subjects, _ = refusal(err.value)
-    assert 290 < delay <= 300 and subjects == ["login:username"]
+    assert 240 < delay <= 300 and subjects == ["login:username"]
+
+
+def api_limiter(redis: RedisClient, window: int = 60) -> ApiLimiter:
+    """A gateway replica's API limiter (100 calls per window) on `redis`."""
+    return ApiLimiter(RateLimitSettings(api_requests=100, api_window=window), redis)
+
+
+async def admitted_of(limiters: list[ApiLimiter], user: str, n: int) -> int:
+    """How many of `n` concurrent acquisitions (spread over the replicas) are admitted."""
+
+    async def one(limiter: ApiLimiter) -> bool:
+        try:
+            await limiter.acquire(user, ("user",))
+        except ResourceExhausted as exc:
+            assert exc.headers["x-ratelimit-remaining"] == "0" and exc.retry_after
+            return False
+        return True
+
+    results = await asyncio.gather(*(one(limiters[i % len(limiters)]) for i in range(n)))
+    return sum(results)
+
+
+@pytest.mark.parametrize("store,replicas", [("redis", 1), ("redis", 2), ("in_process", 1)])
+async def test_limiter_is_exact_for_concurrent_callers(redis_helper, store, replicas) -> None:
+    """130 callers of one user waiting on the limiters at once (one or two replicas sharing
+    Redis, or one without Redis) get exactly 100 admissions, and none later in the window
+    (neither through the fast path)."""
+    redis = redis_helper if store == "redis" else RedisClient(RedisSettings())
+    limiters = [api_limiter(redis) for _ in range(replicas)]
+    assert await admitted_of(limiters, "u1", 130) == 100
+    assert await admitted_of(limiters, "u1", 20) == 0
+    assert not any(limiter.try_local("u1") for limiter in limiters)
+
+
+async def test_unspent_reservations_go_back(redis_helper) -> None:
+    """Calls one replica reserved for its fast path and never spends are not lost: when
+    the user moves to another replica, that one still admits up to exactly 100."""
+    first, second = api_limiter(redis_helper), api_limiter(redis_helper)
+    spent = 0
+    while not first.try_local("u2"):  # a busy user: the replica reserves calls ahead
+        await first.acquire("u2", ("user",))
+        spent += 1
+    spent += 1
+    assert first.try_local("u2")  # more are reserved there, never to be spent
+    spent += 1
+    assert await admitted_of([second], "u2", 130) == 100 - spent
+    assert await admitted_of([first, second], "u2", 10) == 0
