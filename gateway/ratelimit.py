@@ -367,12 +367,11 @@ class ApiLimiter:
             settle = self._take_lease(q)
             need = max(1, q.waiting - q.admitted)
             started = time.monotonic()
-            # Reserve only for a user seen again within a lease: about twice its last
-            # trip's calls, so a slow caller never strands quota nor pays for a settlement.
+            # Reserve for the calls that usually follow: two, or twice the last trip's
+            # calls for a user seen again within a lease (or twice what it spent of it).
             busy = started - q.last_trip < self._lease_ms / 1000
-            extra = min(self.batch_for(limit), 2 * q.last_used) if busy else 0
-            if settle is not None:
-                extra = min(self.batch_for(limit), max(extra, 2 * settle[2]))
+            recent = max(q.last_used if busy else 0, settle[2] if settle else 0)
+            extra = min(self.batch_for(limit), max(2, 2 * recent))
             trip = f"{self._replica}{next(self._trips)}"
             key = self._redis.key(f"ratelimit:api:{_digest(user_id)}")
             keys = [key, key + ":leases"]
