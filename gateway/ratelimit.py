@@ -21,6 +21,7 @@ store failing) counts nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import math
@@ -422,6 +423,11 @@ class ApiLimiter:
             self._local.settle(user_id, lease)
 
 
+# Logins of one username waiting on one replica for a check slot; beyond, refused (a
+# flood of attempts must not turn into as many polling loops).
+MAX_QUEUED_LOGINS = 64
+
+
 class LoginLimiter:
     """Failed logins: `login_attempts` per username and `login_attempts_per_address` per
     client address, each per `login_window` seconds; only verified failures count."""
@@ -434,6 +440,9 @@ class LoginLimiter:
         self._begin = redis.client.register_script(_LOGIN_BEGIN) if redis.client else None
         self._end = redis.client.register_script(_LOGIN_END) if redis.client else None
         self._ending: set[asyncio.Task[None]] = set()
+        self._queued: dict[str, int] = {}  # username key → logins waiting here for a slot
+        self._ended: dict[str, asyncio.Event] = {}  # username key → set when a check ends
+        self._starting: dict[str, asyncio.Lock] = {}  # username key → its queue for a slot
 
     def _keys(self, username: str, address: str) -> list[str]:
         user, addr = _digest(username), _digest(address)
@@ -457,8 +466,21 @@ class LoginLimiter:
         failure when the block ends. Refuses (ResourceExhausted) when either limit is
         spent; waits while the checks in flight could still reach it."""
         keys = self._keys(username, address)
+        queued = self._queued.get(keys[0], 0)
+        if queued >= MAX_QUEUED_LOGINS:  # a flood waiting for one account: not served
+            raise _refusal("concurrent logins", "login:username", MAX_QUEUED_LOGINS, 1.0)
         attempt = _Check(uuid.uuid4().hex, in_redis=False)
-        attempt.in_redis = await self._start(keys, attempt.id)
+        self._queued[keys[0]] = queued + 1
+        lock = self._starting.setdefault(keys[0], asyncio.Lock())
+        try:
+            async with lock:  # one login per username asks Redis for a slot at a time here
+                attempt.in_redis = await self._start(keys, attempt.id)
+        finally:
+            if self._queued[keys[0]] <= 1:
+                del self._queued[keys[0]]
+                del self._starting[keys[0]]
+            else:
+                self._queued[keys[0]] -= 1
         try:
             yield attempt
         finally:
@@ -490,8 +512,11 @@ class LoginLimiter:
                 return False
             if time.monotonic() > give_up:  # checks stuck in flight: say when to retry
                 raise self._refused(0, 1.0)
-            await asyncio.sleep(pause)
-            pause = min(0.1, pause * 1.5)
+            # Woken when a check of this username ends here; other replicas' are polled.
+            ended = self._ended.setdefault(keys[0], asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), pause)
+            pause = min(0.25, pause * 2)
 
     def _start_local(self, keys: list[str], limits: tuple[int, int]) -> bool:
         now = time.monotonic()
@@ -510,6 +535,14 @@ class LoginLimiter:
         return True
 
     async def _finish(self, keys: list[str], attempt: _Check) -> None:
+        try:
+            await self._end_check(keys, attempt)
+        finally:
+            ended = self._ended.pop(keys[0], None)
+            if ended is not None:
+                ended.set()
+
+    async def _end_check(self, keys: list[str], attempt: _Check) -> None:
         cfg = self._cfg
         if attempt.in_redis:
             done = await self._redis.eval_script(

@@ -26,7 +26,7 @@ from aiwfe.suite import start_suite
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from gateway import auth_service
-from gateway.ratelimit import ApiLimiter
+from gateway.ratelimit import MAX_QUEUED_LOGINS, ApiLimiter
 from tests.conftest import bearer, login
 from tests.dataplatform import test_redis_helpers
 from tests.gateway.conftest import PASSWORD, Gateway, gateway_overrides
@@ -389,6 +389,30 @@ async def test_parallel_brute_force_verifies_at_most_the_limit(gw_any, password_
     assert err.value.code() == EXHAUSTED
     delay, subjects, _ = refusal(err.value)
     assert 240 < delay <= 300 and subjects == ["login:username"]
+
+
+async def test_a_login_flood_is_not_queued_without_bound(gw_any, password_checks) -> None:
+    """Of 80 concurrent logins for one username while five checks are held, 64 wait for a
+    slot and the 11 beyond are refused at once; the five wrong passwords then lock the
+    username and the waiting 64 are refused too."""
+    name = await gw_any.create_user(["user"], "flooded")
+    password_checks.hold()
+    request = auth_pb.LoginRequest(username=name, password="definitely-the-wrong-password")
+    calls = [asyncio.ensure_future(gw_any.auth.Login(request, timeout=60)) for _ in range(80)]
+    done: set[asyncio.Future] = set()
+    until = time.monotonic() + 30
+    while len(done) < 11 and time.monotonic() < until:
+        finished, _ = await asyncio.wait(calls, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
+        done |= finished
+    await asyncio.sleep(0.5)  # nothing more ends while the checks are held
+    done = {c for c in calls if c.done()}
+    assert len(done) == 11 and password_checks.started == 5
+    flood = [refusal(c.exception())[2]["x-ratelimit-limit"] for c in done]
+    assert flood == [str(MAX_QUEUED_LOGINS)] * 11
+    password_checks.open.set()
+    await asyncio.wait(calls)
+    codes = sorted(str(c.exception().code()) for c in calls if c not in done)
+    assert codes == sorted([str(grpc.StatusCode.UNAUTHENTICATED)] * 5 + [str(EXHAUSTED)] * 64)
 
 
 def api_limiter(redis: RedisClient, window: int = 60) -> ApiLimiter:
