@@ -363,7 +363,7 @@ class ApiLimiter:
         return lease
 
     async def _trip(self, user_id: str, q: _Quota, limit: int) -> None:
-        """One decision for every caller waiting now (and a lease for a busy user)."""
+        """One decision for every caller waiting now, and a lease for the calls that follow."""
         try:
             settle = self._take_lease(q)
             need = max(1, q.waiting - q.admitted)
