@@ -103,8 +103,15 @@ class RateLimitSettings(_Block):
     api_window: int = Field(default=60, gt=0)
     # Per-role API limits; a user gets the most generous of its roles (default api_requests).
     api_requests_per_role: dict[str, int] = Field(default_factory=dict)
-    # The most quota one gateway replica reserves from Redis per round trip.
+    # The most quota one gateway replica reserves from Redis per round trip, beyond the
+    # calls waiting for it (the relay's fast path spends it without a round trip).
     api_reserve_batch: int = Field(default=10, gt=0, le=1000)
+    # How long such reserved quota may be spent; the rest goes back to Redis (capped at
+    # a twentieth of api_window).
+    api_reserve_lease_ms: int = Field(default=500, gt=0, le=60_000)
+    # A password check counts as in flight for at most this long (a crashed replica's
+    # checks stop holding the per-username and per-address slots after it).
+    login_check_hold: int = Field(default=15, gt=0)
 
 
 class RevocationSettings(_Block):
