@@ -29,6 +29,7 @@ from aiwfe.passwords import hash_password_async
 from aiwfe.redis_client import RedisClient
 from aiwfe.server import Service
 from dataplatform.cache_store import CacheStore
+from dataplatform.collection_access import CollectionAccessStore
 from dataplatform.db import Database
 from dataplatform.guard import DatabaseGuard
 from dataplatform.replica_bus import ReplicaBus
@@ -63,7 +64,7 @@ class DataPlatformService(Service):
         self.replicas = ReplicaBus(self.redis, self.workflows.wakeups, self.workflows.stopped_among)
         self.workflows.wakeups.peers = self.replicas
         self.tokens = TokenStore(self.db)
-        self.vectors = VectorService(settings)
+        self.vectors = VectorService(settings, access=CollectionAccessStore(self.db))
         self._purger: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None
 
