@@ -304,8 +304,10 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
                 reason="PERMISSION_MISSING",
                 metadata={"permission": INDEX_PERMISSION},
             )
-        # An existing collection needs write access; a new one becomes the caller's.
-        if await self._get_collection(request.collection) is not None:
+        # An existing collection needs write access; a new one becomes the caller's. Asked
+        # afresh: a shape cached before a delete must not refuse a new namesake.
+        granted = rights(principal, await self._access(request.collection), self._rbac)
+        if not granted.write and await self._get_collection(request.collection, fresh=True):
             await self._authorize(request.collection, principal, "write")
         backend = self._backends.embedder(request.model)
 
