@@ -108,24 +108,22 @@ class CollectionAccessStore:
 
     @staticmethod
     async def _read(conn: DictConnection, names: list[str]) -> dict[str, pb.CollectionAccess]:
+        """One round trip: a row per grant, or one grant-less row per owned collection."""
         out = {name: pb.CollectionAccess() for name in names}
         cur = await conn.execute(
-            "SELECT name, owner_id, owner_username FROM collection_owners WHERE name = ANY(%s)",
+            "SELECT o.name, o.owner_id, o.owner_username, g.grantee_kind, g.grantee,"
+            " g.can_write, coalesce(u.username, g.username) AS username"
+            " FROM collection_owners o"
+            " LEFT JOIN collection_grants g ON g.name = o.name"
+            " LEFT JOIN users u ON g.grantee_kind = 'user' AND u.user_id::text = g.grantee"
+            " WHERE o.name = ANY(%s) ORDER BY o.name, g.grantee_kind DESC, 7, g.grantee",
             (names,),
         )
         for row in await cur.fetchall():
-            out[row["name"]].owner_id = row["owner_id"]
-            out[row["name"]].owner_username = row["owner_username"]
-        cur = await conn.execute(
-            "SELECT g.name, g.grantee_kind, g.grantee, g.can_write,"
-            " coalesce(u.username, g.username) AS username"
-            " FROM collection_grants g LEFT JOIN users u"
-            " ON g.grantee_kind = 'user' AND u.user_id::text = g.grantee"
-            " WHERE g.name = ANY(%s) ORDER BY g.name, g.grantee_kind DESC, 5, g.grantee",
-            (names,),
-        )
-        for row in await cur.fetchall():
-            out[row["name"]].grants.append(_grant(row))
+            access = out[row["name"]]
+            access.owner_id, access.owner_username = row["owner_id"], row["owner_username"]
+            if row["grantee_kind"] is not None:
+                access.grants.append(_grant(row))
         return out
 
 
