@@ -54,6 +54,7 @@ MAX_GENERATE_TOKENS = 32768
 MAX_DOCUMENT_ID_CHARS = 200  # chunk ids `{id}#{n}` stay under the store's 256
 MAX_METADATA_FIELDS = 32
 MAX_METADATA_VALUE_CHARS = 1024
+MAX_USERNAME_CHARS = 64  # the account store's limit
 # Payload keys every chunk carries; metadata may not shadow them.
 DOCUMENT_ID, TEXT = "document_id", "text"
 RESERVED_KEYS = frozenset({DOCUMENT_ID, TEXT})
@@ -478,20 +479,20 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
         out.sort(key=lambda c: c.name)
         return pb.ListCollectionsResponse(collections=out)
 
-    async def _managed(self, name: str) -> tuple[Principal, Rights]:
-        """The caller, allowed to manage the existing collection `name`."""
+    async def _managed(self, name: str) -> vs_pb.Collection:
+        """The existing collection `name`, which the caller may manage."""
         v = Violations()
         self._check_collection(v, name, "collection")
         v.raise_if_any()
-        principal = require_principal()
-        granted = await self._authorize(name, principal, "manage")
-        if await self._get_collection(name, fresh=True) is None:
+        await self._authorize(name, require_principal(), "manage")
+        collection = await self._get_collection(name, fresh=True)
+        if collection is None:
             raise self._not_found(name)
-        return principal, granted
+        return collection
 
     def _check_grantee(self, v: Violations, username: str, role: str, field: str) -> None:
         if v.check(bool(username) != bool(role), field, "set one of username and role"):
-            v.text(username, f"{field}.username", max_chars=64, required=False)
+            v.text(username, f"{field}.username", max_chars=MAX_USERNAME_CHARS, required=False)
             if role:
                 v.check(
                     self._rbac.known_role(role),
@@ -499,12 +500,11 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
                     f"{role[:64]!r} is not a configured role",
                 )
 
-    async def _described(self, name: str, access: vs_pb.CollectionAccess) -> pb.Collection:
-        principal = require_principal()
-        collection = await self._get_collection(name, fresh=True)
-        if collection is None:
-            raise self._not_found(name)
-        return self._public(collection, access, rights(principal, access, self._rbac))
+    def _described(
+        self, collection: vs_pb.Collection, access: vs_pb.CollectionAccess
+    ) -> pb.Collection:
+        """The collection after a change of its grants, as the caller sees it."""
+        return self._public(collection, access, rights(require_principal(), access, self._rbac))
 
     async def ShareCollection(
         self, request: pb.ShareCollectionRequest, context: grpc.aio.ServicerContext
@@ -514,16 +514,14 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
         self._check_collection(v, request.collection, "collection")
         self._check_grantee(v, grant.username, grant.role, "grant")
         v.raise_if_any()
-        await self._managed(request.collection)
+        collection = await self._managed(request.collection)
         reply = await self._dp.call(
             self._vectors.GrantCollectionAccess,
             vs_pb.GrantCollectionAccessRequest(
                 name=request.collection, username=grant.username, role=grant.role, write=grant.write
             ),
         )
-        return pb.ShareCollectionResponse(
-            collection=await self._described(request.collection, reply.access)
-        )
+        return pb.ShareCollectionResponse(collection=self._described(collection, reply.access))
 
     async def UnshareCollection(
         self, request: pb.UnshareCollectionRequest, context: grpc.aio.ServicerContext
@@ -532,16 +530,14 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
         self._check_collection(v, request.collection, "collection")
         self._check_grantee(v, request.username, request.role, "grantee")
         v.raise_if_any()
-        await self._managed(request.collection)
+        collection = await self._managed(request.collection)
         reply = await self._dp.call(
             self._vectors.RevokeCollectionAccess,
             vs_pb.RevokeCollectionAccessRequest(
                 name=request.collection, username=request.username, role=request.role
             ),
         )
-        return pb.UnshareCollectionResponse(
-            collection=await self._described(request.collection, reply.access)
-        )
+        return pb.UnshareCollectionResponse(collection=self._described(collection, reply.access))
 
     async def DeleteCollection(
         self, request: pb.DeleteCollectionRequest, context: grpc.aio.ServicerContext
