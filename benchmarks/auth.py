@@ -19,11 +19,11 @@ import uuid
 import grpc
 
 from aiwfe.config import load_settings
+from aiwfe.rbac import Rbac
 from aiwfe.redis_client import RedisClient
 from gateway.authn import AuthInterceptor
 from gateway.policies import method_table
 from gateway.ratelimit import ApiLimiter
-from gateway.rbac import Rbac
 from gateway.tokens import TokenService
 
 SEED_TARGETS_MS = {"jwt_validation": 20.0, "session_lookup": 10.0, "total": 30.0}

@@ -34,6 +34,7 @@ from aiwfe.errors import (
 )
 from aiwfe.identity import InternalIdentity, Principal, require_principal
 from aiwfe.interceptors import InternalIdentityInterceptor
+from aiwfe.rbac import Rbac
 from aiwfe.redis_client import RedisClient
 from aiwfe.server import Service
 from aiwfe.validation import Violations
@@ -41,7 +42,6 @@ from cognitive.backends import Backends, EmbeddingBackend, GenerationParams
 from cognitive.chunking import chunk_text
 from cognitive.collection_access import INDEX_PERMISSION, Rights, rights
 from cognitive.embed_cache import EmbeddingCache
-from gateway.rbac import Rbac
 
 # Bounds from the contract (cognitive_service.proto comments).
 MAX_TOP_K = 100

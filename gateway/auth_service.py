@@ -23,9 +23,9 @@ from aiwfe.data.v1 import user_store_service_pb2_grpc as user_grpc
 from aiwfe.errors import NotFound, ResourceExhausted, Unauthenticated
 from aiwfe.identity import require_principal
 from aiwfe.passwords import hash_password_async, policy_violation, verify_password_async
+from aiwfe.rbac import Rbac
 from aiwfe.validation import Violations
 from gateway.ratelimit import LoginLimiter, caller_peer, client_address
-from gateway.rbac import Rbac
 from gateway.sessions import MAX_REFRESH_CHARS, SessionManager, TokenPair
 
 log = logging.getLogger("aiwfe.gateway.auth")
