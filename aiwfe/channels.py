@@ -5,9 +5,8 @@ caller's identity, deadline and circuit breaker applied to every call.
 from __future__ import annotations
 
 import json
-import math
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -151,10 +150,14 @@ def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials:
 
 
 def create_channel(
-    target: str, settings: Settings, files: Iterable[FileDescriptor] = ()
+    target: str,
+    settings: Settings,
+    files: Iterable[FileDescriptor] = (),
+    extra_options: Iterable[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
     """A cluster channel with keepalive, limits and the retry policy; TLS (and a client
-    certificate for mTLS) when `tls.ca_file` is configured, plaintext otherwise."""
+    certificate for mTLS) when `tls.ca_file` is configured, plaintext otherwise.
+    `extra_options` are more channel arguments (e.g. a connection of its own)."""
     options = [
         *channel_options(settings),
         ("grpc.service_config", service_config(settings, files)),
@@ -162,6 +165,7 @@ def create_channel(
         ("grpc.initial_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS // 4),
         ("grpc.min_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS // 4),
         ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS),
+        *extra_options,
     ]
     tls = settings.tls
     if tls.channel_enabled:
@@ -253,36 +257,6 @@ class Downstream:
                 raise
         self.breaker.record_success()
         return response
-
-    async def stream(self, rpc: Any, request: Any) -> AsyncIterator[Any]:
-        """Reads a server stream through the breaker with identity. Its deadline is the
-        current RPC's (none when the caller set none): a watch lives as long as its caller,
-        and the caller going away cancels it. Its first message is the back end's success
-        (a long watch must not hold a half-open breaker's probe slot)."""
-        self.breaker.before_call()
-        span = _tracer.start_span(f"{self.name} {_method_name(rpc)}", kind=SpanKind.CLIENT)
-        # Only the caller's deadline bounds a stream: its expiry is never the back end's fault.
-        timeout = None if request_deadline.get() is None else remaining_timeout(math.inf)
-        with trace.use_span(span, end_on_exit=False):  # the trace context goes in metadata
-            call = rpc(request, timeout=timeout, metadata=self.metadata())
-        answered = False
-        try:
-            async for message in call:
-                if not answered:
-                    answered = True
-                    self.breaker.record_success()
-                yield message
-        except grpc.aio.AioRpcError as exc:
-            self.breaker.record_error(exc, caller_deadline=True)
-            span.set_status(Status(StatusCode.ERROR, exc.code().name))
-            attribute(exc, self.name)
-            raise
-        else:
-            if not answered:
-                self.breaker.record_success()
-        finally:
-            call.cancel()  # the reader stopped early: end the stream upstream too
-            span.end()
 
     async def close(self) -> None:
         self.breaker.retire()

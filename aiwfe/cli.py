@@ -150,6 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collection", default="", help="ground on hits from this collection")
     p.add_argument("--top-k", type=int, default=0)
 
+    p = sub.add_parser("collections", help="list, share and delete collections")
+    co = p.add_subparsers(dest="collections_command", required=True)
+    co.add_parser("ls", help="your collections and those shared with you", parents=[api])
+    for name, text in (
+        ("share", "grant a user or a role access (read; --write to index too)"),
+        ("unshare", "remove a user's or a role's access"),
+    ):
+        c = co.add_parser(name, help=text, parents=[api])
+        c.add_argument("collection", metavar="NAME")
+        who = c.add_mutually_exclusive_group(required=True)
+        who.add_argument("--user", default="", help="username of the grantee")
+        who.add_argument("--role", default="", help="role of the grantees")
+        if name == "share":
+            c.add_argument("--write", action="store_true", help="let them index into it too")
+    c = co.add_parser("rm", help="delete a collection you own", parents=[api])
+    c.add_argument("collection", metavar="NAME")
+
     p = sub.add_parser("workflow", help="submit and manage workflows")
     wf = p.add_subparsers(dest="workflow_command", required=True)
     w = wf.add_parser("submit", help="submit a YAML/JSON WorkflowSpec", parents=[api])
@@ -257,6 +274,19 @@ def _time(ts: Any) -> str:
 def _user_line(user: Any) -> str:
     state = "disabled" if user.disabled else "active"
     return f"{user.username:<24} {','.join(user.roles) or '-':<20} {state:<8} {user.user_id}"
+
+
+def _collection_line(c: Any) -> str:
+    grants = ", ".join(
+        (f"user {g.username}" if g.HasField("username") else f"role {g.role}")
+        + (" (write)" if g.write else "")
+        for g in c.grants
+    )
+    return (
+        f"{c.name}  owner {c.owner}  {c.document_chunk_count} chunks"
+        f"  {'read-write' if c.writable else 'read-only'}"
+        + (f"  shared with: {grants}" if grants else "")
+    )
 
 
 def _workflow_lines(wf: Any) -> str:
@@ -459,6 +489,31 @@ async def run_api_command(args: argparse.Namespace) -> int:
                     sys.stdout.flush()
             if not args.json:
                 print()
+        elif command == "collections":
+            sub = args.collections_command
+            if sub == "ls":
+                listed_collections = await client.list_collections()
+                _emit(
+                    args,
+                    listed_collections,
+                    lambda: (
+                        "\n".join(_collection_line(c) for c in listed_collections.collections)
+                        or "no collections"
+                    ),
+                )
+            elif sub == "share":
+                shared = await client.share_collection(
+                    args.collection, username=args.user, role=args.role, write=args.write
+                )
+                _emit(args, shared, lambda: _collection_line(shared.collection))
+            elif sub == "unshare":
+                unshared = await client.unshare_collection(
+                    args.collection, username=args.user, role=args.role
+                )
+                _emit(args, unshared, lambda: _collection_line(unshared.collection))
+            else:
+                deleted = await client.delete_collection(args.collection)
+                _emit(args, deleted, lambda: f"deleted collection {args.collection}")
         elif command == "workflow":
             sub = args.workflow_command
             if sub == "submit":

@@ -308,6 +308,35 @@ class AsyncClient:
         request = cog_pb.ClassifyRequest(text=text, labels=labels, examples=examples)
         return await self._unary(self.cognitive.Classify, request)
 
+    async def list_collections(self) -> cog_pb.ListCollectionsResponse:
+        request = cog_pb.ListCollectionsRequest()
+        return await self._unary(self.cognitive.ListCollections, request)
+
+    async def share_collection(
+        self, collection: str, *, username: str = "", role: str = "", write: bool = False
+    ) -> cog_pb.ShareCollectionResponse:
+        grant = cog_pb.CollectionGrant(write=write)
+        if role:
+            grant.role = role
+        else:
+            grant.username = username
+        request = cog_pb.ShareCollectionRequest(collection=collection, grant=grant)
+        return await self._unary(self.cognitive.ShareCollection, request)
+
+    async def unshare_collection(
+        self, collection: str, *, username: str = "", role: str = ""
+    ) -> cog_pb.UnshareCollectionResponse:
+        request = cog_pb.UnshareCollectionRequest(collection=collection)
+        if role:
+            request.role = role
+        else:
+            request.username = username
+        return await self._unary(self.cognitive.UnshareCollection, request)
+
+    async def delete_collection(self, collection: str) -> cog_pb.DeleteCollectionResponse:
+        request = cog_pb.DeleteCollectionRequest(collection=collection)
+        return await self._unary(self.cognitive.DeleteCollection, request)
+
     def generate(self, request: cog_pb.GenerateRequest) -> AsyncIterator[cog_pb.GenerateResponse]:
         """Streams the completion piece by piece."""
         return self._stream(self.cognitive.Generate, request)

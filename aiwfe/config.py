@@ -103,8 +103,15 @@ class RateLimitSettings(_Block):
     api_window: int = Field(default=60, gt=0)
     # Per-role API limits; a user gets the most generous of its roles (default api_requests).
     api_requests_per_role: dict[str, int] = Field(default_factory=dict)
-    # The most quota one gateway replica reserves from Redis per round trip.
+    # The most quota one gateway replica reserves from Redis per round trip, beyond the
+    # calls waiting for it (the relay's fast path spends it without a round trip).
     api_reserve_batch: int = Field(default=10, gt=0, le=1000)
+    # How long such reserved quota may be spent; the rest goes back to Redis (capped at
+    # a twentieth of api_window).
+    api_reserve_lease_ms: int = Field(default=500, gt=0, le=60_000)
+    # A password check counts as in flight for at most this long (a crashed replica's
+    # checks stop holding the per-username and per-address slots after it).
+    login_check_hold: int = Field(default=15, gt=0)
 
 
 class RevocationSettings(_Block):
@@ -477,6 +484,15 @@ class TaskProcSettings(_Block):
     # A watch re-reads the database at least this often; commits are pushed at once (its own
     # replica's in process, other replicas' through Redis when configured).
     watch_poll_interval: float = Field(default=1.0, ge=0.01, le=30)
+    # Watch streams (WatchWorkflow + RunWorkflow) one process serves at once; more are
+    # refused with RESOURCE_EXHAUSTED + RetryInfo (metric workflow_watch_streams).
+    max_watch_streams: int = Field(default=10_000, gt=0, le=1_000_000)
+    # The most database re-reads per second this process's watch streams ask dataplatform
+    # for while nothing is pushed: with many streams, each re-reads less often (<= 30 s).
+    watch_reads_per_second: float = Field(default=200, gt=0)
+    # Streams taskproc opens on one connection to dataplatform (at most
+    # grpc.max_concurrent_streams); more streams open more connections, never refused.
+    streams_per_connection: int = Field(default=500, gt=0)
     max_steps: int = Field(default=100, gt=0, le=1000)
     max_name_chars: int = Field(default=64, gt=0, le=256)
     max_input_bytes: int = Field(default=256 * 1024, gt=0)
@@ -488,6 +504,21 @@ class TaskProcSettings(_Block):
     max_attempts: int = Field(default=100, gt=0)  # upper bound a retry policy may ask for
 
 
+class GatewayHttp2Settings(_Block):
+    """The relay's connection management on the public port (gateway/relay.py). Its stream
+    limit is grpc.max_concurrent_streams and its keepalive enforcement
+    grpc.server_min_ping_interval_ms / server_max_ping_strikes, as on every gRPC server; the
+    other grpc.* transport options apply to the gRPC servers and channels, not to this port."""
+
+    max_connections: int = Field(default=10000, gt=0)  # more are answered GOAWAY and closed
+    idle_timeout_seconds: float = Field(default=300, gt=0)  # no call in flight this long
+    # Buffered bytes per client connection, both directions together (half each way).
+    max_buffer_bytes: int = Field(default=8 * 1024 * 1024, ge=256 * 1024)
+    # Connections to one back end (each holds as many streams as the back end allows;
+    # calls beyond them wait for a stream to end).
+    max_upstream_connections: int = Field(default=8, gt=0)
+
+
 class GatewaySettings(_Block):
     """The gateway's front door."""
 
@@ -495,6 +526,7 @@ class GatewaySettings(_Block):
     # their back end and everything else to the gateway's gRPC server (see gateway/front.py).
     # Off: the gRPC server takes the port and proxies every call itself.
     relay: bool = True
+    http2: GatewayHttp2Settings = GatewayHttp2Settings()
 
 
 class LauncherSettings(_Block):

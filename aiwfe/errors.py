@@ -81,6 +81,11 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
         _C.PERMISSION_DENIED, "the caller's roles lack the permission the RPC declares",
         ("permission", "method"),
     ),
+    "COLLECTION_ACCESS_DENIED": Reason(
+        _C.PERMISSION_DENIED,
+        "the caller may read the collection but not write or manage it (`access` says which)",
+        ("collection", "access"),
+    ),
     "METHOD_NOT_EXPOSED": Reason(
         _C.PERMISSION_DENIED, "the RPC is internal: the gateway does not route it"
     ),
@@ -121,6 +126,11 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
         "a service is at its adaptive concurrency limit and sheds the call (RetryInfo)",
         ("limit",),
     ),
+    "WATCH_STREAMS_EXHAUSTED": Reason(
+        _C.RESOURCE_EXHAUSTED,
+        "a taskproc replica serves its limit of watch streams (RetryInfo, QuotaFailure)",
+        ("limit",),
+    ),
     "BACKEND_RATE_LIMITED": Reason(
         _C.RESOURCE_EXHAUSTED, "a model backend answered HTTP 429", _BACKEND
     ),
@@ -134,6 +144,9 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
     ),
     "VECTOR_STORE_UNAVAILABLE": Reason(
         _C.UNAVAILABLE, "the vector store (Qdrant) failed transiently", ("dependency",)
+    ),
+    "COLLECTION_ACCESS_UNAVAILABLE": Reason(
+        _C.UNAVAILABLE, "the data platform runs without its collection access store"
     ),
     "BACKEND_UNREACHABLE": Reason(
         _C.UNAVAILABLE, "a model backend could not be reached", ("backend",)

@@ -81,6 +81,10 @@ workflow_dead_letters = Counter(
     "workflow_dead_letters", "Workflows failed after a step exhausted its retries.",
     registry=REGISTRY,
 )  # fmt: skip
+workflow_watch_streams = Gauge(
+    "workflow_watch_streams", "Watch streams (WatchWorkflow, RunWorkflow) in flight.",
+    registry=REGISTRY,
+)  # fmt: skip
 circuit_breaker_state = Gauge(
     "circuit_breaker_state", "Breaker state per downstream: 0 closed, 1 open, 2 half-open.",
     ["service", "downstream"], registry=REGISTRY,
@@ -97,7 +101,7 @@ def _series() -> tuple[frozenset[str], frozenset[str]]:
         jwt_validation_time, session_cache_hit_rate, authentication_success_rate,
         database_connection_pool_usage, redis_cache_hit_rate, qdrant_query_latency,
         workflow_queue_depth, workflow_step_latency, workflow_step_retries,
-        workflow_dead_letters, circuit_breaker_state,
+        workflow_dead_letters, workflow_watch_streams, circuit_breaker_state,
     ):  # fmt: skip
         for family in collector.describe():
             families.add(family.name)

@@ -45,7 +45,7 @@ from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as pb_grpc
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity, Principal
 from aiwfe.suite import start_suite
 from benchmarks import embedder as embedder_bench
 
@@ -196,9 +196,12 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         identity = InternalIdentity.from_settings(suite.settings)
 
+        admin: Principal | None = None
+
         def internal() -> tuple[tuple[str, str], ...]:
-            # Assertions are short-lived (60 s): mint one per use.
-            return ((IDENTITY_METADATA_KEY, identity.assertion(None, "bench")),)
+            # Assertions are short-lived (60 s): mint one per use. Direct calls act for the
+            # admin, who owns (and may index into) the benchmark's collection.
+            return ((IDENTITY_METADATA_KEY, identity.assertion(admin, "bench")),)
 
         async with (
             grpc.aio.insecure_channel(suite.address("gateway")) as gch,
@@ -208,6 +211,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 auth_pb.LoginRequest(username="admin", password=PASSWORD), timeout=10
             )
             bearer = (("authorization", f"Bearer {login.access_token}"),)
+            who = await auth_grpc.AuthServiceStub(gch).WhoAmI(
+                auth_pb.WhoAmIRequest(), metadata=bearer, timeout=10
+            )
+            admin = Principal(who.user_id, who.username, tuple(who.roles))
             gw, direct = pb_grpc.CognitiveServiceStub(gch), pb_grpc.CognitiveServiceStub(cch)
             print("cached Embed ...", file=sys.stderr, flush=True)
             results["embed"] = await _embed_latency(

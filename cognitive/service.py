@@ -1,4 +1,5 @@
-"""CognitiveService: Embed, IndexDocuments, Search, Classify and streamed Generate.
+"""CognitiveService: Embed, IndexDocuments, Search, Classify, streamed Generate, and the
+collections' owners and sharing (ListCollections, Share/UnshareCollection, DeleteCollection).
 
 Embeddings come from the configured backends (`cognitive/backends.py`) through the seed's
 multi-layer cache (`cognitive/embed_cache.py`); vectors are stored and searched in
@@ -24,14 +25,22 @@ from aiwfe.config import ConfigError, Settings
 from aiwfe.data.v1 import cache_store_service_pb2, vector_store_service_pb2
 from aiwfe.data.v1 import vector_store_service_pb2 as vs_pb
 from aiwfe.data.v1 import vector_store_service_pb2_grpc as vs_grpc
-from aiwfe.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from aiwfe.identity import InternalIdentity
+from aiwfe.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from aiwfe.identity import InternalIdentity, Principal, require_principal
 from aiwfe.interceptors import InternalIdentityInterceptor
+from aiwfe.rbac import Rbac
 from aiwfe.redis_client import RedisClient
 from aiwfe.server import Service
 from aiwfe.validation import Violations
 from cognitive.backends import Backends, EmbeddingBackend, GenerationParams
 from cognitive.chunking import chunk_text
+from cognitive.collection_access import INDEX_PERMISSION, Rights, rights
 from cognitive.embed_cache import EmbeddingCache
 
 # Bounds from the contract (cognitive_service.proto comments).
@@ -45,6 +54,7 @@ MAX_GENERATE_TOKENS = 32768
 MAX_DOCUMENT_ID_CHARS = 200  # chunk ids `{id}#{n}` stay under the store's 256
 MAX_METADATA_FIELDS = 32
 MAX_METADATA_VALUE_CHARS = 1024
+MAX_USERNAME_CHARS = 64  # the account store's limit
 # Payload keys every chunk carries; metadata may not shadow them.
 DOCUMENT_ID, TEXT = "document_id", "text"
 RESERVED_KEYS = frozenset({DOCUMENT_ID, TEXT})
@@ -58,7 +68,8 @@ COLLECTION_CACHE_TTL = 10.0  # seconds a collection's shape is trusted without a
 
 
 class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
-    """The five RPCs; every input bounded and checked before any work is done."""
+    """The RPCs; every input bounded and checked before any work is done. Collections are
+    used under `cognitive/collection_access.py`'s rule, checked on every call."""
 
     def __init__(
         self,
@@ -73,6 +84,8 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
         self._dp = dataplatform
         self._vectors = vs_grpc.VectorStoreServiceStub(dataplatform.channel)
         self._collections: TTLCache[str, vs_pb.Collection] = TTLCache(256)
+        self._rbac = Rbac(settings.rbac)
+        self._admin_username = settings.authentication.admin.username
 
     # --- embeddings -----------------------------------------------------------------------
 
@@ -134,9 +147,9 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
 
     # --- collections ----------------------------------------------------------------------
 
-    async def _get_collection(self, name: str) -> vs_pb.Collection | None:
+    async def _get_collection(self, name: str, fresh: bool = False) -> vs_pb.Collection | None:
         """The collection's shape (cached briefly), or None when it does not exist."""
-        if (hit := self._collections.get(name)) is not None:
+        if not fresh and (hit := self._collections.get(name)) is not None:
             return hit
         try:
             reply = await self._dp.call(
@@ -150,23 +163,26 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
         return reply.collection
 
     async def _ensure_collection(
-        self, name: str, dimension: int, fields: Sequence[str]
+        self, name: str, dimension: int, fields: Sequence[str], owner: Principal
     ) -> tuple[vs_pb.Collection, bool]:
-        """The collection, created on first use; True when this call created it."""
+        """The collection, created on first use and owned by `owner`; True when this call
+        created it."""
         existing = await self._get_collection(name)
         if existing is not None:
             return existing, False
         spec = vs_pb.Collection(
             name=name, dimension=dimension, distance="Cosine", indexed_fields=fields
         )
+        request = vs_pb.CreateCollectionRequest(
+            collection=spec, owner_id=owner.user_id, owner_username=owner.username
+        )
         try:
-            reply = await self._dp.call(
-                self._vectors.CreateCollection, vs_pb.CreateCollectionRequest(collection=spec)
-            )
+            reply = await self._dp.call(self._vectors.CreateCollection, request)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
-            # A concurrent first use won the race: use what it created.
+            # A concurrent first use won the race: use what it created, if ours to write.
+            await self._authorize(name, owner, "write")
             found = await self._get_collection(name)
             if found is None:
                 raise
@@ -190,6 +206,41 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
                     "modelDimension": str(dimension),
                 },
             )
+
+    # --- access ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _not_found(name: str, field: str = "collection") -> NotFound:
+        """The one answer for a missing collection and for one the caller may not use."""
+        return NotFound(
+            f"collection {name!r} does not exist: IndexDocuments creates it",
+            reason="COLLECTION_NOT_FOUND",
+            metadata={"field": field, "collection": name},
+        )
+
+    async def _access(self, name: str) -> vs_pb.CollectionAccess:
+        """Owner and grants, asked afresh every call so an unshare takes effect at once."""
+        reply = await self._dp.call(
+            self._vectors.GetCollectionAccess, vs_pb.GetCollectionAccessRequest(name=name)
+        )
+        return reply.access
+
+    async def _authorize(
+        self, name: str, principal: Principal, need: str, field: str = "collection"
+    ) -> Rights:
+        """The caller's rights on `name`, raising NOT_FOUND without `need` ("read", "write"
+        or "manage") unless it may read: then PERMISSION_DENIED (it knows the collection)."""
+        granted = rights(principal, await self._access(name), self._rbac)
+        if not granted.read:
+            raise self._not_found(name, field)
+        if not getattr(granted, need):
+            action = "index into" if need == "write" else "share or delete"
+            raise PermissionDenied(
+                f"you may not {action} collection {name!r}: ask its owner",
+                reason="COLLECTION_ACCESS_DENIED",
+                metadata={"collection": name, "access": need},
+            )
+        return granted
 
     # --- IndexDocuments -------------------------------------------------------------------
 
@@ -253,13 +304,26 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
             if docs[i].text and not doc_chunks:
                 v.add(f"documents[{i}].text", "must contain more than whitespace")
         v.raise_if_any()
+        principal = require_principal()
+        # The gateway checks this too; a workflow step's call is checked only here.
+        if not self._rbac.allows(principal.roles, INDEX_PERMISSION):
+            raise PermissionDenied(
+                f"permission {INDEX_PERMISSION!r} required",
+                reason="PERMISSION_MISSING",
+                metadata={"permission": INDEX_PERMISSION},
+            )
+        # An existing collection needs write access; a new one becomes the caller's. Asked
+        # afresh: a shape cached before a delete must not refuse a new namesake.
+        granted = rights(principal, await self._access(request.collection), self._rbac)
+        if not granted.write and await self._get_collection(request.collection, fresh=True):
+            await self._authorize(request.collection, principal, "write")
         backend = self._backends.embedder(request.model)
 
         flat = [c for doc_chunks in chunks for c in doc_chunks]
         vectors = await self._compute(backend, flat)
         fields = sorted({DOCUMENT_ID, *(k for doc in docs for k in doc.metadata)})
         collection, created = await self._ensure_collection(
-            request.collection, len(vectors[0]), fields
+            request.collection, len(vectors[0]), fields, principal
         )
         self._check_dimension(collection, backend, len(vectors[0]))
 
@@ -320,13 +384,10 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
         field: str = "collection",
     ) -> tuple[list[pb.SearchHit], EmbeddingBackend]:
         backend = self._backends.embedder(model)
+        await self._authorize(collection_name, require_principal(), "read", field)
         collection = await self._get_collection(collection_name)
         if collection is None:
-            raise NotFound(
-                f"collection {collection_name!r} does not exist: IndexDocuments creates it",
-                reason="COLLECTION_NOT_FOUND",
-                metadata={"field": field, "collection": collection_name},
-            )
+            raise self._not_found(collection_name, field)
         unindexed = sorted(set(filter) - set(collection.indexed_fields))
         if unindexed:
             indexed = ", ".join(collection.indexed_fields)
@@ -390,6 +451,117 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
             request.collection, request.query, top_k, request.filter, threshold or None
         )
         return pb.SearchResponse(hits=hits, model=backend.model)
+
+    # --- ListCollections, ShareCollection, UnshareCollection, DeleteCollection -----------
+
+    def _public(
+        self, collection: vs_pb.Collection, access: vs_pb.CollectionAccess, granted: Rights
+    ) -> pb.Collection:
+        """A collection as its user sees it: grants only for those who may manage it."""
+        out = pb.Collection(
+            name=collection.name,
+            owner=access.owner_username if access.owner_id else self._admin_username,
+            dimension=collection.dimension,
+            document_chunk_count=collection.point_count,
+            writable=granted.write,
+        )
+        if granted.manage:
+            for grant in access.grants:
+                if grant.role:
+                    out.grants.add(role=grant.role, write=grant.write)
+                else:
+                    out.grants.add(username=grant.username, write=grant.write)
+        return out
+
+    async def ListCollections(
+        self, request: pb.ListCollectionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListCollectionsResponse:
+        principal = require_principal()
+        reply = await self._dp.call(self._vectors.ListCollections, vs_pb.ListCollectionsRequest())
+        out = []
+        for collection in reply.collections:
+            granted = rights(principal, collection.access, self._rbac)
+            if granted.read:
+                out.append(self._public(collection, collection.access, granted))
+        out.sort(key=lambda c: c.name)
+        return pb.ListCollectionsResponse(collections=out)
+
+    async def _managed(self, name: str) -> vs_pb.Collection:
+        """The existing collection `name`, which the caller may manage."""
+        v = Violations()
+        self._check_collection(v, name, "collection")
+        v.raise_if_any()
+        await self._authorize(name, require_principal(), "manage")
+        collection = await self._get_collection(name, fresh=True)
+        if collection is None:
+            raise self._not_found(name)
+        return collection
+
+    def _check_grantee(self, v: Violations, username: str, role: str, field: str) -> None:
+        if v.check(bool(username) != bool(role), field, "set one of username and role"):
+            v.text(username, f"{field}.username", max_chars=MAX_USERNAME_CHARS, required=False)
+            if role:
+                v.check(
+                    self._rbac.known_role(role),
+                    f"{field}.role",
+                    f"{role[:64]!r} is not a configured role",
+                )
+
+    def _described(
+        self, collection: vs_pb.Collection, access: vs_pb.CollectionAccess
+    ) -> pb.Collection:
+        """The collection after a change of its grants, as the caller sees it."""
+        return self._public(collection, access, rights(require_principal(), access, self._rbac))
+
+    async def ShareCollection(
+        self, request: pb.ShareCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ShareCollectionResponse:
+        grant = request.grant
+        v = Violations()
+        self._check_collection(v, request.collection, "collection")
+        self._check_grantee(v, grant.username, grant.role, "grant")
+        v.raise_if_any()
+        collection = await self._managed(request.collection)
+        reply = await self._dp.call(
+            self._vectors.GrantCollectionAccess,
+            vs_pb.GrantCollectionAccessRequest(
+                name=request.collection, username=grant.username, role=grant.role, write=grant.write
+            ),
+        )
+        return pb.ShareCollectionResponse(collection=self._described(collection, reply.access))
+
+    async def UnshareCollection(
+        self, request: pb.UnshareCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnshareCollectionResponse:
+        v = Violations()
+        self._check_collection(v, request.collection, "collection")
+        self._check_grantee(v, request.username, request.role, "grantee")
+        v.raise_if_any()
+        collection = await self._managed(request.collection)
+        reply = await self._dp.call(
+            self._vectors.RevokeCollectionAccess,
+            vs_pb.RevokeCollectionAccessRequest(
+                name=request.collection, username=request.username, role=request.role
+            ),
+        )
+        return pb.UnshareCollectionResponse(collection=self._described(collection, reply.access))
+
+    async def DeleteCollection(
+        self, request: pb.DeleteCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteCollectionResponse:
+        await self._managed(request.collection)
+        try:
+            await self._dp.call(
+                self._vectors.DeleteCollection,
+                vs_pb.DeleteCollectionRequest(name=request.collection),
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            raise self._not_found(request.collection) from None
+        finally:
+            self._collections.pop(request.collection)
+        return pb.DeleteCollectionResponse()
 
     # --- Classify -------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from aiwfe.passwords import hash_password_async
 from aiwfe.redis_client import RedisClient
 from aiwfe.server import Service
 from dataplatform.cache_store import CacheStore
+from dataplatform.collection_access import CollectionAccessStore
 from dataplatform.db import Database
 from dataplatform.guard import DatabaseGuard
 from dataplatform.replica_bus import ReplicaBus
@@ -39,13 +40,15 @@ from dataplatform.workflow_store import WorkflowStore
 
 log = logging.getLogger("aiwfe.dataplatform")
 _PURGE_INTERVAL = 60.0
-# Services answered from PostgreSQL (DatabaseGuard fails them fast while it is down); the
-# vector store is not one of them.
+# Services answered from PostgreSQL (DatabaseGuard fails them fast while it is down). The
+# vector store is one since collections' owners and grants live there: cognitive cannot
+# authorize any collection call without them.
 _DATABASE_BACKED = [
     user_store_service_pb2.DESCRIPTOR.services_by_name["UserStoreService"].full_name,
     cache_store_service_pb2.DESCRIPTOR.services_by_name["CacheStoreService"].full_name,
     workflow_store_service_pb2.DESCRIPTOR.services_by_name["WorkflowStoreService"].full_name,
     token_store_service_pb2.DESCRIPTOR.services_by_name["TokenStoreService"].full_name,
+    vector_store_service_pb2.DESCRIPTOR.services_by_name["VectorStoreService"].full_name,
 ]
 
 
@@ -63,7 +66,7 @@ class DataPlatformService(Service):
         self.replicas = ReplicaBus(self.redis, self.workflows.wakeups, self.workflows.stopped_among)
         self.workflows.wakeups.peers = self.replicas
         self.tokens = TokenStore(self.db)
-        self.vectors = VectorService(settings)
+        self.vectors = VectorService(settings, access=CollectionAccessStore(self.db))
         self._purger: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None
 
@@ -111,10 +114,7 @@ class DataPlatformService(Service):
         workflow_store_grpc.add_WorkflowStoreServiceServicer_to_server(self.workflows, server)
         token_store_service_pb2_grpc.add_TokenStoreServiceServicer_to_server(self.tokens, server)
         vector_store_service_pb2_grpc.add_VectorStoreServiceServicer_to_server(self.vectors, server)
-        return [
-            *_DATABASE_BACKED,
-            vector_store_service_pb2.DESCRIPTOR.services_by_name["VectorStoreService"].full_name,
-        ]
+        return list(_DATABASE_BACKED)
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [

@@ -24,6 +24,7 @@ from aiwfe.data.v1 import vector_store_service_pb2_grpc as pb_grpc
 from aiwfe.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from aiwfe.metrics import qdrant_query_latency
 from aiwfe.validation import Violations
+from dataplatform.collection_access import CollectionAccessStore
 from dataplatform.vectors import (
     CollectionExists,
     CollectionNotFound,
@@ -119,12 +120,31 @@ def _collection(spec: CollectionSpec, count: int = 0) -> pb.Collection:
 
 
 class VectorService(pb_grpc.VectorStoreServiceServicer):
-    """Validates requests, calls the store, maps its errors and records qdrant_query_latency."""
+    """Validates requests, calls the store, maps its errors and records qdrant_query_latency.
 
-    def __init__(self, settings: Settings, store: VectorStore | None = None) -> None:
+    With an access store, collections' owners and grants are kept in PostgreSQL alongside
+    (created, listed and deleted with the collection).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: VectorStore | None = None,
+        access: CollectionAccessStore | None = None,
+    ) -> None:
         self._defaults = settings.qdrant.collection_config.vectors
         self.store = store or open_configured_store(settings)
         self._store_is_server = not isinstance(self.store, EdgeVectorStore)
+        self._access = access
+
+    @property
+    def access(self) -> CollectionAccessStore:
+        if self._access is None:
+            raise Unavailable(
+                "collection access is not configured on this data platform",
+                reason="COLLECTION_ACCESS_UNAVAILABLE",
+            )
+        return self._access
 
     @contextlib.contextmanager
     def _op(self, operation: str) -> Iterator[None]:
@@ -198,6 +218,19 @@ class VectorService(pb_grpc.VectorStoreServiceServicer):
         spec = CollectionSpec(c.name, dimension, distance, tuple(fields))
         with self._op("create_collection"):
             await self.store.create_collection(spec)
+        if self._access is not None:
+            try:
+                if request.owner_id:
+                    await self._access.set_owner(
+                        spec.name, request.owner_id, request.owner_username
+                    )
+                else:
+                    await self._access.forget(spec.name)  # a deleted namesake's grants
+            except BaseException:
+                # No collection without its owner row: it would silently become the admin's.
+                with contextlib.suppress(Exception), self._op("delete_collection"):
+                    await self.store.delete_collection(spec.name)
+                raise
         return pb.CreateCollectionResponse(collection=_collection(spec))
 
     async def GetCollection(
@@ -221,6 +254,10 @@ class VectorService(pb_grpc.VectorStoreServiceServicer):
             except NotFound:
                 continue  # deleted while listing
             out.append(_collection(spec, count))
+        if self._access is not None and out:
+            found = await self._access.get_many([c.name for c in out])
+            for c in out:
+                c.access.CopyFrom(found[c.name])
         return pb.ListCollectionsResponse(collections=out)
 
     async def DeleteCollection(
@@ -231,6 +268,8 @@ class VectorService(pb_grpc.VectorStoreServiceServicer):
         v.raise_if_any()
         with self._op("delete_collection"):
             await self.store.delete_collection(request.name)
+        if self._access is not None:
+            await self._access.forget(request.name)
         return pb.DeleteCollectionResponse()
 
     async def UpsertPoints(
@@ -314,6 +353,34 @@ class VectorService(pb_grpc.VectorStoreServiceServicer):
         with self._op("count"):
             count = await self.store.count(spec.name, dict(request.filter))
         return pb.CountPointsResponse(count=count)
+
+    async def GetCollectionAccess(
+        self, request: pb.GetCollectionAccessRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetCollectionAccessResponse:
+        v = Violations()
+        _check_name(request.name, "name", v)
+        v.raise_if_any()
+        return pb.GetCollectionAccessResponse(access=await self.access.get(request.name))
+
+    async def GrantCollectionAccess(
+        self, request: pb.GrantCollectionAccessRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GrantCollectionAccessResponse:
+        v = Violations()
+        _check_name(request.name, "name", v)
+        v.raise_if_any()
+        access = await self.access.grant(
+            request.name, request.username, request.role, request.write
+        )
+        return pb.GrantCollectionAccessResponse(access=access)
+
+    async def RevokeCollectionAccess(
+        self, request: pb.RevokeCollectionAccessRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevokeCollectionAccessResponse:
+        v = Violations()
+        _check_name(request.name, "name", v)
+        v.raise_if_any()
+        access = await self.access.revoke(request.name, request.username, request.role)
+        return pb.RevokeCollectionAccessResponse(access=access)
 
     async def close(self) -> None:
         await self.store.close()

@@ -20,12 +20,12 @@ from aiwfe.channels import Downstream
 from aiwfe.config import PasswordPolicySettings
 from aiwfe.data.v1 import user_store_service_pb2 as user_pb
 from aiwfe.data.v1 import user_store_service_pb2_grpc as user_grpc
-from aiwfe.errors import NotFound, Unauthenticated
+from aiwfe.errors import NotFound, ResourceExhausted, Unauthenticated
 from aiwfe.identity import require_principal
 from aiwfe.passwords import hash_password_async, policy_violation, verify_password_async
+from aiwfe.rbac import Rbac
 from aiwfe.validation import Violations
 from gateway.ratelimit import LoginLimiter, caller_peer, client_address
-from gateway.rbac import Rbac
 from gateway.sessions import MAX_REFRESH_CHARS, SessionManager, TokenPair
 
 log = logging.getLogger("aiwfe.gateway.auth")
@@ -81,10 +81,23 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
         v.raise_if_any()
         address = client_address(caller_peer(context))
         try:
-            await self._limiter.reserve(request.username, address)
-        except Exception:
+            async with self._limiter.check(request.username, address) as attempt:
+                user = await self._verified_user(request)
+                if user is None:
+                    attempt.failed()
+        except ResourceExhausted:  # only the limiter refuses with it here
             _login_limited.inc()
             raise
+        if user is None:
+            _login_failed.inc()
+            raise Unauthenticated(_BAD_CREDENTIALS, reason="CREDENTIALS_INVALID")
+        pair = await self._sessions.create(user.user_id, user.username, list(user.roles))
+        _login_ok.inc()
+        return self._pair(pair, pb.LoginResponse)
+
+    async def _verified_user(self, request: pb.LoginRequest) -> user_pb.StoredUser | None:
+        """The account if the password is right and it may log in, else None; a failing
+        user store raises (that is not a failed login)."""
         try:
             reply = await self._dp.call(
                 self._users.GetUser, user_pb.GetUserRequest(username=request.username)
@@ -92,18 +105,11 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
             user = reply.user
         except grpc.aio.AioRpcError as exc:
             if not _not_found(exc):
-                await self._limiter.refund(request.username, address)  # our failure, not theirs
                 raise
             user = None
         # Always one argon2 verification, so an unknown username costs what a wrong password does.
         ok = await verify_password_async(user.password_hash if user else None, request.password)
-        if not ok or user is None or user.disabled:
-            _login_failed.inc()
-            raise Unauthenticated(_BAD_CREDENTIALS, reason="CREDENTIALS_INVALID")
-        await self._limiter.refund(request.username, address)
-        pair = await self._sessions.create(user.user_id, user.username, list(user.roles))
-        _login_ok.inc()
-        return self._pair(pair, pb.LoginResponse)
+        return user if ok and user is not None and not user.disabled else None
 
     async def Refresh(
         self, request: pb.RefreshRequest, context: grpc.aio.ServicerContext

@@ -19,9 +19,9 @@ from aiwfe.interceptors import (
     rejecting_handler,
     with_principal,
 )
+from aiwfe.rbac import Rbac
 from gateway.policies import MethodInfo
 from gateway.ratelimit import ApiLimiter
-from gateway.rbac import Rbac
 from gateway.response_cache import ResponseCache, cache_directive
 from gateway.tokens import TokenService
 

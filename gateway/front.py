@@ -49,7 +49,7 @@ from gateway.forwarding import (
 )
 from gateway.policies import MethodInfo
 from gateway.ratelimit import RELAYED_PEER_KEY
-from gateway.relay import Decision, Endpoint, Headers, Relay
+from gateway.relay import Decision, Endpoint, Headers, Relay, RelayLimits
 from gateway.response_cache import ResponseCache, cache_directive
 
 GATEWAY = "gateway"  # the upstream name of the gateway's own gRPC server
@@ -130,12 +130,13 @@ class FrontDoor:
         self._upstreams = {p: _endpoint(d.target, tls) for p, d in downstreams.items()}
         self._max_streams = settings.grpc.max_concurrent_streams
         self._tls = server_tls(settings.tls)
+        self._limits = RelayLimits.from_settings(settings.gateway.http2, settings.grpc)
         self._relay: Relay | None = None
 
     async def start(self, host: str, port: int, server_socket: str) -> int:
         gateway = Endpoint(authority=b"localhost", path=server_socket)
         upstreams = {GATEWAY: gateway, **self._upstreams}
-        self._relay = Relay(self.decide, upstreams, self._max_streams, self._tls)
+        self._relay = Relay(self.decide, upstreams, self._max_streams, self._tls, self._limits)
         return await self._relay.start(host, port)
 
     async def stop(self, grace: float) -> None:

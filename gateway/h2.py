@@ -1,20 +1,21 @@
 """HTTP/2 framing for the gateway's relay (RFC 9113): what relaying gRPC needs, no more.
 
-A frame reader, frame writers, and header blocks that never touch an HPACK dynamic table
-(every field a literal without indexing), so a block means the same on any connection.
-Decoding is the `hpack` library's, behind a memo of the blocks a connection repeats.
+A frame reader, frame writers, request header validation, and header blocks that never
+touch an HPACK dynamic table (every field a literal without indexing), so a block means the
+same on any connection. Decoding is the `hpack` library's (public API), behind a memo of
+the blocks a connection repeats.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import struct
-from collections.abc import Iterable
-from typing import cast
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple, cast
 from urllib.parse import quote
 
 import hpack
-from hpack.table import HeaderTable, table_entry_size
 
 # hpack logs every header it decodes at DEBUG, bearer tokens included: never let it.
 logging.getLogger("hpack").setLevel(logging.WARNING)
@@ -59,96 +60,200 @@ Frame = tuple[int, int, int, bytes]  # (type, flags, stream id, payload)
 Headers = list[tuple[bytes, bytes]]
 
 
-class _Table(HeaderTable):
-    """hpack's dynamic table, counting its changes (so a memo knows when it went stale)."""
+def _integer_at(block: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
+    """An HPACK integer (RFC 7541 §5.1) at `pos`, and the position after it."""
+    top = (1 << prefix_bits) - 1
+    value = block[pos] & top
+    pos += 1
+    if value == top:
+        shift = 0
+        while True:
+            octet = block[pos]
+            pos += 1
+            value += (octet & 127) << shift
+            shift += 7
+            if not octet & 128:
+                break
+    return value, pos
 
-    changes = 0
 
-    def add(self, name: bytes, value: bytes) -> None:
-        # An entry larger than the table empties it: no change if it was empty already (a
-        # peer told to keep no table still sends "literal with indexing" fields).
-        if self.dynamic_entries or table_entry_size(name, value) <= self.maxsize:
-            self.changes += 1
-        super().add(name, value)
-
-    @HeaderTable.maxsize.setter  # type: ignore[attr-defined, untyped-decorator, misc]
-    def maxsize(self, value: int) -> None:
-        if value != self.maxsize:
-            self.changes += 1
-        HeaderTable.maxsize.fset(self, value)  # type: ignore[attr-defined]
+def changes_table(block: bytes, sized: bool) -> bool:
+    """Whether a (well-formed) HPACK block changes the decoder's dynamic table: a size
+    update, or a literal with incremental indexing when the table can hold anything."""
+    pos, end = 0, len(block)
+    while pos < end:
+        octet = block[pos]
+        if octet & 0x80:  # indexed field
+            pos = _integer_at(block, pos, 7)[1]
+            continue
+        if octet & 0xC0 == 0x40:  # literal with incremental indexing
+            if sized:
+                return True
+            new_name = not octet & 0x3F
+            pos = _integer_at(block, pos, 6)[1]
+        elif octet & 0xE0 == 0x20:  # dynamic table size update
+            return True
+        else:  # literal without indexing / never indexed
+            new_name = not octet & 0x0F
+            pos = _integer_at(block, pos, 4)[1]
+        for _ in range(2 if new_name else 1):
+            length, pos = _integer_at(block, pos, 7)
+            pos += length
+    return False
 
 
 class HeaderDecoder:
-    """One connection's HPACK decoder (`hpack`), with a memo of the blocks it repeats.
+    """One connection's HPACK decoder (`hpack`, public API), with a memo of the blocks it
+    repeats, and each block's verdict from `check` (None: well-formed).
 
     gRPC clients send the same block for every call of a method once the fields are
     indexed (a token they do not index rides along as a literal without indexing), so a
     block that left the dynamic table as it was decodes the same until the table changes.
-    Such blocks are kept and answered from the memo (the caller must not modify them); any
-    change to the table empties it. Decoding in pure Python was the relay's largest cost
-    per call.
+    Such blocks are kept and answered from the memo (the caller must not modify them); a
+    block that changes the table (`changes_table`, our own scan of its instructions)
+    empties it. Decoding in pure Python was the relay's largest cost per call.
     """
 
     _MEMO_BLOCK = 2048  # bytes: longer blocks are decoded every time
     _MEMO_ENTRIES = 16
 
-    __slots__ = ("_changes", "_decoder", "_memo", "_table")
+    __slots__ = ("_check", "_decoder", "_max_fields", "_memo")
 
-    def __init__(self, max_header_list_size: int, table_size: int = 4096) -> None:
+    def __init__(
+        self,
+        max_header_list_size: int,
+        table_size: int = 4096,
+        check: Callable[[Headers], Malformed | None] | None = None,
+        max_fields: int = 1 << 30,
+    ) -> None:
         """`table_size`: the SETTINGS_HEADER_TABLE_SIZE this side announced (0: no table)."""
         self._decoder = hpack.Decoder(max_header_list_size)
-        self._table = self._decoder.header_table = _Table()
-        self._table.maxsize = self._decoder.max_allowed_table_size = table_size
-        self._memo: dict[bytes, Headers] = {}
-        self._changes = self._table.changes
+        self._decoder.max_allowed_table_size = table_size
+        self._decoder.header_table_size = table_size
+        self._memo: dict[bytes, tuple[Headers, Malformed | None]] = {}
+        self._check = check
+        self._max_fields = max_fields
 
     def decode(self, block: bytes) -> Headers:
         """The block's fields; ProtocolViolation(COMPRESSION_ERROR) if it is malformed."""
+        return self.checked(block)[0]
+
+    def checked(self, block: bytes) -> tuple[Headers, Malformed | None]:
+        """The block's fields and `check`'s verdict on them (memoised with them)."""
         memo = self._memo
-        headers = memo.get(block)
-        if headers is not None:
-            return headers
+        found = memo.get(block)
+        if found is not None:
+            return found
         try:
             headers = cast(Headers, self._decoder.decode(block, raw=True))
         except hpack.HPACKError as exc:
             raise ProtocolViolation(COMPRESSION_ERROR, f"a bad header block: {exc}") from None
-        changes = self._table.changes
-        if changes != self._changes:
-            self._changes = changes
+        if len(headers) > self._max_fields:
+            raise ProtocolViolation(ENHANCE_YOUR_CALM, f"{len(headers)} header fields")
+        found = (headers, self._check(headers) if self._check is not None else None)
+        if changes_table(block, self._decoder.header_table_size > 0):
             memo.clear()
         elif len(block) <= self._MEMO_BLOCK:
             if len(memo) >= self._MEMO_ENTRIES:
                 memo.clear()
-            memo[block] = headers
-        return headers
+            memo[block] = found
+        return found
+
+
+class Malformed(NamedTuple):
+    """Why a request's header list is malformed (RFC 9113 §8.2-8.3) or its gRPC headers
+    unusable; `grpc`: answered with INVALID_ARGUMENT instead of RST_STREAM."""
+
+    reason: str
+    grpc: bool = False
+
+
+# A field name: lower-case token characters (RFC 9110 §5.6.2, RFC 9113 §8.2.1).
+_BAD_NAME = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9a-z]")
+# A field value: no NUL, CR or LF, and no whitespace at either end (RFC 9113 §8.2.1).
+_BAD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
+_GRPC_TIMEOUT = re.compile(rb"[0-9]{1,8}[HMSmun]\Z")
+_REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":path", b":authority"))
+CONNECTION_SPECIFIC = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
+)
+
+
+def _show(raw: bytes) -> str:
+    return repr(raw.decode("latin-1"))
+
+
+def request_error(headers: Headers) -> Malformed | None:
+    """What makes a request's header list malformed, or None (RFC 9113 §8.2-8.3: names,
+    values, pseudo-headers, connection-specific fields, `te`; plus gRPC's grpc-timeout)."""
+    seen: set[bytes] = set()
+    regular = False
+    for name, value in headers:
+        if name[:1] == b":":
+            if regular:
+                return Malformed(f"pseudo-header {_show(name)} after a regular field")
+            if name not in _REQUEST_PSEUDO:
+                return Malformed(f"pseudo-header {_show(name)} in a request")
+            if name in seen:
+                return Malformed(f"a second {_show(name)}")
+            seen.add(name)
+            if not value and name != b":authority":
+                return Malformed(f"an empty {_show(name)}")
+        else:
+            regular = True
+            if not name or _BAD_NAME.search(name):
+                return Malformed(f"a malformed field name {_show(name[:64])}")
+            if name in CONNECTION_SPECIFIC:
+                return Malformed(f"connection-specific field {_show(name)}")
+            if name == b"te" and value != b"trailers":
+                return Malformed("te other than trailers")
+            if name == b"grpc-timeout" and not _GRPC_TIMEOUT.match(value):
+                return Malformed(f"a malformed grpc-timeout {_show(value[:32])}", grpc=True)
+        if value and _BAD_VALUE.search(value):
+            return Malformed(f"a malformed value in {_show(name[:64])}")
+    if len(seen) < 4 and not _REQUEST_PSEUDO.difference(seen) <= {b":authority"}:
+        return Malformed("a required pseudo-header is missing")
+    return None
+
+
+def trailer_error(headers: Headers) -> Malformed | None:
+    """What makes a request's trailer section malformed (no pseudo-headers there)."""
+    for name, value in headers:
+        if not name or _BAD_NAME.search(name) or name in CONNECTION_SPECIFIC:
+            return Malformed(f"a malformed trailer field {_show(name[:64])}")
+        if value and _BAD_VALUE.search(value):
+            return Malformed(f"a malformed trailer value in {_show(name[:64])}")
+    return None
 
 
 class FrameReader:
-    """Splits a byte stream into frames (payloads up to MAX_FRAME bytes)."""
+    """Splits a byte stream into frames (payloads up to MAX_FRAME bytes), lazily: a
+    consumer that stops at a bad frame (a flood) never pays for parsing the rest."""
 
     __slots__ = ("_buf",)
 
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes) -> Iterator[Frame]:
         buf = self._buf
         buf += data
-        frames: list[Frame] = []
-        pos, size = 0, len(buf)
-        while size - pos >= 9:
-            length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
-            if length > MAX_FRAME:
-                raise ProtocolViolation(FRAME_SIZE_ERROR, f"a {length}-byte frame")
-            end = pos + 9 + length
-            if end > size:
-                break
-            sid = _U32.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF
-            frames.append((buf[pos + 3], buf[pos + 4], sid, bytes(buf[pos + 9 : end])))
-            pos = end
-        if pos:
-            del buf[:pos]
-        return frames
+        pos = 0
+        try:
+            while len(buf) - pos >= 9:
+                length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
+                if length > MAX_FRAME:
+                    raise ProtocolViolation(FRAME_SIZE_ERROR, f"a {length}-byte frame")
+                end = pos + 9 + length
+                if end > len(buf):
+                    break
+                sid = _U32.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF
+                frame = (buf[pos + 3], buf[pos + 4], sid, bytes(buf[pos + 9 : end]))
+                pos = end
+                yield frame
+        finally:
+            if pos:
+                del buf[:pos]
 
 
 def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:

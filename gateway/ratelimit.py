@@ -1,26 +1,37 @@
 """Rate limits (seed): failed logins per username and per client address, API calls per user.
 
-Both are fixed windows counted atomically in Redis by one Lua script each (no
-read-then-write race), with an in-process limiter while Redis is unreachable (then each
-replica enforces the limit on its own).
+API: a sliding-window log per user, exact in any window of `api_window` seconds. Redis
+holds it as a sorted set (one member per admitted call, scored with the time until which
+it counts); one Lua script trims it, counts and admits, on Redis's clock, so replicas
+agree. Callers waiting on one replica share a round trip (all of them are admitted or
+refused at once). A busy user also gets a few calls reserved for the relay's fast path:
+they count from the moment they are reserved until their short lease ends; the replica
+then settles them (spent ones count from the settling time, unspent ones go back). A
+refusal waits for other replicas' leases to settle, so it is final: no call of that user
+succeeds anywhere until the oldest counted call really slides out of the window. While
+Redis is unreachable the same log is kept in process (each replica then limits alone).
 
-Login: an attempt reserves one failure on both counters *before* the password is checked,
-and a successful login gives it back; so N concurrent guesses can never exceed the limit.
-
-API: local-first. Paying a Redis round trip on every request would cost more than the
-whole authentication path, so each replica reserves quota from the shared Redis counter in
-small batches (atomically, never more than the limit in total) and spends it in process.
-Batches shrink as the window fills, so at most a few requests of quota can sit unused on
-another replica. A user found exhausted is refused locally until the window ends.
+Login: only verified failures count. A password check starts only while the failures
+plus the checks in flight stay under the limit (per username and per address, one Lua
+script), so a burst verifies at most `login_attempts` wrong passwords; other attempts wait
+for the checks ahead of them. A check that ends without a verdict (cancelled, the user
+store failing) counts nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import itertools
 import math
 import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import grpc
 
@@ -28,35 +39,122 @@ from aiwfe.config import RateLimitSettings
 from aiwfe.errors import ResourceExhausted
 from aiwfe.redis_client import RedisClient
 
-# KEYS: username counter, address counter. ARGV: user limit, address limit, window ms.
-# Returns {1} when an attempt is reserved, else {0, which (1 user, 2 address), pttl}.
-_LOGIN_RESERVE = """
-local u = tonumber(redis.call('GET', KEYS[1]) or '0')
-local a = tonumber(redis.call('GET', KEYS[2]) or '0')
-if u >= tonumber(ARGV[1]) then return {0, 1, redis.call('PTTL', KEYS[1])} end
-if a >= tonumber(ARGV[2]) then return {0, 2, redis.call('PTTL', KEYS[2])} end
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+# A lease (calls reserved for a replica's fast path) is open until its replica settles
+# it: spent calls then count from now if their lease runs later, the unspent ones go.
+# KEYS[2] maps open leases → ms when they end; a lease its replica never settles
+# (crashed) closes _LEASE_GRACE_MS after its end, its calls counted as spent.
+# ARGV[s..s+3] = trip, first member, spent, reserved.
+_SETTLE = """
+local function settle(key, leases, now, s)
+  local trip, first = ARGV[s], tonumber(ARGV[s + 1])
+  local spent, reserved = tonumber(ARGV[s + 2]), tonumber(ARGV[s + 3])
+  local open = redis.call('HDEL', leases, trip) == 1
+  for i = first, first + reserved - 1 do
+    local m = trip .. ':' .. i
+    if i < first + spent then
+      redis.call('ZADD', key, 'XX', 'LT', now, m)
+    elseif open then
+      redis.call('ZREM', key, m)
+    end
+  end
+end
+"""
+_LEASE_GRACE_MS = 2000
+# KEYS[1]: the user's log (member → ms until which it counts), KEYS[2]: its open leases.
+# ARGV: limit, need, extra, window ms, lease ms, trip id, then a lease to settle first
+# (trip '' = none). Admits min(need, free) calls now and reserves up to `extra` (at most a
+# quarter of what stays free) until now + lease. Returns {admitted, reserved, retry ms,
+# held ms}: when nothing is admitted, either open leases of other replicas may still
+# give calls back (held ms: ask again then) or the refusal is final until the oldest
+# call slides out (retry ms).
+_API_ADMIT = (
+    _NOW_MS
+    + _SETTLE
+    + f"local grace = {_LEASE_GRACE_MS}"
+    + """
+local key, leases = KEYS[1], KEYS[2]
+if ARGV[7] ~= '' then settle(key, leases, now, 7) end
+local limit, need, extra = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local window, lease, trip = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+local free = limit - redis.call('ZCARD', key)
+if free <= 0 then
+  local soonest = nil
+  local open = redis.call('HGETALL', leases)
+  for i = 1, #open, 2 do
+    local ends = tonumber(open[i + 1])
+    if ends + grace <= now then
+      redis.call('HDEL', leases, open[i])
+    elseif soonest == nil or ends < soonest then
+      soonest = ends
+    end
+  end
+  if soonest then return {0, 0, 0, math.max(10, math.min(100, soonest - now + 10))} end
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  return {0, 0, tonumber(oldest[2]) + window - now, 0}
+end
+local admitted = math.min(need, free)
+local reserved = math.max(0, math.min(extra, math.floor((free - admitted) / 4)))
+local args = {}
+for i = 1, admitted + reserved do
+  args[#args + 1] = (i > admitted) and (now + lease) or now
+  args[#args + 1] = trip .. ':' .. i
+  if #args >= 200 or i == admitted + reserved then
+    redis.call('ZADD', key, unpack(args))
+    args = {}
+  end
+end
+redis.call('PEXPIRE', key, window + lease + 1000)
+if reserved > 0 then
+  redis.call('HSET', leases, trip, now + lease)
+  redis.call('PEXPIRE', leases, lease + grace + 1000)
+end
+return {admitted, reserved, 0, 0}
+"""
+)
+_API_SETTLE = _NOW_MS + _SETTLE + "settle(KEYS[1], KEYS[2], now, 1)\nreturn 1\n"
+
+# KEYS: username failures, address failures, username checks, address checks (sorted sets
+# of check id → ms until which it holds its slot). ARGV: username limit, address limit,
+# check id, hold ms. Returns {1} (check), {0, which, pttl} (refused: failures at the
+# limit; which 1 = username, 2 = address) or {2} (wait for the checks in flight).
+_LOGIN_BEGIN = (
+    _NOW_MS
+    + """
 for i = 1, 2 do
-  if redis.call('INCR', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+  if tonumber(redis.call('GET', KEYS[i]) or '0') >= tonumber(ARGV[i]) then
+    return {0, i, redis.call('PTTL', KEYS[i])}
+  end
+end
+for i = 1, 2 do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i + 2], '-inf', now)
+  local failed = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if failed + redis.call('ZCARD', KEYS[i + 2]) >= tonumber(ARGV[i]) then return {2, i, 0} end
+end
+for i = 3, 4 do
+  redis.call('ZADD', KEYS[i], now + tonumber(ARGV[4]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[i], ARGV[4])
 end
 return {1, 0, 0}
 """
-_LOGIN_REFUND = """
-for i = 1, #KEYS do
-  if tonumber(redis.call('GET', KEYS[i]) or '0') > 0 then redis.call('DECR', KEYS[i]) end
+)
+# KEYS as above. ARGV: check id, failed (1/0), window ms, username limit, address limit.
+# A failure starts the window (and the failure that reaches the limit restarts it: the
+# lock lasts the whole window).
+_LOGIN_END = """
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+if ARGV[2] == '1' then
+  for i = 1, 2 do
+    local n = redis.call('INCR', KEYS[i])
+    if n == 1 or n >= tonumber(ARGV[i + 3]) then redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+  end
 end
 return 1
-"""
-# KEYS: the user's counter for this window. ARGV: limit, max batch, window ms.
-# Returns {granted, used after the grant, pttl}.
-_API_RESERVE = """
-local limit = tonumber(ARGV[1])
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-local grant = math.min(tonumber(ARGV[2]), math.max(1, math.floor((limit - used) / 4)))
-if used >= limit then return {0, used, redis.call('PTTL', KEYS[1])} end
-grant = math.min(grant, limit - used)
-used = redis.call('INCRBY', KEYS[1], grant)
-if used == grant then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
-return {grant, used, redis.call('PTTL', KEYS[1])}
 """
 
 
@@ -105,67 +203,256 @@ def _refusal(what: str, subject: str, limit: int, reset: float) -> ResourceExhau
     )
 
 
-class _LocalWindows:
-    """In-process fixed-window counters (the fallback while Redis is unreachable)."""
+def _now_ms() -> int:
+    return int(time.monotonic() * 1000)
 
-    def __init__(self, max_keys: int = 100_000) -> None:
+
+_MAX_KEYS = 100_000
+
+
+class _LocalWindows:
+    """In-process failure counters (the login fallback while Redis is unreachable)."""
+
+    def __init__(self) -> None:
         self._counts: dict[str, tuple[float, int]] = {}  # key → (window end, count)
-        self._max = max_keys
 
     def count(self, key: str, now: float) -> tuple[int, float]:
         end, n = self._counts.get(key, (0.0, 0))
         return (n, end) if end > now else (0, now)
 
-    def add(self, key: str, delta: int, window: float, now: float) -> None:
+    def add(self, key: str, window: float, limit: int, now: float) -> None:
         n, end = self.count(key, now)
-        if n == 0:
+        if n == 0 or n + 1 >= limit:
             end = now + window
-        if len(self._counts) >= self._max:
+        if len(self._counts) >= _MAX_KEYS:
             self._counts = {k: v for k, v in self._counts.items() if v[0] > now}
-            if len(self._counts) >= self._max:  # still full: forget the oldest windows
+            if len(self._counts) >= _MAX_KEYS:  # still full: forget the oldest windows
                 self._counts.clear()
-        self._counts[key] = (end, max(0, n + delta))
+        self._counts[key] = (end, n + 1)
+
+
+class _LocalLog:
+    """The API log in process while Redis is unreachable: per user, runs of calls
+    [ms until which they count, how many, trip id of a lease], as the Lua script keeps them."""
+
+    def __init__(self) -> None:
+        self._logs: dict[str, list[list[Any]]] = {}
+
+    def admit(
+        self, key: str, limit: int, need: int, extra: int, window: int, lease: int, trip: str,
+        settle: tuple[str, int, int, int] | None,
+    ) -> tuple[int, int, int, int]:  # fmt: skip
+        now = _now_ms()
+        if settle is not None:
+            self.settle(key, settle)
+        if key not in self._logs and len(self._logs) >= _MAX_KEYS:
+            self._logs = {k: v for k, v in self._logs.items() if v and v[-1][0] > now - window}
+        runs = self._logs.setdefault(key, [])
+        runs[:] = [r for r in runs if r[0] > now - window]
+        free = limit - sum(r[1] for r in runs)
+        if free <= 0:
+            if any(r[2] for r in runs):  # a lease still open: it may give calls back
+                return 0, 0, 0, 10
+            return 0, 0, min(r[0] for r in runs) + window - now, 0
+        admitted = min(need, free)
+        reserved = max(0, min(extra, (free - admitted) // 4))
+        runs.append([now, admitted, ""])
+        if reserved:
+            runs.append([now + lease, reserved, trip])
+        return admitted, reserved, 0, 0
+
+    def settle(self, key: str, lease: tuple[str, int, int, int]) -> None:
+        now = _now_ms()
+        trip, _, spent, _ = lease
+        for run in self._logs.get(key, ()):
+            if run[2] == trip:
+                run[:] = [min(run[0], now), spent, ""]
+
+
+@dataclass(slots=True)
+class _Quota:
+    """One user's calls on this replica."""
+
+    admitted: int = 0  # admitted for callers waiting in `acquire`, not yet taken
+    waiting: int = 0  # callers in `acquire`
+    left: int = 0  # reserved calls the fast path may still spend
+    until: float = 0.0  # monotonic end of their lease here (before Redis's end)
+    trip: str = ""  # the lease to settle: trip id, its first member, how many reserved
+    first: int = 0
+    reserved: int = 0
+    timer: asyncio.TimerHandle | None = None
+    last_trip: float = -math.inf
+    last_used: int = 0  # calls admitted by the previous trip (waiting and reserved)
+    refused_until: float = 0.0  # a final refusal, known here until then
+    pending: asyncio.Future[None] | None = None
+
+
+class ApiLimiter:
+    """API requests per user per sliding window; the limit is the most generous of the
+    user's roles."""
+
+    def __init__(self, settings: RateLimitSettings, redis: RedisClient) -> None:
+        self._window_ms = settings.api_window * 1000
+        self._lease_ms = max(1, min(settings.api_reserve_lease_ms, self._window_ms // 20))
+        self._default = settings.api_requests
+        self._per_role = dict(settings.api_requests_per_role)
+        self._batch = settings.api_reserve_batch
+        self._redis = redis
+        self._admit = redis.client.register_script(_API_ADMIT) if redis.client else None
+        self._settle = redis.client.register_script(_API_SETTLE) if redis.client else None
+        self._quotas: dict[str, _Quota] = {}
+        self._local = _LocalLog()
+        self._replica = uuid.uuid4().hex[:8]
+        self._trips = itertools.count()
+        self._settling: set[asyncio.Task[None]] = set()
+        self.limit_for = lru_cache(maxsize=1024)(self._limit_for)
+
+    def _limit_for(self, roles: tuple[str, ...]) -> int:
+        return max((self._per_role.get(r, self._default) for r in roles), default=self._default)
+
+    def batch_for(self, limit: int) -> int:
+        """The most calls reserved per trip: the configured batch, or 1% of a large limit
+        (at most 1,000), so a high limit costs one round trip per hundreds of requests."""
+        return max(self._batch, min(1000, limit // 100))
+
+    def try_local(self, user_id: str) -> bool:
+        """Spends one reserved call (the hot path); False when none is left in lease."""
+        q = self._quotas.get(user_id)
+        if q is None or q.left <= 0 or time.monotonic() >= q.until:
+            return False
+        q.left -= 1
+        return True
+
+    async def acquire(self, user_id: str, roles: tuple[str, ...]) -> None:
+        """Admits one request or raises ResourceExhausted with retry and quota details."""
+        q = self._quotas.get(user_id)
+        if q is None:
+            if len(self._quotas) >= _MAX_KEYS:
+                self._forget_idle()
+            q = self._quotas[user_id] = _Quota()
+        limit = self.limit_for(roles)
+        q.waiting += 1
+        try:
+            while True:
+                if q.admitted > 0:
+                    q.admitted -= 1
+                    return
+                if self.try_local(user_id):
+                    return
+                now = time.monotonic()
+                if now < q.refused_until:
+                    raise _refusal("requests", "api:user", limit, q.refused_until - now)
+                if q.pending is None:
+                    q.pending = asyncio.ensure_future(self._trip(user_id, q, limit))
+                # Shielded: a caller that gives up does not cancel the others' answer.
+                await asyncio.shield(q.pending)
+        finally:
+            q.waiting -= 1
+
+    def _forget_idle(self) -> None:
+        self._quotas = {k: q for k, q in self._quotas.items() if q.waiting or q.trip or q.pending}
+
+    def _take_lease(self, q: _Quota) -> tuple[str, int, int, int] | None:
+        """The lease to settle (trip, first member, spent, reserved); nothing is left to spend."""
+        if not q.trip:
+            return None
+        lease = (q.trip, q.first, q.reserved - q.left, q.reserved)
+        q.trip, q.left = "", 0
+        if q.timer is not None:
+            q.timer.cancel()
+            q.timer = None
+        return lease
+
+    async def _trip(self, user_id: str, q: _Quota, limit: int) -> None:
+        """One decision for every caller waiting now, and a lease for the calls that follow."""
+        try:
+            settle = self._take_lease(q)
+            need = max(1, q.waiting - q.admitted)
+            started = time.monotonic()
+            # Reserve for the calls that usually follow: two, or twice the last trip's
+            # calls for a user seen again within a lease (or twice what it spent of it).
+            busy = started - q.last_trip < self._lease_ms / 1000
+            recent = max(q.last_used if busy else 0, settle[2] if settle else 0)
+            extra = min(self.batch_for(limit), max(2, 2 * recent))
+            trip = f"{self._replica}{next(self._trips)}"
+            key = self._redis.key(f"ratelimit:api:{_digest(user_id)}")
+            keys = [key, key + ":leases"]
+            window, lease = self._window_ms, self._lease_ms
+            result = None
+            if self._admit is not None:
+                flat = settle or ("", 0, 0, 0)
+                result = await self._redis.eval_script(
+                    self._admit, keys, [limit, need, extra, window, lease, trip, *flat]
+                )
+            if result is None:
+                result = self._local.admit(user_id, limit, need, extra, window, lease, trip, settle)
+            admitted, reserved, retry_ms, held_ms = (int(x) for x in result)
+            q.last_trip, q.last_used = started, admitted + reserved
+            q.admitted += admitted
+            if reserved:
+                # Spent only before Redis's lease ends: it began after `started`; a fifth
+                # of it is margin for the settlement to arrive in time.
+                q.until = started + lease * 0.8 / 1000
+                q.trip, q.first, q.reserved, q.left = trip, admitted + 1, reserved, reserved
+                delay = max(0.0, q.until - time.monotonic())
+                q.timer = asyncio.get_running_loop().call_later(
+                    delay, self._lease_ended, user_id, q, key
+                )
+            if admitted == 0:
+                if held_ms > 0:
+                    await asyncio.sleep(held_ms / 1000)
+                else:
+                    q.refused_until = time.monotonic() + retry_ms / 1000
+        finally:
+            q.pending = None
+
+    def _lease_ended(self, user_id: str, q: _Quota, key: str) -> None:
+        q.timer = None
+        lease = self._take_lease(q)
+        if lease is None:
+            return
+        if self._settle is None:
+            self._local.settle(user_id, lease)
+            return
+        task = asyncio.ensure_future(self._settle_lease(user_id, key, lease))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle_lease(self, user_id: str, key: str, lease: tuple[str, int, int, int]) -> None:
+        assert self._settle is not None
+        if not await self._redis.eval_script(self._settle, [key, key + ":leases"], list(lease)):
+            self._local.settle(user_id, lease)
+
+
+# Logins of one username waiting on one replica for a check slot; beyond, refused (a
+# flood of attempts must not turn into as many polling loops).
+MAX_QUEUED_LOGINS = 64
 
 
 class LoginLimiter:
     """Failed logins: `login_attempts` per username and `login_attempts_per_address` per
-    client address, each per `login_window` seconds."""
+    client address, each per `login_window` seconds; only verified failures count."""
 
     def __init__(self, settings: RateLimitSettings, redis: RedisClient) -> None:
         self._cfg = settings
         self._redis = redis
-        self._local = _LocalWindows()
-        self._reserve = redis.client.register_script(_LOGIN_RESERVE) if redis.client else None
-        self._refund = redis.client.register_script(_LOGIN_REFUND) if redis.client else None
+        self._failures = _LocalWindows()
+        self._checks: dict[str, int] = {}  # key → checks in flight (without Redis)
+        self._begin = redis.client.register_script(_LOGIN_BEGIN) if redis.client else None
+        self._end = redis.client.register_script(_LOGIN_END) if redis.client else None
+        self._ending: set[asyncio.Task[None]] = set()
+        self._queued: dict[str, int] = {}  # username key → logins waiting here for a slot
+        self._ended: dict[str, asyncio.Event] = {}  # username key → set when a check ends
+        self._starting: dict[str, asyncio.Lock] = {}  # username key → its queue for a slot
 
     def _keys(self, username: str, address: str) -> list[str]:
+        user, addr = _digest(username), _digest(address)
         return [
-            self._redis.key(f"ratelimit:login:user:{_digest(username)}"),
-            self._redis.key(f"ratelimit:login:addr:{_digest(address)}"),
+            self._redis.key(f"ratelimit:login:user:{user}"),
+            self._redis.key(f"ratelimit:login:addr:{addr}"),
+            self._redis.key(f"ratelimit:login:checks:user:{user}"),
+            self._redis.key(f"ratelimit:login:checks:addr:{addr}"),
         ]
-
-    async def reserve(self, username: str, address: str) -> None:
-        """Counts one attempt as failed until `refund`; refuses when either limit is spent."""
-        cfg = self._cfg
-        keys = self._keys(username, address)
-        limits = (cfg.login_attempts, cfg.login_attempts_per_address)
-        result = None
-        if self._reserve is not None:
-            result = await self._redis.eval_script(
-                self._reserve, keys, [limits[0], limits[1], cfg.login_window * 1000]
-            )
-        if result is not None:
-            if int(result[0]) == 1:
-                return
-            which = int(result[1]) - 1
-            raise self._refused(which, int(result[2]) / 1000)
-        now = time.monotonic()
-        for which, key in enumerate(keys):
-            n, end = self._local.count(key, now)
-            if n >= limits[which]:
-                raise self._refused(which, end - now)
-        for key in keys:
-            self._local.add(key, 1, cfg.login_window, now)
 
     def _refused(self, which: int, reset: float) -> ResourceExhausted:
         if which == 0:
@@ -174,90 +461,125 @@ class LoginLimiter:
             "failed logins", "login:client_address", self._cfg.login_attempts_per_address, reset
         )
 
-    async def refund(self, username: str, address: str) -> None:
-        """A successful login: its reserved attempt was not a failure."""
+    @asynccontextmanager
+    async def check(self, username: str, address: str) -> AsyncIterator[_Check]:
+        """Holds a password-check slot for the block; `failed()` inside it counts one
+        failure when the block ends. Refuses (ResourceExhausted) when either limit is
+        spent; waits while the checks in flight could still reach it."""
         keys = self._keys(username, address)
-        if self._refund is not None and await self._redis.eval_script(self._refund, keys, []):
-            return
+        queued = self._queued.get(keys[0], 0)
+        if queued >= MAX_QUEUED_LOGINS:  # a flood waiting for one account: not served
+            raise _refusal("concurrent logins", "login:username", MAX_QUEUED_LOGINS, 1.0)
+        attempt = _Check(uuid.uuid4().hex, in_redis=False)
+        self._queued[keys[0]] = queued + 1
+        lock = self._starting.setdefault(keys[0], asyncio.Lock())
+        try:
+            async with lock:  # one login per username asks Redis for a slot at a time here
+                attempt.in_redis = await self._start(keys, attempt.id)
+        finally:
+            if self._queued[keys[0]] <= 1:
+                del self._queued[keys[0]]
+                del self._starting[keys[0]]
+            else:
+                self._queued[keys[0]] -= 1
+        try:
+            yield attempt
+        finally:
+            # Shielded: a cancelled login still gives its slot back (and counts nothing).
+            task = asyncio.ensure_future(self._finish(keys, attempt))
+            self._ending.add(task)
+            task.add_done_callback(self._ending.discard)
+            await asyncio.shield(task)
+
+    async def _start(self, keys: list[str], check_id: str) -> bool:
+        """Takes a slot: True in Redis, False in process (Redis unreachable)."""
+        cfg = self._cfg
+        limits = (cfg.login_attempts, cfg.login_attempts_per_address)
+        hold = cfg.login_check_hold
+        give_up = time.monotonic() + hold
+        pause = 0.01
+        while True:
+            result = None
+            if self._begin is not None:
+                result = await self._redis.eval_script(
+                    self._begin, keys, [limits[0], limits[1], check_id, hold * 1000]
+                )
+            if result is not None:
+                if int(result[0]) == 1:
+                    return True
+                if int(result[0]) == 0:
+                    raise self._refused(int(result[1]) - 1, int(result[2]) / 1000)
+            elif self._start_local(keys, limits):
+                return False
+            if time.monotonic() > give_up:  # checks stuck in flight: say when to retry
+                raise self._refused(0, 1.0)
+            # Woken when a check of this username ends here; other replicas' are polled.
+            ended = self._ended.setdefault(keys[0], asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), pause)
+            pause = min(0.25, pause * 2)
+
+    def _start_local(self, keys: list[str], limits: tuple[int, int]) -> bool:
         now = time.monotonic()
-        for key in keys:
-            if self._local.count(key, now)[0]:
-                self._local.add(key, -1, self._cfg.login_window, now)
+        for which in range(2):
+            n, end = self._failures.count(keys[which], now)
+            if n >= limits[which]:
+                raise self._refused(which, end - now)
+        for which in range(2):
+            if (
+                self._failures.count(keys[which], now)[0] + self._checks.get(keys[which + 2], 0)
+                >= limits[which]
+            ):
+                return False
+        for key in keys[2:]:
+            self._checks[key] = self._checks.get(key, 0) + 1
+        return True
+
+    async def _finish(self, keys: list[str], attempt: _Check) -> None:
+        try:
+            await self._end_check(keys, attempt)
+        finally:
+            ended = self._ended.pop(keys[0], None)
+            if ended is not None:
+                ended.set()
+
+    async def _end_check(self, keys: list[str], attempt: _Check) -> None:
+        cfg = self._cfg
+        if attempt.in_redis:
+            done = await self._redis.eval_script(
+                self._end,
+                keys,
+                [
+                    attempt.id,
+                    int(attempt.failure),
+                    cfg.login_window * 1000,
+                    cfg.login_attempts,
+                    cfg.login_attempts_per_address,
+                ],
+            )
+            if done is not None or not attempt.failure:
+                return  # (a lost slot frees itself after login_check_hold)
+        else:
+            for key in keys[2:]:
+                if self._checks.get(key, 0) <= 1:
+                    self._checks.pop(key, None)
+                else:
+                    self._checks[key] -= 1
+        if attempt.failure:
+            now = time.monotonic()
+            limits = (cfg.login_attempts, cfg.login_attempts_per_address)
+            for which in range(2):
+                self._failures.add(keys[which], cfg.login_window, limits[which], now)
 
 
 @dataclass(slots=True)
-class _Allowance:
-    window: int  # window index (epoch seconds // window)
-    left: int  # quota reserved by this replica, not yet spent
-    exhausted: bool = False
+class _Check:
+    """One password check holding its slot."""
 
+    id: str
+    in_redis: bool
+    failure: bool = False
 
-class ApiLimiter:
-    """API requests per user per window; the limit is the most generous of the user's roles."""
-
-    def __init__(self, settings: RateLimitSettings, redis: RedisClient) -> None:
-        self._window = settings.api_window
-        self._default = settings.api_requests
-        self._per_role = dict(settings.api_requests_per_role)
-        self._batch = settings.api_reserve_batch
-        self._redis = redis
-        self._script = redis.client.register_script(_API_RESERVE) if redis.client else None
-        self._allowances: dict[str, _Allowance] = {}
-        self._local = _LocalWindows()
-        self.limit_for = lru_cache(maxsize=1024)(self._limit_for)
-
-    def _limit_for(self, roles: tuple[str, ...]) -> int:
-        return max((self._per_role.get(r, self._default) for r in roles), default=self._default)
-
-    def batch_for(self, limit: int) -> int:
-        """Quota reserved per Redis trip: the configured batch, or 1% of a large limit (at
-        most 1,000), so a high limit costs one round trip per hundreds of requests while a
-        small one (the seed's 100/min) keeps its fine-grained batches."""
-        return max(self._batch, min(1000, limit // 100))
-
-    def try_local(self, user_id: str) -> bool:
-        """Spends one locally reserved request (the hot path); False when none is left."""
-        a = self._allowances.get(user_id)
-        if a is None or a.left <= 0 or a.window != int(time.time()) // self._window:
-            return False
-        a.left -= 1
-        return True
-
-    async def acquire(self, user_id: str, roles: tuple[str, ...]) -> None:
-        """Admits one request or raises ResourceExhausted with retry and quota details."""
-        if self.try_local(user_id):
-            return
-        limit = self.limit_for(roles)
-        now = time.time()
-        window = int(now) // self._window
-        reset = (window + 1) * self._window - now
-        a = self._allowances.get(user_id)
-        if a is None or a.window != window:
-            if len(self._allowances) > 100_000:
-                self._allowances.clear()  # bounded; stale windows are worthless anyway
-            a = self._allowances[user_id] = _Allowance(window, 0)
-        if a.exhausted:
-            raise _refusal("requests", "api:user", limit, reset)
-        result = None
-        if self._script is not None:
-            key = self._redis.key(f"ratelimit:api:{user_id}:{window}")
-            result = await self._redis.eval_script(
-                self._script, [key], [limit, self.batch_for(limit), self._window * 1000 + 1000]
-            )
-        if result is not None:
-            granted = int(result[0])
-            if granted > 0:
-                a.left += granted - 1
-                return
-            a.exhausted = True
-            raise _refusal("requests", "api:user", limit, reset)
-        local_key = f"{user_id}:{window}"
-        mono = time.monotonic()
-        n, _ = self._local.count(local_key, mono)
-        if n >= limit:
-            raise _refusal("requests", "api:user", limit, reset)
-        # Without Redis this replica's count is the record: reserve a batch from it too,
-        # so the next calls are admitted by try_local (the gateway relay's fast path).
-        grant = max(1, min(self.batch_for(limit), limit - n))
-        self._local.add(local_key, grant, reset, mono)
-        a.left += grant - 1
+    def failed(self) -> None:
+        """The password was checked and was wrong (or the account cannot log in)."""
+        self.failure = True

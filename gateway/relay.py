@@ -1,17 +1,25 @@
 """An HTTP/2 relay for gRPC: client streams forwarded to upstream connections as frames.
 
 The gateway's front (gateway/front.py) decides, per call, which upstream gets it and with
-which request headers; this module does the HTTP/2 around that decision. Messages are never
-parsed: DATA frames move between connections with their stream ids remapped, under flow
-control of the relay's own on each side (credit goes back to a sender only once its bytes
-were passed on, so a slow receiver holds back its sender and buffers stay bounded by the
-windows advertised).
+which request headers; this module does the HTTP/2 around that decision (RFC 9113, checked
+by tests/gateway/conformance). Messages are never parsed: DATA frames move between
+connections with their stream ids remapped, under flow control of the relay's own on each
+side, so memory stays bounded whatever a peer does:
 
-Response header blocks are relayed as they are: the relay asks every upstream for no HPACK
-dynamic table (SETTINGS_HEADER_TABLE_SIZE 0), so their blocks reference nothing
-connection-specific and mean the same to the client. Trailers are decoded for the status.
-Request blocks are decoded (`h2.HeaderDecoder`) and the decided headers re-encoded as
-literals without indexing.
+- toward an upstream, a client gets credit back only once its bytes were written on (its
+  connection window is half the connection's buffer cap);
+- toward a client, every upstream stream starts with no window (SETTINGS_INITIAL_WINDOW_SIZE
+  0) and is granted window from its client connection's budget (the other half of the cap)
+  as the client's socket takes the bytes; a client whose socket does not drain
+  (pause_writing) gets nothing written, so its streams' upstreams stop sending.
+
+Request header blocks are decoded (`h2.HeaderDecoder`), validated (`h2.request_error`: a
+malformed request is a stream error and never reaches `decide`), and the decided headers
+re-encoded as literals without indexing. Response header blocks are relayed as they are:
+the relay asks every upstream for no HPACK dynamic table (SETTINGS_HEADER_TABLE_SIZE 0) and
+decodes each block with a decoder that has none (memoised), so a block that uses one fails
+that upstream connection instead of reaching a client. Floods of frames that do no work,
+cancelled streams and PINGs end in GOAWAY(ENHANCE_YOUR_CALM).
 """
 
 from __future__ import annotations
@@ -28,25 +36,40 @@ from typing import Any, NamedTuple, cast
 
 import grpc
 
+from aiwfe.config import GatewayHttp2Settings, GrpcSettings
 from gateway import h2
 from gateway.h2 import ProtocolViolation
 
 log = logging.getLogger("aiwfe.gateway.relay")
 
-STREAM_WINDOW = 1 << 20  # per stream, each way: what a sender may have in flight
-CONNECTION_WINDOW = 8 << 20
-_STREAM_CREDIT = STREAM_WINDOW // 4  # credit is returned in batches of at least this much
-_CONNECTION_CREDIT = CONNECTION_WINDOW // 4
+STREAM_WINDOW = 1 << 20  # per stream, each way: the most a sender may have in flight
+_FIRST_GRANT = h2.MAX_FRAME  # an upstream stream's first window; doubles as it is used
 _MAX_HEADER_BLOCK = 64 * 1024
-_MAX_PINGS_WITHOUT_DATA = 100
+_MAX_HEADER_FIELDS = 256  # more in one block: GOAWAY(ENHANCE_YOUR_CALM)
+_MAX_CONTINUATIONS = 16  # per header block (a full 64 KiB block needs 4)
+# Frames that do no work (SETTINGS, PING, WINDOW_UPDATE, PRIORITY, empty DATA, HEADERS or
+# CONTINUATION, unknown types): a connection may send this many at once, and this many per
+# second more, plus one per frame that does work (a stream opened, a non-empty DATA frame
+# either way), before GOAWAY(ENHANCE_YOUR_CALM).
+_IDLE_FRAMES_BURST = 1000.0
+_IDLE_FRAMES_PER_SECOND = 100.0
+_SETTINGS_BURST = 100.0  # SETTINGS frames, on top of the budget above
+_SETTINGS_PER_SECOND = 10.0
 # "Rapid reset" (CVE-2023-44487): streams opened and cancelled at once cost the upstream
-# work while never counting against the concurrent-stream limit. A connection may cancel
-# this many calls per second, on average, before it is closed.
-_RESETS_PER_SECOND = 200.0
-_RESET_BURST = 1000.0
+# work while never counting against the concurrent-stream limit. A connection may end this
+# many streams early per second on average (its own RST_STREAMs, and streams the relay had
+# to refuse or reset for it) before it is closed.
+_RESETS_PER_SECOND = 100.0
+_RESET_BURST = 200.0
+_CLOSED_MEMORY = 2048  # closed stream ids remembered (§5.1: which late frames are ignored)
+_CONTROL_BACKLOG = 1 << 20  # bytes unwritten to a peer that stopped reading: then closed
 _HOLD_BYTES = STREAM_WINDOW // 4  # a request longer than this is sent on, not answered
 _DOWN_SECONDS = 1.0  # an upstream that refused a connection is not offered calls this long
 _CONNECT_SECONDS = 5.0
+_RETRIES = 5  # a stream the upstream refused is sent again at most this often
+_UPSTREAM_FIRST_STREAMS = 100  # an upstream's stream limit until its SETTINGS say otherwise
+_DRAIN_PING = b"drain\x00\x00\x00"
+_DRAIN_PING_SECONDS = 1.0  # the final GOAWAY at the latest this long after the first
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 _RST_STATUS = {h2.CANCEL: grpc.StatusCode.CANCELLED, h2.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
 
@@ -56,6 +79,50 @@ _OK_BLOCK = h2.header_block(h2.grpc_status_headers(0, "", response_started=True)
 
 Headers = h2.Headers
 Finish = Callable[[grpc.StatusCode, bool], None]  # (status, trailers carried details)
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """Connection management on the relay's port (config: gateway.http2)."""
+
+    max_connections: int = 10_000
+    idle_timeout: float = 300.0
+    max_buffer_bytes: int = 8 << 20
+    min_ping_interval: float = 5.0  # PINGs without data closer than this are strikes
+    max_ping_strikes: int = 2
+    upstream_connections: int = 8
+
+    @classmethod
+    def from_settings(cls, settings: GatewayHttp2Settings, grpc_: GrpcSettings) -> RelayLimits:
+        """The public port's limits; its keepalive enforcement is the gRPC servers' own
+        (grpc.server_min_ping_interval_ms, grpc.server_max_ping_strikes): one policy."""
+        return cls(
+            max_connections=settings.max_connections,
+            idle_timeout=settings.idle_timeout_seconds,
+            max_buffer_bytes=settings.max_buffer_bytes,
+            min_ping_interval=grpc_.server_min_ping_interval_ms / 1000,
+            max_ping_strikes=grpc_.server_max_ping_strikes,
+            upstream_connections=settings.max_upstream_connections,
+        )
+
+
+class _Bucket:
+    """A token bucket: `take` fails once more was taken than the burst plus the refill."""
+
+    __slots__ = ("at", "burst", "rate", "tokens")
+
+    def __init__(self, burst: float, rate: float) -> None:
+        self.burst, self.rate, self.tokens = burst, rate, burst
+        self.at = time.monotonic()
+
+    def take(self) -> bool:
+        self.tokens -= 1
+        if self.tokens >= 0:
+            return True
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        return self.tokens >= 0
 
 
 class Decision(NamedTuple):
@@ -96,6 +163,7 @@ class Endpoint:
 
 
 Decide = Callable[[Headers, str, Callable[[str], bool]], Decision]
+_UNDECIDED = Decision("", [])  # a stream's decision until the read that opened it is handled
 
 
 class Relay:
@@ -107,15 +175,19 @@ class Relay:
         upstreams: dict[str, Endpoint],
         max_streams: int,
         tls: ssl.SSLContext | None = None,
+        limits: RelayLimits | None = None,
     ) -> None:
         self.decide = decide
         self.max_streams = max_streams
+        self.limits = limits or RelayLimits()
         self.tls = tls
         self.pools = {name: _Pool(self, endpoint) for name, endpoint in upstreams.items()}
         self.clients: set[_Client] = set()
         self.dirty: list[_Connection] = []
+        self.opening: list[_Stream] = []  # calls to open upstream once this read is handled
         self.later: list[Callable[[], None]] = []
         self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._quiet = asyncio.Event()  # set while draining once no call is in flight
         self._draining = False
 
@@ -127,12 +199,27 @@ class Relay:
         self._server = await loop.create_server(
             lambda: _Client(self), host, port, ssl=self.tls, reuse_address=True
         )
+        self._sweeper = asyncio.ensure_future(self._sweep())
         return int(self._server.sockets[0].getsockname()[1])
 
+    async def _sweep(self) -> None:
+        """Closes client connections idle (no call in flight) for the idle timeout."""
+        timeout = self.limits.idle_timeout
+        while True:
+            await asyncio.sleep(min(timeout / 4, 5.0))
+            now = time.monotonic()
+            for client in list(self.clients):
+                if not client.streams and now - client.active_at > timeout:
+                    client.fail(h2.NO_ERROR, "idle")
+            self.flush()
+
     async def stop(self, grace: float) -> None:
-        """Stops accepting, lets calls in flight finish within `grace`, then closes."""
+        """Stops accepting, lets calls in flight finish within `grace` (two-phase GOAWAY:
+        streams the client opened before it saw the first are still served), then closes."""
         if self._server is not None:
             self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self._draining = True
         for client in list(self.clients):
             client.drain()
@@ -150,12 +237,25 @@ class Relay:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
     def check_quiet(self) -> None:
-        if self._draining and not any(c.streams for c in self.clients):
+        if self._draining and not any(c.streams or c.drain_phase < 2 for c in self.clients):
             self._quiet.set()
 
     def flush(self) -> None:
         """Writes what the connections have to send, then does the bookkeeping that was
-        put off so as not to delay it (trailer statuses, metrics, breakers)."""
+        put off so as not to delay it (trailer statuses, metrics, breakers).
+
+        Calls are decided and opened upstream here, after the whole read was handled: one
+        the client opened and reset in the same read (rapid reset), or on a connection that
+        failed, costs neither the front door's decision nor an upstream stream."""
+        while self.opening:
+            opening, self.opening = self.opening, []
+            for stream in opening:
+                if stream.done or stream.client.closing:
+                    continue
+                if stream.decision is _UNDECIDED:
+                    stream.client.decide(stream)
+                else:
+                    self.pools[stream.decision.upstream].open(stream)
         dirty, self.dirty = self.dirty, []
         for conn in dirty:
             conn.flush()
@@ -177,12 +277,14 @@ class _Half:
 class _Stream:
     __slots__ = (
         "cid", "client", "client_credit", "client_ended", "client_recv", "code", "decision",
-        "details", "done", "held", "request", "response_started", "to_client", "to_upstream",
-        "trailers", "uid", "upstream", "upstream_credit", "upstream_ended", "upstream_recv",
+        "details", "done", "headers", "held", "kept", "queued", "replay", "request", "resent",
+        "response_started", "retries", "target", "to_client", "to_upstream", "trailers", "uid",
+        "upstream", "upstream_ended", "upstream_recv",
     )  # fmt: skip
 
     def __init__(self, client: _Client, cid: int, decision: Decision, request: bytes) -> None:
         self.client = client
+        self.headers: Headers | None = None  # the request's, until it is decided
         self.cid = cid
         self.upstream: _Upstream | None = None
         self.uid = 0
@@ -198,21 +300,35 @@ class _Stream:
         self.details = False
         self.done = False
         self.client_credit = 0  # owed to the client for bytes passed on
-        self.upstream_credit = 0
-        self.client_recv = STREAM_WINDOW  # what each side may still send us
-        self.upstream_recv = STREAM_WINDOW
+        self.client_recv = STREAM_WINDOW  # what the client may still send us
+        # Toward the client: the window granted to the upstream (from the client
+        # connection's budget), the response bytes received and not yet written, and the
+        # window this stream is granted up to.
+        self.upstream_recv = 0
+        self.queued = 0
+        self.target = _FIRST_GRANT
         self.held = -1  # request bytes held for decision.answer; -1 when not held
+        # What went upstream (after the `request` block) until the response starts, kept
+        # while short so a stream the upstream refused (REFUSED_STREAM: never processed)
+        # can be sent again; None once the response started or the request grew long.
+        self.replay: list[tuple[int, int, bytes]] | None = []
+        self.kept = 0  # bytes in `replay`
+        self.resent = 0  # bytes of a replay not yet written again (credited once already)
+        self.retries = 0
         self.trailers = b""  # the upstream's trailers block, once it sent them
 
 
 def _send(stream: _Stream, to_upstream: bool) -> None:
-    """Writes what the receiver's windows allow of one direction's queue."""
+    """Writes what the receiver's windows (and socket) allow of one direction's queue."""
     if to_upstream:
         dest: _Connection | None = stream.upstream
         sid, half = stream.uid, stream.to_upstream
     else:
         dest, sid, half = stream.client, stream.cid, stream.to_client
     if dest is None or not sid or stream.done:
+        return
+    if dest.paused:  # its socket is not draining: nothing more until it does
+        dest.blocked[stream] = None
         return
     queue = half.queue
     while queue:
@@ -222,16 +338,20 @@ def _send(stream: _Stream, to_upstream: bool) -> None:
             queue.popleft()
         else:
             size = len(payload)
-            n = min(size, half.window, dest.send_window)
+            n = min(size, half.window, dest.send_window, h2.MAX_FRAME)
             if n <= 0 and size:
                 dest.blocked[stream] = None
                 return
             last = n == size
-            dest.write(h2.frame(h2.DATA, flags if last else 0, sid, payload[:n]))
+            chunk = payload[:n] if not last else payload
+            dest.write(h2.frame(h2.DATA, flags if last else 0, sid, chunk))
+            if to_upstream and stream.replay is not None:
+                _keep(stream, flags if last else 0, chunk)
             half.window -= n
             dest.send_window -= n
             if n:
-                _credit(stream, not to_upstream, n)
+                dest.useful += 1
+                _passed(stream, to_upstream, n)
             if last:
                 queue.popleft()
             else:
@@ -241,28 +361,62 @@ def _send(stream: _Stream, to_upstream: bool) -> None:
             return
 
 
-def _credit(stream: _Stream, to_upstream: bool, n: int) -> None:
-    """`n` bytes the client (or, `to_upstream`, the upstream) sent have been passed on."""
+def _keep(stream: _Stream, flags: int, chunk: bytes) -> None:
+    """Keeps a DATA frame sent upstream for a replay, while the request stays short."""
+    replay = stream.replay
+    assert replay is not None
+    replay.append((h2.DATA, flags, chunk))
+    stream.kept += len(chunk)
+    if stream.kept > _HOLD_BYTES:
+        stream.replay = None
+
+
+def _passed(stream: _Stream, to_upstream: bool, n: int) -> None:
+    """`n` bytes the client (`to_upstream`) or the upstream sent were written on: credit."""
     if to_upstream:
-        conn: _Connection | None = stream.upstream
-        sid, ended = stream.uid, stream.upstream_ended
-        stream.upstream_credit += n
-        owed = stream.upstream_credit if not ended else 0
-    else:
-        conn, sid, ended = stream.client, stream.cid, stream.client_ended
-        stream.client_credit += n
-        owed = stream.client_credit if not ended else 0
-    if conn is None:
+        if stream.resent:  # replayed bytes: the client had its credit the first time
+            again = min(n, stream.resent)
+            stream.resent -= again
+            n -= again
+            if not n:
+                return
+        client = stream.client
+        client.credit(n)
+        if not stream.client_ended:
+            stream.client_credit += n
+            if stream.client_credit >= STREAM_WINDOW // 4:
+                client.write(h2.window_update(stream.cid, stream.client_credit))
+                stream.client_recv += stream.client_credit
+                stream.client_credit = 0
         return
-    conn.credit(n)
-    if owed >= _STREAM_CREDIT:
-        conn.write(h2.window_update(sid, owed))
-        if to_upstream:
-            stream.upstream_credit = 0
-            stream.upstream_recv += owed
-        else:
-            stream.client_credit = 0
-            stream.client_recv += owed
+    stream.queued -= n
+    client = stream.client
+    client.budget += n
+    if not stream.upstream_ended:
+        _grant(stream)
+    if client.starved:
+        client.feed_starved()
+
+
+def _grant(stream: _Stream) -> None:
+    """Tops up the upstream's window for the stream from its client connection's budget,
+    once half of it was used (each top-up once data flows doubles the stream's window, up
+    to 1 MiB)."""
+    inflight = stream.upstream_recv + stream.queued
+    want = stream.target - inflight
+    if want < stream.target // 2 or stream.upstream is None or not stream.uid:
+        return
+    client = stream.client
+    grant = min(want, client.budget)
+    if grant < want:
+        client.starved[stream] = None
+    if grant <= 0:
+        return
+    stream.upstream.write(h2.window_update(stream.uid, grant))
+    stream.upstream_recv += grant
+    client.budget -= grant
+    if stream.target < STREAM_WINDOW and stream.response_started:
+        stream.target *= 2
 
 
 def _complete(stream: _Stream) -> None:
@@ -273,7 +427,7 @@ def _complete(stream: _Stream) -> None:
     if upstream is not None:
         upstream.forget(stream)
     if not stream.client_ended:  # the server ended early: the client may stop sending
-        client.write(h2.rst_stream(stream.cid, h2.NO_ERROR))
+        client.reset(stream.cid, h2.NO_ERROR, peer_caused=False)
         if upstream is not None and stream.uid:
             upstream.write(h2.rst_stream(stream.uid, h2.NO_ERROR))
     client.relay.later.append(lambda: _finish_after(stream))
@@ -314,20 +468,23 @@ class _Connection(asyncio.Protocol):
 
     toward_upstream = False  # which direction of a stream this connection receives
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, recv_window: int) -> None:
         self.relay = relay
         self.transport: asyncio.Transport | None = None
         self.reader = h2.FrameReader()
         self.out = bytearray()
         self.send_window = h2.DEFAULT_WINDOW  # the peer's connection window for our DATA
         self.peer_initial_window = h2.DEFAULT_WINDOW
-        self.recv_window = CONNECTION_WINDOW  # what the peer may still send us
+        self.recv_window = recv_window  # what the peer may still send us
+        self.credit_batch = recv_window // 4  # credit is returned in batches this large
         self.owed = 0
         self.streams: dict[int, _Stream] = {}
         self.blocked: dict[_Stream, None] = {}  # streams waiting for this peer's window
         self.closed = False
-        self._continuing: tuple[int, int, bytearray] | None = None  # a header block so far
-        self._pings = 0
+        self.closing = False  # closed, or about to be: no new calls from it
+        self.paused = False  # the transport's buffer is full: the peer is not reading
+        self.useful = 0  # frames that did work since the idle-frame budget was last topped up
+        self._continuing: tuple[int, int, bytearray, int] | None = None  # a header block so far
 
     # --- output -----------------------------------------------------------------------------
 
@@ -337,18 +494,33 @@ class _Connection(asyncio.Protocol):
         self.out += data
 
     def flush(self) -> None:
-        if self.out and not self.closed and self.transport is not None:
-            self.transport.write(bytes(self.out))
+        transport = self.transport
+        if self.out and not self.closed and transport is not None:
+            transport.write(bytes(self.out))
+            if self.paused and transport.get_write_buffer_size() > _CONTROL_BACKLOG:
+                # Only frames the relay must answer (ACKs, RST_STREAM) were written while
+                # paused: a peer that sends work and never reads is cut off.
+                log.info("closing an HTTP/2 connection: the peer does not read")
+                transport.abort()
         self.out.clear()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.unblock()
+        self.relay.flush()
 
     def credit(self, n: int) -> None:
         self.owed += n
-        if self.owed >= _CONNECTION_CREDIT:
+        if self.owed >= self.credit_batch:
             self.write(h2.window_update(0, self.owed))
             self.recv_window += self.owed
             self.owed = 0
 
     def close(self) -> None:
+        self.closing = True
         if not self.closed and self.transport is not None:
             self.flush()
             self.transport.close()
@@ -367,6 +539,8 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             for ftype, flags, sid, payload in self.reader.feed(data):
+                if self.closed:
+                    break
                 self._frame(ftype, flags, sid, payload)
         except ProtocolViolation as exc:
             self.fail(exc.code, str(exc))
@@ -377,62 +551,100 @@ class _Connection(asyncio.Protocol):
 
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if self._continuing is not None:
-            csid, cflags, pieces = self._continuing
+            csid, cflags, pieces, count = self._continuing
             if ftype != h2.CONTINUATION or sid != csid:
                 raise ProtocolViolation(h2.PROTOCOL_ERROR, "a header block was interrupted")
             pieces += payload
             if len(pieces) > _MAX_HEADER_BLOCK:
                 raise ProtocolViolation(h2.ENHANCE_YOUR_CALM, "a header block over 64 KiB")
+            if count >= _MAX_CONTINUATIONS:
+                raise ProtocolViolation(h2.ENHANCE_YOUR_CALM, "too many CONTINUATION frames")
+            if not payload:
+                self.idle_frame()
             if flags & h2.END_HEADERS:
                 self._continuing = None
                 self.on_headers(sid, cflags, bytes(pieces))
+            else:
+                self._continuing = (csid, cflags, pieces, count + 1)
             return
         if ftype == h2.DATA:
-            self._pings = 0
             if not sid:
                 raise ProtocolViolation(h2.PROTOCOL_ERROR, "DATA on stream 0")
             self.recv_window -= len(payload)
             if self.recv_window < 0:
                 raise ProtocolViolation(h2.FLOW_CONTROL_ERROR, "more DATA than the window")
+            if payload:
+                self.useful += 1
+            elif not flags & h2.END_STREAM:
+                self.idle_frame()
             self.on_data(sid, flags, payload)
         elif ftype == h2.HEADERS:
-            self._pings = 0
             if not sid:
                 raise ProtocolViolation(h2.PROTOCOL_ERROR, "HEADERS on stream 0")
             block = h2.unpad(flags, payload)
             if flags & h2.PRIORITY_FLAG:
+                if len(block) < 5:
+                    raise ProtocolViolation(h2.FRAME_SIZE_ERROR, "a HEADERS priority cut short")
+                if h2.u32(block) & 0x7FFFFFFF == sid:
+                    self.self_dependent(sid)
                 block = block[5:]
+            if not block and not flags & h2.END_HEADERS:
+                self.idle_frame()
             if flags & h2.END_HEADERS:
                 self.on_headers(sid, flags, block)
             else:
-                self._continuing = (sid, flags, bytearray(block))
+                self._continuing = (sid, flags, bytearray(block), 0)
         elif ftype == h2.SETTINGS:
-            if flags & h2.ACK or sid:
+            if sid:
+                raise ProtocolViolation(h2.PROTOCOL_ERROR, "SETTINGS on a stream")
+            if flags & h2.ACK:
+                if payload:
+                    raise ProtocolViolation(h2.FRAME_SIZE_ERROR, "a SETTINGS ACK with a payload")
                 return
+            self.settings_frame()
             for key, value in h2.parse_settings(payload):
                 self.on_setting(key, value)
             self.write(h2.frame(h2.SETTINGS, h2.ACK, 0))
         elif ftype == h2.WINDOW_UPDATE:
             if len(payload) != 4:
                 raise ProtocolViolation(h2.FRAME_SIZE_ERROR, "a WINDOW_UPDATE not 4 bytes")
+            self.idle_frame()
             self.on_window_update(sid, h2.u32(payload) & 0x7FFFFFFF)
         elif ftype == h2.RST_STREAM:
-            if len(payload) != 4 or not sid:
-                raise ProtocolViolation(h2.PROTOCOL_ERROR, "a malformed RST_STREAM")
+            if not sid:
+                raise ProtocolViolation(h2.PROTOCOL_ERROR, "RST_STREAM on stream 0")
+            if len(payload) != 4:
+                raise ProtocolViolation(h2.FRAME_SIZE_ERROR, "a RST_STREAM not 4 bytes")
             self.on_reset(sid, h2.u32(payload))
         elif ftype == h2.PING:
-            if len(payload) != 8 or sid:
-                raise ProtocolViolation(h2.FRAME_SIZE_ERROR, "a malformed PING")
-            if not flags & h2.ACK:
-                self._pings += 1
-                if self._pings > _MAX_PINGS_WITHOUT_DATA:
-                    raise ProtocolViolation(h2.ENHANCE_YOUR_CALM, "too many PINGs")
+            if sid:
+                raise ProtocolViolation(h2.PROTOCOL_ERROR, "PING on a stream")
+            if len(payload) != 8:
+                raise ProtocolViolation(h2.FRAME_SIZE_ERROR, "a PING not 8 bytes")
+            if flags & h2.ACK:
+                self.on_ping_ack(payload)
+            else:
+                self.idle_frame()
+                self.on_ping()
                 self.write(h2.frame(h2.PING, h2.ACK, 0, payload))
         elif ftype == h2.GOAWAY:
-            self.on_goaway(h2.u32(payload) & 0x7FFFFFFF if len(payload) >= 8 else 0)
+            if sid:
+                raise ProtocolViolation(h2.PROTOCOL_ERROR, "GOAWAY on a stream")
+            if len(payload) < 8:
+                raise ProtocolViolation(h2.FRAME_SIZE_ERROR, "a GOAWAY under 8 bytes")
+            self.on_goaway(h2.u32(payload) & 0x7FFFFFFF)
+        elif ftype == h2.PRIORITY:
+            if not sid:
+                raise ProtocolViolation(h2.PROTOCOL_ERROR, "PRIORITY on stream 0")
+            self.idle_frame()
+            if len(payload) != 5:
+                self.stream_error(sid, h2.FRAME_SIZE_ERROR)
+            elif h2.u32(payload) & 0x7FFFFFFF == sid:
+                self.self_dependent(sid)
         elif ftype == h2.PUSH_PROMISE or ftype == h2.CONTINUATION:
             raise ProtocolViolation(h2.PROTOCOL_ERROR, "an unexpected frame")
-        # PRIORITY and unknown frame types are ignored, as the protocol asks.
+        else:
+            self.idle_frame()  # unknown frame types are ignored, as the protocol asks
 
     def on_setting(self, key: int, value: int) -> None:
         if key == h2.INITIAL_WINDOW_SIZE:
@@ -441,23 +653,44 @@ class _Connection(asyncio.Protocol):
             delta = value - self.peer_initial_window
             self.peer_initial_window = value
             for stream in self.streams.values():
-                self.half(stream).window += delta
+                half = self.half(stream)
+                half.window += delta
+                if half.window > h2.MAX_WINDOW:
+                    raise ProtocolViolation(h2.FLOW_CONTROL_ERROR, "a window over 2^31-1")
             self.unblock()
+        elif key == h2.ENABLE_PUSH:
+            if value > 1:
+                raise ProtocolViolation(h2.PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH not 0 or 1")
+        elif key == h2.MAX_FRAME_SIZE:
+            # Honoured by construction: the relay never writes frames over 16 KiB.
+            if not h2.MAX_FRAME <= value <= 0xFFFFFF:
+                raise ProtocolViolation(h2.PROTOCOL_ERROR, "a SETTINGS_MAX_FRAME_SIZE out of range")
+        # HEADER_TABLE_SIZE is honoured by construction too: the relay's own blocks use no
+        # dynamic table, and the upstream blocks it relays are checked to use none.
 
     def on_window_update(self, sid: int, increment: int) -> None:
-        if increment == 0:
-            raise ProtocolViolation(h2.PROTOCOL_ERROR, "a zero WINDOW_UPDATE")
         if sid == 0:
+            if increment == 0:
+                raise ProtocolViolation(h2.PROTOCOL_ERROR, "a zero WINDOW_UPDATE")
             self.send_window += increment
             if self.send_window > h2.MAX_WINDOW:
                 raise ProtocolViolation(h2.FLOW_CONTROL_ERROR, "a window over 2^31-1")
             self.unblock()
             return
         stream = self.streams.get(sid)
-        if stream is not None:
-            self.half(stream).window += increment
-            self.blocked.pop(stream, None)
-            _send(stream, self.toward_upstream)
+        if stream is None:
+            self.unknown_stream_frame(sid, h2.WINDOW_UPDATE)
+            return
+        if increment == 0:
+            self.stream_error(sid, h2.PROTOCOL_ERROR)
+            return
+        half = self.half(stream)
+        half.window += increment
+        if half.window > h2.MAX_WINDOW:
+            self.stream_error(sid, h2.FLOW_CONTROL_ERROR)
+            return
+        self.blocked.pop(stream, None)
+        _send(stream, self.toward_upstream)
 
     def unblock(self) -> None:
         blocked, self.blocked = self.blocked, {}
@@ -467,6 +700,30 @@ class _Connection(asyncio.Protocol):
     def half(self, stream: _Stream) -> _Half:
         """The direction of `stream` this connection receives."""
         return stream.to_upstream if self.toward_upstream else stream.to_client
+
+    # What a side does differently (the client side checks and limits, the upstream trusts).
+
+    def idle_frame(self) -> None:
+        """A frame that did no work arrived."""
+
+    def settings_frame(self) -> None:
+        """A SETTINGS frame (not an ACK) arrived."""
+
+    def on_ping(self) -> None:
+        """A PING (not an ACK) arrived."""
+
+    def on_ping_ack(self, payload: bytes) -> None:
+        """A PING ACK arrived."""
+
+    def self_dependent(self, sid: int) -> None:
+        """A stream was made to depend on itself (RFC 9113 §5.3.1: a stream error)."""
+        self.stream_error(sid, h2.PROTOCOL_ERROR)
+
+    def stream_error(self, sid: int, code: int) -> None:
+        raise NotImplementedError
+
+    def unknown_stream_frame(self, sid: int, ftype: int) -> None:
+        """WINDOW_UPDATE or RST_STREAM for a stream the relay has no state for."""
 
     def forget(self, stream: _Stream) -> None:
         raise NotImplementedError
@@ -488,14 +745,27 @@ class _Client(_Connection):
     """A client's connection (the relay is the HTTP/2 server)."""
 
     def __init__(self, relay: Relay) -> None:
-        super().__init__(relay)
-        self.decoder = h2.HeaderDecoder(_MAX_HEADER_BLOCK)
+        limits = relay.limits
+        super().__init__(relay, limits.max_buffer_bytes // 2)
+        self.decoder = h2.HeaderDecoder(
+            _MAX_HEADER_BLOCK, check=h2.request_error, max_fields=_MAX_HEADER_FIELDS
+        )
+        self.budget = limits.max_buffer_bytes - limits.max_buffer_bytes // 2
+        self.starved: dict[_Stream, None] = {}  # streams waiting for budget
         self.peer = "unknown"
         self.last_sid = 0
-        self.draining = False
+        self.drain_phase = 0  # 1: first GOAWAY sent, 2: the final one (or the peer's) too
+        self.active_at = time.monotonic()
+        # Closed streams, oldest first: True if the relay reset it (late frames ignored).
+        self.ended: dict[int, bool] = {}
+        self._settled = False  # the client's first SETTINGS arrived
         self._preface: bytearray | None = bytearray()  # until the client's preface is in
-        self._reset_budget = _RESET_BURST
-        self._reset_at = time.monotonic()
+        self._resets = _Bucket(_RESET_BURST, _RESETS_PER_SECOND)
+        self._idle_frames = _Bucket(_IDLE_FRAMES_BURST, _IDLE_FRAMES_PER_SECOND)
+        self._settings = _Bucket(_SETTINGS_BURST, _SETTINGS_PER_SECOND)
+        self._ping_at = -1e9
+        self._ping_strikes = 0
+        self._drain_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -504,6 +774,12 @@ class _Client(_Connection):
             transport.close()
             return
         self.peer = _peer(transport.get_extra_info("peername"))
+        request_window = self.recv_window
+        if len(self.relay.clients) >= self.relay.limits.max_connections:
+            log.warning("refusing a connection from %s: too many connections", self.peer)
+            self.transport.write(h2.settings([]) + h2.goaway(0, h2.NO_ERROR))
+            self.transport.close()
+            return
         self.relay.clients.add(self)
         self.write(
             h2.settings(
@@ -513,11 +789,12 @@ class _Client(_Connection):
                     (h2.MAX_HEADER_LIST_SIZE, _MAX_HEADER_BLOCK),
                 ]
             )
-            + h2.window_update(0, CONNECTION_WINDOW - h2.DEFAULT_WINDOW)
+            + h2.window_update(0, request_window - h2.DEFAULT_WINDOW)
         )
         self.relay.flush()
 
     def data_received(self, data: bytes) -> None:
+        self.active_at = time.monotonic()
         if self._preface is not None:
             self._preface += data
             if len(self._preface) < len(h2.PREFACE):
@@ -531,9 +808,18 @@ class _Client(_Connection):
             self._preface = None
         super().data_received(data)
 
+    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        if not self._settled:
+            if ftype != h2.SETTINGS or flags & h2.ACK:
+                raise ProtocolViolation(h2.PROTOCOL_ERROR, "the preface lacks SETTINGS")
+            self._settled = True
+        super()._frame(ftype, flags, sid, payload)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.relay.clients.discard(self)
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         for stream in list(self.streams.values()):
             self._cancel(stream)
         self.relay.flush()
@@ -542,58 +828,210 @@ class _Client(_Connection):
     def _last_stream(self) -> int:
         return self.last_sid
 
+    # --- limits -----------------------------------------------------------------------------
+
+    def idle_frame(self) -> None:
+        if not self._idle_frames.take():
+            useful, self.useful = self.useful, 0
+            self._idle_frames.tokens = min(_IDLE_FRAMES_BURST, self._idle_frames.tokens + useful)
+            if self._idle_frames.tokens < 0:
+                raise ProtocolViolation(h2.ENHANCE_YOUR_CALM, "a flood of frames doing no work")
+
+    def settings_frame(self) -> None:
+        if not self._settings.take():
+            raise ProtocolViolation(h2.ENHANCE_YOUR_CALM, "a flood of SETTINGS")
+
+    def on_ping(self) -> None:
+        """grpc's keepalive enforcement: a PING without data in between that comes sooner
+        than the minimum interval after the last is a strike; too many end the connection."""
+        now = time.monotonic()
+        if self.useful == 0 and now - self._ping_at < self.relay.limits.min_ping_interval:
+            self._ping_strikes += 1
+            if self._ping_strikes > self.relay.limits.max_ping_strikes:
+                raise ProtocolViolation(h2.ENHANCE_YOUR_CALM, "too_many_pings")
+        elif self.useful:
+            self._ping_strikes = 0
+        self._ping_at = now
+        self.useful = 0
+
+    def on_ping_ack(self, payload: bytes) -> None:
+        if payload == _DRAIN_PING:
+            self._final_goaway()
+
+    def _refused(self, sid: int) -> None:
+        """A stream the relay ends for its peer's doing: counted as a rapid reset would be."""
+        if not self._resets.take():
+            raise ProtocolViolation(h2.ENHANCE_YOUR_CALM, "too many cancelled streams")
+
+    # --- streams ----------------------------------------------------------------------------
+
+    def reset(self, sid: int, code: int, *, peer_caused: bool = True) -> None:
+        """RST_STREAM, remembering the id so the client's late frames on it are ignored."""
+        self.write(h2.rst_stream(sid, code))
+        self._ended(sid, True)
+        if peer_caused:
+            self._refused(sid)
+
+    def _ended(self, sid: int, reset: bool) -> None:
+        ended = self.ended
+        ended[sid] = reset
+        if len(ended) > _CLOSED_MEMORY:
+            del ended[next(iter(ended))]
+
+    def stream_error(self, sid: int, code: int) -> None:
+        stream = self.streams.get(sid)
+        if stream is not None:
+            self._cancel(stream)
+        elif sid > self.last_sid:
+            if sid % 2 == 0:
+                raise ProtocolViolation(h2.PROTOCOL_ERROR, f"stream {sid} cannot open")
+            self.last_sid = sid  # an idle stream errs into closed
+        self.reset(sid, code)
+
+    def unknown_stream_frame(self, sid: int, ftype: int) -> None:
+        if sid > self.last_sid:
+            raise ProtocolViolation(h2.PROTOCOL_ERROR, f"a frame ({ftype}) on idle stream {sid}")
+        # A closed stream: WINDOW_UPDATE and RST_STREAM may still arrive (§5.1), ignored.
+
     def drain(self) -> None:
-        """Shutting down: no new calls on this connection; those in flight may finish."""
-        if not self.draining:
-            self.draining = True
-            self.write(h2.goaway(self.last_sid, h2.NO_ERROR))
+        """Shutting down: GOAWAY with the highest id and a PING; once it is answered (or
+        after a second) GOAWAY with the last stream the relay saw. Calls in flight finish."""
+        if self.drain_phase == 0:
+            self.drain_phase = 1
+            self.write(h2.goaway(h2.MAX_WINDOW, h2.NO_ERROR) + h2.frame(h2.PING, 0, 0, _DRAIN_PING))
+            loop = asyncio.get_running_loop()
+            self._drain_timer = loop.call_later(_DRAIN_PING_SECONDS, self._final_goaway)
+
+    def _final_goaway(self) -> None:
+        if self.drain_phase != 1:
+            return
+        self.drain_phase = 2
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        self.write(h2.goaway(self.last_sid, h2.NO_ERROR))
         if not self.streams:
             self.close()
+        self.relay.flush()
+        self.relay.check_quiet()
 
     def forget(self, stream: _Stream) -> None:
-        self.streams.pop(stream.cid, None)
+        if self.streams.pop(stream.cid, None) is not None:
+            self._ended(stream.cid, False)
         self.blocked.pop(stream, None)
-        if self.draining and not self.streams:
+        # The window the stream's upstream was granted and never used goes back.
+        self.budget += stream.upstream_recv + stream.queued
+        stream.upstream_recv = stream.queued = 0
+        if self.starved:
+            self.starved.pop(stream, None)
+            self.feed_starved()
+        if self.drain_phase == 2 and not self.streams:
             self.close()
             self.relay.check_quiet()
 
+    def feed_starved(self) -> None:
+        """Budget came back: grant it to the streams that waited for it, oldest first."""
+        starved, self.starved = self.starved, {}
+        for stream in starved:
+            if self.budget <= 0:
+                self.starved[stream] = None
+            elif not stream.done:
+                _grant(stream)
+
     def on_headers(self, sid: int, flags: int, block: bytes) -> None:
-        headers = self.decoder.decode(block)
+        headers, malformed = self.decoder.checked(block)  # always: the HPACK state moves on
         stream = self.streams.get(sid)
         if stream is not None:  # trailers from the client: only an end of stream means much
-            if not flags & h2.END_STREAM:
-                raise ProtocolViolation(h2.PROTOCOL_ERROR, "request trailers without END_STREAM")
-            self._end_request(stream, b"")
+            if stream.client_ended:
+                self.stream_error(sid, h2.STREAM_CLOSED)
+            elif not flags & h2.END_STREAM or h2.trailer_error(headers) is not None:
+                self.stream_error(sid, h2.PROTOCOL_ERROR)  # malformed (§8.1)
+            else:
+                self._end_request(stream, b"")
             return
-        if sid % 2 == 0 or sid <= self.last_sid:
+        if sid <= self.last_sid:
+            reset = self.ended.get(sid)
+            if reset:
+                return  # a stream the relay reset: late frames are ignored (§5.1)
+            if reset is None:  # never opened: an unexpected stream id (§5.1.1)
+                raise ProtocolViolation(h2.PROTOCOL_ERROR, f"stream {sid} cannot open")
+            raise ProtocolViolation(h2.STREAM_CLOSED, f"HEADERS on closed stream {sid}")
+        if sid % 2 == 0:
             raise ProtocolViolation(h2.PROTOCOL_ERROR, f"stream {sid} cannot open")
         self.last_sid = sid
-        if self.draining or len(self.streams) >= self.relay.max_streams:
-            self.write(h2.rst_stream(sid, h2.REFUSED_STREAM))
+        if malformed is not None:
+            self._malformed(sid, flags, malformed)
             return
+        if self.drain_phase == 2 or len(self.streams) >= self.relay.max_streams:
+            self.reset(sid, h2.REFUSED_STREAM)
+            return
+        self.useful += 1
+        stream = _Stream(self, sid, _UNDECIDED, b"")
+        stream.headers = headers
+        self.streams[sid] = stream
+        stream.client_ended = bool(flags & h2.END_STREAM)
+        self.relay.opening.append(stream)  # decided once this read is handled
+
+    def decide(self, stream: _Stream) -> None:
+        """Asks the front door where the call goes, then opens it upstream or holds its
+        request for an answer from the front (DATA of the same read is queued already)."""
+        headers, stream.headers = stream.headers, None
+        assert headers is not None
         try:
             decision = self.relay.decide(headers, self.peer, self.relay.up)
         except Exception:  # a bug costs this call, not the connection's others
             log.exception("deciding a call failed")
-            status = h2.grpc_status_headers(grpc.StatusCode.INTERNAL.value[0], "", False)
-            self.write(h2.headers_frames(sid, h2.header_block(status), h2.END_STREAM))
-            if not flags & h2.END_STREAM:
-                self.write(h2.rst_stream(sid, h2.NO_ERROR))
+            stream.done = True
+            self.forget(stream)
+            self._respond(stream.cid, stream.client_ended, grpc.StatusCode.INTERNAL, "")
             return
-        stream = _Stream(self, sid, decision, h2.header_block(decision.headers))
-        self.streams[sid] = stream
-        stream.client_ended = bool(flags & h2.END_STREAM)
-        if decision.answer is not None and not stream.client_ended:
-            stream.held = 0  # opened upstream only if the whole request finds no answer
+        stream.decision = decision
+        stream.request = h2.header_block(decision.headers)
+        if decision.answer is not None:
+            # Opened upstream only if the whole request finds no answer.
+            stream.held = sum(len(payload) for _, _, payload in stream.to_upstream.queue)
+            if stream.client_ended or stream.held >= _HOLD_BYTES:
+                self._pass_on(stream, 0)
         else:
-            self.relay.pools[decision.upstream].open(stream)
+            self.relay.opening.append(stream)
+
+    def _malformed(self, sid: int, flags: int, malformed: h2.Malformed) -> None:
+        """A malformed request reaches neither `decide` nor an upstream. It is answered
+        INVALID_ARGUMENT (trailers only), so a gRPC client sees a precise status rather
+        than the INTERNAL it makes of a bare reset, and, when HTTP/2 itself calls it
+        malformed, then reset: the stream error RFC 9113 §8.1.1 asks for."""
+        log.info("refusing a malformed request from %s: %s", self.peer, malformed.reason)
+        message = f"malformed request: {malformed.reason}"
+        if malformed.grpc:
+            self._refused(sid)
+            ended = bool(flags & h2.END_STREAM)
+            self._respond(sid, ended, grpc.StatusCode.INVALID_ARGUMENT, message)
+        else:
+            status = h2.grpc_status_headers(
+                grpc.StatusCode.INVALID_ARGUMENT.value[0], message, False
+            )
+            self.write(h2.headers_frames(sid, h2.header_block(status), h2.END_STREAM))
+            self.reset(sid, h2.PROTOCOL_ERROR)
+
+    def _respond(self, sid: int, ended: bool, code: grpc.StatusCode, message: str) -> None:
+        """A trailers-only response from the relay itself to a stream it never opened
+        upstream (`ended`: the client had sent all of its request)."""
+        status = h2.grpc_status_headers(code.value[0], message, False)
+        self.write(h2.headers_frames(sid, h2.header_block(status), h2.END_STREAM))
+        if ended:
+            self._ended(sid, False)
+        else:
+            self.reset(sid, h2.NO_ERROR, peer_caused=False)
 
     def on_data(self, sid: int, flags: int, payload: bytes) -> None:
         stream = self.streams.get(sid)
         if stream is None or stream.client_ended:
             if sid > self.last_sid:
                 raise ProtocolViolation(h2.PROTOCOL_ERROR, "DATA on an idle stream")
-            self.credit(len(payload))  # a stream already over: nothing to pass on
+            self.credit(len(payload))  # nothing to pass on
+            if stream is not None:  # half-closed (remote): a stream error (§5.1)
+                self.stream_error(sid, h2.STREAM_CLOSED)
+            elif not self.ended.get(sid):
+                raise ProtocolViolation(h2.STREAM_CLOSED, f"DATA on closed stream {sid}")
             return
         stream.client_recv -= len(payload)
         if stream.client_recv < 0:
@@ -603,7 +1041,7 @@ class _Client(_Connection):
             self.credit(len(payload) - len(data))
         if flags & h2.END_STREAM:
             self._end_request(stream, data)
-        else:
+        elif data:  # an empty DATA frame is never passed on (back ends count them)
             stream.to_upstream.queue.append((h2.DATA, 0, data))
             self._pass_on(stream, len(data))
 
@@ -628,19 +1066,23 @@ class _Client(_Connection):
         elif stream.held < _HOLD_BYTES:
             return
         stream.held = -1
-        self.relay.pools[stream.decision.upstream].open(stream)
+        self.relay.opening.append(stream)
 
     def _answer(self, stream: _Stream, reply: bytes) -> None:
-        """Responds with `reply` (status OK) without the upstream."""
+        """Responds with `reply` (status OK) without the upstream; DATA frames of at most
+        16 KiB, whatever the message's size (SETTINGS_MAX_FRAME_SIZE)."""
         self.credit(stream.held)  # the request was consumed here
         stream.held = -1
         stream.to_upstream.queue.clear()
         stream.upstream_ended = stream.response_started = True
         stream.code = grpc.StatusCode.OK
+        message = b"\x00" + len(reply).to_bytes(4, "big") + reply
+        stream.queued += len(message)  # buffered here like an upstream's, from the budget
+        self.budget -= len(message)
         stream.to_client.queue.extend(
             (
                 (h2.HEADERS, 0, _RESPONSE_BLOCK),
-                (h2.DATA, 0, b"\x00" + len(reply).to_bytes(4, "big") + reply),
+                (h2.DATA, 0, message),
                 (h2.HEADERS, h2.END_STREAM, _OK_BLOCK),
             )
         )
@@ -649,19 +1091,13 @@ class _Client(_Connection):
     def on_reset(self, sid: int, code: int) -> None:
         stream = self.streams.get(sid)
         if stream is None:
+            self.unknown_stream_frame(sid, h2.RST_STREAM)
             return
-        now = time.monotonic()
-        self._reset_budget = min(
-            _RESET_BURST, self._reset_budget + (now - self._reset_at) * _RESETS_PER_SECOND
-        )
-        self._reset_at = now
-        self._reset_budget -= 1
-        if self._reset_budget < 0:
-            raise ProtocolViolation(h2.ENHANCE_YOUR_CALM, "too many cancelled streams")
+        self._refused(sid)
         self._cancel(stream)
 
     def _cancel(self, stream: _Stream) -> None:
-        """The client gave up on the call: so does the upstream."""
+        """The client gave up on the call (or broke it): so does the upstream."""
         stream.done = True
         self.forget(stream)
         upstream = stream.upstream
@@ -672,18 +1108,21 @@ class _Client(_Connection):
         _finish(stream, grpc.StatusCode.CANCELLED)
 
     def on_goaway(self, last_stream_id: int) -> None:
-        self.draining = True
+        self.drain_phase = 2
         if not self.streams:
             self.close()
 
 
 class _Pool:
-    """Connections to one upstream, opened as streams need them."""
+    """Connections to one upstream, opened as streams need them: never more streams on a
+    connection than its SETTINGS_MAX_CONCURRENT_STREAMS, never more connections than the
+    limit; a call beyond both waits for a stream to end."""
 
     def __init__(self, relay: Relay, endpoint: Endpoint) -> None:
         self.relay = relay
         self.endpoint = endpoint
         self.conns: list[_Upstream] = []
+        self.queue: deque[_Stream] = deque()
         self.down_until = 0.0
 
     def open(self, stream: _Stream) -> None:
@@ -691,11 +1130,38 @@ class _Pool:
             if conn.usable and len(conn.streams) + len(conn.waiting) < conn.max_streams:
                 break
         else:
+            if len(self.conns) >= self.relay.limits.upstream_connections:
+                self.queue.append(stream)
+                return
             conn = _Upstream(self.relay, self)
             self.conns.append(conn)
             conn.connecting = asyncio.ensure_future(conn.connect())
         stream.upstream = conn
         conn.open(stream)
+
+    def next(self) -> None:
+        """A stream ended or a connection went: calls that waited may go now."""
+        queue = self.queue
+        while queue:
+            stream = queue.popleft()
+            if stream.done:
+                continue
+            self.open(stream)
+            if stream.upstream is None:  # still no room: back to the head of the line
+                queue.remove(stream)
+                queue.appendleft(stream)
+                return
+
+    def retry(self) -> None:
+        """A refused stream's delay is over: send what waits, if there is room now."""
+        self.next()
+        self.relay.flush()
+
+    def fail_queued(self, message: str) -> None:
+        queue, self.queue = self.queue, deque()
+        for stream in queue:
+            _finish(stream, grpc.StatusCode.UNAVAILABLE)
+            _fail(stream, grpc.StatusCode.UNAVAILABLE, message)
 
 
 class _Upstream(_Connection):
@@ -704,11 +1170,15 @@ class _Upstream(_Connection):
     toward_upstream = True
 
     def __init__(self, relay: Relay, pool: _Pool) -> None:
-        super().__init__(relay)
+        # The connection window: 1 GiB, credited as DATA arrives; what bounds a client's
+        # share of it is the per-stream windows granted from the client's budget.
+        super().__init__(relay, 1 << 30)
         self.pool = pool
-        self.decoder = h2.HeaderDecoder(_MAX_HEADER_BLOCK, table_size=0)  # for trailers
+        # No dynamic table: a response block that uses one fails to decode (item 8 of #16).
+        self.decoder = h2.HeaderDecoder(_MAX_HEADER_BLOCK, table_size=0)
         self.next_id = 1
-        self.max_streams = 2**31
+        self.max_streams = _UPSTREAM_FIRST_STREAMS
+        self.settled = False  # its first SETTINGS arrived
         self.usable = True
         self.waiting: list[_Stream] = []  # opened before the connection was up
         self.connecting: asyncio.Future[None] | None = None
@@ -720,6 +1190,7 @@ class _Upstream(_Connection):
             log.warning("upstream %s unreachable: %s", self.pool.endpoint.authority.decode(), exc)
             self.pool.down_until = time.monotonic() + _DOWN_SECONDS
             self._lost("back end unavailable")
+            self.pool.fail_queued("back end unavailable")
             self.relay.flush()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -730,10 +1201,10 @@ class _Upstream(_Connection):
                 [
                     (h2.HEADER_TABLE_SIZE, 0),
                     (h2.ENABLE_PUSH, 0),
-                    (h2.INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+                    (h2.INITIAL_WINDOW_SIZE, 0),  # each stream is granted its own
                 ]
             )
-            + h2.window_update(0, CONNECTION_WINDOW - h2.DEFAULT_WINDOW)
+            + h2.window_update(0, self.recv_window - h2.DEFAULT_WINDOW)
         )
         waiting, self.waiting = self.waiting, []
         for stream in waiting:
@@ -748,6 +1219,7 @@ class _Upstream(_Connection):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._lost("connection to the back end lost")
+        self.pool.next()
         self.relay.flush()
 
     def _lost(self, message: str) -> None:
@@ -776,7 +1248,9 @@ class _Upstream(_Connection):
         self.streams[sid] = stream
         end = h2.END_STREAM if stream.client_ended and not stream.to_upstream.queue else 0
         self.write(h2.headers_frames(sid, stream.request, end))
-        stream.request = b""
+        if stream.replay is None:
+            stream.request = b""
+        _grant(stream)
         _send(stream, True)
 
     def forget(self, stream: _Stream) -> None:
@@ -787,14 +1261,32 @@ class _Upstream(_Connection):
         self.blocked.pop(stream, None)
         if not self.usable and not self.streams and not self.waiting:
             self.close()
+        if self.pool.queue:
+            self.pool.next()
+
+    def settings_frame(self) -> None:
+        if not self.settled:  # no limit in its first SETTINGS: none at all (RFC 9113 §6.5.2)
+            self.settled = True
+            self.max_streams = 2**31
+            if self.pool.queue:
+                self.relay.later.append(self.pool.next)
 
     def on_setting(self, key: int, value: int) -> None:
         if key == h2.MAX_CONCURRENT_STREAMS:
             self.max_streams = value
+            if self.pool.queue:
+                self.relay.later.append(self.pool.next)
         else:
             super().on_setting(key, value)
 
+    def stream_error(self, sid: int, code: int) -> None:
+        stream = self.streams.get(sid)
+        self.write(h2.rst_stream(sid, code))
+        if stream is not None:
+            self._reset_by_upstream(stream, h2.INTERNAL_ERROR)
+
     def on_headers(self, sid: int, flags: int, block: bytes) -> None:
+        self.decoder.decode(block)  # memoised; COMPRESSION_ERROR if it uses a dynamic table
         stream = self.streams.get(sid)
         end = flags & h2.END_STREAM
         if stream is None or stream.upstream_ended:
@@ -803,6 +1295,8 @@ class _Upstream(_Connection):
             stream.upstream_ended = True
             stream.trailers = block  # decoded for the status after the response is out
         stream.response_started = True
+        stream.replay = None
+        stream.request = b""
         stream.to_client.queue.append((h2.HEADERS, end, block))
         _send(stream, False)
 
@@ -817,16 +1311,17 @@ class _Upstream(_Connection):
         return code or grpc.StatusCode.UNKNOWN, b"grpc-status-details-bin" in fields
 
     def on_data(self, sid: int, flags: int, payload: bytes) -> None:
+        self.credit(len(payload))  # the connection window: each stream's bounds the buffer
         stream = self.streams.get(sid)
         if stream is None or stream.upstream_ended:
-            self.credit(len(payload))
             return
         stream.upstream_recv -= len(payload)
         if stream.upstream_recv < 0:
             raise ProtocolViolation(h2.FLOW_CONTROL_ERROR, "more DATA than the stream window")
         data = h2.unpad(flags, payload)
+        stream.queued += len(data)
         if len(data) < len(payload):
-            self.credit(len(payload) - len(data))
+            stream.client.budget += len(payload) - len(data)  # padding: released at once
         end = flags & h2.END_STREAM
         if end:
             stream.upstream_ended = True
@@ -838,10 +1333,40 @@ class _Upstream(_Connection):
         stream = self.streams.get(sid)
         if stream is None or (stream.upstream_ended and code == h2.NO_ERROR):
             return  # after the trailers: only "stop sending"
+        if code == h2.REFUSED_STREAM and self._retry(stream):
+            return
+        self._reset_by_upstream(stream, code)
+
+    def _retry(self, stream: _Stream) -> bool:
+        """A stream the upstream refused, never processed: back to the head of the pool's
+        queue, to be sent again once a stream ends (or shortly), if its request was kept.
+        (grpc-core counts a stream against its limit a little after it closed.)"""
+        replay = stream.replay
+        if replay is None or stream.response_started or stream.retries >= _RETRIES:
+            return False
+        self.streams.pop(stream.uid, None)
+        self.blocked.pop(stream, None)
+        stream.retries += 1
+        stream.uid = 0
+        stream.upstream = None
+        stream.resent = stream.kept
+        stream.to_upstream.queue.extendleft(reversed(replay))
+        stream.replay = []
+        stream.kept = 0
+        stream.client.budget += stream.upstream_recv  # its grant is void
+        stream.upstream_recv = 0
+        self.pool.queue.appendleft(stream)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.002 * stream.retries, self.pool.retry)
+        if not self.usable and not self.streams and not self.waiting:
+            self.close()
+        return True
+
+    def _reset_by_upstream(self, stream: _Stream, code: int) -> None:
         stream.done = True
         self.forget(stream)
         stream.client.forget(stream)
-        stream.client.write(h2.rst_stream(stream.cid, code))
+        stream.client.reset(stream.cid, code, peer_caused=False)
         _finish(stream, _RST_STATUS.get(code, grpc.StatusCode.INTERNAL))
 
     def on_goaway(self, last_stream_id: int) -> None:
@@ -851,14 +1376,11 @@ class _Upstream(_Connection):
         with contextlib.suppress(ValueError):
             self.pool.conns.remove(self)
         for sid, stream in list(self.streams.items()):
-            if sid > last_stream_id:
-                stream.done = True
-                self.forget(stream)
-                stream.client.forget(stream)
-                stream.client.write(h2.rst_stream(stream.cid, h2.REFUSED_STREAM))
-                _finish(stream, grpc.StatusCode.UNAVAILABLE)
+            if sid > last_stream_id and not self._retry(stream):
+                self._reset_by_upstream(stream, h2.REFUSED_STREAM)
         if not self.streams:
             self.close()
+        self.pool.next()
 
 
 def _single_message(body: bytes) -> bytes | None:

@@ -18,6 +18,7 @@ from aiwfe.data.v1 import (
     vector_store_service_pb2,
 )
 from aiwfe.identity import InternalIdentity
+from aiwfe.rbac import Rbac
 from aiwfe.redis_client import RedisClient
 from aiwfe.resilience.breaker import BreakerState
 from aiwfe.server import Service
@@ -28,7 +29,6 @@ from gateway.front import FrontDoor
 from gateway.policies import method_table, public_services
 from gateway.proxy import ProxyHandler
 from gateway.ratelimit import ApiLimiter, LoginLimiter
-from gateway.rbac import Rbac
 from gateway.response_cache import ResponseCache
 from gateway.revocation import RevocationState, RevocationSync
 from gateway.sessions import SessionManager

@@ -24,7 +24,9 @@ from aiwfe.server import Service
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
 from aiwfe.validation import Violations
+from taskproc.shared_watch import SharedWatches
 from taskproc.spec import validate
+from taskproc.streams import StreamPool, WatchSlots
 from taskproc.worker import Worker
 
 ADMIN_ROLE = "admin"
@@ -54,11 +56,22 @@ def _check_id(workflow_id: str) -> None:
 
 
 class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
-    def __init__(self, settings: Settings, store: Downstream, identity: InternalIdentity) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Downstream,
+        identity: InternalIdentity,
+        streams: StreamPool,
+        watches: SharedWatches,
+        slots: WatchSlots,
+    ) -> None:
         self._limits = settings.taskproc
         self._store = store
         self._pages = PageTokens(identity.derived_key("page-tokens"), "ListWorkflows")
         self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
+        self._streams = streams
+        self._slots = slots
+        self._watches = watches
 
     def _create_request(
         self, spec: pb.WorkflowSpec, idempotency_key: str
@@ -138,14 +151,18 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         self, request: pb.WatchWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchWorkflowResponse]:
         """Streams events after `after_sequence` until the workflow is terminal and every
-        event up to the last has been sent (dataplatform ends the stream then)."""
+        event up to the last has been sent, from this replica's one dataplatform stream
+        for the workflow (taskproc/shared_watch.py). Holds one of the replica's slots."""
         scope = _scope(_user())
         _check_id(request.workflow_id)
         v = Violations()
         v.check(request.after_sequence >= 0, "after_sequence", "must not be negative")
         v.raise_if_any()
-        async for event in self._events(request.workflow_id, scope, request.after_sequence):
-            yield event
+        with self._slots.hold():
+            async for event in self._watches.events(
+                request.workflow_id, scope, request.after_sequence
+            ):
+                yield event
 
     async def RunWorkflow(
         self, request: pb.RunWorkflowRequest, context: grpc.aio.ServicerContext
@@ -153,33 +170,17 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         """SubmitWorkflow then WatchWorkflow in one call, relayed from one dataplatform
         stream: one round of RPC set-ups through every hop instead of two."""
         create = self._create_request(request.spec, request.idempotency_key)
-        async for update in self._store.stream(
-            self._stub.RunStoredWorkflow,
-            store_pb.RunStoredWorkflowRequest(
-                create=create, poll_interval_seconds=self._limits.watch_poll_interval
-            ),
-        ):
-            if update.HasField("stored"):
-                yield pb.RunWorkflowResponse(workflow=update.stored.workflow)
-            for event in update.events.events:
-                yield pb.RunWorkflowResponse(event=event)
-
-    async def _events(
-        self, workflow_id: str, scope: store_pb.WorkflowScope, after: int
-    ) -> AsyncIterator[pb.WatchWorkflowResponse]:
-        # One stream from dataplatform: it pushes as soon as it commits an event and re-reads
-        # every poll interval for events another replica committed.
-        async for batch in self._store.stream(
-            self._stub.WatchWorkflowEvents,
-            store_pb.WatchWorkflowEventsRequest(
-                workflow_id=workflow_id,
-                scope=scope,
-                after_sequence=after,
-                poll_interval_seconds=self._limits.watch_poll_interval,
-            ),
-        ):
-            for event in batch.events:
-                yield event
+        with self._slots.hold():
+            async for update in self._streams.stream(
+                "RunStoredWorkflow",
+                store_pb.RunStoredWorkflowRequest(
+                    create=create, poll_interval_seconds=self._streams.poll_interval()
+                ),
+            ):
+                if update.HasField("stored"):
+                    yield pb.RunWorkflowResponse(workflow=update.stored.workflow)
+                for event in update.events.events:
+                    yield pb.RunWorkflowResponse(event=event)
 
 
 class TaskProcService(Service):
@@ -204,6 +205,10 @@ class TaskProcService(Service):
             caller=self.name,
             files=[cognitive_service_pb2.DESCRIPTOR],
         )
+        # Watches ride connections of their own, never the control connection above.
+        self.streams = StreamPool(self.store, settings, [store_pb.DESCRIPTOR])
+        self.watches = SharedWatches(self.streams)
+        self.watch_slots = WatchSlots(settings.taskproc.max_watch_streams)
         self.worker = Worker(settings, self.store, self.cognitive)
 
     async def start(self) -> None:
@@ -211,7 +216,15 @@ class TaskProcService(Service):
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         pb_grpc.add_WorkflowServiceServicer_to_server(
-            WorkflowServicer(self.settings, self.store, self.identity), server
+            WorkflowServicer(
+                self.settings,
+                self.store,
+                self.identity,
+                self.streams,
+                self.watches,
+                self.watch_slots,
+            ),
+            server,
         )
         return [pb.DESCRIPTOR.services_by_name["WorkflowService"].full_name]
 
@@ -220,5 +233,6 @@ class TaskProcService(Service):
 
     async def stop(self) -> None:
         await self.worker.stop()
+        await self.streams.close()
         await self.store.close()
         await self.cognitive.close()

@@ -7,6 +7,11 @@ with a per-process concurrency limit, extends leases while they run, and records
   in flight goes in the next one, so an idle worker adds no delay and a busy one few calls.
 - A step stops when its workflow is cancelled or timed out (pushed, or found when a lease
   extension reports it lost); its result is then discarded by the store's lease check.
+- Lease extensions have a budget of their own: every third of a lease, attempts with a
+  deadline of a sixth of a lease, retried with backoff until the earliest lease among the
+  running steps would run out. A step whose lease ran out unextended is stopped, since
+  another worker may have claimed it. Calls go on the control connection (watches never
+  share it, see taskproc/streams.py) and through no breaker.
 - `stop()` (SIGTERM): stop claiming, let running steps finish within the grace period, then
   cancel the rest and release their leases so another worker takes them at once.
 """
@@ -40,6 +45,7 @@ log = logging.getLogger("aiwfe.taskproc.worker")
 StepKey = tuple[str, str, int]  # workflow_id, step name, attempt
 _STREAM_SECONDS = 300.0  # WaitForWork streams are re-opened this often
 _RPC_RETRY_SECONDS = 0.5
+_LEASE_RETRY_SECONDS = 0.1  # first back-off between lease extension attempts (x2, cap 1 s)
 
 
 @dataclass
@@ -48,6 +54,7 @@ class _Running:
     task: asyncio.Task[None] | None = None
     stop_reason: str = ""  # why we cancelled it: "stopped", "lost" or "shutdown"
     started: float = field(default_factory=time.monotonic)
+    held_until: float = 0.0  # monotonic time our lease surely lasts until (from the send)
 
 
 class Worker:
@@ -94,6 +101,7 @@ class Worker:
             free = self.cfg.worker_concurrency - len(self._running)
             if free > 0:
                 want = min(free, self.cfg.claim_batch)
+                sent = time.monotonic()
                 try:
                     reply = await self._call(
                         self._stub.ClaimSteps,
@@ -106,7 +114,7 @@ class Worker:
                     log.warning("claim failed: %s", exc)
                 else:
                     for step in reply.steps:
-                        self._launch(step)
+                        self._launch(step, sent + self.cfg.lease_seconds)
                     if len(reply.steps) == want:
                         continue  # probably more waiting
                     if reply.HasField("next_run_time"):
@@ -115,9 +123,9 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
 
-    def _launch(self, step: store_pb.ClaimedStep) -> None:
+    def _launch(self, step: store_pb.ClaimedStep, held_until: float) -> None:
         key = (step.ref.workflow_id, step.ref.step_name, step.ref.attempt)
-        running = _Running(step)
+        running = _Running(step, held_until=held_until)
         self._running[key] = running
         running.task = asyncio.create_task(self._run(key, running), name=f"step-{key[1]}")
 
@@ -238,22 +246,46 @@ class Worker:
     async def _lease_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.lease_seconds / 3)
-            refs = [r.step.ref for r in self._running.values()]
-            if not refs:
-                continue
+            await self._extend_leases()
+
+    async def _extend_leases(self) -> None:
+        """One round: extends every running step's lease, retrying until the earliest of
+        them would run out; then stops the steps whose lease did run out."""
+        runs = list(self._running.items())
+        if not runs:
+            return
+        lease = self.cfg.lease_seconds
+        request = store_pb.ExtendLeasesRequest(
+            worker_id=self.id, steps=[r.step.ref for _, r in runs], lease_seconds=lease
+        )
+        until = min(r.held_until for _, r in runs)
+        delay = _LEASE_RETRY_SECONDS
+        while (budget := until - time.monotonic()) > 0:
+            sent = time.monotonic()
             try:
                 reply = await self._call(
-                    self._stub.ExtendLeases,
-                    store_pb.ExtendLeasesRequest(
-                        worker_id=self.id, steps=refs, lease_seconds=self.cfg.lease_seconds
-                    ),
-                    timeout=max(1.0, self.cfg.lease_seconds / 3),
+                    self._stub.ExtendLeases, request, timeout=min(lease / 6, budget)
                 )
             except Exception as exc:
-                log.warning("lease extension failed: %s", exc)
+                if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in PERMANENT_CODES:
+                    log.error("lease extension refused: %s", exc)
+                    break
+                log.warning("lease extension failed, retrying: %s", exc)
+                await asyncio.sleep(min(delay, max(0.0, until - time.monotonic())))
+                delay = min(delay * 2, 1.0)
                 continue
-            for ref in reply.lost:
-                self._cancel((ref.workflow_id, ref.step_name, ref.attempt), "lost")
+            lost = {(r.workflow_id, r.step_name, r.attempt) for r in reply.lost}
+            for key, running in runs:
+                if key in lost:
+                    self._cancel(key, "lost")
+                else:
+                    running.held_until = sent + lease
+            return
+        now = time.monotonic()
+        for key, running in runs:
+            if running.held_until <= now and key in self._running:
+                log.warning("lease of %s/%s ran out unextended: stopping it", key[0], key[1])
+                self._cancel(key, "lost")
 
     async def _wake_loop(self) -> None:
         while True:

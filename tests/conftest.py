@@ -3,8 +3,10 @@ of its own, and the real services started in-process on free ports."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -13,6 +15,7 @@ import grpc
 import psycopg
 import pytest
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
@@ -95,3 +98,21 @@ def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
             detail.Unpack(bad)
             out.update({v.field: v.description for v in bad.field_violations})
     return out
+
+
+async def health_status(channel: grpc.aio.Channel, service: str) -> int:
+    """grpc.health.v1 Check of `service` on `channel` (a status enum value)."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return int(reply.status)
+
+
+async def until_health(
+    channel: grpc.aio.Channel, service: str, status: int, within: float
+) -> float:
+    """Polls Check until `service` reports `status`; the seconds it took."""
+    started = time.monotonic()
+    while await health_status(channel, service) != status:
+        assert time.monotonic() - started < within, f"{service} never became {status}"
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started

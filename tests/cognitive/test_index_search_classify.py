@@ -157,7 +157,8 @@ async def test_collection_is_created_with_indexed_metadata_fields(suite, admin) 
 
 
 async def test_index_requires_cognitive_index_permission(suite, gateway_channel) -> None:
-    """A `user` may search (cognitive:inference) but not index (cognitive:index, admin only)."""
+    """A `user` may search (cognitive:inference) a collection shared with it but not index
+    (cognitive:index, admin only)."""
     name = f"user{time.time_ns()}"
     async with grpc.aio.insecure_channel(suite.address("dataplatform")) as channel:
         await user_grpc.UserStoreServiceStub(channel).CreateUser(
@@ -178,6 +179,10 @@ async def test_index_requires_cognitive_index_permission(suite, gateway_channel)
     admin_md = bearer(await login(gateway_channel))
     await cog.IndexDocuments(
         pb.IndexDocumentsRequest(collection="kb5", documents=DOCS), metadata=admin_md
+    )
+    await cog.ShareCollection(
+        pb.ShareCollectionRequest(collection="kb5", grant=pb.CollectionGrant(username=name)),
+        metadata=admin_md,
     )
     found = await cog.Search(pb.SearchRequest(collection="kb5", query="tomato"), metadata=md)
     assert found.hits[0].document_id == "tomatoes"

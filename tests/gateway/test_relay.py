@@ -15,7 +15,7 @@ import pytest
 
 from aiwfe.embedded import free_port
 from gateway import h2
-from gateway.relay import Decision, Endpoint, Relay
+from gateway.relay import Decision, Endpoint, Relay, RelayLimits
 
 MB = 1024 * 1024
 CHUNK = 64 * 1024
@@ -23,11 +23,13 @@ _OPTIONS = [("grpc.max_send_message_length", 8 * MB), ("grpc.max_receive_message
 
 
 class Backend(grpc.GenericRpcHandler):
-    """Echo, download, upload, chat, a stream that waits forever, and a failure."""
+    """Echo, download, upload, chat, a stream that waits forever, a failure, and a slow
+    call counting how many run at once."""
 
     def __init__(self) -> None:
         self.metadata: list[dict[str, str]] = []
         self.cancelled = asyncio.Event()
+        self.active = self.most_active = self.hangs = 0
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         return {
@@ -37,6 +39,7 @@ class Backend(grpc.GenericRpcHandler):
             "/t.T/Chat": grpc.stream_stream_rpc_method_handler(self.chat),
             "/t.T/Hang": grpc.unary_stream_rpc_method_handler(self.hang),
             "/t.T/Fail": grpc.unary_unary_rpc_method_handler(self.fail),
+            "/t.T/Slow": grpc.unary_unary_rpc_method_handler(self.slow),
         }.get(details.method)
 
     async def echo(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -59,7 +62,17 @@ class Backend(grpc.GenericRpcHandler):
         async for message in requests:
             yield message[::-1]
 
+    async def slow(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
+        try:
+            await asyncio.sleep(0.05)
+        finally:
+            self.active -= 1
+        return request
+
     async def hang(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
+        self.hangs += 1
         yield b"first"
         try:
             await asyncio.sleep(60)
@@ -74,9 +87,12 @@ class Backend(grpc.GenericRpcHandler):
         raise AssertionError("unreachable")
 
 
-async def _backend(port: int = 0) -> tuple[grpc.aio.Server, Backend, int]:
+async def _backend(
+    port: int = 0, max_streams: int | None = None
+) -> tuple[grpc.aio.Server, Backend, int]:
     backend = Backend()
-    server = grpc.aio.server(options=_OPTIONS)
+    limit = [("grpc.max_concurrent_streams", max_streams)] if max_streams else []
+    server = grpc.aio.server(options=[*_OPTIONS, *limit])
     server.add_generic_rpc_handlers((backend,))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -86,12 +102,16 @@ async def _backend(port: int = 0) -> tuple[grpc.aio.Server, Backend, int]:
 class Harness:
     """A relay in front of one upstream port, recording how each call ended."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(
+        self, upstream_port: int, max_streams: int = 100, limits: RelayLimits | None = None
+    ) -> None:
         self.finished: list[grpc.StatusCode] = []
+        self.decided = 0
         endpoint = Endpoint(b"upstream", host="127.0.0.1", port=upstream_port)
-        self.relay = Relay(self.decide, {"up": endpoint}, max_streams=100)
+        self.relay = Relay(self.decide, {"up": endpoint}, max_streams, limits=limits)
 
     def decide(self, headers: list[tuple[bytes, bytes]], peer: str, up: Any) -> Decision:
+        self.decided += 1
         kept = [(n, v) for n, v in headers if n != b"authorization"]
         return Decision("up", [*kept, (b"x-relayed", peer.encode())], self.finish)
 
@@ -266,3 +286,18 @@ async def test_rapid_reset_closes_the_connection(relayed) -> None:
     goaways = [payload for ftype, _, _, payload in frames if ftype == h2.GOAWAY]
     assert goaways and h2.u32(goaways[0], 4) == h2.ENHANCE_YOUR_CALM
     assert await channel.unary_unary("/t.T/Echo")(b"still here", timeout=5) == b"still here"
+
+
+async def test_a_grpc_client_sending_a_malformed_field_gets_invalid_argument(relayed) -> None:
+    """Metadata a gRPC client may send but HTTP/2 calls malformed (a value with a space at
+    its end, a connection-specific name) is answered INVALID_ARGUMENT, never INTERNAL, and
+    never reaches the back end or the decision."""
+    channel, backend, harness = relayed
+    echo = channel.unary_unary("/t.T/Echo")
+    for metadata in ((("x-tenant", "acme "),), (("upgrade", "h2c"),), (("connection", "close"),)):
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await echo(b"x", metadata=metadata, timeout=5)
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, metadata
+        assert "malformed request" in (failed.value.details() or "")
+    assert backend.metadata == [] and harness.decided == 0
+    assert await echo(b"fine", timeout=5) == b"fine"

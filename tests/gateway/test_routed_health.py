@@ -16,32 +16,18 @@ from aiwfe.server import start_service
 from aiwfe.suite import start_suite
 from cognitive.service import CognitiveService
 from gateway.policies import public_services
-from tests.conftest import bearer, login
+from tests.conftest import bearer, health_status, login, until_health
 
 COGNITIVE = "aiwfe.cognitive.v1.CognitiveService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-async def _check(channel: grpc.aio.Channel, service: str) -> int:
-    stub = health_pb2_grpc.HealthStub(channel)
-    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-    return int(reply.status)
-
-
-async def _until(channel: grpc.aio.Channel, service: str, status: int, within: float) -> float:
-    started = time.monotonic()
-    while await _check(channel, service) != status:
-        assert time.monotonic() - started < within, f"{service} never became {status}"
-        await asyncio.sleep(0.1)
-    return time.monotonic() - started
-
-
 async def test_gateway_answers_health_for_every_routed_service(gw) -> None:
     """Check answers SERVING for every service the gateway lists over reflection (routed
     ones included), and List reports each of them."""
     for service in public_services():
-        assert await _check(gw.channel, service) == SERVING, service
+        assert await health_status(gw.channel, service) == SERVING, service
     listed = await health_pb2_grpc.HealthStub(gw.channel).List(
         health_pb2.HealthListRequest(), timeout=5
     )
@@ -78,11 +64,11 @@ async def test_routed_service_health_follows_its_back_end(base_overrides) -> Non
             assert (await watch.read()).status == SERVING
 
             await cognitive.stop(grace=0)
-            took = await _until(plain, COGNITIVE, NOT_SERVING, within=15)
+            took = await until_health(plain, COGNITIVE, NOT_SERVING, within=15)
             print(f"NOT_SERVING {took:.1f} s after cognitive stopped")
             assert (await watch.read()).status == NOT_SERVING
-            assert await _check(plain, "aiwfe.taskproc.v1.WorkflowService") == SERVING
-            assert await _check(plain, "") == SERVING  # the gateway itself is fine
+            assert await health_status(plain, "aiwfe.taskproc.v1.WorkflowService") == SERVING
+            assert await health_status(plain, "") == SERVING  # the gateway itself is fine
             started = time.monotonic()
             try:
                 await embed(request, metadata=bearer(token), timeout=3)
@@ -97,7 +83,7 @@ async def test_routed_service_health_follows_its_back_end(base_overrides) -> Non
             suite.running["cognitive"] = await start_service(
                 CognitiveService(suite.settings), host="127.0.0.1", port=port
             )
-            took = await _until(plain, COGNITIVE, SERVING, within=15)
+            took = await until_health(plain, COGNITIVE, SERVING, within=15)
             print(f"SERVING {took:.1f} s after cognitive restarted")
             assert (await watch.read()).status == SERVING
             watch.cancel()

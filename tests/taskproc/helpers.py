@@ -11,7 +11,7 @@ from google.protobuf import json_format
 
 from aiwfe.data.v1 import user_store_service_pb2 as user_pb
 from aiwfe.data.v1 import user_store_service_pb2_grpc as user_grpc
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity, Principal
 from aiwfe.passwords import hash_password
 from aiwfe.suite import Suite
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
@@ -97,3 +97,9 @@ def step_status(workflow: wf_pb.Workflow, name: str) -> wf_pb.StepStatus:
 
 def deadline(seconds: float) -> float:
     return time.monotonic() + seconds
+
+
+def as_user(suite: Suite, user: Principal) -> tuple[tuple[str, str], ...]:
+    """The metadata the gateway sends a back end for `user` (to call taskproc directly)."""
+    identity = InternalIdentity.from_settings(suite.settings)
+    return ((IDENTITY_METADATA_KEY, identity.assertion(user, "gateway")),)

@@ -30,7 +30,7 @@ from dataplatform.replica_bus import CHANNEL
 from dataplatform.service import DataPlatformService
 from taskproc.service import TaskProcService
 from taskproc.spec import validate
-from tests.conftest import field_violations
+from tests.conftest import field_violations, until_health
 from tests.gateway.conftest import REDIS_URL
 from tests.taskproc.helpers import deadline, finish, get, new_user, spec, step_status, submit, watch
 
@@ -451,7 +451,12 @@ async def external_taskproc(base_overrides) -> Iterator[Any]:
     async def start() -> subprocess.Popen[str]:
         # Off the loop: the in-process gateway keeps running meanwhile (and notices the
         # old worker's dead connection before a new call could be sent down it).
-        return await asyncio.to_thread(launch)
+        proc = await asyncio.to_thread(launch)
+        # Then as a client would: until the gateway's routed health says taskproc is up (its
+        # probe may have met the port closed, and the channel waits out a reconnect backoff).
+        async with grpc.aio.insecure_channel(running.address("gateway")) as channel:
+            await until_health(channel, "aiwfe.taskproc.v1.WorkflowService", 1, within=15)
+        return proc
 
     try:
         yield running, start

@@ -183,3 +183,79 @@ class GenerateResponse(_message.Message):
     citations: _containers.RepeatedScalarFieldContainer[str]
     model: str
     def __init__(self, text: _Optional[str] = ..., done: _Optional[bool] = ..., citations: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ...) -> None: ...
+
+class CollectionGrant(_message.Message):
+    __slots__ = ("username", "role", "write")
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    WRITE_FIELD_NUMBER: _ClassVar[int]
+    username: str
+    role: str
+    write: bool
+    def __init__(self, username: _Optional[str] = ..., role: _Optional[str] = ..., write: _Optional[bool] = ...) -> None: ...
+
+class Collection(_message.Message):
+    __slots__ = ("name", "owner", "dimension", "document_chunk_count", "writable", "grants")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    WRITABLE_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    owner: str
+    dimension: int
+    document_chunk_count: int
+    writable: bool
+    grants: _containers.RepeatedCompositeFieldContainer[CollectionGrant]
+    def __init__(self, name: _Optional[str] = ..., owner: _Optional[str] = ..., dimension: _Optional[int] = ..., document_chunk_count: _Optional[int] = ..., writable: _Optional[bool] = ..., grants: _Optional[_Iterable[_Union[CollectionGrant, _Mapping]]] = ...) -> None: ...
+
+class ListCollectionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListCollectionsResponse(_message.Message):
+    __slots__ = ("collections",)
+    COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
+    collections: _containers.RepeatedCompositeFieldContainer[Collection]
+    def __init__(self, collections: _Optional[_Iterable[_Union[Collection, _Mapping]]] = ...) -> None: ...
+
+class ShareCollectionRequest(_message.Message):
+    __slots__ = ("collection", "grant")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    grant: CollectionGrant
+    def __init__(self, collection: _Optional[str] = ..., grant: _Optional[_Union[CollectionGrant, _Mapping]] = ...) -> None: ...
+
+class ShareCollectionResponse(_message.Message):
+    __slots__ = ("collection",)
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    collection: Collection
+    def __init__(self, collection: _Optional[_Union[Collection, _Mapping]] = ...) -> None: ...
+
+class UnshareCollectionRequest(_message.Message):
+    __slots__ = ("collection", "username", "role")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    username: str
+    role: str
+    def __init__(self, collection: _Optional[str] = ..., username: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+
+class UnshareCollectionResponse(_message.Message):
+    __slots__ = ("collection",)
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    collection: Collection
+    def __init__(self, collection: _Optional[_Union[Collection, _Mapping]] = ...) -> None: ...
+
+class DeleteCollectionRequest(_message.Message):
+    __slots__ = ("collection",)
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    def __init__(self, collection: _Optional[str] = ...) -> None: ...
+
+class DeleteCollectionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

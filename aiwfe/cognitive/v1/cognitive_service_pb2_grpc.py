@@ -61,6 +61,26 @@ class CognitiveServiceStub:
                 request_serializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.ListCollections = channel.unary_unary(
+                '/aiwfe.cognitive.v1.CognitiveService/ListCollections',
+                request_serializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.ListCollectionsRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.ListCollectionsResponse.FromString,
+                _registered_method=True)
+        self.ShareCollection = channel.unary_unary(
+                '/aiwfe.cognitive.v1.CognitiveService/ShareCollection',
+                request_serializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.ShareCollectionRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.ShareCollectionResponse.FromString,
+                _registered_method=True)
+        self.UnshareCollection = channel.unary_unary(
+                '/aiwfe.cognitive.v1.CognitiveService/UnshareCollection',
+                request_serializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.UnshareCollectionRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.UnshareCollectionResponse.FromString,
+                _registered_method=True)
+        self.DeleteCollection = channel.unary_unary(
+                '/aiwfe.cognitive.v1.CognitiveService/DeleteCollection',
+                request_serializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.DeleteCollectionRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.DeleteCollectionResponse.FromString,
+                _registered_method=True)
 
 
 class CognitiveServiceServicer:
@@ -103,6 +123,38 @@ class CognitiveServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCollections(self, request, context):
+        """ListCollections lists the collections the caller may use: its own and those shared
+        with it or one of its roles (every collection for collection admins).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareCollection(self, request, context):
+        """ShareCollection grants a user or a role read (or read and write) access to a collection;
+        only its owner or a collection admin may share it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnshareCollection(self, request, context):
+        """UnshareCollection removes a user's or a role's access to a collection; only its owner or
+        a collection admin may unshare it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCollection(self, request, context):
+        """DeleteCollection removes a collection, its documents and its grants; only its owner or a
+        collection admin may delete it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CognitiveServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +182,26 @@ def add_CognitiveServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.GenerateRequest.FromString,
                     response_serializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.GenerateResponse.SerializeToString,
+            ),
+            'ListCollections': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCollections,
+                    request_deserializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.ListCollectionsRequest.FromString,
+                    response_serializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.ListCollectionsResponse.SerializeToString,
+            ),
+            'ShareCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareCollection,
+                    request_deserializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.ShareCollectionRequest.FromString,
+                    response_serializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.ShareCollectionResponse.SerializeToString,
+            ),
+            'UnshareCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnshareCollection,
+                    request_deserializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.UnshareCollectionRequest.FromString,
+                    response_serializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.UnshareCollectionResponse.SerializeToString,
+            ),
+            'DeleteCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCollection,
+                    request_deserializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.DeleteCollectionRequest.FromString,
+                    response_serializer=aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.DeleteCollectionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +341,114 @@ class CognitiveService:
             '/aiwfe.cognitive.v1.CognitiveService/Generate',
             aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.GenerateRequest.SerializeToString,
             aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCollections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.cognitive.v1.CognitiveService/ListCollections',
+            aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.ListCollectionsRequest.SerializeToString,
+            aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.ListCollectionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.cognitive.v1.CognitiveService/ShareCollection',
+            aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.ShareCollectionRequest.SerializeToString,
+            aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.ShareCollectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnshareCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.cognitive.v1.CognitiveService/UnshareCollection',
+            aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.UnshareCollectionRequest.SerializeToString,
+            aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.UnshareCollectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.cognitive.v1.CognitiveService/DeleteCollection',
+            aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.DeleteCollectionRequest.SerializeToString,
+            aiwfe_dot_cognitive_dot_v1_dot_cognitive__service__pb2.DeleteCollectionResponse.FromString,
             options,
             channel_credentials,
             insecure,

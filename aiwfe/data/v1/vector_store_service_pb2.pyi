@@ -8,18 +8,42 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Collection(_message.Message):
-    __slots__ = ("name", "dimension", "distance", "indexed_fields", "point_count")
+    __slots__ = ("name", "dimension", "distance", "indexed_fields", "point_count", "access")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     DISTANCE_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELDS_FIELD_NUMBER: _ClassVar[int]
     POINT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     distance: str
     indexed_fields: _containers.RepeatedScalarFieldContainer[str]
     point_count: int
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., distance: _Optional[str] = ..., indexed_fields: _Optional[_Iterable[str]] = ..., point_count: _Optional[int] = ...) -> None: ...
+    access: CollectionAccess
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., distance: _Optional[str] = ..., indexed_fields: _Optional[_Iterable[str]] = ..., point_count: _Optional[int] = ..., access: _Optional[_Union[CollectionAccess, _Mapping]] = ...) -> None: ...
+
+class CollectionGrant(_message.Message):
+    __slots__ = ("user_id", "username", "role", "write")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    WRITE_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    username: str
+    role: str
+    write: bool
+    def __init__(self, user_id: _Optional[str] = ..., username: _Optional[str] = ..., role: _Optional[str] = ..., write: _Optional[bool] = ...) -> None: ...
+
+class CollectionAccess(_message.Message):
+    __slots__ = ("owner_id", "owner_username", "grants")
+    OWNER_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_USERNAME_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
+    owner_id: str
+    owner_username: str
+    grants: _containers.RepeatedCompositeFieldContainer[CollectionGrant]
+    def __init__(self, owner_id: _Optional[str] = ..., owner_username: _Optional[str] = ..., grants: _Optional[_Iterable[_Union[CollectionGrant, _Mapping]]] = ...) -> None: ...
 
 class Point(_message.Message):
     __slots__ = ("id", "values", "payload")
@@ -56,10 +80,14 @@ class ScoredPoint(_message.Message):
     def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., payload: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CreateCollectionRequest(_message.Message):
-    __slots__ = ("collection",)
+    __slots__ = ("collection", "owner_id", "owner_username")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_USERNAME_FIELD_NUMBER: _ClassVar[int]
     collection: Collection
-    def __init__(self, collection: _Optional[_Union[Collection, _Mapping]] = ...) -> None: ...
+    owner_id: str
+    owner_username: str
+    def __init__(self, collection: _Optional[_Union[Collection, _Mapping]] = ..., owner_id: _Optional[str] = ..., owner_username: _Optional[str] = ...) -> None: ...
 
 class CreateCollectionResponse(_message.Message):
     __slots__ = ("collection",)
@@ -176,3 +204,49 @@ class CountPointsResponse(_message.Message):
     COUNT_FIELD_NUMBER: _ClassVar[int]
     count: int
     def __init__(self, count: _Optional[int] = ...) -> None: ...
+
+class GetCollectionAccessRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class GetCollectionAccessResponse(_message.Message):
+    __slots__ = ("access",)
+    ACCESS_FIELD_NUMBER: _ClassVar[int]
+    access: CollectionAccess
+    def __init__(self, access: _Optional[_Union[CollectionAccess, _Mapping]] = ...) -> None: ...
+
+class GrantCollectionAccessRequest(_message.Message):
+    __slots__ = ("name", "username", "role", "write")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    WRITE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    username: str
+    role: str
+    write: bool
+    def __init__(self, name: _Optional[str] = ..., username: _Optional[str] = ..., role: _Optional[str] = ..., write: _Optional[bool] = ...) -> None: ...
+
+class GrantCollectionAccessResponse(_message.Message):
+    __slots__ = ("access",)
+    ACCESS_FIELD_NUMBER: _ClassVar[int]
+    access: CollectionAccess
+    def __init__(self, access: _Optional[_Union[CollectionAccess, _Mapping]] = ...) -> None: ...
+
+class RevokeCollectionAccessRequest(_message.Message):
+    __slots__ = ("name", "username", "role")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    username: str
+    role: str
+    def __init__(self, name: _Optional[str] = ..., username: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+
+class RevokeCollectionAccessResponse(_message.Message):
+    __slots__ = ("access",)
+    ACCESS_FIELD_NUMBER: _ClassVar[int]
+    access: CollectionAccess
+    def __init__(self, access: _Optional[_Union[CollectionAccess, _Mapping]] = ...) -> None: ...

@@ -76,6 +76,21 @@ class VectorStoreServiceStub:
                 request_serializer=aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.CountPointsRequest.SerializeToString,
                 response_deserializer=aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.CountPointsResponse.FromString,
                 _registered_method=True)
+        self.GetCollectionAccess = channel.unary_unary(
+                '/aiwfe.data.v1.VectorStoreService/GetCollectionAccess',
+                request_serializer=aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.GetCollectionAccessRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.GetCollectionAccessResponse.FromString,
+                _registered_method=True)
+        self.GrantCollectionAccess = channel.unary_unary(
+                '/aiwfe.data.v1.VectorStoreService/GrantCollectionAccess',
+                request_serializer=aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.GrantCollectionAccessRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.GrantCollectionAccessResponse.FromString,
+                _registered_method=True)
+        self.RevokeCollectionAccess = channel.unary_unary(
+                '/aiwfe.data.v1.VectorStoreService/RevokeCollectionAccess',
+                request_serializer=aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.RevokeCollectionAccessRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.RevokeCollectionAccessResponse.FromString,
+                _registered_method=True)
 
 
 class VectorStoreServiceServicer:
@@ -139,6 +154,28 @@ class VectorStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCollectionAccess(self, request, context):
+        """GetCollectionAccess returns a collection's owner and grants (PostgreSQL); a collection
+        without an owner row predates ownership and answers an empty access.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GrantCollectionAccess(self, request, context):
+        """GrantCollectionAccess adds or replaces the grant of one user or role on a collection.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeCollectionAccess(self, request, context):
+        """RevokeCollectionAccess removes the grant of one user or role on a collection.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VectorStoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +218,21 @@ def add_VectorStoreServiceServicer_to_server(servicer, server):
                     servicer.CountPoints,
                     request_deserializer=aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.CountPointsRequest.FromString,
                     response_serializer=aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.CountPointsResponse.SerializeToString,
+            ),
+            'GetCollectionAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCollectionAccess,
+                    request_deserializer=aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.GetCollectionAccessRequest.FromString,
+                    response_serializer=aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.GetCollectionAccessResponse.SerializeToString,
+            ),
+            'GrantCollectionAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantCollectionAccess,
+                    request_deserializer=aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.GrantCollectionAccessRequest.FromString,
+                    response_serializer=aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.GrantCollectionAccessResponse.SerializeToString,
+            ),
+            'RevokeCollectionAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCollectionAccess,
+                    request_deserializer=aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.RevokeCollectionAccessRequest.FromString,
+                    response_serializer=aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.RevokeCollectionAccessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -401,6 +453,87 @@ class VectorStoreService:
             '/aiwfe.data.v1.VectorStoreService/CountPoints',
             aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.CountPointsRequest.SerializeToString,
             aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.CountPointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCollectionAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.data.v1.VectorStoreService/GetCollectionAccess',
+            aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.GetCollectionAccessRequest.SerializeToString,
+            aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.GetCollectionAccessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantCollectionAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.data.v1.VectorStoreService/GrantCollectionAccess',
+            aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.GrantCollectionAccessRequest.SerializeToString,
+            aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.GrantCollectionAccessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCollectionAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.data.v1.VectorStoreService/RevokeCollectionAccess',
+            aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.RevokeCollectionAccessRequest.SerializeToString,
+            aiwfe_dot_data_dot_v1_dot_vector__store__service__pb2.RevokeCollectionAccessResponse.FromString,
             options,
             channel_credentials,
             insecure,
