@@ -9,6 +9,7 @@ table is this registry (a test keeps the two equal and checks every raise site).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -361,7 +362,8 @@ class ResourceExhausted(AiwfeError):
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         extra = dict(self.headers)
         if self.retry_after is not None:
-            extra.setdefault("retry-after", str(max(1, round(self.retry_after))))
+            # Whole seconds rounded up (RFC 9110 delay-seconds): never earlier than RetryInfo.
+            extra.setdefault("retry-after", str(max(1, math.ceil(self.retry_after))))
         return tuple(extra.items())
 
 

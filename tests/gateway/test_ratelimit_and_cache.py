@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import copy
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from aiwfe.suite import start_suite
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from gateway import auth_service
-from gateway.ratelimit import MAX_QUEUED_LOGINS, ApiLimiter
+from gateway.ratelimit import MAX_QUEUED_LOGINS, ApiLimiter, _refusal
 from tests.conftest import bearer, login
 from tests.dataplatform import test_redis_helpers
 from tests.gateway.conftest import PASSWORD, Gateway, gateway_overrides
@@ -77,7 +78,9 @@ async def test_login_brute_force_is_exhausted_per_username(gw_any) -> None:
     assert trailers["x-ratelimit-limit"] == "5"
     assert trailers["x-ratelimit-remaining"] == "0"
     assert 0 < int(trailers["x-ratelimit-reset"]) <= 300
-    assert 1 <= int(trailers["retry-after"]) <= 300
+    # One figure, said three ways: the trailers and the message agree, RetryInfo rounded up.
+    assert trailers["retry-after"] == trailers["x-ratelimit-reset"] == str(math.ceil(delay))
+    assert f"retry in {trailers['retry-after']} s" in (err.value.details() or "")
     assert (await gw.login(bystander)).access_token
 
 
@@ -463,3 +466,12 @@ async def test_unspent_reservations_go_back(redis_helper) -> None:
     spent += 1
     assert await admitted_of([second], "u2", 130) == 100 - spent
     assert await admitted_of([first, second], "u2", 10) == 0
+
+
+def test_a_refusal_says_one_retry_time_everywhere() -> None:
+    """retry-after, x-ratelimit-reset and the message give the same whole second, RetryInfo
+    rounded up (a 47.2 s wait is 48 everywhere, never 47: no client retries early)."""
+    error = _refusal("requests", "api:user", 100, 47.2)
+    trailers = dict(error.to_status().trailing_metadata)
+    assert trailers["retry-after"] == trailers["x-ratelimit-reset"] == "48"
+    assert "retry in 48 s" in error.message
