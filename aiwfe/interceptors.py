@@ -20,7 +20,6 @@ import grpc
 from aiwfe.errors import (
     AiwfeError,
     InvalidArgument,
-    ResourceExhausted,
     Status,
     internal_status,
     status_from_rpc_error,
@@ -295,12 +294,7 @@ class LoadSheddingInterceptor(MethodInterceptor):
         async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = limiter.try_acquire(context.time_remaining())
             if started is None:
-                raise ResourceExhausted(
-                    f"server overloaded: {limiter.in_flight} calls in flight "
-                    f"(limit {limiter.limit}); retry after the delay given",
-                    retry_after=limiter.retry_after(),
-                    reason="OVERLOADED",
-                )
+                raise limiter.refusal()
             # The slot is held until the call is over, its response sent: a handler that
             # answers in one step (an Embed from the in-process cache) leaves most of its
             # work to serialising and sending, which a slot given back on return would miss.
