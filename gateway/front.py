@@ -249,7 +249,7 @@ class FrontDoor:
         """The refusal of a call over its back end's limit, answered by the relay at once:
         the status the services' shedding interceptor gives (one policy)."""
         self.shed_calls += 1
-        status = limiter.refusal(name).to_status()
+        status = limiter.refusal(f"gateway: {name}").to_status()
         recorder = self._recorder(info.path)
         if recorder is None:
             return Decision("", [], status=status)

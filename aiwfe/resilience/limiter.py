@@ -118,7 +118,8 @@ class ConcurrencyLimiter:
         self._admitted -= 1
 
     def refusal(self, who: str = "server") -> ResourceExhausted:
-        """What a refused call is answered: RESOURCE_EXHAUSTED, reason OVERLOADED, RetryInfo."""
+        """What a refused call is answered: RESOURCE_EXHAUSTED, reason OVERLOADED, RetryInfo
+        (`who`: the service at its limit, as its message names it)."""
         return ResourceExhausted(
             f"{who} overloaded: {self.in_flight} calls in flight (limit {self.limit}); "
             "retry after the delay given",
