@@ -20,7 +20,6 @@ import grpc
 from aiwfe.errors import (
     AiwfeError,
     InvalidArgument,
-    ResourceExhausted,
     Status,
     internal_status,
     status_from_rpc_error,
@@ -278,8 +277,9 @@ class LoadSheddingInterceptor(MethodInterceptor):
     done (grpc runs done-callbacks for every end: answered, failed or cancelled).
     """
 
-    def __init__(self, limiter: ConcurrencyLimiter) -> None:
+    def __init__(self, limiter: ConcurrencyLimiter, service: str = "server") -> None:
         self.limiter = limiter
+        self._service = service  # named in the refusal's message
         self._cache = HandlerCache(lambda _: self._guard)
 
     async def intercept(
@@ -290,18 +290,12 @@ class LoadSheddingInterceptor(MethodInterceptor):
         return self._cache.get(method, handler)
 
     def _guard(self, behavior: Behavior, streaming: bool) -> Behavior:
-        limiter = self.limiter
+        limiter, service = self.limiter, self._service
 
         async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = limiter.try_acquire(context.time_remaining())
             if started is None:
-                raise ResourceExhausted(
-                    f"server overloaded: {limiter.in_flight} calls in flight "
-                    f"(limit {limiter.limit}); retry after the delay given",
-                    retry_after=limiter.retry_after(),
-                    reason="OVERLOADED",
-                    metadata={"limit": str(limiter.limit)},
-                )
+                raise limiter.refusal(service)
             # The slot is held until the call is over, its response sent: a handler that
             # answers in one step (an Embed from the in-process cache) leaves most of its
             # work to serialising and sending, which a slot given back on return would miss.

@@ -207,7 +207,7 @@ async def start_service(
         interceptors=[
             *([TelemetryInterceptor(service.name)] if settings.telemetry.enabled else []),
             ErrorMappingInterceptor(),
-            *([LoadSheddingInterceptor(limiter)] if limiter is not None else []),
+            *([LoadSheddingInterceptor(limiter, service.name)] if limiter is not None else []),
             *service.interceptors(),
         ],
         options=[

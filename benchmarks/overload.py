@@ -12,6 +12,10 @@ between them (as the harness's latency slices do), each round a slice of three p
 
 Reported: p50/p99 of admitted calls, p99 of refused ones, the share refused, admitted
 throughput against the unloaded maximum, and how many calls ended DEADLINE_EXCEEDED.
+Refusals are also counted by who made them, as their message names it: the gateway's
+relay ("gateway: cognitive overloaded", its limiter for that back end) or a service's
+shedding interceptor ("cognitive overloaded", "gateway overloaded" for the gateway's own
+gRPC server).
 The request is 8 short texts with `bypass_cache`: each call embeds them and writes them to
 every cache layer (Redis, and PostgreSQL through dataplatform), so the suite saturates on
 work that waits (a thread, Redis, dataplatform) as a real Embed does, not only on CPU.
@@ -63,6 +67,13 @@ def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
     return None
 
 
+def refuser(error: grpc.aio.AioRpcError) -> str:
+    """Who refused a call: "gateway: cognitive" (the relay), a service's name (its
+    interceptor), or the status code."""
+    who, overloaded, _ = (error.details() or "").partition(" overloaded")
+    return who if overloaded else error.code().name
+
+
 @dataclass
 class Outcome:
     """What one phase of closed loops saw."""
@@ -72,6 +83,7 @@ class Outcome:
     codes: Counter[str] = field(default_factory=Counter)
     without_retry_info: int = 0
     seconds: float = 0.0
+    refused_by: dict[str, list[int]] = field(default_factory=dict)  # ns, by who refused
 
     def summary(self) -> dict[str, Any]:
         def pct(values: list[int], q: float) -> float | None:
@@ -87,6 +99,10 @@ class Outcome:
             "refused_p99_ms": pct(self.refused, 99),
             "refused_share": round(len(self.refused) / total, 4) if total else 0.0,
             "refused_without_retry_info": self.without_retry_info,
+            "refused_by": {
+                who: {"calls": len(ns), "p50_ms": pct(ns, 50), "p99_ms": pct(ns, 99)}
+                for who, ns in sorted(self.refused_by.items())
+            },
             "deadline_exceeded": self.codes.get("DEADLINE_EXCEEDED", 0),
             "codes": dict(self.codes),
         }
@@ -116,6 +132,7 @@ async def drive(
                 out.codes[exc.code().name] += 1
                 if exc.code() in REFUSED:
                     out.refused.append(elapsed)
+                    out.refused_by.setdefault(refuser(exc), []).append(elapsed)
                     delay = retry_delay(exc)
                     if delay is None:
                         out.without_retry_info += 1
@@ -170,6 +187,8 @@ def _merge(into: Outcome, part: Outcome) -> None:
     into.refused += part.refused
     into.codes.update(part.codes)
     into.without_retry_info += part.without_retry_info
+    for who, ns in part.refused_by.items():
+        into.refused_by.setdefault(who, []).extend(ns)
     into.seconds += part.seconds
 
 
@@ -253,4 +272,10 @@ def render(result: dict[str, Any]) -> list[str]:
             f"{u['admitted_rps']:,.0f} rps (p50 {u['admitted_p50_ms']} ms); "
             f"DEADLINE_EXCEEDED {o['deadline_exceeded']}; direct p50 {v['direct_p50_ms']} ms"
         )
+        if o.get("refused_by"):
+            by = ", ".join(
+                f"{who} {r['calls']} (p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms)"
+                for who, r in o["refused_by"].items()
+            )
+            lines.append(f"    refused by: {by}")
     return lines

@@ -15,7 +15,21 @@ to that back end with the headers the table keeps, the identity assertion and th
 deadline. Every other call goes unchanged, plus the client's address, to the gateway's own
 gRPC server on a private Unix socket, whose interceptors and proxy decide it with the same
 code: AuthService, health, reflection, a token seen for the first time, an exhausted local
-quota, every denial, cacheable responses, an open breaker. The relay never refuses a call.
+quota, every denial, cacheable responses, an open breaker.
+
+The front's one refusal of its own is load shedding, decided from the HEADERS frame before
+the call can wait in any queue (a gRPC server queues calls before its interceptors run:
+refusals made there took ~0.5 s under 10x overload). Each back end has a
+`ConcurrencyLimiter` (aiwfe/resilience/limiter.py, the class and `load_shedding` settings
+every gRPC server's shedding interceptor uses) over the unary calls the fast path sends
+it; one over the limit is answered at once, trailers only, with the interceptor's own
+status (RESOURCE_EXHAUSTED, reason OVERLOADED, RetryInfo), spending no quota. A slot is
+held until the back end's response is out, so the latency the limit adapts to includes
+the back end's queue, which the back end cannot see. Streams are not counted, as in the
+interceptor. Nor are full-path calls: most are answered by the gateway itself (response
+cache, denials, AuthService), whose latency would teach a back end's limit nothing; the
+rest pass the gateway server's own limiter and the back end's, and the load they add shows
+in the latency of the fast calls the front's limiter measures.
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ from aiwfe.identity import (
     Principal,
 )
 from aiwfe.resilience.breaker import BreakerState, CircuitBreaker
+from aiwfe.resilience.limiter import ConcurrencyLimiter
 from aiwfe.telemetry import ServerRecorder, call_context, caller_context
 from gateway.authn import AuthInterceptor
 from gateway.forwarding import (
@@ -88,11 +103,15 @@ def client_tls(tls: TlsSettings) -> ssl.SSLContext | None:
 class _Route:
     """A back end as the fast path sees it."""
 
-    __slots__ = ("authority", "breaker", "scheme")
+    __slots__ = ("authority", "breaker", "limiter", "name", "scheme")
 
-    def __init__(self, downstream: Downstream, tls: bool) -> None:
+    def __init__(
+        self, downstream: Downstream, tls: bool, limiter: ConcurrencyLimiter | None
+    ) -> None:
+        self.name = downstream.name
         self.authority = downstream.target.encode()
         self.breaker: CircuitBreaker = downstream.breaker
+        self.limiter = limiter  # load shedding of the fast path's unary calls (None: off)
         self.scheme = b"https" if tls else b"http"
 
 
@@ -118,7 +137,13 @@ class FrontDoor:
         self._cache = cache
         self._identity = identity
         tls = client_tls(settings.tls)
-        self._routes = {pkg: _Route(d, tls is not None) for pkg, d in downstreams.items()}
+        shedding = settings.load_shedding
+        self._routes = {
+            pkg: _Route(
+                d, tls is not None, ConcurrencyLimiter(shedding) if shedding.enabled else None
+            )
+            for pkg, d in downstreams.items()
+        }
         self._grpc = settings.grpc
         self._metrics = settings.telemetry.enabled
         self._recorders: dict[str, ServerRecorder] = {}
@@ -127,6 +152,7 @@ class FrontDoor:
         self.fast_calls = 0  # went straight to a back end
         self.answered_calls = 0  # answered by the relay from the in-process response cache
         self.full_calls = 0  # sent to the gateway's gRPC server (if not answered)
+        self.shed_calls = 0  # refused by the relay: the back end was at its limit
         self._upstreams = {p: _endpoint(d.target, tls) for p, d in downstreams.items()}
         self._max_streams = settings.grpc.max_concurrent_streams
         self._tls = server_tls(settings.tls)
@@ -142,6 +168,10 @@ class FrontDoor:
     async def stop(self, grace: float) -> None:
         if self._relay is not None:
             await self._relay.stop(grace)
+
+    def limiter(self, package: str) -> ConcurrencyLimiter | None:
+        """The load-shedding limiter of the back end serving `package` (None: off)."""
+        return self._routes[package].limiter
 
     def decide(self, headers: Headers, peer: str, up: Callable[[str], bool]) -> Decision:
         path = authorization = cache_control = timeout = None
@@ -182,16 +212,31 @@ class FrontDoor:
             if cache_directive(control) is None:  # "no-cache" wants a fresh answer
                 return decision._replace(answer=self._cached_answer(info, principal))
             return decision
-        if not admission.spend_now(principal):
-            return self._full(headers, peer)
-        self.fast_calls += 1
         client = parse_grpc_timeout(timeout) if timeout else None
         cap = deadline_cap(info, self._grpc)
+        # Streams are not counted: a watch would hold a slot for its whole life.
+        limiter = None if info.client_streaming or info.server_streaming else route.limiter
+        slot = 0.0
+        if limiter is not None:
+            started = limiter.try_acquire(cap if client is None else client)
+            if started is None:  # before spending quota: a refused call costs none
+                return self._shed(info, route.name, limiter)
+            slot = started
+        if not admission.spend_now(principal):
+            if limiter is not None:
+                limiter.cancel()
+            return self._full(headers, peer)
+        self.fast_calls += 1
         deadline = Deadline(route.breaker, client, cap)
         # A valid client value is the deadline already; only the gateway's own is written.
         wire = timeout if client is not None and timeout is not None else grpc_timeout(cap)
         assert path is not None
-        return self._fast(info, route, path, relayed, deadline, wire, principal)
+        try:
+            return self._fast(info, route, path, relayed, deadline, wire, principal, slot, limiter)
+        except BaseException:  # the relay answers INTERNAL; the slot must not leak
+            if limiter is not None:
+                limiter.cancel()
+            raise
 
     def _full(self, headers: Headers, peer: str) -> Decision:
         """To the gateway's gRPC server, as the client sent it plus the client's address."""
@@ -199,6 +244,22 @@ class FrontDoor:
         forwarded = [(n, v) for n, v in headers if not n.lower().startswith(_INTERNAL)]
         forwarded.append((_PEER, peer.encode()))
         return Decision(GATEWAY, forwarded)
+
+    def _shed(self, info: MethodInfo, name: str, limiter: ConcurrencyLimiter) -> Decision:
+        """The refusal of a call over its back end's limit, answered by the relay at once:
+        the status the services' shedding interceptor gives (one policy)."""
+        self.shed_calls += 1
+        status = limiter.refusal(f"gateway: {name}").to_status()
+        recorder = self._recorder(info.path)
+        if recorder is None:
+            return Decision("", [], status=status)
+        span = recorder.start(None)
+        started = time.perf_counter()
+
+        def finish(code: grpc.StatusCode, details: bool) -> None:
+            recorder.finish(span, code, time.perf_counter() - started)
+
+        return Decision("", [], finish, status=status)
 
     def _cached_answer(
         self, info: MethodInfo, principal: Principal
@@ -232,6 +293,8 @@ class FrontDoor:
         deadline: Deadline,
         wire_timeout: bytes,
         principal: Principal,
+        slot: float,
+        limiter: ConcurrencyLimiter | None,
     ) -> Decision:
         kept, trace_fields = relayed
         out: Headers = [
@@ -258,6 +321,8 @@ class FrontDoor:
         started = time.perf_counter()
 
         def finish(code: grpc.StatusCode, details: bool) -> None:
+            if limiter is not None:  # once the response is out: the back end's queue counts
+                limiter.release(slot)
             deadline.record(code, details)
             if recorder is not None:
                 recorder.finish(span, code, time.perf_counter() - started)

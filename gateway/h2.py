@@ -8,6 +8,7 @@ the blocks a connection repeats.
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import struct
@@ -352,13 +353,22 @@ def header_block(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
 
 
 def grpc_status_headers(
-    code: int, message: str, response_started: bool
+    code: int,
+    message: str,
+    response_started: bool,
+    metadata: Iterable[tuple[str, str | bytes]] = (),
 ) -> list[tuple[bytes, bytes]]:
-    """Trailers for gRPC status `code`; a trailers-only response when nothing was sent."""
+    """Trailers for gRPC status `code` and trailing `metadata` (a grpc.Status's: `-bin`
+    values as bytes, sent base64 without padding as gRPC does); a trailers-only response
+    when nothing was sent."""
     fields = [] if response_started else list(RESPONSE_HEADERS)
     fields.append((b"grpc-status", str(code).encode()))
     if message:  # percent-encoded, as the gRPC HTTP/2 spec asks
         fields.append(
             (b"grpc-message", quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode())
         )
+    for name, value in metadata:
+        if isinstance(value, bytes):
+            value = base64.b64encode(value).rstrip(b"=").decode("ascii")
+        fields.append((name.encode("ascii"), value.encode("ascii")))
     return fields

@@ -1,7 +1,8 @@
 """An HTTP/2 relay for gRPC: client streams forwarded to upstream connections as frames.
 
 The gateway's front (gateway/front.py) decides, per call, which upstream gets it and with
-which request headers; this module does the HTTP/2 around that decision (RFC 9113, checked
+which request headers, or a status the relay answers at once (trailers only, as it answers
+a malformed request); this module does the HTTP/2 around that decision (RFC 9113, checked
 by tests/gateway/conformance). Messages are never parsed: DATA frames move between
 connections with their stream ids remapped, under flow control of the relay's own on each
 side, so memory stays bounded whatever a peer does:
@@ -30,13 +31,14 @@ import logging
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import grpc
 
 from aiwfe.config import GatewayHttp2Settings, GrpcSettings
+from aiwfe.errors import Status
 from gateway import h2
 from gateway.h2 import ProtocolViolation
 
@@ -71,6 +73,7 @@ _UPSTREAM_FIRST_STREAMS = 100  # an upstream's stream limit until its SETTINGS s
 _DRAIN_PING = b"drain\x00\x00\x00"
 _DRAIN_PING_SECONDS = 1.0  # the final GOAWAY at the latest this long after the first
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
+_DETAILS_KEY = "grpc-status-details-bin"
 _RST_STATUS = {h2.CANCEL: grpc.StatusCode.CANCELLED, h2.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
 
 # What the relay says itself when it answers a call.
@@ -134,6 +137,9 @@ class Decision(NamedTuple):
     # Asked with the request message once it is whole (a unary call): a response message
     # the relay sends back itself, or None to send the call on after all.
     answer: Callable[[bytes], bytes | None] | None = None
+    # A status the relay answers at once (trailers only, its details included), never
+    # opening the call upstream: a refusal the front door decides from the headers alone.
+    status: grpc.Status | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,8 @@ class Endpoint:
 
 Decide = Callable[[Headers, str, Callable[[str], bool]], Decision]
 _UNDECIDED = Decision("", [])  # a stream's decision until the read that opened it is handled
+# Deciding raised: INTERNAL, no message (the log has the exception).
+_FAILED = Decision("", [], status=Status(grpc.StatusCode.INTERNAL, "", ()))
 
 
 class Relay:
@@ -980,11 +988,11 @@ class _Client(_Connection):
             decision = self.relay.decide(headers, self.peer, self.relay.up)
         except Exception:  # a bug costs this call, not the connection's others
             log.exception("deciding a call failed")
-            stream.done = True
-            self.forget(stream)
-            self._respond(stream.cid, stream.client_ended, grpc.StatusCode.INTERNAL, "")
-            return
+            decision = _FAILED
         stream.decision = decision
+        if decision.status is not None:
+            self._answer_status(stream, decision.status)
+            return
         stream.request = h2.header_block(decision.headers)
         if decision.answer is not None:
             # Opened upstream only if the whole request finds no answer.
@@ -1012,10 +1020,32 @@ class _Client(_Connection):
             self.write(h2.headers_frames(sid, h2.header_block(status), h2.END_STREAM))
             self.reset(sid, h2.PROTOCOL_ERROR)
 
-    def _respond(self, sid: int, ended: bool, code: grpc.StatusCode, message: str) -> None:
+    def _answer_status(self, stream: _Stream, status: grpc.Status) -> None:
+        """Answers a decided stream with `status` without opening it upstream."""
+        stream.done = True
+        self.forget(stream)
+        # Request bytes that came with its HEADERS are consumed here: the connection's
+        # window gets them back, as it does for bytes passed on.
+        self.credit(sum(len(payload) for _, _, payload in stream.to_upstream.queue))
+        stream.to_upstream.queue.clear()
+        code = status.code
+        trailers = status.trailing_metadata
+        self._respond(stream.cid, stream.client_ended, code, status.details, trailers)
+        if stream.decision.finish is not None:
+            details = any(name == _DETAILS_KEY for name, _ in trailers)
+            self.relay.later.append(lambda: _finish(stream, code, details))
+
+    def _respond(
+        self,
+        sid: int,
+        ended: bool,
+        code: grpc.StatusCode,
+        message: str,
+        metadata: Iterable[tuple[str, str | bytes]] = (),
+    ) -> None:
         """A trailers-only response from the relay itself to a stream it never opened
         upstream (`ended`: the client had sent all of its request)."""
-        status = h2.grpc_status_headers(code.value[0], message, False)
+        status = h2.grpc_status_headers(code.value[0], message, False, metadata)
         self.write(h2.headers_frames(sid, h2.header_block(status), h2.END_STREAM))
         if ended:
             self._ended(sid, False)

@@ -22,6 +22,11 @@ and let the limit creep with it.
 
 No library on PyPI fits (the candidates are 0.1 releases that pace a client's outbound
 calls and wait for a slot instead of refusing), so this is a small module of our own.
+
+Two places use it, with the same settings (`load_shedding`): every service's gRPC server
+(`LoadSheddingInterceptor`, aiwfe/interceptors.py), and the gateway's relay, which keeps
+one limiter per back end for the calls it sends straight there (gateway/front.py) and
+refuses at the first HEADERS frame, before a call can queue anywhere.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import time
 from collections.abc import Callable
 
 from aiwfe.config import LoadSheddingSettings
+from aiwfe.errors import ResourceExhausted
 
 REFUSED_SHARE = 0.05  # of a window's calls; more makes the RetryInfo delay grow
 
@@ -105,6 +111,22 @@ class ConcurrencyLimiter:
         if self.in_flight > self._max_seen:
             self._max_seen = self.in_flight
         return self._clock()
+
+    def cancel(self) -> None:
+        """Gives back a slot whose call was not run after all (no latency to learn from)."""
+        self.in_flight -= 1
+        self._admitted -= 1
+
+    def refusal(self, who: str = "server") -> ResourceExhausted:
+        """What a refused call is answered: RESOURCE_EXHAUSTED, reason OVERLOADED, RetryInfo
+        (`who`: the service at its limit, as its message names it)."""
+        return ResourceExhausted(
+            f"{who} overloaded: {self.in_flight} calls in flight (limit {self.limit}); "
+            "retry after the delay given",
+            retry_after=self._retry_after,
+            reason="OVERLOADED",
+            metadata={"limit": str(self.limit)},
+        )
 
     def release(self, started: float) -> None:
         """Ends an admitted call and feeds its latency to the limit."""

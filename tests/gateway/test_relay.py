@@ -1,7 +1,8 @@
 """The gateway's HTTP/2 relay between real gRPC peers: a grpc.aio client on one side, a
 grpc.aio server on the other, and the relay passing every call between them. Messages
 larger than every flow-control window, streams each way, cancellation, an upstream that
-is down and comes back or shuts down gracefully, and HTTP/2 input that is not."""
+is down and comes back or shuts down gracefully, HTTP/2 input that is not, and calls the
+decision answers itself."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from typing import Any
 import grpc
 import hpack
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from aiwfe.embedded import free_port
+from aiwfe.errors import ResourceExhausted
 from gateway import h2
 from gateway.relay import Decision, Endpoint, Relay, RelayLimits
 
@@ -301,3 +305,45 @@ async def test_a_grpc_client_sending_a_malformed_field_gets_invalid_argument(rel
         assert "malformed request" in (failed.value.details() or "")
     assert backend.metadata == [] and harness.decided == 0
     assert await echo(b"fine", timeout=5) == b"fine"
+
+
+class RefusingHarness(Harness):
+    """Answers every Echo with its own status (as the front door sheds load)."""
+
+    status = ResourceExhausted("busy", retry_after=0.25, reason="OVERLOADED").to_status()
+
+    def decide(self, headers: list[tuple[bytes, bytes]], peer: str, up: Any) -> Decision:
+        if (b":path", b"/t.T/Echo") in headers:
+            self.decided += 1
+            return Decision("", [], self.finish, status=self.status)
+        return super().decide(headers, peer, up)
+
+
+async def test_a_decided_status_is_answered_at_once_with_its_details() -> None:
+    """A decision carrying a status is answered trailers-only with its code, message,
+    google.rpc details and text trailers, never reaches the upstream, is told to `finish`,
+    and gives back the request bytes: refusals of more request bytes than the
+    connection's window leave the connection working."""
+    server, backend, port = await _backend()
+    harness = RefusingHarness(port, limits=RelayLimits(max_buffer_bytes=MB))  # 512 KiB window
+    relay_port = await harness.relay.start("127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{relay_port}", options=_OPTIONS) as ch:
+            echo = ch.unary_unary("/t.T/Echo")
+            for _ in range(64):  # 2 MiB of requests
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await echo(b"r" * (32 * 1024), timeout=5)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused.value.details() == "busy"
+            status = rpc_status.from_call(refused.value)
+            assert status is not None
+            retry = error_details_pb2.RetryInfo()
+            assert any(d.Unpack(retry) for d in status.details if d.Is(retry.DESCRIPTOR))
+            assert retry.retry_delay.ToMilliseconds() == 250
+            assert ("retry-after", "1") in tuple(refused.value.trailing_metadata() or ())
+            assert await ch.unary_unary("/t.T/Slow")(b"passed", timeout=5) == b"passed"
+    finally:
+        await harness.relay.stop(0.5)
+        await server.stop(0)
+    assert backend.metadata == []  # no Echo reached the upstream
+    assert harness.finished.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 64

@@ -1,6 +1,7 @@
 """Load shedding: calls over a service's concurrency limit are refused at once with
 RESOURCE_EXHAUSTED + RetryInfo (reason OVERLOADED), through the gateway; admitted calls
-succeed; health and streams are never refused for unary load."""
+succeed; health and streams are never refused for unary load. The gateway's relay sheds
+the calls it sends straight to a back end itself, from their first frame."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
 from aiwfe.resilience.breaker import BreakerState
 from aiwfe.suite import Suite, start_suite
+from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
+from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
+from gateway.front import FrontDoor
 from gateway.service import GatewayService
 from tests.conftest import bearer, login
 from tests.taskproc.helpers import get, new_user, spec, submit, watch
@@ -27,6 +31,9 @@ from tests.taskproc.helpers import get, new_user, spec, submit, watch
 LIMIT = 2
 BURST = 16
 TEXTS = 40  # over the built-in backend's thread threshold: the handler awaits its work
+# The relay's refusals are due within 100 ms; asserted with room for a loaded machine.
+REFUSED_WITHIN_S = 0.25
+NO_STORE = ("cache-control", "no-store")  # no response cache: the relay's fast path
 
 
 @pytest.fixture
@@ -108,8 +115,8 @@ async def test_a_burst_over_the_limit_is_refused_at_once_with_retry_info(suite: 
 
 async def test_slots_come_back_when_calls_end_even_abandoned(suite: Suite) -> None:
     """Calls abandoned by their caller (a 20 ms deadline on a slower Embed) give their
-    slots back, so the limit is not eaten away: afterwards every limiter is idle and a
-    call succeeds."""
+    slots back, so the limit is not eaten away: afterwards every limiter (the relay's
+    included) is idle and a call succeeds."""
     limiter = suite.running["cognitive"].limiter
     assert limiter is not None
     async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
@@ -134,6 +141,9 @@ async def test_slots_come_back_when_calls_end_even_abandoned(suite: Suite) -> No
         assert {name: r.limiter.in_flight for name, r in suite.running.items() if r.limiter} == {
             name: 0 for name in suite.running
         }
+        front = _front(suite)
+        assert front.limiter(COGNITIVE) is not None
+        assert front.limiter(COGNITIVE).in_flight == 0  # the relay's slots came back too
         await embed(cog_pb.EmbedRequest(texts=["after"]), metadata=metadata, timeout=10)
 
 
@@ -165,3 +175,105 @@ async def test_streams_and_health_pass_while_unary_slots_are_full(suite: Suite) 
             for slot in held:
                 limiter.release(slot)
         assert (await get(channel, token, wf.workflow_id)).workflow_id == wf.workflow_id
+
+
+COGNITIVE = "aiwfe.cognitive.v1"
+TASKPROC = "aiwfe.taskproc.v1"
+
+
+def _front(suite: Suite) -> FrontDoor:
+    front = suite.running["gateway"].front
+    assert isinstance(front, FrontDoor)
+    return front
+
+
+async def test_the_relay_refuses_a_burst_over_a_back_ends_limit_from_its_headers(
+    suite: Suite,
+) -> None:
+    """16 concurrent Embeds on the relay's fast path against a limit of 2 per back end: the
+    relay itself refuses the excess (cognitive's own limiter never sees it) with
+    RESOURCE_EXHAUSTED/OVERLOADED and RetryInfo within 100 ms each (asserted with a
+    margin), the admitted calls succeed, and the breaker for cognitive stays closed."""
+    front = _front(suite)
+    limiter = front.limiter(COGNITIVE)
+    back_end = suite.running["cognitive"].limiter
+    assert limiter is not None and back_end is not None
+    async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+        metadata = (*bearer(await login(channel)), NO_STORE)
+        embed = cog_grpc.CognitiveServiceStub(channel).Embed
+        await embed(cog_pb.EmbedRequest(texts=["warm"]), metadata=metadata, timeout=10)
+        fast_before, shed_before = front.fast_calls, front.shed_calls
+        back_end_refused = back_end.refused
+
+        async def one(i: int) -> tuple[float, grpc.aio.AioRpcError | None]:
+            texts = [f"front {uuid.uuid4().hex} {i} {n}" for n in range(TEXTS)]
+            request = cog_pb.EmbedRequest(texts=texts, bypass_cache=True)
+            started = time.perf_counter()
+            try:
+                await embed(request, metadata=metadata, timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                return time.perf_counter() - started, exc
+            return time.perf_counter() - started, None
+
+        outcomes = await asyncio.gather(*(one(i) for i in range(BURST)))
+    admitted = [t for t, exc in outcomes if exc is None]
+    refused = [(t, exc) for t, exc in outcomes if exc is not None]
+    assert len(refused) >= BURST // 2, f"only {len(refused)} of {BURST} refused"
+    assert back_end.refused == back_end_refused, "cognitive's own limiter had to refuse"
+    assert front.shed_calls - shed_before == len(refused)
+    assert front.fast_calls - fast_before == len(admitted) > 0
+    for elapsed, exc in refused:
+        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+        reason, delay = _details(exc)
+        assert reason == "OVERLOADED"
+        assert delay is not None and 0 < delay <= 5.0
+        assert (exc.details() or "").startswith("gateway: cognitive overloaded")
+        assert elapsed < REFUSED_WITHIN_S, f"refusal took {elapsed:.3f} s"
+    gateway = suite.running["gateway"].service
+    assert isinstance(gateway, GatewayService)
+    assert gateway.downstreams[COGNITIVE].breaker.state is BreakerState.CLOSED
+    for _ in range(100):  # each slot is given back once its response is out
+        if limiter.in_flight == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert limiter.in_flight == 0
+
+
+async def test_the_relay_never_refuses_a_stream_for_unary_load(suite: Suite) -> None:
+    """With the relay's slots for taskproc all held, a unary GetWorkflow on the fast path
+    is refused by the relay at once (taskproc never sees it), yet a WatchWorkflow stream
+    goes straight to taskproc and runs to its end; freed, unary calls pass again."""
+    front = _front(suite)
+    limiter = front.limiter(TASKPROC)
+    back_end = suite.running["taskproc"].limiter
+    assert limiter is not None and back_end is not None
+    async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+        token = await new_user(suite, channel)
+        wf = await submit(channel, token, spec({"name": "a", "op": "noop"}))
+        stub = wf_grpc.WorkflowServiceStub(channel)
+        request = wf_pb.GetWorkflowRequest(workflow_id=wf.workflow_id)
+        metadata = (*bearer(token), NO_STORE)
+        await stub.GetWorkflow(request, metadata=metadata, timeout=10)  # the token is known
+        held = []
+        while (slot := limiter.try_acquire()) is not None:
+            held.append(slot)  # stands for unary calls in flight through the relay
+        assert len(held) == LIMIT
+        back_end_refused = back_end.refused
+        try:
+            started = time.perf_counter()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.GetWorkflow(request, metadata=metadata, timeout=10)
+            elapsed = time.perf_counter() - started
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert _details(refused.value)[0] == "OVERLOADED"
+            assert elapsed < REFUSED_WITHIN_S, f"refusal took {elapsed:.3f} s"
+            assert back_end.refused == back_end_refused
+            fast_before = front.fast_calls
+            events = await watch(channel, token, wf.workflow_id, timeout=20)
+            assert events and events[-1].workflow_state != 0
+            assert front.fast_calls == fast_before + 1  # the stream took the fast path
+        finally:
+            for slot in held:
+                limiter.release(slot)
+        reply = await stub.GetWorkflow(request, metadata=metadata, timeout=10)
+        assert reply.workflow.workflow_id == wf.workflow_id
