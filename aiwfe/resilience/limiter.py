@@ -169,7 +169,12 @@ class ConcurrencyLimiter:
         if cfg.fixed_limit:
             return
         if now >= self._next_probe and self._max_seen > cfg.min_limit:
-            self._probing = True  # below min_limit every window is a no-load measure
+            if short < cfg.latency_floor_seconds:
+                # Under the floor min_rtt decides nothing (the gradient is 1): a probe would
+                # only refuse a healthy service's callers. Look again next interval.
+                self._next_probe = now + cfg.probe_interval_seconds
+            else:
+                self._probing = True  # below min_limit every window is a no-load measure
         # Latency under the floor is no overload, however far over min_rtt (a burst).
         allowed = max(cfg.tolerance * self.min_rtt, cfg.latency_floor_seconds)
         gradient = min(allowed / short, cfg.target_latency_seconds / short)

@@ -96,3 +96,15 @@ def test_retry_after_grows_while_a_window_refuses_calls() -> None:
     for _ in range(60):
         run_window(limiter, clock, 10, 0.1)
     assert limiter.retry_after() == 0.05
+
+
+def test_a_fast_service_is_never_probed_into_refusing_its_callers() -> None:
+    """32 calls in flight at 10 ms, for longer than the probe interval: latency stays under
+    the floor, so the limit never drops to min_limit to measure min_rtt and no call is
+    refused (a healthy service under steady load sheds nothing)."""
+    clock = Clock()
+    limiter = ConcurrencyLimiter(settings(probe_interval_seconds=1.0), clock)
+    for _ in range(60):  # 60 windows of 0.11 s: several probe intervals
+        run_window(limiter, clock, 32, 0.01)
+    assert limiter.refused == 0
+    assert limiter.limit >= 32
