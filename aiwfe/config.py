@@ -517,7 +517,7 @@ class GatewayHttp2Settings(_Block):
     max_buffer_bytes: int = Field(default=8 * 1024 * 1024, ge=256 * 1024)
     # Connections to one back end (each holds as many streams as the back end allows;
     # calls beyond them wait for a stream to end).
-    max_upstream_connections: int = Field(default=8, gt=0)
+    max_upstream_connections: int = Field(default=32, gt=0)
 
 
 class GatewaySettings(_Block):

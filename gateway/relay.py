@@ -93,7 +93,7 @@ class RelayLimits:
     max_buffer_bytes: int = 8 << 20
     min_ping_interval: float = 5.0  # PINGs without data closer than this are strikes
     max_ping_strikes: int = 2
-    upstream_connections: int = 8
+    upstream_connections: int = 32
 
     @classmethod
     def from_settings(cls, settings: GatewayHttp2Settings, grpc_: GrpcSettings) -> RelayLimits:
