@@ -285,6 +285,7 @@ class _Quota:
     last_used: int = 0  # calls admitted by the previous trip (waiting and reserved)
     refused_until: float = 0.0  # a final refusal, known here until then
     pending: asyncio.Future[None] | None = None
+    limit: int = 0  # the user's limit, as its last waiting call's roles gave it
 
 
 class ApiLimiter:
@@ -316,11 +317,24 @@ class ApiLimiter:
         return max(self._batch, min(1000, limit // 100))
 
     def try_local(self, user_id: str) -> bool:
-        """Spends one reserved call (the hot path); False when none is left in lease."""
+        """Spends one reserved call (the hot path); False when none is left in lease.
+
+        A lease down to its last half of calls (or quarter of time) is renewed ahead, in the
+        background, while its rest is still spent: a busy user's calls never find the
+        relay without quota and fall to the full path while a trip is on its way."""
         q = self._quotas.get(user_id)
-        if q is None or q.left <= 0 or time.monotonic() >= q.until:
+        if q is None or q.left <= 0:
+            return False
+        now = time.monotonic()
+        if now >= q.until:
             return False
         q.left -= 1
+        if (
+            q.pending is None
+            and q.limit
+            and (q.left * 2 <= q.reserved or now >= q.until - self._lease_ms / 4000)
+        ):
+            q.pending = asyncio.ensure_future(self._refill(user_id, q))
         return True
 
     async def acquire(self, user_id: str, roles: tuple[str, ...]) -> None:
@@ -330,7 +344,7 @@ class ApiLimiter:
             if len(self._quotas) >= _MAX_KEYS:
                 self._forget_idle()
             q = self._quotas[user_id] = _Quota()
-        limit = self.limit_for(roles)
+        limit = q.limit = self.limit_for(roles)
         q.waiting += 1
         try:
             while True:
@@ -390,14 +404,7 @@ class ApiLimiter:
             q.last_trip, q.last_used = started, admitted + reserved
             q.admitted += admitted
             if reserved:
-                # Spent only before Redis's lease ends: it began after `started`; a fifth
-                # of it is margin for the settlement to arrive in time.
-                q.until = started + lease * 0.8 / 1000
-                q.trip, q.first, q.reserved, q.left = trip, admitted + 1, reserved, reserved
-                delay = max(0.0, q.until - time.monotonic())
-                q.timer = asyncio.get_running_loop().call_later(
-                    delay, self._lease_ended, user_id, q, key
-                )
+                self._install(user_id, q, key, trip, admitted + 1, reserved, started)
             if admitted == 0:
                 if held_ms > 0:
                     await asyncio.sleep(held_ms / 1000)
@@ -406,11 +413,56 @@ class ApiLimiter:
         finally:
             q.pending = None
 
+    async def _refill(self, user_id: str, q: _Quota) -> None:
+        """A new lease for a busy user's fast path, reserved while the current one is still
+        spent; the current one is settled once the new one is in place. Both count in the
+        log meanwhile, so the limit holds (a renewal near the limit just reserves less, or
+        nothing: then the current lease runs out and calls wait for a trip as before)."""
+        try:
+            started = time.monotonic()
+            extra = min(self.batch_for(q.limit), max(2, 2 * q.reserved))
+            trip = f"{self._replica}{next(self._trips)}"
+            key = self._redis.key(f"ratelimit:api:{_digest(user_id)}")
+            window, lease = self._window_ms, self._lease_ms
+            args = [q.limit, 0, extra, window, lease, trip, "", 0, 0, 0]
+            result = None
+            if self._admit is not None:
+                result = await self._redis.eval_script(self._admit, [key, key + ":leases"], args)
+            if result is None:
+                result = self._local.admit(user_id, q.limit, 0, extra, window, lease, trip, None)
+            reserved = int(result[1])
+            if reserved:
+                q.last_trip, q.last_used = started, reserved
+                old = self._take_lease(q)
+                self._install(user_id, q, key, trip, 1, reserved, started)
+                if old is not None:
+                    self._settle_in_background(user_id, key, old)
+        finally:
+            q.pending = None
+
+    def _install(
+        self, user_id: str, q: _Quota, key: str, trip: str, first: int, reserved: int,
+        started: float,
+    ) -> None:  # fmt: skip
+        """Makes `reserved` calls of lease `trip` spendable by the fast path."""
+        # Spent only before Redis's lease ends: it began after `started`; a fifth of it is
+        # margin for the settlement to arrive in time.
+        q.until = started + self._lease_ms * 0.8 / 1000
+        q.trip, q.first, q.reserved, q.left = trip, first, reserved, reserved
+        delay = max(0.0, q.until - time.monotonic())
+        q.timer = asyncio.get_running_loop().call_later(delay, self._lease_ended, user_id, q, key)
+
     def _lease_ended(self, user_id: str, q: _Quota, key: str) -> None:
         q.timer = None
         lease = self._take_lease(q)
         if lease is None:
             return
+        self._settle_in_background(user_id, key, lease)
+
+    def _settle_in_background(
+        self, user_id: str, key: str, lease: tuple[str, int, int, int]
+    ) -> None:
+        """Closes `lease` in the log: spent calls stay counted, the rest go back."""
         if self._settle is None:
             self._local.settle(user_id, lease)
             return

@@ -468,6 +468,28 @@ async def test_unspent_reservations_go_back(redis_helper) -> None:
     assert await admitted_of([first, second], "u2", 10) == 0
 
 
+@pytest.mark.parametrize("store", ["redis", "in_process"])
+async def test_a_busy_users_fast_path_quota_is_renewed_before_it_runs_out(
+    redis_helper, store
+) -> None:
+    """Once a user's leases have grown to its pace (the first 200 calls), 2,000 more spent
+    on the fast path never find it empty: each lease is renewed in the background while
+    its second half is spent (without that, every lease's end sent calls to the full
+    path)."""
+    redis = redis_helper if store == "redis" else RedisClient(RedisSettings())
+    limiter = ApiLimiter(RateLimitSettings(api_requests=1_000_000, api_window=60), redis)
+    await limiter.acquire("busy", ("user",))
+    await asyncio.sleep(0.01)
+    dry = 0
+    for i in range(2200):
+        if not limiter.try_local("busy"):
+            dry += i >= 200
+            await limiter.acquire("busy", ("user",))  # as the full path would
+        if i % 20 == 0:
+            await asyncio.sleep(0.002)  # the event loop turns between bursts of calls
+    assert dry == 0, dry
+
+
 def test_a_refusal_says_one_retry_time_everywhere() -> None:
     """retry-after, x-ratelimit-reset and the message give the same whole second, RetryInfo
     rounded up (a 47.2 s wait is 48 everywhere, never 47: no client retries early)."""
