@@ -289,7 +289,7 @@ async def test_two_replicas_share_the_limit_exactly(base_overrides) -> None:
 async def test_window_slides_not_resets(base_overrides) -> None:
     """With a 3 s window, bursts just before and just after a 3 s clock boundary admit 100
     together (a fixed window would admit 200), no 3 s span holds more than 100, and once
-    the first burst has slid out the user gets exactly 100 again."""
+    both have slid out the user gets exactly 100 again."""
     window = 3
     async for gw in _limited_gateway(base_overrides, redis=True, window=window):
         token = await new_user(gw.suite, gw.channel)
@@ -299,7 +299,9 @@ async def test_window_slides_not_resets(base_overrides) -> None:
         await asyncio.sleep(max(0.0, boundary + 0.05 - time.time()))
         after, _ = await burst([gw.suite.address("gateway")], token, 130)
         assert len(before) + len(after) == 100
-        await asyncio.sleep(max(before) + window + 0.5 - time.monotonic())
+        # Both bursts slid out (a loaded machine may have admitted some of the 100 after
+        # the boundary): the user gets exactly 100 again.
+        await asyncio.sleep(max(before + after) + window + 0.5 - time.monotonic())
         slid, refused = await burst([gw.suite.address("gateway")], token, 130)
         assert (len(slid), len(refused)) == (100, 30)
         times = sorted(before + after + slid)
