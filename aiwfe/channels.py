@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from aiwfe.config import ConfigError, Settings, TlsSettings
+from aiwfe.config import ConfigError, GrpcSettings, Settings, TlsSettings
 from aiwfe.errors import attribute
 from aiwfe.identity import (
     IDENTITY_METADATA_KEY,
@@ -48,15 +48,22 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
     """A client channel's options: the seed's keepalive options plus message-size limits."""
     g = settings.grpc
     return [
-        ("grpc.keepalive_time_ms", g.keepalive_time_ms),
-        ("grpc.keepalive_timeout_ms", g.keepalive_timeout_ms),
-        ("grpc.keepalive_permit_without_calls", int(g.keepalive_permit_without_calls)),
-        ("grpc.http2.max_pings_without_data", g.http2_max_pings_without_data),
+        *_shared_options(g),
         ("grpc.http2.min_time_between_pings_ms", g.http2_min_time_between_pings_ms),
         (
             "grpc.http2.min_ping_interval_without_data_ms",
             g.http2_min_ping_interval_without_data_ms,
         ),
+    ]
+
+
+def _shared_options(g: GrpcSettings) -> list[tuple[str, Any]]:
+    """What clients and servers both set: keepalive pings and message-size limits."""
+    return [
+        ("grpc.keepalive_time_ms", g.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", g.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(g.keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", g.http2_max_pings_without_data),
         ("grpc.max_send_message_length", g.max_message_bytes),
         ("grpc.max_receive_message_length", g.max_message_bytes),
     ]
@@ -69,14 +76,9 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
     too_many_pings after two strikes), so servers take `server_min_ping_interval_ms`."""
     g = settings.grpc
     return [
-        ("grpc.keepalive_time_ms", g.keepalive_time_ms),
-        ("grpc.keepalive_timeout_ms", g.keepalive_timeout_ms),
-        ("grpc.keepalive_permit_without_calls", int(g.keepalive_permit_without_calls)),
-        ("grpc.http2.max_pings_without_data", g.http2_max_pings_without_data),
+        *_shared_options(g),
         ("grpc.http2.min_ping_interval_without_data_ms", g.server_min_ping_interval_ms),
         ("grpc.http2.max_ping_strikes", g.server_max_ping_strikes),
-        ("grpc.max_send_message_length", g.max_message_bytes),
-        ("grpc.max_receive_message_length", g.max_message_bytes),
     ]
 
 
