@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -102,7 +103,7 @@ class RateLimitSettings(_Block):
     api_requests: int = Field(default=100, gt=0)
     api_window: int = Field(default=60, gt=0)
     # Per-role API limits; a user gets the most generous of its roles (default api_requests).
-    api_requests_per_role: dict[str, int] = Field(default_factory=dict)
+    api_requests_per_role: dict[str, PositiveInt] = Field(default_factory=dict)
     # The most quota one gateway replica reserves from Redis per round trip, beyond the
     # calls waiting for it (the relay's fast path spends it without a round trip).
     api_reserve_batch: int = Field(default=10, gt=0, le=1000)

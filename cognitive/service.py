@@ -181,8 +181,8 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
-            # A concurrent first use won the race: use what it created, if ours to write.
-            await self._authorize(name, owner, "write")
+            # A concurrent first use won the race: use what it created (the caller checks
+            # it may write there).
             found = await self._get_collection(name)
             if found is None:
                 raise
@@ -325,6 +325,9 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
         collection, created = await self._ensure_collection(
             request.collection, len(vectors[0]), fields, principal
         )
+        if not created and not granted.write:
+            # Someone else may have created it while we embedded: their collection now.
+            await self._authorize(request.collection, principal, "write")
         self._check_dimension(collection, backend, len(vectors[0]))
 
         # Chunks beyond the new count are stale (ids are `{id}#{n}`, n = 0..count-1).

@@ -42,7 +42,7 @@ from opentelemetry import propagate
 from aiwfe.config import GrpcSettings
 from aiwfe.errors import InvalidArgument
 from aiwfe.identity import INTERNAL_METADATA_PREFIX
-from aiwfe.resilience.breaker import DETAILS_KEY, CircuitBreaker
+from aiwfe.resilience.breaker import CircuitBreaker
 from gateway.policies import MethodInfo
 
 FORWARD, DROP, REPLACE, FRAMING = "forward", "drop", "replace", "framing"
@@ -163,19 +163,14 @@ class Deadline:
         self._callers = client is not None and client < cap
         self._started = time.monotonic()
 
-    def record(self, code: grpc.StatusCode, details: bool) -> None:
-        """How the call ended, told to the back end's breaker."""
+    def record(self, code: grpc.StatusCode, details: bool, message: str = "") -> None:
+        """How the call ended, told to the back end's breaker (`message`: for its log)."""
         caller_deadline = (
             code is grpc.StatusCode.DEADLINE_EXCEEDED
             and self._callers
             and time.monotonic() - self._started >= self.seconds - _CALLER_MARGIN
         )
-        self._breaker.record_status(code, details, caller_deadline=caller_deadline)
-
-
-def has_details(trailing: Iterable[tuple[str, Any]] | None) -> bool:
-    """Whether a failed call's trailers carried google.rpc details."""
-    return any(key == DETAILS_KEY for key, _ in trailing or ())
+        self._breaker.record_status(code, details, caller_deadline=caller_deadline, message=message)
 
 
 _TRACE_NAMES = frozenset(name.encode() for name in TRACE_FIELDS)
@@ -216,12 +211,17 @@ _pairs: dict[tuple[bytes, bytes], int] = {}
 def _judged_pair(header: tuple[bytes, bytes]) -> int:
     """What the relay does with one header, its value checked (memoized when small)."""
     name, value = header
-    action = _memo.get(name)
-    if action is None:
-        action = _judged(name)
+    found = _memo.get(name)
+    by_name = action = _judged(name) if found is None else found
     if action in (_KEEP, _SKIP, _TRACE) and _ILLEGAL_BYTE(value) is not None:
         action = _REFUSE
-    if action != _TRACE and name != b"grpc-timeout" and len(name) + len(value) <= _MEMO_PAIR:
+    # Dropped headers (credentials among them) are judged anew each time: the memo is
+    # process-wide and must never hold a token after its connection is gone.
+    if (
+        by_name not in (_TRACE, _SKIP)
+        and name != b"grpc-timeout"
+        and len(name) + len(value) <= _MEMO_PAIR
+    ):
         if len(_pairs) >= _MEMO_LIMIT:  # headers unique per call filled it: start again
             _pairs.clear()
         _pairs[header] = action

@@ -17,7 +17,8 @@ import grpc
 
 from aiwfe.channels import Downstream
 from aiwfe.config import GrpcSettings
-from gateway.forwarding import Deadline, deadline_cap, forwarded_metadata, has_details
+from aiwfe.resilience.breaker import has_details
+from gateway.forwarding import Deadline, deadline_cap, forwarded_metadata
 from gateway.policies import MethodInfo
 
 
@@ -64,7 +65,7 @@ def _recorded(downstream: Downstream, call: _Upstream) -> Iterator[None]:
     try:
         yield
     except grpc.aio.AioRpcError as exc:
-        call.deadline.record(exc.code(), has_details(exc.trailing_metadata()))
+        call.deadline.record(exc.code(), has_details(exc.trailing_metadata()), exc.details() or "")
         raise
     except BaseException:  # the client left (cancelled, or stopped reading a stream)
         call.deadline.record(grpc.StatusCode.CANCELLED, False)

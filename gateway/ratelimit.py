@@ -362,6 +362,9 @@ class ApiLimiter:
                 await asyncio.shield(q.pending)
         finally:
             q.waiting -= 1
+            # Slots admitted for callers that gave up are not kept for later ones (they
+            # stay counted in the log: the safe side).
+            q.admitted = min(q.admitted, q.waiting)
 
     def _forget_idle(self) -> None:
         self._quotas = {k: q for k, q in self._quotas.items() if q.waiting or q.trip or q.pending}
@@ -393,6 +396,8 @@ class ApiLimiter:
             keys = [key, key + ":leases"]
             window, lease = self._window_ms, self._lease_ms
             result = None
+            if settle is not None:
+                self._local.settle(user_id, settle)  # reserved in process (Redis was down)?
             if self._admit is not None:
                 flat = settle or ("", 0, 0, 0)
                 result = await self._redis.eval_script(
@@ -472,8 +477,10 @@ class ApiLimiter:
 
     async def _settle_lease(self, user_id: str, key: str, lease: tuple[str, int, int, int]) -> None:
         assert self._settle is not None
-        if not await self._redis.eval_script(self._settle, [key, key + ":leases"], list(lease)):
-            self._local.settle(user_id, lease)
+        # The lease may have been reserved in process while Redis was down: settling it
+        # there too is a no-op otherwise.
+        self._local.settle(user_id, lease)
+        await self._redis.eval_script(self._settle, [key, key + ":leases"], list(lease))
 
 
 # Logins of one username waiting on one replica for a check slot; beyond, refused (a
@@ -532,6 +539,7 @@ class LoginLimiter:
             if self._queued[keys[0]] <= 1:
                 del self._queued[keys[0]]
                 del self._starting[keys[0]]
+                self._ended.pop(keys[0], None)  # nobody here waits on it any more
             else:
                 self._queued[keys[0]] -= 1
         try:

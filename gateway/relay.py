@@ -39,6 +39,7 @@ import grpc
 
 from aiwfe.config import GatewayHttp2Settings, GrpcSettings
 from aiwfe.errors import Status
+from aiwfe.resilience.breaker import has_details
 from gateway import h2
 from gateway.h2 import ProtocolViolation
 
@@ -73,7 +74,6 @@ _UPSTREAM_FIRST_STREAMS = 100  # an upstream's stream limit until its SETTINGS s
 _DRAIN_PING = b"drain\x00\x00\x00"
 _DRAIN_PING_SECONDS = 1.0  # the final GOAWAY at the latest this long after the first
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
-_DETAILS_KEY = "grpc-status-details-bin"
 _RST_STATUS = {h2.CANCEL: grpc.StatusCode.CANCELLED, h2.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
 
 # What the relay says itself when it answers a call.
@@ -1032,7 +1032,7 @@ class _Client(_Connection):
         trailers = status.trailing_metadata
         self._respond(stream.cid, stream.client_ended, code, status.details, trailers)
         if stream.decision.finish is not None:
-            details = any(name == _DETAILS_KEY for name, _ in trailers)
+            details = has_details(trailers)
             self.relay.later.append(lambda: _finish(stream, code, details))
 
     def _respond(

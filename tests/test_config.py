@@ -88,6 +88,10 @@ def test_secrets_do_not_appear_in_repr() -> None:
         ({"AIWFE_SERVICES__GATEWAY__PORT": "http"}, "services.gateway.port"),
         ({"AIWFE_RBAC__NO_SUCH_KEY": "1"}, "rbac.no_such_key"),
         ({"JWT_SECRET_KEY": "short"}, "authentication.jwt.secret_key"),
+        (
+            {"AIWFE_AUTHENTICATION__RATE_LIMITING__API_REQUESTS_PER_ROLE": '{"user": 0}'},
+            "authentication.rate_limiting.api_requests_per_role.user",
+        ),
     ],
 )
 def test_invalid_values_name_the_key(env, key) -> None:

@@ -19,7 +19,8 @@ import enum
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import grpc
 
@@ -34,6 +35,11 @@ PROBE_MAX_DELAY = 2.0  # health checks back off to this; keeps recovery well wit
 PROBE_CALL_HOLD = 2.0  # a probe call silent this long (e.g. a stream) frees the slot
 
 HealthCheck = Callable[[], Awaitable[bool]]
+
+
+def has_details(trailing: Iterable[tuple[str, Any]] | None) -> bool:
+    """Whether a failed call's trailers carried google.rpc details (a live server's answer)."""
+    return any(key == DETAILS_KEY for key, _ in trailing or ())
 
 
 class BreakerState(enum.Enum):
@@ -154,9 +160,11 @@ class CircuitBreaker:
 
     def record_error(self, error: grpc.aio.AioRpcError, *, caller_deadline: bool = False) -> None:
         """A downstream call's error, judged by `record_status`."""
-        details = any(key == DETAILS_KEY for key, _ in error.trailing_metadata() or ())
         self.record_status(
-            error.code(), details, caller_deadline=caller_deadline, message=error.details() or ""
+            error.code(),
+            has_details(error.trailing_metadata()),
+            caller_deadline=caller_deadline,
+            message=error.details() or "",
         )
 
     def record_status(
