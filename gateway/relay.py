@@ -412,7 +412,13 @@ def _grant(stream: _Stream) -> None:
     to 1 MiB)."""
     inflight = stream.upstream_recv + stream.queued
     want = stream.target - inflight
-    if want < stream.target // 2 or stream.upstream is None or not stream.uid:
+    if (
+        want < stream.target // 2
+        or stream.upstream is None
+        or not stream.uid
+        or stream.done
+        or stream.upstream_ended
+    ):
         return
     client = stream.client
     grant = min(want, client.budget)
@@ -925,6 +931,13 @@ class _Client(_Connection):
     def forget(self, stream: _Stream) -> None:
         if self.streams.pop(stream.cid, None) is not None:
             self._ended(stream.cid, False)
+            # Request bytes it never passed on (reset, answered, or failed before they
+            # went) were taken from the connection's window: they come back, or a
+            # long-lived connection's window shrinks for good. A replay's were credited.
+            unsent = sum(len(payload) for _, _, payload in stream.to_upstream.queue)
+            stream.to_upstream.queue.clear()
+            if unsent > stream.resent:
+                self.credit(unsent - stream.resent)
         self.blocked.pop(stream, None)
         # The window the stream's upstream was granted and never used goes back.
         self.budget += stream.upstream_recv + stream.queued
@@ -1023,11 +1036,7 @@ class _Client(_Connection):
     def _answer_status(self, stream: _Stream, status: grpc.Status) -> None:
         """Answers a decided stream with `status` without opening it upstream."""
         stream.done = True
-        self.forget(stream)
-        # Request bytes that came with its HEADERS are consumed here: the connection's
-        # window gets them back, as it does for bytes passed on.
-        self.credit(sum(len(payload) for _, _, payload in stream.to_upstream.queue))
-        stream.to_upstream.queue.clear()
+        self.forget(stream)  # which credits the request bytes that came with its HEADERS
         code = status.code
         trailers = status.trailing_metadata
         self._respond(stream.cid, stream.client_ended, code, status.details, trailers)
@@ -1219,8 +1228,10 @@ class _Upstream(_Connection):
         except (TimeoutError, OSError, ssl.SSLError) as exc:
             log.warning("upstream %s unreachable: %s", self.pool.endpoint.authority.decode(), exc)
             self.pool.down_until = time.monotonic() + _DOWN_SECONDS
-            self._lost("back end unavailable")
+            # The queued calls first: else the lost connection's streams, as they go, hand
+            # them to a new connection to the same unreachable back end.
             self.pool.fail_queued("back end unavailable")
+            self._lost("back end unavailable")
             self.relay.flush()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

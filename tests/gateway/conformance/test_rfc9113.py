@@ -518,6 +518,23 @@ async def test_6_8_client_goaway_lets_its_calls_finish(relayed_port: Relayed) ->
 # --- §6.9 WINDOW_UPDATE and flow control --------------------------------------------------------
 
 
+async def test_6_9_request_bytes_of_reset_streams_return_to_the_connection_window(
+    relayed_port: Relayed,
+) -> None:
+    """DATA the client sent on streams it then reset (never passed on upstream) is given
+    back to the connection's window: 100 such streams of 64 KiB (more than the 4 MiB
+    window) leave the connection serving, with no FLOW_CONTROL_ERROR."""
+    client = await _client(relayed_port)
+    chunk = b"\x00" * 16384
+    for n in range(100):
+        sid = 2 * n + 1
+        client.headers(sid)
+        client.send(*(f.frame(f.DATA, 0, sid, chunk) for _ in range(4)))
+        client.send(f.rst_stream(sid, f.CANCEL))
+        await asyncio.sleep(0)
+    await _served(client, 201)
+
+
 async def test_6_9_zero_connection_increment_is_protocol_error(relayed_port: Relayed) -> None:
     """A zero increment on the connection is a connection error PROTOCOL_ERROR."""
     assert await _connection_error(relayed_port, f.window_update(0, 0)) == f.PROTOCOL_ERROR
