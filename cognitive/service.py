@@ -500,10 +500,15 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
             raise self._not_found(name)
         return collection
 
-    def _check_grantee(self, v: Violations, username: str, role: str, field: str) -> None:
+    def _check_grantee(
+        self, v: Violations, username: str, role: str, field: str, known: bool = True
+    ) -> None:
+        """One of username and role; `known`: the role must be configured (to grant it,
+        not to take back a grant of a role since removed from the config)."""
         if v.check(bool(username) != bool(role), field, "set one of username and role"):
             v.text(username, f"{field}.username", max_chars=MAX_USERNAME_CHARS, required=False)
-            if role:
+            v.text(role, f"{field}.role", max_chars=MAX_USERNAME_CHARS, required=False)
+            if role and known:
                 v.check(
                     self._rbac.known_role(role),
                     f"{field}.role",
@@ -538,7 +543,7 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
     ) -> pb.UnshareCollectionResponse:
         v = Violations()
         self._check_collection(v, request.collection, "collection")
-        self._check_grantee(v, request.username, request.role, "grantee")
+        self._check_grantee(v, request.username, request.role, "grantee", known=False)
         v.raise_if_any()
         collection = await self._managed(request.collection)
         reply = await self._dp.call(

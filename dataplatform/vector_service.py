@@ -266,8 +266,15 @@ class VectorService(pb_grpc.VectorStoreServiceServicer):
         v = Violations()
         _check_name(request.name, "name", v)
         v.raise_if_any()
-        with self._op("delete_collection"):
-            await self.store.delete_collection(request.name)
+        try:
+            with self._op("delete_collection"):
+                await self.store.delete_collection(request.name)
+        except NotFound:
+            # Gone already: a retry after a delete whose database step failed must not
+            # leave the owner and grant rows behind (any other failure keeps them).
+            if self._access is not None:
+                await self._access.forget(request.name)
+            raise
         if self._access is not None:
             await self._access.forget(request.name)
         return pb.DeleteCollectionResponse()
