@@ -102,10 +102,12 @@ class AuthInterceptor(MethodInterceptor):
         if principal is None:
             return None
         assert info is not None and isinstance(principal, Principal)
-        self.authorize(info, principal)  # a denied call spends no quota (as on the relay)
+        # A denied call spends quota too (a caller probing permissions is limited like any
+        # other); the relay sends every denial here, so both paths count it.
         if not self.spend_now(principal):
             assert self._limiter is not None
             await self._limiter.acquire(principal.user_id, principal.roles)
+        self.authorize(info, principal)
         return principal
 
     def consults_cache(

@@ -137,7 +137,7 @@ async def test_denied_missing_and_limited_calls_name_what_applies(suite_and_chan
         users.DisableUser, auth_pb.DisableUserRequest(username=ghost), metadata=bearer(admin)
     ) == (grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND", {"username": ghost})
 
-    spent = 1  # GetWorkflow above; the denied Submit spent no quota (authorized first)
+    spent = 2  # the two calls above (the denied Submit counts too)
     for _ in range(READONLY_LIMIT - spent):
         await auth_grpc.AuthServiceStub(channel).WhoAmI(
             auth_pb.WhoAmIRequest(), metadata=reader, timeout=10
