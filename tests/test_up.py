@@ -350,17 +350,24 @@ def test_up_stops_a_crash_looping_child_with_its_last_errors(database_dsn, tmp_p
     fast = {"AIWFE_LAUNCHER__RESTART_BACKOFF": "0.05", "AIWFE_LAUNCHER__RESTART_BACKOFF_MAX": "0.2"}
     with launch_up(database_dsn, tmp_path, **fast) as up:
         port = up.ports["cognitive"]
-        os.kill(service_pids(up.home)["cognitive"], signal.SIGKILL)
-        squatter = socket.socket()
-        until = time.monotonic() + 5
-        while True:  # the port is free once the kernel has reaped the killed process
-            try:
-                squatter.bind(("127.0.0.1", port))
-                break
-            except OSError:
-                assert time.monotonic() < until, "the killed child's port never came free"
-                time.sleep(0.01)
-        squatter.listen()
+        # The launcher is paused while the port changes hands: with a 0.05 s backoff its
+        # restart could otherwise bind the port again before the squatter does.
+        up.proc.send_signal(signal.SIGSTOP)
+        try:
+            os.kill(service_pids(up.home)["cognitive"], signal.SIGKILL)
+            squatter = socket.socket()
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            until = time.monotonic() + 5
+            while True:  # the port is free once the kernel has closed the killed process's sockets
+                try:
+                    squatter.bind(("127.0.0.1", port))
+                    break
+                except OSError:
+                    assert time.monotonic() < until, "the killed child's port never came free"
+                    time.sleep(0.01)
+            squatter.listen()
+        finally:
+            up.proc.send_signal(signal.SIGCONT)
         started = time.monotonic()
         try:
             assert up.proc.wait(90) == 1
