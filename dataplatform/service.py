@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import sys
@@ -36,7 +35,7 @@ from dataplatform.replica_bus import ReplicaBus
 from dataplatform.token_store import TokenStore
 from dataplatform.users import UserStore
 from dataplatform.vector_service import VectorService
-from dataplatform.workflow_store import WorkflowStore
+from dataplatform.workflows import WorkflowStore
 
 log = logging.getLogger("aiwfe.dataplatform")
 _PURGE_INTERVAL = 60.0
@@ -103,10 +102,14 @@ class DataPlatformService(Service):
     async def _purge_loop(self) -> None:
         while True:
             await asyncio.sleep(_PURGE_INTERVAL)
-            with contextlib.suppress(Exception):
-                await self.cache.purge_expired()
-            with contextlib.suppress(Exception):
-                await self.tokens.purge_expired()
+            for name, purge in (
+                ("cache entries", self.cache.purge_expired),
+                ("tokens", self.tokens.purge_expired),
+            ):
+                try:
+                    await purge()
+                except Exception:  # the next round retries; the failure must be seen
+                    log.warning("purging expired %s failed", name, exc_info=True)
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         user_grpc.add_UserStoreServiceServicer_to_server(self.users, server)
