@@ -65,7 +65,9 @@ class DataPlatformService(Service):
         self.replicas = ReplicaBus(self.redis, self.workflows.wakeups, self.workflows.stopped_among)
         self.workflows.wakeups.peers = self.replicas
         self.tokens = TokenStore(self.db)
-        self.vectors = VectorService(settings, access=CollectionAccessStore(self.db))
+        self.vectors = VectorService(
+            settings.qdrant, settings.home_path, access=CollectionAccessStore(self.db)
+        )
         self._purger: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None
 
