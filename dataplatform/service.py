@@ -104,14 +104,19 @@ class DataPlatformService(Service):
     async def _purge_loop(self) -> None:
         while True:
             await asyncio.sleep(_PURGE_INTERVAL)
-            for name, purge in (
-                ("cache entries", self.cache.purge_expired),
-                ("tokens", self.tokens.purge_expired),
-            ):
-                try:
-                    await purge()
-                except Exception:  # the next round retries; the failure must be seen
-                    log.warning("purging expired %s failed", name, exc_info=True)
+            await self.purge_expired()
+
+    async def purge_expired(self) -> None:
+        """Deletes expired cache entries and tokens; a failure is logged and the next
+        round retries (one failing purge never stops the other)."""
+        for name, purge in (
+            ("cache entries", self.cache.purge_expired),
+            ("tokens", self.tokens.purge_expired),
+        ):
+            try:
+                await purge()
+            except Exception:
+                log.warning("purging expired %s failed", name, exc_info=True)
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         user_grpc.add_UserStoreServiceServicer_to_server(self.users, server)
