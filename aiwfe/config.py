@@ -2,6 +2,9 @@
 and `AIWFE_<BLOCK>__<KEY>=value` environment overrides. Built once at start-up.
 
 The seed's values are the defaults and are requirements: change them in the YAML, not here.
+
+Over 600 lines on purpose: the one settings model, every block and its checks side by side
+(split by block, a key's default and its cross-field check would live apart).
 """
 
 from __future__ import annotations

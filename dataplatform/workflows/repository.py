@@ -10,6 +10,9 @@ Every transition appends an event under the workflow row's lock (`append_events`
 per-workflow sequence numbers are gap-free and commit in order: a watcher resuming
 `after_sequence` loses nothing. What to do (retry or dead letter, when to sweep) is
 `scheduling`'s; this module only says how.
+
+Over 600 lines on purpose: every statement of the engine in one place, so a schema change is
+checked against all its queries at once.
 """
 
 from __future__ import annotations
