@@ -5,8 +5,9 @@ caller's identity, deadline and circuit breaker applied to every call.
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -259,6 +260,40 @@ class Downstream:
                 raise
         self.breaker.record_success()
         return response
+
+    async def stream(
+        self, rpc: Any, request: Any, timeout: float | None = None
+    ) -> AsyncIterator[Any]:
+        """Reads a server stream through the breaker, with identity and a client span. With
+        no `timeout` only the caller's deadline bounds it (its expiry is never the back
+        end's fault); a `timeout` of our own that expires counts against the back end, as
+        in `call`. The first message is the back end's success (a long stream must not
+        hold a half-open breaker's probe slot)."""
+        self.breaker.before_call()
+        caller_deadline = not timeout
+        if caller_deadline:
+            timeout = None if request_deadline.get() is None else remaining_timeout(math.inf)
+        span = _tracer.start_span(f"{self.name} {_method_name(rpc)}", kind=SpanKind.CLIENT)
+        with trace.use_span(span, end_on_exit=False):  # the trace context goes in metadata
+            call = rpc(request, timeout=timeout, metadata=self.metadata())
+        answered = False
+        try:
+            async for message in call:
+                if not answered:
+                    answered = True
+                    self.breaker.record_success()
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            self.breaker.record_error(exc, caller_deadline=caller_deadline)
+            span.set_status(Status(StatusCode.ERROR, exc.code().name))
+            attribute(exc, self.name)
+            raise
+        else:
+            if not answered:
+                self.breaker.record_success()
+        finally:
+            call.cancel()  # the reader stopped early: end the stream upstream too
+            span.end()
 
     async def close(self) -> None:
         self.breaker.retire()

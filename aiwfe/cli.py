@@ -3,6 +3,16 @@ the API through the gateway (login, embed, search, workflows, users, ...).
 
 Human output by default, `--json` for scripts. A gRPC error becomes one line on stderr
 (`aiwfe: CODE: details`) and exit code 1; bad usage or unreadable input exits 2.
+
+Every command is one handler registered with `@command("group name", ...)`: the decorator
+adds its parser (and its group's, printing the group's help when no subcommand is given),
+so adding a command is one decorated function. Connection options (`--gateway`, `--json`,
+`--timeout`, ...) go before or after the subcommand. API handlers read and check their
+input (files, password prompt) before connecting; gRPC, pydantic and the client load only
+then, so a prompt appears at once.
+
+Over 600 lines on purpose: one short handler per command (26), each beside its arguments;
+they share the helpers above them, and splitting by group would only move the table apart.
 """
 
 from __future__ import annotations
@@ -15,17 +25,17 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
-import yaml
-from google.protobuf import json_format
-from google.protobuf.message import Message
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+if TYPE_CHECKING:
+    import grpc
+    from google.protobuf.message import Message
 
-from aiwfe.config import ConfigError
+    from aiwfe.client import AsyncClient
 
 SERVICES = ("gateway", "cognitive", "taskproc", "dataplatform")
 # Bounds on what the CLI reads and sends per call (the server enforces its own too).
@@ -33,10 +43,16 @@ MAX_FILE_BYTES = 8 * 1024 * 1024
 INDEX_BATCH = 64
 EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2
+DEFAULT_TIMEOUT = 30.0
+HEALTH_TIMEOUT = 3.0
 
 
 class UsageError(Exception):
     """A problem with the command line or its input files (exit code 2)."""
+
+
+class NotLoggedIn(Exception):
+    """The gateway wants credentials and none are stored for it (exit code 1)."""
 
 
 async def check_health(
@@ -46,6 +62,9 @@ async def check_health(
     credentials: grpc.ChannelCredentials | None = None,
 ) -> str:
     """The grpc.health.v1 status name of `service` at `address` (TLS with credentials)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     channel = (
         grpc.aio.secure_channel(address, credentials)
         if credentials is not None
@@ -55,153 +74,114 @@ async def check_health(
         reply = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout
         )
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
-def _serve(name: str) -> None:
-    import importlib
+# --- the command table ----------------------------------------------------------------------
 
-    importlib.import_module(f"{name}.__main__")
+Configure = Callable[[argparse.ArgumentParser], object]
+Local = Callable[[argparse.Namespace], int]
+Connect = Callable[[], AbstractAsyncContextManager["AsyncClient"]]
+Api = Callable[[argparse.Namespace, Connect], Awaitable[int]]
 
 
-# --- argument parsing ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Command:
+    """One command: its words (`("users", "create")`), help, arguments and handler. An
+    API handler (`api=True`) is async and gets a `connect()` for the gateway."""
+
+    words: tuple[str, ...]
+    help: str
+    configure: Configure
+    handler: Local | Api
+    api: bool
 
 
-def _connection_options() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+COMMANDS: list[Command] = []
+GROUPS: dict[str, str] = {
+    "collections": "list, share and delete collections",
+    "workflow": "submit and manage workflows",
+    "users": "manage accounts (admin)",
+}
+
+
+def command(
+    words: str, help: str, args: Configure = lambda _: None, api: bool = True
+) -> Callable[[Any], Any]:
+    """Registers the decorated handler as `aiwfe WORDS`; a group word not in GROUPS gets
+    a help line of its own name."""
+
+    def register(handler: Any) -> Any:
+        COMMANDS.append(Command(tuple(words.split()), help, args, handler, api))
+        return handler
+
+    return register
+
+
+def _connection_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """The options every command accepts before or after its name. Below the top level
+    they default to SUPPRESS, so an option given before the subcommand is not reset."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    g = parser.add_argument_group("connection")
+    g.add_argument(
         "--gateway",
-        default=os.environ.get("AIWFE_GATEWAY", "127.0.0.1:50051"),
+        default=default(os.environ.get("AIWFE_GATEWAY", "127.0.0.1:50051")),
         help="gateway host:port (default: $AIWFE_GATEWAY or 127.0.0.1:50051)",
     )
-    common.add_argument("--tls", action="store_true", help="connect with TLS")
-    common.add_argument("--ca-file", help="PEM CA to verify the server (implies --tls)")
-    common.add_argument("--cert-file", help="PEM client certificate for mTLS (implies --tls)")
-    common.add_argument("--key-file", help="PEM key of --cert-file")
-    common.add_argument("--timeout", type=float, default=30.0, help="deadline per call (s)")
-    return common
-
-
-def _api_options() -> argparse.ArgumentParser:
-    api = argparse.ArgumentParser(add_help=False, parents=[_connection_options()])
-    api.add_argument("--json", action="store_true", help="machine-readable JSON output")
-    api.add_argument(
+    g.add_argument("--tls", action="store_true", default=default(False), help="connect with TLS")
+    g.add_argument(
+        "--ca-file", default=default(None), help="PEM CA to verify the server (implies --tls)"
+    )
+    g.add_argument(
+        "--cert-file", default=default(None), help="PEM client certificate for mTLS (implies --tls)"
+    )
+    g.add_argument("--key-file", default=default(None), help="PEM key of --cert-file")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=default(None),
+        help=f"deadline per call in s (default {DEFAULT_TIMEOUT:g}; health {HEALTH_TIMEOUT:g})",
+    )
+    g.add_argument(
+        "--json", action="store_true", default=default(False), help="machine-readable output"
+    )
+    g.add_argument(
         "--credentials",
+        default=default(None),
         help="token file (default: $AIWFE_CREDENTIALS or ~/.config/aiwfe/credentials.json)",
     )
-    return api
+
+
+def _print_help(parser: argparse.ArgumentParser) -> Local:
+    def show(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 0
+
+    return show
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aiwfe", description="AI Workflow Engine")
-    sub = parser.add_subparsers(dest="command", required=True)
-    api = _api_options()
-
-    p = sub.add_parser("up", help="start all four services on this machine")
-    p.add_argument("--config", help="YAML configuration file (default: $AIWFE_CONFIG)")
-    p = sub.add_parser("serve", help="run one service in the foreground")
-    p.add_argument("service", choices=SERVICES)
-    p = sub.add_parser(
-        "health", help="grpc.health.v1 check; exit 0 when SERVING", parents=[_connection_options()]
-    )
-    p.add_argument("address", nargs="?", help="host:port (default: --gateway)")
-    p.add_argument("--service", default="", help="full service name (default: server)")
-    p.set_defaults(timeout=3.0)
-
-    p = sub.add_parser("login", help="log in and store the tokens (0600)", parents=[api])
-    p.add_argument("-u", "--username", default=os.environ.get("AIWFE_USERNAME", "admin"))
-    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    sub.add_parser("logout", help="revoke the session and forget the tokens", parents=[api])
-    sub.add_parser("whoami", help="the logged-in principal", parents=[api])
-
-    p = sub.add_parser("embed", help="embed texts", parents=[api])
-    p.add_argument("texts", nargs="+", metavar="TEXT")
-    p.add_argument("--model", default="")
-    p.add_argument("--bypass-cache", action="store_true")
-
-    p = sub.add_parser("index", help="index text files into a collection", parents=[api])
-    p.add_argument("files", nargs="+", metavar="FILE", type=Path)
-    p.add_argument("--collection", required=True)
-    p.add_argument("--model", default="")
-    p.add_argument(
-        "--meta", action="append", default=[], metavar="KEY=VALUE", help="metadata (repeatable)"
-    )
-
-    p = sub.add_parser("search", help="semantic search in a collection", parents=[api])
-    p.add_argument("query")
-    p.add_argument("--collection", required=True)
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--threshold", type=float, default=0.0, help="minimum score")
-
-    p = sub.add_parser("classify", help="rank labels for a text", parents=[api])
-    p.add_argument("text")
-    p.add_argument(
-        "-l", "--label", action="append", default=[], dest="labels", help="label (repeat >= 2)"
-    )
-    p.add_argument("--example", action="append", default=[], metavar="LABEL=TEXT")
-
-    p = sub.add_parser("generate", help="stream a completion", parents=[api])
-    p.add_argument("prompt")
-    p.add_argument("--model", default="")
-    p.add_argument("--system", default="")
-    p.add_argument("--max-tokens", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--collection", default="", help="ground on hits from this collection")
-    p.add_argument("--top-k", type=int, default=0)
-
-    p = sub.add_parser("collections", help="list, share and delete collections")
-    co = p.add_subparsers(dest="collections_command", required=True)
-    co.add_parser("ls", help="your collections and those shared with you", parents=[api])
-    for name, text in (
-        ("share", "grant a user or a role access (read; --write to index too)"),
-        ("unshare", "remove a user's or a role's access"),
-    ):
-        c = co.add_parser(name, help=text, parents=[api])
-        c.add_argument("collection", metavar="NAME")
-        who = c.add_mutually_exclusive_group(required=True)
-        who.add_argument("--user", default="", help="username of the grantee")
-        who.add_argument("--role", default="", help="role of the grantees")
-        if name == "share":
-            c.add_argument("--write", action="store_true", help="let them index into it too")
-    c = co.add_parser("rm", help="delete a collection you own", parents=[api])
-    c.add_argument("collection", metavar="NAME")
-
-    p = sub.add_parser("workflow", help="submit and manage workflows")
-    wf = p.add_subparsers(dest="workflow_command", required=True)
-    w = wf.add_parser("submit", help="submit a YAML/JSON WorkflowSpec", parents=[api])
-    w.add_argument("file", type=Path)
-    w.add_argument("--watch", action="store_true", help="follow progress until terminal")
-    w.add_argument("--idempotency-key", default="")
-    w = wf.add_parser("ls", help="list your workflows", parents=[api])
-    w.add_argument("--state", default="", help="e.g. RUNNING, SUCCEEDED")
-    w.add_argument("--page-size", type=int, default=0)
-    w.add_argument("--page-token", default="")
-    for name, text in (("get", "show one workflow"), ("cancel", "cancel a workflow")):
-        w = wf.add_parser(name, help=text, parents=[api])
-        w.add_argument("workflow_id")
-    w = wf.add_parser("watch", help="follow a workflow until terminal", parents=[api])
-    w.add_argument("workflow_id")
-
-    p = sub.add_parser("users", help="manage accounts (admin)")
-    us = p.add_subparsers(dest="users_command", required=True)
-    u = us.add_parser("create", help="create an account", parents=[api])
-    u.add_argument("username")
-    u.add_argument("--role", action="append", default=[], dest="roles")
-    u.add_argument("--password-stdin", action="store_true")
-    u = us.add_parser("ls", help="list accounts", parents=[api])
-    u.add_argument("--page-size", type=int, default=0)
-    u.add_argument("--page-token", default="")
-    u = us.add_parser("set-roles", help="replace an account's roles", parents=[api])
-    u.add_argument("username")
-    u.add_argument("roles", nargs="+")
-    u = us.add_parser("disable", help="disable an account", parents=[api])
-    u.add_argument("username")
-
-    sub.add_parser("breakers", help="every service's circuit breakers (admin)", parents=[api])
-
-    p = sub.add_parser("bench", help="run the benchmark harness (python -m benchmarks)")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for python -m benchmarks")
+    _connection_options(parser, suppress=False)
+    top = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+    for cmd in COMMANDS:
+        where = top
+        for word in cmd.words[:-1]:
+            if word not in groups:
+                group = top.add_parser(word, help=GROUPS.get(word, word))
+                _connection_options(group, suppress=True)
+                group.set_defaults(handler=_print_help(group), api=False)
+                groups[word] = group.add_subparsers(dest=f"{word}_command", metavar="COMMAND")
+            where = groups[word]
+        p = where.add_parser(cmd.words[-1], help=cmd.help, description=cmd.help)
+        _connection_options(p, suppress=True)
+        cmd.configure(p)
+        p.set_defaults(handler=cmd.handler, api=cmd.api)
+    parser.set_defaults(handler=_print_help(parser), api=False)
     return parser
 
 
@@ -241,6 +221,9 @@ def _password(from_stdin: bool, prompt: str) -> str:
 
 def load_workflow_spec(path: Path) -> Any:
     """A WorkflowSpec from a YAML or JSON file (proto JSON field names, either case)."""
+    import yaml
+    from google.protobuf import json_format
+
     from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 
     try:
@@ -256,6 +239,8 @@ def load_workflow_spec(path: Path) -> Any:
 
 
 def _as_dict(message: Message) -> dict[str, Any]:
+    from google.protobuf import json_format
+
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
@@ -264,7 +249,7 @@ def _emit(args: argparse.Namespace, message: Message, human: Callable[[], str]) 
 
 
 def _enum(message_enum: Any, value: int, prefix: str) -> str:
-    return message_enum.Name(value).removeprefix(prefix)
+    return str(message_enum.Name(value)).removeprefix(prefix)
 
 
 def _time(ts: Any) -> str:
@@ -303,8 +288,14 @@ def _workflow_lines(wf: Any) -> str:
     return "\n".join(lines)
 
 
+def _next_page(token: str) -> list[str]:
+    return [f"next page: --page-token {token}"] if token else []
+
+
 def rpc_error_line(exc: grpc.aio.AioRpcError) -> str:
     """One line for a gRPC failure: code, details, and a hint where one helps."""
+    import grpc
+
     details = " ".join((exc.details() or "").split())
     line = f"aiwfe: {exc.code().name}: {details}"
     trailers = dict(exc.trailing_metadata() or ())
@@ -315,7 +306,375 @@ def rpc_error_line(exc: grpc.aio.AioRpcError) -> str:
     return line
 
 
-# --- commands -------------------------------------------------------------------------------
+def _connector(args: argparse.Namespace) -> Connect:
+    """A `connect()` for the gateway with the stored tokens; loads the client on call."""
+
+    def connect() -> AbstractAsyncContextManager[AsyncClient]:
+        from aiwfe.client import AsyncClient, CredentialStore
+
+        store = CredentialStore(args.credentials)
+        tokens = store.load(args.gateway)
+        args.logged_in = tokens is not None
+        args.store_path = store.path
+        return AsyncClient(
+            args.gateway,
+            tls=args.tls,
+            ca_file=args.ca_file,
+            cert_file=args.cert_file,
+            key_file=args.key_file,
+            tokens=tokens,
+            timeout=args.timeout or DEFAULT_TIMEOUT,
+            on_tokens=lambda new: store.save(args.gateway, new),
+        )
+
+    return connect
+
+
+# --- local commands -------------------------------------------------------------------------
+
+
+def _up_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML configuration file (default: $AIWFE_CONFIG)")
+
+
+@command("up", "start all four services on this machine", _up_args, api=False)
+def _up(args: argparse.Namespace) -> int:
+    from aiwfe.launcher import up
+
+    return up(args.config)
+
+
+@command(
+    "serve",
+    "run one service in the foreground",
+    lambda p: p.add_argument("service", choices=SERVICES),
+    api=False,
+)
+def _serve(args: argparse.Namespace) -> int:
+    import importlib
+
+    importlib.import_module(f"{args.service}.__main__")
+    return 0
+
+
+def _health_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("address", nargs="?", help="host:port (default: --gateway)")
+    p.add_argument("--service", default="", help="full service name (default: server)")
+
+
+@command("health", "grpc.health.v1 check; exit 0 when SERVING", _health_args, api=False)
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+
+    from aiwfe.channels import channel_credentials
+
+    address = args.address or args.gateway
+    creds = None
+    if args.tls or args.ca_file or args.cert_file:
+        creds = channel_credentials(args.ca_file, args.cert_file, args.key_file)
+
+    async def probe() -> int:
+        status = await check_health(address, args.service, args.timeout or HEALTH_TIMEOUT, creds)
+        print(status)
+        return 0 if status == "SERVING" else 1
+
+    try:
+        return asyncio.run(probe())
+    except grpc.aio.AioRpcError as exc:
+        print(
+            f"{address}: {exc.code().name}: {' '.join((exc.details() or '').split())}",
+            file=sys.stderr,
+        )
+        return EXIT_RPC_ERROR
+
+
+@command(
+    "bench",
+    "run the benchmark harness (python -m benchmarks)",
+    lambda p: p.add_argument(
+        "args", nargs=argparse.REMAINDER, help="arguments for python -m benchmarks"
+    ),
+    api=False,
+)
+def _bench(args: argparse.Namespace) -> int:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "__main__.py").exists():
+        print(
+            "aiwfe: bench needs a source checkout (benchmarks/ is not installed)", file=sys.stderr
+        )
+        return EXIT_USAGE
+    return subprocess.call([sys.executable, "-m", "benchmarks", *args.args], cwd=root)
+
+
+# --- session --------------------------------------------------------------------------------
+
+
+def _login_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-u", "--username", default=os.environ.get("AIWFE_USERNAME", "admin"))
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+
+
+@command("login", "log in and store the tokens (0600)", _login_args)
+async def _login(args: argparse.Namespace, connect: Connect) -> int:
+    password = _password(args.password_stdin, f"password for {args.username}: ")
+    async with connect() as client:
+        reply = await client.login(args.username, password)
+    _emit(
+        args,
+        reply,
+        lambda: (
+            f"logged in to {args.gateway} as {args.username}"
+            f" (token valid {reply.expires_in} s; saved to {args.store_path})"
+        ),
+    )
+    return 0
+
+
+@command("logout", "revoke the session and forget the tokens")
+async def _logout(args: argparse.Namespace, connect: Connect) -> int:
+    from aiwfe.client import CredentialStore
+
+    async with connect() as client:
+        try:
+            await client.logout()
+        finally:
+            CredentialStore(args.credentials).save(args.gateway, None)
+    if not args.json:
+        print(f"logged out of {args.gateway}")
+    return 0
+
+
+@command("whoami", "the logged-in principal")
+async def _whoami(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        who = await client.whoami()
+    _emit(
+        args,
+        who,
+        lambda: (
+            f"{who.username} ({who.user_id})\nroles: {', '.join(who.roles)}\n"
+            f"permissions: {', '.join(who.permissions)}"
+        ),
+    )
+    return 0
+
+
+# --- cognitive ------------------------------------------------------------------------------
+
+
+def _embed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.add_argument("--model", default="")
+    p.add_argument("--bypass-cache", action="store_true")
+
+
+@command("embed", "embed texts", _embed_args)
+async def _embed(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        emb = await client.embed(args.texts, args.model, args.bypass_cache)
+
+    def human() -> str:
+        lines = [
+            f"{len(emb.embeddings)} embeddings, dimension {emb.dimension}, "
+            f"model {emb.model}, {emb.cached_count} from cache"
+        ]
+        for text, vec in zip(args.texts, emb.embeddings, strict=False):
+            head = ", ".join(f"{v:.4f}" for v in vec.values[:4])
+            lines.append(f"  {text[:40]!r}: [{head}, ...]")
+        return "\n".join(lines)
+
+    _emit(args, emb, human)
+    return 0
+
+
+def _index_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", metavar="FILE", type=Path)
+    p.add_argument("--collection", required=True)
+    p.add_argument("--model", default="")
+    p.add_argument(
+        "--meta", action="append", default=[], metavar="KEY=VALUE", help="metadata (repeatable)"
+    )
+
+
+@command("index", "index text files into a collection", _index_args)
+async def _index(args: argparse.Namespace, connect: Connect) -> int:
+    from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
+
+    meta = _pairs(args.meta, "--meta")
+    documents = [
+        cog_pb.Document(id=path.name, text=_read_text(path), metadata={**meta, "path": str(path)})
+        for path in args.files
+    ]
+    total = cog_pb.IndexDocumentsResponse()
+    async with connect() as client:
+        for i in range(0, len(documents), INDEX_BATCH):
+            part = await client.index_documents(
+                args.collection, documents[i : i + INDEX_BATCH], args.model
+            )
+            total.document_count += part.document_count
+            total.chunk_count += part.chunk_count
+    _emit(
+        args,
+        total,
+        lambda: (
+            f"indexed {total.document_count} documents "
+            f"({total.chunk_count} chunks) into {args.collection}"
+        ),
+    )
+    return 0
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("query")
+    p.add_argument("--collection", required=True)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--threshold", type=float, default=0.0, help="minimum score")
+
+
+@command("search", "semantic search in a collection", _search_args)
+async def _search(args: argparse.Namespace, connect: Connect) -> int:
+    filters = _pairs(args.filter, "--filter")
+    async with connect() as client:
+        found = await client.search(
+            args.collection, args.query, args.top_k, filters, args.threshold
+        )
+    _emit(
+        args,
+        found,
+        lambda: (
+            "\n".join(
+                f"{h.score:.3f}  {h.document_id}  {' '.join(h.text.split())[:100]}"
+                for h in found.hits
+            )
+            or "no hits"
+        ),
+    )
+    return 0
+
+
+def _classify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text")
+    p.add_argument(
+        "-l", "--label", action="append", default=[], dest="labels", help="label (repeat >= 2)"
+    )
+    p.add_argument("--example", action="append", default=[], metavar="LABEL=TEXT")
+
+
+@command("classify", "rank labels for a text", _classify_args)
+async def _classify(args: argparse.Namespace, connect: Connect) -> int:
+    from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
+
+    if len(args.labels) < 2:
+        raise UsageError("classify needs at least two --label")
+    examples = [
+        cog_pb.LabelExample(label=k, text=v) for k, v in _pairs(args.example, "--example").items()
+    ]
+    async with connect() as client:
+        ranked = await client.classify(args.text, args.labels, examples)
+    _emit(args, ranked, lambda: "\n".join(f"{s.score:.3f}  {s.label}" for s in ranked.labels))
+    return 0
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt")
+    p.add_argument("--model", default="")
+    p.add_argument("--system", default="")
+    p.add_argument("--max-tokens", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--collection", default="", help="ground on hits from this collection")
+    p.add_argument("--top-k", type=int, default=0)
+
+
+@command("generate", "stream a completion", _generate_args)
+async def _generate(args: argparse.Namespace, connect: Connect) -> int:
+    from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
+
+    request = cog_pb.GenerateRequest(
+        prompt=args.prompt,
+        model=args.model,
+        system=args.system,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        context_collection=args.collection,
+        context_top_k=args.top_k,
+    )
+    async with connect() as client:
+        async for piece in client.generate(request):
+            if args.json:
+                print(json.dumps(_as_dict(piece)), flush=True)
+            else:
+                sys.stdout.write(piece.text)
+                sys.stdout.flush()
+    if not args.json:
+        print()
+    return 0
+
+
+# --- collections ----------------------------------------------------------------------------
+
+
+@command("collections ls", "your collections and those shared with you")
+async def _collections_ls(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        listed = await client.list_collections()
+    _emit(
+        args,
+        listed,
+        lambda: "\n".join(_collection_line(c) for c in listed.collections) or "no collections",
+    )
+    return 0
+
+
+def _grant_args(write: bool) -> Configure:
+    def configure(p: argparse.ArgumentParser) -> None:
+        p.add_argument("collection", metavar="NAME")
+        who = p.add_mutually_exclusive_group(required=True)
+        who.add_argument("--user", default="", help="username of the grantee")
+        who.add_argument("--role", default="", help="role of the grantees")
+        if write:
+            p.add_argument("--write", action="store_true", help="let them index into it too")
+
+    return configure
+
+
+@command(
+    "collections share",
+    "grant a user or a role access (read; --write to index too)",
+    _grant_args(write=True),
+)
+async def _collections_share(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        shared = await client.share_collection(
+            args.collection, username=args.user, role=args.role, write=args.write
+        )
+    _emit(args, shared, lambda: _collection_line(shared.collection))
+    return 0
+
+
+@command("collections unshare", "remove a user's or a role's access", _grant_args(write=False))
+async def _collections_unshare(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        unshared = await client.unshare_collection(
+            args.collection, username=args.user, role=args.role
+        )
+    _emit(args, unshared, lambda: _collection_line(unshared.collection))
+    return 0
+
+
+@command(
+    "collections rm",
+    "delete a collection you own",
+    lambda p: p.add_argument("collection", metavar="NAME"),
+)
+async def _collections_rm(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        deleted = await client.delete_collection(args.collection)
+    _emit(args, deleted, lambda: f"deleted collection {args.collection}")
+    return 0
+
+
+# --- workflows ------------------------------------------------------------------------------
 
 
 async def _follow(args: argparse.Namespace, events: AsyncIterator[Any]) -> int:
@@ -339,333 +698,214 @@ async def _follow(args: argparse.Namespace, events: AsyncIterator[Any]) -> int:
     return 0 if terminal == wf_pb.WORKFLOW_STATE_SUCCEEDED else 1
 
 
-async def run_api_command(args: argparse.Namespace) -> int:
-    """Runs one API command through the gateway; returns the exit code."""
-    from aiwfe.client import AsyncClient, CredentialStore
-    from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
+def _submit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", type=Path)
+    p.add_argument("--watch", action="store_true", help="follow progress until terminal")
+    p.add_argument("--idempotency-key", default="")
+
+
+@command("workflow submit", "submit a YAML/JSON WorkflowSpec", _submit_args)
+async def _workflow_submit(args: argparse.Namespace, connect: Connect) -> int:
+    spec = load_workflow_spec(args.file)
+    async with connect() as client:
+        if args.watch:  # one call: the workflow first, then its events
+            updates = client.run_workflow(spec, args.idempotency_key)
+            submitted = (await anext(updates)).workflow
+            _emit(args, submitted, lambda: _workflow_lines(submitted))
+            return await _follow(args, (u.event async for u in updates))
+        submitted = (await client.submit_workflow(spec, args.idempotency_key)).workflow
+    _emit(args, submitted, lambda: _workflow_lines(submitted))
+    return 0
+
+
+def _workflow_ls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", default="", help="e.g. RUNNING, SUCCEEDED")
+    p.add_argument("--page-size", type=int, default=0)
+    p.add_argument("--page-token", default="")
+
+
+@command("workflow ls", "list your workflows", _workflow_ls_args)
+async def _workflow_ls(args: argparse.Namespace, connect: Connect) -> int:
     from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 
-    store = CredentialStore(args.credentials)
-    command = args.command
-    # Validate every input before connecting, so usage errors never depend on the server.
-    spec = None
-    if command == "workflow" and args.workflow_command == "submit":
-        spec = load_workflow_spec(args.file)
-    if command == "classify" and len(args.labels) < 2:
-        raise UsageError("classify needs at least two --label")
-    documents: list[Any] = []
-    if command == "index":
-        meta = _pairs(args.meta, "--meta")
-        for path in args.files:
-            documents.append(
-                cog_pb.Document(
-                    id=path.name, text=_read_text(path), metadata={**meta, "path": str(path)}
-                )
-            )
     state = wf_pb.WORKFLOW_STATE_UNSPECIFIED
-    if command == "workflow" and args.workflow_command == "ls" and args.state:
+    if args.state:
         name = "WORKFLOW_STATE_" + args.state.upper().removeprefix("WORKFLOW_STATE_")
         if name not in wf_pb.WorkflowState.keys():
             raise UsageError(f"unknown --state {args.state!r}")
         state = wf_pb.WorkflowState.Value(name)
-    password = None
-    if command == "login":
-        password = _password(args.password_stdin, f"password for {args.username}: ")
-    if command == "users" and args.users_command == "create":
-        password = _password(args.password_stdin, f"password for new user {args.username}: ")
-
-    async with AsyncClient(
-        args.gateway,
-        tls=args.tls,
-        ca_file=args.ca_file,
-        cert_file=args.cert_file,
-        key_file=args.key_file,
-        tokens=store.load(args.gateway),
-        timeout=args.timeout,
-        on_tokens=lambda tokens: store.save(args.gateway, tokens),
-    ) as client:
-        if command == "login":
-            reply = await client.login(args.username, password or "")
-            _emit(
-                args,
-                reply,
-                lambda: (
-                    f"logged in to {args.gateway} as {args.username}"
-                    f" (token valid {reply.expires_in} s; saved to {store.path})"
-                ),
+    async with connect() as client:
+        page = await client.list_workflows(state, args.page_size, args.page_token)
+    _emit(
+        args,
+        page,
+        lambda: (
+            "\n".join(
+                [_workflow_lines(w).splitlines()[0] for w in page.workflows]
+                + _next_page(page.next_page_token)
             )
-        elif command == "logout":
-            try:
-                await client.logout()
-            finally:
-                store.save(args.gateway, None)
-            if not args.json:
-                print(f"logged out of {args.gateway}")
-        elif command == "whoami":
-            who = await client.whoami()
-            _emit(
-                args,
-                who,
-                lambda: (
-                    f"{who.username} ({who.user_id})\nroles: {', '.join(who.roles)}\n"
-                    f"permissions: {', '.join(who.permissions)}"
-                ),
-            )
-        elif command == "embed":
-            emb = await client.embed(args.texts, args.model, args.bypass_cache)
-
-            def human_embed() -> str:
-                lines = [
-                    f"{len(emb.embeddings)} embeddings, dimension {emb.dimension}, "
-                    f"model {emb.model}, {emb.cached_count} from cache"
-                ]
-                for text, vec in zip(args.texts, emb.embeddings, strict=False):
-                    head = ", ".join(f"{v:.4f}" for v in vec.values[:4])
-                    lines.append(f"  {text[:40]!r}: [{head}, ...]")
-                return "\n".join(lines)
-
-            _emit(args, emb, human_embed)
-        elif command == "index":
-            total = cog_pb.IndexDocumentsResponse()
-            for i in range(0, len(documents), INDEX_BATCH):
-                part = await client.index_documents(
-                    args.collection, documents[i : i + INDEX_BATCH], args.model
-                )
-                total.document_count += part.document_count
-                total.chunk_count += part.chunk_count
-            _emit(
-                args,
-                total,
-                lambda: (
-                    f"indexed {total.document_count} documents "
-                    f"({total.chunk_count} chunks) into {args.collection}"
-                ),
-            )
-        elif command == "search":
-            found = await client.search(
-                args.collection,
-                args.query,
-                args.top_k,
-                _pairs(args.filter, "--filter"),
-                args.threshold,
-            )
-            _emit(
-                args,
-                found,
-                lambda: (
-                    "\n".join(
-                        f"{h.score:.3f}  {h.document_id}  {' '.join(h.text.split())[:100]}"
-                        for h in found.hits
-                    )
-                    or "no hits"
-                ),
-            )
-        elif command == "classify":
-            examples = [
-                cog_pb.LabelExample(label=k, text=v)
-                for k, v in _pairs(args.example, "--example").items()
-            ]
-            ranked = await client.classify(args.text, args.labels, examples)
-            _emit(
-                args,
-                ranked,
-                lambda: "\n".join(f"{s.score:.3f}  {s.label}" for s in ranked.labels),
-            )
-        elif command == "generate":
-            request = cog_pb.GenerateRequest(
-                prompt=args.prompt,
-                model=args.model,
-                system=args.system,
-                max_tokens=args.max_tokens,
-                temperature=args.temperature,
-                context_collection=args.collection,
-                context_top_k=args.top_k,
-            )
-            async for piece in client.generate(request):
-                if args.json:
-                    print(json.dumps(_as_dict(piece)), flush=True)
-                else:
-                    sys.stdout.write(piece.text)
-                    sys.stdout.flush()
-            if not args.json:
-                print()
-        elif command == "collections":
-            sub = args.collections_command
-            if sub == "ls":
-                listed_collections = await client.list_collections()
-                _emit(
-                    args,
-                    listed_collections,
-                    lambda: (
-                        "\n".join(_collection_line(c) for c in listed_collections.collections)
-                        or "no collections"
-                    ),
-                )
-            elif sub == "share":
-                shared = await client.share_collection(
-                    args.collection, username=args.user, role=args.role, write=args.write
-                )
-                _emit(args, shared, lambda: _collection_line(shared.collection))
-            elif sub == "unshare":
-                unshared = await client.unshare_collection(
-                    args.collection, username=args.user, role=args.role
-                )
-                _emit(args, unshared, lambda: _collection_line(unshared.collection))
-            else:
-                deleted = await client.delete_collection(args.collection)
-                _emit(args, deleted, lambda: f"deleted collection {args.collection}")
-        elif command == "workflow":
-            sub = args.workflow_command
-            if sub == "submit":
-                assert spec is not None  # loaded and validated above
-                if args.watch:  # one call: the workflow first, then its events
-                    updates = client.run_workflow(spec, args.idempotency_key)
-                    submitted = (await anext(updates)).workflow
-                    _emit(args, submitted, lambda: _workflow_lines(submitted))
-                    return await _follow(args, (u.event async for u in updates))
-                submitted = (await client.submit_workflow(spec, args.idempotency_key)).workflow
-                _emit(args, submitted, lambda: _workflow_lines(submitted))
-            elif sub == "ls":
-                page = await client.list_workflows(state, args.page_size, args.page_token)
-                _emit(
-                    args,
-                    page,
-                    lambda: (
-                        "\n".join(
-                            [_workflow_lines(w).splitlines()[0] for w in page.workflows]
-                            + (
-                                [f"next page: --page-token {page.next_page_token}"]
-                                if page.next_page_token
-                                else []
-                            )
-                        )
-                        or "no workflows"
-                    ),
-                )
-            elif sub == "get":
-                got = (await client.get_workflow(args.workflow_id)).workflow
-                _emit(args, got, lambda: _workflow_lines(got))
-            elif sub == "cancel":
-                cancelled = (await client.cancel_workflow(args.workflow_id)).workflow
-                _emit(args, cancelled, lambda: _workflow_lines(cancelled))
-            else:
-                return await _follow(args, client.watch_workflow(args.workflow_id))
-        elif command == "breakers":
-            from aiwfe.system.v1 import system_service_pb2 as sys_pb
-
-            listed = await client.list_circuit_breakers()
-
-            def human_breakers() -> str:
-                lines = [
-                    f"{b.service:<14} -> {b.downstream:<14} "
-                    f"{_enum(sys_pb.BreakerState, b.state, 'BREAKER_STATE_'):<10} "
-                    f"failures {b.failure_count}"
-                    + (
-                        f", open {b.open_remaining_seconds:.0f} s"
-                        if b.open_remaining_seconds
-                        else ""
-                    )
-                    for b in listed.breakers
-                ]
-                lines += [f"unreachable: {name}" for name in listed.unreachable_services]
-                return "\n".join(lines) or "no breakers"
-
-            _emit(args, listed, human_breakers)
-        elif command == "users":
-            sub = args.users_command
-            if sub == "create":
-                made = await client.create_user(args.username, password or "", args.roles)
-                _emit(args, made, lambda: _user_line(made.user))
-            elif sub == "ls":
-                users = await client.list_users(args.page_size, args.page_token)
-                _emit(
-                    args,
-                    users,
-                    lambda: "\n".join(
-                        [_user_line(u) for u in users.users]
-                        + (
-                            [f"next page: --page-token {users.next_page_token}"]
-                            if users.next_page_token
-                            else []
-                        )
-                    ),
-                )
-            elif sub == "set-roles":
-                changed = await client.set_user_roles(args.username, args.roles)
-                _emit(args, changed, lambda: _user_line(changed.user))
-            else:
-                off = await client.disable_user(args.username)
-                _emit(args, off, lambda: _user_line(off.user))
+            or "no workflows"
+        ),
+    )
     return 0
 
 
-def _run(coro: Awaitable[int]) -> int:
+def _workflow_id_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("workflow_id")
+
+
+@command("workflow get", "show one workflow", _workflow_id_arg)
+async def _workflow_get(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        got = (await client.get_workflow(args.workflow_id)).workflow
+    _emit(args, got, lambda: _workflow_lines(got))
+    return 0
+
+
+@command("workflow cancel", "cancel a workflow", _workflow_id_arg)
+async def _workflow_cancel(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        cancelled = (await client.cancel_workflow(args.workflow_id)).workflow
+    _emit(args, cancelled, lambda: _workflow_lines(cancelled))
+    return 0
+
+
+@command("workflow watch", "follow a workflow until terminal", _workflow_id_arg)
+async def _workflow_watch(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        return await _follow(args, client.watch_workflow(args.workflow_id))
+
+
+# --- administration -------------------------------------------------------------------------
+
+
+def _users_create_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("username")
+    p.add_argument("--role", action="append", default=[], dest="roles")
+    p.add_argument("--password-stdin", action="store_true")
+
+
+@command("users create", "create an account", _users_create_args)
+async def _users_create(args: argparse.Namespace, connect: Connect) -> int:
+    password = _password(args.password_stdin, f"password for new user {args.username}: ")
+    async with connect() as client:
+        made = await client.create_user(args.username, password, args.roles)
+    _emit(args, made, lambda: _user_line(made.user))
+    return 0
+
+
+def _users_ls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--page-size", type=int, default=0)
+    p.add_argument("--page-token", default="")
+
+
+@command("users ls", "list accounts", _users_ls_args)
+async def _users_ls(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        users = await client.list_users(args.page_size, args.page_token)
+    _emit(
+        args,
+        users,
+        lambda: "\n".join([_user_line(u) for u in users.users] + _next_page(users.next_page_token)),
+    )
+    return 0
+
+
+def _set_roles_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("username")
+    p.add_argument("roles", nargs="+")
+
+
+@command("users set-roles", "replace an account's roles", _set_roles_args)
+async def _users_set_roles(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        changed = await client.set_user_roles(args.username, args.roles)
+    _emit(args, changed, lambda: _user_line(changed.user))
+    return 0
+
+
+@command("users disable", "disable an account", lambda p: p.add_argument("username"))
+async def _users_disable(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        off = await client.disable_user(args.username)
+    _emit(args, off, lambda: _user_line(off.user))
+    return 0
+
+
+@command("breakers", "every service's circuit breakers (admin)")
+async def _breakers(args: argparse.Namespace, connect: Connect) -> int:
+    from aiwfe.system.v1 import system_service_pb2 as sys_pb
+
+    async with connect() as client:
+        listed = await client.list_circuit_breakers()
+
+    def human() -> str:
+        lines = [
+            f"{b.service:<14} -> {b.downstream:<14} "
+            f"{_enum(sys_pb.BreakerState, b.state, 'BREAKER_STATE_'):<10} "
+            f"failures {b.failure_count}"
+            + (f", open {b.open_remaining_seconds:.0f} s" if b.open_remaining_seconds else "")
+            for b in listed.breakers
+        ]
+        lines += [f"unreachable: {name}" for name in listed.unreachable_services]
+        return "\n".join(lines) or "no breakers"
+
+    _emit(args, listed, human)
+    return 0
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+async def run_api_command(args: argparse.Namespace) -> int:
+    """Runs one API command through the gateway; returns the exit code."""
+    args.logged_in = True
     try:
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    except grpc.aio.AioRpcError as exc:
-        print(rpc_error_line(exc), file=sys.stderr)
-        return EXIT_RPC_ERROR
-    except (UsageError, ConfigError) as exc:
+        return int(await args.handler(args, _connector(args)))
+    except Exception as exc:
+        import grpc  # loaded by then if the call failed: not before a password prompt
+
+        unauthenticated = (
+            isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAUTHENTICATED
+        )
+        if unauthenticated and not args.logged_in:
+            raise NotLoggedIn(
+                f"not logged in to {args.gateway} \N{EM DASH} run `aiwfe login`"
+            ) from None
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Runs the parsed command; errors become one line on stderr and an exit code."""
+    try:
+        if args.api:
+            return asyncio.run(run_api_command(args))
+        return int(args.handler(args))
+    except UsageError as exc:
         print(f"aiwfe: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except NotLoggedIn as exc:
+        print(f"aiwfe: UNAUTHENTICATED: {exc}", file=sys.stderr)
+        return EXIT_RPC_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # Loaded only if a command got that far: a failure raised by them was imported.
+        import grpc
 
+        from aiwfe.config import ConfigError
 
-def _health(args: argparse.Namespace) -> int:
-    from aiwfe.channels import channel_credentials
-
-    address = args.address or args.gateway
-    creds = None
-    if args.tls or args.ca_file or args.cert_file:
-        creds = channel_credentials(args.ca_file, args.cert_file, args.key_file)
-
-    async def probe() -> int:
-        status = await check_health(address, args.service, args.timeout, creds)
-        print(status)
-        return 0 if status == "SERVING" else 1
-
-    try:
-        return asyncio.run(probe())
-    except grpc.aio.AioRpcError as exc:
-        print(
-            f"{address}: {exc.code().name}: {' '.join((exc.details() or '').split())}",
-            file=sys.stderr,
-        )
-        return EXIT_RPC_ERROR
-    except ConfigError as exc:
-        print(f"aiwfe: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-
-
-def _bench(extra: list[str]) -> int:
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "__main__.py").exists():
-        print(
-            "aiwfe: bench needs a source checkout (benchmarks/ is not installed)", file=sys.stderr
-        )
-        return EXIT_USAGE
-    return subprocess.call([sys.executable, "-m", "benchmarks", *extra], cwd=root)
+        if isinstance(exc, grpc.aio.AioRpcError):
+            print(rpc_error_line(exc), file=sys.stderr)
+            return EXIT_RPC_ERROR
+        if isinstance(exc, ConfigError):
+            print(f"aiwfe: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.command == "up":
-        from aiwfe.launcher import up
-
-        try:
-            raise SystemExit(up(args.config))
-        except ConfigError as exc:
-            print(f"aiwfe: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-    if args.command == "serve":
-        _serve(args.service)
-        return
-    if args.command == "health":
-        raise SystemExit(_health(args))
-    if args.command == "bench":
-        raise SystemExit(_bench(args.args))
-    raise SystemExit(_run(run_api_command(args)))
+    raise SystemExit(_run(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,6 +2,9 @@
 and `AIWFE_<BLOCK>__<KEY>=value` environment overrides. Built once at start-up.
 
 The seed's values are the defaults and are requirements: change them in the YAML, not here.
+
+Over 600 lines on purpose: the one settings model, every block and its checks side by side
+(split by block, a key's default and its cross-field check would live apart).
 """
 
 from __future__ import annotations
@@ -39,6 +42,22 @@ _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 class ConfigError(Exception):
     """Invalid or missing configuration; the message names the offending key."""
+
+
+# Keys that were accepted once but never read, and why they went: setting one is an error
+# at start-up that says so, never silently ignored.
+REMOVED_KEYS = {
+    "rbac.middleware": "permissions come from the role table in memory; nothing to cache",
+    "database.pgbouncer": "aiwfe does not run PgBouncer: set its pool in PgBouncer's config",
+    "database.connection_strategy.primary_read_write": "database.postgres.dsn is the one"
+    " connection string",
+    "database.connection_strategy.connection_pooling": "database.postgres.dsn is the one"
+    " connection string (point it at PgBouncer to pool)",
+    "qdrant.performance.payload_index": "a collection's indexed_fields choose its payload"
+    " indexes (none listed, none built)",
+    "redis.cache_strategies.api_cache": "response cache TTLs are declared per method in the"
+    " contract (cache_ttl_seconds)",
+}
 
 
 class _Block(BaseModel):
@@ -87,6 +106,17 @@ class JwtSettings(_Block):
                 "must be at least 32 bytes (HS256 keys shorter than the hash are weak)"
             )
         return v
+
+    @model_validator(mode="after")
+    def _kids_resolve(self) -> JwtSettings:
+        kids = [self.key_id, *(k.kid for k in self.keys)]
+        duplicate = next((k for i, k in enumerate(kids) if k in kids[:i]), None)
+        if duplicate is not None:
+            raise ValueError(f"keys: duplicate kid {duplicate!r}")
+        signing = self.signing_key_id or self.key_id
+        if signing not in kids:
+            raise ValueError(f"signing_key_id: no key with kid {signing!r}")
+        return self
 
 
 class ValidationCacheSettings(_Block):
@@ -166,11 +196,6 @@ class RoleSettings(_Block):
     permissions: tuple[str, ...] = ()
 
 
-class RbacMiddlewareSettings(_Block):
-    cache_permissions: bool = True
-    cache_ttl: int = Field(default=600, gt=0)
-
-
 def _seed_roles() -> dict[str, RoleSettings]:
     return {
         "admin": RoleSettings(permissions=("api:*", "cognitive:*", "data:*", "system:*")),
@@ -181,7 +206,6 @@ def _seed_roles() -> dict[str, RoleSettings]:
 
 class RbacSettings(_Block):
     roles: dict[str, RoleSettings] = Field(default_factory=_seed_roles)
-    middleware: RbacMiddlewareSettings = RbacMiddlewareSettings()
 
 
 # --- database (seed) --------------------------------------------------------------------
@@ -204,22 +228,12 @@ class PostgresSettings(_Block):
     stall_probe_timeout: float = Field(default=0.5, gt=0)
 
 
-class PgBouncerSettings(_Block):
-    pool_mode: Literal["transaction", "session", "statement"] = "transaction"
-    default_pool_size: int = 20
-    reserve_pool_size: int = 5
-    max_client_conn: int = 200
-
-
 class ConnectionStrategySettings(_Block):
-    primary_read_write: str = "postgres:5432"
-    connection_pooling: str = "pgbouncer:6432"
     health_check_interval: float = Field(default=30, gt=0)
 
 
 class DatabaseSettings(_Block):
     postgres: PostgresSettings = PostgresSettings()
-    pgbouncer: PgBouncerSettings = PgBouncerSettings()
     connection_strategy: ConnectionStrategySettings = ConnectionStrategySettings()
 
 
@@ -240,7 +254,6 @@ class CacheStrategy(_Block):
 
 class CacheStrategies(_Block):
     session_cache: CacheStrategy = CacheStrategy(ttl=3600, key_pattern="session:{token}")
-    api_cache: CacheStrategy = CacheStrategy(ttl=300, key_pattern="api:{endpoint}:{params_hash}")
     cognitive_cache: CacheStrategy = CacheStrategy(
         ttl=1800, key_pattern="cognitive:{service}:{input_hash}"
     )
@@ -271,7 +284,6 @@ class HnswSettings(_Block):
 
 
 class QdrantPerformanceSettings(_Block):
-    payload_index: bool = True
     quantization_enabled: bool = True
     hnsw_config: HnswSettings = HnswSettings()
 
@@ -474,6 +486,14 @@ class CognitiveSettings(_Block):
     cache: CognitiveCacheSettings = CognitiveCacheSettings()
     embedding: EmbeddingSettings = EmbeddingSettings()
     generation: GenerationSettings = GenerationSettings()
+
+    @model_validator(mode="after")
+    def _overlap_under_half(self) -> CognitiveSettings:
+        if self.chunk_overlap_chars * 2 >= self.chunk_chars:
+            raise ValueError(
+                f"chunk_overlap_chars must be under half of chunk_chars ({self.chunk_chars})"
+            )
+        return self
 
 
 class TaskProcSettings(_Block):
@@ -682,6 +702,10 @@ def load_settings(
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].replace("Extra inputs are not permitted", "unknown key")
+        if err["type"] == "extra_forbidden":
+            why = next((w for k, w in REMOVED_KEYS.items() if f"{key}.".startswith(f"{k}.")), None)
+            if why:
+                msg = f"removed ({why})"
         raise ConfigError(f"invalid configuration key {key!r}: {msg}") from None
 
 

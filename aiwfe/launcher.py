@@ -157,8 +157,9 @@ class Supervisor:
         self.stop = stop
         self.children: list[Child] = []
 
-    async def spawn(self, child: Child) -> None:
-        """Starts `child`'s process; `child.ready` resolves with its address once serving."""
+    async def spawn(self, child: Child) -> asyncio.Future[Any]:
+        """Starts `child`'s process; returns `child.ready`, which resolves with its address
+        once serving."""
         # A session of its own: Ctrl-C reaches only the launcher, which stops in order.
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -171,30 +172,31 @@ class Supervisor:
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        assert proc.stdout is not None and proc.stderr is not None
+        if proc.stdout is None or proc.stderr is None:  # both asked for as PIPE above
+            raise RuntimeError(f"{child.name}: started without its output pipes")
         child.proc, child.started = proc, time.monotonic()
         child.ready = ready = asyncio.get_running_loop().create_future()
         child.pumps = [p for p in child.pumps if not p.done()]
         child.pumps.append(asyncio.create_task(_pump_stdout(child.name, proc.stdout, ready)))
         child.pumps.append(asyncio.create_task(_pump_stderr(proc.stderr, child.tail)))
+        return ready
 
     async def start(self, name: str) -> bool:
         """Starts one child and waits until it is ready; False if `stop` came first."""
         child = Child(name, deque(maxlen=self.settings.stderr_lines))
         self.children.append(child)
-        await self.spawn(child)
-        assert child.ready is not None
+        ready = await self.spawn(child)
         waiter = asyncio.create_task(self.stop.wait())
-        ready_or_stop: set[asyncio.Future[Any]] = {child.ready, waiter}
+        ready_or_stop: set[asyncio.Future[Any]] = {ready, waiter}
         done, _ = await asyncio.wait(
             ready_or_stop, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
         )
         waiter.cancel()
         if self.stop.is_set():
             return False
-        if child.ready not in done:
+        if ready not in done:
             raise RuntimeError(f"{name} was not ready within {READY_TIMEOUT:.0f} s")
-        child.ready.result()
+        ready.result()
         return True
 
     async def _stopping_within(self, seconds: float | None, *aws: Awaitable[Any]) -> bool:
@@ -212,8 +214,9 @@ class Supervisor:
         crash-loop message that should stop the suite."""
         cfg = self.settings
         while True:
-            assert child.proc is not None
             proc = child.proc
+            if proc is None:  # spawn() sets it before watch() is started
+                raise RuntimeError(f"{child.name}: watched before it was spawned")
             if await self._stopping_within(None, proc.wait()):
                 return None  # a death during shutdown is expected, never restarted
             died = time.monotonic()
@@ -242,10 +245,10 @@ class Supervisor:
             if await self._stopping_within(delay):
                 return None
             child.restarts.append(time.monotonic())
-            await self.spawn(child)
-            assert child.ready is not None and child.proc is not None
-            child.ready.add_done_callback(
-                functools.partial(_report_restart, child.name, child.proc.pid, attempt, died)
+            ready = await self.spawn(child)
+            pid = child.proc.pid if child.proc is not None else 0
+            ready.add_done_callback(
+                functools.partial(_report_restart, child.name, pid, attempt, died)
             )
 
 

@@ -85,14 +85,14 @@ class RedisClient:
 
     async def run(self, op: Callable[[aioredis.Redis], Awaitable[T]], default: T) -> T:
         """Runs `op` against Redis, or returns `default` when Redis is unavailable."""
-        if not self.available:
+        client = self.client
+        if client is None or not self.available:
             return default
-        assert self.client is not None
         try:
             # One budget for the whole command, retry on timeout and reconnect included: a
             # Redis that stops answering mid-call costs a call at most the socket timeout.
             async with asyncio.timeout(self.settings.connection_pool.socket_timeout):
-                return await op(self.client)
+                return await op(client)
         except (RedisError, OSError) as exc:  # the budget's TimeoutError is an OSError
             self._skip_until = time.monotonic() + _BACKOFF_SECONDS
             log.warning("redis unavailable, degrading for %.0f s: %s", _BACKOFF_SECONDS, exc)
@@ -157,7 +157,8 @@ class Subscription:
     async def run(self) -> None:
         while True:
             client = self._redis.client
-            assert client is not None, "subscribe only where Redis is configured"
+            if client is None:
+                raise RuntimeError(f"{self._name}: subscribe only where Redis is configured")
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)

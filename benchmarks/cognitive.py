@@ -89,11 +89,11 @@ async def _embed_latency(suite: Any, gw: Any, direct: Any, bearer: Any, internal
     l2, l3 = [], []
     redis = service.redis.client
     for text, req in zip(texts[:200], reqs[:200], strict=True):
-        service.cache._l1.clear()
+        service.cache.clear_memory()
         start = time.perf_counter()
         await direct.Embed(req, metadata=internal())
         l2.append(time.perf_counter() - start)
-        service.cache._l1.clear()
+        service.cache.clear_memory()
         key = service.cache.key({"model": service.backends.default_embedding.model, "text": text})
         await redis.delete(service.redis.key(key))
         start = time.perf_counter()

@@ -41,7 +41,7 @@ from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from benchmarks import procstat, servers
 from benchmarks.harness import ServerProcess, _login
-from benchmarks.workflows import _percentiles, _submit_and_wait
+from benchmarks.workflows import percentiles, submit_and_wait
 
 SERVICES = ("gateway", "taskproc", "dataplatform")
 BURST_IN_FLIGHT = 16
@@ -59,7 +59,7 @@ async def _control_phase(
 
     async def one() -> float | None:
         try:
-            return await _submit_and_wait(stub, md)
+            return await submit_and_wait(stub, md)
         except grpc.aio.AioRpcError as exc:
             failed[exc.code().name] += 1
             first.setdefault(exc.code().name, exc.details() or "")
@@ -76,7 +76,7 @@ async def _control_phase(
     done = sum(t is not None for t in await asyncio.gather(*(limited() for _ in range(burst))))
     elapsed = time.perf_counter() - start
     return {
-        "submit_to_done_ms": _percentiles(latency) if latency else None,
+        "submit_to_done_ms": percentiles(latency) if latency else None,
         "burst": burst,
         "step_completions_per_s": round(done / elapsed, 1),
         "failed": {code: {"n": n, "first": first[code]} for code, n in failed.items()},
@@ -157,7 +157,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         channels.append(control_channel)
         stub = wf_grpc.WorkflowServiceStub(control_channel)
         for _ in range(20):  # warm-up
-            await _submit_and_wait(stub, md)
+            await submit_and_wait(stub, md)
 
         t0, before = time.perf_counter(), _usage(pids)
         idle = await _control_phase(stub, md, opts.samples, opts.burst)

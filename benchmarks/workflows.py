@@ -157,7 +157,7 @@ async def store_queue(dsn: str, jobs: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         await asyncio.gather(*(create() for _ in range(jobs)))
         submit_rate = jobs / (time.perf_counter() - t0)
-        worker = Worker(settings, store, cognitive)
+        worker = Worker(settings.taskproc, settings.grpc.shutdown_grace_seconds, store, cognitive)
         cpu_store = procstat.cpu_seconds(proc.pid)
         cpu_worker = time.process_time()
         start = time.perf_counter()
@@ -195,7 +195,7 @@ def _noop_spec() -> wf_pb.WorkflowSpec:
     return spec
 
 
-async def _submit_and_wait(stub: wf_grpc.WorkflowServiceStub, md: Any) -> float:
+async def submit_and_wait(stub: wf_grpc.WorkflowServiceStub, md: Any) -> float:
     start = time.perf_counter()
     reply = await stub.SubmitWorkflow(
         wf_pb.SubmitWorkflowRequest(spec=_noop_spec()), metadata=md, timeout=30
@@ -297,7 +297,7 @@ async def _throughput(
     }
 
 
-def _percentiles(samples: list[float]) -> dict[str, Any]:
+def percentiles(samples: list[float]) -> dict[str, Any]:
     samples = sorted(samples)
     return {
         "n": len(samples),
@@ -318,19 +318,19 @@ async def gateway_phases(
         async with grpc.aio.insecure_channel(server.address("gateway")) as channel:
             stub = wf_grpc.WorkflowServiceStub(channel)
             for _ in range(20):  # warm-up
-                await _submit_and_wait(stub, md)
+                await submit_and_wait(stub, md)
                 await _run_and_wait(stub, md)
-            idle = [await _submit_and_wait(stub, md) for _ in range(latency)]
+            idle = [await submit_and_wait(stub, md) for _ in range(latency)]
             idle_run = [await _run_and_wait(stub, md) for _ in range(latency)]
             e2e_result = await _throughput(
-                server, admin_dsn, e2e, in_flight, lambda: _submit_and_wait(stub, md)
+                server, admin_dsn, e2e, in_flight, lambda: submit_and_wait(stub, md)
             )
             run_result = await _throughput(
                 server, admin_dsn, e2e, in_flight, lambda: _run_and_wait(stub, md)
             )
         return {
-            "latency_idle_ms": _percentiles(idle),
-            "latency_idle_run_ms": _percentiles(idle_run),
+            "latency_idle_ms": percentiles(idle),
+            "latency_idle_run_ms": percentiles(idle_run),
             "e2e": e2e_result,
             "e2e_run": run_result,
         }

@@ -81,6 +81,10 @@ class EmbeddingCache:
         # Persistent-layer calls still running (some past their budget): held until done.
         self._persistent_calls: set[asyncio.Task[Any]] = set()
 
+    def clear_memory(self) -> None:
+        """Empties the in-process layer (L1) only: the next lookup goes to Redis (L2)."""
+        self._l1.clear()
+
     def key(self, input_data: dict[str, Any]) -> str:
         """The L1/L3 key of an input (L2 adds the configured Redis key prefix)."""
         return self._pattern.format(service=self._service, input_hash=input_hash(input_data))

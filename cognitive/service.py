@@ -21,7 +21,7 @@ from aiwfe.cache import TTLCache
 from aiwfe.channels import Downstream
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as pb_grpc
-from aiwfe.config import ConfigError, Settings
+from aiwfe.config import Settings
 from aiwfe.data.v1 import cache_store_service_pb2, vector_store_service_pb2
 from aiwfe.data.v1 import vector_store_service_pb2 as vs_pb
 from aiwfe.data.v1 import vector_store_service_pb2_grpc as vs_grpc
@@ -697,12 +697,7 @@ class CognitiveService(Service):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        cfg = settings.cognitive
-        if cfg.chunk_overlap_chars * 2 >= cfg.chunk_chars:
-            raise ConfigError(
-                "configuration key 'cognitive.chunk_overlap_chars' must be under half of "
-                f"cognitive.chunk_chars ({cfg.chunk_chars})"
-            )
+        cfg = settings.cognitive  # chunk sizes checked by CognitiveSettings
         self.identity = InternalIdentity.from_settings(settings)
         self.dataplatform = Downstream(
             "dataplatform",

@@ -33,7 +33,7 @@ MAX_IDS = 1000  # per notice; beyond it, receivers wake every watcher instead
 
 
 class LocalWakeups(Protocol):
-    """What a notice wakes on this replica (dataplatform.workflow_store.Wakeups)."""
+    """What a notice wakes on this replica (dataplatform.workflows.watches.Wakeups)."""
 
     def wake_work(self) -> None: ...
     def wake_stopped(self, workflow_ids: list[str]) -> None: ...

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import sys
@@ -36,7 +35,7 @@ from dataplatform.replica_bus import ReplicaBus
 from dataplatform.token_store import TokenStore
 from dataplatform.users import UserStore
 from dataplatform.vector_service import VectorService
-from dataplatform.workflow_store import WorkflowStore
+from dataplatform.workflows import WorkflowStore
 
 log = logging.getLogger("aiwfe.dataplatform")
 _PURGE_INTERVAL = 60.0
@@ -66,7 +65,9 @@ class DataPlatformService(Service):
         self.replicas = ReplicaBus(self.redis, self.workflows.wakeups, self.workflows.stopped_among)
         self.workflows.wakeups.peers = self.replicas
         self.tokens = TokenStore(self.db)
-        self.vectors = VectorService(settings, access=CollectionAccessStore(self.db))
+        self.vectors = VectorService(
+            settings.qdrant, settings.home_path, access=CollectionAccessStore(self.db)
+        )
         self._purger: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None
 
@@ -103,10 +104,19 @@ class DataPlatformService(Service):
     async def _purge_loop(self) -> None:
         while True:
             await asyncio.sleep(_PURGE_INTERVAL)
-            with contextlib.suppress(Exception):
-                await self.cache.purge_expired()
-            with contextlib.suppress(Exception):
-                await self.tokens.purge_expired()
+            await self.purge_expired()
+
+    async def purge_expired(self) -> None:
+        """Deletes expired cache entries and tokens; a failure is logged and the next
+        round retries (one failing purge never stops the other)."""
+        for name, purge in (
+            ("cache entries", self.cache.purge_expired),
+            ("tokens", self.tokens.purge_expired),
+        ):
+            try:
+                await purge()
+            except Exception:
+                log.warning("purging expired %s failed", name, exc_info=True)
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         user_grpc.add_UserStoreServiceServicer_to_server(self.users, server)

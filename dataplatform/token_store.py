@@ -210,7 +210,8 @@ class TokenStore(pb_grpc.TokenStoreServiceServicer):
                     (user_id, _dt(request.watermark_expire_time), reason),
                 )
                 row = await cur.fetchone()
-                assert row is not None
+                if row is None:  # INSERT ... RETURNING returns its row or raises
+                    raise RuntimeError("revocation insert returned no row")
                 response.not_before.CopyFrom(_ts(row["not_before"]))
         return response
 

@@ -69,7 +69,8 @@ class UserStore(pb_grpc.UserStoreServiceServicer):
                 reason="USER_ALREADY_EXISTS",
                 metadata={"username": username},
             ) from None
-        assert row is not None
+        if row is None:  # INSERT ... RETURNING returns its row or raises
+            raise RuntimeError("user insert returned no row")
         return to_proto(row)
 
     async def count(self) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from aiwfe.config import Settings
+from aiwfe.config import QdrantSettings
 from aiwfe.data.v1 import vector_store_service_pb2 as pb
 from aiwfe.data.v1 import vector_store_service_pb2_grpc as pb_grpc
 from aiwfe.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
@@ -51,9 +51,9 @@ MAX_TOP_K = 100
 FIELD_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,127}")
 
 
-def open_configured_store(settings: Settings) -> VectorStore:
-    """The store chosen by config, with the seed's HNSW, quantization and client settings."""
-    q = settings.qdrant
+def open_configured_store(q: QdrantSettings, home: Path) -> VectorStore:
+    """The store chosen by config, with the seed's HNSW, quantization and client settings;
+    the embedded engine's default directory is `home`/qdrant."""
     perf = q.performance
     index = {
         "hnsw_m": perf.hnsw_config.m,
@@ -71,7 +71,7 @@ def open_configured_store(settings: Settings) -> VectorStore:
             pool_size=conn.connection_pool_size,
             **index,
         )
-    path = Path(q.path).expanduser() if q.path else settings.home_path / "qdrant"
+    path = Path(q.path).expanduser() if q.path else home / "qdrant"
     return open_vector_store(None, path, **index)
 
 
@@ -128,12 +128,13 @@ class VectorService(pb_grpc.VectorStoreServiceServicer):
 
     def __init__(
         self,
-        settings: Settings,
+        qdrant: QdrantSettings,
+        home: Path,
         store: VectorStore | None = None,
         access: CollectionAccessStore | None = None,
     ) -> None:
-        self._defaults = settings.qdrant.collection_config.vectors
-        self.store = store or open_configured_store(settings)
+        self._defaults = qdrant.collection_config.vectors
+        self.store = store or open_configured_store(qdrant, home)
         self._store_is_server = not isinstance(self.store, EdgeVectorStore)
         self._access = access
 
@@ -341,7 +342,8 @@ class VectorService(pb_grpc.VectorStoreServiceServicer):
         )
         _check_filter(request.filter, spec, "filter", v)
         v.raise_if_any()
-        assert vector is not None
+        if vector is None:  # _check_vector returns None only with a violation recorded
+            raise RuntimeError("vector check passed without a vector")
         with self._op("search"):
             hits = await self.store.search(
                 spec.name, vector, request.top_k, dict(request.filter), threshold

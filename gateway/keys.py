@@ -69,19 +69,10 @@ class KeyRing:
             )
         self._default = VerifyKey(cfg.key_id, cfg.secret_key, cfg.algorithm)
         self._hmac = {self._default.kid: self._default}
+        # Unique kids and a signing kid that names one: JwtSettings checks both.
         for k in cfg.keys:
-            if k.kid in self._hmac:
-                raise ConfigError(
-                    f"configuration key 'authentication.jwt.keys': duplicate kid {k.kid!r}"
-                )
             self._hmac[k.kid] = VerifyKey(k.kid, k.secret_key, k.algorithm)
-        signing = cfg.signing_key_id or cfg.key_id
-        if signing not in self._hmac:
-            raise ConfigError(
-                "configuration key 'authentication.jwt.signing_key_id': "
-                f"no key with kid {signing!r}"
-            )
-        self.signing = self._hmac[signing]
+        self.signing = self._hmac[cfg.signing_key_id or cfg.key_id]
         self._jwks: dict[str, VerifyKey] = {}
         self._jwks_url = cfg.jwks_url
         self._interval = cfg.jwks_refetch_interval

@@ -209,7 +209,9 @@ class TaskProcService(Service):
         self.streams = StreamPool(self.store, settings, [store_pb.DESCRIPTOR])
         self.watches = SharedWatches(self.streams)
         self.watch_slots = WatchSlots(settings.taskproc.max_watch_streams)
-        self.worker = Worker(settings, self.store, self.cognitive)
+        self.worker = Worker(
+            settings.taskproc, settings.grpc.shutdown_grace_seconds, self.store, self.cognitive
+        )
 
     async def start(self) -> None:
         self.worker.start()

@@ -34,7 +34,7 @@ from google.protobuf import json_format
 
 from aiwfe import metrics
 from aiwfe.channels import Downstream
-from aiwfe.config import Settings
+from aiwfe.config import TaskProcSettings
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
 from aiwfe.identity import Principal, current_principal
@@ -60,9 +60,15 @@ class _Running:
 class Worker:
     """Runs claimed steps; one per taskproc process."""
 
-    def __init__(self, settings: Settings, store: Downstream, cognitive: Downstream) -> None:
-        self.cfg = settings.taskproc
-        self.grace = settings.grpc.shutdown_grace_seconds
+    def __init__(
+        self,
+        cfg: TaskProcSettings,
+        grace_seconds: float,
+        store: Downstream,
+        cognitive: Downstream,
+    ) -> None:
+        self.cfg = cfg
+        self.grace = grace_seconds
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._store = store
         self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)

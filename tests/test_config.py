@@ -18,10 +18,9 @@ def test_defaults_are_the_seed_values() -> None:
     assert s.rbac.roles["admin"].permissions == ("api:*", "cognitive:*", "data:*", "system:*")
     assert s.rbac.roles["user"].permissions == ("api:read", "api:workflow:*", "cognitive:inference")
     assert s.rbac.roles["readonly"].permissions == ("api:read",)
-    assert s.rbac.middleware.cache_ttl == 600
     pg = s.database.postgres
     assert (pg.pool_size, pg.max_overflow, pg.pool_timeout, pg.pool_recycle) == (20, 30, 30, 3600)
-    assert s.database.pgbouncer.pool_mode == "transaction"
+    assert s.database.connection_strategy.health_check_interval == 30
     pool = s.redis.connection_pool
     assert (pool.max_connections, pool.retry_on_timeout, pool.health_check_interval) == (
         20,
@@ -29,7 +28,7 @@ def test_defaults_are_the_seed_values() -> None:
         60,
     )
     cs = s.redis.cache_strategies
-    assert (cs.session_cache.ttl, cs.api_cache.ttl, cs.cognitive_cache.ttl) == (3600, 300, 1800)
+    assert (cs.session_cache.ttl, cs.cognitive_cache.ttl) == (3600, 1800)
     q = s.qdrant
     assert (q.collection_config.vectors.size, q.collection_config.vectors.distance) == (
         768,
@@ -127,3 +126,69 @@ def test_shipped_example_config_matches_the_defaults() -> None:
     shipped = load_settings(path, env=env)
     defaults = load_settings(env=env)
     assert shipped == defaults
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key", "why"),
+    [
+        ("rbac:\n  middleware: {cache_ttl: 60}\n", "rbac.middleware", "role table"),
+        ("database:\n  pgbouncer: {pool_mode: session}\n", "database.pgbouncer", "PgBouncer"),
+        (
+            "database:\n  connection_strategy: {primary_read_write: 'db:5432'}\n",
+            "database.connection_strategy.primary_read_write",
+            "database.postgres.dsn",
+        ),
+        (
+            "database:\n  connection_strategy: {connection_pooling: 'pgb:6432'}\n",
+            "database.connection_strategy.connection_pooling",
+            "database.postgres.dsn",
+        ),
+        (
+            "redis:\n  cache_strategies:\n    api_cache: {ttl: 5, key_pattern: x}\n",
+            "redis.cache_strategies.api_cache",
+            "cache_ttl_seconds",
+        ),
+        (
+            "qdrant:\n  performance: {payload_index: false}\n",
+            "qdrant.performance.payload_index",
+            "indexed_fields",
+        ),
+    ],
+)
+def test_a_removed_key_is_a_start_up_error_saying_why(tmp_path, yaml_text, key, why) -> None:
+    """Keys that were accepted but never read are gone: setting one stops start-up with
+    the key and where its job went, never silently ignored."""
+    path = tmp_path / "aiwfe.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, env={})
+    assert f"invalid configuration key {key!r}: removed (" in str(err.value)
+    assert why in str(err.value)
+
+
+def test_a_misspelt_key_is_still_just_unknown() -> None:
+    """Only removed keys get the removal note; a typo reads "unknown key"."""
+    with pytest.raises(ConfigError, match=r"'database\.postgress': unknown key"):
+        load_settings(env={}, overrides={"database": {"postgress": {}}})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"authentication": {"jwt": {"keys": [{"kid": "k1", "secret_key": "s" * 32}]}}},
+            "duplicate kid 'k1'",
+        ),
+        ({"authentication": {"jwt": {"signing_key_id": "k9"}}}, "no key with kid 'k9'"),
+        (
+            {"cognitive": {"chunk_chars": 400, "chunk_overlap_chars": 200}},
+            "chunk_overlap_chars must be under half of chunk_chars (400)",
+        ),
+    ],
+)
+def test_cross_field_checks_fail_at_load(overrides, message) -> None:
+    """Checks spanning several keys run when the settings load (ConfigError naming the
+    block), not later when a component starts."""
+    with pytest.raises(ConfigError, match="invalid configuration key") as err:
+        load_settings(env={}, overrides=overrides)
+    assert message in str(err.value)

@@ -204,24 +204,24 @@ class CircuitBreaker:
         self._set_state(BreakerState.HALF_OPEN, f"{why}; admitting a probe call")
 
     def _start_probing(self) -> None:
-        if self._health_check is None or (self._prober and not self._prober.done()):
+        check = self._health_check
+        if check is None or (self._prober and not self._prober.done()):
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop (plain sync use): the timeout alone reopens
             return
-        self._prober = loop.create_task(self._probe_health(), name=f"breaker-{self.name}")
+        self._prober = loop.create_task(self._probe_health(check), name=f"breaker-{self.name}")
 
-    async def _probe_health(self) -> None:
+    async def _probe_health(self, check: Callable[[], Awaitable[bool]]) -> None:
         """Checks the back end's health with backoff while open; SERVING → half-open."""
-        assert self._health_check is not None
         delay = PROBE_FIRST_DELAY
         while self._state is BreakerState.OPEN:
             await asyncio.sleep(delay)
             if self._state is not BreakerState.OPEN:
                 return
             try:
-                serving = await self._health_check()
+                serving = await check()
             except Exception:  # any failure to answer is "not yet"
                 serving = False
             if serving and self._state is BreakerState.OPEN:

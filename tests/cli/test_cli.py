@@ -145,9 +145,10 @@ async def test_without_login_every_command_is_one_unauthenticated_line(
     suite: Suite, cli_env, args
 ) -> None:
     """Each API command without a stored token fails with one UNAUTHENTICATED line, exit 1."""
-    result = await aiwfe(cli_env, *args, "--gateway", suite.address("gateway"))
+    gateway = suite.address("gateway")
+    result = await aiwfe(cli_env, *args, "--gateway", gateway)
     assert_one_error_line(result, "UNAUTHENTICATED")
-    assert "aiwfe login" in result.err
+    assert f"not logged in to {gateway} \N{EM DASH} run `aiwfe login`" in result.err
 
 
 async def login_as(env: dict[str, str], gateway: str, user: str, password: str) -> None:

@@ -261,7 +261,7 @@ async def test_servicer_runs_unchanged_on_the_server_store(base_overrides) -> No
 
     settings = load_settings(env={}, overrides=base_overrides)
     store = QdrantServerStore("unused", client=AsyncQdrantClient(location=":memory:"))
-    service = VectorService(settings, store=store)
+    service = VectorService(settings.qdrant, settings.home_path, store=store)
     try:
         collection = pb.Collection(name="srv", dimension=DIM, indexed_fields=["document_id"])
         await service.CreateCollection(pb.CreateCollectionRequest(collection=collection), None)

@@ -75,7 +75,12 @@ async def test_dag_runs_with_references_and_owner_identity(suite, gateway_channe
             "spec.steps[0].depends_on",
             "cycle",
         ),
-        ([{"name": "a", "op": "shell.exec"}], "spec.steps[0].op", "unknown op"),
+        (
+            [{"name": "a", "op": "shell.exec"}],
+            "spec.steps[0].op",
+            "unknown op 'shell.exec'; known: cognitive.classify, cognitive.embed,"
+            " cognitive.generate, cognitive.index, cognitive.search, noop",
+        ),
         (
             [{"name": "a", "op": "noop"}, {"name": "a", "op": "noop"}],
             "spec.steps[1].name",

@@ -1,0 +1,698 @@
+"""The workflow repository: every SQL statement of the engine, over the tables of
+migration 004 (`workflows`, `workflow_steps`, `workflow_step_attempts`, `workflow_events`).
+
+Statements take named parameters and write states by name (`states.sql`). The claim bumps
+`attempt`, the fencing token: results, failures, releases and lease extensions apply only
+where `lease_owner = worker AND attempt = n AND state = RUNNING`, so a worker whose lease
+expired can never record a result twice or advance a workflow twice.
+
+Every transition appends an event under the workflow row's lock (`append_events`), so
+per-workflow sequence numbers are gap-free and commit in order: a watcher resuming
+`after_sequence` loses nothing. What to do (retry or dead letter, when to sweep) is
+`scheduling`'s; this module only says how.
+
+Over 600 lines on purpose: every statement of the engine in one place, so a schema change is
+checked against all its queries at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, NamedTuple, TypeVar
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from aiwfe.data.v1 import workflow_store_service_pb2 as pb
+from dataplatform.db import Database, DictConnection
+from dataplatform.workflows import messages, watches
+from dataplatform.workflows.states import (
+    ACTIVE,
+    CLAIMABLE,
+    UNFINISHED,
+    WORKFLOW_EVENT,
+    StepState,
+    WorkflowState,
+    sql,
+)
+
+T = TypeVar("T")
+
+MAX_ERROR_CHARS = 4000
+SUBMITTED = "workflow submitted"  # a workflow's first event
+_TX_RETRIES = 5
+
+_STEP_COLUMNS = "name, position, state, attempt, output, error"
+_WF_COLUMNS = (
+    "workflow_id, owner_id, owner_username, owner_roles, spec, state, error,"
+    " created_at, updated_at, last_sequence"
+)
+_PENDING, _RUNNING = int(StepState.PENDING), int(StepState.RUNNING)
+_SUCCEEDED, _RETRYING = int(StepState.SUCCEEDED), int(StepState.RETRYING)
+
+
+class NewEvent(NamedTuple):
+    """An event to append; `step_state` is WORKFLOW_EVENT for the workflow's own."""
+
+    workflow_id: uuid.UUID
+    step_name: str
+    step_state: int
+    message: str
+
+
+class StepRefs(NamedTuple):
+    """Step references as parallel columns, for `unnest`."""
+
+    workflow_ids: list[uuid.UUID]
+    names: list[str]
+    attempts: list[int]
+
+
+def step_refs(refs: Any) -> StepRefs:
+    return StepRefs(
+        [messages.workflow_id(r.workflow_id) for r in refs],
+        [r.step_name for r in refs],
+        [r.attempt for r in refs],
+    )
+
+
+_APPEND_EVENTS = (
+    "WITH c AS (SELECT * FROM unnest(%(workflow_ids)s::uuid[], %(step_names)s::text[],"
+    "   %(step_states)s::smallint[], %(messages)s::text[])"
+    "   WITH ORDINALITY AS c(wf, step, step_state, msg, ord)),"
+    " n AS (SELECT wf, count(*) AS k FROM c GROUP BY wf),"
+    " t AS (SELECT * FROM unnest(%(moved_ids)s::uuid[], %(moved_states)s::smallint[],"
+    "   %(moved_errors)s::text[]) AS t(wf, state, err)),"
+    " w AS (UPDATE workflows w SET last_sequence = w.last_sequence + n.k,"
+    "   state = COALESCE(t.state, CASE WHEN %(promote_pending)s"
+    f"     AND w.state = {WorkflowState.PENDING:d} THEN {WorkflowState.RUNNING:d}"
+    "     ELSE w.state END),"
+    "   error = COALESCE(t.err, w.error), updated_at = now()"
+    "   FROM n LEFT JOIN t ON t.wf = n.wf WHERE w.workflow_id = n.wf"
+    "   RETURNING w.workflow_id, w.last_sequence, n.k, w.state)"
+    " INSERT INTO workflow_events"
+    " (workflow_id, sequence, workflow_state, step_name, step_state, message)"
+    " SELECT c.wf, w.last_sequence - w.k"
+    "   + row_number() OVER (PARTITION BY c.wf ORDER BY c.ord), w.state, c.step,"
+    "   c.step_state, c.msg FROM c JOIN w ON w.workflow_id = c.wf"
+    " RETURNING workflow_id, sequence, workflow_state, step_name, step_state, message,"
+    "   created_at"
+)
+
+_CREATE = (
+    "WITH w AS (INSERT INTO workflows (workflow_id, owner_id, owner_username,"
+    "   owner_roles, idempotency_key, spec, state, priority, deadline_at,"
+    "   last_sequence)"
+    "   VALUES (%(workflow_id)s, %(owner_id)s, %(owner_username)s, %(owner_roles)s,"
+    f"   %(idempotency_key)s, %(spec)s, {WorkflowState.PENDING:d},"
+    "   %(priority)s, now() + %(timeout_seconds)s * interval '1 second', 1)"
+    f"  ON CONFLICT (owner_id, idempotency_key) DO NOTHING RETURNING {_WF_COLUMNS}),"
+    " s AS (INSERT INTO workflow_steps (workflow_id, name, position, op, inputs,"
+    "   depends_on, remaining_deps, state, priority, max_attempts, initial_backoff,"
+    "   backoff_multiplier, max_backoff, jitter, timeout_seconds)"
+    "   SELECT w.workflow_id, u.name, u.ord - 1, u.op, u.inputs,"
+    "   ARRAY(SELECT jsonb_array_elements_text(u.deps)), jsonb_array_length(u.deps),"
+    f"   {_PENDING}, %(priority)s, u.max_attempts, u.initial_backoff,"
+    "   u.backoff_multiplier, u.max_backoff, u.jitter, u.timeout_seconds"
+    "   FROM w, unnest(%(step_names)s::text[], %(step_ops)s::text[],"
+    "   %(step_inputs)s::jsonb[], %(step_deps)s::jsonb[], %(max_attempts)s::int[],"
+    "   %(initial_backoffs)s::float8[], %(backoff_multipliers)s::float8[],"
+    "   %(max_backoffs)s::float8[], %(jitters)s::float8[], %(step_timeouts)s::float8[])"
+    "   WITH ORDINALITY AS u(name, op, inputs, deps, max_attempts, initial_backoff,"
+    "   backoff_multiplier, max_backoff, jitter, timeout_seconds, ord)),"
+    " e AS (INSERT INTO workflow_events (workflow_id, sequence, workflow_state,"
+    "   message, created_at)"
+    "   SELECT workflow_id, 1, state, %(submitted)s, created_at FROM w)"
+    " SELECT * FROM w"
+)
+
+_CLAIM = (
+    "WITH picked AS (SELECT workflow_id, name FROM workflow_steps"
+    f"   WHERE state IN ({sql(*CLAIMABLE)}) AND remaining_deps = 0 AND next_run_at <= now()"
+    "   ORDER BY priority DESC, next_run_at LIMIT %(max_steps)s"
+    "   FOR UPDATE SKIP LOCKED)"
+    f" UPDATE workflow_steps s SET state = {_RUNNING}, attempt = s.attempt + 1,"
+    "   lease_owner = %(worker_id)s,"
+    "   lease_expires_at = now() + %(lease_seconds)s * interval '1 second',"
+    "   updated_at = now()"
+    " FROM picked, workflows w"
+    " WHERE s.workflow_id = picked.workflow_id AND s.name = picked.name"
+    "   AND w.workflow_id = s.workflow_id"
+    " RETURNING s.workflow_id, s.name, s.op, s.inputs, s.attempt, s.timeout_seconds,"
+    "   s.lease_expires_at, s.priority, s.next_run_at, w.owner_id, w.owner_username,"
+    "   w.owner_roles"
+)
+
+_COMPLETE = (
+    "WITH u AS (SELECT * FROM unnest(%(workflow_ids)s::uuid[], %(names)s::text[],"
+    "   %(attempts)s::int[], %(outputs)s::jsonb[])"
+    "   WITH ORDINALITY AS u(wf, name, attempt, output, ord)),"
+    f" done AS (UPDATE workflow_steps s SET state = {_SUCCEEDED}, output = u.output,"
+    "   error = '', lease_owner = NULL, lease_expires_at = NULL, updated_at = now() FROM u"
+    "   WHERE s.workflow_id = u.wf AND s.name = u.name AND s.attempt = u.attempt"
+    f"   AND s.lease_owner = %(worker_id)s AND s.state = {_RUNNING}"
+    "   RETURNING u.ord, s.workflow_id, s.name, s.attempt, u.output),"
+    " rec AS (INSERT INTO workflow_step_attempts"
+    "   (workflow_id, step_name, attempt, worker_id, succeeded, output)"
+    "   SELECT workflow_id, name, attempt, %(worker_id)s, true, output FROM done),"
+    " deps AS (UPDATE workflow_steps d SET remaining_deps = d.remaining_deps - x.k,"
+    "   next_run_at = now(), updated_at = now()"
+    "   FROM (SELECT d2.workflow_id, d2.name, count(*) AS k FROM workflow_steps d2"
+    "     JOIN done a ON d2.workflow_id = a.workflow_id AND a.name = ANY(d2.depends_on)"
+    f"     WHERE d2.state = {_PENDING} GROUP BY 1, 2) x"
+    "   WHERE d.workflow_id = x.workflow_id AND d.name = x.name"
+    "   RETURNING d.remaining_deps)"
+    " SELECT ord, workflow_id, name, attempt, NULL::int AS remaining FROM done"
+    " UNION ALL SELECT NULL, NULL, NULL, NULL, remaining_deps FROM deps"
+)
+
+_EXPIRE_LEASES = (
+    # The lost attempt gets its row like any finished attempt (`e` holds the lease owner
+    # from before the update). No conflict is possible (a recorded attempt is no longer
+    # RUNNING), but a sweep must never abort on one: it is what recovers lost work.
+    "WITH e AS (SELECT workflow_id, name, lease_owner FROM workflow_steps"
+    f"   WHERE state = {_RUNNING} AND lease_expires_at < now()"
+    "   ORDER BY lease_expires_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED),"
+    f" u AS (UPDATE workflow_steps s SET state = {_RETRYING}, failures = s.failures + 1,"
+    "   lease_owner = NULL, lease_expires_at = NULL, next_run_at = now(),"
+    "   error = %(error)s, updated_at = now()"
+    "   FROM e WHERE s.workflow_id = e.workflow_id AND s.name = e.name"
+    "   RETURNING s.workflow_id, s.name, s.attempt, s.failures, s.max_attempts,"
+    "     e.lease_owner),"
+    " rec AS (INSERT INTO workflow_step_attempts"
+    "   (workflow_id, step_name, attempt, worker_id, succeeded, error)"
+    "   SELECT workflow_id, name, attempt, coalesce(lease_owner, ''), false, %(error)s"
+    "   FROM u ON CONFLICT DO NOTHING)"
+    " SELECT workflow_id, name, attempt, failures, max_attempts FROM u"
+)
+
+
+class WorkflowRepository:
+    """The engine's reads and writes; `wakeups` hears what each transaction appended."""
+
+    def __init__(self, db: Database, wakeups: watches.Wakeups) -> None:
+        self._db = db
+        self._wakeups = wakeups
+
+    # --- transactions and events ----------------------------------------------------------
+
+    async def tx(self, work: Callable[[DictConnection], Awaitable[T]]) -> T:
+        """Runs `work` in one transaction, retrying on deadlock/serialization failures;
+        once it commits, the events it appended reach this replica's watchers."""
+        for attempt in range(_TX_RETRIES):
+            with watches.collecting() as appended:
+                try:
+                    async with self._db.pool.connection() as conn:
+                        result = await work(conn)
+                except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                    if attempt == _TX_RETRIES - 1:
+                        raise
+                    await asyncio.sleep(random.uniform(0.001, 0.02) * (attempt + 1))
+                    continue
+            self._wakeups.appended(appended)
+            return result
+        raise RuntimeError("unreachable: the last attempt returns or raises")
+
+    @staticmethod
+    async def lock_workflows(conn: DictConnection, ids: list[uuid.UUID]) -> None:
+        """Locks workflow rows in id order, so concurrent batches never deadlock on them."""
+        if len(ids) > 1:
+            await conn.execute(
+                "SELECT 1 FROM workflows WHERE workflow_id = ANY(%(ids)s)"
+                " ORDER BY workflow_id FOR NO KEY UPDATE",
+                {"ids": sorted(ids)},
+            )
+
+    async def append_events(
+        self,
+        conn: DictConnection,
+        events: list[NewEvent],
+        new_states: dict[uuid.UUID, tuple[WorkflowState, str]] | None = None,
+        promote_pending: bool = False,
+        locked: bool = False,
+    ) -> None:
+        """Appends events with gap-free sequences and applies workflow state changes
+        (state, error) in the same statement; `promote_pending` moves PENDING workflows
+        to RUNNING."""
+        if not events:
+            return
+        new_states = new_states or {}
+        if not locked:
+            await self.lock_workflows(conn, list({e.workflow_id for e in events}))
+        cur = await conn.execute(
+            _APPEND_EVENTS,
+            {
+                "workflow_ids": [e.workflow_id for e in events],
+                "step_names": [e.step_name for e in events],
+                "step_states": [e.step_state for e in events],
+                "messages": [e.message[:MAX_ERROR_CHARS] for e in events],
+                "moved_ids": list(new_states),
+                "moved_states": [int(s) for s, _ in new_states.values()],
+                "moved_errors": [err for _, err in new_states.values()],
+                "promote_pending": promote_pending,
+            },
+        )
+        appended = watches.current_appended()
+        if appended is not None:
+            wids = {e.workflow_id for e in events}
+            if self._wakeups.watching(wids):
+                for row in await cur.fetchall():
+                    rows = appended.setdefault(row["workflow_id"], [])
+                    if rows is not None:
+                        rows.append(row)
+            else:  # parsing rows nobody reads costs the queue; a late watcher re-reads
+                appended.update(dict.fromkeys(wids))
+
+    # --- workflows ------------------------------------------------------------------------
+
+    async def create(
+        self, request: pb.CreateWorkflowRequest, wid: uuid.UUID
+    ) -> pb.CreateWorkflowResponse:
+        """Stores the workflow as `wid`, or returns the one its idempotency key names. One
+        statement, so one round trip in autocommit and atomic by itself: the workflow row,
+        its steps and its first event, unless the idempotency key was used before. Only
+        this replica can watch an id not out yet, so the first event is delivered here,
+        not announced."""
+        spec = request.spec
+        steps = list(spec.steps)
+        policies = [st.retry_policy for st in steps]
+        key = request.idempotency_key or None
+        args = {
+            "workflow_id": wid,
+            "owner_id": request.owner.user_id,
+            "owner_username": request.owner.username,
+            "owner_roles": list(request.owner.roles),
+            "idempotency_key": key,
+            "spec": spec.SerializeToString(),
+            "priority": spec.priority,
+            "timeout_seconds": spec.timeout_seconds,
+            "step_names": [st.name for st in steps],
+            "step_ops": [st.op for st in steps],
+            "step_inputs": [Jsonb(messages.as_dict(st.inputs)) for st in steps],
+            "step_deps": [Jsonb(list(st.depends_on)) for st in steps],
+            "max_attempts": [p.max_attempts for p in policies],
+            "initial_backoffs": [p.initial_backoff_seconds for p in policies],
+            "backoff_multipliers": [p.backoff_multiplier for p in policies],
+            "max_backoffs": [p.max_backoff_seconds for p in policies],
+            "jitters": [p.jitter for p in policies],
+            "step_timeouts": [st.timeout_seconds for st in steps],
+            "submitted": SUBMITTED,
+        }
+        async with self._db.autocommit() as conn:
+            cur = await conn.execute(_CREATE, args)
+            row = await cur.fetchone()
+            if row is not None:  # nothing to read back: every step is PENDING, no attempts
+                self._wakeups.work()
+                first = {
+                    "sequence": 1,
+                    "workflow_state": row["state"],
+                    "step_name": "",
+                    "step_state": WORKFLOW_EVENT,
+                    "message": SUBMITTED,
+                    "created_at": row["created_at"],
+                }
+                self._wakeups.deliver({wid: [first]})  # watched before the insert, if at all
+                pending = [
+                    {"name": st.name, "state": _PENDING, "attempt": 0, "error": "", "output": None}
+                    for st in steps
+                ]
+                return pb.CreateWorkflowResponse(
+                    workflow=messages.workflow(row, pending), created=True
+                )
+            # The idempotency key was used before (or is being used right now: the insert
+            # waited for that transaction, so its workflow is committed): the same workflow.
+            cur = await conn.execute(
+                f"SELECT {_WF_COLUMNS} FROM workflows"
+                " WHERE owner_id = %(owner_id)s AND idempotency_key = %(idempotency_key)s",
+                {"owner_id": request.owner.user_id, "idempotency_key": key},
+            )
+            existing = await cur.fetchone()
+            if existing is None:  # the conflicting row committed before this read
+                raise RuntimeError(f"workflow of idempotency key {key!r} vanished")
+            return pb.CreateWorkflowResponse(workflow=(await self.load(conn, [existing]))[0])
+
+    async def load(self, conn: DictConnection, rows: list[dict[str, Any]]) -> list[Any]:
+        """Workflow messages for workflow rows, with their steps in spec order."""
+        if not rows:
+            return []
+        cur = await conn.execute(
+            f"SELECT workflow_id, {_STEP_COLUMNS} FROM workflow_steps"
+            " WHERE workflow_id = ANY(%(ids)s) ORDER BY workflow_id, position",
+            {"ids": [r["workflow_id"] for r in rows]},
+        )
+        steps: dict[uuid.UUID, list[dict[str, Any]]] = {}
+        for s in await cur.fetchall():
+            steps.setdefault(s["workflow_id"], []).append(s)
+        return [messages.workflow(r, steps.get(r["workflow_id"], [])) for r in rows]
+
+    async def visible(
+        self, conn: DictConnection, workflow_id: str, scope: pb.WorkflowScope
+    ) -> dict[str, Any]:
+        """The workflow row, if `scope` may see it: another owner's workflow looks absent."""
+        wid = messages.workflow_id(workflow_id)
+        cur = await conn.execute(
+            f"SELECT {_WF_COLUMNS} FROM workflows WHERE workflow_id = %(id)s", {"id": wid}
+        )
+        row = await cur.fetchone()
+        if row is None or (not scope.all_owners and row["owner_id"] != scope.owner_id):
+            raise messages.not_found(workflow_id)
+        return row
+
+    async def get(self, workflow_id: str, scope: pb.WorkflowScope) -> Any:
+        async with self._db.pool.connection() as conn:
+            row = await self.visible(conn, workflow_id, scope)
+            return (await self.load(conn, [row]))[0]
+
+    async def page(
+        self,
+        scope: pb.WorkflowScope,
+        state: int,
+        after: tuple[datetime, uuid.UUID] | None,
+        size: int,
+    ) -> tuple[list[Any], str]:
+        """A page of workflows, newest first, and the next page's token ("" at the end)."""
+        where: list[str] = ["true"]
+        args: dict[str, Any] = {"limit": size + 1}
+        if not scope.all_owners:
+            where.append("owner_id = %(owner_id)s")
+            args["owner_id"] = scope.owner_id
+        if state:
+            where.append("state = %(state)s")
+            args["state"] = state
+        if after is not None:
+            where.append("(created_at, workflow_id) < (%(after_created)s, %(after_id)s)")
+            args["after_created"], args["after_id"] = after
+        async with self._db.pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_WF_COLUMNS} FROM workflows WHERE {' AND '.join(where)}"
+                " ORDER BY created_at DESC, workflow_id DESC LIMIT %(limit)s",
+                args,
+            )
+            rows = await cur.fetchall()
+            more = len(rows) > size
+            rows = rows[:size]
+            workflows = await self.load(conn, rows)
+        token = messages.page_token(rows[-1]["created_at"], rows[-1]["workflow_id"]) if more else ""
+        return workflows, token
+
+    async def stop(
+        self, conn: DictConnection, wid: uuid.UUID, state: WorkflowState, message: str
+    ) -> bool:
+        """Cancels a workflow's unfinished steps and moves it to `state` (if still active)."""
+        names = await self.cancel_unfinished_steps(conn, wid)
+        cur = await conn.execute(
+            "SELECT state FROM workflows WHERE workflow_id = %(id)s FOR NO KEY UPDATE",
+            {"id": wid},
+        )
+        row = await cur.fetchone()
+        if row is None or row["state"] not in ACTIVE:
+            return False
+        await self.append_events(
+            conn,
+            [
+                *(NewEvent(wid, n, StepState.CANCELLED, message) for n in names),
+                NewEvent(wid, "", WORKFLOW_EVENT, message),
+            ],
+            {wid: (state, message if state != WorkflowState.CANCELLED else "")},
+        )
+        return True
+
+    @staticmethod
+    async def cancel_unfinished_steps(conn: DictConnection, wid: uuid.UUID) -> list[str]:
+        cur = await conn.execute(
+            f"UPDATE workflow_steps SET state = {StepState.CANCELLED:d}, lease_owner = NULL,"
+            " lease_expires_at = NULL, updated_at = now()"
+            f" WHERE workflow_id = %(id)s AND state IN ({sql(*UNFINISHED)}) RETURNING name",
+            {"id": wid},
+        )
+        return [r["name"] for r in await cur.fetchall()]
+
+    async def fail_step(
+        self, conn: DictConnection, wid: uuid.UUID, step: str, error: str, reason: str
+    ) -> None:
+        """The step FAILED with `error`, the rest cancelled, the workflow FAILED for
+        `reason` (the dead letter)."""
+        await conn.execute(
+            f"UPDATE workflow_steps SET state = {StepState.FAILED:d}, error = %(error)s,"
+            " lease_owner = NULL, lease_expires_at = NULL, updated_at = now()"
+            " WHERE workflow_id = %(id)s AND name = %(step)s",
+            {"error": error[:MAX_ERROR_CHARS], "id": wid, "step": step},
+        )
+        others = await self.cancel_unfinished_steps(conn, wid)
+        await self.append_events(
+            conn,
+            [
+                NewEvent(wid, step, StepState.FAILED, error),
+                *(NewEvent(wid, n, StepState.CANCELLED, "workflow failed") for n in others),
+                NewEvent(wid, "", WORKFLOW_EVENT, reason),
+            ],
+            {wid: (WorkflowState.FAILED, reason)},
+        )
+
+    async def events(
+        self, wid: uuid.UUID, scope: pb.WorkflowScope, after: int, limit: int
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The workflow (state, last sequence) and its events after `after`, in one
+        autocommit query."""
+        async with self._db.autocommit() as conn:
+            cur = await conn.execute(
+                "SELECT w.owner_id, w.state, w.last_sequence, e.sequence, e.workflow_state,"
+                " e.step_name, e.step_state, e.message, e.created_at FROM workflows w"
+                " LEFT JOIN LATERAL (SELECT * FROM workflow_events x"
+                "   WHERE x.workflow_id = w.workflow_id AND x.sequence > %(after)s"
+                "   ORDER BY x.sequence LIMIT %(limit)s) e ON true"
+                " WHERE w.workflow_id = %(id)s ORDER BY e.sequence",
+                {"after": after, "limit": limit, "id": wid},
+            )
+            rows = await cur.fetchall()
+        if not rows or (not scope.all_owners and rows[0]["owner_id"] != scope.owner_id):
+            raise messages.not_found(str(wid))
+        return rows[0], [r for r in rows if r["sequence"] is not None]
+
+    async def stopped_among(self, ids: list[uuid.UUID]) -> list[str]:
+        """Those of `ids` that name a workflow no longer active."""
+        async with self._db.autocommit() as conn:
+            cur = await conn.execute(
+                "SELECT workflow_id FROM workflows WHERE workflow_id = ANY(%(ids)s)"
+                f" AND state NOT IN ({sql(*ACTIVE)})",
+                {"ids": ids},
+            )
+            return [str(r["workflow_id"]) for r in await cur.fetchall()]
+
+    # --- the queue ------------------------------------------------------------------------
+
+    @staticmethod
+    async def overdue_workflows(conn: DictConnection, limit: int) -> list[uuid.UUID]:
+        cur = await conn.execute(
+            f"SELECT workflow_id FROM workflows WHERE state IN ({sql(*ACTIVE)})"
+            " AND deadline_at < now() ORDER BY deadline_at LIMIT %(limit)s",
+            {"limit": limit},
+        )
+        return [r["workflow_id"] for r in await cur.fetchall()]
+
+    @staticmethod
+    async def expire_leases(conn: DictConnection, error: str, limit: int) -> list[dict[str, Any]]:
+        """Steps whose lease expired, made RETRYING with a failed attempt recorded, in
+        (workflow, name) order."""
+        cur = await conn.execute(_EXPIRE_LEASES, {"error": error, "limit": limit})
+        return sorted(await cur.fetchall(), key=lambda r: (r["workflow_id"], r["name"]))
+
+    @staticmethod
+    async def queue_depth(conn: DictConnection) -> int:
+        cur = await conn.execute(
+            f"SELECT count(*) AS n FROM workflow_steps WHERE state IN ({sql(*CLAIMABLE)})"
+            " AND remaining_deps = 0 AND next_run_at <= now()"
+        )
+        depth = await cur.fetchone()
+        return depth["n"] if depth else 0
+
+    async def claim(
+        self, conn: DictConnection, worker_id: str, max_steps: int, lease_seconds: float
+    ) -> pb.ClaimStepsResponse:
+        """Leases up to `max_steps` runnable steps to `worker_id`, highest priority first,
+        with the outputs of the steps their inputs reference."""
+        cur = await conn.execute(
+            _CLAIM,
+            {"max_steps": max_steps, "worker_id": worker_id, "lease_seconds": lease_seconds},
+        )
+        rows = sorted(await cur.fetchall(), key=lambda r: (-r["priority"], r["next_run_at"]))
+        reply = pb.ClaimStepsResponse()
+        if not rows:
+            cur = await conn.execute(
+                "SELECT min(next_run_at) AS t FROM workflow_steps"
+                f" WHERE state IN ({sql(*CLAIMABLE)}) AND remaining_deps = 0"
+            )
+            nxt = await cur.fetchone()
+            if nxt and nxt["t"] is not None:
+                reply.next_run_time.CopyFrom(messages.timestamp(nxt["t"]))
+            return reply
+        referencing = {r["workflow_id"] for r in rows if "${steps." in json.dumps(r["inputs"])}
+        outputs: dict[uuid.UUID, dict[str, Any]] = {}
+        if referencing:
+            cur = await conn.execute(
+                "SELECT workflow_id, name, output FROM workflow_steps"
+                f" WHERE workflow_id = ANY(%(ids)s) AND state = {_SUCCEEDED}",
+                {"ids": list(referencing)},
+            )
+            for o in await cur.fetchall():
+                outputs.setdefault(o["workflow_id"], {})[o["name"]] = o["output"]
+        await self.append_events(
+            conn,
+            [
+                NewEvent(r["workflow_id"], r["name"], StepState.RUNNING, f"attempt {r['attempt']}")
+                for r in rows
+            ],
+            promote_pending=True,
+        )
+        for r in rows:
+            step = reply.steps.add(
+                ref=pb.StepRef(
+                    workflow_id=str(r["workflow_id"]), step_name=r["name"], attempt=r["attempt"]
+                ),
+                op=r["op"],
+                inputs=messages.struct(r["inputs"]),
+                timeout_seconds=r["timeout_seconds"],
+                owner=pb.WorkflowOwner(
+                    user_id=r["owner_id"], username=r["owner_username"], roles=r["owner_roles"]
+                ),
+                lease_expire_time=messages.timestamp(r["lease_expires_at"]),
+            )
+            if r["workflow_id"] in outputs:
+                step.dependency_outputs.CopyFrom(messages.struct(outputs[r["workflow_id"]]))
+        return reply
+
+    async def extend_leases(
+        self, worker_id: str, refs: StepRefs, lease_seconds: float
+    ) -> set[tuple[str, str, int]]:
+        """The (workflow, step, attempt) leases still held by `worker_id`, now extended."""
+        async with self._db.pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE workflow_steps s"
+                " SET lease_expires_at = now() + %(lease_seconds)s * interval '1 second'"
+                " FROM unnest(%(workflow_ids)s::uuid[], %(names)s::text[], %(attempts)s::int[])"
+                "   AS u(wf, name, attempt)"
+                " WHERE s.workflow_id = u.wf AND s.name = u.name AND s.attempt = u.attempt"
+                f"   AND s.lease_owner = %(worker_id)s AND s.state = {_RUNNING}"
+                " RETURNING s.workflow_id, s.name, s.attempt",
+                {"lease_seconds": lease_seconds, "worker_id": worker_id, **refs._asdict()},
+            )
+            return {(str(r["workflow_id"]), r["name"], r["attempt"]) for r in await cur.fetchall()}
+
+    async def complete(
+        self, conn: DictConnection, worker_id: str, refs: StepRefs, outputs: list[str]
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Records results where the lease is still `worker_id`'s, one row per attempt (its
+        primary key makes "recorded once" a database guarantee), counts down dependents'
+        unmet dependencies and finishes workflows whose last step this was. Returns the
+        recorded rows (`ord` is the 1-based position in `refs`) and whether a dependent
+        became runnable."""
+        cur = await conn.execute(
+            _COMPLETE, {"worker_id": worker_id, "outputs": outputs, **refs._asdict()}
+        )
+        rows = await cur.fetchall()
+        done = sorted(
+            (r for r in rows if r["ord"] is not None),
+            key=lambda r: (r["workflow_id"], r["name"]),
+        )
+        if not done:
+            return done, False
+        woke = any(r["remaining"] == 0 for r in rows if r["ord"] is None)
+        # Completions of sibling steps serialise on the workflow row, and the check runs
+        # after the lock so it sees them: the last step to finish finishes the workflow.
+        touched = sorted({r["workflow_id"] for r in done})
+        await conn.execute(
+            "SELECT 1 FROM workflows WHERE workflow_id = ANY(%(ids)s)"
+            " ORDER BY workflow_id FOR NO KEY UPDATE",
+            {"ids": touched},
+        )
+        cur = await conn.execute(
+            "SELECT workflow_id FROM workflow_steps WHERE workflow_id = ANY(%(ids)s)"
+            f" GROUP BY workflow_id HAVING bool_and(state = {_SUCCEEDED})",
+            {"ids": touched},
+        )
+        finished = [r["workflow_id"] for r in await cur.fetchall()]
+        events = [
+            NewEvent(r["workflow_id"], r["name"], StepState.SUCCEEDED, f"attempt {r['attempt']}")
+            for r in done
+        ]
+        events += [NewEvent(w, "", WORKFLOW_EVENT, "workflow succeeded") for w in finished]
+        await self.append_events(
+            conn, events, {w: (WorkflowState.SUCCEEDED, "") for w in finished}, locked=True
+        )
+        return done, woke
+
+    @staticmethod
+    async def record_failure(
+        conn: DictConnection, worker_id: str, ref: pb.StepRef, wid: uuid.UUID, error: str
+    ) -> dict[str, Any] | None:
+        """Counts a failed attempt (if the lease is still `worker_id`'s) and records its
+        attempt row; returns the step's retry policy and failure count, or None."""
+        key = {"id": wid, "step": ref.step_name, "attempt": ref.attempt, "worker_id": worker_id}
+        cur = await conn.execute(
+            "UPDATE workflow_steps SET failures = failures + 1, error = %(error)s,"
+            " updated_at = now()"
+            " WHERE workflow_id = %(id)s AND name = %(step)s AND attempt = %(attempt)s"
+            f"   AND lease_owner = %(worker_id)s AND state = {_RUNNING}"
+            " RETURNING op, failures, max_attempts, initial_backoff, backoff_multiplier,"
+            "   max_backoff, jitter",
+            {"error": error, **key},
+        )
+        row = await cur.fetchone()
+        if row is not None:
+            await conn.execute(
+                "INSERT INTO workflow_step_attempts"
+                " (workflow_id, step_name, attempt, worker_id, succeeded, error)"
+                " VALUES (%(id)s, %(step)s, %(attempt)s, %(worker_id)s, false, %(error)s)",
+                {"error": error, **key},
+            )
+        return row
+
+    @staticmethod
+    async def schedule_retry(
+        conn: DictConnection, wid: uuid.UUID, step: str, delay_seconds: float
+    ) -> datetime:
+        """Makes the step RETRYING, runnable `delay_seconds` from now (the statement's
+        clock, so after any event appended before it); returns when."""
+        cur = await conn.execute(
+            f"UPDATE workflow_steps SET state = {_RETRYING}, lease_owner = NULL,"
+            " lease_expires_at = NULL,"
+            " next_run_at = clock_timestamp() + %(delay)s * interval '1 second'"
+            " WHERE workflow_id = %(id)s AND name = %(step)s RETURNING next_run_at",
+            {"delay": delay_seconds, "id": wid, "step": step},
+        )
+        row = await cur.fetchone()
+        if row is None:  # the caller holds the step's row lock since record_failure
+            raise RuntimeError(f"step {step!r} of {wid} vanished under its lock")
+        return row["next_run_at"]
+
+    async def release(self, conn: DictConnection, worker_id: str, refs: StepRefs) -> int:
+        """Hands leased steps back (PENDING, runnable now) without counting an attempt."""
+        cur = await conn.execute(
+            f"UPDATE workflow_steps s SET state = {_PENDING}, lease_owner = NULL,"
+            "   lease_expires_at = NULL, next_run_at = now(), updated_at = now()"
+            " FROM unnest(%(workflow_ids)s::uuid[], %(names)s::text[], %(attempts)s::int[])"
+            "   AS u(wf, name, attempt)"
+            " WHERE s.workflow_id = u.wf AND s.name = u.name AND s.attempt = u.attempt"
+            f"   AND s.lease_owner = %(worker_id)s AND s.state = {_RUNNING}"
+            " RETURNING s.workflow_id, s.name, s.attempt",
+            {"worker_id": worker_id, **refs._asdict()},
+        )
+        rows = sorted(await cur.fetchall(), key=lambda r: (r["workflow_id"], r["name"]))
+        await self.append_events(
+            conn,
+            [
+                NewEvent(
+                    r["workflow_id"],
+                    r["name"],
+                    StepState.PENDING,
+                    f"attempt {r['attempt']} released",
+                )
+                for r in rows
+            ],
+        )
+        return len(rows)

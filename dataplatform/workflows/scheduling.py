@@ -1,0 +1,133 @@
+"""Scheduling policy: what happens to a step that fails or whose lease expires (retry
+after an exponential backoff, or the dead letter once its attempts are spent), when
+overdue workflows time out, and how often the sweep that finds both runs.
+
+The repository carries these decisions out in SQL; keeping them here means a change of
+policy (a new backoff, a different sweep cadence) touches one small module.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from aiwfe import metrics
+from dataplatform.db import DictConnection
+from dataplatform.workflows.repository import (
+    MAX_ERROR_CHARS,
+    NewEvent,
+    WorkflowRepository,
+)
+from dataplatform.workflows.states import StepState, WorkflowState
+
+log = logging.getLogger("aiwfe.dataplatform.workflows")
+
+MAX_LEASE_SECONDS = 3600.0
+# The error of an attempt whose lease expired: its step's error and its attempt row.
+LEASE_LOST = "lease expired (worker lost)"
+SWEEP_INTERVAL = 0.25  # expired leases and workflow deadlines, at most this often
+SWEEP_BATCH = 100  # rows per kind per sweep; the next sweep takes the rest
+
+
+def backoff_seconds(
+    failures: int, initial: float, multiplier: float, maximum: float, jitter: float
+) -> float:
+    """The wait before the retry after the `failures`-th failure: exponential, capped, then
+    stretched by up to `jitter` (a fraction) so retrying workers spread out."""
+    base = min(maximum, initial * multiplier ** max(0, failures - 1))
+    return base * (1 + random.random() * jitter)
+
+
+def out_of_attempts(step: dict[str, Any]) -> bool:
+    return bool(step["failures"] >= step["max_attempts"])
+
+
+@dataclass(frozen=True)
+class FailureOutcome:
+    """What a failed attempt led to: a retry at `next_run_at`, or the dead letter."""
+
+    will_retry: bool
+    next_run_at: datetime | None = None
+
+
+class Scheduler:
+    """Retries, dead letters, timeouts and the sweep, over the repository."""
+
+    def __init__(self, repo: WorkflowRepository) -> None:
+        self._repo = repo
+        self._next_sweep = 0.0
+
+    async def dead_letter(
+        self, conn: DictConnection, wid: uuid.UUID, step: str, attempts: int, error: str
+    ) -> None:
+        """The step FAILED, the rest cancelled, the workflow FAILED."""
+        reason = f"step {step!r} failed after {attempts} attempt(s): {error}"[:MAX_ERROR_CHARS]
+        await self._repo.fail_step(conn, wid, step, error, reason)
+        metrics.workflow_dead_letters.inc()
+
+    async def failed(
+        self,
+        conn: DictConnection,
+        wid: uuid.UUID,
+        step_name: str,
+        attempt: int,
+        step: dict[str, Any],
+        error: str,
+        retryable: bool,
+    ) -> FailureOutcome:
+        """A recorded failed attempt: schedules the retry after its backoff, or ends the
+        workflow when the error is permanent or the attempts are spent."""
+        msg = f"attempt {attempt} failed: {error}"
+        if not retryable or out_of_attempts(step):
+            await self.dead_letter(conn, wid, step_name, step["failures"], msg)
+            return FailureOutcome(will_retry=False)
+        delay = backoff_seconds(
+            step["failures"],
+            step["initial_backoff"],
+            step["backoff_multiplier"],
+            step["max_backoff"],
+            step["jitter"],
+        )
+        await self._repo.append_events(
+            conn, [NewEvent(wid, step_name, StepState.RETRYING, f"{msg}; retry in {delay:.3f}s")]
+        )
+        # Counted from after the RETRYING event's time, so the recorded schedule never
+        # shows a retry earlier than its backoff.
+        next_run_at = await self._repo.schedule_retry(conn, wid, step_name, delay)
+        metrics.workflow_step_retries.labels(step["op"]).inc()
+        return FailureOutcome(will_retry=True, next_run_at=next_run_at)
+
+    def sweep_due(self) -> bool:
+        """Whether a sweep is due (at most one per SWEEP_INTERVAL); claims the slot."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return False
+        self._next_sweep = now + SWEEP_INTERVAL
+        return True
+
+    async def sweep(self, conn: DictConnection) -> list[str]:
+        """Times out overdue workflows and makes expired leases claimable again (counting a
+        failed attempt); returns the ids of workflows stopped."""
+        stopped: list[str] = []
+        for wid in await self._repo.overdue_workflows(conn, SWEEP_BATCH):
+            if await self._repo.stop(conn, wid, WorkflowState.TIMED_OUT, "workflow timed out"):
+                stopped.append(str(wid))
+        expired = await self._repo.expire_leases(conn, LEASE_LOST, SWEEP_BATCH)
+        events = []
+        for r in expired:
+            msg = f"attempt {r['attempt']}: {LEASE_LOST}"
+            if out_of_attempts(r):
+                await self.dead_letter(conn, r["workflow_id"], r["name"], r["failures"], msg)
+                stopped.append(str(r["workflow_id"]))
+            else:
+                events.append(NewEvent(r["workflow_id"], r["name"], StepState.RETRYING, msg))
+        await self._repo.append_events(conn, events)
+        metrics.workflow_queue_depth.set(await self._repo.queue_depth(conn))
+        if expired:
+            log.warning("reclaimed %d steps with expired leases", len(expired))
+        return stopped

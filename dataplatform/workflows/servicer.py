@@ -1,0 +1,358 @@
+"""The WorkflowStoreService servicer: validates each request, then runs it through the
+repository (SQL), the scheduler (retries, dead letters, sweeps) and the wake-ups. It holds
+no SQL and no policy of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from aiwfe.data.v1 import workflow_store_service_pb2 as pb
+from aiwfe.data.v1 import workflow_store_service_pb2_grpc as pb_grpc
+from aiwfe.validation import Violations
+from dataplatform.db import Database, DictConnection
+from dataplatform.workflows import messages
+from dataplatform.workflows.repository import MAX_ERROR_CHARS, WorkflowRepository, step_refs
+from dataplatform.workflows.scheduling import MAX_LEASE_SECONDS, Scheduler
+from dataplatform.workflows.states import ACTIVE, WorkflowState
+from dataplatform.workflows.watches import (
+    EVENT_PAGE,
+    ReadEvents,
+    RecentWatches,
+    Wakeups,
+    follow,
+)
+
+MAX_STEPS = 1000
+MAX_BATCH = 1000
+MAX_ID_CHARS = 128
+MAX_IDEMPOTENCY_KEY_CHARS = 256
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+_HEARTBEAT_SECONDS = 15.0
+_MIN_POLL_SECONDS = 0.01
+_MAX_POLL_SECONDS = 30.0
+
+
+def _check_poll(v: Violations, seconds: float) -> None:
+    v.check(
+        seconds == 0 or _MIN_POLL_SECONDS <= seconds <= _MAX_POLL_SECONDS,
+        "poll_interval_seconds",
+        f"must be 0 (default) or between {_MIN_POLL_SECONDS:g} and {_MAX_POLL_SECONDS:g}",
+    )
+
+
+class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
+    """taskproc's durable workflow state and step queue (see the package docstring)."""
+
+    def __init__(self, db: Database) -> None:
+        self.wakeups = Wakeups()
+        self.repo = WorkflowRepository(db, self.wakeups)
+        self.scheduler = Scheduler(self.repo)
+        self._recent = RecentWatches(self.wakeups)
+
+    async def stopped_among(self, ids: list[uuid.UUID]) -> list[str]:
+        """Those of `ids` that name a workflow no longer active (for `replica_bus`)."""
+        return await self.repo.stopped_among(ids)
+
+    # --- workflows ------------------------------------------------------------------------
+
+    async def CreateWorkflow(
+        self, request: pb.CreateWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateWorkflowResponse:
+        """Stores a workflow. A new one is watched from before the insert for a few seconds,
+        so the WatchWorkflowEvents that usually follows adopts its events with no read."""
+        wid = uuid.uuid4()
+        self._recent.remember(wid, request.owner.user_id)
+        created = False
+        try:
+            stored = await self._create(request, wid)
+            created = stored.created
+        finally:
+            if not created:
+                self._recent.forget(wid)
+        return stored
+
+    async def _create(
+        self, request: pb.CreateWorkflowRequest, wid: uuid.UUID
+    ) -> pb.CreateWorkflowResponse:
+        spec = request.spec
+        v = Violations()
+        v.text(request.owner.user_id, "owner.user_id", max_chars=MAX_ID_CHARS)
+        v.text(
+            request.idempotency_key,
+            "idempotency_key",
+            max_chars=MAX_IDEMPOTENCY_KEY_CHARS,
+            required=False,
+        )
+        v.check(1 <= len(spec.steps) <= MAX_STEPS, "spec.steps", f"must list 1 to {MAX_STEPS}")
+        v.check(spec.timeout_seconds > 0, "spec.timeout_seconds", "must be positive")
+        v.raise_if_any()
+        return await self.repo.create(request, wid)
+
+    async def GetStoredWorkflow(
+        self, request: pb.GetStoredWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetStoredWorkflowResponse:
+        workflow = await self.repo.get(request.workflow_id, request.scope)
+        return pb.GetStoredWorkflowResponse(workflow=workflow)
+
+    async def ListStoredWorkflows(
+        self, request: pb.ListStoredWorkflowsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListStoredWorkflowsResponse:
+        v = Violations()
+        v.check(
+            0 <= request.page_size <= MAX_PAGE_SIZE,
+            "page_size",
+            f"must be between 0 and {MAX_PAGE_SIZE}",
+        )
+        v.raise_if_any()
+        after = messages.page_after(request.page_token) if request.page_token else None
+        workflows, token = await self.repo.page(
+            request.scope, int(request.state), after, request.page_size or DEFAULT_PAGE_SIZE
+        )
+        return pb.ListStoredWorkflowsResponse(workflows=workflows, next_page_token=token)
+
+    async def CancelStoredWorkflow(
+        self, request: pb.CancelStoredWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelStoredWorkflowResponse:
+        repo = self.repo
+
+        async def work(
+            conn: DictConnection,
+        ) -> tuple[pb.CancelStoredWorkflowResponse, bool]:
+            row = await repo.visible(conn, request.workflow_id, request.scope)
+            stopped = False
+            if row["state"] in ACTIVE:
+                stopped = await repo.stop(
+                    conn, row["workflow_id"], WorkflowState.CANCELLED, "cancelled"
+                )
+                row = await repo.visible(conn, request.workflow_id, request.scope)
+            wf = (await repo.load(conn, [row]))[0]
+            return pb.CancelStoredWorkflowResponse(workflow=wf), stopped
+
+        reply, stopped = await repo.tx(work)
+        if stopped:
+            self.wakeups.stopped([reply.workflow.workflow_id])
+        return reply
+
+    # --- events ---------------------------------------------------------------------------
+
+    async def ListWorkflowEvents(
+        self, request: pb.ListWorkflowEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListWorkflowEventsResponse:
+        v = Violations()
+        v.check(0 <= request.limit <= 1000, "limit", "must be between 0 and 1000")
+        v.check(request.after_sequence >= 0, "after_sequence", "must not be negative")
+        v.raise_if_any()
+        row, events = await self.repo.events(
+            messages.workflow_id(request.workflow_id),
+            request.scope,
+            request.after_sequence,
+            request.limit or EVENT_PAGE,
+        )
+        return pb.ListWorkflowEventsResponse(
+            events=[messages.event(e) for e in events],
+            workflow_state=row["state"],
+            last_sequence=row["last_sequence"],
+        )
+
+    async def WatchWorkflowEvents(
+        self, request: pb.WatchWorkflowEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchWorkflowEventsResponse]:
+        """One stream per watcher, until the workflow is terminal and every event is sent."""
+        v = Violations()
+        v.check(request.after_sequence >= 0, "after_sequence", "must not be negative")
+        _check_poll(v, request.poll_interval_seconds)
+        v.raise_if_any()
+        wid = messages.workflow_id(request.workflow_id)
+        watch = self._recent.adopt(wid, request.scope, request.after_sequence)
+        adopted = watch is not None
+        if watch is None:
+            watch = self.wakeups.watch(wid)  # before the first read: nothing is missed
+        try:
+            async for events in follow(
+                self._reader(wid, request.scope),
+                request.after_sequence,
+                request.poll_interval_seconds,
+                watch,
+                need_read=not adopted,
+            ):
+                yield pb.WatchWorkflowEventsResponse(events=events)
+        finally:
+            self.wakeups.unwatch(wid, watch)
+
+    async def RunStoredWorkflow(
+        self, request: pb.RunStoredWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RunStoredWorkflowResponse]:
+        """CreateWorkflow, then its events. The new id is watched before the insert, so
+        every event is pushed to this stream and none needs a read; a reused idempotency
+        key follows the existing workflow from its first event, read from the database."""
+        v = Violations()
+        _check_poll(v, request.poll_interval_seconds)
+        v.raise_if_any()
+        wid = uuid.uuid4()
+        watch = self.wakeups.watch(wid)
+        try:
+            stored = await self._create(request.create, wid)
+            yield pb.RunStoredWorkflowResponse(stored=stored)
+            if not stored.created:
+                self.wakeups.unwatch(wid, watch)
+                wid = uuid.UUID(stored.workflow.workflow_id)
+                watch = self.wakeups.watch(wid)
+            scope = pb.WorkflowScope(owner_id=request.create.owner.user_id)
+            async for events in follow(
+                self._reader(wid, scope),
+                0,
+                request.poll_interval_seconds,
+                watch,
+                not stored.created,
+            ):
+                yield pb.RunStoredWorkflowResponse(
+                    events=pb.WatchWorkflowEventsResponse(events=events)
+                )
+        finally:
+            self.wakeups.unwatch(wid, watch)
+
+    def _reader(self, wid: uuid.UUID, scope: pb.WorkflowScope) -> ReadEvents:
+        return lambda after: self.repo.events(wid, scope, after, EVENT_PAGE)
+
+    # --- the queue ------------------------------------------------------------------------
+
+    async def ClaimSteps(
+        self, request: pb.ClaimStepsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClaimStepsResponse:
+        v = Violations()
+        v.text(request.worker_id, "worker_id", max_chars=MAX_ID_CHARS)
+        v.check(1 <= request.max_steps <= MAX_BATCH, "max_steps", f"must be 1 to {MAX_BATCH}")
+        v.check(
+            0 < request.lease_seconds <= MAX_LEASE_SECONDS,
+            "lease_seconds",
+            f"must be in (0, {MAX_LEASE_SECONDS:.0f}]",
+        )
+        v.raise_if_any()
+        if self.scheduler.sweep_due():
+            self.wakeups.stopped(await self.repo.tx(self.scheduler.sweep))
+
+        async def work(conn: DictConnection) -> pb.ClaimStepsResponse:
+            return await self.repo.claim(
+                conn, request.worker_id, request.max_steps, request.lease_seconds
+            )
+
+        return await self.repo.tx(work)
+
+    async def ExtendLeases(
+        self, request: pb.ExtendLeasesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExtendLeasesResponse:
+        v = Violations()
+        v.text(request.worker_id, "worker_id", max_chars=MAX_ID_CHARS)
+        v.check(len(request.steps) <= MAX_BATCH, "steps", f"at most {MAX_BATCH}")
+        v.check(0 < request.lease_seconds <= MAX_LEASE_SECONDS, "lease_seconds", "out of range")
+        v.raise_if_any()
+        if not request.steps:
+            return pb.ExtendLeasesResponse()
+        held = await self.repo.extend_leases(
+            request.worker_id, step_refs(request.steps), request.lease_seconds
+        )
+        return pb.ExtendLeasesResponse(
+            lost=[
+                r
+                for r in request.steps
+                if (str(messages.workflow_id(r.workflow_id)), r.step_name, r.attempt) not in held
+            ]
+        )
+
+    async def CompleteSteps(
+        self, request: pb.CompleteStepsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CompleteStepsResponse:
+        v = Violations()
+        v.text(request.worker_id, "worker_id", max_chars=MAX_ID_CHARS)
+        v.check(1 <= len(request.results) <= MAX_BATCH, "results", f"must list 1 to {MAX_BATCH}")
+        v.raise_if_any()
+        # A ref listed twice is recorded once: later duplicates are answered False.
+        first: dict[tuple[str, str, int], int] = {}
+        for i, r in enumerate(request.results):
+            first.setdefault((r.ref.workflow_id, r.ref.step_name, r.ref.attempt), i)
+        unique = list(first.values())
+        results = [request.results[i] for i in unique]
+        refs = step_refs([r.ref for r in results])
+        outputs = [json.dumps(messages.as_dict(r.output)) for r in results]
+
+        async def work(conn: DictConnection) -> tuple[list[bool], bool]:
+            done, woke = await self.repo.complete(conn, request.worker_id, refs, outputs)
+            accepted = [False] * len(request.results)
+            for r in done:
+                accepted[unique[r["ord"] - 1]] = True
+            return accepted, woke
+
+        accepted, woke = await self.repo.tx(work)
+        if woke:
+            self.wakeups.work()
+        return pb.CompleteStepsResponse(accepted=accepted)
+
+    async def FailStep(
+        self, request: pb.FailStepRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FailStepResponse:
+        v = Violations()
+        v.text(request.worker_id, "worker_id", max_chars=MAX_ID_CHARS)
+        v.raise_if_any()
+        ref = request.ref
+        wid = messages.workflow_id(ref.workflow_id)
+        error = request.error[:MAX_ERROR_CHARS] or "failed"
+
+        async def work(conn: DictConnection) -> tuple[pb.FailStepResponse, bool]:
+            step = await self.repo.record_failure(conn, request.worker_id, ref, wid, error)
+            if step is None:
+                return pb.FailStepResponse(accepted=False), False
+            outcome = await self.scheduler.failed(
+                conn, wid, ref.step_name, ref.attempt, step, error, request.retryable
+            )
+            reply = pb.FailStepResponse(accepted=True, will_retry=outcome.will_retry)
+            if outcome.next_run_at is not None:
+                reply.next_run_time.CopyFrom(messages.timestamp(outcome.next_run_at))
+            return reply, not outcome.will_retry
+
+        reply, stopped = await self.repo.tx(work)
+        if stopped:
+            self.wakeups.stopped([ref.workflow_id])
+        return reply
+
+    async def ReleaseSteps(
+        self, request: pb.ReleaseStepsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseStepsResponse:
+        v = Violations()
+        v.text(request.worker_id, "worker_id", max_chars=MAX_ID_CHARS)
+        v.check(len(request.steps) <= MAX_BATCH, "steps", f"at most {MAX_BATCH}")
+        v.raise_if_any()
+        if not request.steps:
+            return pb.ReleaseStepsResponse()
+        refs = step_refs(request.steps)
+
+        async def work(conn: DictConnection) -> int:
+            return await self.repo.release(conn, request.worker_id, refs)
+
+        released = await self.repo.tx(work)
+        if released:
+            self.wakeups.work()
+        return pb.ReleaseStepsResponse(released=released)
+
+    async def WaitForWork(
+        self, request: pb.WaitForWorkRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WaitForWorkResponse]:
+        sub = self.wakeups.subscribe()
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(sub.event.wait(), _HEARTBEAT_SECONDS)
+                sub.event.clear()
+                stopped = sorted(sub.stopped)
+                sub.stopped.clear()
+                work, sub.work = sub.work, False
+                # A heartbeat (nothing set) keeps idle streams alive through proxies.
+                yield pb.WaitForWorkResponse(work_available=work, stopped_workflow_ids=stopped)
+        finally:
+            self.wakeups.unsubscribe(sub)

@@ -1,0 +1,45 @@
+"""The workflow and step states as stored: Python enums mirroring the proto enums
+(`WorkflowState`, `StepState`; tests/dataplatform/test_workflow_states.py checks them equal),
+so the engine's code and SQL read as names, not numbers.
+
+SQL gets them as literals (`sql(...)`), never as parameters: the partial indexes of
+migration 004 (`WHERE state IN (1, 6)`, `WHERE state = 2`) only serve queries whose
+predicate the planner can see.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class WorkflowState(IntEnum):
+    """aiwfe.taskproc.v1.WorkflowState without its prefix (UNSPECIFIED is never stored)."""
+
+    PENDING = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    CANCELLED = 5
+    TIMED_OUT = 6
+
+
+class StepState(IntEnum):
+    """aiwfe.taskproc.v1.StepState without its prefix; 0 marks a workflow-level event."""
+
+    PENDING = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    CANCELLED = 5
+    RETRYING = 6
+
+
+WORKFLOW_EVENT = 0  # an event's step_state when it is about the workflow, not a step
+ACTIVE = (WorkflowState.PENDING, WorkflowState.RUNNING)
+CLAIMABLE = (StepState.PENDING, StepState.RETRYING)  # and no unmet dependency
+UNFINISHED = (StepState.PENDING, StepState.RUNNING, StepState.RETRYING)
+
+
+def sql(*states: IntEnum) -> str:
+    """States as a SQL literal list: `sql(*CLAIMABLE)` is "1, 6"."""
+    return ", ".join(str(int(s)) for s in states)

@@ -1,0 +1,259 @@
+"""Watches and wake-ups: who hears about committed events, runnable work and stopped
+workflows, on this replica and (through `replica_bus`) on the others.
+
+Events a transaction appends are collected per workflow (`collecting`) and pushed to this
+replica's watchers once it commits; a watcher follows its workflow from pushed rows and
+reads the database only when a push may be missing rows (another replica's commit, an
+overflow, a poll without a push).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from operator import itemgetter
+from typing import Any
+
+from aiwfe.data.v1 import workflow_store_service_pb2 as pb
+from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
+from dataplatform.replica_bus import ReplicaBus
+from dataplatform.workflows import messages
+from dataplatform.workflows.states import ACTIVE
+
+MAX_STOPPED_PER_WAKE = 1000
+EVENT_PAGE = 500
+DEFAULT_POLL_SECONDS = 1.0
+_RECENT_SECONDS = 5.0  # how long a new workflow's events wait for a watcher to adopt them
+_RECENT_MAX = 10_000
+
+# Events the current transaction appended, by workflow, pushed to watchers once it commits;
+# None where nobody watched when they were appended (rows not fetched: watchers re-read).
+Appended = dict[uuid.UUID, list[dict[str, Any]] | None]
+_appended: ContextVar[Appended | None] = ContextVar("aiwfe_wf_touched", default=None)
+
+
+@contextmanager
+def collecting() -> Iterator[Appended]:
+    """Collects the events appended inside (one transaction attempt) for `appended()`."""
+    appended: Appended = {}
+    token = _appended.set(appended)
+    try:
+        yield appended
+    finally:
+        _appended.reset(token)
+
+
+def current_appended() -> Appended | None:
+    """The collection of the transaction running now, if any."""
+    return _appended.get()
+
+
+class Wakeups:
+    """Fan-out to WaitForWork and WatchWorkflowEvents streams: work may be runnable,
+    workflows stopped, events committed. This replica's commits wake its own streams in
+    process and are told to the other replicas through `peers` when there are any."""
+
+    def __init__(self) -> None:
+        self._subscribers: set[Subscriber] = set()
+        self._watchers: dict[uuid.UUID, set[Watch]] = {}
+        self.peers: ReplicaBus | None = None
+
+    def watch(self, workflow_id: uuid.UUID) -> Watch:
+        """Receives the events this process commits for `workflow_id` (`unwatch` after)."""
+        watch = Watch()
+        self._watchers.setdefault(workflow_id, set()).add(watch)
+        return watch
+
+    def unwatch(self, workflow_id: uuid.UUID, watch: Watch) -> None:
+        watches = self._watchers.get(workflow_id)
+        if watches is not None:
+            watches.discard(watch)
+            if not watches:
+                del self._watchers[workflow_id]
+
+    def watching(self, workflow_ids: set[uuid.UUID]) -> bool:
+        return not self._watchers.keys().isdisjoint(workflow_ids)
+
+    def subscribe(self) -> Subscriber:
+        sub = Subscriber()
+        self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+
+    # --- this replica committed -----------------------------------------------------------
+
+    def appended(self, events: Appended) -> None:
+        if not events:
+            return
+        self.deliver(events)
+        if self.peers is not None:
+            self.peers.events(events.keys())
+
+    def work(self) -> None:
+        self.wake_work()
+        if self.peers is not None:
+            self.peers.work()
+
+    def stopped(self, workflow_ids: list[str]) -> None:
+        self.wake_stopped(workflow_ids)
+        if self.peers is not None:
+            self.peers.stopped(workflow_ids)
+
+    # --- this replica's streams only (also what another replica's notice wakes) ----------
+
+    def wake_work(self) -> None:
+        for sub in self._subscribers:
+            sub.work = True
+            sub.event.set()
+
+    def wake_stopped(self, workflow_ids: list[str]) -> None:
+        if not workflow_ids:
+            return
+        for sub in self._subscribers:
+            if len(sub.stopped) < MAX_STOPPED_PER_WAKE:
+                sub.stopped.update(workflow_ids)
+            sub.event.set()
+
+    def deliver(self, events: Appended) -> None:
+        """Committed rows (None: unknown, re-read) to this replica's watchers."""
+        for wid, rows in events.items():
+            for watch in self._watchers.get(wid, ()):
+                watch.push(rows)
+
+    def wake_watchers(self, workflow_ids: set[uuid.UUID] | None) -> None:
+        """Watchers of these workflows (None: all) re-read from the database."""
+        if workflow_ids is None:
+            watches = [w for ws in self._watchers.values() for w in ws]
+        else:
+            watches = [w for wid in workflow_ids for w in self._watchers.get(wid, ())]
+        for watch in watches:
+            watch.push(None)
+
+
+class Subscriber:
+    """One WaitForWork stream's inbox."""
+
+    __slots__ = ("event", "stopped", "work")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.work = True  # a new subscriber looks for work at once
+        self.stopped: set[str] = set()
+        self.event.set()
+
+
+class Watch:
+    """One watcher's inbox: committed event rows pushed in process, and a wake-up."""
+
+    __slots__ = ("event", "overflowed", "rows")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.rows: list[dict[str, Any]] = []
+        self.overflowed = False
+
+    def push(self, rows: list[dict[str, Any]] | None) -> None:
+        if rows is None or len(self.rows) + len(rows) > EVENT_PAGE:
+            self.rows.clear()  # unknown rows or a slow reader: re-read from the database
+            self.overflowed = True
+        elif not self.overflowed:
+            self.rows.extend(rows)
+        self.event.set()
+
+    def reset(self) -> None:
+        """Before a database read, which sees everything committed so far."""
+        self.event.clear()
+        self.rows.clear()
+        self.overflowed = False
+
+    def take(self, after: int) -> tuple[list[dict[str, Any]], bool]:
+        """The pushed events that follow `after` without a gap, and whether any are missing
+        (another replica's commit in between, or an overflow): then the caller re-reads."""
+        self.event.clear()
+        rows = sorted((r for r in self.rows if r["sequence"] > after), key=itemgetter("sequence"))
+        self.rows.clear()
+        run: list[dict[str, Any]] = []
+        for row in rows:
+            if row["sequence"] != after + len(run) + 1:
+                break
+            run.append(row)
+        return run, self.overflowed or len(run) < len(rows)
+
+
+class RecentWatches:
+    """Watches CreateWorkflow leaves on new workflows for a few seconds, so the
+    WatchWorkflowEvents that usually follows adopts their events with no read."""
+
+    def __init__(self, wakeups: Wakeups) -> None:
+        self._wakeups = wakeups
+        # (expiry, owner, watch) by workflow, oldest first.
+        self._recent: dict[uuid.UUID, tuple[float, str, Watch]] = {}
+
+    def remember(self, wid: uuid.UUID, owner: str) -> None:
+        now = time.monotonic()
+        while self._recent:  # oldest first: they expire in insertion order
+            oldest, (expires, _, _) = next(iter(self._recent.items()))
+            if expires > now and len(self._recent) < _RECENT_MAX:
+                break
+            self.forget(oldest)
+        self._recent[wid] = (now + _RECENT_SECONDS, owner, self._wakeups.watch(wid))
+
+    def forget(self, wid: uuid.UUID) -> None:
+        entry = self._recent.pop(wid, None)
+        if entry is not None:
+            self._wakeups.unwatch(wid, entry[2])
+
+    def adopt(self, wid: uuid.UUID, scope: pb.WorkflowScope, after: int) -> Watch | None:
+        """The watch left for `wid`, if this caller may see the workflow and follows it
+        from the start (it holds every event this replica committed since)."""
+        entry = self._recent.get(wid)
+        if entry is None or after != 0 or not (scope.all_owners or scope.owner_id == entry[1]):
+            return None
+        del self._recent[wid]
+        return entry[2]
+
+
+# Reads (workflow row, events after `after`) from the database, at most one page.
+ReadEvents = Callable[[int], Awaitable[tuple[dict[str, Any], list[dict[str, Any]]]]]
+
+
+async def follow(
+    read: ReadEvents,
+    after: int,
+    poll_seconds: float,
+    watch: Watch,
+    need_read: bool = True,
+) -> AsyncIterator[list[wf_pb.WatchWorkflowResponse]]:
+    """Batches of events after `after` until the workflow is terminal. Commits pushed
+    to `watch` need no read; a gap in their sequences (another replica's commit), an
+    overflow or `poll_seconds` without a push makes it read from the database."""
+    poll = poll_seconds or DEFAULT_POLL_SECONDS
+    while True:
+        if need_read:
+            watch.reset()
+            row, events = await read(after)
+            last = events[-1]["sequence"] if events else after
+            finished = row["state"] not in ACTIVE and last >= row["last_sequence"]
+            need_read = len(events) == EVENT_PAGE  # more are waiting
+        else:
+            events, need_read = watch.take(after)
+            # A terminal event is its workflow's last: every transition after it would
+            # need an active workflow.
+            finished = bool(events) and events[-1]["workflow_state"] not in ACTIVE
+        if events:
+            after = events[-1]["sequence"]
+            yield [messages.event(e) for e in events]
+        if finished:
+            return
+        if need_read:
+            continue
+        try:
+            await asyncio.wait_for(watch.event.wait(), poll)
+        except TimeoutError:
+            need_read = True
