@@ -200,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("breakers", help="every service's circuit breakers (admin)", parents=[api])
 
+    from cognitive import models_command  # `aiwfe models pull` lives with the model store
+
+    models_command.add_parser(sub)
+
     p = sub.add_parser("bench", help="run the benchmark harness (python -m benchmarks)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for python -m benchmarks")
     return parser
@@ -665,6 +669,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(_health(args))
     if args.command == "bench":
         raise SystemExit(_bench(args.args))
+    if args.command == "models":
+        from cognitive import models_command
+
+        raise SystemExit(models_command.run(args))
     raise SystemExit(_run(run_api_command(args)))
 
 

@@ -288,6 +288,10 @@ async def run_up(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     pg = await asyncio.to_thread(provision_postgres, home, settings.database.postgres.dsn)
     redis = await asyncio.to_thread(provision_redis, home, settings.redis.url)
+    # First use: the embedding model's weights, with a progress bar, before cognitive starts.
+    from cognitive.models_command import prefetch
+
+    await asyncio.to_thread(prefetch, settings)
     supervisor = Supervisor(settings.launcher, child_environment(settings, pg, redis), stop)
     code = 0
     watchers: list[asyncio.Task[str | None]] = []
