@@ -11,6 +11,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as pb_grpc
@@ -21,6 +23,14 @@ from cognitive.backends import Backends
 from cognitive.onnx_backend import OnnxEmbedder
 from tests.cognitive import tiny_model
 from tests.conftest import bearer, login
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    next(d for d in status.details if d.Unpack(info))
+    return info
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +66,10 @@ async def test_embed_through_the_gateway_names_the_onnx_model(tiny: Path, base_o
     overrides["cognitive"] = {
         "embedding": {
             "default": "tiny",
-            "backends": {"tiny": {"kind": "onnx", "model": "tiny", "path": str(tiny)}},
+            "backends": {
+                "tiny": {"kind": "onnx", "model": "tiny", "path": str(tiny)},
+                "builtin": {"kind": "builtin"},
+            },
         }
     }
     suite = await start_suite(overrides)
@@ -79,6 +92,27 @@ async def test_embed_through_the_gateway_names_the_onnx_model(tiny: Path, base_o
             )
             assert found.model == "onnx/tiny"
             assert found.hits[0].document_id == "d1"
+            # A collection indexed by the 768-d hashing embedder (the fall-back) is refused
+            # by the 8-d default, naming both; naming its model in the request works.
+            await stub.IndexDocuments(
+                pb.IndexDocumentsRequest(collection="old", documents=[doc], model="builtin"),
+                metadata=meta,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Search(pb.SearchRequest(collection="old", query="crash"), metadata=meta)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            info = error_info(refused.value)
+            assert info.reason == "DIMENSION_MISMATCH"
+            assert dict(info.metadata) == {
+                "collection": "old",
+                "collectionDimension": "768",
+                "model": "onnx/tiny",
+                "modelDimension": str(tiny_model.DIM),
+            }
+            old = await stub.Search(
+                pb.SearchRequest(collection="old", query="crash", model="builtin"), metadata=meta
+            )
+            assert old.model.startswith("aiwfe-hashing") and old.hits
     finally:
         await suite.stop()
 
