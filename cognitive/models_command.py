@@ -64,19 +64,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def prefetch(settings: Settings) -> None:
-    """`aiwfe up`'s step: fetch the default backend's weights with a progress bar if they
-    are missing. A failure says nothing here: cognitive then falls back and says so."""
-    if not settings.cognitive.embedding.download:
-        return
-    backend = settings.cognitive.embedding.backends.get(settings.cognitive.embedding.default)
+def prefetch(settings: Settings) -> str:
+    """`aiwfe up`'s step: fetches the default backend's weights, with a progress bar, if
+    they are missing; returns the banner's `embedding:` line (the fall-back and its fix
+    when they could not be had: cognitive then starts on the hashing embedder)."""
+    emb = settings.cognitive.embedding
+    backend = emb.backends.get(emb.default)
     spec = model_store.CATALOGUE.get(backend.model or "") if backend else None
     if backend is None or backend.kind != "onnx" or backend.path or spec is None:
-        return
+        return f"embedding: {emb.default}"
     root = settings.home_path / "models"
+    error = ""
+    if model_store.missing_files(root, spec) and emb.download:
+        try:
+            model_store.pull(spec, root, backend.mirror, model_store.TerminalProgress(sys.stdout))
+        except model_store.FetchError as exc:
+            error = f" ({exc})"
     if not model_store.missing_files(root, spec):
-        return
-    try:
-        model_store.pull(spec, root, backend.mirror, model_store.TerminalProgress(sys.stdout))
-    except model_store.FetchError:
-        return
+        return f"embedding: {spec.name} (onnx, {root / spec.name})"
+    if not emb.fallback_to_builtin:
+        return f"embedding: {spec.name} weights missing{error}: cognitive will refuse to start"
+    return (
+        f"embedding: built-in hashing embedder (lower quality) because the {spec.name} weights "
+        f"are not in {root}{error}; fix: `aiwfe models pull` where the network is reachable, or "
+        f"set cognitive.embedding.backends.{emb.default}.mirror (URL) or .path (folder)"
+    )

@@ -16,6 +16,7 @@ from aiwfe.cli import main
 from aiwfe.config import Settings
 from cognitive import model_store
 from cognitive.backends import Backends
+from cognitive.models_command import prefetch
 from tests.cognitive import tiny_model
 
 
@@ -247,3 +248,22 @@ def test_models_pull_command(serve, tiny, tmp_path, monkeypatch, capsys) -> None
     assert failed.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "HTTP 404" in err[0]
+
+
+def test_up_prefetch_fetches_or_says_how_to_fix(serve, tiny, tmp_path, monkeypatch) -> None:
+    """`aiwfe up`'s step fetches the default's weights and names the model in the banner
+    line; when the fetch fails the line names the fall-back and the fix."""
+    spec = _spec(tiny, "http://127.0.0.1:9/unreachable")
+    monkeypatch.setitem(model_store.CATALOGUE, spec.name, spec)
+    _publish(serve, tiny)
+
+    def settings(home: Path, mirror: str) -> Settings:
+        backend = {"kind": "onnx", "model": spec.name, "mirror": mirror}
+        embedding = {"default": "t", "backends": {"t": backend}}
+        return Settings.model_validate({"home": str(home), "cognitive": {"embedding": embedding}})
+
+    gone = prefetch(settings(tmp_path / "a", serve.url + "/gone"))
+    assert gone.startswith("embedding: built-in hashing embedder"), gone
+    assert "HTTP 404" in gone and "aiwfe models pull" in gone
+    fetched = prefetch(settings(tmp_path / "b", serve.url + "/m"))
+    assert fetched == f"embedding: {spec.name} (onnx, {tmp_path / 'b' / 'models' / spec.name})"
