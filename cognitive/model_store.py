@@ -8,6 +8,7 @@ a file under its final name is always whole and verified. Shared by the cognitiv
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import sys
@@ -142,11 +143,15 @@ def pull(
     returns the model's folder."""
     base = (base_url or spec.base_url).rstrip("/")
     timeout = httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT)
-    with httpx.Client(timeout=timeout) as client:
+    folder = model_dir(models_root, spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    # One fetcher per folder (aiwfe up and a cognitive replica may start together): the
+    # second waits, then finds the files in place.
+    with (folder / ".lock").open("w") as lock, httpx.Client(timeout=timeout) as client:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         for file in missing_files(models_root, spec):
-            dest = model_dir(models_root, spec) / file.local
-            download(client, f"{base}/{file.remote}", dest, file.sha256, progress)
-    return model_dir(models_root, spec)
+            download(client, f"{base}/{file.remote}", folder / file.local, file.sha256, progress)
+    return folder
 
 
 def _receive(
