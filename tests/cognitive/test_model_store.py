@@ -267,3 +267,18 @@ def test_up_prefetch_fetches_or_says_how_to_fix(serve, tiny, tmp_path, monkeypat
     assert "HTTP 404" in gone and "aiwfe models pull" in gone
     fetched = prefetch(settings(tmp_path / "b", serve.url + "/m"))
     assert fetched == f"embedding: {spec.name} (onnx, {tmp_path / 'b' / 'models' / spec.name})"
+
+
+def test_models_pull_checks_the_configured_model(serve, tiny, tmp_path, monkeypatch, capsys):
+    """Without --model, `aiwfe models pull` fetches the configured default
+    (all-MiniLM-L6-v2) and refuses bytes that fail the catalogue's sha256: exit 1, one
+    line, nothing left in the home."""
+    monkeypatch.setenv("AIWFE_HOME", str(tmp_path))
+    serve.files["/m/onnx/model.onnx"] = (tiny / "model.onnx").read_bytes()
+    with pytest.raises(SystemExit) as failed:
+        main(["models", "pull", "--mirror", serve.url + "/m"])
+    assert failed.value.code == 1
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("aiwfe:")]
+    assert len(err) == 1 and err[0].startswith("aiwfe: all-MiniLM-L6-v2: ") and "sha256" in err[0]
+    assert serve.requests[0][0] == "/m/onnx/model.onnx"
+    assert not list((tmp_path / "models").rglob("model.onnx*"))
