@@ -69,21 +69,23 @@ class OnnxEmbedder:
         self.dimension = int(self.encode(["dimension probe"]).shape[1])
 
     def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """Unit vectors for `texts`, in their order."""
+        """Unit vectors for `texts`, in their order (batched by length, then put back)."""
+        if not texts:
+            return np.empty((0, getattr(self, "dimension", 0)), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = np.empty((len(texts), 0), dtype=np.float32)
-        parts: list[npt.NDArray[np.float32]] = []
-        for start in range(0, len(order), BATCH):
-            parts.append(self._encode_batch([texts[i] for i in order[start : start + BATCH]]))
-        if parts:
-            stacked = np.concatenate(parts)
-            out = np.empty_like(stacked)
-            out[order] = stacked
+        stacked = np.concatenate(
+            [
+                self._encode_batch([texts[i] for i in order[start : start + BATCH]])
+                for start in range(0, len(order), BATCH)
+            ]
+        )
+        out = np.empty_like(stacked)
+        out[order] = stacked
         return out
 
     def _encode_batch(self, texts: list[str]) -> npt.NDArray[np.float32]:
         encodings = self._tokenizer.encode_batch(texts)
-        width = max(len(e.ids) for e in encodings)
+        width = max(1, *(len(e.ids) for e in encodings))  # an all-empty batch still runs
         ids = np.full((len(texts), width), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(texts), width), dtype=np.int64)
         types = np.zeros((len(texts), width), dtype=np.int64)
