@@ -49,10 +49,14 @@ class ModelSpec:
 
 
 # all-MiniLM-L6-v2 (Apache-2.0): 384-d, mean pooling then L2 normalisation (its model card).
-# The files are the ONNX export and tokenizer published in its Hugging Face repository.
+# The ONNX export (90,405,214 bytes) and tokenizer (466,247 bytes) its publisher ships, at a
+# pinned revision of its Hugging Face repository.
 MINILM = ModelSpec(
     name="all-MiniLM-L6-v2",
-    base_url="https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2/resolve/main",
+    base_url=(
+        "https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2/resolve/"
+        "c9745ed1d9f207416be6d2e6f8de32d1f16199bf"
+    ),
     files=(
         ModelFile(
             "onnx/model.onnx",
