@@ -437,6 +437,9 @@ class EmbeddingBackendSettings(_Block):
     # onnx: a base URL serving the model's files under their catalogue paths (a mirror)
     mirror: str | None = None
     max_tokens: int = Field(default=256, gt=0, le=8192)  # onnx: longer texts are truncated
+    # onnx: threads one inference uses (default: one per core, at most 4); on a busy shared
+    # host 1 does more per CPU second, while concurrent calls still spread over the cores
+    threads: int | None = Field(default=None, gt=0, le=64)
 
 
 class GenerationBackendSettings(_Block):

@@ -166,7 +166,7 @@ class OnnxBackend:
         self.name = name
         self.model_name = cfg.model or folder.name
         self.model = f"onnx/{self.model_name}"
-        self.embedder = OnnxEmbedder(folder, max_tokens)
+        self.embedder = OnnxEmbedder(folder, max_tokens, cfg.threads)
         self.dimension = self.embedder.dimension
         expected = cfg.dimension or (spec.dimension if spec else None)
         if expected is not None and expected != self.dimension:

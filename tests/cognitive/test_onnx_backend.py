@@ -67,7 +67,7 @@ async def test_embed_through_the_gateway_names_the_onnx_model(tiny: Path, base_o
         "embedding": {
             "default": "tiny",
             "backends": {
-                "tiny": {"kind": "onnx", "model": "tiny", "path": str(tiny)},
+                "tiny": {"kind": "onnx", "model": "tiny", "path": str(tiny), "threads": 1},
                 "builtin": {"kind": "builtin"},
             },
         }
@@ -207,16 +207,19 @@ def test_without_fallback_missing_weights_refuse_to_start(tmp_path: Path) -> Non
 def test_weights_in_the_home_are_used_without_a_fetch(
     tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Files already under `<home>/models/<model>` load with downloads off."""
+    """Files already under `<home>/models/<model>` load with downloads off, with the
+    configured thread count."""
     spec = _tiny_spec(tiny, "http://127.0.0.1:9/unused")
     monkeypatch.setitem(model_store.CATALOGUE, spec.name, spec)
     folder = tmp_path / "models" / spec.name
     folder.mkdir(parents=True)
     for f in ("model.onnx", "tokenizer.json"):
         (folder / f).write_bytes((tiny / f).read_bytes())
-    backend = {"kind": "onnx", "model": spec.name}
+    backend = {"kind": "onnx", "model": spec.name, "threads": 1}
     settings = _settings(tmp_path, {"default": "t", "backends": {"t": backend}, "download": False})
-    assert Backends(settings).default_embedding.model == f"onnx/{spec.name}"
+    loaded = Backends(settings).default_embedding
+    assert loaded.model == f"onnx/{spec.name}"
+    assert loaded.embedder.threads == 1  # type: ignore[attr-defined]
 
 
 def _tiny_spec(tiny: Path, base_url: str) -> model_store.ModelSpec:
