@@ -228,3 +228,21 @@ def _tiny_spec(tiny: Path, base_url: str) -> model_store.ModelSpec:
         for name in ("model.onnx", "tokenizer.json")
     )
     return model_store.ModelSpec("tiny-test", base_url, files, tiny_model.DIM, 256)
+
+
+def test_backend_modules_import_without_a_cycle() -> None:
+    """Each backend module imports on its own and never pulls in `cognitive.backends` (the
+    registry holds what they share), and every kind is registered once it has."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cognitive.http_backends, cognitive.onnx_backend\n"
+        "assert 'cognitive.backends' not in sys.modules, 'cycle'\n"
+        "import cognitive.backends\n"
+        "from cognitive.registry import embedding_kinds\n"
+        "print(embedding_kinds())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['builtin', 'ollama', 'onnx', 'openai']"
