@@ -102,6 +102,7 @@ GROUPS: dict[str, str] = {
     "collections": "list, share and delete collections",
     "workflow": "submit and manage workflows",
     "users": "manage accounts (admin)",
+    "models": "fetch embedding model weights into <home>/models",
 }
 
 
@@ -344,6 +345,21 @@ def _up(args: argparse.Namespace) -> int:
     return up(args.config)
 
 
+def _models_pull_args(p: argparse.ArgumentParser) -> None:
+    from cognitive import models_command
+
+    models_command.configure_pull(p)
+
+
+@command(
+    "models pull", "download the configured onnx models (resumable)", _models_pull_args, api=False
+)
+def _models_pull(args: argparse.Namespace) -> int:
+    from cognitive import models_command
+
+    return models_command.run(args)
+
+
 @command(
     "serve",
     "run one service in the foreground",
@@ -530,6 +546,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--threshold", type=float, default=0.0, help="minimum score")
+    p.add_argument("--model", default="", help="the backend the collection was indexed with")
 
 
 @command("search", "semantic search in a collection", _search_args)
@@ -537,7 +554,7 @@ async def _search(args: argparse.Namespace, connect: Connect) -> int:
     filters = _pairs(args.filter, "--filter")
     async with connect() as client:
         found = await client.search(
-            args.collection, args.query, args.top_k, filters, args.threshold
+            args.collection, args.query, args.top_k, filters, args.threshold, args.model
         )
     _emit(
         args,

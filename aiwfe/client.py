@@ -292,6 +292,7 @@ class AsyncClient:
         top_k: int = 10,
         filter: Mapping[str, str] | None = None,
         score_threshold: float = 0.0,
+        model: str = "",
     ) -> cog_pb.SearchResponse:
         request = cog_pb.SearchRequest(
             collection=collection,
@@ -299,6 +300,7 @@ class AsyncClient:
             top_k=top_k,
             filter=dict(filter or {}),
             score_threshold=score_threshold,
+            model=model,
         )
         return await self._unary(self.cognitive.Search, request)
 

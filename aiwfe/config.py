@@ -431,20 +431,33 @@ class LoadSheddingSettings(_Block):
 
 
 class EmbeddingBackendSettings(_Block):
-    """One embedding backend: built-in hashing, local sentence-transformers, Ollama, OpenAI."""
+    """One embedding backend: ONNX model, built-in hashing, local path, Ollama, OpenAI.
 
-    kind: Literal["builtin", "local", "ollama", "openai"]
+    `kind` is checked against the backends registered in `cognitive/registry.py` at start-up.
+    """
+
+    kind: str
     url: str | None = None  # ollama/openai: server base URL, e.g. http://localhost:11434
-    model: str | None = None  # local: model name or path; ollama/openai: the model to ask for
+    # onnx: a catalogue name (cognitive/model_store.py); ollama/openai: the model to ask for
+    model: str | None = None
     api_key: str | None = Field(default=None, repr=False)  # openai: Bearer token
-    dimension: int | None = Field(default=None, gt=0, le=65536)  # http: expected length
+    # http: expected length; onnx: must equal the model's (checked when it loads)
+    dimension: int | None = Field(default=None, gt=0, le=65536)
     timeout: float = Field(default=30, gt=0)  # per HTTP call, capped by the caller's deadline
+    # onnx: a directory already holding the model's files (air-gapped installs; no download)
+    path: str | None = None
+    # onnx: a base URL serving the model's files under their catalogue paths (a mirror)
+    mirror: str | None = None
+    max_tokens: int = Field(default=256, gt=0, le=8192)  # onnx: longer texts are truncated
+    # onnx: threads one inference uses (default: one per core, at most 4); on a busy shared
+    # host 1 does more per CPU second, while concurrent calls still spread over the cores
+    threads: int | None = Field(default=None, gt=0, le=64)
 
 
 class GenerationBackendSettings(_Block):
-    """One LLM backend reached over HTTP."""
+    """One LLM backend reached over HTTP (`kind` checked against the registry at start-up)."""
 
-    kind: Literal["ollama", "openai"]
+    kind: str
     url: str
     model: str
     api_key: str | None = Field(default=None, repr=False)
@@ -452,13 +465,28 @@ class GenerationBackendSettings(_Block):
     timeout: float = Field(default=120, gt=0)  # per read of a streamed chunk
 
 
-def _builtin_backend() -> dict[str, EmbeddingBackendSettings]:
-    return {"builtin": EmbeddingBackendSettings(kind="builtin")}
+def _default_embedding_backends() -> dict[str, EmbeddingBackendSettings]:
+    return {
+        "minilm": EmbeddingBackendSettings(kind="onnx", model="all-MiniLM-L6-v2"),
+        "builtin": EmbeddingBackendSettings(kind="builtin"),
+    }
 
 
 class EmbeddingSettings(_Block):
-    default: str = "builtin"
-    backends: dict[str, EmbeddingBackendSettings] = Field(default_factory=_builtin_backend)
+    """The embedding backends; the default is all-MiniLM-L6-v2 on ONNX Runtime.
+
+    An onnx backend's weights are fetched into `<home>/models` on first use when `download`
+    is on. When the default's weights cannot be had and `fallback_to_builtin` is on, the
+    built-in hashing embedder answers instead (one warning line says so and how to fix it);
+    off, the service refuses to start.
+    """
+
+    default: str = "minilm"
+    backends: dict[str, EmbeddingBackendSettings] = Field(
+        default_factory=_default_embedding_backends
+    )
+    download: bool = True
+    fallback_to_builtin: bool = True
 
 
 class GenerationSettings(_Block):

@@ -78,7 +78,7 @@ def child_environment(settings: Settings, pg: Provisioned, redis: Provisioned) -
     return env
 
 
-def banner(settings: Settings, pg: Provisioned, redis: Provisioned) -> str:
+def banner(settings: Settings, pg: Provisioned, redis: Provisioned, embedding: str = "") -> str:
     s = settings.services
     admin = settings.authentication.admin.username
     gw = s.gateway.address
@@ -90,6 +90,7 @@ def banner(settings: Settings, pg: Provisioned, redis: Provisioned) -> str:
         "aiwfe is up",
         *(f"{name}: {getattr(s, name).address}" for name in reversed(SERVICE_ORDER)),
         f"postgres: {pg.kind}   redis: {redis_kind}   qdrant: {qdrant}",
+        *([embedding] if embedding else []),
         f"admin login: {admin} (password: $AIWFE_ADMIN_PASSWORD, or printed on first start)",
         "try it:",
         f"  TOKEN=$({curl} -d '{login_body}' http://{gw}/aiwfe.auth.v1.AuthService/Login"
@@ -291,6 +292,10 @@ async def run_up(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     pg = await asyncio.to_thread(provision_postgres, home, settings.database.postgres.dsn)
     redis = await asyncio.to_thread(provision_redis, home, settings.redis.url)
+    # First use: the embedding model's weights, with a progress bar, before cognitive starts.
+    from cognitive.models_command import prefetch
+
+    embedding = await asyncio.to_thread(prefetch, settings)
     supervisor = Supervisor(settings.launcher, child_environment(settings, pg, redis), stop)
     code = 0
     watchers: list[asyncio.Task[str | None]] = []
@@ -298,7 +303,7 @@ async def run_up(settings: Settings) -> int:
         for name in SERVICE_ORDER:
             if not await supervisor.start(name):
                 return 0
-        print(banner(settings, pg, redis), flush=True)
+        print(banner(settings, pg, redis, embedding), flush=True)
         watchers = [asyncio.create_task(supervisor.watch(c)) for c in supervisor.children]
         stopper = asyncio.create_task(stop.wait())
         ended, _ = await asyncio.wait({*watchers, stopper}, return_when=asyncio.FIRST_COMPLETED)

