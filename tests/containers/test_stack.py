@@ -213,6 +213,15 @@ async def _submit(gateway: str, *steps: dict) -> str:
         return reply.workflow.workflow_id
 
 
+async def _state(gateway: str, workflow_id: str) -> int:
+    async with grpc.aio.insecure_channel(gateway) as channel:
+        token = await login(channel)
+        reply = await wf_grpc.WorkflowServiceStub(channel).GetWorkflow(
+            wf_pb.GetWorkflowRequest(workflow_id=workflow_id), metadata=bearer(token), timeout=10
+        )
+        return reply.workflow.state
+
+
 async def _outcome(gateway: str, workflow_id: str, timeout: float = 180) -> wf_pb.Workflow:
     """Polls GetWorkflow until terminal, riding out a back end that is restarting."""
     end = time.monotonic() + timeout
@@ -305,6 +314,8 @@ def test_workflow_submitted_before_a_dataplatform_restart_completes(stack: Stack
             ),
         )
     )
+    # Still running when dataplatform goes: the restart happens in the middle of it.
+    assert asyncio.run(_state(stack.gateway, workflow_id)) not in TERMINAL
     stack("stop", "dataplatform")
     assert (
         run(
