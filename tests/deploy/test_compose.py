@@ -191,3 +191,15 @@ def test_dockerfile_is_multi_stage_non_root_with_grpc_healthcheck() -> None:
     for source in re.findall(r"^COPY (?!--)(\S+) ", text, re.M):
         assert (ROOT / source).exists(), source
     assert re.search(r'^ENTRYPOINT \["aiwfe"\]', text, re.M)
+
+
+def test_dockerfile_base_is_an_argument_without_dev_dependencies() -> None:
+    """Users build on an official Python image, tests on the offline Debian base, through
+    one BASE_IMAGE argument used by every stage; no `# syntax=` line (it forces a pull of the
+    frontend image); the runtime gets the package without its dev extra."""
+    text = (ROOT / "deploy/Dockerfile").read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
+    first_from = text.index("\nFROM ")
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.1\d", text[:first_from], re.M)
+    assert set(re.findall(r"^FROM (\S+)", text, re.M)) == {"${BASE_IMAGE}"}
+    assert "[dev]" not in text

@@ -66,7 +66,12 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
-@pytest.fixture(scope="module", params=["base", "overlays/dev", "overlays/prod"])
+# Every overlay in the tree, not a fixed list: a new overlay is checked without edits here.
+TARGETS = ["base", *sorted(f"overlays/{p.name}" for p in (K8S / "overlays").iterdir())]
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod"}
+
+
+@pytest.fixture(scope="module", params=TARGETS)
 def rendered(request) -> tuple[str, list[dict[str, Any]]]:
     return request.param, render(request.param)
 
@@ -105,6 +110,56 @@ def test_deployments_probes_resources_and_security(rendered) -> None:
         )
         sc = container["securityContext"]
         assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+
+
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    if doc["kind"] == "Pod":
+        return doc["spec"]
+    if doc["kind"] == "CronJob":
+        return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return doc["spec"]["template"]["spec"]
+
+
+def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def test_every_container_is_bounded_probed_and_locked_down(rendered) -> None:
+    """Over every workload of every rendered target, every container (init ones too):
+    cpu+memory requests and limits; readiness and liveness probes (long-running ones);
+    non-root (pod or container), no privilege escalation, all capabilities dropped, a
+    read-only root filesystem; and each workload's pods are covered by a
+    PodDisruptionBudget and a NetworkPolicy of their own."""
+    target, docs = rendered
+    workloads = [d for d in docs if d["kind"] in WORKLOADS]
+    assert workloads, target
+    pdbs = by_kind(docs, "PodDisruptionBudget").values()
+    policies = [p for p in by_kind(docs, "NetworkPolicy").values() if p["spec"]["podSelector"]]
+    for doc in workloads:
+        where = f"{target}: {doc['kind']}/{doc['metadata']['name']}"
+        pod = pod_spec(doc)
+        pod_sc = pod.get("securityContext", {})
+        for kind in ("initContainers", "containers"):
+            for c in pod.get(kind, []):
+                at = f"{where} container {c['name']}"
+                res = c.get("resources", {})
+                for bound in ("requests", "limits"):
+                    assert {"cpu", "memory"} <= set(res.get(bound, {})), f"{at}: {bound}"
+                if kind == "containers" and doc["kind"] not in {"Job", "CronJob"}:
+                    assert "readinessProbe" in c and "livenessProbe" in c, f"{at}: probes"
+                sc = c.get("securityContext", {})
+                assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, at
+                assert sc.get("runAsUser", pod_sc.get("runAsUser", 0)) != 0, at
+                assert sc.get("allowPrivilegeEscalation") is False, at
+                assert sc.get("readOnlyRootFilesystem") is True, at
+                assert "ALL" in sc.get("capabilities", {}).get("drop", []), at
+        if doc["kind"] in {"Job", "CronJob", "Pod"}:
+            continue
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        assert any(matches(p["spec"]["selector"], labels) for p in pdbs), f"{where}: no PDB"
+        assert any(matches(p["spec"]["podSelector"], labels) for p in policies), (
+            f"{where}: no NetworkPolicy of its own"
+        )
 
 
 def test_hpa_and_pdbs(rendered) -> None:
