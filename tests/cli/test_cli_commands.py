@@ -54,13 +54,13 @@ def test_every_command_has_its_own_handler() -> None:
 
 
 def test_adding_a_command_is_one_decorated_function(capsys: pytest.CaptureFixture[str]) -> None:
-    """A new group and command (as `aiwfe models pull` will be) need nothing but @command."""
+    """A new group and command (as `aiwfe models pull` is) need nothing but @command."""
     before = list(cli.COMMANDS)
     try:
 
         @cli.command(
-            "models pull",
-            "fetch a model",
+            "datasets fetch",
+            "fetch a data set",
             lambda p: p.add_argument("name"),
             api=False,
         )
@@ -69,7 +69,7 @@ def test_adding_a_command_is_one_decorated_function(capsys: pytest.CaptureFixtur
             return 0
 
         with pytest.raises(SystemExit) as done:
-            cli.main(["models", "pull", "e5-small"])
+            cli.main(["datasets", "fetch", "e5-small"])
         assert done.value.code == 0
         assert capsys.readouterr().out == "pulled e5-small\n"
     finally:
