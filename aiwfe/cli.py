@@ -346,9 +346,14 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _models_pull_args(p: argparse.ArgumentParser) -> None:
-    from cognitive import models_command
-
-    models_command.configure_pull(p)
+    p.add_argument("--config", help="YAML configuration file (default: $AIWFE_CONFIG)")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="catalogue model to fetch (repeatable; default: the configured onnx backends)",
+    )
+    p.add_argument("--mirror", help="base URL serving the files (default: the catalogue's)")
 
 
 @command(

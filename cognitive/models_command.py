@@ -13,19 +13,6 @@ from aiwfe.config import ConfigError, Settings, load_settings
 from cognitive import model_store
 
 
-def configure_pull(pull: argparse.ArgumentParser) -> None:
-    """The arguments of `aiwfe models pull`."""
-    pull.add_argument("--config", help="YAML configuration file (default: $AIWFE_CONFIG)")
-    pull.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        choices=sorted(model_store.CATALOGUE),
-        help="catalogue model to fetch (repeatable; default: the configured onnx backends)",
-    )
-    pull.add_argument("--mirror", help="base URL serving the files (default: the catalogue's)")
-
-
 def wanted(settings: Settings) -> list[tuple[model_store.ModelSpec, str | None]]:
     """The catalogue models the configured onnx backends fetch (not those given a path),
     with each one's mirror."""
@@ -43,6 +30,11 @@ def run(args: argparse.Namespace) -> int:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"aiwfe: {exc}", file=sys.stderr)
+        return 2
+    unknown = sorted(set(args.model) - set(model_store.CATALOGUE))
+    if unknown:
+        known = ", ".join(sorted(model_store.CATALOGUE))
+        print(f"aiwfe: unknown model {', '.join(unknown)}; known: {known}", file=sys.stderr)
         return 2
     root = settings.home_path / "models"
     models = [(model_store.CATALOGUE[name], None) for name in args.model] or wanted(settings)

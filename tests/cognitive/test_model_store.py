@@ -248,6 +248,10 @@ def test_models_pull_command(serve, tiny, tmp_path, monkeypatch, capsys) -> None
     assert failed.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "HTTP 404" in err[0]
+    with pytest.raises(SystemExit) as unknown:
+        main(["models", "pull", "--model", "no-such-model"])
+    assert unknown.value.code == 2
+    assert "unknown model no-such-model; known: " in capsys.readouterr().err
 
 
 def test_up_prefetch_fetches_or_says_how_to_fix(serve, tiny, tmp_path, monkeypatch) -> None:
