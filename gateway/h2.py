@@ -61,6 +61,16 @@ Frame = tuple[int, int, int, bytes]  # (type, flags, stream id, payload)
 Headers = list[tuple[bytes, bytes]]
 
 
+class DecodedHeaders(list[tuple[bytes, bytes]]):
+    """A header list as `HeaderDecoder` gives it. `derived` holds what a consumer worked
+    out from these fields alone (the front door's reading of a request), so a block the
+    memo answers again is not read again; it lives as long as the list does (one
+    connection's memo, never a process-wide one: the fields may carry credentials)."""
+
+    __slots__ = ("derived",)
+    derived: object
+
+
 def _integer_at(block: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
     """An HPACK integer (RFC 7541 §5.1) at `pos`, and the position after it."""
     top = (1 << prefix_bits) - 1
@@ -146,7 +156,7 @@ class HeaderDecoder:
         if found is not None:
             return found
         try:
-            headers = cast(Headers, self._decoder.decode(block, raw=True))
+            headers = DecodedHeaders(cast(Headers, self._decoder.decode(block, raw=True)))
         except hpack.HPACKError as exc:
             raise ProtocolViolation(COMPRESSION_ERROR, f"a bad header block: {exc}") from None
         if len(headers) > self._max_fields:

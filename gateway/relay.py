@@ -140,6 +140,7 @@ class Decision(NamedTuple):
     # A status the relay answers at once (trailers only, its details included), never
     # opening the call upstream: a refusal the front door decides from the headers alone.
     status: grpc.Status | None = None
+    block: bytes | None = None  # `headers` encoded already (h2.header_block), if at hand
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,8 @@ class _Half:
 class _Stream:
     __slots__ = (
         "cid", "client", "client_credit", "client_ended", "client_recv", "code", "decision",
-        "details", "done", "headers", "held", "kept", "queued", "replay", "request", "resent",
+        "details", "done", "finished", "headers", "held", "kept", "queued", "replay", "request",
+        "resent",
         "response_started", "retries", "target", "to_client", "to_upstream", "trailers", "uid",
         "upstream", "upstream_ended", "upstream_recv",
     )  # fmt: skip
@@ -297,6 +299,7 @@ class _Stream:
         self.upstream: _Upstream | None = None
         self.uid = 0
         self.decision = decision
+        self.finished = False  # decision.finish was told how the call ended
         self.request = request  # the header block to open the upstream stream with
         self.to_upstream = _Half()
         self.to_client = _Half()
@@ -456,8 +459,8 @@ def _finish_after(stream: _Stream) -> None:
 
 def _finish(stream: _Stream, code: grpc.StatusCode, details: bool = False) -> None:
     finish = stream.decision.finish
-    if finish is not None:
-        stream.decision = stream.decision._replace(finish=None)
+    if finish is not None and not stream.finished:
+        stream.finished = True
         finish(code, details)
 
 
@@ -1006,7 +1009,8 @@ class _Client(_Connection):
         if decision.status is not None:
             self._answer_status(stream, decision.status)
             return
-        stream.request = h2.header_block(decision.headers)
+        block = decision.block
+        stream.request = block if block is not None else h2.header_block(decision.headers)
         if decision.answer is not None:
             # Opened upstream only if the whole request finds no answer.
             stream.held = sum(len(payload) for _, _, payload in stream.to_upstream.queue)
