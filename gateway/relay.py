@@ -74,6 +74,7 @@ _UPSTREAM_FIRST_STREAMS = 100  # an upstream's stream limit until its SETTINGS s
 _DRAIN_PING = b"drain\x00\x00\x00"
 _DRAIN_PING_SECONDS = 1.0  # the final GOAWAY at the latest this long after the first
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
+_STATUS_MEMO_BLOCK, _STATUS_MEMO_ENTRIES = 512, 32  # trailers blocks whose status is kept
 _RST_STATUS = {h2.CANCEL: grpc.StatusCode.CANCELLED, h2.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
 
 # What the relay says itself when it answers a call.
@@ -1225,6 +1226,7 @@ class _Upstream(_Connection):
         self.usable = True
         self.waiting: list[_Stream] = []  # opened before the connection was up
         self.connecting: asyncio.Future[None] | None = None
+        self._statuses: dict[bytes, tuple[grpc.StatusCode, bool]] = {}  # trailers read
 
     async def connect(self) -> None:
         try:
@@ -1346,14 +1348,23 @@ class _Upstream(_Connection):
         _send(stream, False)
 
     def status(self, block: bytes) -> tuple[grpc.StatusCode, bool]:
-        """The gRPC status in a trailers block, and whether it carries details."""
+        """The gRPC status in a trailers block, and whether it carries details (a back end
+        repeats its few trailers blocks: they are read once, like their decoding)."""
+        found = self._statuses.get(block)
+        if found is not None:
+            return found
         try:
             fields = dict(self.decoder.decode(block))
         except ProtocolViolation:
             return grpc.StatusCode.UNKNOWN, False
         raw = fields.get(b"grpc-status", b"")
         code = _STATUS.get(int(raw), grpc.StatusCode.UNKNOWN) if raw.isdigit() else None
-        return code or grpc.StatusCode.UNKNOWN, b"grpc-status-details-bin" in fields
+        found = code or grpc.StatusCode.UNKNOWN, b"grpc-status-details-bin" in fields
+        if len(block) <= _STATUS_MEMO_BLOCK:
+            if len(self._statuses) >= _STATUS_MEMO_ENTRIES:
+                self._statuses.clear()
+            self._statuses[block] = found
+        return found
 
     def on_data(self, sid: int, flags: int, payload: bytes) -> None:
         self.credit(len(payload))  # the connection window: each stream's bounds the buffer
