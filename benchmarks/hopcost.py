@@ -127,8 +127,9 @@ def _dumped_total(out_dir: str, names: set[str]) -> tuple[int, int]:
 
 async def _run(args: argparse.Namespace) -> None:
     extra: dict[str, str] = {}
-    out_dir = tempfile.mkdtemp(prefix="hopcost-callgrind-")
+    out_dir = ""
     if args.callgrind:
+        out_dir = tempfile.mkdtemp(prefix="hopcost-callgrind-")
         extra[servers.GATEWAY_WRAPPER_ENV] = (
             "valgrind --tool=callgrind --instr-atstart=no "
             f"--callgrind-out-file={out_dir}/callgrind.out.%p"
