@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import tempfile
@@ -40,6 +41,7 @@ JWT_SECRET_ENV = "AIWFE_BENCH_JWT_SECRET"
 INTERNAL_SECRET_ENV = "AIWFE_BENCH_INTERNAL_SECRET"
 ADMIN_PASSWORD_ENV = "AIWFE_BENCH_ADMIN_PASSWORD"
 ADMIN_USERNAME = "admin"
+GATEWAY_WRAPPER_ENV = "AIWFE_BENCH_GATEWAY_WRAPPER"
 _DB_NAME = re.compile(r"aiwfe_bench_[a-z0-9_]{1,40}")
 
 
@@ -124,16 +126,20 @@ def _service_env(
     return env
 
 
-async def _start_service(name: str, env: dict[str, str]) -> asyncio.subprocess.Process:
-    """`python -m <name>`, waiting for its readiness line; one retry, then its stderr."""
+async def _start_service(
+    name: str, env: dict[str, str], wrapper: list[str] | None = None
+) -> asyncio.subprocess.Process:
+    """`python -m <name>` (under `wrapper`, e.g. valgrind, if given), waiting for its
+    readiness line; one retry, then its stderr."""
     last = ""
     for _ in range(2):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", name, env=env,
+            *(wrapper or ()), sys.executable, "-m", name, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert proc.stdout is not None and proc.stderr is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().strip()
+        ready = 60 if wrapper is None else 900
+        line = (await asyncio.wait_for(proc.stdout.readline(), ready)).decode().strip()
         if line.startswith(f"{name}: "):
             # Keep draining both pipes so the service never blocks on a full one.
             _DRAINS.update(
@@ -166,8 +172,10 @@ async def serve(home: str, dsn: str, database: str) -> None:
     env = _service_env(overrides, ports, dsn, home)
     procs: dict[str, asyncio.subprocess.Process] = {}
     try:
+        # benchmarks.hopcost runs the (main) gateway under callgrind this way.
+        wrapper = shlex.split(os.environ.get(GATEWAY_WRAPPER_ENV, "")) or None
         for name in SERVICE_ORDER:
-            procs[name] = await _start_service(name, env)
+            procs[name] = await _start_service(name, env, wrapper if name == "gateway" else None)
         for name, extra in (
             ("gateway_noauth", {"AIWFE_AUTHENTICATION__ENABLED": "false"}),
             ("gateway_asyncio", {"AIWFE_GRPC__EVENT_LOOP": "asyncio"}),  # the uvloop lever

@@ -53,6 +53,7 @@ from aiwfe.identity import (
 from aiwfe.resilience.breaker import BreakerState, CircuitBreaker
 from aiwfe.resilience.limiter import ConcurrencyLimiter
 from aiwfe.telemetry import ServerRecorder, call_context, caller_context
+from gateway import h2
 from gateway.authn import AuthInterceptor
 from gateway.forwarding import (
     RELAY_USER_AGENT,
@@ -115,6 +116,54 @@ class _Route:
         self.scheme = b"https" if tls else b"http"
 
 
+class _Request:
+    """What the front door reads from a request's header list alone: the method and its
+    route, the credentials, the client's deadline, the headers a back end would get. Kept
+    with the list (`h2.DecodedHeaders`), so a block the client repeats is read once per
+    connection; what can change between calls (the token's validity, roles, quota,
+    breakers, limits) is decided on every call."""
+
+    __slots__ = (
+        "_read", "_relayed", "authorization", "cap", "client", "control", "info", "limiter",
+        "path", "route", "sent", "wire",
+    )  # fmt: skip
+
+    def __init__(self, front: FrontDoor, headers: Headers) -> None:
+        path = authorization = cache_control = timeout = None
+        for name, value in headers:
+            if name == b":path":
+                path = value
+            elif name == b"authorization":
+                authorization = value
+            elif name == b"cache-control":
+                cache_control = value
+            elif name == b"grpc-timeout":
+                timeout = value
+        self.path = path
+        info = self.info = front._methods.get(path.decode("latin-1")) if path else None
+        route = self.route = front._routes.get(info.package) if info is not None else None
+        self.authorization = authorization.decode("latin-1") if authorization else None
+        self.control = cache_control.decode("latin-1") if cache_control else None
+        client = self.client = parse_grpc_timeout(timeout) if timeout else None
+        self.cap = deadline_cap(info, front._grpc) if info is not None else 0.0
+        # Streams are not counted: a watch would hold a slot for its whole life.
+        streaming = info is not None and (info.client_streaming or info.server_streaming)
+        self.limiter = None if streaming or route is None else route.limiter
+        # A valid client value is the deadline already; only the gateway's own is written.
+        self.wire = (
+            timeout if client is not None and timeout is not None else grpc_timeout(self.cap)
+        )
+        self._read = False
+        self._relayed: tuple[Headers, list[tuple[str, str]]] | None = None
+        self.sent: tuple[str, Headers, bytes] | None = None  # (assertion, headers, block)
+
+    def relayed(self, headers: Headers) -> tuple[Headers, list[tuple[str, str]]] | None:
+        """`relayed_headers` of these headers (read once)."""
+        if not self._read:
+            self._relayed, self._read = relayed_headers(headers), True
+        return self._relayed
+
+
 def _endpoint(target: str, tls: ssl.SSLContext | None) -> Endpoint:
     host, _, port = target.rpartition(":")
     return Endpoint(authority=target.encode(), host=host.strip("[]"), port=int(port), tls=tls)
@@ -174,18 +223,12 @@ class FrontDoor:
         return self._routes[package].limiter
 
     def decide(self, headers: Headers, peer: str, up: Callable[[str], bool]) -> Decision:
-        path = authorization = cache_control = timeout = None
-        for name, value in headers:
-            if name == b":path":
-                path = value
-            elif name == b"authorization":
-                authorization = value
-            elif name == b"cache-control":
-                cache_control = value
-            elif name == b"grpc-timeout":
-                timeout = value
-        info = self._methods.get(path.decode("latin-1")) if path else None
-        route = self._routes.get(info.package) if info is not None else None
+        request: _Request | None = getattr(headers, "derived", None)
+        if request is None:
+            request = _Request(self, headers)
+            if isinstance(headers, h2.DecodedHeaders):  # kept for the block's next call
+                headers.derived = request
+        info, route = request.info, request.route
         if (
             info is None
             or route is None
@@ -195,30 +238,25 @@ class FrontDoor:
             return self._full(headers, peer)
         admission = self._admission
         try:
-            principal = admission.authenticate_now(
-                info, authorization.decode("latin-1") if authorization else None
-            )
+            principal = admission.authenticate_now(info, request.authorization)
             if not isinstance(principal, Principal):  # public, or the token is new
                 return self._full(headers, peer)
             admission.authorize(info, principal)
         except AiwfeError:  # the full path makes every denial, with its status
             return self._full(headers, peer)
-        relayed = relayed_headers(headers)
+        relayed = request.relayed(headers)
         if relayed is None:  # a header gRPC forbids: the full path refuses the call
             return self._full(headers, peer)
-        control = cache_control.decode("latin-1") if cache_control else None
+        control = request.control
         if admission.consults_cache(info, principal, control):
             decision = self._full(headers, peer)
             if cache_directive(control) is None:  # "no-cache" wants a fresh answer
                 return decision._replace(answer=self._cached_answer(info, principal))
             return decision
-        client = parse_grpc_timeout(timeout) if timeout else None
-        cap = deadline_cap(info, self._grpc)
-        # Streams are not counted: a watch would hold a slot for its whole life.
-        limiter = None if info.client_streaming or info.server_streaming else route.limiter
+        client, limiter = request.client, request.limiter
         slot = 0.0
         if limiter is not None:
-            started = limiter.try_acquire(cap if client is None else client)
+            started = limiter.try_acquire(request.cap if client is None else client)
             if started is None:  # before spending quota: a refused call costs none
                 return self._shed(info, route.name, limiter)
             slot = started
@@ -227,12 +265,9 @@ class FrontDoor:
                 limiter.cancel()
             return self._full(headers, peer)
         self.fast_calls += 1
-        deadline = Deadline(route.breaker, client, cap)
-        # A valid client value is the deadline already; only the gateway's own is written.
-        wire = timeout if client is not None and timeout is not None else grpc_timeout(cap)
-        assert path is not None
+        deadline = Deadline(route.breaker, client, request.cap)
         try:
-            return self._fast(info, route, path, relayed, deadline, wire, principal, slot, limiter)
+            return self._fast(request, relayed, deadline, principal, slot, limiter)
         except BaseException:  # the relay answers INTERNAL; the slot must not leak
             if limiter is not None:
                 limiter.cancel()
@@ -286,38 +321,45 @@ class FrontDoor:
 
     def _fast(
         self,
-        info: MethodInfo,
-        route: _Route,
-        path: bytes,
+        request: _Request,
         relayed: tuple[Headers, list[tuple[str, str]]],
         deadline: Deadline,
-        wire_timeout: bytes,
         principal: Principal,
         slot: float,
         limiter: ConcurrencyLimiter | None,
     ) -> Decision:
+        info, route = request.info, request.route
+        assert info is not None and route is not None and request.path is not None
         kept, trace_fields = relayed
-        out: Headers = [
-            (b":method", b"POST"),
-            (b":scheme", route.scheme),
-            (b":path", path),
-            (b":authority", route.authority),
-            (b"te", b"trailers"),
-            (b"grpc-timeout", wire_timeout),
-            (_IDENTITY, self._identity.assertion(principal, GATEWAY).encode()),
-            *kept,
-            (b"user-agent", RELAY_USER_AGENT),
-        ]
+        assertion = self._identity.assertion(principal, GATEWAY)
         recorder = self._recorder(info.path)
-        span = None
+        span = parent = context = None
         if recorder is not None:
             parent = caller_context(trace_fields) if trace_fields else None
             span = recorder.start(parent)
             context = call_context(span, parent)
+        sent = request.sent
+        if context is None and sent is not None and sent[0] == assertion:
+            out, block = sent[1], sent[2]  # the same headers as this block's last call
+        else:
+            out = [
+                (b":method", b"POST"),
+                (b":scheme", route.scheme),
+                (b":path", request.path),
+                (b":authority", route.authority),
+                (b"te", b"trailers"),
+                (b"grpc-timeout", request.wire),
+                (_IDENTITY, assertion.encode()),
+                *kept,
+                (b"user-agent", RELAY_USER_AGENT),
+            ]
             if context is not None:
                 injected: dict[str, str] = {}
                 propagate.inject(injected, context=context)
                 out.extend((k.encode(), v.encode()) for k, v in injected.items())
+            block = h2.header_block(out)
+            if context is None:  # no trace context of its own: the next call sends the same
+                request.sent = (assertion, out, block)
         started = time.perf_counter()
 
         def finish(code: grpc.StatusCode, details: bool) -> None:
@@ -327,7 +369,7 @@ class FrontDoor:
             if recorder is not None:
                 recorder.finish(span, code, time.perf_counter() - started)
 
-        return Decision(info.package, out, finish)
+        return Decision(info.package, out, finish, block=block)
 
     def _recorder(self, path: str) -> ServerRecorder | None:
         """The span and metrics recorder of `path` (None with telemetry off, as the

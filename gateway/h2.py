@@ -46,6 +46,7 @@ MAX_FRAME = 16_384  # the default SETTINGS_MAX_FRAME_SIZE; the relay never raise
 RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc"))
 _PRINTABLE = " !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"  # kept as they are in grpc-message (not %)
 _U32 = struct.Struct(">I")
+_FRAME_HEAD = struct.Struct(">BHBBI")  # length (24 bits: 8 + 16), type, flags, stream id
 _SETTING = struct.Struct(">HI")
 
 
@@ -59,6 +60,16 @@ class ProtocolViolation(Exception):
 
 Frame = tuple[int, int, int, bytes]  # (type, flags, stream id, payload)
 Headers = list[tuple[bytes, bytes]]
+
+
+class DecodedHeaders(list[tuple[bytes, bytes]]):
+    """A header list as `HeaderDecoder` gives it. `derived` holds what a consumer worked
+    out from these fields alone (the front door's reading of a request), so a block the
+    memo answers again is not read again; it lives as long as the list does (one
+    connection's memo, never a process-wide one: the fields may carry credentials)."""
+
+    __slots__ = ("derived",)
+    derived: object
 
 
 def _integer_at(block: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
@@ -146,7 +157,7 @@ class HeaderDecoder:
         if found is not None:
             return found
         try:
-            headers = cast(Headers, self._decoder.decode(block, raw=True))
+            headers = DecodedHeaders(cast(Headers, self._decoder.decode(block, raw=True)))
         except hpack.HPACKError as exc:
             raise ProtocolViolation(COMPRESSION_ERROR, f"a bad header block: {exc}") from None
         if len(headers) > self._max_fields:
@@ -229,39 +240,45 @@ def trailer_error(headers: Headers) -> Malformed | None:
 
 class FrameReader:
     """Splits a byte stream into frames (payloads up to MAX_FRAME bytes), lazily: a
-    consumer that stops at a bad frame (a flood) never pays for parsing the rest."""
+    consumer that stops at a bad frame (a flood) never pays for parsing the rest. A read
+    that holds whole frames (the usual case) is sliced as it came, not copied first."""
 
     __slots__ = ("_buf",)
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._buf = bytearray()  # the start of a frame the last read cut off
 
     def feed(self, data: bytes) -> Iterator[Frame]:
         buf = self._buf
-        buf += data
+        if buf:
+            buf += data
+            data = bytes(buf)
+            buf.clear()
+        elif type(data) is not bytes:
+            data = bytes(data)
+        size = len(data)
         pos = 0
+        unpack = _FRAME_HEAD.unpack_from
         try:
-            while len(buf) - pos >= 9:
-                length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
+            while size - pos >= 9:
+                high, low, ftype, flags, sid = unpack(data, pos)
+                length = (high << 16) | low
                 if length > MAX_FRAME:
                     raise ProtocolViolation(FRAME_SIZE_ERROR, f"a {length}-byte frame")
                 end = pos + 9 + length
-                if end > len(buf):
+                if end > size:
                     break
-                sid = _U32.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF
-                frame = (buf[pos + 3], buf[pos + 4], sid, bytes(buf[pos + 9 : end]))
+                frame = (ftype, flags, sid & 0x7FFFFFFF, data[pos + 9 : end])
                 pos = end
                 yield frame
         finally:
-            if pos:
-                del buf[:pos]
+            if pos < size:
+                buf += data[pos:]
 
 
 def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     n = len(payload)
-    return (
-        bytes((n >> 16, (n >> 8) & 0xFF, n & 0xFF, ftype, flags)) + _U32.pack(stream_id) + payload
-    )
+    return _FRAME_HEAD.pack(n >> 16, n & 0xFFFF, ftype, flags, stream_id) + payload
 
 
 def headers_frames(stream_id: int, block: bytes, flags: int) -> bytes:

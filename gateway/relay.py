@@ -74,6 +74,7 @@ _UPSTREAM_FIRST_STREAMS = 100  # an upstream's stream limit until its SETTINGS s
 _DRAIN_PING = b"drain\x00\x00\x00"
 _DRAIN_PING_SECONDS = 1.0  # the final GOAWAY at the latest this long after the first
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
+_STATUS_MEMO_BLOCK, _STATUS_MEMO_ENTRIES = 512, 32  # trailers blocks whose status is kept
 _RST_STATUS = {h2.CANCEL: grpc.StatusCode.CANCELLED, h2.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
 
 # What the relay says itself when it answers a call.
@@ -140,6 +141,7 @@ class Decision(NamedTuple):
     # A status the relay answers at once (trailers only, its details included), never
     # opening the call upstream: a refusal the front door decides from the headers alone.
     status: grpc.Status | None = None
+    block: bytes | None = None  # `headers` encoded already (h2.header_block), if at hand
 
 
 @dataclass(frozen=True)
@@ -285,7 +287,8 @@ class _Half:
 class _Stream:
     __slots__ = (
         "cid", "client", "client_credit", "client_ended", "client_recv", "code", "decision",
-        "details", "done", "headers", "held", "kept", "queued", "replay", "request", "resent",
+        "details", "done", "finished", "headers", "held", "kept", "queued", "replay", "request",
+        "resent",
         "response_started", "retries", "target", "to_client", "to_upstream", "trailers", "uid",
         "upstream", "upstream_ended", "upstream_recv",
     )  # fmt: skip
@@ -297,6 +300,7 @@ class _Stream:
         self.upstream: _Upstream | None = None
         self.uid = 0
         self.decision = decision
+        self.finished = False  # decision.finish was told how the call ended
         self.request = request  # the header block to open the upstream stream with
         self.to_upstream = _Half()
         self.to_client = _Half()
@@ -456,8 +460,8 @@ def _finish_after(stream: _Stream) -> None:
 
 def _finish(stream: _Stream, code: grpc.StatusCode, details: bool = False) -> None:
     finish = stream.decision.finish
-    if finish is not None:
-        stream.decision = stream.decision._replace(finish=None)
+    if finish is not None and not stream.finished:
+        stream.finished = True
         finish(code, details)
 
 
@@ -1006,7 +1010,8 @@ class _Client(_Connection):
         if decision.status is not None:
             self._answer_status(stream, decision.status)
             return
-        stream.request = h2.header_block(decision.headers)
+        block = decision.block
+        stream.request = block if block is not None else h2.header_block(decision.headers)
         if decision.answer is not None:
             # Opened upstream only if the whole request finds no answer.
             stream.held = sum(len(payload) for _, _, payload in stream.to_upstream.queue)
@@ -1221,6 +1226,7 @@ class _Upstream(_Connection):
         self.usable = True
         self.waiting: list[_Stream] = []  # opened before the connection was up
         self.connecting: asyncio.Future[None] | None = None
+        self._statuses: dict[bytes, tuple[grpc.StatusCode, bool]] = {}  # trailers read
 
     async def connect(self) -> None:
         try:
@@ -1342,14 +1348,23 @@ class _Upstream(_Connection):
         _send(stream, False)
 
     def status(self, block: bytes) -> tuple[grpc.StatusCode, bool]:
-        """The gRPC status in a trailers block, and whether it carries details."""
+        """The gRPC status in a trailers block, and whether it carries details (a back end
+        repeats its few trailers blocks: they are read once, like their decoding)."""
+        found = self._statuses.get(block)
+        if found is not None:
+            return found
         try:
             fields = dict(self.decoder.decode(block))
         except ProtocolViolation:
             return grpc.StatusCode.UNKNOWN, False
         raw = fields.get(b"grpc-status", b"")
         code = _STATUS.get(int(raw), grpc.StatusCode.UNKNOWN) if raw.isdigit() else None
-        return code or grpc.StatusCode.UNKNOWN, b"grpc-status-details-bin" in fields
+        found = code or grpc.StatusCode.UNKNOWN, b"grpc-status-details-bin" in fields
+        if len(block) <= _STATUS_MEMO_BLOCK:
+            if len(self._statuses) >= _STATUS_MEMO_ENTRIES:
+                self._statuses.clear()
+            self._statuses[block] = found
+        return found
 
     def on_data(self, sid: int, flags: int, payload: bytes) -> None:
         self.credit(len(payload))  # the connection window: each stream's bounds the buffer

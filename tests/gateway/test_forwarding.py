@@ -170,6 +170,30 @@ async def test_both_paths_deliver_the_same_headers_to_the_back_end(two_paths) ->
     assert observed[0] == observed[1]
 
 
+async def test_a_repeated_header_block_still_carries_the_current_identity(two_paths) -> None:
+    """The front door reads a header block its connection repeats only once, but what it
+    sends on follows the current identity assertion: once the assertion is signed anew
+    (as at its half-life), the back end receives the new one, not the one read first."""
+    suite, _, recorder = two_paths
+    front = suite.running["gateway"].front
+    identity = InternalIdentity.from_settings(suite.settings)
+    async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+        token = await login(channel)
+        call = channel.unary_unary(EMBED)
+        no_store = (*bearer(token), ("cache-control", "no-store"))
+        await call(b"", metadata=no_store, timeout=10)  # the token is cached now
+        fast_before = front.fast_calls
+        assertions = []
+        for resign in (False, False, True):
+            if resign:
+                front._identity._signed.clear()
+            await call(b"", metadata=no_store, timeout=10)
+            assertions.append(dict(recorder.calls[-1].metadata)[IDENTITY_METADATA_KEY])
+        assert front.fast_calls == fast_before + 3
+    assert assertions[0] == assertions[1] != assertions[2]
+    assert identity.verify(assertions[2]).username == "admin"
+
+
 async def test_the_callers_own_short_deadline_never_counts_against_the_back_end(
     two_paths,
 ) -> None:
