@@ -1,3 +1,3 @@
-from aiwfe.cli import main
+from aiwfe.app.cli import main
 
 main()

@@ -18,9 +18,9 @@ import uuid
 
 import grpc
 
-from aiwfe.config import load_settings
-from aiwfe.rbac import Rbac
-from aiwfe.redis_client import RedisClient
+from aiwfe.runtime.config import load_settings
+from aiwfe.runtime.rbac import Rbac
+from aiwfe.runtime.redis_client import RedisClient
 from gateway.authn import AuthInterceptor
 from gateway.policies import method_table
 from gateway.ratelimit import ApiLimiter

@@ -1,7 +1,7 @@
 """Cognitive service benchmark: cached Embed latency, embedder throughput, Search end to end
 on a large collection, and retrieval quality (recall@10).
 
-All four services run in this process (`aiwfe.suite.start_suite`) on the local PostgreSQL and
+All four services run in this process (`aiwfe.app.suite.start_suite`) on the local PostgreSQL and
 Redis, so client and servers share one event loop and one core: latencies are upper bounds of
 what separate processes give. Scenarios:
 
@@ -41,12 +41,12 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aiwfe.app.suite import start_suite
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as pb_grpc
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity, Principal
-from aiwfe.suite import start_suite
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity, Principal
 from benchmarks import embedder as embedder_bench
 
 ADMIN_DSN = os.environ.get(

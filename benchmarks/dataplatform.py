@@ -38,12 +38,12 @@ import grpc
 import psycopg
 from psycopg.rows import dict_row
 
-from aiwfe.config import PostgresSettings
 from aiwfe.data.v1 import cache_store_service_pb2 as cache_pb
 from aiwfe.data.v1 import cache_store_service_pb2_grpc as cache_grpc
 from aiwfe.data.v1 import user_store_service_pb2 as user_pb
 from aiwfe.data.v1 import user_store_service_pb2_grpc as user_grpc
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.runtime.config import PostgresSettings
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from benchmarks import servers
 from dataplatform.db import Database
 
@@ -55,8 +55,8 @@ _USER_QUERY = (
 
 async def _serve(dsn: str) -> None:
     """Child: dataplatform alone on a free port; prints its address; runs until SIGTERM."""
-    from aiwfe.config import load_settings
-    from aiwfe.server import start_service
+    from aiwfe.runtime.config import load_settings
+    from aiwfe.runtime.server import start_service
     from dataplatform.service import DataPlatformService
 
     with tempfile.TemporaryDirectory(prefix="aiwfe-bench-dp-") as home:

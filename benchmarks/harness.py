@@ -31,7 +31,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as tra
 
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from benchmarks import load, nginx, procstat, servers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # as benchmarks/__ma
 
 import grpc
 
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from benchmarks import harness, load, procstat, servers
 
 Metadata = tuple[tuple[str, str], ...]

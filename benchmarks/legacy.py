@@ -27,7 +27,7 @@ import grpc
 import jwt
 from psycopg_pool import AsyncConnectionPool
 
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from benchmarks import servers
 
 _CHECK = "/legacy.v1.AuthService/CheckToken"

@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 
-from aiwfe.embedded import free_port
+from aiwfe.app.embedded import free_port
 from benchmarks import procstat, servers
 
 SERVICES = ("gateway", "cognitive", "taskproc", "dataplatform")

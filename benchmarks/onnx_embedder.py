@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from aiwfe.config import load_settings
-from aiwfe.embedded import free_port
+from aiwfe.app.embedded import free_port
+from aiwfe.runtime.config import load_settings
 from benchmarks import procstat
 from cognitive import model_store
 

@@ -38,7 +38,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from benchmarks import load
 
 FACTOR = 10

@@ -3,7 +3,7 @@
     python -m benchmarks.servers --database aiwfe_bench_<random>
 
 Creates that database on the local PostgreSQL, starts the four services in-process with
-`aiwfe.suite.start_suite` (free ports), plus gateway variants wired to the same back ends
+`aiwfe.app.suite.start_suite` (free ports), plus gateway variants wired to the same back ends
 (auth off, asyncio loop, relay off: the "gateway-*" scenarios), prints the addresses as
 one JSON line on stdout, runs until SIGTERM/SIGINT (or until its parent goes away) and then
 stops the services and drops the database.
@@ -30,10 +30,10 @@ from typing import Any
 
 import psycopg
 
-from aiwfe.config import LoggingSettings
-from aiwfe.embedded import free_port
-from aiwfe.logs import configure_logging
-from aiwfe.suite import SERVICE_ORDER
+from aiwfe.app.embedded import free_port
+from aiwfe.app.suite import SERVICE_ORDER
+from aiwfe.runtime.config import LoggingSettings
+from aiwfe.runtime.logs import configure_logging
 
 DEFAULT_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 ADMIN_DSN_ENV = "AIWFE_BENCH_PG_ADMIN_DSN"

@@ -35,8 +35,8 @@ from typing import Any
 
 import grpc
 
-from aiwfe.config import load_settings
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity, Principal
+from aiwfe.runtime.config import load_settings
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity, Principal
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from benchmarks import procstat, servers

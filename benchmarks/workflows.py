@@ -35,12 +35,12 @@ from typing import Any
 import grpc
 import psycopg
 
-from aiwfe.channels import Downstream
-from aiwfe.config import load_settings
+from aiwfe.app.embedded import free_port
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
-from aiwfe.embedded import free_port
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.runtime.channels import Upstream
+from aiwfe.runtime.config import load_settings
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from benchmarks import procstat, servers
@@ -130,11 +130,11 @@ async def store_queue(dsn: str, jobs: int) -> dict[str, Any]:
             },
         )
         identity = InternalIdentity.from_settings(settings)
-        store = Downstream(
+        store = Upstream(
             "dataplatform", f"127.0.0.1:{port}", settings, identity, "taskproc",
             files=[store_pb.DESCRIPTOR],
         )  # fmt: skip
-        cognitive = Downstream(
+        cognitive = Upstream(
             "cognitive", settings.services.cognitive.address, settings, identity, "taskproc"
         )
         stub = store_grpc.WorkflowStoreServiceStub(store.channel)

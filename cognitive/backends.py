@@ -16,13 +16,13 @@ from collections.abc import Sequence
 
 # Imported for their registrations: kinds ollama and openai (onnx comes with its import below).
 import cognitive.http_backends  # noqa: F401
-from aiwfe.config import (
+from aiwfe.runtime.config import (
     CognitiveSettings,
     ConfigError,
     EmbeddingBackendSettings,
     Settings,
 )
-from aiwfe.errors import FailedPrecondition, InvalidArgument
+from aiwfe.runtime.errors import FailedPrecondition, InvalidArgument
 from cognitive.builtin_embedder import HashingEmbedder
 from cognitive.onnx_backend import WeightsUnavailable
 from cognitive.registry import (

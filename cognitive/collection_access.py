@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiwfe.data.v1 import vector_store_service_pb2 as vs_pb
-from aiwfe.identity import Principal
-from aiwfe.rbac import Rbac
+from aiwfe.runtime.identity import Principal
+from aiwfe.runtime.rbac import Rbac
 
 # Sees, writes, shares and deletes every collection (the seed's admin has it via cognitive:*).
 ADMIN_PERMISSION = "cognitive:collections:admin"

@@ -24,13 +24,13 @@ from typing import Any, TypeVar
 
 import grpc
 
-from aiwfe.cache import TTLCache
-from aiwfe.channels import Downstream
 from aiwfe.data.v1 import cache_store_service_pb2 as cache_pb
 from aiwfe.data.v1 import cache_store_service_pb2_grpc as cache_grpc
-from aiwfe.errors import AiwfeError
-from aiwfe.metrics import redis_cache_hit_rate
-from aiwfe.redis_client import RedisClient
+from aiwfe.runtime.cache import TTLCache
+from aiwfe.runtime.channels import Upstream
+from aiwfe.runtime.errors import AiwfeError
+from aiwfe.runtime.metrics import redis_cache_hit_rate
+from aiwfe.runtime.redis_client import RedisClient
 
 log = logging.getLogger("aiwfe.cognitive.cache")
 
@@ -58,7 +58,7 @@ class EmbeddingCache:
 
     def __init__(
         self,
-        dataplatform: Downstream,
+        dataplatform: Upstream,
         redis: RedisClient,
         *,
         l1_entries: int,

@@ -18,14 +18,14 @@ from typing import Any
 
 import httpx
 
-from aiwfe.channels import remaining_timeout
-from aiwfe.config import (
+from aiwfe.runtime.channels import remaining_timeout
+from aiwfe.runtime.config import (
     ConfigError,
     EmbeddingBackendSettings,
     GenerationBackendSettings,
     Settings,
 )
-from aiwfe.errors import (
+from aiwfe.runtime.errors import (
     AiwfeError,
     DeadlineExceeded,
     FailedPrecondition,
@@ -33,7 +33,7 @@ from aiwfe.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from aiwfe.resilience.breaker import CircuitBreaker
+from aiwfe.runtime.resilience.breaker import CircuitBreaker
 from cognitive.registry import GenerationParams, embedding_kind, generation_kind
 
 _MAX_ERROR_CHARS = 500

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aiwfe.config import ConfigError, Settings, load_settings
+from aiwfe.runtime.config import ConfigError, Settings, load_settings
 from cognitive import model_store
 
 

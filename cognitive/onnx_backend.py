@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from aiwfe.config import ConfigError, EmbeddingBackendSettings, Settings
+from aiwfe.runtime.config import ConfigError, EmbeddingBackendSettings, Settings
 from cognitive import model_store
 from cognitive.registry import embedding_kind
 

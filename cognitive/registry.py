@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from aiwfe.config import (
+from aiwfe.runtime.config import (
     ConfigError,
     EmbeddingBackendSettings,
     GenerationBackendSettings,

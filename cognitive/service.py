@@ -17,27 +17,27 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 import grpc
 import numpy as np
 
-from aiwfe.cache import TTLCache
-from aiwfe.channels import Downstream
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as pb_grpc
-from aiwfe.config import Settings
 from aiwfe.data.v1 import cache_store_service_pb2, vector_store_service_pb2
 from aiwfe.data.v1 import vector_store_service_pb2 as vs_pb
 from aiwfe.data.v1 import vector_store_service_pb2_grpc as vs_grpc
-from aiwfe.errors import (
+from aiwfe.runtime.cache import TTLCache
+from aiwfe.runtime.channels import Upstream
+from aiwfe.runtime.config import Settings
+from aiwfe.runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     Unavailable,
 )
-from aiwfe.identity import InternalIdentity, Principal, require_principal
-from aiwfe.interceptors import InternalIdentityInterceptor
-from aiwfe.rbac import Rbac
-from aiwfe.redis_client import RedisClient
-from aiwfe.server import Service
-from aiwfe.validation import Violations
+from aiwfe.runtime.identity import InternalIdentity, Principal, require_principal
+from aiwfe.runtime.interceptors import InternalIdentityInterceptor
+from aiwfe.runtime.rbac import Rbac
+from aiwfe.runtime.redis_client import RedisClient
+from aiwfe.runtime.server import Service
+from aiwfe.runtime.validation import Violations
 from cognitive.backends import Backends, EmbeddingBackend, GenerationParams
 from cognitive.chunking import chunk_text
 from cognitive.collection_access import INDEX_PERMISSION, Rights, rights
@@ -76,7 +76,7 @@ class CognitiveServicer(pb_grpc.CognitiveServiceServicer):
         settings: Settings,
         backends: Backends,
         cache: EmbeddingCache,
-        dataplatform: Downstream,
+        dataplatform: Upstream,
     ) -> None:
         self._cfg = settings.cognitive
         self._backends = backends
@@ -705,7 +705,7 @@ class CognitiveService(Service):
         super().__init__(settings)
         cfg = settings.cognitive  # chunk sizes checked by CognitiveSettings
         self.identity = InternalIdentity.from_settings(settings)
-        self.dataplatform = Downstream(
+        self.dataplatform = Upstream(
             "dataplatform",
             settings.services.dataplatform.address,
             settings,

@@ -1,4 +1,4 @@
-from aiwfe.server import main
+from aiwfe.runtime.server import main
 from dataplatform.service import DataPlatformService
 
 main(DataPlatformService)

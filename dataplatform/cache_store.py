@@ -6,7 +6,7 @@ import grpc
 
 from aiwfe.data.v1 import cache_store_service_pb2 as pb
 from aiwfe.data.v1 import cache_store_service_pb2_grpc as pb_grpc
-from aiwfe.validation import Violations
+from aiwfe.runtime.validation import Violations
 from dataplatform.db import Database
 
 MAX_KEYS = 1000

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from aiwfe.data.v1 import vector_store_service_pb2 as pb
-from aiwfe.errors import NotFound
-from aiwfe.validation import Violations
+from aiwfe.runtime.errors import NotFound
+from aiwfe.runtime.validation import Violations
 from dataplatform.db import Database, DictConnection
 
 MAX_ROLE_CHARS = 64

@@ -28,8 +28,8 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from aiwfe.config import PostgresSettings
-from aiwfe.metrics import database_connection_pool_usage
+from aiwfe.runtime.config import PostgresSettings
+from aiwfe.runtime.metrics import database_connection_pool_usage
 
 log = logging.getLogger("aiwfe.dataplatform.db")
 

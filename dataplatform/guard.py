@@ -14,8 +14,8 @@ from typing import Any
 import grpc
 import psycopg
 
-from aiwfe.errors import Unavailable
-from aiwfe.interceptors import Behavior, HandlerCache, MethodInterceptor, rejecting_handler
+from aiwfe.runtime.errors import Unavailable
+from aiwfe.runtime.interceptors import Behavior, HandlerCache, MethodInterceptor, rejecting_handler
 from dataplatform.db import Database
 
 _DOWN = "the database is unavailable; retry later"

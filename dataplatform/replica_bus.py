@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol
 
-from aiwfe.redis_client import RedisClient, Subscription
+from aiwfe.runtime.redis_client import RedisClient, Subscription
 
 log = logging.getLogger("aiwfe.dataplatform.replicas")
 CHANNEL = "dataplatform:workflow_wakeups"

@@ -9,7 +9,6 @@ import sys
 
 import grpc
 
-from aiwfe.config import Settings
 from aiwfe.data.v1 import (
     cache_store_service_pb2,
     token_store_service_pb2,
@@ -22,11 +21,12 @@ from aiwfe.data.v1 import (
 from aiwfe.data.v1 import cache_store_service_pb2_grpc as cache_grpc
 from aiwfe.data.v1 import user_store_service_pb2_grpc as user_grpc
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as workflow_store_grpc
-from aiwfe.identity import InternalIdentity
-from aiwfe.interceptors import InternalIdentityInterceptor
-from aiwfe.passwords import hash_password_async
-from aiwfe.redis_client import RedisClient
-from aiwfe.server import Service
+from aiwfe.runtime.config import Settings
+from aiwfe.runtime.identity import InternalIdentity
+from aiwfe.runtime.interceptors import InternalIdentityInterceptor
+from aiwfe.runtime.passwords import hash_password_async
+from aiwfe.runtime.redis_client import RedisClient
+from aiwfe.runtime.server import Service
 from dataplatform.cache_store import CacheStore
 from dataplatform.collection_access import CollectionAccessStore
 from dataplatform.db import Database

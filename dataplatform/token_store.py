@@ -18,8 +18,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from aiwfe.data.v1 import token_store_service_pb2 as pb
 from aiwfe.data.v1 import token_store_service_pb2_grpc as pb_grpc
-from aiwfe.errors import AlreadyExists, InvalidArgument
-from aiwfe.validation import Violations
+from aiwfe.runtime.errors import AlreadyExists, InvalidArgument
+from aiwfe.runtime.validation import Violations
 from dataplatform.db import Database, DictConnection
 
 MAX_ITEMS = 100

@@ -11,8 +11,8 @@ import psycopg
 
 from aiwfe.data.v1 import user_store_service_pb2 as pb
 from aiwfe.data.v1 import user_store_service_pb2_grpc as pb_grpc
-from aiwfe.errors import AlreadyExists, InvalidArgument, NotFound
-from aiwfe.validation import Violations
+from aiwfe.runtime.errors import AlreadyExists, InvalidArgument, NotFound
+from aiwfe.runtime.validation import Violations
 from dataplatform.db import Database
 
 _COLUMNS = "user_id, username, password_hash, roles, disabled, created_at, updated_at"

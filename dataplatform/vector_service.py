@@ -18,12 +18,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from aiwfe.config import QdrantSettings
 from aiwfe.data.v1 import vector_store_service_pb2 as pb
 from aiwfe.data.v1 import vector_store_service_pb2_grpc as pb_grpc
-from aiwfe.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from aiwfe.metrics import qdrant_query_latency
-from aiwfe.validation import Violations
+from aiwfe.runtime.config import QdrantSettings
+from aiwfe.runtime.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from aiwfe.runtime.metrics import qdrant_query_latency
+from aiwfe.runtime.validation import Violations
 from dataplatform.collection_access import CollectionAccessStore
 from dataplatform.vectors import (
     CollectionExists,

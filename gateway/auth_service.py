@@ -13,18 +13,18 @@ from typing import TypeVar
 
 import grpc
 
-from aiwfe import metrics
 from aiwfe.auth.v1 import auth_service_pb2 as pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as pb_grpc
-from aiwfe.channels import Downstream
-from aiwfe.config import PasswordPolicySettings
 from aiwfe.data.v1 import user_store_service_pb2 as user_pb
 from aiwfe.data.v1 import user_store_service_pb2_grpc as user_grpc
-from aiwfe.errors import NotFound, ResourceExhausted, Unauthenticated
-from aiwfe.identity import require_principal
-from aiwfe.passwords import hash_password_async, policy_violation, verify_password_async
-from aiwfe.rbac import Rbac
-from aiwfe.validation import Violations
+from aiwfe.runtime import metrics
+from aiwfe.runtime.channels import Upstream
+from aiwfe.runtime.config import PasswordPolicySettings
+from aiwfe.runtime.errors import NotFound, ResourceExhausted, Unauthenticated
+from aiwfe.runtime.identity import require_principal
+from aiwfe.runtime.passwords import hash_password_async, policy_violation, verify_password_async
+from aiwfe.runtime.rbac import Rbac
+from aiwfe.runtime.validation import Violations
 from gateway.ratelimit import LoginLimiter, caller_peer, client_address
 from gateway.sessions import MAX_REFRESH_CHARS, SessionManager, TokenPair
 
@@ -53,7 +53,7 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
         self,
         sessions: SessionManager,
         rbac: Rbac,
-        dataplatform: Downstream,
+        dataplatform: Upstream,
         limiter: LoginLimiter,
         access_ttl: int,
     ) -> None:
@@ -159,7 +159,7 @@ class UserAdminServicer(pb_grpc.UserAdminServiceServicer):
         self,
         sessions: SessionManager,
         rbac: Rbac,
-        dataplatform: Downstream,
+        dataplatform: Upstream,
         policy: PasswordPolicySettings,
     ) -> None:
         self._sessions = sessions

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import grpc
 
-from aiwfe.errors import AiwfeError, PermissionDenied, Unauthenticated
-from aiwfe.identity import Principal
-from aiwfe.interceptors import (
+from aiwfe.runtime.errors import AiwfeError, PermissionDenied, Unauthenticated
+from aiwfe.runtime.identity import Principal
+from aiwfe.runtime.interceptors import (
     MethodInterceptor,
     metadata_value,
     rejecting_handler,
     with_principal,
 )
-from aiwfe.rbac import Rbac
+from aiwfe.runtime.rbac import Rbac
 from gateway.policies import MethodInfo
 from gateway.ratelimit import ApiLimiter
 from gateway.response_cache import ResponseCache, cache_directive

@@ -39,10 +39,10 @@ from typing import Any
 import grpc
 from opentelemetry import propagate
 
-from aiwfe.config import GrpcSettings
-from aiwfe.errors import InvalidArgument
-from aiwfe.identity import INTERNAL_METADATA_PREFIX
-from aiwfe.resilience.breaker import CircuitBreaker
+from aiwfe.runtime.config import GrpcSettings
+from aiwfe.runtime.errors import InvalidArgument
+from aiwfe.runtime.identity import INTERNAL_METADATA_PREFIX
+from aiwfe.runtime.resilience.breaker import CircuitBreaker
 from gateway.policies import MethodInfo
 
 FORWARD, DROP, REPLACE, FRAMING = "forward", "drop", "replace", "framing"

@@ -6,7 +6,7 @@ direct call's, against nginx's ~0.1 ms. The relay moves frames instead (gateway/
 
 Admission is the gateway's one policy (gateway/authn.py), forwarding its one table
 (gateway/forwarding.py), recording its one recorder (`ServerRecorder` in
-aiwfe/telemetry.py, and `forwarding.Deadline` for the breaker). The relay's fast path is
+aiwfe/runtime/telemetry.py, and `forwarding.Deadline` for the breaker). The relay's fast path is
 the case where all of them finish without waiting: a method a back end owns, a token
 already in the in-process cache, a role that allows it, locally reserved rate-limit
 quota, the back end's breaker closed (where the proxy's `before_call` would let it pass
@@ -20,7 +20,7 @@ quota, every denial, cacheable responses, an open breaker.
 The front's one refusal of its own is load shedding, decided from the HEADERS frame before
 the call can wait in any queue (a gRPC server queues calls before its interceptors run:
 refusals made there took ~0.5 s under 10x overload). Each back end has a
-`ConcurrencyLimiter` (aiwfe/resilience/limiter.py, the class and `load_shedding` settings
+`ConcurrencyLimiter` (aiwfe/runtime/resilience/limiter.py, the class and `load_shedding` settings
 every gRPC server's shedding interceptor uses) over the unary calls the fast path sends
 it; one over the limit is answered at once, trailers only, with the interceptor's own
 status (RESOURCE_EXHAUSTED, reason OVERLOADED, RetryInfo), spending no quota. A slot is
@@ -41,18 +41,18 @@ from collections.abc import Callable
 import grpc
 from opentelemetry import propagate, trace
 
-from aiwfe.channels import Downstream
-from aiwfe.config import Settings, TlsSettings
-from aiwfe.errors import AiwfeError
-from aiwfe.identity import (
+from aiwfe.runtime.channels import Upstream
+from aiwfe.runtime.config import Settings, TlsSettings
+from aiwfe.runtime.errors import AiwfeError
+from aiwfe.runtime.identity import (
     IDENTITY_METADATA_KEY,
     INTERNAL_METADATA_PREFIX,
     InternalIdentity,
     Principal,
 )
-from aiwfe.resilience.breaker import BreakerState, CircuitBreaker
-from aiwfe.resilience.limiter import ConcurrencyLimiter
-from aiwfe.telemetry import ServerRecorder, call_context, caller_context
+from aiwfe.runtime.resilience.breaker import BreakerState, CircuitBreaker
+from aiwfe.runtime.resilience.limiter import ConcurrencyLimiter
+from aiwfe.runtime.telemetry import ServerRecorder, call_context, caller_context
 from gateway import h2
 from gateway.authn import AuthInterceptor
 from gateway.forwarding import (
@@ -106,9 +106,7 @@ class _Route:
 
     __slots__ = ("authority", "breaker", "limiter", "name", "scheme")
 
-    def __init__(
-        self, downstream: Downstream, tls: bool, limiter: ConcurrencyLimiter | None
-    ) -> None:
+    def __init__(self, downstream: Upstream, tls: bool, limiter: ConcurrencyLimiter | None) -> None:
         self.name = downstream.name
         self.authority = downstream.target.encode()
         self.breaker: CircuitBreaker = downstream.breaker
@@ -179,7 +177,7 @@ class FrontDoor:
         admission: AuthInterceptor,
         cache: ResponseCache,
         identity: InternalIdentity,
-        downstreams: dict[str, Downstream],
+        upstreams: dict[str, Upstream],
     ) -> None:
         self._methods = methods
         self._admission = admission
@@ -191,7 +189,7 @@ class FrontDoor:
             pkg: _Route(
                 d, tls is not None, ConcurrencyLimiter(shedding) if shedding.enabled else None
             )
-            for pkg, d in downstreams.items()
+            for pkg, d in upstreams.items()
         }
         self._grpc = settings.grpc
         self._metrics = settings.telemetry.enabled
@@ -202,7 +200,7 @@ class FrontDoor:
         self.answered_calls = 0  # answered by the relay from the in-process response cache
         self.full_calls = 0  # sent to the gateway's gRPC server (if not answered)
         self.shed_calls = 0  # refused by the relay: the back end was at its limit
-        self._upstreams = {p: _endpoint(d.target, tls) for p, d in downstreams.items()}
+        self._upstreams = {p: _endpoint(d.target, tls) for p, d in upstreams.items()}
         self._max_streams = settings.grpc.max_concurrent_streams
         self._tls = server_tls(settings.tls)
         self._limits = RelayLimits.from_settings(settings.gateway.http2, settings.grpc)

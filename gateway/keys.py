@@ -20,7 +20,7 @@ from typing import Any
 
 import jwt
 
-from aiwfe.config import ConfigError, JwtSettings
+from aiwfe.runtime.config import ConfigError, JwtSettings
 
 log = logging.getLogger("aiwfe.gateway.keys")
 _HMAC = frozenset({"HS256", "HS384", "HS512"})

@@ -15,9 +15,9 @@ from typing import Any
 
 import grpc
 
-from aiwfe.channels import Downstream
-from aiwfe.config import GrpcSettings
-from aiwfe.resilience.breaker import has_details
+from aiwfe.runtime.channels import Upstream
+from aiwfe.runtime.config import GrpcSettings
+from aiwfe.runtime.resilience.breaker import has_details
 from gateway.forwarding import Deadline, deadline_cap, forwarded_metadata
 from gateway.policies import MethodInfo
 
@@ -28,7 +28,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
     def __init__(
         self,
         methods: dict[str, MethodInfo],
-        routes: dict[str, Downstream],
+        routes: dict[str, Upstream],
         settings: GrpcSettings,
     ) -> None:
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -49,9 +49,7 @@ class _Upstream:
 
     __slots__ = ("deadline", "metadata", "timeout")
 
-    def __init__(
-        self, context: grpc.aio.ServicerContext, downstream: Downstream, cap: float
-    ) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext, downstream: Upstream, cap: float) -> None:
         client = forwarded_metadata(context.invocation_metadata() or ())
         self.metadata: tuple[tuple[str, Any], ...] = (*downstream.metadata(), *client)
         self.deadline = Deadline(downstream.breaker, context.time_remaining(), cap)
@@ -59,7 +57,7 @@ class _Upstream:
 
 
 @contextmanager
-def _recorded(downstream: Downstream, call: _Upstream) -> Iterator[None]:
+def _recorded(downstream: Upstream, call: _Upstream) -> Iterator[None]:
     """Asks the breaker, then tells it how the call ended (once)."""
     downstream.breaker.before_call()
     try:
@@ -74,7 +72,7 @@ def _recorded(downstream: Downstream, call: _Upstream) -> Iterator[None]:
 
 
 def _method_handler(
-    info: MethodInfo, downstream: Downstream, settings: GrpcSettings
+    info: MethodInfo, downstream: Upstream, settings: GrpcSettings
 ) -> grpc.RpcMethodHandler:
     channel = downstream.channel
     cap = deadline_cap(info, settings)

@@ -35,9 +35,9 @@ from typing import Any
 
 import grpc
 
-from aiwfe.config import RateLimitSettings
-from aiwfe.errors import ResourceExhausted
-from aiwfe.redis_client import RedisClient
+from aiwfe.runtime.config import RateLimitSettings
+from aiwfe.runtime.errors import ResourceExhausted
+from aiwfe.runtime.redis_client import RedisClient
 
 _NOW_MS = """
 local t = redis.call('TIME')

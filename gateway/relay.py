@@ -37,9 +37,9 @@ from typing import Any, NamedTuple, cast
 
 import grpc
 
-from aiwfe.config import GatewayHttp2Settings, GrpcSettings
-from aiwfe.errors import Status
-from aiwfe.resilience.breaker import has_details
+from aiwfe.runtime.config import GatewayHttp2Settings, GrpcSettings
+from aiwfe.runtime.errors import Status
+from aiwfe.runtime.resilience.breaker import has_details
 from gateway import h2
 from gateway.h2 import ProtocolViolation
 

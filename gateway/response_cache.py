@@ -17,11 +17,11 @@ from typing import Any
 
 import grpc
 
-from aiwfe import metrics
-from aiwfe.cache import TTLCache
-from aiwfe.identity import current_principal
-from aiwfe.interceptors import Behavior, HandlerCache
-from aiwfe.redis_client import RedisClient
+from aiwfe.runtime import metrics
+from aiwfe.runtime.cache import TTLCache
+from aiwfe.runtime.identity import current_principal
+from aiwfe.runtime.interceptors import Behavior, HandlerCache
+from aiwfe.runtime.redis_client import RedisClient
 from gateway.policies import MethodInfo
 
 _L1_MAX_TTL = 60.0  # replicas' L1 copies stay short-lived; Redis holds the full TTL

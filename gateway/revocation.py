@@ -22,12 +22,12 @@ from collections.abc import Iterable
 
 import grpc
 
-from aiwfe.channels import Downstream
-from aiwfe.config import AuthenticationSettings
 from aiwfe.data.v1 import token_store_service_pb2 as store_pb
 from aiwfe.data.v1 import token_store_service_pb2_grpc as store_grpc
-from aiwfe.identity import Principal
-from aiwfe.redis_client import RedisClient, Subscription
+from aiwfe.runtime.channels import Upstream
+from aiwfe.runtime.config import AuthenticationSettings
+from aiwfe.runtime.identity import Principal
+from aiwfe.runtime.redis_client import RedisClient, Subscription
 
 log = logging.getLogger("aiwfe.gateway.revocation")
 _LOOKBACK_SECONDS = 5  # re-read recent events: ids can commit out of order
@@ -79,7 +79,7 @@ class RevocationSync:
         self,
         state: RevocationState,
         redis: RedisClient,
-        dataplatform: Downstream,
+        dataplatform: Upstream,
         settings: AuthenticationSettings,
     ) -> None:
         self.state = state

@@ -8,20 +8,20 @@ import grpc
 
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
-from aiwfe.channels import Downstream
 from aiwfe.cognitive.v1 import cognitive_service_pb2
-from aiwfe.config import Settings
 from aiwfe.data.v1 import (
     cache_store_service_pb2,
     token_store_service_pb2,
     user_store_service_pb2,
     vector_store_service_pb2,
 )
-from aiwfe.identity import InternalIdentity
-from aiwfe.rbac import Rbac
-from aiwfe.redis_client import RedisClient
-from aiwfe.resilience.breaker import BreakerState
-from aiwfe.server import Service
+from aiwfe.runtime.channels import Upstream
+from aiwfe.runtime.config import Settings
+from aiwfe.runtime.identity import InternalIdentity
+from aiwfe.runtime.rbac import Rbac
+from aiwfe.runtime.redis_client import RedisClient
+from aiwfe.runtime.resilience.breaker import BreakerState
+from aiwfe.runtime.server import Service
 from aiwfe.taskproc.v1 import workflow_service_pb2
 from gateway.auth_service import AuthServicer, UserAdminServicer
 from gateway.authn import AuthInterceptor
@@ -56,10 +56,10 @@ class GatewayService(Service):
         self.methods = method_table()
         s = settings.services
 
-        def downstream(name: str, target: str, files: tuple) -> Downstream:
-            return Downstream(name, target, settings, self.identity, caller="gateway", files=files)
+        def downstream(name: str, target: str, files: tuple) -> Upstream:
+            return Upstream(name, target, settings, self.identity, caller="gateway", files=files)
 
-        self.downstreams = {
+        self.upstreams = {
             "aiwfe.cognitive.v1": downstream(
                 "cognitive", s.cognitive.address, (cognitive_service_pb2.DESCRIPTOR,)
             ),
@@ -69,7 +69,7 @@ class GatewayService(Service):
             "aiwfe.data.v1": downstream("dataplatform", s.dataplatform.address, _DATA_FILES),
         }
         auth = settings.authentication
-        data = self.downstreams["aiwfe.data.v1"]
+        data = self.upstreams["aiwfe.data.v1"]
         self.revocations = RevocationSync(self.revocation_state, self.redis, data, auth)
         self.sessions = SessionManager(self.tokens, data, self.revocations)
         self.login_limiter = LoginLimiter(auth.rate_limiting, self.redis)
@@ -88,7 +88,7 @@ class GatewayService(Service):
         await self.revocations.start()
 
     def register(self, server: grpc.aio.Server) -> list[str]:
-        data = self.downstreams["aiwfe.data.v1"]
+        data = self.upstreams["aiwfe.data.v1"]
         auth_grpc.add_AuthServiceServicer_to_server(
             AuthServicer(
                 self.sessions, self.rbac, data, self.login_limiter, self.tokens.access_ttl
@@ -102,7 +102,7 @@ class GatewayService(Service):
             server,
         )
         server.add_generic_rpc_handlers(
-            (ProxyHandler(self.methods, self.downstreams, self.settings.grpc),)
+            (ProxyHandler(self.methods, self.upstreams, self.settings.grpc),)
         )
         return [
             auth_pb.DESCRIPTOR.services_by_name["AuthService"].full_name,
@@ -113,8 +113,8 @@ class GatewayService(Service):
         """Each routed service is up while its back end's breaker is not open and the back
         end's own health answers SERVING (probed here, so an idle back end that went away
         is noticed without a call failing first)."""
-        packages = list(self.downstreams)
-        up = await asyncio.gather(*(_up(self.downstreams[p]) for p in packages))
+        packages = list(self.upstreams)
+        up = await asyncio.gather(*(_up(self.upstreams[p]) for p in packages))
         by_package = dict(zip(packages, up, strict=True))
         return {
             info.service: by_package[info.package]
@@ -126,7 +126,7 @@ class GatewayService(Service):
         return sorted(set(registered) | set(public_services()))
 
     def system_servicer(self) -> GatewaySystemServicer:
-        return GatewaySystemServicer(list(self.downstreams.values()))
+        return GatewaySystemServicer(list(self.upstreams.values()))
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [self.admission]
@@ -140,17 +140,17 @@ class GatewayService(Service):
             self.admission,
             self.response_cache,
             self.identity,
-            self.downstreams,
+            self.upstreams,
         )
 
     async def stop(self) -> None:
         await self.revocations.stop()
-        for downstream in self.downstreams.values():
+        for downstream in self.upstreams.values():
             await downstream.close()
         await self.redis.close()
 
 
-async def _up(downstream: Downstream) -> bool:
+async def _up(downstream: Upstream) -> bool:
     if downstream.breaker.state is BreakerState.OPEN:
         return False
     try:

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from aiwfe.channels import Downstream
 from aiwfe.data.v1 import token_store_service_pb2 as store_pb
 from aiwfe.data.v1 import token_store_service_pb2_grpc as store_grpc
-from aiwfe.errors import Unauthenticated
-from aiwfe.identity import Principal
+from aiwfe.runtime.channels import Upstream
+from aiwfe.runtime.errors import Unauthenticated
+from aiwfe.runtime.identity import Principal
 from gateway.revocation import RevocationSync
 from gateway.tokens import IssuedToken, TokenService
 
@@ -47,9 +47,7 @@ def _access(issued: IssuedToken) -> store_pb.RevokedAccessToken:
 
 
 class SessionManager:
-    def __init__(
-        self, tokens: TokenService, dataplatform: Downstream, sync: RevocationSync
-    ) -> None:
+    def __init__(self, tokens: TokenService, dataplatform: Upstream, sync: RevocationSync) -> None:
         self._tokens = tokens
         self._dp = dataplatform
         self._store = store_grpc.TokenStoreServiceStub(dataplatform.channel)

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import grpc
 
-from aiwfe.channels import Downstream
-from aiwfe.errors import AiwfeError
+from aiwfe.runtime.channels import Upstream
+from aiwfe.runtime.errors import AiwfeError
+from aiwfe.runtime.system_service import local_breakers
 from aiwfe.system.v1 import system_service_pb2 as pb
 from aiwfe.system.v1 import system_service_pb2_grpc as pb_grpc
-from aiwfe.system_service import local_breakers
 
 
 class GatewaySystemServicer(pb_grpc.SystemServiceServicer):
-    def __init__(self, downstreams: list[Downstream]) -> None:
-        self._downstreams = downstreams
+    def __init__(self, upstreams: list[Upstream]) -> None:
+        self._upstreams = upstreams
 
     async def ListCircuitBreakers(
         self, request: pb.ListCircuitBreakersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListCircuitBreakersResponse:
         reply = pb.ListCircuitBreakersResponse(breakers=local_breakers("gateway"))
-        for downstream in self._downstreams:
+        for downstream in self._upstreams:
             stub = pb_grpc.SystemServiceStub(downstream.channel)
             try:
                 theirs = await downstream.call(stub.ListCircuitBreakers, request, timeout=2.0)

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import jwt
 
-from aiwfe import metrics
-from aiwfe.cache import TTLCache
-from aiwfe.config import AuthenticationSettings, RedisSettings
-from aiwfe.errors import Unauthenticated
-from aiwfe.identity import Principal
-from aiwfe.redis_client import RedisClient
+from aiwfe.runtime import metrics
+from aiwfe.runtime.cache import TTLCache
+from aiwfe.runtime.config import AuthenticationSettings, RedisSettings
+from aiwfe.runtime.errors import Unauthenticated
+from aiwfe.runtime.identity import Principal
+from aiwfe.runtime.redis_client import RedisClient
 from gateway.keys import KeyRing, VerifyKey
 from gateway.revocation import RevocationState
 

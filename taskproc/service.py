@@ -11,19 +11,19 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from aiwfe.channels import Downstream
 from aiwfe.cognitive.v1 import cognitive_service_pb2
-from aiwfe.config import Settings
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
-from aiwfe.errors import PermissionDenied
-from aiwfe.identity import InternalIdentity, Principal, require_principal
-from aiwfe.interceptors import InternalIdentityInterceptor
-from aiwfe.page_tokens import PageTokens
-from aiwfe.server import Service
+from aiwfe.runtime.channels import Upstream
+from aiwfe.runtime.config import Settings
+from aiwfe.runtime.errors import PermissionDenied
+from aiwfe.runtime.identity import InternalIdentity, Principal, require_principal
+from aiwfe.runtime.interceptors import InternalIdentityInterceptor
+from aiwfe.runtime.page_tokens import PageTokens
+from aiwfe.runtime.server import Service
+from aiwfe.runtime.validation import Violations
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
-from aiwfe.validation import Violations
 from taskproc.shared_watch import SharedWatches
 from taskproc.spec import validate
 from taskproc.streams import StreamPool, WatchSlots
@@ -59,7 +59,7 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
     def __init__(
         self,
         settings: Settings,
-        store: Downstream,
+        store: Upstream,
         identity: InternalIdentity,
         streams: StreamPool,
         watches: SharedWatches,
@@ -189,7 +189,7 @@ class TaskProcService(Service):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.identity = InternalIdentity.from_settings(settings)
-        self.store = Downstream(
+        self.store = Upstream(
             "dataplatform",
             settings.services.dataplatform.address,
             settings,
@@ -197,7 +197,7 @@ class TaskProcService(Service):
             caller=self.name,
             files=[store_pb.DESCRIPTOR],
         )
-        self.cognitive = Downstream(
+        self.cognitive = Upstream(
             "cognitive",
             settings.services.cognitive.address,
             settings,

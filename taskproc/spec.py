@@ -17,9 +17,9 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from aiwfe.config import TaskProcSettings
+from aiwfe.runtime.config import TaskProcSettings
+from aiwfe.runtime.validation import Violations
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
-from aiwfe.validation import Violations
 from taskproc.ops import OPS, StepError
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")

@@ -9,7 +9,7 @@
   streams, never more than the server's `grpc.max_concurrent_streams`: a stream is never
   queued behind others nor refused (REFUSED_STREAM) at the HTTP/2 level. Connections are
   added as streams grow, up to what `max_watch_streams` needs. The control connection (the
-  `Downstream`: unary calls, claims, completions, lease extensions, the wake-up stream)
+  `Upstream`: unary calls, claims, completions, lease extensions, the wake-up stream)
   carries no watch.
 - Streams pass no circuit breaker: a watch lives for minutes, so it could not be a
   half-open breaker's probe, and a failed watch is already cheap (the channel fails fast
@@ -29,12 +29,12 @@ from google.protobuf.descriptor import FileDescriptor
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from aiwfe import metrics
-from aiwfe.channels import Downstream, create_channel, remaining_timeout
-from aiwfe.config import Settings
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
-from aiwfe.errors import ResourceExhausted, attribute
-from aiwfe.identity import request_deadline
+from aiwfe.runtime import metrics
+from aiwfe.runtime.channels import Upstream, create_channel, remaining_timeout
+from aiwfe.runtime.config import Settings
+from aiwfe.runtime.errors import ResourceExhausted, attribute
+from aiwfe.runtime.identity import request_deadline
 
 _tracer = trace.get_tracer("aiwfe")
 # When a refused watcher may try again: watches last seconds to minutes, so slots free up
@@ -85,7 +85,7 @@ class StreamPool:
     """Connections to dataplatform for watch streams, each below its concurrency limit."""
 
     def __init__(
-        self, store: Downstream, settings: Settings, files: Iterable[FileDescriptor] = ()
+        self, store: Upstream, settings: Settings, files: Iterable[FileDescriptor] = ()
     ) -> None:
         self._store = store  # identity and span naming; its channel carries no watch
         self._settings = settings

@@ -32,12 +32,12 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from aiwfe import metrics
-from aiwfe.channels import Downstream
-from aiwfe.config import TaskProcSettings
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
-from aiwfe.identity import Principal, current_principal
+from aiwfe.runtime import metrics
+from aiwfe.runtime.channels import Upstream
+from aiwfe.runtime.config import TaskProcSettings
+from aiwfe.runtime.identity import Principal, current_principal
 from taskproc.ops import OPS, PERMANENT_CODES, StepContext, StepError
 from taskproc.spec import resolve
 
@@ -64,8 +64,8 @@ class Worker:
         self,
         cfg: TaskProcSettings,
         grace_seconds: float,
-        store: Downstream,
-        cognitive: Downstream,
+        store: Upstream,
+        cognitive: Upstream,
     ) -> None:
         self.cfg = cfg
         self.grace = grace_seconds

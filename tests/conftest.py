@@ -18,9 +18,9 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from aiwfe.app.suite import Suite, start_suite
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
-from aiwfe.suite import Suite, start_suite
 
 # The server the tests create their database on; CI points the data-platform suite at
 # PgBouncer by setting AIWFE_TEST_PG_DSN to it (with AIWFE_TEST_PG_ADMIN_DSN direct).

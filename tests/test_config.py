@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from aiwfe.config import ConfigError, load_settings
+from aiwfe.runtime.config import ConfigError, load_settings
 
 
 def test_defaults_are_the_seed_values() -> None:

@@ -1,4 +1,4 @@
-"""Tests for aiwfe.embedded: finding or starting PostgreSQL and Redis for `aiwfe up`."""
+"""Tests for aiwfe.app.embedded: finding or starting PostgreSQL and Redis for `aiwfe up`."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import redis
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from aiwfe import embedded
-from aiwfe.embedded import (
+from aiwfe.app import embedded
+from aiwfe.app.embedded import (
     LOCAL_POSTGRES_DSN,
     Provisioned,
     free_port,
@@ -108,7 +108,7 @@ def test_configured_values_returned_untouched(
     """Configured DSN/URL come back verbatim, nothing is started, and passwords are not logged."""
     dsn = "postgresql://svc:s3cr3t-pg@db.example:5433/prod?sslmode=require"
     url = "redis://:s3cr3t-redis@cache.example:6380/2"
-    with caplog.at_level(logging.DEBUG, logger="aiwfe.embedded"):
+    with caplog.at_level(logging.DEBUG, logger="aiwfe.app.embedded"):
         pg = provision_postgres(tmp_path, dsn)
         rd = provision_redis(tmp_path, url)
     assert (pg.url, pg.kind) == (dsn, "configured")

@@ -1,5 +1,5 @@
 """Error reasons as a contract: every raise site in the services names a reason from
-`aiwfe.errors.REASONS` (right code, declared metadata keys), every registered reason is
+`aiwfe.runtime.errors.REASONS` (right code, declared metadata keys), every registered reason is
 raised somewhere, and the README's "Error reasons" table is the registry.
 
 `python -m tests.test_error_reasons` prints the table to paste into the README.
@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from aiwfe import errors
-from aiwfe.errors import REASONS, AiwfeError
+from aiwfe.runtime import errors
+from aiwfe.runtime.errors import REASONS, AiwfeError
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("aiwfe", "gateway", "cognitive", "taskproc", "dataplatform")

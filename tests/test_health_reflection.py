@@ -16,7 +16,7 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2 as refl
 
-from aiwfe.suite import SERVICE_ORDER, Suite
+from aiwfe.app.suite import SERVICE_ORDER, Suite
 from tests.conftest import login
 from tests.test_up import ROOT, buf_binary
 

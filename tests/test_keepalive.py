@@ -17,9 +17,9 @@ from typing import Any
 import grpc
 import pytest
 
-from aiwfe.channels import create_channel
-from aiwfe.config import ConfigError, GrpcSettings, load_settings
-from aiwfe.server import Service, start_service
+from aiwfe.runtime.channels import create_channel
+from aiwfe.runtime.config import ConfigError, GrpcSettings, load_settings
+from aiwfe.runtime.server import Service, start_service
 from tests.test_up import ROOT
 
 SCALE = float(os.environ.get("AIWFE_KEEPALIVE_TEST_SCALE", "15"))

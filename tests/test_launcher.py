@@ -8,8 +8,8 @@ import os
 import time
 from pathlib import Path
 
-from aiwfe.config import LauncherSettings
-from aiwfe.launcher import Supervisor
+from aiwfe.app.launcher import Supervisor
+from aiwfe.runtime.config import LauncherSettings
 
 # Prints its readiness line, lives for the uptime its start number is given, then fails.
 _CHILD = """

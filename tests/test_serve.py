@@ -1,4 +1,4 @@
-"""The process entry point shared by every service (aiwfe.server.serve)."""
+"""The process entry point shared by every service (aiwfe.runtime.server.serve)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import gc
 import os
 import signal
 
-from aiwfe.config import load_settings
-from aiwfe.server import Service, serve
+from aiwfe.runtime.config import load_settings
+from aiwfe.runtime.server import Service, serve
 
 
 class _Bare(Service):

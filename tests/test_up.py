@@ -23,10 +23,10 @@ import grpc
 import psycopg
 import pytest
 
-from aiwfe.cli import check_health
+from aiwfe.app.cli import check_health
+from aiwfe.app.embedded import free_port
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
-from aiwfe.embedded import free_port
 from tests.conftest import ADMIN_PASSWORD, bearer, login
 
 ROOT = Path(__file__).resolve().parent.parent

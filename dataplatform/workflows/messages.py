@@ -10,7 +10,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from aiwfe.errors import InvalidArgument, NotFound
+from aiwfe.runtime.errors import InvalidArgument, NotFound
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from aiwfe import metrics
+from aiwfe.runtime import metrics
 from dataplatform.db import DictConnection
 from dataplatform.workflows.repository import (
     MAX_ERROR_CHARS,

@@ -14,7 +14,7 @@ import grpc
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as pb_grpc
-from aiwfe.validation import Violations
+from aiwfe.runtime.validation import Violations
 from dataplatform.db import Database, DictConnection
 from dataplatform.workflows import messages
 from dataplatform.workflows.repository import MAX_ERROR_CHARS, WorkflowRepository, step_refs

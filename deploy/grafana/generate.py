@@ -1,5 +1,5 @@
 """Writes the Grafana dashboards (JSON) from one table of panels, so the queries stay in
-step with aiwfe.metrics; tests/observability/test_dashboards.py checks every query's
+step with aiwfe.runtime.metrics; tests/observability/test_dashboards.py checks every query's
 metrics exist. Run: python deploy/grafana/generate.py"""
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ from typing import Any
 
 import grpc
 
-from aiwfe.channels import Downstream
+from aiwfe.runtime.channels import Upstream
 
-# Downstream failures a retry cannot fix: the step fails at once.
+# Upstream failures a retry cannot fix: the step fails at once.
 PERMANENT_CODES = frozenset(
     {
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -48,7 +48,7 @@ class StepContext:
 
     attempt: int
     worker_id: str
-    cognitive: Downstream
+    cognitive: Upstream
     timeout: float
 
 

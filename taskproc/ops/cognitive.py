@@ -2,7 +2,7 @@
 
 A cognitive op's inputs are its request message in JSON form (proto field names) and its
 output is the response in the same form, so the contract defines both; Generate's stream
-is joined into one `text`. Calls go through the cognitive `Downstream` (breaker, client
+is joined into one `text`. Calls go through the cognitive `Upstream` (breaker, client
 span, identity of the service acting for the workflow's owner) with the step's remaining
 time as deadline.
 """

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from aiwfe.cli import load_workflow_spec
-from aiwfe.suite import Suite
+from aiwfe.app.cli import load_workflow_spec
+from aiwfe.app.suite import Suite
 from tests.conftest import ADMIN_PASSWORD
 
 ERROR_LINE = re.compile(r"^aiwfe: [A-Z_]+: .+$")
@@ -288,7 +288,7 @@ async def test_generate_streams_from_the_configured_llm(base_overrides, cli_env)
     Ollama's wire format); --json prints one message per line, the last one done."""
     import copy
 
-    from aiwfe.suite import start_suite
+    from aiwfe.app.suite import start_suite
     from tests.cognitive.fake_llm import FakeLLMServer, ollama_routes
 
     fake = await FakeLLMServer(ollama_routes()).start()
@@ -386,7 +386,7 @@ async def test_usage_errors_exit_2_without_connecting(cli_env, args, message) ->
 def test_workflow_spec_from_yaml_and_json(tmp_path) -> None:
     """A YAML or JSON file becomes a WorkflowSpec (snake_case or camelCase names); an
     unknown field is a usage error naming it."""
-    from aiwfe.cli import UsageError
+    from aiwfe.app.cli import UsageError
 
     y = tmp_path / "wf.yaml"
     y.write_text(

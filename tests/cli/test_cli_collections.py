@@ -6,7 +6,7 @@ import json
 import uuid
 from pathlib import Path
 
-from aiwfe.suite import Suite
+from aiwfe.app.suite import Suite
 from tests.cli.test_cli import aiwfe, assert_one_error_line, cli_env, login_as
 from tests.conftest import ADMIN_PASSWORD
 

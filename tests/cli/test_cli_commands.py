@@ -11,8 +11,8 @@ import textwrap
 
 import pytest
 
-from aiwfe import cli
-from aiwfe.suite import Suite
+from aiwfe.app import cli
+from aiwfe.app.suite import Suite
 from tests.cli.test_cli import aiwfe, assert_one_error_line, cli_env, store_of, write_store
 
 __all__ = ["cli_env"]  # the fixture, shared with test_cli.py
@@ -101,14 +101,14 @@ _PROMPT_PROBE = textwrap.dedent(
             return True
 
     def prompt(text):
-        heavy = sorted(m for m in ("grpc", "pydantic", "aiwfe.client", "aiwfe.config")
+        heavy = sorted(m for m in ("grpc", "pydantic", "aiwfe.sdk.client", "aiwfe.runtime.config")
                        if m in sys.modules)
         print("PROMPT", text, "loaded:", ",".join(heavy) or "-", file=sys.stderr)
         raise KeyboardInterrupt  # stop here: only the prompt's moment matters
 
     sys.stdin = Tty()
     getpass.getpass = prompt
-    from aiwfe.cli import main
+    from aiwfe.app.cli import main
     main(sys.argv[1:])
     """
 )

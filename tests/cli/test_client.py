@@ -14,10 +14,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from aiwfe.channels import idempotent_methods
-from aiwfe.client import CONTRACTS, AsyncClient, Client, CredentialStore, Tokens
+from aiwfe.app.suite import Suite
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
-from aiwfe.suite import Suite
+from aiwfe.runtime.channels import idempotent_methods
+from aiwfe.sdk.client import CONTRACTS, AsyncClient, Client, CredentialStore, Tokens
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from tests.conftest import ADMIN_PASSWORD
 
@@ -151,7 +151,7 @@ async def test_blocking_client(suite: Suite) -> None:
 
 def readme_sdk_example() -> str:
     text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = text.split("### Client SDK (`aiwfe.client`)", 1)[1]
+    section = text.split("### Client SDK (`aiwfe.sdk.client`)", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 

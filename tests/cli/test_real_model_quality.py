@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from aiwfe.suite import start_suite
+from aiwfe.app.suite import start_suite
 from tests.cli.test_cli import aiwfe, cli_env, login_as
 from tests.conftest import ADMIN_PASSWORD
 

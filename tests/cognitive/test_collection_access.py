@@ -14,10 +14,10 @@ from grpc_status import rpc_status
 
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as pb_grpc
-from aiwfe.config import RbacSettings
 from aiwfe.data.v1 import vector_store_service_pb2 as vs_pb
 from aiwfe.data.v1 import vector_store_service_pb2_grpc as vs_grpc
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.runtime.config import RbacSettings
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from tests.conftest import bearer, field_violations
 from tests.gateway.conftest import Gateway, _gateway, unique

@@ -14,11 +14,11 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from aiwfe.app.suite import Suite, start_suite
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as pb_grpc
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
-from aiwfe.metrics import REGISTRY
-from aiwfe.suite import Suite, start_suite
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.runtime.metrics import REGISTRY
 from cognitive.service import CognitiveService
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

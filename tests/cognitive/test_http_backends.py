@@ -11,10 +11,10 @@ from typing import Any
 import grpc
 import pytest
 
+from aiwfe.app.suite import Suite, start_suite
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as pb_grpc
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
-from aiwfe.suite import Suite, start_suite
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from tests.cognitive.fake_llm import (
     FakeLLMServer,
     error,

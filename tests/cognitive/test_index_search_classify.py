@@ -14,8 +14,8 @@ from aiwfe.data.v1 import user_store_service_pb2 as user_pb
 from aiwfe.data.v1 import user_store_service_pb2_grpc as user_grpc
 from aiwfe.data.v1 import vector_store_service_pb2 as vs_pb
 from aiwfe.data.v1 import vector_store_service_pb2_grpc as vs_grpc
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
-from aiwfe.passwords import hash_password
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.runtime.passwords import hash_password
 from tests.conftest import bearer, field_violations, login
 
 DOCS = [

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from aiwfe.cli import main
-from aiwfe.config import Settings
+from aiwfe.app.cli import main
+from aiwfe.runtime.config import Settings
 from cognitive import model_store
 from cognitive.backends import Backends
 from cognitive.models_command import prefetch

@@ -14,10 +14,10 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from aiwfe.app.suite import start_suite
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as pb_grpc
-from aiwfe.config import ConfigError, Settings
-from aiwfe.suite import start_suite
+from aiwfe.runtime.config import ConfigError, Settings
 from cognitive import model_store
 from cognitive.backends import Backends
 from cognitive.onnx_backend import OnnxEmbedder
@@ -180,7 +180,7 @@ def test_default_config_without_weights_or_network_falls_back_with_one_line(
 
 async def test_unreachable_mirror_falls_back(tmp_path: Path, caplog) -> None:
     """A fetch that cannot connect (nothing listens on the mirror's port) falls back too."""
-    from aiwfe.embedded import free_port
+    from aiwfe.app.embedded import free_port
 
     backend = {"kind": "onnx", "model": "all-MiniLM-L6-v2"}
     backend["mirror"] = f"http://127.0.0.1:{free_port()}/m"

@@ -27,9 +27,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from aiwfe.app.embedded import free_port
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
-from aiwfe.embedded import free_port
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from tests.conftest import ADMIN_PASSWORD, bearer, login

@@ -12,9 +12,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from aiwfe.config import load_settings
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
-from aiwfe.server import RunningService, start_service
+from aiwfe.runtime.config import load_settings
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.runtime.server import RunningService, start_service
 from dataplatform.service import DataPlatformService
 
 

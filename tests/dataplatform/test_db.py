@@ -7,10 +7,10 @@ import psycopg
 import psycopg_pool
 import pytest
 
-from aiwfe.config import PostgresSettings, load_settings
-from aiwfe.embedded import free_port
-from aiwfe.metrics import REGISTRY
-from aiwfe.server import start_service
+from aiwfe.app.embedded import free_port
+from aiwfe.runtime.config import PostgresSettings, load_settings
+from aiwfe.runtime.metrics import REGISTRY
+from aiwfe.runtime.server import start_service
 from dataplatform.db import Database
 from dataplatform.service import DataPlatformService
 

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2
 
 from aiwfe.data.v1 import user_store_service_pb2 as user_pb
 from aiwfe.data.v1 import user_store_service_pb2_grpc as user_grpc
-from aiwfe.metrics import REGISTRY
+from aiwfe.runtime.metrics import REGISTRY
 from tests.dataplatform.conftest import (
     dsn_address,
     health_status,

@@ -9,10 +9,10 @@ import time
 import grpc
 import psycopg
 
-from aiwfe.config import TaskProcSettings
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
-from aiwfe.server import RunningService
+from aiwfe.runtime.config import TaskProcSettings
+from aiwfe.runtime.server import RunningService
 from taskproc.spec import validate
 from tests.taskproc.helpers import spec
 

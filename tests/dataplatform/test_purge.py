@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from aiwfe.server import RunningService
+from aiwfe.runtime.server import RunningService
 from dataplatform.service import DataPlatformService
 
 

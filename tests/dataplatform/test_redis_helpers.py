@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from aiwfe.config import RedisSettings
-from aiwfe.redis_client import RedisClient
+from aiwfe.runtime.config import RedisSettings
+from aiwfe.runtime.redis_client import RedisClient
 from tests.faultproxy import FaultProxy
 
 REDIS = ("127.0.0.1", 6379)

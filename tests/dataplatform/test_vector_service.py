@@ -12,7 +12,7 @@ import pytest
 
 from aiwfe.data.v1 import vector_store_service_pb2 as pb
 from aiwfe.data.v1 import vector_store_service_pb2_grpc as pb_grpc
-from aiwfe.metrics import REGISTRY
+from aiwfe.runtime.metrics import REGISTRY
 from tests.conftest import field_violations
 
 DIM = 8
@@ -254,8 +254,8 @@ async def test_servicer_runs_unchanged_on_the_server_store(base_overrides) -> No
     wire) validates, writes, filters and maps NOT_FOUND identically."""
     from qdrant_client import AsyncQdrantClient
 
-    from aiwfe.config import load_settings
-    from aiwfe.errors import InvalidArgument, NotFound
+    from aiwfe.runtime.config import load_settings
+    from aiwfe.runtime.errors import InvalidArgument, NotFound
     from dataplatform.vector_service import VectorService
     from dataplatform.vectors import QdrantServerStore
 

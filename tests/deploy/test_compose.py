@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from aiwfe.config import ENV_ALIASES, ENV_PREFIX, ConfigError, Settings, load_settings
-from aiwfe.suite import SERVICE_ORDER
+from aiwfe.app.suite import SERVICE_ORDER
+from aiwfe.runtime.config import ENV_ALIASES, ENV_PREFIX, ConfigError, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"

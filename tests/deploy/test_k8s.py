@@ -13,8 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from aiwfe.config import ConfigError, load_settings
-from aiwfe.suite import SERVICE_ORDER
+from aiwfe.app.suite import SERVICE_ORDER
+from aiwfe.runtime.config import ConfigError, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"

@@ -13,11 +13,11 @@ from typing import Any
 import grpc
 import pytest
 
-from aiwfe.channels import channel_credentials
-from aiwfe.cli import check_health
-from aiwfe.client import AsyncClient
-from aiwfe.config import ConfigError, load_settings
-from aiwfe.suite import start_suite
+from aiwfe.app.cli import check_health
+from aiwfe.app.suite import start_suite
+from aiwfe.runtime.channels import channel_credentials
+from aiwfe.runtime.config import ConfigError, load_settings
+from aiwfe.sdk.client import AsyncClient
 from tests.conftest import ADMIN_PASSWORD
 from tests.deploy.certs import Certs, make_certs
 

@@ -12,10 +12,10 @@ from typing import Any
 import grpc
 import pytest
 
+from aiwfe.app.suite import Suite, start_suite
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
-from aiwfe.server import RunningService, start_service
-from aiwfe.suite import Suite, start_suite
+from aiwfe.runtime.server import RunningService, start_service
 from gateway.service import GatewayService
 from tests.conftest import bearer, login
 

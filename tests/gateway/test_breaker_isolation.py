@@ -12,9 +12,9 @@ from typing import Any
 import grpc
 import pytest
 
+from aiwfe.app.suite import start_suite
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
-from aiwfe.suite import start_suite
 from aiwfe.system.v1 import system_service_pb2 as sys_pb
 from aiwfe.system.v1 import system_service_pb2_grpc as sys_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb

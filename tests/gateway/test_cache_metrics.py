@@ -6,12 +6,12 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from aiwfe import metrics
+from aiwfe.app.suite import start_suite
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
-from aiwfe.suite import start_suite
+from aiwfe.runtime import metrics
 from tests.conftest import bearer, login
 from tests.gateway.conftest import PASSWORD, gateway_overrides, unique
 

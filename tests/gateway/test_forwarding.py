@@ -17,13 +17,13 @@ import h2.connection
 import h2.events
 import pytest
 
+from aiwfe.app.embedded import free_port
+from aiwfe.app.suite import Suite, start_suite
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
-from aiwfe.embedded import free_port
-from aiwfe.errors import InvalidArgument
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
-from aiwfe.resilience.breaker import BreakerState
-from aiwfe.server import RunningService, start_service
-from aiwfe.suite import Suite, start_suite
+from aiwfe.runtime.errors import InvalidArgument
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.runtime.resilience.breaker import BreakerState
+from aiwfe.runtime.server import RunningService, start_service
 from gateway import forwarding
 from gateway.forwarding import forwarded_metadata, relayed_headers
 from gateway.service import GatewayService
@@ -208,7 +208,7 @@ async def test_the_callers_own_short_deadline_never_counts_against_the_back_end(
     no_store = (*bearer(token), ("cache-control", "no-store"))  # else the cache's full path
     relayed = suite.running["gateway"]
     for address, running in ((relayed.address, relayed), (full.address, full)):
-        breaker = running.service.downstreams["aiwfe.cognitive.v1"].breaker
+        breaker = running.service.upstreams["aiwfe.cognitive.v1"].breaker
         fast_before = front.fast_calls
         async with grpc.aio.insecure_channel(address) as channel:
 

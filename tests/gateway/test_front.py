@@ -7,10 +7,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from aiwfe.app.suite import start_suite
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
-from aiwfe.suite import start_suite
 from gateway.ratelimit import RELAYED_PEER_KEY
 from tests.conftest import bearer, login
 from tests.gateway.conftest import Gateway

@@ -16,14 +16,14 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from aiwfe.app.suite import start_suite
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
-from aiwfe.config import RateLimitSettings, RedisSettings
-from aiwfe.errors import ResourceExhausted
-from aiwfe.redis_client import RedisClient
-from aiwfe.suite import start_suite
+from aiwfe.runtime.config import RateLimitSettings, RedisSettings
+from aiwfe.runtime.errors import ResourceExhausted
+from aiwfe.runtime.redis_client import RedisClient
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from gateway import auth_service

@@ -16,8 +16,8 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from aiwfe.embedded import free_port
-from aiwfe.errors import ResourceExhausted
+from aiwfe.app.embedded import free_port
+from aiwfe.runtime.errors import ResourceExhausted
 from gateway import h2
 from gateway.relay import Decision, Endpoint, Relay, RelayLimits
 

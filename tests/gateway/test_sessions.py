@@ -12,7 +12,7 @@ import pytest
 
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
-from aiwfe.redis_client import token_hash
+from aiwfe.runtime.redis_client import token_hash
 from tests.conftest import bearer
 from tests.gateway.conftest import PASSWORD
 from tests.gateway.test_token_attacks import whoami

@@ -17,10 +17,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from aiwfe.app.suite import start_suite
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
-from aiwfe.suite import start_suite
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from tests.conftest import bearer, login
 from tests.gateway.conftest import gateway_overrides
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from aiwfe.metrics import METRIC_NAMES, SERIES_NAMES
+from aiwfe.runtime.metrics import METRIC_NAMES, SERIES_NAMES
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 SEED_METRICS = {
@@ -68,7 +68,7 @@ def test_dashboards_are_generated_from_the_table(tmp_path, monkeypatch) -> None:
 
 def test_prometheus_scrapes_each_service_metrics_port() -> None:
     """prometheus.yml scrapes the four services on their configured metrics ports."""
-    from aiwfe.config import load_settings
+    from aiwfe.runtime.config import load_settings
 
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = {

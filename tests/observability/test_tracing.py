@@ -14,12 +14,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from aiwfe.app.suite import start_suite
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
-from aiwfe.suite import start_suite
-from aiwfe.telemetry import instrument_clients
+from aiwfe.runtime.telemetry import instrument_clients
 from tests.conftest import bearer, login
 
 EXPORTER = InMemorySpanExporter()

@@ -10,12 +10,12 @@ import time
 import grpc
 import pytest
 
+from aiwfe.app.embedded import free_port
+from aiwfe.app.suite import start_suite
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
-from aiwfe.embedded import free_port
-from aiwfe.errors import Unavailable
-from aiwfe.resilience.breaker import BreakerState, CircuitBreaker
-from aiwfe.suite import start_suite
+from aiwfe.runtime.errors import Unavailable
+from aiwfe.runtime.resilience.breaker import BreakerState, CircuitBreaker
 from aiwfe.system.v1 import system_service_pb2 as sys_pb
 from aiwfe.system.v1 import system_service_pb2_grpc as sys_grpc
 from tests.conftest import bearer, login
@@ -98,7 +98,7 @@ def test_failed_probe_reopens() -> None:
 def test_a_silent_probe_call_frees_the_half_open_slot(monkeypatch) -> None:
     """A probe call that has not finished within the hold (a long stream, say) no longer
     blocks the half-open breaker: the next call becomes the probe."""
-    from aiwfe.resilience import breaker as breaker_module
+    from aiwfe.runtime.resilience import breaker as breaker_module
 
     monkeypatch.setattr(breaker_module, "PROBE_CALL_HOLD", 0.05)
     breaker = CircuitBreaker("w", failure_threshold=1, timeout=0.01, service="test")
@@ -167,11 +167,11 @@ class _DependencyDown(cog_grpc.CognitiveServiceServicer):
 async def test_live_server_unavailable_is_neither_retried_nor_counted() -> None:
     """An UNAVAILABLE answered by a live server (its dependency is down) reaches the caller
     once — no automatic retry — and does not open the caller's breaker for that server."""
-    from aiwfe.channels import Downstream
     from aiwfe.cognitive.v1 import cognitive_service_pb2
-    from aiwfe.config import load_settings
-    from aiwfe.identity import InternalIdentity
-    from aiwfe.interceptors import ErrorMappingInterceptor
+    from aiwfe.runtime.channels import Upstream
+    from aiwfe.runtime.config import load_settings
+    from aiwfe.runtime.identity import InternalIdentity
+    from aiwfe.runtime.interceptors import ErrorMappingInterceptor
 
     server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
     cog_grpc.add_CognitiveServiceServicer_to_server(_DependencyDown(), server)
@@ -179,7 +179,7 @@ async def test_live_server_unavailable_is_neither_retried_nor_counted() -> None:
     await server.start()
     settings = load_settings(env={})
     identity = InternalIdentity("s" * 40)
-    downstream = Downstream(
+    downstream = Upstream(
         "cognitive", f"127.0.0.1:{port}", settings, identity, caller="test-live",
         files=[cognitive_service_pb2.DESCRIPTOR],
     )  # fmt: skip
@@ -216,7 +216,7 @@ async def _serve(servicer: cog_grpc.CognitiveServiceServicer, port: int = 0):
     """A real cognitive-shaped server with grpc.health.v1 SERVING, on `port` (0: any)."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from aiwfe.interceptors import ErrorMappingInterceptor
+    from aiwfe.runtime.interceptors import ErrorMappingInterceptor
 
     server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
     cog_grpc.add_CognitiveServiceServicer_to_server(servicer, server)
@@ -229,13 +229,13 @@ async def _serve(servicer: cog_grpc.CognitiveServiceServicer, port: int = 0):
 
 
 def _downstream(port: int, caller: str, **grpc_settings: float):
-    from aiwfe.channels import Downstream
     from aiwfe.cognitive.v1 import cognitive_service_pb2
-    from aiwfe.config import load_settings
-    from aiwfe.identity import InternalIdentity
+    from aiwfe.runtime.channels import Upstream
+    from aiwfe.runtime.config import load_settings
+    from aiwfe.runtime.identity import InternalIdentity
 
     settings = load_settings(env={}, overrides={"grpc": grpc_settings} if grpc_settings else {})
-    return Downstream(
+    return Upstream(
         "cognitive", f"127.0.0.1:{port}", settings, InternalIdentity("s" * 40), caller=caller,
         files=[cognitive_service_pb2.DESCRIPTOR],
     )  # fmt: skip
@@ -243,8 +243,8 @@ def _downstream(port: int, caller: str, **grpc_settings: float):
 
 async def test_downstream_counts_its_own_deadline_not_the_callers() -> None:
     """Calls cut short by the incoming call's shorter deadline never count; the same slow
-    back end timing out on the Downstream's own 0.3 s cap opens the breaker at the fifth."""
-    from aiwfe.identity import request_deadline
+    back end timing out on the Upstream's own 0.3 s cap opens the breaker at the fifth."""
+    from aiwfe.runtime.identity import request_deadline
 
     server, port = await _serve(_Slow())
     downstream = _downstream(port, "test-deadline", default_deadline_seconds=0.3)
@@ -337,7 +337,7 @@ async def test_dependency_outage_is_attributed_and_spares_the_healthy_service(
     """With dataplatform stopped, submits through the gateway (and the gateway's own Login)
     are UNAVAILABLE with an ErrorInfo naming dataplatform and a RetryInfo, and the gateway's
     breaker for the healthy taskproc stays closed (only taskproc's for dataplatform opens)."""
-    from aiwfe.resilience.breaker import breakers_of
+    from aiwfe.runtime.resilience.breaker import breakers_of
     from tests.taskproc.helpers import spec, submit
 
     suite = await start_suite(base_overrides)

@@ -19,8 +19,8 @@ import grpc
 import psycopg
 import pytest
 
-from aiwfe.embedded import free_port
-from aiwfe.suite import Suite, start_suite
+from aiwfe.app.embedded import free_port
+from aiwfe.app.suite import Suite, start_suite
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from tests.conftest import ADMIN_PASSWORD, login
 from tests.taskproc.helpers import deadline, finish, get, new_user, spec, step_status, submit

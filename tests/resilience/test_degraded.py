@@ -16,11 +16,11 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
+from aiwfe.app.suite import Suite, start_suite
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
-from aiwfe.suite import Suite, start_suite
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from tests.conftest import ADMIN_PASSWORD, bearer, login

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from gateway.h2 import request_error
 from gateway.policies import method_table
 from tests.conftest import bearer, login

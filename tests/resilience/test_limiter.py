@@ -1,9 +1,9 @@
-"""The adaptive concurrency limit (aiwfe/resilience/limiter.py) on a simulated clock."""
+"""The adaptive concurrency limit (aiwfe/runtime/resilience/limiter.py) on a simulated clock."""
 
 from __future__ import annotations
 
-from aiwfe.config import LoadSheddingSettings
-from aiwfe.resilience.limiter import ConcurrencyLimiter
+from aiwfe.runtime.config import LoadSheddingSettings
+from aiwfe.runtime.resilience.limiter import ConcurrencyLimiter
 
 
 class Clock:

@@ -17,10 +17,10 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from aiwfe.app.suite import Suite, start_suite
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
-from aiwfe.resilience.breaker import BreakerState
-from aiwfe.suite import Suite, start_suite
+from aiwfe.runtime.resilience.breaker import BreakerState
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from gateway.front import FrontDoor
@@ -110,7 +110,7 @@ async def test_a_burst_over_the_limit_is_refused_at_once_with_retry_info(suite: 
     # More refusals than the breaker's threshold went through it: shedding is no failure.
     gateway = suite.running["gateway"].service
     assert isinstance(gateway, GatewayService)
-    assert gateway.downstreams["aiwfe.cognitive.v1"].breaker.state is BreakerState.CLOSED
+    assert gateway.upstreams["aiwfe.cognitive.v1"].breaker.state is BreakerState.CLOSED
 
 
 async def test_slots_come_back_when_calls_end_even_abandoned(suite: Suite) -> None:
@@ -231,7 +231,7 @@ async def test_the_relay_refuses_a_burst_over_a_back_ends_limit_from_its_headers
         assert elapsed < REFUSED_WITHIN_S, f"refusal took {elapsed:.3f} s"
     gateway = suite.running["gateway"].service
     assert isinstance(gateway, GatewayService)
-    assert gateway.downstreams[COGNITIVE].breaker.state is BreakerState.CLOSED
+    assert gateway.upstreams[COGNITIVE].breaker.state is BreakerState.CLOSED
     for _ in range(100):  # each slot is given back once its response is out
         if limiter.in_flight == 0:
             break

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 import pytest
 
-from aiwfe.resilience.breaker import BreakerState, breakers_of
-from aiwfe.suite import Suite, start_suite
+from aiwfe.app.suite import Suite, start_suite
+from aiwfe.runtime.resilience.breaker import BreakerState, breakers_of
 from tests.conftest import login
 from tests.resilience.test_crash import DataPlatformProcess
 from tests.taskproc.helpers import new_user, spec, submit

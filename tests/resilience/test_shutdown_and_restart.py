@@ -12,11 +12,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aiwfe.app.embedded import free_port
+from aiwfe.app.suite import start_suite
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
-from aiwfe.embedded import free_port
-from aiwfe.server import start_service
-from aiwfe.suite import start_suite
+from aiwfe.runtime.server import start_service
 from cognitive.service import CognitiveService
 from tests.conftest import bearer, login
 

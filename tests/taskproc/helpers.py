@@ -9,11 +9,11 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from aiwfe.app.suite import Suite
 from aiwfe.data.v1 import user_store_service_pb2 as user_pb
 from aiwfe.data.v1 import user_store_service_pb2_grpc as user_grpc
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity, Principal
-from aiwfe.passwords import hash_password
-from aiwfe.suite import Suite
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity, Principal
+from aiwfe.runtime.passwords import hash_password
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from tests.conftest import bearer, login

@@ -18,13 +18,13 @@ import grpc
 import psycopg
 import pytest
 
-from aiwfe.config import TaskProcSettings
+from aiwfe.app.embedded import free_port
+from aiwfe.app.suite import start_suite
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
-from aiwfe.embedded import free_port
-from aiwfe.identity import IDENTITY_METADATA_KEY, InternalIdentity
-from aiwfe.server import start_service
-from aiwfe.suite import start_suite
+from aiwfe.runtime.config import TaskProcSettings
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
+from aiwfe.runtime.server import start_service
 from aiwfe.taskproc.v1 import workflow_service_pb2 as S
 from dataplatform.replica_bus import CHANNEL
 from dataplatform.service import DataPlatformService

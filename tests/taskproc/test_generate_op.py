@@ -1,4 +1,4 @@
-"""`cognitive.generate` reads Generate's stream through `Downstream.stream`: the breaker
+"""`cognitive.generate` reads Generate's stream through `Upstream.stream`: the breaker
 hears the outcome and the call has its client span, like every unary op."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from aiwfe.channels import Downstream
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
-from aiwfe.config import Settings
-from aiwfe.identity import InternalIdentity
+from aiwfe.runtime.channels import Upstream
+from aiwfe.runtime.config import Settings
+from aiwfe.runtime.identity import InternalIdentity
 from taskproc.ops import OPS, StepContext
 from tests.observability.test_tracing import exporter
 
@@ -36,12 +36,12 @@ class _Cognitive(cog_grpc.CognitiveServiceServicer):
 
 
 @pytest.fixture
-async def cognitive() -> AsyncIterator[Downstream]:
+async def cognitive() -> AsyncIterator[Upstream]:
     server = grpc.aio.server()
     cog_grpc.add_CognitiveServiceServicer_to_server(_Cognitive(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    downstream = Downstream(
+    downstream = Upstream(
         "cognitive", f"127.0.0.1:{port}", Settings(), InternalIdentity("s" * 32), "taskproc"
     )
     yield downstream
@@ -54,7 +54,7 @@ def _spans(exporter: InMemorySpanExporter) -> list:  # type: ignore[type-arg]
 
 
 async def test_generate_joins_the_stream_under_a_client_span(
-    cognitive: Downstream, exporter: InMemorySpanExporter
+    cognitive: Upstream, exporter: InMemorySpanExporter
 ) -> None:
     """The pieces are joined into one text; one CLIENT span covers the call."""
     exporter.clear()
@@ -67,7 +67,7 @@ async def test_generate_joins_the_stream_under_a_client_span(
 
 
 async def test_a_stream_failing_midway_counts_against_cognitive(
-    cognitive: Downstream, exporter: InMemorySpanExporter
+    cognitive: Upstream, exporter: InMemorySpanExporter
 ) -> None:
     """UNAVAILABLE after the first piece reaches the breaker and marks the span failed."""
     exporter.clear()

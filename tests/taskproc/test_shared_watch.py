@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 import pytest
 
-from aiwfe.identity import Principal
-from aiwfe.suite import Suite, start_suite
+from aiwfe.app.suite import Suite, start_suite
+from aiwfe.runtime.identity import Principal
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
 from taskproc.shared_watch import SharedWatches

@@ -21,12 +21,12 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from aiwfe import metrics
-from aiwfe.channels import Downstream
-from aiwfe.config import load_settings
-from aiwfe.identity import InternalIdentity, Principal
-from aiwfe.resilience.breaker import BreakerState, breakers_of
-from aiwfe.suite import Suite, start_suite
+from aiwfe.app.suite import Suite, start_suite
+from aiwfe.runtime import metrics
+from aiwfe.runtime.channels import Upstream
+from aiwfe.runtime.config import load_settings
+from aiwfe.runtime.identity import InternalIdentity, Principal
+from aiwfe.runtime.resilience.breaker import BreakerState, breakers_of
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
 from taskproc.streams import StreamPool
@@ -279,7 +279,7 @@ async def test_watch_reread_interval_stretches_with_streams(base_overrides: dict
             "taskproc": {"watch_poll_interval": 1.0, "watch_reads_per_second": 10},
         },
     )
-    store = Downstream(
+    store = Upstream(
         "dataplatform", "127.0.0.1:1", settings, InternalIdentity.from_settings(settings), "t"
     )
     pool = StreamPool(store, settings)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aiwfe.errors import InvalidArgument
+from aiwfe.runtime.errors import InvalidArgument
 
 
 class Violations:

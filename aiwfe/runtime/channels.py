@@ -1,4 +1,4 @@
-"""The one factory for inter-service channels, and `Downstream`: a channel plus the
+"""The one factory for inter-service channels, and `Upstream`: a channel plus the
 caller's identity, deadline and circuit breaker applied to every call.
 """
 
@@ -17,17 +17,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from aiwfe.config import ConfigError, GrpcSettings, Settings, TlsSettings
-from aiwfe.errors import attribute
-from aiwfe.identity import (
+from aiwfe.options.v1 import options_pb2
+from aiwfe.runtime.config import ConfigError, GrpcSettings, Settings, TlsSettings
+from aiwfe.runtime.errors import attribute
+from aiwfe.runtime.identity import (
     IDENTITY_METADATA_KEY,
     InternalIdentity,
     current_principal,
     request_deadline,
 )
-from aiwfe.options.v1 import options_pb2
-from aiwfe.resilience.breaker import CircuitBreaker
-from aiwfe.telemetry import inject_metadata
+from aiwfe.runtime.resilience.breaker import CircuitBreaker
+from aiwfe.runtime.telemetry import inject_metadata
 
 T = TypeVar("T")
 _tracer = trace.get_tracer("aiwfe")
@@ -198,7 +198,7 @@ def timeout_and_origin(cap: float) -> tuple[float, bool]:
     return cap, False
 
 
-class Downstream:
+class Upstream:
     """A back end as a caller sees it: one channel, one breaker, identity and deadlines."""
 
     def __init__(

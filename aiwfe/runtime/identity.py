@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import jwt
 
-from aiwfe.cache import TTLCache
-from aiwfe.config import Settings
-from aiwfe.errors import Unauthenticated
+from aiwfe.runtime.cache import TTLCache
+from aiwfe.runtime.config import Settings
+from aiwfe.runtime.errors import Unauthenticated
 
 IDENTITY_METADATA_KEY = "x-aiwfe-identity"
 INTERNAL_METADATA_PREFIX = "x-aiwfe-"

@@ -10,8 +10,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiwfe.config import Settings, load_settings
-from aiwfe.server import RunningService, Service, start_service
+from aiwfe.runtime.config import Settings, load_settings
+from aiwfe.runtime.server import RunningService, Service, start_service
 
 SERVICE_ORDER = ("dataplatform", "cognitive", "taskproc", "gateway")
 

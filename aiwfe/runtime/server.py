@@ -22,18 +22,18 @@ from typing import Any, Protocol
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aiwfe.channels import server_credentials, server_options
-from aiwfe.config import ConfigError, Settings, load_settings
-from aiwfe.health import NOT_SERVING, SERVING, HealthServicer
-from aiwfe.interceptors import ErrorMappingInterceptor, LoadSheddingInterceptor
-from aiwfe.logs import configure_logging
-from aiwfe.metrics import serve_metrics
-from aiwfe.reflection import enable_reflection
-from aiwfe.resilience.limiter import ConcurrencyLimiter
+from aiwfe.runtime.channels import server_credentials, server_options
+from aiwfe.runtime.config import ConfigError, Settings, load_settings
+from aiwfe.runtime.health import NOT_SERVING, SERVING, HealthServicer
+from aiwfe.runtime.interceptors import ErrorMappingInterceptor, LoadSheddingInterceptor
+from aiwfe.runtime.logs import configure_logging
+from aiwfe.runtime.metrics import serve_metrics
+from aiwfe.runtime.reflection import enable_reflection
+from aiwfe.runtime.resilience.limiter import ConcurrencyLimiter
+from aiwfe.runtime.system_service import LocalSystemServicer
+from aiwfe.runtime.telemetry import TelemetryInterceptor, configure_tracing, flush_telemetry
 from aiwfe.system.v1 import system_service_pb2
 from aiwfe.system.v1 import system_service_pb2_grpc as system_grpc
-from aiwfe.system_service import LocalSystemServicer
-from aiwfe.telemetry import TelemetryInterceptor, configure_tracing, flush_telemetry
 
 log = logging.getLogger("aiwfe.server")
 

@@ -16,7 +16,7 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from aiwfe.errors import InvalidArgument
+from aiwfe.runtime.errors import InvalidArgument
 
 _NONCE_BYTES = 12
 _INVALID = "is not a page token issued for this caller and filter"

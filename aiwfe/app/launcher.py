@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiwfe.config import LauncherSettings, Settings, load_settings
-from aiwfe.embedded import Provisioned, provision_postgres, provision_redis
-from aiwfe.suite import SERVICE_ORDER
+from aiwfe.app.embedded import Provisioned, provision_postgres, provision_redis
+from aiwfe.app.suite import SERVICE_ORDER
+from aiwfe.runtime.config import LauncherSettings, Settings, load_settings
 
 READY_TIMEOUT = 60.0
 _PR_SET_PDEATHSIG = 1

@@ -24,7 +24,7 @@ No library on PyPI fits (the candidates are 0.1 releases that pace a client's ou
 calls and wait for a slot instead of refusing), so this is a small module of our own.
 
 Two places use it, with the same settings (`load_shedding`): every service's gRPC server
-(`LoadSheddingInterceptor`, aiwfe/interceptors.py), and the gateway's relay, which keeps
+(`LoadSheddingInterceptor`, aiwfe/runtime/interceptors.py), and the gateway's relay, which keeps
 one limiter per back end for the calls it sends straight there (gateway/front.py) and
 refuses at the first HEADERS frame, before a call can queue anywhere.
 """
@@ -35,8 +35,8 @@ import math
 import time
 from collections.abc import Callable
 
-from aiwfe.config import LoadSheddingSettings
-from aiwfe.errors import ResourceExhausted
+from aiwfe.runtime.config import LoadSheddingSettings
+from aiwfe.runtime.errors import ResourceExhausted
 
 REFUSED_SHARE = 0.05  # of a window's calls; more makes the RetryInfo delay grow
 

@@ -3,7 +3,7 @@
 One server interceptor (outermost, so rejected calls still produce spans and metrics)
 joins the caller's W3C trace context, records `request_duration_histogram`,
 `request_rate_counter`, `error_rate` and `concurrent_requests`, and keeps the span current
-while the handler runs, so `Downstream` calls and the gateway's byte proxy inject the same
+while the handler runs, so `Upstream` calls and the gateway's byte proxy inject the same
 trace into their metadata. grpc.aio instrumentation from OpenTelemetry creates spans but
 no metrics; one combined wrapper costs less per call than two.
 
@@ -31,8 +31,8 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from aiwfe import metrics
-from aiwfe.interceptors import Behavior, HandlerCache, MethodInterceptor
+from aiwfe.runtime import metrics
+from aiwfe.runtime.interceptors import Behavior, HandlerCache, MethodInterceptor
 
 log = logging.getLogger("aiwfe.telemetry")
 _INSTRUMENTATION = "aiwfe"

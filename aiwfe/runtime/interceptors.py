@@ -17,20 +17,20 @@ from typing import Any
 
 import grpc
 
-from aiwfe.errors import (
+from aiwfe.runtime.errors import (
     AiwfeError,
     InvalidArgument,
     Status,
     internal_status,
     status_from_rpc_error,
 )
-from aiwfe.identity import (
+from aiwfe.runtime.identity import (
     IDENTITY_METADATA_KEY,
     InternalIdentity,
     current_principal,
     request_deadline,
 )
-from aiwfe.resilience.limiter import ConcurrencyLimiter
+from aiwfe.runtime.resilience.limiter import ConcurrencyLimiter
 
 log = logging.getLogger("aiwfe.errors")
 

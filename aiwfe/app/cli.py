@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import grpc
     from google.protobuf.message import Message
 
-    from aiwfe.client import AsyncClient
+    from aiwfe.sdk.client import AsyncClient
 
 SERVICES = ("gateway", "cognitive", "taskproc", "dataplatform")
 # Bounds on what the CLI reads and sends per call (the server enforces its own too).
@@ -311,7 +311,7 @@ def _connector(args: argparse.Namespace) -> Connect:
     """A `connect()` for the gateway with the stored tokens; loads the client on call."""
 
     def connect() -> AbstractAsyncContextManager[AsyncClient]:
-        from aiwfe.client import AsyncClient, CredentialStore
+        from aiwfe.sdk.client import AsyncClient, CredentialStore
 
         store = CredentialStore(args.credentials)
         tokens = store.load(args.gateway)
@@ -340,7 +340,7 @@ def _up_args(p: argparse.ArgumentParser) -> None:
 
 @command("up", "start all four services on this machine", _up_args, api=False)
 def _up(args: argparse.Namespace) -> int:
-    from aiwfe.launcher import up
+    from aiwfe.app.launcher import up
 
     return up(args.config)
 
@@ -387,7 +387,7 @@ def _health_args(p: argparse.ArgumentParser) -> None:
 def _health(args: argparse.Namespace) -> int:
     import grpc
 
-    from aiwfe.channels import channel_credentials
+    from aiwfe.runtime.channels import channel_credentials
 
     address = args.address or args.gateway
     creds = None
@@ -453,7 +453,7 @@ async def _login(args: argparse.Namespace, connect: Connect) -> int:
 
 @command("logout", "revoke the session and forget the tokens")
 async def _logout(args: argparse.Namespace, connect: Connect) -> int:
-    from aiwfe.client import CredentialStore
+    from aiwfe.sdk.client import CredentialStore
 
     async with connect() as client:
         try:
@@ -915,7 +915,7 @@ def _run(args: argparse.Namespace) -> int:
         # Loaded only if a command got that far: a failure raised by them was imported.
         import grpc
 
-        from aiwfe.config import ConfigError
+        from aiwfe.runtime.config import ConfigError
 
         if isinstance(exc, grpc.aio.AioRpcError):
             print(rpc_error_line(exc), file=sys.stderr)

@@ -396,7 +396,7 @@ class CircuitBreakerSettings(_Block):
 
 
 class LoadSheddingSettings(_Block):
-    """Each service's bound on the unary calls it works on at once (aiwfe/resilience/limiter.py),
+    """Each service's bound on the unary calls it works on at once (aiwfe/runtime/resilience/limiter.py),
     and the gateway relay's, per back end, on the unary calls it sends straight there.
 
     Calls over the limit are refused at once with RESOURCE_EXHAUSTED + RetryInfo; streams,

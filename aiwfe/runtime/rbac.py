@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from aiwfe.config import RbacSettings
+from aiwfe.runtime.config import RbacSettings
 
 
 def grants(pattern: str, permission: str) -> bool:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar, cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from aiwfe.config import RedisSettings
+from aiwfe.runtime.config import RedisSettings
 
 log = logging.getLogger("aiwfe.redis")
 T = TypeVar("T")

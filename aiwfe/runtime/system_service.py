@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import grpc
 
-from aiwfe.resilience.breaker import breakers_of
+from aiwfe.runtime.resilience.breaker import breakers_of
 from aiwfe.system.v1 import system_service_pb2 as pb
 from aiwfe.system.v1 import system_service_pb2_grpc as pb_grpc
 

@@ -27,10 +27,10 @@ import jwt
 
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
-from aiwfe.channels import channel_credentials, channel_options, service_config
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
-from aiwfe.config import GrpcSettings, Settings
+from aiwfe.runtime.channels import channel_credentials, channel_options, service_config
+from aiwfe.runtime.config import GrpcSettings, Settings
 from aiwfe.system.v1 import system_service_pb2 as sys_pb
 from aiwfe.system.v1 import system_service_pb2_grpc as sys_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb

@@ -7,7 +7,7 @@ import asyncio
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from aiwfe.config import PasswordPolicySettings
+from aiwfe.runtime.config import PasswordPolicySettings
 
 _hasher = PasswordHasher()  # argon2id with the library's (RFC 9106 low-memory) parameters
 # Verified when the username does not exist, so a miss costs what a wrong password costs.

@@ -12,7 +12,7 @@ import time
 
 from opentelemetry import trace
 
-from aiwfe.config import LoggingSettings
+from aiwfe.runtime.config import LoggingSettings
 
 
 class JsonFormatter(logging.Formatter):

@@ -6,7 +6,7 @@ own deadline. A caller's mistake, a caller's own short deadline, or an answer fr
 server (any other status, or one carrying google.rpc details, such as an UNAVAILABLE it
 passes on from its own dependency) never opens it, so no caller can open it for others.
 
-Open, it fails calls at once. Given a health check (a `Downstream` gives grpc.health.v1
+Open, it fails calls at once. Given a health check (an `Upstream` gives grpc.health.v1
 Check on its channel), it probes the back end by itself from 0.5 s, doubling to 2 s, and
 goes half-open as soon as the back end answers SERVING; the seed's 60 s stays the upper
 bound. Half-open admits one probe call at a time; its success closes the breaker.
@@ -24,8 +24,8 @@ from typing import Any
 
 import grpc
 
-from aiwfe import metrics
-from aiwfe.errors import DependencyUnavailable
+from aiwfe.runtime import metrics
+from aiwfe.runtime.errors import DependencyUnavailable
 
 log = logging.getLogger("aiwfe.breaker")
 

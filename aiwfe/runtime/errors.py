@@ -371,7 +371,7 @@ _DEPENDENCY_ATTR = "_aiwfe_dependency"
 
 
 def attribute(error: grpc.aio.AioRpcError, dependency: str) -> grpc.aio.AioRpcError:
-    """Marks `error` as the failure of a call to `dependency` (a `Downstream` does this), so
+    """Marks `error` as the failure of a call to `dependency` (an `Upstream` does this), so
     passing it on names who failed."""
     setattr(error, _DEPENDENCY_ATTR, dependency)
     return error
