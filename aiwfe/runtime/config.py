@@ -396,8 +396,9 @@ class CircuitBreakerSettings(_Block):
 
 
 class LoadSheddingSettings(_Block):
-    """Each service's bound on the unary calls it works on at once (aiwfe/runtime/resilience/limiter.py),
-    and the gateway relay's, per back end, on the unary calls it sends straight there.
+    """Each service's bound on the unary calls it works on at once
+    (aiwfe/runtime/resilience/limiter.py), and the gateway relay's, per back end, on the
+    unary calls it sends straight there.
 
     Calls over the limit are refused at once with RESOURCE_EXHAUSTED + RetryInfo; streams,
     health and reflection are never counted. The limit adapts between min_limit and
