@@ -387,7 +387,7 @@ def _health_args(p: argparse.ArgumentParser) -> None:
 def _health(args: argparse.Namespace) -> int:
     import grpc
 
-    from aiwfe.runtime.channels import channel_credentials
+    from aiwfe.sdk.channel import channel_credentials
 
     address = args.address or args.gateway
     creds = None

@@ -4,11 +4,9 @@ caller's identity, deadline and circuit breaker applied to every call.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import AsyncIterator, Iterable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -17,8 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from aiwfe.options.v1 import options_pb2
-from aiwfe.runtime.config import ConfigError, GrpcSettings, Settings, TlsSettings
+from aiwfe.runtime.config import Settings, TlsSettings
 from aiwfe.runtime.errors import attribute
 from aiwfe.runtime.identity import (
     IDENTITY_METADATA_KEY,
@@ -28,6 +25,13 @@ from aiwfe.runtime.identity import (
 )
 from aiwfe.runtime.resilience.breaker import CircuitBreaker
 from aiwfe.runtime.telemetry import inject_metadata
+from aiwfe.sdk.channel import (
+    channel_credentials,
+    channel_options,
+    read_pem,
+    service_config,
+    shared_options,
+)
 
 T = TypeVar("T")
 _tracer = trace.get_tracer("aiwfe")
@@ -45,31 +49,6 @@ _MAX_RECONNECT_BACKOFF_MS = 1000
 _HEALTH_CHECK_TIMEOUT = 1.0
 
 
-def channel_options(settings: Settings) -> list[tuple[str, Any]]:
-    """A client channel's options: the seed's keepalive options plus message-size limits."""
-    g = settings.grpc
-    return [
-        *_shared_options(g),
-        ("grpc.http2.min_time_between_pings_ms", g.http2_min_time_between_pings_ms),
-        (
-            "grpc.http2.min_ping_interval_without_data_ms",
-            g.http2_min_ping_interval_without_data_ms,
-        ),
-    ]
-
-
-def _shared_options(g: GrpcSettings) -> list[tuple[str, Any]]:
-    """What clients and servers both set: keepalive pings and message-size limits."""
-    return [
-        ("grpc.keepalive_time_ms", g.keepalive_time_ms),
-        ("grpc.keepalive_timeout_ms", g.keepalive_timeout_ms),
-        ("grpc.keepalive_permit_without_calls", int(g.keepalive_permit_without_calls)),
-        ("grpc.http2.max_pings_without_data", g.http2_max_pings_without_data),
-        ("grpc.max_send_message_length", g.max_message_bytes),
-        ("grpc.max_receive_message_length", g.max_message_bytes),
-    ]
-
-
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
     """A server's keepalive (it pings idle clients too), its enforcement of the clients'
     pings, and message-size limits. The seed's `min_ping_interval_without_data` is this
@@ -77,69 +56,10 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
     too_many_pings after two strikes), so servers take `server_min_ping_interval_ms`."""
     g = settings.grpc
     return [
-        *_shared_options(g),
+        *shared_options(g),
         ("grpc.http2.min_ping_interval_without_data_ms", g.server_min_ping_interval_ms),
         ("grpc.http2.max_ping_strikes", g.server_max_ping_strikes),
     ]
-
-
-def idempotent_methods(files: Iterable[FileDescriptor]) -> list[dict[str, str]]:
-    """Service-config names of the RPCs whose contract declares them idempotent."""
-    names = []
-    for file in files:
-        for service in file.services_by_name.values():
-            for method in service.methods:
-                policy = method.GetOptions().Extensions[options_pb2.policy]
-                if policy.idempotent:
-                    names.append({"service": service.full_name, "method": method.name})
-    return names
-
-
-def service_config(settings: Settings, files: Iterable[FileDescriptor]) -> str:
-    """Retry UNAVAILABLE for idempotent RPCs only, with retry throttling."""
-    names = idempotent_methods(files)
-    config: dict[str, Any] = {
-        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
-        "methodConfig": [],
-    }
-    if names:
-        config["methodConfig"].append(
-            {
-                "name": names,
-                "retryPolicy": {
-                    "maxAttempts": settings.grpc.retry_max_attempts,
-                    "initialBackoff": "0.05s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        )
-    return json.dumps(config)
-
-
-def read_pem(path: str | None, key: str) -> bytes | None:
-    """The bytes of a PEM file, or ConfigError naming the configuration key."""
-    if not path:
-        return None
-    try:
-        return Path(path).expanduser().read_bytes()
-    except OSError as exc:
-        raise ConfigError(
-            f"configuration key {key!r}: cannot read {path}: {exc.strerror}"
-        ) from None
-
-
-def channel_credentials(
-    ca_file: str | None, cert_file: str | None = None, key_file: str | None = None
-) -> grpc.ChannelCredentials:
-    """TLS credentials verifying the server against ca_file (system roots when None),
-    presenting cert_file/key_file as the client certificate when given (mTLS)."""
-    return grpc.ssl_channel_credentials(
-        root_certificates=read_pem(ca_file, "tls.ca_file"),
-        private_key=read_pem(key_file, "tls.client_key_file"),
-        certificate_chain=read_pem(cert_file, "tls.client_cert_file"),
-    )
 
 
 def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials:
@@ -162,8 +82,8 @@ def create_channel(
     certificate for mTLS) when `tls.ca_file` is configured, plaintext otherwise.
     `extra_options` are more channel arguments (e.g. a connection of its own)."""
     options = [
-        *channel_options(settings),
-        ("grpc.service_config", service_config(settings, files)),
+        *channel_options(settings.grpc),
+        ("grpc.service_config", service_config(files, settings.grpc.retry_max_attempts)),
         ("grpc.enable_retries", 1),
         ("grpc.initial_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS // 4),
         ("grpc.min_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS // 4),

@@ -27,6 +27,10 @@ from pydantic import (
     model_validator,
 )
 
+# The suite's one configuration error (defined in the SDK, which raises it too).
+from aiwfe.sdk.channel import DEFAULT_TUNING as _CLIENT
+from aiwfe.sdk.channel import ConfigError as ConfigError
+
 ENV_PREFIX = "AIWFE_"
 CONFIG_ENV = "AIWFE_CONFIG"
 # Well-known variables accepted as they are named in the seed and the README.
@@ -38,10 +42,6 @@ ENV_ALIASES = {
     "AIWFE_ADMIN_PASSWORD": "authentication.admin.password",
 }
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-class ConfigError(Exception):
-    """Invalid or missing configuration; the message names the offending key."""
 
 
 # Keys that were accepted once but never read, and why they went: setting one is an error
@@ -329,18 +329,19 @@ class GrpcSettings(_Block):
     servers' enforcement of their clients' keepalive pings."""
 
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"  # uvloop measured faster (benchmarks)
-    keepalive_time_ms: int = 30000
-    keepalive_timeout_ms: int = 5000
-    keepalive_permit_without_calls: bool = True
-    http2_max_pings_without_data: int = 0
-    http2_min_time_between_pings_ms: int = 10000
-    http2_min_ping_interval_without_data_ms: int = 300000
+    # Client channels' keepalive: the SDK's defaults (aiwfe/sdk/channel.py), one source.
+    keepalive_time_ms: int = _CLIENT.keepalive_time_ms
+    keepalive_timeout_ms: int = _CLIENT.keepalive_timeout_ms
+    keepalive_permit_without_calls: bool = _CLIENT.keepalive_permit_without_calls
+    http2_max_pings_without_data: int = _CLIENT.http2_max_pings_without_data
+    http2_min_time_between_pings_ms: int = _CLIENT.http2_min_time_between_pings_ms
+    http2_min_ping_interval_without_data_ms: int = _CLIENT.http2_min_ping_interval_without_data_ms
     # Servers: a client may ping this often, with or without calls in flight (ours every
     # keepalive_time_ms, grpc-js users often every 10 s); pinging more often earns a strike,
     # and more than server_max_ping_strikes in a row a GOAWAY too_many_pings.
     server_min_ping_interval_ms: int = Field(default=5000, ge=0)
     server_max_ping_strikes: int = Field(default=2, ge=0)
-    max_message_bytes: int = Field(default=4 * 1024 * 1024, gt=0, le=64 * 1024 * 1024)
+    max_message_bytes: int = Field(default=_CLIENT.max_message_bytes, gt=0, le=64 * 1024 * 1024)
     max_concurrent_streams: int = Field(default=1000, gt=0)
     default_deadline_seconds: float = Field(default=30, gt=0)
     stream_deadline_seconds: float = Field(default=3600, gt=0)

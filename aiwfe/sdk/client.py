@@ -29,8 +29,7 @@ from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
-from aiwfe.runtime.channels import channel_credentials, channel_options, service_config
-from aiwfe.runtime.config import GrpcSettings, Settings
+from aiwfe.sdk.channel import channel_credentials, channel_options, service_config
 from aiwfe.system.v1 import system_service_pb2 as sys_pb
 from aiwfe.system.v1 import system_service_pb2_grpc as sys_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
@@ -142,10 +141,9 @@ class AsyncClient:
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self.on_tokens = on_tokens
-        settings = Settings(grpc=GrpcSettings(retry_max_attempts=retry_attempts))
         options = [
-            *channel_options(settings),
-            ("grpc.service_config", service_config(settings, CONTRACTS)),
+            *channel_options(),
+            ("grpc.service_config", service_config(CONTRACTS, retry_attempts)),
             ("grpc.enable_retries", 1),
         ]
         if tls or ca_file or cert_file:

@@ -16,7 +16,7 @@ import pytest
 
 from aiwfe.app.suite import Suite
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
-from aiwfe.runtime.channels import idempotent_methods
+from aiwfe.sdk.channel import idempotent_methods
 from aiwfe.sdk.client import CONTRACTS, AsyncClient, Client, CredentialStore, Tokens
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from tests.conftest import ADMIN_PASSWORD

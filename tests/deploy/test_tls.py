@@ -15,8 +15,8 @@ import pytest
 
 from aiwfe.app.cli import check_health
 from aiwfe.app.suite import start_suite
-from aiwfe.runtime.channels import channel_credentials
 from aiwfe.runtime.config import ConfigError, load_settings
+from aiwfe.sdk.channel import channel_credentials
 from aiwfe.sdk.client import AsyncClient
 from tests.conftest import ADMIN_PASSWORD
 from tests.deploy.certs import Certs, make_certs
