@@ -1,3 +1,6 @@
+# Over 600 lines on purpose: the login and API limiters share the Redis scripts, the
+# in-process fallback and the refusal format; most of it is the API limiter's exact
+# sliding window with the relay's leased calls, which only makes sense read together.
 """Rate limits (seed): failed logins per username and per client address, API calls per user.
 
 API: a sliding-window log per user, exact in any window of `api_window` seconds. Redis

@@ -1,3 +1,6 @@
+# Over 600 lines on purpose: one HTTP/2 state machine (connections, streams, flow control
+# both ways, upstream pools) whose parts share per-stream state on the per-frame hot path;
+# it reads in sections: frames and windows, the client side (_Client), the upstream side.
 """An HTTP/2 relay for gRPC: client streams forwarded to upstream connections as frames.
 
 The gateway's front (gateway/front.py) decides, per call, which upstream gets it and with

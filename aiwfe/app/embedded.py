@@ -1,3 +1,6 @@
+# Over 600 lines on purpose: three ways to get PostgreSQL (configured, system binaries run
+# as the postgres account, pgserver) and two for Redis, each with its start, stop and
+# clean-up, sharing the probing and process helpers; `aiwfe up` and the tests use it.
 """Find or start the PostgreSQL and Redis servers that ``aiwfe up`` needs.
 
 Each ``provision_*`` function tries, in order: the configured value, a server already

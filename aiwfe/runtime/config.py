@@ -1,3 +1,5 @@
+# Over 600 lines on purpose: the whole settings tree in one place, block by block as in
+# the YAML, so a key's default, bounds and cross-field checks are found by its path.
 """Typed settings: one YAML file whose blocks mirror the seed design, `${ENV}` interpolation,
 and `AIWFE_<BLOCK>__<KEY>=value` environment overrides. Built once at start-up.
 

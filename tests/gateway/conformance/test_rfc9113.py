@@ -1,3 +1,4 @@
+# Over 600 lines on purpose: one test per RFC 9113 requirement, in the RFC's section order.
 """RFC 9113 on the relay's public side, h2spec-style: every server-side MUST that applies
 to an intermediary, each case named after its section, sent by a raw client (our framing
 plus `hpack`) to a relay in front of a real grpc.aio back end."""
