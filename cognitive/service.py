@@ -1,3 +1,5 @@
+# Over 600 lines on purpose: one servicer for one proto service (ten RPCs), each method
+# short; backends, cache, chunking and collection access live in modules of their own.
 """CognitiveService: Embed, IndexDocuments, Search, Classify, streamed Generate, and the
 collections' owners and sharing (ListCollections, Share/UnshareCollection, DeleteCollection).
 
