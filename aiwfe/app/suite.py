@@ -17,6 +17,8 @@ SERVICE_ORDER = ("dataplatform", "cognitive", "taskproc", "gateway")
 
 
 def service_classes() -> dict[str, type[Service]]:
+    # Imported here, not for a cycle (services never import the app; import-linter checks),
+    # but so that `aiwfe up`'s supervisor, which needs only SERVICE_ORDER, loads none of them.
     from cognitive.service import CognitiveService
     from dataplatform.service import DataPlatformService
     from gateway.service import GatewayService
