@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-# The suite's one configuration error (defined in the SDK, which raises it too).
+# From the SDK: client channel defaults (one source) and the suite's one ConfigError.
 from aiwfe.sdk.channel import DEFAULT_TUNING as _CLIENT
 from aiwfe.sdk.channel import ConfigError as ConfigError
 
