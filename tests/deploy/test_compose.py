@@ -80,11 +80,12 @@ def test_the_seed_stack_is_complete(compose) -> None:
     expected = {"postgres", "pgbouncer", "redis", "qdrant", "otel-collector", "prometheus"}
     assert expected | {"grafana", *SERVICE_ORDER} <= set(services)
     pgb = environment(services["pgbouncer"])
-    seed = Settings().database.pgbouncer
-    assert pgb["PGBOUNCER_POOL_MODE"] == seed.pool_mode == "transaction"
-    assert int(pgb["PGBOUNCER_DEFAULT_POOL_SIZE"]) == seed.default_pool_size
-    assert int(pgb["PGBOUNCER_RESERVE_POOL_SIZE"]) == seed.reserve_pool_size
-    assert int(pgb["PGBOUNCER_MAX_CLIENT_CONN"]) == seed.max_client_conn
+    # The seed's database.pgbouncer block: PgBouncer's own settings (aiwfe does not run it,
+    # so they live here, not in aiwfe's configuration).
+    assert pgb["PGBOUNCER_POOL_MODE"] == "transaction"
+    assert int(pgb["PGBOUNCER_DEFAULT_POOL_SIZE"]) == 20
+    assert int(pgb["PGBOUNCER_RESERVE_POOL_SIZE"]) == 5
+    assert int(pgb["PGBOUNCER_MAX_CLIENT_CONN"]) == 200
     grafana_mounts = {v.split(":")[0]: v.split(":")[1] for v in services["grafana"]["volumes"]}
     assert grafana_mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
     assert grafana_mounts["./deploy/grafana/dashboards"] == "/var/lib/grafana/dashboards"
