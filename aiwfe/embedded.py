@@ -11,6 +11,7 @@ safety net against orphans.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import logging
 import os
@@ -313,6 +314,9 @@ def _pg_account() -> _RunAs:
             timeout=30,
         )
     except (OSError, subprocess.SubprocessError) as exc:
+        with contextlib.suppress(KeyError):  # added meanwhile by another launcher: fine
+            entry = pwd.getpwnam(_ROOT_FALLBACK_ACCOUNT)
+            return _RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
         detail = getattr(exc, "stderr", None) or exc
         raise RuntimeError(
             f"PostgreSQL: cannot add the {_ROOT_FALLBACK_ACCOUNT!r} account to run the "
