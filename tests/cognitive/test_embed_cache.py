@@ -21,8 +21,6 @@ from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from aiwfe.runtime.metrics import REGISTRY
 from cognitive.service import CognitiveService
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
 
 def _hits(layer: str, result: str) -> float:
     value = REGISTRY.get_sample_value(
@@ -38,9 +36,11 @@ async def _start(base: dict[str, Any], redis_url: str) -> Suite:
 
 
 @pytest.fixture
-async def cognitive(base_overrides) -> AsyncIterator[tuple[Any, tuple, CognitiveService]]:
+async def cognitive(
+    base_overrides, redis_url
+) -> AsyncIterator[tuple[Any, tuple, CognitiveService]]:
     """Cognitive and dataplatform with Redis: a direct stub, internal metadata, the service."""
-    suite = await _start(base_overrides, REDIS_URL)
+    suite = await _start(base_overrides, redis_url)
     md = ((IDENTITY_METADATA_KEY, InternalIdentity.from_settings(suite.settings).assertion(
         None, "test")),)  # fmt: skip
     async with grpc.aio.insecure_channel(suite.address("cognitive")) as channel:
@@ -78,7 +78,7 @@ def _key(service: CognitiveService, text: str) -> str:
     return service.cache.key({"model": model, "text": text})
 
 
-async def test_lower_layers_answer_and_backfill_upper_ones(cognitive) -> None:
+async def test_lower_layers_answer_and_backfill_upper_ones(cognitive, redis_url) -> None:
     """A miss fills L1, L2 and L3; L2 then L3 answer when the layers above forget it."""
     cog, md, service = cognitive
     text = f"layered cache probe {time.time_ns()}"
@@ -86,7 +86,7 @@ async def test_lower_layers_answer_and_backfill_upper_ones(cognitive) -> None:
     redis_key = service.redis.key(key)
     first = await cog.Embed(pb.EmbedRequest(texts=[text]), metadata=md, timeout=10)
     assert first.cached_count == 0
-    client = aioredis.Redis.from_url(REDIS_URL)
+    client = aioredis.Redis.from_url(redis_url)
     try:
         ttl = await client.ttl(redis_key)
         assert 1790 <= ttl <= 1800  # seed: cognitive_cache ttl 1800 s

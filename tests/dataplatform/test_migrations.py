@@ -11,18 +11,18 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from aiwfe.app.embedded import with_dbname
 from dataplatform.db import _migrations, migrate
-from tests.conftest import ADMIN_DSN
 
 
 @pytest.fixture
-def empty_dsn(database_dsn: str) -> Iterator[str]:
+def empty_dsn(database_dsn: str, admin_dsn: str) -> Iterator[str]:
     """A new empty database on the same server (reached like the suite's, e.g. via PgBouncer)."""
     name = f"aiwfe_test_mig_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    yield database_dsn.rsplit("/", 1)[0] + f"/{name}"
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+    yield with_dbname(database_dsn, name)
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -9,6 +9,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -16,18 +17,15 @@ from aiwfe.runtime.config import RedisSettings
 from aiwfe.runtime.redis_client import RedisClient
 from tests.faultproxy import FaultProxy
 
-REDIS = ("127.0.0.1", 6379)
 
-
-def _settings(port: int) -> RedisSettings:
-    return RedisSettings(
-        url=f"redis://{REDIS[0]}:{port}/0", key_prefix=f"aiwfe-test:{uuid.uuid4().hex[:8]}:"
-    )
+def _settings(url: str) -> RedisSettings:
+    return RedisSettings(url=url, key_prefix=f"aiwfe-test:{uuid.uuid4().hex[:8]}:")
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[RedisClient]:
-    client = RedisClient(_settings(REDIS[1]))
+async def redis(redis_url: str) -> AsyncIterator[RedisClient]:
+    """The run's Redis under a key prefix of its own, emptied afterwards."""
+    client = RedisClient(_settings(redis_url))
     yield client
     assert client.client is not None
     keys = [k async for k in client.client.scan_iter(client.prefix + "*")]
@@ -80,7 +78,7 @@ async def test_unconfigured_redis_degrades_to_misses() -> None:
 
 async def test_refused_redis_degrades_fast() -> None:
     """A closed port costs one failed connect, then calls skip Redis during the back-off."""
-    client = RedisClient(_settings(_closed_port()))
+    client = RedisClient(_settings(f"redis://127.0.0.1:{_closed_port()}/0"))
     try:
         start = time.monotonic()
         assert await client.get(client.key("k")) is None
@@ -93,10 +91,11 @@ async def test_refused_redis_degrades_fast() -> None:
 
 
 @pytest.mark.slow
-async def test_cut_redis_degrades_then_recovers_by_itself() -> None:
+async def test_cut_redis_degrades_then_recovers_by_itself(redis_url: str) -> None:
     """Through a fault proxy: cut → misses without errors; restore → hits again, no restart."""
-    async with FaultProxy(*REDIS) as proxy:
-        client = RedisClient(_settings(proxy.port))
+    real = urlsplit(redis_url)
+    async with FaultProxy(real.hostname or "127.0.0.1", real.port or 6379) as proxy:
+        client = RedisClient(_settings(f"redis://127.0.0.1:{proxy.port}/0"))
         key = client.key("probe")
         try:
             assert await client.set(key, b"1", 60)

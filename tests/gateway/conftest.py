@@ -17,9 +17,8 @@ from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.runtime.server import RunningService, start_service
 from gateway.service import GatewayService
-from tests.conftest import bearer, login
+from tests.conftest import bearer, login, redis_for
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 PASSWORD = "a-long-enough-passphrase-42"
 
 
@@ -64,16 +63,17 @@ class Gateway:
         )
 
 
-def gateway_overrides(base: dict[str, Any], redis: bool = True) -> dict[str, Any]:
+def gateway_overrides(base: dict[str, Any], redis_url: str | None) -> dict[str, Any]:
+    """`base` with a key prefix of its own and, unless `redis_url` is None, Redis."""
     overrides = copy.deepcopy(base)
     overrides["redis"] = {"key_prefix": f"aiwfe-test:{uuid.uuid4().hex[:12]}:"}
-    if redis:
-        overrides["redis"]["url"] = REDIS_URL
+    if redis_url is not None:
+        overrides["redis"]["url"] = redis_url
     return overrides
 
 
-async def _gateway(base: dict[str, Any], redis: bool) -> AsyncIterator[Gateway]:
-    suite = await start_suite(gateway_overrides(base, redis))
+async def _gateway(base: dict[str, Any], redis_url: str | None) -> AsyncIterator[Gateway]:
+    suite = await start_suite(gateway_overrides(base, redis_url))
     try:
         async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
             yield Gateway(suite, channel, await login(channel))
@@ -82,21 +82,21 @@ async def _gateway(base: dict[str, Any], redis: bool) -> AsyncIterator[Gateway]:
 
 
 @pytest.fixture
-async def gw(base_overrides: dict[str, Any]) -> AsyncIterator[Gateway]:
+async def gw(base_overrides: dict[str, Any], redis_url: str) -> AsyncIterator[Gateway]:
     """The suite with Redis (own key prefix)."""
-    async for g in _gateway(base_overrides, redis=True):
+    async for g in _gateway(base_overrides, redis_url):
         yield g
 
 
 @pytest.fixture
 async def gw_no_redis(base_overrides: dict[str, Any]) -> AsyncIterator[Gateway]:
     """The suite with no Redis at all (in-process fallbacks, revocations by polling)."""
-    async for g in _gateway(base_overrides, redis=False):
+    async for g in _gateway(base_overrides, None):
         yield g
 
 
 @pytest.fixture(params=["redis", "no_redis"])
 async def gw_any(request: pytest.FixtureRequest, base_overrides: dict[str, Any]):
     """The suite with Redis, then without (each test runs against both)."""
-    async for g in _gateway(base_overrides, redis=request.param == "redis"):
+    async for g in _gateway(base_overrides, redis_for(request, request.param == "redis")):
         yield g

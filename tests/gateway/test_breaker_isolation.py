@@ -33,12 +33,12 @@ BIG_HEADER = ("x-oversized", "a" * 20_000)  # over a gRPC server's metadata limi
 
 @pytest.fixture(params=["relay", "no_relay"])
 async def gw_unlimited(
-    request: pytest.FixtureRequest, base_overrides: dict[str, Any]
+    request: pytest.FixtureRequest, base_overrides: dict[str, Any], redis_url: str
 ) -> AsyncIterator[Gateway]:
     """The suite with API limits high enough for hundreds of calls by one user, with the
     gateway's relay (bad calls take its fast path once the token is cached), then without
     (every call through the gRPC proxy)."""
-    overrides = gateway_overrides(base_overrides)
+    overrides = gateway_overrides(base_overrides, redis_url)
     overrides["authentication"] = {
         **overrides["authentication"],
         "rate_limiting": {"api_requests": 100_000},

@@ -27,11 +27,13 @@ def api_cache(layer: str, result: str) -> float:
 
 
 @pytest.mark.parametrize("relay", [True, False], ids=["relay", "full-path"])
-async def test_cache_hits_count_responses_served_from_the_cache(base_overrides, relay) -> None:
+async def test_cache_hits_count_responses_served_from_the_cache(
+    base_overrides, redis_url, relay
+) -> None:
     """110 identical Embeds by one user: 100 answered (the rest rate limited); the first is
     the one miss, and the hit counter rises by exactly the 99 responses served from the
     cache (refused calls count no hit)."""
-    overrides = gateway_overrides({**base_overrides, "gateway": {"relay": relay}})
+    overrides = gateway_overrides({**base_overrides, "gateway": {"relay": relay}}, redis_url)
     suite = await start_suite(overrides)
     try:
         async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:

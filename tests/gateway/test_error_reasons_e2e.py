@@ -29,9 +29,9 @@ READONLY_LIMIT = 6  # API requests per window for the readonly role in this suit
 
 
 @pytest.fixture
-async def suite_and_channel(base_overrides: dict[str, Any]) -> AsyncIterator[tuple]:
+async def suite_and_channel(base_overrides: dict[str, Any], redis_url: str) -> AsyncIterator[tuple]:
     """The full suite (Redis on) with a small API limit for the readonly role."""
-    overrides = copy.deepcopy(gateway_overrides(base_overrides))
+    overrides = copy.deepcopy(gateway_overrides(base_overrides, redis_url))
     overrides["authentication"]["rate_limiting"] = {
         "api_requests_per_role": {"readonly": READONLY_LIMIT}
     }

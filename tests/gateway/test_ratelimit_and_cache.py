@@ -28,7 +28,7 @@ from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from gateway import auth_service
 from gateway.ratelimit import MAX_QUEUED_LOGINS, ApiLimiter, _refusal
-from tests.conftest import bearer, login
+from tests.conftest import bearer, login, redis_for
 from tests.dataplatform import test_redis_helpers
 from tests.gateway.conftest import PASSWORD, Gateway, gateway_overrides
 from tests.taskproc.helpers import new_user
@@ -108,7 +108,8 @@ async def test_one_address_cannot_spray_usernames(gw) -> None:
 @pytest.fixture(params=["redis", "no_redis"])
 async def small_api_limit(request, base_overrides):
     """A suite whose API limit is 12 requests per minute (30 for admins)."""
-    overrides = copy.deepcopy(gateway_overrides(base_overrides, redis=request.param == "redis"))
+    redis_url = redis_for(request, request.param == "redis")
+    overrides = copy.deepcopy(gateway_overrides(base_overrides, redis_url))
     overrides["authentication"]["rate_limiting"] = {
         "api_requests": 12,
         "api_requests_per_role": {"admin": 30},
@@ -200,12 +201,13 @@ async def test_no_cache_metadata_skips_the_response_cache(gw) -> None:
 async def seed_api_limit(request, base_overrides):
     """dataplatform, taskproc and a gateway with the seed's API limit (100 calls per 60 s
     for role `user`), with Redis or without."""
-    async for g in _limited_gateway(base_overrides, request.param == "redis", window=60):
+    redis_url = redis_for(request, request.param == "redis")
+    async for g in _limited_gateway(base_overrides, redis_url, window=60):
         yield g
 
 
-async def _limited_gateway(base, redis: bool, window: int) -> AsyncIterator[Gateway]:
-    overrides = copy.deepcopy(gateway_overrides(base, redis=redis))
+async def _limited_gateway(base, redis_url: str | None, window: int) -> AsyncIterator[Gateway]:
+    overrides = copy.deepcopy(gateway_overrides(base, redis_url))
     overrides["authentication"]["rate_limiting"] = {
         "api_requests": 100,
         "api_window": window,
@@ -269,10 +271,10 @@ async def test_concurrent_burst_admits_exactly_the_limit(seed_api_limit) -> None
     assert (len(later), len(refused_later)) == (0, 10)
 
 
-async def test_two_replicas_share_the_limit_exactly(base_overrides) -> None:
+async def test_two_replicas_share_the_limit_exactly(base_overrides, redis_url) -> None:
     """130 concurrent calls of one user split over two gateway replicas sharing Redis
     admit exactly 100 in total."""
-    async for gw in _limited_gateway(base_overrides, redis=True, window=60):
+    async for gw in _limited_gateway(base_overrides, redis_url, window=60):
         token = await new_user(gw.suite, gw.channel)
         second = await gw.second_gateway()
         addresses = [gw.suite.address("gateway"), f"127.0.0.1:{second.port}"]
@@ -286,12 +288,12 @@ async def test_two_replicas_share_the_limit_exactly(base_overrides) -> None:
             await second.stop(0)
 
 
-async def test_window_slides_not_resets(base_overrides) -> None:
+async def test_window_slides_not_resets(base_overrides, redis_url) -> None:
     """With a 3 s window, bursts just before and just after a 3 s clock boundary admit 100
     together (a fixed window would admit 200), no 3 s span holds more than 100, and once
     both have slid out the user gets exactly 100 again."""
     window = 3
-    async for gw in _limited_gateway(base_overrides, redis=True, window=window):
+    async for gw in _limited_gateway(base_overrides, redis_url, window=window):
         token = await new_user(gw.suite, gw.channel)
         boundary = (time.time() // window + 2) * window
         await asyncio.sleep(boundary - 0.6 - time.time())

@@ -128,7 +128,7 @@ async def test_spoofed_identity_headers_are_ignored(gw) -> None:
 
 
 @pytest.fixture
-async def rotated(base_overrides, tmp_path):
+async def rotated(base_overrides, redis_url, tmp_path):
     """A suite whose default key signs, with an older HS256 key and a JWKS (RSA + Ed25519)."""
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ed_key = ed25519.Ed25519PrivateKey.generate()
@@ -143,7 +143,7 @@ async def rotated(base_overrides, tmp_path):
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps(jwks))
     old_secret = "an-older-rotated-out-secret-of-40-bytes!"
-    overrides = gateway_overrides(base_overrides)
+    overrides = gateway_overrides(base_overrides, redis_url)
     overrides = copy.deepcopy(overrides)
     overrides["authentication"]["jwt"].update(
         {"keys": [{"kid": "old", "secret_key": old_secret}], "jwks_file": str(path)}

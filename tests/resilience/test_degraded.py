@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import grpc
 import psycopg
@@ -31,7 +32,6 @@ from tests.taskproc.helpers import TERMINAL, get, new_user, spec, submit
 
 pytestmark = pytest.mark.slow
 
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 T = TypeVar("T")
 
 
@@ -56,10 +56,11 @@ async def embed(channel: grpc.aio.Channel, token: str, text: str) -> cog_pb.Embe
 
 
 @pytest.fixture
-async def redis_proxied(base_overrides) -> AsyncIterator[tuple[Suite, FaultProxy, Any]]:
+async def redis_proxied(base_overrides, redis_url) -> AsyncIterator[tuple[Suite, FaultProxy, Any]]:
     """All four services using Redis through a fault proxy; role `user` may make only 6 API
     calls per hour (admins 100,000), and a direct client to the real Redis."""
-    async with FaultProxy(REDIS_HOST, REDIS_PORT) as proxy:
+    real = urlsplit(redis_url)
+    async with FaultProxy(real.hostname or "127.0.0.1", real.port or 6379) as proxy:
         overrides = copy.deepcopy(base_overrides)
         overrides["redis"]["url"] = f"redis://127.0.0.1:{proxy.port}/0"
         overrides["authentication"]["rate_limiting"] = {
@@ -68,7 +69,7 @@ async def redis_proxied(base_overrides) -> AsyncIterator[tuple[Suite, FaultProxy
             "api_requests_per_role": {"admin": 100_000},
         }
         suite = await start_suite(overrides)
-        direct = aioredis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_timeout=5)
+        direct = aioredis.Redis.from_url(redis_url, socket_timeout=5)
         try:
             yield suite, proxy, direct
         finally:

@@ -31,7 +31,6 @@ from dataplatform.service import DataPlatformService
 from taskproc.service import TaskProcService
 from taskproc.spec import validate
 from tests.conftest import field_violations, until_health
-from tests.gateway.conftest import REDIS_URL
 from tests.taskproc.helpers import deadline, finish, get, new_user, spec, step_status, submit, watch
 
 
@@ -335,12 +334,12 @@ async def test_the_watch_after_create_adopts_its_events_without_a_read(store) ->
     assert await watched.read() is grpc.aio.EOF
 
 
-async def test_replicas_wake_each_others_streams_through_redis(base_overrides) -> None:
+async def test_replicas_wake_each_others_streams_through_redis(base_overrides, redis_url) -> None:
     """With Redis configured, what replica A commits reaches replica B's streams at once
     (the poll interval here is 30 s): B's watcher gets A's events, B's WaitForWork stream
     hears of A's new work, and of A's cancellation only as a workflow B confirms stopped in
     the database (a forged notice cancels nothing)."""
-    overrides = {**base_overrides, "redis": {**base_overrides["redis"], "url": REDIS_URL}}
+    overrides = {**base_overrides, "redis": {**base_overrides["redis"], "url": redis_url}}
     a = await start_suite(overrides, only=("dataplatform",))
     b = await start_service(DataPlatformService(a.settings), "127.0.0.1", 0)
     buses = [a.running["dataplatform"].service.replicas, b.service.replicas]
