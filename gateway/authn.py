@@ -101,11 +101,13 @@ class AuthInterceptor(MethodInterceptor):
             principal = await self._tokens.authenticate(bearer_token(authorization))
         if principal is None:
             return None
-        assert info is not None and isinstance(principal, Principal)
+        if info is None or not isinstance(principal, Principal):
+            raise RuntimeError("admission reached authorization without a method or principal")
         # A denied call spends quota too (a caller probing permissions is limited like any
         # other); the relay sends every denial here, so both paths count it.
         if not self.spend_now(principal):
-            assert self._limiter is not None
+            if self._limiter is None:
+                raise RuntimeError("no quota left in process and no limiter to wait on")
             await self._limiter.acquire(principal.user_id, principal.roles)
         self.authorize(info, principal)
         return principal
@@ -140,7 +142,7 @@ class AuthInterceptor(MethodInterceptor):
             return rejecting_handler(handler, exc)
         if principal is None:
             return handler
-        if self._cache is not None and principal.is_user and ResponseCache.applies(info):
-            assert info is not None
+        cacheable = principal.is_user and info is not None and ResponseCache.applies(info)
+        if self._cache is not None and info is not None and cacheable:
             handler = self._cache.wrap(handler, info)
         return with_principal(handler, principal)

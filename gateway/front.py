@@ -81,7 +81,8 @@ def server_tls(tls: TlsSettings) -> ssl.SSLContext | None:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    assert tls.cert_file and tls.key_file
+    if not (tls.cert_file and tls.key_file):
+        raise ValueError("the gateway's TLS needs both tls.cert_file and tls.key_file")
     context.load_cert_chain(tls.cert_file, tls.key_file)
     if tls.client_ca_file:
         context.verify_mode = ssl.CERT_REQUIRED
@@ -327,7 +328,8 @@ class FrontDoor:
         limiter: ConcurrencyLimiter | None,
     ) -> Decision:
         info, route = request.info, request.route
-        assert info is not None and route is not None and request.path is not None
+        if info is None or route is None or request.path is None:
+            raise RuntimeError("a relayed call was decided without its method and route")
         kept, trace_fields = relayed
         assertion = self._identity.assertion(principal, GATEWAY)
         recorder = self._recorder(info.path)

@@ -111,6 +111,7 @@ class KeyRing:
             self._jwks = keys
 
     def _fetch(self) -> Any:
-        assert self._jwks_url
+        if not self._jwks_url:
+            raise ValueError("no JWKS URL configured")
         with urllib.request.urlopen(self._jwks_url, timeout=_FETCH_TIMEOUT) as resp:  # noqa: S310
             return json.loads(resp.read(_MAX_JWKS_BYTES))

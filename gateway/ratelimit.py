@@ -479,7 +479,8 @@ class ApiLimiter:
         task.add_done_callback(self._settling.discard)
 
     async def _settle_lease(self, user_id: str, key: str, lease: tuple[str, int, int, int]) -> None:
-        assert self._settle is not None
+        if self._settle is None:
+            raise RuntimeError("a lease was settled without a Redis settle script")
         # The lease may have been reserved in process while Redis was down: settling it
         # there too is a no-op otherwise.
         self._local.settle(user_id, lease)

@@ -163,7 +163,8 @@ class Endpoint:
             if self.path is not None:
                 await loop.create_unix_connection(factory, self.path)
             else:
-                assert self.host is not None and self.port is not None
+                if self.host is None or self.port is None:
+                    raise ValueError("an upstream needs a unix path or a host and port")
                 await loop.create_connection(
                     factory,
                     self.host,
@@ -379,7 +380,8 @@ def _send(stream: _Stream, to_upstream: bool) -> None:
 def _keep(stream: _Stream, flags: int, chunk: bytes) -> None:
     """Keeps a DATA frame sent upstream for a replay, while the request stays short."""
     replay = stream.replay
-    assert replay is not None
+    if replay is None:
+        raise RuntimeError("a DATA frame kept for a replay on a stream that keeps none")
     replay.append((h2.DATA, flags, chunk))
     stream.kept += len(chunk)
     if stream.kept > _HOLD_BYTES:
@@ -1003,7 +1005,8 @@ class _Client(_Connection):
         """Asks the front door where the call goes, then opens it upstream or holds its
         request for an answer from the front (DATA of the same read is queued already)."""
         headers, stream.headers = stream.headers, None
-        assert headers is not None
+        if headers is None:
+            raise RuntimeError("a stream decided twice")
         try:
             decision = self.relay.decide(headers, self.peer, self.relay.up)
         except Exception:  # a bug costs this call, not the connection's others
@@ -1103,7 +1106,8 @@ class _Client(_Connection):
             return
         stream.held += size
         if stream.client_ended:
-            assert stream.decision.answer is not None
+            if stream.decision.answer is None:
+                raise RuntimeError("a held request ended without the front's answer")
             body = b"".join(payload for _, _, payload in stream.to_upstream.queue)
             message = _single_message(body)
             reply = stream.decision.answer(message) if message is not None else None
