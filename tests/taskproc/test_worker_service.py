@@ -16,6 +16,7 @@ from grpc_status import rpc_status
 
 from aiwfe.app.suite import Suite, start_suite
 from aiwfe.runtime.interceptors import is_long_poll
+from aiwfe.runtime.metrics import REGISTRY
 from aiwfe.taskproc.v1 import worker_service_pb2 as pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as pb_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
@@ -55,6 +56,12 @@ async def poll(
         metadata=bearer(token),
         timeout=wait + 5,
     )
+
+
+def counted(name: str, queue: str = "alpha", task_type: str = "summarize") -> float:
+    """A task counter's value (the suite runs in process: one registry)."""
+    value = REGISTRY.get_sample_value(f"{name}_total", {"queue": queue, "type": task_type})
+    return value or 0.0
 
 
 def reason(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
@@ -100,8 +107,10 @@ async def test_a_stub_worker_runs_a_task_between_builtin_steps(suite, gateway_ch
             },
         ),
     )
+    before = {m: counted(m) for m in ("workflow_tasks_dispatched", "workflow_tasks_completed")}
     task = await poll(gateway_channel, worker, ["alpha"], worker_identity="stub:1")
     assert task.task_token and task.workflow_id == workflow.workflow_id
+    assert task.traceparent.startswith("00-") or task.traceparent == ""
     assert (task.step_name, task.queue, task.type, task.attempt) == (
         "work",
         "alpha",
@@ -133,6 +142,10 @@ async def test_a_stub_worker_runs_a_task_between_builtin_steps(suite, gateway_ch
     done = await finish(gateway_channel, owner, workflow.workflow_id)
     assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED
     assert json_format.MessageToDict(step_status(done, "work").output) == {"summary": "short"}
+    assert {m: counted(m) - v for m, v in before.items()} == {
+        "workflow_tasks_dispatched": 1,
+        "workflow_tasks_completed": 1,
+    }
     assert json_format.MessageToDict(step_status(done, "last").output)["echo"] == "short"
     # A second completion of the same attempt is refused: the step is no longer leased.
     with pytest.raises(grpc.aio.AioRpcError) as again:
@@ -173,10 +186,12 @@ async def test_a_lapsed_lease_is_dispatched_again_and_the_old_token_refused(
     workflow = await submit(
         gateway_channel, owner, spec(task_step("work", heartbeat_timeout_seconds=1))
     )
+    timeouts = counted("workflow_task_heartbeat_timeouts")
     first = await poll(gateway_channel, worker, ["alpha"])
     assert first.attempt == 1
     second = await poll(gateway_channel, worker, ["alpha"], wait=10)
     assert second.attempt == 2 and second.workflow_id == workflow.workflow_id
+    assert counted("workflow_task_heartbeat_timeouts") == timeouts + 1
     stub = pb_grpc.WorkerServiceStub(gateway_channel)
     output = struct_pb2.Struct()
     output.update({"by": "late"})
@@ -237,6 +252,7 @@ async def test_fail_task_retries_then_fails_for_good(suite, gateway_channel) -> 
     step["retry_policy"] = {"max_attempts": 3, "initial_backoff_seconds": 0.2}
     workflow = await submit(gateway_channel, owner, spec(step))
     stub = pb_grpc.WorkerServiceStub(gateway_channel)
+    failed = counted("workflow_tasks_failed")
     first = await poll(gateway_channel, worker, ["alpha"])
     details = struct_pb2.Struct()
     details.update({"http": 503})
@@ -261,6 +277,7 @@ async def test_fail_task_retries_then_fails_for_good(suite, gateway_channel) -> 
     done = await finish(gateway_channel, owner, workflow.workflow_id)
     assert done.state == wf_pb.WORKFLOW_STATE_FAILED
     assert "bad input" in done.error and "attempt 2" in done.error
+    assert counted("workflow_tasks_failed") == failed + 2
 
 
 async def test_a_task_token_is_bound_to_its_caller_and_queue(suite, gateway_channel) -> None:
@@ -344,3 +361,27 @@ def test_long_polls_are_not_load_shed() -> None:
     assert not is_long_poll("/aiwfe.taskproc.v1.WorkerService/CompleteTask")
     assert not is_long_poll("/aiwfe.cognitive.v1.CognitiveService/Embed")
     assert not is_long_poll("/no.such/Method")
+
+
+async def test_queue_depth_and_oldest_age_are_exported_per_queue(suite, gateway_channel) -> None:
+    """Waiting tasks show as their queue's depth and oldest age; a drained queue's series
+    goes away."""
+    owner = await new_user(suite, gateway_channel)
+    worker = await new_user(suite, gateway_channel, ("worker",))
+    for i in range(3):
+        await submit(gateway_channel, owner, spec(task_step(f"s{i}", queue="gauge")))
+
+    async def depth(wanted: float | None) -> float | None:
+        for _ in range(100):
+            value = REGISTRY.get_sample_value("workflow_task_queue_depth", {"queue": "gauge"})
+            if value == wanted:
+                return value
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"depth stayed {value}, wanted {wanted}")
+
+    await depth(3)
+    age = REGISTRY.get_sample_value("workflow_task_queue_oldest_age_seconds", {"queue": "gauge"})
+    assert age is not None and age >= 0
+    for _ in range(3):
+        assert (await poll(gateway_channel, worker, ["gauge"])).task_token
+    await depth(None)
