@@ -36,7 +36,7 @@ from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
 from aiwfe.runtime import metrics
 from aiwfe.runtime.channels import Upstream
 from aiwfe.runtime.config import TaskProcSettings
-from aiwfe.runtime.errors import FailedPrecondition
+from aiwfe.runtime.errors import FailedPrecondition, ResourceExhausted
 from aiwfe.runtime.identity import InternalIdentity, require_principal
 from aiwfe.runtime.page_tokens import PageTokens
 from aiwfe.runtime.validation import Violations
@@ -44,6 +44,7 @@ from aiwfe.taskproc.v1 import worker_service_pb2 as pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as pb_grpc
 from taskproc.ops.task import name_problem
 from taskproc.spec import resolve
+from taskproc.streams import RETRY_AFTER_SECONDS
 
 log = logging.getLogger("aiwfe.taskproc.tasks")
 _tracer = trace.get_tracer("aiwfe")
@@ -99,6 +100,7 @@ class TaskDispatcher:
         self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
         self._groups: dict[tuple[tuple[str, ...], tuple[str, ...]], _Group] = {}
         self.lease_id = f"task:{uuid.uuid4().hex}"  # this replica's claims
+        self.waiting = 0  # PollTask calls held, bounded by cfg.max_task_polls
 
     def wake(self) -> None:
         """Work may have become runnable (a WaitForWork push): every group claims again."""
@@ -175,6 +177,25 @@ class TaskDispatcher:
         self, queues: list[str], types: list[str], wait: float
     ) -> store_pb.ClaimedStep | None:
         """One task of `queues` (of `types`), or None once `wait` seconds passed."""
+        if self.waiting >= self._cfg.max_task_polls:
+            limit = self._cfg.max_task_polls
+            raise ResourceExhausted(
+                f"this taskproc replica holds its limit of {limit} waiting polls;"
+                f" retry in {RETRY_AFTER_SECONDS:g} s",
+                retry_after=RETRY_AFTER_SECONDS,
+                quota_violations=[("taskproc.max_task_polls", f"at most {limit}")],
+                reason="TASK_POLLS_EXHAUSTED",
+                metadata={"limit": str(limit)},
+            )
+        self.waiting += 1
+        try:
+            return await self._poll(queues, types, wait)
+        finally:
+            self.waiting -= 1
+
+    async def _poll(
+        self, queues: list[str], types: list[str], wait: float
+    ) -> store_pb.ClaimedStep | None:
         key = (tuple(sorted(set(queues))), tuple(sorted(set(types))))
         group = self._groups.get(key)
         if group is None:

@@ -137,6 +137,11 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
         "a taskproc replica serves its limit of watch streams (RetryInfo, QuotaFailure)",
         ("limit",),
     ),
+    "TASK_POLLS_EXHAUSTED": Reason(
+        _C.RESOURCE_EXHAUSTED,
+        "a taskproc replica holds its limit of waiting PollTask calls (RetryInfo, QuotaFailure)",
+        ("limit",),
+    ),
     "BACKEND_RATE_LIMITED": Reason(
         _C.RESOURCE_EXHAUSTED, "a model backend answered HTTP 429", _BACKEND
     ),

@@ -385,3 +385,25 @@ async def test_queue_depth_and_oldest_age_are_exported_per_queue(suite, gateway_
     for _ in range(3):
         assert (await poll(gateway_channel, worker, ["gauge"])).task_token
     await depth(None)
+
+
+async def test_waiting_polls_are_bounded_per_replica(base_overrides) -> None:
+    """Past taskproc.max_task_polls waiting polls, the next is RESOURCE_EXHAUSTED with its
+    reason at once, and a slot frees when a poll ends."""
+    overrides = {**base_overrides, "rbac": {"roles": ROLES}, "taskproc": {"max_task_polls": 2}}
+    running = await start_suite(overrides)
+    try:
+        async with grpc.aio.insecure_channel(running.address("gateway")) as channel:
+            worker = await new_user(running, channel, ("worker",))
+            held = [asyncio.create_task(poll(channel, worker, ["alpha"], 3)) for _ in range(2)]
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await poll(channel, worker, ["alpha"], 3)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert reason(refused.value) == ("TASK_POLLS_EXHAUSTED", {"limit": "2"})
+            assert time.monotonic() - started < 1
+            await asyncio.gather(*held)
+            assert not (await poll(channel, worker, ["alpha"], 0.2)).task_token
+    finally:
+        await running.stop()
