@@ -15,12 +15,13 @@ import psycopg
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from aiwfe.app.suite import start_suite
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
-from tests.conftest import bearer, field_violations
-from tests.gateway.conftest import Gateway, unique
+from tests.conftest import bearer, field_violations, login
+from tests.gateway.conftest import Gateway, gateway_overrides, unique
 from tests.gateway.test_error_reasons_e2e import error_info, failure
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
@@ -354,3 +355,28 @@ async def test_no_key_is_ever_logged(gw, caplog) -> None:
     assert made.api_key.key_id in text  # keys are named by id
     for secret in (made.key, made.key[-43:], wrong, wrong[-43:]):
         assert secret not in text
+
+
+async def test_api_key_calls_count_against_the_rate_limit(base_overrides, redis_url) -> None:
+    """A key's calls spend its service account's API quota like a user's: with a limit of
+    12 per minute the 13th call is RESOURCE_EXHAUSTED (RATE_LIMITED)."""
+    overrides = gateway_overrides(base_overrides, redis_url)
+    overrides["authentication"]["rate_limiting"] = {
+        "api_requests": 12,
+        "api_requests_per_role": {"admin": 1000},
+    }
+    suite = await start_suite(overrides, only=("dataplatform", "gateway"))
+    try:
+        async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+            gw = Gateway(suite, channel, await login(channel))
+            made = await api_key(gw, (await account(gw, ["worker"])).username)
+            for _ in range(12):
+                await whoami(channel, made.key)
+            code, reason, _ = await failure(
+                auth_grpc.AuthServiceStub(channel).WhoAmI,
+                auth_pb.WhoAmIRequest(),
+                metadata=bearer(made.key),
+            )
+            assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+    finally:
+        await suite.stop()
