@@ -15,7 +15,10 @@ from aiwfe.runtime.errors import AlreadyExists, InvalidArgument, NotFound
 from aiwfe.runtime.validation import Violations
 from dataplatform.db import Database
 
-_COLUMNS = "user_id, username, password_hash, roles, disabled, created_at, updated_at"
+_COLUMNS = "user_id, username, password_hash, roles, disabled, created_at, updated_at, kind"
+COLUMNS = _COLUMNS  # the API key store reads a key's account with them
+_KINDS = {"user": pb.ACCOUNT_KIND_USER, "service": pb.ACCOUNT_KIND_SERVICE}
+_KIND_NAMES = {pb.ACCOUNT_KIND_USER: "user", pb.ACCOUNT_KIND_SERVICE: "service"}
 MAX_USERNAME = 64
 MAX_ROLES = 32
 
@@ -27,6 +30,7 @@ def to_proto(row: dict[str, Any]) -> pb.StoredUser:
         password_hash=row["password_hash"],
         roles=row["roles"],
         disabled=row["disabled"],
+        kind=_KINDS[row["kind"]],
     )
     user.create_time.FromDatetime(row["created_at"])
     user.update_time.FromDatetime(row["updated_at"])
@@ -48,19 +52,30 @@ class UserStore(pb_grpc.UserStoreServiceServicer):
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def create(self, username: str, password_hash: str, roles: list[str]) -> pb.StoredUser:
-        """Inserts an account; ALREADY_EXISTS when the username is taken."""
+    async def create(
+        self,
+        username: str,
+        password_hash: str,
+        roles: list[str],
+        kind: pb.AccountKind = pb.ACCOUNT_KIND_USER,
+    ) -> pb.StoredUser:
+        """Inserts an account; ALREADY_EXISTS when the username is taken (service accounts
+        share the namespace)."""
+        service = kind == pb.ACCOUNT_KIND_SERVICE
         v = Violations()
         v.text(username, "username", max_chars=MAX_USERNAME)
-        v.text(password_hash, "password_hash", max_chars=1024)
+        if service:
+            v.check(not password_hash, "password_hash", "a service account has no password")
+        else:
+            v.text(password_hash, "password_hash", max_chars=1024)
         v.check(len(roles) <= MAX_ROLES, "roles", f"at most {MAX_ROLES} roles")
         v.raise_if_any()
         try:
             async with self._db.pool.connection() as conn:
                 cur = await conn.execute(
-                    f"INSERT INTO users (user_id, username, password_hash, roles)"
-                    f" VALUES (%s, %s, %s, %s) RETURNING {_COLUMNS}",
-                    (uuid.uuid4(), username, password_hash, list(roles)),
+                    f"INSERT INTO users (user_id, username, password_hash, roles, kind)"
+                    f" VALUES (%s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
+                    (uuid.uuid4(), username, password_hash, list(roles), _KIND_NAMES[kind]),
                 )
                 row = await cur.fetchone()
         except psycopg.errors.UniqueViolation:
@@ -82,7 +97,12 @@ class UserStore(pb_grpc.UserStoreServiceServicer):
     async def CreateUser(
         self, request: pb.CreateUserRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateUserResponse:
-        user = await self.create(request.username, request.password_hash, list(request.roles))
+        user = await self.create(
+            request.username,
+            request.password_hash,
+            list(request.roles),
+            request.kind or pb.ACCOUNT_KIND_USER,
+        )
         return pb.CreateUserResponse(user=user)
 
     async def GetUser(
@@ -114,13 +134,16 @@ class UserStore(pb_grpc.UserStoreServiceServicer):
     ) -> pb.ListUsersResponse:
         v = Violations()
         v.check(0 <= request.page_size <= 1000, "page_size", "must be between 0 and 1000")
+        v.check(request.kind in (pb.ACCOUNT_KIND_UNSPECIFIED, *_KIND_NAMES), "kind", "unknown kind")
         v.raise_if_any()
         size = request.page_size or 100
         after = _page_after(request.page_token) if request.page_token else ""
+        kind = _KIND_NAMES.get(request.kind)  # None: every kind
         async with self._db.autocommit() as conn:
             cur = await conn.execute(
-                f"SELECT {_COLUMNS} FROM users WHERE username > %s ORDER BY username LIMIT %s",
-                (after, size + 1),
+                f"SELECT {_COLUMNS} FROM users WHERE username > %s"
+                f" AND (%s::text IS NULL OR kind = %s) ORDER BY username LIMIT %s",
+                (after, kind, kind, size + 1),
             )
             rows = await cur.fetchall()
         more = len(rows) > size

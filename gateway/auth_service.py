@@ -9,29 +9,43 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import TypeVar
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from aiwfe.auth.v1 import auth_service_pb2 as pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as pb_grpc
+from aiwfe.data.v1 import token_store_service_pb2 as store_pb
+from aiwfe.data.v1 import token_store_service_pb2_grpc as store_grpc
 from aiwfe.data.v1 import user_store_service_pb2 as user_pb
 from aiwfe.data.v1 import user_store_service_pb2_grpc as user_grpc
 from aiwfe.runtime import metrics
 from aiwfe.runtime.channels import Upstream
 from aiwfe.runtime.config import PasswordPolicySettings
-from aiwfe.runtime.errors import NotFound, ResourceExhausted, Unauthenticated
+from aiwfe.runtime.errors import (
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from aiwfe.runtime.identity import require_principal
 from aiwfe.runtime.passwords import hash_password_async, policy_violation, verify_password_async
 from aiwfe.runtime.rbac import Rbac
 from aiwfe.runtime.validation import Violations
+from gateway.api_keys import KeyUseRecorder, new_key, token_id
 from gateway.ratelimit import LoginLimiter, caller_peer, client_address
+from gateway.revocation import RevocationSync
 from gateway.sessions import MAX_REFRESH_CHARS, SessionManager, TokenPair
 
 log = logging.getLogger("aiwfe.gateway.auth")
 MAX_USERNAME_CHARS = 64
 MAX_PASSWORD_CHARS = 256
 MAX_ROLES = 32
+MAX_KEY_NAME_CHARS = 64
+MAX_KEY_ID_CHARS = 64
+MAX_KEY_TTL_SECONDS = 10 * 366 * 86400  # ten years: "does not expire" is the way past it
 _USERNAME = re.compile(r"[A-Za-z0-9._-]{3,64}")
 _BAD_CREDENTIALS = "invalid username or password"
 # Login and Refresh answer the same token-pair fields.
@@ -107,6 +121,9 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
             if not _not_found(exc):
                 raise
             user = None
+        # A service account has no password: it verifies against nothing, like a miss.
+        if user is not None and user.kind == user_pb.ACCOUNT_KIND_SERVICE:
+            user = None
         # Always one argon2 verification, so an unknown username costs what a wrong password does.
         ok = await verify_password_async(user.password_hash if user else None, request.password)
         return user if ok and user is not None and not user.disabled else None
@@ -128,7 +145,13 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
     async def Logout(
         self, request: pb.LogoutRequest, context: grpc.aio.ServicerContext
     ) -> pb.LogoutResponse:
-        await self._sessions.logout(require_principal())
+        principal = require_principal()
+        if "key" in principal.claims:
+            raise FailedPrecondition(
+                "an API key is not a session: revoke it with RevokeApiKey",
+                reason="API_KEY_NOT_A_SESSION",
+            )
+        await self._sessions.logout(principal)
         return pb.LogoutResponse()
 
     async def WhoAmI(
@@ -146,10 +169,35 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
 def _public(user: user_pb.StoredUser) -> pb.User:
     """An account as admins see it: never its password hash."""
     out = pb.User(
-        user_id=user.user_id, username=user.username, roles=user.roles, disabled=user.disabled
+        user_id=user.user_id,
+        username=user.username,
+        roles=user.roles,
+        disabled=user.disabled,
+        service_account=user.kind == user_pb.ACCOUNT_KIND_SERVICE,
     )
     out.create_time.CopyFrom(user.create_time)
     return out
+
+
+def _public_key(key: store_pb.StoredApiKey, account: str) -> pb.ApiKey:
+    """An API key as admins see it: never its secret or hash."""
+    out = pb.ApiKey(
+        key_id=key.key_id,
+        name=key.name,
+        service_account=account,
+        service_account_id=key.account_id,
+        revoked=key.HasField("revoke_time"),
+    )
+    for field in ("create_time", "expire_time", "last_used_time", "revoke_time"):
+        if key.HasField(field):
+            getattr(out, field).CopyFrom(getattr(key, field))
+    return out
+
+
+def _ts(epoch: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromMicroseconds(int(epoch * 1e6))
+    return ts
 
 
 class UserAdminServicer(pb_grpc.UserAdminServiceServicer):
@@ -161,12 +209,20 @@ class UserAdminServicer(pb_grpc.UserAdminServiceServicer):
         rbac: Rbac,
         dataplatform: Upstream,
         policy: PasswordPolicySettings,
+        revocations: RevocationSync | None = None,
+        key_uses: KeyUseRecorder | None = None,
+        revocation_horizon: float = 0.0,
     ) -> None:
         self._sessions = sessions
         self._rbac = rbac
         self._dp = dataplatform
         self._users = user_grpc.UserStoreServiceStub(dataplatform.channel)
+        self._tokens = store_grpc.TokenStoreServiceStub(dataplatform.channel)
         self._policy = policy
+        self._revocations = revocations
+        self._key_uses = key_uses
+        # How long a key's revocation must be remembered: it outlives every cached copy.
+        self._revocation_horizon = revocation_horizon
 
     def _check_roles(self, roles: list[str], v: Violations, *, required: bool) -> None:
         if required:
@@ -206,16 +262,21 @@ class UserAdminServicer(pb_grpc.UserAdminServiceServicer):
     async def ListUsers(
         self, request: pb.ListUsersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListUsersResponse:
-        v = Violations()
-        v.check(0 <= request.page_size <= 1000, "page_size", "must be between 0 and 1000")
-        v.text(request.page_token, "page_token", max_chars=512, required=False)
-        v.raise_if_any()
-        reply = await self._dp.call(
-            self._users.ListUsers,
-            user_pb.ListUsersRequest(page_size=request.page_size, page_token=request.page_token),
-        )
+        reply = await self._list(request.page_size, request.page_token, user_pb.ACCOUNT_KIND_USER)
         return pb.ListUsersResponse(
             users=[_public(u) for u in reply.users], next_page_token=reply.next_page_token
+        )
+
+    async def _list(
+        self, page_size: int, page_token: str, kind: user_pb.AccountKind
+    ) -> user_pb.ListUsersResponse:
+        v = Violations()
+        v.check(0 <= page_size <= 1000, "page_size", "must be between 0 and 1000")
+        v.text(page_token, "page_token", max_chars=512, required=False)
+        v.raise_if_any()
+        return await self._dp.call(
+            self._users.ListUsers,
+            user_pb.ListUsersRequest(page_size=page_size, page_token=page_token, kind=kind),
         )
 
     async def _update(self, request: user_pb.UpdateUserRequest) -> user_pb.StoredUser:
@@ -260,3 +321,142 @@ class UserAdminServicer(pb_grpc.UserAdminServiceServicer):
         await self._sessions.revoke_user(user.user_id, families=True, reason="user_disabled")
         log.info("user %r disabled and its sessions revoked", user.username)
         return pb.DisableUserResponse(user=_public(user))
+
+    # --- service accounts and API keys --------------------------------------------------
+
+    async def CreateServiceAccount(
+        self, request: pb.CreateServiceAccountRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateServiceAccountResponse:
+        v = Violations()
+        v.check(
+            bool(_USERNAME.fullmatch(request.name)),
+            "name",
+            "must be 3-64 characters: letters, digits, '.', '_', '-'",
+        )
+        roles = list(dict.fromkeys(request.roles))
+        self._check_roles(roles, v, required=True)
+        v.raise_if_any()
+        reply = await self._dp.call(
+            self._users.CreateUser,
+            user_pb.CreateUserRequest(
+                username=request.name, roles=roles, kind=user_pb.ACCOUNT_KIND_SERVICE
+            ),
+        )
+        log.info("service account %r created with roles %s", reply.user.username, roles)
+        return pb.CreateServiceAccountResponse(service_account=_public(reply.user))
+
+    async def ListServiceAccounts(
+        self, request: pb.ListServiceAccountsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListServiceAccountsResponse:
+        reply = await self._list(
+            request.page_size, request.page_token, user_pb.ACCOUNT_KIND_SERVICE
+        )
+        return pb.ListServiceAccountsResponse(
+            service_accounts=[_public(u) for u in reply.users],
+            next_page_token=reply.next_page_token,
+        )
+
+    async def _service_account(self, name: str, field: str) -> user_pb.StoredUser:
+        """The named service account; SERVICE_ACCOUNT_NOT_FOUND for a user or nobody."""
+        v = Violations()
+        v.text(name, field, max_chars=MAX_USERNAME_CHARS)
+        v.raise_if_any()
+        try:
+            reply = await self._dp.call(self._users.GetUser, user_pb.GetUserRequest(username=name))
+        except grpc.aio.AioRpcError as exc:
+            if not _not_found(exc):
+                raise
+        else:
+            if reply.user.kind == user_pb.ACCOUNT_KIND_SERVICE:
+                return reply.user
+        raise NotFound(
+            "service account not found",
+            reason="SERVICE_ACCOUNT_NOT_FOUND",
+            metadata={"serviceAccount": name},
+        )
+
+    async def CreateApiKey(
+        self, request: pb.CreateApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateApiKeyResponse:
+        v = Violations()
+        v.text(request.service_account, "service_account", max_chars=MAX_USERNAME_CHARS)
+        v.text(request.name, "name", max_chars=MAX_KEY_NAME_CHARS, required=False)
+        now = time.time()
+        expires: float | None = None
+        if request.HasField("expire_time") and request.HasField("ttl"):
+            v.add("ttl", "give expire_time or ttl, not both")
+        elif request.HasField("ttl"):
+            ttl = request.ttl.ToMicroseconds() / 1e6
+            v.check(0 < ttl <= MAX_KEY_TTL_SECONDS, "ttl", "must be positive and at most 10 years")
+            expires = now + ttl
+        elif request.HasField("expire_time"):
+            expires = request.expire_time.ToMicroseconds() / 1e6
+            v.check(
+                now < expires <= now + MAX_KEY_TTL_SECONDS,
+                "expire_time",
+                "must be in the future and at most 10 years ahead",
+            )
+        v.raise_if_any()
+        account = await self._service_account(request.service_account, "service_account")
+        if account.disabled:
+            raise FailedPrecondition(
+                "the service account is disabled",
+                reason="SERVICE_ACCOUNT_DISABLED",
+                metadata={"serviceAccount": account.username},
+            )
+        key = new_key()
+        store_request = store_pb.CreateApiKeyRequest(
+            key_id=key.key_id, account_id=account.user_id, name=request.name, secret_hash=key.digest
+        )
+        if expires is not None:
+            store_request.expire_time.CopyFrom(_ts(expires))
+        reply = await self._dp.call(self._tokens.CreateApiKey, store_request)
+        log.info("API key %s created for service account %r", key.key_id, account.username)
+        return pb.CreateApiKeyResponse(
+            api_key=_public_key(reply.api_key, account.username), key=key.key
+        )
+
+    async def ListApiKeys(
+        self, request: pb.ListApiKeysRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListApiKeysResponse:
+        v = Violations()
+        v.check(0 <= request.page_size <= 1000, "page_size", "must be between 0 and 1000")
+        v.text(request.page_token, "page_token", max_chars=MAX_KEY_ID_CHARS, required=False)
+        v.raise_if_any()
+        account = await self._service_account(request.service_account, "service_account")
+        if self._key_uses is not None:
+            # This replica's uses reach the record first (others' within a flush interval).
+            await self._key_uses.flush()
+        reply = await self._dp.call(
+            self._tokens.ListApiKeys,
+            store_pb.ListApiKeysRequest(
+                account_id=account.user_id,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            ),
+        )
+        return pb.ListApiKeysResponse(
+            api_keys=[_public_key(k, account.username) for k in reply.api_keys],
+            next_page_token=reply.next_page_token,
+        )
+
+    async def RevokeApiKey(
+        self, request: pb.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevokeApiKeyResponse:
+        v = Violations()
+        v.text(request.key_id, "key_id", max_chars=MAX_KEY_ID_CHARS)
+        v.raise_if_any()
+        event = store_pb.RevokedAccessToken(
+            jti=token_id(request.key_id), expire_time=_ts(time.time() + self._revocation_horizon)
+        )
+        reply = await self._dp.call(
+            self._tokens.RevokeApiKey,
+            store_pb.RevokeApiKeyRequest(key_id=request.key_id, access_token=event),
+        )
+        if self._revocations is not None:
+            await self._revocations.publish(reply.revoked)
+        account = await self._dp.call(
+            self._users.GetUser, user_pb.GetUserRequest(user_id=reply.api_key.account_id)
+        )
+        log.info("API key %s of %r revoked", request.key_id, account.user.username)
+        return pb.RevokeApiKeyResponse(api_key=_public_key(reply.api_key, account.user.username))

@@ -23,6 +23,7 @@ from aiwfe.runtime.redis_client import RedisClient
 from aiwfe.runtime.resilience.breaker import BreakerState
 from aiwfe.runtime.server import Service
 from aiwfe.taskproc.v1 import worker_service_pb2, workflow_service_pb2
+from gateway.api_keys import ApiKeyVerifier, KeyUseRecorder
 from gateway.auth_service import AuthServicer, UserAdminServicer
 from gateway.authn import AuthInterceptor
 from gateway.front import FrontDoor
@@ -74,6 +75,8 @@ class GatewayService(Service):
         data = self.upstreams["aiwfe.data.v1"]
         self.revocations = RevocationSync(self.revocation_state, self.redis, data, auth)
         self.sessions = SessionManager(self.tokens, data, self.revocations)
+        self.tokens.api_keys = ApiKeyVerifier(data, self.revocation_state)
+        self.key_uses = KeyUseRecorder(self.tokens.key_uses, data)
         self.login_limiter = LoginLimiter(auth.rate_limiting, self.redis)
         self.api_limiter = ApiLimiter(auth.rate_limiting, self.redis)
         self.response_cache = ResponseCache(self.redis, self.methods)
@@ -88,6 +91,7 @@ class GatewayService(Service):
 
     async def start(self) -> None:
         await self.revocations.start()
+        self.key_uses.start()
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         data = self.upstreams["aiwfe.data.v1"]
@@ -99,7 +103,13 @@ class GatewayService(Service):
         )
         auth_grpc.add_UserAdminServiceServicer_to_server(
             UserAdminServicer(
-                self.sessions, self.rbac, data, self.settings.authentication.password_policy
+                self.sessions,
+                self.rbac,
+                data,
+                self.settings.authentication.password_policy,
+                self.revocations,
+                self.key_uses,
+                self.tokens.cache_horizon,
             ),
             server,
         )
@@ -146,6 +156,7 @@ class GatewayService(Service):
         )
 
     async def stop(self) -> None:
+        await self.key_uses.stop()
         await self.revocations.stop()
         for downstream in self.upstreams.values():
             await downstream.close()

@@ -6,12 +6,20 @@ Validated tokens are cached in layers: in process (bounded, TTL ≤ min(cache_tt
 expiry)), then Redis `session:{sha256(token)}` (seed TTL, never past expiry), with JWT
 verification as the fallback when Redis is down. Every layer's answer is checked against
 the revocation state, so a cached token dies the moment it is revoked.
+
+Service accounts' API keys (`aiwfe_sk_…`, gateway/api_keys.py) share the layers: the
+record (dataplatform) replaces JWT verification, and a cached key principal that the
+revocation state refuses is looked up again, since a watermark (role change, disabled
+account) means "reload" for a key rather than "dead". Definite refusals of a key are
+remembered in process for `_REFUSED_TTL`, so a revoked or guessed key hammering the
+gateway costs the record one lookup per key per interval.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,6 +32,7 @@ from aiwfe.runtime.config import AuthenticationSettings, RedisSettings
 from aiwfe.runtime.errors import Unauthenticated
 from aiwfe.runtime.identity import Principal
 from aiwfe.runtime.redis_client import RedisClient
+from gateway.api_keys import API_KEY_PREFIX, ApiKeyVerifier, key_id_of
 from gateway.keys import KeyRing, VerifyKey
 from gateway.revocation import RevocationState
 
@@ -31,6 +40,8 @@ log = logging.getLogger("aiwfe.gateway.tokens")
 MAX_TOKEN_CHARS = 4096  # real tokens are < 2 KiB; gRPC metadata is capped at 8 KiB
 _REQUIRED = ["exp", "iat", "sub", "jti", "iss", "aud"]
 _INVALID = "invalid token"
+_REFUSED_TTL = 30.0  # seconds a refused API key is answered from memory
+_HORIZON_MARGIN = 60.0
 
 _hit_l1 = metrics.session_cache_hit_rate.labels("l1", "hit")
 _miss_l1 = metrics.session_cache_hit_rate.labels("l1", "miss")
@@ -85,6 +96,18 @@ class TokenService:
         self._redis = redis if redis is not None else RedisClient(RedisSettings())
         self._session_ttl = self._redis.settings.cache_strategies.session_cache.ttl
         self.revocations = revocations if revocations is not None else RevocationState()
+        # API keys: verified against the record when set (the gateway service sets it).
+        self.api_keys: ApiKeyVerifier | None = None
+        self.key_uses: dict[str, float] = {}  # key_id → latest use (epoch), flushed in batches
+        self._refused: TTLCache[str, Unauthenticated] = TTLCache(
+            settings.validation.cache_max_entries
+        )
+
+    @property
+    def cache_horizon(self) -> float:
+        """Seconds a principal can outlive its verification in some cache (Redis, then in
+        process): how long a key's revocation event must be kept."""
+        return self._session_ttl + self._cache_ttl + _HORIZON_MARGIN
 
     def issue(
         self,
@@ -130,7 +153,14 @@ class TokenService:
         if principal is None:
             return None
         _hit_l1.inc()
-        return self._live(principal)
+        key_id = principal.claims.get("key")
+        if key_id is None:
+            return self._live(principal)
+        if self.revocations.is_revoked(principal):
+            self._cache.pop(token)  # the record decides: revoked, disabled or new roles
+            return None
+        self.key_uses[key_id] = time.time()
+        return principal
 
     def decode(self, token: str, key: VerifyKey) -> Principal:
         """Verifies signature and claims with `key` alone (its pinned algorithm only)."""
@@ -187,6 +217,8 @@ class TokenService:
         if hit is not None:
             return hit
         _miss_l1.inc()
+        if token.startswith(API_KEY_PREFIX):
+            return await self._authenticate_key(token)
         if len(token) > MAX_TOKEN_CHARS:
             raise Unauthenticated(_INVALID, reason="TOKEN_INVALID")
         started = time.perf_counter()
@@ -203,6 +235,38 @@ class TokenService:
         self._live(principal)
         if self._cache_enabled:
             self._cache.set(token, principal, min(self._cache_ttl, remaining))
+        return principal
+
+    async def _authenticate_key(self, token: str) -> Principal:
+        """A service account's API key: Redis, else the record (gateway/api_keys.py)."""
+        key_id = key_id_of(token)
+        if key_id is None or self.api_keys is None:
+            raise Unauthenticated("invalid API key", reason="API_KEY_INVALID")
+        refused = self._refused.get(token)
+        if refused is not None:
+            raise refused.with_traceback(None)  # a fresh traceback, not a growing one
+        started = time.perf_counter()
+        principal = await self._from_redis(token)
+        if principal is not None and (
+            principal.claims.get("key") != key_id
+            or principal.token_exp <= time.time()
+            or self.revocations.is_revoked(principal)
+        ):
+            principal = None  # stale: the record decides
+        if principal is not None:
+            _time_redis.observe(time.perf_counter() - started)
+        else:
+            try:
+                principal = await self.api_keys.verify(token)
+            except Unauthenticated as exc:
+                self._refused.set(token, exc, _REFUSED_TTL)
+                raise
+            _time_verify.observe(time.perf_counter() - started)
+            await self._to_redis(token, principal)
+        if self._cache_enabled:
+            remaining = principal.token_exp - time.time()
+            self._cache.set(token, principal, min(self._cache_ttl, remaining))
+        self.key_uses[key_id] = time.time()
         return principal
 
     async def _from_redis(self, token: str) -> Principal | None:
@@ -222,6 +286,8 @@ class TokenService:
                 token_exp=float(d["exp"]),
                 claims={"iat": float(d["iat"]), "fam": d["fam"]},
             )
+            if d.get("key"):
+                principal.claims["key"] = str(d["key"])
         except (ValueError, KeyError, TypeError):
             return None
         _hit_redis.inc()
@@ -233,17 +299,18 @@ class TokenService:
         ttl = min(self._session_ttl, p.token_exp - time.time())
         if ttl <= 0:
             return
-        value = json.dumps(
-            {
-                "sub": p.user_id,
-                "name": p.username,
-                "roles": list(p.roles),
-                "jti": p.token_id,
-                "exp": p.token_exp,
-                "iat": p.claims["iat"],
-                "fam": p.claims["fam"],
-            }
-        )
+        entry = {
+            "sub": p.user_id,
+            "name": p.username,
+            "roles": list(p.roles),
+            "jti": p.token_id,
+            "exp": p.token_exp if math.isfinite(p.token_exp) else 1e18,  # a key without expiry
+            "iat": p.claims["iat"],
+            "fam": p.claims["fam"],
+        }
+        if "key" in p.claims:
+            entry["key"] = p.claims["key"]
+        value = json.dumps(entry)
         await self._redis.set(self._redis.session_key(token), value, ttl)
 
     def forget(self, token: str) -> None:

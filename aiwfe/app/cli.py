@@ -11,7 +11,7 @@ so adding a command is one decorated function. Connection options (`--gateway`, 
 input (files, password prompt) before connecting; gRPC, pydantic and the client load only
 then, so a prompt appears at once.
 
-Over 600 lines on purpose: one short handler per command (26), each beside its arguments;
+Over 600 lines on purpose: one short handler per command (33), each beside its arguments;
 they share the helpers above them, and splitting by group would only move the table apart.
 """
 
@@ -102,6 +102,8 @@ GROUPS: dict[str, str] = {
     "collections": "list, share and delete collections",
     "workflow": "submit and manage workflows",
     "users": "manage accounts (admin)",
+    "service-account": "manage service accounts for unattended callers (admin)",
+    "api-key": "issue, list and revoke service accounts' API keys (admin)",
     "models": "fetch embedding model weights into <home>/models",
 }
 
@@ -851,6 +853,126 @@ async def _users_disable(args: argparse.Namespace, connect: Connect) -> int:
     async with connect() as client:
         off = await client.disable_user(args.username)
     _emit(args, off, lambda: _user_line(off.user))
+    return 0
+
+
+# --- service accounts and API keys -----------------------------------------------------------
+
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_ttl(text: str) -> float:
+    """Seconds of a lifetime like `30d`, `12h`, `90m`, `45s` or `3600` (argparse's type: a
+    bad one is a usage error, exit 2)."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _TTL_UNITS else (text, "s")
+    try:
+        seconds = float(number) * _TTL_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expects a lifetime like 30d, 12h, 90m or 3600, got {text!r}"
+        ) from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return seconds
+
+
+def _key_line(key: Any) -> str:
+    state = "revoked" if key.revoked else "active"
+    expires = _time(key.expire_time) if key.HasField("expire_time") else "never"
+    used = _time(key.last_used_time)
+    return (
+        f"{key.key_id:<17} {key.name or '-':<16} {state:<8} created {_time(key.create_time)}"
+        f"  expires {expires}  last used {used}"
+    )
+
+
+def _service_account_create_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name")
+    p.add_argument("--role", action="append", default=[], dest="roles", required=True)
+
+
+@command(
+    "service-account create", "create a service account (no password)", _service_account_create_args
+)
+async def _service_account_create(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        made = await client.create_service_account(args.name, args.roles)
+    _emit(args, made, lambda: _user_line(made.service_account))
+    return 0
+
+
+@command("service-account ls", "list service accounts", _users_ls_args)
+async def _service_account_ls(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        listed = await client.list_service_accounts(args.page_size, args.page_token)
+    lines = [_user_line(a) for a in listed.service_accounts]
+    _emit(args, listed, lambda: "\n".join(lines + _next_page(listed.next_page_token)))
+    return 0
+
+
+@command(
+    "service-account set-roles",
+    "replace a service account's roles (its keys get them within a second)",
+    _set_roles_args,
+)
+async def _service_account_set_roles(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        changed = await client.set_user_roles(args.username, args.roles)
+    _emit(args, changed, lambda: _user_line(changed.user))
+    return 0
+
+
+@command(
+    "service-account disable",
+    "disable a service account: every key it holds stops working",
+    lambda p: p.add_argument("username"),
+)
+async def _service_account_disable(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        off = await client.disable_user(args.username)
+    _emit(args, off, lambda: _user_line(off.user))
+    return 0
+
+
+def _api_key_create_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("account", help="the service account's name")
+    p.add_argument("--name", default="", help="a label: what runs with the key")
+    p.add_argument("--ttl", type=parse_ttl, default=None, help="lifetime, e.g. 30d (default: none)")
+
+
+@command("api-key create", "issue an API key (printed once)", _api_key_create_args)
+async def _api_key_create(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        made = await client.create_api_key(args.account, args.name, args.ttl)
+    if not args.json:
+        print(f"API key {made.api_key.key_id} for {args.account}: shown only now", file=sys.stderr)
+    _emit(args, made, lambda: made.key)
+    return 0
+
+
+def _api_key_ls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("account", help="the service account's name")
+    _users_ls_args(p)
+
+
+@command("api-key ls", "list a service account's API keys (never the keys)", _api_key_ls_args)
+async def _api_key_ls(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        listed = await client.list_api_keys(args.account, args.page_size, args.page_token)
+    lines = [_key_line(k) for k in listed.api_keys]
+    _emit(args, listed, lambda: "\n".join(lines + _next_page(listed.next_page_token)))
+    return 0
+
+
+@command(
+    "api-key revoke",
+    "revoke an API key on every gateway replica",
+    lambda p: p.add_argument("key_id"),
+)
+async def _api_key_revoke(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        revoked = await client.revoke_api_key(args.key_id)
+    _emit(args, revoked, lambda: _key_line(revoked.api_key))
     return 0
 
 

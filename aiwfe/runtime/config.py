@@ -203,6 +203,8 @@ def _seed_roles() -> dict[str, RoleSettings]:
         "admin": RoleSettings(permissions=("api:*", "cognitive:*", "data:*", "system:*")),
         "user": RoleSettings(permissions=("api:read", "api:workflow:*", "cognitive:inference")),
         "readonly": RoleSettings(permissions=("api:read",)),
+        # External workers: poll and serve any task queue (issue #19), nothing else.
+        "worker": RoleSettings(permissions=("worker:queue:*",)),
     }
 
 

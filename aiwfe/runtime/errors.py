@@ -72,6 +72,13 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
     "CREDENTIALS_INVALID": Reason(
         _C.UNAUTHENTICATED, "login with a wrong username or password, or a disabled user"
     ),
+    "API_KEY_INVALID": Reason(
+        _C.UNAUTHENTICATED, "the API key is malformed or unknown, or its secret is wrong"
+    ),
+    "API_KEY_EXPIRED": Reason(_C.UNAUTHENTICATED, "the API key has expired"),
+    "API_KEY_REVOKED": Reason(
+        _C.UNAUTHENTICATED, "the API key was revoked, or its service account disabled"
+    ),
     "IDENTITY_MISSING": Reason(
         _C.UNAUTHENTICATED, "a back end was called without the gateway's identity assertion"
     ),
@@ -97,11 +104,17 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
         _C.NOT_FOUND, "no such workflow, or it belongs to another user", ("workflowId",)
     ),
     "USER_NOT_FOUND": Reason(_C.NOT_FOUND, "no such user", ("username", "userId")),
+    "SERVICE_ACCOUNT_NOT_FOUND": Reason(
+        _C.NOT_FOUND, "no such service account (a user's account holds no API keys)",
+        ("serviceAccount", "userId"),
+    ),
+    "API_KEY_NOT_FOUND": Reason(_C.NOT_FOUND, "no such API key", ("keyId",)),
     "COLLECTION_NOT_FOUND": Reason(
         _C.NOT_FOUND, "no such vector collection", ("collection", "field")
     ),
     "USER_ALREADY_EXISTS": Reason(_C.ALREADY_EXISTS, "the username is taken", ("username",)),
     "SESSION_ALREADY_EXISTS": Reason(_C.ALREADY_EXISTS, "the refresh token is already stored"),
+    "API_KEY_ALREADY_EXISTS": Reason(_C.ALREADY_EXISTS, "the API key id is already stored"),
     "COLLECTION_ALREADY_EXISTS": Reason(
         _C.ALREADY_EXISTS, "a vector collection of that name exists", ("collection",)
     ),
@@ -121,6 +134,13 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
     ),
     "BACKEND_MISCONFIGURED": Reason(
         _C.FAILED_PRECONDITION, "a model backend answered HTTP 401, 403 or 404", _BACKEND
+    ),
+    "SERVICE_ACCOUNT_DISABLED": Reason(
+        _C.FAILED_PRECONDITION, "an API key was asked for a disabled service account",
+        ("serviceAccount",),
+    ),
+    "API_KEY_NOT_A_SESSION": Reason(
+        _C.FAILED_PRECONDITION, "Logout called with an API key: revoke it with RevokeApiKey"
     ),
     "RATE_LIMITED": Reason(
         _C.RESOURCE_EXHAUSTED,

@@ -267,6 +267,39 @@ class AsyncClient:
         request = auth_pb.DisableUserRequest(username=username)
         return await self._unary(self.users.DisableUser, request)
 
+    async def create_service_account(
+        self, name: str, roles: Iterable[str]
+    ) -> auth_pb.CreateServiceAccountResponse:
+        request = auth_pb.CreateServiceAccountRequest(name=name, roles=roles)
+        return await self._unary(self.users.CreateServiceAccount, request)
+
+    async def list_service_accounts(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> auth_pb.ListServiceAccountsResponse:
+        request = auth_pb.ListServiceAccountsRequest(page_size=page_size, page_token=page_token)
+        return await self._unary(self.users.ListServiceAccounts, request)
+
+    async def create_api_key(
+        self, service_account: str, name: str = "", ttl_seconds: float | None = None
+    ) -> auth_pb.CreateApiKeyResponse:
+        """A new API key for `service_account`; `.key` is shown only in this answer."""
+        request = auth_pb.CreateApiKeyRequest(service_account=service_account, name=name)
+        if ttl_seconds is not None:
+            request.ttl.FromMicroseconds(int(ttl_seconds * 1e6))
+        return await self._unary(self.users.CreateApiKey, request)
+
+    async def list_api_keys(
+        self, service_account: str, page_size: int = 0, page_token: str = ""
+    ) -> auth_pb.ListApiKeysResponse:
+        request = auth_pb.ListApiKeysRequest(
+            service_account=service_account, page_size=page_size, page_token=page_token
+        )
+        return await self._unary(self.users.ListApiKeys, request)
+
+    async def revoke_api_key(self, key_id: str) -> auth_pb.RevokeApiKeyResponse:
+        request = auth_pb.RevokeApiKeyRequest(key_id=key_id)
+        return await self._unary(self.users.RevokeApiKey, request)
+
     # --- CognitiveService -----------------------------------------------------------------
 
     async def embed(
@@ -457,6 +490,25 @@ class Client:
 
     def disable_user(self, username: str) -> auth_pb.DisableUserResponse:
         return self._run(self.aio.disable_user(username))
+
+    def create_service_account(
+        self, *args: Any, **kwargs: Any
+    ) -> auth_pb.CreateServiceAccountResponse:
+        return self._run(self.aio.create_service_account(*args, **kwargs))
+
+    def list_service_accounts(
+        self, *args: Any, **kwargs: Any
+    ) -> auth_pb.ListServiceAccountsResponse:
+        return self._run(self.aio.list_service_accounts(*args, **kwargs))
+
+    def create_api_key(self, *args: Any, **kwargs: Any) -> auth_pb.CreateApiKeyResponse:
+        return self._run(self.aio.create_api_key(*args, **kwargs))
+
+    def list_api_keys(self, *args: Any, **kwargs: Any) -> auth_pb.ListApiKeysResponse:
+        return self._run(self.aio.list_api_keys(*args, **kwargs))
+
+    def revoke_api_key(self, key_id: str) -> auth_pb.RevokeApiKeyResponse:
+        return self._run(self.aio.revoke_api_key(key_id))
 
     def embed(self, *args: Any, **kwargs: Any) -> cog_pb.EmbedResponse:
         return self._run(self.aio.embed(*args, **kwargs))

@@ -234,7 +234,10 @@ class AuthService:
 
 
 class UserAdminServiceStub:
-    """UserAdminService manages accounts; admins only.
+    """UserAdminService manages accounts, service accounts included, and their API keys;
+    admins only. A service account is an account in the same namespace as users (so
+    SetUserRoles and DisableUser apply to it by name) that has no password and cannot Login;
+    it authenticates with API keys.
     """
 
     def __init__(self, channel):
@@ -263,10 +266,38 @@ class UserAdminServiceStub:
                 request_serializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.DisableUserRequest.SerializeToString,
                 response_deserializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.DisableUserResponse.FromString,
                 _registered_method=True)
+        self.CreateServiceAccount = channel.unary_unary(
+                '/aiwfe.auth.v1.UserAdminService/CreateServiceAccount',
+                request_serializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.CreateServiceAccountRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.CreateServiceAccountResponse.FromString,
+                _registered_method=True)
+        self.ListServiceAccounts = channel.unary_unary(
+                '/aiwfe.auth.v1.UserAdminService/ListServiceAccounts',
+                request_serializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.ListServiceAccountsRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.ListServiceAccountsResponse.FromString,
+                _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/aiwfe.auth.v1.UserAdminService/CreateApiKey',
+                request_serializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/aiwfe.auth.v1.UserAdminService/ListApiKeys',
+                request_serializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/aiwfe.auth.v1.UserAdminService/RevokeApiKey',
+                request_serializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
 
 
 class UserAdminServiceServicer:
-    """UserAdminService manages accounts; admins only.
+    """UserAdminService manages accounts, service accounts included, and their API keys;
+    admins only. A service account is an account in the same namespace as users (so
+    SetUserRoles and DisableUser apply to it by name) that has no password and cannot Login;
+    it authenticates with API keys.
     """
 
     def CreateUser(self, request, context):
@@ -297,6 +328,41 @@ class UserAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateServiceAccount(self, request, context):
+        """CreateServiceAccount creates an account for unattended callers: roles, no password.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListServiceAccounts(self, request, context):
+        """ListServiceAccounts pages through service accounts (ListUsers lists the others).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateApiKey(self, request, context):
+        """CreateApiKey issues an API key for a service account; the key is returned only here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """ListApiKeys pages through a service account's API keys (never their secrets).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """RevokeApiKey revokes an API key on every gateway replica; revoking twice is a no-op.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -320,6 +386,31 @@ def add_UserAdminServiceServicer_to_server(servicer, server):
                     request_deserializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.DisableUserRequest.FromString,
                     response_serializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.DisableUserResponse.SerializeToString,
             ),
+            'CreateServiceAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateServiceAccount,
+                    request_deserializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.CreateServiceAccountRequest.FromString,
+                    response_serializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.CreateServiceAccountResponse.SerializeToString,
+            ),
+            'ListServiceAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListServiceAccounts,
+                    request_deserializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.ListServiceAccountsRequest.FromString,
+                    response_serializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.ListServiceAccountsResponse.SerializeToString,
+            ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'aiwfe.auth.v1.UserAdminService', rpc_method_handlers)
@@ -329,7 +420,10 @@ def add_UserAdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class UserAdminService:
-    """UserAdminService manages accounts; admins only.
+    """UserAdminService manages accounts, service accounts included, and their API keys;
+    admins only. A service account is an account in the same namespace as users (so
+    SetUserRoles and DisableUser apply to it by name) that has no password and cannot Login;
+    it authenticates with API keys.
     """
 
     @staticmethod
@@ -430,6 +524,141 @@ class UserAdminService:
             '/aiwfe.auth.v1.UserAdminService/DisableUser',
             aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.DisableUserRequest.SerializeToString,
             aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.DisableUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateServiceAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.auth.v1.UserAdminService/CreateServiceAccount',
+            aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.CreateServiceAccountRequest.SerializeToString,
+            aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.CreateServiceAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListServiceAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.auth.v1.UserAdminService/ListServiceAccounts',
+            aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.ListServiceAccountsRequest.SerializeToString,
+            aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.ListServiceAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.auth.v1.UserAdminService/CreateApiKey',
+            aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.CreateApiKeyRequest.SerializeToString,
+            aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.auth.v1.UserAdminService/ListApiKeys',
+            aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.ListApiKeysRequest.SerializeToString,
+            aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.auth.v1.UserAdminService/RevokeApiKey',
+            aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.RevokeApiKeyRequest.SerializeToString,
+            aiwfe_dot_auth_dot_v1_dot_auth__service__pb2.RevokeApiKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from aiwfe.data.v1 import user_store_service_pb2 as aiwfe_dot_data_dot_v1_dot_user__store__service__pb2
 from aiwfe.options.v1 import options_pb2 as aiwfe_dot_options_dot_v1_dot_options__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'aiwfe/data/v1/token_store_service.proto\x12\raiwfe.data.v1\x1a\x1e\x61iwfe/options/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"R\n\x12RevokedAccessToken\x12\x0b\n\x03jti\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc3\x01\n\nRevocation\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x37\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\x0b\x32!.aiwfe.data.v1.RevokedAccessToken\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12.\n\nnot_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc8\x01\n\x14\x43reateSessionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tfamily_id\x18\x02 \x01(\t\x12\x1a\n\x12refresh_token_hash\x18\x03 \x01(\x0c\x12\x37\n\x13refresh_expire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x0c\x61\x63\x63\x65ss_token\x18\x05 \x01(\x0b\x32!.aiwfe.data.v1.RevokedAccessToken\"\x17\n\x15\x43reateSessionResponse\"\xc9\x01\n\x19RotateRefreshTokenRequest\x12\x1a\n\x12refresh_token_hash\x18\x01 \x01(\x0c\x12\x1e\n\x16new_refresh_token_hash\x18\x02 \x01(\x0c\x12\x37\n\x13refresh_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x0c\x61\x63\x63\x65ss_token\x18\x04 \x01(\x0b\x32!.aiwfe.data.v1.RevokedAccessToken\"\xc4\x01\n\x1aRotateRefreshTokenResponse\x12-\n\x07outcome\x18\x01 \x01(\x0e\x32\x1c.aiwfe.data.v1.RotateOutcome\x12\x11\n\tfamily_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x10\n\x08username\x18\x04 \x01(\t\x12\r\n\x05roles\x18\x05 \x03(\t\x12\x32\n\x07revoked\x18\x06 \x03(\x0b\x32!.aiwfe.data.v1.RevokedAccessToken\"\xdd\x01\n\x13RevokeTokensRequest\x12\x38\n\raccess_tokens\x18\x01 \x03(\x0b\x32!.aiwfe.data.v1.RevokedAccessToken\x12\x12\n\nfamily_ids\x18\x02 \x03(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x1c\n\x14revoke_user_families\x18\x04 \x01(\x08\x12\x39\n\x15watermark_expire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x06 \x01(\t\"z\n\x14RevokeTokensResponse\x12\x32\n\x07revoked\x18\x01 \x03(\x0b\x32!.aiwfe.data.v1.RevokedAccessToken\x12.\n\nnot_before\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"W\n\x16ListRevocationsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x03\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x18\n\x10lookback_seconds\x18\x03 \x01(\x05\"h\n\x17ListRevocationsResponse\x12.\n\x0brevocations\x18\x01 \x03(\x0b\x32\x19.aiwfe.data.v1.Revocation\x12\x0f\n\x07last_id\x18\x02 \x01(\x03\x12\x0c\n\x04more\x18\x03 \x01(\x08*\x82\x01\n\rRotateOutcome\x12\x1e\n\x1aROTATE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16ROTATE_OUTCOME_ROTATED\x10\x01\x12\x19\n\x15ROTATE_OUTCOME_REUSED\x10\x02\x12\x1a\n\x16ROTATE_OUTCOME_INVALID\x10\x03\x32\x9d\x03\n\x11TokenStoreService\x12Z\n\rCreateSession\x12#.aiwfe.data.v1.CreateSessionRequest\x1a$.aiwfe.data.v1.CreateSessionResponse\x12i\n\x12RotateRefreshToken\x12(.aiwfe.data.v1.RotateRefreshTokenRequest\x1a).aiwfe.data.v1.RotateRefreshTokenResponse\x12W\n\x0cRevokeTokens\x12\".aiwfe.data.v1.RevokeTokensRequest\x1a#.aiwfe.data.v1.RevokeTokensResponse\x12h\n\x0fListRevocations\x12%.aiwfe.data.v1.ListRevocationsRequest\x1a&.aiwfe.data.v1.ListRevocationsResponse\"\x06\xca\xf3\x18\x02(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'aiwfe/data/v1/token_store_service.proto\x12\raiwfe.data.v1\x1a&aiwfe/data/v1/user_store_service.proto\x1a\x1e\x61iwfe/options/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"R\n\x12RevokedAccessToken\x12\x0b\n\x03jti\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc3\x01\n\nRevocation\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x37\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\x0b\x32!.aiwfe.data.v1.RevokedAccessToken\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12.\n\nnot_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc8\x01\n\x14\x43reateSessionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tfamily_id\x18\x02 \x01(\t\x12\x1a\n\x12refresh_token_hash\x18\x03 \x01(\x0c\x12\x37\n\x13refresh_expire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x0c\x61\x63\x63\x65ss_token\x18\x05 \x01(\x0b\x32!.aiwfe.data.v1.RevokedAccessToken\"\x17\n\x15\x43reateSessionResponse\"\xc9\x01\n\x19RotateRefreshTokenRequest\x12\x1a\n\x12refresh_token_hash\x18\x01 \x01(\x0c\x12\x1e\n\x16new_refresh_token_hash\x18\x02 \x01(\x0c\x12\x37\n\x13refresh_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x0c\x61\x63\x63\x65ss_token\x18\x04 \x01(\x0b\x32!.aiwfe.data.v1.RevokedAccessToken\"\xc4\x01\n\x1aRotateRefreshTokenResponse\x12-\n\x07outcome\x18\x01 \x01(\x0e\x32\x1c.aiwfe.data.v1.RotateOutcome\x12\x11\n\tfamily_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x10\n\x08username\x18\x04 \x01(\t\x12\r\n\x05roles\x18\x05 \x03(\t\x12\x32\n\x07revoked\x18\x06 \x03(\x0b\x32!.aiwfe.data.v1.RevokedAccessToken\"\xdd\x01\n\x13RevokeTokensRequest\x12\x38\n\raccess_tokens\x18\x01 \x03(\x0b\x32!.aiwfe.data.v1.RevokedAccessToken\x12\x12\n\nfamily_ids\x18\x02 \x03(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x1c\n\x14revoke_user_families\x18\x04 \x01(\x08\x12\x39\n\x15watermark_expire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x06 \x01(\t\"z\n\x14RevokeTokensResponse\x12\x32\n\x07revoked\x18\x01 \x03(\x0b\x32!.aiwfe.data.v1.RevokedAccessToken\x12.\n\nnot_before\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"W\n\x16ListRevocationsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x03\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x18\n\x10lookback_seconds\x18\x03 \x01(\x05\"h\n\x17ListRevocationsResponse\x12.\n\x0brevocations\x18\x01 \x03(\x0b\x32\x19.aiwfe.data.v1.Revocation\x12\x0f\n\x07last_id\x18\x02 \x01(\x03\x12\x0c\n\x04more\x18\x03 \x01(\x08\"\x9c\x02\n\x0cStoredApiKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0bsecret_hash\x18\x04 \x01(\x0c\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_used_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8d\x01\n\x13\x43reateApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0bsecret_hash\x18\x04 \x01(\x0c\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x14\x43reateApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.aiwfe.data.v1.StoredApiKey\"\"\n\x10GetApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"\x9c\x01\n\x11GetApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.aiwfe.data.v1.StoredApiKey\x12*\n\x07\x61\x63\x63ount\x18\x02 \x01(\x0b\x32\x19.aiwfe.data.v1.StoredUser\x12-\n\tread_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"O\n\x12ListApiKeysRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x13ListApiKeysResponse\x12-\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1b.aiwfe.data.v1.StoredApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"^\n\x13RevokeApiKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x37\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\x0b\x32!.aiwfe.data.v1.RevokedAccessToken\"x\n\x14RevokeApiKeyResponse\x12,\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1b.aiwfe.data.v1.StoredApiKey\x12\x32\n\x07revoked\x18\x02 \x03(\x0b\x32!.aiwfe.data.v1.RevokedAccessToken\"O\n\tApiKeyUse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x32\n\x0elast_used_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"@\n\x16RecordApiKeyUseRequest\x12&\n\x04uses\x18\x01 \x03(\x0b\x32\x18.aiwfe.data.v1.ApiKeyUse\"\x19\n\x17RecordApiKeyUseResponse*\x82\x01\n\rRotateOutcome\x12\x1e\n\x1aROTATE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16ROTATE_OUTCOME_ROTATED\x10\x01\x12\x19\n\x15ROTATE_OUTCOME_REUSED\x10\x02\x12\x1a\n\x16ROTATE_OUTCOME_INVALID\x10\x03\x32\xf7\x06\n\x11TokenStoreService\x12Z\n\rCreateSession\x12#.aiwfe.data.v1.CreateSessionRequest\x1a$.aiwfe.data.v1.CreateSessionResponse\x12i\n\x12RotateRefreshToken\x12(.aiwfe.data.v1.RotateRefreshTokenRequest\x1a).aiwfe.data.v1.RotateRefreshTokenResponse\x12W\n\x0cRevokeTokens\x12\".aiwfe.data.v1.RevokeTokensRequest\x1a#.aiwfe.data.v1.RevokeTokensResponse\x12h\n\x0fListRevocations\x12%.aiwfe.data.v1.ListRevocationsRequest\x1a&.aiwfe.data.v1.ListRevocationsResponse\"\x06\xca\xf3\x18\x02(\x01\x12W\n\x0c\x43reateApiKey\x12\".aiwfe.data.v1.CreateApiKeyRequest\x1a#.aiwfe.data.v1.CreateApiKeyResponse\x12V\n\tGetApiKey\x12\x1f.aiwfe.data.v1.GetApiKeyRequest\x1a .aiwfe.data.v1.GetApiKeyResponse\"\x06\xca\xf3\x18\x02(\x01\x12\\\n\x0bListApiKeys\x12!.aiwfe.data.v1.ListApiKeysRequest\x1a\".aiwfe.data.v1.ListApiKeysResponse\"\x06\xca\xf3\x18\x02(\x01\x12_\n\x0cRevokeApiKey\x12\".aiwfe.data.v1.RevokeApiKeyRequest\x1a#.aiwfe.data.v1.RevokeApiKeyResponse\"\x06\xca\xf3\x18\x02(\x01\x12h\n\x0fRecordApiKeyUse\x12%.aiwfe.data.v1.RecordApiKeyUseRequest\x1a&.aiwfe.data.v1.RecordApiKeyUseResponse\"\x06\xca\xf3\x18\x02(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,28 +36,60 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOKENSTORESERVICE'].methods_by_name['ListRevocations']._loaded_options = None
   _globals['_TOKENSTORESERVICE'].methods_by_name['ListRevocations']._serialized_options = b'\312\363\030\002(\001'
-  _globals['_ROTATEOUTCOME']._serialized_start=1580
-  _globals['_ROTATEOUTCOME']._serialized_end=1710
-  _globals['_REVOKEDACCESSTOKEN']._serialized_start=123
-  _globals['_REVOKEDACCESSTOKEN']._serialized_end=205
-  _globals['_REVOCATION']._serialized_start=208
-  _globals['_REVOCATION']._serialized_end=403
-  _globals['_CREATESESSIONREQUEST']._serialized_start=406
-  _globals['_CREATESESSIONREQUEST']._serialized_end=606
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=608
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=631
-  _globals['_ROTATEREFRESHTOKENREQUEST']._serialized_start=634
-  _globals['_ROTATEREFRESHTOKENREQUEST']._serialized_end=835
-  _globals['_ROTATEREFRESHTOKENRESPONSE']._serialized_start=838
-  _globals['_ROTATEREFRESHTOKENRESPONSE']._serialized_end=1034
-  _globals['_REVOKETOKENSREQUEST']._serialized_start=1037
-  _globals['_REVOKETOKENSREQUEST']._serialized_end=1258
-  _globals['_REVOKETOKENSRESPONSE']._serialized_start=1260
-  _globals['_REVOKETOKENSRESPONSE']._serialized_end=1382
-  _globals['_LISTREVOCATIONSREQUEST']._serialized_start=1384
-  _globals['_LISTREVOCATIONSREQUEST']._serialized_end=1471
-  _globals['_LISTREVOCATIONSRESPONSE']._serialized_start=1473
-  _globals['_LISTREVOCATIONSRESPONSE']._serialized_end=1577
-  _globals['_TOKENSTORESERVICE']._serialized_start=1713
-  _globals['_TOKENSTORESERVICE']._serialized_end=2126
+  _globals['_TOKENSTORESERVICE'].methods_by_name['GetApiKey']._loaded_options = None
+  _globals['_TOKENSTORESERVICE'].methods_by_name['GetApiKey']._serialized_options = b'\312\363\030\002(\001'
+  _globals['_TOKENSTORESERVICE'].methods_by_name['ListApiKeys']._loaded_options = None
+  _globals['_TOKENSTORESERVICE'].methods_by_name['ListApiKeys']._serialized_options = b'\312\363\030\002(\001'
+  _globals['_TOKENSTORESERVICE'].methods_by_name['RevokeApiKey']._loaded_options = None
+  _globals['_TOKENSTORESERVICE'].methods_by_name['RevokeApiKey']._serialized_options = b'\312\363\030\002(\001'
+  _globals['_TOKENSTORESERVICE'].methods_by_name['RecordApiKeyUse']._loaded_options = None
+  _globals['_TOKENSTORESERVICE'].methods_by_name['RecordApiKeyUse']._serialized_options = b'\312\363\030\002(\001'
+  _globals['_ROTATEOUTCOME']._serialized_start=2884
+  _globals['_ROTATEOUTCOME']._serialized_end=3014
+  _globals['_REVOKEDACCESSTOKEN']._serialized_start=163
+  _globals['_REVOKEDACCESSTOKEN']._serialized_end=245
+  _globals['_REVOCATION']._serialized_start=248
+  _globals['_REVOCATION']._serialized_end=443
+  _globals['_CREATESESSIONREQUEST']._serialized_start=446
+  _globals['_CREATESESSIONREQUEST']._serialized_end=646
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=648
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=671
+  _globals['_ROTATEREFRESHTOKENREQUEST']._serialized_start=674
+  _globals['_ROTATEREFRESHTOKENREQUEST']._serialized_end=875
+  _globals['_ROTATEREFRESHTOKENRESPONSE']._serialized_start=878
+  _globals['_ROTATEREFRESHTOKENRESPONSE']._serialized_end=1074
+  _globals['_REVOKETOKENSREQUEST']._serialized_start=1077
+  _globals['_REVOKETOKENSREQUEST']._serialized_end=1298
+  _globals['_REVOKETOKENSRESPONSE']._serialized_start=1300
+  _globals['_REVOKETOKENSRESPONSE']._serialized_end=1422
+  _globals['_LISTREVOCATIONSREQUEST']._serialized_start=1424
+  _globals['_LISTREVOCATIONSREQUEST']._serialized_end=1511
+  _globals['_LISTREVOCATIONSRESPONSE']._serialized_start=1513
+  _globals['_LISTREVOCATIONSRESPONSE']._serialized_end=1617
+  _globals['_STOREDAPIKEY']._serialized_start=1620
+  _globals['_STOREDAPIKEY']._serialized_end=1904
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=1907
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=2048
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=2050
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=2118
+  _globals['_GETAPIKEYREQUEST']._serialized_start=2120
+  _globals['_GETAPIKEYREQUEST']._serialized_end=2154
+  _globals['_GETAPIKEYRESPONSE']._serialized_start=2157
+  _globals['_GETAPIKEYRESPONSE']._serialized_end=2313
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=2315
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=2394
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=2396
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=2489
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=2491
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=2585
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=2587
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=2707
+  _globals['_APIKEYUSE']._serialized_start=2709
+  _globals['_APIKEYUSE']._serialized_end=2788
+  _globals['_RECORDAPIKEYUSEREQUEST']._serialized_start=2790
+  _globals['_RECORDAPIKEYUSEREQUEST']._serialized_end=2854
+  _globals['_RECORDAPIKEYUSERESPONSE']._serialized_start=2856
+  _globals['_RECORDAPIKEYUSERESPONSE']._serialized_end=2881
+  _globals['_TOKENSTORESERVICE']._serialized_start=3017
+  _globals['_TOKENSTORESERVICE']._serialized_end=3904
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class TokenStoreServiceStub:
-    """TokenStoreService is the system of record for refresh-token families and revocations.
+    """TokenStoreService is the system of record for refresh-token families, API keys and
+    revocations.
     Internal: callable only with a valid internal identity, never through the gateway.
     """
 
@@ -56,10 +57,36 @@ class TokenStoreServiceStub:
                 request_serializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.ListRevocationsRequest.SerializeToString,
                 response_deserializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.ListRevocationsResponse.FromString,
                 _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/aiwfe.data.v1.TokenStoreService/CreateApiKey',
+                request_serializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.GetApiKey = channel.unary_unary(
+                '/aiwfe.data.v1.TokenStoreService/GetApiKey',
+                request_serializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.GetApiKeyRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.GetApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/aiwfe.data.v1.TokenStoreService/ListApiKeys',
+                request_serializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/aiwfe.data.v1.TokenStoreService/RevokeApiKey',
+                request_serializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
+        self.RecordApiKeyUse = channel.unary_unary(
+                '/aiwfe.data.v1.TokenStoreService/RecordApiKeyUse',
+                request_serializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.RecordApiKeyUseRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.RecordApiKeyUseResponse.FromString,
+                _registered_method=True)
 
 
 class TokenStoreServiceServicer:
-    """TokenStoreService is the system of record for refresh-token families and revocations.
+    """TokenStoreService is the system of record for refresh-token families, API keys and
+    revocations.
     Internal: callable only with a valid internal identity, never through the gateway.
     """
 
@@ -92,6 +119,42 @@ class TokenStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateApiKey(self, request, context):
+        """CreateApiKey stores a service account's new API key (its SHA-256 only); NOT_FOUND
+        unless the account is a service account, FAILED_PRECONDITION when it is disabled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetApiKey(self, request, context):
+        """GetApiKey reads a key with its hash and its account, for authentication.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """ListApiKeys pages through an account's keys, oldest first (no hashes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """RevokeApiKey marks a key revoked and records the revocation event in one transaction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordApiKeyUse(self, request, context):
+        """RecordApiKeyUse records when keys were last used (a batch; a time never moves back).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenStoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +178,31 @@ def add_TokenStoreServiceServicer_to_server(servicer, server):
                     request_deserializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.ListRevocationsRequest.FromString,
                     response_serializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.ListRevocationsResponse.SerializeToString,
             ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'GetApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetApiKey,
+                    request_deserializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.GetApiKeyRequest.FromString,
+                    response_serializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.GetApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'RecordApiKeyUse': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordApiKeyUse,
+                    request_deserializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.RecordApiKeyUseRequest.FromString,
+                    response_serializer=aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.RecordApiKeyUseResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'aiwfe.data.v1.TokenStoreService', rpc_method_handlers)
@@ -124,7 +212,8 @@ def add_TokenStoreServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TokenStoreService:
-    """TokenStoreService is the system of record for refresh-token families and revocations.
+    """TokenStoreService is the system of record for refresh-token families, API keys and
+    revocations.
     Internal: callable only with a valid internal identity, never through the gateway.
     """
 
@@ -226,6 +315,141 @@ class TokenStoreService:
             '/aiwfe.data.v1.TokenStoreService/ListRevocations',
             aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.ListRevocationsRequest.SerializeToString,
             aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.ListRevocationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.data.v1.TokenStoreService/CreateApiKey',
+            aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.CreateApiKeyRequest.SerializeToString,
+            aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.data.v1.TokenStoreService/GetApiKey',
+            aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.GetApiKeyRequest.SerializeToString,
+            aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.GetApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.data.v1.TokenStoreService/ListApiKeys',
+            aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.ListApiKeysRequest.SerializeToString,
+            aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.data.v1.TokenStoreService/RevokeApiKey',
+            aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.RevokeApiKeyRequest.SerializeToString,
+            aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordApiKeyUse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.data.v1.TokenStoreService/RecordApiKeyUse',
+            aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.RecordApiKeyUseRequest.SerializeToString,
+            aiwfe_dot_data_dot_v1_dot_token__store__service__pb2.RecordApiKeyUseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ from aiwfe.options.v1 import options_pb2 as aiwfe_dot_options_dot_v1_dot_options
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&aiwfe/data/v1/user_store_service.proto\x12\raiwfe.data.v1\x1a\x1e\x61iwfe/options/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc9\x01\n\nStoredUser\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x15\n\rpassword_hash\x18\x03 \x01(\t\x12\r\n\x05roles\x18\x04 \x03(\t\x12\x10\n\x08\x64isabled\x18\x05 \x01(\x08\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x11\x43reateUserRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x15\n\rpassword_hash\x18\x02 \x01(\t\x12\r\n\x05roles\x18\x03 \x03(\t\"=\n\x12\x43reateUserResponse\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\x19.aiwfe.data.v1.StoredUser\"3\n\x0eGetUserRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\":\n\x0fGetUserResponse\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\x19.aiwfe.data.v1.StoredUser\"9\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x11ListUsersResponse\x12(\n\x05users\x18\x01 \x03(\x0b\x32\x19.aiwfe.data.v1.StoredUser\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"o\n\x11UpdateUserRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x03(\t\x12\x11\n\tset_roles\x18\x03 \x01(\x08\x12\x10\n\x08\x64isabled\x18\x04 \x01(\x08\x12\x14\n\x0cset_disabled\x18\x05 \x01(\x08\"=\n\x12UpdateUserResponse\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\x19.aiwfe.data.v1.StoredUser2\xe2\x02\n\x10UserStoreService\x12Q\n\nCreateUser\x12 .aiwfe.data.v1.CreateUserRequest\x1a!.aiwfe.data.v1.CreateUserResponse\x12P\n\x07GetUser\x12\x1d.aiwfe.data.v1.GetUserRequest\x1a\x1e.aiwfe.data.v1.GetUserResponse\"\x06\xca\xf3\x18\x02(\x01\x12V\n\tListUsers\x12\x1f.aiwfe.data.v1.ListUsersRequest\x1a .aiwfe.data.v1.ListUsersResponse\"\x06\xca\xf3\x18\x02(\x01\x12Q\n\nUpdateUser\x12 .aiwfe.data.v1.UpdateUserRequest\x1a!.aiwfe.data.v1.UpdateUserResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&aiwfe/data/v1/user_store_service.proto\x12\raiwfe.data.v1\x1a\x1e\x61iwfe/options/v1/options.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf3\x01\n\nStoredUser\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x15\n\rpassword_hash\x18\x03 \x01(\t\x12\r\n\x05roles\x18\x04 \x03(\t\x12\x10\n\x08\x64isabled\x18\x05 \x01(\x08\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x04kind\x18\x08 \x01(\x0e\x32\x1a.aiwfe.data.v1.AccountKind\"u\n\x11\x43reateUserRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x15\n\rpassword_hash\x18\x02 \x01(\t\x12\r\n\x05roles\x18\x03 \x03(\t\x12(\n\x04kind\x18\x04 \x01(\x0e\x32\x1a.aiwfe.data.v1.AccountKind\"=\n\x12\x43reateUserResponse\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\x19.aiwfe.data.v1.StoredUser\"3\n\x0eGetUserRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\":\n\x0fGetUserResponse\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\x19.aiwfe.data.v1.StoredUser\"c\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12(\n\x04kind\x18\x03 \x01(\x0e\x32\x1a.aiwfe.data.v1.AccountKind\"V\n\x11ListUsersResponse\x12(\n\x05users\x18\x01 \x03(\x0b\x32\x19.aiwfe.data.v1.StoredUser\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"o\n\x11UpdateUserRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x03(\t\x12\x11\n\tset_roles\x18\x03 \x01(\x08\x12\x10\n\x08\x64isabled\x18\x04 \x01(\x08\x12\x14\n\x0cset_disabled\x18\x05 \x01(\x08\"=\n\x12UpdateUserResponse\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\x19.aiwfe.data.v1.StoredUser*\\\n\x0b\x41\x63\x63ountKind\x12\x1c\n\x18\x41\x43\x43OUNT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x43\x43OUNT_KIND_USER\x10\x01\x12\x18\n\x14\x41\x43\x43OUNT_KIND_SERVICE\x10\x02\x32\xe2\x02\n\x10UserStoreService\x12Q\n\nCreateUser\x12 .aiwfe.data.v1.CreateUserRequest\x1a!.aiwfe.data.v1.CreateUserResponse\x12P\n\x07GetUser\x12\x1d.aiwfe.data.v1.GetUserRequest\x1a\x1e.aiwfe.data.v1.GetUserResponse\"\x06\xca\xf3\x18\x02(\x01\x12V\n\tListUsers\x12\x1f.aiwfe.data.v1.ListUsersRequest\x1a .aiwfe.data.v1.ListUsersResponse\"\x06\xca\xf3\x18\x02(\x01\x12Q\n\nUpdateUser\x12 .aiwfe.data.v1.UpdateUserRequest\x1a!.aiwfe.data.v1.UpdateUserResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,24 +37,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USERSTORESERVICE'].methods_by_name['GetUser']._serialized_options = b'\312\363\030\002(\001'
   _globals['_USERSTORESERVICE'].methods_by_name['ListUsers']._loaded_options = None
   _globals['_USERSTORESERVICE'].methods_by_name['ListUsers']._serialized_options = b'\312\363\030\002(\001'
+  _globals['_ACCOUNTKIND']._serialized_start=1028
+  _globals['_ACCOUNTKIND']._serialized_end=1120
   _globals['_STOREDUSER']._serialized_start=123
-  _globals['_STOREDUSER']._serialized_end=324
-  _globals['_CREATEUSERREQUEST']._serialized_start=326
-  _globals['_CREATEUSERREQUEST']._serialized_end=401
-  _globals['_CREATEUSERRESPONSE']._serialized_start=403
-  _globals['_CREATEUSERRESPONSE']._serialized_end=464
-  _globals['_GETUSERREQUEST']._serialized_start=466
-  _globals['_GETUSERREQUEST']._serialized_end=517
-  _globals['_GETUSERRESPONSE']._serialized_start=519
-  _globals['_GETUSERRESPONSE']._serialized_end=577
-  _globals['_LISTUSERSREQUEST']._serialized_start=579
-  _globals['_LISTUSERSREQUEST']._serialized_end=636
-  _globals['_LISTUSERSRESPONSE']._serialized_start=638
-  _globals['_LISTUSERSRESPONSE']._serialized_end=724
-  _globals['_UPDATEUSERREQUEST']._serialized_start=726
-  _globals['_UPDATEUSERREQUEST']._serialized_end=837
-  _globals['_UPDATEUSERRESPONSE']._serialized_start=839
-  _globals['_UPDATEUSERRESPONSE']._serialized_end=900
-  _globals['_USERSTORESERVICE']._serialized_start=903
-  _globals['_USERSTORESERVICE']._serialized_end=1257
+  _globals['_STOREDUSER']._serialized_end=366
+  _globals['_CREATEUSERREQUEST']._serialized_start=368
+  _globals['_CREATEUSERREQUEST']._serialized_end=485
+  _globals['_CREATEUSERRESPONSE']._serialized_start=487
+  _globals['_CREATEUSERRESPONSE']._serialized_end=548
+  _globals['_GETUSERREQUEST']._serialized_start=550
+  _globals['_GETUSERREQUEST']._serialized_end=601
+  _globals['_GETUSERRESPONSE']._serialized_start=603
+  _globals['_GETUSERRESPONSE']._serialized_end=661
+  _globals['_LISTUSERSREQUEST']._serialized_start=663
+  _globals['_LISTUSERSREQUEST']._serialized_end=762
+  _globals['_LISTUSERSRESPONSE']._serialized_start=764
+  _globals['_LISTUSERSRESPONSE']._serialized_end=850
+  _globals['_UPDATEUSERREQUEST']._serialized_start=852
+  _globals['_UPDATEUSERREQUEST']._serialized_end=963
+  _globals['_UPDATEUSERRESPONSE']._serialized_start=965
+  _globals['_UPDATEUSERRESPONSE']._serialized_end=1026
+  _globals['_USERSTORESERVICE']._serialized_start=1123
+  _globals['_USERSTORESERVICE']._serialized_end=1477
 # @@protoc_insertion_point(module_scope)
