@@ -24,6 +24,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -59,6 +60,7 @@ MAX_MESSAGE_CHARS = 4000
 _ANSWER_MARGIN = 0.5  # answer an empty poll this long before the caller's deadline
 _ACTIVE = (1, 2)  # WorkflowState PENDING, RUNNING
 _INVALID_TOKEN = "is not a task token issued to this caller for this queue"
+ANY_QUEUE = "*"  # in WaitForWorkResponse.task_queues: every queue
 
 
 @dataclass(frozen=True)
@@ -102,11 +104,15 @@ class TaskDispatcher:
         self.lease_id = f"task:{uuid.uuid4().hex}"  # this replica's claims
         self.waiting = 0  # PollTask calls held, bounded by cfg.max_task_polls
 
-    def wake(self) -> None:
-        """Work may have become runnable (a WaitForWork push): every group claims again."""
-        for group in self._groups.values():
-            group.dirty = True
-            self._kick(group)
+    def wake(self, queues: Sequence[str]) -> None:
+        """Task steps of `queues` may have become runnable (a WaitForWork push; "*": any
+        queue): the groups polling one of them claim again."""
+        named = set(queues)
+        every = ANY_QUEUE in named
+        for group in list(self._groups.values()):
+            if every or not named.isdisjoint(group.queues):
+                group.dirty = True
+                self._kick(group)
 
     def _kick(self, group: _Group) -> None:
         if group.dirty and group.waiting and not group.claiming:

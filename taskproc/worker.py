@@ -26,7 +26,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,8 +80,9 @@ class Worker:
         self._results_ready = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
-        # Called on every work_available push (the external workers' task dispatcher).
-        self.work_listeners: list[Callable[[], None]] = []
+        # Called with the task queues of every push that names some ("*": any), for the
+        # external workers' task dispatcher.
+        self.work_listeners: list[Callable[[Sequence[str]], None]] = []
 
     async def _call(self, rpc: Any, request: Any, timeout: float) -> Any:
         """A queue call with the service identity and a deadline but no circuit breaker: the
@@ -305,10 +306,11 @@ class Worker:
                     metadata=self._store.metadata(),
                 )
                 async for wake in stream:
-                    if wake.work_available:
+                    if wake.builtin_work:
                         self._wake.set()
+                    if wake.task_queues:
                         for listener in self.work_listeners:
-                            listener()
+                            listener(wake.task_queues)
                     stopped = set(wake.stopped_workflow_ids)
                     for key in [k for k in self._running if k[0] in stopped]:
                         self._cancel(key, "stopped")

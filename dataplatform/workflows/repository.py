@@ -57,6 +57,26 @@ _PENDING, _RUNNING = int(StepState.PENDING), int(StepState.RUNNING)
 _SUCCEEDED, _RETRYING = int(StepState.SUCCEEDED), int(StepState.RETRYING)
 
 
+def task_queue(step: Any) -> str | None:
+    """A StepSpec's task queue (its `queue` column), None for a built-in op."""
+    if step.op != "task":
+        return None
+    return str(step.inputs.fields["queue"].string_value)
+
+
+class Woken(NamedTuple):
+    """What became runnable: built-in steps, and the queues of task steps."""
+
+    builtin: bool
+    queues: set[str]
+
+
+def woken(rows: Any) -> Woken:
+    """The kinds of runnable steps among rows with a `queue` (NULL: built-in)."""
+    queues = {r["queue"] for r in rows}
+    return Woken(None in queues, {q for q in queues if q is not None})
+
+
 class NewEvent(NamedTuple):
     """An event to append; `step_state` is WORKFLOW_EVENT for the workflow's own."""
 
@@ -188,9 +208,9 @@ _COMPLETE = (
     "     JOIN done a ON d2.workflow_id = a.workflow_id AND a.name = ANY(d2.depends_on)"
     f"     WHERE d2.state = {_PENDING} GROUP BY 1, 2) x"
     "   WHERE d.workflow_id = x.workflow_id AND d.name = x.name"
-    "   RETURNING d.remaining_deps)"
-    " SELECT ord, workflow_id, name, attempt, NULL::int AS remaining FROM done"
-    " UNION ALL SELECT NULL, NULL, NULL, NULL, remaining_deps FROM deps"
+    "   RETURNING d.remaining_deps, d.queue)"
+    " SELECT ord, workflow_id, name, attempt, NULL::int AS remaining, NULL AS queue FROM done"
+    " UNION ALL SELECT NULL, NULL, NULL, NULL, remaining_deps, queue FROM deps"
 )
 
 _EXPIRE_LEASES = (
@@ -334,7 +354,8 @@ class WorkflowRepository:
             cur = await conn.execute(_CREATE, args)
             row = await cur.fetchone()
             if row is not None:  # nothing to read back: every step is PENDING, no attempts
-                self._wakeups.work()
+                roots = [st for st in steps if not st.depends_on]
+                self._wakeups.work(*woken({"queue": task_queue(st)} for st in roots))
                 first = {
                     "sequence": 1,
                     "workflow_state": row["state"],
@@ -666,11 +687,11 @@ class WorkflowRepository:
 
     async def complete(
         self, conn: DictConnection, worker_id: str, refs: StepRefs, outputs: list[str]
-    ) -> tuple[list[dict[str, Any]], bool]:
+    ) -> tuple[list[dict[str, Any]], Woken]:
         """Records results where the lease is still `worker_id`'s, one row per attempt (its
         primary key makes "recorded once" a database guarantee), counts down dependents'
         unmet dependencies and finishes workflows whose last step this was. Returns the
-        recorded rows (`ord` is the 1-based position in `refs`) and whether a dependent
+        recorded rows (`ord` is the 1-based position in `refs`) and what kinds of dependent
         became runnable."""
         cur = await conn.execute(
             _COMPLETE, {"worker_id": worker_id, "outputs": outputs, **refs._asdict()}
@@ -681,8 +702,8 @@ class WorkflowRepository:
             key=lambda r: (r["workflow_id"], r["name"]),
         )
         if not done:
-            return done, False
-        woke = any(r["remaining"] == 0 for r in rows if r["ord"] is None)
+            return done, Woken(False, set())
+        woke = woken(r for r in rows if r["ord"] is None and r["remaining"] == 0)
         # Completions of sibling steps serialise on the workflow row, and the check runs
         # after the lock so it sees them: the last step to finish finishes the workflow.
         touched = sorted({r["workflow_id"] for r in done})
@@ -757,8 +778,11 @@ class WorkflowRepository:
             raise RuntimeError(f"step {step!r} of {wid} vanished under its lock")
         return row["next_run_at"]
 
-    async def release(self, conn: DictConnection, worker_id: str, refs: StepRefs) -> int:
-        """Hands leased steps back (PENDING, runnable now) without counting an attempt."""
+    async def release(
+        self, conn: DictConnection, worker_id: str, refs: StepRefs
+    ) -> tuple[int, bool, set[str]]:
+        """Hands leased steps back (PENDING, runnable now) without counting an attempt;
+        returns how many, and what kinds became runnable (`Woken`)."""
         cur = await conn.execute(
             f"UPDATE workflow_steps s SET state = {_PENDING}, lease_owner = NULL,"
             "   lease_expires_at = NULL, next_run_at = now(), updated_at = now()"
@@ -766,7 +790,7 @@ class WorkflowRepository:
             "   AS u(wf, name, attempt)"
             " WHERE s.workflow_id = u.wf AND s.name = u.name AND s.attempt = u.attempt"
             f"   AND s.lease_owner = %(worker_id)s AND s.state = {_RUNNING}"
-            " RETURNING s.workflow_id, s.name, s.attempt",
+            " RETURNING s.workflow_id, s.name, s.attempt, s.queue",
             {"worker_id": worker_id, **refs._asdict()},
         )
         rows = sorted(await cur.fetchall(), key=lambda r: (r["workflow_id"], r["name"]))
@@ -782,4 +806,4 @@ class WorkflowRepository:
                 for r in rows
             ],
         )
-        return len(rows)
+        return len(rows), *woken(rows)

@@ -18,7 +18,12 @@ from aiwfe.data.v1 import workflow_store_service_pb2_grpc as pb_grpc
 from aiwfe.runtime.validation import Violations
 from dataplatform.db import Database, DictConnection
 from dataplatform.workflows import messages
-from dataplatform.workflows.repository import MAX_ERROR_CHARS, WorkflowRepository, step_refs
+from dataplatform.workflows.repository import (
+    MAX_ERROR_CHARS,
+    Woken,
+    WorkflowRepository,
+    step_refs,
+)
 from dataplatform.workflows.scheduling import MAX_LEASE_SECONDS, Scheduler
 from dataplatform.workflows.states import ACTIVE, WorkflowState
 from dataplatform.workflows.watches import (
@@ -303,7 +308,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         refs = step_refs([r.ref for r in results])
         outputs = [json.dumps(messages.as_dict(r.output)) for r in results]
 
-        async def work(conn: DictConnection) -> tuple[list[bool], bool]:
+        async def work(conn: DictConnection) -> tuple[list[bool], Woken]:
             done, woke = await self.repo.complete(conn, request.worker_id, refs, outputs)
             accepted = [False] * len(request.results)
             for r in done:
@@ -311,8 +316,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             return accepted, woke
 
         accepted, woke = await self.repo.tx(work)
-        if woke:
-            self.wakeups.work()
+        self.wakeups.work(*woke)
         return pb.CompleteStepsResponse(accepted=accepted)
 
     async def FailStep(
@@ -354,12 +358,11 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             return pb.ReleaseStepsResponse()
         refs = step_refs(request.steps)
 
-        async def work(conn: DictConnection) -> int:
+        async def work(conn: DictConnection) -> tuple[int, bool, set[str]]:
             return await self.repo.release(conn, request.worker_id, refs)
 
-        released = await self.repo.tx(work)
-        if released:
-            self.wakeups.work()
+        released, builtin, queues = await self.repo.tx(work)
+        self.wakeups.work(builtin, queues)
         return pb.ReleaseStepsResponse(released=released)
 
     async def WaitForWork(
@@ -374,8 +377,15 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                 stopped = sorted(sub.stopped)
                 sub.stopped.clear()
                 work, sub.work = sub.work, False
+                queues = sorted(sub.queues)
+                sub.queues.clear()
                 # A heartbeat (nothing set) keeps idle streams alive through proxies.
-                yield pb.WaitForWorkResponse(work_available=work, stopped_workflow_ids=stopped)
+                yield pb.WaitForWorkResponse(
+                    work_available=work or bool(queues),
+                    builtin_work=work,
+                    task_queues=queues,
+                    stopped_workflow_ids=stopped,
+                )
         finally:
             self.wakeups.unsubscribe(sub)
 

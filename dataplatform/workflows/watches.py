@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from operator import itemgetter
@@ -25,6 +25,8 @@ from dataplatform.workflows import messages
 from dataplatform.workflows.states import ACTIVE
 
 MAX_STOPPED_PER_WAKE = 1000
+ANY_QUEUE = "*"  # a wake-up for every task queue (WaitForWorkResponse.task_queues)
+MAX_QUEUES_PER_WAKE = 100  # more distinct queues in one wake-up become ANY_QUEUE
 EVENT_PAGE = 500
 DEFAULT_POLL_SECONDS = 1.0
 _RECENT_SECONDS = 5.0  # how long a new workflow's events wait for a watcher to adopt them
@@ -95,8 +97,10 @@ class Wakeups:
         if self.peers is not None:
             self.peers.events(events.keys())
 
-    def work(self) -> None:
-        self.wake_work()
+    def work(self, builtin: bool = True, queues: Iterable[str] = (ANY_QUEUE,)) -> None:
+        """Work may be runnable: built-in steps, task steps of `queues`, or both. Other
+        replicas hear only that there is work (they wake everything)."""
+        self.wake_work(builtin, queues)
         if self.peers is not None:
             self.peers.work()
 
@@ -107,9 +111,15 @@ class Wakeups:
 
     # --- this replica's streams only (also what another replica's notice wakes) ----------
 
-    def wake_work(self) -> None:
+    def wake_work(self, builtin: bool = True, queues: Iterable[str] = (ANY_QUEUE,)) -> None:
+        queues = set(queues)
+        if not builtin and not queues:
+            return
         for sub in self._subscribers:
-            sub.work = True
+            sub.work = sub.work or builtin
+            sub.queues |= queues
+            if len(sub.queues) > MAX_QUEUES_PER_WAKE:
+                sub.queues = {ANY_QUEUE}
             sub.event.set()
 
     def wake_stopped(self, workflow_ids: list[str]) -> None:
@@ -139,11 +149,12 @@ class Wakeups:
 class Subscriber:
     """One WaitForWork stream's inbox."""
 
-    __slots__ = ("event", "stopped", "work")
+    __slots__ = ("event", "queues", "stopped", "work")
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
-        self.work = True  # a new subscriber looks for work at once
+        self.work = True  # a new subscriber looks for work at once: built-in steps
+        self.queues = {ANY_QUEUE}  # and task steps of every queue
         self.stopped: set[str] = set()
         self.event.set()
 

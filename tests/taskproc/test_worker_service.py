@@ -407,3 +407,35 @@ async def test_waiting_polls_are_bounded_per_replica(base_overrides) -> None:
             assert not (await poll(channel, worker, ["alpha"], 0.2)).task_token
     finally:
         await running.stop()
+
+
+async def test_wake_ups_name_what_became_runnable(suite, gateway_channel) -> None:
+    """dataplatform's WaitForWork says which kind of step became runnable: a task-only
+    submission wakes its queue and not the built-in workers, a built-in one the reverse,
+    so neither side runs an empty claim for the other's work."""
+    from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
+    from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
+    from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
+
+    owner = await new_user(suite, gateway_channel)
+    identity = InternalIdentity.from_settings(suite.settings)
+    metadata = ((IDENTITY_METADATA_KEY, identity.assertion(None, "taskproc")),)
+    async with grpc.aio.insecure_channel(suite.address("dataplatform")) as channel:
+        stream = store_grpc.WorkflowStoreServiceStub(channel).WaitForWork(
+            store_pb.WaitForWorkRequest(worker_id="test"), metadata=metadata, timeout=20
+        )
+        first = await stream.read()  # a new subscriber looks for everything once
+        assert first.builtin_work and list(first.task_queues) == ["*"]
+        await submit(gateway_channel, owner, spec(task_step("t", queue="wakes")))
+        wake = await stream.read()
+        assert (wake.work_available, wake.builtin_work, list(wake.task_queues)) == (
+            True,
+            False,
+            ["wakes"],
+        )
+        await submit(gateway_channel, owner, spec({"name": "n", "op": "noop", "inputs": {}}))
+        wake = await stream.read()
+        while not wake.work_available:  # skip heartbeats and the built-in step's own events
+            wake = await stream.read()
+        assert (wake.builtin_work, list(wake.task_queues)) == (True, [])
+        stream.cancel()

@@ -303,9 +303,13 @@ class WaitForWorkRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class WaitForWorkResponse(_message.Message):
-    __slots__ = ("work_available", "stopped_workflow_ids")
+    __slots__ = ("work_available", "stopped_workflow_ids", "builtin_work", "task_queues")
     WORK_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     STOPPED_WORKFLOW_IDS_FIELD_NUMBER: _ClassVar[int]
+    BUILTIN_WORK_FIELD_NUMBER: _ClassVar[int]
+    TASK_QUEUES_FIELD_NUMBER: _ClassVar[int]
     work_available: bool
     stopped_workflow_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, work_available: _Optional[bool] = ..., stopped_workflow_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    builtin_work: bool
+    task_queues: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, work_available: _Optional[bool] = ..., stopped_workflow_ids: _Optional[_Iterable[str]] = ..., builtin_work: _Optional[bool] = ..., task_queues: _Optional[_Iterable[str]] = ...) -> None: ...
