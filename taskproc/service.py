@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf import json_format
+from jsonschema import Draft202012Validator
 
 from aiwfe.cognitive.v1 import cognitive_service_pb2
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
@@ -26,6 +28,7 @@ from aiwfe.taskproc.v1 import worker_service_pb2 as worker_pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as worker_pb_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
+from taskproc.ops.timers import check_signal_name
 from taskproc.shared_watch import SharedWatches
 from taskproc.spec import validate
 from taskproc.streams import StreamPool, WatchSlots
@@ -35,6 +38,7 @@ from taskproc.worker import Worker
 ADMIN_ROLE = "admin"
 MAX_IDEMPOTENCY_KEY = 256
 MAX_WORKFLOW_ID = 64
+MAX_SIGNAL_ID = 128
 
 
 def _user() -> Principal:
@@ -184,6 +188,53 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
                     yield pb.RunWorkflowResponse(workflow=update.stored.workflow)
                 for event in update.events.events:
                     yield pb.RunWorkflowResponse(event=event)
+
+    async def SignalWorkflow(
+        self, request: pb.SignalWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SignalWorkflowResponse:
+        """Checks the signal against the workflow's wait_for_signal steps of its name (one
+        must exist; a payload must meet their schemas), then has the store keep or deliver
+        it. Decision: the owner (or an admin) signals a workflow, with api:workflow:signal
+        (the contract's permission): with the seed `user` role's api:workflow:*, "owner or
+        api:workflow:signal" would let every user signal every workflow."""
+        scope = _scope(_user())
+        _check_id(request.workflow_id)
+        v = Violations()
+        v.check(
+            check_signal_name(request.name) is None, "name", check_signal_name(request.name) or ""
+        )
+        v.text(request.signal_id, "signal_id", max_chars=MAX_SIGNAL_ID, required=False)
+        v.raise_if_any()
+        stored = await self._store.call(
+            self._stub.GetStoredWorkflow,
+            store_pb.GetStoredWorkflowRequest(workflow_id=request.workflow_id, scope=scope),
+        )
+        waits = [
+            json_format.MessageToDict(st.inputs)
+            for st in stored.workflow.spec.steps
+            if st.op == "wait_for_signal" and st.inputs.fields["name"].string_value == request.name
+        ]
+        if not waits:
+            v.add("name", f"no wait_for_signal step of this workflow waits for {request.name!r}")
+        payload = json_format.MessageToDict(request.payload)
+        for inputs in waits:
+            if "schema" in inputs:
+                error = next(Draft202012Validator(inputs["schema"]).iter_errors(payload), None)
+                if error is not None:
+                    path = "".join(f"[{p!r}]" for p in error.absolute_path)
+                    v.add(f"payload{path}", error.message[:500])
+        v.raise_if_any()
+        reply = await self._store.call(
+            self._stub.SignalStoredWorkflow,
+            store_pb.SignalStoredWorkflowRequest(
+                workflow_id=request.workflow_id,
+                scope=scope,
+                name=request.name,
+                payload=request.payload,
+                signal_id=request.signal_id,
+            ),
+        )
+        return pb.SignalWorkflowResponse(delivered=reply.delivered, duplicate=reply.duplicate)
 
 
 class TaskProcService(Service):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
+from datetime import UTC
 from typing import Any
 
 from google.protobuf import json_format
@@ -156,6 +158,7 @@ def validate(spec: pb.WorkflowSpec, limits: TaskProcSettings) -> pb.WorkflowSpec
         v.add(f"spec.steps[{index[cycle[0]]}].depends_on", f"cycle: {' -> '.join(cycle)}")
     v.raise_if_any()
     ancestors = _ancestors(deps)
+    timeout = spec.timeout_seconds or limits.default_workflow_timeout
     for i, step in enumerate(spec.steps):
         inputs = json_format.MessageToDict(step.inputs)
         _check_references(step.name, inputs, f"spec.steps[{i}].inputs", spec, index, ancestors, v)
@@ -166,8 +169,26 @@ def validate(spec: pb.WorkflowSpec, limits: TaskProcSettings) -> pb.WorkflowSpec
             problem = op.check_inputs(inputs)
             if problem:
                 v.add(f"spec.steps[{i}].inputs", problem)
+        _check_waits(step, f"spec.steps[{i}]", inputs, timeout, v)
     v.raise_if_any()
     return _with_defaults(spec, limits)
+
+
+def _check_waits(
+    step: pb.StepSpec, field: str, inputs: dict[str, Any], timeout: float, v: Violations
+) -> None:
+    """Timers end within the workflow's timeout: a sleep, a signal's timeout, not_before."""
+    for key in ("seconds", "timeout_seconds"):
+        value = inputs.get(key) if step.op in ("sleep", "wait_for_signal") else None
+        if isinstance(value, int | float) and value > timeout:
+            v.add(f"{field}.inputs", f"{key} must be at most the workflow timeout ({timeout:g} s)")
+    if step.HasField("not_before"):
+        ahead = step.not_before.ToDatetime(tzinfo=UTC).timestamp() - time.time()
+        v.check(
+            ahead <= timeout,
+            f"{field}.not_before",
+            f"must be at most the workflow timeout ({timeout:g} s) ahead",
+        )
 
 
 def _check_retry(rp: pb.RetryPolicy, field: str, limits: TaskProcSettings, v: Violations) -> None:
@@ -238,6 +259,8 @@ def _with_defaults(spec: pb.WorkflowSpec, limits: TaskProcSettings) -> pb.Workfl
         rp.backoff_multiplier = rp.backoff_multiplier or DEFAULT_MULTIPLIER
         rp.max_backoff_seconds = rp.max_backoff_seconds or 100 * rp.initial_backoff_seconds
         step.timeout_seconds = step.timeout_seconds or limits.default_step_timeout
+        if step.op == "wait_for_signal" and "timeout_seconds" not in step.inputs.fields:
+            step.inputs["timeout_seconds"] = out.timeout_seconds  # until the workflow's end
     return out
 
 

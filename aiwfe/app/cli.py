@@ -794,6 +794,28 @@ async def _workflow_cancel(args: argparse.Namespace, connect: Connect) -> int:
     return 0
 
 
+def _workflow_signal_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("workflow_id")
+    p.add_argument("name", help="the signal a wait_for_signal step waits for")
+    p.add_argument("--data", default="{}", help="the payload, a JSON object")
+    p.add_argument("--signal-id", default="", help="resending with the same id is a no-op")
+
+
+@command("workflow signal", "send a signal to a workflow", _workflow_signal_args)
+async def _workflow_signal(args: argparse.Namespace, connect: Connect) -> int:
+    try:
+        data = json.loads(args.data)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--data is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError("--data must be a JSON object")
+    async with connect() as client:
+        sent = await client.signal_workflow(args.workflow_id, args.name, data, args.signal_id)
+    state = "duplicate" if sent.duplicate else "delivered" if sent.delivered else "kept"
+    _emit(args, sent, lambda: f"signal {args.name}: {state}")
+    return 0
+
+
 @command("workflow watch", "follow a workflow until terminal", _workflow_id_arg)
 async def _workflow_watch(args: argparse.Namespace, connect: Connect) -> int:
     async with connect() as client:

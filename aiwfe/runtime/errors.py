@@ -123,6 +123,10 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
         "the embedding model's vectors do not fit the collection's dimension",
         ("collection", "collectionDimension", "model", "modelDimension"),
     ),
+    "WORKFLOW_FINISHED": Reason(
+        _C.FAILED_PRECONDITION, "the workflow has finished: it takes no more signals",
+        ("workflowId",),
+    ),
     "TASK_TOKEN_STALE": Reason(
         _C.FAILED_PRECONDITION,
         "the task's lease expired (it was dispatched again) or its workflow ended: drop it",

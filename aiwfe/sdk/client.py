@@ -401,6 +401,20 @@ class AsyncClient:
         request = wf_pb.CancelWorkflowRequest(workflow_id=workflow_id)
         return await self._unary(self.workflows.CancelWorkflow, request)
 
+    async def signal_workflow(
+        self,
+        workflow_id: str,
+        name: str,
+        payload: dict[str, Any] | None = None,
+        signal_id: str = "",
+    ) -> wf_pb.SignalWorkflowResponse:
+        """Sends signal `name` (its payload becomes a wait_for_signal step's output)."""
+        request = wf_pb.SignalWorkflowRequest(
+            workflow_id=workflow_id, name=name, signal_id=signal_id
+        )
+        request.payload.update(payload or {})
+        return await self._unary(self.workflows.SignalWorkflow, request)
+
     def watch_workflow(
         self, workflow_id: str, after_sequence: int = 0
     ) -> AsyncIterator[wf_pb.WatchWorkflowResponse]:
@@ -536,6 +550,15 @@ class Client:
 
     def cancel_workflow(self, workflow_id: str) -> wf_pb.CancelWorkflowResponse:
         return self._run(self.aio.cancel_workflow(workflow_id))
+
+    def signal_workflow(
+        self,
+        workflow_id: str,
+        name: str,
+        payload: dict[str, Any] | None = None,
+        signal_id: str = "",
+    ) -> wf_pb.SignalWorkflowResponse:
+        return self._run(self.aio.signal_workflow(workflow_id, name, payload, signal_id))
 
     def watch_workflow(
         self, workflow_id: str, after_sequence: int = 0

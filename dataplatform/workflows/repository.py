@@ -22,7 +22,7 @@ import json
 import random
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
 
 import psycopg
@@ -44,6 +44,11 @@ from dataplatform.workflows.states import (
 T = TypeVar("T")
 
 MAX_ERROR_CHARS = 4000
+# Steps no worker runs: dataplatform's sweep fires them (queue names users cannot take).
+TIMER_QUEUE = "$timer"
+SIGNAL_QUEUE = "$signal"
+TIMER_WORKER = "dataplatform:timers"  # the lease owner of steps dataplatform completes
+SIGNAL_WORKER = "dataplatform:signals"
 DEFAULT_HEARTBEAT_SECONDS = 30.0  # a task step's lease without heartbeat_timeout_seconds
 SUBMITTED = "workflow submitted"  # a workflow's first event
 _TX_RETRIES = 5
@@ -57,11 +62,19 @@ _PENDING, _RUNNING = int(StepState.PENDING), int(StepState.RUNNING)
 _SUCCEEDED, _RETRYING = int(StepState.SUCCEEDED), int(StepState.RETRYING)
 
 
-def task_queue(step: Any) -> str | None:
-    """A StepSpec's task queue (its `queue` column), None for a built-in op."""
-    if step.op != "task":
-        return None
-    return str(step.inputs.fields["queue"].string_value)
+def timer_seconds(step: Any) -> float | None:
+    """A StepSpec's timer: a sleep's seconds, a wait_for_signal's timeout (defaults are
+    filled in at submit, taskproc/spec.py)."""
+    key = {"sleep": "seconds", "wait_for_signal": "timeout_seconds"}.get(step.op)
+    return None if key is None else float(step.inputs.fields[key].number_value)
+
+
+def step_queue(step: Any) -> str | None:
+    """A StepSpec's `queue` column: a task's queue, an internal one for timers and
+    signals, None for a built-in op."""
+    if step.op == "task":
+        return str(step.inputs.fields["queue"].string_value)
+    return {"sleep": TIMER_QUEUE, "wait_for_signal": SIGNAL_QUEUE}.get(step.op)
 
 
 class Woken(NamedTuple):
@@ -136,29 +149,34 @@ _CREATE = (
     " s AS (INSERT INTO workflow_steps (workflow_id, name, position, op, inputs,"
     "   depends_on, remaining_deps, state, priority, max_attempts, initial_backoff,"
     "   backoff_multiplier, max_backoff, jitter, timeout_seconds, queue, task_type,"
-    "   heartbeat_timeout)"
+    "   heartbeat_timeout, timer_seconds, not_before_at, next_run_at)"
     "   SELECT w.workflow_id, u.name, u.ord - 1, u.op, u.inputs,"
     "   ARRAY(SELECT jsonb_array_elements_text(u.deps)), jsonb_array_length(u.deps),"
     f"   {_PENDING}, %(priority)s, u.max_attempts, u.initial_backoff,"
     "   u.backoff_multiplier, u.max_backoff, u.jitter, u.timeout_seconds,"
     # A task step's queue and type (validated literals, see taskproc/ops/task.py) become
     # columns, so claims filter on an index.
-    "   CASE WHEN u.op = 'task' THEN u.inputs->>'queue' END,"
+    f"   CASE u.op WHEN 'task' THEN u.inputs->>'queue' WHEN 'sleep' THEN '{TIMER_QUEUE}'"
+    f"     WHEN 'wait_for_signal' THEN '{SIGNAL_QUEUE}' END,"
     "   CASE WHEN u.op = 'task' THEN u.inputs->>'type' END,"
     "   CASE WHEN u.op = 'task' THEN coalesce("
-    "     (u.inputs->>'heartbeat_timeout_seconds')::float8, %(default_heartbeat)s) END"
+    "     (u.inputs->>'heartbeat_timeout_seconds')::float8, %(default_heartbeat)s) END,"
+    "   u.timer, u.not_before,"
+    "   greatest(now() + coalesce(u.timer, 0) * interval '1 second', u.not_before)"
     "   FROM w, unnest(%(step_names)s::text[], %(step_ops)s::text[],"
     "   %(step_inputs)s::jsonb[], %(step_deps)s::jsonb[], %(max_attempts)s::int[],"
     "   %(initial_backoffs)s::float8[], %(backoff_multipliers)s::float8[],"
-    "   %(max_backoffs)s::float8[], %(jitters)s::float8[], %(step_timeouts)s::float8[])"
+    "   %(max_backoffs)s::float8[], %(jitters)s::float8[], %(step_timeouts)s::float8[],"
+    "   %(step_timers)s::float8[], %(step_not_befores)s::timestamptz[])"
     "   WITH ORDINALITY AS u(name, op, inputs, deps, max_attempts, initial_backoff,"
-    "   backoff_multiplier, max_backoff, jitter, timeout_seconds, ord)),"
+    "   backoff_multiplier, max_backoff, jitter, timeout_seconds, timer, not_before, ord)),"
     " e AS (INSERT INTO workflow_events (workflow_id, sequence, workflow_state,"
     "   message, created_at)"
     "   SELECT workflow_id, 1, state, %(submitted)s, created_at FROM w)"
     " SELECT * FROM w"
 )
 
+_INTERNAL = f"('{TIMER_QUEUE}', '{SIGNAL_QUEUE}')"
 # Built-in steps (queue IS NULL) go to taskproc's workers, task steps to the external
 # workers polling their queue; each kind has its partial index (migrations 004, 006).
 _BUILTIN = "queue IS NULL"
@@ -203,14 +221,16 @@ _COMPLETE = (
     "   (workflow_id, step_name, attempt, worker_id, succeeded, output)"
     "   SELECT workflow_id, name, attempt, %(worker_id)s, true, output FROM done),"
     " deps AS (UPDATE workflow_steps d SET remaining_deps = d.remaining_deps - x.k,"
-    "   next_run_at = now(), updated_at = now()"
+    # A timer starts when the step is reached (harmless until the last dependency).
+    "   next_run_at = greatest(now() + coalesce(d.timer_seconds, 0) * interval '1 second',"
+    "     d.not_before_at), updated_at = now()"
     "   FROM (SELECT d2.workflow_id, d2.name, count(*) AS k FROM workflow_steps d2"
     "     JOIN done a ON d2.workflow_id = a.workflow_id AND a.name = ANY(d2.depends_on)"
     f"     WHERE d2.state = {_PENDING} GROUP BY 1, 2) x"
     "   WHERE d.workflow_id = x.workflow_id AND d.name = x.name"
-    "   RETURNING d.remaining_deps, d.queue)"
+    "   RETURNING d.workflow_id, d.remaining_deps, d.queue)"
     " SELECT ord, workflow_id, name, attempt, NULL::int AS remaining, NULL AS queue FROM done"
-    " UNION ALL SELECT NULL, NULL, NULL, NULL, remaining_deps, queue FROM deps"
+    " UNION ALL SELECT NULL, workflow_id, NULL, NULL, remaining_deps, queue FROM deps"
 )
 
 _EXPIRE_LEASES = (
@@ -347,6 +367,11 @@ class WorkflowRepository:
             "max_backoffs": [p.max_backoff_seconds for p in policies],
             "jitters": [p.jitter for p in policies],
             "step_timeouts": [st.timeout_seconds for st in steps],
+            "step_timers": [timer_seconds(st) for st in steps],
+            "step_not_befores": [
+                st.not_before.ToDatetime(tzinfo=UTC) if st.HasField("not_before") else None
+                for st in steps
+            ],
             "submitted": SUBMITTED,
             "default_heartbeat": DEFAULT_HEARTBEAT_SECONDS,
         }
@@ -355,7 +380,7 @@ class WorkflowRepository:
             row = await cur.fetchone()
             if row is not None:  # nothing to read back: every step is PENDING, no attempts
                 roots = [st for st in steps if not st.depends_on]
-                self._wakeups.work(*woken({"queue": task_queue(st)} for st in roots))
+                self._wakeups.work(*woken({"queue": step_queue(st)} for st in roots))
                 first = {
                     "sequence": 1,
                     "workflow_state": row["state"],
@@ -578,7 +603,7 @@ class WorkflowRepository:
             "SELECT queue, count(*) AS depth,"
             "   extract(epoch FROM now() - min(next_run_at))::float8 AS oldest_age"
             f" FROM workflow_steps WHERE state IN ({sql(*CLAIMABLE)}) AND remaining_deps = 0"
-            "   AND next_run_at <= now() AND queue IS NOT NULL"
+            f"   AND next_run_at <= now() AND queue IS NOT NULL AND queue NOT IN {_INTERNAL}"
             " GROUP BY queue ORDER BY depth DESC LIMIT %(limit)s",
             {"limit": limit},
         )
@@ -649,8 +674,8 @@ class WorkflowRepository:
                 lease_expire_time=messages.timestamp(r["lease_expires_at"]),
             )
             if r["queue"] is not None:
-                step.queue, step.task_type = r["queue"], r["task_type"]
-                step.heartbeat_timeout_seconds = r["heartbeat_timeout"]
+                step.queue, step.task_type = r["queue"], r["task_type"] or ""
+                step.heartbeat_timeout_seconds = r["heartbeat_timeout"] or 0.0
                 step.attempt_deadline.CopyFrom(messages.timestamp(r["attempt_deadline_at"]))
             if r["workflow_id"] in outputs:
                 step.dependency_outputs.CopyFrom(messages.struct(outputs[r["workflow_id"]]))
@@ -726,6 +751,17 @@ class WorkflowRepository:
         await self.append_events(
             conn, events, {w: (WorkflowState.SUCCEEDED, "") for w in finished}, locked=True
         )
+        # A wait_for_signal step just reached takes a signal kept for it (under the lock).
+        reached = sorted(
+            {
+                r["workflow_id"]
+                for r in rows
+                if r["ord"] is None and r["remaining"] == 0 and r["queue"] == SIGNAL_QUEUE
+            }
+        )
+        if reached:
+            _, more = await self.deliver_signals(conn, reached, SIGNAL_WORKER)
+            woke = Woken(woke.builtin or more.builtin, woke.queues | more.queues)
         return done, woke
 
     @staticmethod
@@ -807,3 +843,110 @@ class WorkflowRepository:
             ],
         )
         return len(rows), *woken(rows)
+
+    # --- timers and signals ---------------------------------------------------------------
+
+    async def take(
+        self, conn: DictConnection, worker_id: str, wids: list[uuid.UUID], names: list[str]
+    ) -> StepRefs:
+        """Leases these runnable steps to `worker_id` (dataplatform itself, which completes
+        them in the same transaction); returns the attempts it holds."""
+        cur = await conn.execute(
+            f"UPDATE workflow_steps s SET state = {_RUNNING}, attempt = s.attempt + 1,"
+            "   lease_owner = %(worker_id)s, lease_expires_at = now() + interval '1 minute',"
+            "   updated_at = now()"
+            " FROM unnest(%(ids)s::uuid[], %(names)s::text[]) AS u(wf, name)"
+            " WHERE s.workflow_id = u.wf AND s.name = u.name"
+            f"   AND s.state IN ({sql(*CLAIMABLE)}) AND s.remaining_deps = 0"
+            " RETURNING s.workflow_id, s.name, s.attempt",
+            {"worker_id": worker_id, "ids": wids, "names": names},
+        )
+        rows = sorted(await cur.fetchall(), key=lambda r: (r["workflow_id"], r["name"]))
+        await self.append_events(
+            conn,
+            [
+                NewEvent(r["workflow_id"], r["name"], StepState.RUNNING, f"attempt {r['attempt']}")
+                for r in rows
+            ],
+            promote_pending=True,
+        )
+        return StepRefs(
+            [r["workflow_id"] for r in rows],
+            [r["name"] for r in rows],
+            [r["attempt"] for r in rows],
+        )
+
+    @staticmethod
+    async def signal_sent(conn: DictConnection, wid: uuid.UUID, signal_id: str) -> bool:
+        cur = await conn.execute(
+            "SELECT 1 FROM workflow_signals WHERE workflow_id = %(id)s"
+            " AND signal_id = %(signal_id)s",
+            {"id": wid, "signal_id": signal_id},
+        )
+        return await cur.fetchone() is not None
+
+    @staticmethod
+    async def store_signal(
+        conn: DictConnection, wid: uuid.UUID, name: str, signal_id: str | None, payload: str
+    ) -> bool:
+        """Keeps a signal; False when its signal_id was used before (nothing stored)."""
+        cur = await conn.execute(
+            "INSERT INTO workflow_signals (workflow_id, name, signal_id, payload)"
+            " VALUES (%(id)s, %(name)s, %(signal_id)s, %(payload)s)"
+            " ON CONFLICT (workflow_id, signal_id) WHERE signal_id IS NOT NULL DO NOTHING"
+            " RETURNING seq",
+            {"id": wid, "name": name, "signal_id": signal_id, "payload": payload},
+        )
+        return await cur.fetchone() is not None
+
+    async def deliver_signals(
+        self, conn: DictConnection, wids: list[uuid.UUID], worker_id: str
+    ) -> tuple[set[str], Woken]:
+        """Hands kept signals to the runnable wait_for_signal steps of these workflows,
+        oldest signal to the first step (spec order); the callers hold the workflows' row
+        locks, so a signal and the step reaching it never miss each other. Returns the
+        signal names delivered and what the completed steps made runnable."""
+        cur = await conn.execute(
+            "SELECT workflow_id, name, inputs->>'name' AS signal FROM workflow_steps"
+            f" WHERE workflow_id = ANY(%(ids)s) AND queue = '{SIGNAL_QUEUE}'"
+            f"   AND state IN ({sql(*CLAIMABLE)}) AND remaining_deps = 0"
+            " ORDER BY workflow_id, position",
+            {"ids": wids},
+        )
+        waiting = await cur.fetchall()
+        if not waiting:
+            return set(), Woken(False, set())
+        cur = await conn.execute(
+            "SELECT workflow_id, seq, name, payload FROM workflow_signals"
+            " WHERE workflow_id = ANY(%(ids)s) AND consumed_by IS NULL"
+            " ORDER BY workflow_id, seq FOR UPDATE",
+            {"ids": list({w["workflow_id"] for w in waiting})},
+        )
+        kept: dict[tuple[uuid.UUID, str], list[dict[str, Any]]] = {}
+        for g in await cur.fetchall():
+            kept.setdefault((g["workflow_id"], g["name"]), []).append(g)
+        pairs = [
+            (w, kept[w["workflow_id"], w["signal"]].pop(0))
+            for w in waiting
+            if kept.get((w["workflow_id"], w["signal"]))
+        ]
+        if not pairs:
+            return set(), Woken(False, set())
+        refs = await self.take(
+            conn, worker_id, [w["workflow_id"] for w, _ in pairs], [w["name"] for w, _ in pairs]
+        )
+        payloads = {(w["workflow_id"], w["name"]): g for w, g in pairs}
+        taken = [payloads[key] for key in zip(refs.workflow_ids, refs.names, strict=True)]
+        await conn.execute(
+            "UPDATE workflow_signals g SET consumed_by = u.step"
+            " FROM unnest(%(ids)s::uuid[], %(seqs)s::bigint[], %(steps)s::text[])"
+            "   AS u(wf, seq, step) WHERE g.workflow_id = u.wf AND g.seq = u.seq",
+            {
+                "ids": refs.workflow_ids,
+                "seqs": [g["seq"] for g in taken],
+                "steps": refs.names,
+            },
+        )
+        outputs = [json.dumps(g["payload"]) for g in taken]
+        _, woke = await self.complete(conn, worker_id, refs, outputs)
+        return {g["name"] for g in taken}, woke

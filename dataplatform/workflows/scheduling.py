@@ -8,6 +8,7 @@ policy (a new backoff, a different sweep cadence) touches one small module.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -16,12 +17,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from google.protobuf import json_format
+
 from aiwfe.runtime import metrics
 from dataplatform.db import DictConnection
 from dataplatform.workflows.repository import (
     MAX_ERROR_CHARS,
+    SIGNAL_QUEUE,
+    SIGNAL_WORKER,
+    TIMER_QUEUE,
+    TIMER_WORKER,
     NewEvent,
+    Woken,
     WorkflowRepository,
+    step_refs,
 )
 from dataplatform.workflows.states import StepState, WorkflowState
 
@@ -127,9 +136,47 @@ class Scheduler:
         self._next_sweep = now + SWEEP_INTERVAL
         return True
 
-    async def sweep(self, conn: DictConnection) -> list[str]:
-        """Times out overdue workflows and makes expired leases claimable again (counting a
-        failed attempt); returns the ids of workflows stopped."""
+    async def fire_timers(self, conn: DictConnection, stopped: list[str]) -> Woken:
+        """Completes the due `sleep` steps and the timed-out `wait_for_signal` ones (with
+        their `default`, or failed for good); adds workflows that failed to `stopped`."""
+        woke = Woken(False, set())
+        timers = await self._repo.claim(conn, TIMER_WORKER, SWEEP_BATCH, 60, [TIMER_QUEUE])
+        if timers.steps:
+            outputs = [
+                json.dumps({"slept_seconds": s.inputs.fields["seconds"].number_value})
+                for s in timers.steps
+            ]
+            _, woke = await self._repo.complete(
+                conn, TIMER_WORKER, step_refs([s.ref for s in timers.steps]), outputs
+            )
+        waits = await self._repo.claim(conn, SIGNAL_WORKER, SWEEP_BATCH, 60, [SIGNAL_QUEUE])
+        defaults = [s for s in waits.steps if "default" in s.inputs.fields]
+        if defaults:
+            outputs = [
+                json.dumps(json_format.MessageToDict(s.inputs.fields["default"])) for s in defaults
+            ]
+            _, more = await self._repo.complete(
+                conn, SIGNAL_WORKER, step_refs([s.ref for s in defaults]), outputs
+            )
+            woke = Woken(woke.builtin or more.builtin, woke.queues | more.queues)
+        for s in waits.steps:
+            if "default" in s.inputs.fields:
+                continue
+            name = s.inputs.fields["name"].string_value
+            error = (
+                f"no signal {name!r} within {s.inputs.fields['timeout_seconds'].number_value:g} s"
+            )
+            wid = uuid.UUID(s.ref.workflow_id)
+            step = await self._repo.record_failure(conn, SIGNAL_WORKER, s.ref, wid, error)
+            if step is not None:
+                await self.failed(conn, wid, s.ref.step_name, s.ref.attempt, step, error, False)
+                stopped.append(s.ref.workflow_id)
+        return woke
+
+    async def sweep(self, conn: DictConnection) -> tuple[list[str], Woken]:
+        """Times out overdue workflows, makes expired leases claimable again (counting a
+        failed attempt) and fires due timers; returns the ids of workflows stopped and what
+        became runnable."""
         stopped: list[str] = []
         for wid in await self._repo.overdue_workflows(conn, SWEEP_BATCH):
             if await self._repo.stop(conn, wid, WorkflowState.TIMED_OUT, "workflow timed out"):
@@ -150,4 +197,4 @@ class Scheduler:
         await self._task_queue_gauges(conn)
         if expired:
             log.warning("reclaimed %d steps with expired leases", len(expired))
-        return stopped
+        return stopped, await self.fire_timers(conn, stopped)

@@ -15,11 +15,13 @@ from google.protobuf.struct_pb2 import Struct
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as pb_grpc
+from aiwfe.runtime.errors import FailedPrecondition
 from aiwfe.runtime.validation import Violations
 from dataplatform.db import Database, DictConnection
 from dataplatform.workflows import messages
 from dataplatform.workflows.repository import (
     MAX_ERROR_CHARS,
+    SIGNAL_WORKER,
     Woken,
     WorkflowRepository,
     step_refs,
@@ -252,7 +254,9 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             v.text(name, field, max_chars=MAX_NAME_CHARS)
         v.raise_if_any()
         if self.scheduler.sweep_due():
-            self.wakeups.stopped(await self.repo.tx(self.scheduler.sweep))
+            stopped, woke = await self.repo.tx(self.scheduler.sweep)
+            self.wakeups.stopped(stopped)
+            self.wakeups.work(*woke)
 
         async def work(conn: DictConnection) -> pb.ClaimStepsResponse:
             return await self.repo.claim(
@@ -388,6 +392,44 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                 )
         finally:
             self.wakeups.unsubscribe(sub)
+
+    async def SignalStoredWorkflow(
+        self, request: pb.SignalStoredWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SignalStoredWorkflowResponse:
+        v = Violations()
+        v.text(request.name, "name", max_chars=MAX_NAME_CHARS)
+        v.text(request.signal_id, "signal_id", max_chars=MAX_ID_CHARS, required=False)
+        payload = _details(v, request.payload, "payload")
+        v.raise_if_any()
+        wid = messages.workflow_id(request.workflow_id)
+
+        async def work(conn: DictConnection) -> tuple[pb.SignalStoredWorkflowResponse, Woken]:
+            await self.repo.visible(conn, request.workflow_id, request.scope)
+            cur = await conn.execute(
+                "SELECT state FROM workflows WHERE workflow_id = %(id)s FOR NO KEY UPDATE",
+                {"id": wid},
+            )
+            row = await cur.fetchone()
+            # A resend is a duplicate even once the first delivery finished the workflow.
+            if request.signal_id and await self.repo.signal_sent(conn, wid, request.signal_id):
+                return pb.SignalStoredWorkflowResponse(duplicate=True), Woken(False, set())
+            if row is None or row["state"] not in ACTIVE:
+                raise FailedPrecondition(
+                    "the workflow has finished: it takes no more signals",
+                    reason="WORKFLOW_FINISHED",
+                    metadata={"workflowId": request.workflow_id},
+                )
+            stored = await self.repo.store_signal(
+                conn, wid, request.name, request.signal_id or None, payload
+            )
+            if not stored:
+                return pb.SignalStoredWorkflowResponse(duplicate=True), Woken(False, set())
+            names, woke = await self.repo.deliver_signals(conn, [wid], SIGNAL_WORKER)
+            return pb.SignalStoredWorkflowResponse(delivered=request.name in names), woke
+
+        reply, woke = await self.repo.tx(work)
+        self.wakeups.work(*woke)
+        return reply
 
 
 def _details(v: Violations, details: Struct, field: str) -> str:

@@ -424,3 +424,32 @@ async def test_breakers_lists_every_service(suite: Suite, cli_env) -> None:
     assert result.code == 0, result
     reply = json.loads(result.out)
     assert {"cognitive", "dataplatform"} <= {b["downstream"] for b in reply["breakers"]}
+
+
+async def test_workflow_signal_approves_a_waiting_workflow(suite: Suite, cli_env, tmp_path) -> None:
+    """`aiwfe workflow signal ID NAME --data JSON` is kept for (or delivered to) the
+    workflow's wait_for_signal step, whose output it becomes; a resend with the same
+    --signal-id says duplicate; --data that is not an object is a usage error."""
+    gw = ["--gateway", suite.address("gateway")]
+    await login_as(cli_env, gw[1], "admin", ADMIN_PASSWORD)
+    spec = tmp_path / "approve.yaml"
+    spec.write_text(
+        "name: approve\nsteps:\n  - name: review\n    op: wait_for_signal\n"
+        "    inputs: {name: approval, timeout_seconds: 30}\n"
+    )
+    submitted = await aiwfe(cli_env, "workflow", "submit", str(spec), *gw)
+    workflow_id = submitted.out.split()[0]
+    bad = await aiwfe(cli_env, "workflow", "signal", workflow_id, "approval", "--data", "[1]", *gw)
+    assert bad.code == 2 and "JSON object" in bad.err
+    args = ["workflow", "signal", workflow_id, "approval", "--data", '{"ok": true}']
+    sent = await aiwfe(cli_env, *args, "--signal-id", "s1", *gw)
+    assert sent.code == 0 and sent.out.strip() in {
+        "signal approval: delivered",
+        "signal approval: kept",
+    }, sent
+    again = await aiwfe(cli_env, *args, "--signal-id", "s1", *gw)
+    assert again.out.strip() == "signal approval: duplicate", again
+    watched = await aiwfe(cli_env, "workflow", "watch", workflow_id, *gw)
+    assert "workflow: SUCCEEDED" in watched.out, watched
+    got = json.loads((await aiwfe(cli_env, "workflow", "get", workflow_id, "--json", *gw)).out)
+    assert got["steps"][0]["output"] == {"ok": True}

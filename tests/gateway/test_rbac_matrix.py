@@ -60,6 +60,7 @@ EXPECTED: dict[str, dict[str, object]] = {
     _WF + "CancelWorkflow": _row(REACHED, REACHED, DENIED, UNAUTH),
     _WF + "WatchWorkflow": _row(REACHED, REACHED, REACHED, UNAUTH),
     _WF + "RunWorkflow": _row(REACHED, REACHED, DENIED, UNAUTH),
+    _WF + "SignalWorkflow": _row(REACHED, REACHED, DENIED, UNAUTH),
     "/aiwfe.system.v1.SystemService/ListCircuitBreakers": _row(REACHED, DENIED, DENIED, UNAUTH),
     # worker:queue:<queue> needs the queue: an empty request names none (the gateway says
     # so); tests/taskproc/test_worker_service.py checks the permission per queue. The token

@@ -313,3 +313,25 @@ class WaitForWorkResponse(_message.Message):
     builtin_work: bool
     task_queues: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, work_available: _Optional[bool] = ..., stopped_workflow_ids: _Optional[_Iterable[str]] = ..., builtin_work: _Optional[bool] = ..., task_queues: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SignalStoredWorkflowRequest(_message.Message):
+    __slots__ = ("workflow_id", "scope", "name", "payload", "signal_id")
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_ID_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    scope: WorkflowScope
+    name: str
+    payload: _struct_pb2.Struct
+    signal_id: str
+    def __init__(self, workflow_id: _Optional[str] = ..., scope: _Optional[_Union[WorkflowScope, _Mapping]] = ..., name: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., signal_id: _Optional[str] = ...) -> None: ...
+
+class SignalStoredWorkflowResponse(_message.Message):
+    __slots__ = ("delivered", "duplicate")
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    delivered: bool
+    duplicate: bool
+    def __init__(self, delivered: _Optional[bool] = ..., duplicate: _Optional[bool] = ...) -> None: ...

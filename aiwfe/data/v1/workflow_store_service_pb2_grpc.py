@@ -100,6 +100,11 @@ class WorkflowStoreServiceStub:
                 request_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WaitForWorkRequest.SerializeToString,
                 response_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WaitForWorkResponse.FromString,
                 _registered_method=True)
+        self.SignalStoredWorkflow = channel.unary_unary(
+                '/aiwfe.data.v1.WorkflowStoreService/SignalStoredWorkflow',
+                request_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.SignalStoredWorkflowRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.SignalStoredWorkflowResponse.FromString,
+                _registered_method=True)
 
 
 class WorkflowStoreServiceServicer:
@@ -200,6 +205,14 @@ class WorkflowStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignalStoredWorkflow(self, request, context):
+        """SignalStoredWorkflow stores a signal and hands it to a waiting step of its name if
+        one is runnable; idempotent by signal_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkflowStoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -267,6 +280,11 @@ def add_WorkflowStoreServiceServicer_to_server(servicer, server):
                     servicer.WaitForWork,
                     request_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WaitForWorkRequest.FromString,
                     response_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WaitForWorkResponse.SerializeToString,
+            ),
+            'SignalStoredWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignalStoredWorkflow,
+                    request_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.SignalStoredWorkflowRequest.FromString,
+                    response_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.SignalStoredWorkflowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -621,6 +639,33 @@ class WorkflowStoreService:
             '/aiwfe.data.v1.WorkflowStoreService/WaitForWork',
             aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WaitForWorkRequest.SerializeToString,
             aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WaitForWorkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignalStoredWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.data.v1.WorkflowStoreService/SignalStoredWorkflow',
+            aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.SignalStoredWorkflowRequest.SerializeToString,
+            aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.SignalStoredWorkflowResponse.FromString,
             options,
             channel_credentials,
             insecure,

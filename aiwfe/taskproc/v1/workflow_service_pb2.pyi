@@ -61,20 +61,22 @@ class RetryPolicy(_message.Message):
     def __init__(self, max_attempts: _Optional[int] = ..., initial_backoff_seconds: _Optional[float] = ..., backoff_multiplier: _Optional[float] = ..., max_backoff_seconds: _Optional[float] = ..., jitter: _Optional[float] = ...) -> None: ...
 
 class StepSpec(_message.Message):
-    __slots__ = ("name", "op", "inputs", "depends_on", "retry_policy", "timeout_seconds")
+    __slots__ = ("name", "op", "inputs", "depends_on", "retry_policy", "timeout_seconds", "not_before")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     DEPENDS_ON_FIELD_NUMBER: _ClassVar[int]
     RETRY_POLICY_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     name: str
     op: str
     inputs: _struct_pb2.Struct
     depends_on: _containers.RepeatedScalarFieldContainer[str]
     retry_policy: RetryPolicy
     timeout_seconds: float
-    def __init__(self, name: _Optional[str] = ..., op: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+    not_before: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., op: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class WorkflowSpec(_message.Message):
     __slots__ = ("name", "steps", "timeout_seconds", "priority")
@@ -219,3 +221,23 @@ class WatchWorkflowResponse(_message.Message):
     message: str
     event_time: _timestamp_pb2.Timestamp
     def __init__(self, sequence: _Optional[int] = ..., workflow_state: _Optional[_Union[WorkflowState, str]] = ..., step_name: _Optional[str] = ..., step_state: _Optional[_Union[StepState, str]] = ..., message: _Optional[str] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class SignalWorkflowRequest(_message.Message):
+    __slots__ = ("workflow_id", "name", "payload", "signal_id")
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_ID_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    name: str
+    payload: _struct_pb2.Struct
+    signal_id: str
+    def __init__(self, workflow_id: _Optional[str] = ..., name: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., signal_id: _Optional[str] = ...) -> None: ...
+
+class SignalWorkflowResponse(_message.Message):
+    __slots__ = ("delivered", "duplicate")
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    delivered: bool
+    duplicate: bool
+    def __init__(self, delivered: _Optional[bool] = ..., duplicate: _Optional[bool] = ...) -> None: ...

@@ -65,6 +65,11 @@ class WorkflowServiceStub:
                 request_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RunWorkflowRequest.SerializeToString,
                 response_deserializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RunWorkflowResponse.FromString,
                 _registered_method=True)
+        self.SignalWorkflow = channel.unary_unary(
+                '/aiwfe.taskproc.v1.WorkflowService/SignalWorkflow',
+                request_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.SignalWorkflowRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.SignalWorkflowResponse.FromString,
+                _registered_method=True)
 
 
 class WorkflowServiceServicer:
@@ -114,6 +119,16 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignalWorkflow(self, request, context):
+        """SignalWorkflow sends a named signal with a JSON payload to a workflow: a
+        wait_for_signal step of that name takes it as its output, now or once it is reached
+        (signals are kept until then). Idempotent by signal_id. Needs api:workflow:signal
+        and the workflow's ownership (an admin may signal any workflow).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkflowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +161,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.RunWorkflow,
                     request_deserializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RunWorkflowRequest.FromString,
                     response_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RunWorkflowResponse.SerializeToString,
+            ),
+            'SignalWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignalWorkflow,
+                    request_deserializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.SignalWorkflowRequest.FromString,
+                    response_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.SignalWorkflowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +331,33 @@ class WorkflowService:
             '/aiwfe.taskproc.v1.WorkflowService/RunWorkflow',
             aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RunWorkflowRequest.SerializeToString,
             aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RunWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignalWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.taskproc.v1.WorkflowService/SignalWorkflow',
+            aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.SignalWorkflowRequest.SerializeToString,
+            aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.SignalWorkflowResponse.FromString,
             options,
             channel_credentials,
             insecure,
