@@ -163,7 +163,7 @@ class StepRef(_message.Message):
     def __init__(self, workflow_id: _Optional[str] = ..., step_name: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class ClaimedStep(_message.Message):
-    __slots__ = ("ref", "op", "inputs", "timeout_seconds", "owner", "lease_expire_time", "dependency_outputs")
+    __slots__ = ("ref", "op", "inputs", "timeout_seconds", "owner", "lease_expire_time", "dependency_outputs", "queue", "task_type", "heartbeat_timeout_seconds", "attempt_deadline")
     REF_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,10 @@ class ClaimedStep(_message.Message):
     OWNER_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
     DEPENDENCY_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    TASK_TYPE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_DEADLINE_FIELD_NUMBER: _ClassVar[int]
     ref: StepRef
     op: str
     inputs: _struct_pb2.Struct
@@ -178,17 +182,25 @@ class ClaimedStep(_message.Message):
     owner: WorkflowOwner
     lease_expire_time: _timestamp_pb2.Timestamp
     dependency_outputs: _struct_pb2.Struct
-    def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., op: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., owner: _Optional[_Union[WorkflowOwner, _Mapping]] = ..., lease_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., dependency_outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    queue: str
+    task_type: str
+    heartbeat_timeout_seconds: float
+    attempt_deadline: _timestamp_pb2.Timestamp
+    def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., op: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., owner: _Optional[_Union[WorkflowOwner, _Mapping]] = ..., lease_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., dependency_outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., queue: _Optional[str] = ..., task_type: _Optional[str] = ..., heartbeat_timeout_seconds: _Optional[float] = ..., attempt_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ClaimStepsRequest(_message.Message):
-    __slots__ = ("worker_id", "max_steps", "lease_seconds")
+    __slots__ = ("worker_id", "max_steps", "lease_seconds", "queues", "types")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
+    TYPES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     max_steps: int
     lease_seconds: float
-    def __init__(self, worker_id: _Optional[str] = ..., max_steps: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    queues: _containers.RepeatedScalarFieldContainer[str]
+    types: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., max_steps: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., queues: _Optional[_Iterable[str]] = ..., types: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ClaimStepsResponse(_message.Message):
     __slots__ = ("steps", "next_run_time")
@@ -199,14 +211,24 @@ class ClaimStepsResponse(_message.Message):
     def __init__(self, steps: _Optional[_Iterable[_Union[ClaimedStep, _Mapping]]] = ..., next_run_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ExtendLeasesRequest(_message.Message):
-    __slots__ = ("worker_id", "steps", "lease_seconds")
+    __slots__ = ("worker_id", "steps", "lease_seconds", "progress")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     steps: _containers.RepeatedCompositeFieldContainer[StepRef]
     lease_seconds: float
-    def __init__(self, worker_id: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepRef, _Mapping]]] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    progress: _containers.RepeatedCompositeFieldContainer[StepProgress]
+    def __init__(self, worker_id: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepRef, _Mapping]]] = ..., lease_seconds: _Optional[float] = ..., progress: _Optional[_Iterable[_Union[StepProgress, _Mapping]]] = ...) -> None: ...
+
+class StepProgress(_message.Message):
+    __slots__ = ("ref", "details")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    ref: StepRef
+    details: _struct_pb2.Struct
+    def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ExtendLeasesResponse(_message.Message):
     __slots__ = ("lost",)
@@ -237,16 +259,18 @@ class CompleteStepsResponse(_message.Message):
     def __init__(self, accepted: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class FailStepRequest(_message.Message):
-    __slots__ = ("worker_id", "ref", "error", "retryable")
+    __slots__ = ("worker_id", "ref", "error", "retryable", "details")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     REF_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RETRYABLE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     ref: StepRef
     error: str
     retryable: bool
-    def __init__(self, worker_id: _Optional[str] = ..., ref: _Optional[_Union[StepRef, _Mapping]] = ..., error: _Optional[str] = ..., retryable: _Optional[bool] = ...) -> None: ...
+    details: _struct_pb2.Struct
+    def __init__(self, worker_id: _Optional[str] = ..., ref: _Optional[_Union[StepRef, _Mapping]] = ..., error: _Optional[str] = ..., retryable: _Optional[bool] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class FailStepResponse(_message.Message):
     __slots__ = ("accepted", "will_retry", "next_run_time")

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(aiwfe/taskproc/v1/workflow_service.proto\x12\x11\x61iwfe.taskproc.v1\x1a\x1e\x61iwfe/options/v1/options.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8d\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12\x1f\n\x17initial_backoff_seconds\x18\x02 \x01(\x01\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x03 \x01(\x01\x12\x1b\n\x13max_backoff_seconds\x18\x04 \x01(\x01\x12\x0e\n\x06jitter\x18\x05 \x01(\x01\"\xb0\x01\n\x08StepSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12\'\n\x06inputs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ndepends_on\x18\x04 \x03(\t\x12\x34\n\x0cretry_policy\x18\x05 \x01(\x0b\x32\x1e.aiwfe.taskproc.v1.RetryPolicy\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\"s\n\x0cWorkflowSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x05steps\x18\x02 \x03(\x0b\x32\x1b.aiwfe.taskproc.v1.StepSpec\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x12\x10\n\x08priority\x18\x04 \x01(\x05\"\x91\x01\n\nStepStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.aiwfe.taskproc.v1.StepState\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\'\n\x06output\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xad\x02\n\x08Workflow\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .aiwfe.taskproc.v1.WorkflowState\x12-\n\x04spec\x18\x04 \x01(\x0b\x32\x1f.aiwfe.taskproc.v1.WorkflowSpec\x12,\n\x05steps\x18\x05 \x03(\x0b\x32\x1d.aiwfe.taskproc.v1.StepStatus\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"_\n\x15SubmitWorkflowRequest\x12-\n\x04spec\x18\x01 \x01(\x0b\x32\x1f.aiwfe.taskproc.v1.WorkflowSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\\\n\x12RunWorkflowRequest\x12-\n\x04spec\x18\x01 \x01(\x0b\x32\x1f.aiwfe.taskproc.v1.WorkflowSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\x8b\x01\n\x13RunWorkflowResponse\x12/\n\x08workflow\x18\x01 \x01(\x0b\x32\x1b.aiwfe.taskproc.v1.WorkflowH\x00\x12\x39\n\x05\x65vent\x18\x02 \x01(\x0b\x32(.aiwfe.taskproc.v1.WatchWorkflowResponseH\x00\x42\x08\n\x06update\"G\n\x16SubmitWorkflowResponse\x12-\n\x08workflow\x18\x01 \x01(\x0b\x32\x1b.aiwfe.taskproc.v1.Workflow\")\n\x12GetWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\"D\n\x13GetWorkflowResponse\x12-\n\x08workflow\x18\x01 \x01(\x0b\x32\x1b.aiwfe.taskproc.v1.Workflow\"n\n\x14ListWorkflowsRequest\x12/\n\x05state\x18\x01 \x01(\x0e\x32 .aiwfe.taskproc.v1.WorkflowState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\x15ListWorkflowsResponse\x12.\n\tworkflows\x18\x01 \x03(\x0b\x32\x1b.aiwfe.taskproc.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x15\x43\x61ncelWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\"G\n\x16\x43\x61ncelWorkflowResponse\x12-\n\x08workflow\x18\x01 \x01(\x0b\x32\x1b.aiwfe.taskproc.v1.Workflow\"C\n\x14WatchWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xe9\x01\n\x15WatchWorkflowResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x38\n\x0eworkflow_state\x18\x02 \x01(\x0e\x32 .aiwfe.taskproc.v1.WorkflowState\x12\x11\n\tstep_name\x18\x03 \x01(\t\x12\x30\n\nstep_state\x18\x04 \x01(\x0e\x32\x1c.aiwfe.taskproc.v1.StepState\x12\x0f\n\x07message\x18\x05 \x01(\t\x12.\n\nevent_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xdc\x01\n\rWorkflowState\x12\x1e\n\x1aWORKFLOW_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16WORKFLOW_STATE_PENDING\x10\x01\x12\x1a\n\x16WORKFLOW_STATE_RUNNING\x10\x02\x12\x1c\n\x18WORKFLOW_STATE_SUCCEEDED\x10\x03\x12\x19\n\x15WORKFLOW_STATE_FAILED\x10\x04\x12\x1c\n\x18WORKFLOW_STATE_CANCELLED\x10\x05\x12\x1c\n\x18WORKFLOW_STATE_TIMED_OUT\x10\x06*\xbb\x01\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12STEP_STATE_PENDING\x10\x01\x12\x16\n\x12STEP_STATE_RUNNING\x10\x02\x12\x18\n\x14STEP_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11STEP_STATE_FAILED\x10\x04\x12\x18\n\x14STEP_STATE_CANCELLED\x10\x05\x12\x17\n\x13STEP_STATE_RETRYING\x10\x06\x32\xf0\x05\n\x0fWorkflowService\x12\x80\x01\n\x0eSubmitWorkflow\x12(.aiwfe.taskproc.v1.SubmitWorkflowRequest\x1a).aiwfe.taskproc.v1.SubmitWorkflowResponse\"\x19\xca\xf3\x18\x15\n\x13\x61pi:workflow:submit\x12n\n\x0bGetWorkflow\x12%.aiwfe.taskproc.v1.GetWorkflowRequest\x1a&.aiwfe.taskproc.v1.GetWorkflowResponse\"\x10\xca\xf3\x18\x0c\n\x08\x61pi:read(\x01\x12t\n\rListWorkflows\x12\'.aiwfe.taskproc.v1.ListWorkflowsRequest\x1a(.aiwfe.taskproc.v1.ListWorkflowsResponse\"\x10\xca\xf3\x18\x0c\n\x08\x61pi:read(\x01\x12\x82\x01\n\x0e\x43\x61ncelWorkflow\x12(.aiwfe.taskproc.v1.CancelWorkflowRequest\x1a).aiwfe.taskproc.v1.CancelWorkflowResponse\"\x1b\xca\xf3\x18\x17\n\x13\x61pi:workflow:cancel(\x01\x12t\n\rWatchWorkflow\x12\'.aiwfe.taskproc.v1.WatchWorkflowRequest\x1a(.aiwfe.taskproc.v1.WatchWorkflowResponse\"\x0e\xca\xf3\x18\n\n\x08\x61pi:read0\x01\x12y\n\x0bRunWorkflow\x12%.aiwfe.taskproc.v1.RunWorkflowRequest\x1a&.aiwfe.taskproc.v1.RunWorkflowResponse\"\x19\xca\xf3\x18\x15\n\x13\x61pi:workflow:submit0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(aiwfe/taskproc/v1/workflow_service.proto\x12\x11\x61iwfe.taskproc.v1\x1a\x1e\x61iwfe/options/v1/options.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8d\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12\x1f\n\x17initial_backoff_seconds\x18\x02 \x01(\x01\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x03 \x01(\x01\x12\x1b\n\x13max_backoff_seconds\x18\x04 \x01(\x01\x12\x0e\n\x06jitter\x18\x05 \x01(\x01\"\xb0\x01\n\x08StepSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12\'\n\x06inputs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ndepends_on\x18\x04 \x03(\t\x12\x34\n\x0cretry_policy\x18\x05 \x01(\x0b\x32\x1e.aiwfe.taskproc.v1.RetryPolicy\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\"s\n\x0cWorkflowSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x05steps\x18\x02 \x03(\x0b\x32\x1b.aiwfe.taskproc.v1.StepSpec\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x12\x10\n\x08priority\x18\x04 \x01(\x05\"\xbb\x01\n\nStepStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.aiwfe.taskproc.v1.StepState\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\'\n\x06output\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12(\n\x07\x64\x65tails\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xad\x02\n\x08Workflow\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .aiwfe.taskproc.v1.WorkflowState\x12-\n\x04spec\x18\x04 \x01(\x0b\x32\x1f.aiwfe.taskproc.v1.WorkflowSpec\x12,\n\x05steps\x18\x05 \x03(\x0b\x32\x1d.aiwfe.taskproc.v1.StepStatus\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"_\n\x15SubmitWorkflowRequest\x12-\n\x04spec\x18\x01 \x01(\x0b\x32\x1f.aiwfe.taskproc.v1.WorkflowSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\\\n\x12RunWorkflowRequest\x12-\n\x04spec\x18\x01 \x01(\x0b\x32\x1f.aiwfe.taskproc.v1.WorkflowSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"\x8b\x01\n\x13RunWorkflowResponse\x12/\n\x08workflow\x18\x01 \x01(\x0b\x32\x1b.aiwfe.taskproc.v1.WorkflowH\x00\x12\x39\n\x05\x65vent\x18\x02 \x01(\x0b\x32(.aiwfe.taskproc.v1.WatchWorkflowResponseH\x00\x42\x08\n\x06update\"G\n\x16SubmitWorkflowResponse\x12-\n\x08workflow\x18\x01 \x01(\x0b\x32\x1b.aiwfe.taskproc.v1.Workflow\")\n\x12GetWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\"D\n\x13GetWorkflowResponse\x12-\n\x08workflow\x18\x01 \x01(\x0b\x32\x1b.aiwfe.taskproc.v1.Workflow\"n\n\x14ListWorkflowsRequest\x12/\n\x05state\x18\x01 \x01(\x0e\x32 .aiwfe.taskproc.v1.WorkflowState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\x15ListWorkflowsResponse\x12.\n\tworkflows\x18\x01 \x03(\x0b\x32\x1b.aiwfe.taskproc.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x15\x43\x61ncelWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\"G\n\x16\x43\x61ncelWorkflowResponse\x12-\n\x08workflow\x18\x01 \x01(\x0b\x32\x1b.aiwfe.taskproc.v1.Workflow\"C\n\x14WatchWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xe9\x01\n\x15WatchWorkflowResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x38\n\x0eworkflow_state\x18\x02 \x01(\x0e\x32 .aiwfe.taskproc.v1.WorkflowState\x12\x11\n\tstep_name\x18\x03 \x01(\t\x12\x30\n\nstep_state\x18\x04 \x01(\x0e\x32\x1c.aiwfe.taskproc.v1.StepState\x12\x0f\n\x07message\x18\x05 \x01(\t\x12.\n\nevent_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xdc\x01\n\rWorkflowState\x12\x1e\n\x1aWORKFLOW_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16WORKFLOW_STATE_PENDING\x10\x01\x12\x1a\n\x16WORKFLOW_STATE_RUNNING\x10\x02\x12\x1c\n\x18WORKFLOW_STATE_SUCCEEDED\x10\x03\x12\x19\n\x15WORKFLOW_STATE_FAILED\x10\x04\x12\x1c\n\x18WORKFLOW_STATE_CANCELLED\x10\x05\x12\x1c\n\x18WORKFLOW_STATE_TIMED_OUT\x10\x06*\xbb\x01\n\tStepState\x12\x1a\n\x16STEP_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12STEP_STATE_PENDING\x10\x01\x12\x16\n\x12STEP_STATE_RUNNING\x10\x02\x12\x18\n\x14STEP_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11STEP_STATE_FAILED\x10\x04\x12\x18\n\x14STEP_STATE_CANCELLED\x10\x05\x12\x17\n\x13STEP_STATE_RETRYING\x10\x06\x32\xf0\x05\n\x0fWorkflowService\x12\x80\x01\n\x0eSubmitWorkflow\x12(.aiwfe.taskproc.v1.SubmitWorkflowRequest\x1a).aiwfe.taskproc.v1.SubmitWorkflowResponse\"\x19\xca\xf3\x18\x15\n\x13\x61pi:workflow:submit\x12n\n\x0bGetWorkflow\x12%.aiwfe.taskproc.v1.GetWorkflowRequest\x1a&.aiwfe.taskproc.v1.GetWorkflowResponse\"\x10\xca\xf3\x18\x0c\n\x08\x61pi:read(\x01\x12t\n\rListWorkflows\x12\'.aiwfe.taskproc.v1.ListWorkflowsRequest\x1a(.aiwfe.taskproc.v1.ListWorkflowsResponse\"\x10\xca\xf3\x18\x0c\n\x08\x61pi:read(\x01\x12\x82\x01\n\x0e\x43\x61ncelWorkflow\x12(.aiwfe.taskproc.v1.CancelWorkflowRequest\x1a).aiwfe.taskproc.v1.CancelWorkflowResponse\"\x1b\xca\xf3\x18\x17\n\x13\x61pi:workflow:cancel(\x01\x12t\n\rWatchWorkflow\x12\'.aiwfe.taskproc.v1.WatchWorkflowRequest\x1a(.aiwfe.taskproc.v1.WatchWorkflowResponse\"\x0e\xca\xf3\x18\n\n\x08\x61pi:read0\x01\x12y\n\x0bRunWorkflow\x12%.aiwfe.taskproc.v1.RunWorkflowRequest\x1a&.aiwfe.taskproc.v1.RunWorkflowResponse\"\x19\xca\xf3\x18\x15\n\x13\x61pi:workflow:submit0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,10 +46,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKFLOWSERVICE'].methods_by_name['WatchWorkflow']._serialized_options = b'\312\363\030\n\n\010api:read'
   _globals['_WORKFLOWSERVICE'].methods_by_name['RunWorkflow']._loaded_options = None
   _globals['_WORKFLOWSERVICE'].methods_by_name['RunWorkflow']._serialized_options = b'\312\363\030\025\n\023api:workflow:submit'
-  _globals['_WORKFLOWSTATE']._serialized_start=2204
-  _globals['_WORKFLOWSTATE']._serialized_end=2424
-  _globals['_STEPSTATE']._serialized_start=2427
-  _globals['_STEPSTATE']._serialized_end=2614
+  _globals['_WORKFLOWSTATE']._serialized_start=2246
+  _globals['_WORKFLOWSTATE']._serialized_end=2466
+  _globals['_STEPSTATE']._serialized_start=2469
+  _globals['_STEPSTATE']._serialized_end=2656
   _globals['_RETRYPOLICY']._serialized_start=159
   _globals['_RETRYPOLICY']._serialized_end=300
   _globals['_STEPSPEC']._serialized_start=303
@@ -57,33 +57,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKFLOWSPEC']._serialized_start=481
   _globals['_WORKFLOWSPEC']._serialized_end=596
   _globals['_STEPSTATUS']._serialized_start=599
-  _globals['_STEPSTATUS']._serialized_end=744
-  _globals['_WORKFLOW']._serialized_start=747
-  _globals['_WORKFLOW']._serialized_end=1048
-  _globals['_SUBMITWORKFLOWREQUEST']._serialized_start=1050
-  _globals['_SUBMITWORKFLOWREQUEST']._serialized_end=1145
-  _globals['_RUNWORKFLOWREQUEST']._serialized_start=1147
-  _globals['_RUNWORKFLOWREQUEST']._serialized_end=1239
-  _globals['_RUNWORKFLOWRESPONSE']._serialized_start=1242
-  _globals['_RUNWORKFLOWRESPONSE']._serialized_end=1381
-  _globals['_SUBMITWORKFLOWRESPONSE']._serialized_start=1383
-  _globals['_SUBMITWORKFLOWRESPONSE']._serialized_end=1454
-  _globals['_GETWORKFLOWREQUEST']._serialized_start=1456
-  _globals['_GETWORKFLOWREQUEST']._serialized_end=1497
-  _globals['_GETWORKFLOWRESPONSE']._serialized_start=1499
-  _globals['_GETWORKFLOWRESPONSE']._serialized_end=1567
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=1569
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=1679
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=1681
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=1777
-  _globals['_CANCELWORKFLOWREQUEST']._serialized_start=1779
-  _globals['_CANCELWORKFLOWREQUEST']._serialized_end=1823
-  _globals['_CANCELWORKFLOWRESPONSE']._serialized_start=1825
-  _globals['_CANCELWORKFLOWRESPONSE']._serialized_end=1896
-  _globals['_WATCHWORKFLOWREQUEST']._serialized_start=1898
-  _globals['_WATCHWORKFLOWREQUEST']._serialized_end=1965
-  _globals['_WATCHWORKFLOWRESPONSE']._serialized_start=1968
-  _globals['_WATCHWORKFLOWRESPONSE']._serialized_end=2201
-  _globals['_WORKFLOWSERVICE']._serialized_start=2617
-  _globals['_WORKFLOWSERVICE']._serialized_end=3369
+  _globals['_STEPSTATUS']._serialized_end=786
+  _globals['_WORKFLOW']._serialized_start=789
+  _globals['_WORKFLOW']._serialized_end=1090
+  _globals['_SUBMITWORKFLOWREQUEST']._serialized_start=1092
+  _globals['_SUBMITWORKFLOWREQUEST']._serialized_end=1187
+  _globals['_RUNWORKFLOWREQUEST']._serialized_start=1189
+  _globals['_RUNWORKFLOWREQUEST']._serialized_end=1281
+  _globals['_RUNWORKFLOWRESPONSE']._serialized_start=1284
+  _globals['_RUNWORKFLOWRESPONSE']._serialized_end=1423
+  _globals['_SUBMITWORKFLOWRESPONSE']._serialized_start=1425
+  _globals['_SUBMITWORKFLOWRESPONSE']._serialized_end=1496
+  _globals['_GETWORKFLOWREQUEST']._serialized_start=1498
+  _globals['_GETWORKFLOWREQUEST']._serialized_end=1539
+  _globals['_GETWORKFLOWRESPONSE']._serialized_start=1541
+  _globals['_GETWORKFLOWRESPONSE']._serialized_end=1609
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=1611
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=1721
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=1723
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=1819
+  _globals['_CANCELWORKFLOWREQUEST']._serialized_start=1821
+  _globals['_CANCELWORKFLOWREQUEST']._serialized_end=1865
+  _globals['_CANCELWORKFLOWRESPONSE']._serialized_start=1867
+  _globals['_CANCELWORKFLOWRESPONSE']._serialized_end=1938
+  _globals['_WATCHWORKFLOWREQUEST']._serialized_start=1940
+  _globals['_WATCHWORKFLOWREQUEST']._serialized_end=2007
+  _globals['_WATCHWORKFLOWRESPONSE']._serialized_start=2010
+  _globals['_WATCHWORKFLOWRESPONSE']._serialized_end=2243
+  _globals['_WORKFLOWSERVICE']._serialized_start=2659
+  _globals['_WORKFLOWSERVICE']._serialized_end=3411
 # @@protoc_insertion_point(module_scope)
