@@ -13,6 +13,7 @@ import time
 import grpc
 import psycopg
 import pytest
+from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 
 from aiwfe.app.suite import start_suite
@@ -20,9 +21,13 @@ from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
+from aiwfe.taskproc.v1 import worker_service_pb2 as worker_pb
+from aiwfe.taskproc.v1 import worker_service_pb2_grpc as worker_grpc
+from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from tests.conftest import bearer, field_violations, login
 from tests.gateway.conftest import Gateway, gateway_overrides, unique
 from tests.gateway.test_error_reasons_e2e import error_info, failure
+from tests.taskproc.helpers import finish, spec, submit
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -380,3 +385,43 @@ async def test_api_key_calls_count_against_the_rate_limit(base_overrides, redis_
             assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
     finally:
         await suite.stop()
+
+
+async def test_a_worker_key_with_the_seed_worker_role_serves_a_task_queue(gw) -> None:
+    """A service account with the seed role `worker` polls a queue and completes a task
+    with its API key alone (the issue's unattended worker); a key whose roles lack
+    worker:queue:* is refused at the gateway (PERMISSION_MISSING)."""
+    queue = unique("q")
+    worker = await api_key(gw, (await account(gw, ["worker"])).username)
+    reader = await api_key(gw, (await account(gw, ["readonly"])).username)
+    stub = worker_grpc.WorkerServiceStub(gw.channel)
+    code, reason, meta = await failure(
+        stub.PollTask,
+        worker_pb.PollTaskRequest(queues=[queue], wait_seconds=0.2),
+        metadata=bearer(reader.key),
+    )
+    assert (code, reason, meta["permission"]) == (
+        DENIED,
+        "PERMISSION_MISSING",
+        f"worker:queue:{queue}",
+    )
+    workflow = await submit(
+        gw.channel,
+        gw.admin_token,
+        spec({"name": "work", "op": "task", "inputs": {"queue": queue, "type": "t", "input": {}}}),
+    )
+    task = await stub.PollTask(
+        worker_pb.PollTaskRequest(queues=[queue], wait_seconds=10),
+        metadata=bearer(worker.key),
+        timeout=15,
+    )
+    assert task.task_token and task.workflow_id == workflow.workflow_id
+    output = struct_pb2.Struct()
+    output.update({"done": True})
+    await stub.CompleteTask(
+        worker_pb.CompleteTaskRequest(task_token=task.task_token, queue=queue, output=output),
+        metadata=bearer(worker.key),
+        timeout=10,
+    )
+    done = await finish(gw.channel, gw.admin_token, workflow.workflow_id)
+    assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED
