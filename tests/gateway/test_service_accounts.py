@@ -21,6 +21,7 @@ from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
+from aiwfe.runtime.metrics import REGISTRY
 from aiwfe.taskproc.v1 import worker_service_pb2 as worker_pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as worker_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
@@ -65,6 +66,14 @@ async def refusal(channel: grpc.aio.Channel, key: str) -> str:
         assert code == UNAUTH
         return reason
     return ""
+
+
+def counted(outcome: str) -> float:
+    """authentication_success_rate{kind="api_key"} (the suite runs in process: one registry)."""
+    value = REGISTRY.get_sample_value(
+        "authentication_success_rate_total", {"kind": "api_key", "outcome": outcome}
+    )
+    return value or 0.0
 
 
 async def until(check, within: float) -> float:
@@ -144,7 +153,8 @@ async def test_key_is_shown_once_and_only_its_hash_is_stored(gw) -> None:
 @pytest.mark.parametrize("bad", ["wrong-secret", "unknown-id", "malformed", "truncated"])
 async def test_bad_keys_are_refused_with_api_key_invalid(gw, bad: str) -> None:
     """A wrong secret, an unknown key id or a malformed key is UNAUTHENTICATED with
-    API_KEY_INVALID (the same answer for each, so nothing tells which part was wrong)."""
+    API_KEY_INVALID (the same answer for each, so nothing tells which part was wrong), and
+    counted in authentication_success_rate{kind="api_key"}."""
     svc = await account(gw, ["worker"])
     made = await api_key(gw, svc.username)
     key_id = made.api_key.key_id
@@ -154,9 +164,13 @@ async def test_bad_keys_are_refused_with_api_key_invalid(gw, bad: str) -> None:
         "malformed": "aiwfe_sk_not-a-key",
         "truncated": made.key[:-1],
     }[bad]
+    failed_before = counted("failure")
     for _ in range(2):  # the second answer comes from the gateway's memory of the refusal
         assert await refusal(gw.channel, key) == "API_KEY_INVALID"
+    assert counted("failure") - failed_before == 2
+    ok_before = counted("success")
     assert await refusal(gw.channel, made.key) == ""  # the real key is unaffected
+    assert counted("success") - ok_before == 1
 
 
 async def test_expired_key_is_refused(gw) -> None:
