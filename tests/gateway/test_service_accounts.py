@@ -123,8 +123,9 @@ async def test_key_is_shown_once_and_only_its_hash_is_stored(gw) -> None:
     SHA-256 and nothing of the secret."""
     svc = await account(gw, ["worker"])
     made = await api_key(gw, svc.username, name="once")
-    secret = made.key.rsplit("_", 1)[-1]
-    assert len(secret) >= 43  # 32 random bytes, URL-safe base64
+    prefix = f"aiwfe_sk_{made.api_key.key_id}_"
+    secret = made.key.removeprefix(prefix)  # 32 random bytes, URL-safe base64 (may hold "_")
+    assert made.key.startswith(prefix) and len(secret) == 43
     listed = await gw.admin.ListApiKeys(
         auth_pb.ListApiKeysRequest(service_account=svc.username),
         metadata=bearer(gw.admin_token),
