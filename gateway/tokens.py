@@ -49,6 +49,8 @@ _hit_redis = metrics.session_cache_hit_rate.labels("redis", "hit")
 _miss_redis = metrics.session_cache_hit_rate.labels("redis", "miss")
 _time_redis = metrics.jwt_validation_time.labels("redis")
 _time_verify = metrics.jwt_validation_time.labels("none")
+_key_ok = metrics.authentication_success_rate.labels("api_key", "success")
+_key_failed = metrics.authentication_success_rate.labels("api_key", "failure")
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,9 +243,11 @@ class TokenService:
         """A service account's API key: Redis, else the record (gateway/api_keys.py)."""
         key_id = key_id_of(token)
         if key_id is None or self.api_keys is None:
+            _key_failed.inc()
             raise Unauthenticated("invalid API key", reason="API_KEY_INVALID")
         refused = self._refused.get(token)
         if refused is not None:
+            _key_failed.inc()
             raise refused.with_traceback(None)  # a fresh traceback, not a growing one
         started = time.perf_counter()
         principal = await self._from_redis(token)
@@ -259,6 +263,7 @@ class TokenService:
             try:
                 principal = await self.api_keys.verify(token)
             except Unauthenticated as exc:
+                _key_failed.inc()
                 self._refused.set(token, exc, _REFUSED_TTL)
                 raise
             _time_verify.observe(time.perf_counter() - started)
@@ -266,6 +271,7 @@ class TokenService:
         if self._cache_enabled:
             remaining = principal.token_exp - time.time()
             self._cache.set(token, principal, min(self._cache_ttl, remaining))
+        _key_ok.inc()
         self.key_uses[key_id] = time.time()
         return principal
 

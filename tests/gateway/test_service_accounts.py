@@ -13,6 +13,7 @@ import time
 import grpc
 import psycopg
 import pytest
+from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 
 from aiwfe.app.suite import start_suite
@@ -20,9 +21,14 @@ from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
+from aiwfe.runtime.metrics import REGISTRY
+from aiwfe.taskproc.v1 import worker_service_pb2 as worker_pb
+from aiwfe.taskproc.v1 import worker_service_pb2_grpc as worker_grpc
+from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from tests.conftest import bearer, field_violations, login
 from tests.gateway.conftest import Gateway, gateway_overrides, unique
 from tests.gateway.test_error_reasons_e2e import error_info, failure
+from tests.taskproc.helpers import finish, spec, submit
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -60,6 +66,14 @@ async def refusal(channel: grpc.aio.Channel, key: str) -> str:
         assert code == UNAUTH
         return reason
     return ""
+
+
+def counted(outcome: str) -> float:
+    """authentication_success_rate{kind="api_key"} (the suite runs in process: one registry)."""
+    value = REGISTRY.get_sample_value(
+        "authentication_success_rate_total", {"kind": "api_key", "outcome": outcome}
+    )
+    return value or 0.0
 
 
 async def until(check, within: float) -> float:
@@ -109,9 +123,9 @@ async def test_key_is_shown_once_and_only_its_hash_is_stored(gw) -> None:
     SHA-256 and nothing of the secret."""
     svc = await account(gw, ["worker"])
     made = await api_key(gw, svc.username, name="once")
-    # aiwfe_sk_<16 hex>_<secret>; the secret's alphabet has "_" too, so cut by position.
-    secret = made.key.removeprefix(f"aiwfe_sk_{made.api_key.key_id}_")
-    assert len(secret) >= 43  # 32 random bytes, URL-safe base64
+    prefix = f"aiwfe_sk_{made.api_key.key_id}_"
+    secret = made.key.removeprefix(prefix)  # 32 random bytes, URL-safe base64 (may hold "_")
+    assert made.key.startswith(prefix) and len(secret) == 43
     listed = await gw.admin.ListApiKeys(
         auth_pb.ListApiKeysRequest(service_account=svc.username),
         metadata=bearer(gw.admin_token),
@@ -140,7 +154,8 @@ async def test_key_is_shown_once_and_only_its_hash_is_stored(gw) -> None:
 @pytest.mark.parametrize("bad", ["wrong-secret", "unknown-id", "malformed", "truncated"])
 async def test_bad_keys_are_refused_with_api_key_invalid(gw, bad: str) -> None:
     """A wrong secret, an unknown key id or a malformed key is UNAUTHENTICATED with
-    API_KEY_INVALID (the same answer for each, so nothing tells which part was wrong)."""
+    API_KEY_INVALID (the same answer for each, so nothing tells which part was wrong), and
+    counted in authentication_success_rate{kind="api_key"}."""
     svc = await account(gw, ["worker"])
     made = await api_key(gw, svc.username)
     key_id = made.api_key.key_id
@@ -150,9 +165,13 @@ async def test_bad_keys_are_refused_with_api_key_invalid(gw, bad: str) -> None:
         "malformed": "aiwfe_sk_not-a-key",
         "truncated": made.key[:-1],
     }[bad]
+    failed_before = counted("failure")
     for _ in range(2):  # the second answer comes from the gateway's memory of the refusal
         assert await refusal(gw.channel, key) == "API_KEY_INVALID"
+    assert counted("failure") - failed_before == 2
+    ok_before = counted("success")
     assert await refusal(gw.channel, made.key) == ""  # the real key is unaffected
+    assert counted("success") - ok_before == 1
 
 
 async def test_expired_key_is_refused(gw) -> None:
@@ -175,10 +194,11 @@ async def _is(answer, want: str) -> bool:
     return await answer == want
 
 
-async def test_revoked_key_is_refused_on_another_replica_within_a_second(gw) -> None:
+async def test_revoked_key_is_refused_on_another_replica_within_a_second(gw_any) -> None:
     """RevokeApiKey on replica A: A refuses the key at once and replica B, which had it
-    cached, within 1 s (pushed through Redis pub/sub), both with API_KEY_REVOKED; revoking
-    again is a no-op."""
+    cached, within 1 s (pushed through Redis pub/sub, or polled from the record without
+    Redis), both with API_KEY_REVOKED; revoking again is a no-op."""
+    gw = gw_any
     replica = await gw.second_gateway()
     try:
         async with grpc.aio.insecure_channel(replica.address) as other:
@@ -381,3 +401,43 @@ async def test_api_key_calls_count_against_the_rate_limit(base_overrides, redis_
             assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
     finally:
         await suite.stop()
+
+
+async def test_a_worker_key_with_the_seed_worker_role_serves_a_task_queue(gw) -> None:
+    """A service account with the seed role `worker` polls a queue and completes a task
+    with its API key alone (the issue's unattended worker); a key whose roles lack
+    worker:queue:* is refused at the gateway (PERMISSION_MISSING)."""
+    queue = unique("q")
+    worker = await api_key(gw, (await account(gw, ["worker"])).username)
+    reader = await api_key(gw, (await account(gw, ["readonly"])).username)
+    stub = worker_grpc.WorkerServiceStub(gw.channel)
+    code, reason, meta = await failure(
+        stub.PollTask,
+        worker_pb.PollTaskRequest(queues=[queue], wait_seconds=0.2),
+        metadata=bearer(reader.key),
+    )
+    assert (code, reason, meta["permission"]) == (
+        DENIED,
+        "PERMISSION_MISSING",
+        f"worker:queue:{queue}",
+    )
+    workflow = await submit(
+        gw.channel,
+        gw.admin_token,
+        spec({"name": "work", "op": "task", "inputs": {"queue": queue, "type": "t", "input": {}}}),
+    )
+    task = await stub.PollTask(
+        worker_pb.PollTaskRequest(queues=[queue], wait_seconds=10),
+        metadata=bearer(worker.key),
+        timeout=15,
+    )
+    assert task.task_token and task.workflow_id == workflow.workflow_id
+    output = struct_pb2.Struct()
+    output.update({"done": True})
+    await stub.CompleteTask(
+        worker_pb.CompleteTaskRequest(task_token=task.task_token, queue=queue, output=output),
+        metadata=bearer(worker.key),
+        timeout=10,
+    )
+    done = await finish(gw.channel, gw.admin_token, workflow.workflow_id)
+    assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED
