@@ -68,7 +68,8 @@ def test_input_that_cannot_be_bound_says_why() -> None:
     with pytest.raises(InputBindingError, match=r"missing a required argument: 'text'"):
         definition(summarize).bind({})
 
-    def two(a: int, b: int) -> int: ...
+    def two(a: int, b: int) -> int:
+        return a + b
 
     with pytest.raises(InputBindingError, match=r"missing a required argument: 'b'.*JSON array"):
         definition(two).bind([1, 2])
