@@ -385,6 +385,8 @@ class Worker:
         identity: worker_identity sent with each poll (default host:pid).
         tls, ca_file, cert_file, key_file: TLS as for the client (aiwfe.sdk.channel).
         call_timeout: deadline of heartbeat, complete and fail calls.
+        tracer_provider: an OpenTelemetry TracerProvider for the task spans (default: the
+            global one, when the OpenTelemetry API is installed).
     """
 
     def __init__(
@@ -404,6 +406,7 @@ class Worker:
         cert_file: str | None = None,
         key_file: str | None = None,
         call_timeout: float = 10.0,
+        tracer_provider: Any = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -434,7 +437,7 @@ class Worker:
         self._executions: set[asyncio.Task[None]] = set()
         self._fatal: WorkerError | None = None
         self._pool = _ThreadPool(concurrency)
-        self._tracer = _tracer()
+        self._tracer = _tracer(tracer_provider)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -766,7 +769,9 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _tracer() -> Callable[[TaskInfo], contextlib.AbstractContextManager[Any]] | None:
+def _tracer(
+    provider: Any = None,
+) -> Callable[[TaskInfo], contextlib.AbstractContextManager[Any]] | None:
     """Spans from the OpenTelemetry API when it is installed (optional): the task's span
     is a child of the step's traceparent."""
     try:
@@ -774,7 +779,7 @@ def _tracer() -> Callable[[TaskInfo], contextlib.AbstractContextManager[Any]] | 
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
     except ImportError:
         return None
-    tracer = trace.get_tracer("aiwfe.sdk.worker")
+    tracer = trace.get_tracer("aiwfe.sdk.worker", tracer_provider=provider)
     propagator = TraceContextTextMapPropagator()
 
     def span(info: TaskInfo) -> contextlib.AbstractContextManager[Any]:

@@ -11,6 +11,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from aiwfe.app.embedded import free_port
 from aiwfe.sdk import NonRetryableError, Worker, current_task, task
@@ -299,3 +304,30 @@ async def test_reconnects_with_backoff_when_the_gateway_comes_up_late() -> None:
         worker.stop()
         await asyncio.wait_for(run, 20)
         await server.stop(0)
+
+
+async def test_the_task_span_is_a_child_of_the_tasks_traceparent(fake: Harness) -> None:
+    """With an OpenTelemetry SDK provider, the task runs in a CONSUMER span whose parent is
+    the span the task's traceparent names, in its trace; code in the task sees it as
+    current."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()  # the worker's own: the process-wide one is left alone
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    seen: list[int] = []
+
+    @task("traced")
+    def traced() -> None:
+        seen.append(trace.get_current_span().get_span_context().trace_id)
+
+    fake.start(traced, tracer_provider=provider)
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    token = fake.service.offer("traced", None, traceparent=f"00-{trace_id}-{parent_id}-01")
+    await fake.service.answered(token)
+    (span,) = exporter.get_finished_spans()
+    assert (span.name, span.kind) == ("task traced", SpanKind.CONSUMER)
+    assert span.parent is not None
+    assert (format(span.context.trace_id, "032x"), format(span.parent.span_id, "016x")) == (
+        trace_id, parent_id
+    )  # fmt: skip
+    assert seen == [span.context.trace_id]
+    assert span.attributes is not None and span.attributes["aiwfe.task.type"] == "traced"
