@@ -381,12 +381,25 @@ def _task_spec() -> wf_pb.WorkflowSpec:
     return spec
 
 
+SHED: dict[str, int] = {"submissions": 0}  # SubmitWorkflow refused by load shedding
+
+
 async def _submit_and_watch(
     stub: wf_grpc.WorkflowServiceStub, md: Any, spec: wf_pb.WorkflowSpec
 ) -> wf_pb.Workflow:
-    reply = await stub.SubmitWorkflow(
-        wf_pb.SubmitWorkflowRequest(spec=spec), metadata=md, timeout=30
-    )
+    """Submit + Watch to the end; a submission shed by the gateway (RESOURCE_EXHAUSTED)
+    is counted and sent again after 50 ms."""
+    while True:
+        try:
+            reply = await stub.SubmitWorkflow(
+                wf_pb.SubmitWorkflowRequest(spec=spec), metadata=md, timeout=30
+            )
+            break
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            SHED["submissions"] += 1
+            await asyncio.sleep(0.05)
     last = None
     async for event in stub.WatchWorkflow(
         wf_pb.WatchWorkflowRequest(workflow_id=reply.workflow.workflow_id), metadata=md, timeout=30
@@ -465,6 +478,7 @@ async def external_phases(
             "noop": noop,
             "task": task,
             "task_vs_noop": round(task["workflows_per_s"] / noop["workflows_per_s"], 3),
+            "submissions_shed_and_retried": SHED["submissions"],
         }
     finally:
         if worker is not None:

@@ -77,6 +77,13 @@ BACKOFF_MAX = 5.0
 MAX_POLL_TYPES = 64
 # A heartbeat asked for by heartbeat(details) goes out at most this often.
 MIN_HEARTBEAT_INTERVAL = 0.5
+# Codes worth retrying a token call on while its token may still be good: the gateway is
+# down or slow, or it shed the call (after its `retry-after` delay).
+RETRY_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 # Codes that will not heal by retrying the same call: stop the worker, saying why.
 FATAL_POLL_CODES = {
     grpc.StatusCode.UNAUTHENTICATED,
@@ -562,7 +569,7 @@ class Worker:
                     self.stop()
                     return
                 if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                    delay = next(delays)
+                    delay = retry_delay(exc, next(delays))
                     log.warning("PollTask failed (%s: %s): retrying in %.2fs",
                                 exc.code().name, exc.details(), delay)  # fmt: skip
                     await asyncio.sleep(delay)
@@ -743,8 +750,8 @@ class Worker:
                                 " (%s): dropped", method, info.type, info.workflow_id,
                                 exc.details())  # fmt: skip
                     return
-                retry = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                delay = next(delays)
+                retry = code in RETRY_CODES
+                delay = retry_delay(exc, next(delays))
                 if not retry or time.monotonic() + delay > give_up:
                     log.error("%s for task %s of workflow %s failed: %s: %s", method,
                               info.type, info.workflow_id, code.name, exc.details())  # fmt: skip
@@ -757,6 +764,17 @@ class Worker:
         if self._tracer is None:
             return contextlib.nullcontext()
         return self._tracer(info)
+
+
+def retry_delay(exc: grpc.aio.AioRpcError, backoff: float) -> float:
+    """The backoff, or the server's `retry-after` (seconds) when it asks for longer."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == "retry-after":
+            try:
+                return max(backoff, min(float(value), BACKOFF_MAX))
+            except ValueError:
+                break
+    return backoff
 
 
 def heartbeat_interval(heartbeat_timeout: float) -> float:

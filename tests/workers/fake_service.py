@@ -29,6 +29,8 @@ class FakeWorkerService(pb_grpc.WorkerServiceServicer):
     failed: dict[str, pb.FailTaskRequest] = field(default_factory=dict)
     cancel: set[str] = field(default_factory=set)
     stale: set[str] = field(default_factory=set)
+    shed_completes: int = 0  # refuse this many CompleteTask calls (RESOURCE_EXHAUSTED)
+    completes_refused: int = 0
     metadata: list[dict[str, str]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -91,6 +93,10 @@ class FakeWorkerService(pb_grpc.WorkerServiceServicer):
         self._seen(context)
         if request.task_token in self.stale:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "stale task token")
+        if self.completes_refused < self.shed_completes:
+            self.completes_refused += 1
+            context.set_trailing_metadata((("retry-after", "1"),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded")
         self.completed[request.task_token] = json_format.MessageToDict(request.output)
         return pb.CompleteTaskResponse()
 

@@ -151,6 +151,18 @@ async def test_sync_and_async_functions_complete_with_their_outputs(fake: Harnes
     assert {m.get("authorization") for m in fake.service.metadata} == {"Bearer k3y"}
 
 
+async def test_a_shed_completion_is_sent_again_after_retry_after(fake: Harness) -> None:
+    """CompleteTask refused with RESOURCE_EXHAUSTED and `retry-after: 1` is sent again
+    after that second, not dropped."""
+    fake.service.shed_completes = 1
+    fake.start(double)
+    token = fake.service.offer("double", 2)
+    started = time.monotonic()
+    await fake.service.answered(token)
+    assert time.monotonic() - started >= 0.9
+    assert (fake.service.completes_refused, fake.service.completed) == (1, {token: {"result": 4.0}})
+
+
 async def test_failures_are_retryable_unless_non_retryable_or_unbindable(fake: Harness) -> None:
     """A plain exception fails retryable; NonRetryableError and unbindable input fail
     for good, with messages that say why."""
