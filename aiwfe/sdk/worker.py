@@ -54,7 +54,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -372,8 +372,60 @@ class _Running:
     info: TaskInfo
     call: asyncio.Future[Any]
     is_async: bool
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    wake: asyncio.Future[None]  # done when the call ended or the task was cancelled
     reported: bool = False
+
+    def wake_up(self, _: object = None) -> None:
+        if not self.wake.done():
+            self.wake.set_result(None)
+
+
+class _Heartbeats:
+    """Heartbeats of one task on timers, not a task per running task: a task that ends
+    before its first heartbeat is due costs one timer. `request()` (heartbeat(details))
+    brings the next one forward, at most one per MIN_HEARTBEAT_INTERVAL."""
+
+    def __init__(self, send: Callable[[], Coroutine[Any, Any, bool]], interval: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._send = send  # one heartbeat; False: stop (cancelled or lost)
+        self._interval = interval
+        self._last = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending: asyncio.Task[bool] | None = None
+        self._stopped = False
+        self._schedule(interval)
+
+    def _schedule(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(delay, self._fire)
+
+    def request(self) -> None:
+        if self._stopped or self._sending is not None:
+            return
+        self._schedule(max(0.0, self._last + min(MIN_HEARTBEAT_INTERVAL, self._interval)
+                           - time.monotonic()))  # fmt: skip
+
+    def _fire(self) -> None:
+        self._timer = None
+        if self._stopped:
+            return
+        self._last = time.monotonic()
+        self._sending = self._loop.create_task(self._send())
+        self._sending.add_done_callback(self._sent)
+
+    def _sent(self, sending: asyncio.Task[bool]) -> None:
+        self._sending = None
+        go_on = not sending.cancelled() and sending.exception() is None and sending.result()
+        if go_on and not self._stopped:
+            self._schedule(max(0.0, self._last + self._interval - time.monotonic()))
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._sending is not None:
+            self._sending.cancel()
 
 
 class Worker:
@@ -613,17 +665,19 @@ class Worker:
         self, spec: TaskDefinition, info: TaskInfo, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         loop = asyncio.get_running_loop()
-        beat_now = asyncio.Event()
-        info._beat_now = functools.partial(loop.call_soon_threadsafe, beat_now.set)
         call = asyncio.ensure_future(self._call(spec, info, args, kwargs))
-        running = _Running(info, call, spec.is_async)
+        running = _Running(info, call, spec.is_async, loop.create_future())
+        call.add_done_callback(running.wake_up)
         self._running[info.task_token] = running
-        beats = asyncio.create_task(self._heartbeats(running, beat_now))
-        stop = asyncio.ensure_future(running.cancelled.wait())
+        beats = _Heartbeats(
+            functools.partial(self._heartbeat, running),
+            heartbeat_interval(info.heartbeat_timeout),
+        )
+        info._beat_now = functools.partial(loop.call_soon_threadsafe, beats.request)
         try:
-            await asyncio.wait({call, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await running.wake
             if call.done() and not info.cancelled:
-                beats.cancel()
+                beats.stop()
                 await self._report(running)
                 return
             await self._report_cancelled(running)
@@ -632,8 +686,7 @@ class Worker:
                 # slot, until it returns (it can watch current_task().cancelled).
                 await asyncio.wait({call})
         finally:
-            stop.cancel()
-            beats.cancel()
+            beats.stop()
             self._running.pop(info.task_token, None)
 
     async def _call(
@@ -685,46 +738,37 @@ class Worker:
         if not info.cancelled:
             info.cancel_reason = reason
             info._cancelled.set()
-        running.cancelled.set()
+        running.wake_up()
         if running.is_async:
             running.call.cancel()
 
-    async def _heartbeats(self, running: _Running, beat_now: asyncio.Event) -> None:
+    async def _heartbeat(self, running: _Running) -> bool:
+        """Sends one heartbeat; False when the task must stop (cancelled, or lost)."""
         info = running.info
+        request = pb.HeartbeatTaskRequest(task_token=info.task_token, queue=info.queue)
+        details = details_struct(info._details)
+        if details is not None:
+            request.details.CopyFrom(details)
         interval = heartbeat_interval(info.heartbeat_timeout)
-        last = time.monotonic()
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    beat_now.wait(), max(0.0, last + interval - time.monotonic())
-                )
-            beat_now.clear()
-            # An early heartbeat (heartbeat(details)) waits out the minimum interval.
-            await asyncio.sleep(max(0.0, last + min(MIN_HEARTBEAT_INTERVAL, interval)
-                                    - time.monotonic()))  # fmt: skip
-            last = time.monotonic()
-            request = pb.HeartbeatTaskRequest(task_token=info.task_token, queue=info.queue)
-            details = details_struct(info._details)
-            if details is not None:
-                request.details.CopyFrom(details)
-            try:
-                reply = await self._stub.HeartbeatTask(
-                    request, timeout=max(1.0, min(self.call_timeout, interval)),
-                    metadata=self._metadata,
-                )  # fmt: skip
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
-                    log.warning("task %s of workflow %s lost (%s): dropped", info.type,
-                                info.workflow_id, exc.details())  # fmt: skip
-                    self._cancel(running, f"lost: {exc.details()}")
-                    return
-                log.warning("HeartbeatTask failed (%s: %s)", exc.code().name, exc.details())
-                continue
-            if reply.cancel_requested:
-                log.info("task %s of workflow %s: cancellation requested", info.type,
-                         info.workflow_id)  # fmt: skip
-                self._cancel(running, "the workflow was cancelled or timed out")
-                return
+        try:
+            reply = await self._stub.HeartbeatTask(
+                request, timeout=max(1.0, min(self.call_timeout, interval)),
+                metadata=self._metadata,
+            )  # fmt: skip
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                log.warning("task %s of workflow %s lost (%s): dropped", info.type,
+                            info.workflow_id, exc.details())  # fmt: skip
+                self._cancel(running, f"lost: {exc.details()}")
+                return False
+            log.warning("HeartbeatTask failed (%s: %s)", exc.code().name, exc.details())
+            return True
+        if reply.cancel_requested:
+            log.info("task %s of workflow %s: cancellation requested", info.type,
+                     info.workflow_id)  # fmt: skip
+            self._cancel(running, "the workflow was cancelled or timed out")
+            return False
+        return True
 
     async def _fail(self, info: TaskInfo, message: str, retryable: bool) -> None:
         request = pb.FailTaskRequest(
