@@ -11,7 +11,6 @@ import re
 import sys
 from pathlib import Path
 
-import grpc
 from google.protobuf import json_format
 
 from tests.conftest import ADMIN_PASSWORD
@@ -67,10 +66,9 @@ async def test_the_readme_worker_example_runs(ws: WorkerSuite, tmp_path: Path) -
     finally:
         worker.terminate()
         await asyncio.wait_for(worker.wait(), 30)
-    workflow_id = json.loads(out.decode().splitlines()[0])["workflow"]["workflowId"]
+    workflow_id = json.loads(out.decode().splitlines()[0])["workflow_id"]
     done = await get(ws.channel, ws.admin, workflow_id)
     assert json_format.MessageToDict(step_status(done, "summarize").output) == {
         "summary": "the quick brown fox"
     }
     assert worker.returncode == 0
-    assert isinstance(ws.channel, grpc.aio.Channel)
