@@ -8,6 +8,7 @@ import asyncio
 import os
 import shutil
 import signal
+import sys
 import time
 from typing import Any
 
@@ -16,13 +17,13 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 
 from aiwfe.runtime.server import start_service
-from aiwfe.sdk import task
+from aiwfe.sdk import Worker, WorkerError, task
 from aiwfe.taskproc.v1 import worker_service_pb2 as pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as pb_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from tests.conftest import bearer
-from tests.taskproc.helpers import finish, get, spec, step_status, submit, watch
+from tests.taskproc.helpers import finish, get, new_user, spec, step_status, submit, watch
 from tests.workers import worker_tasks
 from tests.workers.conftest import ROOT, WorkerSuite, queue_name
 
@@ -274,3 +275,22 @@ async def test_the_worker_reconnects_after_the_gateway_restarts(
     done = await finish(ws.channel, ws.admin, wf.workflow_id, timeout=30)
     assert json_format.MessageToDict(step_status(done, "t").output) == {"result": "AFTER"}
     assert time.monotonic() - restarted < 8
+
+
+async def test_a_worker_without_the_queue_permission_stops_with_an_error(
+    ws: WorkerSuite, tmp_path
+) -> None:
+    """An SDK worker whose principal lacks worker:queue:<queue> stops at its first poll
+    with WorkerError naming PERMISSION_DENIED; `aiwfe worker run` exits 1 saying so."""
+    plain = await new_user(ws.suite, ws.channel, roles=("user",))
+    worker = Worker(ws.gateway, plain, queues=[queue_name()], tasks=SERVED)
+    with pytest.raises(WorkerError, match="PollTask refused: PERMISSION_DENIED"):
+        await asyncio.wait_for(worker.run_async(), 20)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aiwfe.app.cli", "worker", "run", "tests.workers.worker_tasks",
+        "--queue", queue_name(), "--gateway", ws.gateway, cwd=ROOT,
+        env={**os.environ, "AIWFE_API_KEY": plain}, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert "aiwfe: PollTask refused: PERMISSION_DENIED" in err.decode()
