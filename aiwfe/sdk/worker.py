@@ -308,6 +308,9 @@ def current_task() -> TaskInfo:
 # --- a pool of daemon threads for sync functions -----------------------------------------
 
 
+_Work = queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None]
+
+
 class _ThreadPool:
     """Runs sync task functions. Daemon threads, unlike ThreadPoolExecutor's: a sync
     function that ignores cancellation must not keep the process alive after shutdown
@@ -315,28 +318,31 @@ class _ThreadPool:
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._work: queue.SimpleQueue[
-            tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None
-        ] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._idle = 0
         self._lock = threading.Lock()
+        self._fresh()
+
+    def _fresh(self) -> None:
+        self._work: _Work = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads waiting for work (never more than len(_threads))
 
     def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
+            work = self._work
             if self._idle == 0 and len(self._threads) < self._size:
-                t = threading.Thread(target=self._run, name="aiwfe-task", daemon=True)
+                t = threading.Thread(target=self._run, args=(work,), name="aiwfe-task",
+                                     daemon=True)  # fmt: skip
                 self._threads.append(t)
                 t.start()
-            else:
-                self._idle -= 1
-        self._work.put((future, fn))
+            else:  # a waiting thread takes it, or the next one to finish (all busy)
+                self._idle = max(0, self._idle - 1)
+        work.put((future, fn))
         return future
 
-    def _run(self) -> None:
+    def _run(self, work: _Work) -> None:
         while True:
-            item = self._work.get()
+            item = work.get()
             if item is None:
                 return
             future, fn = item
@@ -346,11 +352,16 @@ class _ThreadPool:
                 except BaseException as exc:
                     future.set_exception(exc)
             with self._lock:
-                self._idle += 1
+                if work is self._work:
+                    self._idle += 1
 
     def shutdown(self) -> None:
-        for _ in self._threads:
-            self._work.put(None)
+        """Ends the threads (busy ones after their function); a later submit starts anew."""
+        with self._lock:
+            old, count = self._work, len(self._threads)
+            self._fresh()
+        for _ in range(count):
+            old.put(None)
 
 
 # --- the worker ----------------------------------------------------------------------------
@@ -536,8 +547,10 @@ class Worker:
                 self._pool.shutdown()
                 for sig in handled:
                     self._loop.remove_signal_handler(sig)
-        if self._fatal is not None:
-            raise self._fatal
+        self._stop_requested = False  # run_async may serve again
+        fatal, self._fatal = self._fatal, None
+        if fatal is not None:
+            raise fatal
 
     def stop(self) -> None:
         """Begins a graceful shutdown (from any thread, or a signal handler)."""

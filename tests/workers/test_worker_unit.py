@@ -343,3 +343,35 @@ async def test_the_task_span_is_a_child_of_the_tasks_traceparent(fake: Harness) 
     )  # fmt: skip
     assert seen == [span.context.trace_id]
     assert span.attributes is not None and span.attributes["aiwfe.task.type"] == "traced"
+
+
+async def test_sync_functions_run_on_at_most_concurrency_threads_across_restarts(
+    fake: Harness,
+) -> None:
+    """Twelve sync tasks with concurrency 3 never run more than three at once, on at most
+    three threads, and a stopped worker serves again when run anew."""
+    lock = threading.Lock()
+    running, peak, threads = 0, 0, set()
+
+    @task("busy")
+    def busy() -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+            threads.add(threading.get_ident())
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+
+    worker = fake.start(busy, concurrency=3)
+    first = [fake.service.offer("busy", None) for _ in range(6)]
+    for token in first:
+        await fake.service.answered(token)
+    await fake.stop(worker)
+    fake.workers.append((worker, asyncio.create_task(worker.run_async())))
+    second = [fake.service.offer("busy", None) for _ in range(6)]
+    for token in second:
+        await fake.service.answered(token)
+    assert set(fake.service.completed) == set(first + second)
+    assert peak == 3 and len(threads) <= 6
