@@ -22,6 +22,7 @@ from aiwfe.runtime.interceptors import (
 from aiwfe.runtime.rbac import Rbac
 from gateway.policies import MethodInfo
 from gateway.ratelimit import ApiLimiter
+from gateway.resources import ResourceGuard
 from gateway.response_cache import ResponseCache, cache_directive
 from gateway.tokens import TokenService
 
@@ -66,6 +67,7 @@ class AuthInterceptor(MethodInterceptor):
         self._enabled = enabled
         self._limiter = limiter
         self._cache = cache
+        self._resources = ResourceGuard(methods, rbac)
 
     def authenticate_now(self, info: MethodInfo | None, authorization: str | None) -> Admitted:
         """The steps of admission that need no waiting, for both data planes: the method
@@ -85,7 +87,11 @@ class AuthInterceptor(MethodInterceptor):
         return WAIT if principal is None else principal
 
     def authorize(self, info: MethodInfo, principal: Principal) -> None:
-        """PermissionDenied unless `principal`'s roles grant the method's permission."""
+        """PermissionDenied unless `principal`'s roles grant the method's permission. A
+        permission completed by the request (`resource_field`) is the ResourceGuard's, on
+        the decoded request (such methods never take the relay's fast path)."""
+        if info.resource_field:
+            return
         if not info.authenticated and not self._rbac.allows(principal.roles, info.permission):
             raise PermissionDenied(
                 f"permission {info.permission!r} required",
@@ -142,6 +148,8 @@ class AuthInterceptor(MethodInterceptor):
             return rejecting_handler(handler, exc)
         if principal is None:
             return handler
+        if info is not None and info.resource_field and principal is not ANONYMOUS:
+            handler = self._resources.wrap(method, handler)
         cacheable = principal.is_user and info is not None and ResponseCache.applies(info)
         if self._cache is not None and info is not None and cacheable:
             handler = self._cache.wrap(handler, info)

@@ -230,6 +230,7 @@ class FrontDoor:
         info, route = request.info, request.route
         if (
             info is None
+            or info.resource_field  # the permission needs the request (gateway/resources.py)
             or route is None
             or route.breaker.state is not BreakerState.CLOSED
             or not up(info.package)

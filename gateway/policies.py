@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from google.protobuf.descriptor import FileDescriptor, MethodDescriptor
+from google.protobuf.descriptor import Descriptor, FileDescriptor, MethodDescriptor
 
 from aiwfe.auth.v1 import auth_service_pb2
 from aiwfe.cognitive.v1 import cognitive_service_pb2
@@ -22,7 +22,7 @@ from aiwfe.data.v1 import (
 )
 from aiwfe.options.v1 import options_pb2
 from aiwfe.system.v1 import system_service_pb2
-from aiwfe.taskproc.v1 import workflow_service_pb2
+from aiwfe.taskproc.v1 import worker_service_pb2, workflow_service_pb2
 
 # Every contract the gateway knows. Packages other than auth are proxied to their owner.
 CONTRACTS: tuple[FileDescriptor, ...] = (
@@ -30,6 +30,7 @@ CONTRACTS: tuple[FileDescriptor, ...] = (
     system_service_pb2.DESCRIPTOR,
     cognitive_service_pb2.DESCRIPTOR,
     workflow_service_pb2.DESCRIPTOR,
+    worker_service_pb2.DESCRIPTOR,
     user_store_service_pb2.DESCRIPTOR,
     cache_store_service_pb2.DESCRIPTOR,
     vector_store_service_pb2.DESCRIPTOR,
@@ -52,6 +53,9 @@ class MethodInfo:
     idempotent: bool
     client_streaming: bool
     server_streaming: bool
+    # A request field naming the resources `permission` is completed with (gateway/resources.py).
+    resource_field: str = ""
+    input_type: Descriptor | None = None
 
     @property
     def declared(self) -> bool:
@@ -73,6 +77,8 @@ def _info(method: MethodDescriptor) -> MethodInfo:
         idempotent=policy.idempotent,
         client_streaming=method.client_streaming,
         server_streaming=method.server_streaming,
+        resource_field=policy.resource_field,
+        input_type=method.input_type,
     )
 
 

@@ -22,11 +22,14 @@ from aiwfe.runtime.interceptors import InternalIdentityInterceptor
 from aiwfe.runtime.page_tokens import PageTokens
 from aiwfe.runtime.server import Service
 from aiwfe.runtime.validation import Violations
+from aiwfe.taskproc.v1 import worker_service_pb2 as worker_pb
+from aiwfe.taskproc.v1 import worker_service_pb2_grpc as worker_pb_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
 from taskproc.shared_watch import SharedWatches
 from taskproc.spec import validate
 from taskproc.streams import StreamPool, WatchSlots
+from taskproc.tasks import TaskDispatcher, WorkerServicer
 from taskproc.worker import Worker
 
 ADMIN_ROLE = "admin"
@@ -212,6 +215,8 @@ class TaskProcService(Service):
         self.worker = Worker(
             settings.taskproc, settings.grpc.shutdown_grace_seconds, self.store, self.cognitive
         )
+        self.tasks = TaskDispatcher(settings.taskproc, self.store)
+        self.worker.work_listeners.append(self.tasks.wake)
 
     async def start(self) -> None:
         self.worker.start()
@@ -228,7 +233,13 @@ class TaskProcService(Service):
             ),
             server,
         )
-        return [pb.DESCRIPTOR.services_by_name["WorkflowService"].full_name]
+        worker_pb_grpc.add_WorkerServiceServicer_to_server(
+            WorkerServicer(self.settings.taskproc, self.store, self.identity, self.tasks), server
+        )
+        return [
+            pb.DESCRIPTOR.services_by_name["WorkflowService"].full_name,
+            worker_pb.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+        ]
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [InternalIdentityInterceptor(self.identity)]

@@ -159,8 +159,11 @@ def validate(spec: pb.WorkflowSpec, limits: TaskProcSettings) -> pb.WorkflowSpec
     for i, step in enumerate(spec.steps):
         inputs = json_format.MessageToDict(step.inputs)
         _check_references(step.name, inputs, f"spec.steps[{i}].inputs", spec, index, ancestors, v)
-        if not any(_ANY_REFERENCE.search(s) for _, s in _strings(inputs, "")):
-            problem = OPS[step.op].check_inputs(inputs)
+        op = OPS[step.op]
+        if op.check_with_references or not any(
+            _ANY_REFERENCE.search(s) for _, s in _strings(inputs, "")
+        ):
+            problem = op.check_inputs(inputs)
             if problem:
                 v.add(f"spec.steps[{i}].inputs", problem)
     v.raise_if_any()

@@ -26,6 +26,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,8 @@ class Worker:
         self._results_ready = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
+        # Called on every work_available push (the external workers' task dispatcher).
+        self.work_listeners: list[Callable[[], None]] = []
 
     async def _call(self, rpc: Any, request: Any, timeout: float) -> Any:
         """A queue call with the service identity and a deadline but no circuit breaker: the
@@ -304,6 +307,8 @@ class Worker:
                 async for wake in stream:
                     if wake.work_available:
                         self._wake.set()
+                        for listener in self.work_listeners:
+                            listener()
                     stopped = set(wake.stopped_workflow_ids)
                     for key in [k for k in self._running if k[0] in stopped]:
                         self._cancel(key, "stopped")

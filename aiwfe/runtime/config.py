@@ -547,6 +547,9 @@ class TaskProcSettings(_Block):
     # Streams taskproc opens on one connection to dataplatform (at most
     # grpc.max_concurrent_streams); more streams open more connections, never refused.
     streams_per_connection: int = Field(default=500, gt=0)
+    # PollTask calls one process holds waiting at once (external workers' long polls); more
+    # are refused with RESOURCE_EXHAUSTED + RetryInfo (TASK_POLLS_EXHAUSTED).
+    max_task_polls: int = Field(default=4096, gt=0, le=1_000_000)
     max_steps: int = Field(default=100, gt=0, le=1000)
     max_name_chars: int = Field(default=64, gt=0, le=256)
     max_input_bytes: int = Field(default=256 * 1024, gt=0)

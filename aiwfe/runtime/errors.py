@@ -110,6 +110,11 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
         "the embedding model's vectors do not fit the collection's dimension",
         ("collection", "collectionDimension", "model", "modelDimension"),
     ),
+    "TASK_TOKEN_STALE": Reason(
+        _C.FAILED_PRECONDITION,
+        "the task's lease expired (it was dispatched again) or its workflow ended: drop it",
+        ("workflowId", "stepName", "attempt"),
+    ),
     "NO_LLM_CONFIGURED": Reason(_C.FAILED_PRECONDITION, "Generate with no LLM configured"),
     "NO_DEFAULT_LLM": Reason(
         _C.FAILED_PRECONDITION, "several LLMs are configured, none is the default or named"
@@ -130,6 +135,11 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
     "WATCH_STREAMS_EXHAUSTED": Reason(
         _C.RESOURCE_EXHAUSTED,
         "a taskproc replica serves its limit of watch streams (RetryInfo, QuotaFailure)",
+        ("limit",),
+    ),
+    "TASK_POLLS_EXHAUSTED": Reason(
+        _C.RESOURCE_EXHAUSTED,
+        "a taskproc replica holds its limit of waiting PollTask calls (RetryInfo, QuotaFailure)",
         ("limit",),
     ),
     "BACKEND_RATE_LIMITED": Reason(

@@ -8,6 +8,7 @@ back ends). Health and reflection are exempt from all of them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import time
@@ -16,7 +17,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 
+from aiwfe.options.v1 import options_pb2
 from aiwfe.runtime.errors import (
     AiwfeError,
     InvalidArgument,
@@ -42,6 +45,16 @@ Guard = Callable[[Behavior, bool], Behavior]
 
 def is_exempt(method: str) -> bool:
     return method.startswith(EXEMPT_PREFIXES)
+
+
+@functools.lru_cache(maxsize=1024)  # bounded: callers choose method names
+def is_long_poll(method: str) -> bool:
+    """Whether the contract marks `method` ("/pkg.Service/Method") `long_poll`."""
+    try:
+        found = descriptor_pool.Default().FindMethodByName(method[1:].replace("/", "."))
+    except KeyError:
+        return False
+    return bool(found.GetOptions().Extensions[options_pb2.policy].long_poll)
 
 
 def metadata_value(metadata: Any, key: str) -> str | None:
@@ -285,7 +298,7 @@ class LoadSheddingInterceptor(MethodInterceptor):
     async def intercept(
         self, method: str, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
-        if handler.request_streaming or handler.response_streaming:
+        if handler.request_streaming or handler.response_streaming or is_long_poll(method):
             return handler
         return self._cache.get(method, handler)
 

@@ -69,6 +69,32 @@ qdrant_query_latency = Histogram(
 workflow_queue_depth = Gauge(
     "workflow_queue_depth", "Runnable steps waiting for a worker.", registry=REGISTRY
 )
+workflow_task_queue_depth = Gauge(
+    "workflow_task_queue_depth", "Runnable task steps waiting for an external worker.",
+    ["queue"], registry=REGISTRY,
+)  # fmt: skip
+workflow_task_queue_oldest_age = Gauge(
+    "workflow_task_queue_oldest_age_seconds",
+    "Age of the oldest runnable task step of a queue (since it became runnable).",
+    ["queue"], registry=REGISTRY,
+)  # fmt: skip
+workflow_tasks_dispatched = Counter(
+    "workflow_tasks_dispatched", "Task steps handed to external workers.", ["queue", "type"],
+    registry=REGISTRY,
+)  # fmt: skip
+workflow_tasks_completed = Counter(
+    "workflow_tasks_completed", "Task steps external workers completed.", ["queue", "type"],
+    registry=REGISTRY,
+)  # fmt: skip
+workflow_tasks_failed = Counter(
+    "workflow_tasks_failed", "Task attempts external workers failed.", ["queue", "type"],
+    registry=REGISTRY,
+)  # fmt: skip
+task_heartbeat_timeouts = Counter(
+    "workflow_task_heartbeat_timeouts",
+    "Task attempts whose worker stopped heartbeating (dispatched again).", ["queue", "type"],
+    registry=REGISTRY,
+)  # fmt: skip
 workflow_step_latency = Histogram(
     "workflow_step_latency", "Step attempt duration in seconds.", ["op", "outcome"],
     buckets=_LATENCY_BUCKETS, registry=REGISTRY,
@@ -102,6 +128,8 @@ def _series() -> tuple[frozenset[str], frozenset[str]]:
         database_connection_pool_usage, redis_cache_hit_rate, qdrant_query_latency,
         workflow_queue_depth, workflow_step_latency, workflow_step_retries,
         workflow_dead_letters, workflow_watch_streams, circuit_breaker_state,
+        workflow_task_queue_depth, workflow_task_queue_oldest_age, workflow_tasks_dispatched,
+        workflow_tasks_completed, workflow_tasks_failed, task_heartbeat_timeouts,
     ):  # fmt: skip
         for family in collector.describe():
             families.add(family.name)

@@ -23,11 +23,16 @@ _INVALID = "is not a page token issued for this caller and filter"
 
 
 class PageTokens:
-    """Seals cursors into page tokens for one listing (its `kind` is bound into each)."""
+    """Seals cursors into page tokens for one listing (its `kind` is bound into each).
+    Task tokens (taskproc/tasks.py) are sealed the same way, as field `task_token`."""
 
-    def __init__(self, key: bytes, kind: str) -> None:
+    def __init__(
+        self, key: bytes, kind: str, field: str = "page_token", invalid: str = _INVALID
+    ) -> None:
         self._aead = AESGCM(key)
         self._kind = kind.encode()
+        self._field = field
+        self._invalid = invalid
 
     def _bound(self, caller: str, filter_: str) -> bytes:
         return b"\0".join((self._kind, caller.encode(), filter_.encode()))
@@ -49,4 +54,4 @@ class PageTokens:
             nonce, sealed = raw[:_NONCE_BYTES], raw[_NONCE_BYTES:]
             return self._aead.decrypt(nonce, sealed, self._bound(caller, filter_)).decode()
         except (binascii.Error, UnicodeError, ValueError, InvalidTag):
-            raise InvalidArgument([("page_token", _INVALID)]) from None
+            raise InvalidArgument([(self._field, self._invalid)]) from None

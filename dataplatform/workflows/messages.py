@@ -48,6 +48,8 @@ def workflow(row: dict[str, Any], steps: list[dict[str, Any]]) -> wf_pb.Workflow
         )
         if s["output"] is not None:
             status.output.CopyFrom(struct(s["output"]))
+        if s.get("details") is not None:
+            status.details.CopyFrom(struct(s["details"]))
     return wf
 
 

@@ -44,10 +44,11 @@ from dataplatform.workflows.states import (
 T = TypeVar("T")
 
 MAX_ERROR_CHARS = 4000
+DEFAULT_HEARTBEAT_SECONDS = 30.0  # a task step's lease without heartbeat_timeout_seconds
 SUBMITTED = "workflow submitted"  # a workflow's first event
 _TX_RETRIES = 5
 
-_STEP_COLUMNS = "name, position, state, attempt, output, error"
+_STEP_COLUMNS = "name, position, state, attempt, output, error, details"
 _WF_COLUMNS = (
     "workflow_id, owner_id, owner_username, owner_roles, spec, state, error,"
     " created_at, updated_at, last_sequence"
@@ -114,11 +115,18 @@ _CREATE = (
     f"  ON CONFLICT (owner_id, idempotency_key) DO NOTHING RETURNING {_WF_COLUMNS}),"
     " s AS (INSERT INTO workflow_steps (workflow_id, name, position, op, inputs,"
     "   depends_on, remaining_deps, state, priority, max_attempts, initial_backoff,"
-    "   backoff_multiplier, max_backoff, jitter, timeout_seconds)"
+    "   backoff_multiplier, max_backoff, jitter, timeout_seconds, queue, task_type,"
+    "   heartbeat_timeout)"
     "   SELECT w.workflow_id, u.name, u.ord - 1, u.op, u.inputs,"
     "   ARRAY(SELECT jsonb_array_elements_text(u.deps)), jsonb_array_length(u.deps),"
     f"   {_PENDING}, %(priority)s, u.max_attempts, u.initial_backoff,"
-    "   u.backoff_multiplier, u.max_backoff, u.jitter, u.timeout_seconds"
+    "   u.backoff_multiplier, u.max_backoff, u.jitter, u.timeout_seconds,"
+    # A task step's queue and type (validated literals, see taskproc/ops/task.py) become
+    # columns, so claims filter on an index.
+    "   CASE WHEN u.op = 'task' THEN u.inputs->>'queue' END,"
+    "   CASE WHEN u.op = 'task' THEN u.inputs->>'type' END,"
+    "   CASE WHEN u.op = 'task' THEN coalesce("
+    "     (u.inputs->>'heartbeat_timeout_seconds')::float8, %(default_heartbeat)s) END"
     "   FROM w, unnest(%(step_names)s::text[], %(step_ops)s::text[],"
     "   %(step_inputs)s::jsonb[], %(step_deps)s::jsonb[], %(max_attempts)s::int[],"
     "   %(initial_backoffs)s::float8[], %(backoff_multipliers)s::float8[],"
@@ -131,21 +139,35 @@ _CREATE = (
     " SELECT * FROM w"
 )
 
+# Built-in steps (queue IS NULL) go to taskproc's workers, task steps to the external
+# workers polling their queue; each kind has its partial index (migrations 004, 006).
+_BUILTIN = "queue IS NULL"
+_TASKS = (
+    "queue IS NOT NULL AND queue = ANY(%(queues)s)"
+    " AND (cardinality(%(types)s::text[]) = 0 OR task_type = ANY(%(types)s))"
+)
 _CLAIM = (
     "WITH picked AS (SELECT workflow_id, name FROM workflow_steps"
     f"   WHERE state IN ({sql(*CLAIMABLE)}) AND remaining_deps = 0 AND next_run_at <= now()"
+    "   AND {kind}"
     "   ORDER BY priority DESC, next_run_at LIMIT %(max_steps)s"
     "   FOR UPDATE SKIP LOCKED)"
     f" UPDATE workflow_steps s SET state = {_RUNNING}, attempt = s.attempt + 1,"
     "   lease_owner = %(worker_id)s,"
-    "   lease_expires_at = now() + %(lease_seconds)s * interval '1 second',"
-    "   updated_at = now()"
+    # A task's lease is its heartbeat timeout, never past its attempt's deadline;
+    # taskproc's own workers time their steps out themselves (no deadline column).
+    "   lease_expires_at = now() + CASE WHEN s.queue IS NULL"
+    "     THEN %(lease_seconds)s ELSE least(s.heartbeat_timeout, s.timeout_seconds) END"
+    "     * interval '1 second',"
+    "   attempt_deadline_at = CASE WHEN s.queue IS NOT NULL"
+    "     THEN now() + s.timeout_seconds * interval '1 second' END,"
+    "   details = NULL, updated_at = now()"
     " FROM picked, workflows w"
     " WHERE s.workflow_id = picked.workflow_id AND s.name = picked.name"
     "   AND w.workflow_id = s.workflow_id"
     " RETURNING s.workflow_id, s.name, s.op, s.inputs, s.attempt, s.timeout_seconds,"
     "   s.lease_expires_at, s.priority, s.next_run_at, w.owner_id, w.owner_username,"
-    "   w.owner_roles"
+    "   w.owner_roles, s.queue, s.task_type, s.heartbeat_timeout, s.attempt_deadline_at"
 )
 
 _COMPLETE = (
@@ -178,17 +200,21 @@ _EXPIRE_LEASES = (
     "WITH e AS (SELECT workflow_id, name, lease_owner FROM workflow_steps"
     f"   WHERE state = {_RUNNING} AND lease_expires_at < now()"
     "   ORDER BY lease_expires_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED),"
+    # A task whose lease ran into its attempt deadline timed out; any other lease ran out
+    # because its worker stopped heartbeating (or extending).
     f" u AS (UPDATE workflow_steps s SET state = {_RETRYING}, failures = s.failures + 1,"
     "   lease_owner = NULL, lease_expires_at = NULL, next_run_at = now(),"
-    "   error = %(error)s, updated_at = now()"
+    "   error = CASE WHEN s.lease_expires_at >= s.attempt_deadline_at"
+    "     THEN %(timed_out)s ELSE %(error)s END, updated_at = now()"
     "   FROM e WHERE s.workflow_id = e.workflow_id AND s.name = e.name"
     "   RETURNING s.workflow_id, s.name, s.attempt, s.failures, s.max_attempts,"
-    "     e.lease_owner),"
+    "     e.lease_owner, s.error, s.queue, s.task_type),"
     " rec AS (INSERT INTO workflow_step_attempts"
     "   (workflow_id, step_name, attempt, worker_id, succeeded, error)"
-    "   SELECT workflow_id, name, attempt, coalesce(lease_owner, ''), false, %(error)s"
+    "   SELECT workflow_id, name, attempt, coalesce(lease_owner, ''), false, error"
     "   FROM u ON CONFLICT DO NOTHING)"
-    " SELECT workflow_id, name, attempt, failures, max_attempts FROM u"
+    " SELECT workflow_id, name, attempt, failures, max_attempts, error, queue, task_type"
+    " FROM u"
 )
 
 
@@ -302,6 +328,7 @@ class WorkflowRepository:
             "jitters": [p.jitter for p in policies],
             "step_timeouts": [st.timeout_seconds for st in steps],
             "submitted": SUBMITTED,
+            "default_heartbeat": DEFAULT_HEARTBEAT_SECONDS,
         }
         async with self._db.autocommit() as conn:
             cur = await conn.execute(_CREATE, args)
@@ -318,7 +345,14 @@ class WorkflowRepository:
                 }
                 self._wakeups.deliver({wid: [first]})  # watched before the insert, if at all
                 pending = [
-                    {"name": st.name, "state": _PENDING, "attempt": 0, "error": "", "output": None}
+                    {
+                        "name": st.name,
+                        "state": _PENDING,
+                        "attempt": 0,
+                        "error": "",
+                        "output": None,
+                        "details": None,
+                    }
                     for st in steps
                 ]
                 return pb.CreateWorkflowResponse(
@@ -496,10 +530,15 @@ class WorkflowRepository:
         return [r["workflow_id"] for r in await cur.fetchall()]
 
     @staticmethod
-    async def expire_leases(conn: DictConnection, error: str, limit: int) -> list[dict[str, Any]]:
-        """Steps whose lease expired, made RETRYING with a failed attempt recorded, in
+    async def expire_leases(
+        conn: DictConnection, error: str, timed_out: str, limit: int
+    ) -> list[dict[str, Any]]:
+        """Steps whose lease expired, made RETRYING with a failed attempt recorded (its
+        error `timed_out` for a task past its attempt deadline, else `error`), in
         (workflow, name) order."""
-        cur = await conn.execute(_EXPIRE_LEASES, {"error": error, "limit": limit})
+        cur = await conn.execute(
+            _EXPIRE_LEASES, {"error": error, "timed_out": timed_out, "limit": limit}
+        )
         return sorted(await cur.fetchall(), key=lambda r: (r["workflow_id"], r["name"]))
 
     @staticmethod
@@ -511,21 +550,47 @@ class WorkflowRepository:
         depth = await cur.fetchone()
         return depth["n"] if depth else 0
 
+    @staticmethod
+    async def task_queues(conn: DictConnection, limit: int) -> list[dict[str, Any]]:
+        """The deepest task queues: runnable steps and the oldest one's age in seconds."""
+        cur = await conn.execute(
+            "SELECT queue, count(*) AS depth,"
+            "   extract(epoch FROM now() - min(next_run_at))::float8 AS oldest_age"
+            f" FROM workflow_steps WHERE state IN ({sql(*CLAIMABLE)}) AND remaining_deps = 0"
+            "   AND next_run_at <= now() AND queue IS NOT NULL"
+            " GROUP BY queue ORDER BY depth DESC LIMIT %(limit)s",
+            {"limit": limit},
+        )
+        return await cur.fetchall()
+
     async def claim(
-        self, conn: DictConnection, worker_id: str, max_steps: int, lease_seconds: float
+        self,
+        conn: DictConnection,
+        worker_id: str,
+        max_steps: int,
+        lease_seconds: float,
+        queues: list[str] | None = None,
+        types: list[str] | None = None,
     ) -> pb.ClaimStepsResponse:
         """Leases up to `max_steps` runnable steps to `worker_id`, highest priority first,
-        with the outputs of the steps their inputs reference."""
-        cur = await conn.execute(
-            _CLAIM,
-            {"max_steps": max_steps, "worker_id": worker_id, "lease_seconds": lease_seconds},
-        )
+        with the outputs of the steps their inputs reference: built-in steps, or with
+        `queues` the task steps of those queues (of `types`, if given)."""
+        kind = _TASKS if queues else _BUILTIN
+        args = {
+            "max_steps": max_steps,
+            "worker_id": worker_id,
+            "lease_seconds": lease_seconds,
+            "queues": queues or [],
+            "types": types or [],
+        }
+        cur = await conn.execute(_CLAIM.replace("{kind}", kind), args)
         rows = sorted(await cur.fetchall(), key=lambda r: (-r["priority"], r["next_run_at"]))
         reply = pb.ClaimStepsResponse()
         if not rows:
             cur = await conn.execute(
                 "SELECT min(next_run_at) AS t FROM workflow_steps"
-                f" WHERE state IN ({sql(*CLAIMABLE)}) AND remaining_deps = 0"
+                f" WHERE state IN ({sql(*CLAIMABLE)}) AND remaining_deps = 0 AND {kind}",
+                args,
             )
             nxt = await cur.fetchone()
             if nxt and nxt["t"] is not None:
@@ -562,24 +627,40 @@ class WorkflowRepository:
                 ),
                 lease_expire_time=messages.timestamp(r["lease_expires_at"]),
             )
+            if r["queue"] is not None:
+                step.queue, step.task_type = r["queue"], r["task_type"]
+                step.heartbeat_timeout_seconds = r["heartbeat_timeout"]
+                step.attempt_deadline.CopyFrom(messages.timestamp(r["attempt_deadline_at"]))
             if r["workflow_id"] in outputs:
                 step.dependency_outputs.CopyFrom(messages.struct(outputs[r["workflow_id"]]))
         return reply
 
     async def extend_leases(
-        self, worker_id: str, refs: StepRefs, lease_seconds: float
+        self,
+        worker_id: str,
+        refs: StepRefs,
+        lease_seconds: float,
+        details: list[str | None] | None = None,
     ) -> set[tuple[str, str, int]]:
-        """The (workflow, step, attempt) leases still held by `worker_id`, now extended."""
+        """The (workflow, step, attempt) leases still held by `worker_id`, now extended
+        (never past a task's attempt deadline); `details` (JSON, parallel to `refs`)
+        replace the steps' progress details where given."""
         async with self._db.pool.connection() as conn:
             cur = await conn.execute(
-                "UPDATE workflow_steps s"
-                " SET lease_expires_at = now() + %(lease_seconds)s * interval '1 second'"
-                " FROM unnest(%(workflow_ids)s::uuid[], %(names)s::text[], %(attempts)s::int[])"
-                "   AS u(wf, name, attempt)"
+                "UPDATE workflow_steps s SET lease_expires_at = least("
+                "   now() + %(lease_seconds)s * interval '1 second', s.attempt_deadline_at),"
+                "   details = coalesce(u.details, s.details)"
+                " FROM unnest(%(workflow_ids)s::uuid[], %(names)s::text[], %(attempts)s::int[],"
+                "   %(details)s::jsonb[]) AS u(wf, name, attempt, details)"
                 " WHERE s.workflow_id = u.wf AND s.name = u.name AND s.attempt = u.attempt"
                 f"   AND s.lease_owner = %(worker_id)s AND s.state = {_RUNNING}"
                 " RETURNING s.workflow_id, s.name, s.attempt",
-                {"lease_seconds": lease_seconds, "worker_id": worker_id, **refs._asdict()},
+                {
+                    "lease_seconds": lease_seconds,
+                    "worker_id": worker_id,
+                    "details": details or [None] * len(refs.names),
+                    **refs._asdict(),
+                },
             )
             return {(str(r["workflow_id"]), r["name"], r["attempt"]) for r in await cur.fetchall()}
 
@@ -628,7 +709,12 @@ class WorkflowRepository:
 
     @staticmethod
     async def record_failure(
-        conn: DictConnection, worker_id: str, ref: pb.StepRef, wid: uuid.UUID, error: str
+        conn: DictConnection,
+        worker_id: str,
+        ref: pb.StepRef,
+        wid: uuid.UUID,
+        error: str,
+        details: str | None = None,
     ) -> dict[str, Any] | None:
         """Counts a failed attempt (if the lease is still `worker_id`'s) and records its
         attempt row; returns the step's retry policy and failure count, or None."""
@@ -646,9 +732,10 @@ class WorkflowRepository:
         if row is not None:
             await conn.execute(
                 "INSERT INTO workflow_step_attempts"
-                " (workflow_id, step_name, attempt, worker_id, succeeded, error)"
-                " VALUES (%(id)s, %(step)s, %(attempt)s, %(worker_id)s, false, %(error)s)",
-                {"error": error, **key},
+                " (workflow_id, step_name, attempt, worker_id, succeeded, error, details)"
+                " VALUES (%(id)s, %(step)s, %(attempt)s, %(worker_id)s, false, %(error)s,"
+                " %(details)s)",
+                {"error": error, "details": details, **key},
             )
         return row
 

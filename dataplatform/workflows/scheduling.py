@@ -30,8 +30,10 @@ log = logging.getLogger("aiwfe.dataplatform.workflows")
 MAX_LEASE_SECONDS = 3600.0
 # The error of an attempt whose lease expired: its step's error and its attempt row.
 LEASE_LOST = "lease expired (worker lost)"
+TASK_TIMED_OUT = "attempt timed out (task not completed by its deadline)"
 SWEEP_INTERVAL = 0.25  # expired leases and workflow deadlines, at most this often
 SWEEP_BATCH = 100  # rows per kind per sweep; the next sweep takes the rest
+MAX_QUEUE_SERIES = 100  # task queues with a gauge series (the deepest); queue names are free
 
 
 def backoff_seconds(
@@ -61,6 +63,7 @@ class Scheduler:
     def __init__(self, repo: WorkflowRepository) -> None:
         self._repo = repo
         self._next_sweep = 0.0
+        self._queues: set[str] = set()  # queues with a gauge series
 
     async def dead_letter(
         self, conn: DictConnection, wid: uuid.UUID, step: str, attempts: int, error: str
@@ -102,6 +105,20 @@ class Scheduler:
         metrics.workflow_step_retries.labels(step["op"]).inc()
         return FailureOutcome(will_retry=True, next_run_at=next_run_at)
 
+    async def _task_queue_gauges(self, conn: DictConnection) -> None:
+        """Depth and oldest-task age per task queue (the deepest MAX_QUEUE_SERIES); a
+        queue that drained loses its series, so queue names cannot grow them unbounded."""
+        rows = await self._repo.task_queues(conn, MAX_QUEUE_SERIES)
+        seen = set()
+        for r in rows:
+            seen.add(r["queue"])
+            metrics.workflow_task_queue_depth.labels(r["queue"]).set(r["depth"])
+            metrics.workflow_task_queue_oldest_age.labels(r["queue"]).set(r["oldest_age"])
+        for gone in self._queues - seen:
+            metrics.workflow_task_queue_depth.remove(gone)
+            metrics.workflow_task_queue_oldest_age.remove(gone)
+        self._queues = seen
+
     def sweep_due(self) -> bool:
         """Whether a sweep is due (at most one per SWEEP_INTERVAL); claims the slot."""
         now = time.monotonic()
@@ -117,10 +134,12 @@ class Scheduler:
         for wid in await self._repo.overdue_workflows(conn, SWEEP_BATCH):
             if await self._repo.stop(conn, wid, WorkflowState.TIMED_OUT, "workflow timed out"):
                 stopped.append(str(wid))
-        expired = await self._repo.expire_leases(conn, LEASE_LOST, SWEEP_BATCH)
+        expired = await self._repo.expire_leases(conn, LEASE_LOST, TASK_TIMED_OUT, SWEEP_BATCH)
         events = []
         for r in expired:
-            msg = f"attempt {r['attempt']}: {LEASE_LOST}"
+            msg = f"attempt {r['attempt']}: {r['error']}"
+            if r["queue"] is not None and r["error"] == LEASE_LOST:
+                metrics.task_heartbeat_timeouts.labels(r["queue"], r["task_type"]).inc()
             if out_of_attempts(r):
                 await self.dead_letter(conn, r["workflow_id"], r["name"], r["failures"], msg)
                 stopped.append(str(r["workflow_id"]))
@@ -128,6 +147,7 @@ class Scheduler:
                 events.append(NewEvent(r["workflow_id"], r["name"], StepState.RETRYING, msg))
         await self._repo.append_events(conn, events)
         metrics.workflow_queue_depth.set(await self._repo.queue_depth(conn))
+        await self._task_queue_gauges(conn)
         if expired:
             log.warning("reclaimed %d steps with expired leases", len(expired))
         return stopped

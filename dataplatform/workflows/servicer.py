@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.struct_pb2 import Struct
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as pb_grpc
@@ -31,6 +32,10 @@ from dataplatform.workflows.watches import (
 MAX_STEPS = 1000
 MAX_BATCH = 1000
 MAX_ID_CHARS = 128
+MAX_QUEUES = 16  # per task claim
+MAX_TYPES = 64
+MAX_NAME_CHARS = 64  # a queue or task type name
+MAX_DETAILS_BYTES = 65536  # a task's progress or failure details, as JSON
 MAX_IDEMPOTENCY_KEY_CHARS = 256
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
@@ -234,13 +239,24 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             "lease_seconds",
             f"must be in (0, {MAX_LEASE_SECONDS:.0f}]",
         )
+        v.check(len(request.queues) <= MAX_QUEUES, "queues", f"at most {MAX_QUEUES}")
+        v.check(len(request.types) <= MAX_TYPES, "types", f"at most {MAX_TYPES}")
+        v.check(not request.types or bool(request.queues), "types", "needs queues")
+        for i, name in enumerate([*request.queues, *request.types]):
+            field = f"queues[{i}]" if i < len(request.queues) else "types"
+            v.text(name, field, max_chars=MAX_NAME_CHARS)
         v.raise_if_any()
         if self.scheduler.sweep_due():
             self.wakeups.stopped(await self.repo.tx(self.scheduler.sweep))
 
         async def work(conn: DictConnection) -> pb.ClaimStepsResponse:
             return await self.repo.claim(
-                conn, request.worker_id, request.max_steps, request.lease_seconds
+                conn,
+                request.worker_id,
+                request.max_steps,
+                request.lease_seconds,
+                list(request.queues),
+                list(request.types),
             )
 
         return await self.repo.tx(work)
@@ -252,11 +268,16 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         v.text(request.worker_id, "worker_id", max_chars=MAX_ID_CHARS)
         v.check(len(request.steps) <= MAX_BATCH, "steps", f"at most {MAX_BATCH}")
         v.check(0 < request.lease_seconds <= MAX_LEASE_SECONDS, "lease_seconds", "out of range")
+        progress = {
+            (p.ref.workflow_id, p.ref.step_name, p.ref.attempt): _details(v, p.details, "progress")
+            for p in request.progress
+        }
         v.raise_if_any()
         if not request.steps:
             return pb.ExtendLeasesResponse()
+        details = [progress.get((r.workflow_id, r.step_name, r.attempt)) for r in request.steps]
         held = await self.repo.extend_leases(
-            request.worker_id, step_refs(request.steps), request.lease_seconds
+            request.worker_id, step_refs(request.steps), request.lease_seconds, details
         )
         return pb.ExtendLeasesResponse(
             lost=[
@@ -299,13 +320,14 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
     ) -> pb.FailStepResponse:
         v = Violations()
         v.text(request.worker_id, "worker_id", max_chars=MAX_ID_CHARS)
+        details = _details(v, request.details, "details") if request.HasField("details") else None
         v.raise_if_any()
         ref = request.ref
         wid = messages.workflow_id(ref.workflow_id)
         error = request.error[:MAX_ERROR_CHARS] or "failed"
 
         async def work(conn: DictConnection) -> tuple[pb.FailStepResponse, bool]:
-            step = await self.repo.record_failure(conn, request.worker_id, ref, wid, error)
+            step = await self.repo.record_failure(conn, request.worker_id, ref, wid, error, details)
             if step is None:
                 return pb.FailStepResponse(accepted=False), False
             outcome = await self.scheduler.failed(
@@ -356,3 +378,10 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                 yield pb.WaitForWorkResponse(work_available=work, stopped_workflow_ids=stopped)
         finally:
             self.wakeups.unsubscribe(sub)
+
+
+def _details(v: Violations, details: Struct, field: str) -> str:
+    """Progress or failure details as JSON, within MAX_DETAILS_BYTES."""
+    text = json.dumps(messages.as_dict(details))
+    v.check(len(text) <= MAX_DETAILS_BYTES, field, f"at most {MAX_DETAILS_BYTES} bytes as JSON")
+    return text

@@ -105,6 +105,25 @@ DASHBOARDS = {
             ),
             ("Step retries", "sum by (op) (rate(workflow_step_retries_total[5m]))", "ops"),
             ("Dead letters", "sum(increase(workflow_dead_letters_total[1h]))", "short"),
+            ("Task queue depth", "sum by (queue) (workflow_task_queue_depth)", "short"),
+            (
+                "Oldest waiting task",
+                "max by (queue) (workflow_task_queue_oldest_age_seconds)",
+                "s",
+            ),
+            *(
+                (
+                    f"Tasks {what} by queue and type",
+                    f"sum by (queue, type) (rate(workflow_tasks_{what}_total[5m]))",
+                    "ops",
+                )
+                for what in ("dispatched", "completed", "failed")
+            ),
+            (
+                "Task heartbeat timeouts",
+                "sum by (queue, type) (increase(workflow_task_heartbeat_timeouts_total[1h]))",
+                "short",
+            ),
         ],
     ),
 }

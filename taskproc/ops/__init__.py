@@ -59,12 +59,15 @@ InputCheck = Callable[[dict[str, Any]], str | None]
 @dataclass(frozen=True)
 class Op:
     """An operation: validates inputs at submit time, runs at step time. `output_fields`
-    names what `${steps.X.output.FIELD}` may reference (None: anything)."""
+    names what `${steps.X.output.FIELD}` may reference (None: anything). `check` runs only
+    on inputs without references unless `check_with_references` (it then must accept a
+    reference wherever one may stand)."""
 
     name: str
     run: Runner
     output_fields: frozenset[str] | None
     check: InputCheck
+    check_with_references: bool = False
 
     def check_inputs(self, inputs: dict[str, Any]) -> str | None:
         return self.check(inputs)

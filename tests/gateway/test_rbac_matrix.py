@@ -24,6 +24,7 @@ _AUTH = "/aiwfe.auth.v1.AuthService/"
 _ADMIN = "/aiwfe.auth.v1.UserAdminService/"
 _COG = "/aiwfe.cognitive.v1.CognitiveService/"
 _WF = "/aiwfe.taskproc.v1.WorkflowService/"
+_WORKER = "/aiwfe.taskproc.v1.WorkerService/"
 
 
 def _row(admin, user, readonly, none) -> dict[str, object]:
@@ -55,6 +56,12 @@ EXPECTED: dict[str, dict[str, object]] = {
     _WF + "WatchWorkflow": _row(REACHED, REACHED, REACHED, UNAUTH),
     _WF + "RunWorkflow": _row(REACHED, REACHED, DENIED, UNAUTH),
     "/aiwfe.system.v1.SystemService/ListCircuitBreakers": _row(REACHED, DENIED, DENIED, UNAUTH),
+    # worker:queue:<queue> needs the queue: an empty request names none (the gateway says
+    # so); tests/taskproc/test_worker_service.py checks the permission per queue.
+    _WORKER + "PollTask": _row(INVALID, INVALID, INVALID, UNAUTH),
+    _WORKER + "HeartbeatTask": _row(INVALID, INVALID, INVALID, UNAUTH),
+    _WORKER + "CompleteTask": _row(INVALID, INVALID, INVALID, UNAUTH),
+    _WORKER + "FailTask": _row(INVALID, INVALID, INVALID, UNAUTH),
 }
 # Internal data-platform RPCs declare no permission: denied to everyone, token or not.
 for _path, _info in method_table().items():

@@ -21,7 +21,7 @@ _IDENT = re.compile(r"[a-z_][a-z0-9_]*")
 _PROMQL_WORDS = {
     "sum", "by", "rate", "increase", "max", "histogram_quantile", "le", "service", "method",
     "code", "cache", "layer", "result", "kind", "outcome", "state", "operation", "op",
-    "downstream", "m", "h",
+    "downstream", "m", "h", "queue", "type",
 }  # fmt: skip
 
 

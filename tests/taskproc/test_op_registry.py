@@ -23,6 +23,7 @@ def test_every_module_in_the_package_registered_its_ops() -> None:
         "cognitive.search",
         "cognitive.classify",
         "cognitive.generate",
+        "task",
     }
     assert all(o.name == name for name, o in OPS.items())
 

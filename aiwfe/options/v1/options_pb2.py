@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61iwfe/options/v1/options.proto\x12\x10\x61iwfe.options.v1\x1a google/protobuf/descriptor.proto\"\x90\x01\n\x0cMethodPolicy\x12\x12\n\npermission\x18\x01 \x01(\t\x12\x0e\n\x06public\x18\x02 \x01(\x08\x12\x15\n\rauthenticated\x18\x03 \x01(\x08\x12\x19\n\x11\x63\x61\x63he_ttl_seconds\x18\x04 \x01(\r\x12\x12\n\nidempotent\x18\x05 \x01(\x08\x12\x16\n\x0eresource_field\x18\x06 \x01(\t:P\n\x06policy\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x01(\x0b\x32\x1e.aiwfe.options.v1.MethodPolicyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61iwfe/options/v1/options.proto\x12\x10\x61iwfe.options.v1\x1a google/protobuf/descriptor.proto\"\xa3\x01\n\x0cMethodPolicy\x12\x12\n\npermission\x18\x01 \x01(\t\x12\x0e\n\x06public\x18\x02 \x01(\x08\x12\x15\n\rauthenticated\x18\x03 \x01(\x08\x12\x19\n\x11\x63\x61\x63he_ttl_seconds\x18\x04 \x01(\r\x12\x12\n\nidempotent\x18\x05 \x01(\x08\x12\x16\n\x0eresource_field\x18\x06 \x01(\t\x12\x11\n\tlong_poll\x18\x07 \x01(\x08:P\n\x06policy\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x01(\x0b\x32\x1e.aiwfe.options.v1.MethodPolicyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aiwfe.options.v1.options_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_METHODPOLICY']._serialized_start=87
-  _globals['_METHODPOLICY']._serialized_end=231
+  _globals['_METHODPOLICY']._serialized_end=250
 # @@protoc_insertion_point(module_scope)

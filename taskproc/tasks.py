@@ -1,0 +1,425 @@
+"""WorkerService: task steps (op `task`) handed to external workers over long polls.
+
+- A PollTask joins the waiters of its (queues, types). One claim round per group serves
+  them all: on a wake-up (dataplatform's WaitForWork push, heard by taskproc's Worker), on
+  a due retry, or every `poll_interval` as a fallback, the group claims as many tasks as it
+  has waiters in one ClaimSteps call and hands one to each. N idle pollers cost one claim
+  per wake-up, not N.
+- The store leases a task for its heartbeat timeout, never past its attempt deadline, to
+  a lease id of this claim. The task token seals (AES-GCM) the attempt and its lease id,
+  bound to the caller and the queue: it cannot be forged, read, or used by another
+  principal or with another queue (INVALID_ARGUMENT). The attempt number is the fencing
+  token: once the lease lapsed and the task was dispatched again, the old token is
+  FAILED_PRECONDITION (TASK_TOKEN_STALE), so a late worker never completes a step twice.
+- Authorization (worker:queue:<queue>) is the gateway's, from the contract's
+  `resource_field` policy; the sealed queue ties each token call to the checked queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
+from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
+from aiwfe.runtime import metrics
+from aiwfe.runtime.channels import Upstream
+from aiwfe.runtime.config import TaskProcSettings
+from aiwfe.runtime.errors import FailedPrecondition, ResourceExhausted
+from aiwfe.runtime.identity import InternalIdentity, require_principal
+from aiwfe.runtime.page_tokens import PageTokens
+from aiwfe.runtime.validation import Violations
+from aiwfe.taskproc.v1 import worker_service_pb2 as pb
+from aiwfe.taskproc.v1 import worker_service_pb2_grpc as pb_grpc
+from taskproc.ops.task import name_problem
+from taskproc.spec import resolve
+from taskproc.streams import RETRY_AFTER_SECONDS
+
+log = logging.getLogger("aiwfe.taskproc.tasks")
+_tracer = trace.get_tracer("aiwfe")
+
+MAX_QUEUES = 16
+MAX_TYPES = 64
+MAX_WAIT_SECONDS = 60.0
+DEFAULT_WAIT_SECONDS = 30.0
+MAX_IDENTITY_CHARS = 200
+MAX_TOKEN_CHARS = 2048
+MAX_MESSAGE_CHARS = 4000
+_ANSWER_MARGIN = 0.5  # answer an empty poll this long before the caller's deadline
+_ACTIVE = (1, 2)  # WorkflowState PENDING, RUNNING
+_INVALID_TOKEN = "is not a task token issued to this caller for this queue"
+
+
+@dataclass(frozen=True)
+class TaskToken:
+    """What a task token seals: the attempt, its lease and how long the lease lasts."""
+
+    workflow_id: str
+    step_name: str
+    attempt: int
+    lease_id: str
+    task_type: str
+    heartbeat_seconds: float
+
+    @property
+    def ref(self) -> store_pb.StepRef:
+        return store_pb.StepRef(
+            workflow_id=self.workflow_id, step_name=self.step_name, attempt=self.attempt
+        )
+
+
+@dataclass
+class _Group:
+    """The pollers of one (queues, types), served by one claim round at a time."""
+
+    queues: list[str]
+    types: list[str]
+    waiting: deque[asyncio.Future[store_pb.ClaimedStep]] = field(default_factory=deque)
+    dirty: bool = True  # work may have arrived since the last claim found none
+    claiming: bool = False
+    retry_at: float = 0.0  # monotonic time of the earliest scheduled retry, 0 if none
+
+
+class TaskDispatcher:
+    """Claims task steps for the waiting pollers of this replica."""
+
+    def __init__(self, cfg: TaskProcSettings, store: Upstream) -> None:
+        self._cfg = cfg
+        self._store = store
+        self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
+        self._groups: dict[tuple[tuple[str, ...], tuple[str, ...]], _Group] = {}
+        self.lease_id = f"task:{uuid.uuid4().hex}"  # this replica's claims
+        self.waiting = 0  # PollTask calls held, bounded by cfg.max_task_polls
+
+    def wake(self) -> None:
+        """Work may have become runnable (a WaitForWork push): every group claims again."""
+        for group in self._groups.values():
+            group.dirty = True
+            self._kick(group)
+
+    def _kick(self, group: _Group) -> None:
+        if group.dirty and group.waiting and not group.claiming:
+            group.claiming = True
+            asyncio.get_running_loop().create_task(self._claim_round(group))
+
+    async def _claim_round(self, group: _Group) -> None:
+        try:
+            while group.dirty and (want := sum(1 for f in group.waiting if not f.done())):
+                group.dirty = False
+                try:
+                    reply = await self._store.call(
+                        self._stub.ClaimSteps,
+                        store_pb.ClaimStepsRequest(
+                            worker_id=self.lease_id,
+                            max_steps=min(want, self._cfg.claim_batch),
+                            lease_seconds=self._cfg.lease_seconds,
+                            queues=group.queues,
+                            types=group.types,
+                        ),
+                        timeout=10,
+                    )
+                except Exception as exc:  # the pollers retry at their fallback interval
+                    log.warning("task claim failed: %s", exc)
+                    return
+                leftover = [s for s in reply.steps if not self._hand_out(group, s)]
+                if leftover:  # every poller left meanwhile: give them back at once
+                    await self._release(leftover)
+                if len(reply.steps) == min(want, self._cfg.claim_batch):
+                    group.dirty = True  # probably more waiting
+                elif reply.HasField("next_run_time"):
+                    due = reply.next_run_time.ToDatetime().timestamp() - time.time()
+                    self._retry_later(group, max(0.001, due))
+        finally:
+            group.claiming = False
+
+    def _retry_later(self, group: _Group, delay: float) -> None:
+        at = time.monotonic() + delay
+        if group.retry_at and group.retry_at <= at:
+            return
+        group.retry_at = at
+
+        def due() -> None:
+            group.retry_at = 0.0
+            group.dirty = True
+            self._kick(group)
+
+        asyncio.get_running_loop().call_later(delay, due)
+
+    @staticmethod
+    def _hand_out(group: _Group, step: store_pb.ClaimedStep) -> bool:
+        while group.waiting:
+            waiter = group.waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(step)
+                return True
+        return False
+
+    async def _release(self, steps: list[store_pb.ClaimedStep]) -> None:
+        with contextlib.suppress(Exception):
+            await self._store.call(
+                self._stub.ReleaseSteps,
+                store_pb.ReleaseStepsRequest(worker_id=self.lease_id, steps=[s.ref for s in steps]),
+                timeout=5,
+            )
+
+    async def poll(
+        self, queues: list[str], types: list[str], wait: float
+    ) -> store_pb.ClaimedStep | None:
+        """One task of `queues` (of `types`), or None once `wait` seconds passed."""
+        if self.waiting >= self._cfg.max_task_polls:
+            limit = self._cfg.max_task_polls
+            raise ResourceExhausted(
+                f"this taskproc replica holds its limit of {limit} waiting polls;"
+                f" retry in {RETRY_AFTER_SECONDS:g} s",
+                retry_after=RETRY_AFTER_SECONDS,
+                quota_violations=[("taskproc.max_task_polls", f"at most {limit}")],
+                reason="TASK_POLLS_EXHAUSTED",
+                metadata={"limit": str(limit)},
+            )
+        self.waiting += 1
+        try:
+            return await self._poll(queues, types, wait)
+        finally:
+            self.waiting -= 1
+
+    async def _poll(
+        self, queues: list[str], types: list[str], wait: float
+    ) -> store_pb.ClaimedStep | None:
+        key = (tuple(sorted(set(queues))), tuple(sorted(set(types))))
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group(list(key[0]), list(key[1]))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[store_pb.ClaimedStep] = loop.create_future()
+        group.waiting.append(waiter)
+        deadline = loop.time() + wait
+        try:
+            while (remaining := deadline - loop.time()) > 0:
+                self._kick(group)
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(
+                        asyncio.shield(waiter), min(remaining, self._cfg.poll_interval)
+                    )
+                group.dirty = True  # the fallback: claim again even without a wake-up
+            return waiter.result() if waiter.done() and not waiter.cancelled() else None
+        except asyncio.CancelledError:  # the caller left: a task handed to it goes back
+            if waiter.done() and not waiter.cancelled():
+                await self._release([waiter.result()])
+            raise
+        finally:
+            waiter.cancel()
+            if not any(not f.done() for f in group.waiting):
+                group.waiting.clear()
+                if not group.claiming and self._groups.get(key) is group:
+                    del self._groups[key]
+
+
+class WorkerServicer(pb_grpc.WorkerServiceServicer):
+    """The public WorkerService: long polls, heartbeats, completions and failures."""
+
+    def __init__(
+        self,
+        cfg: TaskProcSettings,
+        store: Upstream,
+        identity: InternalIdentity,
+        dispatcher: TaskDispatcher,
+    ) -> None:
+        self._cfg = cfg
+        self._store = store
+        self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
+        self._tokens = PageTokens(
+            identity.derived_key("task-tokens"), "task", "task_token", _INVALID_TOKEN
+        )
+        self._dispatcher = dispatcher
+
+    # --- tokens ---------------------------------------------------------------------------
+
+    def _seal(self, step: store_pb.ClaimedStep, lease_id: str, caller: str) -> str:
+        body = json.dumps(
+            [
+                step.ref.workflow_id,
+                step.ref.step_name,
+                step.ref.attempt,
+                lease_id,
+                step.task_type,
+                step.heartbeat_timeout_seconds,
+            ]
+        )
+        return self._tokens.seal(body, caller=caller, filter_=step.queue)
+
+    def _open(self, token: str, queue: str) -> TaskToken:
+        v = Violations()
+        v.text(token, "task_token", max_chars=MAX_TOKEN_CHARS)
+        v.text(queue, "queue", max_chars=64)
+        v.raise_if_any()
+        caller = require_principal().user_id
+        body = self._tokens.open(token, caller=caller, filter_=queue)
+        wid, step, attempt, lease_id, task_type, heartbeat = json.loads(body)
+        return TaskToken(wid, step, attempt, lease_id, task_type, heartbeat)
+
+    @staticmethod
+    def _stale(token: TaskToken, why: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"task token is stale: {why}",
+            reason="TASK_TOKEN_STALE",
+            metadata={
+                "workflowId": token.workflow_id,
+                "stepName": token.step_name,
+                "attempt": str(token.attempt),
+            },
+        )
+
+    # --- RPCs -----------------------------------------------------------------------------
+
+    async def PollTask(
+        self, request: pb.PollTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PollTaskResponse:
+        caller = require_principal().user_id
+        v = Violations()
+        v.check(1 <= len(request.queues) <= MAX_QUEUES, "queues", f"must list 1 to {MAX_QUEUES}")
+        for i, queue in enumerate(request.queues):
+            problem = name_problem(queue, "queue")
+            v.check(problem is None, f"queues[{i}]", problem or "")
+        v.check(len(request.types) <= MAX_TYPES, "types", f"at most {MAX_TYPES}")
+        for i, task_type in enumerate(request.types):
+            problem = name_problem(task_type, "type")
+            v.check(problem is None, f"types[{i}]", problem or "")
+        v.check(
+            0 <= request.wait_seconds <= MAX_WAIT_SECONDS,
+            "wait_seconds",
+            f"must be between 0 (default {DEFAULT_WAIT_SECONDS:g}) and {MAX_WAIT_SECONDS:g}",
+        )
+        v.text(
+            request.worker_identity,
+            "worker_identity",
+            max_chars=MAX_IDENTITY_CHARS,
+            required=False,
+        )
+        v.raise_if_any()
+        wait = request.wait_seconds or DEFAULT_WAIT_SECONDS
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = min(wait, remaining - _ANSWER_MARGIN)
+        step = await self._dispatcher.poll(list(request.queues), list(request.types), wait)
+        if step is None:
+            return pb.PollTaskResponse()
+        metrics.workflow_tasks_dispatched.labels(step.queue, step.task_type).inc()
+        return self._task(step, caller, request.worker_identity)
+
+    def _task(
+        self, step: store_pb.ClaimedStep, caller: str, worker_identity: str
+    ) -> pb.PollTaskResponse:
+        inputs = json_format.MessageToDict(step.inputs)
+        if step.HasField("dependency_outputs"):
+            inputs = resolve(inputs, json_format.MessageToDict(step.dependency_outputs))
+        value = struct_pb2.Value()
+        json_format.ParseDict(inputs.get("input"), value)
+        reply = pb.PollTaskResponse(
+            task_token=self._seal(step, self._dispatcher.lease_id, caller),
+            workflow_id=step.ref.workflow_id,
+            step_name=step.ref.step_name,
+            queue=step.queue,
+            type=step.task_type,
+            input=value,
+            attempt=step.ref.attempt,
+            attempt_deadline=step.attempt_deadline,
+            heartbeat_timeout_seconds=step.heartbeat_timeout_seconds,
+        )
+        # The dispatch span: the worker's span for the task is its child (traceparent).
+        with _tracer.start_as_current_span(
+            f"task {step.task_type}",
+            kind=trace.SpanKind.PRODUCER,
+            attributes={
+                "aiwfe.workflow_id": step.ref.workflow_id,
+                "aiwfe.step": step.ref.step_name,
+                "aiwfe.attempt": step.ref.attempt,
+                "aiwfe.queue": step.queue,
+                "aiwfe.worker": worker_identity,
+            },
+        ):
+            carrier: dict[str, str] = {}
+            TraceContextTextMapPropagator().inject(carrier)
+            reply.traceparent = carrier.get("traceparent", "")
+        return reply
+
+    async def HeartbeatTask(
+        self, request: pb.HeartbeatTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HeartbeatTaskResponse:
+        token = self._open(request.task_token, request.queue)
+        extend = store_pb.ExtendLeasesRequest(
+            worker_id=token.lease_id, steps=[token.ref], lease_seconds=token.heartbeat_seconds
+        )
+        if request.HasField("details"):
+            extend.progress.add(ref=token.ref, details=request.details)
+        reply = await self._store.call(self._stub.ExtendLeases, extend)
+        if not reply.lost:
+            return pb.HeartbeatTaskResponse()
+        # Lost: the workflow stopped (cancel the task) or the lease lapsed (stale).
+        stored = await self._store.call(
+            self._stub.GetStoredWorkflow,
+            store_pb.GetStoredWorkflowRequest(
+                workflow_id=token.workflow_id, scope=store_pb.WorkflowScope(all_owners=True)
+            ),
+        )
+        if stored.workflow.state not in _ACTIVE:
+            return pb.HeartbeatTaskResponse(cancel_requested=True)
+        raise self._stale(token, "its lease expired and the task was dispatched again")
+
+    async def CompleteTask(
+        self, request: pb.CompleteTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CompleteTaskResponse:
+        token = self._open(request.task_token, request.queue)
+        size = len(json.dumps(json_format.MessageToDict(request.output)))
+        v = Violations()
+        v.check(
+            size <= self._cfg.max_output_bytes,
+            "output",
+            f"must be at most {self._cfg.max_output_bytes} bytes as JSON (got {size})",
+        )
+        v.raise_if_any()
+        reply = await self._store.call(
+            self._stub.CompleteSteps,
+            store_pb.CompleteStepsRequest(
+                worker_id=token.lease_id,
+                results=[store_pb.StepResult(ref=token.ref, output=request.output)],
+            ),
+        )
+        if not reply.accepted[0]:
+            raise self._stale(token, "the task is no longer held (lease expired or stopped)")
+        metrics.workflow_tasks_completed.labels(request.queue, token.task_type).inc()
+        return pb.CompleteTaskResponse()
+
+    async def FailTask(
+        self, request: pb.FailTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FailTaskResponse:
+        token = self._open(request.task_token, request.queue)
+        v = Violations()
+        v.text(request.message, "message", max_chars=MAX_MESSAGE_CHARS, required=False)
+        v.raise_if_any()
+        fail = store_pb.FailStepRequest(
+            worker_id=token.lease_id,
+            ref=token.ref,
+            error=request.message or "task failed",
+            retryable=request.retryable,
+        )
+        if request.HasField("details"):
+            fail.details.CopyFrom(request.details)
+        reply = await self._store.call(self._stub.FailStep, fail)
+        if not reply.accepted:
+            raise self._stale(token, "the task is no longer held (lease expired or stopped)")
+        metrics.workflow_tasks_failed.labels(request.queue, token.task_type).inc()
+        answer = pb.FailTaskResponse(will_retry=reply.will_retry)
+        if reply.HasField("next_run_time"):
+            answer.next_attempt_time.CopyFrom(reply.next_run_time)
+        return answer
