@@ -465,7 +465,7 @@ async def external_phases(
             ).access_token
             worker = _start_worker(gateway, key, concurrency)
             stub = wf_grpc.WorkflowServiceStub(channel)
-            for _ in range(20):  # warm-up, and the worker is polling once one finished
+            for _ in range(min(20, dispatch)):  # warm-up; the worker polls once one ran
                 await _submit_and_watch(stub, md, _task_spec())
                 await _submit_and_watch(stub, md, _noop_spec())
             received, task_claimed, noop_claimed = [], [], []
