@@ -474,20 +474,23 @@ def _worker_run(args: argparse.Namespace) -> int:
     tasks = tasks_in_module(module)
     if not tasks:
         raise UsageError(f"{args.module} has no @task functions")
+    try:
+        worker = Worker(
+            args.gateway,
+            api_key,
+            queues=args.queue or ["default"],
+            tasks=tasks,
+            concurrency=args.concurrency,
+            shutdown_grace=args.shutdown_grace,
+            tls=args.tls,
+            ca_file=args.ca_file,
+            cert_file=args.cert_file,
+            key_file=args.key_file,
+            call_timeout=args.timeout or DEFAULT_TIMEOUT,
+        )
+    except ValueError as exc:  # a queue or task name the contract refuses
+        raise UsageError(str(exc)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    worker = Worker(
-        args.gateway,
-        api_key,
-        queues=args.queue or ["default"],
-        tasks=tasks,
-        concurrency=args.concurrency,
-        shutdown_grace=args.shutdown_grace,
-        tls=args.tls,
-        ca_file=args.ca_file,
-        cert_file=args.cert_file,
-        key_file=args.key_file,
-        call_timeout=args.timeout or DEFAULT_TIMEOUT,
-    )
     try:
         worker.run()
     except WorkerError as exc:

@@ -50,6 +50,7 @@ import logging
 import os
 import queue
 import random
+import re
 import signal
 import socket
 import threading
@@ -73,8 +74,9 @@ TASK_ATTRIBUTE = "__aiwfe_task__"
 # Reconnection backoff while the gateway is unavailable: 0.1 s doubling to 5 s, jittered.
 BACKOFF_INITIAL = 0.1
 BACKOFF_MAX = 5.0
-# The contract's bounds: 64 types per poll, 16 queues.
+# The contract's bounds: 64 types per poll; queue and type names.
 MAX_POLL_TYPES = 64
+NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # A heartbeat asked for by heartbeat(details) goes out at most this often.
 MIN_HEARTBEAT_INTERVAL = 0.5
 # Codes worth retrying a token call on while its token may still be good: the gateway is
@@ -484,9 +486,14 @@ class Worker:
         self.queues = list(queues)
         if not self.queues:
             raise ValueError("queues: name at least one queue")
+        for q in self.queues:
+            if not NAME.fullmatch(q):
+                raise ValueError(f"queue {q!r}: 1-64 characters of A-Z a-z 0-9 . _ -")
         self.tasks: dict[str, TaskDefinition] = {}
         for t in tasks:
             spec = t if isinstance(t, TaskDefinition) else definition(t)
+            if not NAME.fullmatch(spec.name):
+                raise ValueError(f"task {spec.name!r}: 1-64 characters of A-Z a-z 0-9 . _ -")
             if spec.name in self.tasks:
                 raise ValueError(f"two functions serve task {spec.name!r}")
             self.tasks[spec.name] = spec

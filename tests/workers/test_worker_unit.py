@@ -92,6 +92,17 @@ def test_whole_numbers_arrive_as_int_and_results_become_structs() -> None:
         output_struct({"a": object()})
 
 
+def test_names_the_contract_refuses_are_refused_at_construction() -> None:
+    """A queue or task name outside the contract's 1-64 [A-Za-z0-9._-] is a ValueError
+    when the Worker is built, not a refused poll later."""
+    with pytest.raises(ValueError, match="queue 'a:b'"):
+        Worker("127.0.0.1:1", "k", queues=["a:b"], tasks=[double])
+    with pytest.raises(ValueError, match="task 'sum marize'"):
+        Worker("127.0.0.1:1", "k", tasks=[definition(double, "sum marize")])
+    with pytest.raises(ValueError, match="two functions serve task 'double'"):
+        Worker("127.0.0.1:1", "k", tasks=[double, definition(summarize, "double")])
+
+
 def test_heartbeats_go_out_at_a_third_of_the_timeout() -> None:
     """A task heartbeats three times per heartbeat timeout (two may be lost in a row)."""
     assert heartbeat_interval(30) == 10
@@ -217,9 +228,10 @@ async def test_heartbeats_carry_details_and_cancellation_reaches_both_kinds(fake
     fake.start(slow_async, slow_sync)
     a = fake.service.offer("slow_async", None)
     s = fake.service.offer("slow_sync", None)
-    await asyncio.sleep(0.7)
+    started = time.monotonic()
+    await until(lambda: sum(h.task_token == a for h in fake.service.heartbeats) >= 2)
+    assert time.monotonic() - started < 2  # every 0.2 s: two lost ones would be 1.2 s
     beats = [h for h in fake.service.heartbeats if h.task_token == a]
-    assert len(beats) >= 2
     assert dict(beats[0].details) == {"stage": "started"}
     fake.service.cancel |= {a, s}
     await fake.service.answered(a)
@@ -369,9 +381,38 @@ async def test_sync_functions_run_on_at_most_concurrency_threads_across_restarts
     for token in first:
         await fake.service.answered(token)
     await fake.stop(worker)
+    # The fake hands a task to a poll the worker already gave up unless that poll's
+    # handler has ended (the real server gives such a task back).
+    await until(lambda: fake.service.polls_open == 0)
     fake.workers.append((worker, asyncio.create_task(worker.run_async())))
     second = [fake.service.offer("busy", None) for _ in range(6)]
     for token in second:
         await fake.service.answered(token)
     assert set(fake.service.completed) == set(first + second)
     assert peak == 3 and len(threads) <= 6
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["tests.workers.worker_tasks"], {}, "no API key: set $AIWFE_API_KEY"),
+        (["tests.workers.worker_tasks", "--api-key-env", "MY_KEY"], {}, "set $MY_KEY"),
+        (["no_such_module_here"], {"AIWFE_API_KEY": "k"}, "cannot import no_such_module_here"),
+        (["json"], {"AIWFE_API_KEY": "k"}, "json has no @task functions"),
+        (["tests.workers.worker_tasks", "--queue", "a:b"], {"AIWFE_API_KEY": "k"},
+         "queue 'a:b'"),
+    ],
+)  # fmt: skip
+def test_worker_run_usage_errors_exit_2_saying_why(
+    argv: list[str], env: dict[str, str], message: str, monkeypatch, capsys
+) -> None:
+    """`aiwfe worker run` without a key, with an unimportable module, a module without
+    @task functions or a queue name the contract refuses exits 2 before connecting."""
+    from aiwfe.app import cli
+
+    monkeypatch.delenv("AIWFE_API_KEY", raising=False)
+    for key, setting in env.items():
+        monkeypatch.setenv(key, setting)
+    code = cli._run(cli.build_parser().parse_args(["worker", "run", *argv]))
+    assert code == 2
+    assert message in capsys.readouterr().err
