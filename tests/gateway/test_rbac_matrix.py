@@ -57,7 +57,8 @@ EXPECTED: dict[str, dict[str, object]] = {
     _WF + "RunWorkflow": _row(REACHED, REACHED, DENIED, UNAUTH),
     "/aiwfe.system.v1.SystemService/ListCircuitBreakers": _row(REACHED, DENIED, DENIED, UNAUTH),
     # worker:queue:<queue> needs the queue: an empty request names none (the gateway says
-    # so); tests/taskproc/test_worker_service.py checks the permission per queue.
+    # so); tests/taskproc/test_worker_service.py checks the permission per queue. The token
+    # calls need any identity and a token sealed for it (taskproc refuses an empty one).
     _WORKER + "PollTask": _row(INVALID, INVALID, INVALID, UNAUTH),
     _WORKER + "HeartbeatTask": _row(INVALID, INVALID, INVALID, UNAUTH),
     _WORKER + "CompleteTask": _row(INVALID, INVALID, INVALID, UNAUTH),

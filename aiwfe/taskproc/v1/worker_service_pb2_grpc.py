@@ -28,7 +28,9 @@ if _version_not_supported:
 class WorkerServiceStub:
     """WorkerService hands workflow steps with op "task" to external workers, in any language.
     A worker long-polls its queues, heartbeats while it runs a task, then completes or fails
-    it with the task token it was given. Each call needs worker:queue:<queue>.
+    it with the task token it was given. Polling needs worker:queue:<queue> for each queue;
+    the token is then the capability: it is sealed for the principal that polled and for
+    its queue, so the token calls need no permission of their own.
     """
 
     def __init__(self, channel):
@@ -62,7 +64,9 @@ class WorkerServiceStub:
 class WorkerServiceServicer:
     """WorkerService hands workflow steps with op "task" to external workers, in any language.
     A worker long-polls its queues, heartbeats while it runs a task, then completes or fails
-    it with the task token it was given. Each call needs worker:queue:<queue>.
+    it with the task token it was given. Polling needs worker:queue:<queue> for each queue;
+    the token is then the capability: it is sealed for the principal that polled and for
+    its queue, so the token calls need no permission of their own.
     """
 
     def PollTask(self, request, context):
@@ -132,7 +136,9 @@ def add_WorkerServiceServicer_to_server(servicer, server):
 class WorkerService:
     """WorkerService hands workflow steps with op "task" to external workers, in any language.
     A worker long-polls its queues, heartbeats while it runs a task, then completes or fails
-    it with the task token it was given. Each call needs worker:queue:<queue>.
+    it with the task token it was given. Polling needs worker:queue:<queue> for each queue;
+    the token is then the capability: it is sealed for the principal that polled and for
+    its queue, so the token calls need no permission of their own.
     """
 
     @staticmethod
