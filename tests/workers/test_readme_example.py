@@ -1,6 +1,8 @@
-"""The README's "Your own code as workflow steps" example, run as written: its module and
-workflow file from the README, `aiwfe worker run` and `aiwfe workflow submit --watch` as
-subprocesses against the suite (a worker user's token stands in for the API key)."""
+"""The README's "Your own code as workflow steps" example, run as written: its service
+account and API key commands, its module and workflow file, `aiwfe worker run` and `aiwfe
+workflow submit --watch` as subprocesses against the suite. Where the CLI has no
+`api-key` commands yet (a tree without the auth branch), a worker user's token stands in
+for the API key."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
+from aiwfe.app import cli
 from tests.conftest import ADMIN_PASSWORD
 from tests.taskproc.helpers import get, step_status
 from tests.workers.conftest import ROOT, WorkerSuite
@@ -35,6 +38,23 @@ async def _cli(*args: str, cwd: Path, env: dict[str, str]) -> asyncio.subprocess
     )  # fmt: skip
 
 
+async def _api_key(shell: str, cwd: Path, env: dict[str, str]) -> str | None:
+    """Runs the README's `service-account create` and `api-key create` lines; the key, or
+    None when this CLI has no such commands."""
+    if not any(c.words == ("api-key", "create") for c in cli.COMMANDS):
+        return None
+    account = re.search(r"^aiwfe (service-account create .*?)\s+#", shell, flags=re.MULTILINE)
+    key = re.search(r"\$\(aiwfe (api-key create [^)]*)\)", shell)
+    assert account and key, shell
+    made = await _cli(*account.group(1).split(), cwd=cwd, env=env)
+    _, err = await asyncio.wait_for(made.communicate(), 60)
+    assert made.returncode == 0, err.decode()
+    issued = await _cli(*key.group(1).split(), cwd=cwd, env=env)
+    out, err = await asyncio.wait_for(issued.communicate(), 60)
+    assert issued.returncode == 0, err.decode()
+    return out.decode().strip()
+
+
 async def test_the_readme_worker_example_runs(ws: WorkerSuite, tmp_path: Path) -> None:
     """The README's mytasks.py served by `aiwfe worker run mytasks --queue default`, its
     pipeline.yaml submitted with `aiwfe workflow submit --watch`: the workflow succeeds
@@ -51,13 +71,13 @@ async def test_the_readme_worker_example_runs(ws: WorkerSuite, tmp_path: Path) -
         "PYTHONPATH": str(ROOT),
         "AIWFE_GATEWAY": ws.gateway,
         "AIWFE_CREDENTIALS": str(tmp_path / "credentials.json"),
-        "AIWFE_API_KEY": ws.worker_key,
     }
+    login = await _cli("login", "-u", "admin", "--password-stdin", cwd=tmp_path, env=env)
+    await asyncio.wait_for(login.communicate(ADMIN_PASSWORD.encode()), 60)
+    assert login.returncode == 0
+    env["AIWFE_API_KEY"] = await _api_key(shell, tmp_path, env) or ws.worker_key
     worker = await _cli("worker", "run", "mytasks", "--queue", "default", cwd=tmp_path, env=env)
     try:
-        login = await _cli("login", "-u", "admin", "--password-stdin", cwd=tmp_path, env=env)
-        await asyncio.wait_for(login.communicate(ADMIN_PASSWORD.encode()), 60)
-        assert login.returncode == 0
         submit = await _cli(
             "workflow", "submit", "pipeline.yaml", "--watch", "--json", cwd=tmp_path, env=env
         )
