@@ -45,7 +45,6 @@ import concurrent.futures
 import contextlib
 import contextvars
 import functools
-import inspect
 import logging
 import os
 import queue
@@ -55,22 +54,50 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2
 
 from aiwfe.sdk.channel import channel_credentials, channel_options
+from aiwfe.sdk.tasks import (
+    CURRENT_TASK,
+    InputBindingError,
+    NonRetryableError,
+    TaskCancelled,
+    TaskDefinition,
+    TaskInfo,
+    current_task,
+    definition,
+    details_struct,
+    from_value,
+    output_struct,
+    task,
+    tasks_in_module,
+)
 from aiwfe.taskproc.v1 import worker_service_pb2 as pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("aiwfe.sdk.worker")
 
-F = TypeVar("F", bound=Callable[..., Any])
-TASK_ATTRIBUTE = "__aiwfe_task__"
+__all__ = [
+    "InputBindingError",
+    "NonRetryableError",
+    "TaskCancelled",
+    "TaskDefinition",
+    "TaskInfo",
+    "Worker",
+    "WorkerError",
+    "current_task",
+    "definition",
+    "from_value",
+    "heartbeat_interval",
+    "output_struct",
+    "task",
+    "tasks_in_module",
+]
+
 # Reconnection backoff while the gateway is unavailable: 0.1 s doubling to 5 s, jittered.
 BACKOFF_INITIAL = 0.1
 BACKOFF_MAX = 5.0
@@ -95,216 +122,8 @@ FATAL_POLL_CODES = {
 }
 
 
-class NonRetryableError(Exception):
-    """Raised by a task function: the failure is final, the step is not retried."""
-
-
-class TaskCancelled(Exception):
-    """Raised by `TaskInfo.raise_if_cancelled()` in a sync function whose task was
-    cancelled (workflow cancelled or timed out, task lost, or worker shutting down)."""
-
-
 class WorkerError(Exception):
     """The worker cannot go on (refused credentials or permission, invalid queue names)."""
-
-
-class InputBindingError(Exception):
-    """A task's input does not fit its function's parameters."""
-
-
-# --- the @task decorator ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TaskDefinition:
-    """A function served as task type `name`."""
-
-    name: str
-    fn: Callable[..., Any]
-    is_async: bool
-    signature: inspect.Signature
-
-    def bind(self, value: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The call arguments for a task's input (see the module's docstring)."""
-        try:
-            if isinstance(value, dict):
-                unknown = _unknown_keywords(self.signature, value)
-                if unknown:
-                    raise TypeError(f"unexpected keyword argument {', '.join(unknown)}")
-                bound = self.signature.bind(**value)
-            elif value is None and _takes_nothing(self.signature):
-                bound = self.signature.bind()
-            else:
-                bound = self.signature.bind(value)
-        except TypeError as exc:
-            kind = "object" if isinstance(value, dict) else _json_kind(value)
-            raise InputBindingError(
-                f"input does not fit task {self.name!r} {self.name}{_plain(self.signature)}: "
-                f"{exc} (a JSON object binds to keyword parameters, any other value to "
-                f"the one positional parameter; got a JSON {kind})"
-            ) from None
-        return bound.args, bound.kwargs
-
-
-def _unknown_keywords(sig: inspect.Signature, value: dict[str, Any]) -> list[str]:
-    params = sig.parameters.values()
-    if any(p.kind == p.VAR_KEYWORD for p in params):
-        return []
-    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return [repr(k) for k in value if k not in names]
-
-
-def _plain(sig: inspect.Signature) -> inspect.Signature:
-    """The signature without annotations: `(text, max_words=50)`."""
-    return sig.replace(
-        parameters=[p.replace(annotation=p.empty) for p in sig.parameters.values()],
-        return_annotation=sig.empty,
-    )
-
-
-def _takes_nothing(sig: inspect.Signature) -> bool:
-    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-               for p in sig.parameters.values())  # fmt: skip
-
-
-def _json_kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    return "array"
-
-
-def task(name: str | Callable[..., Any] | None = None) -> Any:
-    """Marks a function as a task type: `@task("summarize")`, or `@task` / `@task()` to
-    use the function's name. The function is returned unchanged (still callable)."""
-
-    def mark(fn: F, task_name: str | None = None) -> F:
-        setattr(fn, TASK_ATTRIBUTE, definition(fn, task_name))
-        return fn
-
-    if callable(name):
-        return mark(name)
-    return functools.partial(mark, task_name=name)
-
-
-def definition(fn: Callable[..., Any], name: str | None = None) -> TaskDefinition:
-    """The TaskDefinition of `fn` (its @task name, else `name` or its own name)."""
-    existing = getattr(fn, TASK_ATTRIBUTE, None)
-    if isinstance(existing, TaskDefinition) and name is None:
-        return existing
-    task_name = name or getattr(fn, "__name__", "")
-    if not task_name:
-        raise ValueError(f"{fn!r} has no name: pass one, @task('name')")
-    return TaskDefinition(
-        task_name,
-        fn,
-        inspect.iscoroutinefunction(fn),
-        inspect.signature(fn),
-    )
-
-
-def tasks_in_module(module: Any) -> list[TaskDefinition]:
-    """The @task functions defined or imported at the top of `module`."""
-    found = {}
-    for value in vars(module).values():
-        spec = getattr(value, TASK_ATTRIBUTE, None)
-        if isinstance(spec, TaskDefinition):
-            found[spec.name] = spec
-    return list(found.values())
-
-
-# --- JSON <-> protobuf -------------------------------------------------------------------
-
-
-def from_value(value: struct_pb2.Value) -> Any:
-    """A google.protobuf.Value as plain Python; whole numbers as int."""
-    kind = value.WhichOneof("kind")
-    if kind == "struct_value":
-        return from_struct(value.struct_value)
-    if kind == "list_value":
-        return [from_value(v) for v in value.list_value.values]
-    if kind == "number_value":
-        n = value.number_value
-        return int(n) if n.is_integer() and abs(n) < 2**53 else n
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    return None
-
-
-def from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return {k: from_value(v) for k, v in struct.fields.items()}
-
-
-def output_struct(result: Any) -> struct_pb2.Struct:
-    """The step's output for a return value: a dict as is, anything else as
-    {"result": value}. TypeError/ValueError when it is not JSON."""
-    out = struct_pb2.Struct()
-    out.update(result if isinstance(result, dict) else {"result": result})
-    return out
-
-
-def details_struct(details: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
-    if details is None:
-        return None
-    out = struct_pb2.Struct()
-    out.update(dict(details))
-    return out
-
-
-# --- the task context ----------------------------------------------------------------------
-
-
-_CURRENT: contextvars.ContextVar[TaskInfo] = contextvars.ContextVar("aiwfe_task")
-
-
-@dataclass(eq=False)
-class TaskInfo:
-    """The running task, as `current_task()` returns it inside a task function."""
-
-    task_token: str
-    workflow_id: str
-    step_name: str
-    queue: str
-    type: str
-    attempt: int
-    attempt_deadline: datetime | None
-    heartbeat_timeout: float
-    traceparent: str
-    cancel_reason: str = ""
-    _details: Mapping[str, Any] | None = field(default=None, repr=False)
-    _beat_now: Callable[[], object] = field(default=lambda: None, repr=False)
-    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
-
-    @property
-    def cancelled(self) -> bool:
-        """True once the task should stop: the workflow was cancelled or timed out, the
-        task was lost (re-dispatched elsewhere), or the worker is shutting down."""
-        return self._cancelled.is_set()
-
-    def raise_if_cancelled(self) -> None:
-        """Raises TaskCancelled when `cancelled` is true (for sync functions)."""
-        if self._cancelled.is_set():
-            raise TaskCancelled(self.cancel_reason)
-
-    def heartbeat(self, details: Mapping[str, Any] | None = None) -> None:
-        """Records progress details (kept with the step) and asks for a heartbeat soon
-        (at most one per 0.5 s); safe from any thread. Heartbeats go out on their own
-        anyway: call it to report progress, not to stay alive."""
-        if details is not None:
-            self._details = dict(details)
-        self._beat_now()
-
-
-def current_task() -> TaskInfo:
-    """The task the calling task function runs (LookupError outside one)."""
-    return _CURRENT.get()
 
 
 # --- a pool of daemon threads for sync functions -----------------------------------------
@@ -712,7 +531,7 @@ class Worker:
     async def _call(
         self, spec: TaskDefinition, info: TaskInfo, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        _CURRENT.set(info)
+        CURRENT_TASK.set(info)
         with self._span(info):
             if spec.is_async:
                 return await spec.fn(*args, **kwargs)
