@@ -14,8 +14,22 @@
    `e2e_run`: the same through RunWorkflow (submit and watch in one call).
 4. `latency`: submit → done (Watch ends) one at a time on the idle suite, p50/p99; and the
    same through RunWorkflow.
+5. `external`: steps run by an external worker (`op: task`), the SDK's `Worker` served by
+   `aiwfe worker run benchmarks.worker_tasks` in a process of its own, polling through the
+   gateway with a `worker` user's token:
+   - dispatch latency to a hot worker (its long polls waiting): step ready → task received,
+     one workflow at a time. The step is ready when its workflow is created (one step, no
+     dependencies): from the workflow's `create_time` (the store's transaction start, so a
+     little early: an upper bound) to the wall clock when the worker called the function;
+   - throughput: single-step workflows (Submit + Watch, `--in-flight` at a time) with a
+     task step against the same with the built-in `noop` op, in alternating halves on the
+     same suite, with the CPU each process (the worker's too) spent per workflow.
 
-Goals from the issue: (2) ≥ 3,000 jobs/s, (3) ≥ 300 workflows/s, (4) p50 ≤ 20 ms.
+Goals from the issues: (2) ≥ 3,000 jobs/s, (3) ≥ 300 workflows/s, (4) p50 ≤ 20 ms;
+(5) dispatch p50 ≤ 5 ms, task throughput ≥ half of noop's.
+
+`--phases` picks phases (default all): `bare` (always run: the machine's anchor), `store`,
+`gateway` (3 and 4), `external`.
 """
 
 from __future__ import annotations
@@ -36,14 +50,16 @@ import grpc
 import psycopg
 
 from aiwfe.app.embedded import free_port
+from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
+from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
 from aiwfe.runtime.channels import Upstream
-from aiwfe.runtime.config import load_settings
+from aiwfe.runtime.config import RbacSettings, load_settings
 from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
-from benchmarks import procstat, servers
+from benchmarks import procstat, report, servers
 from benchmarks.harness import REPO_ROOT, ServerProcess, _login
 from taskproc.worker import Worker
 
@@ -265,7 +281,12 @@ async def _run_and_wait(stub: wf_grpc.WorkflowServiceStub, md: Any) -> float:
 
 
 async def _throughput(
-    server: ServerProcess, admin_dsn: str, workflows: int, in_flight: int, run: Any
+    server: ServerProcess,
+    admin_dsn: str,
+    workflows: int,
+    in_flight: int,
+    run: Any,
+    extra_pids: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """`workflows` runs of `run()` with `in_flight` at a time, and where the CPU went."""
     sem = asyncio.Semaphore(in_flight)
@@ -275,6 +296,7 @@ async def _throughput(
             await run()
 
     pids = {n: p for n, p in server.info["service_pids"].items() if "_" not in n}
+    pids.update(extra_pids or {})
     before = _cpu(pids)
     commits = _commits(admin_dsn, server.database)
     start = time.perf_counter()
@@ -338,19 +360,231 @@ async def gateway_phases(
         server.stop()
 
 
+# --- external workers (op: task) ---------------------------------------------------------
+
+WORKER_ROLE_ENV = "AIWFE_RBAC__ROLES__{}__PERMISSIONS"
+TASK_QUEUE = "bench"
+
+
+def _roles_env() -> dict[str, str]:
+    """The seed roles plus `worker` (worker:queue:*) for the server process: setting any
+    role from the environment replaces the whole table, so every role is set."""
+    roles = {name: list(r.permissions) for name, r in RbacSettings().roles.items()}
+    roles.setdefault("worker", ["worker:queue:*"])
+    return {WORKER_ROLE_ENV.format(name.upper()): json.dumps(p) for name, p in roles.items()}
+
+
+def _task_spec() -> wf_pb.WorkflowSpec:
+    spec = wf_pb.WorkflowSpec(name="bench-task")
+    step = spec.steps.add(name="a", op="task")
+    step.inputs.update({"queue": TASK_QUEUE, "type": "bench_noop", "input": {}})
+    return spec
+
+
+SHED: dict[str, int] = {"submissions": 0}  # SubmitWorkflow refused by load shedding
+
+
+async def _submit_and_watch(
+    stub: wf_grpc.WorkflowServiceStub, md: Any, spec: wf_pb.WorkflowSpec
+) -> tuple[wf_pb.Workflow, list[wf_pb.WatchWorkflowResponse]]:
+    """Submit + Watch to the end (the workflow as created, its events); a submission shed
+    by the gateway (RESOURCE_EXHAUSTED) is counted and sent again after 50 ms."""
+    while True:
+        try:
+            reply = await stub.SubmitWorkflow(
+                wf_pb.SubmitWorkflowRequest(spec=spec), metadata=md, timeout=30
+            )
+            break
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            SHED["submissions"] += 1
+            await asyncio.sleep(0.05)
+    events = [
+        event
+        async for event in stub.WatchWorkflow(
+            wf_pb.WatchWorkflowRequest(workflow_id=reply.workflow.workflow_id),
+            metadata=md,
+            timeout=30,
+        )
+    ]
+    last = events[-1] if events else None
+    assert last is not None and last.workflow_state == wf_pb.WORKFLOW_STATE_SUCCEEDED, last
+    return reply.workflow, events
+
+
+def _running_after(wf: wf_pb.Workflow, events: list[wf_pb.WatchWorkflowResponse]) -> float:
+    """Seconds from the workflow's creation to its step's RUNNING event (the claim)."""
+    running = next(e for e in events if e.step_state == wf_pb.STEP_STATE_RUNNING)
+    return running.event_time.ToDatetime().timestamp() - wf.create_time.ToDatetime().timestamp()
+
+
+def _ms(samples: list[float]) -> dict[str, Any]:
+    samples = sorted(samples)
+    return {
+        "n": len(samples),
+        "p50": round(statistics.median(samples) * 1000, 2),
+        "p95": round(samples[max(0, int(len(samples) * 0.95) - 1)] * 1000, 2),
+    }
+
+
+def _start_worker(gateway: str, key: str, concurrency: int) -> subprocess.Popen[str]:
+    """`aiwfe worker run benchmarks.worker_tasks` in a process of its own."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "aiwfe.app.cli", "worker", "run", "benchmarks.worker_tasks",
+         "--queue", TASK_QUEUE, "--gateway", gateway, "--concurrency", str(concurrency)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "AIWFE_API_KEY": key},
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+
+
+async def external_phases(
+    admin_dsn: str, tasks: int, dispatch: int, in_flight: int, concurrency: int = 32
+) -> dict[str, Any]:
+    """Dispatch latency to a hot SDK worker, and task vs noop throughput (same suite)."""
+    server = ServerProcess(admin_dsn, extra_env=_roles_env())
+    server.start()
+    worker = None
+    try:
+        gateway = server.address("gateway")
+        admin = await _login(gateway, server.admin_password)
+        md = (("authorization", f"Bearer {admin}"),)
+        async with grpc.aio.insecure_channel(gateway) as channel:
+            password = secrets.token_urlsafe(18)
+            await auth_grpc.UserAdminServiceStub(channel).CreateUser(
+                auth_pb.CreateUserRequest(username="bench-worker", password=password,
+                                          roles=["worker"]),
+                metadata=md, timeout=30,
+            )  # fmt: skip
+            key = (
+                await auth_grpc.AuthServiceStub(channel).Login(
+                    auth_pb.LoginRequest(username="bench-worker", password=password), timeout=30
+                )
+            ).access_token
+            worker = _start_worker(gateway, key, concurrency)
+            stub = wf_grpc.WorkflowServiceStub(channel)
+            for _ in range(min(20, dispatch)):  # warm-up; the worker polls once one ran
+                await _submit_and_watch(stub, md, _task_spec())
+                await _submit_and_watch(stub, md, _noop_spec())
+            received, task_claimed, noop_claimed = [], [], []
+            for _ in range(dispatch):  # one at a time, alternating task and noop
+                wf, events = await _submit_and_watch(stub, md, _task_spec())
+                done = await stub.GetWorkflow(
+                    wf_pb.GetWorkflowRequest(workflow_id=wf.workflow_id), metadata=md, timeout=30
+                )
+                output = done.workflow.steps[0].output.fields
+                received.append(
+                    output["received"].number_value - wf.create_time.ToDatetime().timestamp()
+                )
+                task_claimed.append(_running_after(wf, events))
+                noop_claimed.append(
+                    _running_after(*await _submit_and_watch(stub, md, _noop_spec()))
+                )
+            halves: dict[str, list[dict[str, Any]]] = {"noop": [], "task": []}
+            extra = {"worker": worker.pid}
+            for _ in range(2):  # alternating halves: the machine's drift hits both alike
+                for name, spec in (("noop", _noop_spec()), ("task", _task_spec())):
+                    halves[name].append(
+                        await _throughput(
+                            server, admin_dsn, tasks // 2, in_flight,
+                            lambda s=spec: _submit_and_watch(stub, md, s), extra,
+                        )
+                    )  # fmt: skip
+        noop, task = _merge(halves["noop"]), _merge(halves["task"])
+        return {
+            # step ready (workflow created) -> the worker called the function
+            "dispatch_ms": _ms(received),
+            # step ready -> the step's RUNNING event (the store's claim), task and noop
+            "task_claim_ms": _ms(task_claimed),
+            "noop_claim_ms": _ms(noop_claimed),
+            "noop": noop,
+            "task": task,
+            "task_vs_noop": round(task["workflows_per_s"] / noop["workflows_per_s"], 3),
+            "submissions_shed_and_retried": SHED["submissions"],
+        }
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(30)
+        server.stop()
+
+
+def _merge(halves: list[dict[str, Any]]) -> dict[str, Any]:
+    """Two `_throughput` results as one (rates from the summed counts and seconds)."""
+    n = sum(h["workflows"] for h in halves)
+    seconds = sum(h["seconds"] for h in halves)
+    cpu: dict[str, float] = {}
+    for h in halves:
+        for name, ms in h["cpu_ms_per_workflow"].items():
+            cpu[name] = cpu.get(name, 0.0) + ms * h["workflows"] / n
+    return {
+        "workflows": n,
+        "seconds": round(seconds, 3),
+        "workflows_per_s": round(n / seconds),
+        "cpu_ms_per_workflow": {k: round(v, 2) for k, v in cpu.items()},
+        "cpu_cores_busy": round(
+            sum(h["cpu_cores_busy"] * h["seconds"] for h in halves) / seconds, 2
+        ),
+        "pg_transactions_per_workflow": round(
+            sum(h["pg_transactions_per_workflow"] * h["workflows"] for h in halves) / n, 2
+        ),
+    }
+
+
+def external_summary(result: dict[str, Any]) -> str:
+    """The external-worker figures beside their goals, with the machine's anchors."""
+    ext, m = result["external"], result["machine"]
+    bare = result["bare-skip-locked"]["jobs_per_s"]
+    d = ext["dispatch_ms"]
+    tc, nc = ext["task_claim_ms"], ext["noop_claim_ms"]
+    lines = [
+        f"machine: {m['cores']} cores, Python {m['python']}, grpcio {m['grpcio']}, "
+        f"{m['date']}; anchor: bare SKIP LOCKED loop {bare:,} jobs/s",
+        f"dispatch to a hot worker (step ready -> task received): p50 {d['p50']} ms, "
+        f"p95 {d['p95']} ms (n={d['n']}; goal p50 <= 5 ms)",
+        f"step ready -> claimed (RUNNING event): task p50 {tc['p50']} ms, p95 {tc['p95']} ms;"
+        f" built-in noop p50 {nc['p50']} ms, p95 {nc['p95']} ms",
+        f"load shedding refused {ext['submissions_shed_and_retried']} submissions (retried)",
+    ]
+    for name in ("noop", "task"):
+        r = ext[name]
+        cpu = ", ".join(f"{k} {v}" for k, v in r["cpu_ms_per_workflow"].items())
+        lines.append(f"{name}: {r['workflows_per_s']} workflows/s; CPU ms per workflow: {cpu}")
+    lines.append(f"task vs noop: {ext['task_vs_noop']}x (goal >= 0.5x)")
+    return "\n".join(lines)
+
+
+PHASES = ("bare", "store", "gateway", "external")
+
+
 async def main(opts: argparse.Namespace) -> dict[str, Any]:
+    phases = set(opts.phases.split(",")) if opts.phases else set(PHASES)
+    unknown = phases - set(PHASES)
+    if unknown:
+        raise SystemExit(f"unknown phases {sorted(unknown)}; known: {', '.join(PHASES)}")
+    result: dict[str, Any] = {"machine": report.machine()}
     database = f"aiwfe_bench_wf_{secrets.token_hex(4)}"
     servers.create_database(opts.admin_dsn, database)
     dsn = servers.database_dsn(opts.admin_dsn, database)
     try:
-        result: dict[str, Any] = {"bare-skip-locked": await bare_skip_locked(dsn, opts.jobs)}
-        result["store-queue"] = await store_queue(dsn, opts.jobs)
+        # The machine's anchor, always: its speed moves by ~2x between sessions.
+        result["bare-skip-locked"] = await bare_skip_locked(dsn, opts.jobs)
+        if "store" in phases:
+            result["store-queue"] = await store_queue(dsn, opts.jobs)
     finally:
         servers.drop_database(opts.admin_dsn, database)
-    result.update(await gateway_phases(opts.admin_dsn, opts.e2e, opts.latency, opts.in_flight))
-    result["store_vs_bare"] = round(
-        result["store-queue"]["jobs_per_s"] / result["bare-skip-locked"]["jobs_per_s"], 3
-    )
+    if "gateway" in phases:
+        result.update(await gateway_phases(opts.admin_dsn, opts.e2e, opts.latency, opts.in_flight))
+    if "external" in phases:
+        result["external"] = await external_phases(
+            opts.admin_dsn, opts.tasks, opts.dispatch, opts.in_flight, opts.worker_concurrency
+        )
+    if "store-queue" in result:
+        result["store_vs_bare"] = round(
+            result["store-queue"]["jobs_per_s"] / result["bare-skip-locked"]["jobs_per_s"], 3
+        )
     return result
 
 
@@ -360,9 +594,16 @@ def cli() -> None:
     parser.add_argument("--e2e", type=int, default=1000)
     parser.add_argument("--latency", type=int, default=100)
     parser.add_argument("--in-flight", type=int, default=32, help="e2e workflows in flight")
+    parser.add_argument("--tasks", type=int, default=1000, help="workflows per external half")
+    parser.add_argument("--dispatch", type=int, default=200, help="dispatch latency samples")
+    parser.add_argument("--worker-concurrency", type=int, default=32)
+    parser.add_argument("--phases", default="", help=f"comma-separated: {', '.join(PHASES)}")
     parser.add_argument("--admin-dsn", default=servers.DEFAULT_ADMIN_DSN)
     opts = parser.parse_args()
-    print(json.dumps(asyncio.run(main(opts)), indent=2))
+    result = asyncio.run(main(opts))
+    print(json.dumps(result, indent=2))
+    if "external" in result:
+        print(external_summary(result), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def test_quick_direct_and_gateway_run(tmp_path: Path, servers: Servers) -> None:
 
 def test_workflow_benchmark_runs_every_phase(servers: Servers) -> None:
     """`python -m benchmarks.workflows` with tiny counts runs the queue, both end-to-end
-    paths and the latency phases, and accounts CPU to every service."""
+    paths, the latency phases and the external-worker phases (an SDK worker process), and
+    accounts CPU to every service and the worker."""
     done = subprocess.run(
         [
             sys.executable,
@@ -73,6 +74,10 @@ def test_workflow_benchmark_runs_every_phase(servers: Servers) -> None:
             "--e2e",
             "20",
             "--latency",
+            "3",
+            "--tasks",
+            "8",
+            "--dispatch",
             "3",
             "--admin-dsn",
             servers.admin_dsn,
@@ -96,3 +101,10 @@ def test_workflow_benchmark_runs_every_phase(servers: Servers) -> None:
         assert e2e["pg_transactions_per_workflow"] > 0, e2e
     for phase in ("latency_idle_ms", "latency_idle_run_ms"):
         assert doc[phase]["n"] == 3 and doc[phase]["p50"] > 0, doc[phase]
+    external = doc["external"]
+    for phase in ("dispatch_ms", "task_claim_ms", "noop_claim_ms"):
+        assert external[phase]["n"] == 3 and external[phase]["p50"] > 0, external
+    for half in ("noop", "task"):
+        assert external[half]["workflows"] == 8 and external[half]["workflows_per_s"] > 0
+    assert "worker" in external["task"]["cpu_ms_per_workflow"], external
+    assert external["task_vs_noop"] > 0, external

@@ -105,6 +105,7 @@ GROUPS: dict[str, str] = {
     "service-account": "manage service accounts for unattended callers (admin)",
     "api-key": "issue, list and revoke service accounts' API keys (admin)",
     "models": "fetch embedding model weights into <home>/models",
+    "worker": "serve your own functions as workflow steps",
 }
 
 
@@ -427,6 +428,77 @@ def _bench(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     return subprocess.call([sys.executable, "-m", "benchmarks", *args.args], cwd=root)
+
+
+def _worker_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("module", help="package.module whose @task functions to serve")
+    p.add_argument(
+        "--queue", action="append", default=[], help="queue to poll (repeatable; default: default)"
+    )
+    p.add_argument("--concurrency", type=int, default=16, help="tasks at once (default 16)")
+    p.add_argument(
+        "--api-key-env",
+        default="AIWFE_API_KEY",
+        help="environment variable holding the API key (default AIWFE_API_KEY)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        help="seconds running tasks get to finish on SIGTERM (default 10)",
+    )
+
+
+@command(
+    "worker run",
+    "serve a module's @task functions as workflow steps (op: task)",
+    _worker_run_args,
+    api=False,
+)
+def _worker_run(args: argparse.Namespace) -> int:
+    import importlib
+    import logging
+
+    from aiwfe.sdk.worker import Worker, WorkerError, tasks_in_module
+
+    api_key = os.environ.get(args.api_key_env, "")
+    if not api_key:
+        raise UsageError(
+            f"no API key: set ${args.api_key_env} (`aiwfe api-key create NAME` prints one)"
+        )
+    if args.concurrency < 1:
+        raise UsageError(f"--concurrency must be at least 1, not {args.concurrency}")
+    sys.path.insert(0, os.getcwd())  # `aiwfe worker run mytasks` finds ./mytasks.py
+    try:
+        module = importlib.import_module(args.module)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {args.module}: {exc}") from None
+    tasks = tasks_in_module(module)
+    if not tasks:
+        raise UsageError(f"{args.module} has no @task functions")
+    try:
+        worker = Worker(
+            args.gateway,
+            api_key,
+            queues=args.queue or ["default"],
+            tasks=tasks,
+            concurrency=args.concurrency,
+            shutdown_grace=args.shutdown_grace,
+            tls=args.tls,
+            ca_file=args.ca_file,
+            cert_file=args.cert_file,
+            key_file=args.key_file,
+            call_timeout=args.timeout or DEFAULT_TIMEOUT,
+        )
+    except ValueError as exc:  # a queue or task name the contract refuses
+        raise UsageError(str(exc)) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        worker.run()
+    except WorkerError as exc:
+        print(f"aiwfe: {exc}", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    return 0
 
 
 # --- session --------------------------------------------------------------------------------
