@@ -100,6 +100,9 @@ class Wakeups:
     def work(self, builtin: bool = True, queues: Iterable[str] = (ANY_QUEUE,)) -> None:
         """Work may be runnable: built-in steps, task steps of `queues`, or both. Other
         replicas hear only that there is work (they wake everything)."""
+        queues = set(queues)
+        if not builtin and not queues:
+            return
         self.wake_work(builtin, queues)
         if self.peers is not None:
             self.peers.work()

@@ -24,6 +24,8 @@ def test_every_module_in_the_package_registered_its_ops() -> None:
         "cognitive.classify",
         "cognitive.generate",
         "task",
+        "sleep",
+        "wait_for_signal",
     }
     assert all(o.name == name for name, o in OPS.items())
 
