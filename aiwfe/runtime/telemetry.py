@@ -12,6 +12,11 @@ Exporters follow the standard `OTEL_*` variables: `OTEL_TRACES_EXPORTER=otlp` (o
 exported by default and the API's no-op tracer then keeps the cost near zero while still
 propagating an incoming trace context. PostgreSQL and Redis calls get client spans from
 the official psycopg and redis instrumentations.
+
+Background loops run in `quiet_context()` (unsampled, instrumentation suppressed), so they
+export nothing from any service unless `telemetry.trace_polling`; `continued` says where
+work that continues a stored trace (a workflow step) starts its span: the stored span's
+child, or a new root linked to it when it starts much later.
 """
 
 from __future__ import annotations
