@@ -19,6 +19,7 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from aiwfe.app.suite import Suite, start_suite
+from aiwfe.runtime.telemetry import continued
 from aiwfe.taskproc.v1 import worker_service_pb2 as worker_pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as worker_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
@@ -244,3 +245,93 @@ async def test_an_external_task_is_dispatched_in_the_workflows_trace(traced) -> 
     # CompleteTask's own calls are the worker's, under its span.
     complete = _one(spans, "/aiwfe.taskproc.v1.WorkerService/CompleteTask", "gateway")
     assert complete.parent.span_id == mine.get_span_context().span_id
+
+
+async def test_run_workflow_steps_are_children_of_its_span(traced) -> None:
+    """RunWorkflow (submit and watch in one call) stores its own server span's context:
+    the steps are children of taskproc's RunWorkflow span."""
+    run = "/aiwfe.taskproc.v1.WorkflowService/RunWorkflow"
+    async with grpc.aio.insecure_channel(traced.address("gateway")) as ch:
+        token = await new_user(traced, ch)
+        EXPORTER.clear()
+        with _tracer.start_as_current_span("client run") as root:
+            stream = wf_grpc.WorkflowServiceStub(ch).RunWorkflow(
+                wf_pb.RunWorkflowRequest(spec=_three_steps()),
+                metadata=_metadata(token),
+                timeout=30,
+            )
+            updates = [u async for u in stream]
+    assert updates[-1].event.workflow_state == wf_pb.WORKFLOW_STATE_SUCCEEDED
+    spans = await _spans_until({"step a", "step embed", "step c", run})
+    trace_id = root.get_span_context().trace_id
+    server = _one([s for s in spans if s.context.trace_id == trace_id], run, "taskproc")
+    for name in ("a", "embed", "c"):
+        step = _one(spans, f"step {name}")
+        assert step.context.trace_id == trace_id
+        assert step.parent.span_id == server.context.span_id
+
+
+@pytest.mark.parametrize("traced", [{"step_link_after_seconds": 1.5}], indirect=True)
+async def test_a_task_dispatched_late_is_linked_and_an_early_step_is_a_child(traced) -> None:
+    """In one workflow, a step run at once is the submit's child, and a task first polled
+    2 s after the submit (threshold 1.5 s) gets a dispatch span rooting a new trace linked
+    to the submit, whose traceparent the worker receives."""
+    async with grpc.aio.insecure_channel(traced.address("gateway")) as ch:
+        owner = await new_user(traced, ch)
+        worker = await new_user(traced, ch, ("worker",))
+        EXPORTER.clear()
+        workflow, root = await _submit_traced(
+            ch,
+            owner,
+            spec(
+                {"name": "early", "op": "noop", "inputs": {"echo": 1}},
+                {
+                    "name": "late",
+                    "op": "task",
+                    "inputs": {"queue": "late", "type": "review", "input": {}},
+                },
+            ),
+        )
+        await asyncio.sleep(2.0)
+        stub = worker_grpc.WorkerServiceStub(ch)
+        task = await stub.PollTask(
+            worker_pb.PollTaskRequest(queues=["late"], wait_seconds=5),
+            metadata=_metadata(worker),
+            timeout=10,
+        )
+        await stub.CompleteTask(
+            worker_pb.CompleteTaskRequest(task_token=task.task_token, queue=task.queue),
+            metadata=_metadata(worker),
+            timeout=10,
+        )
+        done = await finish(ch, owner, workflow.workflow_id)
+        assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error
+    spans = await _spans_until({"step early", "task review"})
+    submit = _one([s for s in spans if s.context.trace_id == root.trace_id], SUBMIT, "taskproc")
+    early = _one(spans, "step early")
+    assert early.parent.span_id == submit.context.span_id and not early.links
+    dispatch = _one(spans, "task review")
+    assert dispatch.parent is None and dispatch.context.trace_id != root.trace_id
+    assert [(k.context.trace_id, k.context.span_id) for k in dispatch.links] == [
+        (root.trace_id, submit.context.span_id)
+    ]
+    assert task.traceparent.split("-")[1] == f"{dispatch.context.trace_id:032x}"
+
+
+def test_continued_is_a_child_within_the_threshold_else_a_linked_root() -> None:
+    """`continued`: no or a malformed stored context → a root without links; within the
+    threshold → the stored span as parent; past it → a root linked to the stored span."""
+    traceparent = f"00-{'ab' * 16}-{'cd' * 8}-01"
+    for bad in ("", "00-zz-yy-01", f"00-{'0' * 32}-{'cd' * 8}-01"):
+        context, links = continued(bad, "", 0.0, 60)
+        assert not trace.get_current_span(context).get_span_context().is_valid
+        assert links == []
+    context, links = continued(traceparent, "vendor=x", 59.0, 60)
+    parent = trace.get_current_span(context).get_span_context()
+    assert (parent.trace_id, parent.span_id, links) == (int("ab" * 16, 16), int("cd" * 8, 16), [])
+    assert parent.trace_state.get("vendor") == "x"
+    context, links = continued(traceparent, "", 61.0, 60)
+    assert not trace.get_current_span(context).get_span_context().is_valid
+    assert [(k.context.trace_id, k.context.span_id) for k in links] == [
+        (int("ab" * 16, 16), int("cd" * 8, 16))
+    ]
