@@ -19,6 +19,7 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from aiwfe.app.suite import Suite, start_suite
+from aiwfe.runtime.metrics import REGISTRY
 from aiwfe.runtime.telemetry import continued
 from aiwfe.taskproc.v1 import worker_service_pb2 as worker_pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as worker_grpc
@@ -175,11 +176,23 @@ async def _idle_spans(seconds: float) -> list[ReadableSpan]:
     return list(EXPORTER.get_finished_spans())
 
 
+def _claims_counted() -> float:
+    labels = {
+        "service": "dataplatform",
+        "method": "/aiwfe.data.v1.WorkflowStoreService/ClaimSteps",
+        "code": "OK",
+    }
+    return REGISTRY.get_sample_value("request_rate_counter_total", labels) or 0.0
+
+
 async def test_an_idle_suite_exports_no_spans(traced) -> None:
     """Idle for 4 s, the suite's polling loops (workers' claims, wake-up streams, sweeps,
-    revocation polls, health probes) export no span at all."""
+    revocation polls, health probes) export no span at all, while their calls still count
+    in the RPC metrics."""
+    before = _claims_counted()
     spans = await _idle_spans(4.0)
     assert spans == [], sorted({s.name for s in spans})
+    assert _claims_counted() - before >= 4  # every taskproc.poll_interval (0.5 s)
 
 
 @pytest.mark.parametrize("traced", [{"trace_polling": True}], indirect=True)
