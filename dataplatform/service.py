@@ -27,6 +27,7 @@ from aiwfe.runtime.interceptors import InternalIdentityInterceptor
 from aiwfe.runtime.passwords import hash_password_async
 from aiwfe.runtime.redis_client import RedisClient
 from aiwfe.runtime.server import Service
+from aiwfe.runtime.telemetry import quiet
 from dataplatform.cache_store import CacheStore
 from dataplatform.collection_access import CollectionAccessStore
 from dataplatform.db import Database
@@ -72,12 +73,15 @@ class DataPlatformService(Service):
         self._maintainer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.db.open()
+        with quiet(not self.settings.telemetry.trace_polling):  # the stall watch's probes
+            await self.db.open()
         await self._bootstrap_admin()
-        self._purger = asyncio.create_task(self._purge_loop())
-        interval = self.settings.database.connection_strategy.health_check_interval
-        self._maintainer = asyncio.create_task(self.db.maintain(interval))
-        self.replicas.start()
+        # Background loops are untraced (telemetry.trace_polling turns them on).
+        with quiet(not self.settings.telemetry.trace_polling):
+            self._purger = asyncio.create_task(self._purge_loop())
+            interval = self.settings.database.connection_strategy.health_check_interval
+            self._maintainer = asyncio.create_task(self.db.maintain(interval))
+            self.replicas.start()
 
     async def _bootstrap_admin(self) -> None:
         """Creates the first admin on an empty user table (from config, or generated once)."""

@@ -22,6 +22,7 @@ from aiwfe.runtime.rbac import Rbac
 from aiwfe.runtime.redis_client import RedisClient
 from aiwfe.runtime.resilience.breaker import BreakerState
 from aiwfe.runtime.server import Service
+from aiwfe.runtime.telemetry import quiet
 from aiwfe.taskproc.v1 import worker_service_pb2, workflow_service_pb2
 from gateway.api_keys import ApiKeyVerifier, KeyUseRecorder
 from gateway.auth_service import AuthServicer, UserAdminServicer
@@ -90,8 +91,10 @@ class GatewayService(Service):
         )
 
     async def start(self) -> None:
-        await self.revocations.start()
-        self.key_uses.start()
+        # Background polls and flushes are untraced (telemetry.trace_polling turns them on).
+        with quiet(not self.settings.telemetry.trace_polling):
+            await self.revocations.start()
+            self.key_uses.start()
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         data = self.upstreams["aiwfe.data.v1"]

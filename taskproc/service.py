@@ -23,6 +23,7 @@ from aiwfe.runtime.identity import InternalIdentity, Principal, require_principa
 from aiwfe.runtime.interceptors import InternalIdentityInterceptor
 from aiwfe.runtime.page_tokens import PageTokens
 from aiwfe.runtime.server import Service
+from aiwfe.runtime.telemetry import quiet
 from aiwfe.runtime.validation import Violations
 from aiwfe.taskproc.v1 import worker_service_pb2 as worker_pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as worker_pb_grpc
@@ -33,6 +34,7 @@ from taskproc.shared_watch import SharedWatches
 from taskproc.spec import validate
 from taskproc.streams import StreamPool, WatchSlots
 from taskproc.tasks import TaskDispatcher, WorkerServicer
+from taskproc.tracing import submit_trace_context
 from taskproc.worker import Worker
 
 ADMIN_ROLE = "admin"
@@ -96,6 +98,7 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
             ),
             spec=validate(spec, self._limits),
             idempotency_key=idempotency_key,
+            trace_context=submit_trace_context(),
         )
 
     async def SubmitWorkflow(
@@ -264,13 +267,18 @@ class TaskProcService(Service):
         self.watches = SharedWatches(self.streams)
         self.watch_slots = WatchSlots(settings.taskproc.max_watch_streams)
         self.worker = Worker(
-            settings.taskproc, settings.grpc.shutdown_grace_seconds, self.store, self.cognitive
+            settings.taskproc,
+            settings.grpc.shutdown_grace_seconds,
+            self.store,
+            self.cognitive,
+            settings.telemetry,
         )
-        self.tasks = TaskDispatcher(settings.taskproc, self.store)
+        self.tasks = TaskDispatcher(settings.taskproc, self.store, settings.telemetry)
         self.worker.work_listeners.append(self.tasks.wake)
 
     async def start(self) -> None:
-        self.worker.start()
+        with quiet(not self.settings.telemetry.trace_polling):  # its loops: untraced
+            self.worker.start()
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         pb_grpc.add_WorkflowServiceServicer_to_server(
@@ -285,7 +293,14 @@ class TaskProcService(Service):
             server,
         )
         worker_pb_grpc.add_WorkerServiceServicer_to_server(
-            WorkerServicer(self.settings.taskproc, self.store, self.identity, self.tasks), server
+            WorkerServicer(
+                self.settings.taskproc,
+                self.store,
+                self.identity,
+                self.tasks,
+                self.settings.telemetry,
+            ),
+            server,
         )
         return [
             pb.DESCRIPTOR.services_by_name["WorkflowService"].full_name,

@@ -29,26 +29,25 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import json_format, struct_pb2
-from opentelemetry import trace
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
 from aiwfe.runtime import metrics
 from aiwfe.runtime.channels import Upstream
-from aiwfe.runtime.config import TaskProcSettings
+from aiwfe.runtime.config import TaskProcSettings, TelemetrySettings
 from aiwfe.runtime.errors import FailedPrecondition, ResourceExhausted
 from aiwfe.runtime.identity import InternalIdentity, require_principal
 from aiwfe.runtime.page_tokens import PageTokens
+from aiwfe.runtime.telemetry import quiet
 from aiwfe.runtime.validation import Violations
 from aiwfe.taskproc.v1 import worker_service_pb2 as pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as pb_grpc
 from taskproc.ops.task import name_problem
 from taskproc.spec import resolve
 from taskproc.streams import RETRY_AFTER_SECONDS
+from taskproc.tracing import dispatch_traceparent
 
 log = logging.getLogger("aiwfe.taskproc.tasks")
-_tracer = trace.get_tracer("aiwfe")
 
 MAX_QUEUES = 16
 MAX_TYPES = 64
@@ -96,8 +95,11 @@ class _Group:
 class TaskDispatcher:
     """Claims task steps for the waiting pollers of this replica."""
 
-    def __init__(self, cfg: TaskProcSettings, store: Upstream) -> None:
+    def __init__(
+        self, cfg: TaskProcSettings, store: Upstream, telemetry: TelemetrySettings | None = None
+    ) -> None:
         self._cfg = cfg
+        self._telemetry = telemetry or TelemetrySettings()
         self._store = store
         self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
         self._groups: dict[tuple[tuple[str, ...], tuple[str, ...]], _Group] = {}
@@ -117,7 +119,8 @@ class TaskDispatcher:
     def _kick(self, group: _Group) -> None:
         if group.dirty and group.waiting and not group.claiming:
             group.claiming = True
-            asyncio.get_running_loop().create_task(self._claim_round(group))
+            with quiet(not self._telemetry.trace_polling):  # claims are polling: untraced
+                asyncio.get_running_loop().create_task(self._claim_round(group))
 
     async def _claim_round(self, group: _Group) -> None:
         try:
@@ -240,8 +243,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         store: Upstream,
         identity: InternalIdentity,
         dispatcher: TaskDispatcher,
+        telemetry: TelemetrySettings | None = None,
     ) -> None:
         self._cfg = cfg
+        self._telemetry = telemetry or TelemetrySettings()
         self._store = store
         self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
         self._tokens = PageTokens(
@@ -342,21 +347,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             attempt_deadline=step.attempt_deadline,
             heartbeat_timeout_seconds=step.heartbeat_timeout_seconds,
         )
-        # The dispatch span: the worker's span for the task is its child (traceparent).
-        with _tracer.start_as_current_span(
-            f"task {step.task_type}",
-            kind=trace.SpanKind.PRODUCER,
-            attributes={
-                "aiwfe.workflow_id": step.ref.workflow_id,
-                "aiwfe.step": step.ref.step_name,
-                "aiwfe.attempt": step.ref.attempt,
-                "aiwfe.queue": step.queue,
-                "aiwfe.worker": worker_identity,
-            },
-        ):
-            carrier: dict[str, str] = {}
-            TraceContextTextMapPropagator().inject(carrier)
-            reply.traceparent = carrier.get("traceparent", "")
+        # The dispatch span, in the workflow's trace: the worker's span is its child.
+        reply.traceparent = dispatch_traceparent(
+            step, worker_identity, self._telemetry.step_link_after_seconds
+        )
         return reply
 
     async def HeartbeatTask(

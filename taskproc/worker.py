@@ -37,10 +37,12 @@ from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
 from aiwfe.runtime import metrics
 from aiwfe.runtime.channels import Upstream
-from aiwfe.runtime.config import TaskProcSettings
+from aiwfe.runtime.config import TaskProcSettings, TelemetrySettings
 from aiwfe.runtime.identity import Principal, current_principal
+from aiwfe.runtime.telemetry import quiet
 from taskproc.ops import OPS, PERMANENT_CODES, StepContext, StepError
 from taskproc.spec import resolve
+from taskproc.tracing import mark_failed, step_attempt
 
 log = logging.getLogger("aiwfe.taskproc.worker")
 StepKey = tuple[str, str, int]  # workflow_id, step name, attempt
@@ -67,8 +69,10 @@ class Worker:
         grace_seconds: float,
         store: Upstream,
         cognitive: Upstream,
+        telemetry: TelemetrySettings | None = None,
     ) -> None:
         self.cfg = cfg
+        self.telemetry = telemetry or TelemetrySettings()
         self.grace = grace_seconds
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._store = store
@@ -87,8 +91,10 @@ class Worker:
     async def _call(self, rpc: Any, request: Any, timeout: float) -> Any:
         """A queue call with the service identity and a deadline but no circuit breaker: the
         worker's own polling is the back-off, and an open breaker would stall the queue for
-        its whole open period after a short dataplatform blip."""
-        return await rpc(request, timeout=timeout, metadata=self._store.metadata())
+        its whole open period after a short dataplatform blip. Untraced (quiet) unless
+        `telemetry.trace_polling`: claims, batches and leases are the queue's cost."""
+        with quiet(not self.telemetry.trace_polling):
+            return await rpc(request, timeout=timeout, metadata=self._store.metadata())
 
     @property
     def running_count(self) -> int:
@@ -137,9 +143,14 @@ class Worker:
         key = (step.ref.workflow_id, step.ref.step_name, step.ref.attempt)
         running = _Running(step, held_until=held_until)
         self._running[key] = running
-        running.task = asyncio.create_task(self._run(key, running), name=f"step-{key[1]}")
+        running.task = asyncio.create_task(self._traced_run(key, running), name=f"step-{key[1]}")
 
     # --- running a step -------------------------------------------------------------------
+
+    async def _traced_run(self, key: StepKey, running: _Running) -> None:
+        """`_run` in the attempt's span: the submit's child or linked (taskproc/tracing.py)."""
+        with step_attempt(running.step, self.telemetry.step_link_after_seconds):
+            await self._run(key, running)
 
     async def _run(self, key: StepKey, running: _Running) -> None:
         step = running.step
@@ -240,6 +251,7 @@ class Worker:
                 log.warning("%d results discarded: lease lost", discarded)
 
     async def _fail(self, step: store_pb.ClaimedStep, error: str, retryable: bool) -> None:
+        mark_failed(error)
         request = store_pb.FailStepRequest(
             worker_id=self.id, ref=step.ref, error=error, retryable=retryable
         )

@@ -612,6 +612,13 @@ class TelemetrySettings(_Block):
     """Server spans and RPC metrics; exporters come from the standard OTEL_* variables."""
 
     enabled: bool = True
+    # The background loops (workers' claims, wake-up streams, lease extensions, result
+    # batches, task claims, sweeps, revocation polls) run unsampled: they export no spans
+    # (their cost shows in metrics). True traces them again.
+    trace_polling: bool = False
+    # A step attempt starting more than this many seconds after its workflow was submitted
+    # gets a new trace linked to the submit's; sooner, its span is the submit's child.
+    step_link_after_seconds: float = Field(default=60.0, ge=0)
 
 
 class Settings(_Block):

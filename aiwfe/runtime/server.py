@@ -31,7 +31,12 @@ from aiwfe.runtime.metrics import serve_metrics
 from aiwfe.runtime.reflection import enable_reflection
 from aiwfe.runtime.resilience.limiter import ConcurrencyLimiter
 from aiwfe.runtime.system_service import LocalSystemServicer
-from aiwfe.runtime.telemetry import TelemetryInterceptor, configure_tracing, flush_telemetry
+from aiwfe.runtime.telemetry import (
+    TelemetryInterceptor,
+    configure_tracing,
+    flush_telemetry,
+    quiet,
+)
 from aiwfe.system.v1 import system_service_pb2
 from aiwfe.system.v1 import system_service_pb2_grpc as system_grpc
 
@@ -258,7 +263,8 @@ async def start_service(
     running.limiter = limiter
     await running.set_serving(await service.healthy())
     await running.set_routed(await service.routed_health())
-    running._probe_task = asyncio.create_task(running._probe_loop(probe_interval))
+    with quiet(not settings.telemetry.trace_polling):  # health probes: untraced
+        running._probe_task = asyncio.create_task(running._probe_loop(probe_interval))
     log.info("%s listening on %s", service.name, running.address)
     return running
 

@@ -12,24 +12,40 @@ Exporters follow the standard `OTEL_*` variables: `OTEL_TRACES_EXPORTER=otlp` (o
 exported by default and the API's no-op tracer then keeps the cost near zero while still
 propagating an incoming trace context. PostgreSQL and Redis calls get client spans from
 the official psycopg and redis instrumentations.
+
+Background loops run in `quiet_context()` (unsampled, instrumentation suppressed), so they
+export nothing from any service unless `telemetry.trace_polling`; `continued` says where
+work that continues a stored trace (a workflow step) starts its span: the stored span's
+child, or a new root linked to it when it starts much later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
+import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping
 from contextvars import Token
 from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.context import Context
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, Context
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from aiwfe.runtime import metrics
 from aiwfe.runtime.interceptors import Behavior, HandlerCache, MethodInterceptor
@@ -51,6 +67,7 @@ class _MetadataGetter(Getter[Any]):
 
 
 _GETTER = _MetadataGetter()
+_W3C = TraceContextTextMapPropagator()
 
 
 def inject_metadata(metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
@@ -58,6 +75,76 @@ def inject_metadata(metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, s
     carrier: MutableMapping[str, str] = {}
     propagate.inject(carrier)
     return metadata + tuple(carrier.items()) if carrier else metadata
+
+
+def quiet_context() -> Context:
+    """The context background polling runs in: an unsampled span of a trace of its own, with
+    instrumentation suppressed.
+
+    Two standard OpenTelemetry mechanisms, one per side of a call. In this process the
+    suppress-instrumentation key makes the official instrumentations (psycopg, redis) skip
+    their spans, and the unsampled span makes our own client spans non-recording. Across
+    processes the W3C `traceparent` carries the sampled flag 00: the callee's server span
+    and everything under it are not recorded (the SDK's default `ParentBased` sampler), and
+    `TelemetryInterceptor` suppresses the callee's instrumentations too. Nothing is
+    exported for the loop's calls, from any service.
+    """
+    span = NonRecordingSpan(
+        SpanContext(
+            trace_id=random.getrandbits(128) or 1,
+            span_id=random.getrandbits(64) or 1,
+            is_remote=False,
+            trace_flags=TraceFlags(TraceFlags.DEFAULT),
+        )
+    )
+    return otel_context.set_value(
+        _SUPPRESS_INSTRUMENTATION_KEY, True, trace.set_span_in_context(span, Context())
+    )
+
+
+@contextlib.contextmanager
+def quiet(enabled: bool = True) -> Iterator[None]:
+    """Runs the block (and the tasks it creates, which copy the context) in
+    `quiet_context()`; `enabled=False` (config `telemetry.trace_polling`) leaves it traced."""
+    if not enabled:
+        yield
+        return
+    token = otel_context.attach(quiet_context())
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+def current_trace_context() -> tuple[str, str]:
+    """The current span's W3C (traceparent, tracestate); ("", "") without a valid one."""
+    carrier: dict[str, str] = {}
+    _W3C.inject(carrier)
+    return carrier.get("traceparent", ""), carrier.get("tracestate", "")
+
+
+def continued(
+    traceparent: str, tracestate: str, age_seconds: float, link_after: float
+) -> tuple[Context, list[Link]]:
+    """Where work that continues a stored trace starts its span (a workflow step attempt):
+    the parent context and the links. Within `link_after` seconds of the stored span it is
+    that span's child; later it is a new root linked to it (a trace stretched over hours of
+    timers and signals is unreadable, and viewers bound a trace's duration); with nothing
+    stored, a root without links. Never the current context: a polling loop's quiet one
+    must not leak into the work it hands out."""
+    root = Context()
+    if not traceparent:
+        return root, []
+    carrier = {"traceparent": traceparent}
+    if tracestate:
+        carrier["tracestate"] = tracestate
+    stored = _W3C.extract(carrier, context=root)
+    span_context = trace.get_current_span(stored).get_span_context()
+    if not span_context.is_valid:
+        return root, []
+    if age_seconds <= link_after:
+        return stored, []
+    return root, [Link(span_context, {"aiwfe.link": "workflow.submit"})]
 
 
 def exporter_from_env(env: Mapping[str, str]) -> str:
@@ -185,6 +272,14 @@ def caller_context(carrier: Any, getter: Getter[Any] = _GETTER) -> Context | Non
     return None
 
 
+def _sampled(parent: Context | None) -> bool:
+    """False only for a caller that sent a valid trace context with the sampled flag off."""
+    if parent is None:
+        return True
+    span_context = trace.get_current_span(parent).get_span_context()
+    return not span_context.is_valid or span_context.trace_flags.sampled
+
+
 def call_context(span: Any, parent: Context | None) -> Context | None:
     """The context a call runs in and passes on: our span's when recording, else the
     caller's own (so an unrecorded hop still carries the caller's trace)."""
@@ -243,10 +338,13 @@ class TelemetryInterceptor(MethodInterceptor):
         recorder = ServerRecorder(self._service, method, self._tracer, self._recording)
 
         def start(context: grpc.aio.ServicerContext) -> tuple[Any, Token[Context] | None]:
-            """Makes the caller's trace (and our span, when recording) current."""
+            """Makes the caller's trace (and our span, when recording) current; an
+            unsampled caller (a quiet polling loop) also suppresses instrumentation."""
             parent = caller_context(context.invocation_metadata())
             span = recorder.start(parent)
             current = call_context(span, parent)
+            if current is not None and not _sampled(parent):
+                current = otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True, current)
             return span, None if current is None else otel_context.attach(current)
 
         def finish(

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from psycopg.types.json import Jsonb
 
 from aiwfe.runtime.errors import InvalidArgument, NotFound
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
@@ -88,3 +89,20 @@ def page_after(token: str) -> tuple[datetime, uuid.UUID]:
         return datetime.fromisoformat(created), uuid.UUID(wid)
     except (ValueError, UnicodeDecodeError):
         raise InvalidArgument([("page_token", "is not a token this service issued")]) from None
+
+
+def trace_context_json(request: Any) -> Jsonb | None:
+    """A CreateWorkflowRequest's trace context as the `workflows.trace_context` value
+    (migration 009), None when the submission carried none."""
+    if not request.HasField("trace_context") or not request.trace_context.traceparent:
+        return None
+    tc = request.trace_context
+    return Jsonb({"traceparent": tc.traceparent, "tracestate": tc.tracestate})
+
+
+def set_trace_context(step: Any, stored: dict[str, str] | None, submitted: datetime) -> None:
+    """Fills a ClaimedStep's submitter trace context and submit time."""
+    if stored:
+        step.trace_context.traceparent = stored.get("traceparent", "")
+        step.trace_context.tracestate = stored.get("tracestate", "")
+    step.submit_time.CopyFrom(timestamp(submitted))

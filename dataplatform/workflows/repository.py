@@ -141,10 +141,11 @@ _APPEND_EVENTS = (
 _CREATE = (
     "WITH w AS (INSERT INTO workflows (workflow_id, owner_id, owner_username,"
     "   owner_roles, idempotency_key, spec, state, priority, deadline_at,"
-    "   last_sequence)"
+    "   last_sequence, trace_context)"
     "   VALUES (%(workflow_id)s, %(owner_id)s, %(owner_username)s, %(owner_roles)s,"
     f"   %(idempotency_key)s, %(spec)s, {WorkflowState.PENDING:d},"
-    "   %(priority)s, now() + %(timeout_seconds)s * interval '1 second', 1)"
+    "   %(priority)s, now() + %(timeout_seconds)s * interval '1 second', 1,"
+    "   %(trace_context)s)"
     f"  ON CONFLICT (owner_id, idempotency_key) DO NOTHING RETURNING {_WF_COLUMNS}),"
     " s AS (INSERT INTO workflow_steps (workflow_id, name, position, op, inputs,"
     "   depends_on, remaining_deps, state, priority, max_attempts, initial_backoff,"
@@ -205,7 +206,8 @@ _CLAIM = (
     "   AND w.workflow_id = s.workflow_id"
     " RETURNING s.workflow_id, s.name, s.op, s.inputs, s.attempt, s.timeout_seconds,"
     "   s.lease_expires_at, s.priority, s.next_run_at, w.owner_id, w.owner_username,"
-    "   w.owner_roles, s.queue, s.task_type, s.heartbeat_timeout, s.attempt_deadline_at"
+    "   w.owner_roles, s.queue, s.task_type, s.heartbeat_timeout, s.attempt_deadline_at,"
+    "   w.trace_context, w.created_at AS submitted_at"
 )
 
 _COMPLETE = (
@@ -374,6 +376,7 @@ class WorkflowRepository:
             ],
             "submitted": SUBMITTED,
             "default_heartbeat": DEFAULT_HEARTBEAT_SECONDS,
+            "trace_context": messages.trace_context_json(request),
         }
         async with self._db.autocommit() as conn:
             cur = await conn.execute(_CREATE, args)
@@ -679,6 +682,7 @@ class WorkflowRepository:
                 step.attempt_deadline.CopyFrom(messages.timestamp(r["attempt_deadline_at"]))
             if r["workflow_id"] in outputs:
                 step.dependency_outputs.CopyFrom(messages.struct(outputs[r["workflow_id"]]))
+            messages.set_trace_context(step, r["trace_context"], r["submitted_at"])
         return reply
 
     async def extend_leases(

@@ -104,6 +104,9 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         )
         v.check(1 <= len(spec.steps) <= MAX_STEPS, "spec.steps", f"must list 1 to {MAX_STEPS}")
         v.check(spec.timeout_seconds > 0, "spec.timeout_seconds", "must be positive")
+        tc = request.trace_context  # W3C: a 55-char traceparent, tracestate up to 512
+        v.text(tc.traceparent, "trace_context.traceparent", max_chars=64, required=False)
+        v.text(tc.tracestate, "trace_context.tracestate", max_chars=512, required=False)
         v.raise_if_any()
         return await self.repo.create(request, wid)
 

@@ -9,8 +9,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from opentelemetry import propagate, trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -19,8 +18,8 @@ from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
-from aiwfe.runtime.telemetry import instrument_clients
 from tests.conftest import bearer, login
+from tests.observability.memory import record_into
 
 EXPORTER = InMemorySpanExporter()
 
@@ -28,13 +27,7 @@ EXPORTER = InMemorySpanExporter()
 @pytest.fixture(scope="module")
 def exporter() -> Iterator[InMemorySpanExporter]:
     """The process-wide SDK provider (set once) recording into memory."""
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
-        trace.set_tracer_provider(provider)
-    instrument_clients()
-    yield EXPORTER
+    yield record_into(EXPORTER)
 
 
 def _call_metadata(token: str) -> tuple[tuple[str, str], ...]:

@@ -31,14 +31,24 @@ class WorkflowScope(_message.Message):
     def __init__(self, owner_id: _Optional[str] = ..., all_owners: _Optional[bool] = ...) -> None: ...
 
 class CreateWorkflowRequest(_message.Message):
-    __slots__ = ("owner", "spec", "idempotency_key")
+    __slots__ = ("owner", "spec", "idempotency_key", "trace_context")
     OWNER_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     owner: WorkflowOwner
     spec: _workflow_service_pb2.WorkflowSpec
     idempotency_key: str
-    def __init__(self, owner: _Optional[_Union[WorkflowOwner, _Mapping]] = ..., spec: _Optional[_Union[_workflow_service_pb2.WorkflowSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    trace_context: TraceContext
+    def __init__(self, owner: _Optional[_Union[WorkflowOwner, _Mapping]] = ..., spec: _Optional[_Union[_workflow_service_pb2.WorkflowSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., trace_context: _Optional[_Union[TraceContext, _Mapping]] = ...) -> None: ...
+
+class TraceContext(_message.Message):
+    __slots__ = ("traceparent", "tracestate")
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    TRACESTATE_FIELD_NUMBER: _ClassVar[int]
+    traceparent: str
+    tracestate: str
+    def __init__(self, traceparent: _Optional[str] = ..., tracestate: _Optional[str] = ...) -> None: ...
 
 class CreateWorkflowResponse(_message.Message):
     __slots__ = ("workflow", "created")
@@ -163,7 +173,7 @@ class StepRef(_message.Message):
     def __init__(self, workflow_id: _Optional[str] = ..., step_name: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class ClaimedStep(_message.Message):
-    __slots__ = ("ref", "op", "inputs", "timeout_seconds", "owner", "lease_expire_time", "dependency_outputs", "queue", "task_type", "heartbeat_timeout_seconds", "attempt_deadline")
+    __slots__ = ("ref", "op", "inputs", "timeout_seconds", "owner", "lease_expire_time", "dependency_outputs", "queue", "task_type", "heartbeat_timeout_seconds", "attempt_deadline", "trace_context", "submit_time")
     REF_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +185,8 @@ class ClaimedStep(_message.Message):
     TASK_TYPE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    SUBMIT_TIME_FIELD_NUMBER: _ClassVar[int]
     ref: StepRef
     op: str
     inputs: _struct_pb2.Struct
@@ -186,7 +198,9 @@ class ClaimedStep(_message.Message):
     task_type: str
     heartbeat_timeout_seconds: float
     attempt_deadline: _timestamp_pb2.Timestamp
-    def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., op: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., owner: _Optional[_Union[WorkflowOwner, _Mapping]] = ..., lease_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., dependency_outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., queue: _Optional[str] = ..., task_type: _Optional[str] = ..., heartbeat_timeout_seconds: _Optional[float] = ..., attempt_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    trace_context: TraceContext
+    submit_time: _timestamp_pb2.Timestamp
+    def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., op: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., owner: _Optional[_Union[WorkflowOwner, _Mapping]] = ..., lease_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., dependency_outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., queue: _Optional[str] = ..., task_type: _Optional[str] = ..., heartbeat_timeout_seconds: _Optional[float] = ..., attempt_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_context: _Optional[_Union[TraceContext, _Mapping]] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ClaimStepsRequest(_message.Message):
     __slots__ = ("worker_id", "max_steps", "lease_seconds", "queues", "types")
