@@ -103,6 +103,9 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
     "WORKFLOW_NOT_FOUND": Reason(
         _C.NOT_FOUND, "no such workflow, or it belongs to another user", ("workflowId",)
     ),
+    "SCHEDULE_NOT_FOUND": Reason(
+        _C.NOT_FOUND, "no such schedule, or it belongs to another user", ("scheduleId",)
+    ),
     "USER_NOT_FOUND": Reason(_C.NOT_FOUND, "no such user", ("username", "userId")),
     "SERVICE_ACCOUNT_NOT_FOUND": Reason(
         _C.NOT_FOUND, "no such service account (a user's account holds no API keys)",
