@@ -27,6 +27,7 @@ from aiwfe.runtime.config import Settings
 from aiwfe.runtime.identity import InternalIdentity
 from aiwfe.runtime.interceptors import InternalIdentityInterceptor
 from aiwfe.runtime.passwords import hash_password_async
+from aiwfe.runtime.rbac import Rbac
 from aiwfe.runtime.redis_client import RedisClient
 from aiwfe.runtime.server import Service
 from dataplatform.cache_store import CacheStore
@@ -66,7 +67,11 @@ class DataPlatformService(Service):
         self.cache = CacheStore(self.db)
         self.workflows = WorkflowStore(self.db)
         self.schedules = ScheduleStore(
-            self.db, self.workflows.repo, self.workflows.wakeups, settings.taskproc
+            self.db,
+            self.workflows.repo,
+            self.workflows.wakeups,
+            settings.taskproc,
+            Rbac(settings.rbac),
         )
         self.redis = RedisClient(settings.redis)
         self.replicas = ReplicaBus(self.redis, self.workflows.wakeups, self.workflows.stopped_among)

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,6 +34,7 @@ from aiwfe.data.v1 import workflow_store_service_pb2 as wf_store_pb
 from aiwfe.runtime import cron
 from aiwfe.runtime.config import TaskProcSettings
 from aiwfe.runtime.errors import NotFound
+from aiwfe.runtime.rbac import Rbac
 from aiwfe.runtime.validation import Violations
 from aiwfe.taskproc.v1 import schedule_service_pb2 as sched_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
@@ -66,14 +68,19 @@ _COLUMNS = (
     " overlap_policy, catch_up_policy, paused, next_tick_at, last_tick_at, last_workflow_id,"
     " buffered_tick_at, skipped_ticks, created_at, updated_at"
 )
-# Due schedules, and schedules holding a buffered tick whose previous workflow has ended.
+# Due schedules, and schedules holding a buffered tick whose previous workflow has ended,
+# with their owner as the owner is now (roles, disabled; NULL once deleted).
 _CLAIM = (
-    f"SELECT {_COLUMNS}, now() AS db_now FROM schedules s WHERE NOT s.paused AND ("
-    " s.next_tick_at <= now() OR (s.buffered_tick_at IS NOT NULL AND NOT EXISTS ("
-    "   SELECT 1 FROM workflows w WHERE w.workflow_id = s.last_workflow_id"
+    "SELECT s.*, now() AS db_now, u.username AS current_username, u.roles AS current_roles,"
+    "   u.disabled AS owner_disabled"
+    " FROM schedules s LEFT JOIN users u ON u.user_id::text = s.owner_id"
+    " WHERE NOT s.paused AND (s.next_tick_at <= now() OR (s.buffered_tick_at IS NOT NULL"
+    "   AND NOT EXISTS (SELECT 1 FROM workflows w WHERE w.workflow_id = s.last_workflow_id"
     f"   AND w.state IN ({sql(*ACTIVE)}))))"
-    " ORDER BY s.next_tick_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+    " ORDER BY s.next_tick_at LIMIT %(limit)s FOR UPDATE OF s SKIP LOCKED"
 )
+# What a schedule's owner must still hold for its ticks to run.
+SCHEDULE_PERMISSION = "api:workflow:schedule"
 
 
 def not_found(schedule_id: str) -> NotFound:
@@ -143,12 +150,22 @@ def plan_ticks(
     return run, len(ticks) - len(run) + int(truncated)
 
 
+@dataclass
+class TickCounts:
+    """What ticking did: schedules claimed, workflows created, ticks found already run."""
+
+    claimed: int = 0
+    created: int = 0
+    duplicates: int = 0
+
+
 class ScheduleRepository:
     """The SQL of schedules, and one tick of one schedule."""
 
-    def __init__(self, db: Database, workflows: WorkflowRepository) -> None:
+    def __init__(self, db: Database, workflows: WorkflowRepository, rbac: Rbac) -> None:
         self._db = db
         self._workflows = workflows
+        self._rbac = rbac
 
     async def insert(self, owner: wf_store_pb.WorkflowOwner, s: sched_pb.Schedule) -> Any:
         sid = uuid.uuid4()
@@ -255,7 +272,7 @@ class ScheduleRepository:
         and whatever its overlap policy; it becomes the schedule's last workflow."""
         row = await self.visible(conn, schedule_id, scope, lock=True)
         key = tick_key(row["schedule_id"], row["db_now"], trigger=True)
-        workflow = await self._submit(conn, row, key)
+        workflow = (await self._submit(conn, row, key)).workflow
         cur = await conn.execute(
             "UPDATE schedules SET last_workflow_id = %(wf)s, updated_at = now()"
             f" WHERE schedule_id = %(id)s RETURNING {_COLUMNS}",
@@ -267,20 +284,21 @@ class ScheduleRepository:
         )
 
     async def _submit(self, conn: DictConnection, row: dict[str, Any], key: str) -> Any:
-        """Creates the schedule's workflow as its owner, in the caller's transaction."""
+        """Creates the schedule's workflow as its owner (with the owner's current roles
+        when the ticker read them), in the caller's transaction."""
         spec = wf_pb.WorkflowSpec()
         spec.ParseFromString(row["spec"])
+        now = "current_roles" in row
         request = wf_store_pb.CreateWorkflowRequest(
             owner=wf_store_pb.WorkflowOwner(
                 user_id=row["owner_id"],
-                username=row["owner_username"],
-                roles=list(row["owner_roles"]),
+                username=row["current_username"] if now else row["owner_username"],
+                roles=list(row["current_roles"] if now else row["owner_roles"]),
             ),
             spec=spec,
             idempotency_key=key,
         )
-        reply = await self._workflows.create(request, uuid.uuid4(), conn)
-        return reply.workflow
+        return await self._workflows.create(request, uuid.uuid4(), conn)
 
     async def _active(self, conn: DictConnection, workflow_id: uuid.UUID | None) -> bool:
         if workflow_id is None:
@@ -291,24 +309,27 @@ class ScheduleRepository:
         )
         return await cur.fetchone() is not None
 
-    async def tick_due(self, conn: DictConnection, limits: TaskProcSettings) -> tuple[int, int]:
-        """Claims up to CLAIM_BATCH due schedules (SKIP LOCKED) and runs their ticks;
-        returns (schedules claimed, workflows created)."""
+    async def tick_due(self, conn: DictConnection, limits: TaskProcSettings) -> TickCounts:
+        """Claims up to CLAIM_BATCH due schedules (SKIP LOCKED) and runs their ticks."""
         cur = await conn.execute(_CLAIM, {"limit": CLAIM_BATCH})
         rows = await cur.fetchall()
-        created = 0
+        counts = TickCounts(claimed=len(rows))
         for row in rows:
-            created += await self._tick(conn, row, limits)
-        return len(rows), created
+            await self._tick(conn, row, limits, counts)
+        return counts
 
     async def _tick(
-        self, conn: DictConnection, row: dict[str, Any], limits: TaskProcSettings
-    ) -> int:
+        self,
+        conn: DictConnection,
+        row: dict[str, Any],
+        limits: TaskProcSettings,
+        counts: TickCounts,
+    ) -> None:
         """One claimed schedule: its buffered tick if the previous workflow ended, then
         its due ticks under its catch-up and overlap policies; advances next_tick_at."""
         now = row["db_now"]
         last_wf, last_tick = row["last_workflow_id"], row["last_tick_at"]
-        buffered, skipped, created = row["buffered_tick_at"], 0, 0
+        buffered, skipped = row["buffered_tick_at"], 0
         active = await self._active(conn, last_wf)
         ticks: list[datetime] = []
         if buffered is not None and not active:
@@ -320,16 +341,26 @@ class ScheduleRepository:
             ticks += run
             nxt = cron.next_after(row["cron"], row["time_zone"], now)
         overlap = row["overlap_policy"]
+        # The owner, disabled, deleted or no longer allowed to schedule, runs nothing.
+        allowed = row["owner_disabled"] is False and self._rbac.allows(
+            tuple(row["current_roles"]), SCHEDULE_PERMISSION
+        )
         for tick in ticks:
+            if not allowed:
+                skipped += 1
+                continue
             if active and overlap != _ALLOW_ALL:
                 if overlap == _BUFFER_ONE and buffered is None:
                     buffered = tick
                 else:
                     skipped += 1
                 continue
-            workflow = await self._submit(conn, row, tick_key(row["schedule_id"], tick))
-            last_wf, last_tick, active = uuid.UUID(workflow.workflow_id), tick, True
-            created += 1
+            reply = await self._submit(conn, row, tick_key(row["schedule_id"], tick))
+            last_wf, last_tick, active = uuid.UUID(reply.workflow.workflow_id), tick, True
+            # A tick's workflow already there would mean the tick ran twice (never, while
+            # the row lock holds): counted, so the replica test can see it.
+            counts.created += reply.created
+            counts.duplicates += not reply.created
         await conn.execute(
             "UPDATE schedules SET next_tick_at = %(next)s, last_tick_at = %(last_tick)s,"
             " last_workflow_id = %(last_wf)s, buffered_tick_at = %(buffered)s,"
@@ -344,7 +375,6 @@ class ScheduleRepository:
                 "id": row["schedule_id"],
             },
         )
-        return created
 
     async def seconds_to_next(self) -> float | None:
         """Seconds until the earliest tick of an unpaused schedule, if any."""
@@ -386,6 +416,7 @@ class Ticker:
         self._limits = limits
         self._task: asyncio.Task[None] | None = None
         self._poke = asyncio.Event()
+        self.totals = TickCounts()  # since start (tests and logs)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="schedule-ticker")
@@ -407,14 +438,17 @@ class Ticker:
         limits = self._limits
         while True:
 
-            async def work(conn: DictConnection) -> tuple[int, int]:
+            async def work(conn: DictConnection) -> TickCounts:
                 return await self._repo.tick_due(conn, limits)
 
-            claimed, created = await self._workflows.tx(work)
-            total += created
-            if created:
+            counts = await self._workflows.tx(work)
+            total += counts.created
+            self.totals.claimed += counts.claimed
+            self.totals.created += counts.created
+            self.totals.duplicates += counts.duplicates
+            if counts.created:
                 self._wakeups.work()
-            if claimed < CLAIM_BATCH:
+            if counts.claimed < CLAIM_BATCH:
                 return total
 
     async def _run(self) -> None:
@@ -443,8 +477,9 @@ class ScheduleStore(pb_grpc.ScheduleStoreServiceServicer):
         workflows: WorkflowRepository,
         wakeups: Wakeups,
         limits: TaskProcSettings,
+        rbac: Rbac,
     ) -> None:
-        self.repo = ScheduleRepository(db, workflows)
+        self.repo = ScheduleRepository(db, workflows, rbac)
         self._workflows = workflows
         self._wakeups = wakeups
         self.ticker = Ticker(self.repo, workflows, wakeups, limits)
