@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
+import psycopg
 
 from aiwfe.data.v1 import schedule_store_service_pb2 as pb
 from aiwfe.data.v1 import schedule_store_service_pb2_grpc as pb_grpc
@@ -45,6 +46,13 @@ from dataplatform.workflows.states import ACTIVE, sql
 from dataplatform.workflows.watches import Wakeups
 
 log = logging.getLogger("aiwfe.dataplatform.schedules")
+# Failures that abort the whole transaction (WorkflowRepository.tx retries deadlocks and
+# serialization failures; a lost connection is the ticker loop's to retry).
+_RETRY = (
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.SerializationFailure,
+    psycopg.OperationalError,
+)
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
@@ -157,6 +165,7 @@ class TickCounts:
     claimed: int = 0
     created: int = 0
     duplicates: int = 0
+    failed: int = 0  # schedules whose tick raised (skipped to their next tick)
 
 
 class ScheduleRepository:
@@ -315,7 +324,25 @@ class ScheduleRepository:
         rows = await cur.fetchall()
         counts = TickCounts(claimed=len(rows))
         for row in rows:
-            await self._tick(conn, row, limits, counts)
+            try:
+                async with conn.transaction():  # a savepoint: one bad schedule, not all
+                    await self._tick(conn, row, limits, counts)
+            except _RETRY:
+                raise  # the whole transaction is retried (WorkflowRepository.tx)
+            except Exception:
+                # Left due, it would fail again on every look: its ticks until now are
+                # skipped instead, and the next one is tried.
+                log.exception("schedule %s failed to tick; skipped", row["schedule_id"])
+                await conn.execute(
+                    "UPDATE schedules SET next_tick_at = %(next)s, buffered_tick_at = NULL,"
+                    " skipped_ticks = skipped_ticks + 1, updated_at = now()"
+                    " WHERE schedule_id = %(id)s",
+                    {
+                        "next": cron.next_after(row["cron"], row["time_zone"], row["db_now"]),
+                        "id": row["schedule_id"],
+                    },
+                )
+                counts.failed += 1
         return counts
 
     async def _tick(
@@ -446,6 +473,7 @@ class Ticker:
             self.totals.claimed += counts.claimed
             self.totals.created += counts.created
             self.totals.duplicates += counts.duplicates
+            self.totals.failed += counts.failed
             if counts.created:
                 self._wakeups.work()
             if counts.claimed < CLAIM_BATCH:

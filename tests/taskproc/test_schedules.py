@@ -301,6 +301,29 @@ async def _skipped(suite: Suite, schedule_id: str) -> int:
         return int(row[0])
 
 
+async def test_a_schedule_that_cannot_tick_does_not_stop_the_others(suite, gateway_channel) -> None:
+    """A schedule whose tick raises (its stored spec corrupted) is skipped to its next
+    tick, counted, while another schedule ticked in the same pass keeps running."""
+    token = await new_user(suite, gateway_channel)
+    bad = await create(gateway_channel, token, STUCK, overlap_policy=pb.OVERLAP_POLICY_ALLOW_ALL)
+    good = await create(gateway_channel, token, STUCK, overlap_policy=pb.OVERLAP_POLICY_ALLOW_ALL)
+    await set_row(suite, bad.schedule_id, "spec = %s", b"\xff\xff not a WorkflowSpec")
+    ticker = suite.running["dataplatform"].service.schedules.ticker  # type: ignore[attr-defined]
+    failed = ticker.totals.failed
+
+    async def good_ticked_twice() -> bool:
+        return len(await keys(suite, good.schedule_id)) >= 2
+
+    await until(good_ticked_twice, 5, "the good schedule ticks on")
+    assert ticker.totals.failed > failed
+    before = await _skipped(suite, bad.schedule_id)
+    assert before >= 1
+    await asyncio.sleep(1.2)
+    assert await _skipped(suite, bad.schedule_id) > before  # each tick skipped, not stuck
+    for s in (bad, good):
+        await set_row(suite, s.schedule_id, "paused = true, next_tick_at = NULL")
+
+
 async def test_pause_and_resume(suite, gateway_channel) -> None:
     """A paused schedule has no next tick and starts nothing; resumed, it ticks again."""
     token = await new_user(suite, gateway_channel)
