@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 import psycopg
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from aiwfe.data.v1 import schedule_store_service_pb2 as pb
 from aiwfe.data.v1 import schedule_store_service_pb2_grpc as pb_grpc
@@ -480,6 +481,12 @@ class Ticker:
                 return total
 
     async def _run(self) -> None:
+        # A polling loop is not traced (issue #20: idle loops flooded the exporter with
+        # spans): its queries, several a second per replica, would each be a root span.
+        with suppress_instrumentation():
+            await self._loop()
+
+    async def _loop(self) -> None:
         interval = self._limits.schedule_tick_interval
         while True:
             try:
