@@ -12,7 +12,7 @@ from aiwfe.app.suite import start_suite
 from aiwfe.taskproc.v1 import schedule_service_pb2 as pb
 from tests.observability.test_tracing import exporter
 from tests.taskproc.helpers import new_user
-from tests.taskproc.test_schedules import STUCK, create, keys, pause
+from tests.taskproc.test_schedules import STUCK, create, delete_all_schedules, keys, pause
 
 __all__ = ["exporter"]  # the fixture, shared with test_tracing.py
 
@@ -36,6 +36,7 @@ async def test_the_ticker_exports_no_spans(exporter: InMemorySpanExporter, base_
             ticking = exporter.get_finished_spans()
             assert len(await keys(suite, s.schedule_id)) >= 1
     finally:
+        await delete_all_schedules(suite.settings.database.postgres.dsn)
         await suite.stop()
     for spans in (idle, ticking):
         texts = [" ".join(str(v) for v in (sp.attributes or {}).values()) for sp in spans]

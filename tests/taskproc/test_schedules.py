@@ -33,6 +33,19 @@ STUCK = spec(
 )
 
 
+async def delete_all_schedules(dsn: str) -> None:
+    """Leaves no schedule behind: the run's database is shared by every later suite, whose
+    tickers would go on submitting a left per-second schedule's workflows."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("DELETE FROM schedules")
+
+
+@pytest.fixture(autouse=True)
+async def _no_schedule_left(base_overrides: dict[str, Any]) -> Any:
+    yield
+    await delete_all_schedules(base_overrides["database"]["postgres"]["dsn"])
+
+
 def _stub(channel: grpc.aio.Channel) -> pb_grpc.ScheduleServiceStub:
     return pb_grpc.ScheduleServiceStub(channel)
 
