@@ -33,7 +33,7 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from aiwfe.data.v1 import schedule_store_service_pb2 as pb
 from aiwfe.data.v1 import schedule_store_service_pb2_grpc as pb_grpc
 from aiwfe.data.v1 import workflow_store_service_pb2 as wf_store_pb
-from aiwfe.runtime import cron
+from aiwfe.runtime import cron, metrics
 from aiwfe.runtime.config import TaskProcSettings
 from aiwfe.runtime.errors import NotFound
 from aiwfe.runtime.rbac import Rbac
@@ -167,6 +167,7 @@ class TickCounts:
     created: int = 0
     duplicates: int = 0
     failed: int = 0  # schedules whose tick raised (skipped to their next tick)
+    skipped: int = 0  # ticks that started nothing (overlap, catch-up, owner)
 
 
 class ScheduleRepository:
@@ -389,6 +390,7 @@ class ScheduleRepository:
             # the row lock holds): counted, so the replica test can see it.
             counts.created += reply.created
             counts.duplicates += not reply.created
+        counts.skipped += skipped
         await conn.execute(
             "UPDATE schedules SET next_tick_at = %(next)s, last_tick_at = %(last_tick)s,"
             " last_workflow_id = %(last_wf)s, buffered_tick_at = %(buffered)s,"
@@ -475,6 +477,14 @@ class Ticker:
             self.totals.created += counts.created
             self.totals.duplicates += counts.duplicates
             self.totals.failed += counts.failed
+            self.totals.skipped += counts.skipped
+            for outcome, n in (
+                ("started", counts.created),
+                ("skipped", counts.skipped),
+                ("failed", counts.failed),
+            ):
+                if n:
+                    metrics.workflow_schedule_ticks.labels(outcome).inc(n)
             if counts.created:
                 self._wakeups.work()
             if counts.claimed < CLAIM_BATCH:

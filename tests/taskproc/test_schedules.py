@@ -16,6 +16,7 @@ import pytest
 from grpc_status import rpc_status
 
 from aiwfe.app.suite import Suite, start_suite
+from aiwfe.runtime import metrics
 from aiwfe.runtime.server import start_service
 from aiwfe.taskproc.v1 import schedule_service_pb2 as pb
 from aiwfe.taskproc.v1 import schedule_service_pb2_grpc as pb_grpc
@@ -174,6 +175,7 @@ async def test_overlap_skip_buffer_one_and_allow_all(suite, gateway_channel) -> 
     """While the previous workflow is active, SKIP starts nothing more, BUFFER_ONE holds one
     tick and starts it once the previous workflow ends, ALLOW_ALL starts one per tick."""
     token = await new_user(suite, gateway_channel)
+    started, skipped = _ticks("started"), _ticks("skipped")
     skip = await create(gateway_channel, token, STUCK, overlap_policy=pb.OVERLAP_POLICY_SKIP)
     buffer = await create(
         gateway_channel, token, STUCK, overlap_policy=pb.OVERLAP_POLICY_BUFFER_ONE
@@ -189,6 +191,8 @@ async def test_overlap_skip_buffer_one_and_allow_all(suite, gateway_channel) -> 
     held = await get(gateway_channel, token, buffer.schedule_id)
     assert len(await keys(suite, buffer.schedule_id)) == 1
     assert held.buffered_tick_time.seconds > 0 and held.skipped_ticks >= 1
+    assert _ticks("started") >= started + 5  # 1 + 1 + at least 3
+    assert _ticks("skipped") >= skipped + 1
     await pause(gateway_channel, token, skip.schedule_id, True)
     await pause(gateway_channel, token, allow.schedule_id, True)
     # The first workflow ends: the buffered tick starts (the schedule keeps ticking).
@@ -203,6 +207,12 @@ async def test_overlap_skip_buffer_one_and_allow_all(suite, gateway_channel) -> 
         second[1][0].split(":", 2)[2] == held.buffered_tick_time.ToDatetime(tzinfo=UTC).isoformat()
     )
     await pause(gateway_channel, token, buffer.schedule_id, True)
+
+
+def _ticks(outcome: str) -> float:
+    """workflow_schedule_ticks_total{outcome} in this process (the suite runs in it)."""
+    value = metrics.REGISTRY.get_sample_value("workflow_schedule_ticks_total", {"outcome": outcome})
+    return value or 0.0
 
 
 async def _more_than(suite: Suite, sid: str, n: int) -> list[tuple[str, str, int]] | None:
