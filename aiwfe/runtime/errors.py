@@ -131,6 +131,11 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
         "the task's lease expired (it was dispatched again) or its workflow ended: drop it",
         ("workflowId", "stepName", "attempt"),
     ),
+    "SCHEDULE_OWNER_NOT_ALLOWED": Reason(
+        _C.FAILED_PRECONDITION,
+        "the schedule's owner is disabled, deleted or no longer granted api:workflow:schedule",
+        ("scheduleId",),
+    ),
     "NO_LLM_CONFIGURED": Reason(_C.FAILED_PRECONDITION, "Generate with no LLM configured"),
     "NO_DEFAULT_LLM": Reason(
         _C.FAILED_PRECONDITION, "several LLMs are configured, none is the default or named"

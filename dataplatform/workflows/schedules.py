@@ -35,7 +35,7 @@ from aiwfe.data.v1 import schedule_store_service_pb2_grpc as pb_grpc
 from aiwfe.data.v1 import workflow_store_service_pb2 as wf_store_pb
 from aiwfe.runtime import cron, metrics
 from aiwfe.runtime.config import TaskProcSettings
-from aiwfe.runtime.errors import NotFound
+from aiwfe.runtime.errors import FailedPrecondition, NotFound
 from aiwfe.runtime.rbac import Rbac
 from aiwfe.runtime.validation import Violations
 from aiwfe.taskproc.v1 import schedule_service_pb2 as sched_pb
@@ -282,6 +282,19 @@ class ScheduleRepository:
         """Submits the schedule's workflow now (key with the trigger time), paused or not
         and whatever its overlap policy; it becomes the schedule's last workflow."""
         row = await self.visible(conn, schedule_id, scope, lock=True)
+        cur = await conn.execute(
+            "SELECT username AS current_username, roles AS current_roles,"
+            " disabled AS owner_disabled FROM users WHERE user_id::text = %(owner)s",
+            {"owner": row["owner_id"]},
+        )
+        owner = await cur.fetchone()
+        row.update(owner or {"current_username": None, "current_roles": None})
+        if not self._owner_allowed(row):
+            raise FailedPrecondition(
+                "the schedule's owner may no longer run it",
+                reason="SCHEDULE_OWNER_NOT_ALLOWED",
+                metadata={"scheduleId": schedule_id},
+            )
         key = tick_key(row["schedule_id"], row["db_now"], trigger=True)
         workflow = (await self._submit(conn, row, key)).workflow
         cur = await conn.execute(
@@ -294,17 +307,22 @@ class ScheduleRepository:
             workflow=workflow, schedule=schedule_message(updated)
         )
 
+    def _owner_allowed(self, row: dict[str, Any]) -> bool:
+        """The owner, disabled, deleted or no longer allowed to schedule, runs nothing."""
+        return row.get("owner_disabled") is False and self._rbac.allows(
+            tuple(row["current_roles"]), SCHEDULE_PERMISSION
+        )
+
     async def _submit(self, conn: DictConnection, row: dict[str, Any], key: str) -> Any:
-        """Creates the schedule's workflow as its owner (with the owner's current roles
-        when the ticker read them), in the caller's transaction."""
+        """Creates the schedule's workflow as its owner as the owner is now (name and
+        roles read with the row), in the caller's transaction."""
         spec = wf_pb.WorkflowSpec()
         spec.ParseFromString(row["spec"])
-        now = "current_roles" in row
         request = wf_store_pb.CreateWorkflowRequest(
             owner=wf_store_pb.WorkflowOwner(
                 user_id=row["owner_id"],
-                username=row["current_username"] if now else row["owner_username"],
-                roles=list(row["current_roles"] if now else row["owner_roles"]),
+                username=row["current_username"],
+                roles=list(row["current_roles"]),
             ),
             spec=spec,
             idempotency_key=key,
@@ -370,10 +388,7 @@ class ScheduleRepository:
             ticks += run
             nxt = cron.next_after(row["cron"], row["time_zone"], now)
         overlap = row["overlap_policy"]
-        # The owner, disabled, deleted or no longer allowed to schedule, runs nothing.
-        allowed = row["owner_disabled"] is False and self._rbac.allows(
-            tuple(row["current_roles"]), SCHEDULE_PERMISSION
-        )
+        allowed = self._owner_allowed(row)
         for tick in ticks:
             if not allowed:
                 skipped += 1

@@ -294,7 +294,8 @@ async def test_catch_up_policies_after_an_outage(outage_suite) -> None:
 )
 async def test_an_owner_no_longer_allowed_runs_nothing(suite, gateway_channel, change) -> None:
     """Once its owner is disabled, or keeps no role granting api:workflow:schedule, a
-    schedule's ticks start no workflow (counted as skipped)."""
+    schedule's ticks start no workflow (counted as skipped) and a trigger is refused
+    (FAILED_PRECONDITION, SCHEDULE_OWNER_NOT_ALLOWED)."""
     token = await new_user(suite, gateway_channel)
     s = await create(gateway_channel, token, STUCK, overlap_policy=pb.OVERLAP_POLICY_ALLOW_ALL)
     await until(lambda: keys(suite, s.schedule_id), 5, "a first tick")
@@ -310,6 +311,15 @@ async def test_an_owner_no_longer_allowed_runs_nothing(suite, gateway_channel, c
     await asyncio.sleep(2)
     assert len(await keys(suite, s.schedule_id)) <= count + 1  # one tick may be in flight
     assert await _skipped(suite, s.schedule_id) >= before + 1
+    # Nor does a trigger, even an admin's.
+    admin = await new_user(suite, gateway_channel, ("admin",))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _stub(gateway_channel).TriggerSchedule(
+            pb.TriggerScheduleRequest(schedule_id=s.schedule_id), metadata=bearer(admin)
+        )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    status = rpc_status.from_call(err.value)
+    assert status is not None and "SCHEDULE_OWNER_NOT_ALLOWED" in str(status.details)
 
 
 async def _skipped(suite: Suite, schedule_id: str) -> int:
