@@ -488,3 +488,32 @@ async def test_readonly_may_read_but_not_schedule(suite, gateway_channel) -> Non
         pb.ListSchedulesRequest(), metadata=bearer(token), timeout=10
     )
     assert list(listed.schedules) == []
+
+
+async def test_list_pages_newest_first_with_tokens_bound_to_the_caller(
+    suite, gateway_channel
+) -> None:
+    """ListSchedules pages newest first with an opaque token; another user's use of the
+    token is INVALID_ARGUMENT."""
+    token = await new_user(suite, gateway_channel)
+    other = await new_user(suite, gateway_channel)
+    made = [(await create(gateway_channel, token, name=f"s{i}", paused=True)) for i in range(3)]
+    stub = _stub(gateway_channel)
+    first = await stub.ListSchedules(
+        pb.ListSchedulesRequest(page_size=2), metadata=bearer(token), timeout=10
+    )
+    assert [s.name for s in first.schedules] == ["s2", "s1"] and first.next_page_token
+    rest = await stub.ListSchedules(
+        pb.ListSchedulesRequest(page_size=2, page_token=first.next_page_token),
+        metadata=bearer(token),
+        timeout=10,
+    )
+    assert [s.schedule_id for s in rest.schedules] == [made[0].schedule_id]
+    assert rest.next_page_token == ""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ListSchedules(
+            pb.ListSchedulesRequest(page_size=2, page_token=first.next_page_token),
+            metadata=bearer(other),
+            timeout=10,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
