@@ -11,6 +11,7 @@ import grpc
 
 from aiwfe.data.v1 import (
     cache_store_service_pb2,
+    schedule_store_service_pb2,
     token_store_service_pb2,
     token_store_service_pb2_grpc,
     user_store_service_pb2,
@@ -19,12 +20,14 @@ from aiwfe.data.v1 import (
     workflow_store_service_pb2,
 )
 from aiwfe.data.v1 import cache_store_service_pb2_grpc as cache_grpc
+from aiwfe.data.v1 import schedule_store_service_pb2_grpc as schedule_store_grpc
 from aiwfe.data.v1 import user_store_service_pb2_grpc as user_grpc
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as workflow_store_grpc
 from aiwfe.runtime.config import Settings
 from aiwfe.runtime.identity import InternalIdentity
 from aiwfe.runtime.interceptors import InternalIdentityInterceptor
 from aiwfe.runtime.passwords import hash_password_async
+from aiwfe.runtime.rbac import Rbac
 from aiwfe.runtime.redis_client import RedisClient
 from aiwfe.runtime.server import Service
 from aiwfe.runtime.telemetry import quiet
@@ -37,6 +40,7 @@ from dataplatform.token_store import TokenStore
 from dataplatform.users import UserStore
 from dataplatform.vector_service import VectorService
 from dataplatform.workflows import WorkflowStore
+from dataplatform.workflows.schedules import ScheduleStore
 
 log = logging.getLogger("aiwfe.dataplatform")
 _PURGE_INTERVAL = 60.0
@@ -49,6 +53,7 @@ _DATABASE_BACKED = [
     workflow_store_service_pb2.DESCRIPTOR.services_by_name["WorkflowStoreService"].full_name,
     token_store_service_pb2.DESCRIPTOR.services_by_name["TokenStoreService"].full_name,
     vector_store_service_pb2.DESCRIPTOR.services_by_name["VectorStoreService"].full_name,
+    schedule_store_service_pb2.DESCRIPTOR.services_by_name["ScheduleStoreService"].full_name,
 ]
 
 
@@ -62,6 +67,13 @@ class DataPlatformService(Service):
         self.users = UserStore(self.db)
         self.cache = CacheStore(self.db)
         self.workflows = WorkflowStore(self.db)
+        self.schedules = ScheduleStore(
+            self.db,
+            self.workflows.repo,
+            self.workflows.wakeups,
+            settings.taskproc,
+            Rbac(settings.rbac),
+        )
         self.redis = RedisClient(settings.redis)
         self.replicas = ReplicaBus(self.redis, self.workflows.wakeups, self.workflows.stopped_among)
         self.workflows.wakeups.peers = self.replicas
@@ -82,6 +94,7 @@ class DataPlatformService(Service):
             interval = self.settings.database.connection_strategy.health_check_interval
             self._maintainer = asyncio.create_task(self.db.maintain(interval))
             self.replicas.start()
+            self.schedules.ticker.start()
 
     async def _bootstrap_admin(self) -> None:
         """Creates the first admin on an empty user table (from config, or generated once)."""
@@ -128,6 +141,7 @@ class DataPlatformService(Service):
         workflow_store_grpc.add_WorkflowStoreServiceServicer_to_server(self.workflows, server)
         token_store_service_pb2_grpc.add_TokenStoreServiceServicer_to_server(self.tokens, server)
         vector_store_service_pb2_grpc.add_VectorStoreServiceServicer_to_server(self.vectors, server)
+        schedule_store_grpc.add_ScheduleStoreServiceServicer_to_server(self.schedules, server)
         return list(_DATABASE_BACKED)
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
@@ -143,6 +157,7 @@ class DataPlatformService(Service):
         return ok
 
     async def stop(self) -> None:
+        await self.schedules.ticker.stop()
         if self._purger:
             self._purger.cancel()
         if self._maintainer:

@@ -15,6 +15,7 @@ from aiwfe.auth.v1 import auth_service_pb2
 from aiwfe.cognitive.v1 import cognitive_service_pb2
 from aiwfe.data.v1 import (
     cache_store_service_pb2,
+    schedule_store_service_pb2,
     token_store_service_pb2,
     user_store_service_pb2,
     vector_store_service_pb2,
@@ -22,7 +23,7 @@ from aiwfe.data.v1 import (
 )
 from aiwfe.options.v1 import options_pb2
 from aiwfe.system.v1 import system_service_pb2
-from aiwfe.taskproc.v1 import worker_service_pb2, workflow_service_pb2
+from aiwfe.taskproc.v1 import schedule_service_pb2, worker_service_pb2, workflow_service_pb2
 
 # Every contract the gateway knows. Packages other than auth are proxied to their owner.
 CONTRACTS: tuple[FileDescriptor, ...] = (
@@ -31,11 +32,13 @@ CONTRACTS: tuple[FileDescriptor, ...] = (
     cognitive_service_pb2.DESCRIPTOR,
     workflow_service_pb2.DESCRIPTOR,
     worker_service_pb2.DESCRIPTOR,
+    schedule_service_pb2.DESCRIPTOR,
     user_store_service_pb2.DESCRIPTOR,
     cache_store_service_pb2.DESCRIPTOR,
     vector_store_service_pb2.DESCRIPTOR,
     workflow_store_service_pb2.DESCRIPTOR,
     token_store_service_pb2.DESCRIPTOR,
+    schedule_store_service_pb2.DESCRIPTOR,
 )
 
 

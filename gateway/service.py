@@ -23,7 +23,7 @@ from aiwfe.runtime.redis_client import RedisClient
 from aiwfe.runtime.resilience.breaker import BreakerState
 from aiwfe.runtime.server import Service
 from aiwfe.runtime.telemetry import quiet
-from aiwfe.taskproc.v1 import worker_service_pb2, workflow_service_pb2
+from aiwfe.taskproc.v1 import schedule_service_pb2, worker_service_pb2, workflow_service_pb2
 from gateway.api_keys import ApiKeyVerifier, KeyUseRecorder
 from gateway.auth_service import AuthServicer, UserAdminServicer
 from gateway.authn import AuthInterceptor
@@ -68,7 +68,11 @@ class GatewayService(Service):
             "aiwfe.taskproc.v1": downstream(
                 "taskproc",
                 s.taskproc.address,
-                (workflow_service_pb2.DESCRIPTOR, worker_service_pb2.DESCRIPTOR),
+                (
+                    workflow_service_pb2.DESCRIPTOR,
+                    worker_service_pb2.DESCRIPTOR,
+                    schedule_service_pb2.DESCRIPTOR,
+                ),
             ),
             "aiwfe.data.v1": downstream("dataplatform", s.dataplatform.address, _DATA_FILES),
         }

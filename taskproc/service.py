@@ -14,6 +14,7 @@ from google.protobuf import json_format
 from jsonschema import Draft202012Validator
 
 from aiwfe.cognitive.v1 import cognitive_service_pb2
+from aiwfe.data.v1 import schedule_store_service_pb2 as schedule_store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
 from aiwfe.runtime.channels import Upstream
@@ -25,11 +26,14 @@ from aiwfe.runtime.page_tokens import PageTokens
 from aiwfe.runtime.server import Service
 from aiwfe.runtime.telemetry import quiet
 from aiwfe.runtime.validation import Violations
+from aiwfe.taskproc.v1 import schedule_service_pb2 as schedule_pb
+from aiwfe.taskproc.v1 import schedule_service_pb2_grpc as schedule_pb_grpc
 from aiwfe.taskproc.v1 import worker_service_pb2 as worker_pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as worker_pb_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
 from taskproc.ops.timers import check_signal_name
+from taskproc.schedules import ScheduleServicer
 from taskproc.shared_watch import SharedWatches
 from taskproc.spec import validate
 from taskproc.streams import StreamPool, WatchSlots
@@ -252,7 +256,7 @@ class TaskProcService(Service):
             settings,
             self.identity,
             caller=self.name,
-            files=[store_pb.DESCRIPTOR],
+            files=[store_pb.DESCRIPTOR, schedule_store_pb.DESCRIPTOR],
         )
         self.cognitive = Upstream(
             "cognitive",
@@ -302,9 +306,13 @@ class TaskProcService(Service):
             ),
             server,
         )
+        schedule_pb_grpc.add_ScheduleServiceServicer_to_server(
+            ScheduleServicer(self.settings, self.store, self.identity), server
+        )
         return [
             pb.DESCRIPTOR.services_by_name["WorkflowService"].full_name,
             worker_pb.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+            schedule_pb.DESCRIPTOR.services_by_name["ScheduleService"].full_name,
         ]
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:

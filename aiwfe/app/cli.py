@@ -101,6 +101,7 @@ COMMANDS: list[Command] = []
 GROUPS: dict[str, str] = {
     "collections": "list, share and delete collections",
     "workflow": "submit and manage workflows",
+    "schedule": "run a workflow on a cron schedule in a time zone",
     "users": "manage accounts (admin)",
     "service-account": "manage service accounts for unattended callers (admin)",
     "api-key": "issue, list and revoke service accounts' API keys (admin)",
@@ -892,6 +893,120 @@ async def _workflow_signal(args: argparse.Namespace, connect: Connect) -> int:
 async def _workflow_watch(args: argparse.Namespace, connect: Connect) -> int:
     async with connect() as client:
         return await _follow(args, client.watch_workflow(args.workflow_id))
+
+
+# --- schedules ------------------------------------------------------------------------------
+
+_OVERLAP = {"skip": "SKIP", "buffer-one": "BUFFER_ONE", "allow-all": "ALLOW_ALL"}
+_CATCH_UP = {"skip-missed": "SKIP_MISSED", "latest": "LATEST", "all": "ALL"}
+
+
+def _schedule_line(s: Any) -> str:
+    from aiwfe.taskproc.v1 import schedule_service_pb2 as sched_pb
+
+    overlap = _enum(sched_pb.OverlapPolicy, s.overlap_policy, "OVERLAP_POLICY_")
+    catch_up = _enum(sched_pb.CatchUpPolicy, s.catch_up_policy, "CATCH_UP_POLICY_")
+    return (
+        f"{s.schedule_id}  {s.name}  '{s.cron}' {s.time_zone or 'UTC'}"
+        f"  {'paused' if s.paused else 'active'}  overlap {overlap.lower()}"
+        f"  catch-up {catch_up.lower()}  next {_time(s.next_tick_time)}"
+        f"  last {_time(s.last_tick_time)} {s.last_workflow_id or '-'}"
+    )
+
+
+def _schedule_create_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name")
+    p.add_argument("--cron", required=True, help="5 fields, or 6 with seconds first")
+    p.add_argument("--tz", default="", help="IANA time zone, e.g. Europe/Paris (default UTC)")
+    p.add_argument("--file", type=Path, required=True, help="the YAML/JSON WorkflowSpec")
+    p.add_argument("--overlap", choices=sorted(_OVERLAP), default="skip")
+    p.add_argument("--catch-up", choices=sorted(_CATCH_UP), default="skip-missed")
+    p.add_argument("--paused", action="store_true", help="create it paused")
+
+
+@command("schedule create", "submit a workflow on a cron schedule", _schedule_create_args)
+async def _schedule_create(args: argparse.Namespace, connect: Connect) -> int:
+    from aiwfe.taskproc.v1 import schedule_service_pb2 as sched_pb
+
+    request = sched_pb.CreateScheduleRequest(
+        name=args.name,
+        cron=args.cron,
+        time_zone=args.tz,
+        spec=load_workflow_spec(args.file),
+        overlap_policy=sched_pb.OverlapPolicy.Value("OVERLAP_POLICY_" + _OVERLAP[args.overlap]),
+        catch_up_policy=sched_pb.CatchUpPolicy.Value("CATCH_UP_POLICY_" + _CATCH_UP[args.catch_up]),
+        paused=args.paused,
+    )
+    async with connect() as client:
+        created = (await client.create_schedule(request)).schedule
+    _emit(args, created, lambda: _schedule_line(created))
+    return 0
+
+
+def _schedule_ls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--page-size", type=int, default=0)
+    p.add_argument("--page-token", default="")
+
+
+@command("schedule ls", "list your schedules", _schedule_ls_args)
+async def _schedule_ls(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        page = await client.list_schedules(args.page_size, args.page_token)
+    _emit(
+        args,
+        page,
+        lambda: (
+            "\n".join(
+                [_schedule_line(s) for s in page.schedules] + _next_page(page.next_page_token)
+            )
+            or "no schedules"
+        ),
+    )
+    return 0
+
+
+def _schedule_id_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("schedule_id")
+
+
+@command("schedule get", "show one schedule", _schedule_id_arg)
+async def _schedule_get(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        got = (await client.get_schedule(args.schedule_id)).schedule
+    _emit(args, got, lambda: _schedule_line(got))
+    return 0
+
+
+@command("schedule pause", "pause a schedule", _schedule_id_arg)
+async def _schedule_pause(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        paused = (await client.pause_schedule(args.schedule_id, True)).schedule
+    _emit(args, paused, lambda: _schedule_line(paused))
+    return 0
+
+
+@command("schedule resume", "resume a paused schedule (missed ticks are not run)", _schedule_id_arg)
+async def _schedule_resume(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        resumed = (await client.pause_schedule(args.schedule_id, False)).schedule
+    _emit(args, resumed, lambda: _schedule_line(resumed))
+    return 0
+
+
+@command("schedule delete", "delete a schedule (its workflows keep running)", _schedule_id_arg)
+async def _schedule_delete(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        deleted = (await client.delete_schedule(args.schedule_id)).schedule
+    _emit(args, deleted, lambda: f"deleted schedule {deleted.schedule_id} ({deleted.name})")
+    return 0
+
+
+@command("schedule trigger", "submit a schedule's workflow now", _schedule_id_arg)
+async def _schedule_trigger(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        reply = await client.trigger_schedule(args.schedule_id)
+    _emit(args, reply, lambda: _workflow_lines(reply.workflow))
+    return 0
 
 
 # --- administration -------------------------------------------------------------------------

@@ -561,6 +561,14 @@ class TaskProcSettings(_Block):
     default_workflow_timeout: float = Field(default=3600, gt=0)
     max_workflow_timeout: float = Field(default=7 * 86400, gt=0)
     max_attempts: int = Field(default=100, gt=0)  # upper bound a retry policy may ask for
+    # Schedules (ScheduleService; ticked by dataplatform): a tick due longer ago than
+    # schedule_grace_seconds was missed (the suite was down) and follows its schedule's
+    # catch-up policy; CATCH_UP_POLICY_ALL runs at most the latest schedule_max_catch_up.
+    schedule_grace_seconds: float = Field(default=60, gt=0, le=86400)
+    schedule_max_catch_up: int = Field(default=100, gt=0, le=10_000)
+    # The ticker's longest sleep between looks for due schedules (it sleeps less when it
+    # knows the next tick is sooner): the worst lateness of a tick created on another replica.
+    schedule_tick_interval: float = Field(default=0.5, gt=0, le=10)
 
 
 class GatewayHttp2Settings(_Block):

@@ -103,6 +103,9 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
     "WORKFLOW_NOT_FOUND": Reason(
         _C.NOT_FOUND, "no such workflow, or it belongs to another user", ("workflowId",)
     ),
+    "SCHEDULE_NOT_FOUND": Reason(
+        _C.NOT_FOUND, "no such schedule, or it belongs to another user", ("scheduleId",)
+    ),
     "USER_NOT_FOUND": Reason(_C.NOT_FOUND, "no such user", ("username", "userId")),
     "SERVICE_ACCOUNT_NOT_FOUND": Reason(
         _C.NOT_FOUND, "no such service account (a user's account holds no API keys)",
@@ -131,6 +134,11 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
         _C.FAILED_PRECONDITION,
         "the task's lease expired (it was dispatched again) or its workflow ended: drop it",
         ("workflowId", "stepName", "attempt"),
+    ),
+    "SCHEDULE_OWNER_NOT_ALLOWED": Reason(
+        _C.FAILED_PRECONDITION,
+        "the schedule's owner is disabled, deleted or no longer granted api:workflow:schedule",
+        ("scheduleId",),
     ),
     "NO_LLM_CONFIGURED": Reason(_C.FAILED_PRECONDITION, "Generate with no LLM configured"),
     "NO_DEFAULT_LLM": Reason(

@@ -32,6 +32,8 @@ from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
 from aiwfe.sdk.channel import channel_credentials, channel_options, service_config
 from aiwfe.system.v1 import system_service_pb2 as sys_pb
 from aiwfe.system.v1 import system_service_pb2_grpc as sys_grpc
+from aiwfe.taskproc.v1 import schedule_service_pb2 as sched_pb
+from aiwfe.taskproc.v1 import schedule_service_pb2_grpc as sched_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 
@@ -41,7 +43,13 @@ GATEWAY_ENV = "AIWFE_GATEWAY"
 CREDENTIALS_ENV = "AIWFE_CREDENTIALS"
 # Refresh when less than this much of the access token's life remains.
 REFRESH_MARGIN_SECONDS = 60.0
-CONTRACTS = (auth_pb.DESCRIPTOR, cog_pb.DESCRIPTOR, wf_pb.DESCRIPTOR, sys_pb.DESCRIPTOR)
+CONTRACTS = (
+    auth_pb.DESCRIPTOR,
+    cog_pb.DESCRIPTOR,
+    wf_pb.DESCRIPTOR,
+    sys_pb.DESCRIPTOR,
+    sched_pb.DESCRIPTOR,
+)
 
 
 @dataclass
@@ -156,6 +164,7 @@ class AsyncClient:
         self.cognitive = cog_grpc.CognitiveServiceStub(self.channel)
         self.workflows = wf_grpc.WorkflowServiceStub(self.channel)
         self.system = sys_grpc.SystemServiceStub(self.channel)
+        self.schedules = sched_grpc.ScheduleServiceStub(self.channel)
         self._refresh_lock = asyncio.Lock()
 
     async def __aenter__(self) -> AsyncClient:
@@ -429,6 +438,38 @@ class AsyncClient:
         request = wf_pb.RunWorkflowRequest(spec=spec, idempotency_key=idempotency_key)
         return self._stream(self.workflows.RunWorkflow, request)
 
+    # --- ScheduleService ------------------------------------------------------------------
+
+    async def create_schedule(
+        self, request: sched_pb.CreateScheduleRequest
+    ) -> sched_pb.CreateScheduleResponse:
+        return await self._unary(self.schedules.CreateSchedule, request)
+
+    async def get_schedule(self, schedule_id: str) -> sched_pb.GetScheduleResponse:
+        request = sched_pb.GetScheduleRequest(schedule_id=schedule_id)
+        return await self._unary(self.schedules.GetSchedule, request)
+
+    async def list_schedules(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> sched_pb.ListSchedulesResponse:
+        request = sched_pb.ListSchedulesRequest(page_size=page_size, page_token=page_token)
+        return await self._unary(self.schedules.ListSchedules, request)
+
+    async def pause_schedule(
+        self, schedule_id: str, paused: bool = True
+    ) -> sched_pb.PauseScheduleResponse:
+        """Pauses (or with paused=False resumes) a schedule."""
+        request = sched_pb.PauseScheduleRequest(schedule_id=schedule_id, paused=paused)
+        return await self._unary(self.schedules.PauseSchedule, request)
+
+    async def delete_schedule(self, schedule_id: str) -> sched_pb.DeleteScheduleResponse:
+        request = sched_pb.DeleteScheduleRequest(schedule_id=schedule_id)
+        return await self._unary(self.schedules.DeleteSchedule, request)
+
+    async def trigger_schedule(self, schedule_id: str) -> sched_pb.TriggerScheduleResponse:
+        request = sched_pb.TriggerScheduleRequest(schedule_id=schedule_id)
+        return await self._unary(self.schedules.TriggerSchedule, request)
+
     # --- SystemService --------------------------------------------------------------------
 
     async def list_circuit_breakers(self) -> sys_pb.ListCircuitBreakersResponse:
@@ -567,6 +608,24 @@ class Client:
 
     def run_workflow(self, *args: Any, **kwargs: Any) -> Iterator[wf_pb.RunWorkflowResponse]:
         return self._iterate(self.aio.run_workflow(*args, **kwargs))
+
+    def create_schedule(self, *args: Any, **kwargs: Any) -> sched_pb.CreateScheduleResponse:
+        return self._run(self.aio.create_schedule(*args, **kwargs))
+
+    def get_schedule(self, schedule_id: str) -> sched_pb.GetScheduleResponse:
+        return self._run(self.aio.get_schedule(schedule_id))
+
+    def list_schedules(self, *args: Any, **kwargs: Any) -> sched_pb.ListSchedulesResponse:
+        return self._run(self.aio.list_schedules(*args, **kwargs))
+
+    def pause_schedule(self, *args: Any, **kwargs: Any) -> sched_pb.PauseScheduleResponse:
+        return self._run(self.aio.pause_schedule(*args, **kwargs))
+
+    def delete_schedule(self, schedule_id: str) -> sched_pb.DeleteScheduleResponse:
+        return self._run(self.aio.delete_schedule(schedule_id))
+
+    def trigger_schedule(self, schedule_id: str) -> sched_pb.TriggerScheduleResponse:
+        return self._run(self.aio.trigger_schedule(schedule_id))
 
     def list_circuit_breakers(self) -> sys_pb.ListCircuitBreakersResponse:
         return self._run(self.aio.list_circuit_breakers())

@@ -16,7 +16,8 @@ Modules, one concern each:
 - `scheduling`: retries and backoff, dead letters, timeouts, the sweep;
 - `watches`: watch inboxes, WaitForWork subscribers, wake-ups across replicas;
 - `messages`: rows to protobuf messages, ids, page tokens;
-- `servicer`: the gRPC servicer (validation, then the above).
+- `servicer`: the gRPC servicer (validation, then the above);
+- `schedules`: ScheduleStoreService and the ticker that submits schedules' workflows.
 """
 
 from dataplatform.workflows.servicer import WorkflowStore

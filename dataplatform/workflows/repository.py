@@ -18,10 +18,11 @@ checked against all its queries at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
 
@@ -260,6 +261,12 @@ _EXPIRE_LEASES = (
 )
 
 
+@contextlib.asynccontextmanager
+async def _given(conn: DictConnection) -> AsyncIterator[DictConnection]:
+    """The caller's connection, as `Database.autocommit()` would yield one."""
+    yield conn
+
+
 class WorkflowRepository:
     """The engine's reads and writes; `wakeups` hears what each transaction appended."""
 
@@ -339,13 +346,20 @@ class WorkflowRepository:
     # --- workflows ------------------------------------------------------------------------
 
     async def create(
-        self, request: pb.CreateWorkflowRequest, wid: uuid.UUID
+        self,
+        request: pb.CreateWorkflowRequest,
+        wid: uuid.UUID,
+        conn_in: DictConnection | None = None,
     ) -> pb.CreateWorkflowResponse:
         """Stores the workflow as `wid`, or returns the one its idempotency key names. One
         statement, so one round trip in autocommit and atomic by itself: the workflow row,
         its steps and its first event, unless the idempotency key was used before. Only
         this replica can watch an id not out yet, so the first event is delivered here,
-        not announced."""
+        not announced.
+
+        With `conn_in` it runs inside the caller's transaction (a schedule's tick) and
+        wakes no one: the caller calls `Wakeups.work()` once it commits."""
+        notify = conn_in is None
         spec = request.spec
         steps = list(spec.steps)
         policies = [st.retry_policy for st in steps]
@@ -378,12 +392,13 @@ class WorkflowRepository:
             "default_heartbeat": DEFAULT_HEARTBEAT_SECONDS,
             "trace_context": messages.trace_context_json(request),
         }
-        async with self._db.autocommit() as conn:
+        async with self._db.autocommit() if conn_in is None else _given(conn_in) as conn:
             cur = await conn.execute(_CREATE, args)
             row = await cur.fetchone()
             if row is not None:  # nothing to read back: every step is PENDING, no attempts
-                roots = [st for st in steps if not st.depends_on]
-                self._wakeups.work(*woken({"queue": step_queue(st)} for st in roots))
+                if notify:
+                    roots = [st for st in steps if not st.depends_on]
+                    self._wakeups.work(*woken({"queue": step_queue(st)} for st in roots))
                 first = {
                     "sequence": 1,
                     "workflow_state": row["state"],
@@ -392,7 +407,8 @@ class WorkflowRepository:
                     "message": SUBMITTED,
                     "created_at": row["created_at"],
                 }
-                self._wakeups.deliver({wid: [first]})  # watched before the insert, if at all
+                if notify:  # watched before the insert, if at all
+                    self._wakeups.deliver({wid: [first]})
                 pending = [
                     {
                         "name": st.name,

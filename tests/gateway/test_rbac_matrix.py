@@ -25,6 +25,7 @@ _ADMIN = "/aiwfe.auth.v1.UserAdminService/"
 _COG = "/aiwfe.cognitive.v1.CognitiveService/"
 _WF = "/aiwfe.taskproc.v1.WorkflowService/"
 _WORKER = "/aiwfe.taskproc.v1.WorkerService/"
+_SCHED = "/aiwfe.taskproc.v1.ScheduleService/"
 
 
 def _row(admin, user, readonly, none) -> dict[str, object]:
@@ -61,6 +62,14 @@ EXPECTED: dict[str, dict[str, object]] = {
     _WF + "WatchWorkflow": _row(REACHED, REACHED, REACHED, UNAUTH),
     _WF + "RunWorkflow": _row(REACHED, REACHED, DENIED, UNAUTH),
     _WF + "SignalWorkflow": _row(REACHED, REACHED, DENIED, UNAUTH),
+    # Schedules: changes need api:workflow:schedule (user has api:workflow:*), reads
+    # api:read; an empty request names no schedule (INVALID_ARGUMENT from taskproc).
+    _SCHED + "CreateSchedule": _row(INVALID, INVALID, DENIED, UNAUTH),
+    _SCHED + "GetSchedule": _row(INVALID, INVALID, INVALID, UNAUTH),
+    _SCHED + "ListSchedules": _row(OK, OK, OK, UNAUTH),
+    _SCHED + "PauseSchedule": _row(INVALID, INVALID, DENIED, UNAUTH),
+    _SCHED + "DeleteSchedule": _row(INVALID, INVALID, DENIED, UNAUTH),
+    _SCHED + "TriggerSchedule": _row(INVALID, INVALID, DENIED, UNAUTH),
     "/aiwfe.system.v1.SystemService/ListCircuitBreakers": _row(REACHED, DENIED, DENIED, UNAUTH),
     # worker:queue:<queue> needs the queue: an empty request names none (the gateway says
     # so); tests/taskproc/test_worker_service.py checks the permission per queue. The token
