@@ -234,6 +234,52 @@ class TaskDispatcher:
                     del self._groups[key]
 
 
+class CompletionBatcher:
+    """CompleteTask calls to one lease id (a replica's claims) share CompleteSteps calls:
+    the first goes at once, and whatever arrives while one is in flight goes in the next,
+    so a busy replica spends one store call and one transaction on many completions and
+    an idle one adds no delay (as taskproc's own workers do)."""
+
+    MAX_BATCH = 1000
+
+    def __init__(self, store: Upstream) -> None:
+        self._store = store
+        self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
+        self._pending: dict[str, list[tuple[store_pb.StepResult, asyncio.Future[bool]]]] = {}
+
+    async def complete(self, lease_id: str, result: store_pb.StepResult) -> bool:
+        """Whether the store recorded `result` (False: the lease was no longer held)."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        queued = self._pending.get(lease_id)
+        if queued is None:
+            self._pending[lease_id] = [(result, done)]
+            asyncio.get_running_loop().create_task(self._drain(lease_id))
+        else:
+            queued.append((result, done))
+        return await done
+
+    async def _drain(self, lease_id: str) -> None:
+        while batch := self._pending.get(lease_id):
+            self._pending[lease_id] = batch[self.MAX_BATCH :]
+            batch = batch[: self.MAX_BATCH]
+            try:
+                reply = await self._store.call(
+                    self._stub.CompleteSteps,
+                    store_pb.CompleteStepsRequest(
+                        worker_id=lease_id, results=[r for r, _ in batch]
+                    ),
+                )
+            except Exception as exc:  # each caller gets the store's error
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for (_, done), ok in zip(batch, reply.accepted, strict=True):
+                if not done.done():
+                    done.set_result(ok)
+        self._pending.pop(lease_id, None)
+
+
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
     """The public WorkerService: long polls, heartbeats, completions and failures."""
 
@@ -253,6 +299,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             identity.derived_key("task-tokens"), "task", "task_token", _INVALID_TOKEN
         )
         self._dispatcher = dispatcher
+        self._completions = CompletionBatcher(store)
 
     # --- tokens ---------------------------------------------------------------------------
 
@@ -388,14 +435,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             f"must be at most {self._cfg.max_output_bytes} bytes as JSON (got {size})",
         )
         v.raise_if_any()
-        reply = await self._store.call(
-            self._stub.CompleteSteps,
-            store_pb.CompleteStepsRequest(
-                worker_id=token.lease_id,
-                results=[store_pb.StepResult(ref=token.ref, output=request.output)],
-            ),
+        recorded = await self._completions.complete(
+            token.lease_id, store_pb.StepResult(ref=token.ref, output=request.output)
         )
-        if not reply.accepted[0]:
+        if not recorded:
             raise self._stale(token, "the task is no longer held (lease expired or stopped)")
         metrics.workflow_tasks_completed.labels(request.queue, token.task_type).inc()
         return pb.CompleteTaskResponse()

@@ -439,3 +439,48 @@ async def test_wake_ups_name_what_became_runnable(suite, gateway_channel) -> Non
             wake = await stream.read()
         assert (wake.builtin_work, list(wake.task_queues)) == (True, [])
         stream.cancel()
+
+
+async def test_concurrent_completions_share_store_calls(suite, gateway_channel) -> None:
+    """Twenty tasks completed at once are all recorded, exactly once each, in fewer
+    CompleteSteps calls than completions (one batch per in-flight call)."""
+    owner = await new_user(suite, gateway_channel)
+    worker = await new_user(suite, gateway_channel, ("worker",))
+    workflows = [
+        await submit(gateway_channel, owner, spec(task_step("work", queue="batch")))
+        for _ in range(20)
+    ]
+    tasks = await asyncio.gather(*(poll(gateway_channel, worker, ["batch"], 10) for _ in range(20)))
+    assert len({t.workflow_id for t in tasks}) == 20
+
+    def store_calls() -> float:
+        return (
+            REGISTRY.get_sample_value(
+                "request_rate_counter_total",
+                {
+                    "service": "dataplatform",
+                    "method": "/aiwfe.data.v1.WorkflowStoreService/CompleteSteps",
+                    "code": "OK",
+                },
+            )
+            or 0.0
+        )
+
+    before = store_calls()
+    stub = pb_grpc.WorkerServiceStub(gateway_channel)
+    await asyncio.gather(
+        *(
+            stub.CompleteTask(
+                pb.CompleteTaskRequest(task_token=t.task_token, queue="batch"),
+                metadata=bearer(worker),
+                timeout=10,
+            )
+            for t in tasks
+        )
+    )
+    calls = store_calls() - before
+    assert 1 <= calls < 20, calls
+    for wf in workflows:
+        done = await finish(gateway_channel, owner, wf.workflow_id)
+        assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED
+        assert step_status(done, "work").attempts == 1
