@@ -282,3 +282,19 @@ async def test_a_timer_due_while_the_suite_was_down_fires_once_it_is_back(
             assert [s.attempts for s in done.steps] == [1, 1]
     finally:
         await back.stop()
+
+
+def test_the_readme_example_is_a_valid_spec() -> None:
+    """README's "Workflow language" example parses and passes submit-time validation."""
+    from pathlib import Path
+
+    import yaml
+
+    from aiwfe.runtime.config import Settings
+    from taskproc.spec import validate
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index("name: review-answer")
+    example = yaml.safe_load(text[start : text.index("```", start)])
+    spec_ = validate(json_format.ParseDict(example, wf_pb.WorkflowSpec()), Settings().taskproc)
+    assert [s.op for s in spec_.steps] == ["cognitive.generate", "sleep", "wait_for_signal", "noop"]
