@@ -90,6 +90,7 @@ class _Group:
     dirty: bool = True  # work may have arrived since the last claim found none
     claiming: bool = False
     retry_at: float = 0.0  # monotonic time of the earliest scheduled retry, 0 if none
+    claimed_at: float = 0.0  # monotonic time of the group's last claim
 
 
 class TaskDispatcher:
@@ -126,6 +127,7 @@ class TaskDispatcher:
         try:
             while group.dirty and (want := sum(1 for f in group.waiting if not f.done())):
                 group.dirty = False
+                group.claimed_at = time.monotonic()
                 try:
                     reply = await self._store.call(
                         self._stub.ClaimSteps,
@@ -220,7 +222,10 @@ class TaskDispatcher:
                     return await asyncio.wait_for(
                         asyncio.shield(waiter), min(remaining, self._cfg.poll_interval)
                     )
-                group.dirty = True  # the fallback: claim again even without a wake-up
+                # The fall-back for a missed wake-up: one claim per poll_interval for the
+                # whole group, not one per waiting poller.
+                if time.monotonic() - group.claimed_at >= 0.9 * self._cfg.poll_interval:
+                    group.dirty = True
             return waiter.result() if waiter.done() and not waiter.cancelled() else None
         except asyncio.CancelledError:  # the caller left: a task handed to it goes back
             if waiter.done() and not waiter.cancelled():
