@@ -17,33 +17,18 @@ from aiwfe.data.v1 import workflow_store_service_pb2 as wf_store_pb
 from aiwfe.runtime import cron
 from aiwfe.runtime.channels import Upstream
 from aiwfe.runtime.config import Settings
-from aiwfe.runtime.errors import InvalidArgument, PermissionDenied
-from aiwfe.runtime.identity import InternalIdentity, Principal, require_principal
+from aiwfe.runtime.errors import InvalidArgument
+from aiwfe.runtime.identity import InternalIdentity
 from aiwfe.runtime.page_tokens import PageTokens
 from aiwfe.runtime.validation import Violations
 from aiwfe.taskproc.v1 import schedule_service_pb2 as pb
 from aiwfe.taskproc.v1 import schedule_service_pb2_grpc as pb_grpc
+from taskproc import owners
 from taskproc.spec import validate
 
-ADMIN_ROLE = "admin"
 MAX_SCHEDULE_NAME = 200
 MAX_SCHEDULE_ID = 64
 MAX_PAGE_SIZE = 1000
-
-
-def _user() -> Principal:
-    principal = require_principal()
-    if not principal.is_user:
-        raise PermissionDenied(
-            "schedules belong to users: call on behalf of one", reason="USER_PRINCIPAL_REQUIRED"
-        )
-    return principal
-
-
-def _scope(principal: Principal) -> wf_store_pb.WorkflowScope:
-    return wf_store_pb.WorkflowScope(
-        owner_id=principal.user_id, all_owners=ADMIN_ROLE in principal.roles
-    )
 
 
 def _check_id(schedule_id: str) -> None:
@@ -93,7 +78,7 @@ class ScheduleServicer(pb_grpc.ScheduleServiceServicer):
     async def CreateSchedule(
         self, request: pb.CreateScheduleRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateScheduleResponse:
-        principal = _user()
+        principal = owners.user()
         schedule = self._validated(request)
         reply = await self._store.call(
             self._stub.CreateStoredSchedule,
@@ -111,7 +96,7 @@ class ScheduleServicer(pb_grpc.ScheduleServiceServicer):
     async def GetSchedule(
         self, request: pb.GetScheduleRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetScheduleResponse:
-        scope = _scope(_user())
+        scope = owners.scope(owners.user())
         _check_id(request.schedule_id)
         reply = await self._store.call(
             self._stub.GetStoredSchedule,
@@ -122,7 +107,7 @@ class ScheduleServicer(pb_grpc.ScheduleServiceServicer):
     async def ListSchedules(
         self, request: pb.ListSchedulesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSchedulesResponse:
-        scope = _scope(_user())
+        scope = owners.scope(owners.user())
         v = Violations()
         v.check(
             0 <= request.page_size <= MAX_PAGE_SIZE,
@@ -148,7 +133,7 @@ class ScheduleServicer(pb_grpc.ScheduleServiceServicer):
     async def PauseSchedule(
         self, request: pb.PauseScheduleRequest, context: grpc.aio.ServicerContext
     ) -> pb.PauseScheduleResponse:
-        scope = _scope(_user())
+        scope = owners.scope(owners.user())
         _check_id(request.schedule_id)
         reply = await self._store.call(
             self._stub.PauseStoredSchedule,
@@ -161,7 +146,7 @@ class ScheduleServicer(pb_grpc.ScheduleServiceServicer):
     async def DeleteSchedule(
         self, request: pb.DeleteScheduleRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteScheduleResponse:
-        scope = _scope(_user())
+        scope = owners.scope(owners.user())
         _check_id(request.schedule_id)
         reply = await self._store.call(
             self._stub.DeleteStoredSchedule,
@@ -172,7 +157,7 @@ class ScheduleServicer(pb_grpc.ScheduleServiceServicer):
     async def TriggerSchedule(
         self, request: pb.TriggerScheduleRequest, context: grpc.aio.ServicerContext
     ) -> pb.TriggerScheduleResponse:
-        scope = _scope(_user())
+        scope = owners.scope(owners.user())
         _check_id(request.schedule_id)
         reply = await self._store.call(
             self._stub.TriggerStoredSchedule,

@@ -19,8 +19,7 @@ from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
 from aiwfe.runtime.channels import Upstream
 from aiwfe.runtime.config import Settings
-from aiwfe.runtime.errors import PermissionDenied
-from aiwfe.runtime.identity import InternalIdentity, Principal, require_principal
+from aiwfe.runtime.identity import InternalIdentity
 from aiwfe.runtime.interceptors import InternalIdentityInterceptor
 from aiwfe.runtime.page_tokens import PageTokens
 from aiwfe.runtime.server import Service
@@ -32,6 +31,7 @@ from aiwfe.taskproc.v1 import worker_service_pb2 as worker_pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as worker_pb_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
+from taskproc import owners
 from taskproc.ops.timers import check_signal_name
 from taskproc.schedules import ScheduleServicer
 from taskproc.shared_watch import SharedWatches
@@ -41,25 +41,9 @@ from taskproc.tasks import TaskDispatcher, WorkerServicer
 from taskproc.tracing import submit_trace_context
 from taskproc.worker import Worker
 
-ADMIN_ROLE = "admin"
 MAX_IDEMPOTENCY_KEY = 256
 MAX_WORKFLOW_ID = 64
 MAX_SIGNAL_ID = 128
-
-
-def _user() -> Principal:
-    principal = require_principal()
-    if not principal.is_user:
-        raise PermissionDenied(
-            "workflows belong to users: call on behalf of one", reason="USER_PRINCIPAL_REQUIRED"
-        )
-    return principal
-
-
-def _scope(principal: Principal) -> store_pb.WorkflowScope:
-    return store_pb.WorkflowScope(
-        owner_id=principal.user_id, all_owners=ADMIN_ROLE in principal.roles
-    )
 
 
 def _check_id(workflow_id: str) -> None:
@@ -90,7 +74,7 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         self, spec: pb.WorkflowSpec, idempotency_key: str
     ) -> store_pb.CreateWorkflowRequest:
         """The store request for a submission, once the spec and key are valid."""
-        principal = _user()
+        principal = owners.user()
         v = Violations()
         v.text(idempotency_key, "idempotency_key", max_chars=MAX_IDEMPOTENCY_KEY, required=False)
         v.raise_if_any()
@@ -115,7 +99,7 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
     async def GetWorkflow(
         self, request: pb.GetWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetWorkflowResponse:
-        scope = _scope(_user())
+        scope = owners.scope(owners.user())
         _check_id(request.workflow_id)
         reply = await self._store.call(
             self._stub.GetStoredWorkflow,
@@ -126,7 +110,7 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
     async def ListWorkflows(
         self, request: pb.ListWorkflowsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListWorkflowsResponse:
-        scope = _scope(_user())
+        scope = owners.scope(owners.user())
         v = Violations()
         v.check(0 <= request.page_size <= 1000, "page_size", "must be between 0 and 1000")
         v.text(request.page_token, "page_token", max_chars=512, required=False)
@@ -153,7 +137,7 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
     async def CancelWorkflow(
         self, request: pb.CancelWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelWorkflowResponse:
-        scope = _scope(_user())
+        scope = owners.scope(owners.user())
         _check_id(request.workflow_id)
         reply = await self._store.call(
             self._stub.CancelStoredWorkflow,
@@ -167,7 +151,7 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         """Streams events after `after_sequence` until the workflow is terminal and every
         event up to the last has been sent, from this replica's one dataplatform stream
         for the workflow (taskproc/shared_watch.py). Holds one of the replica's slots."""
-        scope = _scope(_user())
+        scope = owners.scope(owners.user())
         _check_id(request.workflow_id)
         v = Violations()
         v.check(request.after_sequence >= 0, "after_sequence", "must not be negative")
@@ -204,7 +188,7 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         it. Decision: the owner (or an admin) signals a workflow, with api:workflow:signal
         (the contract's permission): with the seed `user` role's api:workflow:*, "owner or
         api:workflow:signal" would let every user signal every workflow."""
-        scope = _scope(_user())
+        scope = owners.scope(owners.user())
         _check_id(request.workflow_id)
         v = Violations()
         v.check(
