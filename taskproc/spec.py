@@ -1,5 +1,6 @@
 """Workflow specs: whole-spec validation before anything is stored, defaults (Temporal's
-retry defaults), and `${steps.NAME.output.FIELD}` references.
+retry defaults), `${input.PATH}` references (replaced at submit: the input is known then)
+and `${steps.NAME.output.FIELD}` references (resolved when the step runs).
 
 A reference is a string input. When the whole string is one reference, the referenced value
 replaces it as is (a list stays a list); inside a longer string it is formatted as text.
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 from datetime import UTC
 from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 
 from aiwfe.runtime.config import TaskProcSettings
 from aiwfe.runtime.validation import Violations
@@ -28,6 +29,8 @@ NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 REFERENCE = re.compile(r"\$\{steps\.([A-Za-z][A-Za-z0-9_-]*)\.output\.([A-Za-z0-9_.]+)\}")
 _ANY_REFERENCE = re.compile(r"\$\{steps\.[^}]*\}")
 WHOLE_REFERENCE = re.compile(rf"^{REFERENCE.pattern}$")
+INPUT_REFERENCE = re.compile(r"\$\{input((?:\.[A-Za-z0-9_-]+)*)\}")
+_ANY_INPUT_REFERENCE = re.compile(r"\$\{input[^}]*\}")
 
 # Temporal's defaults: 3 attempts here (Temporal retries forever; a bounded default is the
 # safer choice for AI calls that cost money), 1 s initial, x2, cap 100 x initial.
@@ -108,6 +111,11 @@ def validate(spec: pb.WorkflowSpec, limits: TaskProcSettings) -> pb.WorkflowSpec
         f"must be between 0 (default) and {limits.max_workflow_timeout:g}",
     )
     v.check(
+        spec.input.ByteSize() <= limits.max_input_bytes,
+        "spec.input",
+        f"must be at most {limits.max_input_bytes} bytes (got {spec.input.ByteSize()})",
+    )
+    v.check(
         abs(spec.priority) <= MAX_PRIORITY,
         "spec.priority",
         f"must be between -{MAX_PRIORITY} and {MAX_PRIORITY}",
@@ -159,8 +167,21 @@ def validate(spec: pb.WorkflowSpec, limits: TaskProcSettings) -> pb.WorkflowSpec
     v.raise_if_any()
     ancestors = _ancestors(deps)
     timeout = spec.timeout_seconds or limits.default_workflow_timeout
+    workflow_input = json_format.MessageToDict(spec.input)
+    substituted: dict[int, dict[str, Any]] = {}
     for i, step in enumerate(spec.steps):
         inputs = json_format.MessageToDict(step.inputs)
+        if any("${input" in s for _, s in _strings(inputs, "")):
+            field = f"spec.steps[{i}].inputs"
+            inputs = substitute_input(inputs, workflow_input, field, v)
+            size = json_format.ParseDict(inputs, struct_pb2.Struct()).ByteSize()
+            v.check(
+                size <= limits.max_input_bytes,
+                field,
+                f"must be at most {limits.max_input_bytes} bytes with spec.input's values"
+                f" in place (got {size})",
+            )
+            substituted[i] = inputs
         _check_references(step.name, inputs, f"spec.steps[{i}].inputs", spec, index, ancestors, v)
         op = OPS[step.op]
         if op.check_with_references or not any(
@@ -171,7 +192,40 @@ def validate(spec: pb.WorkflowSpec, limits: TaskProcSettings) -> pb.WorkflowSpec
                 v.add(f"spec.steps[{i}].inputs", problem)
         _check_waits(step, f"spec.steps[{i}]", inputs, timeout, v)
     v.raise_if_any()
-    return _with_defaults(spec, limits)
+    return _with_defaults(spec, limits, substituted)
+
+
+def substitute_input(
+    inputs: dict[str, Any], workflow_input: dict[str, Any], field: str, v: Violations
+) -> dict[str, Any]:
+    """`inputs` with every `${input.PATH}` replaced by that value of the workflow's input; a
+    malformed reference or a missing PATH is a violation at its field path."""
+
+    def one(raw: str, path: str) -> Any:
+        m = INPUT_REFERENCE.fullmatch(raw)
+        if m is None:
+            v.add(path, f"malformed reference {raw[:80]!r}: use ${{input.PATH}}")
+            return raw
+        if not m.group(1):
+            return workflow_input
+        try:
+            return _lookup(workflow_input, m.group(1)[1:], raw)
+        except StepError as exc:
+            v.add(path, str(exc).replace("the output", "spec.input", 1))
+            return raw
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(x, f"{path}.{k}") for k, x in value.items()}
+        if isinstance(value, list):
+            return [walk(x, f"{path}[{j}]") for j, x in enumerate(value)]
+        if isinstance(value, str) and "${input" in value:
+            if INPUT_REFERENCE.fullmatch(value):
+                return one(value, path)
+            return _ANY_INPUT_REFERENCE.sub(lambda m: as_text(one(m.group(0), path)), value)
+        return value
+
+    return dict(walk(inputs, field))
 
 
 def _check_waits(
@@ -248,10 +302,15 @@ def _check_references(
                     )
 
 
-def _with_defaults(spec: pb.WorkflowSpec, limits: TaskProcSettings) -> pb.WorkflowSpec:
+def _with_defaults(
+    spec: pb.WorkflowSpec, limits: TaskProcSettings, substituted: dict[int, dict[str, Any]]
+) -> pb.WorkflowSpec:
     out = pb.WorkflowSpec()
     out.CopyFrom(spec)
     out.timeout_seconds = spec.timeout_seconds or limits.default_workflow_timeout
+    for i, inputs in substituted.items():
+        out.steps[i].inputs.Clear()
+        out.steps[i].inputs.update(inputs)
     for step in out.steps:
         rp = step.retry_policy
         rp.max_attempts = rp.max_attempts or DEFAULT_MAX_ATTEMPTS
@@ -262,6 +321,16 @@ def _with_defaults(spec: pb.WorkflowSpec, limits: TaskProcSettings) -> pb.Workfl
         if step.op == "wait_for_signal" and "timeout_seconds" not in step.inputs.fields:
             step.inputs["timeout_seconds"] = out.timeout_seconds  # until the workflow's end
     return out
+
+
+def as_text(value: Any) -> str:
+    """A referenced value inside a longer string: strings as they are, whole numbers without
+    ".0" (JSON numbers arrive as floats), anything else as JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return json.dumps(value)
 
 
 def _lookup(value: Any, path: str, raw: str) -> Any:
@@ -297,9 +366,7 @@ def resolve(inputs: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
             whole = WHOLE_REFERENCE.match(value)
             if whole:
                 return one(whole)
-            return REFERENCE.sub(
-                lambda m: x if isinstance(x := one(m), str) else json.dumps(x), value
-            )
+            return REFERENCE.sub(lambda m: as_text(one(m)), value)
         return value
 
     return walk(inputs)
