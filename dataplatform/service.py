@@ -40,6 +40,7 @@ from dataplatform.token_store import TokenStore
 from dataplatform.users import UserStore
 from dataplatform.vector_service import VectorService
 from dataplatform.workflows import WorkflowStore
+from dataplatform.workflows.retention import Retention
 from dataplatform.workflows.schedules import ScheduleStore
 
 log = logging.getLogger("aiwfe.dataplatform")
@@ -74,6 +75,7 @@ class DataPlatformService(Service):
             settings.taskproc,
             Rbac(settings.rbac),
         )
+        self.retention = Retention(self.workflows.repo, settings.taskproc)
         self.redis = RedisClient(settings.redis)
         self.replicas = ReplicaBus(self.redis, self.workflows.wakeups, self.workflows.stopped_among)
         self.workflows.wakeups.peers = self.replicas
@@ -95,6 +97,7 @@ class DataPlatformService(Service):
             self._maintainer = asyncio.create_task(self.db.maintain(interval))
             self.replicas.start()
             self.schedules.ticker.start()
+            self.retention.start()
 
     async def _bootstrap_admin(self) -> None:
         """Creates the first admin on an empty user table (from config, or generated once)."""
@@ -158,6 +161,7 @@ class DataPlatformService(Service):
 
     async def stop(self) -> None:
         await self.schedules.ticker.stop()
+        await self.retention.stop()
         if self._purger:
             self._purger.cancel()
         if self._maintainer:

@@ -7,6 +7,8 @@ NOT_FOUND); the `admin` role sees all.
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -44,12 +46,32 @@ from taskproc.worker import Worker
 MAX_IDEMPOTENCY_KEY = 256
 MAX_WORKFLOW_ID = 64
 MAX_SIGNAL_ID = 128
+_MIN_SECONDS, _MAX_SECONDS = -62135596800, 253402300799  # 0001-01-01 .. 9999-12-31 (UTC)
 
 
 def _check_id(workflow_id: str) -> None:
     v = Violations()
     v.text(workflow_id, "workflow_id", max_chars=MAX_WORKFLOW_ID)
     v.raise_if_any()
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _time(v: Violations, request: pb.ListWorkflowsRequest, field: str) -> int | None:
+    """A set Timestamp field as nanoseconds, or None; out of Timestamp's range (years
+    1-9999) or nanos it is a field violation."""
+    if not request.HasField(field):
+        return None
+    stamp = getattr(request, field)
+    ok = _MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS and 0 <= stamp.nanos < 1_000_000_000
+    v.check(ok, field, "is not a valid timestamp")
+    return int(stamp.ToNanoseconds()) if ok else None
 
 
 class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
@@ -117,18 +139,36 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         v.check(
             request.state in pb.WorkflowState.values(), "state", "is not a known workflow state"
         )
-        v.raise_if_any()
-        # A token is bound to its caller and filter (page_size may change between pages).
-        bound = {"caller": scope.owner_id, "filter_": f"state={int(request.state)}"}
-        reply = await self._store.call(
-            self._stub.ListStoredWorkflows,
-            store_pb.ListStoredWorkflowsRequest(
-                scope=scope,
-                state=request.state,
-                page_size=request.page_size,
-                page_token=self._pages.open(request.page_token, **bound),
-            ),
+        v.text(request.name, "name", max_chars=self._limits.max_name_chars, required=False)
+        v.text(request.schedule_id, "schedule_id", max_chars=MAX_WORKFLOW_ID, required=False)
+        if request.schedule_id and not _is_uuid(request.schedule_id):
+            v.add("schedule_id", "is not a schedule id")
+        since = _time(v, request, "create_after")
+        until = _time(v, request, "create_before")
+        v.check(
+            since is None or until is None or since <= until,
+            "create_before",
+            "must not be before create_after",
         )
+        v.raise_if_any()
+        # A token is bound to its caller and every filter (page_size may change between
+        # pages): reused with another filter it is INVALID_ARGUMENT, not a wrong page.
+        filter_ = json.dumps(
+            [int(request.state), request.name, request.schedule_id.lower(), since, until]
+        )
+        bound = {"caller": scope.owner_id, "filter_": filter_}
+        store_request = store_pb.ListStoredWorkflowsRequest(
+            scope=scope,
+            state=request.state,
+            page_size=request.page_size,
+            page_token=self._pages.open(request.page_token, **bound),
+            name=request.name,
+            schedule_id=request.schedule_id,
+        )
+        for field in ("create_after", "create_before"):
+            if request.HasField(field):
+                getattr(store_request, field).CopyFrom(getattr(request, field))
+        reply = await self._store.call(self._stub.ListStoredWorkflows, store_request)
         return pb.ListWorkflowsResponse(
             workflows=reply.workflows,
             next_page_token=self._pages.seal(reply.next_page_token, **bound),
@@ -144,6 +184,17 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
             store_pb.CancelStoredWorkflowRequest(workflow_id=request.workflow_id, scope=scope),
         )
         return pb.CancelWorkflowResponse(workflow=reply.workflow)
+
+    async def RetryWorkflow(
+        self, request: pb.RetryWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RetryWorkflowResponse:
+        scope = owners.scope(owners.user())
+        _check_id(request.workflow_id)
+        reply = await self._store.call(
+            self._stub.RetryStoredWorkflow,
+            store_pb.RetryStoredWorkflowRequest(workflow_id=request.workflow_id, scope=scope),
+        )
+        return pb.RetryWorkflowResponse(workflow=reply.workflow)
 
     async def WatchWorkflow(
         self, request: pb.WatchWorkflowRequest, context: grpc.aio.ServicerContext

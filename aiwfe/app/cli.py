@@ -27,7 +27,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -817,11 +817,37 @@ async def _workflow_submit(args: argparse.Namespace, connect: Connect) -> int:
 
 def _workflow_ls_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", default="", help="e.g. RUNNING, SUCCEEDED")
+    p.add_argument("--name", default="", help="the spec's name (exact)")
+    p.add_argument("--schedule", default="", help="started by this schedule (its id)")
+    p.add_argument("--since", default="", help="created at or after: ISO time, or 30m/12h/7d ago")
+    p.add_argument("--until", default="", help="created before: ISO time, or 30m/12h/7d ago")
     p.add_argument("--page-size", type=int, default=0)
     p.add_argument("--page-token", default="")
 
 
-@command("workflow ls", "list your workflows", _workflow_ls_args)
+_AGO_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_when(option: str, text: str) -> datetime | None:
+    """`--since`/`--until`: an ISO 8601 time (UTC when it names no offset) or a duration
+    ago (`90s`, `30m`, `12h`, `7d`); empty is None."""
+    if not text:
+        return None
+    unit = _AGO_UNITS.get(text[-1:])
+    if unit is not None and text[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * unit)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f"{option} expects an ISO time or a duration ago like 30m, got {text!r}"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+@command(
+    "workflow ls", "list your workflows (filters: state, name, schedule, time)", _workflow_ls_args
+)
 async def _workflow_ls(args: argparse.Namespace, connect: Connect) -> int:
     from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 
@@ -831,8 +857,17 @@ async def _workflow_ls(args: argparse.Namespace, connect: Connect) -> int:
         if name not in wf_pb.WorkflowState.keys():
             raise UsageError(f"unknown --state {args.state!r}")
         state = wf_pb.WorkflowState.Value(name)
+    since, until = parse_when("--since", args.since), parse_when("--until", args.until)
     async with connect() as client:
-        page = await client.list_workflows(state, args.page_size, args.page_token)
+        page = await client.list_workflows(
+            state,
+            args.page_size,
+            args.page_token,
+            name=args.name,
+            schedule_id=args.schedule,
+            create_after=since,
+            create_before=until,
+        )
     _emit(
         args,
         page,
@@ -864,6 +899,14 @@ async def _workflow_cancel(args: argparse.Namespace, connect: Connect) -> int:
     async with connect() as client:
         cancelled = (await client.cancel_workflow(args.workflow_id)).workflow
     _emit(args, cancelled, lambda: _workflow_lines(cancelled))
+    return 0
+
+
+@command("workflow retry", "re-run a failed, cancelled or timed-out workflow", _workflow_id_arg)
+async def _workflow_retry(args: argparse.Namespace, connect: Connect) -> int:
+    async with connect() as client:
+        retried = (await client.retry_workflow(args.workflow_id)).workflow
+    _emit(args, retried, lambda: _workflow_lines(retried))
     return 0
 
 

@@ -569,6 +569,14 @@ class TaskProcSettings(_Block):
     # The ticker's longest sleep between looks for due schedules (it sleeps less when it
     # knows the next tick is sooner): the worst lateness of a tick created on another replica.
     schedule_tick_interval: float = Field(default=0.5, gt=0, le=10)
+    # Retention (dataplatform): a workflow finished (SUCCEEDED, FAILED, CANCELLED, TIMED_OUT)
+    # longer than retention_seconds ago is deleted with its steps, attempts, events and
+    # signals (0 keeps every workflow). Every retention_interval seconds each replica deletes
+    # batches of at most retention_batch workflows, one short transaction each, until none
+    # is left (replicas skip each other's rows).
+    retention_seconds: float = Field(default=30 * 86400, ge=0, le=10 * 365 * 86400)
+    retention_batch: int = Field(default=100, gt=0, le=10_000)
+    retention_interval: float = Field(default=60, ge=0.05, le=3600)
 
 
 class GatewayHttp2Settings(_Block):

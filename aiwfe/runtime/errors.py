@@ -130,6 +130,12 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
         _C.FAILED_PRECONDITION, "the workflow has finished: it takes no more signals",
         ("workflowId",),
     ),
+    "WORKFLOW_NOT_RETRYABLE": Reason(
+        _C.FAILED_PRECONDITION,
+        "only a FAILED, CANCELLED or TIMED_OUT workflow can be retried (it is running or"
+        " succeeded)",
+        ("workflowId", "state"),
+    ),
     "TASK_TOKEN_STALE": Reason(
         _C.FAILED_PRECONDITION,
         "the task's lease expired (it was dispatched again) or its workflow ended: drop it",

@@ -117,6 +117,12 @@ workflow_schedule_ticks = Counter(
     " longer allowed), failed (the tick raised; skipped to the next).",
     ["outcome"], registry=REGISTRY,
 )  # fmt: skip
+workflow_purged = Counter(
+    "workflow_purged",
+    "Finished workflows deleted (with their steps, attempts, events and signals) once"
+    " older than taskproc.retention_seconds.",
+    registry=REGISTRY,
+)  # fmt: skip
 circuit_breaker_state = Gauge(
     "circuit_breaker_state", "Breaker state per downstream: 0 closed, 1 open, 2 half-open.",
     ["service", "downstream"], registry=REGISTRY,
@@ -136,7 +142,7 @@ def _series() -> tuple[frozenset[str], frozenset[str]]:
         workflow_dead_letters, workflow_watch_streams, circuit_breaker_state,
         workflow_task_queue_depth, workflow_task_queue_oldest_age, workflow_tasks_dispatched,
         workflow_tasks_completed, workflow_tasks_failed, task_heartbeat_timeouts,
-        workflow_schedule_ticks,
+        workflow_schedule_ticks, workflow_purged,
     ):  # fmt: skip
         for family in collector.describe():
             families.add(family.name)

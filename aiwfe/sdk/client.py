@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -400,11 +401,31 @@ class AsyncClient:
         state: wf_pb.WorkflowState = wf_pb.WORKFLOW_STATE_UNSPECIFIED,
         page_size: int = 0,
         page_token: str = "",
+        *,
+        name: str = "",
+        schedule_id: str = "",
+        create_after: datetime | None = None,
+        create_before: datetime | None = None,
     ) -> wf_pb.ListWorkflowsResponse:
+        """A page of your workflows, newest first, filtered by state, spec name, the
+        schedule that started them and a create-time range [create_after, create_before)."""
         request = wf_pb.ListWorkflowsRequest(
-            state=state, page_size=page_size, page_token=page_token
+            state=state,
+            page_size=page_size,
+            page_token=page_token,
+            name=name,
+            schedule_id=schedule_id,
         )
+        if create_after is not None:
+            request.create_after.FromDatetime(create_after)
+        if create_before is not None:
+            request.create_before.FromDatetime(create_before)
         return await self._unary(self.workflows.ListWorkflows, request)
+
+    async def retry_workflow(self, workflow_id: str) -> wf_pb.RetryWorkflowResponse:
+        """Re-runs a FAILED, CANCELLED or TIMED_OUT workflow from its unfinished steps."""
+        request = wf_pb.RetryWorkflowRequest(workflow_id=workflow_id)
+        return await self._unary(self.workflows.RetryWorkflow, request)
 
     async def cancel_workflow(self, workflow_id: str) -> wf_pb.CancelWorkflowResponse:
         request = wf_pb.CancelWorkflowRequest(workflow_id=workflow_id)
@@ -591,6 +612,9 @@ class Client:
 
     def cancel_workflow(self, workflow_id: str) -> wf_pb.CancelWorkflowResponse:
         return self._run(self.aio.cancel_workflow(workflow_id))
+
+    def retry_workflow(self, workflow_id: str) -> wf_pb.RetryWorkflowResponse:
+        return self._run(self.aio.retry_workflow(workflow_id))
 
     def signal_workflow(
         self,

@@ -17,7 +17,8 @@ Modules, one concern each:
 - `watches`: watch inboxes, WaitForWork subscribers, wake-ups across replicas;
 - `messages`: rows to protobuf messages, ids, page tokens;
 - `servicer`: the gRPC servicer (validation, then the above);
-- `schedules`: ScheduleStoreService and the ticker that submits schedules' workflows.
+- `schedules`: ScheduleStoreService and the ticker that submits schedules' workflows;
+- `retention`: the loop that deletes finished workflows past their retention.
 """
 
 from dataplatform.workflows.servicer import WorkflowStore

@@ -35,6 +35,8 @@ from dataplatform.workflows import messages, watches
 from dataplatform.workflows.states import (
     ACTIVE,
     CLAIMABLE,
+    FINISHED,
+    RERUN,
     UNFINISHED,
     WORKFLOW_EVENT,
     StepState,
@@ -91,6 +93,17 @@ def woken(rows: Any) -> Woken:
     return Woken(None in queues, {q for q in queues if q is not None})
 
 
+class ListFilter(NamedTuple):
+    """What a listing keeps: a state (0: any), a spec name ("": any), a schedule's
+    workflows (None: any) and a create-time range [create_after, create_before)."""
+
+    state: int = 0
+    name: str = ""
+    schedule_id: uuid.UUID | None = None
+    create_after: datetime | None = None
+    create_before: datetime | None = None
+
+
 class NewEvent(NamedTuple):
     """An event to append; `step_state` is WORKFLOW_EVENT for the workflow's own."""
 
@@ -142,11 +155,11 @@ _APPEND_EVENTS = (
 _CREATE = (
     "WITH w AS (INSERT INTO workflows (workflow_id, owner_id, owner_username,"
     "   owner_roles, idempotency_key, spec, state, priority, deadline_at,"
-    "   last_sequence, trace_context)"
+    "   last_sequence, trace_context, name, schedule_id)"
     "   VALUES (%(workflow_id)s, %(owner_id)s, %(owner_username)s, %(owner_roles)s,"
     f"   %(idempotency_key)s, %(spec)s, {WorkflowState.PENDING:d},"
     "   %(priority)s, now() + %(timeout_seconds)s * interval '1 second', 1,"
-    "   %(trace_context)s)"
+    "   %(trace_context)s, %(name)s, %(schedule_id)s)"
     f"  ON CONFLICT (owner_id, idempotency_key) DO NOTHING RETURNING {_WF_COLUMNS}),"
     " s AS (INSERT INTO workflow_steps (workflow_id, name, position, op, inputs,"
     "   depends_on, remaining_deps, state, priority, max_attempts, initial_backoff,"
@@ -391,6 +404,8 @@ class WorkflowRepository:
             "submitted": SUBMITTED,
             "default_heartbeat": DEFAULT_HEARTBEAT_SECONDS,
             "trace_context": messages.trace_context_json(request),
+            "name": spec.name,
+            "schedule_id": uuid.UUID(request.schedule_id) if request.schedule_id else None,
         }
         async with self._db.autocommit() if conn_in is None else _given(conn_in) as conn:
             cur = await conn.execute(_CREATE, args)
@@ -467,31 +482,56 @@ class WorkflowRepository:
             row = await self.visible(conn, workflow_id, scope)
             return (await self.load(conn, [row]))[0]
 
-    async def page(
-        self,
+    @staticmethod
+    def page_query(
         scope: pb.WorkflowScope,
-        state: int,
+        filters: ListFilter,
         after: tuple[datetime, uuid.UUID] | None,
         size: int,
-    ) -> tuple[list[Any], str]:
-        """A page of workflows, newest first, and the next page's token ("" at the end)."""
+    ) -> tuple[str, dict[str, Any]]:
+        """The statement (and its arguments) of `page`, one row more than `size`. Each
+        filter has its index (migration 013), so a user's listing is an index scan
+        (tests/taskproc/test_lifecycle.py EXPLAINs it)."""
         where: list[str] = ["true"]
         args: dict[str, Any] = {"limit": size + 1}
         if not scope.all_owners:
             where.append("owner_id = %(owner_id)s")
             args["owner_id"] = scope.owner_id
-        if state:
+        if filters.state:
             where.append("state = %(state)s")
-            args["state"] = state
+            args["state"] = filters.state
+        if filters.name:
+            where.append("name = %(name)s")
+            args["name"] = filters.name
+        if filters.schedule_id is not None:
+            where.append("schedule_id = %(schedule_id)s")
+            args["schedule_id"] = filters.schedule_id
+        if filters.create_after is not None:
+            where.append("created_at >= %(create_after)s")
+            args["create_after"] = filters.create_after
+        if filters.create_before is not None:
+            where.append("created_at < %(create_before)s")
+            args["create_before"] = filters.create_before
         if after is not None:
             where.append("(created_at, workflow_id) < (%(after_created)s, %(after_id)s)")
             args["after_created"], args["after_id"] = after
+        query = (
+            f"SELECT {_WF_COLUMNS} FROM workflows WHERE {' AND '.join(where)}"
+            " ORDER BY created_at DESC, workflow_id DESC LIMIT %(limit)s"
+        )
+        return query, args
+
+    async def page(
+        self,
+        scope: pb.WorkflowScope,
+        filters: ListFilter,
+        after: tuple[datetime, uuid.UUID] | None,
+        size: int,
+    ) -> tuple[list[Any], str]:
+        """A page of workflows, newest first, and the next page's token ("" at the end)."""
+        query, args = self.page_query(scope, filters, after, size)
         async with self._db.pool.connection() as conn:
-            cur = await conn.execute(
-                f"SELECT {_WF_COLUMNS} FROM workflows WHERE {' AND '.join(where)}"
-                " ORDER BY created_at DESC, workflow_id DESC LIMIT %(limit)s",
-                args,
-            )
+            cur = await conn.execute(query, args)
             rows = await cur.fetchall()
             more = len(rows) > size
             rows = rows[:size]
@@ -520,6 +560,58 @@ class WorkflowRepository:
             {wid: (state, message if state != WorkflowState.CANCELLED else "")},
         )
         return True
+
+    async def retry(self, conn: DictConnection, wid: uuid.UUID, timeout_seconds: float) -> Woken:
+        """Runs a finished workflow again (the caller holds its row lock and checked its
+        state): its failed and cancelled steps become PENDING with a fresh attempts budget
+        (`failures` 0; `attempt`, the fencing token, keeps counting), each waiting only for
+        the dependencies that run again too; succeeded steps keep their outputs. The
+        workflow is RUNNING with a new deadline. Returns what became runnable; nothing to
+        re-run is RuntimeError (a finished unsuccessful workflow always has a step)."""
+        cur = await conn.execute(
+            f"UPDATE workflow_steps s SET state = {_PENDING}, failures = 0, error = '',"
+            "   output = NULL, details = NULL, lease_owner = NULL, lease_expires_at = NULL,"
+            "   attempt_deadline_at = NULL, updated_at = now()"
+            f" WHERE s.workflow_id = %(id)s AND s.state IN ({sql(*RERUN)})"
+            " RETURNING s.name",
+            {"id": wid},
+        )
+        names = [r["name"] for r in await cur.fetchall()]
+        if not names:
+            raise RuntimeError(f"workflow {wid} has no step to run again")
+        cur = await conn.execute(
+            "UPDATE workflow_steps s SET remaining_deps = cardinality(ARRAY("
+            "   SELECT unnest(s.depends_on) INTERSECT SELECT unnest(%(names)s::text[]))),"
+            # As at submit: a timer starts when its step is reached.
+            "   next_run_at = greatest(now() + coalesce(s.timer_seconds, 0) * interval '1 second',"
+            "     s.not_before_at)"
+            " WHERE s.workflow_id = %(id)s AND s.name = ANY(%(names)s)"
+            " RETURNING s.name, s.position, s.remaining_deps, s.queue",
+            {"id": wid, "names": names},
+        )
+        rows = sorted(await cur.fetchall(), key=lambda r: r["position"])
+        await conn.execute(
+            "UPDATE workflows SET deadline_at = now() + %(timeout)s * interval '1 second'"
+            " WHERE workflow_id = %(id)s",
+            {"id": wid, "timeout": timeout_seconds},
+        )
+        await self.append_events(
+            conn,
+            [
+                NewEvent(
+                    wid, "", WORKFLOW_EVENT, f"workflow retried: {len(rows)} step(s) run again"
+                ),
+                *(NewEvent(wid, r["name"], StepState.PENDING, "retried") for r in rows),
+            ],
+            {wid: (WorkflowState.RUNNING, "")},
+            locked=True,
+        )
+        reached = [r for r in rows if r["remaining_deps"] == 0]
+        woke = woken(reached)
+        if any(r["queue"] == SIGNAL_QUEUE for r in reached):  # signals kept unconsumed
+            _, more = await self.deliver_signals(conn, [wid], SIGNAL_WORKER)
+            woke = Woken(woke.builtin or more.builtin, woke.queues | more.queues)
+        return woke
 
     @staticmethod
     async def cancel_unfinished_steps(conn: DictConnection, wid: uuid.UUID) -> list[str]:
@@ -582,6 +674,23 @@ class WorkflowRepository:
                 {"ids": ids},
             )
             return [str(r["workflow_id"]) for r in await cur.fetchall()]
+
+    async def purge_finished(self, retention_seconds: float, batch: int) -> int:
+        """Deletes up to `batch` workflows finished more than `retention_seconds` ago,
+        oldest first, with everything referencing them (ON DELETE CASCADE: steps, attempts,
+        events, signals); returns how many. One statement, so one short transaction; rows
+        another replica is deleting, or a retry holds, are skipped (SKIP LOCKED), and the
+        locked rows' state is re-checked, so a workflow retried meanwhile stays."""
+        async with self._db.autocommit() as conn:
+            cur = await conn.execute(
+                "DELETE FROM workflows WHERE workflow_id IN (SELECT workflow_id FROM workflows"
+                f"   WHERE state IN ({sql(*FINISHED)})"
+                "   AND updated_at < now() - %(retention)s * interval '1 second'"
+                "   ORDER BY updated_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED)"
+                f" AND state IN ({sql(*FINISHED)})",
+                {"retention": retention_seconds, "batch": batch},
+            )
+            return cur.rowcount
 
     # --- the queue ------------------------------------------------------------------------
 

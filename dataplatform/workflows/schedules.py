@@ -326,6 +326,7 @@ class ScheduleRepository:
             ),
             spec=spec,
             idempotency_key=key,
+            schedule_id=str(row["schedule_id"]),
         )
         return await self._workflows.create(request, uuid.uuid4(), conn)
 

@@ -9,6 +9,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC
 
 import grpc
 from google.protobuf.struct_pb2 import Struct
@@ -17,17 +18,19 @@ from aiwfe.data.v1 import workflow_store_service_pb2 as pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as pb_grpc
 from aiwfe.runtime.errors import FailedPrecondition
 from aiwfe.runtime.validation import Violations
+from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from dataplatform.db import Database, DictConnection
 from dataplatform.workflows import messages
 from dataplatform.workflows.repository import (
     MAX_ERROR_CHARS,
     SIGNAL_WORKER,
+    ListFilter,
     Woken,
     WorkflowRepository,
     step_refs,
 )
 from dataplatform.workflows.scheduling import MAX_LEASE_SECONDS, Scheduler
-from dataplatform.workflows.states import ACTIVE, WorkflowState
+from dataplatform.workflows.states import ACTIVE, RETRYABLE, WorkflowState
 from dataplatform.workflows.watches import (
     EVENT_PAGE,
     ReadEvents,
@@ -46,6 +49,7 @@ MAX_DETAILS_BYTES = 65536  # a task's progress or failure details, as JSON
 MAX_IDEMPOTENCY_KEY_CHARS = 256
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
+MAX_LIST_NAME_CHARS = 256  # taskproc.max_name_chars' own bound
 _HEARTBEAT_SECONDS = 15.0
 _MIN_POLL_SECONDS = 0.01
 _MAX_POLL_SECONDS = 30.0
@@ -104,6 +108,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         )
         v.check(1 <= len(spec.steps) <= MAX_STEPS, "spec.steps", f"must list 1 to {MAX_STEPS}")
         v.check(spec.timeout_seconds > 0, "spec.timeout_seconds", "must be positive")
+        v.check(not request.schedule_id, "schedule_id", "is the schedule ticker's to set")
         tc = request.trace_context  # W3C: a 55-char traceparent, tracestate up to 512
         v.text(tc.traceparent, "trace_context.traceparent", max_chars=64, required=False)
         v.text(tc.tracestate, "trace_context.tracestate", max_chars=512, required=False)
@@ -125,10 +130,33 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             "page_size",
             f"must be between 0 and {MAX_PAGE_SIZE}",
         )
+        v.text(request.name, "name", max_chars=MAX_LIST_NAME_CHARS, required=False)
+        schedule_id = None
+        if request.schedule_id:
+            try:
+                schedule_id = uuid.UUID(request.schedule_id)
+            except ValueError:
+                v.add("schedule_id", "is not a schedule id")
+        since = (
+            request.create_after.ToDatetime(tzinfo=UTC)
+            if request.HasField("create_after")
+            else None
+        )
+        until = (
+            request.create_before.ToDatetime(tzinfo=UTC)
+            if request.HasField("create_before")
+            else None
+        )
+        v.check(
+            since is None or until is None or since <= until,
+            "create_before",
+            "must not be before create_after",
+        )
         v.raise_if_any()
         after = messages.page_after(request.page_token) if request.page_token else None
+        filters = ListFilter(int(request.state), request.name, schedule_id, since, until)
         workflows, token = await self.repo.page(
-            request.scope, int(request.state), after, request.page_size or DEFAULT_PAGE_SIZE
+            request.scope, filters, after, request.page_size or DEFAULT_PAGE_SIZE
         )
         return pb.ListStoredWorkflowsResponse(workflows=workflows, next_page_token=token)
 
@@ -153,6 +181,40 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         reply, stopped = await repo.tx(work)
         if stopped:
             self.wakeups.stopped([reply.workflow.workflow_id])
+        return reply
+
+    async def RetryStoredWorkflow(
+        self, request: pb.RetryStoredWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RetryStoredWorkflowResponse:
+        """Re-runs a FAILED, CANCELLED or TIMED_OUT workflow under its row lock, so of two
+        concurrent retries one re-runs it and the other finds it RUNNING."""
+        repo = self.repo
+
+        async def work(conn: DictConnection) -> tuple[pb.RetryStoredWorkflowResponse, Woken]:
+            row = await repo.visible(conn, request.workflow_id, request.scope)
+            cur = await conn.execute(
+                "SELECT state FROM workflows WHERE workflow_id = %(id)s FOR NO KEY UPDATE",
+                {"id": row["workflow_id"]},
+            )
+            locked = await cur.fetchone()
+            if locked is None:  # purged since the read
+                raise messages.not_found(request.workflow_id)
+            if locked["state"] not in RETRYABLE:
+                state = wf_pb.WorkflowState.Name(locked["state"])
+                raise FailedPrecondition(
+                    f"a {state.removeprefix('WORKFLOW_STATE_')} workflow cannot be retried:"
+                    " only FAILED, CANCELLED and TIMED_OUT ones can",
+                    reason="WORKFLOW_NOT_RETRYABLE",
+                    metadata={"workflowId": request.workflow_id, "state": state},
+                )
+            spec = wf_pb.WorkflowSpec.FromString(row["spec"])
+            woke = await repo.retry(conn, row["workflow_id"], spec.timeout_seconds)
+            row = await repo.visible(conn, request.workflow_id, request.scope)
+            workflow = (await repo.load(conn, [row]))[0]
+            return pb.RetryStoredWorkflowResponse(workflow=workflow), woke
+
+        reply, woke = await repo.tx(work)
+        self.wakeups.work(*woke)
         return reply
 
     # --- events ---------------------------------------------------------------------------

@@ -38,6 +38,17 @@ WORKFLOW_EVENT = 0  # an event's step_state when it is about the workflow, not a
 ACTIVE = (WorkflowState.PENDING, WorkflowState.RUNNING)
 CLAIMABLE = (StepState.PENDING, StepState.RETRYING)  # and no unmet dependency
 UNFINISHED = (StepState.PENDING, StepState.RUNNING, StepState.RETRYING)
+FINISHED = (
+    WorkflowState.SUCCEEDED,
+    WorkflowState.FAILED,
+    WorkflowState.CANCELLED,
+    WorkflowState.TIMED_OUT,
+)
+# RetryWorkflow re-runs these (a cancelled or timed-out workflow resumes where it stopped);
+# a succeeded one has nothing to re-run, an active one is still running.
+RETRYABLE = (WorkflowState.FAILED, WorkflowState.CANCELLED, WorkflowState.TIMED_OUT)
+# The steps a retry runs again; succeeded steps keep their outputs.
+RERUN = (StepState.FAILED, StepState.CANCELLED)
 
 
 def sql(*states: IntEnum) -> str:

@@ -105,6 +105,7 @@ DASHBOARDS = {
             ),
             ("Step retries", "sum by (op) (rate(workflow_step_retries_total[5m]))", "ops"),
             ("Dead letters", "sum(increase(workflow_dead_letters_total[1h]))", "short"),
+            ("Workflows purged (retention)", "sum(increase(workflow_purged_total[1h]))", "short"),
             ("Task queue depth", "sum by (queue) (workflow_task_queue_depth)", "short"),
             (
                 "Oldest waiting task",

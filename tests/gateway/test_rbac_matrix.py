@@ -59,6 +59,7 @@ EXPECTED: dict[str, dict[str, object]] = {
     _WF + "GetWorkflow": _row(REACHED, REACHED, REACHED, UNAUTH),
     _WF + "ListWorkflows": _row(REACHED, REACHED, REACHED, UNAUTH),
     _WF + "CancelWorkflow": _row(REACHED, REACHED, DENIED, UNAUTH),
+    _WF + "RetryWorkflow": _row(REACHED, REACHED, DENIED, UNAUTH),
     _WF + "WatchWorkflow": _row(REACHED, REACHED, REACHED, UNAUTH),
     _WF + "RunWorkflow": _row(REACHED, REACHED, DENIED, UNAUTH),
     _WF + "SignalWorkflow": _row(REACHED, REACHED, DENIED, UNAUTH),

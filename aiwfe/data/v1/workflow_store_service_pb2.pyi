@@ -31,16 +31,18 @@ class WorkflowScope(_message.Message):
     def __init__(self, owner_id: _Optional[str] = ..., all_owners: _Optional[bool] = ...) -> None: ...
 
 class CreateWorkflowRequest(_message.Message):
-    __slots__ = ("owner", "spec", "idempotency_key", "trace_context")
+    __slots__ = ("owner", "spec", "idempotency_key", "trace_context", "schedule_id")
     OWNER_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_ID_FIELD_NUMBER: _ClassVar[int]
     owner: WorkflowOwner
     spec: _workflow_service_pb2.WorkflowSpec
     idempotency_key: str
     trace_context: TraceContext
-    def __init__(self, owner: _Optional[_Union[WorkflowOwner, _Mapping]] = ..., spec: _Optional[_Union[_workflow_service_pb2.WorkflowSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., trace_context: _Optional[_Union[TraceContext, _Mapping]] = ...) -> None: ...
+    schedule_id: str
+    def __init__(self, owner: _Optional[_Union[WorkflowOwner, _Mapping]] = ..., spec: _Optional[_Union[_workflow_service_pb2.WorkflowSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., trace_context: _Optional[_Union[TraceContext, _Mapping]] = ..., schedule_id: _Optional[str] = ...) -> None: ...
 
 class TraceContext(_message.Message):
     __slots__ = ("traceparent", "tracestate")
@@ -73,16 +75,24 @@ class GetStoredWorkflowResponse(_message.Message):
     def __init__(self, workflow: _Optional[_Union[_workflow_service_pb2.Workflow, _Mapping]] = ...) -> None: ...
 
 class ListStoredWorkflowsRequest(_message.Message):
-    __slots__ = ("scope", "state", "page_size", "page_token")
+    __slots__ = ("scope", "state", "page_size", "page_token", "name", "schedule_id", "create_after", "create_before")
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    CREATE_BEFORE_FIELD_NUMBER: _ClassVar[int]
     scope: WorkflowScope
     state: _workflow_service_pb2.WorkflowState
     page_size: int
     page_token: str
-    def __init__(self, scope: _Optional[_Union[WorkflowScope, _Mapping]] = ..., state: _Optional[_Union[_workflow_service_pb2.WorkflowState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    name: str
+    schedule_id: str
+    create_after: _timestamp_pb2.Timestamp
+    create_before: _timestamp_pb2.Timestamp
+    def __init__(self, scope: _Optional[_Union[WorkflowScope, _Mapping]] = ..., state: _Optional[_Union[_workflow_service_pb2.WorkflowState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., name: _Optional[str] = ..., schedule_id: _Optional[str] = ..., create_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListStoredWorkflowsResponse(_message.Message):
     __slots__ = ("workflows", "next_page_token")
@@ -101,6 +111,20 @@ class CancelStoredWorkflowRequest(_message.Message):
     def __init__(self, workflow_id: _Optional[str] = ..., scope: _Optional[_Union[WorkflowScope, _Mapping]] = ...) -> None: ...
 
 class CancelStoredWorkflowResponse(_message.Message):
+    __slots__ = ("workflow",)
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    workflow: _workflow_service_pb2.Workflow
+    def __init__(self, workflow: _Optional[_Union[_workflow_service_pb2.Workflow, _Mapping]] = ...) -> None: ...
+
+class RetryStoredWorkflowRequest(_message.Message):
+    __slots__ = ("workflow_id", "scope")
+    WORKFLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    workflow_id: str
+    scope: WorkflowScope
+    def __init__(self, workflow_id: _Optional[str] = ..., scope: _Optional[_Union[WorkflowScope, _Mapping]] = ...) -> None: ...
+
+class RetryStoredWorkflowResponse(_message.Message):
     __slots__ = ("workflow",)
     WORKFLOW_FIELD_NUMBER: _ClassVar[int]
     workflow: _workflow_service_pb2.Workflow

@@ -55,6 +55,11 @@ class WorkflowStoreServiceStub:
                 request_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CancelStoredWorkflowRequest.SerializeToString,
                 response_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CancelStoredWorkflowResponse.FromString,
                 _registered_method=True)
+        self.RetryStoredWorkflow = channel.unary_unary(
+                '/aiwfe.data.v1.WorkflowStoreService/RetryStoredWorkflow',
+                request_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.RetryStoredWorkflowRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.RetryStoredWorkflowResponse.FromString,
+                _registered_method=True)
         self.ListWorkflowEvents = channel.unary_unary(
                 '/aiwfe.data.v1.WorkflowStoreService/ListWorkflowEvents',
                 request_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.ListWorkflowEventsRequest.SerializeToString,
@@ -134,6 +139,14 @@ class WorkflowStoreServiceServicer:
 
     def CancelStoredWorkflow(self, request, context):
         """CancelStoredWorkflow cancels a workflow: pending steps never start.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryStoredWorkflow(self, request, context):
+        """RetryStoredWorkflow re-runs a finished, unsuccessful workflow from its failed and
+        cancelled steps (succeeded steps keep their outputs).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -235,6 +248,11 @@ def add_WorkflowStoreServiceServicer_to_server(servicer, server):
                     servicer.CancelStoredWorkflow,
                     request_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CancelStoredWorkflowRequest.FromString,
                     response_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CancelStoredWorkflowResponse.SerializeToString,
+            ),
+            'RetryStoredWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryStoredWorkflow,
+                    request_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.RetryStoredWorkflowRequest.FromString,
+                    response_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.RetryStoredWorkflowResponse.SerializeToString,
             ),
             'ListWorkflowEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkflowEvents,
@@ -396,6 +414,33 @@ class WorkflowStoreService:
             '/aiwfe.data.v1.WorkflowStoreService/CancelStoredWorkflow',
             aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CancelStoredWorkflowRequest.SerializeToString,
             aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CancelStoredWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryStoredWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.data.v1.WorkflowStoreService/RetryStoredWorkflow',
+            aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.RetryStoredWorkflowRequest.SerializeToString,
+            aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.RetryStoredWorkflowResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,11 @@ class WorkflowServiceStub:
                 request_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.CancelWorkflowRequest.SerializeToString,
                 response_deserializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.CancelWorkflowResponse.FromString,
                 _registered_method=True)
+        self.RetryWorkflow = channel.unary_unary(
+                '/aiwfe.taskproc.v1.WorkflowService/RetryWorkflow',
+                request_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RetryWorkflowRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RetryWorkflowResponse.FromString,
+                _registered_method=True)
         self.WatchWorkflow = channel.unary_stream(
                 '/aiwfe.taskproc.v1.WorkflowService/WatchWorkflow',
                 request_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowRequest.SerializeToString,
@@ -99,6 +104,16 @@ class WorkflowServiceServicer:
 
     def CancelWorkflow(self, request, context):
         """CancelWorkflow stops one of the caller's workflows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryWorkflow(self, request, context):
+        """RetryWorkflow re-runs one of the caller's FAILED, TIMED_OUT or CANCELLED workflows
+        from where it stopped: its failed and cancelled steps run again with a fresh attempts
+        budget, succeeded steps keep their outputs, and the workflow is RUNNING again with a
+        new deadline. Any other state is FAILED_PRECONDITION (WORKFLOW_NOT_RETRYABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -151,6 +166,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.CancelWorkflow,
                     request_deserializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.CancelWorkflowRequest.FromString,
                     response_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.CancelWorkflowResponse.SerializeToString,
+            ),
+            'RetryWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryWorkflow,
+                    request_deserializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RetryWorkflowRequest.FromString,
+                    response_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RetryWorkflowResponse.SerializeToString,
             ),
             'WatchWorkflow': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchWorkflow,
@@ -277,6 +297,33 @@ class WorkflowService:
             '/aiwfe.taskproc.v1.WorkflowService/CancelWorkflow',
             aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.CancelWorkflowRequest.SerializeToString,
             aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.CancelWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.taskproc.v1.WorkflowService/RetryWorkflow',
+            aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RetryWorkflowRequest.SerializeToString,
+            aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RetryWorkflowResponse.FromString,
             options,
             channel_credentials,
             insecure,
