@@ -10,6 +10,7 @@ import os
 import re
 import stat
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,7 @@ async def test_health_command(suite: Suite, cli_env) -> None:
         ["workflow", "ls"],
         ["workflow", "get", "wf-1"],
         ["workflow", "cancel", "wf-1"],
+        ["workflow", "retry", "wf-1"],
         ["users", "ls"],
         ["breakers"],
     ],
@@ -283,6 +285,37 @@ async def test_workflow_submit_watch_get_ls_cancel(suite: Suite, cli_env, tmp_pa
     assert_one_error_line(missing, "NOT_FOUND")
 
 
+async def test_workflow_ls_filters_and_retry(suite: Suite, cli_env, tmp_path) -> None:
+    """workflow ls --name/--since/--until/--state keep only matching workflows; workflow
+    retry re-runs a failed one (RUNNING, then SUCCEEDED once its flaky step passes) and
+    retrying it again is one FAILED_PRECONDITION line."""
+    gw = ["--gateway", suite.address("gateway")]
+    await login_as(cli_env, gw[1], "admin", ADMIN_PASSWORD)
+    name = f"cli-retry-{uuid.uuid4().hex[:8]}"
+    spec = tmp_path / "wf.yaml"
+    spec.write_text(
+        f"name: {name}\nsteps:\n  - name: flaky\n    op: noop\n    inputs: {{fail_times: 1}}\n"
+        "    retry_policy: {max_attempts: 1}\n"
+    )
+    run = await aiwfe(cli_env, "workflow", "submit", str(spec), "--watch", *gw)
+    assert run.code != 0 and "workflow: FAILED" in run.out, run
+    workflow_id = run.out.split()[0]
+    listed = await aiwfe(cli_env, "workflow", "ls", "--name", name, "--since", "10m", *gw)
+    assert listed.code == 0 and listed.out.split()[0] == workflow_id, listed
+    for args in (["--name", name + "x"], ["--name", name, "--until", "10m"]):
+        empty = await aiwfe(cli_env, "workflow", "ls", *args, *gw)
+        assert empty.out.strip() == "no workflows", (args, empty)
+    retried = await aiwfe(cli_env, "workflow", "retry", workflow_id, "--json", *gw)
+    assert retried.code == 0 and json.loads(retried.out)["state"] == "WORKFLOW_STATE_RUNNING"
+    watched = await aiwfe(cli_env, "workflow", "watch", workflow_id, *gw)
+    assert watched.code == 0 and "workflow: SUCCEEDED" in watched.out, watched
+    state = ["--state", "succeeded", "--name", name]
+    assert workflow_id in (await aiwfe(cli_env, "workflow", "ls", *state, *gw)).out
+    assert_one_error_line(
+        await aiwfe(cli_env, "workflow", "retry", workflow_id, *gw), "FAILED_PRECONDITION"
+    )
+
+
 async def test_generate_streams_from_the_configured_llm(base_overrides, cli_env) -> None:
     """generate prints the completion as the LLM streams it (a local server speaking
     Ollama's wire format); --json prints one message per line, the last one done."""
@@ -373,6 +406,7 @@ async def test_unreachable_gateway_is_one_unavailable_line(cli_env) -> None:
         (["index", "/no/such/file.txt", "--collection", "c"], "No such file"),
         (["workflow", "submit", "/no/such/spec.yaml"], "No such file"),
         (["workflow", "ls", "--state", "SLEEPING"], "unknown --state"),
+        (["workflow", "ls", "--since", "yesterday"], "--since expects"),
     ],
 )
 async def test_usage_errors_exit_2_without_connecting(cli_env, args, message) -> None:

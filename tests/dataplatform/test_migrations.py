@@ -64,3 +64,61 @@ async def test_concurrent_migrators_apply_each_migration_once(empty_dsn: str) ->
     assert sorted(results, key=len) == [[], expected]
     assert len(counts) == len(expected)
     assert all(r["n"] == 1 for r in counts)
+
+
+async def test_lifecycle_migration_backfills_names_and_schedules(empty_dsn: str) -> None:
+    """Migration 013 copies each stored workflow's spec name out of its protobuf bytes
+    (empty, short, and longer than a one-byte length, multibyte), and the schedule id out
+    of a tick's idempotency key only where that schedule is the workflow owner's."""
+    from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
+
+    names = ["", "nightly", "é" * 100 + "x" * 56]  # 256 bytes: a two-byte length
+    sid, other_sid = uuid.uuid4(), uuid.uuid4()
+    async with await _connect(empty_dsn) as conn:
+        async with conn.transaction():
+            await conn.execute(
+                "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+                " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for version, name, sql in _migrations():
+                if version < 13:
+                    await conn.execute(sql.encode(), prepare=False)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                        (version, name),
+                    )
+        for s, owner in ((sid, "ann"), (other_sid, "bob")):
+            await conn.execute(
+                "INSERT INTO schedules (schedule_id, owner_id, owner_username, name, cron,"
+                " time_zone, spec, overlap_policy, catch_up_policy)"
+                " VALUES (%s, %s, %s, 'n', '* * * * *', 'UTC', '', 1, 1)",
+                (s, owner, owner),
+            )
+        rows = [(name, "ann", f"k{i}") for i, name in enumerate(names)] + [
+            ("tick", "ann", f"schedule:{sid}:2026-01-01T00:00:00+00:00"),
+            ("forged", "ann", f"schedule:{other_sid}:2026-01-01T00:00:00+00:00"),
+        ]
+        ids = []
+        for name, owner, key in rows:
+            spec = wf_pb.WorkflowSpec(name=name, steps=[wf_pb.StepSpec(name="a", op="noop")])
+            wid = uuid.uuid4()
+            ids.append(wid)
+            await conn.execute(
+                "INSERT INTO workflows (workflow_id, owner_id, owner_username, idempotency_key,"
+                " spec, state, deadline_at) VALUES (%s, %s, %s, %s, %s, 3, now())",
+                (wid, owner, owner, key, spec.SerializeToString()),
+            )
+        await conn.commit()
+        assert "013_lifecycle.sql" in await migrate(conn)
+        cur = await conn.execute(
+            "SELECT workflow_id, name, schedule_id FROM workflows WHERE workflow_id = ANY(%s)",
+            (ids,),
+        )
+        got = {r["workflow_id"]: (r["name"], r["schedule_id"]) for r in await cur.fetchall()}
+    assert [got[w] for w in ids] == [
+        ("", None),
+        ("nightly", None),
+        (names[2], None),
+        ("tick", sid),
+        ("forged", None),  # bob's schedule: ann's key only looks like its tick
+    ]
