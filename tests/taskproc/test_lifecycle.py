@@ -515,3 +515,19 @@ async def test_a_purge_batch_deletes_at_most_the_batch(suite, gateway_channel) -
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await get(gateway_channel, token, wf.workflow_id)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_readme_lifecycle_example_is_a_valid_spec() -> None:
+    """README's "Workflow language: lifecycle" example passes submit-time validation."""
+    from pathlib import Path
+
+    import yaml
+
+    from aiwfe.runtime.config import Settings
+    from taskproc.spec import validate
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index("name: nightly-report")
+    example = yaml.safe_load(text[start : text.index("```", start)])
+    checked = validate(json_format.ParseDict(example, wf_pb.WorkflowSpec()), Settings().taskproc)
+    assert [s.name for s in checked.steps] == ["fetch", "summarise", "publish"]
