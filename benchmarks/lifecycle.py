@@ -25,7 +25,7 @@ from dataplatform.workflows.watches import Wakeups
 BATCH = 100
 _FILL = [
     "INSERT INTO workflows (workflow_id, owner_id, owner_username, spec, state, deadline_at,"
-    " name, schedule_id, created_at, updated_at)"
+    " name, schedule_id, created_at, finished_at)"
     " SELECT gen_random_uuid(), CASE WHEN i %% 2 = 0 THEN 'o0' ELSE 'o' || (1 + i %% 19) END,"
     "   'u', '', 3 + i %% 4, now(), 'name-' || (i %% 10),"
     "   CASE WHEN i %% 10 = 0 THEN %(sid)s::uuid END, now() - i * interval '1 second',"

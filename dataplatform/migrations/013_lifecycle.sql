@@ -4,9 +4,14 @@
 -- name: the spec's name, copied out of `spec` at submit so a filter is an index scan.
 -- schedule_id: the schedule whose tick or trigger submitted the workflow, set by the ticker
 -- only (an idempotency key a user chose can look like a tick's; this column cannot).
+-- finished_at: when the workflow last became SUCCEEDED, FAILED, CANCELLED or TIMED_OUT
+-- (NULL while active: a retry clears it), the retention's clock. Not updated_at: an index
+-- on it would change with every event and cost the queue its HOT updates.
 ALTER TABLE workflows
     ADD COLUMN name        text NOT NULL DEFAULT '',
-    ADD COLUMN schedule_id uuid;
+    ADD COLUMN schedule_id uuid,
+    ADD COLUMN finished_at timestamptz;
+UPDATE workflows SET finished_at = updated_at WHERE state IN (3, 4, 5, 6);
 
 -- Existing rows: the name is WorkflowSpec field 1, which protobuf writes first (tag 0x0a,
 -- then its length as a varint: one byte below 128, two up to 16383; names are at most
@@ -35,6 +40,5 @@ CREATE INDEX workflows_owner_name_created
 CREATE INDEX workflows_schedule_created
     ON workflows (schedule_id, created_at DESC, workflow_id DESC) WHERE schedule_id IS NOT NULL;
 
--- Retention: finished workflows by when they finished (their last update; a finished
--- workflow changes again only when it is retried, which makes it active).
-CREATE INDEX workflows_finished_updated ON workflows (updated_at) WHERE state IN (3, 4, 5, 6);
+-- Retention: finished workflows, oldest finished first.
+CREATE INDEX workflows_finished ON workflows (finished_at) WHERE finished_at IS NOT NULL;

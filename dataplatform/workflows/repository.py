@@ -140,7 +140,10 @@ _APPEND_EVENTS = (
     "   state = COALESCE(t.state, CASE WHEN %(promote_pending)s"
     f"     AND w.state = {WorkflowState.PENDING:d} THEN {WorkflowState.RUNNING:d}"
     "     ELSE w.state END),"
-    "   error = COALESCE(t.err, w.error), updated_at = now()"
+    "   error = COALESCE(t.err, w.error), updated_at = now(),"
+    # Set when the workflow finishes, cleared when a retry makes it active (migration 013).
+    "   finished_at = CASE WHEN t.state IS NULL THEN w.finished_at"
+    f"     WHEN t.state IN ({sql(*FINISHED)}) THEN now() END"
     "   FROM n LEFT JOIN t ON t.wf = n.wf WHERE w.workflow_id = n.wf"
     "   RETURNING w.workflow_id, w.last_sequence, n.k, w.state)"
     " INSERT INTO workflow_events"
@@ -684,9 +687,8 @@ class WorkflowRepository:
         async with self._db.autocommit() as conn:
             cur = await conn.execute(
                 "DELETE FROM workflows WHERE workflow_id IN (SELECT workflow_id FROM workflows"
-                f"   WHERE state IN ({sql(*FINISHED)})"
-                "   AND updated_at < now() - %(retention)s * interval '1 second'"
-                "   ORDER BY updated_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED)"
+                "   WHERE finished_at < now() - %(retention)s * interval '1 second'"
+                "   ORDER BY finished_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED)"
                 f" AND state IN ({sql(*FINISHED)})",
                 {"retention": retention_seconds, "batch": batch},
             )

@@ -68,8 +68,9 @@ async def test_concurrent_migrators_apply_each_migration_once(empty_dsn: str) ->
 
 async def test_lifecycle_migration_backfills_names_and_schedules(empty_dsn: str) -> None:
     """Migration 013 copies each stored workflow's spec name out of its protobuf bytes
-    (empty, short, and longer than a one-byte length, multibyte), and the schedule id out
-    of a tick's idempotency key only where that schedule is the workflow owner's."""
+    (empty, short, and longer than a one-byte length, multibyte), the schedule id out of a
+    tick's idempotency key only where that schedule is the workflow owner's, and a finished
+    workflow's last update as its finish time."""
     from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 
     names = ["", "nightly", "é" * 100 + "x" * 56]  # 256 bytes: a two-byte length
@@ -111,10 +112,13 @@ async def test_lifecycle_migration_backfills_names_and_schedules(empty_dsn: str)
         await conn.commit()
         assert "013_lifecycle.sql" in await migrate(conn)
         cur = await conn.execute(
-            "SELECT workflow_id, name, schedule_id FROM workflows WHERE workflow_id = ANY(%s)",
+            "SELECT workflow_id, name, schedule_id, finished_at = updated_at AS finished"
+            " FROM workflows WHERE workflow_id = ANY(%s)",
             (ids,),
         )
-        got = {r["workflow_id"]: (r["name"], r["schedule_id"]) for r in await cur.fetchall()}
+        rows = await cur.fetchall()
+        got = {r["workflow_id"]: (r["name"], r["schedule_id"]) for r in rows}
+    assert all(r["finished"] for r in rows)  # SUCCEEDED: finished at its last update
     assert [got[w] for w in ids] == [
         ("", None),
         ("nightly", None),

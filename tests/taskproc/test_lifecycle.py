@@ -531,3 +531,56 @@ def test_the_readme_lifecycle_example_is_a_valid_spec() -> None:
     example = yaml.safe_load(text[start : text.index("```", start)])
     checked = validate(json_format.ParseDict(example, wf_pb.WorkflowSpec()), Settings().taskproc)
     assert [s.name for s in checked.steps] == ["fetch", "summarise", "publish"]
+
+
+async def test_two_replicas_purge_side_by_side(suite, gateway_channel, database_dsn) -> None:
+    """A purge never waits for a row another transaction holds (SKIP LOCKED: it deletes the
+    others and leaves that one for a later round), and two replicas' purge rounds at once
+    (a second dataplatform on the same database) both delete, without error, until every
+    expired workflow is gone."""
+    from aiwfe.runtime.server import start_service
+    from dataplatform.service import DataPlatformService
+
+    token = await new_user(suite, gateway_channel)
+    wfs = [
+        await submit(gateway_channel, token, spec({"name": "s", "op": "noop"})) for _ in range(8)
+    ]
+    for wf in wfs:
+        await finish(gateway_channel, token, wf.workflow_id)
+    await asyncio.sleep(1.1)
+    limits = suite.settings.taskproc.model_copy(
+        update={"retention_seconds": 1.0, "retention_batch": 1}
+    )
+    first = suite.running["dataplatform"].service  # type: ignore[attr-defined]
+    held = wfs[0].workflow_id
+    async with await psycopg.AsyncConnection.connect(database_dsn) as holder:
+        await holder.execute("SELECT 1 FROM workflows WHERE workflow_id = %s FOR UPDATE", (held,))
+        await asyncio.wait_for(Retention(first.workflows.repo, limits).purge_once(), 10)
+        assert (await get(gateway_channel, token, held)).workflow_id == held
+        await holder.rollback()
+    for wf in wfs[1:]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await get(gateway_channel, token, wf.workflow_id)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    more = [
+        await submit(gateway_channel, token, spec({"name": "s", "op": "noop"})) for _ in range(8)
+    ]
+    for wf in more:
+        await finish(gateway_channel, token, wf.workflow_id)
+    await asyncio.sleep(1.1)
+    second = await start_service(DataPlatformService(suite.settings), host="127.0.0.1", port=0)
+    try:
+        totals = await asyncio.gather(
+            *(
+                Retention(r.workflows.repo, limits).purge_once()
+                for r in (first, second.service)  # type: ignore[attr-defined]
+            )
+        )
+    finally:
+        await second.stop(grace=0.5)
+    assert sum(totals) >= len(more) + 1 and all(totals), totals
+    for wf in [wfs[0], *more]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await get(gateway_channel, token, wf.workflow_id)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
