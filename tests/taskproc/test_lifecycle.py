@@ -403,6 +403,32 @@ async def test_a_cancelled_workflow_resumes_with_a_new_deadline(
     )
 
 
+async def test_a_timed_out_workflow_retried_gets_a_whole_new_deadline(
+    suite, gateway_channel
+) -> None:
+    """A TIMED_OUT workflow is retryable: its cancelled step waits again (the succeeded one
+    is not re-run) and it times out again only its full timeout after the retry, not at
+    once on the old deadline."""
+    token = await new_user(suite, gateway_channel)
+    wf = await submit(
+        gateway_channel,
+        token,
+        spec(
+            {"name": "first", "op": "noop"}, {**STUCK, "depends_on": ["first"]}, timeout_seconds=1
+        ),
+    )
+    timed_out = await finish(gateway_channel, token, wf.workflow_id)
+    assert timed_out.state == wf_pb.WORKFLOW_STATE_TIMED_OUT
+    started = time.monotonic()
+    retried = await _retry(gateway_channel, token, wf.workflow_id)
+    assert retried.state == wf_pb.WORKFLOW_STATE_RUNNING
+    assert step_status(retried, "wait").state == wf_pb.STEP_STATE_PENDING
+    again = await finish(gateway_channel, token, wf.workflow_id)
+    assert again.state == wf_pb.WORKFLOW_STATE_TIMED_OUT
+    assert time.monotonic() - started >= 0.9
+    assert step_status(again, "first").attempts == 1
+
+
 # --- retention -----------------------------------------------------------------------------
 
 
