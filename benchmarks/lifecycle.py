@@ -2,7 +2,9 @@
 DSN]` creates a scratch database, fills it with 20,000 finished workflows of 20 owners (half
 of them one user's; 3 steps, 3 attempts and 8 events each), then times (a) that user's
 ListWorkflows statement per filter (EXPLAIN ANALYZE, median of 20) and (b) the retention
-purge in batches of 100 (the repository's statement), and drops the database."""
+purge in batches of 100 (the repository's statement), then (c) what migration 013's indexes
+cost the submit path (create plus three state changes, slices with and without them
+alternated), and drops the database."""
 
 from __future__ import annotations
 
@@ -18,11 +20,21 @@ from psycopg.rows import dict_row
 from aiwfe.app.embedded import with_dbname
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.runtime.config import Settings
-from dataplatform.db import Database, migrate
-from dataplatform.workflows.repository import ListFilter, WorkflowRepository
+from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
+from dataplatform.db import Database, DictConnection, migrate
+from dataplatform.workflows.repository import ListFilter, NewEvent, WorkflowRepository
+from dataplatform.workflows.states import WORKFLOW_EVENT, StepState, WorkflowState
 from dataplatform.workflows.watches import Wakeups
 
 BATCH = 100
+SLICE = 300  # workflows per slice of the index-cost comparison
+_NEW_INDEXES = {  # as migration 013 creates them
+    "workflows_owner_state_created": "(owner_id, state, created_at DESC, workflow_id DESC)",
+    "workflows_owner_name_created": "(owner_id, name, created_at DESC, workflow_id DESC)",
+    "workflows_schedule_created": "(schedule_id, created_at DESC, workflow_id DESC)"
+    " WHERE schedule_id IS NOT NULL",
+    "workflows_finished": "(finished_at) WHERE finished_at IS NOT NULL",
+}
 _FILL = [
     "INSERT INTO workflows (workflow_id, owner_id, owner_username, spec, state, deadline_at,"
     " name, schedule_id, created_at, finished_at)"
@@ -105,6 +117,56 @@ async def _purge(dsn: str) -> None:
         await db.close()
 
 
+async def _index_cost(dsn: str) -> None:
+    db = Database(dsn, Settings().database.postgres)
+    await db.open()
+    try:
+        repo = WorkflowRepository(db, Wakeups())
+        step = wf_pb.StepSpec(name="a", op="noop", timeout_seconds=60)
+        step.retry_policy.max_attempts = 3
+        request = store_pb.CreateWorkflowRequest(
+            owner=store_pb.WorkflowOwner(user_id="bench", username="bench"),
+            spec=wf_pb.WorkflowSpec(name="bench", timeout_seconds=60, steps=[step]),
+        )
+
+        async def one_slice() -> float:
+            start = time.perf_counter()
+            for _ in range(SLICE):
+                wid = uuid.uuid4()
+                await repo.create(request, wid)
+
+                async def moves(conn: DictConnection, wid: uuid.UUID = wid) -> None:
+                    running = NewEvent(wid, "", WORKFLOW_EVENT, "running")
+                    await repo.append_events(conn, [running], {wid: (WorkflowState.RUNNING, "")})
+                    await repo.append_events(conn, [NewEvent(wid, "a", StepState.RUNNING, "a")])
+                    done = NewEvent(wid, "", WORKFLOW_EVENT, "done")
+                    await repo.append_events(conn, [done], {wid: (WorkflowState.SUCCEEDED, "")})
+
+                await repo.tx(moves)
+            return (time.perf_counter() - start) / SLICE * 1000
+
+        await one_slice()  # warm-up
+        took: dict[str, list[float]] = {"with": [], "without": []}
+        for _ in range(3):
+            for variant in took:
+                async with db.pool.connection() as conn:
+                    for name, definition in _NEW_INDEXES.items():
+                        await conn.execute(f"DROP INDEX IF EXISTS {name}")
+                        if variant == "with":
+                            await conn.execute(f"CREATE INDEX {name} ON workflows {definition}")
+                took[variant].append(await one_slice())
+        for variant, times in took.items():
+            print(
+                f"submit path {variant:7s} migration 013's indexes: "
+                + ", ".join(f"{t:.2f}" for t in times)
+                + f" ms per workflow (median {statistics.median(times):.2f})"
+            )
+        ratio = statistics.median(took["with"]) / statistics.median(took["without"])
+        print(f"with/without: {ratio:.3f}")
+    finally:
+        await db.close()
+
+
 async def main(admin: str) -> None:
     name = f"aiwfe_bench_lifecycle_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin, autocommit=True) as conn:
@@ -112,6 +174,7 @@ async def main(admin: str) -> None:
     try:
         await _listing(with_dbname(admin, name))
         await _purge(with_dbname(admin, name))
+        await _index_cost(with_dbname(admin, name))
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
