@@ -78,7 +78,7 @@ def test_adding_a_command_is_one_decorated_function(capsys: pytest.CaptureFixtur
 
 @pytest.mark.parametrize(("group", "commands"), [
     ("users", ["create", "ls", "set-roles", "disable"]),
-    ("workflow", ["submit", "ls", "get", "cancel", "watch"]),
+    ("workflow", ["submit", "ls", "get", "cancel", "retry", "watch"]),
     ("collections", ["ls", "share", "unshare", "rm"]),
 ])  # fmt: skip
 def test_a_group_without_a_subcommand_prints_its_help(group: str, commands: list[str]) -> None:
