@@ -85,6 +85,9 @@ def test_secrets_do_not_appear_in_repr() -> None:
     [
         ({"AIWFE_DATABASE__POSTGRES__POOL_SIZE": "-1"}, "database.postgres.pool_size"),
         ({"AIWFE_SERVICES__GATEWAY__PORT": "http"}, "services.gateway.port"),
+        ({"AIWFE_TASKPROC__RETENTION_SECONDS": "-1"}, "taskproc.retention_seconds"),
+        ({"AIWFE_TASKPROC__RETENTION_BATCH": "0"}, "taskproc.retention_batch"),
+        ({"AIWFE_TASKPROC__RETENTION_INTERVAL": "0"}, "taskproc.retention_interval"),
         ({"AIWFE_RBAC__NO_SUCH_KEY": "1"}, "rbac.no_such_key"),
         ({"JWT_SECRET_KEY": "short"}, "authentication.jwt.secret_key"),
         (

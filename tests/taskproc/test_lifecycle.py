@@ -610,3 +610,24 @@ async def test_two_replicas_purge_side_by_side(suite, gateway_channel, database_
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await get(gateway_channel, token, wf.workflow_id)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_every_table_referencing_workflows_is_purged_with_them(suite, database_dsn) -> None:
+    """Every foreign key to `workflows` deletes with it (ON DELETE CASCADE), so a purge
+    leaves no orphan and no table added later can make the purge's DELETE fail; and every
+    table with a workflow_id column (other than schedules' last_workflow_id) has one."""
+    async with await psycopg.AsyncConnection.connect(database_dsn) as conn:
+        cur = await conn.execute(
+            "SELECT conrelid::regclass::text, confdeltype FROM pg_constraint"
+            " WHERE contype = 'f' AND confrelid = 'workflows'::regclass"
+        )
+        keys = dict(await cur.fetchall())
+        cur = await conn.execute(
+            "SELECT table_name FROM information_schema.columns WHERE column_name = 'workflow_id'"
+            " AND table_schema = current_schema() AND table_name <> 'workflows'"
+        )
+        tables = {r[0] for r in await cur.fetchall()}
+    assert {"workflow_steps", "workflow_step_attempts", "workflow_events"} <= set(keys)
+    assert "workflow_signals" in keys
+    assert all(kind == "c" for kind in keys.values()), keys
+    assert tables <= set(keys), tables - set(keys)
