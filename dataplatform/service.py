@@ -95,6 +95,7 @@ class DataPlatformService(Service):
             self._maintainer = asyncio.create_task(self.db.maintain(interval))
             self.replicas.start()
             self.schedules.ticker.start()
+            self.workflows.timers.start()
 
     async def _bootstrap_admin(self) -> None:
         """Creates the first admin on an empty user table (from config, or generated once)."""
@@ -157,6 +158,7 @@ class DataPlatformService(Service):
         return ok
 
     async def stop(self) -> None:
+        await self.workflows.timers.stop()
         await self.schedules.ticker.stop()
         if self._purger:
             self._purger.cancel()
