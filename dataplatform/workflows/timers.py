@@ -29,14 +29,17 @@ from dataplatform.workflows.repository import (
     WorkflowRepository,
 )
 from dataplatform.workflows.scheduling import Scheduler
-from dataplatform.workflows.watches import ANY_QUEUE, Wakeups
+from dataplatform.workflows.watches import Wakeups
 
 log = logging.getLogger("aiwfe.dataplatform.workflows")
 
 MAX_NAP_SECONDS = 1.0  # the longest wait without a look: timers other replicas stored
 MIN_NAP_SECONDS = 0.01  # a due timer another replica holds locked is retried this often
 ERROR_BACKOFF_SECONDS = 1.0
-_TIMER_QUEUES = frozenset({TIMER_QUEUE, SIGNAL_QUEUE, ANY_QUEUE})
+# Wake-ups naming these queues mean this replica made a timer step runnable. Not ANY_QUEUE:
+# another replica's notice wakes everything here, and its timers are its own loop's (the
+# MAX_NAP_SECONDS look covers a replica that died).
+_TIMER_QUEUES = frozenset({TIMER_QUEUE, SIGNAL_QUEUE})
 
 
 class TimerLoop:
