@@ -9,11 +9,13 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import psycopg
 import pytest
+import yaml
 from google.protobuf import json_format
 
 from aiwfe.app.suite import start_suite
@@ -358,3 +360,12 @@ async def test_two_replicas_fire_each_timer_once_with_no_worker(
     finally:
         await b.stop(grace=0.5)
         await a.stop()
+
+
+def test_the_readme_durability_example_is_a_valid_spec() -> None:
+    """README's "Workflow language: durability" example passes submit-time validation."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index("name: cool-down-then-approve")
+    example = yaml.safe_load(text[start : text.index("```", start)])
+    checked = validate(json_format.ParseDict(example, wf_pb.WorkflowSpec()), TaskProcSettings())
+    assert [s.op for s in checked.steps] == ["noop", "sleep", "wait_for_signal"]
