@@ -232,21 +232,25 @@ async def test_kill_9_dataplatform_while_a_signal_is_awaited_then_signalled(
     assert attempts["approve"] == [(1, SIGNAL_WORKER, True)]
 
 
+@pytest.mark.parametrize("reached", [False, True], ids=["kept", "delivered"])
 async def test_a_signal_sent_just_before_a_kill_9_of_dataplatform_is_delivered_once(
     external_dataplatform,  # noqa: F811
+    reached: bool,
 ) -> None:
-    """A signal answered just before dataplatform is killed -9 (sent while its step is not
-    yet reached, so it is kept) survives the crash: after the restart the step takes it,
-    once, and the workflow finishes exactly once."""
+    """A signal answered just before dataplatform is killed -9 survives the crash and is
+    taken once: sent before its step is reached (kept; the step takes it after the
+    restart), or to the waiting step (delivered in the call); the workflow finishes
+    exactly once."""
     suite, dataplatform = external_dataplatform
     async with grpc.aio.insecure_channel(suite.address("gateway")) as ch:
         token = await login(ch)  # (new_user needs dataplatform in this process)
-        wf = await submit(ch, token, approval_workflow(first_ms=1500))
-        await wait_step(ch, token, wf.workflow_id, "first", wf_pb.STEP_STATE_RUNNING)
+        wf = await submit(ch, token, approval_workflow(first_ms=0 if reached else 1500))
+        first = wf_pb.STEP_STATE_SUCCEEDED if reached else wf_pb.STEP_STATE_RUNNING
+        await wait_step(ch, token, wf.workflow_id, "first", first)
         sent = await send_signal(
             ch, token, wf.workflow_id, "approval", payload=payload(by="cy"), signal_id="c-1"
         )
-        assert (sent.delivered, sent.duplicate) == (False, False)  # kept
+        assert (sent.delivered, sent.duplicate) == (reached, False)
         await dataplatform.kill()
         await asyncio.sleep(0.5)
         await dataplatform.start()
