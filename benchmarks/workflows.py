@@ -25,11 +25,18 @@
      task step against the same with the built-in `noop` op, in alternating halves on the
      same suite, with the CPU each process (the worker's too) spent per workflow.
 
+6. `timers`: timer lateness. `--timers` (100) workflows, each one `sleep` step whose
+   seconds are chosen at submit so that every timer is due at the same instant (about 3 s
+   after the first submission; the due time is the workflow's `create_time` + seconds, both
+   the store's); lateness = the step's SUCCEEDED event time - its due time, p50/p99/max.
+   Twice: on the idle suite, and with taskproc's worker slots all taken by long `noop`
+   steps (`busy`: a worker with no free slot does not poll).
+
 Goals from the issues: (2) ≥ 3,000 jobs/s, (3) ≥ 300 workflows/s, (4) p50 ≤ 20 ms;
-(5) dispatch p50 ≤ 5 ms, task throughput ≥ half of noop's.
+(5) dispatch p50 ≤ 5 ms, task throughput ≥ half of noop's; (6) lateness p99 ≤ 1 s.
 
 `--phases` picks phases (default all): `bare` (always run: the machine's anchor), `store`,
-`gateway` (3 and 4), `external`.
+`gateway` (3 and 4), `external`, `timers`.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -384,22 +392,31 @@ def _task_spec() -> wf_pb.WorkflowSpec:
 SHED: dict[str, int] = {"submissions": 0}  # SubmitWorkflow refused by load shedding
 
 
-async def _submit_and_watch(
-    stub: wf_grpc.WorkflowServiceStub, md: Any, spec: wf_pb.WorkflowSpec
-) -> tuple[wf_pb.Workflow, list[wf_pb.WatchWorkflowResponse]]:
-    """Submit + Watch to the end (the workflow as created, its events); a submission shed
-    by the gateway (RESOURCE_EXHAUSTED) is counted and sent again after 50 ms."""
+async def _submit(
+    stub: wf_grpc.WorkflowServiceStub, md: Any, make: Callable[[], wf_pb.WorkflowSpec]
+) -> tuple[wf_pb.SubmitWorkflowResponse, wf_pb.WorkflowSpec]:
+    """SubmitWorkflow of `make()`; a submission shed (RESOURCE_EXHAUSTED) is counted and
+    made and sent again after 50 ms. Returns the reply and the spec that was accepted."""
     while True:
+        spec = make()
         try:
             reply = await stub.SubmitWorkflow(
                 wf_pb.SubmitWorkflowRequest(spec=spec), metadata=md, timeout=30
             )
-            break
+            return reply, spec
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise
             SHED["submissions"] += 1
             await asyncio.sleep(0.05)
+
+
+async def _submit_and_watch(
+    stub: wf_grpc.WorkflowServiceStub, md: Any, spec: wf_pb.WorkflowSpec
+) -> tuple[wf_pb.Workflow, list[wf_pb.WatchWorkflowResponse]]:
+    """Submit + Watch to the end (the workflow as created, its events); shed submissions
+    are sent again (`_submit`)."""
+    reply, _ = await _submit(stub, md, lambda: spec)
     events = [
         event
         async for event in stub.WatchWorkflow(
@@ -556,7 +573,103 @@ def external_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-PHASES = ("bare", "store", "gateway", "external")
+# --- timer lateness -----------------------------------------------------------------------
+
+TIMER_LEAD = 3.0  # seconds from the first submission to the instant every timer is due
+
+
+def _sleep_spec(seconds: float) -> wf_pb.WorkflowSpec:
+    spec = wf_pb.WorkflowSpec(name="bench-timer")
+    spec.steps.add(name="nap", op="sleep").inputs.update({"seconds": seconds})
+    return spec
+
+
+async def _timer_lateness(stub: wf_grpc.WorkflowServiceStub, md: Any, n: int) -> dict[str, Any]:
+    """`n` sleep timers due at one instant: lateness of each one's SUCCEEDED event."""
+    due_at = time.time() + TIMER_LEAD
+    sem = asyncio.Semaphore(32)
+
+    async def one() -> tuple[float, float]:
+        async with sem:  # only the submissions: every watch waits at once
+            reply, spec = await _submit(
+                stub, md, lambda: _sleep_spec(round(due_at - time.time(), 6))
+            )
+        seconds = spec.steps[0].inputs["seconds"]
+        events = [
+            e
+            async for e in stub.WatchWorkflow(
+                wf_pb.WatchWorkflowRequest(workflow_id=reply.workflow.workflow_id),
+                metadata=md,
+                timeout=60,
+            )
+        ]
+        assert events[-1].workflow_state == wf_pb.WORKFLOW_STATE_SUCCEEDED, events[-1]
+        due = reply.workflow.create_time.ToNanoseconds() / 1e9 + seconds
+        fired = next(
+            e.event_time.ToNanoseconds() / 1e9
+            for e in events
+            if e.step_name == "nap" and e.step_state == wf_pb.STEP_STATE_SUCCEEDED
+        )
+        return due, fired - due
+
+    results = await asyncio.gather(*(one() for _ in range(n)))
+    dues = [d for d, _ in results]
+    late = sorted(lateness for _, lateness in results)
+    return {
+        "timers": n,
+        "due_spread_ms": round((max(dues) - min(dues)) * 1000, 2),
+        "late_p50_ms": round(statistics.median(late) * 1000, 1),
+        "late_p99_ms": round(late[min(n - 1, int(n * 0.99))] * 1000, 1),
+        "late_max_ms": round(late[-1] * 1000, 1),
+    }
+
+
+async def timer_phases(admin_dsn: str, timers: int) -> dict[str, Any]:
+    """Timer lateness on the idle suite, then with every worker slot taken."""
+    server = ServerProcess(admin_dsn)
+    server.start()
+    try:
+        token = await _login(server.address("gateway"), server.admin_password)
+        md = (("authorization", f"Bearer {token}"),)
+        async with grpc.aio.insecure_channel(server.address("gateway")) as channel:
+            stub = wf_grpc.WorkflowServiceStub(channel)
+            await _submit_and_watch(stub, md, _sleep_spec(0.1))  # warm-up
+            idle = await _timer_lateness(stub, md, timers)
+            slots = load_settings(env={}).taskproc.worker_concurrency
+            hog = wf_pb.WorkflowSpec(name="bench-hog")
+            hog.steps.add(name="a", op="noop").inputs.update({"sleep_ms": 10_000})
+            hogs = [asyncio.ensure_future(_submit_and_watch(stub, md, hog)) for _ in range(slots)]
+            await asyncio.sleep(1.0)  # the worker has claimed them all
+            busy = await _timer_lateness(stub, md, timers)
+            busy["worker_slots_taken"] = slots
+            await asyncio.gather(*hogs)
+        return {"idle": idle, "busy": busy, "submissions_shed_and_retried": SHED["submissions"]}
+    finally:
+        server.stop()
+
+
+def timer_summary(result: dict[str, Any]) -> str:
+    """Timer lateness beside its goal, with the machine's anchor."""
+    m, bare = result["machine"], result["bare-skip-locked"]["jobs_per_s"]
+    lines = [
+        f"machine: {m['cores']} cores, Python {m['python']}, grpcio {m['grpcio']}, "
+        f"{m['date']}; anchor: bare SKIP LOCKED loop {bare:,} jobs/s"
+    ]
+    for name in ("idle", "busy"):
+        r = result["timers"][name]
+        lines.append(
+            f"timers {name}: {r['timers']} sleeps due at once (spread {r['due_spread_ms']} ms):"
+            f" late p50 {r['late_p50_ms']} ms, p99 {r['late_p99_ms']} ms,"
+            f" max {r['late_max_ms']} ms (goal p99 <= 1000 ms)"
+        )
+    lines.append(
+        f"load shedding refused {result['timers']['submissions_shed_and_retried']} submissions"
+        " (made again with the seconds left, retried)"
+    )
+    return "\n".join(lines)
+
+
+PHASES = ("bare", "store", "gateway", "external", "timers")
 
 
 async def main(opts: argparse.Namespace) -> dict[str, Any]:
@@ -581,6 +694,8 @@ async def main(opts: argparse.Namespace) -> dict[str, Any]:
         result["external"] = await external_phases(
             opts.admin_dsn, opts.tasks, opts.dispatch, opts.in_flight, opts.worker_concurrency
         )
+    if "timers" in phases:
+        result["timers"] = await timer_phases(opts.admin_dsn, opts.timers)
     if "store-queue" in result:
         result["store_vs_bare"] = round(
             result["store-queue"]["jobs_per_s"] / result["bare-skip-locked"]["jobs_per_s"], 3
@@ -597,6 +712,7 @@ def cli() -> None:
     parser.add_argument("--tasks", type=int, default=1000, help="workflows per external half")
     parser.add_argument("--dispatch", type=int, default=200, help="dispatch latency samples")
     parser.add_argument("--worker-concurrency", type=int, default=32)
+    parser.add_argument("--timers", type=int, default=100, help="timers due at once")
     parser.add_argument("--phases", default="", help=f"comma-separated: {', '.join(PHASES)}")
     parser.add_argument("--admin-dsn", default=servers.DEFAULT_ADMIN_DSN)
     opts = parser.parse_args()
@@ -604,6 +720,8 @@ def cli() -> None:
     print(json.dumps(result, indent=2))
     if "external" in result:
         print(external_summary(result), file=sys.stderr)
+    if "timers" in result:
+        print(timer_summary(result), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ class DataPlatformService(Service):
             self.replicas.start()
             self.schedules.ticker.start()
             self.retention.start()
+            self.workflows.timers.start()
 
     async def _bootstrap_admin(self) -> None:
         """Creates the first admin on an empty user table (from config, or generated once)."""
@@ -160,6 +161,7 @@ class DataPlatformService(Service):
         return ok
 
     async def stop(self) -> None:
+        await self.workflows.timers.stop()
         await self.schedules.ticker.stop()
         await self.retention.stop()
         if self._purger:

@@ -22,11 +22,13 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
+import yaml
 
 from aiwfe.app.cli import check_health
 from aiwfe.app.embedded import free_port
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
+from tests.cognitive.fake_llm import FakeLLMServer, ollama_routes
 from tests.conftest import ADMIN_PASSWORD, bearer, login
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,9 +68,11 @@ def buf_binary() -> str | None:
 
 
 @contextlib.contextmanager
-def launch_up(database_dsn: str, tmp_path: Path, **extra_env: str) -> Iterator[UpProcess]:
-    """`aiwfe up` on free ports, configured only through the environment (plus `extra_env`),
-    stopped by SIGTERM at the end if still running."""
+def launch_up(
+    database_dsn: str, tmp_path: Path, *args: str, **extra_env: str
+) -> Iterator[UpProcess]:
+    """`aiwfe up ARGS` on free ports, configured through the environment (plus
+    `extra_env`), stopped by SIGTERM at the end if still running."""
     ports = {name: free_port() for name in ("gateway", "cognitive", "taskproc", "dataplatform")}
     metrics_ports = {name: free_port() for name in ports}
     env = {
@@ -87,7 +91,7 @@ def launch_up(database_dsn: str, tmp_path: Path, **extra_env: str) -> Iterator[U
     log_path = tmp_path / "services.log"
     log_file = log_path.open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "aiwfe", "up"],
+        [sys.executable, "-m", "aiwfe", "up", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=log_file,
@@ -163,6 +167,27 @@ async def test_up_starts_suite_login_and_embed(up_process) -> None:
     for port in ports.values():
         with pytest.raises(grpc.aio.AioRpcError):
             await check_health(f"127.0.0.1:{port}", "", 1)
+
+
+async def test_up_config_file_reaches_the_services(database_dsn, tmp_path) -> None:
+    """`aiwfe up --config FILE`: the services read the file, not only the launcher (a
+    generation backend configured only there answers Generate)."""
+    llm = await FakeLLMServer(ollama_routes()).start()
+    config = tmp_path / "aiwfe.yaml"
+    backend = {"kind": "ollama", "url": llm.url, "model": "from-the-file"}
+    config.write_text(yaml.safe_dump({"cognitive": {"generation": {"backends": {"f": backend}}}}))
+    try:
+        with launch_up(database_dsn, tmp_path, "--config", str(config)) as up:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{up.ports['gateway']}") as ch:
+                token = await login(ch)
+                stream = cog_grpc.CognitiveServiceStub(ch).Generate(
+                    cog_pb.GenerateRequest(prompt="hi"), metadata=bearer(token), timeout=10
+                )
+                text = "".join([reply.text async for reply in stream])
+        assert text == "Hello world"
+        assert [body["model"] for _, body in llm.requests] == ["from-the-file"]
+    finally:
+        await llm.stop()
 
 
 def test_buf_curl_reaches_embed_through_gateway(up_process) -> None:

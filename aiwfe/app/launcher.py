@@ -30,7 +30,7 @@ from typing import Any
 
 from aiwfe.app.embedded import Provisioned, provision_postgres, provision_redis
 from aiwfe.app.suite import SERVICE_ORDER
-from aiwfe.runtime.config import LauncherSettings, Settings, load_settings
+from aiwfe.runtime.config import CONFIG_ENV, LauncherSettings, Settings, load_settings
 
 READY_TIMEOUT = 60.0
 _PR_SET_PDEATHSIG = 1
@@ -331,5 +331,7 @@ async def run_up(settings: Settings) -> int:
 
 
 def up(config: str | None) -> int:
+    if config:  # the services read the same file: child_environment copies os.environ
+        os.environ[CONFIG_ENV] = str(Path(config).resolve())
     settings = load_settings(config)
     return asyncio.run(run_up(settings))

@@ -14,6 +14,7 @@ Modules, one concern each:
 - `states`: the stored states, Python enums equal to the proto enums;
 - `repository`: every SQL statement (named parameters, states by name);
 - `scheduling`: retries and backoff, dead letters, timeouts, the sweep;
+- `timers`: the loop that fires due timers (sleep, signal timeouts) on every replica;
 - `watches`: watch inboxes, WaitForWork subscribers, wake-ups across replicas;
 - `messages`: rows to protobuf messages, ids, page tokens;
 - `servicer`: the gRPC servicer (validation, then the above);

@@ -1007,6 +1007,19 @@ class WorkflowRepository:
             [r["attempt"] for r in rows],
         )
 
+    async def seconds_to_next_timer(self) -> float | None:
+        """Seconds until the earliest runnable timer step is due (≤ 0: due now; None:
+        none waits), by the database's clock."""
+        async with self._db.autocommit() as conn:
+            cur = await conn.execute(
+                "SELECT extract(epoch FROM min(next_run_at) - clock_timestamp())::float8 AS s"
+                " FROM workflow_steps"
+                f" WHERE state IN ({sql(*CLAIMABLE)}) AND remaining_deps = 0"
+                f"   AND queue IN ('{TIMER_QUEUE}', '{SIGNAL_QUEUE}')"
+            )
+            row = await cur.fetchone()
+        return None if row is None or row["s"] is None else float(row["s"])
+
     @staticmethod
     async def signal_sent(conn: DictConnection, wid: uuid.UUID, signal_id: str) -> bool:
         cur = await conn.execute(

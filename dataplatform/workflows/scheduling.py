@@ -173,10 +173,10 @@ class Scheduler:
                 stopped.append(s.ref.workflow_id)
         return woke
 
-    async def sweep(self, conn: DictConnection) -> tuple[list[str], Woken]:
-        """Times out overdue workflows, makes expired leases claimable again (counting a
-        failed attempt) and fires due timers; returns the ids of workflows stopped and what
-        became runnable."""
+    async def sweep(self, conn: DictConnection) -> list[str]:
+        """Times out overdue workflows and makes expired leases claimable again (counting a
+        failed attempt); returns the ids of workflows stopped. (Timers fire in their own
+        loop, `timers.TimerLoop`.)"""
         stopped: list[str] = []
         for wid in await self._repo.overdue_workflows(conn, SWEEP_BATCH):
             if await self._repo.stop(conn, wid, WorkflowState.TIMED_OUT, "workflow timed out"):
@@ -197,4 +197,4 @@ class Scheduler:
         await self._task_queue_gauges(conn)
         if expired:
             log.warning("reclaimed %d steps with expired leases", len(expired))
-        return stopped, await self.fire_timers(conn, stopped)
+        return stopped

@@ -31,6 +31,7 @@ from dataplatform.workflows.repository import (
 )
 from dataplatform.workflows.scheduling import MAX_LEASE_SECONDS, Scheduler
 from dataplatform.workflows.states import ACTIVE, RETRYABLE, WorkflowState
+from dataplatform.workflows.timers import TimerLoop
 from dataplatform.workflows.watches import (
     EVENT_PAGE,
     ReadEvents,
@@ -70,6 +71,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         self.wakeups = Wakeups()
         self.repo = WorkflowRepository(db, self.wakeups)
         self.scheduler = Scheduler(self.repo)
+        self.timers = TimerLoop(self.repo, self.scheduler, self.wakeups)
         self._recent = RecentWatches(self.wakeups)
 
     async def stopped_among(self, ids: list[uuid.UUID]) -> list[str]:
@@ -319,9 +321,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             v.text(name, field, max_chars=MAX_NAME_CHARS)
         v.raise_if_any()
         if self.scheduler.sweep_due():
-            stopped, woke = await self.repo.tx(self.scheduler.sweep)
-            self.wakeups.stopped(stopped)
-            self.wakeups.work(*woke)
+            self.wakeups.stopped(await self.repo.tx(self.scheduler.sweep))
 
         async def work(conn: DictConnection) -> pb.ClaimStepsResponse:
             return await self.repo.claim(

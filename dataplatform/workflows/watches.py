@@ -150,7 +150,7 @@ class Wakeups:
 
 
 class Subscriber:
-    """One WaitForWork stream's inbox."""
+    """One WaitForWork stream's inbox (or the timer loop's)."""
 
     __slots__ = ("event", "queues", "stopped", "work")
 

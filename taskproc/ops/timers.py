@@ -1,7 +1,7 @@
 """`sleep` and `wait_for_signal`: steps no worker runs.
 
-Both wait in the database, not in memory: dataplatform's sweep completes a `sleep` when
-its timer is due, and hands a `wait_for_signal` the oldest signal of its name sent with
+Both wait in the database, not in memory: dataplatform's timer loop completes a `sleep`
+when its timer is due, and hands a `wait_for_signal` the oldest signal of its name sent with
 SignalWorkflow (kept if sent before the step is reached), or on timeout its `default` (or
 fails it for good). Nothing is held while they wait: no worker slot, no connection, and a
 timer due while every service was down fires once they are back. Should one reach a
