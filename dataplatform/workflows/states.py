@@ -32,12 +32,14 @@ class StepState(IntEnum):
     FAILED = 4
     CANCELLED = 5
     RETRYING = 6
+    SKIPPED = 7  # its condition was false, or a dependency was skipped (policy SKIP)
 
 
 WORKFLOW_EVENT = 0  # an event's step_state when it is about the workflow, not a step
 ACTIVE = (WorkflowState.PENDING, WorkflowState.RUNNING)
 CLAIMABLE = (StepState.PENDING, StepState.RETRYING)  # and no unmet dependency
 UNFINISHED = (StepState.PENDING, StepState.RUNNING, StepState.RETRYING)
+DONE = (StepState.SUCCEEDED, StepState.SKIPPED)  # a workflow whose steps all are has SUCCEEDED
 
 
 def sql(*states: IntEnum) -> str:

@@ -1,0 +1,204 @@
+"""Step conditions (`StepSpec.when`): CEL expressions, through cel-python (`celpy`, a pure
+Python implementation of the CEL spec with a Lark parser), never `eval`.
+
+Shared by taskproc, which checks an expression at submit (`problems`), and dataplatform,
+which evaluates it when the step is reached (`evaluate`). The variables are `input` (the
+workflow's input) and `steps`: `steps.NAME.state` ("SUCCEEDED" or "SKIPPED") and
+`steps.NAME.output` for the ancestors the expression names. JSON numbers are doubles, as
+CEL maps a `google.protobuf.Struct` (`input.n == 3.0`; `<`, `>` mix int and double).
+
+The cost of an evaluation is bounded at submit: at most MAX_CHARS characters, a parse tree
+at most MAX_TREE_DEPTH deep (celpy evaluates recursively), and no comprehension macro
+(`all`, `exists`, `exists_one`, `map`, `filter`) inside another, so an evaluation is linear
+in the size of the data it reads; that data is bounded by the inputs and outputs limits.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import celpy
+import lark
+
+MAX_CHARS = 1024
+MAX_TREE_DEPTH = 120  # parse-tree levels; a plain `a.b > 1 && c` is about 15
+MAX_COMPREHENSION_NESTING = 1
+MAX_ERROR_CHARS = 300
+STATE_SUCCEEDED, STATE_SKIPPED = "SUCCEEDED", "SKIPPED"
+
+_MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
+_VARIABLES = frozenset({"input", "steps"})
+# Type names CEL lets an expression use as values (`type(x) == string`).
+_TYPE_NAMES = frozenset(
+    {"bool", "bytes", "double", "duration", "int", "list", "map", "null_type", "string"}
+    | {"timestamp", "type", "uint"}
+)
+_QUOTED_NAME = re.compile(r"""^(?:"([A-Za-z][A-Za-z0-9_-]*)"|'([A-Za-z][A-Za-z0-9_-]*)')$""")
+_ENV = celpy.Environment()
+
+
+class ConditionError(Exception):
+    """A condition that could not be evaluated to a bool (the step fails for good)."""
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A parsed expression: its problems (empty when valid) and the steps it names."""
+
+    problems: list[str]
+    steps: frozenset[str]
+
+
+def _depth(tree: lark.Tree) -> int:
+    """The parse tree's depth, iteratively (the tree may be deeper than the stack)."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, d = stack.pop()
+        deepest = max(deepest, d)
+        stack.extend((c, d + 1) for c in node.children if isinstance(c, lark.Tree))
+    return deepest
+
+
+def _only(tree: Any) -> Any:
+    """Follows single-child wrappers down to the node that says what `tree` is."""
+    while isinstance(tree, lark.Tree) and tree.data != "ident" and len(tree.children) == 1:
+        tree = tree.children[0]
+    return tree
+
+
+def _ident(tree: Any) -> str | None:
+    """The name if `tree` is a bare identifier."""
+    node = _only(tree)
+    return str(node.children[0]) if isinstance(node, lark.Tree) and node.data == "ident" else None
+
+
+def _step_name(node: lark.Tree) -> tuple[bool, str | None]:
+    """For `steps.NAME` / `steps["NAME"]`: (True, NAME); for another access on `steps`
+    (a computed index): (True, None); else (False, None)."""
+    if _ident(node.children[0]) != "steps":
+        return False, None
+    if node.data == "member_dot":
+        return True, str(node.children[1])
+    literal = _only(node.children[1])
+    if isinstance(literal, lark.Token) and literal.type == "STRING_LIT":
+        m = _QUOTED_NAME.match(str(literal))
+        if m:
+            return True, m.group(1) or m.group(2)
+    return True, None
+
+
+def _walk(tree: lark.Tree, bound: frozenset[str], nesting: int) -> Iterator[tuple[str, str]]:
+    """Yields ("step", NAME) for each step named and ("problem", text) for each problem."""
+    data = tree.data
+    if data in ("member_dot", "member_index"):
+        is_steps, name = _step_name(tree)
+        if is_steps and "steps" not in bound:
+            if name is None:
+                yield "problem", 'name a step as steps.NAME or steps["NAME"]'
+            else:
+                yield "step", name
+            return
+    if data == "ident":
+        name = str(tree.children[0])
+        if name == "steps" and name not in bound:
+            yield "problem", 'name a step as steps.NAME or steps["NAME"]'
+        elif name not in _VARIABLES | _TYPE_NAMES | bound:
+            yield "problem", f"unknown variable {name!r}; the variables are input and steps"
+        return
+    if data in ("member_object", "dot_ident", "dot_ident_arg"):
+        yield "problem", "message construction and leading-dot names are not supported"
+        return
+    if data == "member_dot_arg" and str(tree.children[1]) in _MACROS:
+        args = tree.children[2].children if len(tree.children) > 2 and tree.children[2] else []
+        var = _ident(args[0]) if args else None
+        if var is None or len(args) < 2:
+            yield "problem", f"{tree.children[1]}() takes a variable name and an expression"
+            return
+        if nesting >= MAX_COMPREHENSION_NESTING:
+            yield "problem", "a comprehension (all, exists, map, filter) cannot hold another"
+            return
+        yield from _walk(tree.children[0], bound, nesting)
+        for arg in args[1:]:
+            yield from _walk(arg, bound | {var}, nesting + 1)
+        return
+    for child in tree.children:
+        if isinstance(child, lark.Tree):
+            yield from _walk(child, bound, nesting)
+
+
+@functools.lru_cache(maxsize=1024)
+def check(expression: str) -> Checked:
+    """Parses and checks an expression (cached: the same text always checks the same)."""
+    if len(expression) > MAX_CHARS:
+        problem = f"must be at most {MAX_CHARS} characters (got {len(expression)})"
+        return Checked([problem], frozenset())
+    try:
+        tree = _ENV.compile(expression)
+    except (celpy.CELParseError, RecursionError) as exc:
+        return Checked([f"not a CEL expression: {_short(exc)}"], frozenset())
+    if _depth(tree) > MAX_TREE_DEPTH:
+        problem = f"nests too deeply (at most {MAX_TREE_DEPTH} parse-tree levels)"
+        return Checked([problem], frozenset())
+    problems: list[str] = []
+    steps: set[str] = set()
+    for kind, value in _walk(tree, frozenset(), 0):
+        if kind == "step":
+            steps.add(value)
+        elif value not in problems:
+            problems.append(value)
+    return Checked(problems, frozenset(steps))
+
+
+@functools.lru_cache(maxsize=1024)
+def _program(expression: str) -> celpy.Runner:
+    return _ENV.program(_ENV.compile(expression))
+
+
+def _doubles(value: Any) -> Any:
+    """JSON as CEL sees a Struct: every number a double (bools stay bools)."""
+    if isinstance(value, dict):
+        return {k: _doubles(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_doubles(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def evaluate(expression: str, workflow_input: dict[str, Any], steps: dict[str, Any]) -> bool:
+    """The condition's value over `input` and `steps` (name -> {"state", "output"?}).
+
+    Raises:
+        ConditionError: the expression is invalid, failed (a missing key, a type error) or
+            did not give a bool; the message names the expression and the error.
+    """
+    shown = expression if len(expression) <= 200 else expression[:200] + "..."
+    if check(expression).problems:
+        raise ConditionError(f"condition {shown!r}: {check(expression).problems[0]}")
+    activation = {
+        "input": celpy.json_to_cel(_doubles(workflow_input)),
+        "steps": celpy.json_to_cel(_doubles(steps)),
+    }
+    try:
+        result = _program(expression).evaluate(activation)
+    except celpy.CELEvalError as exc:
+        raise ConditionError(f"condition {shown!r} failed: {_short(exc)}") from None
+    except (RecursionError, ArithmeticError, TypeError, ValueError, KeyError) as exc:
+        raise ConditionError(f"condition {shown!r} failed: {_short(exc)}") from None
+    if isinstance(result, celpy.CELEvalError):
+        raise ConditionError(f"condition {shown!r} failed: {_short(result)}")
+    if not isinstance(result, celpy.celtypes.BoolType):
+        kind = type(result).__name__.removesuffix("Type").lower()
+        raise ConditionError(f"condition {shown!r} gave a {kind}, not a bool")
+    return bool(result)
+
+
+def _short(exc: BaseException) -> str:
+    """An error's first line, bounded (celpy's messages can dump its whole activation)."""
+    text = str(exc.args[0]) if exc.args else str(exc)
+    text = text.split("\n", 1)[0].split(" (in activation", 1)[0]
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
