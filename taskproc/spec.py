@@ -192,7 +192,7 @@ def validate(spec: pb.WorkflowSpec, limits: TaskProcSettings) -> pb.WorkflowSpec
             if problem:
                 v.add(f"spec.steps[{i}].inputs", problem)
         _check_waits(step, f"spec.steps[{i}]", inputs, timeout, v)
-        _check_condition(step, f"spec.steps[{i}]", index, ancestors, v)
+        _check_condition(step, f"spec.steps[{i}]", spec, index, ancestors, v)
     v.raise_if_any()
     return _with_defaults(spec, limits, substituted)
 
@@ -250,11 +250,13 @@ def _check_waits(
 def _check_condition(
     step: pb.StepSpec,
     field: str,
+    spec: pb.WorkflowSpec,
     index: dict[str, int],
     ancestors: dict[str, set[str]],
     v: Violations,
 ) -> None:
-    """`when` parses, stays within its cost bounds and names only ancestors."""
+    """`when` parses, stays within its cost bounds, names only ancestors and only output
+    fields their ops produce."""
     v.check(
         step.on_dependency_skipped in pb.DependencySkipPolicy.values(),
         f"{field}.on_dependency_skipped",
@@ -270,6 +272,14 @@ def _check_condition(
             v.add(f"{field}.when", f"references unknown step {target[:80]!r}")
         elif target not in ancestors.get(step.name, set()):
             v.add(f"{field}.when", f"references step {target!r}, which is not in depends_on")
+    for target, out_field in sorted(checked.fields):
+        fields = OPS[spec.steps[index[target]].op].output_fields if target in index else None
+        if fields is not None and out_field not in fields:
+            v.add(
+                f"{field}.when",
+                f"step {target!r} has no output field {out_field!r}; "
+                f"it has: {', '.join(sorted(fields))}",
+            )
 
 
 def _check_retry(rp: pb.RetryPolicy, field: str, limits: TaskProcSettings, v: Violations) -> None:

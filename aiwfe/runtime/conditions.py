@@ -47,10 +47,12 @@ class ConditionError(Exception):
 
 @dataclass(frozen=True)
 class Checked:
-    """A parsed expression: its problems (empty when valid) and the steps it names."""
+    """A parsed expression: its problems (empty when valid), the steps it names and the
+    output fields it reads as (step, field) (`steps.NAME.output.FIELD`)."""
 
     problems: list[str]
     steps: frozenset[str]
+    fields: frozenset[tuple[str, str]] = frozenset()
 
 
 def _depth(tree: lark.Tree) -> int:
@@ -91,9 +93,23 @@ def _step_name(node: lark.Tree) -> tuple[bool, str | None]:
     return True, None
 
 
-def _walk(tree: lark.Tree, bound: frozenset[str], nesting: int) -> Iterator[tuple[str, str]]:
-    """Yields ("step", NAME) for each step named and ("problem", text) for each problem."""
+def _walk(tree: lark.Tree, bound: frozenset[str], nesting: int) -> Iterator[tuple[str, Any]]:
+    """Yields ("step", NAME) for each step named, ("field", (NAME, FIELD)) for each output
+    field read and ("problem", text) for each problem."""
     data = tree.data
+    if data == "member_dot" and "steps" not in bound:
+        base = _only(tree.children[0])
+        if isinstance(base, lark.Tree) and base.data in ("member_dot", "member_index"):
+            is_steps, name = _step_name(base)
+            attribute = str(tree.children[1])
+            if is_steps and name is not None and attribute not in ("state", "output"):
+                yield "problem", f"steps.{name} has only state and output, not {attribute!r}"
+            if base.data == "member_dot" and str(base.children[1]) == "output":
+                inner = _only(base.children[0])
+                if isinstance(inner, lark.Tree) and inner.data in ("member_dot", "member_index"):
+                    is_steps, name = _step_name(inner)
+                    if is_steps and name is not None:
+                        yield "field", (name, attribute)
     if data in ("member_dot", "member_index"):
         is_steps, name = _step_name(tree)
         if is_steps and "steps" not in bound:
@@ -145,12 +161,15 @@ def check(expression: str) -> Checked:
         return Checked([problem], frozenset())
     problems: list[str] = []
     steps: set[str] = set()
+    fields: set[tuple[str, str]] = set()
     for kind, value in _walk(tree, frozenset(), 0):
         if kind == "step":
             steps.add(value)
+        elif kind == "field":
+            fields.add(value)
         elif value not in problems:
             problems.append(value)
-    return Checked(problems, frozenset(steps))
+    return Checked(problems, frozenset(steps), frozenset(fields))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -650,13 +650,13 @@ class WorkflowRepository:
 
     @staticmethod
     async def _finished(conn: DictConnection, wids: list[uuid.UUID]) -> list[uuid.UUID]:
-        """Those of these active workflows whose steps all SUCCEEDED or were SKIPPED."""
+        """Those of these workflows whose steps all SUCCEEDED or were SKIPPED (so still
+        active: a stopped workflow has a step FAILED or CANCELLED)."""
         if not wids:
             return []
         cur = await conn.execute(
-            "SELECT s.workflow_id FROM workflow_steps s JOIN workflows w USING (workflow_id)"
-            f" WHERE s.workflow_id = ANY(%(ids)s) AND w.state IN ({sql(*ACTIVE)})"
-            f" GROUP BY s.workflow_id HAVING bool_and(s.state IN ({sql(*DONE)}))",
+            "SELECT workflow_id FROM workflow_steps WHERE workflow_id = ANY(%(ids)s)"
+            f" GROUP BY workflow_id HAVING bool_and(state IN ({sql(*DONE)}))",
             {"ids": wids},
         )
         return sorted(r["workflow_id"] for r in await cur.fetchall())

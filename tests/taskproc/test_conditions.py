@@ -172,16 +172,16 @@ async def test_a_runtime_error_fails_the_step_for_good(suite, gateway_channel) -
     error, and fails the workflow (the dead letter)."""
     token = await new_user(suite, gateway_channel)
     cases = {
-        "steps.a.output.missing == 1.0": "no such member in mapping: 'missing'",
-        "steps.a.output.echo + 1.0 == 2.0": "no matching overload",
-        "steps.a.output.echo": "gave a string, not a bool",
+        "steps.a.output.echo.missing == 1.0": "no such member in mapping: 'missing'",
+        "steps.a.output.echo.text + 1.0 == 2.0": "no matching overload",
+        "steps.a.output.echo.text": "gave a string, not a bool",
     }
     for expression, error in cases.items():
         workflow, events = await run(
             gateway_channel,
             token,
             spec(
-                noop("a", inputs={"echo": "text"}),
+                noop("a", inputs={"echo": {"text": "t"}}),
                 noop("check", "a", when=expression, retry_policy={"max_attempts": 5}),
                 noop("after", "check"),
             ),
@@ -197,9 +197,10 @@ async def test_a_runtime_error_fails_the_step_for_good(suite, gateway_channel) -
 
 async def test_every_condition_mistake_is_a_field_violation(suite, gateway_channel) -> None:
     """A syntax error, too long or too deep an expression, a step that is not an ancestor or
-    does not exist, a computed step index, an unknown variable, a nested comprehension and an
-    unknown skip policy are INVALID_ARGUMENT at `spec.steps[i].when` (or the policy's
-    field), all in one answer."""
+    does not exist, a computed step index, an unknown variable, a nested comprehension, an
+    output field the step's op does not produce, an attribute of `steps.NAME` other than
+    state and output, and an unknown skip policy are INVALID_ARGUMENT at
+    `spec.steps[i].when` (or the policy's field), all in one answer."""
     token = await new_user(suite, gateway_channel)
     bad = {
         1: ("input.x >", "not a CEL expression"),
@@ -210,9 +211,11 @@ async def test_every_condition_mistake_is_a_field_violation(suite, gateway_chann
         6: ("steps[input.name].state == 'SKIPPED'", 'name a step as steps.NAME or steps["NAME"]'),
         7: ("secret == 1.0", "unknown variable 'secret'"),
         8: ("[[1]].all(x, x.exists(y, y > 0))", "cannot hold another"),
+        9: ("steps.root.output.nothing == 1.0", "step 'root' has no output field 'nothing'"),
+        10: ("steps.root.outputs == null", "steps.root has only state and output"),
     }
     steps = [noop("root")]
-    for i in range(1, 9):
+    for i in range(1, 11):
         steps.append(noop(f"s{i}", "root", when=bad[i][0]))
     steps.append(noop("sibling", "root"))
     workflow = spec(*steps)
@@ -223,8 +226,8 @@ async def test_every_condition_mistake_is_a_field_violation(suite, gateway_chann
     found = field_violations(caught.value)
     for i, (_, problem) in bad.items():
         assert problem in found.get(f"spec.steps[{i}].when", ""), (i, found)
-    assert "unknown policy 9" in found["spec.steps[10].on_dependency_skipped"]
-    assert len(found) == 9, found
+    assert "unknown policy 9" in found["spec.steps[12].on_dependency_skipped"]
+    assert len(found) == 11, found
     # And the same expressions are fine where they are valid: a steps["NAME"] index works.
     ok = spec(
         noop("root", inputs={"echo": "x"}),
