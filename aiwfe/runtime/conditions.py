@@ -19,10 +19,11 @@ import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import celpy
-import lark
+if TYPE_CHECKING:
+    import celpy
+    import lark
 
 MAX_CHARS = 1024
 MAX_TREE_DEPTH = 120  # parse-tree levels; a plain `a.b > 1 && c` is about 15
@@ -38,7 +39,22 @@ _TYPE_NAMES = frozenset(
     | {"timestamp", "type", "uint"}
 )
 _QUOTED_NAME = re.compile(r"""^(?:"([A-Za-z][A-Za-z0-9_-]*)"|'([A-Za-z][A-Za-z0-9_-]*)')$""")
-_ENV = celpy.Environment()
+
+
+@functools.cache
+def _env() -> celpy.Environment:
+    """celpy's environment, built on first use: importing celpy and building its parser
+    takes about 0.5 s and 26,000 objects (more for every garbage collection to scan), which
+    a process that never meets a `when` does not pay."""
+    import celpy
+
+    return celpy.Environment()
+
+
+def _is_tree(node: Any) -> bool:
+    import lark  # loaded with celpy, which made the tree
+
+    return isinstance(node, lark.Tree)
 
 
 class ConditionError(Exception):
@@ -61,13 +77,13 @@ def _depth(tree: lark.Tree) -> int:
     while stack:
         node, d = stack.pop()
         deepest = max(deepest, d)
-        stack.extend((c, d + 1) for c in node.children if isinstance(c, lark.Tree))
+        stack.extend((c, d + 1) for c in node.children if _is_tree(c))
     return deepest
 
 
 def _only(tree: Any) -> Any:
     """Follows single-child wrappers down to the node that says what `tree` is."""
-    while isinstance(tree, lark.Tree) and tree.data != "ident" and len(tree.children) == 1:
+    while _is_tree(tree) and tree.data != "ident" and len(tree.children) == 1:
         tree = tree.children[0]
     return tree
 
@@ -75,7 +91,7 @@ def _only(tree: Any) -> Any:
 def _ident(tree: Any) -> str | None:
     """The name if `tree` is a bare identifier."""
     node = _only(tree)
-    return str(node.children[0]) if isinstance(node, lark.Tree) and node.data == "ident" else None
+    return str(node.children[0]) if _is_tree(node) and node.data == "ident" else None
 
 
 def _step_name(node: lark.Tree) -> tuple[bool, str | None]:
@@ -86,7 +102,7 @@ def _step_name(node: lark.Tree) -> tuple[bool, str | None]:
     if node.data == "member_dot":
         return True, str(node.children[1])
     literal = _only(node.children[1])
-    if isinstance(literal, lark.Token) and literal.type == "STRING_LIT":
+    if not _is_tree(literal) and getattr(literal, "type", "") == "STRING_LIT":
         m = _QUOTED_NAME.match(str(literal))
         if m:
             return True, m.group(1) or m.group(2)
@@ -99,14 +115,14 @@ def _walk(tree: lark.Tree, bound: frozenset[str], nesting: int) -> Iterator[tupl
     data = tree.data
     if data == "member_dot" and "steps" not in bound:
         base = _only(tree.children[0])
-        if isinstance(base, lark.Tree) and base.data in ("member_dot", "member_index"):
+        if _is_tree(base) and base.data in ("member_dot", "member_index"):
             is_steps, name = _step_name(base)
             attribute = str(tree.children[1])
             if is_steps and name is not None and attribute not in ("state", "output"):
                 yield "problem", f"steps.{name} has only state and output, not {attribute!r}"
             if base.data == "member_dot" and str(base.children[1]) == "output":
                 inner = _only(base.children[0])
-                if isinstance(inner, lark.Tree) and inner.data in ("member_dot", "member_index"):
+                if _is_tree(inner) and inner.data in ("member_dot", "member_index"):
                     is_steps, name = _step_name(inner)
                     if is_steps and name is not None:
                         yield "field", (name, attribute)
@@ -142,7 +158,7 @@ def _walk(tree: lark.Tree, bound: frozenset[str], nesting: int) -> Iterator[tupl
             yield from _walk(arg, bound | {var}, nesting + 1)
         return
     for child in tree.children:
-        if isinstance(child, lark.Tree):
+        if _is_tree(child):
             yield from _walk(child, bound, nesting)
 
 
@@ -152,8 +168,10 @@ def check(expression: str) -> Checked:
     if len(expression) > MAX_CHARS:
         problem = f"must be at most {MAX_CHARS} characters (got {len(expression)})"
         return Checked([problem], frozenset())
+    import celpy
+
     try:
-        tree = _ENV.compile(expression)
+        tree = _env().compile(expression)
     except (celpy.CELParseError, RecursionError) as exc:
         return Checked([f"not a CEL expression: {_short(exc)}"], frozenset())
     if _depth(tree) > MAX_TREE_DEPTH:
@@ -174,7 +192,7 @@ def check(expression: str) -> Checked:
 
 @functools.lru_cache(maxsize=1024)
 def _program(expression: str) -> celpy.Runner:
-    return _ENV.program(_ENV.compile(expression))
+    return _env().program(_env().compile(expression))
 
 
 def _doubles(value: Any) -> Any:
@@ -195,6 +213,8 @@ def evaluate(expression: str, workflow_input: dict[str, Any], steps: dict[str, A
         ConditionError: the expression is invalid, failed (a missing key, a type error) or
             did not give a bool; the message names the expression and the error.
     """
+    import celpy
+
     shown = expression if len(expression) <= 200 else expression[:200] + "..."
     if check(expression).problems:
         raise ConditionError(f"condition {shown!r}: {check(expression).problems[0]}")
