@@ -14,11 +14,15 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 
 from aiwfe.app.suite import Suite, start_suite
+from aiwfe.taskproc.v1 import schedule_service_pb2 as sched_pb
+from aiwfe.taskproc.v1 import schedule_service_pb2_grpc as sched_grpc
 from aiwfe.taskproc.v1 import worker_service_pb2 as pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as pb_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
+from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from tests.conftest import bearer, field_violations
 from tests.taskproc.helpers import finish, get, new_user, spec, step_status, submit, watch
+from tests.taskproc.test_schedules import delete_all_schedules
 
 ROLES = {
     "admin": {"permissions": ["api:*", "cognitive:*", "data:*", "system:*"]},
@@ -298,3 +302,68 @@ async def test_a_skipped_task_step_never_reaches_a_worker(suite, gateway_channel
         timeout=10,
     )
     assert again.task_token == "", again
+
+
+async def test_conditions_after_a_timer_and_a_signal(suite, gateway_channel) -> None:
+    """Steps reached by dataplatform itself have their conditions evaluated there too: after
+    a timer fires (the sweep) and after a signal is delivered (SignalWorkflow)."""
+    token = await new_user(suite, gateway_channel)
+    submitted = await submit(
+        gateway_channel,
+        token,
+        spec(
+            {"name": "nap", "op": "sleep", "inputs": {"seconds": 0.2}},
+            noop("rested", "nap", when="steps.nap.output.slept_seconds > 0.0"),
+            {"name": "approve", "op": "wait_for_signal", "inputs": {"name": "approval"}},
+            noop("publish", "approve", when="steps.approve.output.approved"),
+            noop("reject", "approve", when="!steps.approve.output.approved"),
+        ),
+    )
+    payload = struct_pb2.Struct()
+    payload.update({"approved": False})
+    await wf_grpc.WorkflowServiceStub(gateway_channel).SignalWorkflow(
+        wf_pb.SignalWorkflowRequest(
+            workflow_id=submitted.workflow_id, name="approval", payload=payload
+        ),
+        metadata=bearer(token),
+        timeout=10,
+    )
+    done = await finish(gateway_channel, token, submitted.workflow_id)
+    assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error
+    assert states(done) == {
+        "nap": SUCCEEDED,
+        "rested": SUCCEEDED,
+        "approve": SUCCEEDED,
+        "publish": SKIPPED,
+        "reject": SUCCEEDED,
+    }
+
+
+async def test_a_scheduled_workflow_evaluates_its_root_conditions(
+    suite, gateway_channel, base_overrides
+) -> None:
+    """A schedule's tick creates the workflow inside the ticker's transaction; its root
+    conditions are evaluated there as at submit."""
+    token = await new_user(suite, gateway_channel)
+    stub = sched_grpc.ScheduleServiceStub(gateway_channel)
+    try:
+        created = await stub.CreateSchedule(
+            sched_pb.CreateScheduleRequest(
+                name="conditional",
+                cron="0 3 1 1 *",
+                paused=True,
+                spec=spec(noop("gate", when="input.go"), noop("b", "gate"), input={"go": False}),
+            ),
+            metadata=bearer(token),
+            timeout=10,
+        )
+        reply = await stub.TriggerSchedule(
+            sched_pb.TriggerScheduleRequest(schedule_id=created.schedule.schedule_id),
+            metadata=bearer(token),
+            timeout=10,
+        )
+        done = await finish(gateway_channel, token, reply.workflow.workflow_id)
+        assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error
+        assert states(done) == {"gate": SKIPPED, "b": SKIPPED}
+    finally:
+        await delete_all_schedules(base_overrides["database"]["postgres"]["dsn"])
