@@ -20,6 +20,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
+from aiwfe.runtime import conditions
 from aiwfe.runtime.config import TaskProcSettings
 from aiwfe.runtime.validation import Violations
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
@@ -191,6 +192,7 @@ def validate(spec: pb.WorkflowSpec, limits: TaskProcSettings) -> pb.WorkflowSpec
             if problem:
                 v.add(f"spec.steps[{i}].inputs", problem)
         _check_waits(step, f"spec.steps[{i}]", inputs, timeout, v)
+        _check_condition(step, f"spec.steps[{i}]", spec, index, ancestors, v)
     v.raise_if_any()
     return _with_defaults(spec, limits, substituted)
 
@@ -243,6 +245,41 @@ def _check_waits(
             f"{field}.not_before",
             f"must be at most the workflow timeout ({timeout:g} s) ahead",
         )
+
+
+def _check_condition(
+    step: pb.StepSpec,
+    field: str,
+    spec: pb.WorkflowSpec,
+    index: dict[str, int],
+    ancestors: dict[str, set[str]],
+    v: Violations,
+) -> None:
+    """`when` parses, stays within its cost bounds, names only ancestors and only output
+    fields their ops produce."""
+    v.check(
+        step.on_dependency_skipped in pb.DependencySkipPolicy.values(),
+        f"{field}.on_dependency_skipped",
+        f"unknown policy {step.on_dependency_skipped}",
+    )
+    if not step.when:
+        return
+    checked = conditions.check(step.when)
+    for problem in checked.problems:
+        v.add(f"{field}.when", problem)
+    for target in sorted(checked.steps):
+        if target not in index:
+            v.add(f"{field}.when", f"references unknown step {target[:80]!r}")
+        elif target not in ancestors.get(step.name, set()):
+            v.add(f"{field}.when", f"references step {target!r}, which is not in depends_on")
+    for target, out_field in sorted(checked.fields):
+        fields = OPS[spec.steps[index[target]].op].output_fields if target in index else None
+        if fields is not None and out_field not in fields:
+            v.add(
+                f"{field}.when",
+                f"step {target!r} has no output field {out_field!r}; "
+                f"it has: {', '.join(sorted(fields))}",
+            )
 
 
 def _check_retry(rp: pb.RetryPolicy, field: str, limits: TaskProcSettings, v: Violations) -> None:
@@ -353,8 +390,10 @@ def resolve(inputs: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
 
     def one(m: re.Match[str]) -> Any:
         step, path = m.group(1), m.group(2)
-        if step not in outputs:
-            raise StepError(f"{m.group(0)}: step {step!r} has no output", retryable=False)
+        if step not in outputs:  # an ancestor without output: it was skipped
+            raise StepError(
+                f"{m.group(0)}: step {step!r} was skipped, so it has no output", retryable=False
+            )
         return _lookup(outputs[step], path, m.group(0))
 
     def walk(value: Any) -> Any:

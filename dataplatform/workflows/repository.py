@@ -27,14 +27,18 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
 
 import psycopg
+from google.protobuf import json_format
 from psycopg.types.json import Jsonb
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as pb
+from aiwfe.runtime import conditions, metrics
+from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from dataplatform.db import Database, DictConnection
 from dataplatform.workflows import messages, watches
 from dataplatform.workflows.states import (
     ACTIVE,
     CLAIMABLE,
+    DONE,
     FINISHED,
     RERUN,
     UNFINISHED,
@@ -167,7 +171,8 @@ _CREATE = (
     " s AS (INSERT INTO workflow_steps (workflow_id, name, position, op, inputs,"
     "   depends_on, remaining_deps, state, priority, max_attempts, initial_backoff,"
     "   backoff_multiplier, max_backoff, jitter, timeout_seconds, queue, task_type,"
-    "   heartbeat_timeout, timer_seconds, not_before_at, next_run_at)"
+    "   heartbeat_timeout, timer_seconds, not_before_at, next_run_at, condition,"
+    "   run_if_dependency_skipped)"
     "   SELECT w.workflow_id, u.name, u.ord - 1, u.op, u.inputs,"
     "   ARRAY(SELECT jsonb_array_elements_text(u.deps)), jsonb_array_length(u.deps),"
     f"   {_PENDING}, %(priority)s, u.max_attempts, u.initial_backoff,"
@@ -180,14 +185,17 @@ _CREATE = (
     "   CASE WHEN u.op = 'task' THEN coalesce("
     "     (u.inputs->>'heartbeat_timeout_seconds')::float8, %(default_heartbeat)s) END,"
     "   u.timer, u.not_before,"
-    "   greatest(now() + coalesce(u.timer, 0) * interval '1 second', u.not_before)"
+    "   greatest(now() + coalesce(u.timer, 0) * interval '1 second', u.not_before),"
+    "   u.condition, u.run_skipped"
     "   FROM w, unnest(%(step_names)s::text[], %(step_ops)s::text[],"
     "   %(step_inputs)s::jsonb[], %(step_deps)s::jsonb[], %(max_attempts)s::int[],"
     "   %(initial_backoffs)s::float8[], %(backoff_multipliers)s::float8[],"
     "   %(max_backoffs)s::float8[], %(jitters)s::float8[], %(step_timeouts)s::float8[],"
-    "   %(step_timers)s::float8[], %(step_not_befores)s::timestamptz[])"
+    "   %(step_timers)s::float8[], %(step_not_befores)s::timestamptz[],"
+    "   %(step_conditions)s::text[], %(step_run_skipped)s::bool[])"
     "   WITH ORDINALITY AS u(name, op, inputs, deps, max_attempts, initial_backoff,"
-    "   backoff_multiplier, max_backoff, jitter, timeout_seconds, timer, not_before, ord)),"
+    "   backoff_multiplier, max_backoff, jitter, timeout_seconds, timer, not_before,"
+    "   condition, run_skipped, ord)),"
     " e AS (INSERT INTO workflow_events (workflow_id, sequence, workflow_state,"
     "   message, created_at)"
     "   SELECT workflow_id, 1, state, %(submitted)s, created_at FROM w)"
@@ -247,9 +255,11 @@ _COMPLETE = (
     "     JOIN done a ON d2.workflow_id = a.workflow_id AND a.name = ANY(d2.depends_on)"
     f"     WHERE d2.state = {_PENDING} GROUP BY 1, 2) x"
     "   WHERE d.workflow_id = x.workflow_id AND d.name = x.name"
-    "   RETURNING d.workflow_id, d.remaining_deps, d.queue)"
-    " SELECT ord, workflow_id, name, attempt, NULL::int AS remaining, NULL AS queue FROM done"
-    " UNION ALL SELECT NULL, workflow_id, NULL, NULL, remaining_deps, queue FROM deps"
+    "   RETURNING d.workflow_id, d.name, d.remaining_deps, d.queue,"
+    "     d.condition IS NOT NULL AS gated)"
+    " SELECT ord, workflow_id, name, attempt, NULL::int AS remaining, NULL AS queue,"
+    "   NULL::bool AS gated FROM done"
+    " UNION ALL SELECT NULL, workflow_id, name, NULL, remaining_deps, queue, gated FROM deps"
 )
 
 _EXPIRE_LEASES = (
@@ -371,11 +381,41 @@ class WorkflowRepository:
         statement, so one round trip in autocommit and atomic by itself: the workflow row,
         its steps and its first event, unless the idempotency key was used before. Only
         this replica can watch an id not out yet, so the first event is delivered here,
-        not announced.
+        not announced. A workflow with a root step that has a condition is stored in a
+        transaction that also evaluates those conditions (`reach`), so no one can claim
+        such a step before its condition was evaluated.
 
         With `conn_in` it runs inside the caller's transaction (a schedule's tick) and
         wakes no one: the caller calls `Wakeups.work()` once it commits."""
-        notify = conn_in is None
+        spec = request.spec
+        steps = list(spec.steps)
+        gated = [st.name for st in steps if st.when and not st.depends_on]
+        if conn_in is not None:
+            return (await self._insert(conn_in, request, wid, gated))[0]
+        if gated:
+            stored, first, woke = await self.tx(
+                lambda conn: self._insert(conn, request, wid, gated, deliver=True)
+            )
+        else:
+            async with self._db.autocommit() as conn:
+                stored, first, woke = await self._insert(conn, request, wid, gated)
+            if first is not None:  # watched before the insert, if at all
+                self._wakeups.deliver({wid: [first]})
+        if woke is not None:
+            self._wakeups.work(*woke)
+        return stored
+
+    async def _insert(
+        self,
+        conn: DictConnection,
+        request: pb.CreateWorkflowRequest,
+        wid: uuid.UUID,
+        gated: list[str],
+        deliver: bool = False,
+    ) -> tuple[pb.CreateWorkflowResponse, dict[str, Any] | None, Woken | None]:
+        """`create`'s statement (and the conditions of `gated` root steps); returns the
+        response, the first event of a new workflow and what became runnable. With
+        `deliver` (inside `tx`) the first event goes with the transaction's own events."""
         spec = request.spec
         steps = list(spec.steps)
         policies = [st.retry_policy for st in steps]
@@ -404,54 +444,240 @@ class WorkflowRepository:
                 st.not_before.ToDatetime(tzinfo=UTC) if st.HasField("not_before") else None
                 for st in steps
             ],
+            "step_conditions": [st.when or None for st in steps],
+            "step_run_skipped": [
+                st.on_dependency_skipped == wf_pb.DEPENDENCY_SKIP_POLICY_RUN for st in steps
+            ],
             "submitted": SUBMITTED,
             "default_heartbeat": DEFAULT_HEARTBEAT_SECONDS,
             "trace_context": messages.trace_context_json(request),
             "name": spec.name,
             "schedule_id": uuid.UUID(request.schedule_id) if request.schedule_id else None,
         }
-        async with self._db.autocommit() if conn_in is None else _given(conn_in) as conn:
-            cur = await conn.execute(_CREATE, args)
-            row = await cur.fetchone()
-            if row is not None:  # nothing to read back: every step is PENDING, no attempts
-                if notify:
-                    roots = [st for st in steps if not st.depends_on]
-                    self._wakeups.work(*woken({"queue": step_queue(st)} for st in roots))
-                first = {
-                    "sequence": 1,
-                    "workflow_state": row["state"],
-                    "step_name": "",
-                    "step_state": WORKFLOW_EVENT,
-                    "message": SUBMITTED,
-                    "created_at": row["created_at"],
-                }
-                if notify:  # watched before the insert, if at all
-                    self._wakeups.deliver({wid: [first]})
-                pending = [
-                    {
-                        "name": st.name,
-                        "state": _PENDING,
-                        "attempt": 0,
-                        "error": "",
-                        "output": None,
-                        "details": None,
-                    }
-                    for st in steps
-                ]
-                return pb.CreateWorkflowResponse(
-                    workflow=messages.workflow(row, pending), created=True
+        cur = await conn.execute(_CREATE, args)
+        row = await cur.fetchone()
+        if row is not None:
+            first = {
+                "sequence": 1,
+                "workflow_state": row["state"],
+                "step_name": "",
+                "step_state": WORKFLOW_EVENT,
+                "message": SUBMITTED,
+                "created_at": row["created_at"],
+            }
+            roots = [st for st in steps if not st.depends_on and st.name not in gated]
+            woke = woken({"queue": step_queue(st)} for st in roots)
+            if gated:
+                appended = watches.current_appended()
+                if deliver and appended is not None:
+                    appended[wid] = [first]  # before the events `reach` appends
+                more, waits = await self.reach(conn, [(wid, n) for n in gated])
+                woke = Woken(woke.builtin or more.builtin, woke.queues | more.queues)
+                if waits:
+                    _, more = await self.deliver_signals(conn, sorted(waits), SIGNAL_WORKER)
+                    woke = Woken(woke.builtin or more.builtin, woke.queues | more.queues)
+                cur = await conn.execute(
+                    f"SELECT {_WF_COLUMNS} FROM workflows WHERE workflow_id = %(id)s", {"id": wid}
                 )
-            # The idempotency key was used before (or is being used right now: the insert
-            # waited for that transaction, so its workflow is committed): the same workflow.
+                now = await cur.fetchone()
+                wf = (await self.load(conn, [now or row]))[0]
+                return pb.CreateWorkflowResponse(workflow=wf, created=True), None, woke
+            # nothing to read back: every step is PENDING, no attempts
+            pending = [
+                {
+                    "name": st.name,
+                    "state": _PENDING,
+                    "attempt": 0,
+                    "error": "",
+                    "output": None,
+                    "details": None,
+                }
+                for st in steps
+            ]
+            wf = messages.workflow(row, pending)
+            return pb.CreateWorkflowResponse(workflow=wf, created=True), first, woke
+        # The idempotency key was used before (or is being used right now: the insert
+        # waited for that transaction, so its workflow is committed): the same workflow.
+        cur = await conn.execute(
+            f"SELECT {_WF_COLUMNS} FROM workflows"
+            " WHERE owner_id = %(owner_id)s AND idempotency_key = %(idempotency_key)s",
+            {"owner_id": request.owner.user_id, "idempotency_key": key},
+        )
+        existing = await cur.fetchone()
+        if existing is None:  # the conflicting row committed before this read
+            raise RuntimeError(f"workflow of idempotency key {key!r} vanished")
+        wf = (await self.load(conn, [existing]))[0]
+        return pb.CreateWorkflowResponse(workflow=wf), None, None
+
+    # --- conditions -----------------------------------------------------------------------
+
+    async def reach(
+        self, conn: DictConnection, reached: list[tuple[uuid.UUID, str]]
+    ) -> tuple[Woken, set[uuid.UUID]]:
+        """Evaluates the conditions of steps just reached (their dependencies all done), in
+        the transaction that reached them, which holds their workflows' row locks. A false
+        one makes its step SKIPPED, and the skip is followed through the dependants (SKIPPED
+        too, or with policy RUN counted as done, which may reach more steps); an error
+        fails the step and its workflow for good (the dead letter). Workflows left with
+        only SUCCEEDED and SKIPPED steps succeed. Returns what became runnable and the
+        workflows with a wait_for_signal step among it (for `deliver_signals`)."""
+        builtin, queues, waits = False, set(), set()
+        touched: set[uuid.UUID] = set()
+        inputs: dict[uuid.UUID, dict[str, Any]] = {}
+        while reached:
             cur = await conn.execute(
-                f"SELECT {_WF_COLUMNS} FROM workflows"
-                " WHERE owner_id = %(owner_id)s AND idempotency_key = %(idempotency_key)s",
-                {"owner_id": request.owner.user_id, "idempotency_key": key},
+                "SELECT s.workflow_id, s.name, s.condition, s.queue FROM workflow_steps s"
+                " JOIN unnest(%(ids)s::uuid[], %(names)s::text[]) AS u(wf, name)"
+                "   ON s.workflow_id = u.wf AND s.name = u.name"
+                f" WHERE s.state = {_PENDING} AND s.remaining_deps = 0"
+                " ORDER BY s.workflow_id, s.position",
+                {"ids": [w for w, _ in reached], "names": [n for _, n in reached]},
             )
-            existing = await cur.fetchone()
-            if existing is None:  # the conflicting row committed before this read
-                raise RuntimeError(f"workflow of idempotency key {key!r} vanished")
-            return pb.CreateWorkflowResponse(workflow=(await self.load(conn, [existing]))[0])
+            rows = await cur.fetchall()
+            touched |= {r["workflow_id"] for r in rows}
+            gated = [r for r in rows if r["condition"] is not None]
+            await self._load_inputs(conn, {r["workflow_id"] for r in gated} - set(inputs), inputs)
+            seen = await self._ancestors_seen(conn, gated)
+            skips: list[tuple[uuid.UUID, str, str]] = []
+            failed: dict[uuid.UUID, tuple[str, str]] = {}
+            for r in rows:
+                wid, name, cond = r["workflow_id"], r["name"], r["condition"]
+                run = True
+                if cond is not None:
+                    try:
+                        run = conditions.evaluate(cond, inputs[wid], seen.get(wid, {}))
+                    except conditions.ConditionError as exc:
+                        failed.setdefault(wid, (name, str(exc)))
+                        continue
+                if not run:
+                    skips.append((wid, name, f"condition false: {cond}"))
+                elif r["queue"] is None:
+                    builtin = True
+                elif r["queue"] == SIGNAL_QUEUE:
+                    waits.add(wid)
+                else:
+                    queues.add(r["queue"])
+            for wid, (name, error) in sorted(failed.items()):
+                await self.fail_step(conn, wid, name, error, f"step {name!r} failed: {error}")
+                metrics.workflow_dead_letters.inc()
+            reached = await self._skip(conn, [s for s in skips if s[0] not in failed])
+        finished = await self._finished(conn, sorted(touched))
+        await self.append_events(
+            conn,
+            [NewEvent(w, "", WORKFLOW_EVENT, "workflow succeeded") for w in finished],
+            {w: (WorkflowState.SUCCEEDED, "") for w in finished},
+        )
+        return Woken(builtin, queues), waits - set(finished)
+
+    @staticmethod
+    async def _load_inputs(
+        conn: DictConnection, wids: set[uuid.UUID], into: dict[uuid.UUID, dict[str, Any]]
+    ) -> None:
+        """The workflows' inputs (from their stored specs), the conditions' `input`."""
+        if not wids:
+            return
+        cur = await conn.execute(
+            "SELECT workflow_id, spec FROM workflows WHERE workflow_id = ANY(%(ids)s)",
+            {"ids": list(wids)},
+        )
+        for r in await cur.fetchall():
+            spec = wf_pb.WorkflowSpec.FromString(r["spec"])
+            into[r["workflow_id"]] = json_format.MessageToDict(spec.input)
+
+    @staticmethod
+    async def _ancestors_seen(
+        conn: DictConnection, gated: list[dict[str, Any]]
+    ) -> dict[uuid.UUID, dict[str, Any]]:
+        """The conditions' `steps`: the state and output of each step they name (checked
+        at submit to be ancestors, so SUCCEEDED or SKIPPED by now)."""
+        names = {n for r in gated for n in conditions.check(r["condition"]).steps}
+        if not names:
+            return {}
+        cur = await conn.execute(
+            "SELECT workflow_id, name, state, output FROM workflow_steps"
+            " WHERE workflow_id = ANY(%(ids)s) AND name = ANY(%(names)s)"
+            f" AND state IN ({sql(*DONE)})",
+            {"ids": list({r["workflow_id"] for r in gated}), "names": list(names)},
+        )
+        seen: dict[uuid.UUID, dict[str, Any]] = {}
+        for r in await cur.fetchall():
+            step: dict[str, Any] = {"state": conditions.STATE_SKIPPED}
+            if r["state"] == _SUCCEEDED:
+                step = {"state": conditions.STATE_SUCCEEDED, "output": r["output"]}
+            seen.setdefault(r["workflow_id"], {})[r["name"]] = step
+        return seen
+
+    async def _skip(
+        self, conn: DictConnection, skips: list[tuple[uuid.UUID, str, str]]
+    ) -> list[tuple[uuid.UUID, str]]:
+        """Marks PENDING steps SKIPPED (with their event's message) and follows the skip:
+        dependants with policy SKIP are skipped too, those with policy RUN count the skipped
+        dependency as done. Returns the steps that reached (no dependency left)."""
+        reached: list[tuple[uuid.UUID, str]] = []
+        while skips:
+            messages_of = {(w, n): m for w, n, m in skips}
+            cur = await conn.execute(
+                f"UPDATE workflow_steps s SET state = {StepState.SKIPPED:d}, updated_at = now()"
+                " FROM unnest(%(ids)s::uuid[], %(names)s::text[]) AS u(wf, name)"
+                f" WHERE s.workflow_id = u.wf AND s.name = u.name AND s.state = {_PENDING}"
+                " RETURNING s.workflow_id, s.name",
+                {"ids": [w for w, _, _ in skips], "names": [n for _, n, _ in skips]},
+            )
+            done = sorted((r["workflow_id"], r["name"]) for r in await cur.fetchall())
+            await self.append_events(
+                conn, [NewEvent(w, n, StepState.SKIPPED, messages_of[w, n]) for w, n in done]
+            )
+            if not done:
+                break
+            cur = await conn.execute(
+                "SELECT d.workflow_id, d.name, d.run_if_dependency_skipped AS run,"
+                "   count(*) AS k, min(u.name) AS dep FROM workflow_steps d"
+                " JOIN unnest(%(ids)s::uuid[], %(names)s::text[]) AS u(wf, name)"
+                "   ON d.workflow_id = u.wf AND u.name = ANY(d.depends_on)"
+                f" WHERE d.state = {_PENDING} GROUP BY 1, 2, 3 ORDER BY 1, 2",
+                {"ids": [w for w, _ in done], "names": [n for _, n in done]},
+            )
+            dependants = await cur.fetchall()
+            skips = [
+                (d["workflow_id"], d["name"], f"dependency {d['dep']!r} was skipped")
+                for d in dependants
+                if not d["run"]
+            ]
+            run = [d for d in dependants if d["run"]]
+            if run:
+                cur = await conn.execute(
+                    "UPDATE workflow_steps d SET remaining_deps = d.remaining_deps - u.k,"
+                    "   next_run_at = greatest(now()"
+                    "     + coalesce(d.timer_seconds, 0) * interval '1 second', d.not_before_at),"
+                    "   updated_at = now()"
+                    " FROM unnest(%(ids)s::uuid[], %(names)s::text[], %(ks)s::int[])"
+                    "   AS u(wf, name, k) WHERE d.workflow_id = u.wf AND d.name = u.name"
+                    " RETURNING d.workflow_id, d.name, d.remaining_deps",
+                    {
+                        "ids": [d["workflow_id"] for d in run],
+                        "names": [d["name"] for d in run],
+                        "ks": [d["k"] for d in run],
+                    },
+                )
+                reached += [
+                    (r["workflow_id"], r["name"])
+                    for r in await cur.fetchall()
+                    if r["remaining_deps"] == 0
+                ]
+        return reached
+
+    @staticmethod
+    async def _finished(conn: DictConnection, wids: list[uuid.UUID]) -> list[uuid.UUID]:
+        """Those of these workflows whose steps all SUCCEEDED or were SKIPPED (so still
+        active: a stopped workflow has a step FAILED or CANCELLED)."""
+        if not wids:
+            return []
+        cur = await conn.execute(
+            "SELECT workflow_id FROM workflow_steps WHERE workflow_id = ANY(%(ids)s)"
+            f" GROUP BY workflow_id HAVING bool_and(state IN ({sql(*DONE)}))",
+            {"ids": wids},
+        )
+        return sorted(r["workflow_id"] for r in await cur.fetchall())
 
     async def load(self, conn: DictConnection, rows: list[dict[str, Any]]) -> list[Any]:
         """Workflow messages for workflow rows, with their steps in spec order."""
@@ -807,8 +1033,9 @@ class WorkflowRepository:
                 step.queue, step.task_type = r["queue"], r["task_type"] or ""
                 step.heartbeat_timeout_seconds = r["heartbeat_timeout"] or 0.0
                 step.attempt_deadline.CopyFrom(messages.timestamp(r["attempt_deadline_at"]))
-            if r["workflow_id"] in outputs:
-                step.dependency_outputs.CopyFrom(messages.struct(outputs[r["workflow_id"]]))
+            if r["workflow_id"] in referencing:  # even empty: every referenced step skipped
+                step.dependency_outputs.SetInParent()
+                step.dependency_outputs.CopyFrom(messages.struct(outputs.get(r["workflow_id"], {})))
             messages.set_trace_context(step, r["trace_context"], r["submitted_at"])
         return reply
 
@@ -868,12 +1095,7 @@ class WorkflowRepository:
             " ORDER BY workflow_id FOR NO KEY UPDATE",
             {"ids": touched},
         )
-        cur = await conn.execute(
-            "SELECT workflow_id FROM workflow_steps WHERE workflow_id = ANY(%(ids)s)"
-            f" GROUP BY workflow_id HAVING bool_and(state = {_SUCCEEDED})",
-            {"ids": touched},
-        )
-        finished = [r["workflow_id"] for r in await cur.fetchall()]
+        finished = await self._finished(conn, touched)
         events = [
             NewEvent(r["workflow_id"], r["name"], StepState.SUCCEEDED, f"attempt {r['attempt']}")
             for r in done
@@ -882,14 +1104,23 @@ class WorkflowRepository:
         await self.append_events(
             conn, events, {w: (WorkflowState.SUCCEEDED, "") for w in finished}, locked=True
         )
+        # A step just reached with a condition has it evaluated before anyone can claim it.
+        gated = [
+            (r["workflow_id"], r["name"])
+            for r in rows
+            if r["ord"] is None and r["remaining"] == 0 and r["gated"]
+        ]
+        signals = {
+            r["workflow_id"]
+            for r in rows
+            if r["ord"] is None and r["remaining"] == 0 and r["queue"] == SIGNAL_QUEUE
+        }
+        if gated:
+            more, waits = await self.reach(conn, gated)
+            woke = Woken(woke.builtin or more.builtin, woke.queues | more.queues)
+            signals |= waits
         # A wait_for_signal step just reached takes a signal kept for it (under the lock).
-        reached = sorted(
-            {
-                r["workflow_id"]
-                for r in rows
-                if r["ord"] is None and r["remaining"] == 0 and r["queue"] == SIGNAL_QUEUE
-            }
-        )
+        reached = sorted(signals)
         if reached:
             _, more = await self.deliver_signals(conn, reached, SIGNAL_WORKER)
             woke = Woken(woke.builtin or more.builtin, woke.queues | more.queues)

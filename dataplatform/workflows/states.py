@@ -32,6 +32,7 @@ class StepState(IntEnum):
     FAILED = 4
     CANCELLED = 5
     RETRYING = 6
+    SKIPPED = 7  # its condition was false, or a dependency was skipped (policy SKIP)
 
 
 WORKFLOW_EVENT = 0  # an event's step_state when it is about the workflow, not a step
@@ -49,6 +50,7 @@ FINISHED = (
 RETRYABLE = (WorkflowState.FAILED, WorkflowState.CANCELLED, WorkflowState.TIMED_OUT)
 # The steps a retry runs again; succeeded steps keep their outputs.
 RERUN = (StepState.FAILED, StepState.CANCELLED)
+DONE = (StepState.SUCCEEDED, StepState.SKIPPED)  # a workflow whose steps all are has SUCCEEDED
 
 
 def sql(*states: IntEnum) -> str:

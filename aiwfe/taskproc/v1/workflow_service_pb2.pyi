@@ -31,6 +31,13 @@ class StepState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STEP_STATE_FAILED: _ClassVar[StepState]
     STEP_STATE_CANCELLED: _ClassVar[StepState]
     STEP_STATE_RETRYING: _ClassVar[StepState]
+    STEP_STATE_SKIPPED: _ClassVar[StepState]
+
+class DependencySkipPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEPENDENCY_SKIP_POLICY_UNSPECIFIED: _ClassVar[DependencySkipPolicy]
+    DEPENDENCY_SKIP_POLICY_SKIP: _ClassVar[DependencySkipPolicy]
+    DEPENDENCY_SKIP_POLICY_RUN: _ClassVar[DependencySkipPolicy]
 WORKFLOW_STATE_UNSPECIFIED: WorkflowState
 WORKFLOW_STATE_PENDING: WorkflowState
 WORKFLOW_STATE_RUNNING: WorkflowState
@@ -45,6 +52,10 @@ STEP_STATE_SUCCEEDED: StepState
 STEP_STATE_FAILED: StepState
 STEP_STATE_CANCELLED: StepState
 STEP_STATE_RETRYING: StepState
+STEP_STATE_SKIPPED: StepState
+DEPENDENCY_SKIP_POLICY_UNSPECIFIED: DependencySkipPolicy
+DEPENDENCY_SKIP_POLICY_SKIP: DependencySkipPolicy
+DEPENDENCY_SKIP_POLICY_RUN: DependencySkipPolicy
 
 class RetryPolicy(_message.Message):
     __slots__ = ("max_attempts", "initial_backoff_seconds", "backoff_multiplier", "max_backoff_seconds", "jitter")
@@ -61,7 +72,7 @@ class RetryPolicy(_message.Message):
     def __init__(self, max_attempts: _Optional[int] = ..., initial_backoff_seconds: _Optional[float] = ..., backoff_multiplier: _Optional[float] = ..., max_backoff_seconds: _Optional[float] = ..., jitter: _Optional[float] = ...) -> None: ...
 
 class StepSpec(_message.Message):
-    __slots__ = ("name", "op", "inputs", "depends_on", "retry_policy", "timeout_seconds", "not_before")
+    __slots__ = ("name", "op", "inputs", "depends_on", "retry_policy", "timeout_seconds", "not_before", "when", "on_dependency_skipped")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +80,8 @@ class StepSpec(_message.Message):
     RETRY_POLICY_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    WHEN_FIELD_NUMBER: _ClassVar[int]
+    ON_DEPENDENCY_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     name: str
     op: str
     inputs: _struct_pb2.Struct
@@ -76,7 +89,9 @@ class StepSpec(_message.Message):
     retry_policy: RetryPolicy
     timeout_seconds: float
     not_before: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., op: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    when: str
+    on_dependency_skipped: DependencySkipPolicy
+    def __init__(self, name: _Optional[str] = ..., op: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., when: _Optional[str] = ..., on_dependency_skipped: _Optional[_Union[DependencySkipPolicy, str]] = ...) -> None: ...
 
 class WorkflowSpec(_message.Message):
     __slots__ = ("name", "steps", "timeout_seconds", "priority", "input")
