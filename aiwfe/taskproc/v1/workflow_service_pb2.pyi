@@ -31,6 +31,12 @@ class StepState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STEP_STATE_FAILED: _ClassVar[StepState]
     STEP_STATE_CANCELLED: _ClassVar[StepState]
     STEP_STATE_RETRYING: _ClassVar[StepState]
+
+class ItemFailurePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ITEM_FAILURE_POLICY_UNSPECIFIED: _ClassVar[ItemFailurePolicy]
+    ITEM_FAILURE_POLICY_FAIL_FAST: _ClassVar[ItemFailurePolicy]
+    ITEM_FAILURE_POLICY_COLLECT: _ClassVar[ItemFailurePolicy]
 WORKFLOW_STATE_UNSPECIFIED: WorkflowState
 WORKFLOW_STATE_PENDING: WorkflowState
 WORKFLOW_STATE_RUNNING: WorkflowState
@@ -45,6 +51,9 @@ STEP_STATE_SUCCEEDED: StepState
 STEP_STATE_FAILED: StepState
 STEP_STATE_CANCELLED: StepState
 STEP_STATE_RETRYING: StepState
+ITEM_FAILURE_POLICY_UNSPECIFIED: ItemFailurePolicy
+ITEM_FAILURE_POLICY_FAIL_FAST: ItemFailurePolicy
+ITEM_FAILURE_POLICY_COLLECT: ItemFailurePolicy
 
 class RetryPolicy(_message.Message):
     __slots__ = ("max_attempts", "initial_backoff_seconds", "backoff_multiplier", "max_backoff_seconds", "jitter")
@@ -61,7 +70,7 @@ class RetryPolicy(_message.Message):
     def __init__(self, max_attempts: _Optional[int] = ..., initial_backoff_seconds: _Optional[float] = ..., backoff_multiplier: _Optional[float] = ..., max_backoff_seconds: _Optional[float] = ..., jitter: _Optional[float] = ...) -> None: ...
 
 class StepSpec(_message.Message):
-    __slots__ = ("name", "op", "inputs", "depends_on", "retry_policy", "timeout_seconds", "not_before")
+    __slots__ = ("name", "op", "inputs", "depends_on", "retry_policy", "timeout_seconds", "not_before", "for_each", "max_concurrency", "item_failure")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +78,9 @@ class StepSpec(_message.Message):
     RETRY_POLICY_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    FOR_EACH_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FAILURE_FIELD_NUMBER: _ClassVar[int]
     name: str
     op: str
     inputs: _struct_pb2.Struct
@@ -76,7 +88,10 @@ class StepSpec(_message.Message):
     retry_policy: RetryPolicy
     timeout_seconds: float
     not_before: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., op: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    for_each: str
+    max_concurrency: int
+    item_failure: ItemFailurePolicy
+    def __init__(self, name: _Optional[str] = ..., op: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., for_each: _Optional[str] = ..., max_concurrency: _Optional[int] = ..., item_failure: _Optional[_Union[ItemFailurePolicy, str]] = ...) -> None: ...
 
 class WorkflowSpec(_message.Message):
     __slots__ = ("name", "steps", "timeout_seconds", "priority", "input")
