@@ -43,7 +43,7 @@ from aiwfe.runtime.validation import Violations
 from aiwfe.taskproc.v1 import worker_service_pb2 as pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as pb_grpc
 from taskproc.ops.task import name_problem
-from taskproc.spec import resolve
+from taskproc.spec import claimed_inputs
 from taskproc.streams import RETRY_AFTER_SECONDS
 from taskproc.tracing import dispatch_traceparent
 
@@ -383,9 +383,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def _task(
         self, step: store_pb.ClaimedStep, caller: str, worker_identity: str
     ) -> pb.PollTaskResponse:
-        inputs = json_format.MessageToDict(step.inputs)
-        if step.HasField("dependency_outputs"):
-            inputs = resolve(inputs, json_format.MessageToDict(step.dependency_outputs))
+        inputs = claimed_inputs(step)
         value = struct_pb2.Value()
         json_format.ParseDict(inputs.get("input"), value)
         reply = pb.PollTaskResponse(
