@@ -306,7 +306,8 @@ _EXPAND = (
     "   ELSE (SELECT output #> %(path)s::text[] FROM workflow_steps"
     "     WHERE workflow_id = %(id)s AND name = %(source)s) END AS items),"
     " ok AS (SELECT items, jsonb_array_length(items) AS n FROM src"
-    "   WHERE jsonb_typeof(items) = 'array' AND jsonb_array_length(items) <= %(max_items)s),"
+    "   WHERE CASE WHEN jsonb_typeof(items) = 'array'"  # no length of a scalar is asked
+    "     THEN jsonb_array_length(items) <= %(max_items)s ELSE false END),"
     f" p AS (UPDATE workflow_steps SET state = {_RUNNING}, attempt = attempt + 1,"
     "   lease_owner = %(worker)s, lease_expires_at = NULL, updated_at = now()"
     "   WHERE workflow_id = %(id)s AND name = %(name)s"

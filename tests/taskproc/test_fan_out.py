@@ -5,24 +5,74 @@ taskproc and of dataplatform in the middle of a fan-out."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
+import psycopg
+import pytest
+import yaml
 from google.protobuf import json_format
 
+from aiwfe.app.embedded import free_port
+from aiwfe.app.suite import Suite, start_suite
+from aiwfe.sdk import task
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
-from tests.taskproc.helpers import finish, new_user, spec, step_status, submit
+from tests.conftest import field_violations
+from tests.taskproc.helpers import (
+    TERMINAL,
+    deadline,
+    finish,
+    get,
+    new_user,
+    spec,
+    step_status,
+    submit,
+    watch,
+)
+from tests.taskproc.test_durability import _exit_code, external_taskproc  # noqa: F401
+from tests.workers.conftest import WorkerSuite, queue_name, sdk_worker, ws  # noqa: F401
+
+ONE_ATTEMPT = {"max_attempts": 1}
 
 
 def fan(name: str = "each", for_each: str = "${input.items}", **fields: Any) -> dict[str, Any]:
-    step = {"name": name, "op": "noop", "for_each": for_each}
-    step.update(fields)
+    step = {"name": name, "op": "noop", "for_each": for_each, **fields}
     step.setdefault("inputs", {"echo": "${item}"})
     return step
 
 
+def output(workflow: wf_pb.Workflow, step: str) -> dict[str, Any]:
+    return json_format.MessageToDict(step_status(workflow, step).output)
+
+
+def details(workflow: wf_pb.Workflow, step: str) -> dict[str, Any]:
+    return json_format.MessageToDict(step_status(workflow, step).details)
+
+
+async def attempts(dsn: str, workflow_id: str) -> dict[str, list[bool]]:
+    """Each step's recorded attempts (succeeded or not), items included."""
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT step_name, succeeded FROM workflow_step_attempts WHERE workflow_id = %s"
+            " ORDER BY step_name, attempt",
+            (workflow_id,),
+        )
+        out: dict[str, list[bool]] = {}
+        for name, ok in await cur.fetchall():
+            out.setdefault(name, []).append(ok)
+        return out
+
+
 async def test_outputs_come_back_in_input_order(suite, gateway_channel) -> None:
     """Items finishing out of order (later ones sleep less) still give outputs in input
-    order, and a dependant reads them through ${steps.NAME.output.items}."""
+    order, text references format the item, and a dependant reads the list."""
     token = await new_user(suite, gateway_channel)
     items = [{"n": i, "ms": (5 - i) * 40} for i in range(6)]
     workflow = await submit(
@@ -41,6 +91,341 @@ async def test_outputs_come_back_in_input_order(suite, gateway_channel) -> None:
     )
     done = await finish(gateway_channel, token, workflow.workflow_id)
     assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error
-    out = json_format.MessageToDict(step_status(done, "each").output)
+    out = output(done, "each")
     assert [o["echo"] for o in out["items"]] == [f"n={i}" for i in range(6)]
+    assert "failed" not in out  # fail-fast (the default) has nothing to count
+    assert [o["echo"] for o in output(done, "after")["echo"]] == [f"n={i}" for i in range(6)]
+    # The items are not listed as steps: the fan-out step summarises them.
     assert [s.name for s in done.steps] == ["each", "after"]
+    assert details(done, "each")["items"] == 6 and details(done, "each")["succeeded"] == 6
+
+
+async def test_whole_item_keeps_its_type_and_an_empty_list_succeeds(suite, gateway_channel) -> None:
+    """`${item}` alone is the item itself (an object stays an object); a fan-out over an
+    output list runs at run time; an empty list gives {"items": []} at once."""
+    token = await new_user(suite, gateway_channel)
+    workflow = await submit(
+        gateway_channel,
+        token,
+        spec(
+            {"name": "make", "op": "noop", "inputs": {"echo": [{"a": 1}, [2, 3], None]}},
+            fan(for_each="${steps.make.output.echo}", depends_on=["make"]),
+            fan("none", for_each="${input.empty}"),
+            input={"empty": []},
+        ),
+    )
+    done = await finish(gateway_channel, token, workflow.workflow_id)
+    assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error
+    assert [o["echo"] for o in output(done, "each")["items"]] == [{"a": 1}, [2, 3], None]
+    assert output(done, "none") == {"items": []}
+
+
+async def test_max_concurrency_is_never_exceeded(suite, gateway_channel) -> None:
+    """12 items of 150 ms at most 3 at once: the events never show a fourth running, and
+    the whole takes at least 4 rounds."""
+    token = await new_user(suite, gateway_channel)
+    started = time.monotonic()
+    workflow = await submit(
+        gateway_channel,
+        token,
+        spec(
+            fan(inputs={"sleep_ms": 150, "echo": "${item}"}, max_concurrency=3),
+            input={"items": list(range(12))},
+        ),
+    )
+    events = await watch(gateway_channel, token, workflow.workflow_id)
+    took = time.monotonic() - started
+    running: set[str] = set()
+    most = 0
+    for e in events:
+        if e.step_name.startswith("each["):
+            if e.step_state == wf_pb.STEP_STATE_RUNNING:
+                running.add(e.step_name)
+            else:
+                running.discard(e.step_name)
+            most = max(most, len(running))
+    assert most == 3, most
+    assert took >= 0.55, took
+    done = await get(gateway_channel, token, workflow.workflow_id)
+    assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED
+    assert [o["echo"] for o in output(done, "each")["items"]] == list(range(12))
+
+
+async def test_fail_fast_fails_the_step_and_cancels_the_other_items(
+    suite, gateway_channel, database_dsn
+) -> None:
+    """An item that fails for good fails its fan-out step and the workflow, naming the
+    item; the items not yet run are cancelled, never run."""
+    token = await new_user(suite, gateway_channel)
+    items = ["ok", "permanent", "ok", "ok", "ok"]
+    workflow = await submit(
+        gateway_channel,
+        token,
+        spec(
+            fan(inputs={"fail": "${item}"}, max_concurrency=1, retry_policy=ONE_ATTEMPT),
+            input={"items": items},
+        ),
+    )
+    done = await finish(gateway_channel, token, workflow.workflow_id)
+    assert done.state == wf_pb.WORKFLOW_STATE_FAILED
+    assert "step 'each' failed: item each[1] failed after 1 attempt(s)" in done.error
+    step = step_status(done, "each")
+    assert step.state == wf_pb.STEP_STATE_FAILED and "noop asked to fail" in step.error
+    assert details(done, "each") == {
+        "items": 5, "pending": 0, "running": 0, "retrying": 0, "succeeded": 1, "failed": 1,
+        "cancelled": 3,
+    }  # fmt: skip
+    recorded = await attempts(database_dsn, workflow.workflow_id)
+    assert recorded == {"each[0]": [True], "each[1]": [False]}
+
+
+async def test_collect_records_errors_and_succeeds(suite, gateway_channel) -> None:
+    """Under COLLECT a failed item (after its retries) is {"error": ...} in place, the rest
+    run, the output counts the failures, and the workflow succeeds."""
+    token = await new_user(suite, gateway_channel)
+    retry = {"max_attempts": 2, "initial_backoff_seconds": 0.01}
+    workflow = await submit(
+        gateway_channel,
+        token,
+        spec(
+            fan(
+                inputs={"fail_times": "${item}", "echo": "${item}"},
+                item_failure="ITEM_FAILURE_POLICY_COLLECT",
+                max_concurrency=2,
+                retry_policy=retry,
+            ),
+            input={"items": [0, 5, 1, 0, 9]},
+        ),
+    )
+    done = await finish(gateway_channel, token, workflow.workflow_id)
+    assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error
+    out = output(done, "each")
+    assert out["failed"] == 2
+    assert [o.get("echo") for o in out["items"]] == [0, None, 1, 0, None]
+    assert out["items"][1] == {"error": "attempt 2 failed: noop failing attempt 2 as asked"}
+    assert out["items"][2]["attempt"] == 2  # retried once, then succeeded
+
+
+async def test_the_item_bound_and_non_lists_fail_the_step_at_run_time(
+    suite, gateway_channel, database_dsn
+) -> None:
+    """A list longer than taskproc.max_fan_out_items, or a value that is no list, found at
+    run time fails the fan-out step for good with a clear message (one attempt)."""
+    token = await new_user(suite, gateway_channel)
+    bound = suite.settings.taskproc.max_fan_out_items
+    for value, expected in (
+        (list(range(bound + 1)), f"names {bound + 1} items; at most taskproc.max_fan_out_items"),
+        ("a string", "is not a list (got string)"),
+    ):
+        workflow = await submit(
+            gateway_channel,
+            token,
+            spec(
+                {"name": "make", "op": "noop", "inputs": {"echo": value}},
+                fan(for_each="${steps.make.output.echo}", depends_on=["make"]),
+            ),
+        )
+        done = await finish(gateway_channel, token, workflow.workflow_id)
+        assert done.state == wf_pb.WORKFLOW_STATE_FAILED
+        assert expected in step_status(done, "each").error, step_status(done, "each").error
+        assert expected in done.error
+        recorded = await attempts(database_dsn, workflow.workflow_id)
+        assert recorded == {"make": [True], "each": [False]}
+
+
+async def test_submit_refuses_what_fan_out_does_not_support(suite, gateway_channel) -> None:
+    """Every fan-out mistake is a field violation naming its path, nothing stored."""
+    token = await new_user(suite, gateway_channel)
+    bound = suite.settings.taskproc.max_fan_out_items
+    bad = spec(
+        {"name": "a", "op": "noop", "inputs": {"echo": "${item}"}, "max_concurrency": 2},
+        fan("b", for_each="${input.text}"),
+        fan("c", for_each="${input.big}"),
+        fan("d", for_each="items: ${input.list}"),
+        fan("e", for_each="${steps.a.output.echo}"),
+        {"name": "f", "op": "sleep", "for_each": "${input.list}", "inputs": {"seconds": 1}},
+        fan("g", for_each="${input.list}", max_concurrency=100_000,
+            inputs={"echo": "${item.}"}),
+        fan("h", for_each="${input.missing}"),
+        {"name": "i", "op": "noop", "item_failure": "ITEM_FAILURE_POLICY_COLLECT"},
+        input={"text": "no list", "big": list(range(bound + 1)), "list": [1]},
+    )  # fmt: skip
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await submit(gateway_channel, token, bad)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    got = field_violations(err.value)
+    assert got["spec.steps[0].inputs.echo"] == "${item} is defined only in a step with for_each"
+    assert got["spec.steps[0].max_concurrency"] == "needs for_each"
+    assert got["spec.steps[1].for_each"] == "must name a list (got str)"
+    assert "at most taskproc.max_fan_out_items" in got["spec.steps[2].for_each"]
+    assert got["spec.steps[3].for_each"].startswith("must be one whole reference")
+    assert "which is not in depends_on" in got["spec.steps[4].for_each"]
+    assert got["spec.steps[5].for_each"] == "op 'sleep' cannot fan out"
+    assert got["spec.steps[6].max_concurrency"].startswith("must be between 0")
+    assert got["spec.steps[6].inputs.echo"].startswith("malformed reference")
+    assert "spec.steps[7].for_each" in got
+    assert got["spec.steps[8].item_failure"] == "needs for_each"
+
+
+@task("double_item")
+async def double_item(n: int) -> dict[str, Any]:
+    """Twice its input (a fan-out item)."""
+    return {"twice": n * 2}
+
+
+async def test_task_items_are_served_by_an_sdk_worker(ws: WorkerSuite, sdk_worker) -> None:  # noqa: F811
+    """A fan-out of `task` items goes to external workers on the step's queue, each with
+    its own item as input; the outputs come back in order."""
+    q = queue_name()
+    sdk_worker(q, [double_item])
+    workflow = spec(
+        fan(
+            "each",
+            op="task",
+            inputs={"queue": q, "type": "double_item", "input": {"n": "${item}"}},
+            max_concurrency=4,
+        ),
+        input={"items": list(range(10))},
+    )
+    wf = await submit(ws.channel, ws.admin, workflow)
+    done = await finish(ws.channel, ws.admin, wf.workflow_id)
+    assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error
+    assert output(done, "each")["items"] == [{"twice": 2 * i} for i in range(10)]
+
+
+# --- kill -9 in the middle of a fan-out ---------------------------------------------------
+
+
+def slow_fan_out(n: int) -> wf_pb.WorkflowSpec:
+    return spec(
+        fan(inputs={"sleep_ms": 100, "echo": "${item}"}, max_concurrency=4),
+        {"name": "after", "op": "noop", "depends_on": ["each"]},
+        input={"items": list(range(n))},
+    )
+
+
+async def until_items_succeeded(channel, token, wid: str, at_least: int) -> None:
+    until = deadline(30)
+    while details(await get(channel, token, wid), "each").get("succeeded", 0) < at_least:
+        assert time.monotonic() < until, "items never ran"
+        await asyncio.sleep(0.05)
+
+
+async def assert_finished_exactly_once(dsn: str, workflow_id: str, n: int) -> None:
+    """Every item and step succeeded once (one succeeded attempt each), the outputs are
+    complete and in order, and the workflow succeeded once."""
+    recorded = await attempts(dsn, workflow_id)
+    succeeded = {name: oks.count(True) for name, oks in recorded.items()}
+    assert succeeded == {"each": 1, "after": 1, **{f"each[{i}]": 1 for i in range(n)}}
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM workflow_events WHERE workflow_id = %s"
+            " AND message = 'workflow succeeded'",
+            (workflow_id,),
+        )
+        assert await cur.fetchone() == (1,)
+        cur = await conn.execute(
+            "SELECT output FROM workflow_steps WHERE workflow_id = %s AND name = 'each'",
+            (workflow_id,),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        assert [o["echo"] for o in row[0]["items"]] == list(range(n))
+
+
+@pytest.mark.slow
+async def test_kill_9_taskproc_mid_fan_out_finishes_exactly_once(
+    external_taskproc,  # noqa: F811
+) -> None:
+    """kill -9 of the taskproc running the items: a new one takes over (lost items once
+    their leases expire) and the fan-out finishes once, every item succeeded once."""
+    running, start = external_taskproc
+    worker = await start()
+    n = 30
+    async with grpc.aio.insecure_channel(running.address("gateway")) as ch:
+        token = await new_user(running, ch)
+        wf = await submit(ch, token, slow_fan_out(n))
+        await until_items_succeeded(ch, token, wf.workflow_id, 6)
+        os.killpg(worker.pid, signal.SIGKILL)
+        await _exit_code(worker, 10)
+        await start()
+        done = await finish(ch, token, wf.workflow_id, timeout=60)
+        assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error
+        events = await watch(ch, token, wf.workflow_id)
+        assert any(e.step_name.startswith("each[") and "lease expired" in e.message
+                   for e in events)  # fmt: skip
+    await assert_finished_exactly_once(running.settings.database.postgres.dsn, wf.workflow_id, n)
+
+
+@pytest.fixture
+async def external_dataplatform(base_overrides, tmp_path) -> AsyncIterator[Any]:
+    """cognitive, taskproc and gateway in process; dataplatform as a subprocess on a fixed
+    port, configured by a file with the same settings (`start()` launches one)."""
+    port = free_port()
+    overrides = {**base_overrides, "services": {"dataplatform": {"port": port}}}
+    config = tmp_path / "aiwfe.yaml"
+    config.write_text(yaml.safe_dump(overrides))
+    env = {**os.environ, "AIWFE_CONFIG": str(config)}
+    procs: list[subprocess.Popen[str]] = []
+
+    def launch() -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dataplatform"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("dataplatform:"), line
+        return proc
+
+    async def start() -> subprocess.Popen[str]:
+        return await asyncio.to_thread(launch)
+
+    await start()
+    suite: Suite | None = None
+    try:
+        suite = await start_suite(overrides, only=("cognitive", "taskproc", "gateway"))
+        yield suite, start, procs
+    finally:
+        if suite is not None:
+            await suite.stop()
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.mark.slow
+async def test_kill_9_dataplatform_mid_fan_out_finishes_exactly_once(
+    external_dataplatform,
+) -> None:
+    """kill -9 of dataplatform while items run: once it is back, the workers' pending
+    results and the rest of the items go through, and the fan-out finishes once."""
+    suite, start, procs = external_dataplatform
+    n = 30
+    async with grpc.aio.insecure_channel(suite.address("gateway")) as ch:
+        token = await new_user(suite, ch)
+        wf = await submit(ch, token, slow_fan_out(n))
+        await until_items_succeeded(ch, token, wf.workflow_id, 6)
+        os.killpg(procs[-1].pid, signal.SIGKILL)
+        await _exit_code(procs[-1], 10)
+        await asyncio.sleep(0.5)  # items finish meanwhile: their results wait for the store
+        await start()
+        until = deadline(60)
+        while True:
+            try:
+                done = await get(ch, token, wf.workflow_id)
+            except grpc.aio.AioRpcError as exc:  # the gateway reconnecting
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            else:
+                if done.state in TERMINAL:
+                    break
+            assert time.monotonic() < until, "the fan-out never finished"
+            await asyncio.sleep(0.1)
+        assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error
+    await assert_finished_exactly_once(suite.settings.database.postgres.dsn, wf.workflow_id, n)
