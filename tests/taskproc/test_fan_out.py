@@ -24,7 +24,7 @@ from aiwfe.app.embedded import free_port
 from aiwfe.app.suite import Suite, start_suite
 from aiwfe.sdk import task
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
-from tests.conftest import field_violations
+from tests.conftest import field_violations, login
 from tests.taskproc.helpers import (
     TERMINAL,
     deadline,
@@ -298,17 +298,36 @@ async def test_task_items_are_served_by_an_sdk_worker(ws: WorkerSuite, sdk_worke
 
 def slow_fan_out(n: int) -> wf_pb.WorkflowSpec:
     return spec(
-        fan(inputs={"sleep_ms": 100, "echo": "${item}"}, max_concurrency=4),
+        fan(inputs={"sleep_ms": 300, "echo": "${item}"}, max_concurrency=4),
         {"name": "after", "op": "noop", "depends_on": ["each"]},
         input={"items": list(range(n))},
     )
 
 
-async def until_items_succeeded(channel, token, wid: str, at_least: int) -> None:
+async def until_items_running(channel, token, wid: str, succeeded: int) -> None:
+    """Until `succeeded` items did and some are running."""
     until = deadline(30)
-    while details(await get(channel, token, wid), "each").get("succeeded", 0) < at_least:
+    while True:
+        found = details(await get(channel, token, wid), "each")
+        if found.get("succeeded", 0) >= succeeded and found.get("running", 0) > 0:
+            return
         assert time.monotonic() < until, "items never ran"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.02)
+
+
+async def until_terminal(channel, token, wid: str) -> wf_pb.Workflow:
+    """GetWorkflow until the workflow is terminal, through the restart's UNAVAILABLE."""
+    until = deadline(60)
+    while True:
+        try:
+            workflow = await get(channel, token, wid)
+        except grpc.aio.AioRpcError as exc:  # the gateway reconnecting
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+        else:
+            if workflow.state in TERMINAL:
+                return workflow
+        assert time.monotonic() < until, "the fan-out never finished"
+        await asyncio.sleep(0.1)
 
 
 async def assert_finished_exactly_once(dsn: str, workflow_id: str, n: int) -> None:
@@ -345,15 +364,15 @@ async def test_kill_9_taskproc_mid_fan_out_finishes_exactly_once(
     async with grpc.aio.insecure_channel(running.address("gateway")) as ch:
         token = await new_user(running, ch)
         wf = await submit(ch, token, slow_fan_out(n))
-        await until_items_succeeded(ch, token, wf.workflow_id, 6)
+        await until_items_running(ch, token, wf.workflow_id, 4)
         os.killpg(worker.pid, signal.SIGKILL)
         await _exit_code(worker, 10)
         await start()
-        done = await finish(ch, token, wf.workflow_id, timeout=60)
+        done = await until_terminal(ch, token, wf.workflow_id)
         assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error
         events = await watch(ch, token, wf.workflow_id)
         assert any(e.step_name.startswith("each[") and "lease expired" in e.message
-                   for e in events)  # fmt: skip
+                   for e in events), [(e.step_name, e.message) for e in events]  # fmt: skip
     await assert_finished_exactly_once(running.settings.database.postgres.dsn, wf.workflow_id, n)
 
 
@@ -409,23 +428,13 @@ async def test_kill_9_dataplatform_mid_fan_out_finishes_exactly_once(
     suite, start, procs = external_dataplatform
     n = 30
     async with grpc.aio.insecure_channel(suite.address("gateway")) as ch:
-        token = await new_user(suite, ch)
+        token = await login(ch)  # the admin (users are made in dataplatform's process)
         wf = await submit(ch, token, slow_fan_out(n))
-        await until_items_succeeded(ch, token, wf.workflow_id, 6)
+        await until_items_running(ch, token, wf.workflow_id, 4)
         os.killpg(procs[-1].pid, signal.SIGKILL)
         await _exit_code(procs[-1], 10)
         await asyncio.sleep(0.5)  # items finish meanwhile: their results wait for the store
         await start()
-        until = deadline(60)
-        while True:
-            try:
-                done = await get(ch, token, wf.workflow_id)
-            except grpc.aio.AioRpcError as exc:  # the gateway reconnecting
-                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
-            else:
-                if done.state in TERMINAL:
-                    break
-            assert time.monotonic() < until, "the fan-out never finished"
-            await asyncio.sleep(0.1)
+        done = await until_terminal(ch, token, wf.workflow_id)
         assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error
     await assert_finished_exactly_once(suite.settings.database.postgres.dsn, wf.workflow_id, n)
