@@ -275,22 +275,28 @@ async def double_item(n: int) -> dict[str, Any]:
 
 async def test_task_items_are_served_by_an_sdk_worker(ws: WorkerSuite, sdk_worker) -> None:  # noqa: F811
     """A fan-out of `task` items goes to external workers on the step's queue, each with
-    its own item as input; the outputs come back in order."""
+    its own item as input; the outputs come back in order, and an item lacking the field
+    its input names fails at dispatch (collected here), never reaching a worker."""
     q = queue_name()
     sdk_worker(q, [double_item])
+    items: list[dict[str, Any]] = [{"n": i} for i in range(10)]
+    items[3] = {"m": 3}
     workflow = spec(
         fan(
             "each",
             op="task",
-            inputs={"queue": q, "type": "double_item", "input": {"n": "${item}"}},
+            inputs={"queue": q, "type": "double_item", "input": {"n": "${item.n}"}},
             max_concurrency=4,
+            item_failure="ITEM_FAILURE_POLICY_COLLECT",
         ),
-        input={"items": list(range(10))},
+        input={"items": items},
     )
     wf = await submit(ws.channel, ws.admin, workflow)
     done = await finish(ws.channel, ws.admin, wf.workflow_id)
     assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error
-    assert output(done, "each")["items"] == [{"twice": 2 * i} for i in range(10)]
+    expected: list[dict[str, Any]] = [{"twice": 2 * i} for i in range(10)]
+    expected[3] = {"error": "attempt 1 failed: ${item.n}: the item has no 'n'"}
+    assert output(done, "each") == {"items": expected, "failed": 1}
 
 
 # --- kill -9 in the middle of a fan-out ---------------------------------------------------
