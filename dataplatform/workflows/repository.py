@@ -563,7 +563,7 @@ class WorkflowRepository:
                 }
                 if notify:  # watched before the insert, if at all
                     self._wakeups.deliver({wid: [first]})
-                elif (appended := watches.current_appended()) is not None:
+                elif fan_outs and (appended := watches.current_appended()) is not None:
                     appended[wid] = [first] if self._wakeups.watching({wid}) else None
                 if fan_outs:
                     await self._set_up_fan_outs(conn, wid, spec, fan_outs)
@@ -1063,7 +1063,7 @@ class WorkflowRepository:
                     "input": Jsonb(messages.as_dict(spec.input)) if source is None else None,
                     "max_items": self.max_fan_out_items,
                     "worker": FAN_OUT_WORKER,
-                    "concurrency": st.max_concurrency,
+                    "concurrency": max(1, st.max_concurrency),  # 0 would run none
                     "collect": st.item_failure == wf_pb.ITEM_FAILURE_POLICY_COLLECT,
                 },
             )
@@ -1178,6 +1178,9 @@ class WorkflowRepository:
         """A fail-fast item failed for good: it and its fan-out step FAILED, every other
         unfinished step (its sibling items too) cancelled, the workflow FAILED."""
         parent = item_parent(item) or item
+        await conn.execute(  # the workflow row first, as every transition takes it
+            "SELECT 1 FROM workflows WHERE workflow_id = %(id)s FOR NO KEY UPDATE", {"id": wid}
+        )
         await conn.execute(
             f"UPDATE workflow_steps SET state = {StepState.FAILED:d}, error = %(step_error)s,"
             " lease_owner = NULL, lease_expires_at = NULL, updated_at = now()"

@@ -24,7 +24,8 @@ from aiwfe.app.embedded import free_port
 from aiwfe.app.suite import Suite, start_suite
 from aiwfe.sdk import task
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
-from tests.conftest import field_violations, login
+from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
+from tests.conftest import bearer, field_violations, login
 from tests.taskproc.helpers import (
     TERMINAL,
     deadline,
@@ -204,6 +205,41 @@ async def test_collect_records_errors_and_succeeds(suite, gateway_channel) -> No
     assert [o.get("echo") for o in out["items"]] == [0, None, 1, 0, None]
     assert out["items"][1] == {"error": "attempt 2 failed: noop failing attempt 2 as asked"}
     assert out["items"][2]["attempt"] == 2  # retried once, then succeeded
+
+
+async def test_cancel_mid_fan_out_stops_its_items(suite, gateway_channel, database_dsn) -> None:
+    """Cancelling a workflow while its items run cancels the running and the held items;
+    none starts afterwards."""
+    token = await new_user(suite, gateway_channel)
+    workflow = await submit(
+        gateway_channel,
+        token,
+        spec(
+            fan(inputs={"sleep_ms": 2000}, max_concurrency=2),
+            input={"items": list(range(6))},
+        ),
+    )
+    until = deadline(15)
+    while (
+        details(await get(gateway_channel, token, workflow.workflow_id), "each").get("running", 0)
+        < 2
+    ):
+        assert time.monotonic() < until, "items never ran"
+        await asyncio.sleep(0.02)
+    await wf_grpc.WorkflowServiceStub(gateway_channel).CancelWorkflow(
+        wf_pb.CancelWorkflowRequest(workflow_id=workflow.workflow_id),
+        metadata=bearer(token),
+        timeout=10,
+    )
+    done = await finish(gateway_channel, token, workflow.workflow_id)
+    assert done.state == wf_pb.WORKFLOW_STATE_CANCELLED
+    assert step_status(done, "each").state == wf_pb.STEP_STATE_CANCELLED
+    assert details(done, "each")["cancelled"] == 6
+    await asyncio.sleep(0.5)
+    events = await watch(gateway_channel, token, workflow.workflow_id)
+    started = {e.step_name for e in events if e.step_state == wf_pb.STEP_STATE_RUNNING}
+    assert started == {"each", "each[0]", "each[1]"}
+    assert await attempts(database_dsn, workflow.workflow_id) == {}
 
 
 async def test_the_item_bound_and_non_lists_fail_the_step_at_run_time(
