@@ -563,8 +563,9 @@ class TaskProcSettings(_Block):
     max_attempts: int = Field(default=100, gt=0)  # upper bound a retry policy may ask for
     # Fan-out (StepSpec.for_each): the most items one step may run (a longer list fails the
     # step for good, or is refused at submit when it comes from the workflow input), and the
-    # highest max_concurrency a step may ask for (its default is 10).
-    max_fan_out_items: int = Field(default=1000, gt=0, le=100_000)
+    # highest max_concurrency a step may ask for (its default is 10). Each finished item
+    # costs a look at its workflow's pending steps, so the bound stays at most 10,000.
+    max_fan_out_items: int = Field(default=1000, gt=0, le=10_000)
     max_fan_out_concurrency: int = Field(default=100, gt=0, le=1000)
     # Schedules (ScheduleService; ticked by dataplatform): a tick due longer ago than
     # schedule_grace_seconds was missed (the suite was down) and follows its schedule's

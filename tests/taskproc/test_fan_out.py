@@ -103,19 +103,25 @@ async def test_outputs_come_back_in_input_order(suite, gateway_channel) -> None:
 
 async def test_whole_item_keeps_its_type_and_an_empty_list_succeeds(suite, gateway_channel) -> None:
     """`${item}` alone is the item itself (an object stays an object); a fan-out over an
-    output list runs at run time; an empty list gives {"items": []} at once."""
+    output list runs at run time; an empty list (expanded at submit) gives {"items": []}
+    at once; RunWorkflow streams every event in order, from the first."""
     token = await new_user(suite, gateway_channel)
-    workflow = await submit(
-        gateway_channel,
-        token,
-        spec(
-            {"name": "make", "op": "noop", "inputs": {"echo": [{"a": 1}, [2, 3], None]}},
-            fan(for_each="${steps.make.output.echo}", depends_on=["make"]),
-            fan("none", for_each="${input.empty}"),
-            input={"empty": []},
+    stream = wf_grpc.WorkflowServiceStub(gateway_channel).RunWorkflow(
+        wf_pb.RunWorkflowRequest(
+            spec=spec(
+                {"name": "make", "op": "noop", "inputs": {"echo": [{"a": 1}, [2, 3], None]}},
+                fan(for_each="${steps.make.output.echo}", depends_on=["make"]),
+                fan("none", for_each="${input.empty}"),
+                input={"empty": []},
+            )
         ),
+        metadata=bearer(token),
+        timeout=30,
     )
-    done = await finish(gateway_channel, token, workflow.workflow_id)
+    updates = [u async for u in stream]
+    sequences = [u.event.sequence for u in updates if u.HasField("event")]
+    assert sequences == list(range(1, len(sequences) + 1))
+    done = await get(gateway_channel, token, updates[0].workflow.workflow_id)
     assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error
     assert [o["echo"] for o in output(done, "each")["items"]] == [{"a": 1}, [2, 3], None]
     assert output(done, "none") == {"items": []}
