@@ -298,8 +298,9 @@ _EXPIRE_LEASES = (
 
 # A reached fan-out step: RUNNING (attempt n, leased to dataplatform with no expiry), and,
 # when for_each names a list within the bound, one step per item (the first
-# `concurrency` runnable, the rest held by remaining_deps = 1) and its workflow_fan_outs
-# row. Returns what for_each named (kind, length) and the queues of the runnable items.
+# `concurrency` runnable, the rest held by remaining_deps = 1; none before the step's
+# not_before) and its workflow_fan_outs row. Returns what for_each named (kind, length)
+# and the queues of the runnable items.
 _EXPAND = (
     "WITH src AS (SELECT CASE WHEN %(source)s::text IS NULL"
     "   THEN %(input)s::jsonb #> %(path)s::text[]"
@@ -315,13 +316,14 @@ _EXPAND = (
     " c AS (INSERT INTO workflow_steps (workflow_id, name, position, op, inputs, depends_on,"
     "   remaining_deps, state, priority, max_attempts, initial_backoff, backoff_multiplier,"
     "   max_backoff, jitter, timeout_seconds, queue, task_type, heartbeat_timeout,"
-    "   parent, item_index, item)"
+    "   not_before_at, next_run_at, parent, item_index, item)"
     "   SELECT p.workflow_id, p.name || '[' || (e.ord - 1) || ']', p.position, p.op,"
     "   p.inputs, ARRAY[]::text[], CASE WHEN e.ord <= %(concurrency)s THEN 0 ELSE 1 END,"
     f"   {_PENDING}, p.priority, p.max_attempts, p.initial_backoff, p.backoff_multiplier,"
     "   p.max_backoff, p.jitter, p.timeout_seconds,"
     "   CASE WHEN p.op = 'task' THEN p.inputs->>'queue' END, p.task_type,"
-    "   p.heartbeat_timeout, p.name, e.ord - 1, e.value"
+    "   p.heartbeat_timeout, p.not_before_at, greatest(now(), p.not_before_at),"
+    "   p.name, e.ord - 1, e.value"
     "   FROM p, ok, jsonb_array_elements(ok.items) WITH ORDINALITY AS e(value, ord)"
     "   RETURNING queue, remaining_deps),"
     " f AS (INSERT INTO workflow_fan_outs (workflow_id, step_name, total, released,"

@@ -18,7 +18,7 @@ import grpc
 import psycopg
 import pytest
 import yaml
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 
 from aiwfe.app.embedded import free_port
 from aiwfe.app.suite import Suite, start_suite
@@ -156,6 +156,22 @@ async def test_max_concurrency_is_never_exceeded(suite, gateway_channel) -> None
     done = await get(gateway_channel, token, workflow.workflow_id)
     assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED
     assert [o["echo"] for o in output(done, "each")["items"]] == list(range(12))
+
+
+async def test_items_wait_for_the_steps_not_before(suite, gateway_channel) -> None:
+    """A fan-out step's not_before holds its items, though the list is known at submit."""
+    token = await new_user(suite, gateway_channel)
+    started = time.monotonic()
+    at = timestamp_pb2.Timestamp()
+    at.FromNanoseconds(time.time_ns() + 1_500_000_000)
+    workflow = await submit(
+        gateway_channel,
+        token,
+        spec(fan(not_before=at.ToJsonString()), input={"items": [1, 2]}),
+    )
+    done = await finish(gateway_channel, token, workflow.workflow_id)
+    assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error
+    assert time.monotonic() - started >= 1.4
 
 
 async def test_fail_fast_fails_the_step_and_cancels_the_other_items(
