@@ -23,6 +23,8 @@ from google.protobuf import json_format, timestamp_pb2
 from aiwfe.app.embedded import free_port
 from aiwfe.app.suite import Suite, start_suite
 from aiwfe.sdk import task
+from aiwfe.taskproc.v1 import schedule_service_pb2 as sched_pb
+from aiwfe.taskproc.v1 import schedule_service_pb2_grpc as sched_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from tests.conftest import bearer, field_violations, login
@@ -38,6 +40,7 @@ from tests.taskproc.helpers import (
     watch,
 )
 from tests.taskproc.test_durability import _exit_code, external_taskproc  # noqa: F401
+from tests.taskproc.test_schedules import delete_all_schedules
 from tests.workers.conftest import WorkerSuite, queue_name, sdk_worker, ws  # noqa: F401
 
 ONE_ATTEMPT = {"max_attempts": 1}
@@ -125,6 +128,33 @@ async def test_whole_item_keeps_its_type_and_an_empty_list_succeeds(suite, gatew
     assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error
     assert [o["echo"] for o in output(done, "each")["items"]] == [{"a": 1}, [2, 3], None]
     assert output(done, "none") == {"items": []}
+
+
+async def test_a_scheduled_fan_out_runs(suite, gateway_channel, database_dsn) -> None:
+    """A schedule's workflow (created in the ticker's transaction) fans out too."""
+    token = await new_user(suite, gateway_channel)
+    stub = sched_grpc.ScheduleServiceStub(gateway_channel)
+    created = await stub.CreateSchedule(
+        sched_pb.CreateScheduleRequest(
+            name="fan",
+            cron="0 3 1 1 *",
+            paused=True,
+            spec=spec(fan(max_concurrency=2), input={"items": ["a", "b", "c"]}),
+        ),
+        metadata=bearer(token),
+        timeout=10,
+    )
+    try:
+        reply = await stub.TriggerSchedule(
+            sched_pb.TriggerScheduleRequest(schedule_id=created.schedule.schedule_id),
+            metadata=bearer(token),
+            timeout=10,
+        )
+        done = await finish(gateway_channel, token, reply.workflow.workflow_id)
+        assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error
+        assert [o["echo"] for o in output(done, "each")["items"]] == ["a", "b", "c"]
+    finally:
+        await delete_all_schedules(database_dsn)
 
 
 async def test_max_concurrency_is_never_exceeded(suite, gateway_channel) -> None:
