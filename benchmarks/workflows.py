@@ -573,7 +573,10 @@ def _fan_out_spec(items: int, concurrency: int) -> wf_pb.WorkflowSpec:
     return spec
 
 
-async def _fan_out_once(stub: wf_grpc.WorkflowServiceStub, md: Any, items: int, c: int) -> float:
+async def _fan_out_once(
+    stub: wf_grpc.WorkflowServiceStub, md: Any, items: int, c: int
+) -> tuple[float, str]:
+    """Submit → last event of one fan-out; its seconds and workflow id."""
     start = time.perf_counter()
     reply = await stub.SubmitWorkflow(
         wf_pb.SubmitWorkflowRequest(spec=_fan_out_spec(items, c)), metadata=md, timeout=30
@@ -584,7 +587,19 @@ async def _fan_out_once(stub: wf_grpc.WorkflowServiceStub, md: Any, items: int, 
     ):
         last = event
     assert last is not None and last.workflow_state == wf_pb.WORKFLOW_STATE_SUCCEEDED, last
-    return time.perf_counter() - start
+    return time.perf_counter() - start, reply.workflow.workflow_id
+
+
+async def _get_ms(stub: wf_grpc.WorkflowServiceStub, md: Any, workflow_id: str) -> float:
+    """Median GetWorkflow latency (ms) of one workflow, 20 calls."""
+    samples = []
+    for _ in range(20):
+        start = time.perf_counter()
+        await stub.GetWorkflow(
+            wf_pb.GetWorkflowRequest(workflow_id=workflow_id), metadata=md, timeout=30
+        )
+        samples.append(time.perf_counter() - start)
+    return round(statistics.median(samples) * 1000, 2)
 
 
 async def fan_out_phase(admin_dsn: str, items: int, in_flight: int, rounds: int) -> dict[str, Any]:
@@ -616,13 +631,22 @@ async def fan_out_phase(admin_dsn: str, items: int, in_flight: int, rounds: int)
             sep: list[float] = []
             for _ in range(rounds):
                 sep.append(await separate())
-                fan.append(await _fan_out_once(stub, md, items, in_flight))
+                seconds, fanned = await _fan_out_once(stub, md, items, in_flight)
+                fan.append(seconds)
+            single = await stub.SubmitWorkflow(
+                wf_pb.SubmitWorkflowRequest(spec=_noop_spec()), metadata=md, timeout=30
+            )
+            get_ms = {
+                "fan_out": await _get_ms(stub, md, fanned),
+                "single_step": await _get_ms(stub, md, single.workflow.workflow_id),
+            }
         return {
             "items": items,
             "in_flight": in_flight,
             "fan_out_seconds": [round(t, 3) for t in fan],
             "separate_seconds": [round(t, 3) for t in sep],
             "fan_out_vs_separate": round(sum(fan) / sum(sep), 3),
+            "get_workflow_p50_ms": get_ms,
         }
     finally:
         server.stop()
@@ -640,6 +664,8 @@ def fan_out_summary(result: dict[str, Any]) -> str:
             f"{fo['items']} single-step noop workflows ({fo['in_flight']} in flight):"
             f" {fo['separate_seconds']} s",
             f"fan-out / separate: {fo['fan_out_vs_separate']}x (goal <= 2x)",
+            f"GetWorkflow p50: the fan-out {fo['get_workflow_p50_ms']['fan_out']} ms,"
+            f" a single-step workflow {fo['get_workflow_p50_ms']['single_step']} ms",
         ]
     )
 
