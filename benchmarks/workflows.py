@@ -31,12 +31,17 @@
    the store's); lateness = the step's SUCCEEDED event time - its due time, p50/p99/max.
    Twice: on the idle suite, and with taskproc's worker slots all taken by long `noop`
    steps (`busy`: a worker with no free slot does not poll).
+7. `fanout`: one workflow whose step fans out over `--fan-out` (1,000) `noop` items,
+   `--in-flight` at a time (max_concurrency), against as many single-step `noop`
+   workflows, `--in-flight` at a time (Submit + Watch each), on the same suite in
+   alternating rounds; each time is submit → the last event of the watch.
 
 Goals from the issues: (2) ≥ 3,000 jobs/s, (3) ≥ 300 workflows/s, (4) p50 ≤ 20 ms;
-(5) dispatch p50 ≤ 5 ms, task throughput ≥ half of noop's; (6) lateness p99 ≤ 1 s.
+(5) dispatch p50 ≤ 5 ms, task throughput ≥ half of noop's; (6) lateness p99 ≤ 1 s;
+(7) fan-out ≤ 2x the separate workflows' time.
 
 `--phases` picks phases (default all): `bare` (always run: the machine's anchor), `store`,
-`gateway` (3 and 4), `external`, `timers`.
+`gateway` (3 and 4), `external`, `timers`, `fanout`.
 """
 
 from __future__ import annotations
@@ -669,7 +674,115 @@ def timer_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-PHASES = ("bare", "store", "gateway", "external", "timers")
+# --- fan-out (for_each) vs separate workflows ---------------------------------------------
+
+
+def _fan_out_spec(items: int, concurrency: int) -> wf_pb.WorkflowSpec:
+    spec = wf_pb.WorkflowSpec(name="bench-fan-out")
+    spec.input.update({"items": list(range(items))})
+    spec.steps.add(name="each", op="noop", for_each="${input.items}", max_concurrency=concurrency)
+    spec.steps[0].inputs.update({"echo": "${item}"})
+    return spec
+
+
+async def _fan_out_once(
+    stub: wf_grpc.WorkflowServiceStub, md: Any, items: int, c: int
+) -> tuple[float, str]:
+    """Submit → last event of one fan-out; its seconds and workflow id."""
+    start = time.perf_counter()
+    reply = await stub.SubmitWorkflow(
+        wf_pb.SubmitWorkflowRequest(spec=_fan_out_spec(items, c)), metadata=md, timeout=30
+    )
+    last = None
+    async for event in stub.WatchWorkflow(
+        wf_pb.WatchWorkflowRequest(workflow_id=reply.workflow.workflow_id), metadata=md, timeout=600
+    ):
+        last = event
+    assert last is not None and last.workflow_state == wf_pb.WORKFLOW_STATE_SUCCEEDED, last
+    return time.perf_counter() - start, reply.workflow.workflow_id
+
+
+async def _get_ms(stub: wf_grpc.WorkflowServiceStub, md: Any, workflow_id: str) -> float:
+    """Median GetWorkflow latency (ms) of one workflow, 20 calls."""
+    samples = []
+    for _ in range(20):
+        start = time.perf_counter()
+        await stub.GetWorkflow(
+            wf_pb.GetWorkflowRequest(workflow_id=workflow_id), metadata=md, timeout=30
+        )
+        samples.append(time.perf_counter() - start)
+    return round(statistics.median(samples) * 1000, 2)
+
+
+async def fan_out_phase(admin_dsn: str, items: int, in_flight: int, rounds: int) -> dict[str, Any]:
+    """A fan-out of `items` noop items vs `items` single-step workflows, alternated. Load
+    shedding is off: on a machine shared with other work its adaptive limit refused the
+    separate workflows' submissions (RESOURCE_EXHAUSTED), which would favour the fan-out."""
+    server = ServerProcess(admin_dsn, {"AIWFE_LOAD_SHEDDING__ENABLED": "false"})
+    server.start()
+    try:
+        token = await _login(server.address("gateway"), server.admin_password)
+        md = (("authorization", f"Bearer {token}"),)
+        async with grpc.aio.insecure_channel(server.address("gateway")) as channel:
+            stub = wf_grpc.WorkflowServiceStub(channel)
+            sem = asyncio.Semaphore(in_flight)
+
+            async def one() -> None:
+                async with sem:
+                    await submit_and_wait(stub, md)
+
+            async def separate() -> float:
+                start = time.perf_counter()
+                await asyncio.gather(*(one() for _ in range(items)))
+                return time.perf_counter() - start
+
+            await _fan_out_once(stub, md, 50, in_flight)  # warm-up
+            for _ in range(50):
+                await submit_and_wait(stub, md)
+            fan: list[float] = []
+            sep: list[float] = []
+            for _ in range(rounds):
+                sep.append(await separate())
+                seconds, fanned = await _fan_out_once(stub, md, items, in_flight)
+                fan.append(seconds)
+            single = await stub.SubmitWorkflow(
+                wf_pb.SubmitWorkflowRequest(spec=_noop_spec()), metadata=md, timeout=30
+            )
+            get_ms = {
+                "fan_out": await _get_ms(stub, md, fanned),
+                "single_step": await _get_ms(stub, md, single.workflow.workflow_id),
+            }
+        return {
+            "items": items,
+            "in_flight": in_flight,
+            "fan_out_seconds": [round(t, 3) for t in fan],
+            "separate_seconds": [round(t, 3) for t in sep],
+            "fan_out_vs_separate": round(sum(fan) / sum(sep), 3),
+            "get_workflow_p50_ms": get_ms,
+        }
+    finally:
+        server.stop()
+
+
+def fan_out_summary(result: dict[str, Any]) -> str:
+    """The fan-out figures beside their goal, with the machine's anchor."""
+    fo = result["fanout"]
+    bare = result["bare-skip-locked"]["jobs_per_s"]
+    return "\n".join(
+        [
+            f"{result['machine']['date']}; anchor: bare SKIP LOCKED loop {bare:,} jobs/s",
+            f"fan-out of {fo['items']} noop items ({fo['in_flight']} at once):"
+            f" {fo['fan_out_seconds']} s",
+            f"{fo['items']} single-step noop workflows ({fo['in_flight']} in flight):"
+            f" {fo['separate_seconds']} s",
+            f"fan-out / separate: {fo['fan_out_vs_separate']}x (goal <= 2x)",
+            f"GetWorkflow p50: the fan-out {fo['get_workflow_p50_ms']['fan_out']} ms,"
+            f" a single-step workflow {fo['get_workflow_p50_ms']['single_step']} ms",
+        ]
+    )
+
+
+PHASES = ("bare", "store", "gateway", "external", "timers", "fanout")
 
 
 async def main(opts: argparse.Namespace) -> dict[str, Any]:
@@ -696,6 +809,10 @@ async def main(opts: argparse.Namespace) -> dict[str, Any]:
         )
     if "timers" in phases:
         result["timers"] = await timer_phases(opts.admin_dsn, opts.timers)
+    if "fanout" in phases:
+        result["fanout"] = await fan_out_phase(
+            opts.admin_dsn, opts.fan_out, opts.in_flight, opts.fan_out_rounds
+        )
     if "store-queue" in result:
         result["store_vs_bare"] = round(
             result["store-queue"]["jobs_per_s"] / result["bare-skip-locked"]["jobs_per_s"], 3
@@ -713,6 +830,8 @@ def cli() -> None:
     parser.add_argument("--dispatch", type=int, default=200, help="dispatch latency samples")
     parser.add_argument("--worker-concurrency", type=int, default=32)
     parser.add_argument("--timers", type=int, default=100, help="timers due at once")
+    parser.add_argument("--fan-out", type=int, default=1000, help="items of the fan-out")
+    parser.add_argument("--fan-out-rounds", type=int, default=2, help="alternated rounds")
     parser.add_argument("--phases", default="", help=f"comma-separated: {', '.join(PHASES)}")
     parser.add_argument("--admin-dsn", default=servers.DEFAULT_ADMIN_DSN)
     opts = parser.parse_args()
@@ -722,6 +841,8 @@ def cli() -> None:
         print(external_summary(result), file=sys.stderr)
     if "timers" in result:
         print(timer_summary(result), file=sys.stderr)
+    if "fanout" in result:
+        print(fan_out_summary(result), file=sys.stderr)
 
 
 if __name__ == "__main__":

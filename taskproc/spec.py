@@ -7,6 +7,11 @@ replaces it as is (a list stays a list); inside a longer string it is formatted 
 FIELD is a dotted path whose first part must be an output field of the referenced step's
 op, and the referenced step must be an ancestor (via depends_on, transitively), so its
 output exists when the step runs.
+
+A fan-out step (`for_each`: one whole `${steps...}` or `${input...}` reference to a list)
+runs its op once per item; `${item}` / `${item.PATH}` in its inputs are resolved with the
+other references when an item runs, in one pass (a value put in place is never read again
+as a reference).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
+from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.runtime import conditions
 from aiwfe.runtime.config import TaskProcSettings
 from aiwfe.runtime.validation import Violations
@@ -29,9 +35,14 @@ from taskproc.ops import OPS, StepError
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 REFERENCE = re.compile(r"\$\{steps\.([A-Za-z][A-Za-z0-9_-]*)\.output\.([A-Za-z0-9_.]+)\}")
 _ANY_REFERENCE = re.compile(r"\$\{steps\.[^}]*\}")
-WHOLE_REFERENCE = re.compile(rf"^{REFERENCE.pattern}$")
 INPUT_REFERENCE = re.compile(r"\$\{input((?:\.[A-Za-z0-9_-]+)*)\}")
 _ANY_INPUT_REFERENCE = re.compile(r"\$\{input[^}]*\}")
+ITEM_REFERENCE = re.compile(r"\$\{item((?:\.[A-Za-z0-9_-]+)*)\}")
+_ANY_ITEM_REFERENCE = re.compile(r"\$\{item[^}]*\}")
+_RUN_REFERENCE = re.compile(f"{REFERENCE.pattern}|{ITEM_REFERENCE.pattern}")
+_NO_ITEM = object()  # resolve() outside a fan-out: `${item}` is not a reference there
+DEFAULT_MAX_CONCURRENCY = 10  # a fan-out's items running at once when it names none
+FAN_OUT_FIELDS = frozenset({"items", "failed"})  # a fan-out step's output
 
 # Temporal's defaults: 3 attempts here (Temporal retries forever; a bounded default is the
 # safer choice for AI calls that cost money), 1 s initial, x2, cap 100 x initial.
@@ -184,9 +195,15 @@ def validate(spec: pb.WorkflowSpec, limits: TaskProcSettings) -> pb.WorkflowSpec
             )
             substituted[i] = inputs
         _check_references(step.name, inputs, f"spec.steps[{i}].inputs", spec, index, ancestors, v)
+        _check_fan_out(step, f"spec.steps[{i}]", inputs, workflow_input, limits, v)
+        if step.for_each and REFERENCE.fullmatch(step.for_each):
+            _check_references(
+                step.name, step.for_each, f"spec.steps[{i}].for_each", spec, index, ancestors, v
+            )
         op = OPS[step.op]
         if op.check_with_references or not any(
-            _ANY_REFERENCE.search(s) for _, s in _strings(inputs, "")
+            _ANY_REFERENCE.search(s) or _ANY_ITEM_REFERENCE.search(s)
+            for _, s in _strings(inputs, "")
         ):
             problem = op.check_inputs(inputs)
             if problem:
@@ -228,6 +245,67 @@ def substitute_input(
         return value
 
     return dict(walk(inputs, field))
+
+
+def _check_fan_out(
+    step: pb.StepSpec,
+    field: str,
+    inputs: dict[str, Any],
+    workflow_input: dict[str, Any],
+    limits: TaskProcSettings,
+    v: Violations,
+) -> None:
+    """`for_each` and its companions: `${item}` only in a fan-out step, an op that can fan
+    out, bounds; a list from the workflow input is checked here (it is known now)."""
+    items = [
+        (path, raw)
+        for path, text in _strings(inputs, f"{field}.inputs")
+        for raw in _ANY_ITEM_REFERENCE.findall(text)
+    ]
+    if not step.for_each:
+        for path, _ in items:
+            v.add(path, "${item} is defined only in a step with for_each")
+        v.check(step.max_concurrency == 0, f"{field}.max_concurrency", "needs for_each")
+        v.check(step.item_failure == 0, f"{field}.item_failure", "needs for_each")
+        return
+    for path, raw in items:
+        if not ITEM_REFERENCE.fullmatch(raw):
+            v.add(path, f"malformed reference {raw[:80]!r}: use ${{item}} or ${{item.PATH}}")
+    if not OPS[step.op].fan_out:
+        v.add(f"{field}.for_each", f"op {step.op!r} cannot fan out")
+    v.check(
+        0 <= step.max_concurrency <= limits.max_fan_out_concurrency,
+        f"{field}.max_concurrency",
+        f"must be between 0 (default {DEFAULT_MAX_CONCURRENCY})"
+        f" and {limits.max_fan_out_concurrency}",
+    )
+    v.check(
+        step.item_failure in pb.ItemFailurePolicy.values(),
+        f"{field}.item_failure",
+        "is not a known item failure policy",
+    )
+    if INPUT_REFERENCE.fullmatch(step.for_each):
+        before = len(v.items)
+        found = substitute_input({"for_each": step.for_each}, workflow_input, field, v)
+        if len(v.items) == before:
+            _check_items(found["for_each"], f"{field}.for_each", limits, v)
+    elif not REFERENCE.fullmatch(step.for_each):
+        v.add(
+            f"{field}.for_each",
+            "must be one whole reference: ${steps.NAME.output.PATH} or ${input.PATH}",
+        )
+
+
+def _check_items(value: Any, field: str, limits: TaskProcSettings, v: Violations) -> None:
+    """A fan-out's list known at submit (from the workflow input)."""
+    if not isinstance(value, list):
+        v.add(field, f"must name a list (got {type(value).__name__})")
+    elif len(value) > limits.max_fan_out_items:
+        v.add(
+            field,
+            f"names {len(value)} items; at most taskproc.max_fan_out_items"
+            f" ({limits.max_fan_out_items})",
+        )
 
 
 def _check_waits(
@@ -310,7 +388,7 @@ def _check_retry(rp: pb.RetryPolicy, field: str, limits: TaskProcSettings, v: Vi
 
 def _check_references(
     name: str,
-    inputs: dict[str, Any],
+    inputs: dict[str, Any] | str,
     field: str,
     spec: pb.WorkflowSpec,
     index: dict[str, int],
@@ -329,7 +407,8 @@ def _check_references(
             elif target not in ancestors.get(name, set()):
                 v.add(path, f"references step {target!r}, which is not in depends_on")
             else:
-                fields = OPS[spec.steps[index[target]].op].output_fields
+                referenced = spec.steps[index[target]]
+                fields = FAN_OUT_FIELDS if referenced.for_each else OPS[referenced.op].output_fields
                 head = out_field.split(".", 1)[0]
                 if fields is not None and head not in fields:
                     v.add(
@@ -355,6 +434,11 @@ def _with_defaults(
         rp.backoff_multiplier = rp.backoff_multiplier or DEFAULT_MULTIPLIER
         rp.max_backoff_seconds = rp.max_backoff_seconds or 100 * rp.initial_backoff_seconds
         step.timeout_seconds = step.timeout_seconds or limits.default_step_timeout
+        if step.for_each:
+            step.max_concurrency = step.max_concurrency or min(
+                DEFAULT_MAX_CONCURRENCY, limits.max_fan_out_concurrency
+            )
+            step.item_failure = step.item_failure or pb.ITEM_FAILURE_POLICY_FAIL_FAST
         if step.op == "wait_for_signal" and "timeout_seconds" not in step.inputs.fields:
             step.inputs["timeout_seconds"] = out.timeout_seconds  # until the workflow's end
     return out
@@ -381,31 +465,54 @@ def _lookup(value: Any, path: str, raw: str) -> Any:
     return value
 
 
-def resolve(inputs: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
-    """Inputs with every reference replaced by the referenced output value.
+def resolve(
+    inputs: dict[str, Any], outputs: dict[str, Any], item: Any = _NO_ITEM
+) -> dict[str, Any]:
+    """Inputs with every reference replaced by the referenced output value, and with an
+    `item` (a fan-out item's run) every `${item}` / `${item.PATH}` by the item's value.
 
     Raises:
         StepError: (not retryable) when a referenced output or field does not exist.
     """
+    pattern, marker = (REFERENCE, "${steps.") if item is _NO_ITEM else (_RUN_REFERENCE, "${")
 
-    def one(m: re.Match[str]) -> Any:
-        step, path = m.group(1), m.group(2)
-        if step not in outputs:  # an ancestor without output: it was skipped
-            raise StepError(
-                f"{m.group(0)}: step {step!r} was skipped, so it has no output", retryable=False
-            )
-        return _lookup(outputs[step], path, m.group(0))
+    def one(raw: str) -> Any:
+        m = REFERENCE.fullmatch(raw)
+        if m is not None:
+            step, path = m.group(1), m.group(2)
+            if step not in outputs:  # an ancestor without output: it was skipped
+                raise StepError(
+                    f"{raw}: step {step!r} was skipped, so it has no output", retryable=False
+                )
+            return _lookup(outputs[step], path, raw)
+        m = ITEM_REFERENCE.fullmatch(raw)
+        if m is None or not m.group(1):
+            return item
+        try:
+            return _lookup(item, m.group(1)[1:], raw)
+        except StepError as exc:
+            raise StepError(str(exc).replace("the output", "the item", 1), False) from None
 
     def walk(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: walk(v) for k, v in value.items()}
         if isinstance(value, list):
             return [walk(v) for v in value]
-        if isinstance(value, str) and "${steps." in value:
-            whole = WHOLE_REFERENCE.match(value)
-            if whole:
-                return one(whole)
-            return REFERENCE.sub(lambda m: as_text(one(m)), value)
+        if isinstance(value, str) and marker in value:
+            if pattern.fullmatch(value):
+                return one(value)
+            return pattern.sub(lambda m: as_text(one(m.group(0))), value)
         return value
 
     return walk(inputs)
+
+
+def claimed_inputs(step: store_pb.ClaimedStep) -> dict[str, Any]:
+    """A claimed step's inputs, its references resolved (outputs, a fan-out's item)."""
+    inputs = json_format.MessageToDict(step.inputs)
+    outputs = json_format.MessageToDict(step.dependency_outputs)
+    if step.HasField("item"):
+        return resolve(inputs, outputs, json_format.MessageToDict(step.item))
+    if step.HasField("dependency_outputs"):
+        return resolve(inputs, outputs)
+    return inputs

@@ -42,8 +42,9 @@ from aiwfe.runtime.telemetry import quiet
 from aiwfe.runtime.validation import Violations
 from aiwfe.taskproc.v1 import worker_service_pb2 as pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as pb_grpc
+from taskproc.ops import StepError
 from taskproc.ops.task import name_problem
-from taskproc.spec import resolve
+from taskproc.spec import claimed_inputs
 from taskproc.streams import RETRY_AFTER_SECONDS
 from taskproc.tracing import dispatch_traceparent
 
@@ -377,15 +378,28 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         step = await self._dispatcher.poll(list(request.queues), list(request.types), wait)
         if step is None:
             return pb.PollTaskResponse()
+        try:
+            reply = self._task(step, caller, request.worker_identity)
+        except StepError as exc:  # e.g. a fan-out item without the ${item.PATH} it names
+            await self._unresolvable(step, str(exc))
+            return pb.PollTaskResponse()
         metrics.workflow_tasks_dispatched.labels(step.queue, step.task_type).inc()
-        return self._task(step, caller, request.worker_identity)
+        return reply
+
+    async def _unresolvable(self, step: store_pb.ClaimedStep, error: str) -> None:
+        """Fails for good a task whose input references cannot be resolved: no worker could
+        run it, and holding it until its lease lapsed would hide the reason."""
+        await self._store.call(
+            self._stub.FailStep,
+            store_pb.FailStepRequest(
+                worker_id=self._dispatcher.lease_id, ref=step.ref, error=error, retryable=False
+            ),
+        )
 
     def _task(
         self, step: store_pb.ClaimedStep, caller: str, worker_identity: str
     ) -> pb.PollTaskResponse:
-        inputs = json_format.MessageToDict(step.inputs)
-        if step.HasField("dependency_outputs"):
-            inputs = resolve(inputs, json_format.MessageToDict(step.dependency_outputs))
+        inputs = claimed_inputs(step)
         value = struct_pb2.Value()
         json_format.ParseDict(inputs.get("input"), value)
         reply = pb.PollTaskResponse(

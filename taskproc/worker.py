@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
@@ -41,7 +40,7 @@ from aiwfe.runtime.config import TaskProcSettings, TelemetrySettings
 from aiwfe.runtime.identity import Principal, current_principal
 from aiwfe.runtime.telemetry import quiet
 from taskproc.ops import OPS, PERMANENT_CODES, StepContext, StepError
-from taskproc.spec import resolve
+from taskproc.spec import claimed_inputs
 from taskproc.tracing import mark_failed, step_attempt
 
 log = logging.getLogger("aiwfe.taskproc.worker")
@@ -160,9 +159,7 @@ class Worker:
             try:
                 if op is None:
                     raise StepError(f"unknown op {step.op!r}", retryable=False)
-                inputs = json_format.MessageToDict(step.inputs)
-                if step.HasField("dependency_outputs"):
-                    inputs = resolve(inputs, json_format.MessageToDict(step.dependency_outputs))
+                inputs = claimed_inputs(step)
                 # The step acts for the workflow's owner: the service identity plus theirs.
                 current_principal.set(
                     Principal(

@@ -561,6 +561,12 @@ class TaskProcSettings(_Block):
     default_workflow_timeout: float = Field(default=3600, gt=0)
     max_workflow_timeout: float = Field(default=7 * 86400, gt=0)
     max_attempts: int = Field(default=100, gt=0)  # upper bound a retry policy may ask for
+    # Fan-out (StepSpec.for_each): the most items one step may run (a longer list fails the
+    # step for good, or is refused at submit when it comes from the workflow input), and the
+    # highest max_concurrency a step may ask for (its default is 10). Each finished item
+    # costs a look at its workflow's pending steps, so the bound stays at most 10,000.
+    max_fan_out_items: int = Field(default=1000, gt=0, le=10_000)
+    max_fan_out_concurrency: int = Field(default=100, gt=0, le=1000)
     # Schedules (ScheduleService; ticked by dataplatform): a tick due longer ago than
     # schedule_grace_seconds was missed (the suite was down) and follows its schedule's
     # catch-up policy; CATCH_UP_POLICY_ALL runs at most the latest schedule_max_catch_up.

@@ -28,6 +28,11 @@ def struct(value: dict[str, Any] | None) -> struct_pb2.Struct:
     return out
 
 
+def value(item: Any) -> struct_pb2.Value:
+    """Any JSON value as a protobuf Value (a fan-out item)."""
+    return json_format.ParseDict(item, struct_pb2.Value())
+
+
 def as_dict(value: struct_pb2.Struct) -> dict[str, Any]:
     return json_format.MessageToDict(value)
 

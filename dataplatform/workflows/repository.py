@@ -22,7 +22,9 @@ import contextlib
 import json
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
 
@@ -56,6 +58,10 @@ TIMER_QUEUE = "$timer"
 SIGNAL_QUEUE = "$signal"
 TIMER_WORKER = "dataplatform:timers"  # the lease owner of steps dataplatform completes
 SIGNAL_WORKER = "dataplatform:signals"
+# A fan-out step (for_each) waits here, never claimed, while its items run as steps of
+# their own named "<step>[<i>]"; dataplatform completes it once the last one finished.
+FAN_OUT_QUEUE = "$fanout"
+FAN_OUT_WORKER = "dataplatform:fan-out"
 DEFAULT_HEARTBEAT_SECONDS = 30.0  # a task step's lease without heartbeat_timeout_seconds
 SUBMITTED = "workflow submitted"  # a workflow's first event
 _TX_RETRIES = 5
@@ -77,8 +83,10 @@ def timer_seconds(step: Any) -> float | None:
 
 
 def step_queue(step: Any) -> str | None:
-    """A StepSpec's `queue` column: a task's queue, an internal one for timers and
-    signals, None for a built-in op."""
+    """A StepSpec's `queue` column: a task's queue, an internal one for timers, signals
+    and fan-outs, None for a built-in op."""
+    if step.for_each:
+        return FAN_OUT_QUEUE
     if step.op == "task":
         return str(step.inputs.fields["queue"].string_value)
     return {"sleep": TIMER_QUEUE, "wait_for_signal": SIGNAL_QUEUE}.get(step.op)
@@ -106,6 +114,32 @@ class ListFilter(NamedTuple):
     schedule_id: uuid.UUID | None = None
     create_after: datetime | None = None
     create_before: datetime | None = None
+
+
+def item_parent(step_name: str) -> str | None:
+    """The fan-out step of an item step ("<step>[<i>]"; step names cannot hold '['), or
+    None for any other step."""
+    return step_name.split("[", 1)[0] if "[" in step_name else None
+
+
+def for_each_source(step: Any) -> tuple[str | None, list[str]]:
+    """A validated for_each (taskproc/spec.py checked its form): the step whose output
+    holds the list (None: the workflow input) and the path to it."""
+    parts = step.for_each[2:-1].split(".")
+    return (None, parts[1:]) if parts[0] == "input" else (parts[1], parts[3:])
+
+
+@dataclass
+class _Later:
+    """Wake-ups a transaction owes once it commits (work made runnable, stopped
+    workflows), so no worker looks for rows before they are visible."""
+
+    builtin: bool = False
+    queues: set[str] = field(default_factory=set)
+    stopped: list[str] = field(default_factory=list)
+
+
+_later: ContextVar[_Later | None] = ContextVar("aiwfe_wf_later", default=None)
 
 
 class NewEvent(NamedTuple):
@@ -202,7 +236,7 @@ _CREATE = (
     " SELECT * FROM w"
 )
 
-_INTERNAL = f"('{TIMER_QUEUE}', '{SIGNAL_QUEUE}')"
+_INTERNAL = f"('{TIMER_QUEUE}', '{SIGNAL_QUEUE}', '{FAN_OUT_QUEUE}')"
 # Built-in steps (queue IS NULL) go to taskproc's workers, task steps to the external
 # workers polling their queue; each kind has its partial index (migrations 004, 006).
 _BUILTIN = "queue IS NULL"
@@ -232,7 +266,7 @@ _CLAIM = (
     " RETURNING s.workflow_id, s.name, s.op, s.inputs, s.attempt, s.timeout_seconds,"
     "   s.lease_expires_at, s.priority, s.next_run_at, w.owner_id, w.owner_username,"
     "   w.owner_roles, s.queue, s.task_type, s.heartbeat_timeout, s.attempt_deadline_at,"
-    "   w.trace_context, w.created_at AS submitted_at"
+    "   w.trace_context, w.created_at AS submitted_at, s.item_index, s.item"
 )
 
 _COMPLETE = (
@@ -287,6 +321,88 @@ _EXPIRE_LEASES = (
 )
 
 
+# A reached fan-out step: RUNNING (attempt n, leased to dataplatform with no expiry), and,
+# when for_each names a list within the bound, one step per item (the first
+# `concurrency` runnable, the rest held by remaining_deps = 1; none before the step's
+# not_before) and its workflow_fan_outs row. Returns what for_each named (kind, length)
+# and the queues of the runnable items.
+_EXPAND = (
+    "WITH src AS (SELECT CASE WHEN %(source)s::text IS NULL"
+    "   THEN %(input)s::jsonb #> %(path)s::text[]"
+    "   ELSE (SELECT output #> %(path)s::text[] FROM workflow_steps"
+    "     WHERE workflow_id = %(id)s AND name = %(source)s) END AS items),"
+    " ok AS (SELECT items, jsonb_array_length(items) AS n FROM src"
+    "   WHERE CASE WHEN jsonb_typeof(items) = 'array'"  # no length of a scalar is asked
+    "     THEN jsonb_array_length(items) <= %(max_items)s ELSE false END),"
+    f" p AS (UPDATE workflow_steps SET state = {_RUNNING}, attempt = attempt + 1,"
+    "   lease_owner = %(worker)s, lease_expires_at = NULL, updated_at = now()"
+    "   WHERE workflow_id = %(id)s AND name = %(name)s"
+    f"   AND state IN ({sql(*CLAIMABLE)}) AND remaining_deps = 0 RETURNING *),"
+    " c AS (INSERT INTO workflow_steps (workflow_id, name, position, op, inputs, depends_on,"
+    "   remaining_deps, state, priority, max_attempts, initial_backoff, backoff_multiplier,"
+    "   max_backoff, jitter, timeout_seconds, queue, task_type, heartbeat_timeout,"
+    "   not_before_at, next_run_at, parent, item_index, item, attempt)"
+    "   SELECT p.workflow_id, p.name || '[' || (e.ord - 1) || ']', p.position, p.op,"
+    "   p.inputs, ARRAY[]::text[], CASE WHEN e.ord <= %(concurrency)s THEN 0 ELSE 1 END,"
+    f"   {_PENDING}, p.priority, p.max_attempts, p.initial_backoff, p.backoff_multiplier,"
+    "   p.max_backoff, p.jitter, p.timeout_seconds,"
+    "   CASE WHEN p.op = 'task' THEN p.inputs->>'queue' END, p.task_type,"
+    "   p.heartbeat_timeout, p.not_before_at, greatest(now(), p.not_before_at),"
+    "   p.name, e.ord - 1, e.value,"
+    # Expanded again (RetryWorkflow): an item's attempts continue after its recorded ones.
+    "   CASE WHEN p.attempt > 1 THEN coalesce((SELECT max(a.attempt)"
+    "     FROM workflow_step_attempts a WHERE a.workflow_id = p.workflow_id"
+    "     AND a.step_name = p.name || '[' || (e.ord - 1) || ']'), 0) ELSE 0 END"
+    "   FROM p, ok, jsonb_array_elements(ok.items) WITH ORDINALITY AS e(value, ord)"
+    "   RETURNING queue, remaining_deps),"
+    " f AS (INSERT INTO workflow_fan_outs (workflow_id, step_name, total, released,"
+    "   unfinished, collect) SELECT p.workflow_id, p.name, ok.n,"
+    "   least(ok.n, %(concurrency)s), ok.n, %(collect)s FROM p, ok)"
+    " SELECT (SELECT attempt FROM p) AS attempt, jsonb_typeof(items) AS kind,"
+    "   CASE WHEN jsonb_typeof(items) = 'array' THEN jsonb_array_length(items) END AS n,"
+    "   ARRAY(SELECT DISTINCT coalesce(queue, '') FROM c WHERE remaining_deps = 0)"
+    "   AS queues FROM src"
+)
+
+# Items that finished (succeeded, or failed for good under COLLECT), k per fan-out: each
+# releases the next held item; returns each fan-out's unfinished count and the queues of
+# the released items. `o` reads `released` before the update (one snapshot).
+_ITEMS_FINISHED = (
+    "WITH u AS (SELECT * FROM unnest(%(ids)s::uuid[], %(names)s::text[], %(ks)s::int[])"
+    "   AS u(wf, name, k)),"
+    " o AS (SELECT f.workflow_id, f.step_name, f.released AS old FROM workflow_fan_outs f"
+    "   JOIN u ON f.workflow_id = u.wf AND f.step_name = u.name),"
+    " f AS (UPDATE workflow_fan_outs f SET unfinished = f.unfinished - u.k,"
+    "   released = least(f.total, f.released + u.k) FROM u"
+    "   WHERE f.workflow_id = u.wf AND f.step_name = u.name"
+    "   RETURNING f.workflow_id, f.step_name, f.unfinished, f.released),"
+    " r AS (UPDATE workflow_steps s SET remaining_deps = 0, next_run_at = now(),"
+    "   updated_at = now() FROM f JOIN o USING (workflow_id, step_name),"
+    "   generate_series(o.old, f.released - 1) AS i"
+    "   WHERE s.workflow_id = f.workflow_id AND s.name = f.step_name || '[' || i || ']'"
+    f"   AND s.state = {_PENDING} RETURNING s.queue)"
+    " SELECT workflow_id, step_name, unfinished, NULL::text AS queue FROM f"
+    " UNION ALL SELECT NULL, NULL, NULL, coalesce(queue, '') FROM r"
+)
+
+# The output of fan-out steps whose items all finished: the items' outputs in order (a
+# failed item's entry {"error": ...}), and under COLLECT the count of failed ones.
+_COLLECT = (
+    "SELECT p.workflow_id, p.name, p.attempt, (jsonb_build_object('items',"
+    f"   coalesce(jsonb_agg(CASE WHEN c.state = {_SUCCEEDED} THEN c.output"
+    "     ELSE jsonb_build_object('error', c.error) END ORDER BY c.item_index)"
+    "     FILTER (WHERE c.name IS NOT NULL), '[]'::jsonb))"
+    "   || CASE WHEN f.collect THEN jsonb_build_object('failed',"
+    f"     count(c.name) FILTER (WHERE c.state <> {_SUCCEEDED}))"
+    "     ELSE '{}'::jsonb END)::text AS output"
+    " FROM unnest(%(ids)s::uuid[], %(names)s::text[]) AS u(wf, name)"
+    " JOIN workflow_steps p ON p.workflow_id = u.wf AND p.name = u.name"
+    " JOIN workflow_fan_outs f ON f.workflow_id = u.wf AND f.step_name = u.name"
+    " LEFT JOIN workflow_steps c ON c.workflow_id = u.wf AND c.parent = u.name"
+    f" WHERE p.state = {_RUNNING} GROUP BY p.workflow_id, p.name, p.attempt, f.collect"
+)
+
+
 @contextlib.asynccontextmanager
 async def _given(conn: DictConnection) -> AsyncIterator[DictConnection]:
     """The caller's connection, as `Database.autocommit()` would yield one."""
@@ -296,9 +412,17 @@ async def _given(conn: DictConnection) -> AsyncIterator[DictConnection]:
 class WorkflowRepository:
     """The engine's reads and writes; `wakeups` hears what each transaction appended."""
 
-    def __init__(self, db: Database, wakeups: watches.Wakeups) -> None:
+    def __init__(
+        self, db: Database, wakeups: watches.Wakeups, max_fan_out_items: int = 1000
+    ) -> None:
         self._db = db
         self._wakeups = wakeups
+        self.max_fan_out_items = max_fan_out_items
+        # What a permanent failure found here (a fan-out's for_each naming no list) does:
+        # the scheduler's dead letter, set by it; returns whether the workflow stopped.
+        self.dead_letter: (
+            Callable[[DictConnection, uuid.UUID, str, int, str], Awaitable[bool]] | None
+        ) = None
 
     # --- transactions and events ----------------------------------------------------------
 
@@ -306,7 +430,7 @@ class WorkflowRepository:
         """Runs `work` in one transaction, retrying on deadlock/serialization failures;
         once it commits, the events it appended reach this replica's watchers."""
         for attempt in range(_TX_RETRIES):
-            with watches.collecting() as appended:
+            with watches.collecting() as appended, self._owing() as later:
                 try:
                     async with self._db.pool.connection() as conn:
                         result = await work(conn)
@@ -316,8 +440,40 @@ class WorkflowRepository:
                     await asyncio.sleep(random.uniform(0.001, 0.02) * (attempt + 1))
                     continue
             self._wakeups.appended(appended)
+            self._wake(later)
             return result
         raise RuntimeError("unreachable: the last attempt returns or raises")
+
+    @contextlib.contextmanager
+    def _owing(self) -> Iterator[_Later]:
+        """Collects the wake-ups of one transaction attempt (an enclosing one's, if any)."""
+        outer = _later.get()
+        if outer is not None:
+            yield outer
+            return
+        later = _Later()
+        token = _later.set(later)
+        try:
+            yield later
+        finally:
+            _later.reset(token)
+
+    def _wake(self, later: _Later) -> None:
+        self._wakeups.work(later.builtin, later.queues)
+        if later.stopped:
+            self._wakeups.stopped(later.stopped)
+
+    def _wake_later(self, woke: Woken = Woken(False, set()), stopped: str | None = None) -> None:
+        """Owes a wake-up to the current transaction (at once outside one)."""
+        later = _later.get()
+        now = later is None
+        later = later or _Later()
+        later.builtin = later.builtin or woke.builtin
+        later.queues |= woke.queues
+        if stopped is not None:
+            later.stopped.append(stopped)
+        if now:
+            self._wake(later)
 
     @staticmethod
     async def lock_workflows(conn: DictConnection, ids: list[uuid.UUID]) -> None:
@@ -392,9 +548,9 @@ class WorkflowRepository:
         gated = [st.name for st in steps if st.when and not st.depends_on]
         if conn_in is not None:
             return (await self._insert(conn_in, request, wid, gated))[0]
-        if gated:
+        if gated or any(st.for_each for st in steps):  # both set up in the insert's tx
             stored, first, woke = await self.tx(
-                lambda conn: self._insert(conn, request, wid, gated, deliver=True)
+                lambda conn: self._insert(conn, request, wid, gated)
             )
         else:
             async with self._db.autocommit() as conn:
@@ -411,13 +567,14 @@ class WorkflowRepository:
         request: pb.CreateWorkflowRequest,
         wid: uuid.UUID,
         gated: list[str],
-        deliver: bool = False,
     ) -> tuple[pb.CreateWorkflowResponse, dict[str, Any] | None, Woken | None]:
-        """`create`'s statement (and the conditions of `gated` root steps); returns the
-        response, the first event of a new workflow and what became runnable. With
-        `deliver` (inside `tx`) the first event goes with the transaction's own events."""
+        """`create`'s statement (and the conditions of `gated` root steps, the set-up of
+        fan-outs); returns the response, the first event of a new workflow and what became
+        runnable. Inside a transaction that collects events, the first event goes with the
+        transaction's own."""
         spec = request.spec
         steps = list(spec.steps)
+        fan_outs = [st for st in steps if st.for_each]
         policies = [st.retry_policy for st in steps]
         key = request.idempotency_key or None
         args = {
@@ -465,12 +622,16 @@ class WorkflowRepository:
                 "message": SUBMITTED,
                 "created_at": row["created_at"],
             }
-            roots = [st for st in steps if not st.depends_on and st.name not in gated]
+            roots = [
+                st for st in steps if not st.depends_on and st.name not in gated and not st.for_each
+            ]
             woke = woken({"queue": step_queue(st)} for st in roots)
+            appended = watches.current_appended()
+            if (gated or fan_outs) and appended is not None:
+                appended[wid] = [first]  # before the events `reach` and `expand` append
+            if fan_outs:
+                await self._set_up_fan_outs(conn, wid, spec, fan_outs, set(gated))
             if gated:
-                appended = watches.current_appended()
-                if deliver and appended is not None:
-                    appended[wid] = [first]  # before the events `reach` appends
                 more, waits = await self.reach(conn, [(wid, n) for n in gated])
                 woke = Woken(woke.builtin or more.builtin, woke.queues | more.queues)
                 if waits:
@@ -523,6 +684,7 @@ class WorkflowRepository:
         workflows with a wait_for_signal step among it (for `deliver_signals`)."""
         builtin, queues, waits = False, set(), set()
         touched: set[uuid.UUID] = set()
+        fanned: set[uuid.UUID] = set()
         inputs: dict[uuid.UUID, dict[str, Any]] = {}
         while reached:
             cur = await conn.execute(
@@ -555,6 +717,8 @@ class WorkflowRepository:
                     builtin = True
                 elif r["queue"] == SIGNAL_QUEUE:
                     waits.add(wid)
+                elif r["queue"] == FAN_OUT_QUEUE:
+                    fanned.add(wid)
                 else:
                     queues.add(r["queue"])
             for wid, (name, error) in sorted(failed.items()):
@@ -567,6 +731,8 @@ class WorkflowRepository:
             [NewEvent(w, "", WORKFLOW_EVENT, "workflow succeeded") for w in finished],
             {w: (WorkflowState.SUCCEEDED, "") for w in finished},
         )
+        if fanned:  # fan-out steps whose condition held, or reached past a skip
+            await self._expand_reached(conn, sorted(fanned))
         return Woken(builtin, queues), waits - set(finished)
 
     @staticmethod
@@ -674,24 +840,76 @@ class WorkflowRepository:
             return []
         cur = await conn.execute(
             "SELECT workflow_id FROM workflow_steps WHERE workflow_id = ANY(%(ids)s)"
-            f" GROUP BY workflow_id HAVING bool_and(state IN ({sql(*DONE)}))",
+            f" AND parent IS NULL GROUP BY workflow_id HAVING bool_and(state IN ({sql(*DONE)}))",
             {"ids": wids},
         )
         return sorted(r["workflow_id"] for r in await cur.fetchall())
 
+    async def _set_up_fan_outs(
+        self, conn: DictConnection, wid: uuid.UUID, spec: Any, fan_outs: list[Any], gated: set[str]
+    ) -> None:
+        """Moves fan-out steps to their internal queue (no worker claims them) and expands
+        those with no dependency (a list from the workflow input) and no condition (`reach`
+        expands those once their condition holds)."""
+        await conn.execute(
+            f"UPDATE workflow_steps SET queue = '{FAN_OUT_QUEUE}'"
+            " WHERE workflow_id = %(id)s AND name = ANY(%(names)s)",
+            {"id": wid, "names": [st.name for st in fan_outs]},
+        )
+        roots = [st.name for st in fan_outs if not st.depends_on and st.name not in gated]
+        if roots:
+            await self.expand(conn, wid, spec, roots)
+
     async def load(self, conn: DictConnection, rows: list[dict[str, Any]]) -> list[Any]:
-        """Workflow messages for workflow rows, with their steps in spec order."""
+        """Workflow messages for workflow rows, with their steps in spec order; a fan-out's
+        items are summarised in its step's details, not listed."""
         if not rows:
             return []
+        ids = [r["workflow_id"] for r in rows]
         cur = await conn.execute(
-            f"SELECT workflow_id, {_STEP_COLUMNS} FROM workflow_steps"
-            " WHERE workflow_id = ANY(%(ids)s) ORDER BY workflow_id, position",
-            {"ids": [r["workflow_id"] for r in rows]},
+            f"SELECT workflow_id, queue, {_STEP_COLUMNS} FROM workflow_steps"
+            " WHERE workflow_id = ANY(%(ids)s) AND parent IS NULL"
+            " ORDER BY workflow_id, position",
+            {"ids": ids},
         )
         steps: dict[uuid.UUID, list[dict[str, Any]]] = {}
+        fanned = False
         for s in await cur.fetchall():
             steps.setdefault(s["workflow_id"], []).append(s)
+            fanned = fanned or s["queue"] == FAN_OUT_QUEUE
+        if fanned:
+            await self._summarise_items(conn, ids, steps)
         return [messages.workflow(r, steps.get(r["workflow_id"], [])) for r in rows]
+
+    @staticmethod
+    async def _summarise_items(
+        conn: DictConnection, ids: list[uuid.UUID], steps: dict[uuid.UUID, list[dict[str, Any]]]
+    ) -> None:
+        """Each expanded fan-out step's details: how many of its items are in each state."""
+        counts = ", ".join(
+            f"count(*) FILTER (WHERE state = {int(st)}) AS {st.name.lower()}"
+            for st in (
+                StepState.PENDING,
+                StepState.RUNNING,
+                StepState.RETRYING,
+                StepState.SUCCEEDED,
+                StepState.FAILED,
+                StepState.CANCELLED,
+            )
+        )
+        cur = await conn.execute(
+            f"SELECT workflow_id, parent, count(*) AS items, {counts} FROM workflow_steps"
+            " WHERE workflow_id = ANY(%(ids)s) AND parent IS NOT NULL GROUP BY 1, 2",
+            {"ids": ids},
+        )
+        summary = {(r["workflow_id"], r["parent"]): r for r in await cur.fetchall()}
+        for wid, rows in steps.items():
+            for s in rows:
+                found = summary.get((wid, s["name"]))
+                if found is not None:
+                    s["details"] = {
+                        k: v for k, v in found.items() if k not in ("workflow_id", "parent")
+                    }
 
     async def visible(
         self, conn: DictConnection, workflow_id: str, scope: pb.WorkflowScope
@@ -796,12 +1014,25 @@ class WorkflowRepository:
         (`failures` 0; `attempt`, the fencing token, keeps counting), each waiting only for
         the dependencies that run again too; succeeded steps keep their outputs. The
         workflow is RUNNING with a new deadline. Returns what became runnable; nothing to
-        re-run is RuntimeError (a finished unsuccessful workflow always has a step)."""
+        re-run is RuntimeError (a finished unsuccessful workflow always has a step).
+
+        A fan-out step run again runs all its items again: its item rows go (their attempt
+        rows stay; a new item's attempt numbers continue after them, see `_EXPAND`), and it
+        is expanded anew once reached. A step with a condition has it evaluated again."""
+        await conn.execute(
+            "WITH f AS (DELETE FROM workflow_fan_outs f USING workflow_steps p"
+            "   WHERE f.workflow_id = %(id)s AND p.workflow_id = f.workflow_id"
+            f"   AND p.name = f.step_name AND p.state IN ({sql(*RERUN)})"
+            "   RETURNING f.step_name)"
+            " DELETE FROM workflow_steps s USING f"
+            " WHERE s.workflow_id = %(id)s AND s.parent = f.step_name",
+            {"id": wid},
+        )
         cur = await conn.execute(
             f"UPDATE workflow_steps s SET state = {_PENDING}, failures = 0, error = '',"
             "   output = NULL, details = NULL, lease_owner = NULL, lease_expires_at = NULL,"
             "   attempt_deadline_at = NULL, updated_at = now()"
-            f" WHERE s.workflow_id = %(id)s AND s.state IN ({sql(*RERUN)})"
+            f" WHERE s.workflow_id = %(id)s AND s.state IN ({sql(*RERUN)}) AND s.parent IS NULL"
             " RETURNING s.name",
             {"id": wid},
         )
@@ -815,7 +1046,8 @@ class WorkflowRepository:
             "   next_run_at = greatest(now() + coalesce(s.timer_seconds, 0) * interval '1 second',"
             "     s.not_before_at)"
             " WHERE s.workflow_id = %(id)s AND s.name = ANY(%(names)s)"
-            " RETURNING s.name, s.position, s.remaining_deps, s.queue",
+            " RETURNING s.name, s.position, s.remaining_deps, s.queue,"
+            "   s.condition IS NOT NULL AS gated",
             {"id": wid, "names": names},
         )
         rows = sorted(await cur.fetchall(), key=lambda r: r["position"])
@@ -836,10 +1068,18 @@ class WorkflowRepository:
             locked=True,
         )
         reached = [r for r in rows if r["remaining_deps"] == 0]
-        woke = woken(reached)
-        if any(r["queue"] == SIGNAL_QUEUE for r in reached):  # signals kept unconsumed
+        woke = woken(r for r in reached if r["queue"] != FAN_OUT_QUEUE and not r["gated"])
+        waits = {wid} if any(r["queue"] == SIGNAL_QUEUE for r in reached) else set()
+        gated = [(wid, r["name"]) for r in reached if r["gated"]]
+        if gated:
+            more, waits_more = await self.reach(conn, gated)
+            woke = Woken(woke.builtin or more.builtin, woke.queues | more.queues)
+            waits |= waits_more
+        if waits:  # signals kept unconsumed
             _, more = await self.deliver_signals(conn, [wid], SIGNAL_WORKER)
             woke = Woken(woke.builtin or more.builtin, woke.queues | more.queues)
+        if any(r["queue"] == FAN_OUT_QUEUE for r in reached):
+            await self._expand_reached(conn, [wid])
         return woke
 
     @staticmethod
@@ -1003,7 +1243,8 @@ class WorkflowRepository:
         if referencing:
             cur = await conn.execute(
                 "SELECT workflow_id, name, output FROM workflow_steps"
-                f" WHERE workflow_id = ANY(%(ids)s) AND state = {_SUCCEEDED}",
+                f" WHERE workflow_id = ANY(%(ids)s) AND state = {_SUCCEEDED}"
+                "   AND parent IS NULL",
                 {"ids": list(referencing)},
             )
             for o in await cur.fetchall():
@@ -1036,6 +1277,8 @@ class WorkflowRepository:
             if r["workflow_id"] in referencing:  # even empty: every referenced step skipped
                 step.dependency_outputs.SetInParent()
                 step.dependency_outputs.CopyFrom(messages.struct(outputs.get(r["workflow_id"], {})))
+            if r["item_index"] is not None:
+                step.item.CopyFrom(messages.value(r["item"]))
             messages.set_trace_context(step, r["trace_context"], r["submitted_at"])
         return reply
 
@@ -1086,7 +1329,8 @@ class WorkflowRepository:
         )
         if not done:
             return done, Woken(False, set())
-        woke = woken(r for r in rows if r["ord"] is None and r["remaining"] == 0)
+        ready = [r for r in rows if r["ord"] is None and r["remaining"] == 0]
+        woke = woken(r for r in ready if r["queue"] != FAN_OUT_QUEUE)
         # Completions of sibling steps serialise on the workflow row, and the check runs
         # after the lock so it sees them: the last step to finish finishes the workflow.
         touched = sorted({r["workflow_id"] for r in done})
@@ -1124,7 +1368,185 @@ class WorkflowRepository:
         if reached:
             _, more = await self.deliver_signals(conn, reached, SIGNAL_WORKER)
             woke = Woken(woke.builtin or more.builtin, woke.queues | more.queues)
+        # Fan-outs last: completing a fan-out step finishes its workflow in a nested call.
+        items: dict[tuple[uuid.UUID, str], int] = {}
+        for r in done:
+            parent = item_parent(r["name"])
+            if parent is not None:
+                items[r["workflow_id"], parent] = items.get((r["workflow_id"], parent), 0) + 1
+        if items:
+            await self.items_finished(conn, items)
+        if any(r["queue"] == FAN_OUT_QUEUE for r in rows if r["ord"] is None):
+            await self._expand_reached(conn, touched)
         return done, woke
+
+    # --- fan-out --------------------------------------------------------------------------
+
+    async def _expand_reached(self, conn: DictConnection, wids: list[uuid.UUID]) -> None:
+        """Expands the fan-out steps of these workflows whose dependencies are all done."""
+        cur = await conn.execute(
+            "SELECT s.workflow_id, s.name, w.spec FROM workflow_steps s"
+            " JOIN workflows w ON w.workflow_id = s.workflow_id"
+            f" WHERE s.workflow_id = ANY(%(ids)s) AND s.queue = '{FAN_OUT_QUEUE}'"
+            f"   AND s.state IN ({sql(*CLAIMABLE)}) AND s.remaining_deps = 0"
+            " ORDER BY s.workflow_id, s.position",
+            {"ids": wids},
+        )
+        reached: dict[uuid.UUID, tuple[bytes, list[str]]] = {}
+        for r in await cur.fetchall():
+            reached.setdefault(r["workflow_id"], (r["spec"], []))[1].append(r["name"])
+        for wid, (raw, names) in reached.items():
+            spec = wf_pb.WorkflowSpec()
+            spec.ParseFromString(raw)
+            await self.expand(conn, wid, spec, names)
+
+    async def expand(
+        self, conn: DictConnection, wid: uuid.UUID, spec: Any, names: list[str]
+    ) -> None:
+        """Reached fan-out steps: each item becomes a step (the first max_concurrency
+        runnable), or the step fails for good when for_each names no list or a longer one
+        than taskproc.max_fan_out_items. An empty list completes the step at once."""
+        steps = {st.name: st for st in spec.steps}
+        empty: list[tuple[str, int]] = []
+        for name in names:
+            st = steps[name]
+            source, path = for_each_source(st)
+            cur = await conn.execute(
+                _EXPAND,
+                {
+                    "id": wid,
+                    "name": name,
+                    "source": source,
+                    "path": path,
+                    "input": Jsonb(messages.as_dict(spec.input)) if source is None else None,
+                    "max_items": self.max_fan_out_items,
+                    "worker": FAN_OUT_WORKER,
+                    "concurrency": max(1, st.max_concurrency),  # 0 would run none
+                    "collect": st.item_failure == wf_pb.ITEM_FAILURE_POLICY_COLLECT,
+                },
+            )
+            r = await cur.fetchone()
+            if r is None or r["attempt"] is None:
+                continue  # expanded already
+            attempt, n = r["attempt"], r["n"]
+            error = ""
+            if r["kind"] != "array":
+                error = f"for_each {st.for_each} is not a list (got {r['kind'] or 'nothing'})"
+            elif n > self.max_fan_out_items:
+                error = (
+                    f"for_each {st.for_each} names {n} items; at most"
+                    f" taskproc.max_fan_out_items ({self.max_fan_out_items})"
+                )
+            message = f"attempt {attempt}" + (
+                "" if error else f": {n} items, {st.max_concurrency} at a time"
+            )
+            await self.append_events(conn, [NewEvent(wid, name, StepState.RUNNING, message)])
+            if error:
+                await self._fan_out_failed(conn, wid, name, attempt, error)
+                continue
+            queues = set(r["queues"])
+            self._wake_later(Woken("" in queues, queues - {""}))
+            if n == 0:
+                empty.append((name, attempt))
+        if empty:
+            await self._collect(conn, [(wid, name) for name, _ in empty])
+
+    async def _fan_out_failed(
+        self, conn: DictConnection, wid: uuid.UUID, name: str, attempt: int, error: str
+    ) -> None:
+        """A fan-out step whose list is unusable: its attempt recorded, the dead letter."""
+        ref = pb.StepRef(workflow_id=str(wid), step_name=name, attempt=attempt)
+        row = await self.record_failure(conn, FAN_OUT_WORKER, ref, wid, error)
+        if row is None or self.dead_letter is None:
+            raise RuntimeError(f"fan-out step {name!r} of {wid} cannot be failed")
+        if await self.dead_letter(
+            conn, wid, name, row["failures"], f"attempt {attempt} failed: {error}"
+        ):
+            self._wake_later(stopped=str(wid))
+
+    async def items_finished(
+        self, conn: DictConnection, items: dict[tuple[uuid.UUID, str], int]
+    ) -> None:
+        """Counts finished items per fan-out step (the caller holds the workflow locks):
+        each releases the next held item, and the last completes the fan-out step."""
+        keys = sorted(items)
+        cur = await conn.execute(
+            _ITEMS_FINISHED,
+            {
+                "ids": [w for w, _ in keys],
+                "names": [n for _, n in keys],
+                "ks": [items[k] for k in keys],
+            },
+        )
+        rows = await cur.fetchall()
+        queues = {r["queue"] for r in rows if r["workflow_id"] is None}
+        self._wake_later(Woken("" in queues, queues - {""}))
+        done = [(r["workflow_id"], r["step_name"]) for r in rows if r["unfinished"] == 0]
+        if done:
+            await self._collect(conn, done)
+
+    async def _collect(self, conn: DictConnection, fan_outs: list[tuple[uuid.UUID, str]]) -> None:
+        """Completes fan-out steps whose items all finished, with their outputs in order."""
+        cur = await conn.execute(
+            _COLLECT, {"ids": [w for w, _ in fan_outs], "names": [n for _, n in fan_outs]}
+        )
+        rows = sorted(await cur.fetchall(), key=lambda r: (r["workflow_id"], r["name"]))
+        if rows:
+            refs = StepRefs(
+                [r["workflow_id"] for r in rows],
+                [r["name"] for r in rows],
+                [r["attempt"] for r in rows],
+            )
+            _, woke = await self.complete(conn, FAN_OUT_WORKER, refs, [r["output"] for r in rows])
+            self._wake_later(woke)
+
+    @staticmethod
+    async def fan_out_collects(conn: DictConnection, wid: uuid.UUID, step: str) -> bool:
+        """Whether the fan-out step's failed items are collected (else they fail it)."""
+        cur = await conn.execute(
+            "SELECT collect FROM workflow_fan_outs"
+            " WHERE workflow_id = %(id)s AND step_name = %(step)s",
+            {"id": wid, "step": step},
+        )
+        row = await cur.fetchone()
+        return bool(row and row["collect"])
+
+    async def fail_item(self, conn: DictConnection, wid: uuid.UUID, item: str, error: str) -> None:
+        """A collected item failed for good: FAILED, and it counts as finished."""
+        await conn.execute(
+            f"UPDATE workflow_steps SET state = {StepState.FAILED:d}, error = %(error)s,"
+            " lease_owner = NULL, lease_expires_at = NULL, updated_at = now()"
+            " WHERE workflow_id = %(id)s AND name = %(step)s",
+            {"error": error[:MAX_ERROR_CHARS], "id": wid, "step": item},
+        )
+        await self.append_events(conn, [NewEvent(wid, item, StepState.FAILED, error)])
+        parent = item_parent(item)
+        if parent is not None:
+            await self.items_finished(conn, {(wid, parent): 1})
+
+    async def fail_fan_out(
+        self,
+        conn: DictConnection,
+        wid: uuid.UUID,
+        item: str,
+        error: str,
+        step_error: str,
+        reason: str,
+    ) -> None:
+        """A fail-fast item failed for good: it and its fan-out step FAILED, every other
+        unfinished step (its sibling items too) cancelled, the workflow FAILED."""
+        parent = item_parent(item) or item
+        await conn.execute(  # the workflow row first, as every transition takes it
+            "SELECT 1 FROM workflows WHERE workflow_id = %(id)s FOR NO KEY UPDATE", {"id": wid}
+        )
+        await conn.execute(
+            f"UPDATE workflow_steps SET state = {StepState.FAILED:d}, error = %(step_error)s,"
+            " lease_owner = NULL, lease_expires_at = NULL, updated_at = now()"
+            " WHERE workflow_id = %(id)s AND name = %(step)s",
+            {"step_error": step_error[:MAX_ERROR_CHARS], "id": wid, "step": parent},
+        )
+        await self.append_events(conn, [NewEvent(wid, parent, StepState.FAILED, step_error)])
+        await self.fail_step(conn, wid, item, error, reason)
 
     @staticmethod
     async def record_failure(

@@ -30,6 +30,7 @@ from dataplatform.workflows.repository import (
     NewEvent,
     Woken,
     WorkflowRepository,
+    item_parent,
     step_refs,
 )
 from dataplatform.workflows.states import StepState, WorkflowState
@@ -60,10 +61,12 @@ def out_of_attempts(step: dict[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class FailureOutcome:
-    """What a failed attempt led to: a retry at `next_run_at`, or the dead letter."""
+    """What a failed attempt led to: a retry at `next_run_at`, or the dead letter (which
+    `stopped` the workflow, unless the step was an item of a fan-out that collects)."""
 
     will_retry: bool
     next_run_at: datetime | None = None
+    stopped: bool = False
 
 
 class Scheduler:
@@ -71,16 +74,30 @@ class Scheduler:
 
     def __init__(self, repo: WorkflowRepository) -> None:
         self._repo = repo
+        repo.dead_letter = self.dead_letter
         self._next_sweep = 0.0
         self._queues: set[str] = set()  # queues with a gauge series
 
     async def dead_letter(
         self, conn: DictConnection, wid: uuid.UUID, step: str, attempts: int, error: str
-    ) -> None:
-        """The step FAILED, the rest cancelled, the workflow FAILED."""
-        reason = f"step {step!r} failed after {attempts} attempt(s): {error}"[:MAX_ERROR_CHARS]
-        await self._repo.fail_step(conn, wid, step, error, reason)
+    ) -> bool:
+        """The step FAILED, the rest cancelled, the workflow FAILED; returns whether the
+        workflow stopped. A fan-out's item (ItemFailurePolicy): under COLLECT it is FAILED
+        and the workflow goes on (its error becomes its output entry); under FAIL_FAST its
+        fan-out step FAILED too, naming the item."""
+        parent = item_parent(step)
+        if parent is None:
+            reason = f"step {step!r} failed after {attempts} attempt(s): {error}"
+            await self._repo.fail_step(conn, wid, step, error, reason[:MAX_ERROR_CHARS])
+        elif await self._repo.fan_out_collects(conn, wid, parent):
+            await self._repo.fail_item(conn, wid, step, error)
+            return False
+        else:
+            step_error = f"item {step} failed after {attempts} attempt(s): {error}"
+            reason = f"step {parent!r} failed: {step_error}"[:MAX_ERROR_CHARS]
+            await self._repo.fail_fan_out(conn, wid, step, error, step_error, reason)
         metrics.workflow_dead_letters.inc()
+        return True
 
     async def failed(
         self,
@@ -96,8 +113,8 @@ class Scheduler:
         workflow when the error is permanent or the attempts are spent."""
         msg = f"attempt {attempt} failed: {error}"
         if not retryable or out_of_attempts(step):
-            await self.dead_letter(conn, wid, step_name, step["failures"], msg)
-            return FailureOutcome(will_retry=False)
+            stopped = await self.dead_letter(conn, wid, step_name, step["failures"], msg)
+            return FailureOutcome(will_retry=False, stopped=stopped)
         delay = backoff_seconds(
             step["failures"],
             step["initial_backoff"],
@@ -188,8 +205,8 @@ class Scheduler:
             if r["queue"] is not None and r["error"] == LEASE_LOST:
                 metrics.task_heartbeat_timeouts.labels(r["queue"], r["task_type"]).inc()
             if out_of_attempts(r):
-                await self.dead_letter(conn, r["workflow_id"], r["name"], r["failures"], msg)
-                stopped.append(str(r["workflow_id"]))
+                if await self.dead_letter(conn, r["workflow_id"], r["name"], r["failures"], msg):
+                    stopped.append(str(r["workflow_id"]))
             else:
                 events.append(NewEvent(r["workflow_id"], r["name"], StepState.RETRYING, msg))
         await self._repo.append_events(conn, events)

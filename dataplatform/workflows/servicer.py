@@ -67,9 +67,9 @@ def _check_poll(v: Violations, seconds: float) -> None:
 class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
     """taskproc's durable workflow state and step queue (see the package docstring)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, max_fan_out_items: int = 1000) -> None:
         self.wakeups = Wakeups()
-        self.repo = WorkflowRepository(db, self.wakeups)
+        self.repo = WorkflowRepository(db, self.wakeups, max_fan_out_items)
         self.scheduler = Scheduler(self.repo)
         self.timers = TimerLoop(self.repo, self.scheduler, self.wakeups)
         self._recent = RecentWatches(self.wakeups)
@@ -409,7 +409,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             reply = pb.FailStepResponse(accepted=True, will_retry=outcome.will_retry)
             if outcome.next_run_at is not None:
                 reply.next_run_time.CopyFrom(messages.timestamp(outcome.next_run_at))
-            return reply, not outcome.will_retry
+            return reply, outcome.stopped
 
         reply, stopped = await self.repo.tx(work)
         if stopped:

@@ -61,13 +61,15 @@ class Op:
     """An operation: validates inputs at submit time, runs at step time. `output_fields`
     names what `${steps.X.output.FIELD}` may reference (None: anything). `check` runs only
     on inputs without references unless `check_with_references` (it then must accept a
-    reference wherever one may stand)."""
+    reference wherever one may stand). `fan_out` False refuses `for_each` on it at submit
+    (steps that wait in dataplatform rather than run)."""
 
     name: str
     run: Runner
     output_fields: frozenset[str] | None
     check: InputCheck
     check_with_references: bool = False
+    fan_out: bool = True
 
     def check_inputs(self, inputs: dict[str, Any]) -> str | None:
         return self.check(inputs)

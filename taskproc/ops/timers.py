@@ -77,5 +77,5 @@ async def _run(ctx: StepContext, inputs: dict[str, Any]) -> dict[str, Any]:
     raise StepError("this step waits in dataplatform, not on a worker", retryable=False)
 
 
-register(Op("sleep", _run, frozenset({"slept_seconds"}), _check_sleep))
-register(Op("wait_for_signal", _run, None, _check_wait))
+register(Op("sleep", _run, frozenset({"slept_seconds"}), _check_sleep, fan_out=False))
+register(Op("wait_for_signal", _run, None, _check_wait, fan_out=False))

@@ -197,7 +197,7 @@ class StepRef(_message.Message):
     def __init__(self, workflow_id: _Optional[str] = ..., step_name: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class ClaimedStep(_message.Message):
-    __slots__ = ("ref", "op", "inputs", "timeout_seconds", "owner", "lease_expire_time", "dependency_outputs", "queue", "task_type", "heartbeat_timeout_seconds", "attempt_deadline", "trace_context", "submit_time")
+    __slots__ = ("ref", "op", "inputs", "timeout_seconds", "owner", "lease_expire_time", "dependency_outputs", "queue", "task_type", "heartbeat_timeout_seconds", "attempt_deadline", "trace_context", "submit_time", "item")
     REF_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +211,7 @@ class ClaimedStep(_message.Message):
     ATTEMPT_DEADLINE_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SUBMIT_TIME_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FIELD_NUMBER: _ClassVar[int]
     ref: StepRef
     op: str
     inputs: _struct_pb2.Struct
@@ -224,7 +225,8 @@ class ClaimedStep(_message.Message):
     attempt_deadline: _timestamp_pb2.Timestamp
     trace_context: TraceContext
     submit_time: _timestamp_pb2.Timestamp
-    def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., op: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., owner: _Optional[_Union[WorkflowOwner, _Mapping]] = ..., lease_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., dependency_outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., queue: _Optional[str] = ..., task_type: _Optional[str] = ..., heartbeat_timeout_seconds: _Optional[float] = ..., attempt_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_context: _Optional[_Union[TraceContext, _Mapping]] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    item: _struct_pb2.Value
+    def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., op: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., owner: _Optional[_Union[WorkflowOwner, _Mapping]] = ..., lease_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., dependency_outputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., queue: _Optional[str] = ..., task_type: _Optional[str] = ..., heartbeat_timeout_seconds: _Optional[float] = ..., attempt_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_context: _Optional[_Union[TraceContext, _Mapping]] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., item: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
 
 class ClaimStepsRequest(_message.Message):
     __slots__ = ("worker_id", "max_steps", "lease_seconds", "queues", "types")

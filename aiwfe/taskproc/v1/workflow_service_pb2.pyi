@@ -38,6 +38,12 @@ class DependencySkipPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEPENDENCY_SKIP_POLICY_UNSPECIFIED: _ClassVar[DependencySkipPolicy]
     DEPENDENCY_SKIP_POLICY_SKIP: _ClassVar[DependencySkipPolicy]
     DEPENDENCY_SKIP_POLICY_RUN: _ClassVar[DependencySkipPolicy]
+
+class ItemFailurePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ITEM_FAILURE_POLICY_UNSPECIFIED: _ClassVar[ItemFailurePolicy]
+    ITEM_FAILURE_POLICY_FAIL_FAST: _ClassVar[ItemFailurePolicy]
+    ITEM_FAILURE_POLICY_COLLECT: _ClassVar[ItemFailurePolicy]
 WORKFLOW_STATE_UNSPECIFIED: WorkflowState
 WORKFLOW_STATE_PENDING: WorkflowState
 WORKFLOW_STATE_RUNNING: WorkflowState
@@ -56,6 +62,9 @@ STEP_STATE_SKIPPED: StepState
 DEPENDENCY_SKIP_POLICY_UNSPECIFIED: DependencySkipPolicy
 DEPENDENCY_SKIP_POLICY_SKIP: DependencySkipPolicy
 DEPENDENCY_SKIP_POLICY_RUN: DependencySkipPolicy
+ITEM_FAILURE_POLICY_UNSPECIFIED: ItemFailurePolicy
+ITEM_FAILURE_POLICY_FAIL_FAST: ItemFailurePolicy
+ITEM_FAILURE_POLICY_COLLECT: ItemFailurePolicy
 
 class RetryPolicy(_message.Message):
     __slots__ = ("max_attempts", "initial_backoff_seconds", "backoff_multiplier", "max_backoff_seconds", "jitter")
@@ -72,7 +81,7 @@ class RetryPolicy(_message.Message):
     def __init__(self, max_attempts: _Optional[int] = ..., initial_backoff_seconds: _Optional[float] = ..., backoff_multiplier: _Optional[float] = ..., max_backoff_seconds: _Optional[float] = ..., jitter: _Optional[float] = ...) -> None: ...
 
 class StepSpec(_message.Message):
-    __slots__ = ("name", "op", "inputs", "depends_on", "retry_policy", "timeout_seconds", "not_before", "when", "on_dependency_skipped")
+    __slots__ = ("name", "op", "inputs", "depends_on", "retry_policy", "timeout_seconds", "not_before", "when", "on_dependency_skipped", "for_each", "max_concurrency", "item_failure")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +91,9 @@ class StepSpec(_message.Message):
     NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     WHEN_FIELD_NUMBER: _ClassVar[int]
     ON_DEPENDENCY_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    FOR_EACH_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FAILURE_FIELD_NUMBER: _ClassVar[int]
     name: str
     op: str
     inputs: _struct_pb2.Struct
@@ -91,7 +103,10 @@ class StepSpec(_message.Message):
     not_before: _timestamp_pb2.Timestamp
     when: str
     on_dependency_skipped: DependencySkipPolicy
-    def __init__(self, name: _Optional[str] = ..., op: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., when: _Optional[str] = ..., on_dependency_skipped: _Optional[_Union[DependencySkipPolicy, str]] = ...) -> None: ...
+    for_each: str
+    max_concurrency: int
+    item_failure: ItemFailurePolicy
+    def __init__(self, name: _Optional[str] = ..., op: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., when: _Optional[str] = ..., on_dependency_skipped: _Optional[_Union[DependencySkipPolicy, str]] = ..., for_each: _Optional[str] = ..., max_concurrency: _Optional[int] = ..., item_failure: _Optional[_Union[ItemFailurePolicy, str]] = ...) -> None: ...
 
 class WorkflowSpec(_message.Message):
     __slots__ = ("name", "steps", "timeout_seconds", "priority", "input")
