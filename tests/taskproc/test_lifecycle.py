@@ -631,3 +631,62 @@ async def test_every_table_referencing_workflows_is_purged_with_them(suite, data
     assert "workflow_signals" in keys
     assert all(kind == "c" for kind in keys.values()), keys
     assert tables <= set(keys), tables - set(keys)
+
+
+async def test_a_retried_fan_out_runs_its_items_again(suite, gateway_channel, database_dsn) -> None:
+    """A fail-fast fan-out whose item failed for good is retried: its items are made
+    again (their attempt numbers continue after the recorded ones: no attempt is recorded
+    twice), and the step's output lists every item in order."""
+    token = await new_user(suite, gateway_channel)
+    wf = await submit(
+        gateway_channel,
+        token,
+        spec(
+            {
+                "name": "each",
+                "op": "noop",
+                "for_each": "${input.items}",
+                "inputs": {"echo": "${item.k}", "fail_times": "${item.f}"},
+                "retry_policy": {"max_attempts": 2, "initial_backoff_seconds": 0.05},
+            },
+            input={"items": [{"k": "a", "f": 0}, {"k": "b", "f": 2}, {"k": "c", "f": 0}]},
+        ),
+    )
+    failed = await finish(gateway_channel, token, wf.workflow_id)
+    assert failed.state == wf_pb.WORKFLOW_STATE_FAILED, failed
+    await _retry(gateway_channel, token, wf.workflow_id)
+    await watch(gateway_channel, token, wf.workflow_id)
+    done = await get(gateway_channel, token, wf.workflow_id)
+    assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done
+    items = json_format.MessageToDict(step_status(done, "each").output)["items"]
+    assert [i["echo"] for i in items] == ["a", "b", "c"]
+    assert items[1]["attempt"] == 3  # after the two recorded failures
+    async with await psycopg.AsyncConnection.connect(database_dsn) as conn:
+        cur = await conn.execute(
+            "SELECT step_name, array_agg(attempt ORDER BY attempt) FROM workflow_step_attempts"
+            " WHERE workflow_id = %s AND step_name LIKE 'each[%%' GROUP BY 1 ORDER BY 1",
+            (wf.workflow_id,),
+        )
+        attempts = dict(await cur.fetchall())
+    assert attempts["each[1]"] == [1, 2, 3], attempts
+
+
+async def test_a_retried_conditional_step_has_its_condition_evaluated_again(
+    suite, gateway_channel
+) -> None:
+    """A step whose condition errored is retried: the condition is evaluated again (and
+    fails the same way), the step is not run unconditionally."""
+    token = await new_user(suite, gateway_channel)
+    wf = await submit(
+        gateway_channel,
+        token,
+        spec({"name": "gated", "op": "noop", "when": "input.missing > 1.0"}, input={"x": 1}),
+    )
+    failed = await finish(gateway_channel, token, wf.workflow_id)
+    assert failed.state == wf_pb.WORKFLOW_STATE_FAILED, failed
+    await _retry(gateway_channel, token, wf.workflow_id)
+    again = await finish(gateway_channel, token, wf.workflow_id)
+    assert again.state == wf_pb.WORKFLOW_STATE_FAILED, again
+    gated = step_status(again, "gated")
+    assert gated.state == wf_pb.STEP_STATE_FAILED and gated.attempts == 0, gated
+    assert "input.missing > 1.0" in gated.error
