@@ -334,3 +334,37 @@ def test_workflow_submitted_before_a_dataplatform_restart_completes(stack: Stack
     workflow = asyncio.run(_outcome(stack.gateway, workflow_id))
     assert workflow.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, workflow
     assert [s.name for s in workflow.steps] == ["s0", "s1", "s2", "s3"]
+
+
+# Run inside the image as its user: the default embedder's code path (cognitive/onnx_backend.py)
+# on ONNX Runtime and tokenizers as the image ships them (trimmed: see deploy/Dockerfile).
+ONNX_IN_IMAGE = """
+import json, pathlib, sys
+from cognitive.onnx_backend import OnnxEmbedder
+e = OnnxEmbedder(pathlib.Path("/model"), max_tokens=256)
+print(json.dumps(e.encode(json.loads(sys.argv[1])).tolist()))
+"""
+
+
+def test_onnx_embedder_runs_in_the_image(stack: Stack) -> None:
+    """The stack above embeds on the offline fall-back (no weights can be fetched here), so
+    the ONNX runtime is proven separately: the image encodes with the tests' tiny BERT-shaped
+    model (tests/cognitive/tiny_model.py) and matches the vectors computed by hand."""
+    import tempfile
+
+    from tests.cognitive import tiny_model
+
+    texts = ["how to add the feature", "segfault crash bug"]
+    # Not pytest's tmp_path (mode 700): the image's user (uid 10001) reads the mount.
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = tiny_model.build(Path(tmp) / "tiny")
+        for path in (Path(tmp), folder):
+            path.chmod(0o755)
+        out = run(
+            *("docker", "run", "--rm", "--network", "none", "-v", f"{folder}:/model:ro"),
+            *("--entrypoint", "python", AIWFE_IMAGE, "-c", ONNX_IN_IMAGE, json.dumps(texts)),
+            timeout=120,
+        ).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    for text, vector in zip(texts, got, strict=True):
+        assert vector == pytest.approx(tiny_model.expected(text).tolist(), abs=1e-5)

@@ -196,11 +196,16 @@ def test_dockerfile_is_multi_stage_non_root_with_grpc_healthcheck() -> None:
 
 def test_dockerfile_base_is_an_argument_without_dev_dependencies() -> None:
     """Users build on an official Python image, tests on the offline Debian base, through
-    one BASE_IMAGE argument used by every stage; no `# syntax=` line (it forces a pull of the
-    frontend image); the runtime gets the package without its dev extra."""
+    one BASE_IMAGE argument used by every stage but the last, which is empty (`scratch`) and
+    gets only files of those stages (the base pruned, the virtualenv); no `# syntax=` line (it
+    forces a pull of the frontend image); the runtime gets the package without its dev
+    extra."""
     text = (ROOT / "deploy/Dockerfile").read_text()
     assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
     first_from = text.index("\nFROM ")
     assert re.search(r"^ARG BASE_IMAGE=python:3\.1\d", text[:first_from], re.M)
-    assert set(re.findall(r"^FROM (\S+)", text, re.M)) == {"${BASE_IMAGE}"}
+    bases = re.findall(r"^FROM (\S+)", text, re.M)
+    assert set(bases[:-1]) == {"${BASE_IMAGE}"} and bases[-1] == "scratch"
+    last = text[text.rindex("\nFROM ") :]
+    assert "RUN " not in last  # an empty image has no shell to run anything at build time
     assert "[dev]" not in text
