@@ -51,6 +51,9 @@ SIGNAL_QUEUE = "$signal"
 TIMER_WORKER = "dataplatform:timers"  # the lease owner of steps dataplatform completes
 SIGNAL_WORKER = "dataplatform:signals"
 DEFAULT_HEARTBEAT_SECONDS = 30.0  # a task step's lease without heartbeat_timeout_seconds
+# ConcurrencySpec bounds (taskproc/spec.py checks them first, with the same numbers).
+MAX_CONCURRENCY_KEY_CHARS = 256
+MAX_CONCURRENCY = 1000  # `max`; also how many queued workflows one admission reads
 SUBMITTED = "workflow submitted"  # a workflow's first event
 _TX_RETRIES = 5
 
@@ -178,6 +181,11 @@ _CREATE = (
     " SELECT * FROM w"
 )
 
+# A workflow's concurrency key if it holds one of its key's slots (admitted), else NULL.
+_SLOT_KEY = "CASE WHEN admitted THEN concurrency_key END AS slot_key"
+# One transaction at a time decides a key's admissions (the two-int advisory lock form: its
+# own key space; a hash collision of two keys only serialises them).
+_LOCK_KEY = "SELECT pg_advisory_xact_lock(20014, hashtext(%(owner)s || chr(31) || %(key)s))"
 _INTERNAL = f"('{TIMER_QUEUE}', '{SIGNAL_QUEUE}')"
 # Built-in steps (queue IS NULL) go to taskproc's workers, task steps to the external
 # workers polling their queue; each kind has its partial index (migrations 004, 006).
@@ -280,7 +288,7 @@ class WorkflowRepository:
         """Runs `work` in one transaction, retrying on deadlock/serialization failures;
         once it commits, the events it appended reach this replica's watchers."""
         for attempt in range(_TX_RETRIES):
-            with watches.collecting() as appended:
+            with watches.collecting() as appended, watches.collecting_work() as runnable:
                 try:
                     async with self._db.pool.connection() as conn:
                         result = await work(conn)
@@ -290,6 +298,7 @@ class WorkflowRepository:
                     await asyncio.sleep(random.uniform(0.001, 0.02) * (attempt + 1))
                     continue
             self._wakeups.appended(appended)
+            self._wakeups.work(runnable.builtin, runnable.queues)
             return result
         raise RuntimeError("unreachable: the last attempt returns or raises")
 
@@ -310,10 +319,16 @@ class WorkflowRepository:
         new_states: dict[uuid.UUID, tuple[WorkflowState, str]] | None = None,
         promote_pending: bool = False,
         locked: bool = False,
+        slots: set[tuple[str, str]] | None = None,
     ) -> None:
         """Appends events with gap-free sequences and applies workflow state changes
         (state, error) in the same statement; `promote_pending` moves PENDING workflows
-        to RUNNING."""
+        to RUNNING.
+
+        Every workflow that finishes goes through here, so here its concurrency slot is
+        freed and the next queued workflow of its key admitted. `slots` are the (owner, key)
+        slots the finishing workflows held, when the caller read them with its row locks
+        (None: read here, one more statement)."""
         if not events:
             return
         new_states = new_states or {}
@@ -342,6 +357,12 @@ class WorkflowRepository:
                         rows.append(row)
             else:  # parsing rows nobody reads costs the queue; a late watcher re-reads
                 appended.update(dict.fromkeys(wids))
+        finished = [w for w, (state, _) in new_states.items() if state not in ACTIVE]
+        if finished:
+            if slots is None:
+                slots = await self.slots_held(conn, finished)
+            if slots:
+                await self.admit(conn, slots)
 
     # --- workflows ------------------------------------------------------------------------
 
@@ -355,11 +376,11 @@ class WorkflowRepository:
         statement, so one round trip in autocommit and atomic by itself: the workflow row,
         its steps and its first event, unless the idempotency key was used before. Only
         this replica can watch an id not out yet, so the first event is delivered here,
-        not announced.
+        not announced. A workflow with a concurrency key takes a transaction instead: it
+        is stored, then admitted or queued (`enqueue`).
 
         With `conn_in` it runs inside the caller's transaction (a schedule's tick) and
         wakes no one: the caller calls `Wakeups.work()` once it commits."""
-        notify = conn_in is None
         spec = request.spec
         steps = list(spec.steps)
         policies = [st.retry_policy for st in steps]
@@ -392,48 +413,173 @@ class WorkflowRepository:
             "default_heartbeat": DEFAULT_HEARTBEAT_SECONDS,
             "trace_context": messages.trace_context_json(request),
         }
-        async with self._db.autocommit() if conn_in is None else _given(conn_in) as conn:
-            cur = await conn.execute(_CREATE, args)
-            row = await cur.fetchone()
-            if row is not None:  # nothing to read back: every step is PENDING, no attempts
-                if notify:
-                    roots = [st for st in steps if not st.depends_on]
-                    self._wakeups.work(*woken({"queue": step_queue(st)} for st in roots))
-                first = {
-                    "sequence": 1,
-                    "workflow_state": row["state"],
-                    "step_name": "",
-                    "step_state": WORKFLOW_EVENT,
-                    "message": SUBMITTED,
-                    "created_at": row["created_at"],
+        if conn_in is not None:
+            return await self._insert(conn_in, request, wid, args, notify=False)
+        if spec.concurrency.key:
+            return await self.tx(lambda conn: self._insert(conn, request, wid, args, True))
+        async with self._db.autocommit() as conn:
+            return await self._insert(conn, request, wid, args, notify=True)
+
+    async def _insert(
+        self,
+        conn: DictConnection,
+        request: pb.CreateWorkflowRequest,
+        wid: uuid.UUID,
+        args: dict[str, Any],
+        notify: bool,
+    ) -> pb.CreateWorkflowResponse:
+        """`create`'s statement and what follows it on `conn`."""
+        steps = request.spec.steps
+        cur = await conn.execute(_CREATE, args)
+        row = await cur.fetchone()
+        if row is not None:  # nothing to read back: every step is PENDING, no attempts
+            first = {
+                "sequence": 1,
+                "workflow_state": row["state"],
+                "step_name": "",
+                "step_state": WORKFLOW_EVENT,
+                "message": SUBMITTED,
+                "created_at": row["created_at"],
+            }
+            if request.spec.concurrency.key:
+                appended = watches.current_appended()
+                if notify and appended is not None:  # delivered once the transaction commits
+                    appended[wid] = [first]
+                await self.enqueue(conn, wid, request.owner.user_id, request.spec.concurrency)
+            elif notify:
+                roots = [st for st in steps if not st.depends_on]
+                self._wakeups.work(*woken({"queue": step_queue(st)} for st in roots))
+                self._wakeups.deliver({wid: [first]})  # watched before the insert, if at all
+            pending = [
+                {
+                    "name": st.name,
+                    "state": _PENDING,
+                    "attempt": 0,
+                    "error": "",
+                    "output": None,
+                    "details": None,
                 }
-                if notify:  # watched before the insert, if at all
-                    self._wakeups.deliver({wid: [first]})
-                pending = [
-                    {
-                        "name": st.name,
-                        "state": _PENDING,
-                        "attempt": 0,
-                        "error": "",
-                        "output": None,
-                        "details": None,
-                    }
-                    for st in steps
-                ]
-                return pb.CreateWorkflowResponse(
-                    workflow=messages.workflow(row, pending), created=True
-                )
-            # The idempotency key was used before (or is being used right now: the insert
-            # waited for that transaction, so its workflow is committed): the same workflow.
-            cur = await conn.execute(
-                f"SELECT {_WF_COLUMNS} FROM workflows"
-                " WHERE owner_id = %(owner_id)s AND idempotency_key = %(idempotency_key)s",
-                {"owner_id": request.owner.user_id, "idempotency_key": key},
+                for st in steps
+            ]
+            return pb.CreateWorkflowResponse(workflow=messages.workflow(row, pending), created=True)
+        # The idempotency key was used before (or is being used right now: the insert
+        # waited for that transaction, so its workflow is committed): the same workflow.
+        cur = await conn.execute(
+            f"SELECT {_WF_COLUMNS} FROM workflows"
+            " WHERE owner_id = %(owner_id)s AND idempotency_key = %(idempotency_key)s",
+            {"owner_id": request.owner.user_id, "idempotency_key": args["idempotency_key"]},
+        )
+        existing = await cur.fetchone()
+        if existing is None:  # the conflicting row committed before this read
+            raise RuntimeError(f"workflow of idempotency key {args['idempotency_key']!r} vanished")
+        return pb.CreateWorkflowResponse(workflow=(await self.load(conn, [existing]))[0])
+
+    # --- concurrency keys -----------------------------------------------------------------
+
+    async def enqueue(
+        self, conn: DictConnection, wid: uuid.UUID, owner_id: str, concurrency: Any
+    ) -> None:
+        """A workflow just stored joins its key's queue: its root steps gated (one more
+        unmet dependency each), then `admit` lets it through at once if a slot is free."""
+        await conn.execute(
+            "WITH w AS (UPDATE workflows SET concurrency_key = %(key)s,"
+            "   concurrency_max = %(max)s, admitted = false WHERE workflow_id = %(id)s)"
+            " UPDATE workflow_steps SET remaining_deps = remaining_deps + 1"
+            " WHERE workflow_id = %(id)s AND cardinality(depends_on) = 0",
+            {"id": wid, "key": concurrency.key, "max": concurrency.max},
+        )
+        if wid not in await self.admit(conn, {(owner_id, concurrency.key)}):
+            await self.append_events(
+                conn,
+                [
+                    NewEvent(
+                        wid,
+                        "",
+                        WORKFLOW_EVENT,
+                        f"queued: concurrency key {concurrency.key!r} has its"
+                        f" {concurrency.max} workflow(s) active",
+                    )
+                ],
             )
-            existing = await cur.fetchone()
-            if existing is None:  # the conflicting row committed before this read
-                raise RuntimeError(f"workflow of idempotency key {key!r} vanished")
-            return pb.CreateWorkflowResponse(workflow=(await self.load(conn, [existing]))[0])
+
+    @staticmethod
+    async def slots_held(conn: DictConnection, ids: list[uuid.UUID]) -> set[tuple[str, str]]:
+        """The (owner, key) slots these workflows hold (admitted under a concurrency key)."""
+        cur = await conn.execute(
+            "SELECT DISTINCT owner_id, concurrency_key FROM workflows"
+            " WHERE workflow_id = ANY(%(ids)s) AND admitted",
+            {"ids": ids},
+        )
+        return {(r["owner_id"], r["concurrency_key"]) for r in await cur.fetchall()}
+
+    async def admit(self, conn: DictConnection, slots: set[tuple[str, str]]) -> set[uuid.UUID]:
+        """Admits queued workflows of these (owner, key) groups in submit order while fewer
+        than the next one's `max` of its key are admitted and active: ungates their root
+        steps (timers start now) and records the wake-up for the commit. Under the key's
+        advisory lock, so replicas decide one at a time and never over-admit. Returns the
+        workflows admitted."""
+        admitted: set[uuid.UUID] = set()
+        for owner, key in sorted(slots):  # one lock order: no deadlock between keys
+            group = {"owner": owner, "key": key, "limit": MAX_CONCURRENCY}
+            await conn.execute(_LOCK_KEY, group)
+            while True:
+                cur = await conn.execute(
+                    "SELECT count(*) AS n FROM workflows WHERE owner_id = %(owner)s"
+                    "   AND concurrency_key = %(key)s AND admitted"
+                    f"   AND state IN ({sql(*ACTIVE)})",
+                    group,
+                )
+                row = await cur.fetchone()
+                active = row["n"] if row else 0
+                cur = await conn.execute(
+                    "SELECT workflow_id, concurrency_max FROM workflows"
+                    " WHERE owner_id = %(owner)s AND concurrency_key = %(key)s"
+                    f"   AND NOT admitted AND state IN ({sql(*ACTIVE)})"
+                    " ORDER BY created_at, workflow_id LIMIT %(limit)s",
+                    group,
+                )
+                picks = []
+                for q in await cur.fetchall():
+                    if active >= q["concurrency_max"]:
+                        break
+                    picks.append(q["workflow_id"])
+                    active += 1
+                if not picks:
+                    break
+                got = await self._ungate(conn, sorted(picks), key)
+                admitted |= got
+                if len(got) == len(picks):
+                    break  # else one was cancelled meanwhile: count again
+        return admitted
+
+    async def _ungate(self, conn: DictConnection, ids: list[uuid.UUID], key: str) -> set[uuid.UUID]:
+        """Admits these queued workflows (steps first, then the workflow rows: the order
+        `stop` locks them in); a workflow stopped meanwhile is skipped."""
+        cur = await conn.execute(
+            "UPDATE workflow_steps SET remaining_deps = remaining_deps - 1,"
+            "   next_run_at = greatest(now() + coalesce(timer_seconds, 0) * interval '1 second',"
+            "     not_before_at), updated_at = now()"
+            " WHERE workflow_id = ANY(%(ids)s) AND cardinality(depends_on) = 0"
+            f"   AND state = {_PENDING} RETURNING workflow_id, queue",
+            {"ids": ids},
+        )
+        steps = await cur.fetchall()
+        cur = await conn.execute(
+            "UPDATE workflows SET admitted = true WHERE workflow_id = ANY(%(ids)s)"
+            f" AND NOT admitted AND state IN ({sql(*ACTIVE)}) RETURNING workflow_id",
+            {"ids": ids},
+        )
+        got = {r["workflow_id"] for r in await cur.fetchall()}
+        message = f"admitted: concurrency key {key!r}"
+        await self.append_events(
+            conn, [NewEvent(w, "", WORKFLOW_EVENT, message) for w in sorted(got)], locked=True
+        )
+        watches.made_runnable(*woken(r for r in steps if r["workflow_id"] in got))
+        waiting = sorted({r["workflow_id"] for r in steps if r["queue"] == SIGNAL_QUEUE} & got)
+        if waiting:  # signals sent while it was queued are kept for its steps
+            _, more = await self.deliver_signals(conn, waiting, SIGNAL_WORKER)
+            watches.made_runnable(*more)
+        return got
 
     async def load(self, conn: DictConnection, rows: list[dict[str, Any]]) -> list[Any]:
         """Workflow messages for workflow rows, with their steps in spec order."""
@@ -505,7 +651,8 @@ class WorkflowRepository:
         """Cancels a workflow's unfinished steps and moves it to `state` (if still active)."""
         names = await self.cancel_unfinished_steps(conn, wid)
         cur = await conn.execute(
-            "SELECT state FROM workflows WHERE workflow_id = %(id)s FOR NO KEY UPDATE",
+            f"SELECT state, owner_id, {_SLOT_KEY} FROM workflows WHERE workflow_id = %(id)s"
+            " FOR NO KEY UPDATE",
             {"id": wid},
         )
         row = await cur.fetchone()
@@ -518,6 +665,7 @@ class WorkflowRepository:
                 NewEvent(wid, "", WORKFLOW_EVENT, message),
             ],
             {wid: (state, message if state != WorkflowState.CANCELLED else "")},
+            slots={(row["owner_id"], row["slot_key"])} if row["slot_key"] is not None else set(),
         )
         return True
 
@@ -752,11 +900,12 @@ class WorkflowRepository:
         # Completions of sibling steps serialise on the workflow row, and the check runs
         # after the lock so it sees them: the last step to finish finishes the workflow.
         touched = sorted({r["workflow_id"] for r in done})
-        await conn.execute(
-            "SELECT 1 FROM workflows WHERE workflow_id = ANY(%(ids)s)"
-            " ORDER BY workflow_id FOR NO KEY UPDATE",
+        cur = await conn.execute(
+            f"SELECT workflow_id, owner_id, {_SLOT_KEY} FROM workflows"
+            " WHERE workflow_id = ANY(%(ids)s) ORDER BY workflow_id FOR NO KEY UPDATE",
             {"ids": touched},
         )
+        held = {r["workflow_id"]: (r["owner_id"], r["slot_key"]) for r in await cur.fetchall()}
         cur = await conn.execute(
             "SELECT workflow_id FROM workflow_steps WHERE workflow_id = ANY(%(ids)s)"
             f" GROUP BY workflow_id HAVING bool_and(state = {_SUCCEEDED})",
@@ -769,7 +918,11 @@ class WorkflowRepository:
         ]
         events += [NewEvent(w, "", WORKFLOW_EVENT, "workflow succeeded") for w in finished]
         await self.append_events(
-            conn, events, {w: (WorkflowState.SUCCEEDED, "") for w in finished}, locked=True
+            conn,
+            events,
+            {w: (WorkflowState.SUCCEEDED, "") for w in finished},
+            locked=True,
+            slots={held[w] for w in finished if held[w][1] is not None},
         )
         # A wait_for_signal step just reached takes a signal kept for it (under the lock).
         reached = sorted(

@@ -54,6 +54,39 @@ def current_appended() -> Appended | None:
     return _appended.get()
 
 
+class Runnable:
+    """Work a transaction made runnable deep inside (a queued workflow admitted when
+    another finished), announced by `Wakeups.work` once it commits."""
+
+    __slots__ = ("builtin", "queues")
+
+    def __init__(self) -> None:
+        self.builtin = False
+        self.queues: set[str] = set()
+
+
+_runnable: ContextVar[Runnable | None] = ContextVar("aiwfe_wf_runnable", default=None)
+
+
+@contextmanager
+def collecting_work() -> Iterator[Runnable]:
+    """Collects the work made runnable inside (one transaction attempt)."""
+    runnable = Runnable()
+    token = _runnable.set(runnable)
+    try:
+        yield runnable
+    finally:
+        _runnable.reset(token)
+
+
+def made_runnable(builtin: bool, queues: Iterable[str]) -> None:
+    """Records runnable work for the running transaction's commit (none: polling finds it)."""
+    runnable = _runnable.get()
+    if runnable is not None:
+        runnable.builtin = runnable.builtin or builtin
+        runnable.queues.update(queues)
+
+
 class Wakeups:
     """Fan-out to WaitForWork and WatchWorkflowEvents streams: work may be runnable,
     workflows stopped, events committed. This replica's commits wake its own streams in
