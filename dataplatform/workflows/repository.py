@@ -764,6 +764,16 @@ class WorkflowRepository:
         return depth["n"] if depth else 0
 
     @staticmethod
+    async def queued_workflows(conn: DictConnection) -> int:
+        """Workflows waiting for a slot of their concurrency key (the partial index's)."""
+        cur = await conn.execute(
+            "SELECT count(*) AS n FROM workflows WHERE concurrency_key IS NOT NULL"
+            f" AND NOT admitted AND state IN ({sql(*ACTIVE)})"
+        )
+        row = await cur.fetchone()
+        return row["n"] if row else 0
+
+    @staticmethod
     async def task_queues(conn: DictConnection, limit: int) -> list[dict[str, Any]]:
         """The deepest task queues: runnable steps and the oldest one's age in seconds."""
         cur = await conn.execute(

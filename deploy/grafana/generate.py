@@ -106,6 +106,8 @@ DASHBOARDS = {
             ("Step retries", "sum by (op) (rate(workflow_step_retries_total[5m]))", "ops"),
             ("Dead letters", "sum(increase(workflow_dead_letters_total[1h]))", "short"),
             ("Task queue depth", "sum by (queue) (workflow_task_queue_depth)", "short"),
+            # Every replica reports the same database count: max, not sum.
+            ("Queued by concurrency key", "max(workflow_concurrency_queued)", "short"),
             (
                 "Oldest waiting task",
                 "max by (queue) (workflow_task_queue_oldest_age_seconds)",

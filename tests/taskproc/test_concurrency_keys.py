@@ -16,6 +16,7 @@ import pytest
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
+from aiwfe.runtime import metrics
 from aiwfe.runtime.config import TaskProcSettings
 from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from aiwfe.runtime.server import start_service
@@ -103,13 +104,18 @@ async def test_keys_are_scoped_to_their_owner(suite, gateway_channel) -> None:
 
 
 async def test_a_cancelled_queued_workflow_leaves_the_queue(suite, gateway_channel) -> None:
-    """With max 1, cancelling the second (queued) workflow ends it without running a step,
-    and the third one starts when the first finishes."""
+    """With max 1, the queue shows in the gauge; cancelling the second (queued) workflow
+    ends it without running a step, and the third one starts when the first finishes."""
     token = await new_user(suite, gateway_channel)
     slow = {"name": "a", "op": "noop", "inputs": {"sleep_ms": 1000}}
     first, second, third = [
         (await submit(gateway_channel, token, keyed("acme", 1, slow))).workflow_id for _ in range(3)
     ]
+    # The sweep's gauge counts the two waiting workflows.
+    until = time.monotonic() + 5
+    while (metrics.REGISTRY.get_sample_value("workflow_concurrency_queued") or 0) < 2:
+        assert time.monotonic() < until, "workflow_concurrency_queued never counted the queue"
+        await asyncio.sleep(0.05)
     stopped = await cancel(gateway_channel, token, second)
     assert stopped.state == wf_pb.WORKFLOW_STATE_CANCELLED
     _, first_end, _ = await run_span(gateway_channel, token, first)
@@ -299,3 +305,39 @@ async def test_two_replicas_never_admit_more_than_max(suite, gateway_channel) ->
     assert done == ids
     assert peak_leased == 2, peak_leased
     assert peak_admitted == 2, peak_admitted
+
+
+async def test_a_queued_workflow_starts_its_timers_and_takes_signals_when_admitted(
+    suite, gateway_channel
+) -> None:
+    """Behind a running workflow (max 1), a queued one's root `sleep` counts from its
+    admission, not its submit; a signal sent to a queued one is kept and delivered then."""
+    token = await new_user(suite, gateway_channel)
+    slow = {"name": "a", "op": "noop", "inputs": {"sleep_ms": 1500}}
+    first = (await submit(gateway_channel, token, keyed("acme", 1, slow))).workflow_id
+    nap = (
+        await submit(
+            gateway_channel,
+            token,
+            keyed("acme", 1, {"name": "a", "op": "sleep", "inputs": {"seconds": 1}}),
+        )
+    ).workflow_id
+    waits = (
+        await submit(
+            gateway_channel,
+            token,
+            keyed("acme", 1, {"name": "a", "op": "wait_for_signal", "inputs": {"name": "go"}}),
+        )
+    ).workflow_id
+    sent = await wf_grpc.WorkflowServiceStub(gateway_channel).SignalWorkflow(
+        wf_pb.SignalWorkflowRequest(workflow_id=waits, name="go"),
+        metadata=bearer(token),
+        timeout=10,
+    )
+    assert not sent.delivered, "a queued workflow's step took a signal"
+    first_end = (await watch(gateway_channel, token, first))[-1].event_time.ToNanoseconds()
+    nap_end = (await watch(gateway_channel, token, nap))[-1].event_time.ToNanoseconds()
+    assert nap_end - first_end >= 1e9, "the queued sleep counted from submit"
+    done = await finish(gateway_channel, token, waits)
+    assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED
+    assert (await get(gateway_channel, token, nap)).state == wf_pb.WORKFLOW_STATE_SUCCEEDED
