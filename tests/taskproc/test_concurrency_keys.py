@@ -81,7 +81,9 @@ async def test_at_most_max_run_at_once_in_submit_order(suite, gateway_channel) -
         assert (await get(gateway_channel, token, wid)).state == wf_pb.WORKFLOW_STATE_SUCCEEDED
     assert most_at_once([(s, e) for s, e, _ in spans]) == 2, spans
     starts = [s for s, _, _ in spans]
-    assert starts == sorted(starts), "queued workflows started out of submit order"
+    # Workflows admitted in one transaction start in one claim, in any order among them.
+    late = [(i, j) for i in range(5) for j in range(i + 1, 5) if starts[j] < starts[i] - 0.1]
+    assert not late, f"started out of submit order: {late} {starts}"
     queued = [any(e.message.startswith("queued:") for e in ev) for _, _, ev in spans]
     assert queued == [False, False, True, True, True], queued
     # globex was submitted after all five, yet ran before the third acme one started.
