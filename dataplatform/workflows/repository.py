@@ -496,8 +496,8 @@ class WorkflowRepository:
                         wid,
                         "",
                         WORKFLOW_EVENT,
-                        f"queued: concurrency key {concurrency.key!r} has its"
-                        f" {concurrency.max} workflow(s) active",
+                        f"queued: concurrency key {concurrency.key!r}"
+                        f" (max {concurrency.max}): waiting for a slot",
                     )
                 ],
             )

@@ -343,3 +343,44 @@ async def test_a_queued_workflow_starts_its_timers_and_takes_signals_when_admitt
     done = await finish(gateway_channel, token, waits)
     assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED
     assert (await get(gateway_channel, token, nap)).state == wf_pb.WORKFLOW_STATE_SUCCEEDED
+
+
+async def test_run_workflow_streams_every_event_of_a_queued_workflow(
+    suite, gateway_channel
+) -> None:
+    """RunWorkflow of a workflow that waits behind another streams a gap-free history:
+    submitted, queued, admitted, its step, succeeded."""
+    token = await new_user(suite, gateway_channel)
+    slow = {"name": "a", "op": "noop", "inputs": {"sleep_ms": 500}}
+    await submit(gateway_channel, token, keyed("acme", 1, slow))
+    stream = wf_grpc.WorkflowServiceStub(gateway_channel).RunWorkflow(
+        wf_pb.RunWorkflowRequest(spec=keyed("acme", 1)), metadata=bearer(token), timeout=30
+    )
+    events = [r.event async for r in stream if r.HasField("event")]
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    messages = [e.message for e in events if not e.step_name]
+    assert messages[0] == "workflow submitted"
+    assert messages[1].startswith("queued: concurrency key 'acme'"), messages
+    assert messages[2] == "admitted: concurrency key 'acme'", messages
+    assert events[-1].workflow_state == wf_pb.WORKFLOW_STATE_SUCCEEDED
+
+
+async def test_the_store_refuses_an_unbounded_concurrency_spec(suite) -> None:
+    """dataplatform checks the bounds itself (a caller other than taskproc's validation):
+    an oversized key or a max of 0 is INVALID_ARGUMENT naming both fields."""
+    identity = InternalIdentity.from_settings(suite.settings)
+    md = ((IDENTITY_METADATA_KEY, identity.assertion(None, "tests")),)
+    workflow = validate(spec({"name": "a", "op": "noop"}), TaskProcSettings())
+    workflow.concurrency.key, workflow.concurrency.max = "k" * 257, 0
+    async with grpc.aio.insecure_channel(suite.address("dataplatform")) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await store_grpc.WorkflowStoreServiceStub(ch).CreateWorkflow(
+                store_pb.CreateWorkflowRequest(
+                    owner=store_pb.WorkflowOwner(user_id="u", username="u"), spec=workflow
+                ),
+                metadata=md,
+                timeout=10,
+            )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = field_violations(err.value)
+    assert {"spec.concurrency.key", "spec.concurrency.max"} <= violations.keys(), violations
