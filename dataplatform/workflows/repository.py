@@ -18,11 +18,10 @@ checked against all its queries at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
 
@@ -267,12 +266,6 @@ _EXPIRE_LEASES = (
     " SELECT workflow_id, name, attempt, failures, max_attempts, error, queue, task_type"
     " FROM u"
 )
-
-
-@contextlib.asynccontextmanager
-async def _given(conn: DictConnection) -> AsyncIterator[DictConnection]:
-    """The caller's connection, as `Database.autocommit()` would yield one."""
-    yield conn
 
 
 class WorkflowRepository:

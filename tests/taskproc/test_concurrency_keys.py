@@ -20,6 +20,8 @@ from aiwfe.runtime import metrics
 from aiwfe.runtime.config import TaskProcSettings
 from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from aiwfe.runtime.server import start_service
+from aiwfe.taskproc.v1 import schedule_service_pb2 as sched_pb
+from aiwfe.taskproc.v1 import schedule_service_pb2_grpc as sched_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from dataplatform.service import DataPlatformService
@@ -384,3 +386,45 @@ async def test_the_store_refuses_an_unbounded_concurrency_spec(suite) -> None:
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     violations = field_violations(err.value)
     assert {"spec.concurrency.key", "spec.concurrency.max"} <= violations.keys(), violations
+
+
+async def test_scheduled_workflows_share_their_owners_key(suite, gateway_channel) -> None:
+    """A schedule's workflows are queued by their key like submitted ones (created in the
+    ticker's transaction): with max 1 the second trigger waits until the first is
+    cancelled, then is admitted."""
+    token = await new_user(suite, gateway_channel)
+    schedules = sched_grpc.ScheduleServiceStub(gateway_channel)
+    created = await schedules.CreateSchedule(
+        sched_pb.CreateScheduleRequest(
+            name="keyed",
+            cron="0 3 1 1 *",
+            spec=keyed("acme", 1, STUCK),
+            paused=True,
+            overlap_policy=sched_pb.OVERLAP_POLICY_ALLOW_ALL,
+        ),
+        metadata=bearer(token),
+        timeout=10,
+    )
+    sid = created.schedule.schedule_id
+    try:
+        first, second = [
+            (
+                await schedules.TriggerSchedule(
+                    sched_pb.TriggerScheduleRequest(schedule_id=sid),
+                    metadata=bearer(token),
+                    timeout=10,
+                )
+            ).workflow.workflow_id
+            for _ in range(2)
+        ]
+        await cancel(gateway_channel, token, first)
+        await cancel(gateway_channel, token, second)
+        history = [
+            e.message for e in await watch(gateway_channel, token, second) if not e.step_name
+        ]
+        assert history[1].startswith("queued:"), history
+        assert history[2] == "admitted: concurrency key 'acme'", history
+    finally:
+        await schedules.DeleteSchedule(
+            sched_pb.DeleteScheduleRequest(schedule_id=sid), metadata=bearer(token), timeout=10
+        )
