@@ -52,6 +52,8 @@ DEFAULT_MULTIPLIER = 2.0
 MAX_BACKOFF_SECONDS = 86400.0
 MAX_PRIORITY = 1000
 MAX_SPEC_NAME = 200
+MAX_CONCURRENCY_KEY_CHARS = 256  # a resolved concurrency key
+MAX_CONCURRENCY = 1000  # ConcurrencySpec.max: a larger group is no limit worth a queue
 
 
 def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
@@ -210,8 +212,40 @@ def validate(spec: pb.WorkflowSpec, limits: TaskProcSettings) -> pb.WorkflowSpec
                 v.add(f"spec.steps[{i}].inputs", problem)
         _check_waits(step, f"spec.steps[{i}]", inputs, timeout, v)
         _check_condition(step, f"spec.steps[{i}]", spec, index, ancestors, v)
+    key = _concurrency_key(spec, workflow_input, v) if spec.HasField("concurrency") else None
     v.raise_if_any()
-    return _with_defaults(spec, limits, substituted)
+    out = _with_defaults(spec, limits, substituted)
+    if key is not None:
+        out.concurrency.key = key
+    return out
+
+
+def _concurrency_key(spec: pb.WorkflowSpec, workflow_input: dict[str, Any], v: Violations) -> str:
+    """The concurrency key with `${input.PATH}` replaced (a number becomes text); checks
+    `max` too. Violations name `spec.concurrency.key` and `spec.concurrency.max`."""
+    c = spec.concurrency
+    v.check(
+        1 <= c.max <= MAX_CONCURRENCY,
+        "spec.concurrency.max",
+        f"must be between 1 and {MAX_CONCURRENCY}",
+    )
+    field = "spec.concurrency.key"
+    if len(c.key) > MAX_CONCURRENCY_KEY_CHARS:  # never walk an oversized template
+        v.add(field, f"must be at most {MAX_CONCURRENCY_KEY_CHARS} characters")
+        return ""
+    key: Any = c.key
+    if "${input" in key:
+        before = len(v.items)
+        key = substitute_input({"key": key}, workflow_input, "spec.concurrency", v)["key"]
+        if len(v.items) > before:
+            return ""
+    if isinstance(key, float | int) and not isinstance(key, bool):
+        key = as_text(key)
+    if not isinstance(key, str):
+        v.add(field, f"must resolve to a string or a number (got {json.dumps(key)[:80]})")
+        return ""
+    v.text(key, field, max_chars=MAX_CONCURRENCY_KEY_CHARS)
+    return key
 
 
 def substitute_input(

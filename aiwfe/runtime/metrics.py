@@ -69,6 +69,11 @@ qdrant_query_latency = Histogram(
 workflow_queue_depth = Gauge(
     "workflow_queue_depth", "Runnable steps waiting for a worker.", registry=REGISTRY
 )
+workflow_concurrency_queued = Gauge(
+    "workflow_concurrency_queued",
+    "Workflows waiting for a slot of their concurrency key (queued, PENDING).",
+    registry=REGISTRY,
+)
 workflow_task_queue_depth = Gauge(
     "workflow_task_queue_depth", "Runnable task steps waiting for an external worker.",
     ["queue"], registry=REGISTRY,
@@ -142,7 +147,7 @@ def _series() -> tuple[frozenset[str], frozenset[str]]:
         workflow_dead_letters, workflow_watch_streams, circuit_breaker_state,
         workflow_task_queue_depth, workflow_task_queue_oldest_age, workflow_tasks_dispatched,
         workflow_tasks_completed, workflow_tasks_failed, task_heartbeat_timeouts,
-        workflow_schedule_ticks, workflow_purged,
+        workflow_schedule_ticks, workflow_purged, workflow_concurrency_queued,
     ):  # fmt: skip
         for family in collector.describe():
             families.add(family.name)

@@ -22,7 +22,7 @@ import contextlib
 import json
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -63,6 +63,9 @@ SIGNAL_WORKER = "dataplatform:signals"
 FAN_OUT_QUEUE = "$fanout"
 FAN_OUT_WORKER = "dataplatform:fan-out"
 DEFAULT_HEARTBEAT_SECONDS = 30.0  # a task step's lease without heartbeat_timeout_seconds
+# ConcurrencySpec bounds (taskproc/spec.py checks them first, with the same numbers).
+MAX_CONCURRENCY_KEY_CHARS = 256
+MAX_CONCURRENCY = 1000  # `max`; also how many queued workflows one admission reads
 SUBMITTED = "workflow submitted"  # a workflow's first event
 _TX_RETRIES = 5
 
@@ -236,6 +239,11 @@ _CREATE = (
     " SELECT * FROM w"
 )
 
+# A workflow's concurrency key if it holds one of its key's slots (admitted), else NULL.
+_SLOT_KEY = "CASE WHEN admitted THEN concurrency_key END AS slot_key"
+# One transaction at a time decides a key's admissions (the two-int advisory lock form: its
+# own key space; a hash collision of two keys only serialises them).
+_LOCK_KEY = "SELECT pg_advisory_xact_lock(20014, hashtext(%(owner)s || chr(31) || %(key)s))"
 _INTERNAL = f"('{TIMER_QUEUE}', '{SIGNAL_QUEUE}', '{FAN_OUT_QUEUE}')"
 # Built-in steps (queue IS NULL) go to taskproc's workers, task steps to the external
 # workers polling their queue; each kind has its partial index (migrations 004, 006).
@@ -403,12 +411,6 @@ _COLLECT = (
 )
 
 
-@contextlib.asynccontextmanager
-async def _given(conn: DictConnection) -> AsyncIterator[DictConnection]:
-    """The caller's connection, as `Database.autocommit()` would yield one."""
-    yield conn
-
-
 class WorkflowRepository:
     """The engine's reads and writes; `wakeups` hears what each transaction appended."""
 
@@ -492,10 +494,16 @@ class WorkflowRepository:
         new_states: dict[uuid.UUID, tuple[WorkflowState, str]] | None = None,
         promote_pending: bool = False,
         locked: bool = False,
+        slots: set[tuple[str, str]] | None = None,
     ) -> None:
         """Appends events with gap-free sequences and applies workflow state changes
         (state, error) in the same statement; `promote_pending` moves PENDING workflows
-        to RUNNING."""
+        to RUNNING.
+
+        Every workflow that finishes goes through here, so here its concurrency slot is
+        freed and the next queued workflow of its key admitted. `slots` are the (owner, key)
+        slots the finishing workflows held, when the caller read them with its row locks
+        (None: read here, one more statement)."""
         if not events:
             return
         new_states = new_states or {}
@@ -524,6 +532,12 @@ class WorkflowRepository:
                         rows.append(row)
             else:  # parsing rows nobody reads costs the queue; a late watcher re-reads
                 appended.update(dict.fromkeys(wids))
+        finished = [w for w, (state, _) in new_states.items() if state not in ACTIVE]
+        if finished:
+            if slots is None:
+                slots = await self.slots_held(conn, finished)
+            if slots:
+                await self.admit(conn, slots)
 
     # --- workflows ------------------------------------------------------------------------
 
@@ -548,7 +562,7 @@ class WorkflowRepository:
         gated = [st.name for st in steps if st.when and not st.depends_on]
         if conn_in is not None:
             return (await self._insert(conn_in, request, wid, gated))[0]
-        if gated or any(st.for_each for st in steps):  # both set up in the insert's tx
+        if gated or spec.concurrency.key or any(st.for_each for st in steps):  # in one tx
             stored, first, woke = await self.tx(
                 lambda conn: self._insert(conn, request, wid, gated)
             )
@@ -626,9 +640,13 @@ class WorkflowRepository:
                 st for st in steps if not st.depends_on and st.name not in gated and not st.for_each
             ]
             woke = woken({"queue": step_queue(st)} for st in roots)
+            keyed = spec.concurrency.key
             appended = watches.current_appended()
-            if (gated or fan_outs) and appended is not None:
-                appended[wid] = [first]  # before the events `reach` and `expand` append
+            if (gated or fan_outs or keyed) and appended is not None:
+                appended[wid] = [first]  # before the events appended below
+            if keyed:  # first: its root steps wait for a slot (`_ungate` reaches them)
+                await self.enqueue(conn, wid, request.owner.user_id, spec.concurrency)
+                woke = Woken(False, set())
             if fan_outs:
                 await self._set_up_fan_outs(conn, wid, spec, fan_outs, set(gated))
             if gated:
@@ -669,6 +687,124 @@ class WorkflowRepository:
             raise RuntimeError(f"workflow of idempotency key {key!r} vanished")
         wf = (await self.load(conn, [existing]))[0]
         return pb.CreateWorkflowResponse(workflow=wf), None, None
+
+    # --- concurrency keys -----------------------------------------------------------------
+
+    async def enqueue(
+        self, conn: DictConnection, wid: uuid.UUID, owner_id: str, concurrency: Any
+    ) -> None:
+        """A workflow just stored joins its key's queue: its root steps gated (one more
+        unmet dependency each), then `admit` lets it through at once if a slot is free."""
+        await conn.execute(
+            "WITH w AS (UPDATE workflows SET concurrency_key = %(key)s,"
+            "   concurrency_max = %(max)s, admitted = false WHERE workflow_id = %(id)s)"
+            " UPDATE workflow_steps SET remaining_deps = remaining_deps + 1"
+            " WHERE workflow_id = %(id)s AND cardinality(depends_on) = 0",
+            {"id": wid, "key": concurrency.key, "max": concurrency.max},
+        )
+        if wid not in await self.admit(conn, {(owner_id, concurrency.key)}):
+            await self.append_events(
+                conn,
+                [
+                    NewEvent(
+                        wid,
+                        "",
+                        WORKFLOW_EVENT,
+                        f"queued: concurrency key {concurrency.key!r}"
+                        f" (max {concurrency.max}): waiting for a slot",
+                    )
+                ],
+            )
+
+    @staticmethod
+    async def slots_held(conn: DictConnection, ids: list[uuid.UUID]) -> set[tuple[str, str]]:
+        """The (owner, key) slots these workflows hold (admitted under a concurrency key)."""
+        cur = await conn.execute(
+            "SELECT DISTINCT owner_id, concurrency_key FROM workflows"
+            " WHERE workflow_id = ANY(%(ids)s) AND admitted",
+            {"ids": ids},
+        )
+        return {(r["owner_id"], r["concurrency_key"]) for r in await cur.fetchall()}
+
+    async def admit(self, conn: DictConnection, slots: set[tuple[str, str]]) -> set[uuid.UUID]:
+        """Admits queued workflows of these (owner, key) groups in submit order while fewer
+        than the next one's `max` of its key are admitted and active: ungates their root
+        steps (timers start now) and owes the wake-up to the commit. Under the key's
+        advisory lock, so replicas decide one at a time and never over-admit. Returns the
+        workflows admitted."""
+        admitted: set[uuid.UUID] = set()
+        for owner, key in sorted(slots):  # one lock order: no deadlock between keys
+            group = {"owner": owner, "key": key, "limit": MAX_CONCURRENCY}
+            await conn.execute(_LOCK_KEY, group)
+            while True:
+                cur = await conn.execute(
+                    "SELECT count(*) AS n FROM workflows WHERE owner_id = %(owner)s"
+                    "   AND concurrency_key = %(key)s AND admitted"
+                    f"   AND state IN ({sql(*ACTIVE)})",
+                    group,
+                )
+                row = await cur.fetchone()
+                active = row["n"] if row else 0
+                cur = await conn.execute(
+                    "SELECT workflow_id, concurrency_max FROM workflows"
+                    " WHERE owner_id = %(owner)s AND concurrency_key = %(key)s"
+                    f"   AND NOT admitted AND state IN ({sql(*ACTIVE)})"
+                    " ORDER BY created_at, workflow_id LIMIT %(limit)s",
+                    group,
+                )
+                picks = []
+                for q in await cur.fetchall():
+                    if active >= q["concurrency_max"]:
+                        break
+                    picks.append(q["workflow_id"])
+                    active += 1
+                if not picks:
+                    break
+                got = await self._ungate(conn, sorted(picks), key)
+                admitted |= got
+                if len(got) == len(picks):
+                    break  # else one was cancelled meanwhile: count again
+        return admitted
+
+    async def _ungate(self, conn: DictConnection, ids: list[uuid.UUID], key: str) -> set[uuid.UUID]:
+        """Admits these queued workflows (steps first, then the workflow rows: the order
+        `stop` locks them in); a workflow stopped meanwhile is skipped. Its root steps are
+        reached now: conditions evaluated, fan-outs expanded, kept signals delivered."""
+        cur = await conn.execute(
+            "UPDATE workflow_steps SET remaining_deps = remaining_deps - 1,"
+            "   next_run_at = greatest(now() + coalesce(timer_seconds, 0) * interval '1 second',"
+            "     not_before_at), updated_at = now()"
+            " WHERE workflow_id = ANY(%(ids)s) AND cardinality(depends_on) = 0"
+            f"   AND state = {_PENDING}"
+            " RETURNING workflow_id, name, queue, condition IS NOT NULL AS gated",
+            {"ids": ids},
+        )
+        steps = await cur.fetchall()
+        cur = await conn.execute(
+            "UPDATE workflows SET admitted = true WHERE workflow_id = ANY(%(ids)s)"
+            f" AND NOT admitted AND state IN ({sql(*ACTIVE)}) RETURNING workflow_id",
+            {"ids": ids},
+        )
+        got = {r["workflow_id"] for r in await cur.fetchall()}
+        message = f"admitted: concurrency key {key!r}"
+        await self.append_events(
+            conn, [NewEvent(w, "", WORKFLOW_EVENT, message) for w in sorted(got)], locked=True
+        )
+        ready = [r for r in steps if r["workflow_id"] in got]
+        self._wake_later(woken(r for r in ready if not r["gated"] and r["queue"] != FAN_OUT_QUEUE))
+        waiting = {r["workflow_id"] for r in ready if r["queue"] == SIGNAL_QUEUE}
+        gated = [(r["workflow_id"], r["name"]) for r in ready if r["gated"]]
+        if gated:
+            more, waits = await self.reach(conn, gated)
+            self._wake_later(more)
+            waiting |= waits
+        if waiting:  # signals sent while it was queued are kept for its steps
+            _, more = await self.deliver_signals(conn, sorted(waiting), SIGNAL_WORKER)
+            self._wake_later(more)
+        fanned = sorted({r["workflow_id"] for r in ready if r["queue"] == FAN_OUT_QUEUE})
+        if fanned:
+            await self._expand_reached(conn, fanned)
+        return got
 
     # --- conditions -----------------------------------------------------------------------
 
@@ -992,7 +1128,8 @@ class WorkflowRepository:
         """Cancels a workflow's unfinished steps and moves it to `state` (if still active)."""
         names = await self.cancel_unfinished_steps(conn, wid)
         cur = await conn.execute(
-            "SELECT state FROM workflows WHERE workflow_id = %(id)s FOR NO KEY UPDATE",
+            f"SELECT state, owner_id, {_SLOT_KEY} FROM workflows WHERE workflow_id = %(id)s"
+            " FOR NO KEY UPDATE",
             {"id": wid},
         )
         row = await cur.fetchone()
@@ -1005,6 +1142,7 @@ class WorkflowRepository:
                 NewEvent(wid, "", WORKFLOW_EVENT, message),
             ],
             {wid: (state, message if state != WorkflowState.CANCELLED else "")},
+            slots={(row["owner_id"], row["slot_key"])} if row["slot_key"] is not None else set(),
         )
         return True
 
@@ -1193,6 +1331,16 @@ class WorkflowRepository:
         return depth["n"] if depth else 0
 
     @staticmethod
+    async def queued_workflows(conn: DictConnection) -> int:
+        """Workflows waiting for a slot of their concurrency key (the partial index's)."""
+        cur = await conn.execute(
+            "SELECT count(*) AS n FROM workflows WHERE concurrency_key IS NOT NULL"
+            f" AND NOT admitted AND state IN ({sql(*ACTIVE)})"
+        )
+        row = await cur.fetchone()
+        return row["n"] if row else 0
+
+    @staticmethod
     async def task_queues(conn: DictConnection, limit: int) -> list[dict[str, Any]]:
         """The deepest task queues: runnable steps and the oldest one's age in seconds."""
         cur = await conn.execute(
@@ -1334,11 +1482,12 @@ class WorkflowRepository:
         # Completions of sibling steps serialise on the workflow row, and the check runs
         # after the lock so it sees them: the last step to finish finishes the workflow.
         touched = sorted({r["workflow_id"] for r in done})
-        await conn.execute(
-            "SELECT 1 FROM workflows WHERE workflow_id = ANY(%(ids)s)"
-            " ORDER BY workflow_id FOR NO KEY UPDATE",
+        cur = await conn.execute(
+            f"SELECT workflow_id, owner_id, {_SLOT_KEY} FROM workflows"
+            " WHERE workflow_id = ANY(%(ids)s) ORDER BY workflow_id FOR NO KEY UPDATE",
             {"ids": touched},
         )
+        held = {r["workflow_id"]: (r["owner_id"], r["slot_key"]) for r in await cur.fetchall()}
         finished = await self._finished(conn, touched)
         events = [
             NewEvent(r["workflow_id"], r["name"], StepState.SUCCEEDED, f"attempt {r['attempt']}")
@@ -1346,7 +1495,11 @@ class WorkflowRepository:
         ]
         events += [NewEvent(w, "", WORKFLOW_EVENT, "workflow succeeded") for w in finished]
         await self.append_events(
-            conn, events, {w: (WorkflowState.SUCCEEDED, "") for w in finished}, locked=True
+            conn,
+            events,
+            {w: (WorkflowState.SUCCEEDED, "") for w in finished},
+            locked=True,
+            slots={held[w] for w in finished if held[w][1] is not None},
         )
         # A step just reached with a condition has it evaluated before anyone can claim it.
         gated = [

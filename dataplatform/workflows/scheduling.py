@@ -211,6 +211,7 @@ class Scheduler:
                 events.append(NewEvent(r["workflow_id"], r["name"], StepState.RETRYING, msg))
         await self._repo.append_events(conn, events)
         metrics.workflow_queue_depth.set(await self._repo.queue_depth(conn))
+        metrics.workflow_concurrency_queued.set(await self._repo.queued_workflows(conn))
         await self._task_queue_gauges(conn)
         if expired:
             log.warning("reclaimed %d steps with expired leases", len(expired))

@@ -22,6 +22,8 @@ from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from dataplatform.db import Database, DictConnection
 from dataplatform.workflows import messages
 from dataplatform.workflows.repository import (
+    MAX_CONCURRENCY,
+    MAX_CONCURRENCY_KEY_CHARS,
     MAX_ERROR_CHARS,
     SIGNAL_WORKER,
     ListFilter,
@@ -111,6 +113,15 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         v.check(1 <= len(spec.steps) <= MAX_STEPS, "spec.steps", f"must list 1 to {MAX_STEPS}")
         v.check(spec.timeout_seconds > 0, "spec.timeout_seconds", "must be positive")
         v.check(not request.schedule_id, "schedule_id", "is the schedule ticker's to set")
+        if spec.HasField("concurrency"):
+            v.text(
+                spec.concurrency.key, "spec.concurrency.key", max_chars=MAX_CONCURRENCY_KEY_CHARS
+            )
+            v.check(
+                1 <= spec.concurrency.max <= MAX_CONCURRENCY,
+                "spec.concurrency.max",
+                f"must be between 1 and {MAX_CONCURRENCY}",
+            )
         tc = request.trace_context  # W3C: a 55-char traceparent, tracestate up to 512
         v.text(tc.traceparent, "trace_context.traceparent", max_chars=64, required=False)
         v.text(tc.tracestate, "trace_context.tracestate", max_chars=512, required=False)

@@ -107,6 +107,8 @@ DASHBOARDS = {
             ("Dead letters", "sum(increase(workflow_dead_letters_total[1h]))", "short"),
             ("Workflows purged (retention)", "sum(increase(workflow_purged_total[1h]))", "short"),
             ("Task queue depth", "sum by (queue) (workflow_task_queue_depth)", "short"),
+            # Every replica reports the same database count: max, not sum.
+            ("Queued by concurrency key", "max(workflow_concurrency_queued)", "short"),
             (
                 "Oldest waiting task",
                 "max by (queue) (workflow_task_queue_oldest_age_seconds)",

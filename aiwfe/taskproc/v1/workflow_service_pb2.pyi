@@ -109,18 +109,28 @@ class StepSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., op: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., when: _Optional[str] = ..., on_dependency_skipped: _Optional[_Union[DependencySkipPolicy, str]] = ..., for_each: _Optional[str] = ..., max_concurrency: _Optional[int] = ..., item_failure: _Optional[_Union[ItemFailurePolicy, str]] = ...) -> None: ...
 
 class WorkflowSpec(_message.Message):
-    __slots__ = ("name", "steps", "timeout_seconds", "priority", "input")
+    __slots__ = ("name", "steps", "timeout_seconds", "priority", "input", "concurrency")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     name: str
     steps: _containers.RepeatedCompositeFieldContainer[StepSpec]
     timeout_seconds: float
     priority: int
     input: _struct_pb2.Struct
-    def __init__(self, name: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepSpec, _Mapping]]] = ..., timeout_seconds: _Optional[float] = ..., priority: _Optional[int] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    concurrency: ConcurrencySpec
+    def __init__(self, name: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepSpec, _Mapping]]] = ..., timeout_seconds: _Optional[float] = ..., priority: _Optional[int] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., concurrency: _Optional[_Union[ConcurrencySpec, _Mapping]] = ...) -> None: ...
+
+class ConcurrencySpec(_message.Message):
+    __slots__ = ("key", "max")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    max: int
+    def __init__(self, key: _Optional[str] = ..., max: _Optional[int] = ...) -> None: ...
 
 class StepStatus(_message.Message):
     __slots__ = ("name", "state", "attempts", "output", "error", "details")
