@@ -702,19 +702,15 @@ class WorkflowRepository:
             " WHERE workflow_id = %(id)s AND cardinality(depends_on) = 0",
             {"id": wid, "key": concurrency.key, "max": concurrency.max},
         )
-        if wid not in await self.admit(conn, {(owner_id, concurrency.key)}):
-            await self.append_events(
-                conn,
-                [
-                    NewEvent(
-                        wid,
-                        "",
-                        WORKFLOW_EVENT,
-                        f"queued: concurrency key {concurrency.key!r}"
-                        f" (max {concurrency.max}): waiting for a slot",
-                    )
-                ],
-            )
+        await self.admit_or_queue(conn, wid, owner_id, concurrency.key, concurrency.max)
+
+    async def admit_or_queue(
+        self, conn: DictConnection, wid: uuid.UUID, owner_id: str, key: str, limit: int
+    ) -> None:
+        """Admits the gated workflow if a slot of its key is free, else says it waits."""
+        if wid not in await self.admit(conn, {(owner_id, key)}):
+            message = f"queued: concurrency key {key!r} (max {limit}): waiting for a slot"
+            await self.append_events(conn, [NewEvent(wid, "", WORKFLOW_EVENT, message)])
 
     @staticmethod
     async def slots_held(conn: DictConnection, ids: list[uuid.UUID]) -> set[tuple[str, str]]:
@@ -774,8 +770,12 @@ class WorkflowRepository:
             "UPDATE workflow_steps SET remaining_deps = remaining_deps - 1,"
             "   next_run_at = greatest(now() + coalesce(timer_seconds, 0) * interval '1 second',"
             "     not_before_at), updated_at = now()"
-            " WHERE workflow_id = ANY(%(ids)s) AND cardinality(depends_on) = 0"
-            f"   AND state = {_PENDING}"
+            # The gated steps: one unmet dependency more than their unfinished ones (the
+            # roots of a new workflow, the reached steps of a retried one).
+            " WHERE workflow_id = ANY(%(ids)s) AND parent IS NULL"
+            f"   AND state = {_PENDING} AND remaining_deps > (SELECT count(*)"
+            "     FROM workflow_steps d WHERE d.workflow_id = workflow_steps.workflow_id"
+            f"     AND d.name = ANY(workflow_steps.depends_on) AND d.state NOT IN ({sql(*DONE)}))"
             " RETURNING workflow_id, name, queue, condition IS NOT NULL AS gated",
             {"ids": ids},
         )
@@ -1156,7 +1156,9 @@ class WorkflowRepository:
 
         A fan-out step run again runs all its items again: its item rows go (their attempt
         rows stay; a new item's attempt numbers continue after them, see `_EXPAND`), and it
-        is expanded anew once reached. A step with a condition has it evaluated again."""
+        is expanded anew once reached. A step with a condition has it evaluated again. A
+        workflow with a concurrency key queues again for a slot of its key (its reached
+        steps gated as a new workflow's roots are) and runs when `admit` lets it."""
         await conn.execute(
             "WITH f AS (DELETE FROM workflow_fan_outs f USING workflow_steps p"
             "   WHERE f.workflow_id = %(id)s AND p.workflow_id = f.workflow_id"
@@ -1189,11 +1191,22 @@ class WorkflowRepository:
             {"id": wid, "names": names},
         )
         rows = sorted(await cur.fetchall(), key=lambda r: r["position"])
-        await conn.execute(
-            "UPDATE workflows SET deadline_at = now() + %(timeout)s * interval '1 second'"
-            " WHERE workflow_id = %(id)s",
+        reached = [r for r in rows if r["remaining_deps"] == 0]
+        cur = await conn.execute(
+            "UPDATE workflows SET deadline_at = now() + %(timeout)s * interval '1 second',"
+            "   admitted = CASE WHEN concurrency_key IS NULL THEN admitted ELSE false END"
+            " WHERE workflow_id = %(id)s RETURNING owner_id, concurrency_key, concurrency_max",
             {"id": wid, "timeout": timeout_seconds},
         )
+        keyed = await cur.fetchone()
+        if keyed is not None and keyed["concurrency_key"] is not None:
+            await conn.execute(
+                "UPDATE workflow_steps SET remaining_deps = remaining_deps + 1"
+                " WHERE workflow_id = %(id)s AND name = ANY(%(names)s)",
+                {"id": wid, "names": [r["name"] for r in reached]},
+            )
+        else:
+            keyed = None
         await self.append_events(
             conn,
             [
@@ -1205,7 +1218,11 @@ class WorkflowRepository:
             {wid: (WorkflowState.RUNNING, "")},
             locked=True,
         )
-        reached = [r for r in rows if r["remaining_deps"] == 0]
+        if keyed is not None:  # `admit` reaches its steps now or once a slot is free
+            await self.admit_or_queue(
+                conn, wid, keyed["owner_id"], keyed["concurrency_key"], keyed["concurrency_max"]
+            )
+            return Woken(False, set())
         woke = woken(r for r in reached if r["queue"] != FAN_OUT_QUEUE and not r["gated"])
         waits = {wid} if any(r["queue"] == SIGNAL_QUEUE for r in reached) else set()
         gated = [(wid, r["name"]) for r in reached if r["gated"]]

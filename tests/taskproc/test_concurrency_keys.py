@@ -428,3 +428,28 @@ async def test_scheduled_workflows_share_their_owners_key(suite, gateway_channel
         await schedules.DeleteSchedule(
             sched_pb.DeleteScheduleRequest(schedule_id=sid), metadata=bearer(token), timeout=10
         )
+
+
+async def test_a_retried_keyed_workflow_waits_for_a_slot(suite, gateway_channel) -> None:
+    """RetryWorkflow of a keyed workflow queues it again: while another workflow of its key
+    holds the only slot, its failed step does not run; once that one ends, it does."""
+    token = await new_user(suite, gateway_channel)
+    failing = {"name": "a", "op": "noop", "inputs": {"fail": "permanent"}}
+    first = (await submit(gateway_channel, token, keyed("acme", 1, failing))).workflow_id
+    assert (await finish(gateway_channel, token, first)).state == wf_pb.WORKFLOW_STATE_FAILED
+    holder = (await submit(gateway_channel, token, keyed("acme", 1, STUCK))).workflow_id
+    stub = wf_grpc.WorkflowServiceStub(gateway_channel)
+    await stub.RetryWorkflow(
+        wf_pb.RetryWorkflowRequest(workflow_id=first), metadata=bearer(token), timeout=10
+    )
+    await asyncio.sleep(1.0)
+    waiting = await get(gateway_channel, token, first)
+    assert step_status(waiting, "a").attempts == 1, waiting  # not run again yet
+    assert step_status(waiting, "a").state == wf_pb.STEP_STATE_PENDING
+    await cancel(gateway_channel, token, holder)
+    again = await finish(gateway_channel, token, first)
+    assert again.state == wf_pb.WORKFLOW_STATE_FAILED
+    assert step_status(again, "a").attempts == 2  # ran once the slot was free
+    messages = [e.message for e in await watch(gateway_channel, token, first)]
+    retried = messages.index(next(m for m in messages if m.startswith("workflow retried")))
+    assert any(m.startswith("queued: concurrency key 'acme'") for m in messages[retried:])
