@@ -455,6 +455,11 @@ async def external_taskproc(base_overrides) -> Iterator[Any]:
         # probe may have met the port closed, and the channel waits out a reconnect backoff).
         async with grpc.aio.insecure_channel(running.address("gateway")) as channel:
             await until_health(channel, "aiwfe.taskproc.v1.WorkflowService", 1, within=15)
+        # ...and until the gateway's own channel to it is connected: a channel that met the
+        # port closed fails calls at once (UNAVAILABLE, "connection refused") until its
+        # reconnect backoff ends, even after the probe saw the new process serving.
+        gateway = running.running["gateway"].service
+        await asyncio.wait_for(gateway.upstreams["aiwfe.taskproc.v1"].channel.channel_ready(), 15)
         return proc
 
     try:
