@@ -26,7 +26,12 @@ async def test_slow_but_answering_database_is_not_lost(base_overrides, internal_
     real_dsn = base_overrides["database"]["postgres"]["dsn"]
     async with FaultProxy(*dsn_address(real_dsn)) as proxy:
         dsn = with_address(real_dsn, "127.0.0.1", proxy.port)
-        running = await start_dataplatform(overrides_with_dsn(base_overrides, dsn))
+        overrides = overrides_with_dsn(base_overrides, dsn)
+        # Connections opened before the link slows down: over it, opening one takes several
+        # 0.3 s round trips, and the service's own loops (timers, schedules, retention) use
+        # the pool too; this test is about the stall probe, not about growing a pool.
+        overrides["database"]["postgres"]["pool_size"] = 8
+        running = await start_dataplatform(overrides)
         db = running.service.db
         try:
             async with grpc.aio.insecure_channel(running.address) as channel:
