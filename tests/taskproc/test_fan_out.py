@@ -8,26 +8,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import psycopg
 import pytest
-import yaml
 from google.protobuf import json_format, timestamp_pb2
 
-from aiwfe.app.embedded import free_port
-from aiwfe.app.suite import Suite, start_suite
 from aiwfe.sdk import task
 from aiwfe.taskproc.v1 import schedule_service_pb2 as sched_pb
 from aiwfe.taskproc.v1 import schedule_service_pb2_grpc as sched_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from tests.conftest import bearer, field_violations, login
+from tests.resilience.test_crash import external_dataplatform  # noqa: F401
 from tests.taskproc.helpers import (
     TERMINAL,
     deadline,
@@ -470,65 +465,21 @@ async def test_kill_9_taskproc_mid_fan_out_finishes_exactly_once(
     await assert_finished_exactly_once(running.settings.database.postgres.dsn, wf.workflow_id, n)
 
 
-@pytest.fixture
-async def external_dataplatform(base_overrides, tmp_path) -> AsyncIterator[Any]:
-    """cognitive, taskproc and gateway in process; dataplatform as a subprocess on a fixed
-    port, configured by a file with the same settings (`start()` launches one)."""
-    port = free_port()
-    overrides = {**base_overrides, "services": {"dataplatform": {"port": port}}}
-    config = tmp_path / "aiwfe.yaml"
-    config.write_text(yaml.safe_dump(overrides))
-    env = {**os.environ, "AIWFE_CONFIG": str(config)}
-    procs: list[subprocess.Popen[str]] = []
-
-    def launch() -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dataplatform"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,
-        )
-        procs.append(proc)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("dataplatform:"), line
-        return proc
-
-    async def start() -> subprocess.Popen[str]:
-        return await asyncio.to_thread(launch)
-
-    await start()
-    suite: Suite | None = None
-    try:
-        suite = await start_suite(overrides, only=("cognitive", "taskproc", "gateway"))
-        yield suite, start, procs
-    finally:
-        if suite is not None:
-            await suite.stop()
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
 @pytest.mark.slow
 async def test_kill_9_dataplatform_mid_fan_out_finishes_exactly_once(
-    external_dataplatform,
+    external_dataplatform,  # noqa: F811
 ) -> None:
     """kill -9 of dataplatform while items run: once it is back, the workers' pending
     results and the rest of the items go through, and the fan-out finishes once."""
-    suite, start, procs = external_dataplatform
+    suite, dataplatform = external_dataplatform
     n = 30
     async with grpc.aio.insecure_channel(suite.address("gateway")) as ch:
         token = await login(ch)  # the admin (users are made in dataplatform's process)
         wf = await submit(ch, token, slow_fan_out(n))
         await until_items_running(ch, token, wf.workflow_id, 4)
-        os.killpg(procs[-1].pid, signal.SIGKILL)
-        await _exit_code(procs[-1], 10)
+        await dataplatform.kill()
         await asyncio.sleep(0.5)  # items finish meanwhile: their results wait for the store
-        await start()
+        await dataplatform.start()
         done = await until_terminal(ch, token, wf.workflow_id)
         assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED, done.error
     await assert_finished_exactly_once(suite.settings.database.postgres.dsn, wf.workflow_id, n)
