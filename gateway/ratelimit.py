@@ -24,7 +24,6 @@ store failing) counts nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import itertools
 import math
@@ -38,6 +37,7 @@ from typing import Any
 
 import grpc
 
+from aiwfe.runtime.aio import wait_event
 from aiwfe.runtime.config import RateLimitSettings
 from aiwfe.runtime.errors import ResourceExhausted
 from aiwfe.runtime.redis_client import RedisClient
@@ -579,8 +579,7 @@ class LoginLimiter:
                 raise self._refused(0, 1.0)
             # Woken when a check of this username ends here; other replicas' are polled.
             ended = self._ended.setdefault(keys[0], asyncio.Event())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ended.wait(), pause)
+            await wait_event(ended, pause)
             pause = min(0.25, pause * 2)
 
     def _start_local(self, keys: list[str], limits: tuple[int, int]) -> bool:

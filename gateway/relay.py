@@ -40,6 +40,7 @@ from typing import Any, NamedTuple, cast
 
 import grpc
 
+from aiwfe.runtime.aio import wait_event
 from aiwfe.runtime.config import GatewayHttp2Settings, GrpcSettings
 from aiwfe.runtime.errors import Status
 from aiwfe.runtime.resilience.breaker import has_details
@@ -239,8 +240,7 @@ class Relay:
             client.drain()
         self.flush()
         self.check_quiet()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._quiet.wait(), grace)
+        await wait_event(self._quiet, grace)
         for client in list(self.clients):
             client.close()
         for pool in self.pools.values():

@@ -35,6 +35,7 @@ import grpc
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
 from aiwfe.runtime import metrics
+from aiwfe.runtime.aio import wait_event
 from aiwfe.runtime.channels import Upstream
 from aiwfe.runtime.config import TaskProcSettings, TelemetrySettings
 from aiwfe.runtime.identity import Principal, current_principal
@@ -135,8 +136,7 @@ class Worker:
                     if reply.HasField("next_run_time"):
                         due = reply.next_run_time.ToDatetime().timestamp() - time.time()
                         wait = max(0.001, min(wait, due))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+            await wait_event(self._wake, wait)
 
     def _launch(self, step: store_pb.ClaimedStep, held_until: float) -> None:
         key = (step.ref.workflow_id, step.ref.step_name, step.ref.attempt)
@@ -169,7 +169,8 @@ class Worker:
                     )
                 )
                 ctx = StepContext(step.ref.attempt, self.id, self._cognitive, step.timeout_seconds)
-                output = await asyncio.wait_for(op.run(ctx, inputs), step.timeout_seconds)
+                async with asyncio.timeout(step.timeout_seconds):
+                    output = await op.run(ctx, inputs)
                 size = len(json.dumps(output))
                 if size > self.cfg.max_output_bytes:
                     raise StepError(

@@ -34,6 +34,7 @@ from aiwfe.data.v1 import schedule_store_service_pb2 as pb
 from aiwfe.data.v1 import schedule_store_service_pb2_grpc as pb_grpc
 from aiwfe.data.v1 import workflow_store_service_pb2 as wf_store_pb
 from aiwfe.runtime import cron, metrics
+from aiwfe.runtime.aio import wait_event
 from aiwfe.runtime.config import TaskProcSettings
 from aiwfe.runtime.errors import FailedPrecondition, NotFound
 from aiwfe.runtime.rbac import Rbac
@@ -525,8 +526,7 @@ class Ticker:
                 log.warning("ticking schedules failed; retrying", exc_info=True)
                 sleep = _ERROR_BACKOFF
             self._poke.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), sleep)
+            await wait_event(self._poke, sleep)
 
 
 class ScheduleStore(pb_grpc.ScheduleStoreServiceServicer):

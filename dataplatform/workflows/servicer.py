@@ -4,8 +4,6 @@ no SQL and no policy of its own."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -16,6 +14,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as pb_grpc
+from aiwfe.runtime.aio import wait_event
 from aiwfe.runtime.errors import FailedPrecondition
 from aiwfe.runtime.validation import Violations
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
@@ -451,8 +450,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         sub = self.wakeups.subscribe()
         try:
             while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(sub.event.wait(), _HEARTBEAT_SECONDS)
+                await wait_event(sub.event, _HEARTBEAT_SECONDS)
                 sub.event.clear()
                 stopped = sorted(sub.stopped)
                 sub.stopped.clear()

@@ -21,6 +21,7 @@ import time
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
+from aiwfe.runtime.aio import wait_event
 from dataplatform.db import DictConnection
 from dataplatform.workflows.repository import (
     SIGNAL_QUEUE,
@@ -98,8 +99,7 @@ class TimerLoop:
                     nap = ERROR_BACKOFF_SECONDS
                 wake_at = time.monotonic() + max(MIN_NAP_SECONDS, nap)
                 while (left := wake_at - time.monotonic()) > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(inbox.event.wait(), left)
+                    await wait_event(inbox.event, left)
                     inbox.event.clear()
                     inbox.stopped.clear()
                     inbox.work = False

@@ -19,6 +19,7 @@ from operator import itemgetter
 from typing import Any
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as pb
+from aiwfe.runtime.aio import wait_event
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from dataplatform.replica_bus import ReplicaBus
 from dataplatform.workflows import messages
@@ -267,7 +268,5 @@ async def follow(
             return
         if need_read:
             continue
-        try:
-            await asyncio.wait_for(watch.event.wait(), poll)
-        except TimeoutError:
+        if not await wait_event(watch.event, poll):
             need_read = True
