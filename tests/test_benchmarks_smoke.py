@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Servers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +24,7 @@ def bench_env(servers: Servers) -> dict[str, str]:
     return env
 
 
+@pytest.mark.timeout(300)  # a whole benchmark run; CI runs two suites side by side
 def test_quick_direct_and_gateway_run(tmp_path: Path, servers: Servers) -> None:
     """`python -m benchmarks --quick` measures direct and gateway Embed calls without errors."""
     out = tmp_path / "bench.json"
@@ -60,6 +63,7 @@ def test_quick_direct_and_gateway_run(tmp_path: Path, servers: Servers) -> None:
     assert "gateway" in doc["ratios"]
 
 
+@pytest.mark.timeout(300)  # a whole benchmark run; CI runs two suites side by side
 def test_workflow_benchmark_runs_every_phase(servers: Servers) -> None:
     """`python -m benchmarks.workflows` with tiny counts runs the queue, both end-to-end
     paths, the latency phases and the external-worker phases (an SDK worker process), and
