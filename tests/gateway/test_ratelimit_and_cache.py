@@ -216,6 +216,9 @@ async def _limited_gateway(base, redis_url: str | None, window: int) -> AsyncIte
     # The limiter alone decides: a call it admitted that load shedding then refused would
     # count as a refusal here with its quota spent (CI once saw (96, 34) on a busy machine).
     overrides["load_shedding"] = {"enabled": False}
+    # Nor may Redis's 0.5 s budget lapse under a loaded CI (two suites side by side): the
+    # limiter would rightly degrade to each replica's own count ((130, 0) once, 2 replicas).
+    overrides["redis"] = {**overrides.get("redis", {}), "connection_pool": {"socket_timeout": 5}}
     suite = await start_suite(overrides, only=("dataplatform", "taskproc", "gateway"))
     try:
         async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:

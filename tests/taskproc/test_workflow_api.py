@@ -330,8 +330,10 @@ async def test_retry_backoff_schedule_is_honoured(suite, gateway_channel) -> Non
     ]  # fmt: skip
     gap1 = (step[2][1] - step[1][1]).total_seconds()
     gap2 = (step[4][1] - step[3][1]).total_seconds()
-    assert 0.3 <= gap1 < 0.3 + 0.45, gap1
-    assert 0.6 <= gap2 < 0.6 + 0.45, gap2
+    # Slack for a loaded CI (1.10 s once with two suites side by side and other load);
+    # still below the 1.2 s a squared multiplier would give.
+    assert 0.3 <= gap1 < 0.3 + 0.6, gap1
+    assert 0.6 <= gap2 < 0.6 + 0.6, gap2
     done = await get(gateway_channel, token, wf.workflow_id)
     assert step_status(done, "flaky").attempts == 3
     assert step_status(done, "flaky").output["attempt"] == 3
