@@ -8,6 +8,7 @@ NOT_FOUND); the `admin` role sees all.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -83,8 +84,10 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         streams: StreamPool,
         watches: SharedWatches,
         slots: WatchSlots,
+        worker: Worker | None = None,
     ) -> None:
         self._limits = settings.taskproc
+        self._worker = worker
         self._store = store
         self._pages = PageTokens(identity.derived_key("page-tokens"), "ListWorkflows")
         self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
@@ -111,11 +114,33 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
             trace_context=submit_trace_context(),
         )
 
+    def _eager(self, create: store_pb.CreateWorkflowRequest) -> int:
+        """Asks the store to lease the new workflow's runnable root steps to this process's
+        worker, as many as it has free slots for (eager dispatch); returns the slots held."""
+        if self._worker is None:
+            return 0
+        roots = sum(1 for st in create.spec.steps if not st.depends_on)
+        reserved = self._worker.reserve(roots)
+        if reserved:
+            create.eager_worker_id = self._worker.id
+            create.eager_max_steps = reserved
+            create.eager_lease_seconds = self._limits.lease_seconds
+        return reserved
+
     async def SubmitWorkflow(
         self, request: pb.SubmitWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitWorkflowResponse:
         create = self._create_request(request.spec, request.idempotency_key)
-        reply = await self._store.call(self._stub.CreateWorkflow, create)
+        reserved = self._eager(create)
+        sent = time.monotonic()
+        try:
+            reply = await self._store.call(self._stub.CreateWorkflow, create)
+        except BaseException:
+            if self._worker is not None:
+                self._worker.unreserve(reserved)
+            raise
+        if self._worker is not None:
+            self._worker.adopt(reply.eager_steps, reserved, sent)
         return pb.SubmitWorkflowResponse(workflow=reply.workflow)
 
     async def GetWorkflow(
@@ -218,18 +243,28 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
     ) -> AsyncIterator[pb.RunWorkflowResponse]:
         """SubmitWorkflow then WatchWorkflow in one call, relayed from one dataplatform
         stream: one round of RPC set-ups through every hop instead of two."""
+
         create = self._create_request(request.spec, request.idempotency_key)
         with self._slots.hold():
-            async for update in self._streams.stream(
-                "RunStoredWorkflow",
-                store_pb.RunStoredWorkflowRequest(
-                    create=create, poll_interval_seconds=self._streams.poll_interval()
-                ),
-            ):
-                if update.HasField("stored"):
-                    yield pb.RunWorkflowResponse(workflow=update.stored.workflow)
-                for event in update.events.events:
-                    yield pb.RunWorkflowResponse(event=event)
+            reserved = self._eager(create)
+            sent = time.monotonic()
+            try:
+                async for update in self._streams.stream(
+                    "RunStoredWorkflow",
+                    store_pb.RunStoredWorkflowRequest(
+                        create=create, poll_interval_seconds=self._streams.poll_interval()
+                    ),
+                ):
+                    if update.HasField("stored"):
+                        if reserved and self._worker is not None:
+                            self._worker.adopt(update.stored.eager_steps, reserved, sent)
+                            reserved = 0
+                        yield pb.RunWorkflowResponse(workflow=update.stored.workflow)
+                    for event in update.events.events:
+                        yield pb.RunWorkflowResponse(event=event)
+            finally:
+                if reserved and self._worker is not None:  # the stream ended before `stored`
+                    self._worker.unreserve(reserved)
 
     async def SignalWorkflow(
         self, request: pb.SignalWorkflowRequest, context: grpc.aio.ServicerContext
@@ -328,6 +363,7 @@ class TaskProcService(Service):
                 self.streams,
                 self.watches,
                 self.watch_slots,
+                self.worker,
             ),
             server,
         )
