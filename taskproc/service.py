@@ -7,10 +7,13 @@ NOT_FOUND); the `admin` role sees all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -75,6 +78,15 @@ def _time(v: Violations, request: pb.ListWorkflowsRequest, field: str) -> int | 
     return int(stamp.ToNanoseconds()) if ok else None
 
 
+@dataclass
+class _Eager:
+    """What a submission offered for eager dispatch: worker slots and task pollers."""
+
+    reserved: int = 0
+    promised: list[tuple[str, Any]] = dataclasses.field(default_factory=list)
+    sent: float = dataclasses.field(default_factory=time.monotonic)
+
+
 class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
     def __init__(
         self,
@@ -85,9 +97,11 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         watches: SharedWatches,
         slots: WatchSlots,
         worker: Worker | None = None,
+        tasks: TaskDispatcher | None = None,
     ) -> None:
         self._limits = settings.taskproc
         self._worker = worker
+        self._tasks = tasks
         self._store = store
         self._pages = PageTokens(identity.derived_key("page-tokens"), "ListWorkflows")
         self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
@@ -114,33 +128,63 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
             trace_context=submit_trace_context(),
         )
 
-    def _eager(self, create: store_pb.CreateWorkflowRequest) -> int:
-        """Asks the store to lease the new workflow's runnable root steps to this process's
-        worker, as many as it has free slots for (eager dispatch); returns the slots held."""
-        if self._worker is None:
-            return 0
-        roots = sum(1 for st in create.spec.steps if not st.depends_on)
-        reserved = self._worker.reserve(roots)
-        if reserved:
-            create.eager_worker_id = self._worker.id
-            create.eager_max_steps = reserved
-            create.eager_lease_seconds = self._limits.lease_seconds
-        return reserved
+    def _eager(self, create: store_pb.CreateWorkflowRequest) -> _Eager:
+        """Asks the store to lease the new workflow's runnable root steps to this process:
+        built-in ones to its worker, as many as it has free slots for, and task steps to
+        the dispatcher when one of its pollers waits for them (eager dispatch)."""
+        eager = _Eager()
+        if self._worker is not None:
+            roots = sum(1 for st in create.spec.steps if not st.depends_on)
+            eager.reserved = self._worker.reserve(roots)
+            if eager.reserved:
+                create.eager_worker_id = self._worker.id
+                create.eager_max_steps = eager.reserved
+                create.eager_lease_seconds = self._limits.lease_seconds
+        if self._tasks is not None:
+            tasks = [
+                (
+                    st.name,
+                    st.inputs.fields["queue"].string_value,
+                    st.inputs.fields["type"].string_value,
+                )
+                for st in create.spec.steps
+                if st.op == "task"
+                and not st.depends_on
+                and not st.when
+                and not st.for_each
+                and not st.HasField("not_before")
+            ]
+            eager.promised = self._tasks.offer(tasks) if tasks else []
+            if eager.promised:
+                create.eager_task_steps.extend(name for name, _ in eager.promised)
+                create.eager_task_lease_id = self._tasks.lease_id
+        return eager
+
+    async def _adopt(self, eager: _Eager, steps: Sequence[store_pb.ClaimedStep]) -> None:
+        if self._worker is not None:
+            self._worker.adopt([s for s in steps if not s.queue], eager.reserved, eager.sent)
+        if self._tasks is not None and eager.promised:
+            await self._tasks.deliver(eager.promised, [s for s in steps if s.queue])
+        eager.reserved, eager.promised = 0, []
+
+    def _unreserve(self, eager: _Eager) -> None:
+        if self._worker is not None:
+            self._worker.unreserve(eager.reserved)
+        if self._tasks is not None:
+            self._tasks.withdraw(eager.promised)
+        eager.reserved, eager.promised = 0, []
 
     async def SubmitWorkflow(
         self, request: pb.SubmitWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitWorkflowResponse:
         create = self._create_request(request.spec, request.idempotency_key)
-        reserved = self._eager(create)
-        sent = time.monotonic()
+        eager = self._eager(create)
         try:
             reply = await self._store.call(self._stub.CreateWorkflow, create)
         except BaseException:
-            if self._worker is not None:
-                self._worker.unreserve(reserved)
+            self._unreserve(eager)
             raise
-        if self._worker is not None:
-            self._worker.adopt(reply.eager_steps, reserved, sent)
+        await self._adopt(eager, reply.eager_steps)
         return pb.SubmitWorkflowResponse(workflow=reply.workflow)
 
     async def GetWorkflow(
@@ -246,8 +290,7 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
 
         create = self._create_request(request.spec, request.idempotency_key)
         with self._slots.hold():
-            reserved = self._eager(create)
-            sent = time.monotonic()
+            eager = self._eager(create)
             try:
                 async for update in self._streams.stream(
                     "RunStoredWorkflow",
@@ -256,15 +299,12 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
                     ),
                 ):
                     if update.HasField("stored"):
-                        if reserved and self._worker is not None:
-                            self._worker.adopt(update.stored.eager_steps, reserved, sent)
-                            reserved = 0
+                        await self._adopt(eager, update.stored.eager_steps)
                         yield pb.RunWorkflowResponse(workflow=update.stored.workflow)
                     for event in update.events.events:
                         yield pb.RunWorkflowResponse(event=event)
             finally:
-                if reserved and self._worker is not None:  # the stream ended before `stored`
-                    self._worker.unreserve(reserved)
+                self._unreserve(eager)  # the stream ended before `stored`: give them back
 
     async def SignalWorkflow(
         self, request: pb.SignalWorkflowRequest, context: grpc.aio.ServicerContext
@@ -364,6 +404,7 @@ class TaskProcService(Service):
                 self.watches,
                 self.watch_slots,
                 self.worker,
+                self.tasks,
             ),
             server,
         )

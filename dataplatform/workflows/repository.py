@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
 
 import psycopg
@@ -114,19 +114,18 @@ def eager_roots(request: pb.CreateWorkflowRequest, excluded: bool) -> list[Any]:
     condition: those wait for their time or their evaluation), in spec order; none for a
     workflow with conditions on its roots, fan-outs or a concurrency key (`excluded`),
     which are admitted and reached in a transaction of their own."""
-    if excluded or not request.eager_worker_id or request.eager_max_steps <= 0:
+    if excluded:
         return []
+    builtin = request.eager_max_steps if request.eager_worker_id else 0
+    tasks = set(request.eager_task_steps) if request.eager_task_lease_id else set()
     picked: list[Any] = []
     for st in request.spec.steps:
-        if len(picked) >= request.eager_max_steps:
-            break
-        if (
-            not st.depends_on
-            and step_queue(st) is None
-            and not st.when
-            and not st.HasField("not_before")
-            and timer_seconds(st) is None
-        ):
+        if st.depends_on or st.when or st.HasField("not_before") or timer_seconds(st):
+            continue
+        if step_queue(st) is None and builtin > 0:
+            picked.append(st)
+            builtin -= 1
+        elif st.op == "task" and not st.for_each and st.name in tasks:
             picked.append(st)
     return picked
 
@@ -250,8 +249,11 @@ _OUTRANKED = (
 # `eager_worker`, with their "attempt 1" events, exactly as a ClaimSteps would leave them,
 # unless a runnable built-in step of a higher priority waits (`ok`).
 _CREATE = (
-    "WITH ok AS (SELECT cardinality(%(eager_names)s::text[]) > 0"
-    f"   AND NOT {_OUTRANKED} AS eager),"
+    "WITH ok AS (SELECT cardinality(%(eager_names)s::text[]) > 0 AND NOT EXISTS"
+    "   (SELECT 1 FROM workflow_steps h"
+    f"   WHERE h.state IN ({sql(*CLAIMABLE)}) AND h.remaining_deps = 0"
+    "   AND (h.queue IS NULL OR h.queue = ANY(%(eager_queues)s::text[]))"
+    "   AND h.next_run_at <= now() AND h.priority > %(priority)s) AS eager),"
     " w AS (INSERT INTO workflows (workflow_id, owner_id, owner_username,"
     "   owner_roles, idempotency_key, spec, state, priority, deadline_at,"
     "   last_sequence, trace_context, name, schedule_id)"
@@ -267,7 +269,8 @@ _CREATE = (
     "   depends_on, remaining_deps, state, priority, max_attempts, initial_backoff,"
     "   backoff_multiplier, max_backoff, jitter, timeout_seconds, queue, task_type,"
     "   heartbeat_timeout, timer_seconds, not_before_at, next_run_at, condition,"
-    "   run_if_dependency_skipped, attempt, lease_owner, lease_expires_at)"
+    "   run_if_dependency_skipped, attempt, lease_owner, lease_expires_at,"
+    "   attempt_deadline_at)"
     "   SELECT w.workflow_id, u.name, u.ord - 1, u.op, u.inputs,"
     "   ARRAY(SELECT jsonb_array_elements_text(u.deps)), jsonb_array_length(u.deps),"
     f"   CASE WHEN ea.leased THEN {_RUNNING} ELSE {_PENDING} END,"
@@ -283,8 +286,14 @@ _CREATE = (
     "   u.timer, u.not_before,"
     "   greatest(now() + coalesce(u.timer, 0) * interval '1 second', u.not_before),"
     "   u.condition, u.run_skipped, CASE WHEN ea.leased THEN 1 ELSE 0 END,"
-    "   CASE WHEN ea.leased THEN %(eager_worker)s END,"
-    "   CASE WHEN ea.leased THEN now() + %(eager_lease)s * interval '1 second' END"
+    "   CASE WHEN ea.leased THEN CASE WHEN u.op = 'task' THEN %(eager_task_lease)s"
+    "     ELSE %(eager_worker)s END END,"
+    # A task's lease is its heartbeat timeout, never past its attempt's deadline (_CLAIM).
+    "   CASE WHEN ea.leased THEN now() + CASE WHEN u.op = 'task' THEN least(coalesce("
+    "     (u.inputs->>'heartbeat_timeout_seconds')::float8, %(default_heartbeat)s),"
+    "     u.timeout_seconds) ELSE %(eager_lease)s END * interval '1 second' END,"
+    "   CASE WHEN ea.leased AND u.op = 'task'"
+    "     THEN now() + u.timeout_seconds * interval '1 second' END"
     "   FROM w, unnest(%(step_names)s::text[], %(step_ops)s::text[],"
     "   %(step_inputs)s::jsonb[], %(step_deps)s::jsonb[], %(max_attempts)s::int[],"
     "   %(initial_backoffs)s::float8[], %(backoff_multipliers)s::float8[],"
@@ -303,8 +312,7 @@ _CREATE = (
     f"   SELECT w.workflow_id, 1 + x.n, {WorkflowState.RUNNING:d}, x.name, {_RUNNING},"
     "   'attempt 1', w.created_at FROM w, ok,"
     "   unnest(%(eager_names)s::text[]) WITH ORDINALITY AS x(name, n) WHERE ok.eager)"
-    " SELECT w.*, (SELECT eager FROM ok) AS eager,"
-    "   now() + %(eager_lease)s * interval '1 second' AS eager_lease_expires_at FROM w"
+    " SELECT w.*, (SELECT eager FROM ok) AS eager, now() AS tx_now FROM w"
 )
 
 # A workflow's concurrency key if it holds one of its key's slots (admitted), else NULL.
@@ -708,6 +716,8 @@ class WorkflowRepository:
             "schedule_id": uuid.UUID(request.schedule_id) if request.schedule_id else None,
             "eager_names": [st.name for st in eager],
             "eager_worker": request.eager_worker_id or None,
+            "eager_task_lease": request.eager_task_lease_id or None,
+            "eager_queues": sorted({q for st in eager if (q := step_queue(st)) is not None}),
             "eager_lease": request.eager_lease_seconds,
         }
         cur = await conn.execute(_CREATE, args)
@@ -782,14 +792,30 @@ class WorkflowRepository:
                     for i, st in enumerate(eager, start=2)
                 ]
                 trace = messages.trace_context_json(request)
+                now = row["tx_now"]
                 for st in eager:
+                    lease = request.eager_lease_seconds
                     step = reply.eager_steps.add(
                         ref=pb.StepRef(workflow_id=str(wid), step_name=st.name, attempt=1),
                         op=st.op,
                         inputs=st.inputs,
                         timeout_seconds=st.timeout_seconds,
                         owner=request.owner,
-                        lease_expire_time=messages.timestamp(row["eager_lease_expires_at"]),
+                    )
+                    if st.op == "task":
+                        fields = st.inputs.fields
+                        heartbeat = DEFAULT_HEARTBEAT_SECONDS
+                        if "heartbeat_timeout_seconds" in fields:
+                            heartbeat = fields["heartbeat_timeout_seconds"].number_value
+                        lease = min(heartbeat, st.timeout_seconds)
+                        step.queue = fields["queue"].string_value
+                        step.task_type = fields["type"].string_value
+                        step.heartbeat_timeout_seconds = heartbeat
+                        step.attempt_deadline.CopyFrom(
+                            messages.timestamp(now + timedelta(seconds=st.timeout_seconds))
+                        )
+                    step.lease_expire_time.CopyFrom(
+                        messages.timestamp(now + timedelta(seconds=lease))
                     )
                     messages.set_trace_context(
                         step, trace.obj if trace else None, row["created_at"]

@@ -134,6 +134,8 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         if request.eager_worker_id:
             _check_eager(v, request.eager_max_steps, request.eager_lease_seconds)
             v.text(request.eager_worker_id, "eager_worker_id", max_chars=MAX_ID_CHARS)
+        if request.eager_task_steps:
+            v.text(request.eager_task_lease_id, "eager_task_lease_id", max_chars=MAX_ID_CHARS)
         tc = request.trace_context  # W3C: a 55-char traceparent, tracestate up to 512
         v.text(tc.traceparent, "trace_context.traceparent", max_chars=64, required=False)
         v.text(tc.tracestate, "trace_context.tracestate", max_chars=512, required=False)

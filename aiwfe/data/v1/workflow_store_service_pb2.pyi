@@ -31,7 +31,7 @@ class WorkflowScope(_message.Message):
     def __init__(self, owner_id: _Optional[str] = ..., all_owners: _Optional[bool] = ...) -> None: ...
 
 class CreateWorkflowRequest(_message.Message):
-    __slots__ = ("owner", "spec", "idempotency_key", "trace_context", "schedule_id", "eager_worker_id", "eager_max_steps", "eager_lease_seconds")
+    __slots__ = ("owner", "spec", "idempotency_key", "trace_context", "schedule_id", "eager_worker_id", "eager_max_steps", "eager_lease_seconds", "eager_task_steps", "eager_task_lease_id")
     OWNER_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,8 @@ class CreateWorkflowRequest(_message.Message):
     EAGER_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     EAGER_MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     EAGER_LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EAGER_TASK_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EAGER_TASK_LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     owner: WorkflowOwner
     spec: _workflow_service_pb2.WorkflowSpec
     idempotency_key: str
@@ -48,7 +50,9 @@ class CreateWorkflowRequest(_message.Message):
     eager_worker_id: str
     eager_max_steps: int
     eager_lease_seconds: float
-    def __init__(self, owner: _Optional[_Union[WorkflowOwner, _Mapping]] = ..., spec: _Optional[_Union[_workflow_service_pb2.WorkflowSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., trace_context: _Optional[_Union[TraceContext, _Mapping]] = ..., schedule_id: _Optional[str] = ..., eager_worker_id: _Optional[str] = ..., eager_max_steps: _Optional[int] = ..., eager_lease_seconds: _Optional[float] = ...) -> None: ...
+    eager_task_steps: _containers.RepeatedScalarFieldContainer[str]
+    eager_task_lease_id: str
+    def __init__(self, owner: _Optional[_Union[WorkflowOwner, _Mapping]] = ..., spec: _Optional[_Union[_workflow_service_pb2.WorkflowSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., trace_context: _Optional[_Union[TraceContext, _Mapping]] = ..., schedule_id: _Optional[str] = ..., eager_worker_id: _Optional[str] = ..., eager_max_steps: _Optional[int] = ..., eager_lease_seconds: _Optional[float] = ..., eager_task_steps: _Optional[_Iterable[str]] = ..., eager_task_lease_id: _Optional[str] = ...) -> None: ...
 
 class TraceContext(_message.Message):
     __slots__ = ("traceparent", "tracestate")
