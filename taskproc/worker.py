@@ -129,6 +129,11 @@ class Worker:
         """Runs steps a store call leased to this worker (eager dispatch) as if claimed at
         `sent` (monotonic, before the call), and frees the rest of the `reserved` slots."""
         self._reserved -= reserved
+        if self._stopping and steps:  # asked for before stop(): claimable again at once
+            release = store_pb.ReleaseStepsRequest(worker_id=self.id, steps=[s.ref for s in steps])
+            task = asyncio.create_task(self._call(self._stub.ReleaseSteps, release, timeout=5))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            return
         self.eager_steps += len(steps)
         for step in steps:
             self._launch(step, sent + self.cfg.lease_seconds)
