@@ -12,8 +12,10 @@
    until done, against the whole suite in its own process (`benchmarks.servers`), with
    the CPU each process spent per workflow and PostgreSQL transactions per workflow;
    `e2e_run`: the same through RunWorkflow (submit and watch in one call).
-4. `latency`: submit → done (Watch ends) one at a time on the idle suite, p50/p99; and the
-   same through RunWorkflow.
+4. `latency`: submit → done (Watch ends) one at a time on the idle suite, p50/p99; the
+   same through RunWorkflow; and a 3-step chain of `noop` steps through RunWorkflow
+   (`latency_idle_run_chain3_ms`). `AIWFE_TASKPROC__EAGER_DISPATCH=false` in the
+   environment turns eager dispatch off in the suite, for an A/B on one machine.
 5. `external`: steps run by an external worker (`op: task`), the SDK's `Worker` served by
    `aiwfe worker run benchmarks.worker_tasks` in a process of its own, polling through the
    gateway with a `worker` user's token:
@@ -36,7 +38,8 @@
    workflows, `--in-flight` at a time (Submit + Watch each), on the same suite in
    alternating rounds; each time is submit → the last event of the watch.
 
-Goals from the issues: (2) ≥ 3,000 jobs/s, (3) ≥ 300 workflows/s, (4) p50 ≤ 20 ms;
+Goals from the issues: (2) ≥ 3,000 jobs/s, (3) ≥ 300 workflows/s, (4) p50 ≤ 20 ms (#19,
+#23: ≤ 5 ms for one step through RunWorkflow, ≤ 10 ms for the 3-step chain);
 (5) dispatch p50 ≤ 5 ms, task throughput ≥ half of noop's; (6) lateness p99 ≤ 1 s;
 (7) fan-out ≤ 2x the separate workflows' time.
 
@@ -218,9 +221,13 @@ async def store_queue(dsn: str, jobs: int) -> dict[str, Any]:
         proc.wait(20)
 
 
-def _noop_spec() -> wf_pb.WorkflowSpec:
+def _noop_spec(steps: int = 1) -> wf_pb.WorkflowSpec:
+    """`steps` noop steps in a chain (each depends on the one before)."""
     spec = wf_pb.WorkflowSpec(name="bench")
-    spec.steps.add(name="a", op="noop")
+    for i in range(steps):
+        step = spec.steps.add(name=f"s{i}", op="noop")
+        if i:
+            step.depends_on.append(f"s{i - 1}")
     return spec
 
 
@@ -281,12 +288,12 @@ def _commits(admin_dsn: str, database: str) -> int:
     return int(row[0]) if row else 0
 
 
-async def _run_and_wait(stub: wf_grpc.WorkflowServiceStub, md: Any) -> float:
+async def _run_and_wait(stub: wf_grpc.WorkflowServiceStub, md: Any, steps: int = 1) -> float:
     """The same workflow through RunWorkflow: submit and watch in one call."""
     start = time.perf_counter()
     last = None
     async for update in stub.RunWorkflow(
-        wf_pb.RunWorkflowRequest(spec=_noop_spec()), metadata=md, timeout=30
+        wf_pb.RunWorkflowRequest(spec=_noop_spec(steps)), metadata=md, timeout=30
     ):
         last = update
     assert last is not None and last.event.workflow_state == wf_pb.WORKFLOW_STATE_SUCCEEDED
@@ -357,6 +364,7 @@ async def gateway_phases(
                 await _run_and_wait(stub, md)
             idle = [await submit_and_wait(stub, md) for _ in range(latency)]
             idle_run = [await _run_and_wait(stub, md) for _ in range(latency)]
+            idle_chain = [await _run_and_wait(stub, md, 3) for _ in range(latency)]
             e2e_result = await _throughput(
                 server, admin_dsn, e2e, in_flight, lambda: submit_and_wait(stub, md)
             )
@@ -366,6 +374,7 @@ async def gateway_phases(
         return {
             "latency_idle_ms": percentiles(idle),
             "latency_idle_run_ms": percentiles(idle_run),
+            "latency_idle_run_chain3_ms": percentiles(idle_chain),
             "e2e": e2e_result,
             "e2e_run": run_result,
         }

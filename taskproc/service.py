@@ -7,9 +7,13 @@ NOT_FOUND); the `admin` role sees all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -74,6 +78,15 @@ def _time(v: Violations, request: pb.ListWorkflowsRequest, field: str) -> int | 
     return int(stamp.ToNanoseconds()) if ok else None
 
 
+@dataclass
+class _Eager:
+    """What a submission offered for eager dispatch: worker slots and task pollers."""
+
+    reserved: int = 0
+    promised: list[tuple[str, Any]] = dataclasses.field(default_factory=list)
+    sent: float = dataclasses.field(default_factory=time.monotonic)
+
+
 class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
     def __init__(
         self,
@@ -83,8 +96,12 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         streams: StreamPool,
         watches: SharedWatches,
         slots: WatchSlots,
+        worker: Worker | None = None,
+        tasks: TaskDispatcher | None = None,
     ) -> None:
         self._limits = settings.taskproc
+        self._worker = worker
+        self._tasks = tasks
         self._store = store
         self._pages = PageTokens(identity.derived_key("page-tokens"), "ListWorkflows")
         self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
@@ -111,11 +128,63 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
             trace_context=submit_trace_context(),
         )
 
+    def _eager(self, create: store_pb.CreateWorkflowRequest) -> _Eager:
+        """Asks the store to lease the new workflow's runnable root steps to this process:
+        built-in ones to its worker, as many as it has free slots for, and task steps to
+        the dispatcher when one of its pollers waits for them (eager dispatch)."""
+        eager = _Eager()
+        if self._worker is not None:
+            roots = sum(1 for st in create.spec.steps if not st.depends_on)
+            eager.reserved = self._worker.reserve(roots)
+            if eager.reserved:
+                create.eager_worker_id = self._worker.id
+                create.eager_max_steps = eager.reserved
+                create.eager_lease_seconds = self._limits.lease_seconds
+        if self._tasks is not None:
+            tasks = [
+                (
+                    st.name,
+                    st.inputs.fields["queue"].string_value,
+                    st.inputs.fields["type"].string_value,
+                )
+                for st in create.spec.steps
+                if st.op == "task"
+                and not st.depends_on
+                and not st.when
+                and not st.for_each
+                and not st.HasField("not_before")
+            ]
+            eager.promised = self._tasks.offer(tasks) if tasks else []
+            if eager.promised:
+                create.eager_task_steps.extend(name for name, _ in eager.promised)
+                create.eager_task_lease_id = self._tasks.lease_id
+        return eager
+
+    async def _adopt(self, eager: _Eager, steps: Sequence[store_pb.ClaimedStep]) -> None:
+        if self._worker is not None:
+            self._worker.adopt([s for s in steps if not s.queue], eager.reserved, eager.sent)
+        if self._tasks is not None and eager.promised:
+            await self._tasks.deliver(eager.promised, [s for s in steps if s.queue])
+        eager.reserved, eager.promised = 0, []
+
+    def _unreserve(self, eager: _Eager) -> None:
+        if self._worker is not None:
+            self._worker.unreserve(eager.reserved)
+        if self._tasks is not None:
+            self._tasks.withdraw(eager.promised)
+        eager.reserved, eager.promised = 0, []
+
     async def SubmitWorkflow(
         self, request: pb.SubmitWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitWorkflowResponse:
         create = self._create_request(request.spec, request.idempotency_key)
-        reply = await self._store.call(self._stub.CreateWorkflow, create)
+        eager = self._eager(create)
+        try:
+            reply = await self._store.call(self._stub.CreateWorkflow, create)
+        except BaseException:
+            self._unreserve(eager)
+            raise
+        await self._adopt(eager, reply.eager_steps)
         return pb.SubmitWorkflowResponse(workflow=reply.workflow)
 
     async def GetWorkflow(
@@ -218,18 +287,24 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
     ) -> AsyncIterator[pb.RunWorkflowResponse]:
         """SubmitWorkflow then WatchWorkflow in one call, relayed from one dataplatform
         stream: one round of RPC set-ups through every hop instead of two."""
+
         create = self._create_request(request.spec, request.idempotency_key)
         with self._slots.hold():
-            async for update in self._streams.stream(
-                "RunStoredWorkflow",
-                store_pb.RunStoredWorkflowRequest(
-                    create=create, poll_interval_seconds=self._streams.poll_interval()
-                ),
-            ):
-                if update.HasField("stored"):
-                    yield pb.RunWorkflowResponse(workflow=update.stored.workflow)
-                for event in update.events.events:
-                    yield pb.RunWorkflowResponse(event=event)
+            eager = self._eager(create)
+            try:
+                async for update in self._streams.stream(
+                    "RunStoredWorkflow",
+                    store_pb.RunStoredWorkflowRequest(
+                        create=create, poll_interval_seconds=self._streams.poll_interval()
+                    ),
+                ):
+                    if update.HasField("stored"):
+                        await self._adopt(eager, update.stored.eager_steps)
+                        yield pb.RunWorkflowResponse(workflow=update.stored.workflow)
+                    for event in update.events.events:
+                        yield pb.RunWorkflowResponse(event=event)
+            finally:
+                self._unreserve(eager)  # the stream ended before `stored`: give them back
 
     async def SignalWorkflow(
         self, request: pb.SignalWorkflowRequest, context: grpc.aio.ServicerContext
@@ -328,6 +403,8 @@ class TaskProcService(Service):
                 self.streams,
                 self.watches,
                 self.watch_slots,
+                self.worker,
+                self.tasks,
             ),
             server,
         )

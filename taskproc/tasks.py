@@ -92,6 +92,10 @@ class _Group:
     claiming: bool = False
     retry_at: float = 0.0  # monotonic time of the earliest scheduled retry, 0 if none
     claimed_at: float = 0.0  # monotonic time of the group's last claim
+    offered: int = 0  # waiters promised to submissions in flight (eager dispatch)
+
+    def takes(self, queue: str, task_type: str) -> bool:
+        return queue in self.queues and (not self.types or task_type in self.types)
 
 
 class TaskDispatcher:
@@ -107,6 +111,53 @@ class TaskDispatcher:
         self._groups: dict[tuple[tuple[str, ...], tuple[str, ...]], _Group] = {}
         self.lease_id = f"task:{uuid.uuid4().hex}"  # this replica's claims
         self.waiting = 0  # PollTask calls held, bounded by cfg.max_task_polls
+        self.eager_tasks = 0  # tasks handed to pollers by eager dispatch, not a claim
+
+    # --- eager dispatch ---------------------------------------------------------------
+
+    def offer(self, steps: Sequence[tuple[str, str, str]]) -> list[tuple[str, _Group]]:
+        """Of (step name, queue, type) of a submission's root task steps, those a waiting
+        poller of this replica would take, each promised one waiter (eager dispatch: the
+        insert leases them to this replica's lease id); `deliver` or `withdraw` after."""
+        if not self._cfg.eager_dispatch:
+            return []
+        promised = []
+        for name, queue, task_type in steps:
+            for group in self._groups.values():
+                free = sum(1 for f in group.waiting if not f.done()) - group.offered
+                if free > 0 and group.takes(queue, task_type):
+                    group.offered += 1
+                    promised.append((name, group))
+                    break
+        return promised
+
+    def withdraw(self, promised: Sequence[tuple[str, _Group]]) -> None:
+        for _, group in promised:
+            group.offered -= 1
+            self._kick(group)
+
+    async def deliver(
+        self, promised: Sequence[tuple[str, _Group]], steps: Sequence[store_pb.ClaimedStep]
+    ) -> None:
+        """Hands the task steps a submission leased to this replica to the waiters promised
+        them (or any waiter of a group that takes them); the rest go back at once."""
+        self.withdraw(promised)
+        leftover = []
+        for step in steps:
+            group = next(
+                (
+                    g
+                    for g in [*(g for _, g in promised), *self._groups.values()]
+                    if g.takes(step.queue, step.task_type)
+                ),
+                None,
+            )
+            if group is None or not self._hand_out(group, step):
+                leftover.append(step)
+            else:
+                self.eager_tasks += 1
+        if leftover:  # every poller left meanwhile: claimable again at once
+            await self._release(leftover)
 
     def wake(self, queues: Sequence[str]) -> None:
         """Task steps of `queues` may have become runnable (a WaitForWork push; "*": any
@@ -126,7 +177,10 @@ class TaskDispatcher:
 
     async def _claim_round(self, group: _Group) -> None:
         try:
-            while group.dirty and (want := sum(1 for f in group.waiting if not f.done())):
+            while (
+                group.dirty
+                and (want := sum(1 for f in group.waiting if not f.done()) - group.offered) > 0
+            ):
                 group.dirty = False
                 group.claimed_at = time.monotonic()
                 try:
@@ -236,7 +290,7 @@ class TaskDispatcher:
             waiter.cancel()
             if not any(not f.done() for f in group.waiting):
                 group.waiting.clear()
-                if not group.claiming and self._groups.get(key) is group:
+                if not group.claiming and not group.offered and self._groups.get(key) is group:
                     del self._groups[key]
 
 

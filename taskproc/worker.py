@@ -84,6 +84,9 @@ class Worker:
         self._results_ready = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._reserved = 0  # slots promised to eager dispatch calls in flight
+        self._owed = False  # a claim was cut short (or skipped) for want of a free slot
+        self.eager_steps = 0  # steps this worker got from eager dispatch, not a claim
         # Called with the task queues of every push that names some ("*": any), for the
         # external workers' task dispatcher.
         self.work_listeners: list[Callable[[Sequence[str]], None]] = []
@@ -100,6 +103,44 @@ class Worker:
     def running_count(self) -> int:
         return len(self._running)
 
+    def _free(self) -> int:
+        return self.cfg.worker_concurrency - len(self._running) - self._reserved
+
+    # --- eager dispatch -------------------------------------------------------------------
+
+    def reserve(self, wanted: int, freeing: int = 0) -> int:
+        """Up to `wanted` free slots (counting `freeing` running steps about to finish)
+        promised to a store call that may lease steps to this worker (eager dispatch:
+        CreateWorkflow, CompleteSteps); `adopt` or `unreserve` them once it answers. 0
+        while stopping, when full, or with `taskproc.eager_dispatch` off."""
+        if self._stopping or not self.cfg.eager_dispatch:
+            return 0
+        n = max(0, min(wanted, self._free() + freeing, self.cfg.claim_batch))
+        self._reserved += n
+        return n
+
+    def unreserve(self, n: int) -> None:
+        self._reserved -= n
+        if n and self._owed:
+            self._owed = False
+            self._wake.set()
+
+    def adopt(self, steps: Sequence[store_pb.ClaimedStep], reserved: int, sent: float) -> None:
+        """Runs steps a store call leased to this worker (eager dispatch) as if claimed at
+        `sent` (monotonic, before the call), and frees the rest of the `reserved` slots."""
+        self._reserved -= reserved
+        if self._stopping and steps:  # asked for before stop(): claimable again at once
+            release = store_pb.ReleaseStepsRequest(worker_id=self.id, steps=[s.ref for s in steps])
+            task = asyncio.create_task(self._call(self._stub.ReleaseSteps, release, timeout=5))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            return
+        self.eager_steps += len(steps)
+        for step in steps:
+            self._launch(step, sent + self.cfg.lease_seconds)
+        if len(steps) < reserved and self._owed:
+            self._owed = False
+            self._wake.set()
+
     def start(self) -> None:
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="taskproc-claim"),
@@ -114,10 +155,12 @@ class Worker:
         while not self._stopping:
             self._wake.clear()
             wait = self.cfg.poll_interval
-            free = self.cfg.worker_concurrency - len(self._running)
+            free = self._free()
+            self._owed = free <= 0  # a slot freed later claims at once
             if free > 0:
                 want = min(free, self.cfg.claim_batch)
                 sent = time.monotonic()
+
                 try:
                     reply = await self._call(
                         self._stub.ClaimSteps,
@@ -132,6 +175,7 @@ class Worker:
                     for step in reply.steps:
                         self._launch(step, sent + self.cfg.lease_seconds)
                     if len(reply.steps) == want:
+                        self._owed = True
                         continue  # probably more waiting
                     if reply.HasField("next_run_time"):
                         due = reply.next_run_time.ToDatetime().timestamp() - time.time()
@@ -197,7 +241,9 @@ class Worker:
                 time.monotonic() - running.started
             )
             self._running.pop(key, None)
-            self._wake.set()  # a slot is free
+            if self._owed:  # a slot is free for work a claim had to leave
+                self._owed = False
+                self._wake.set()
 
     async def _retrying(self, what: str, call: Any) -> Any:
         """Calls the store until it answers, while our lease keeps the step ours."""
@@ -229,19 +275,29 @@ class Worker:
                 self._results_ready.set()
             if not batch:
                 continue
+            # The batch's steps are done: their slots may take the dependants it makes
+            # runnable, leased in the same transaction (eager dispatch).
+            reserved = self.reserve(self.cfg.claim_batch, freeing=len(batch))
             request = store_pb.CompleteStepsRequest(
-                worker_id=self.id, results=[r for r, _ in batch]
+                worker_id=self.id,
+                results=[r for r, _ in batch],
+                eager_max_steps=reserved,
+                eager_lease_seconds=self.cfg.lease_seconds if reserved else 0.0,
             )
+            sent = time.monotonic()
+
             try:
                 reply = await self._retrying(
                     "complete",
                     lambda req=request: self._call(self._stub.CompleteSteps, req, timeout=10),
                 )
             except Exception as exc:
+                self.unreserve(reserved)
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
+            self.adopt(reply.eager_steps, reserved, sent)
             for (_, fut), ok in zip(batch, reply.accepted, strict=True):
                 if not fut.done():
                     fut.set_result(ok)

@@ -537,6 +537,10 @@ class TaskProcSettings(_Block):
     claim_batch: int = Field(default=32, gt=0, le=1000)  # steps leased per ClaimSteps call
     lease_seconds: float = Field(default=30, gt=0, le=3600)
     poll_interval: float = Field(default=0.5, gt=0, le=60)  # fallback when no wake-up arrives
+    # Eager dispatch: the submission and the completion that make built-in steps runnable
+    # lease them to this process's worker (free slots permitting) and return them, with no
+    # wake-up and no ClaimSteps; off: every step waits for a claim.
+    eager_dispatch: bool = True
     # A watch re-reads the database at least this often; commits are pushed at once (its own
     # replica's in process, other replicas' through Redis when configured).
     watch_poll_interval: float = Field(default=1.0, ge=0.01, le=30)

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
 
 import psycopg
@@ -106,6 +106,45 @@ def woken(rows: Any) -> Woken:
     """The kinds of runnable steps among rows with a `queue` (NULL: built-in)."""
     queues = {r["queue"] for r in rows}
     return Woken(None in queues, {q for q in queues if q is not None})
+
+
+def eager_roots(request: pb.CreateWorkflowRequest, excluded: bool) -> list[Any]:
+    """The root steps CreateWorkflow may lease to its caller's worker (eager dispatch): at
+    most `eager_max_steps` built-in ones, runnable at once (no timer, no not_before, no
+    condition: those wait for their time or their evaluation), in spec order; none for a
+    workflow with conditions on its roots, fan-outs or a concurrency key (`excluded`),
+    which are admitted and reached in a transaction of their own."""
+    if excluded:
+        return []
+    builtin = request.eager_max_steps if request.eager_worker_id else 0
+    tasks = set(request.eager_task_steps) if request.eager_task_lease_id else set()
+    picked: list[Any] = []
+    for st in request.spec.steps:
+        if st.depends_on or st.when or st.HasField("not_before") or timer_seconds(st):
+            continue
+        if step_queue(st) is None and builtin > 0:
+            picked.append(st)
+            builtin -= 1
+        elif st.op == "task" and not st.for_each and st.name in tasks:
+            picked.append(st)
+    return picked
+
+
+def _running_events(rows: list[dict[str, Any]]) -> list[NewEvent]:
+    return [
+        NewEvent(r["workflow_id"], r["name"], StepState.RUNNING, f"attempt {r['attempt']}")
+        for r in rows
+    ]
+
+
+@dataclass
+class Eager:
+    """Eager dispatch asked of a CompleteSteps: lease up to `max_steps` of the built-in
+    steps it makes runnable to the completing worker; `steps` receives them."""
+
+    max_steps: int
+    lease_seconds: float
+    steps: list[pb.ClaimedStep] = field(default_factory=list)
 
 
 class ListFilter(NamedTuple):
@@ -196,23 +235,46 @@ _APPEND_EVENTS = (
     "   created_at"
 )
 
+# Built-in steps runnable now with a higher priority than %(priority)s: eager dispatch
+# leaves them their turn (a ClaimSteps would take them first).
+_OUTRANKED = (
+    "EXISTS (SELECT 1 FROM workflow_steps h"
+    f"   WHERE h.state IN ({sql(*CLAIMABLE)}) AND h.remaining_deps = 0 AND h.queue IS NULL"
+    "   AND h.next_run_at <= now() AND h.priority > %(priority)s)"
+)
+
+# One statement: the workflow, its steps and its first event; with eager dispatch
+# (`eager_names`, chosen by `_insert`: runnable built-in root steps, no timer, no
+# not_before, no condition) those steps are inserted RUNNING, attempt 1, leased to
+# `eager_worker`, with their "attempt 1" events, exactly as a ClaimSteps would leave them,
+# unless a runnable built-in step of a higher priority waits (`ok`).
 _CREATE = (
-    "WITH w AS (INSERT INTO workflows (workflow_id, owner_id, owner_username,"
+    "WITH ok AS (SELECT cardinality(%(eager_names)s::text[]) > 0 AND NOT EXISTS"
+    "   (SELECT 1 FROM workflow_steps h"
+    f"   WHERE h.state IN ({sql(*CLAIMABLE)}) AND h.remaining_deps = 0"
+    "   AND (h.queue IS NULL OR h.queue = ANY(%(eager_queues)s::text[]))"
+    "   AND h.next_run_at <= now() AND h.priority > %(priority)s) AS eager),"
+    " w AS (INSERT INTO workflows (workflow_id, owner_id, owner_username,"
     "   owner_roles, idempotency_key, spec, state, priority, deadline_at,"
     "   last_sequence, trace_context, name, schedule_id)"
     "   VALUES (%(workflow_id)s, %(owner_id)s, %(owner_username)s, %(owner_roles)s,"
-    f"   %(idempotency_key)s, %(spec)s, {WorkflowState.PENDING:d},"
-    "   %(priority)s, now() + %(timeout_seconds)s * interval '1 second', 1,"
+    f"   %(idempotency_key)s, %(spec)s, CASE WHEN (SELECT eager FROM ok)"
+    f"   THEN {WorkflowState.RUNNING:d} ELSE {WorkflowState.PENDING:d} END,"
+    "   %(priority)s, now() + %(timeout_seconds)s * interval '1 second',"
+    "   1 + CASE WHEN (SELECT eager FROM ok)"
+    "     THEN cardinality(%(eager_names)s::text[]) ELSE 0 END,"
     "   %(trace_context)s, %(name)s, %(schedule_id)s)"
     f"  ON CONFLICT (owner_id, idempotency_key) DO NOTHING RETURNING {_WF_COLUMNS}),"
     " s AS (INSERT INTO workflow_steps (workflow_id, name, position, op, inputs,"
     "   depends_on, remaining_deps, state, priority, max_attempts, initial_backoff,"
     "   backoff_multiplier, max_backoff, jitter, timeout_seconds, queue, task_type,"
     "   heartbeat_timeout, timer_seconds, not_before_at, next_run_at, condition,"
-    "   run_if_dependency_skipped)"
+    "   run_if_dependency_skipped, attempt, lease_owner, lease_expires_at,"
+    "   attempt_deadline_at)"
     "   SELECT w.workflow_id, u.name, u.ord - 1, u.op, u.inputs,"
     "   ARRAY(SELECT jsonb_array_elements_text(u.deps)), jsonb_array_length(u.deps),"
-    f"   {_PENDING}, %(priority)s, u.max_attempts, u.initial_backoff,"
+    f"   CASE WHEN ea.leased THEN {_RUNNING} ELSE {_PENDING} END,"
+    "   %(priority)s, u.max_attempts, u.initial_backoff,"
     "   u.backoff_multiplier, u.max_backoff, u.jitter, u.timeout_seconds,"
     # A task step's queue and type (validated literals, see taskproc/ops/task.py) become
     # columns, so claims filter on an index.
@@ -223,7 +285,15 @@ _CREATE = (
     "     (u.inputs->>'heartbeat_timeout_seconds')::float8, %(default_heartbeat)s) END,"
     "   u.timer, u.not_before,"
     "   greatest(now() + coalesce(u.timer, 0) * interval '1 second', u.not_before),"
-    "   u.condition, u.run_skipped"
+    "   u.condition, u.run_skipped, CASE WHEN ea.leased THEN 1 ELSE 0 END,"
+    "   CASE WHEN ea.leased THEN CASE WHEN u.op = 'task' THEN %(eager_task_lease)s"
+    "     ELSE %(eager_worker)s END END,"
+    # A task's lease is its heartbeat timeout, never past its attempt's deadline (_CLAIM).
+    "   CASE WHEN ea.leased THEN now() + CASE WHEN u.op = 'task' THEN least(coalesce("
+    "     (u.inputs->>'heartbeat_timeout_seconds')::float8, %(default_heartbeat)s),"
+    "     u.timeout_seconds) ELSE %(eager_lease)s END * interval '1 second' END,"
+    "   CASE WHEN ea.leased AND u.op = 'task'"
+    "     THEN now() + u.timeout_seconds * interval '1 second' END"
     "   FROM w, unnest(%(step_names)s::text[], %(step_ops)s::text[],"
     "   %(step_inputs)s::jsonb[], %(step_deps)s::jsonb[], %(max_attempts)s::int[],"
     "   %(initial_backoffs)s::float8[], %(backoff_multipliers)s::float8[],"
@@ -232,11 +302,17 @@ _CREATE = (
     "   %(step_conditions)s::text[], %(step_run_skipped)s::bool[])"
     "   WITH ORDINALITY AS u(name, op, inputs, deps, max_attempts, initial_backoff,"
     "   backoff_multiplier, max_backoff, jitter, timeout_seconds, timer, not_before,"
-    "   condition, run_skipped, ord)),"
+    "   condition, run_skipped, ord),"
+    "   LATERAL (SELECT (SELECT eager FROM ok) AND u.name = ANY(%(eager_names)s::text[])"
+    "     AS leased) ea),"
     " e AS (INSERT INTO workflow_events (workflow_id, sequence, workflow_state,"
-    "   message, created_at)"
-    "   SELECT workflow_id, 1, state, %(submitted)s, created_at FROM w)"
-    " SELECT * FROM w"
+    "   step_name, step_state, message, created_at)"
+    f"   SELECT workflow_id, 1, {WorkflowState.PENDING:d}, '', 0, %(submitted)s, created_at"
+    "   FROM w UNION ALL"
+    f"   SELECT w.workflow_id, 1 + x.n, {WorkflowState.RUNNING:d}, x.name, {_RUNNING},"
+    "   'attempt 1', w.created_at FROM w, ok,"
+    "   unnest(%(eager_names)s::text[]) WITH ORDINALITY AS x(name, n) WHERE ok.eager)"
+    " SELECT w.*, (SELECT eager FROM ok) AS eager, now() AS tx_now FROM w"
 )
 
 # A workflow's concurrency key if it holds one of its key's slots (admitted), else NULL.
@@ -276,6 +352,19 @@ _CLAIM = (
     "   w.owner_roles, s.queue, s.task_type, s.heartbeat_timeout, s.attempt_deadline_at,"
     "   w.trace_context, w.created_at AS submitted_at, s.item_index, s.item"
 )
+
+# Eager dispatch on completion: of the built-in steps a CompleteSteps just made runnable
+# (`ids`/`names`), those due now, leased to the completing worker as `_CLAIM` would, unless
+# a runnable built-in step of a higher priority waits (it is a ClaimSteps' to take first).
+_EAGER_CLAIM = _CLAIM.replace(
+    "WITH picked AS (SELECT workflow_id, name FROM workflow_steps"
+    f"   WHERE state IN ({sql(*CLAIMABLE)})",
+    "WITH picked AS (SELECT workflow_id, name FROM workflow_steps"
+    "   WHERE (workflow_id, name) IN (SELECT * FROM"
+    "     unnest(%(ids)s::uuid[], %(names)s::text[]))"
+    f"   AND state IN ({sql(*CLAIMABLE)})"
+    " AND NOT " + _OUTRANKED.replace("%(priority)s", "workflow_steps.priority"),
+).replace("{kind}", _BUILTIN)
 
 _COMPLETE = (
     "WITH u AS (SELECT * FROM unnest(%(workflow_ids)s::uuid[], %(names)s::text[],"
@@ -570,7 +659,7 @@ class WorkflowRepository:
             async with self._db.autocommit() as conn:
                 stored, first, woke = await self._insert(conn, request, wid, gated)
             if first is not None:  # watched before the insert, if at all
-                self._wakeups.deliver({wid: [first]})
+                self._wakeups.deliver({wid: first})
         if woke is not None:
             self._wakeups.work(*woke)
         return stored
@@ -581,16 +670,17 @@ class WorkflowRepository:
         request: pb.CreateWorkflowRequest,
         wid: uuid.UUID,
         gated: list[str],
-    ) -> tuple[pb.CreateWorkflowResponse, dict[str, Any] | None, Woken | None]:
+    ) -> tuple[pb.CreateWorkflowResponse, list[dict[str, Any]] | None, Woken | None]:
         """`create`'s statement (and the conditions of `gated` root steps, the set-up of
-        fan-outs); returns the response, the first event of a new workflow and what became
-        runnable. Inside a transaction that collects events, the first event goes with the
-        transaction's own."""
+        fan-outs); returns the response, the first events of a new workflow (its first, and
+        those of eagerly leased steps) and what became runnable. Inside a transaction that
+        collects events, the first event goes with the transaction's own."""
         spec = request.spec
         steps = list(spec.steps)
         fan_outs = [st for st in steps if st.for_each]
         policies = [st.retry_policy for st in steps]
         key = request.idempotency_key or None
+        eager = eager_roots(request, bool(gated or fan_outs or spec.concurrency.key))
         args = {
             "workflow_id": wid,
             "owner_id": request.owner.user_id,
@@ -624,20 +714,31 @@ class WorkflowRepository:
             "trace_context": messages.trace_context_json(request),
             "name": spec.name,
             "schedule_id": uuid.UUID(request.schedule_id) if request.schedule_id else None,
+            "eager_names": [st.name for st in eager],
+            "eager_worker": request.eager_worker_id or None,
+            "eager_task_lease": request.eager_task_lease_id or None,
+            "eager_queues": sorted({q for st in eager if (q := step_queue(st)) is not None}),
+            "eager_lease": request.eager_lease_seconds,
         }
         cur = await conn.execute(_CREATE, args)
         row = await cur.fetchone()
         if row is not None:
             first = {
                 "sequence": 1,
-                "workflow_state": row["state"],
+                "workflow_state": WorkflowState.PENDING,
                 "step_name": "",
                 "step_state": WORKFLOW_EVENT,
                 "message": SUBMITTED,
                 "created_at": row["created_at"],
             }
+            leased = {st.name for st in eager} if row["eager"] else set()
             roots = [
-                st for st in steps if not st.depends_on and st.name not in gated and not st.for_each
+                st
+                for st in steps
+                if not st.depends_on
+                and st.name not in gated
+                and not st.for_each
+                and st.name not in leased
             ]
             woke = woken({"queue": step_queue(st)} for st in roots)
             keyed = spec.concurrency.key
@@ -673,8 +774,53 @@ class WorkflowRepository:
                 }
                 for st in steps
             ]
-            wf = messages.workflow(row, pending)
-            return pb.CreateWorkflowResponse(workflow=wf, created=True), first, woke
+            # The reply is the workflow as submitted (its first event); eagerly leased steps
+            # follow as their own events and in `eager_steps`.
+            wf = messages.workflow({**row, "state": WorkflowState.PENDING}, pending)
+            reply = pb.CreateWorkflowResponse(workflow=wf, created=True)
+            firsts = [first]
+            if leased:
+                firsts += [
+                    {
+                        **first,
+                        "sequence": i,
+                        "workflow_state": WorkflowState.RUNNING,
+                        "step_name": st.name,
+                        "step_state": StepState.RUNNING,
+                        "message": "attempt 1",
+                    }
+                    for i, st in enumerate(eager, start=2)
+                ]
+                trace = messages.trace_context_json(request)
+                now = row["tx_now"]
+                for st in eager:
+                    lease = request.eager_lease_seconds
+                    step = reply.eager_steps.add(
+                        ref=pb.StepRef(workflow_id=str(wid), step_name=st.name, attempt=1),
+                        op=st.op,
+                        inputs=st.inputs,
+                        timeout_seconds=st.timeout_seconds,
+                        owner=request.owner,
+                    )
+                    if st.op == "task":
+                        fields = st.inputs.fields
+                        heartbeat = DEFAULT_HEARTBEAT_SECONDS
+                        if "heartbeat_timeout_seconds" in fields:
+                            heartbeat = fields["heartbeat_timeout_seconds"].number_value
+                        lease = min(heartbeat, st.timeout_seconds)
+                        step.queue = fields["queue"].string_value
+                        step.task_type = fields["type"].string_value
+                        step.heartbeat_timeout_seconds = heartbeat
+                        step.attempt_deadline.CopyFrom(
+                            messages.timestamp(now + timedelta(seconds=st.timeout_seconds))
+                        )
+                    step.lease_expire_time.CopyFrom(
+                        messages.timestamp(now + timedelta(seconds=lease))
+                    )
+                    messages.set_trace_context(
+                        step, trace.obj if trace else None, row["created_at"]
+                    )
+            return reply, firsts, woke
         # The idempotency key was used before (or is being used right now: the insert
         # waited for that transaction, so its workflow is committed): the same workflow.
         cur = await conn.execute(
@@ -1393,16 +1539,24 @@ class WorkflowRepository:
         cur = await conn.execute(_CLAIM.replace("{kind}", kind), args)
         rows = sorted(await cur.fetchall(), key=lambda r: (-r["priority"], r["next_run_at"]))
         reply = pb.ClaimStepsResponse()
-        if not rows:
-            cur = await conn.execute(
-                "SELECT min(next_run_at) AS t FROM workflow_steps"
-                f" WHERE state IN ({sql(*CLAIMABLE)}) AND remaining_deps = 0 AND {kind}",
-                args,
-            )
-            nxt = await cur.fetchone()
-            if nxt and nxt["t"] is not None:
-                reply.next_run_time.CopyFrom(messages.timestamp(nxt["t"]))
+        if rows:
+            await self.append_events(conn, _running_events(rows), promote_pending=True)
+            reply.steps.extend(await self._claimed(conn, rows))
             return reply
+        cur = await conn.execute(
+            "SELECT min(next_run_at) AS t FROM workflow_steps"
+            f" WHERE state IN ({sql(*CLAIMABLE)}) AND remaining_deps = 0 AND {kind}",
+            args,
+        )
+        nxt = await cur.fetchone()
+        if nxt and nxt["t"] is not None:
+            reply.next_run_time.CopyFrom(messages.timestamp(nxt["t"]))
+        return reply
+
+    async def _claimed(
+        self, conn: DictConnection, rows: list[dict[str, Any]]
+    ) -> list[pb.ClaimedStep]:
+        """The ClaimedStep of each leased row, with the outputs its inputs reference."""
         referencing = {r["workflow_id"] for r in rows if "${steps." in json.dumps(r["inputs"])}
         outputs: dict[uuid.UUID, dict[str, Any]] = {}
         if referencing:
@@ -1414,16 +1568,9 @@ class WorkflowRepository:
             )
             for o in await cur.fetchall():
                 outputs.setdefault(o["workflow_id"], {})[o["name"]] = o["output"]
-        await self.append_events(
-            conn,
-            [
-                NewEvent(r["workflow_id"], r["name"], StepState.RUNNING, f"attempt {r['attempt']}")
-                for r in rows
-            ],
-            promote_pending=True,
-        )
+        claimed = []
         for r in rows:
-            step = reply.steps.add(
+            step = pb.ClaimedStep(
                 ref=pb.StepRef(
                     workflow_id=str(r["workflow_id"]), step_name=r["name"], attempt=r["attempt"]
                 ),
@@ -1445,7 +1592,8 @@ class WorkflowRepository:
             if r["item_index"] is not None:
                 step.item.CopyFrom(messages.value(r["item"]))
             messages.set_trace_context(step, r["trace_context"], r["submitted_at"])
-        return reply
+            claimed.append(step)
+        return claimed
 
     async def extend_leases(
         self,
@@ -1477,13 +1625,20 @@ class WorkflowRepository:
             return {(str(r["workflow_id"]), r["name"], r["attempt"]) for r in await cur.fetchall()}
 
     async def complete(
-        self, conn: DictConnection, worker_id: str, refs: StepRefs, outputs: list[str]
+        self,
+        conn: DictConnection,
+        worker_id: str,
+        refs: StepRefs,
+        outputs: list[str],
+        eager: Eager | None = None,
     ) -> tuple[list[dict[str, Any]], Woken]:
         """Records results where the lease is still `worker_id`'s, one row per attempt (its
         primary key makes "recorded once" a database guarantee), counts down dependents'
         unmet dependencies and finishes workflows whose last step this was. Returns the
         recorded rows (`ord` is the 1-based position in `refs`) and what kinds of dependent
-        became runnable."""
+        became runnable. With `eager`, built-in dependants runnable now (no condition, no
+        timer or not_before ahead) are leased to `worker_id` in this transaction (eager
+        dispatch) into `eager.steps`, and need no wake-up."""
         cur = await conn.execute(
             _COMPLETE, {"worker_id": worker_id, "outputs": outputs, **refs._asdict()}
         )
@@ -1511,6 +1666,25 @@ class WorkflowRepository:
             for r in done
         ]
         events += [NewEvent(w, "", WORKFLOW_EVENT, "workflow succeeded") for w in finished]
+        leased: list[dict[str, Any]] = []
+        candidates = [r for r in ready if r["queue"] is None and not r["gated"]]
+        if eager is not None and eager.max_steps > 0 and candidates:
+            cur = await conn.execute(
+                _EAGER_CLAIM,
+                {
+                    "ids": [r["workflow_id"] for r in candidates],
+                    "names": [r["name"] for r in candidates],
+                    "max_steps": eager.max_steps,
+                    "worker_id": worker_id,
+                    "lease_seconds": eager.lease_seconds,
+                    "queues": [],
+                    "types": [],
+                },
+            )
+            leased = sorted(await cur.fetchall(), key=lambda r: (-r["priority"], r["next_run_at"]))
+            events += _running_events(leased)
+            if len(leased) == len(candidates):  # every built-in one is taken: no wake-up
+                woke = Woken(False, woke.queues)
         await self.append_events(
             conn,
             events,
@@ -1518,6 +1692,8 @@ class WorkflowRepository:
             locked=True,
             slots={held[w] for w in finished if held[w][1] is not None},
         )
+        if leased and eager is not None:
+            eager.steps.extend(await self._claimed(conn, leased))
         # A step just reached with a condition has it evaluated before anyone can claim it.
         gated = [
             (r["workflow_id"], r["name"])

@@ -25,6 +25,7 @@ from dataplatform.workflows.repository import (
     MAX_CONCURRENCY_KEY_CHARS,
     MAX_ERROR_CHARS,
     SIGNAL_WORKER,
+    Eager,
     ListFilter,
     Woken,
     WorkflowRepository,
@@ -55,6 +56,15 @@ MAX_LIST_NAME_CHARS = 256  # taskproc.max_name_chars' own bound
 _HEARTBEAT_SECONDS = 15.0
 _MIN_POLL_SECONDS = 0.01
 _MAX_POLL_SECONDS = 30.0
+
+
+def _check_eager(v: Violations, max_steps: int, lease_seconds: float) -> None:
+    v.check(0 <= max_steps <= MAX_BATCH, "eager_max_steps", f"must be 0 to {MAX_BATCH}")
+    v.check(
+        max_steps == 0 or 0 < lease_seconds <= MAX_LEASE_SECONDS,
+        "eager_lease_seconds",
+        f"must be in (0, {MAX_LEASE_SECONDS:.0f}]",
+    )
 
 
 def _check_poll(v: Violations, seconds: float) -> None:
@@ -121,6 +131,11 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                 "spec.concurrency.max",
                 f"must be between 1 and {MAX_CONCURRENCY}",
             )
+        if request.eager_worker_id:
+            _check_eager(v, request.eager_max_steps, request.eager_lease_seconds)
+            v.text(request.eager_worker_id, "eager_worker_id", max_chars=MAX_ID_CHARS)
+        if request.eager_task_steps:
+            v.text(request.eager_task_lease_id, "eager_task_lease_id", max_chars=MAX_ID_CHARS)
         tc = request.trace_context  # W3C: a 55-char traceparent, tracestate up to 512
         v.text(tc.traceparent, "trace_context.traceparent", max_chars=64, required=False)
         v.text(tc.tracestate, "trace_context.tracestate", max_chars=512, required=False)
@@ -285,6 +300,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         _check_poll(v, request.poll_interval_seconds)
         v.raise_if_any()
         wid = uuid.uuid4()
+
         watch = self.wakeups.watch(wid)
         try:
             stored = await self._create(request.create, wid)
@@ -330,6 +346,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             field = f"queues[{i}]" if i < len(request.queues) else "types"
             v.text(name, field, max_chars=MAX_NAME_CHARS)
         v.raise_if_any()
+
         if self.scheduler.sweep_due():
             self.wakeups.stopped(await self.repo.tx(self.scheduler.sweep))
 
@@ -377,6 +394,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         v = Violations()
         v.text(request.worker_id, "worker_id", max_chars=MAX_ID_CHARS)
         v.check(1 <= len(request.results) <= MAX_BATCH, "results", f"must list 1 to {MAX_BATCH}")
+        _check_eager(v, request.eager_max_steps, request.eager_lease_seconds)
         v.raise_if_any()
         # A ref listed twice is recorded once: later duplicates are answered False.
         first: dict[tuple[str, str, int], int] = {}
@@ -387,16 +405,25 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         refs = step_refs([r.ref for r in results])
         outputs = [json.dumps(messages.as_dict(r.output)) for r in results]
 
-        async def work(conn: DictConnection) -> tuple[list[bool], Woken]:
-            done, woke = await self.repo.complete(conn, request.worker_id, refs, outputs)
+        async def work(conn: DictConnection) -> tuple[list[bool], Woken, Eager | None]:
+            # Per attempt: a retried transaction leases afresh.
+            eager = (
+                Eager(request.eager_max_steps, request.eager_lease_seconds)
+                if request.eager_max_steps
+                else None
+            )
+            done, woke = await self.repo.complete(conn, request.worker_id, refs, outputs, eager)
             accepted = [False] * len(request.results)
             for r in done:
                 accepted[unique[r["ord"] - 1]] = True
-            return accepted, woke
+            return accepted, woke, eager
 
-        accepted, woke = await self.repo.tx(work)
+        accepted, woke, eager = await self.repo.tx(work)
         self.wakeups.work(*woke)
-        return pb.CompleteStepsResponse(accepted=accepted)
+        reply = pb.CompleteStepsResponse(accepted=accepted)
+        if eager is not None:
+            reply.eager_steps.extend(eager.steps)
+        return reply
 
     async def FailStep(
         self, request: pb.FailStepRequest, context: grpc.aio.ServicerContext
@@ -457,6 +484,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                 work, sub.work = sub.work, False
                 queues = sorted(sub.queues)
                 sub.queues.clear()
+
                 # A heartbeat (nothing set) keeps idle streams alive through proxies.
                 yield pb.WaitForWorkResponse(
                     work_available=work or bool(queues),

@@ -433,6 +433,10 @@ async def test_wake_ups_name_what_became_runnable(suite, gateway_channel) -> Non
             False,
             ["wakes"],
         )
+        # With eager dispatch the submission leases a built-in root to taskproc's own worker
+        # and wakes no one; without it the built-in workers are woken.
+        worker = suite.running["taskproc"].service.worker
+        worker.cfg = worker.cfg.model_copy(update={"eager_dispatch": False})
         await submit(gateway_channel, owner, spec({"name": "n", "op": "noop", "inputs": {}}))
         wake = await stream.read()
         while not wake.work_available:  # skip heartbeats and the built-in step's own events
@@ -484,3 +488,35 @@ async def test_concurrent_completions_share_store_calls(suite, gateway_channel) 
         done = await finish(gateway_channel, owner, wf.workflow_id)
         assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED
         assert step_status(done, "work").attempts == 1
+
+
+async def test_a_waiting_poller_gets_a_new_task_by_eager_dispatch(suite, gateway_channel) -> None:
+    """With a poller of its queue and type waiting, a submitted task step is leased to the
+    replica in the insert and handed straight to that poller (no wake-up, no claim), as
+    attempt 1 with a working token; a poller of another type waiting alone gets nothing
+    eagerly, and the step is claimed for the next poller that takes it."""
+    owner = await new_user(suite, gateway_channel)
+    worker = await new_user(suite, gateway_channel, ("worker",))
+    dispatcher = suite.running["taskproc"].service.tasks
+    before = dispatcher.eager_tasks
+    waiting = asyncio.create_task(poll(gateway_channel, worker, ["eagerq"], 10))
+    await asyncio.sleep(0.3)
+    wf = await submit(gateway_channel, owner, spec(task_step("t", queue="eagerq")))
+    task = await waiting
+    assert (task.workflow_id, task.step_name, task.attempt) == (wf.workflow_id, "t", 1)
+    assert dispatcher.eager_tasks == before + 1
+    await pb_grpc.WorkerServiceStub(gateway_channel).CompleteTask(
+        pb.CompleteTaskRequest(task_token=task.task_token, queue="eagerq"),
+        metadata=bearer(worker),
+        timeout=10,
+    )
+    assert (await finish(gateway_channel, owner, wf.workflow_id)).state == (
+        wf_pb.WORKFLOW_STATE_SUCCEEDED
+    )
+    other = asyncio.create_task(poll(gateway_channel, worker, ["eagerq"], 1, types=["translate"]))
+    await asyncio.sleep(0.3)
+    wf = await submit(gateway_channel, owner, spec(task_step("u", queue="eagerq")))
+    assert not (await other).task_token
+    assert dispatcher.eager_tasks == before + 1
+    task = await poll(gateway_channel, worker, ["eagerq"], 5)
+    assert (task.workflow_id, task.attempt) == (wf.workflow_id, 1)

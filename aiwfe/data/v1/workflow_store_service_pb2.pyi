@@ -31,18 +31,28 @@ class WorkflowScope(_message.Message):
     def __init__(self, owner_id: _Optional[str] = ..., all_owners: _Optional[bool] = ...) -> None: ...
 
 class CreateWorkflowRequest(_message.Message):
-    __slots__ = ("owner", "spec", "idempotency_key", "trace_context", "schedule_id")
+    __slots__ = ("owner", "spec", "idempotency_key", "trace_context", "schedule_id", "eager_worker_id", "eager_max_steps", "eager_lease_seconds", "eager_task_steps", "eager_task_lease_id")
     OWNER_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_ID_FIELD_NUMBER: _ClassVar[int]
+    EAGER_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    EAGER_MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EAGER_LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EAGER_TASK_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EAGER_TASK_LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     owner: WorkflowOwner
     spec: _workflow_service_pb2.WorkflowSpec
     idempotency_key: str
     trace_context: TraceContext
     schedule_id: str
-    def __init__(self, owner: _Optional[_Union[WorkflowOwner, _Mapping]] = ..., spec: _Optional[_Union[_workflow_service_pb2.WorkflowSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., trace_context: _Optional[_Union[TraceContext, _Mapping]] = ..., schedule_id: _Optional[str] = ...) -> None: ...
+    eager_worker_id: str
+    eager_max_steps: int
+    eager_lease_seconds: float
+    eager_task_steps: _containers.RepeatedScalarFieldContainer[str]
+    eager_task_lease_id: str
+    def __init__(self, owner: _Optional[_Union[WorkflowOwner, _Mapping]] = ..., spec: _Optional[_Union[_workflow_service_pb2.WorkflowSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., trace_context: _Optional[_Union[TraceContext, _Mapping]] = ..., schedule_id: _Optional[str] = ..., eager_worker_id: _Optional[str] = ..., eager_max_steps: _Optional[int] = ..., eager_lease_seconds: _Optional[float] = ..., eager_task_steps: _Optional[_Iterable[str]] = ..., eager_task_lease_id: _Optional[str] = ...) -> None: ...
 
 class TraceContext(_message.Message):
     __slots__ = ("traceparent", "tracestate")
@@ -53,12 +63,14 @@ class TraceContext(_message.Message):
     def __init__(self, traceparent: _Optional[str] = ..., tracestate: _Optional[str] = ...) -> None: ...
 
 class CreateWorkflowResponse(_message.Message):
-    __slots__ = ("workflow", "created")
+    __slots__ = ("workflow", "created", "eager_steps")
     WORKFLOW_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    EAGER_STEPS_FIELD_NUMBER: _ClassVar[int]
     workflow: _workflow_service_pb2.Workflow
     created: bool
-    def __init__(self, workflow: _Optional[_Union[_workflow_service_pb2.Workflow, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+    eager_steps: _containers.RepeatedCompositeFieldContainer[ClaimedStep]
+    def __init__(self, workflow: _Optional[_Union[_workflow_service_pb2.Workflow, _Mapping]] = ..., created: _Optional[bool] = ..., eager_steps: _Optional[_Iterable[_Union[ClaimedStep, _Mapping]]] = ...) -> None: ...
 
 class GetStoredWorkflowRequest(_message.Message):
     __slots__ = ("workflow_id", "scope")
@@ -285,18 +297,24 @@ class StepResult(_message.Message):
     def __init__(self, ref: _Optional[_Union[StepRef, _Mapping]] = ..., output: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class CompleteStepsRequest(_message.Message):
-    __slots__ = ("worker_id", "results")
+    __slots__ = ("worker_id", "results", "eager_max_steps", "eager_lease_seconds")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    EAGER_MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EAGER_LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     results: _containers.RepeatedCompositeFieldContainer[StepResult]
-    def __init__(self, worker_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ...) -> None: ...
+    eager_max_steps: int
+    eager_lease_seconds: float
+    def __init__(self, worker_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ..., eager_max_steps: _Optional[int] = ..., eager_lease_seconds: _Optional[float] = ...) -> None: ...
 
 class CompleteStepsResponse(_message.Message):
-    __slots__ = ("accepted",)
+    __slots__ = ("accepted", "eager_steps")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    EAGER_STEPS_FIELD_NUMBER: _ClassVar[int]
     accepted: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, accepted: _Optional[_Iterable[bool]] = ...) -> None: ...
+    eager_steps: _containers.RepeatedCompositeFieldContainer[ClaimedStep]
+    def __init__(self, accepted: _Optional[_Iterable[bool]] = ..., eager_steps: _Optional[_Iterable[_Union[ClaimedStep, _Mapping]]] = ...) -> None: ...
 
 class FailStepRequest(_message.Message):
     __slots__ = ("worker_id", "ref", "error", "retryable", "details")
