@@ -18,8 +18,9 @@ Against the suite in processes of their own (`benchmarks.servers`, as `aiwfe up`
 4. RSS of the gateway, taskproc and dataplatform before and during the flood: KB per
    stream; CPU each spent per second idle and during the flood.
 
-10,000 streams need about 2 x 10,000 / `--connections-per` file descriptors here and a
-taskproc `max_watch_streams` of at least that (the default is 10,000).
+10,000 streams need about 2 x 10,000 / `--connections-per` file descriptors here; taskproc
+runs with a `max_watch_streams` of `--streams` + 1,000 (at least the default 10,000), so
+the control phase's watches are admitted during the flood.
 """
 
 from __future__ import annotations
@@ -103,14 +104,24 @@ def _usage(pids: dict[str, int]) -> dict[str, tuple[float, float]]:
 
 
 async def _open_watch(
-    stub: wf_grpc.WorkflowServiceStub, md: Metadata, workflow_id: str, opened: asyncio.Event
+    stub: wf_grpc.WorkflowServiceStub,
+    md: Metadata,
+    workflow_id: str,
+    opened: asyncio.Event,
+    opening: asyncio.Semaphore,
 ) -> None:
-    """One WatchWorkflow stream, read until cancelled; `opened` once its first event came."""
+    """One WatchWorkflow stream, read until cancelled; `opened` once its first event came.
+    It holds one of `opening`'s places until then."""
+    await opening.acquire()
     call = stub.WatchWorkflow(wf_pb.WatchWorkflowRequest(workflow_id=workflow_id), metadata=md)
     try:
         async for _ in call:
-            opened.set()
+            if not opened.is_set():
+                opened.set()
+                opening.release()
     finally:
+        if not opened.is_set():
+            opening.release()
         call.cancel()
 
 
@@ -141,8 +152,9 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     fd_limit = _raise_fd_limit(2 * channels_needed + 256)
     server = ServerProcess(
         opts.admin_dsn,
-        # The servers' limit must admit the flood (the default is 10,000).
-        {"AIWFE_TASKPROC__MAX_WATCH_STREAMS": str(max(10_000, opts.streams))},
+        # The servers' limit must admit the flood and the control phase's own watches
+        # (the default is 10,000: a flood of 10,000 would leave none).
+        {"AIWFE_TASKPROC__MAX_WATCH_STREAMS": str(max(10_000, opts.streams + 1_000))},
     )
     server.start()
     watches: list[asyncio.Task[None]] = []
@@ -185,27 +197,29 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         ]
         channels.extend(flood_channels)
         opened = [asyncio.Event() for _ in range(opts.streams)]
+        # At most `open_batch` opening at once: a burst of thousands of new calls makes
+        # grpc's server cancel some before any handler sees them (users arrive spread).
+        # Each watch frees its place once its first event came, so the next one starts
+        # then (a loop that polled the oldest one every 10 ms opened ~30 streams/s).
+        opening = asyncio.Semaphore(opts.open_batch)
         t_open = time.perf_counter()
-        ready = 0  # opened[:ready] are all open
-        for i in range(opts.streams + opts.open_batch):
-            if i < opts.streams:
-                watch_stub = wf_grpc.WorkflowServiceStub(flood_channels[i // opts.connections_per])
-                watches.append(
-                    asyncio.create_task(
-                        _open_watch(watch_stub, flood_md, long_ids[i % opts.long], opened[i])
-                    )
+        for i in range(opts.streams):
+            watch_stub = wf_grpc.WorkflowServiceStub(flood_channels[i // opts.connections_per])
+            watches.append(
+                asyncio.create_task(
+                    _open_watch(watch_stub, flood_md, long_ids[i % opts.long], opened[i], opening)
                 )
-            # At most `open_batch` opening at once: a burst of thousands of new calls makes
-            # grpc's server cancel some before any handler sees them (users arrive spread).
-            while ready < min(opts.streams, i - opts.open_batch + 1):
-                if opened[ready].is_set():
-                    ready += 1
-                    continue
-                if failed := [w for w in watches if w.done()]:
-                    raise RuntimeError(f"{len(failed)} watches ended: {failed[0].exception()!r}")
-                if time.perf_counter() - t_open > opts.open_timeout:
-                    raise RuntimeError(f"only {ready} of {opts.streams} watches opened")
-                await asyncio.sleep(0.01)
+            )
+        waiting = asyncio.gather(*(e.wait() for e in opened))
+        while not waiting.done():
+            await asyncio.wait([waiting, *watches], return_when=asyncio.FIRST_COMPLETED, timeout=1)
+            if failed := [w for w in watches if w.done()]:
+                waiting.cancel()
+                raise RuntimeError(f"{len(failed)} watches ended: {failed[0].exception()!r}")
+            if not waiting.done() and time.perf_counter() - t_open > opts.open_timeout:
+                waiting.cancel()
+                n = sum(e.is_set() for e in opened)
+                raise RuntimeError(f"only {n} of {opts.streams} watches opened")
         open_seconds = time.perf_counter() - t_open
         await asyncio.sleep(opts.settle)
         t1, flood_before = time.perf_counter(), _usage(pids)
