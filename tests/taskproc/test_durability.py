@@ -365,6 +365,12 @@ async def test_idle_watches_of_many_workflows_share_their_safety_net_queries(sto
     assert not any(p.done() for p in pending)
     for w in watches:
         w.cancel()
+    for wid in wids:  # their steps would be claimed by the tests after this one
+        await stub.CancelStoredWorkflow(
+            store_pb.CancelStoredWorkflowRequest(workflow_id=wid, scope=scope),
+            metadata=md,
+            timeout=10,
+        )
 
 
 async def test_replicas_wake_each_others_streams_through_redis(base_overrides, redis_url) -> None:
