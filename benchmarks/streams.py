@@ -16,7 +16,9 @@ Against the suite in processes of their own (`benchmarks.servers`, as `aiwfe up`
 3. during the flood, the same latency samples and burst as in 1 (every call must
    succeed; goal: p99 during ≤ 2 x idle p99), while every stream stays open;
 4. RSS of the gateway, taskproc and dataplatform before and during the flood: KB per
-   stream; CPU each spent per second idle and during the flood.
+   stream; CPU each spent per second idle and during the flood; PostgreSQL transactions
+   a second in the suite's database over `--settle` seconds with the flood open and no
+   other calls (what the watches' re-reads cost; backends report about once a second).
 
 10,000 streams need about 2 x 10,000 / `--connections-per` file descriptors here; taskproc
 runs with a `max_watch_streams` of `--streams` + 1,000 (at least the default 10,000), so
@@ -42,7 +44,7 @@ from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from benchmarks import procstat, servers
 from benchmarks.harness import ServerProcess, _login
-from benchmarks.workflows import percentiles, submit_and_wait
+from benchmarks.workflows import _commits, percentiles, submit_and_wait
 
 SERVICES = ("gateway", "taskproc", "dataplatform")
 BURST_IN_FLIGHT = 16
@@ -210,9 +212,10 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                     _open_watch(watch_stub, flood_md, long_ids[i % opts.long], opened[i], opening)
                 )
             )
-        waiting = asyncio.gather(*(e.wait() for e in opened))
+        waiting: asyncio.Future[Any] = asyncio.gather(*(e.wait() for e in opened))
+        ends: list[asyncio.Future[Any]] = [waiting, *watches]
         while not waiting.done():
-            await asyncio.wait([waiting, *watches], return_when=asyncio.FIRST_COMPLETED, timeout=1)
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED, timeout=1)
             if failed := [w for w in watches if w.done()]:
                 waiting.cancel()
                 raise RuntimeError(f"{len(failed)} watches ended: {failed[0].exception()!r}")
@@ -221,7 +224,10 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                 n = sum(e.is_set() for e in opened)
                 raise RuntimeError(f"only {n} of {opts.streams} watches opened")
         open_seconds = time.perf_counter() - t_open
+        # The flood alone (no control calls): what its watches cost the database.
+        commits = _commits(server.admin_dsn, server.database)
         await asyncio.sleep(opts.settle)
+        flood_tps = (_commits(server.admin_dsn, server.database) - commits) / opts.settle
         t1, flood_before = time.perf_counter(), _usage(pids)
         during = await _control_phase(stub, md, opts.samples, opts.burst)
         flood_seconds, flood_after = time.perf_counter() - t1, _usage(pids)
@@ -237,6 +243,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             "fd_limit": fd_limit,
             "seconds_to_open_all": round(open_seconds, 2),
             "streams_ended_early": len(ended),
+            "db_transactions_per_s_flood_alone": round(flood_tps, 1),
             "idle": idle,
             "during_flood": during,
             "p99_during_vs_idle": round(
