@@ -13,8 +13,10 @@ Against the suite in processes of their own (`benchmarks.servers`, as `aiwfe up`
    `--connections-per` streams per client connection (many connections: one carries at
    most the gateway's `grpc.max_concurrent_streams`); each stream counts as open once its
    first event arrived (`--via taskproc` opens them on taskproc itself, past the gateway);
-3. during the flood, the same latency samples and burst as in 1 (every call must
-   succeed; goal: p99 during ≤ 2 x idle p99), while every stream stays open;
+3. during the flood, the same latency samples and burst as in 1 (every workflow must
+   succeed; goal: p99 during ≤ 2 x idle p99), while every stream stays open; in both,
+   a refusal with RetryInfo (load shedding) is retried after its delay, up to 5 times,
+   and counted under `shed_and_retried` by who refused (the wait is in the latency);
 4. RSS of the gateway, taskproc and dataplatform before and during the flood: KB per
    stream; CPU each spent per second idle and during the flood; PostgreSQL transactions
    a second in the suite's database over `--settle` seconds with the flood open and no
@@ -44,10 +46,16 @@ from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from benchmarks import procstat, servers
 from benchmarks.harness import ServerProcess, _login
+from benchmarks.overload import retry_delay
 from benchmarks.workflows import _commits, percentiles, submit_and_wait
 
 SERVICES = ("gateway", "taskproc", "dataplatform")
 BURST_IN_FLIGHT = 16
+# A workflow refused with RetryInfo (load shedding, RESOURCE_EXHAUSTED) is submitted again
+# after the delay given, at most this often, as a client following the contract would;
+# only what still fails counts as failed (the refusals are reported as shed_and_retried).
+SHED_RETRIES = 5
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 RUNNING = 10  # long workflows whose step runs (the rest wait for a retry: no worker slot)
 Metadata = tuple[tuple[str, str], ...]
 
@@ -59,14 +67,24 @@ async def _control_phase(
     workflows are counted by status code (the goal is none)."""
     failed: Counter[str] = Counter()
     first: dict[str, str] = {}  # the first failure's details per code
+    shed: Counter[str] = Counter()  # refusals with RetryInfo, retried after their delay
 
     async def one() -> float | None:
-        try:
-            return await submit_and_wait(stub, md)
-        except grpc.aio.AioRpcError as exc:
-            failed[exc.code().name] += 1
-            first.setdefault(exc.code().name, exc.details() or "")
-            return None
+        """Submit → done, as a client honouring RetryInfo sees it (its waits included)."""
+        start = time.perf_counter()
+        for attempt in range(SHED_RETRIES + 1):
+            try:
+                await submit_and_wait(stub, md)
+                return time.perf_counter() - start
+            except grpc.aio.AioRpcError as exc:
+                delay = retry_delay(exc) if exc.code() is EXHAUSTED else None
+                if delay is None or attempt == SHED_RETRIES:
+                    failed[exc.code().name] += 1
+                    first.setdefault(exc.code().name, exc.details() or "")
+                    return None
+                shed[(exc.details() or "").split(" overloaded")[0][:40]] += 1
+                await asyncio.sleep(delay)
+        return None
 
     latency = [t for _ in range(samples) if (t := await one()) is not None]
     sem = asyncio.Semaphore(BURST_IN_FLIGHT)
@@ -83,6 +101,7 @@ async def _control_phase(
         "burst": burst,
         "step_completions_per_s": round(done / elapsed, 1),
         "failed": {code: {"n": n, "first": first[code]} for code, n in failed.items()},
+        "shed_and_retried": dict(shed),
     }
 
 
