@@ -249,6 +249,9 @@ class Relay:
         for client in list(self.clients):
             client.close()
         for pool in self.pools.values():
+            if pool.waking is not None:  # nothing is sent again after the stop
+                pool.waking.cancel()
+                pool.waking = None
             for conn in list(pool.conns):
                 conn.close()
         if self._server is not None:
