@@ -141,9 +141,13 @@ async def _start_service(
         ready = 60 if wrapper is None else 900
         line = (await asyncio.wait_for(proc.stdout.readline(), ready)).decode().strip()
         if line.startswith(f"{name}: "):
-            # Keep draining both pipes so the service never blocks on a full one.
+            # Keep draining both pipes so the service never blocks on a full one; its log
+            # (stderr, WARNING and up) goes to $AIWFE_BENCH_LOG_DIR/<name>.log if that is set.
+            log_dir = os.environ.get(LOG_DIR_ENV)
+            log = f"{log_dir}/{name}.log" if log_dir else None
             _DRAINS.update(
-                asyncio.create_task(_drain(stream)) for stream in (proc.stdout, proc.stderr)
+                asyncio.create_task(_drain(stream, to))
+                for stream, to in ((proc.stdout, None), (proc.stderr, log))
             )
             return proc
         last = (await proc.stderr.read()).decode(errors="replace")[-2000:]
@@ -151,12 +155,17 @@ async def _start_service(
     raise RuntimeError(f"{name} did not start: {last}")
 
 
+LOG_DIR_ENV = "AIWFE_BENCH_LOG_DIR"
 _DRAINS: set[asyncio.Task[None]] = set()  # references keep the drain tasks alive
 
 
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.read(65536):
-        pass
+async def _drain(stream: asyncio.StreamReader, path: str | None = None) -> None:
+    # A few warning lines a run, written as they come: blocking is harmless here.
+    with open(path, "ab") if path else contextlib.nullcontext() as out:  # noqa: ASYNC230
+        while data := await stream.read(65536):
+            if out is not None:
+                out.write(data)
+                out.flush()
 
 
 async def serve(home: str, dsn: str, database: str) -> None:

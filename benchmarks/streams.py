@@ -13,13 +13,18 @@ Against the suite in processes of their own (`benchmarks.servers`, as `aiwfe up`
    `--connections-per` streams per client connection (many connections: one carries at
    most the gateway's `grpc.max_concurrent_streams`); each stream counts as open once its
    first event arrived (`--via taskproc` opens them on taskproc itself, past the gateway);
-3. during the flood, the same latency samples and burst as in 1 (every call must
-   succeed; goal: p99 during ≤ 2 x idle p99), while every stream stays open;
+3. during the flood, the same latency samples and burst as in 1 (every workflow must
+   succeed; goal: p99 during ≤ 2 x idle p99), while every stream stays open; in both,
+   a refusal with RetryInfo (load shedding) is retried after its delay, up to 5 times,
+   and counted under `shed_and_retried` by who refused (the wait is in the latency);
 4. RSS of the gateway, taskproc and dataplatform before and during the flood: KB per
-   stream; CPU each spent per second idle and during the flood.
+   stream; CPU each spent per second idle and during the flood; PostgreSQL transactions
+   a second in the suite's database over `--settle` seconds with the flood open and no
+   other calls (what the watches' re-reads cost; backends report about once a second).
 
-10,000 streams need about 2 x 10,000 / `--connections-per` file descriptors here and a
-taskproc `max_watch_streams` of at least that (the default is 10,000).
+10,000 streams need about 2 x 10,000 / `--connections-per` file descriptors here; taskproc
+runs with a `max_watch_streams` of `--streams` + 1,000 (at least the default 10,000), so
+the control phase's watches are admitted during the flood.
 """
 
 from __future__ import annotations
@@ -41,10 +46,16 @@ from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from benchmarks import procstat, servers
 from benchmarks.harness import ServerProcess, _login
-from benchmarks.workflows import percentiles, submit_and_wait
+from benchmarks.overload import retry_delay
+from benchmarks.workflows import _commits, percentiles, submit_and_wait
 
 SERVICES = ("gateway", "taskproc", "dataplatform")
 BURST_IN_FLIGHT = 16
+# A workflow refused with RetryInfo (load shedding, RESOURCE_EXHAUSTED) is submitted again
+# after the delay given, at most this often, as a client following the contract would;
+# only what still fails counts as failed (the refusals are reported as shed_and_retried).
+SHED_RETRIES = 5
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 RUNNING = 10  # long workflows whose step runs (the rest wait for a retry: no worker slot)
 Metadata = tuple[tuple[str, str], ...]
 
@@ -56,14 +67,24 @@ async def _control_phase(
     workflows are counted by status code (the goal is none)."""
     failed: Counter[str] = Counter()
     first: dict[str, str] = {}  # the first failure's details per code
+    shed: Counter[str] = Counter()  # refusals with RetryInfo, retried after their delay
 
     async def one() -> float | None:
-        try:
-            return await submit_and_wait(stub, md)
-        except grpc.aio.AioRpcError as exc:
-            failed[exc.code().name] += 1
-            first.setdefault(exc.code().name, exc.details() or "")
-            return None
+        """Submit → done, as a client honouring RetryInfo sees it (its waits included)."""
+        start = time.perf_counter()
+        for attempt in range(SHED_RETRIES + 1):
+            try:
+                await submit_and_wait(stub, md)
+                return time.perf_counter() - start
+            except grpc.aio.AioRpcError as exc:
+                delay = retry_delay(exc) if exc.code() is EXHAUSTED else None
+                if delay is None or attempt == SHED_RETRIES:
+                    failed[exc.code().name] += 1
+                    first.setdefault(exc.code().name, exc.details() or "")
+                    return None
+                shed[(exc.details() or "").split(" overloaded")[0][:40]] += 1
+                await asyncio.sleep(delay)
+        return None
 
     latency = [t for _ in range(samples) if (t := await one()) is not None]
     sem = asyncio.Semaphore(BURST_IN_FLIGHT)
@@ -80,6 +101,7 @@ async def _control_phase(
         "burst": burst,
         "step_completions_per_s": round(done / elapsed, 1),
         "failed": {code: {"n": n, "first": first[code]} for code, n in failed.items()},
+        "shed_and_retried": dict(shed),
     }
 
 
@@ -103,14 +125,24 @@ def _usage(pids: dict[str, int]) -> dict[str, tuple[float, float]]:
 
 
 async def _open_watch(
-    stub: wf_grpc.WorkflowServiceStub, md: Metadata, workflow_id: str, opened: asyncio.Event
+    stub: wf_grpc.WorkflowServiceStub,
+    md: Metadata,
+    workflow_id: str,
+    opened: asyncio.Event,
+    opening: asyncio.Semaphore,
 ) -> None:
-    """One WatchWorkflow stream, read until cancelled; `opened` once its first event came."""
+    """One WatchWorkflow stream, read until cancelled; `opened` once its first event came.
+    It holds one of `opening`'s places until then."""
+    await opening.acquire()
     call = stub.WatchWorkflow(wf_pb.WatchWorkflowRequest(workflow_id=workflow_id), metadata=md)
     try:
         async for _ in call:
-            opened.set()
+            if not opened.is_set():
+                opened.set()
+                opening.release()
     finally:
+        if not opened.is_set():
+            opening.release()
         call.cancel()
 
 
@@ -141,8 +173,9 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     fd_limit = _raise_fd_limit(2 * channels_needed + 256)
     server = ServerProcess(
         opts.admin_dsn,
-        # The servers' limit must admit the flood (the default is 10,000).
-        {"AIWFE_TASKPROC__MAX_WATCH_STREAMS": str(max(10_000, opts.streams))},
+        # The servers' limit must admit the flood and the control phase's own watches
+        # (the default is 10,000: a flood of 10,000 would leave none).
+        {"AIWFE_TASKPROC__MAX_WATCH_STREAMS": str(max(10_000, opts.streams + 1_000))},
     )
     server.start()
     watches: list[asyncio.Task[None]] = []
@@ -185,29 +218,35 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         ]
         channels.extend(flood_channels)
         opened = [asyncio.Event() for _ in range(opts.streams)]
+        # At most `open_batch` opening at once: a burst of thousands of new calls makes
+        # grpc's server cancel some before any handler sees them (users arrive spread).
+        # Each watch frees its place once its first event came, so the next one starts
+        # then (a loop that polled the oldest one every 10 ms opened ~30 streams/s).
+        opening = asyncio.Semaphore(opts.open_batch)
         t_open = time.perf_counter()
-        ready = 0  # opened[:ready] are all open
-        for i in range(opts.streams + opts.open_batch):
-            if i < opts.streams:
-                watch_stub = wf_grpc.WorkflowServiceStub(flood_channels[i // opts.connections_per])
-                watches.append(
-                    asyncio.create_task(
-                        _open_watch(watch_stub, flood_md, long_ids[i % opts.long], opened[i])
-                    )
+        for i in range(opts.streams):
+            watch_stub = wf_grpc.WorkflowServiceStub(flood_channels[i // opts.connections_per])
+            watches.append(
+                asyncio.create_task(
+                    _open_watch(watch_stub, flood_md, long_ids[i % opts.long], opened[i], opening)
                 )
-            # At most `open_batch` opening at once: a burst of thousands of new calls makes
-            # grpc's server cancel some before any handler sees them (users arrive spread).
-            while ready < min(opts.streams, i - opts.open_batch + 1):
-                if opened[ready].is_set():
-                    ready += 1
-                    continue
-                if failed := [w for w in watches if w.done()]:
-                    raise RuntimeError(f"{len(failed)} watches ended: {failed[0].exception()!r}")
-                if time.perf_counter() - t_open > opts.open_timeout:
-                    raise RuntimeError(f"only {ready} of {opts.streams} watches opened")
-                await asyncio.sleep(0.01)
+            )
+        waiting: asyncio.Future[Any] = asyncio.gather(*(e.wait() for e in opened))
+        ends: list[asyncio.Future[Any]] = [waiting, *watches]
+        while not waiting.done():
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED, timeout=1)
+            if failed := [w for w in watches if w.done()]:
+                waiting.cancel()
+                raise RuntimeError(f"{len(failed)} watches ended: {failed[0].exception()!r}")
+            if not waiting.done() and time.perf_counter() - t_open > opts.open_timeout:
+                waiting.cancel()
+                n = sum(e.is_set() for e in opened)
+                raise RuntimeError(f"only {n} of {opts.streams} watches opened")
         open_seconds = time.perf_counter() - t_open
+        # The flood alone (no control calls): what its watches cost the database.
+        commits = _commits(server.admin_dsn, server.database)
         await asyncio.sleep(opts.settle)
+        flood_tps = (_commits(server.admin_dsn, server.database) - commits) / opts.settle
         t1, flood_before = time.perf_counter(), _usage(pids)
         during = await _control_phase(stub, md, opts.samples, opts.burst)
         flood_seconds, flood_after = time.perf_counter() - t1, _usage(pids)
@@ -223,6 +262,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             "fd_limit": fd_limit,
             "seconds_to_open_all": round(open_seconds, 2),
             "streams_ended_early": len(ended),
+            "db_transactions_per_s_flood_alone": round(flood_tps, 1),
             "idle": idle,
             "during_flood": during,
             "p99_during_vs_idle": round(

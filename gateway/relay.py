@@ -73,7 +73,12 @@ _CONTROL_BACKLOG = 1 << 20  # bytes unwritten to a peer that stopped reading: th
 _HOLD_BYTES = STREAM_WINDOW // 4  # a request longer than this is sent on, not answered
 _DOWN_SECONDS = 1.0  # an upstream that refused a connection is not offered calls this long
 _CONNECT_SECONDS = 5.0
-_RETRIES = 5  # a stream the upstream refused is sent again at most this often
+_RETRIES = 8  # a stream the upstream refused is sent again at most this often
+# An upstream connection that refused a stream (REFUSED_STREAM: full by its own count, which
+# grpc-core keeps a little after streams close, longer the busier its process) takes no new
+# stream for this long: the refused one and those after it go to another connection, a new
+# one if need be, or wait for the pause to end.
+_REFUSED_PAUSE_SECONDS = 0.1
 _UPSTREAM_FIRST_STREAMS = 100  # an upstream's stream limit until its SETTINGS say otherwise
 _DRAIN_PING = b"drain\x00\x00\x00"
 _DRAIN_PING_SECONDS = 1.0  # the final GOAWAY at the latest this long after the first
@@ -244,6 +249,9 @@ class Relay:
         for client in list(self.clients):
             client.close()
         for pool in self.pools.values():
+            if pool.waking is not None:  # nothing is sent again after the stop
+                pool.waking.cancel()
+                pool.waking = None
             for conn in list(pool.conns):
                 conn.close()
         if self._server is not None:
@@ -1175,14 +1183,23 @@ class _Pool:
         self.conns: list[_Upstream] = []
         self.queue: deque[_Stream] = deque()
         self.down_until = 0.0
+        self.waking: asyncio.TimerHandle | None = None  # the end of a refusal pause
 
     def open(self, stream: _Stream) -> None:
+        now = time.monotonic()
+        paused_until = 0.0  # the earliest end of a pause among connections with room
         for conn in self.conns:
             if conn.usable and len(conn.streams) + len(conn.waiting) < conn.max_streams:
-                break
+                if conn.paused_until <= now:
+                    break
+                paused_until = min(paused_until or conn.paused_until, conn.paused_until)
         else:
             if len(self.conns) >= self.relay.limits.upstream_connections:
                 self.queue.append(stream)
+                if paused_until and self.waking is None:
+                    self.waking = asyncio.get_running_loop().call_later(
+                        paused_until - now, self.retry
+                    )
                 return
             conn = _Upstream(self.relay, self)
             self.conns.append(conn)
@@ -1204,7 +1221,11 @@ class _Pool:
                 return
 
     def retry(self) -> None:
-        """A refused stream's delay is over: send what waits, if there is room now."""
+        """A refused stream's delay (or a pause) is over: send what waits, if there is
+        room now."""
+        if self.waking is not None:
+            self.waking.cancel()
+            self.waking = None
         self.next()
         self.relay.flush()
 
@@ -1231,6 +1252,7 @@ class _Upstream(_Connection):
         self.max_streams = _UPSTREAM_FIRST_STREAMS
         self.settled = False  # its first SETTINGS arrived
         self.usable = True
+        self.paused_until = 0.0  # it refused a stream: no new ones until then
         self.waiting: list[_Stream] = []  # opened before the connection was up
         self.connecting: asyncio.Future[None] | None = None
         self._statuses: dict[bytes, tuple[grpc.StatusCode, bool]] = {}  # trailers read
@@ -1396,14 +1418,18 @@ class _Upstream(_Connection):
         stream = self.streams.get(sid)
         if stream is None or (stream.upstream_ended and code == h2.NO_ERROR):
             return  # after the trailers: only "stop sending"
-        if code == h2.REFUSED_STREAM and self._retry(stream):
-            return
+        if code == h2.REFUSED_STREAM:
+            self.paused_until = time.monotonic() + _REFUSED_PAUSE_SECONDS
+            if self._retry(stream):
+                return
         self._reset_by_upstream(stream, code)
 
     def _retry(self, stream: _Stream) -> bool:
         """A stream the upstream refused, never processed: back to the head of the pool's
-        queue, to be sent again once a stream ends (or shortly), if its request was kept.
-        (grpc-core counts a stream against its limit a little after it closed.)"""
+        queue, to be sent again once a stream ends (or shortly), if its request was kept,
+        on another connection while this one's refusal pause lasts. (grpc-core counts a
+        stream against its limit until its call is released, a little after it closed;
+        tens of milliseconds and more when its process is busy.)"""
         replay = stream.replay
         if replay is None or stream.response_started or stream.retries >= _RETRIES:
             return False
@@ -1420,7 +1446,7 @@ class _Upstream(_Connection):
         stream.upstream_recv = 0
         self.pool.queue.appendleft(stream)
         loop = asyncio.get_running_loop()
-        loop.call_later(0.002 * stream.retries, self.pool.retry)
+        loop.call_later(0.002 * 2 ** (stream.retries - 1), self.pool.retry)  # 2 ms .. 0.26 s
         if not self.usable and not self.streams and not self.waiting:
             self.close()
         return True

@@ -1435,6 +1435,18 @@ class WorkflowRepository:
             raise messages.not_found(str(wid))
         return rows[0], [r for r in rows if r["sequence"] is not None]
 
+    async def last_sequences(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[int, str]]:
+        """(last sequence, state) of those of `ids` that exist, in one autocommit query:
+        what watches whose re-read is due check before reading their events."""
+        async with self._db.autocommit() as conn:
+            cur = await conn.execute(
+                "SELECT workflow_id, last_sequence, state FROM workflows"
+                " WHERE workflow_id = ANY(%(ids)s)",
+                {"ids": ids},
+            )
+            rows = await cur.fetchall()
+        return {r["workflow_id"]: (r["last_sequence"], r["state"]) for r in rows}
+
     async def stopped_among(self, ids: list[uuid.UUID]) -> list[str]:
         """Those of `ids` that name a workflow no longer active."""
         async with self._db.autocommit() as conn:

@@ -36,8 +36,10 @@ from dataplatform.workflows.states import ACTIVE, RETRYABLE, WorkflowState
 from dataplatform.workflows.timers import TimerLoop
 from dataplatform.workflows.watches import (
     EVENT_PAGE,
+    Probe,
     ReadEvents,
     RecentWatches,
+    SequenceProbe,
     Wakeups,
     follow,
 )
@@ -84,6 +86,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         self.scheduler = Scheduler(self.repo)
         self.timers = TimerLoop(self.repo, self.scheduler, self.wakeups)
         self._recent = RecentWatches(self.wakeups)
+        self.probe = SequenceProbe(self.repo.last_sequences)
 
     async def stopped_among(self, ids: list[uuid.UUID]) -> list[str]:
         """Those of `ids` that name a workflow no longer active (for `replica_bus`)."""
@@ -285,6 +288,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                 request.poll_interval_seconds,
                 watch,
                 need_read=not adopted,
+                probe=self._prober(wid),
             ):
                 yield pb.WatchWorkflowEventsResponse(events=events)
         finally:
@@ -316,6 +320,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                 request.poll_interval_seconds,
                 watch,
                 not stored.created,
+                self._prober(wid),
             ):
                 yield pb.RunStoredWorkflowResponse(
                     events=pb.WatchWorkflowEventsResponse(events=events)
@@ -325,6 +330,9 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
 
     def _reader(self, wid: uuid.UUID, scope: pb.WorkflowScope) -> ReadEvents:
         return lambda after: self.repo.events(wid, scope, after, EVENT_PAGE)
+
+    def _prober(self, wid: uuid.UUID) -> Probe:
+        return lambda after: self.probe.changed(wid, after)
 
     # --- the queue ------------------------------------------------------------------------
 

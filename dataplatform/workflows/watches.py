@@ -4,7 +4,10 @@ workflows, on this replica and (through `replica_bus`) on the others.
 Events a transaction appends are collected per workflow (`collecting`) and pushed to this
 replica's watchers once it commits; a watcher follows its workflow from pushed rows and
 reads the database only when a push may be missing rows (another replica's commit, an
-overflow, a poll without a push).
+overflow, a poll without a push). A poll without a push first asks `SequenceProbe`, which
+checks every watch whose poll is due in one query per `PROBE_WINDOW_SECONDS` (workflow id →
+last sequence), so a thousand idle watches of different workflows cost a few small queries
+a second, and only a watch whose workflow did change (a push that never came) reads events.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ EVENT_PAGE = 500
 DEFAULT_POLL_SECONDS = 1.0
 _RECENT_SECONDS = 5.0  # how long a new workflow's events wait for a watcher to adopt them
 _RECENT_MAX = 10_000
+# How long a due check waits for others to share its query, and how many ids one query has.
+PROBE_WINDOW_SECONDS = 0.05
+PROBE_MAX_IDS = 1000
 
 # Events the current transaction appended, by workflow, pushed to watchers once it commits;
 # None where nobody watched when they were appended (rows not fetched: watchers re-read).
@@ -236,6 +242,58 @@ class RecentWatches:
 
 # Reads (workflow row, events after `after`) from the database, at most one page.
 ReadEvents = Callable[[int], Awaitable[tuple[dict[str, Any], list[dict[str, Any]]]]]
+# Whether the database may hold events after `after` that were never pushed.
+Probe = Callable[[int], Awaitable[bool]]
+# (last sequence, state) by workflow id, of those that exist.
+LastSequences = Callable[[list[uuid.UUID]], Awaitable[dict[uuid.UUID, tuple[int, str]]]]
+
+
+class SequenceProbe:
+    """The watches' safety-net checks, batched: a watch whose poll interval passed without
+    a push asks `changed(wid, after)`; the checks arriving within `window` seconds share
+    one query (at most `max_ids` workflows; one query at a time), so their cost does not
+    grow with the number of watches the way one events read per watch and interval did."""
+
+    def __init__(
+        self,
+        lookup: LastSequences,
+        window: float = PROBE_WINDOW_SECONDS,
+        max_ids: int = PROBE_MAX_IDS,
+    ) -> None:
+        self._lookup = lookup
+        self._window = window
+        self._max_ids = max_ids
+        self._pending: dict[uuid.UUID, list[asyncio.Future[tuple[int, str] | None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.queries = 0  # how many lookups ran (tests, metrics)
+
+    async def changed(self, wid: uuid.UUID, after: int) -> bool:
+        """Whether `wid` may have events after `after` (or is gone, or stopped): then its
+        watch reads them (and the read decides visibility, NOT_FOUND and the end)."""
+        future: asyncio.Future[tuple[int, str] | None] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(wid, []).append(future)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="watch-probe")
+        found = await future
+        return found is None or found[0] > after or found[1] not in ACTIVE
+
+    async def _run(self) -> None:
+        while self._pending:
+            await asyncio.sleep(self._window)
+            batch = dict(list(self._pending.items())[: self._max_ids])
+            for wid in batch:
+                del self._pending[wid]
+            found: dict[uuid.UUID, tuple[int, str]] = {}
+            try:
+                self.queries += 1
+                found = await self._lookup(list(batch))
+            except Exception:  # each watch reads, and that read reports the failure
+                found = {}
+            finally:  # a missing id (or a failed query) means: read
+                for wid, futures in batch.items():
+                    for future in futures:
+                        if not future.done():
+                            future.set_result(found.get(wid))
 
 
 async def follow(
@@ -244,10 +302,12 @@ async def follow(
     poll_seconds: float,
     watch: Watch,
     need_read: bool = True,
+    probe: Probe | None = None,
 ) -> AsyncIterator[list[wf_pb.WatchWorkflowResponse]]:
     """Batches of events after `after` until the workflow is terminal. Commits pushed
-    to `watch` need no read; a gap in their sequences (another replica's commit), an
-    overflow or `poll_seconds` without a push makes it read from the database."""
+    to `watch` need no read; a gap in their sequences (another replica's commit) or an
+    overflow makes it read from the database, and so does `poll_seconds` without a push
+    when `probe` finds events it was never pushed (without a probe: always)."""
     poll = poll_seconds or DEFAULT_POLL_SECONDS
     while True:
         if need_read:
@@ -269,4 +329,5 @@ async def follow(
         if need_read:
             continue
         if not await wait_event(watch.event, poll):
-            need_read = True
+            # A push arriving while the probe runs stays in `watch` for the next round.
+            need_read = probe is None or await probe(after)

@@ -117,6 +117,84 @@ async def test_an_upstream_stream_limit_is_never_overrun() -> None:
         await server.stop(0)
 
 
+class _LaggingUpstream:
+    """A raw HTTP/2 server counting streams as grpc-core does under load: a stream counts
+    against its limit of `limit` until `lag` seconds after it closed, and one beyond is
+    refused (REFUSED_STREAM). Its first stream is held open; the others are answered
+    trailers-only, OK."""
+
+    def __init__(self, limit: int, lag: float) -> None:
+        self.limit, self.lag = limit, lag
+        self.refused = self.served = 0
+        self.holding = False  # the first stream came
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        frames = h2.FrameReader()
+        await reader.readexactly(len(h2.PREFACE))
+        writer.write(h2.settings([(h2.MAX_CONCURRENT_STREAMS, self.limit)]))
+        held, open_, closed = 0, set(), []  # closed: when each stream closed (here)
+        while data := await reader.read(65536):
+            for ftype, flags, sid, _ in frames.feed(data):
+                now = time.monotonic()
+                if ftype == h2.SETTINGS and not flags & h2.ACK:
+                    writer.write(h2.frame(h2.SETTINGS, h2.ACK, 0))
+                elif ftype == h2.HEADERS:
+                    counted = len(open_) + sum(now - t < self.lag for t in closed)
+                    if counted >= self.limit:
+                        self.refused += 1
+                        writer.write(h2.rst_stream(sid, h2.REFUSED_STREAM))
+                        continue
+                    open_.add(sid)
+                    if not self.holding:
+                        self.holding, held = True, sid
+                        writer.write(
+                            h2.frame(
+                                h2.HEADERS,
+                                h2.END_HEADERS,
+                                sid,
+                                h2.header_block(h2.RESPONSE_HEADERS),
+                            )
+                        )
+                elif ftype == h2.DATA and flags & h2.END_STREAM and sid in open_ and sid != held:
+                    block = h2.header_block(h2.grpc_status_headers(0, "", response_started=False))
+                    writer.write(h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, sid, block))
+                    open_.discard(sid)
+                    closed.append(now)
+                    self.served += 1
+        writer.close()
+
+
+@pytest.mark.parametrize("connections", [32, 1])
+async def test_a_stream_refused_by_a_full_upstream_is_sent_again_not_failed(
+    connections: int,
+) -> None:
+    """An upstream that counts closed streams against its limit for 0.3 s (grpc-core keeps
+    counting a stream until its busy process releases the call) refuses the calls that
+    follow one that ended: each refused call goes to another connection (or, with one
+    allowed, waits for the refusing connection's pause) and succeeds; none is UNAVAILABLE."""
+    upstream = _LaggingUpstream(limit=2, lag=0.3)
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    harness = Harness(
+        server.sockets[0].getsockname()[1],
+        limits=RelayLimits(upstream_connections=connections),
+    )
+    relay_port = await harness.relay.start("127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{relay_port}") as channel:
+            watch = channel.unary_stream("/t.T/Watch")
+            held = watch(b"", timeout=20)
+            await held.initial_metadata()  # one stream open for the whole test
+            for _ in range(4):
+                assert [m async for m in watch(b"x", timeout=10)] == []
+            held.cancel()
+        assert upstream.served == 4
+        assert upstream.refused >= 1  # the situation under test did arise
+        assert grpc.StatusCode.UNAVAILABLE not in harness.finished
+    finally:
+        await harness.relay.stop(0.2)
+        server.close()
+
+
 async def test_after_a_rapid_reset_flood_calls_are_served_at_once() -> None:
     """Streams a client opens and resets in the same read never reach the back end, so
     right after a rapid-reset flood the next calls are served at once, none UNAVAILABLE."""

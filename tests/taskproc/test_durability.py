@@ -334,6 +334,45 @@ async def test_the_watch_after_create_adopts_its_events_without_a_read(store) ->
     assert await watched.read() is grpc.aio.EOF
 
 
+async def test_idle_watches_of_many_workflows_share_their_safety_net_queries(store) -> None:
+    """Watches of 20 different workflows with nothing pushed, each re-checking every 0.2 s,
+    check the database together (a few shared last-sequence queries a second) instead of
+    each reading its events every interval; none gets an event it was not due."""
+    stub, md, running = store
+    service = running.running["dataplatform"].service
+    owner = f"probe{time.time_ns()}"
+    wids = [await _create(stub, md, owner, 1) for _ in range(20)]
+    scope = store_pb.WorkflowScope(owner_id=owner)
+    watches = [
+        stub.WatchWorkflowEvents(
+            store_pb.WatchWorkflowEventsRequest(
+                workflow_id=wid, scope=scope, after_sequence=1, poll_interval_seconds=0.2
+            ),
+            metadata=md,
+            timeout=20,
+        )
+        for wid in wids
+    ]
+    pending = [asyncio.ensure_future(w.read()) for w in watches]
+    await asyncio.sleep(0.5)  # every watch open and past its first read
+    reads = service.db.pool.get_stats()["requests_num"]
+    await asyncio.sleep(2)  # ten intervals: 200 events reads without the shared check
+    reads = service.db.pool.get_stats()["requests_num"] - reads
+    # The shared checks (one per interval and window) and the timer loop's and the pool
+    # maintenance's own queries: about 20 here, 200 more without sharing.
+    assert reads <= 50
+    assert service.workflows.probe.queries >= 8
+    assert not any(p.done() for p in pending)
+    for w in watches:
+        w.cancel()
+    for wid in wids:  # their steps would be claimed by the tests after this one
+        await stub.CancelStoredWorkflow(
+            store_pb.CancelStoredWorkflowRequest(workflow_id=wid, scope=scope),
+            metadata=md,
+            timeout=10,
+        )
+
+
 async def test_replicas_wake_each_others_streams_through_redis(base_overrides, redis_url) -> None:
     """With Redis configured, what replica A commits reaches replica B's streams at once
     (the poll interval here is 30 s): B's watcher gets A's events, B's WaitForWork stream
