@@ -106,8 +106,11 @@ def test_workflow_benchmark_runs_every_phase(servers: Servers) -> None:
     for phase in ("latency_idle_ms", "latency_idle_run_ms"):
         assert doc[phase]["n"] == 3 and doc[phase]["p50"] > 0, doc[phase]
     external = doc["external"]
+    assert external["dispatch_ms"]["p50"] > 0, external
+    # Ready -> claimed is 0 when the step is leased in the transaction that made it ready
+    # (eager dispatch); never negative.
     for phase in ("dispatch_ms", "task_claim_ms", "noop_claim_ms"):
-        assert external[phase]["n"] == 3 and external[phase]["p50"] > 0, external
+        assert external[phase]["n"] == 3 and external[phase]["p50"] >= 0, external
     for half in ("noop", "task"):
         assert external[half]["workflows"] == 8 and external[half]["workflows_per_s"] > 0
     assert "worker" in external["task"]["cpu_ms_per_workflow"], external
