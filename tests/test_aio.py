@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from aiwfe.runtime.aio import wait_event
+from aiwfe.runtime.aio import cancel_and_wait, wait_event
 
 
 async def _loop(event: asyncio.Event) -> None:
@@ -31,3 +31,22 @@ async def test_it_says_whether_the_event_was_set() -> None:
     assert await wait_event(event, 0.01) is False
     asyncio.get_running_loop().call_later(0.01, event.set)
     assert await wait_event(event, 5) is True
+
+
+async def test_a_loop_that_swallows_a_cancel_is_cancelled_again() -> None:
+    """As psycopg waiting for a dead server to confirm a cancellation: the first cancel is
+    absorbed, the next one ends the task, and cancel_and_wait returns."""
+    absorbed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            absorbed.set()
+        await asyncio.sleep(60)  # ended only by a second cancel
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        await cancel_and_wait(task, patience=0.05)
+    assert absorbed.is_set() and task.cancelled()

@@ -10,12 +10,12 @@ waiting or deleting a row twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from aiwfe.runtime import metrics
+from aiwfe.runtime.aio import cancel_and_wait
 from aiwfe.runtime.config import TaskProcSettings
 from dataplatform.workflows.repository import WorkflowRepository
 
@@ -37,9 +37,7 @@ class Retention:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def purge_once(self) -> int:

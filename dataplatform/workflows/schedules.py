@@ -19,7 +19,6 @@ What a due tick does:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from aiwfe.data.v1 import schedule_store_service_pb2 as pb
 from aiwfe.data.v1 import schedule_store_service_pb2_grpc as pb_grpc
 from aiwfe.data.v1 import workflow_store_service_pb2 as wf_store_pb
 from aiwfe.runtime import cron, metrics
-from aiwfe.runtime.aio import wait_event
+from aiwfe.runtime.aio import cancel_and_wait, wait_event
 from aiwfe.runtime.config import TaskProcSettings
 from aiwfe.runtime.errors import FailedPrecondition, NotFound
 from aiwfe.runtime.rbac import Rbac
@@ -474,9 +473,7 @@ class Ticker:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def tick_once(self) -> int:

@@ -15,13 +15,12 @@ replicas never fire one twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
-from aiwfe.runtime.aio import wait_event
+from aiwfe.runtime.aio import cancel_and_wait, wait_event
 from dataplatform.db import DictConnection
 from dataplatform.workflows.repository import (
     SIGNAL_QUEUE,
@@ -57,9 +56,7 @@ class TimerLoop:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def fire_due(self) -> float | None:
