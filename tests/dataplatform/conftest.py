@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -68,3 +69,16 @@ async def health_status(channel: grpc.aio.Channel) -> int:
         health_pb2.HealthCheckRequest(service=""), timeout=5
     )
     return reply.status
+
+
+async def attempt_rows(dataplatform: RunningService, workflow_id: str) -> list[tuple]:
+    """A workflow's recorded step attempts, in step then attempt order:
+    (step_name, attempt, worker_id, succeeded, error)."""
+    dsn = dataplatform.service.settings.database.postgres.dsn
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT step_name, attempt, worker_id, succeeded, error FROM workflow_step_attempts"
+            " WHERE workflow_id = %s ORDER BY step_name, attempt",
+            (workflow_id,),
+        )
+        return await cur.fetchall()

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
-import psycopg
 from google.protobuf import timestamp_pb2
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
@@ -20,6 +19,7 @@ from aiwfe.runtime.config import TaskProcSettings
 from aiwfe.runtime.server import RunningService
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from taskproc.spec import validate
+from tests.dataplatform.conftest import attempt_rows
 from tests.taskproc.helpers import spec
 
 S = wf_pb  # enum names
@@ -130,18 +130,11 @@ async def test_create_and_complete_lease_runnable_steps_to_the_caller(
         timeout=10,
     )
     assert got.workflow.state == S.WORKFLOW_STATE_SUCCEEDED
-    dsn = dataplatform.service.settings.database.postgres.dsn
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        cur = await conn.execute(
-            "SELECT step_name, attempt, worker_id, succeeded FROM workflow_step_attempts"
-            " WHERE workflow_id = %s ORDER BY step_name",
-            (wid,),
-        )
-        assert await cur.fetchall() == [
-            ("a", 1, "eager", True),
-            ("b", 1, "eager", True),
-            ("c", 1, "eager", True),
-        ]
+    assert await attempt_rows(dataplatform, wid) == [
+        ("a", 1, "eager", True, ""),
+        ("b", 1, "eager", True, ""),
+        ("c", 1, "eager", True, ""),
+    ]
 
 
 async def test_without_eager_fields_nothing_is_leased(
@@ -188,17 +181,10 @@ async def test_a_lapsed_eager_lease_is_claimed_again(
     late = await _complete(stub, internal_md, "killed", created.eager_steps[0])
     assert list(late.accepted) == [False]
     assert list((await _complete(stub, internal_md, "survivor", retried[0])).accepted) == [True]
-    dsn = dataplatform.service.settings.database.postgres.dsn
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        cur = await conn.execute(
-            "SELECT attempt, worker_id, succeeded, error FROM workflow_step_attempts"
-            " WHERE workflow_id = %s ORDER BY attempt",
-            (wid,),
-        )
-        assert await cur.fetchall() == [
-            (1, "killed", False, "lease expired (worker lost)"),
-            (2, "survivor", True, ""),
-        ]
+    assert await attempt_rows(dataplatform, wid) == [
+        ("only", 1, "killed", False, "lease expired (worker lost)"),
+        ("only", 2, "survivor", True, ""),
+    ]
 
 
 async def test_timers_not_before_tasks_and_conditions_are_not_eager(

@@ -7,13 +7,13 @@ import asyncio
 import time
 
 import grpc
-import psycopg
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
 from aiwfe.runtime.config import TaskProcSettings
 from aiwfe.runtime.server import RunningService
 from taskproc.spec import validate
+from tests.dataplatform.conftest import attempt_rows
 from tests.taskproc.helpers import spec
 
 
@@ -50,12 +50,7 @@ async def test_expired_lease_gets_an_attempt_row_and_is_retried(
             timeout=10,
         )
     assert [(s.ref.workflow_id, s.ref.attempt) for s in retried.steps] == [(wid, 2)]
-    dsn = dataplatform.service.settings.database.postgres.dsn
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        cur = await conn.execute(
-            "SELECT attempt, worker_id, succeeded, error FROM workflow_step_attempts"
-            " WHERE workflow_id = %s ORDER BY attempt",
-            (wid,),
-        )
-        rows = await cur.fetchall()
-    assert rows == [(1, "vanished", False, "lease expired (worker lost)")]
+    (step,) = {s.ref.step_name for s in lost.steps}
+    assert await attempt_rows(dataplatform, wid) == [
+        (step, 1, "vanished", False, "lease expired (worker lost)")
+    ]
