@@ -31,6 +31,7 @@ from aiwfe.runtime.errors import (
     Unauthenticated,
 )
 from aiwfe.runtime.identity import require_principal
+from aiwfe.runtime.page_tokens import PageTokens
 from aiwfe.runtime.passwords import hash_password_async, policy_violation, verify_password_async
 from aiwfe.runtime.rbac import Rbac
 from aiwfe.runtime.validation import Violations
@@ -45,6 +46,7 @@ MAX_PASSWORD_CHARS = 256
 MAX_ROLES = 32
 MAX_KEY_NAME_CHARS = 64
 MAX_KEY_ID_CHARS = 64
+MAX_PAGE_TOKEN_CHARS = 512
 MAX_KEY_TTL_SECONDS = 10 * 366 * 86400  # ten years: "does not expire" is the way past it
 _USERNAME = re.compile(r"[A-Za-z0-9._-]{3,64}")
 _BAD_CREDENTIALS = "invalid username or password"
@@ -212,6 +214,8 @@ class UserAdminServicer(pb_grpc.UserAdminServiceServicer):
         revocations: RevocationSync | None = None,
         key_uses: KeyUseRecorder | None = None,
         revocation_horizon: float = 0.0,
+        *,
+        page_key: bytes,
     ) -> None:
         self._sessions = sessions
         self._rbac = rbac
@@ -223,6 +227,11 @@ class UserAdminServicer(pb_grpc.UserAdminServiceServicer):
         self._key_uses = key_uses
         # How long a key's revocation must be remembered: it outlives every cached copy.
         self._revocation_horizon = revocation_horizon
+        # The store's cursors (a username, a key id) sealed as in ListWorkflows (AIP-158).
+        self._pages = {
+            kind: PageTokens(page_key, kind)
+            for kind in ("ListUsers", "ListServiceAccounts", "ListApiKeys")
+        }
 
     def _check_roles(self, roles: list[str], v: Violations, *, required: bool) -> None:
         if required:
@@ -262,22 +271,32 @@ class UserAdminServicer(pb_grpc.UserAdminServiceServicer):
     async def ListUsers(
         self, request: pb.ListUsersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListUsersResponse:
-        reply = await self._list(request.page_size, request.page_token, user_pb.ACCOUNT_KIND_USER)
+        reply, next_page = await self._list(
+            request.page_size, request.page_token, user_pb.ACCOUNT_KIND_USER
+        )
         return pb.ListUsersResponse(
-            users=[_public(u) for u in reply.users], next_page_token=reply.next_page_token
+            users=[_public(u) for u in reply.users], next_page_token=next_page
         )
 
     async def _list(
         self, page_size: int, page_token: str, kind: user_pb.AccountKind
-    ) -> user_pb.ListUsersResponse:
+    ) -> tuple[user_pb.ListUsersResponse, str]:
+        """One page of accounts of `kind`, and the sealed token of the next."""
         v = Violations()
         v.check(0 <= page_size <= 1000, "page_size", "must be between 0 and 1000")
-        v.text(page_token, "page_token", max_chars=512, required=False)
+        v.text(page_token, "page_token", max_chars=MAX_PAGE_TOKEN_CHARS, required=False)
         v.raise_if_any()
-        return await self._dp.call(
+        pages = self._pages[
+            "ListUsers" if kind == user_pb.ACCOUNT_KIND_USER else "ListServiceAccounts"
+        ]
+        bound = {"caller": require_principal().user_id, "filter_": ""}
+        reply = await self._dp.call(
             self._users.ListUsers,
-            user_pb.ListUsersRequest(page_size=page_size, page_token=page_token, kind=kind),
+            user_pb.ListUsersRequest(
+                page_size=page_size, page_token=pages.open(page_token, **bound), kind=kind
+            ),
         )
+        return reply, pages.seal(reply.next_page_token, **bound)
 
     async def _update(self, request: user_pb.UpdateUserRequest) -> user_pb.StoredUser:
         try:
@@ -348,12 +367,11 @@ class UserAdminServicer(pb_grpc.UserAdminServiceServicer):
     async def ListServiceAccounts(
         self, request: pb.ListServiceAccountsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListServiceAccountsResponse:
-        reply = await self._list(
+        reply, next_page = await self._list(
             request.page_size, request.page_token, user_pb.ACCOUNT_KIND_SERVICE
         )
         return pb.ListServiceAccountsResponse(
-            service_accounts=[_public(u) for u in reply.users],
-            next_page_token=reply.next_page_token,
+            service_accounts=[_public(u) for u in reply.users], next_page_token=next_page
         )
 
     async def _service_account(self, name: str, field: str) -> user_pb.StoredUser:
@@ -421,9 +439,12 @@ class UserAdminServicer(pb_grpc.UserAdminServiceServicer):
     ) -> pb.ListApiKeysResponse:
         v = Violations()
         v.check(0 <= request.page_size <= 1000, "page_size", "must be between 0 and 1000")
-        v.text(request.page_token, "page_token", max_chars=MAX_KEY_ID_CHARS, required=False)
+        v.text(request.page_token, "page_token", max_chars=MAX_PAGE_TOKEN_CHARS, required=False)
         v.raise_if_any()
         account = await self._service_account(request.service_account, "service_account")
+        # Bound to the account listed: a token of one account's keys is no cursor for another's.
+        bound = {"caller": require_principal().user_id, "filter_": account.user_id}
+        pages = self._pages["ListApiKeys"]
         if self._key_uses is not None:
             # This replica's uses reach the record first (others' within a flush interval).
             await self._key_uses.flush()
@@ -432,12 +453,12 @@ class UserAdminServicer(pb_grpc.UserAdminServiceServicer):
             store_pb.ListApiKeysRequest(
                 account_id=account.user_id,
                 page_size=request.page_size,
-                page_token=request.page_token,
+                page_token=pages.open(request.page_token, **bound),
             ),
         )
         return pb.ListApiKeysResponse(
             api_keys=[_public_key(k, account.username) for k in reply.api_keys],
-            next_page_token=reply.next_page_token,
+            next_page_token=pages.seal(reply.next_page_token, **bound),
         )
 
     async def RevokeApiKey(

@@ -117,6 +117,7 @@ class GatewayService(Service):
                 self.revocations,
                 self.key_uses,
                 self.tokens.cache_horizon,
+                page_key=self.identity.derived_key("page-tokens"),
             ),
             server,
         )

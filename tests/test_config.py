@@ -48,6 +48,14 @@ def test_defaults_are_the_seed_values() -> None:
     assert (s.circuit_breaker.failure_threshold, s.circuit_breaker.timeout) == (5, 60)
 
 
+def test_workflow_language_defaults_are_the_documented_ones() -> None:
+    """#20's and the README's defaults: finished workflows kept 30 days, purged 100 at a time;
+    fan-outs of at most 1,000 items and at most 100 at once."""
+    tp = load_settings(env={}).taskproc
+    assert (tp.retention_seconds, tp.retention_batch) == (30 * 86400, 100)
+    assert (tp.max_fan_out_items, tp.max_fan_out_concurrency) == (1000, 100)
+
+
 def test_yaml_with_env_interpolation_and_overrides(tmp_path) -> None:
     """${VAR} and ${VAR:-default} are substituted, then AIWFE_<BLOCK>__<KEY> overrides win."""
     path = tmp_path / "aiwfe.yaml"

@@ -8,6 +8,7 @@ import base64
 import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2 as refl
 
 from aiwfe.app.suite import SERVICE_ORDER, Suite
-from tests.conftest import login
+from tests.conftest import ADMIN_PASSWORD, login
 from tests.test_up import ROOT, buf_binary
 
 V1_METHOD = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
@@ -190,3 +191,43 @@ async def test_readme_recipe_decodes_error_details_with_shipped_protos(
     bad = kinds["type.googleapis.com/google.rpc.BadRequest"]
     assert bad["fieldViolations"][0]["field"] == "page_size"
     assert kinds["type.googleapis.com/google.rpc.ErrorInfo"]["domain"] == "aiwfe.dev"
+
+
+async def test_readme_tour_runs_verbatim(suite) -> None:
+    """The tour's two shell blocks run as printed (but for the npm install, which `.ci/run`
+    does, and the gateway's address): methods listed, login, Embed, WhoAmI, and the
+    decoded google.rpc.Status of a refused ListWorkflows."""
+    if not (ROOT / ".tools/node_modules/.bin/buf").exists():  # what `npx --prefix .tools` runs
+        if os.environ.get("CI"):
+            pytest.fail("the tour needs buf in .tools (.ci/run installs @bufbuild/buf)")
+        pytest.skip("buf not in .tools: npm install --prefix .tools @bufbuild/buf@1.75.0")
+    text = (ROOT / "README.md").read_text()
+    tour = text[text.index("## Five-minute tour") : text.index("From Python, use the")]
+    blocks = re.findall(r"^```sh\n(.*?)^```", tour, re.MULTILINE | re.DOTALL)
+    assert len(blocks) == 2, blocks
+    lines = []
+    for line in "".join(blocks).splitlines():
+        if line.startswith("npm install --prefix .tools @bufbuild/buf@"):
+            continue  # needs the registry; the test's `buf` fixture is that same install
+        if line.startswith("export AIWFE_ADMIN_PASSWORD="):
+            continue  # the suite's admin password comes in the environment
+        lines.append(re.sub(r"^GW=http://127\.0\.0\.1:50051$", "GW=http://$TOUR_GW", line))
+    assert "GW=http://$TOUR_GW" in lines
+    env = {
+        **os.environ,
+        "AIWFE_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "TOUR_GW": suite.address("gateway"),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        "sh", "-euc", "\n".join(lines), cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode == 0, err.decode()
+    printed = out.decode()
+    assert "aiwfe.cognitive.v1.CognitiveService/Embed" in printed
+    assert '"embeddings"' in printed and '"username": "admin"' in printed
+    status = json.loads(printed[printed.rindex('{"code"') :])
+    assert status["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    info = next(d for d in status["details"] if d["@type"].endswith("ErrorInfo"))
+    assert (info["reason"], info["domain"]) == ("REQUEST_INVALID", "aiwfe.dev")

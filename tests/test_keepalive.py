@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
+from aiwfe.app.suite import start_suite
 from aiwfe.runtime.channels import create_channel
 from aiwfe.runtime.config import ConfigError, GrpcSettings, load_settings
 from aiwfe.runtime.server import Service, start_service
@@ -77,6 +78,32 @@ async def test_idle_channels_with_keepalive_pings_live_without_goaway(base_overr
         await ours.close()
         await grpc_js.close()
         await running.stop(grace=0)
+
+
+@pytest.mark.timeout(120 / SCALE + 90)
+async def test_idle_channels_to_the_gateways_relay_live_without_goaway(base_overrides) -> None:
+    """The same two idle channels against the gateway's public port, where the HTTP/2
+    relay (not gRPC's server) enforces the ping policy, stay READY for two (scaled) minutes."""
+    block = scaled_grpc_block()
+    suite = await start_suite(
+        {**base_overrides, "grpc": block}, only=("dataplatform", "cognitive", "gateway")
+    )
+    js_like = load_settings(
+        env={},
+        overrides={
+            **base_overrides,
+            "grpc": {**block, "keepalive_time_ms": max(1, round(GRPC_JS_KEEPALIVE_MS / SCALE))},
+        },
+    )
+    assert suite.settings.gateway.relay
+    ours = create_channel(suite.address("gateway"), suite.settings)
+    grpc_js = create_channel(suite.address("gateway"), js_like)
+    try:
+        await asyncio.gather(_stays_ready(ours, 120 / SCALE), _stays_ready(grpc_js, 120 / SCALE))
+    finally:
+        await ours.close()
+        await grpc_js.close()
+        await suite.stop()
 
 
 def test_a_server_policy_refusing_our_own_pings_is_a_config_error() -> None:

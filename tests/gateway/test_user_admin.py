@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import grpc
 import pytest
 
@@ -72,3 +74,73 @@ async def test_list_users_pages_without_hashes(gw) -> None:
             break
     assert created <= set(seen) and len(seen) == len(set(seen))
     assert "argon2" not in str(page)
+
+
+async def test_admin_listings_page_tokens_are_sealed_and_bound(gw) -> None:
+    """ListUsers, ListServiceAccounts and ListApiKeys tokens show no cursor (a username, a
+    key id) and still page; edited, from another listing or another account's keys, or
+    replayed by another admin they are INVALID_ARGUMENT naming page_token (AIP-158)."""
+    from tests.gateway.test_service_accounts import account, api_key
+
+    admin = bearer(gw.admin_token)
+    await gw.create_user(["readonly"], "seal")
+    await gw.create_user(["readonly"], "seal")
+    users = await gw.admin.ListUsers(
+        auth_pb.ListUsersRequest(page_size=1), metadata=admin, timeout=5
+    )
+    token = users.next_page_token
+    assert users.users[0].username.encode() not in base64.urlsafe_b64decode(token)
+    more = await gw.admin.ListUsers(
+        auth_pb.ListUsersRequest(page_size=1, page_token=token), metadata=admin, timeout=5
+    )
+    assert more.users and more.users[0].username != users.users[0].username
+
+    one, two = await account(gw, ["readonly"]), await account(gw, ["readonly"])
+    for _ in range(2):
+        await api_key(gw, one.username)
+    keys = await gw.admin.ListApiKeys(
+        auth_pb.ListApiKeysRequest(service_account=one.username, page_size=1),
+        metadata=admin,
+        timeout=5,
+    )
+    key_token = keys.next_page_token
+    assert keys.api_keys[0].key_id.encode() not in base64.urlsafe_b64decode(key_token)
+    rest = await gw.admin.ListApiKeys(
+        auth_pb.ListApiKeysRequest(service_account=one.username, page_token=key_token),
+        metadata=admin,
+        timeout=5,
+    )
+    assert [k.key_id for k in rest.api_keys] != [k.key_id for k in keys.api_keys]
+
+    other_admin = await gw.create_user(["admin"], "admin2")
+    other = bearer((await gw.login(other_admin)).access_token)
+    raw = bytearray(base64.urlsafe_b64decode(token))
+    raw[-3] ^= 1
+    refused = [
+        gw.admin.ListUsers(
+            auth_pb.ListUsersRequest(page_token=base64.urlsafe_b64encode(raw).decode()),
+            metadata=admin,
+            timeout=5,
+        ),
+        gw.admin.ListServiceAccounts(
+            auth_pb.ListServiceAccountsRequest(page_token=token), metadata=admin, timeout=5
+        ),
+        gw.admin.ListUsers(auth_pb.ListUsersRequest(page_token=token), metadata=other, timeout=5),
+        gw.admin.ListApiKeys(
+            auth_pb.ListApiKeysRequest(service_account=two.username, page_token=key_token),
+            metadata=admin,
+            timeout=5,
+        ),
+        gw.admin.ListApiKeys(
+            auth_pb.ListApiKeysRequest(
+                service_account=one.username, page_token=keys.api_keys[0].key_id
+            ),
+            metadata=admin,
+            timeout=5,
+        ),
+    ]
+    for i, call in enumerate(refused):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, i
+        assert "page_token" in field_violations(err.value), i
