@@ -745,8 +745,9 @@ async def fan_out_phase(admin_dsn: str, items: int, in_flight: int, rounds: int)
                 await asyncio.gather(*(one() for _ in range(items)))
                 return time.perf_counter() - start
 
-            await _fan_out_once(stub, md, 50, in_flight)  # warm-up
-            for _ in range(50):
+            warm = min(50, items)
+            await _fan_out_once(stub, md, warm, in_flight)  # warm-up
+            for _ in range(warm):
                 await submit_and_wait(stub, md)
             fan: list[float] = []
             sep: list[float] = []

@@ -66,8 +66,9 @@ def test_quick_direct_and_gateway_run(tmp_path: Path, servers: Servers) -> None:
 @pytest.mark.timeout(300)  # a whole benchmark run; CI runs two suites side by side
 def test_workflow_benchmark_runs_every_phase(servers: Servers) -> None:
     """`python -m benchmarks.workflows` with tiny counts runs the queue, both end-to-end
-    paths, the latency phases and the external-worker phases (an SDK worker process), and
-    accounts CPU to every service and the worker."""
+    paths, the latency phases, the external-worker phases (an SDK worker process), timer
+    lateness and fan-out vs separate workflows, and accounts CPU to every service and the
+    worker."""
     done = subprocess.run(
         [
             sys.executable,
@@ -83,6 +84,12 @@ def test_workflow_benchmark_runs_every_phase(servers: Servers) -> None:
             "8",
             "--dispatch",
             "3",
+            "--timers",
+            "5",
+            "--fan-out",
+            "20",
+            "--fan-out-rounds",
+            "1",
             "--admin-dsn",
             servers.admin_dsn,
         ],
@@ -115,3 +122,8 @@ def test_workflow_benchmark_runs_every_phase(servers: Servers) -> None:
         assert external[half]["workflows"] == 8 and external[half]["workflows_per_s"] > 0
     assert "worker" in external["task"]["cpu_ms_per_workflow"], external
     assert external["task_vs_noop"] > 0, external
+    for load in ("idle", "busy"):
+        timers = doc["timers"][load]
+        assert timers["timers"] == 5 and timers["late_max_ms"] >= timers["late_p50_ms"], timers
+    fan_out = doc["fanout"]
+    assert fan_out["items"] == 20 and fan_out["fan_out_vs_separate"] > 0, fan_out
