@@ -33,7 +33,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
@@ -788,7 +788,10 @@ class _Client(_Connection):
         self.drain_phase = 0  # 1: first GOAWAY sent, 2: the final one (or the peer's) too
         self.active_at = time.monotonic()
         # Closed streams, oldest first: True if the relay reset it (late frames ignored).
-        self.ended: dict[int, bool] = {}
+        # An OrderedDict, as the oldest is dropped on every call once it is full: a dict's
+        # next(iter()) walks past every entry deleted from its front so far (~18k
+        # instructions per call in callgrind).
+        self.ended: OrderedDict[int, bool] = OrderedDict()
         self._settled = False  # the client's first SETTINGS arrived
         self._preface: bytearray | None = bytearray()  # until the client's preface is in
         self._resets = _Bucket(_RESET_BURST, _RESETS_PER_SECOND)
@@ -907,7 +910,7 @@ class _Client(_Connection):
         ended = self.ended
         ended[sid] = reset
         if len(ended) > _CLOSED_MEMORY:
-            del ended[next(iter(ended))]
+            ended.popitem(last=False)
 
     def stream_error(self, sid: int, code: int) -> None:
         stream = self.streams.get(sid)
