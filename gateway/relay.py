@@ -84,6 +84,7 @@ _DRAIN_PING = b"drain\x00\x00\x00"
 _DRAIN_PING_SECONDS = 1.0  # the final GOAWAY at the latest this long after the first
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 _STATUS_MEMO_BLOCK, _STATUS_MEMO_ENTRIES = 512, 32  # trailers blocks whose status is kept
+_FRAME_HEAD = h2.FRAME_HEAD.pack
 _RST_STATUS = {h2.CANCEL: grpc.StatusCode.CANCELLED, h2.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
 
 # What the relay says itself when it answers a call.
@@ -358,7 +359,7 @@ def _send(stream: _Stream, to_upstream: bool) -> None:
     while queue:
         ftype, flags, payload = queue[0]
         if ftype == h2.HEADERS:
-            dest.write(h2.headers_frames(sid, payload, flags))
+            dest.write_headers(sid, payload, flags)
             queue.popleft()
         else:
             size = len(payload)
@@ -368,7 +369,7 @@ def _send(stream: _Stream, to_upstream: bool) -> None:
                 return
             last = n == size
             chunk = payload[:n] if not last else payload
-            dest.write(h2.frame(h2.DATA, flags if last else 0, sid, chunk))
+            dest.write_frame(h2.DATA, flags if last else 0, sid, chunk)
             if to_upstream and stream.replay is not None:
                 _keep(stream, flags if last else 0, chunk)
             half.window -= n
@@ -515,6 +516,7 @@ class _Connection(asyncio.Protocol):
         self.closing = False  # closed, or about to be: no new calls from it
         self.paused = False  # the transport's buffer is full: the peer is not reading
         self.useful = 0  # frames that did work since the idle-frame budget was last topped up
+        self.expect_settings = False  # the next frame must be a SETTINGS (not an ACK)
         self._continuing: tuple[int, int, bytearray, int] | None = None  # a header block so far
 
     # --- output -----------------------------------------------------------------------------
@@ -523,6 +525,23 @@ class _Connection(asyncio.Protocol):
         if not self.out:
             self.relay.dirty.append(self)
         self.out += data
+
+    def write_frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        """`write(h2.frame(...))` without the frame's own copy of the payload (the hot
+        path's DATA and HEADERS: the payload is copied once, into the buffer)."""
+        out = self.out
+        if not out:
+            self.relay.dirty.append(self)
+        n = len(payload)
+        out += _FRAME_HEAD(n >> 16, n & 0xFFFF, ftype, flags, sid)
+        out += payload
+
+    def write_headers(self, sid: int, block: bytes, flags: int) -> None:
+        """A header block as HEADERS (+ CONTINUATION frames when it exceeds one frame)."""
+        if len(block) <= h2.MAX_FRAME:
+            self.write_frame(h2.HEADERS, flags | h2.END_HEADERS, sid, block)
+        else:
+            self.write(h2.headers_frames(sid, block, flags))
 
     def flush(self) -> None:
         transport = self.transport
@@ -581,6 +600,10 @@ class _Connection(asyncio.Protocol):
         self.relay.flush()
 
     def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        if self.expect_settings:
+            if ftype != h2.SETTINGS or flags & h2.ACK:
+                raise ProtocolViolation(h2.PROTOCOL_ERROR, "the preface lacks SETTINGS")
+            self.expect_settings = False
         if self._continuing is not None:
             csid, cflags, pieces, count = self._continuing
             if ftype != h2.CONTINUATION or sid != csid:
@@ -724,6 +747,8 @@ class _Connection(asyncio.Protocol):
         _send(stream, self.toward_upstream)
 
     def unblock(self) -> None:
+        if not self.blocked:
+            return
         blocked, self.blocked = self.blocked, {}
         for stream in blocked:
             _send(stream, self.toward_upstream)
@@ -792,7 +817,7 @@ class _Client(_Connection):
         # next(iter()) walks past every entry deleted from its front so far (~18k
         # instructions per call in callgrind).
         self.ended: OrderedDict[int, bool] = OrderedDict()
-        self._settled = False  # the client's first SETTINGS arrived
+        self.expect_settings = True  # a client's first frame must be SETTINGS (§3.4)
         self._preface: bytearray | None = bytearray()  # until the client's preface is in
         self._resets = _Bucket(_RESET_BURST, _RESETS_PER_SECOND)
         self._idle_frames = _Bucket(_IDLE_FRAMES_BURST, _IDLE_FRAMES_PER_SECOND)
@@ -841,13 +866,6 @@ class _Client(_Connection):
             data = bytes(self._preface[len(h2.PREFACE) :])
             self._preface = None
         super().data_received(data)
-
-    def _frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
-        if not self._settled:
-            if ftype != h2.SETTINGS or flags & h2.ACK:
-                raise ProtocolViolation(h2.PROTOCOL_ERROR, "the preface lacks SETTINGS")
-            self._settled = True
-        super()._frame(ftype, flags, sid, payload)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -954,10 +972,12 @@ class _Client(_Connection):
             # Request bytes it never passed on (reset, answered, or failed before they
             # went) were taken from the connection's window: they come back, or a
             # long-lived connection's window shrinks for good. A replay's were credited.
-            unsent = sum(len(payload) for _, _, payload in stream.to_upstream.queue)
-            stream.to_upstream.queue.clear()
-            if unsent > stream.resent:
-                self.credit(unsent - stream.resent)
+            queue = stream.to_upstream.queue
+            if queue:
+                unsent = sum(len(payload) for _, _, payload in queue)
+                queue.clear()
+                if unsent > stream.resent:
+                    self.credit(unsent - stream.resent)
         self.blocked.pop(stream, None)
         # The window the stream's upstream was granted and never used goes back.
         self.budget += stream.upstream_recv + stream.queued
@@ -1326,7 +1346,7 @@ class _Upstream(_Connection):
         stream.to_upstream.window = self.peer_initial_window
         self.streams[sid] = stream
         end = h2.END_STREAM if stream.client_ended and not stream.to_upstream.queue else 0
-        self.write(h2.headers_frames(sid, stream.request, end))
+        self.write_headers(sid, stream.request, end)
         if stream.replay is None:
             stream.request = b""
         _grant(stream)
