@@ -635,7 +635,7 @@ class _Connection(asyncio.Protocol):
         elif ftype == h2.HEADERS:
             if not sid:
                 raise ProtocolViolation(h2.PROTOCOL_ERROR, "HEADERS on stream 0")
-            block = h2.unpad(flags, payload)
+            block = h2.unpad(flags, payload) if flags & h2.PADDED else payload
             if flags & h2.PRIORITY_FLAG:
                 if len(block) < 5:
                     raise ProtocolViolation(h2.FRAME_SIZE_ERROR, "a HEADERS priority cut short")
@@ -1055,7 +1055,7 @@ class _Client(_Connection):
             if stream.client_ended or stream.held >= _HOLD_BYTES:
                 self._pass_on(stream, 0)
         else:
-            self.relay.opening.append(stream)
+            self.relay.pools[decision.upstream].open(stream)  # deciding is done after the read
 
     def _malformed(self, sid: int, flags: int, malformed: h2.Malformed) -> None:
         """A malformed request reaches neither `decide` nor an upstream. It is answered
@@ -1117,7 +1117,7 @@ class _Client(_Connection):
         stream.client_recv -= len(payload)
         if stream.client_recv < 0:
             raise ProtocolViolation(h2.FLOW_CONTROL_ERROR, "more DATA than the stream window")
-        data = h2.unpad(flags, payload)
+        data = h2.unpad(flags, payload) if flags & h2.PADDED else payload
         if len(data) < len(payload):
             self.credit(len(payload) - len(data))
         if flags & h2.END_STREAM:
@@ -1385,7 +1385,7 @@ class _Upstream(_Connection):
             self._reset_by_upstream(stream, h2.INTERNAL_ERROR)
 
     def on_headers(self, sid: int, flags: int, block: bytes) -> None:
-        self.decoder.decode(block)  # memoised; COMPRESSION_ERROR if it uses a dynamic table
+        self.decoder.checked(block)  # memoised; COMPRESSION_ERROR if it uses a dynamic table
         stream = self.streams.get(sid)
         end = flags & h2.END_STREAM
         if stream is None or stream.upstream_ended:
@@ -1426,7 +1426,7 @@ class _Upstream(_Connection):
         stream.upstream_recv -= len(payload)
         if stream.upstream_recv < 0:
             raise ProtocolViolation(h2.FLOW_CONTROL_ERROR, "more DATA than the stream window")
-        data = h2.unpad(flags, payload)
+        data = h2.unpad(flags, payload) if flags & h2.PADDED else payload
         stream.queued += len(data)
         if len(data) < len(payload):
             stream.client.budget += len(payload) - len(data)  # padding: released at once
