@@ -46,7 +46,7 @@ MAX_FRAME = 16_384  # the default SETTINGS_MAX_FRAME_SIZE; the relay never raise
 RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc"))
 _PRINTABLE = " !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"  # kept as they are in grpc-message (not %)
 _U32 = struct.Struct(">I")
-_FRAME_HEAD = struct.Struct(">BHBBI")  # length (24 bits: 8 + 16), type, flags, stream id
+FRAME_HEAD = struct.Struct(">BHBBI")  # length (24 bits: 8 + 16), type, flags, stream id
 _SETTING = struct.Struct(">HI")
 
 
@@ -258,7 +258,7 @@ class FrameReader:
             data = bytes(data)
         size = len(data)
         pos = 0
-        unpack = _FRAME_HEAD.unpack_from
+        unpack = FRAME_HEAD.unpack_from
         try:
             while size - pos >= 9:
                 high, low, ftype, flags, sid = unpack(data, pos)
@@ -278,7 +278,7 @@ class FrameReader:
 
 def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     n = len(payload)
-    return _FRAME_HEAD.pack(n >> 16, n & 0xFFFF, ftype, flags, stream_id) + payload
+    return FRAME_HEAD.pack(n >> 16, n & 0xFFFF, ftype, flags, stream_id) + payload
 
 
 def headers_frames(stream_id: int, block: bytes, flags: int) -> bytes:

@@ -236,32 +236,28 @@ def end_span(span: Any, code: grpc.StatusCode) -> None:
 
 
 class RpcSeries:
-    """The seed's RPC metrics for one method of one service, each series resolved once."""
+    """The seed's RPC metrics for one method of one service (`metrics.RpcMetrics`)."""
 
-    __slots__ = ("_by_code", "_method", "_service", "in_flight")
+    __slots__ = ("_by_code", "_method")
 
     def __init__(self, service: str, method: str) -> None:
-        self._service = service
-        self._method = method
-        self.in_flight = metrics.concurrent_requests.labels(service, method)
-        self._by_code: dict[grpc.StatusCode, tuple[Any, Any, Any]] = {}
+        self._method = metrics.rpc.method(service, method)
+        self._by_code: dict[grpc.StatusCode, metrics.RpcCounts] = {}
+
+    def start(self) -> None:
+        """One call started: it is in flight."""
+        self._method.in_flight += 1
 
     def finish(self, code: grpc.StatusCode, seconds: float) -> None:
         """One call ended with `code` after `seconds` (it was counted in flight)."""
-        entry = self._by_code.get(code)
-        if entry is None:
-            labels = (self._service, self._method, code.name)
-            entry = self._by_code[code] = (
-                metrics.request_rate_counter.labels(*labels),
-                metrics.request_duration_histogram.labels(*labels),
-                None if code is grpc.StatusCode.OK else metrics.error_rate.labels(*labels),
-            )
-        rate, duration, errors = entry
-        self.in_flight.dec()
-        rate.inc()
-        duration.observe(seconds)
-        if errors is not None:
-            errors.inc()
+        counts = self._by_code.get(code)
+        if counts is None:
+            counts = self._method.by_code.get(code.name)
+            if counts is None:
+                counts = self._method.by_code[code.name] = metrics.RpcCounts()
+            self._by_code[code] = counts
+        self._method.in_flight -= 1
+        counts.add(seconds)
 
 
 def caller_context(carrier: Any, getter: Getter[Any] = _GETTER) -> Context | None:
@@ -304,7 +300,7 @@ class ServerRecorder:
 
     def start(self, parent: Context | None, start_time: int | None = None) -> Any:
         """Counts the call in flight; its span (a child of `parent`) when recording."""
-        self._series.in_flight.inc()
+        self._series.start()
         if not self.recording:
             return None
         return self._tracer.start_span(
