@@ -408,8 +408,9 @@ class LoadSheddingSettings(_Block):
     Calls over the limit are refused at once with RESOURCE_EXHAUSTED + RetryInfo; streams,
     health and reflection are never counted. The limit adapts between min_limit and
     max_limit to keep latency within `tolerance` times its no-load value and under
-    `target_latency_seconds`, the no-load latency being measured at min_limit every
-    `probe_interval_seconds`; `fixed_limit` pins it instead.
+    `target_latency_seconds`, the no-load latency being re-measured at min_limit (at most
+    every `probe_interval_seconds`, and only while the limit refuses calls at a latency
+    over what it allows); `fixed_limit` pins it instead.
     """
 
     enabled: bool = True

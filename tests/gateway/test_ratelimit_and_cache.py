@@ -500,6 +500,32 @@ async def test_a_busy_users_fast_path_quota_is_renewed_before_it_runs_out(
     assert dry == 0, dry
 
 
+@pytest.mark.parametrize("store", ["redis", "in_process"])
+async def test_a_busy_user_back_after_a_pause_finds_quota_on_the_fast_path(
+    redis_helper, store
+) -> None:
+    """A user busy, then quiet for longer than a lease (1 s), then busy again: the relay's
+    first call that finds no quota asks for the next lease itself, sized on the last one,
+    so only that call takes the full path (the lease was regrown from two calls, a round
+    trip at a time, the calls meanwhile sent to the full path: 5 of 600 here)."""
+    redis = redis_helper if store == "redis" else RedisClient(RedisSettings())
+    limiter = ApiLimiter(RateLimitSettings(api_requests=1_000_000, api_window=60), redis)
+
+    async def burst(calls: int) -> int:
+        dry = 0
+        for i in range(calls):
+            if not limiter.try_local("back"):
+                dry += 1
+                await limiter.acquire("back", ("user",))  # as the full path would
+            if i % 20 == 0:
+                await asyncio.sleep(0.002)  # the event loop turns between bursts of calls
+        return dry
+
+    await burst(600)  # the leases grow to the user's pace
+    await asyncio.sleep(1.0)  # the last lease ends unspent
+    assert await burst(600) <= 1
+
+
 def test_a_refusal_says_one_retry_time_everywhere() -> None:
     """retry-after, x-ratelimit-reset and the message give the same whole second, RetryInfo
     rounded up (a 47.2 s wait is 48 everywhere, never 47: no client retries early)."""

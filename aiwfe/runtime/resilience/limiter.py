@@ -15,10 +15,18 @@ latency `short` is compared with `min_rtt`, the no-load latency (latency under
     limit    = smoothed(limit * gradient + sqrt(limit))
 
 `sqrt(limit)` is the headroom that lets the limit probe upwards while latency holds; it is
-only added when the window used more than half of the limit. `min_rtt` is measured, as
-Envoy does, in a window run at `min_limit` every `probe_interval_seconds` (and lowered at
-once by any faster window): an average of loaded windows would drift up with the load
-and let the limit creep with it.
+only added when the window used more than half of the limit. `min_rtt` is lowered at once
+by any faster window, and raised only by a probe: a window run at `min_limit`, as Envoy
+does it (an average of loaded windows, as Gradient2 keeps, would drift up with the load
+and let the limit creep with it). Only calls admitted after the probe began are measured
+(Envoy's fix for the same skew: calls admitted at the full limit would end in the probe's
+window with their loaded latency).
+
+The probe refuses every call over `min_limit` while it runs (Envoy documents the same
+rise in 503s), so it runs only when a stale `min_rtt` could be costing callers: when it
+is due (every `probe_interval_seconds`) and the last window both refused calls and ran
+over the latency allowed. A service whose latency holds within tolerance, or whose limit
+refuses nobody, is never probed: its callers are never refused for a measurement.
 
 No library on PyPI fits (the candidates are 0.1 releases that pace a client's outbound
 calls and wait for a slot instead of refusing), so this is a small module of our own.
@@ -53,6 +61,7 @@ class ConcurrencyLimiter:
         "_limit",
         "_max_seen",
         "_next_probe",
+        "_probe_began",
         "_probing",
         "_refused",
         "_retry_after",
@@ -83,6 +92,7 @@ class ConcurrencyLimiter:
         now = clock()
         self._window_end = now + cfg.window_seconds
         self._probing = False
+        self._probe_began = now
         self._next_probe = now + cfg.probe_interval_seconds
 
     @property
@@ -132,6 +142,8 @@ class ConcurrencyLimiter:
         """Ends an admitted call and feeds its latency to the limit."""
         self.in_flight -= 1
         now = self._clock()
+        if self._probing and started < self._probe_began:
+            return  # admitted at the full limit: its latency is no no-load measure
         self._sum += now - started
         self._count += 1
         if now >= self._window_end and self._count >= self._cfg.min_window_samples:
@@ -168,15 +180,16 @@ class ConcurrencyLimiter:
             return
         if cfg.fixed_limit:
             return
-        if now >= self._next_probe and self._max_seen > cfg.min_limit:
-            if short < cfg.latency_floor_seconds:
-                # Under the floor min_rtt decides nothing (the gradient is 1): a probe would
-                # only refuse a healthy service's callers. Look again next interval.
-                self._next_probe = now + cfg.probe_interval_seconds
-            else:
-                self._probing = True  # below min_limit every window is a no-load measure
         # Latency under the floor is no overload, however far over min_rtt (a burst).
         allowed = max(cfg.tolerance * self.min_rtt, cfg.latency_floor_seconds)
+        if now >= self._next_probe:
+            if short > allowed and self._refused and self._max_seen > cfg.min_limit:
+                self._probing = True  # at min_limit every window is a no-load measure
+                self._probe_began = now
+            else:
+                # min_rtt is not what holds callers back (latency within what it allows,
+                # or nobody refused): a probe would only refuse them. Look again later.
+                self._next_probe = now + cfg.probe_interval_seconds
         gradient = min(allowed / short, cfg.target_latency_seconds / short)
         gradient = max(0.5, min(1.0, gradient))
         limit = self._limit
