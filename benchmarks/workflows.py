@@ -589,7 +589,11 @@ def external_summary(result: dict[str, Any]) -> str:
 
 # --- timer lateness -----------------------------------------------------------------------
 
-TIMER_LEAD = 3.0  # seconds from the first submission to the instant every timer is due
+
+def _timer_lead(n: int) -> float:
+    """Seconds from the first submission to the instant all `n` timers are due: time to
+    submit them all (3 s for the default 100)."""
+    return min(3.0, 0.5 + 0.025 * n)
 
 
 def _sleep_spec(seconds: float) -> wf_pb.WorkflowSpec:
@@ -600,7 +604,7 @@ def _sleep_spec(seconds: float) -> wf_pb.WorkflowSpec:
 
 async def _timer_lateness(stub: wf_grpc.WorkflowServiceStub, md: Any, n: int) -> dict[str, Any]:
     """`n` sleep timers due at one instant: lateness of each one's SUCCEEDED event."""
-    due_at = time.time() + TIMER_LEAD
+    due_at = time.time() + _timer_lead(n)
     sem = asyncio.Semaphore(32)
 
     async def one() -> tuple[float, float]:
@@ -651,7 +655,10 @@ async def timer_phases(admin_dsn: str, timers: int) -> dict[str, Any]:
             idle = await _timer_lateness(stub, md, timers)
             slots = load_settings(env={}).taskproc.worker_concurrency
             hog = wf_pb.WorkflowSpec(name="bench-hog")
-            hog.steps.add(name="a", op="noop").inputs.update({"sleep_ms": 10_000})
+            # Each hog holds its slot past the busy measurement (a warm-up second, the
+            # lead, the lateness) and then ends.
+            hog_ms = int((1.0 + _timer_lead(timers) + 2.0) * 1000)
+            hog.steps.add(name="a", op="noop").inputs.update({"sleep_ms": hog_ms})
             hogs = [asyncio.ensure_future(_submit_and_watch(stub, md, hog)) for _ in range(slots)]
             await asyncio.sleep(1.0)  # the worker has claimed them all
             busy = await _timer_lateness(stub, md, timers)
