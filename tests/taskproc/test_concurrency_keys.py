@@ -75,7 +75,10 @@ async def test_at_most_max_run_at_once_in_submit_order(suite, gateway_channel) -
     together, they start in submit order, the waiting ones say they are queued, and a
     workflow of another key submitted last starts at once."""
     token = await new_user(suite, gateway_channel)
-    ids = [(await submit(gateway_channel, token, keyed("acme", 2))).workflow_id for _ in range(5)]
+    # Steps of 1.5 s: the sixth submission must be in before the first step ends, which
+    # 0.6 s did not always leave on a loaded machine (each submit a round trip or more).
+    acme = keyed("acme", 2, {"name": "a", "op": "noop", "inputs": {"sleep_ms": 1500}})
+    ids = [(await submit(gateway_channel, token, acme)).workflow_id for _ in range(5)]
     other = (await submit(gateway_channel, token, keyed("globex", 2))).workflow_id
     spans = [await run_span(gateway_channel, token, wid) for wid in ids]
     other_start, _, _ = await run_span(gateway_channel, token, other)
