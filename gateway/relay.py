@@ -635,7 +635,7 @@ class _Connection(asyncio.Protocol):
         elif ftype == h2.HEADERS:
             if not sid:
                 raise ProtocolViolation(h2.PROTOCOL_ERROR, "HEADERS on stream 0")
-            block = h2.unpad(flags, payload) if flags & h2.PADDED else payload
+            block = h2.unpad(flags, payload)
             if flags & h2.PRIORITY_FLAG:
                 if len(block) < 5:
                     raise ProtocolViolation(h2.FRAME_SIZE_ERROR, "a HEADERS priority cut short")
@@ -1117,7 +1117,7 @@ class _Client(_Connection):
         stream.client_recv -= len(payload)
         if stream.client_recv < 0:
             raise ProtocolViolation(h2.FLOW_CONTROL_ERROR, "more DATA than the stream window")
-        data = h2.unpad(flags, payload) if flags & h2.PADDED else payload
+        data = h2.unpad(flags, payload)
         if len(data) < len(payload):
             self.credit(len(payload) - len(data))
         if flags & h2.END_STREAM:
@@ -1426,7 +1426,7 @@ class _Upstream(_Connection):
         stream.upstream_recv -= len(payload)
         if stream.upstream_recv < 0:
             raise ProtocolViolation(h2.FLOW_CONTROL_ERROR, "more DATA than the stream window")
-        data = h2.unpad(flags, payload) if flags & h2.PADDED else payload
+        data = h2.unpad(flags, payload)
         stream.queued += len(data)
         if len(data) < len(payload):
             stream.client.budget += len(payload) - len(data)  # padding: released at once

@@ -11,6 +11,7 @@ import math
 from bisect import bisect_left
 from collections.abc import Iterator
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -54,7 +55,7 @@ class RpcMethod:
 
     def __init__(self) -> None:
         self.in_flight = 0
-        self.by_code: dict[str, RpcCounts] = {}
+        self.by_code: dict[grpc.StatusCode, RpcCounts] = {}
 
 
 class RpcMetrics(Collector):
@@ -84,14 +85,14 @@ class RpcMetrics(Collector):
         for (service, method), series in list(self._methods.items()):
             in_flight.add_metric((service, method), series.in_flight)
             for code, counts in list(series.by_code.items()):
-                labels = (service, method, code)
+                labels = (service, method, code.name)
                 cumulative, buckets = 0, []
                 for bound, n in zip((*_LATENCY_BUCKETS, math.inf), counts.buckets, strict=True):
                     cumulative += n
                     buckets.append((floatToGoString(bound), cumulative))
                 duration.add_metric(labels, buckets, counts.sum)
                 rate.add_metric(labels, counts.count)
-                if code != "OK":
+                if code is not grpc.StatusCode.OK:
                     errors.add_metric(labels, counts.count)
         yield from families
 

@@ -238,11 +238,10 @@ def end_span(span: Any, code: grpc.StatusCode) -> None:
 class RpcSeries:
     """The seed's RPC metrics for one method of one service (`metrics.RpcMetrics`)."""
 
-    __slots__ = ("_by_code", "_method")
+    __slots__ = ("_method",)
 
     def __init__(self, service: str, method: str) -> None:
         self._method = metrics.rpc.method(service, method)
-        self._by_code: dict[grpc.StatusCode, metrics.RpcCounts] = {}
 
     def start(self) -> None:
         """One call started: it is in flight."""
@@ -250,13 +249,11 @@ class RpcSeries:
 
     def finish(self, code: grpc.StatusCode, seconds: float) -> None:
         """One call ended with `code` after `seconds` (it was counted in flight)."""
-        counts = self._by_code.get(code)
+        method = self._method
+        method.in_flight -= 1
+        counts = method.by_code.get(code)
         if counts is None:
-            counts = self._method.by_code.get(code.name)
-            if counts is None:
-                counts = self._method.by_code[code.name] = metrics.RpcCounts()
-            self._by_code[code] = counts
-        self._method.in_flight -= 1
+            counts = method.by_code[code] = metrics.RpcCounts()
         counts.add(seconds)
 
 
