@@ -1,30 +1,42 @@
 """Long-lived watch streams vs control traffic, printed as JSON (never a timed test):
 
-    python -m benchmarks.streams --streams 2000 [--connections-per 100] [--samples 100]
+    python -m benchmarks.streams --streams 10000 [--connections-per 100] [--connections 1000]
 
 Against the suite in processes of their own (`benchmarks.servers`, as `aiwfe up` runs it):
 
-1. idle: submit → done latency (SubmitWorkflow + WatchWorkflow of a one-step `noop`
-   workflow through the gateway, one at a time, p50/p99), then a burst of `--burst`
-   such workflows 16 at a time (step completions/s);
-2. flood: `--long` workflows active for `--hold` seconds (10 run a `noop` step that long;
-   the others wait for a retry, leaving the workers free), and `--streams` WatchWorkflow
-   streams on them through the gateway, opened over
-   `--connections-per` streams per client connection (many connections: one carries at
-   most the gateway's `grpc.max_concurrent_streams`); each stream counts as open once its
-   first event arrived (`--via taskproc` opens them on taskproc itself, past the gateway);
-3. during the flood, the same latency samples and burst as in 1 (every workflow must
-   succeed; goal: p99 during ≤ 2 x idle p99), while every stream stays open; in both,
-   a refusal with RetryInfo (load shedding) is retried after its delay, up to 5 times,
-   and counted under `shed_and_retried` by who refused (the wait is in the latency);
+1. idle: unary Embed latency through the gateway on a connection of its own (`--embed-samples`
+   calls one at a time, each a new text, so cognitive answers it, p50/p99); submit → done
+   latency (SubmitWorkflow + WatchWorkflow of a one-step `noop` workflow through the
+   gateway, one at a time, p50/p99), then a burst of `--burst` such workflows 16 at a time
+   (step completions/s);
+2. flood: `--long` workflows that stay running (each waits for signals: `wait_for_signal`
+   steps, which hold no worker slot) and `--streams` WatchWorkflow streams on them through
+   the gateway, opened over `--connections-per` streams per client connection (many
+   connections: one carries at most the gateway's `grpc.max_concurrent_streams`); each
+   stream counts as open once its first event arrived (`--via taskproc` opens them on
+   taskproc itself, past the gateway);
+3. during the flood: the same Embed latency (goal: p99 during ≤ 1.5 x idle p99); event lag:
+   `--lag-rounds` times, each long workflow is signalled once, which completes one of its
+   steps, and every stream records when that event reached it: arrival - the event's
+   `event_time` (set by PostgreSQL's clock when the event row is written, before the
+   commit: an upper bound of commit → arrival), over every stream (goal: all ≤ 100 ms;
+   streams that missed an event are counted); the same latency samples and burst as in 1
+   (every workflow must succeed; goal: p99 during ≤ 2 x idle p99), while every stream stays
+   open; in both, a refusal with RetryInfo (load shedding) is retried after its delay, up
+   to 5 times, and counted under `shed_and_retried` by who refused (the wait is in the
+   latency);
 4. RSS of the gateway, taskproc and dataplatform before and during the flood: KB per
    stream; CPU each spent per second idle and during the flood; PostgreSQL transactions
    a second in the suite's database over `--settle` seconds with the flood open and no
-   other calls (what the watches' re-reads cost; backends report about once a second).
+   other calls (what the watches' re-reads cost; backends report about once a second);
+5. connections (with the flood still open): `--connections` more client connections, each
+   making one unary Embed call a second (their starts spread over the first second) for
+   `--connection-seconds`: calls, failures by status code, latency p50/p99, and the
+   gateway's RSS growth per connection.
 
-10,000 streams need about 2 x 10,000 / `--connections-per` file descriptors here; taskproc
-runs with a `max_watch_streams` of `--streams` + 1,000 (at least the default 10,000), so
-the control phase's watches are admitted during the flood.
+10,000 streams need about 2 x 10,000 / `--connections-per` file descriptors here, plus 2 per
+extra connection; taskproc runs with a `max_watch_streams` of `--streams` + 1,000 (at least
+the default 10,000), so the control phase's watches are admitted during the flood.
 """
 
 from __future__ import annotations
@@ -40,6 +52,8 @@ from typing import Any
 
 import grpc
 
+from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
+from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
 from aiwfe.runtime.config import load_settings
 from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity, Principal
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
@@ -56,7 +70,8 @@ BURST_IN_FLIGHT = 16
 # only what still fails counts as failed (the refusals are reported as shed_and_retried).
 SHED_RETRIES = 5
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
-RUNNING = 10  # long workflows whose step runs (the rest wait for a retry: no worker slot)
+LAG_GOAL_SECONDS = 0.1  # an event reaches every stream within this of its commit
+OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)  # grpc shares equal channels'
 Metadata = tuple[tuple[str, str], ...]
 
 
@@ -105,18 +120,26 @@ async def _control_phase(
     }
 
 
-def _long_spec(hold: int, running: bool) -> wf_pb.WorkflowSpec:
-    """A workflow active for `hold` seconds: a step running that long, or (so as not to
-    take every worker slot) a step whose first attempt fails and whose retry is due then."""
+def _long_spec(hold: int, probes: int) -> wf_pb.WorkflowSpec:
+    """A workflow that stays running for `hold` seconds and holds no worker slot: `probes`
+    steps each waiting for its own signal (p0, p1, ...: one event each when signalled),
+    and one waiting for a signal never sent until its timeout."""
     spec = wf_pb.WorkflowSpec(name="long", timeout_seconds=hold + 60)
-    step = spec.steps.add(name="hold", op="noop", timeout_seconds=hold + 30)
-    if running:
-        step.inputs.update({"sleep_ms": hold * 1000})
-    else:
-        step.inputs.update({"fail_times": 1})
-        step.retry_policy.max_attempts = 2
-        step.retry_policy.initial_backoff_seconds = hold
+    for name in [*(f"p{i}" for i in range(probes)), "hold"]:
+        step = spec.steps.add(name=name, op="wait_for_signal", timeout_seconds=hold + 30)
+        step.inputs.update({"name": name, "timeout_seconds": hold, "default": {}})
     return spec
+
+
+async def _embed_latency(stub: cog_grpc.CognitiveServiceStub, md: Metadata, n: int) -> list[float]:
+    """`n` unary Embed calls one at a time, each a text not seen before (no cache answers)."""
+    out = []
+    tag = time.time_ns()
+    for i in range(n):
+        start = time.perf_counter()
+        await stub.Embed(cog_pb.EmbedRequest(texts=[f"probe {tag} {i}"]), metadata=md, timeout=30)
+        out.append(time.perf_counter() - start)
+    return out
 
 
 def _usage(pids: dict[str, int]) -> dict[str, tuple[float, float]]:
@@ -130,20 +153,98 @@ async def _open_watch(
     workflow_id: str,
     opened: asyncio.Event,
     opening: asyncio.Semaphore,
+    lags: list[float],
 ) -> None:
     """One WatchWorkflow stream, read until cancelled; `opened` once its first event came.
-    It holds one of `opening`'s places until then."""
+    It holds one of `opening`'s places until then. Each probe step's completion adds its
+    lag (arrival - event_time, seconds) to `lags`."""
     await opening.acquire()
     call = stub.WatchWorkflow(wf_pb.WatchWorkflowRequest(workflow_id=workflow_id), metadata=md)
     try:
-        async for _ in call:
+        async for event in call:
             if not opened.is_set():
                 opened.set()
                 opening.release()
+            elif event.step_state == wf_pb.STEP_STATE_SUCCEEDED and event.step_name != "hold":
+                lags.append(time.time() - event.event_time.ToNanoseconds() / 1e9)
     finally:
         if not opened.is_set():
             opening.release()
         call.cancel()
+
+
+async def _lag_phase(
+    stub: wf_grpc.WorkflowServiceStub,
+    md: Metadata,
+    long_ids: list[str],
+    lags: list[float],
+    rounds: int,
+    streams: int,
+) -> dict[str, Any]:
+    """Signals each long workflow `rounds` times (one probe step each time, a second
+    apart) and summarises what every stream recorded."""
+    lags.clear()
+    for r in range(rounds):
+        for wid in long_ids:
+            await stub.SignalWorkflow(
+                wf_pb.SignalWorkflowRequest(workflow_id=wid, name=f"p{r}"), metadata=md, timeout=30
+            )
+        await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # the last round's stragglers
+    ordered = sorted(lags)
+    return {
+        "events_expected": rounds * streams,
+        "events_received": len(ordered),
+        "lag_ms": percentiles(ordered) | {"max": round(ordered[-1] * 1000, 2)} if ordered else None,
+        "over_100_ms": sum(lag > LAG_GOAL_SECONDS for lag in ordered),
+    }
+
+
+async def _connections_phase(
+    address: str, md: Metadata, n: int, seconds: float, gateway_pid: int
+) -> dict[str, Any]:
+    """`n` more client connections, each making one Embed call a second for `seconds`."""
+    channels = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in range(n)]
+    rss_before = procstat.rss_mb(gateway_pid)
+    failed: Counter[str] = Counter()
+    latency: list[float] = []
+    peak = [rss_before]
+
+    async def caller(i: int, channel: grpc.aio.Channel) -> None:
+        stub = cog_grpc.CognitiveServiceStub(channel)
+        start = time.perf_counter() + i / n  # spread over the first second
+        for k in range(int(seconds)):
+            await asyncio.sleep(max(0.0, start + k - time.perf_counter()))
+            t = time.perf_counter()
+            try:
+                request = cog_pb.EmbedRequest(texts=[f"connection {i} call {k}"])
+                await stub.Embed(request, metadata=md, timeout=30)
+                latency.append(time.perf_counter() - t)
+            except grpc.aio.AioRpcError as exc:
+                failed[exc.code().name] += 1
+
+    async def sample_rss() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            peak[0] = max(peak[0], procstat.rss_mb(gateway_pid))
+
+    sampler = asyncio.create_task(sample_rss())
+    try:
+        await asyncio.gather(*(caller(i, ch) for i, ch in enumerate(channels)))
+    finally:
+        sampler.cancel()
+        rss_open = procstat.rss_mb(gateway_pid)
+        for ch in channels:
+            await ch.close()
+    return {
+        "connections": n,
+        "seconds": seconds,
+        "calls": len(latency) + sum(failed.values()),
+        "failed": dict(failed),
+        "latency_ms": percentiles(latency) if latency else None,
+        "gateway_rss_kb_per_connection": round((rss_open - rss_before) * 1024 / n, 1),
+        "gateway_rss_kb_per_connection_peak": round((peak[0] - rss_before) * 1024 / n, 1),
+    }
 
 
 def _as_admin(server: ServerProcess) -> Metadata:
@@ -168,9 +269,19 @@ def _raise_fd_limit(needed: int) -> int:
     return soft
 
 
+def _embed_summary(latency: list[float]) -> dict[str, Any]:
+    return percentiles(latency) | {"uptime": _uptime()}
+
+
+def _uptime() -> str:
+    """The load average beside each wall-clock figure (the machine is shared)."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 async def run(opts: argparse.Namespace) -> dict[str, Any]:
     channels_needed = -(-opts.streams // opts.connections_per)
-    fd_limit = _raise_fd_limit(2 * channels_needed + 256)
+    fd_limit = _raise_fd_limit(2 * (channels_needed + opts.connections) + 256)
     server = ServerProcess(
         opts.admin_dsn,
         # The servers' limit must admit the flood and the control phase's own watches
@@ -187,37 +298,42 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             ("authorization", f"Bearer {await _login(address, server.admin_password)}"),
         )
         control_channel = grpc.aio.insecure_channel(address)
-        channels.append(control_channel)
+        # The Embed probe's connection: no stream and no workflow call shares it.
+        embed_channel = grpc.aio.insecure_channel(address, options=OWN_CONNECTION)
+        channels += [control_channel, embed_channel]
         stub = wf_grpc.WorkflowServiceStub(control_channel)
+        embed = cog_grpc.CognitiveServiceStub(embed_channel)
         for _ in range(20):  # warm-up
             await submit_and_wait(stub, md)
+        await _embed_latency(embed, md, 100)
 
+        embed_idle = _embed_summary(await _embed_latency(embed, md, opts.embed_samples))
         t0, before = time.perf_counter(), _usage(pids)
         idle = await _control_phase(stub, md, opts.samples, opts.burst)
         idle_seconds, after_idle = time.perf_counter() - t0, _usage(pids)
+        idle["uptime"] = _uptime()
 
         long_ids = [
             (
                 await stub.SubmitWorkflow(
-                    wf_pb.SubmitWorkflowRequest(spec=_long_spec(opts.hold, running=i < RUNNING)),
+                    wf_pb.SubmitWorkflowRequest(spec=_long_spec(opts.hold, opts.lag_rounds)),
                     metadata=md,
                     timeout=30,
                 )
             ).workflow.workflow_id
-            for i in range(opts.long)
+            for _ in range(opts.long)
         ]
         # Many client connections, each its own (grpc would share one between equal channels).
         flood_address, flood_md = address, md
         if opts.via == "taskproc":
             flood_address, flood_md = server.address("taskproc"), _as_admin(server)
         flood_channels = [
-            grpc.aio.insecure_channel(
-                flood_address, options=[("grpc.use_local_subchannel_pool", 1)]
-            )
+            grpc.aio.insecure_channel(flood_address, options=OWN_CONNECTION)
             for _ in range(channels_needed)
         ]
         channels.extend(flood_channels)
         opened = [asyncio.Event() for _ in range(opts.streams)]
+        lags: list[float] = []
         # At most `open_batch` opening at once: a burst of thousands of new calls makes
         # grpc's server cancel some before any handler sees them (users arrive spread).
         # Each watch frees its place once its first event came, so the next one starts
@@ -228,7 +344,9 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             watch_stub = wf_grpc.WorkflowServiceStub(flood_channels[i // opts.connections_per])
             watches.append(
                 asyncio.create_task(
-                    _open_watch(watch_stub, flood_md, long_ids[i % opts.long], opened[i], opening)
+                    _open_watch(
+                        watch_stub, flood_md, long_ids[i % opts.long], opened[i], opening, lags
+                    )
                 )
             )
         waiting: asyncio.Future[Any] = asyncio.gather(*(e.wait() for e in opened))
@@ -247,9 +365,20 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         commits = _commits(server.admin_dsn, server.database)
         await asyncio.sleep(opts.settle)
         flood_tps = (_commits(server.admin_dsn, server.database) - commits) / opts.settle
+        flood_open = _usage(pids)
+        embed_flood = _embed_summary(await _embed_latency(embed, md, opts.embed_samples))
+        lag = await _lag_phase(stub, md, long_ids, lags, opts.lag_rounds, opts.streams)
+        lag["uptime"] = _uptime()
         t1, flood_before = time.perf_counter(), _usage(pids)
         during = await _control_phase(stub, md, opts.samples, opts.burst)
         flood_seconds, flood_after = time.perf_counter() - t1, _usage(pids)
+        during["uptime"] = _uptime()
+        connections = None
+        if opts.connections:
+            connections = await _connections_phase(
+                address, md, opts.connections, opts.connection_seconds, pids["gateway"]
+            )
+            connections["uptime"] = _uptime()
         ended = [w for w in watches if w.done()]
         for wid in long_ids:
             await stub.CancelWorkflow(
@@ -258,23 +387,28 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         return {
             "streams": opts.streams,
             "streams_via": opts.via,
+            "workflows_watched": opts.long,
             "client_connections": channels_needed,
             "fd_limit": fd_limit,
             "seconds_to_open_all": round(open_seconds, 2),
             "streams_ended_early": len(ended),
             "db_transactions_per_s_flood_alone": round(flood_tps, 1),
+            "rss_mb_before": {n: round(before[n][0], 1) for n in SERVICES},
+            "rss_kb_per_stream": {
+                n: round((flood_open[n][0] - after_idle[n][0]) * 1024 / opts.streams, 1)
+                for n in SERVICES
+            },
+            "embed_idle_ms": embed_idle,
+            "embed_during_flood_ms": embed_flood,
+            "embed_p99_during_vs_idle": round(embed_flood["p99"] / embed_idle["p99"], 2),
+            "event_lag_during_flood": lag,
             "idle": idle,
             "during_flood": during,
             "p99_during_vs_idle": round(
                 during["submit_to_done_ms"]["p99"] / idle["submit_to_done_ms"]["p99"], 2
             )
-            if during["submit_to_done_ms"]
+            if during["submit_to_done_ms"] and idle["submit_to_done_ms"]
             else None,
-            "rss_mb_before": {n: round(before[n][0], 1) for n in SERVICES},
-            "rss_kb_per_stream": {
-                n: round((flood_before[n][0] - after_idle[n][0]) * 1024 / opts.streams, 1)
-                for n in SERVICES
-            },
             "cpu_per_s_idle_phase": {
                 n: round((after_idle[n][1] - before[n][1]) / idle_seconds, 3) for n in SERVICES
             },
@@ -282,6 +416,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                 n: round((flood_after[n][1] - flood_before[n][1]) / flood_seconds, 3)
                 for n in SERVICES
             },
+            "connections_during_flood": connections,
         }
     finally:
         for w in watches:
@@ -300,7 +435,13 @@ def cli() -> None:
         "--connections-per", type=int, default=100, help="streams per client connection"
     )
     parser.add_argument("--long", type=int, default=10, help="long workflows watched")
-    parser.add_argument("--hold", type=int, default=600, help="seconds a long step sleeps")
+    parser.add_argument("--hold", type=int, default=600, help="seconds a long workflow runs")
+    parser.add_argument("--lag-rounds", type=int, default=5, help="events per long workflow")
+    parser.add_argument("--embed-samples", type=int, default=1000, help="Embed calls per phase")
+    parser.add_argument(
+        "--connections", type=int, default=1000, help="extra connections, a call a second each"
+    )
+    parser.add_argument("--connection-seconds", type=float, default=10.0)
     parser.add_argument("--samples", type=int, default=100, help="latency samples per phase")
     parser.add_argument("--burst", type=int, default=200, help="workflows per burst")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds after opening")
