@@ -45,9 +45,11 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import resource
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -60,7 +62,7 @@ from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
 from benchmarks import procstat, servers
 from benchmarks.harness import ServerProcess, _login
-from benchmarks.overload import retry_delay
+from benchmarks.overload import refuser, retry_delay
 from benchmarks.workflows import _commits, percentiles, submit_and_wait
 
 SERVICES = ("gateway", "taskproc", "dataplatform")
@@ -75,31 +77,51 @@ OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)  # grpc shares equal c
 Metadata = tuple[tuple[str, str], ...]
 
 
+class _Outcomes:
+    """Failed calls by status code (the first one's details kept) and refusals with
+    RetryInfo that were retried after their delay, by who refused."""
+
+    def __init__(self) -> None:
+        self.failed: Counter[str] = Counter()
+        self.first: dict[str, str] = {}
+        self.shed: Counter[str] = Counter()
+
+    async def attempt(self, call: Callable[[], Awaitable[Any]]) -> float | None:
+        """Seconds `call` took as a client honouring RetryInfo sees it (its waits
+        included), or None when it failed for good."""
+        start = time.perf_counter()
+        for attempt in range(SHED_RETRIES + 1):
+            try:
+                await call()
+                return time.perf_counter() - start
+            except grpc.aio.AioRpcError as exc:
+                delay = retry_delay(exc) if exc.code() is EXHAUSTED else None
+                if delay is None or attempt == SHED_RETRIES:
+                    self.failed[exc.code().name] += 1
+                    self.first.setdefault(exc.code().name, exc.details() or "")
+                    return None
+                self.shed[refuser(exc)] += 1
+                await asyncio.sleep(delay)
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "failed": {
+                code: {"n": n, "first": self.first[code]} for code, n in self.failed.items()
+            },
+            "shed_and_retried": dict(self.shed),
+        }
+
+
 async def _control_phase(
     stub: wf_grpc.WorkflowServiceStub, md: Metadata, samples: int, burst: int
 ) -> dict[str, Any]:
     """Submit → done latency one at a time, then step completions/s of a burst; failed
     workflows are counted by status code (the goal is none)."""
-    failed: Counter[str] = Counter()
-    first: dict[str, str] = {}  # the first failure's details per code
-    shed: Counter[str] = Counter()  # refusals with RetryInfo, retried after their delay
+    outcomes = _Outcomes()
 
     async def one() -> float | None:
-        """Submit → done, as a client honouring RetryInfo sees it (its waits included)."""
-        start = time.perf_counter()
-        for attempt in range(SHED_RETRIES + 1):
-            try:
-                await submit_and_wait(stub, md)
-                return time.perf_counter() - start
-            except grpc.aio.AioRpcError as exc:
-                delay = retry_delay(exc) if exc.code() is EXHAUSTED else None
-                if delay is None or attempt == SHED_RETRIES:
-                    failed[exc.code().name] += 1
-                    first.setdefault(exc.code().name, exc.details() or "")
-                    return None
-                shed[(exc.details() or "").split(" overloaded")[0][:40]] += 1
-                await asyncio.sleep(delay)
-        return None
+        return await outcomes.attempt(lambda: submit_and_wait(stub, md))
 
     latency = [t for _ in range(samples) if (t := await one()) is not None]
     sem = asyncio.Semaphore(BURST_IN_FLIGHT)
@@ -115,8 +137,7 @@ async def _control_phase(
         "submit_to_done_ms": percentiles(latency) if latency else None,
         "burst": burst,
         "step_completions_per_s": round(done / elapsed, 1),
-        "failed": {code: {"n": n, "first": first[code]} for code, n in failed.items()},
-        "shed_and_retried": dict(shed),
+        **outcomes.summary(),
     }
 
 
@@ -131,15 +152,39 @@ def _long_spec(hold: int, probes: int) -> wf_pb.WorkflowSpec:
     return spec
 
 
-async def _embed_latency(stub: cog_grpc.CognitiveServiceStub, md: Metadata, n: int) -> list[float]:
-    """`n` unary Embed calls one at a time, each a text not seen before (no cache answers)."""
+# The gateway's response cache would answer a repeated Embed itself: the probes skip it, so
+# each call goes through the relay to cognitive, whose in-process cache holds the text.
+NO_STORE = (("cache-control", "no-store"),)
+
+
+def _embed_texts(tag: str, n: int) -> list[cog_pb.EmbedRequest]:
+    return [cog_pb.EmbedRequest(texts=[f"{tag} {i}"]) for i in range(n)]
+
+
+async def _warm(stub: cog_grpc.CognitiveServiceStub, md: Metadata, requests: list[Any]) -> None:
+    """Has cognitive compute and cache the texts of `requests` (200 a call)."""
+    texts = [r.texts[0] for r in requests]
+    for i in range(0, len(texts), 200):
+        batch = cog_pb.EmbedRequest(texts=texts[i : i + 200])
+        await stub.Embed(batch, metadata=md + NO_STORE, timeout=60)
+
+
+async def _embed_latency(
+    stub: cog_grpc.CognitiveServiceStub, md: Metadata, requests: list[Any]
+) -> dict[str, Any]:
+    """Unary Embed latency, one call at a time (each a text cognitive has cached)."""
     out = []
-    tag = time.time_ns()
-    for i in range(n):
+    for request in requests:
         start = time.perf_counter()
-        await stub.Embed(cog_pb.EmbedRequest(texts=[f"probe {tag} {i}"]), metadata=md, timeout=30)
+        await stub.Embed(request, metadata=md + NO_STORE, timeout=30)
         out.append(time.perf_counter() - start)
-    return out
+    return percentiles(out) | {"uptime": _uptime()}
+
+
+def _uptime() -> str:
+    """The load average beside each wall-clock figure (the machine is shared)."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def _usage(pids: dict[str, int]) -> dict[str, tuple[float, float]]:
@@ -178,50 +223,67 @@ async def _lag_phase(
     md: Metadata,
     long_ids: list[str],
     lags: list[float],
-    rounds: int,
-    streams: int,
+    opts: argparse.Namespace,
+    pids: dict[str, int],
 ) -> dict[str, Any]:
-    """Signals each long workflow `rounds` times (one probe step each time, a second
-    apart) and summarises what every stream recorded."""
+    """Signals each long workflow `--lag-rounds` times, one workflow every `--lag-gap`
+    seconds (each signal completes one probe step: one event to each of its watchers),
+    and summarises what every stream recorded, with the CPU each process spent per event
+    delivered to a stream (the load generator's own included: it reads every copy)."""
     lags.clear()
-    for r in range(rounds):
+    cpu = {**pids, "load_generator": os.getpid()}
+    before = {n: procstat.cpu_seconds(p) for n, p in cpu.items()}
+    for r in range(opts.lag_rounds):
         for wid in long_ids:
             await stub.SignalWorkflow(
                 wf_pb.SignalWorkflowRequest(workflow_id=wid, name=f"p{r}"), metadata=md, timeout=30
             )
-        await asyncio.sleep(1.0)
-    await asyncio.sleep(1.0)  # the last round's stragglers
+            await asyncio.sleep(opts.lag_gap)
+    expected = opts.lag_rounds * opts.streams
+    for _ in range(50):  # the stragglers, 5 s at most
+        if len(lags) >= expected:
+            break
+        await asyncio.sleep(0.1)
     ordered = sorted(lags)
+    per_event = max(1, len(ordered))
     return {
-        "events_expected": rounds * streams,
+        "gap_between_events_s": opts.lag_gap,
+        "events_expected": expected,
         "events_received": len(ordered),
         "lag_ms": percentiles(ordered) | {"max": round(ordered[-1] * 1000, 2)} if ordered else None,
         "over_100_ms": sum(lag > LAG_GOAL_SECONDS for lag in ordered),
+        "cpu_us_per_event_delivered": {
+            n: round((procstat.cpu_seconds(p) - before[n]) * 1e6 / per_event, 1)
+            for n, p in cpu.items()
+        },
+        "uptime": _uptime(),
     }
 
 
 async def _connections_phase(
-    address: str, md: Metadata, n: int, seconds: float, gateway_pid: int
+    address: str, md: Metadata, opts: argparse.Namespace, gateway_pid: int
 ) -> dict[str, Any]:
-    """`n` more client connections, each making one Embed call a second for `seconds`."""
+    """`--connections` more client connections, each making one Embed call a second (a
+    text of its own, cached by cognitive) for `--connection-seconds`."""
+    n = opts.connections
+    requests = _embed_texts("connection", n)
     channels = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in range(n)]
+    await _warm(cog_grpc.CognitiveServiceStub(channels[0]), md, requests)
     rss_before = procstat.rss_mb(gateway_pid)
-    failed: Counter[str] = Counter()
+    outcomes = _Outcomes()
     latency: list[float] = []
     peak = [rss_before]
 
     async def caller(i: int, channel: grpc.aio.Channel) -> None:
         stub = cog_grpc.CognitiveServiceStub(channel)
         start = time.perf_counter() + i / n  # spread over the first second
-        for k in range(int(seconds)):
+        for k in range(int(opts.connection_seconds)):
             await asyncio.sleep(max(0.0, start + k - time.perf_counter()))
-            t = time.perf_counter()
-            try:
-                request = cog_pb.EmbedRequest(texts=[f"connection {i} call {k}"])
-                await stub.Embed(request, metadata=md, timeout=30)
-                latency.append(time.perf_counter() - t)
-            except grpc.aio.AioRpcError as exc:
-                failed[exc.code().name] += 1
+            took = await outcomes.attempt(
+                lambda: stub.Embed(requests[i], metadata=md + NO_STORE, timeout=30)
+            )
+            if took is not None:
+                latency.append(took)
 
     async def sample_rss() -> None:
         while True:
@@ -238,12 +300,13 @@ async def _connections_phase(
             await ch.close()
     return {
         "connections": n,
-        "seconds": seconds,
-        "calls": len(latency) + sum(failed.values()),
-        "failed": dict(failed),
+        "seconds": opts.connection_seconds,
+        "calls": len(latency) + sum(outcomes.failed.values()),
+        **outcomes.summary(),
         "latency_ms": percentiles(latency) if latency else None,
         "gateway_rss_kb_per_connection": round((rss_open - rss_before) * 1024 / n, 1),
         "gateway_rss_kb_per_connection_peak": round((peak[0] - rss_before) * 1024 / n, 1),
+        "uptime": _uptime(),
     }
 
 
@@ -267,16 +330,6 @@ def _raise_fd_limit(needed: int) -> int:
         soft = hard if hard == resource.RLIM_INFINITY else min(hard, max(needed, soft))
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     return soft
-
-
-def _embed_summary(latency: list[float]) -> dict[str, Any]:
-    return percentiles(latency) | {"uptime": _uptime()}
-
-
-def _uptime() -> str:
-    """The load average beside each wall-clock figure (the machine is shared)."""
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
 
 
 async def run(opts: argparse.Namespace) -> dict[str, Any]:
@@ -305,9 +358,11 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         embed = cog_grpc.CognitiveServiceStub(embed_channel)
         for _ in range(20):  # warm-up
             await submit_and_wait(stub, md)
-        await _embed_latency(embed, md, 100)
+        probes = _embed_texts(f"probe {time.time_ns()}", opts.embed_samples)
+        await _warm(embed, md, probes)
+        await _embed_latency(embed, md, probes[:100])
 
-        embed_idle = _embed_summary(await _embed_latency(embed, md, opts.embed_samples))
+        embed_idle = await _embed_latency(embed, md, probes)
         t0, before = time.perf_counter(), _usage(pids)
         idle = await _control_phase(stub, md, opts.samples, opts.burst)
         idle_seconds, after_idle = time.perf_counter() - t0, _usage(pids)
@@ -366,19 +421,15 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(opts.settle)
         flood_tps = (_commits(server.admin_dsn, server.database) - commits) / opts.settle
         flood_open = _usage(pids)
-        embed_flood = _embed_summary(await _embed_latency(embed, md, opts.embed_samples))
-        lag = await _lag_phase(stub, md, long_ids, lags, opts.lag_rounds, opts.streams)
-        lag["uptime"] = _uptime()
+        embed_flood = await _embed_latency(embed, md, probes)
+        lag = await _lag_phase(stub, md, long_ids, lags, opts, pids)
         t1, flood_before = time.perf_counter(), _usage(pids)
         during = await _control_phase(stub, md, opts.samples, opts.burst)
         flood_seconds, flood_after = time.perf_counter() - t1, _usage(pids)
         during["uptime"] = _uptime()
         connections = None
         if opts.connections:
-            connections = await _connections_phase(
-                address, md, opts.connections, opts.connection_seconds, pids["gateway"]
-            )
-            connections["uptime"] = _uptime()
+            connections = await _connections_phase(address, md, opts, pids["gateway"])
         ended = [w for w in watches if w.done()]
         for wid in long_ids:
             await stub.CancelWorkflow(
@@ -437,6 +488,9 @@ def cli() -> None:
     parser.add_argument("--long", type=int, default=10, help="long workflows watched")
     parser.add_argument("--hold", type=int, default=600, help="seconds a long workflow runs")
     parser.add_argument("--lag-rounds", type=int, default=5, help="events per long workflow")
+    parser.add_argument(
+        "--lag-gap", type=float, default=0.2, help="seconds between two workflows' events"
+    )
     parser.add_argument("--embed-samples", type=int, default=1000, help="Embed calls per phase")
     parser.add_argument(
         "--connections", type=int, default=1000, help="extra connections, a call a second each"
