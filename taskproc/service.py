@@ -59,6 +59,13 @@ def _check_id(workflow_id: str) -> None:
     v.raise_if_any()
 
 
+def _check_watch(request: pb.WatchWorkflowRequest) -> None:
+    _check_id(request.workflow_id)
+    v = Violations()
+    v.check(request.after_sequence >= 0, "after_sequence", "must not be negative")
+    v.raise_if_any()
+
+
 def _is_uuid(value: str) -> bool:
     try:
         uuid.UUID(value)
@@ -265,22 +272,20 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         )
         return pb.RetryWorkflowResponse(workflow=reply.workflow)
 
-    async def WatchWorkflow(
+    def WatchWorkflow(
         self, request: pb.WatchWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchWorkflowResponse]:
         """Streams events after `after_sequence` until the workflow is terminal and every
         event up to the last has been sent, from this replica's one dataplatform stream
-        for the workflow (taskproc/shared_watch.py). Holds one of the replica's slots."""
-        scope = owners.scope(owners.user())
-        _check_id(request.workflow_id)
-        v = Violations()
-        v.check(request.after_sequence >= 0, "after_sequence", "must not be negative")
-        v.raise_if_any()
-        with self._slots.hold():
-            async for event in self._watches.events(
-                request.workflow_id, scope, request.after_sequence
-            ):
-                yield event
+        for the workflow (taskproc/shared_watch.py). Holds one of the replica's slots.
+
+        A plain function that checks the request and returns the shared watch's reader:
+        the stream is that one generator, not a second one re-yielding it (each open
+        watch would keep both frames; the interceptors iterate whatever is returned)."""
+        _check_watch(request)
+        return self._watches.events(
+            request.workflow_id, owners.scope(owners.user()), request.after_sequence, self._slots
+        )
 
     async def RunWorkflow(
         self, request: pb.RunWorkflowRequest, context: grpc.aio.ServicerContext
@@ -289,7 +294,7 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         stream: one round of RPC set-ups through every hop instead of two."""
 
         create = self._create_request(request.spec, request.idempotency_key)
-        with self._slots.hold():
+        with self._slots:
             eager = self._eager(create)
             try:
                 async for update in self._streams.stream(

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
-from taskproc.streams import StreamPool
+from taskproc.streams import StreamPool, WatchSlots
 
 _Key = tuple[str, str, bool]  # workflow id, owner id, all owners
 
@@ -25,7 +25,8 @@ _Key = tuple[str, str, bool]  # workflow id, owner id, all owners
 class _Shared:
     """One upstream stream and the events it brought, for any number of readers."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: _Key) -> None:
+        self.key = key
         self.events: list[pb.WatchWorkflowResponse] = []
         self.changed = asyncio.Event()  # replaced each time something arrives
         self.finished = False
@@ -66,7 +67,7 @@ class SharedWatches:
     def _open(self, key: _Key, scope: store_pb.WorkflowScope) -> _Shared:
         shared = self._shared.get(key)
         if shared is None or shared.error is not None:
-            shared = _Shared()
+            shared = _Shared(key)
             self._shared[key] = shared
             upstream = self._streams.stream(
                 "WatchWorkflowEvents",
@@ -81,30 +82,37 @@ class SharedWatches:
         return shared
 
     async def events(
-        self, workflow_id: str, scope: store_pb.WorkflowScope, after: int
+        self, workflow_id: str, scope: store_pb.WorkflowScope, after: int, slots: WatchSlots
     ) -> AsyncIterator[pb.WatchWorkflowResponse]:
-        """The workflow's events after `after` until it is terminal and all are sent."""
-        key = (workflow_id, scope.owner_id, scope.all_owners)
-        shared = self._open(key, scope)
-        shared.readers += 1
-        sent = 0  # index into shared.events
-        try:
-            while True:
-                changed = shared.changed
-                while sent < len(shared.events):
-                    event = shared.events[sent]
-                    sent += 1
-                    if event.sequence > after:
-                        yield event
-                if shared.error is not None:
-                    raise shared.error
-                if shared.finished:
-                    return
-                await changed.wait()
-        finally:
-            shared.readers -= 1
-            if shared.readers == 0:
-                if self._shared.get(key) is shared:
-                    del self._shared[key]
-                if shared.task is not None:
-                    shared.task.cancel()  # its stream's own clean-up ends the upstream call
+        """The workflow's events after `after` until it is terminal and all are sent,
+        holding one of `slots` meanwhile. Each open watch keeps this frame alone: no
+        locals beyond what it reads with (thousands of them stay open)."""
+        with slots:
+            shared = self._open((workflow_id, scope.owner_id, scope.all_owners), scope)
+            del workflow_id, scope
+            shared.readers += 1
+            sent = 0  # index into shared.events
+            try:
+                while True:
+                    changed = shared.changed
+                    while sent < len(shared.events):
+                        event = shared.events[sent]
+                        sent += 1
+                        if event.sequence > after:
+                            yield event
+                    if shared.error is not None:
+                        raise shared.error
+                    if shared.finished:
+                        return
+                    await changed.wait()
+            finally:
+                shared.readers -= 1
+                if shared.readers == 0:
+                    self._close(shared)
+
+    def _close(self, shared: _Shared) -> None:
+        """Its last watcher left: forget it and end its upstream stream."""
+        if self._shared.get(shared.key) is shared:
+            del self._shared[shared.key]
+        if shared.task is not None:
+            shared.task.cancel()  # its stream's own clean-up ends the upstream call

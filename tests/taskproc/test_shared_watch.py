@@ -75,3 +75,45 @@ async def test_watchers_of_one_workflow_share_one_upstream(back_ends: Suite) -> 
         assert later == events[2:]
         assert admin == events
         assert watches.upstreams == 0
+
+
+async def test_a_watch_is_checked_first_and_holds_its_slot_until_it_ends(
+    base_overrides: dict[str, Any],
+) -> None:
+    """With room for one watch: a malformed request is INVALID_ARGUMENT even while the
+    slot is taken (the checks come first), a second watch is refused with
+    RESOURCE_EXHAUSTED, and the slot comes back when the watcher leaves."""
+    overrides = {**base_overrides, "taskproc": {"max_watch_streams": 1}}
+    suite = await start_suite(overrides, only=("dataplatform", "taskproc"))
+    service = suite.running["taskproc"].service
+    try:
+        async with grpc.aio.insecure_channel(suite.address("taskproc")) as channel:
+            stub = pb_grpc.WorkflowServiceStub(channel)
+            md = as_user(suite, OWNER)
+            waits = {"name": "a", "op": "wait_for_signal", "inputs": {"name": "go"}}
+            reply = await stub.SubmitWorkflow(
+                pb.SubmitWorkflowRequest(spec=spec(waits)), metadata=md, timeout=10
+            )
+            wid = reply.workflow.workflow_id
+            holder = stub.WatchWorkflow(pb.WatchWorkflowRequest(workflow_id=wid), metadata=md)
+            await holder.read()
+            assert service.watch_slots.in_flight == 1
+            for request, code in (
+                (pb.WatchWorkflowRequest(workflow_id=wid, after_sequence=-1), "INVALID_ARGUMENT"),
+                (pb.WatchWorkflowRequest(workflow_id="x" * 65), "INVALID_ARGUMENT"),
+                (pb.WatchWorkflowRequest(workflow_id=wid), "RESOURCE_EXHAUSTED"),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    async for _ in stub.WatchWorkflow(request, metadata=md, timeout=10):
+                        pass
+                assert refused.value.code().name == code, refused.value.details()
+            holder.cancel()
+            end = time.monotonic() + 10
+            while service.watch_slots.in_flight or service.watches.upstreams:
+                assert time.monotonic() < end
+                await asyncio.sleep(0.02)
+            again = stub.WatchWorkflow(pb.WatchWorkflowRequest(workflow_id=wid), metadata=md)
+            assert (await again.read()).sequence == 1
+            again.cancel()
+    finally:
+        await suite.stop()
