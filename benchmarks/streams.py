@@ -4,6 +4,8 @@
 
 Against the suite in processes of their own (`benchmarks.servers`, as `aiwfe up` runs it):
 
+0. the machine's anchors: a bare SKIP LOCKED queue's jobs/s, Embed straight to cognitive
+   at 1 in flight (p50/p99);
 1. idle: unary Embed latency through the gateway on a connection of its own (`--embed-samples`
    calls one at a time, each a new text, so cognitive answers it, p50/p99); submit → done
    latency (SubmitWorkflow + WatchWorkflow of a one-step `noop` workflow through the
@@ -60,10 +62,10 @@ from aiwfe.runtime.config import load_settings
 from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity, Principal
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
-from benchmarks import procstat, servers
+from benchmarks import procstat, report, servers
 from benchmarks.harness import ServerProcess, _login
 from benchmarks.overload import refuser, retry_delay
-from benchmarks.workflows import _commits, percentiles, submit_and_wait
+from benchmarks.workflows import _commits, bare_skip_locked, percentiles, submit_and_wait
 
 SERVICES = ("gateway", "taskproc", "dataplatform")
 BURST_IN_FLIGHT = 16
@@ -73,6 +75,8 @@ BURST_IN_FLIGHT = 16
 SHED_RETRIES = 5
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 LAG_GOAL_SECONDS = 0.1  # an event reaches every stream within this of its commit
+ANCHOR_JOBS = 20_000
+ANCHOR_CALLS = 500
 OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)  # grpc shares equal channels'
 Metadata = tuple[tuple[str, str], ...]
 
@@ -310,6 +314,19 @@ async def _connections_phase(
     }
 
 
+async def _anchors(server: ServerProcess, requests: list[Any]) -> dict[str, Any]:
+    """The machine's speed this session (it moves by ~2x between days): a bare SKIP LOCKED
+    queue's jobs/s in the suite's database, and Embed straight to cognitive, 1 in flight."""
+    dsn = servers.database_dsn(server.admin_dsn, server.database)
+    bare = await bare_skip_locked(dsn, ANCHOR_JOBS)
+    async with grpc.aio.insecure_channel(server.address("cognitive")) as channel:
+        direct = cog_grpc.CognitiveServiceStub(channel)
+        internal = _as_admin(server)
+        await _warm(direct, internal, requests)
+        latency = await _embed_latency(direct, internal, requests)
+    return {"bare_skip_locked_jobs_per_s": bare["jobs_per_s"], "direct_embed_ms": latency}
+
+
 def _as_admin(server: ServerProcess) -> Metadata:
     """What the gateway would send taskproc for an admin (to bypass the gateway)."""
     settings = load_settings(
@@ -356,10 +373,12 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         channels += [control_channel, embed_channel]
         stub = wf_grpc.WorkflowServiceStub(control_channel)
         embed = cog_grpc.CognitiveServiceStub(embed_channel)
+        probes = _embed_texts(f"probe {time.time_ns()}", max(opts.embed_samples, ANCHOR_CALLS))
         for _ in range(20):  # warm-up
             await submit_and_wait(stub, md)
-        probes = _embed_texts(f"probe {time.time_ns()}", opts.embed_samples)
+        anchors = await _anchors(server, probes[:ANCHOR_CALLS])
         await _warm(embed, md, probes)
+        probes = probes[: opts.embed_samples]
         await _embed_latency(embed, md, probes[:100])
 
         embed_idle = await _embed_latency(embed, md, probes)
@@ -436,6 +455,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                 wf_pb.CancelWorkflowRequest(workflow_id=wid), metadata=md, timeout=30
             )
         return {
+            "machine": report.machine(),
+            "anchors": anchors,
             "streams": opts.streams,
             "streams_via": opts.via,
             "workflows_watched": opts.long,
