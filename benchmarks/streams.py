@@ -6,18 +6,20 @@ Against the suite in processes of their own (`benchmarks.servers`, as `aiwfe up`
 
 0. the machine's anchors: a bare SKIP LOCKED queue's jobs/s, Embed straight to cognitive
    at 1 in flight (p50/p99);
-1. idle: unary Embed latency through the gateway on a connection of its own (`--embed-samples`
-   calls one at a time, each a new text, so cognitive answers it, p50/p99); submit → done
-   latency (SubmitWorkflow + WatchWorkflow of a one-step `noop` workflow through the
-   gateway, one at a time, p50/p99), then a burst of `--burst` such workflows 16 at a time
-   (step completions/s);
+1. idle: submit → done latency (SubmitWorkflow + WatchWorkflow of a one-step `noop`
+   workflow through the gateway, one at a time, p50/p99), then a burst of `--burst` such
+   workflows 16 at a time (step completions/s);
 2. flood: `--long` workflows that stay running (each waits for signals: `wait_for_signal`
-   steps, which hold no worker slot) and `--streams` WatchWorkflow streams on them through
+   steps, which hold no worker slot); `--settle` seconds later, unary Embed latency
+   through the gateway on a connection of its own (`--embed-samples` calls one at a time,
+   texts cognitive has cached, past the gateway's response cache, p50/p99); then
+   `--streams` WatchWorkflow streams on them through
    the gateway, opened over `--connections-per` streams per client connection (many
    connections: one carries at most the gateway's `grpc.max_concurrent_streams`); each
    stream counts as open once its first event arrived (`--via taskproc` opens them on
    taskproc itself, past the gateway);
-3. during the flood: the same Embed latency (goal: p99 during ≤ 1.5 x idle p99); event lag:
+3. during the flood, `--settle` seconds after it opened: the same Embed latency (goal: p99
+   during ≤ 1.5 x idle p99; with `--streams 0` the two differ by noise alone); event lag:
    `--lag-rounds` times, each long workflow is signalled once, which completes one of its
    steps, and every stream records when that event reached it: arrival - the event's
    `event_time` (set by PostgreSQL's clock when the event row is written, before the
@@ -256,6 +258,7 @@ async def _lag_phase(
         "events_received": len(ordered),
         "lag_ms": percentiles(ordered) | {"max": round(ordered[-1] * 1000, 2)} if ordered else None,
         "over_100_ms": sum(lag > LAG_GOAL_SECONDS for lag in ordered),
+        "missed": expected - len(ordered),
         "cpu_us_per_event_delivered": {
             n: round((procstat.cpu_seconds(p) - before[n]) * 1e6 / per_event, 1)
             for n, p in cpu.items()
@@ -381,7 +384,6 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         probes = probes[: opts.embed_samples]
         await _embed_latency(embed, md, probes[:100])
 
-        embed_idle = await _embed_latency(embed, md, probes)
         t0, before = time.perf_counter(), _usage(pids)
         idle = await _control_phase(stub, md, opts.samples, opts.burst)
         idle_seconds, after_idle = time.perf_counter() - t0, _usage(pids)
@@ -397,6 +399,10 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             ).workflow.workflow_id
             for _ in range(opts.long)
         ]
+        # Embed without the flood right before it opens, after the same settling time as
+        # the probe with it open: the streams are the one difference between the two.
+        await asyncio.sleep(opts.settle)
+        embed_idle = await _embed_latency(embed, md, probes)
         # Many client connections, each its own (grpc would share one between equal channels).
         flood_address, flood_md = address, md
         if opts.via == "taskproc":
@@ -467,7 +473,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             "db_transactions_per_s_flood_alone": round(flood_tps, 1),
             "rss_mb_before": {n: round(before[n][0], 1) for n in SERVICES},
             "rss_kb_per_stream": {
-                n: round((flood_open[n][0] - after_idle[n][0]) * 1024 / opts.streams, 1)
+                n: round((flood_open[n][0] - after_idle[n][0]) * 1024 / max(1, opts.streams), 1)
                 for n in SERVICES
             },
             "embed_idle_ms": embed_idle,
