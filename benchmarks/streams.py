@@ -176,15 +176,24 @@ async def _warm(stub: cog_grpc.CognitiveServiceStub, md: Metadata, requests: lis
 
 
 async def _embed_latency(
-    stub: cog_grpc.CognitiveServiceStub, md: Metadata, requests: list[Any]
+    stub: cog_grpc.CognitiveServiceStub,
+    md: Metadata,
+    requests: list[Any],
+    pids: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Unary Embed latency, one call at a time (each a text cognitive has cached)."""
+    """Unary Embed latency, one call at a time (each a text cognitive has cached), and
+    the CPU `pids` spent per call meanwhile (load-independent, unlike the p99)."""
+    cpu = {n: procstat.cpu_seconds(p) for n, p in (pids or {}).items()}
     out = []
     for request in requests:
         start = time.perf_counter()
         await stub.Embed(request, metadata=md + NO_STORE, timeout=30)
         out.append(time.perf_counter() - start)
-    return percentiles(out) | {"uptime": _uptime()}
+    used = {
+        n: round((procstat.cpu_seconds(p) - cpu[n]) * 1e6 / len(out), 1)
+        for n, p in (pids or {}).items()
+    }
+    return percentiles(out) | ({"cpu_us_per_call": used} if used else {}) | {"uptime": _uptime()}
 
 
 def _uptime() -> str:
@@ -366,6 +375,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     channels: list[grpc.aio.Channel] = []
     try:
         pids = {n: server.info["service_pids"][n] for n in SERVICES}
+        embed_pids = {n: server.info["service_pids"][n] for n in ("gateway", "cognitive")}
         address = server.address("gateway")
         md: Metadata = (
             ("authorization", f"Bearer {await _login(address, server.admin_password)}"),
@@ -402,7 +412,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         # Embed without the flood right before it opens, after the same settling time as
         # the probe with it open: the streams are the one difference between the two.
         await asyncio.sleep(opts.settle)
-        embed_idle = await _embed_latency(embed, md, probes)
+        embed_idle = await _embed_latency(embed, md, probes, embed_pids)
         # Many client connections, each its own (grpc would share one between equal channels).
         flood_address, flood_md = address, md
         if opts.via == "taskproc":
@@ -446,7 +456,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(opts.settle)
         flood_tps = (_commits(server.admin_dsn, server.database) - commits) / opts.settle
         flood_open = _usage(pids)
-        embed_flood = await _embed_latency(embed, md, probes)
+        embed_flood = await _embed_latency(embed, md, probes, embed_pids)
         lag = await _lag_phase(stub, md, long_ids, lags, opts, pids)
         t1, flood_before = time.perf_counter(), _usage(pids)
         during = await _control_phase(stub, md, opts.samples, opts.burst)
