@@ -12,10 +12,12 @@ side, so memory stays bounded whatever a peer does:
 
 - toward an upstream, a client gets credit back only once its bytes were written on (its
   connection window is half the connection's buffer cap);
-- toward a client, every upstream stream starts with no window (SETTINGS_INITIAL_WINDOW_SIZE
-  0) and is granted window from its client connection's budget (the other half of the cap)
-  as the client's socket takes the bytes; a client whose socket does not drain
-  (pause_writing) gets nothing written, so its streams' upstreams stop sending.
+- toward a client, every upstream stream starts with a first window of 16 KiB (the
+  SETTINGS_INITIAL_WINDOW_SIZE the relay announces upstream), paid from its client
+  connection's budget (the other half of the cap) before the stream is opened (a stream
+  waits while the budget is short), and is granted more from that budget as the client's
+  socket takes the bytes; a client whose socket does not drain (pause_writing) gets
+  nothing written, so its streams' upstreams stop sending.
 
 Request header blocks are decoded (`h2.HeaderDecoder`), validated (`h2.request_error`: a
 malformed request is a stream error and never reaches `decide`), and the decided headers
@@ -51,7 +53,9 @@ from gateway.h2 import ProtocolViolation
 log = logging.getLogger("aiwfe.gateway.relay")
 
 STREAM_WINDOW = 1 << 20  # per stream, each way: the most a sender may have in flight
-_FIRST_GRANT = h2.MAX_FRAME  # an upstream stream's first window; doubles as it is used
+# An upstream stream's first window, announced as the upstream's initial one (no frame per
+# stream) and paid from the client's budget before the stream opens; doubles as it is used.
+_FIRST_GRANT = h2.MAX_FRAME
 _MAX_HEADER_BLOCK = 64 * 1024
 _MAX_HEADER_FIELDS = 256  # more in one block: GOAWAY(ENHANCE_YOUR_CALM)
 _MAX_CONTINUATIONS = 16  # per header block (a full 64 KiB block needs 4)
@@ -999,12 +1003,17 @@ class _Client(_Connection):
             self.relay.check_quiet()
 
     def feed_starved(self) -> None:
-        """Budget came back: grant it to the streams that waited for it, oldest first."""
+        """Budget came back: grant it to the streams that waited for it, oldest first
+        (one not opened yet waits for its first window: its pool opens it now)."""
         starved, self.starved = self.starved, {}
         for stream in starved:
             if self.budget <= 0:
                 self.starved[stream] = None
-            elif not stream.done:
+            elif stream.done:
+                continue
+            elif stream.upstream is None:
+                self.relay.pools[stream.decision.upstream].open(stream)
+            else:
                 _grant(stream)
 
     def on_headers(self, sid: int, flags: int, block: bytes) -> None:
@@ -1217,7 +1226,13 @@ class _Pool:
         self.down_until = 0.0
         self.waking: asyncio.TimerHandle | None = None  # the end of a refusal pause
 
-    def open(self, stream: _Stream) -> None:
+    def open(self, stream: _Stream) -> bool:
+        """Opens `stream` on a connection with room; False when none has (it waits in the
+        queue). A stream whose client cannot pay its first window waits for budget."""
+        client = stream.client
+        if client.budget < _FIRST_GRANT:
+            client.starved[stream] = None  # opened by feed_starved once budget comes back
+            return True
         now = time.monotonic()
         paused_until = 0.0  # the earliest end of a pause among connections with room
         for conn in self.conns:
@@ -1232,12 +1247,15 @@ class _Pool:
                     self.waking = asyncio.get_running_loop().call_later(
                         paused_until - now, self.retry
                     )
-                return
+                return False
             conn = _Upstream(self.relay, self)
             self.conns.append(conn)
             conn.connecting = asyncio.ensure_future(conn.connect())
+        client.budget -= _FIRST_GRANT  # the upstream's initial window for the stream
+        stream.upstream_recv = _FIRST_GRANT
         stream.upstream = conn
         conn.open(stream)
+        return True
 
     def next(self) -> None:
         """A stream ended or a connection went: calls that waited may go now."""
@@ -1246,8 +1264,7 @@ class _Pool:
             stream = queue.popleft()
             if stream.done:
                 continue
-            self.open(stream)
-            if stream.upstream is None:  # still no room: back to the head of the line
+            if not self.open(stream):  # still no room: back to the head of the line
                 queue.remove(stream)
                 queue.appendleft(stream)
                 return
@@ -1309,7 +1326,7 @@ class _Upstream(_Connection):
                 [
                     (h2.HEADER_TABLE_SIZE, 0),
                     (h2.ENABLE_PUSH, 0),
-                    (h2.INITIAL_WINDOW_SIZE, 0),  # each stream is granted its own
+                    (h2.INITIAL_WINDOW_SIZE, _FIRST_GRANT),  # paid as each stream opens
                 ]
             )
             + h2.window_update(0, self.recv_window - h2.DEFAULT_WINDOW)
@@ -1358,7 +1375,6 @@ class _Upstream(_Connection):
         self.write_headers(sid, stream.request, end)
         if stream.replay is None:
             stream.request = b""
-        _grant(stream)
         _send(stream, True)
 
     def forget(self, stream: _Stream) -> None:
@@ -1476,6 +1492,7 @@ class _Upstream(_Connection):
         stream.kept = 0
         stream.client.budget += stream.upstream_recv  # its grant is void
         stream.upstream_recv = 0
+        stream.client.starved.pop(stream, None)  # its first window is paid when it reopens
         self.pool.queue.appendleft(stream)
         loop = asyncio.get_running_loop()
         loop.call_later(0.002 * 2 ** (stream.retries - 1), self.pool.retry)  # 2 ms .. 0.26 s
