@@ -294,14 +294,13 @@ class Relay:
                 work()
 
 
-class _Half:
-    """One direction of one stream: frames waiting for the receiver's window."""
+class _Half(deque[tuple[int, int, bytes]]):
+    """One direction of one stream: the frames (type, flags, payload) waiting for the
+    receiver's window, and that window. A deque itself: making one (two per call) runs no
+    Python, where an __init__ of its own ran through C."""
 
-    __slots__ = ("queue", "window")
-
-    def __init__(self) -> None:
-        self.queue: deque[tuple[int, int, bytes]] = deque()  # (frame type, flags, payload)
-        self.window = 0
+    __slots__ = ("window",)
+    window: int
 
 
 class _Stream:
@@ -323,6 +322,7 @@ class _Stream:
         self.finished = False  # decision.finish was told how the call ended
         self.request = request  # the header block to open the upstream stream with
         self.to_upstream = _Half()
+        self.to_upstream.window = 0
         self.to_client = _Half()
         self.to_client.window = client.peer_initial_window
         self.client_ended = False
@@ -362,7 +362,7 @@ def _send(stream: _Stream, to_upstream: bool) -> None:
     if dest.paused:  # its socket is not draining: nothing more until it does
         dest.blocked[stream] = None
         return
-    queue = half.queue
+    queue = half
     while queue:
         ftype, flags, payload = queue[0]
         if ftype == h2.HEADERS:
@@ -497,7 +497,7 @@ def _fail(stream: _Stream, code: grpc.StatusCode, message: str) -> None:
     stream.upstream_ended = True
     fields = h2.grpc_status_headers(code.value[0], message, stream.response_started)
     stream.response_started = True
-    stream.to_client.queue.append((h2.HEADERS, h2.END_STREAM, h2.header_block(fields)))
+    stream.to_client.append((h2.HEADERS, h2.END_STREAM, h2.header_block(fields)))
     stream.code = code
     _send(stream, False)
 
@@ -755,7 +755,7 @@ class _Connection(asyncio.Protocol):
         if half.window > h2.MAX_WINDOW:
             self.stream_error(sid, h2.FLOW_CONTROL_ERROR)
             return
-        if half.queue:  # (a client's grant ahead of the response, as C-core sends: nothing)
+        if half:  # (a client's grant ahead of the response, as C-core sends: nothing)
             self.blocked.pop(stream, None)
             _send(stream, self.toward_upstream)
 
@@ -878,7 +878,7 @@ class _Client(_Connection):
                 return
             data = bytes(self._preface[len(h2.PREFACE) :])
             self._preface = None
-        super().data_received(data)
+        _Connection.data_received(self, data)  # (no super object per read)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -985,7 +985,7 @@ class _Client(_Connection):
             # Request bytes it never passed on (reset, answered, or failed before they
             # went) were taken from the connection's window: they come back, or a
             # long-lived connection's window shrinks for good. A replay's were credited.
-            queue = stream.to_upstream.queue
+            queue = stream.to_upstream
             if queue:
                 unsent = sum(len(payload) for _, _, payload in queue)
                 queue.clear()
@@ -1069,7 +1069,7 @@ class _Client(_Connection):
         stream.request = block if block is not None else h2.header_block(decision.headers)
         if decision.answer is not None:
             # Opened upstream only if the whole request finds no answer.
-            stream.held = sum(len(payload) for _, _, payload in stream.to_upstream.queue)
+            stream.held = sum(len(payload) for _, _, payload in stream.to_upstream)
             if stream.client_ended or stream.held >= _HOLD_BYTES:
                 self._pass_on(stream, 0)
         else:
@@ -1141,12 +1141,12 @@ class _Client(_Connection):
         if flags & h2.END_STREAM:
             self._end_request(stream, data)
         elif data:  # an empty DATA frame is never passed on (back ends count them)
-            stream.to_upstream.queue.append((h2.DATA, 0, data))
+            stream.to_upstream.append((h2.DATA, 0, data))
             self._pass_on(stream, len(data))
 
     def _end_request(self, stream: _Stream, data: bytes) -> None:
         stream.client_ended = True
-        stream.to_upstream.queue.append((h2.DATA, h2.END_STREAM, data))
+        stream.to_upstream.append((h2.DATA, h2.END_STREAM, data))
         self._pass_on(stream, len(data))
 
     def _pass_on(self, stream: _Stream, size: int) -> None:
@@ -1157,7 +1157,7 @@ class _Client(_Connection):
         if stream.client_ended:
             if stream.decision.answer is None:
                 raise RuntimeError("a held request ended without the front's answer")
-            body = b"".join(payload for _, _, payload in stream.to_upstream.queue)
+            body = b"".join(payload for _, _, payload in stream.to_upstream)
             message = _single_message(body)
             reply = stream.decision.answer(message) if message is not None else None
             if reply is not None:
@@ -1173,13 +1173,13 @@ class _Client(_Connection):
         16 KiB, whatever the message's size (SETTINGS_MAX_FRAME_SIZE)."""
         self.credit(stream.held)  # the request was consumed here
         stream.held = -1
-        stream.to_upstream.queue.clear()
+        stream.to_upstream.clear()
         stream.upstream_ended = stream.response_started = True
         stream.code = grpc.StatusCode.OK
         message = b"\x00" + len(reply).to_bytes(4, "big") + reply
         stream.queued += len(message)  # buffered here like an upstream's, from the budget
         self.budget -= len(message)
-        stream.to_client.queue.extend(
+        stream.to_client.extend(
             (
                 (h2.HEADERS, 0, _RESPONSE_BLOCK),
                 (h2.DATA, 0, message),
@@ -1371,7 +1371,7 @@ class _Upstream(_Connection):
         stream.uid = sid
         stream.to_upstream.window = self.peer_initial_window
         self.streams[sid] = stream
-        end = h2.END_STREAM if stream.client_ended and not stream.to_upstream.queue else 0
+        end = h2.END_STREAM if stream.client_ended and not stream.to_upstream else 0
         self.write_headers(sid, stream.request, end)
         if stream.replay is None:
             stream.request = b""
@@ -1421,7 +1421,7 @@ class _Upstream(_Connection):
         stream.response_started = True
         stream.replay = None
         stream.request = b""
-        stream.to_client.queue.append((h2.HEADERS, end, block))
+        stream.to_client.append((h2.HEADERS, end, block))
         _send(stream, False)
 
     def status(self, block: bytes) -> tuple[grpc.StatusCode, bool]:
@@ -1459,7 +1459,7 @@ class _Upstream(_Connection):
         if end:
             stream.upstream_ended = True
         stream.response_started = True
-        stream.to_client.queue.append((h2.DATA, end, data))
+        stream.to_client.append((h2.DATA, end, data))
         _send(stream, False)
 
     def on_reset(self, sid: int, code: int) -> None:
@@ -1487,7 +1487,7 @@ class _Upstream(_Connection):
         stream.uid = 0
         stream.upstream = None
         stream.resent = stream.kept
-        stream.to_upstream.queue.extendleft(reversed(replay))
+        stream.to_upstream.extendleft(reversed(replay))
         stream.replay = []
         stream.kept = 0
         stream.client.budget += stream.upstream_recv  # its grant is void
