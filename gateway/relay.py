@@ -88,6 +88,7 @@ _UPSTREAM_FIRST_STREAMS = 100  # an upstream's stream limit until its SETTINGS s
 _DRAIN_PING = b"drain\x00\x00\x00"
 _DRAIN_PING_SECONDS = 1.0  # the final GOAWAY at the latest this long after the first
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
+_UNKNOWN = grpc.StatusCode.UNKNOWN  # read once: an Enum class attribute costs a slow lookup
 _STATUS_MEMO_BLOCK, _STATUS_MEMO_ENTRIES = 512, 32  # trailers blocks whose status is kept
 _FRAME_HEAD = h2.FRAME_HEAD.pack
 _RST_STATUS = {h2.CANCEL: grpc.StatusCode.CANCELLED, h2.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
@@ -328,7 +329,7 @@ class _Stream:
         self.client_ended = False
         self.upstream_ended = False
         self.response_started = False
-        self.code = grpc.StatusCode.UNKNOWN
+        self.code = _UNKNOWN
         self.details = False
         self.done = False
         self.client_credit = 0  # owed to the client for bytes passed on
@@ -632,18 +633,8 @@ class _Connection(asyncio.Protocol):
             else:
                 self._continuing = (csid, cflags, pieces, count + 1)
             return
-        if ftype == h2.DATA:
-            if not sid:
-                raise ProtocolViolation(h2.PROTOCOL_ERROR, "DATA on stream 0")
-            self.recv_window -= len(payload)
-            if self.recv_window < 0:
-                raise ProtocolViolation(h2.FLOW_CONTROL_ERROR, "more DATA than the window")
-            if payload:
-                self.useful += 1
-            elif not flags & h2.END_STREAM:
-                self.idle_frame()
-            self.on_data(sid, flags, payload)
-        elif ftype == h2.HEADERS:
+        # The frames of every call first: HEADERS and WINDOW_UPDATE (three each), DATA (two).
+        if ftype == h2.HEADERS:
             if not sid:
                 raise ProtocolViolation(h2.PROTOCOL_ERROR, "HEADERS on stream 0")
             block = h2.unpad(flags, payload)
@@ -659,6 +650,22 @@ class _Connection(asyncio.Protocol):
                 self.on_headers(sid, flags, block)
             else:
                 self._continuing = (sid, flags, bytearray(block), 0)
+        elif ftype == h2.WINDOW_UPDATE:
+            if len(payload) != 4:
+                raise ProtocolViolation(h2.FRAME_SIZE_ERROR, "a WINDOW_UPDATE not 4 bytes")
+            self.idle_frame()
+            self.on_window_update(sid, int.from_bytes(payload, "big") & 0x7FFFFFFF)
+        elif ftype == h2.DATA:
+            if not sid:
+                raise ProtocolViolation(h2.PROTOCOL_ERROR, "DATA on stream 0")
+            self.recv_window -= len(payload)
+            if self.recv_window < 0:
+                raise ProtocolViolation(h2.FLOW_CONTROL_ERROR, "more DATA than the window")
+            if payload:
+                self.useful += 1
+            elif not flags & h2.END_STREAM:
+                self.idle_frame()
+            self.on_data(sid, flags, payload)
         elif ftype == h2.SETTINGS:
             if sid:
                 raise ProtocolViolation(h2.PROTOCOL_ERROR, "SETTINGS on a stream")
@@ -670,11 +677,6 @@ class _Connection(asyncio.Protocol):
             for key, value in h2.parse_settings(payload):
                 self.on_setting(key, value)
             self.write(h2.frame(h2.SETTINGS, h2.ACK, 0))
-        elif ftype == h2.WINDOW_UPDATE:
-            if len(payload) != 4:
-                raise ProtocolViolation(h2.FRAME_SIZE_ERROR, "a WINDOW_UPDATE not 4 bytes")
-            self.idle_frame()
-            self.on_window_update(sid, int.from_bytes(payload, "big") & 0x7FFFFFFF)
         elif ftype == h2.RST_STREAM:
             if not sid:
                 raise ProtocolViolation(h2.PROTOCOL_ERROR, "RST_STREAM on stream 0")
