@@ -1011,8 +1011,8 @@ class _Client(_Connection):
         for stream in starved:
             if self.budget <= 0:
                 self.starved[stream] = None
-            elif stream.done:
-                continue
+            elif stream.done or self.closed or self.closing:
+                continue  # (a closing client's streams are cancelled, not opened)
             elif stream.upstream is None:
                 self.relay.pools[stream.decision.upstream].open(stream)
             else:
