@@ -117,7 +117,7 @@ def _dumped_total(out_dir: str, names: set[str]) -> tuple[int, int]:
             check=True, capture_output=True, text=True,
         ).stdout  # fmt: skip
         for line in annotated.splitlines():
-            count = line.split(" ", 1)[0].replace(",", "")
+            count = line.lstrip().split(" ", 1)[0].replace(",", "")  # right-aligned
             if "PROGRAM TOTALS" in line:
                 total += int(count)
             elif "stream.c:uv__read [" in line:

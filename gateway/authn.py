@@ -69,11 +69,15 @@ class AuthInterceptor(MethodInterceptor):
         self._cache = cache
         self._resources = ResourceGuard(methods, rbac)
 
-    def authenticate_now(self, info: MethodInfo | None, authorization: str | None) -> Admitted:
+    def authenticate_now(
+        self, info: MethodInfo | None, authorization: str | None, token: str | None = None
+    ) -> Admitted:
         """The steps of admission that need no waiting, for both data planes: the method
         is exposed (PermissionDenied), a public one needs nobody (None), authentication
         off acts for ANONYMOUS, and otherwise the caller of a token already in the
-        in-process cache (a revoked one raises). WAIT: the token must be verified first."""
+        in-process cache (a revoked one raises). WAIT: the token must be verified first.
+        `token`: `bearer_token(authorization)`, if the caller has read it already (the
+        relay does, once per header block: the same str is then hashed once)."""
         if info is None or not info.declared:
             raise PermissionDenied(
                 "this method is not exposed through the gateway", reason="METHOD_NOT_EXPOSED"
@@ -82,7 +86,8 @@ class AuthInterceptor(MethodInterceptor):
             return None
         if not self._enabled:
             return ANONYMOUS
-        token = bearer_token(authorization)
+        if token is None:
+            token = bearer_token(authorization)
         principal = self._tokens.cached(token) if token else None
         return WAIT if principal is None else principal
 
@@ -124,9 +129,9 @@ class AuthInterceptor(MethodInterceptor):
         """Whether the response cache takes part in this call (its answer, or storing it)."""
         return (
             self._cache is not None
-            and principal.is_user
             and ResponseCache.applies(info)
             and cache_directive(cache_control) != "no-store"
+            and principal.is_user
         )
 
     def spend_now(self, principal: Principal) -> bool:

@@ -144,6 +144,7 @@ def grpc_timeout(seconds: float) -> bytes:
     return f"{min(10**8 - 1, round(seconds))}S".encode()
 
 
+_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED  # read once (an Enum class attribute)
 # A call that ends DEADLINE_EXCEEDED this close to the client's own deadline ran out of it:
 # each hop behind the gateway ends its calls a few milliseconds early.
 _CALLER_MARGIN = 0.05
@@ -166,7 +167,7 @@ class Deadline:
     def record(self, code: grpc.StatusCode, details: bool, message: str = "") -> None:
         """How the call ended, told to the back end's breaker (`message`: for its log)."""
         caller_deadline = (
-            code is grpc.StatusCode.DEADLINE_EXCEEDED
+            code is _DEADLINE_EXCEEDED
             and self._callers
             and time.monotonic() - self._started >= self.seconds - _CALLER_MARGIN
         )

@@ -54,7 +54,7 @@ from aiwfe.runtime.resilience.breaker import BreakerState, CircuitBreaker
 from aiwfe.runtime.resilience.limiter import ConcurrencyLimiter
 from aiwfe.runtime.telemetry import ServerRecorder, call_context, caller_context
 from gateway import h2
-from gateway.authn import AuthInterceptor
+from gateway.authn import AuthInterceptor, bearer_token
 from gateway.forwarding import (
     RELAY_USER_AGENT,
     Deadline,
@@ -72,6 +72,7 @@ GATEWAY = "gateway"  # the upstream name of the gateway's own gRPC server
 _INTERNAL = INTERNAL_METADATA_PREFIX.encode()
 _IDENTITY = IDENTITY_METADATA_KEY.encode()
 _PEER = RELAYED_PEER_KEY.encode()
+_CLOSED = BreakerState.CLOSED  # read once: an Enum class attribute costs a slow lookup
 
 
 def server_tls(tls: TlsSettings) -> ssl.SSLContext | None:
@@ -123,8 +124,8 @@ class _Request:
     breakers, limits) is decided on every call."""
 
     __slots__ = (
-        "_read", "_relayed", "authorization", "cap", "client", "control", "info", "limiter",
-        "path", "route", "sent", "wire",
+        "authorization", "cap", "client", "control", "info", "limiter", "path", "relayed",
+        "route", "sent", "token", "wire",
     )  # fmt: skip
 
     def __init__(self, front: FrontDoor, headers: Headers) -> None:
@@ -142,6 +143,10 @@ class _Request:
         info = self.info = front._methods.get(path.decode("latin-1")) if path else None
         route = self.route = front._routes.get(info.package) if info is not None else None
         self.authorization = authorization.decode("latin-1") if authorization else None
+        try:  # the token, read once: the token cache then hashes the same str every call
+            self.token = bearer_token(self.authorization)
+        except AiwfeError:  # malformed: the full path refuses it, naming it
+            self.token = None
         self.control = cache_control.decode("latin-1") if cache_control else None
         client = self.client = parse_grpc_timeout(timeout) if timeout else None
         self.cap = deadline_cap(info, front._grpc) if info is not None else 0.0
@@ -152,15 +157,8 @@ class _Request:
         self.wire = (
             timeout if client is not None and timeout is not None else grpc_timeout(self.cap)
         )
-        self._read = False
-        self._relayed: tuple[Headers, list[tuple[str, str]]] | None = None
+        self.relayed = relayed_headers(headers)
         self.sent: tuple[str, Headers, bytes] | None = None  # (assertion, headers, block)
-
-    def relayed(self, headers: Headers) -> tuple[Headers, list[tuple[str, str]]] | None:
-        """`relayed_headers` of these headers (read once)."""
-        if not self._read:
-            self._relayed, self._read = relayed_headers(headers), True
-        return self._relayed
 
 
 def _endpoint(target: str, tls: ssl.SSLContext | None) -> Endpoint:
@@ -232,19 +230,19 @@ class FrontDoor:
             info is None
             or info.resource_field  # the permission needs the request (gateway/resources.py)
             or route is None
-            or route.breaker.state is not BreakerState.CLOSED
+            or route.breaker.state is not _CLOSED
             or not up(info.package)
         ):
             return self._full(headers, peer)
         admission = self._admission
         try:
-            principal = admission.authenticate_now(info, request.authorization)
+            principal = admission.authenticate_now(info, request.authorization, request.token)
             if not isinstance(principal, Principal):  # public, or the token is new
                 return self._full(headers, peer)
             admission.authorize(info, principal)
         except AiwfeError:  # the full path makes every denial, with its status
             return self._full(headers, peer)
-        relayed = request.relayed(headers)
+        relayed = request.relayed
         if relayed is None:  # a header gRPC forbids: the full path refuses the call
             return self._full(headers, peer)
         control = request.control

@@ -12,7 +12,7 @@ import base64
 import logging
 import re
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import NamedTuple, cast
 from urllib.parse import quote
 
@@ -47,6 +47,7 @@ RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc")
 _PRINTABLE = " !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"  # kept as they are in grpc-message (not %)
 _U32 = struct.Struct(">I")
 FRAME_HEAD = struct.Struct(">BHBBI")  # length (24 bits: 8 + 16), type, flags, stream id
+_U32_FRAME = struct.Struct(">BHBBII")  # a frame whose payload is one 32-bit value
 _SETTING = struct.Struct(">HI")
 
 
@@ -129,7 +130,7 @@ class HeaderDecoder:
     _MEMO_BLOCK = 2048  # bytes: longer blocks are decoded every time
     _MEMO_ENTRIES = 16
 
-    __slots__ = ("_check", "_decoder", "_max_fields", "_memo")
+    __slots__ = ("_check", "_decoder", "_last", "_last_block", "_max_fields", "_memo")
 
     def __init__(
         self,
@@ -143,6 +144,10 @@ class HeaderDecoder:
         self._decoder.max_allowed_table_size = table_size
         self._decoder.header_table_size = table_size
         self._memo: dict[bytes, tuple[Headers, Malformed | None]] = {}
+        # The block answered last, compared before the memo is asked: a client that
+        # repeats one call's block (most do) costs a memcmp instead of hashing it anew.
+        self._last_block = b""
+        self._last: tuple[Headers, Malformed | None] | None = None
         self._check = check
         self._max_fields = max_fields
 
@@ -152,9 +157,12 @@ class HeaderDecoder:
 
     def checked(self, block: bytes) -> tuple[Headers, Malformed | None]:
         """The block's fields and `check`'s verdict on them (memoised with them)."""
+        if block == self._last_block and self._last is not None:
+            return self._last
         memo = self._memo
         found = memo.get(block)
         if found is not None:
+            self._last_block, self._last = block, found
             return found
         try:
             headers = DecodedHeaders(cast(Headers, self._decoder.decode(block, raw=True)))
@@ -165,6 +173,7 @@ class HeaderDecoder:
         found = (headers, self._check(headers) if self._check is not None else None)
         if changes_table(block, self._decoder.header_table_size > 0):
             memo.clear()
+            self._last = None
         elif len(block) <= self._MEMO_BLOCK:
             if len(memo) >= self._MEMO_ENTRIES:
                 memo.clear()
@@ -239,16 +248,20 @@ def trailer_error(headers: Headers) -> Malformed | None:
 
 
 class FrameReader:
-    """Splits a byte stream into frames (payloads up to MAX_FRAME bytes), lazily: a
-    consumer that stops at a bad frame (a flood) never pays for parsing the rest. A read
-    that holds whole frames (the usual case) is sliced as it came, not copied first."""
+    """Splits a byte stream into frames (payloads up to MAX_FRAME bytes), handing each to
+    its consumer as it is found: a consumer that raises at a bad frame (a flood) never pays
+    for parsing the rest. A read that holds whole frames (the usual case) is sliced as it
+    came, not copied first. (A callback rather than a generator: resuming a generator
+    re-enters the interpreter once per frame, a call from Python does not.)"""
 
     __slots__ = ("_buf",)
 
     def __init__(self) -> None:
         self._buf = bytearray()  # the start of a frame the last read cut off
 
-    def feed(self, data: bytes) -> Iterator[Frame]:
+    def parse(self, data: bytes, on_frame: Callable[[int, int, int, bytes], None]) -> None:
+        """Calls `on_frame(type, flags, stream id, payload)` for each whole frame in `data`,
+        in order; what follows a frame that raised is kept, unparsed, as is a frame cut off."""
         buf = self._buf
         if buf:
             buf += data
@@ -268,12 +281,17 @@ class FrameReader:
                 end = pos + 9 + length
                 if end > size:
                     break
-                frame = (ftype, flags, sid & 0x7FFFFFFF, data[pos + 9 : end])
-                pos = end
-                yield frame
+                start, pos = pos + 9, end
+                on_frame(ftype, flags, sid & 0x7FFFFFFF, data[start:end])
         finally:
             if pos < size:
                 buf += data[pos:]
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """The whole frames in `data` (for raw clients and tests)."""
+        frames: list[Frame] = []
+        self.parse(data, lambda *frame: frames.append(frame))
+        return frames
 
 
 def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -310,11 +328,11 @@ def parse_settings(payload: bytes) -> list[tuple[int, int]]:
 
 
 def window_update(stream_id: int, increment: int) -> bytes:
-    return frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(increment))
+    return _U32_FRAME.pack(0, 4, WINDOW_UPDATE, 0, stream_id, increment)
 
 
 def rst_stream(stream_id: int, code: int) -> bytes:
-    return frame(RST_STREAM, 0, stream_id, _U32.pack(code))
+    return _U32_FRAME.pack(0, 4, RST_STREAM, 0, stream_id, code)
 
 
 def goaway(last_stream_id: int, code: int) -> bytes:

@@ -7,7 +7,7 @@ method names to keep in sync. An RPC with no declared permission is denied.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf.descriptor import Descriptor, FileDescriptor, MethodDescriptor
 
@@ -59,11 +59,13 @@ class MethodInfo:
     # A request field naming the resources `permission` is completed with (gateway/resources.py).
     resource_field: str = ""
     input_type: Descriptor | None = None
+    # Whether the contract grants access at all (deny by default). A field, not a property:
+    # admission reads it on every call, and a property runs Python through C each time.
+    declared: bool = field(init=False)
 
-    @property
-    def declared(self) -> bool:
-        """Whether the contract grants access at all (deny by default)."""
-        return self.public or self.authenticated or bool(self.permission)
+    def __post_init__(self) -> None:
+        declared = self.public or self.authenticated or bool(self.permission)
+        object.__setattr__(self, "declared", declared)
 
 
 def _info(method: MethodDescriptor) -> MethodInfo:

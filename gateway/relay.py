@@ -12,10 +12,12 @@ side, so memory stays bounded whatever a peer does:
 
 - toward an upstream, a client gets credit back only once its bytes were written on (its
   connection window is half the connection's buffer cap);
-- toward a client, every upstream stream starts with no window (SETTINGS_INITIAL_WINDOW_SIZE
-  0) and is granted window from its client connection's budget (the other half of the cap)
-  as the client's socket takes the bytes; a client whose socket does not drain
-  (pause_writing) gets nothing written, so its streams' upstreams stop sending.
+- toward a client, every upstream stream starts with a first window of 16 KiB (the
+  SETTINGS_INITIAL_WINDOW_SIZE the relay announces upstream), paid from its client
+  connection's budget (the other half of the cap) before the stream is opened (a stream
+  waits while the budget is short), and is granted more from that budget as the client's
+  socket takes the bytes; a client whose socket does not drain (pause_writing) gets
+  nothing written, so its streams' upstreams stop sending.
 
 Request header blocks are decoded (`h2.HeaderDecoder`), validated (`h2.request_error`: a
 malformed request is a stream error and never reaches `decide`), and the decided headers
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 import time
@@ -50,7 +53,9 @@ from gateway.h2 import ProtocolViolation
 log = logging.getLogger("aiwfe.gateway.relay")
 
 STREAM_WINDOW = 1 << 20  # per stream, each way: the most a sender may have in flight
-_FIRST_GRANT = h2.MAX_FRAME  # an upstream stream's first window; doubles as it is used
+# An upstream stream's first window, announced as the upstream's initial one (no frame per
+# stream) and paid from the client's budget before the stream opens; doubles as it is used.
+_FIRST_GRANT = h2.MAX_FRAME
 _MAX_HEADER_BLOCK = 64 * 1024
 _MAX_HEADER_FIELDS = 256  # more in one block: GOAWAY(ENHANCE_YOUR_CALM)
 _MAX_CONTINUATIONS = 16  # per header block (a full 64 KiB block needs 4)
@@ -83,6 +88,7 @@ _UPSTREAM_FIRST_STREAMS = 100  # an upstream's stream limit until its SETTINGS s
 _DRAIN_PING = b"drain\x00\x00\x00"
 _DRAIN_PING_SECONDS = 1.0  # the final GOAWAY at the latest this long after the first
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
+_UNKNOWN = grpc.StatusCode.UNKNOWN  # read once: an Enum class attribute costs a slow lookup
 _STATUS_MEMO_BLOCK, _STATUS_MEMO_ENTRIES = 512, 32  # trailers blocks whose status is kept
 _FRAME_HEAD = h2.FRAME_HEAD.pack
 _RST_STATUS = {h2.CANCEL: grpc.StatusCode.CANCELLED, h2.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
@@ -279,22 +285,23 @@ class Relay:
                     stream.client.decide(stream)
                 else:
                     self.pools[stream.decision.upstream].open(stream)
-        dirty, self.dirty = self.dirty, []
-        for conn in dirty:
-            conn.flush()
-        later, self.later = self.later, []
-        for work in later:
-            work()
+        if self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for conn in dirty:
+                conn.flush()
+        if self.later:
+            later, self.later = self.later, []
+            for work in later:
+                work()
 
 
-class _Half:
-    """One direction of one stream: frames waiting for the receiver's window."""
+class _Half(deque[tuple[int, int, bytes]]):
+    """One direction of one stream: the frames (type, flags, payload) waiting for the
+    receiver's window, and that window. A deque itself: making one (two per call) runs no
+    Python, where an __init__ of its own ran through C."""
 
-    __slots__ = ("queue", "window")
-
-    def __init__(self) -> None:
-        self.queue: deque[tuple[int, int, bytes]] = deque()  # (frame type, flags, payload)
-        self.window = 0
+    __slots__ = ("window",)
+    window: int
 
 
 class _Stream:
@@ -316,12 +323,13 @@ class _Stream:
         self.finished = False  # decision.finish was told how the call ended
         self.request = request  # the header block to open the upstream stream with
         self.to_upstream = _Half()
+        self.to_upstream.window = 0
         self.to_client = _Half()
         self.to_client.window = client.peer_initial_window
         self.client_ended = False
         self.upstream_ended = False
         self.response_started = False
-        self.code = grpc.StatusCode.UNKNOWN
+        self.code = _UNKNOWN
         self.details = False
         self.done = False
         self.client_credit = 0  # owed to the client for bytes passed on
@@ -355,7 +363,7 @@ def _send(stream: _Stream, to_upstream: bool) -> None:
     if dest.paused:  # its socket is not draining: nothing more until it does
         dest.blocked[stream] = None
         return
-    queue = half.queue
+    queue = half
     while queue:
         ftype, flags, payload = queue[0]
         if ftype == h2.HEADERS:
@@ -462,7 +470,7 @@ def _complete(stream: _Stream) -> None:
         client.reset(stream.cid, h2.NO_ERROR, peer_caused=False)
         if upstream is not None and stream.uid:
             upstream.write(h2.rst_stream(stream.uid, h2.NO_ERROR))
-    client.relay.later.append(lambda: _finish_after(stream))
+    client.relay.later.append(functools.partial(_finish_after, stream))  # no frame of its own
 
 
 def _finish_after(stream: _Stream) -> None:
@@ -490,7 +498,7 @@ def _fail(stream: _Stream, code: grpc.StatusCode, message: str) -> None:
     stream.upstream_ended = True
     fields = h2.grpc_status_headers(code.value[0], message, stream.response_started)
     stream.response_started = True
-    stream.to_client.queue.append((h2.HEADERS, h2.END_STREAM, h2.header_block(fields)))
+    stream.to_client.append((h2.HEADERS, h2.END_STREAM, h2.header_block(fields)))
     stream.code = code
     _send(stream, False)
 
@@ -537,11 +545,17 @@ class _Connection(asyncio.Protocol):
         out += payload
 
     def write_headers(self, sid: int, block: bytes, flags: int) -> None:
-        """A header block as HEADERS (+ CONTINUATION frames when it exceeds one frame)."""
-        if len(block) <= h2.MAX_FRAME:
-            self.write_frame(h2.HEADERS, flags | h2.END_HEADERS, sid, block)
-        else:
+        """A header block as HEADERS (+ CONTINUATION frames when it exceeds one frame);
+        framed here like `write_frame` does (three per call: a call less each)."""
+        n = len(block)
+        if n > h2.MAX_FRAME:
             self.write(h2.headers_frames(sid, block, flags))
+            return
+        out = self.out
+        if not out:
+            self.relay.dirty.append(self)
+        out += _FRAME_HEAD(0, n, h2.HEADERS, flags | h2.END_HEADERS, sid)
+        out += block
 
     def flush(self) -> None:
         transport = self.transport
@@ -588,10 +602,8 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            for ftype, flags, sid, payload in self.reader.feed(data):
-                if self.closed:
-                    break
-                self._frame(ftype, flags, sid, payload)
+            if not self.closed:  # (connection_lost is always called later, never mid-read)
+                self.reader.parse(data, self._frame)
         except ProtocolViolation as exc:
             self.fail(exc.code, str(exc))
         except Exception:  # a bug must cost one connection, never the relay
@@ -621,18 +633,8 @@ class _Connection(asyncio.Protocol):
             else:
                 self._continuing = (csid, cflags, pieces, count + 1)
             return
-        if ftype == h2.DATA:
-            if not sid:
-                raise ProtocolViolation(h2.PROTOCOL_ERROR, "DATA on stream 0")
-            self.recv_window -= len(payload)
-            if self.recv_window < 0:
-                raise ProtocolViolation(h2.FLOW_CONTROL_ERROR, "more DATA than the window")
-            if payload:
-                self.useful += 1
-            elif not flags & h2.END_STREAM:
-                self.idle_frame()
-            self.on_data(sid, flags, payload)
-        elif ftype == h2.HEADERS:
+        # The frames of every call first: HEADERS and WINDOW_UPDATE (three each), DATA (two).
+        if ftype == h2.HEADERS:
             if not sid:
                 raise ProtocolViolation(h2.PROTOCOL_ERROR, "HEADERS on stream 0")
             block = h2.unpad(flags, payload)
@@ -648,6 +650,22 @@ class _Connection(asyncio.Protocol):
                 self.on_headers(sid, flags, block)
             else:
                 self._continuing = (sid, flags, bytearray(block), 0)
+        elif ftype == h2.WINDOW_UPDATE:
+            if len(payload) != 4:
+                raise ProtocolViolation(h2.FRAME_SIZE_ERROR, "a WINDOW_UPDATE not 4 bytes")
+            self.idle_frame()
+            self.on_window_update(sid, int.from_bytes(payload, "big") & 0x7FFFFFFF)
+        elif ftype == h2.DATA:
+            if not sid:
+                raise ProtocolViolation(h2.PROTOCOL_ERROR, "DATA on stream 0")
+            self.recv_window -= len(payload)
+            if self.recv_window < 0:
+                raise ProtocolViolation(h2.FLOW_CONTROL_ERROR, "more DATA than the window")
+            if payload:
+                self.useful += 1
+            elif not flags & h2.END_STREAM:
+                self.idle_frame()
+            self.on_data(sid, flags, payload)
         elif ftype == h2.SETTINGS:
             if sid:
                 raise ProtocolViolation(h2.PROTOCOL_ERROR, "SETTINGS on a stream")
@@ -659,11 +677,6 @@ class _Connection(asyncio.Protocol):
             for key, value in h2.parse_settings(payload):
                 self.on_setting(key, value)
             self.write(h2.frame(h2.SETTINGS, h2.ACK, 0))
-        elif ftype == h2.WINDOW_UPDATE:
-            if len(payload) != 4:
-                raise ProtocolViolation(h2.FRAME_SIZE_ERROR, "a WINDOW_UPDATE not 4 bytes")
-            self.idle_frame()
-            self.on_window_update(sid, h2.u32(payload) & 0x7FFFFFFF)
         elif ftype == h2.RST_STREAM:
             if not sid:
                 raise ProtocolViolation(h2.PROTOCOL_ERROR, "RST_STREAM on stream 0")
@@ -729,7 +742,8 @@ class _Connection(asyncio.Protocol):
             self.send_window += increment
             if self.send_window > h2.MAX_WINDOW:
                 raise ProtocolViolation(h2.FLOW_CONTROL_ERROR, "a window over 2^31-1")
-            self.unblock()
+            if self.blocked:
+                self.unblock()
             return
         stream = self.streams.get(sid)
         if stream is None:
@@ -743,8 +757,9 @@ class _Connection(asyncio.Protocol):
         if half.window > h2.MAX_WINDOW:
             self.stream_error(sid, h2.FLOW_CONTROL_ERROR)
             return
-        self.blocked.pop(stream, None)
-        _send(stream, self.toward_upstream)
+        if half:  # (a client's grant ahead of the response, as C-core sends: nothing)
+            self.blocked.pop(stream, None)
+            _send(stream, self.toward_upstream)
 
     def unblock(self) -> None:
         if not self.blocked:
@@ -865,7 +880,7 @@ class _Client(_Connection):
                 return
             data = bytes(self._preface[len(h2.PREFACE) :])
             self._preface = None
-        super().data_received(data)
+        _Connection.data_received(self, data)  # (no super object per read)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -972,7 +987,7 @@ class _Client(_Connection):
             # Request bytes it never passed on (reset, answered, or failed before they
             # went) were taken from the connection's window: they come back, or a
             # long-lived connection's window shrinks for good. A replay's were credited.
-            queue = stream.to_upstream.queue
+            queue = stream.to_upstream
             if queue:
                 unsent = sum(len(payload) for _, _, payload in queue)
                 queue.clear()
@@ -990,12 +1005,17 @@ class _Client(_Connection):
             self.relay.check_quiet()
 
     def feed_starved(self) -> None:
-        """Budget came back: grant it to the streams that waited for it, oldest first."""
+        """Budget came back: grant it to the streams that waited for it, oldest first
+        (one not opened yet waits for its first window: its pool opens it now)."""
         starved, self.starved = self.starved, {}
         for stream in starved:
             if self.budget <= 0:
                 self.starved[stream] = None
-            elif not stream.done:
+            elif stream.done or self.closed or self.closing:
+                continue  # (a closing client's streams are cancelled, not opened)
+            elif stream.upstream is None:
+                self.relay.pools[stream.decision.upstream].open(stream)
+            else:
                 _grant(stream)
 
     def on_headers(self, sid: int, flags: int, block: bytes) -> None:
@@ -1051,7 +1071,7 @@ class _Client(_Connection):
         stream.request = block if block is not None else h2.header_block(decision.headers)
         if decision.answer is not None:
             # Opened upstream only if the whole request finds no answer.
-            stream.held = sum(len(payload) for _, _, payload in stream.to_upstream.queue)
+            stream.held = sum(len(payload) for _, _, payload in stream.to_upstream)
             if stream.client_ended or stream.held >= _HOLD_BYTES:
                 self._pass_on(stream, 0)
         else:
@@ -1123,12 +1143,12 @@ class _Client(_Connection):
         if flags & h2.END_STREAM:
             self._end_request(stream, data)
         elif data:  # an empty DATA frame is never passed on (back ends count them)
-            stream.to_upstream.queue.append((h2.DATA, 0, data))
+            stream.to_upstream.append((h2.DATA, 0, data))
             self._pass_on(stream, len(data))
 
     def _end_request(self, stream: _Stream, data: bytes) -> None:
         stream.client_ended = True
-        stream.to_upstream.queue.append((h2.DATA, h2.END_STREAM, data))
+        stream.to_upstream.append((h2.DATA, h2.END_STREAM, data))
         self._pass_on(stream, len(data))
 
     def _pass_on(self, stream: _Stream, size: int) -> None:
@@ -1139,7 +1159,7 @@ class _Client(_Connection):
         if stream.client_ended:
             if stream.decision.answer is None:
                 raise RuntimeError("a held request ended without the front's answer")
-            body = b"".join(payload for _, _, payload in stream.to_upstream.queue)
+            body = b"".join(payload for _, _, payload in stream.to_upstream)
             message = _single_message(body)
             reply = stream.decision.answer(message) if message is not None else None
             if reply is not None:
@@ -1155,13 +1175,13 @@ class _Client(_Connection):
         16 KiB, whatever the message's size (SETTINGS_MAX_FRAME_SIZE)."""
         self.credit(stream.held)  # the request was consumed here
         stream.held = -1
-        stream.to_upstream.queue.clear()
+        stream.to_upstream.clear()
         stream.upstream_ended = stream.response_started = True
         stream.code = grpc.StatusCode.OK
         message = b"\x00" + len(reply).to_bytes(4, "big") + reply
         stream.queued += len(message)  # buffered here like an upstream's, from the budget
         self.budget -= len(message)
-        stream.to_client.queue.extend(
+        stream.to_client.extend(
             (
                 (h2.HEADERS, 0, _RESPONSE_BLOCK),
                 (h2.DATA, 0, message),
@@ -1208,7 +1228,13 @@ class _Pool:
         self.down_until = 0.0
         self.waking: asyncio.TimerHandle | None = None  # the end of a refusal pause
 
-    def open(self, stream: _Stream) -> None:
+    def open(self, stream: _Stream) -> bool:
+        """Opens `stream` on a connection with room; False when none has (it waits in the
+        queue). A stream whose client cannot pay its first window waits for budget."""
+        client = stream.client
+        if client.budget < _FIRST_GRANT:
+            client.starved[stream] = None  # opened by feed_starved once budget comes back
+            return True
         now = time.monotonic()
         paused_until = 0.0  # the earliest end of a pause among connections with room
         for conn in self.conns:
@@ -1223,12 +1249,15 @@ class _Pool:
                     self.waking = asyncio.get_running_loop().call_later(
                         paused_until - now, self.retry
                     )
-                return
+                return False
             conn = _Upstream(self.relay, self)
             self.conns.append(conn)
             conn.connecting = asyncio.ensure_future(conn.connect())
+        client.budget -= _FIRST_GRANT  # the upstream's initial window for the stream
+        stream.upstream_recv = _FIRST_GRANT
         stream.upstream = conn
         conn.open(stream)
+        return True
 
     def next(self) -> None:
         """A stream ended or a connection went: calls that waited may go now."""
@@ -1237,8 +1266,7 @@ class _Pool:
             stream = queue.popleft()
             if stream.done:
                 continue
-            self.open(stream)
-            if stream.upstream is None:  # still no room: back to the head of the line
+            if not self.open(stream):  # still no room: back to the head of the line
                 queue.remove(stream)
                 queue.appendleft(stream)
                 return
@@ -1300,7 +1328,7 @@ class _Upstream(_Connection):
                 [
                     (h2.HEADER_TABLE_SIZE, 0),
                     (h2.ENABLE_PUSH, 0),
-                    (h2.INITIAL_WINDOW_SIZE, 0),  # each stream is granted its own
+                    (h2.INITIAL_WINDOW_SIZE, _FIRST_GRANT),  # paid as each stream opens
                 ]
             )
             + h2.window_update(0, self.recv_window - h2.DEFAULT_WINDOW)
@@ -1345,11 +1373,10 @@ class _Upstream(_Connection):
         stream.uid = sid
         stream.to_upstream.window = self.peer_initial_window
         self.streams[sid] = stream
-        end = h2.END_STREAM if stream.client_ended and not stream.to_upstream.queue else 0
+        end = h2.END_STREAM if stream.client_ended and not stream.to_upstream else 0
         self.write_headers(sid, stream.request, end)
         if stream.replay is None:
             stream.request = b""
-        _grant(stream)
         _send(stream, True)
 
     def forget(self, stream: _Stream) -> None:
@@ -1396,7 +1423,7 @@ class _Upstream(_Connection):
         stream.response_started = True
         stream.replay = None
         stream.request = b""
-        stream.to_client.queue.append((h2.HEADERS, end, block))
+        stream.to_client.append((h2.HEADERS, end, block))
         _send(stream, False)
 
     def status(self, block: bytes) -> tuple[grpc.StatusCode, bool]:
@@ -1434,7 +1461,7 @@ class _Upstream(_Connection):
         if end:
             stream.upstream_ended = True
         stream.response_started = True
-        stream.to_client.queue.append((h2.DATA, end, data))
+        stream.to_client.append((h2.DATA, end, data))
         _send(stream, False)
 
     def on_reset(self, sid: int, code: int) -> None:
@@ -1462,11 +1489,12 @@ class _Upstream(_Connection):
         stream.uid = 0
         stream.upstream = None
         stream.resent = stream.kept
-        stream.to_upstream.queue.extendleft(reversed(replay))
+        stream.to_upstream.extendleft(reversed(replay))
         stream.replay = []
         stream.kept = 0
         stream.client.budget += stream.upstream_recv  # its grant is void
         stream.upstream_recv = 0
+        stream.client.starved.pop(stream, None)  # its first window is paid when it reopens
         self.pool.queue.appendleft(stream)
         loop = asyncio.get_running_loop()
         loop.call_later(0.002 * 2 ** (stream.retries - 1), self.pool.retry)  # 2 ms .. 0.26 s

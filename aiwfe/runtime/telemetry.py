@@ -238,10 +238,13 @@ def end_span(span: Any, code: grpc.StatusCode) -> None:
 class RpcSeries:
     """The seed's RPC metrics for one method of one service (`metrics.RpcMetrics`)."""
 
-    __slots__ = ("_method",)
+    __slots__ = ("_code", "_counts", "_method")
 
     def __init__(self, service: str, method: str) -> None:
         self._method = metrics.rpc.method(service, method)
+        # The last code's counts, at hand: a grpc.StatusCode hashes in Python (enum).
+        self._code: grpc.StatusCode | None = None
+        self._counts: metrics.RpcCounts | None = None
 
     def start(self) -> None:
         """One call started: it is in flight."""
@@ -251,9 +254,12 @@ class RpcSeries:
         """One call ended with `code` after `seconds` (it was counted in flight)."""
         method = self._method
         method.in_flight -= 1
-        counts = method.by_code.get(code)
-        if counts is None:
-            counts = method.by_code[code] = metrics.RpcCounts()
+        counts = self._counts
+        if code is not self._code or counts is None:
+            counts = method.by_code.get(code)
+            if counts is None:
+                counts = method.by_code[code] = metrics.RpcCounts()
+            self._code, self._counts = code, counts
         counts.add(seconds)
 
 

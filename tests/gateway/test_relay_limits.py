@@ -117,6 +117,28 @@ async def test_an_upstream_stream_limit_is_never_overrun() -> None:
         await server.stop(0)
 
 
+async def test_a_stream_opens_upstream_only_once_its_client_can_pay_its_first_window() -> None:
+    """Each upstream stream opens with a 16 KiB window (the relay's initial window there)
+    paid from its client connection's response budget: with the smallest cap, 256 KiB (a
+    128 KiB budget), at most eight of a client's calls run upstream at once, the others
+    wait in the relay for budget to come back, and all of them succeed."""
+    server, backend, port = await _backend()
+    harness = Harness(port, limits=RelayLimits(max_buffer_bytes=256 * 1024))
+    relay_port = await harness.relay.start("127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{relay_port}") as channel:
+            slow = channel.unary_unary("/t.T/Slow")
+            replies = await asyncio.gather(*(slow(str(i).encode(), timeout=10) for i in range(24)))
+        assert replies == [str(i).encode() for i in range(24)]
+        assert backend.most_active == 8
+        assert harness.finished.count(grpc.StatusCode.OK) == 24
+        (conn,) = harness.relay.pools["up"].conns
+        assert not conn.streams
+    finally:
+        await harness.relay.stop(0.2)
+        await server.stop(0)
+
+
 class _LaggingUpstream:
     """A raw HTTP/2 server counting streams as grpc-core does under load: a stream counts
     against its limit of `limit` until `lag` seconds after it closed, and one beyond is
