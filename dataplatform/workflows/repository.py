@@ -229,76 +229,22 @@ _APPEND_EVENTS = (
     " %(moved_states)s::smallint[], %(moved_errors)s::text[], %(promote_pending)s)"
 )
 
-# One statement: the workflow, its steps and its first event; with eager dispatch
-# (`eager_names`, chosen by `_insert`: runnable built-in root steps, no timer, no
-# not_before, no condition) those steps are inserted RUNNING, attempt 1, leased to
-# `eager_worker`, with their "attempt 1" events, exactly as a ClaimSteps would leave them,
-# unless a runnable built-in step of a higher priority waits (`ok`).
+# One statement (migration 015's function, its plan cached per connection): the workflow,
+# its steps and its first event; with eager dispatch (`eager_names`, chosen by `_insert`)
+# runnable root steps leased to the caller as a ClaimSteps would leave them.
 _CREATE = (
-    "WITH ok AS (SELECT cardinality(%(eager_names)s::text[]) > 0 AND NOT EXISTS"
-    "   (SELECT 1 FROM workflow_steps h"
-    f"   WHERE h.state IN ({sql(*CLAIMABLE)}) AND h.remaining_deps = 0"
-    "   AND (h.queue IS NULL OR h.queue = ANY(%(eager_queues)s::text[]))"
-    "   AND h.next_run_at <= now() AND h.priority > %(priority)s) AS eager),"
-    " w AS (INSERT INTO workflows (workflow_id, owner_id, owner_username,"
-    "   owner_roles, idempotency_key, spec, state, priority, deadline_at,"
-    "   last_sequence, trace_context, name, schedule_id)"
-    "   VALUES (%(workflow_id)s, %(owner_id)s, %(owner_username)s, %(owner_roles)s,"
-    f"   %(idempotency_key)s, %(spec)s, CASE WHEN (SELECT eager FROM ok)"
-    f"   THEN {WorkflowState.RUNNING:d} ELSE {WorkflowState.PENDING:d} END,"
-    "   %(priority)s, now() + %(timeout_seconds)s * interval '1 second',"
-    "   1 + CASE WHEN (SELECT eager FROM ok)"
-    "     THEN cardinality(%(eager_names)s::text[]) ELSE 0 END,"
-    "   %(trace_context)s, %(name)s, %(schedule_id)s)"
-    f"  ON CONFLICT (owner_id, idempotency_key) DO NOTHING RETURNING {_WF_COLUMNS}),"
-    " s AS (INSERT INTO workflow_steps (workflow_id, name, position, op, inputs,"
-    "   depends_on, remaining_deps, state, priority, max_attempts, initial_backoff,"
-    "   backoff_multiplier, max_backoff, jitter, timeout_seconds, queue, task_type,"
-    "   heartbeat_timeout, timer_seconds, not_before_at, next_run_at, condition,"
-    "   run_if_dependency_skipped, attempt, lease_owner, lease_expires_at,"
-    "   attempt_deadline_at)"
-    "   SELECT w.workflow_id, u.name, u.ord - 1, u.op, u.inputs,"
-    "   ARRAY(SELECT jsonb_array_elements_text(u.deps)), jsonb_array_length(u.deps),"
-    f"   CASE WHEN ea.leased THEN {_RUNNING} ELSE {_PENDING} END,"
-    "   %(priority)s, u.max_attempts, u.initial_backoff,"
-    "   u.backoff_multiplier, u.max_backoff, u.jitter, u.timeout_seconds,"
-    # A task step's queue and type (validated literals, see taskproc/ops/task.py) become
-    # columns, so claims filter on an index.
-    f"   CASE u.op WHEN 'task' THEN u.inputs->>'queue' WHEN 'sleep' THEN '{TIMER_QUEUE}'"
-    f"     WHEN 'wait_for_signal' THEN '{SIGNAL_QUEUE}' END,"
-    "   CASE WHEN u.op = 'task' THEN u.inputs->>'type' END,"
-    "   CASE WHEN u.op = 'task' THEN coalesce("
-    "     (u.inputs->>'heartbeat_timeout_seconds')::float8, %(default_heartbeat)s) END,"
-    "   u.timer, u.not_before,"
-    "   greatest(now() + coalesce(u.timer, 0) * interval '1 second', u.not_before),"
-    "   u.condition, u.run_skipped, CASE WHEN ea.leased THEN 1 ELSE 0 END,"
-    "   CASE WHEN ea.leased THEN CASE WHEN u.op = 'task' THEN %(eager_task_lease)s"
-    "     ELSE %(eager_worker)s END END,"
-    # A task's lease is its heartbeat timeout, never past its attempt's deadline (_CLAIM).
-    "   CASE WHEN ea.leased THEN now() + CASE WHEN u.op = 'task' THEN least(coalesce("
-    "     (u.inputs->>'heartbeat_timeout_seconds')::float8, %(default_heartbeat)s),"
-    "     u.timeout_seconds) ELSE %(eager_lease)s END * interval '1 second' END,"
-    "   CASE WHEN ea.leased AND u.op = 'task'"
-    "     THEN now() + u.timeout_seconds * interval '1 second' END"
-    "   FROM w, unnest(%(step_names)s::text[], %(step_ops)s::text[],"
-    "   %(step_inputs)s::jsonb[], %(step_deps)s::jsonb[], %(max_attempts)s::int[],"
-    "   %(initial_backoffs)s::float8[], %(backoff_multipliers)s::float8[],"
-    "   %(max_backoffs)s::float8[], %(jitters)s::float8[], %(step_timeouts)s::float8[],"
-    "   %(step_timers)s::float8[], %(step_not_befores)s::timestamptz[],"
-    "   %(step_conditions)s::text[], %(step_run_skipped)s::bool[])"
-    "   WITH ORDINALITY AS u(name, op, inputs, deps, max_attempts, initial_backoff,"
-    "   backoff_multiplier, max_backoff, jitter, timeout_seconds, timer, not_before,"
-    "   condition, run_skipped, ord),"
-    "   LATERAL (SELECT (SELECT eager FROM ok) AND u.name = ANY(%(eager_names)s::text[])"
-    "     AS leased) ea),"
-    " e AS (INSERT INTO workflow_events (workflow_id, sequence, workflow_state,"
-    "   step_name, step_state, message, created_at)"
-    f"   SELECT workflow_id, 1, {WorkflowState.PENDING:d}, '', 0, %(submitted)s, created_at"
-    "   FROM w UNION ALL"
-    f"   SELECT w.workflow_id, 1 + x.n, {WorkflowState.RUNNING:d}, x.name, {_RUNNING},"
-    "   'attempt 1', w.created_at FROM w, ok,"
-    "   unnest(%(eager_names)s::text[]) WITH ORDINALITY AS x(name, n) WHERE ok.eager)"
-    " SELECT w.*, (SELECT eager FROM ok) AS eager, now() AS tx_now FROM w"
+    "SELECT * FROM wf_create_workflow(%(workflow_id)s::uuid, %(owner_id)s::text,"
+    " %(owner_username)s::text, %(owner_roles)s::text[], %(idempotency_key)s::text,"
+    " %(spec)s::bytea, %(priority)s::int, %(timeout_seconds)s::float8,"
+    " %(step_names)s::text[], %(step_ops)s::text[], %(step_inputs)s::jsonb[],"
+    " %(step_deps)s::jsonb[], %(max_attempts)s::int[], %(initial_backoffs)s::float8[],"
+    " %(backoff_multipliers)s::float8[], %(max_backoffs)s::float8[], %(jitters)s::float8[],"
+    " %(step_timeouts)s::float8[], %(step_timers)s::float8[],"
+    " %(step_not_befores)s::timestamptz[], %(step_conditions)s::text[],"
+    " %(step_run_skipped)s::bool[], %(submitted)s::text, %(default_heartbeat)s::float8,"
+    " %(trace_context)s::jsonb, %(name)s::text, %(schedule_id)s::uuid,"
+    " %(eager_names)s::text[], %(eager_worker)s::text, %(eager_task_lease)s::text,"
+    " %(eager_queues)s::text[], %(eager_lease)s::float8)"
 )
 
 # A workflow's concurrency key if it holds one of its key's slots (admitted), else NULL.

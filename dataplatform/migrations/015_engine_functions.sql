@@ -219,3 +219,93 @@ BEGIN
             ORDER BY x.i;
     END IF;
 END $$;
+
+-- A workflow's submission (repository._insert): its row, its steps and its first event, in
+-- one statement as before, now with a cached plan (its planning took longer than its
+-- execution). With eager dispatch (p_eager_names: runnable root steps, no timer, no
+-- not_before, no condition) those steps are inserted RUNNING, attempt 1, leased to
+-- p_eager_worker (a task step to p_eager_task_lease), with their "attempt 1" events,
+-- exactly as a ClaimSteps would leave them, unless a runnable step of a higher priority
+-- waits (`ok`). No row when the idempotency key was used before.
+CREATE FUNCTION wf_create_workflow(
+    p_workflow_id uuid, p_owner_id text, p_owner_username text, p_owner_roles text[],
+    p_idempotency_key text, p_spec bytea, p_priority integer, p_timeout_seconds float8,
+    p_step_names text[], p_step_ops text[], p_step_inputs jsonb[], p_step_deps jsonb[],
+    p_max_attempts integer[], p_initial_backoffs float8[], p_backoff_multipliers float8[],
+    p_max_backoffs float8[], p_jitters float8[], p_step_timeouts float8[],
+    p_step_timers float8[], p_step_not_befores timestamptz[], p_step_conditions text[],
+    p_step_run_skipped boolean[], p_submitted text, p_default_heartbeat float8,
+    p_trace_context jsonb, p_name text, p_schedule_id uuid, p_eager_names text[],
+    p_eager_worker text, p_eager_task_lease text, p_eager_queues text[], p_eager_lease float8)
+RETURNS TABLE (workflow_id uuid, owner_id text, owner_username text, owner_roles text[],
+    spec bytea, state smallint, error text, created_at timestamptz, updated_at timestamptz,
+    last_sequence bigint, eager boolean, tx_now timestamptz)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH ok AS (SELECT cardinality(p_eager_names) > 0 AND NOT EXISTS
+        (SELECT 1 FROM workflow_steps h
+        WHERE h.state IN (1, 6) AND h.remaining_deps = 0
+        AND (h.queue IS NULL OR h.queue = ANY(p_eager_queues))
+        AND h.next_run_at <= now() AND h.priority > p_priority) AS eager),
+    w AS (INSERT INTO workflows AS wf (workflow_id, owner_id, owner_username, owner_roles,
+        idempotency_key, spec, state, priority, deadline_at, last_sequence, trace_context,
+        name, schedule_id)
+        VALUES (p_workflow_id, p_owner_id, p_owner_username, p_owner_roles,
+        p_idempotency_key, p_spec, CASE WHEN (SELECT ok.eager FROM ok) THEN 2 ELSE 1 END,
+        p_priority, now() + p_timeout_seconds * interval '1 second',
+        1 + CASE WHEN (SELECT ok.eager FROM ok) THEN cardinality(p_eager_names) ELSE 0 END,
+        p_trace_context, p_name, p_schedule_id)
+        ON CONFLICT (owner_id, idempotency_key) DO NOTHING
+        RETURNING wf.workflow_id, wf.owner_id, wf.owner_username, wf.owner_roles, wf.spec,
+            wf.state, wf.error, wf.created_at, wf.updated_at, wf.last_sequence),
+    s AS (INSERT INTO workflow_steps (workflow_id, name, position, op, inputs,
+        depends_on, remaining_deps, state, priority, max_attempts, initial_backoff,
+        backoff_multiplier, max_backoff, jitter, timeout_seconds, queue, task_type,
+        heartbeat_timeout, timer_seconds, not_before_at, next_run_at, condition,
+        run_if_dependency_skipped, attempt, lease_owner, lease_expires_at,
+        attempt_deadline_at)
+        SELECT w.workflow_id, u.name, u.ord - 1, u.op, u.inputs,
+        ARRAY(SELECT jsonb_array_elements_text(u.deps)), jsonb_array_length(u.deps),
+        CASE WHEN ea.leased THEN 2 ELSE 1 END,
+        p_priority, u.max_attempts, u.initial_backoff,
+        u.backoff_multiplier, u.max_backoff, u.jitter, u.timeout_seconds,
+        -- A task step's queue and type (validated literals, see taskproc/ops/task.py)
+        -- become columns, so claims filter on an index; timers and signals wait in
+        -- queues of their own (repository.TIMER_QUEUE, SIGNAL_QUEUE).
+        CASE u.op WHEN 'task' THEN u.inputs->>'queue' WHEN 'sleep' THEN '$timer'
+            WHEN 'wait_for_signal' THEN '$signal' END,
+        CASE WHEN u.op = 'task' THEN u.inputs->>'type' END,
+        CASE WHEN u.op = 'task' THEN coalesce(
+            (u.inputs->>'heartbeat_timeout_seconds')::float8, p_default_heartbeat) END,
+        u.timer, u.not_before,
+        greatest(now() + coalesce(u.timer, 0) * interval '1 second', u.not_before),
+        u.condition, u.run_skipped, CASE WHEN ea.leased THEN 1 ELSE 0 END,
+        CASE WHEN ea.leased THEN CASE WHEN u.op = 'task' THEN p_eager_task_lease
+            ELSE p_eager_worker END END,
+        -- A task's lease is its heartbeat timeout, never past its attempt's deadline.
+        CASE WHEN ea.leased THEN now() + CASE WHEN u.op = 'task' THEN least(coalesce(
+            (u.inputs->>'heartbeat_timeout_seconds')::float8, p_default_heartbeat),
+            u.timeout_seconds) ELSE p_eager_lease END * interval '1 second' END,
+        CASE WHEN ea.leased AND u.op = 'task'
+            THEN now() + u.timeout_seconds * interval '1 second' END
+        FROM w, unnest(p_step_names, p_step_ops, p_step_inputs, p_step_deps,
+            p_max_attempts, p_initial_backoffs, p_backoff_multipliers, p_max_backoffs,
+            p_jitters, p_step_timeouts, p_step_timers, p_step_not_befores,
+            p_step_conditions, p_step_run_skipped)
+        WITH ORDINALITY AS u(name, op, inputs, deps, max_attempts, initial_backoff,
+            backoff_multiplier, max_backoff, jitter, timeout_seconds, timer, not_before,
+            condition, run_skipped, ord),
+        LATERAL (SELECT (SELECT ok.eager FROM ok) AND u.name = ANY(p_eager_names)
+            AS leased) ea),
+    e AS (INSERT INTO workflow_events (workflow_id, sequence, workflow_state,
+        step_name, step_state, message, created_at)
+        SELECT w.workflow_id, 1, 1, '', 0, p_submitted, w.created_at FROM w
+        UNION ALL
+        SELECT w.workflow_id, 1 + x.n, 2, x.name, 2, 'attempt 1', w.created_at
+        FROM w, ok, unnest(p_eager_names) WITH ORDINALITY AS x(name, n) WHERE ok.eager)
+    SELECT w.workflow_id, w.owner_id, w.owner_username, w.owner_roles, w.spec, w.state,
+        w.error, w.created_at, w.updated_at, w.last_sequence, (SELECT ok.eager FROM ok),
+        now() FROM w;
+END $$;
