@@ -10,11 +10,17 @@
    DAG advance included.
 3. `e2e`: single-step workflows submitted through the gateway (32 in flight), each watched
    until done, against the whole suite in its own process (`benchmarks.servers`), with
-   the CPU each process spent per workflow and PostgreSQL transactions per workflow;
+   the CPU each process spent per workflow (`postgresql`: every postgres process of the
+   server; `cpu_ms_per_workflow_postgresql_own`: only the backends of the suite's own
+   database, which a server shared with other work leaves measurable) and PostgreSQL
+   transactions per workflow;
    `e2e_run`: the same through RunWorkflow (submit and watch in one call).
 4. `latency`: submit → done (Watch ends) one at a time on the idle suite, p50/p99; the
    same through RunWorkflow; and a 3-step chain of `noop` steps through RunWorkflow
-   (`latency_idle_run_chain3_ms`). `AIWFE_TASKPROC__EAGER_DISPATCH=false` in the
+   (`latency_idle_run_chain3_ms`), with the median of each stage of both (send → create
+   transaction → each step's result written → terminal event → stream end, from the
+   client's clock and the store's timestamps: `..._stages_ms`).
+   `AIWFE_TASKPROC__EAGER_DISPATCH=false` in the
    environment turns eager dispatch off in the suite, for an A/B on one machine.
 5. `external`: steps run by an external worker (`op: task`), the SDK's `Worker` served by
    `aiwfe worker run benchmarks.worker_tasks` in a process of its own, polling through the
@@ -301,14 +307,48 @@ def _backends(admin_dsn: str, database: str) -> dict[int, float]:
 
 async def _run_and_wait(stub: wf_grpc.WorkflowServiceStub, md: Any, steps: int = 1) -> float:
     """The same workflow through RunWorkflow: submit and watch in one call."""
-    start = time.perf_counter()
-    last = None
+    return (await _run_marked(stub, md, steps))[0]
+
+
+def _seconds(stamp: Any) -> float:
+    return float(stamp.seconds + stamp.nanos / 1e9)
+
+
+async def _run_marked(
+    stub: wf_grpc.WorkflowServiceStub, md: Any, steps: int = 1
+) -> tuple[float, dict[str, float]]:
+    """`_run_and_wait`, and where its time went (seconds), from this process's wall clock
+    and the store's timestamps (the same machine's clock): send → the create transaction's
+    start (the workflow's `create_time`) → each step's SUCCEEDED event (written by the
+    complete statement, `clock_timestamp()`, before its commit) → the terminal event here →
+    the stream's end."""
+    sent, start = time.time(), time.perf_counter()
+    updates = []
     async for update in stub.RunWorkflow(
         wf_pb.RunWorkflowRequest(spec=_noop_spec(steps)), metadata=md, timeout=30
     ):
-        last = update
-    assert last is not None and last.event.workflow_state == wf_pb.WORKFLOW_STATE_SUCCEEDED
-    return time.perf_counter() - start
+        updates.append((time.time(), update))
+    total, ended = time.perf_counter() - start, time.time()
+    last = updates[-1][1]
+    assert last.event.workflow_state == wf_pb.WORKFLOW_STATE_SUCCEEDED
+    created = _seconds(updates[0][1].workflow.create_time)
+    marks = {"send → create transaction": created - sent}
+    mark = created
+    done = [
+        _seconds(u.event.event_time)
+        for _, u in updates
+        if u.HasField("event") and u.event.step_state == wf_pb.STEP_STATE_SUCCEEDED
+    ]
+    for i, at in enumerate(done):
+        marks[f"→ step {i + 1} result written"] = at - mark
+        mark = at
+    marks["last result written → terminal event here"] = updates[-1][0] - mark
+    marks["terminal event → stream end"] = ended - updates[-1][0]
+    return total, marks
+
+
+def _median_marks(runs: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+    return {k: round(statistics.median(m[k] for _, m in runs) * 1000, 2) for k in runs[0][1]}
 
 
 async def _throughput(
@@ -380,8 +420,8 @@ async def gateway_phases(
                 await submit_and_wait(stub, md)
                 await _run_and_wait(stub, md)
             idle = [await submit_and_wait(stub, md) for _ in range(latency)]
-            idle_run = [await _run_and_wait(stub, md) for _ in range(latency)]
-            idle_chain = [await _run_and_wait(stub, md, 3) for _ in range(latency)]
+            idle_run = [await _run_marked(stub, md) for _ in range(latency)]
+            idle_chain = [await _run_marked(stub, md, 3) for _ in range(latency)]
             e2e_result = await _throughput(
                 server, admin_dsn, e2e, in_flight, lambda: submit_and_wait(stub, md)
             )
@@ -390,8 +430,11 @@ async def gateway_phases(
             )
         return {
             "latency_idle_ms": percentiles(idle),
-            "latency_idle_run_ms": percentiles(idle_run),
-            "latency_idle_run_chain3_ms": percentiles(idle_chain),
+            "latency_idle_run_ms": percentiles([t for t, _ in idle_run]),
+            "latency_idle_run_chain3_ms": percentiles([t for t, _ in idle_chain]),
+            # Medians of each stage ("Where submit → done goes" in README).
+            "latency_idle_run_stages_ms": _median_marks(idle_run),
+            "latency_idle_run_chain3_stages_ms": _median_marks(idle_chain),
             "e2e": e2e_result,
             "e2e_run": run_result,
         }

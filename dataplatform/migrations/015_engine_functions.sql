@@ -6,12 +6,14 @@
 -- VOLATILE), so the finished check still runs after the workflow row lock and sees the
 -- sibling completions that committed before it (the rule repository.complete states).
 --
--- States are literals, as in dataplatform/workflows/states.py (tests check them equal):
+-- States are literals, as in dataplatform/workflows/states.py (whose SQL uses literals too, for
+-- the partial indexes; tests/dataplatform/test_complete_alone.py reads what these write):
 -- steps PENDING 1, RUNNING 2, SUCCEEDED 3, RETRYING 6, SKIPPED 7; workflows PENDING 1,
 -- RUNNING 2, SUCCEEDED 3, finished 3-6.
 
 -- Events with gap-free per-workflow sequences and the workflows' state changes (moved_*),
--- in one statement; the workflow rows must be locked by the caller or here (one row).
+-- in one statement; with several workflows the caller locks their rows first, in id order
+-- (repository.lock_workflows), so concurrent appends never deadlock.
 CREATE FUNCTION wf_append_events(
     p_ids uuid[], p_steps text[], p_step_states smallint[], p_messages text[],
     p_moved_ids uuid[], p_moved_states smallint[], p_moved_errors text[],

@@ -5,6 +5,7 @@ is left untouched by it and completed by the whole transaction instead."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -133,3 +134,29 @@ async def test_a_completion_that_needs_more_is_left_to_the_transaction(
     assert await _events(stub, internal_md, wid) == before
     assert list((await _complete(stub, internal_md, "eager", a)).accepted) == [True]
     assert await attempt_rows(dataplatform, wid) == [("a", 1, "eager", True, "")]
+
+
+async def test_sibling_results_completed_at_once_finish_their_workflow_once(
+    dataplatform: RunningService, data_channel: grpc.aio.Channel, internal_md
+) -> None:
+    """Two roots a and b completed by concurrent calls: whichever commits last sees the
+    other's result (its finished check follows the workflow row lock, a fresh snapshot in
+    the function), so every workflow succeeds, with one "workflow succeeded" event."""
+    stub = store_grpc.WorkflowStoreServiceStub(data_channel)
+    wids = []
+    for _ in range(10):
+        created = await stub.CreateWorkflow(
+            _create({"name": "a", "op": "noop"}, {"name": "b", "op": "noop"}),
+            metadata=internal_md,
+            timeout=10,
+        )
+        a, b = created.eager_steps
+        replies = await asyncio.gather(
+            _complete(stub, internal_md, "eager", a), _complete(stub, internal_md, "eager", b)
+        )
+        assert [list(r.accepted) for r in replies] == [[True], [True]]
+        wids.append(created.workflow.workflow_id)
+    for wid in wids:
+        events = await _events(stub, internal_md, wid)
+        assert events[-1] == (S.WORKFLOW_STATE_SUCCEEDED, "", 0, "workflow succeeded"), events
+        assert sum(1 for e in events if e[3] == "workflow succeeded") == 1
