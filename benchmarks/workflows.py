@@ -10,11 +10,17 @@
    DAG advance included.
 3. `e2e`: single-step workflows submitted through the gateway (32 in flight), each watched
    until done, against the whole suite in its own process (`benchmarks.servers`), with
-   the CPU each process spent per workflow and PostgreSQL transactions per workflow;
+   the CPU each process spent per workflow (`postgresql`: every postgres process of the
+   server; `cpu_ms_per_workflow_postgresql_own`: only the backends of the suite's own
+   database, which a server shared with other work leaves measurable) and PostgreSQL
+   transactions per workflow;
    `e2e_run`: the same through RunWorkflow (submit and watch in one call).
 4. `latency`: submit → done (Watch ends) one at a time on the idle suite, p50/p99; the
    same through RunWorkflow; and a 3-step chain of `noop` steps through RunWorkflow
-   (`latency_idle_run_chain3_ms`). `AIWFE_TASKPROC__EAGER_DISPATCH=false` in the
+   (`latency_idle_run_chain3_ms`), with the median of each stage of both (send → create
+   transaction → each step's result written → terminal event → stream end, from the
+   client's clock and the store's timestamps: `..._stages_ms`).
+   `AIWFE_TASKPROC__EAGER_DISPATCH=false` in the
    environment turns eager dispatch off in the suite, for an A/B on one machine.
 5. `external`: steps run by an external worker (`op: task`), the SDK's `Worker` served by
    `aiwfe worker run benchmarks.worker_tasks` in a process of its own, polling through the
@@ -288,16 +294,61 @@ def _commits(admin_dsn: str, database: str) -> int:
     return int(row[0]) if row else 0
 
 
+def _backends(admin_dsn: str, database: str) -> dict[int, float]:
+    """CPU seconds so far of each PostgreSQL backend connected to `database`: the suite's
+    own share of the server, which `postgresql` (every postgres process) cannot give on a
+    server shared with other work. WAL writer and other background processes excluded."""
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,)
+        ).fetchall()
+    return {int(pid): procstat.total_cpu_seconds([int(pid)]) for (pid,) in rows}
+
+
 async def _run_and_wait(stub: wf_grpc.WorkflowServiceStub, md: Any, steps: int = 1) -> float:
     """The same workflow through RunWorkflow: submit and watch in one call."""
-    start = time.perf_counter()
-    last = None
+    return (await _run_marked(stub, md, steps))[0]
+
+
+def _seconds(stamp: Any) -> float:
+    return float(stamp.seconds + stamp.nanos / 1e9)
+
+
+async def _run_marked(
+    stub: wf_grpc.WorkflowServiceStub, md: Any, steps: int = 1
+) -> tuple[float, dict[str, float]]:
+    """`_run_and_wait`, and where its time went (seconds), from this process's wall clock
+    and the store's timestamps (the same machine's clock): send → the create transaction's
+    start (the workflow's `create_time`) → each step's SUCCEEDED event (written by the
+    complete statement, `clock_timestamp()`, before its commit) → the terminal event here →
+    the stream's end."""
+    sent, start = time.time(), time.perf_counter()
+    updates = []
     async for update in stub.RunWorkflow(
         wf_pb.RunWorkflowRequest(spec=_noop_spec(steps)), metadata=md, timeout=30
     ):
-        last = update
-    assert last is not None and last.event.workflow_state == wf_pb.WORKFLOW_STATE_SUCCEEDED
-    return time.perf_counter() - start
+        updates.append((time.time(), update))
+    total, ended = time.perf_counter() - start, time.time()
+    last = updates[-1][1]
+    assert last.event.workflow_state == wf_pb.WORKFLOW_STATE_SUCCEEDED
+    created = _seconds(updates[0][1].workflow.create_time)
+    marks = {"send → create transaction": created - sent}
+    mark = created
+    done = [
+        _seconds(u.event.event_time)
+        for _, u in updates
+        if u.HasField("event") and u.event.step_state == wf_pb.STEP_STATE_SUCCEEDED
+    ]
+    for i, at in enumerate(done):
+        marks[f"→ step {i + 1} result written"] = at - mark
+        mark = at
+    marks["last result written → terminal event here"] = updates[-1][0] - mark
+    marks["terminal event → stream end"] = ended - updates[-1][0]
+    return total, marks
+
+
+def _median_marks(runs: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+    return {k: round(statistics.median(m[k] for _, m in runs) * 1000, 2) for k in runs[0][1]}
 
 
 async def _throughput(
@@ -318,11 +369,15 @@ async def _throughput(
     pids = {n: p for n, p in server.info["service_pids"].items() if "_" not in n}
     pids.update(extra_pids or {})
     before = _cpu(pids)
+    backends = _backends(admin_dsn, server.database)
     commits = _commits(admin_dsn, server.database)
     start = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(workflows)))
     elapsed = time.perf_counter() - start
     used = {name: cpu - before[name] for name, cpu in _cpu(pids).items()}
+    own = sum(
+        cpu - backends.get(pid, 0.0) for pid, cpu in _backends(admin_dsn, server.database).items()
+    )
     await asyncio.sleep(1.5)  # backends report their statistics about once a second
     commits = _commits(admin_dsn, server.database) - commits
     machine = used.pop("machine")
@@ -334,6 +389,8 @@ async def _throughput(
         "in_flight": in_flight,
         # CPU per workflow, by process: where the two cores go.
         "cpu_ms_per_workflow": {n: round(c / workflows * 1000, 2) for n, c in used.items()},
+        # PostgreSQL backends of this suite's database only (`postgresql`: all of them).
+        "cpu_ms_per_workflow_postgresql_own": round(own / workflows * 1000, 2),
         "cpu_cores_busy": round(machine / elapsed, 2),
         "pg_transactions_per_workflow": round(commits / workflows, 2),
     }
@@ -363,8 +420,8 @@ async def gateway_phases(
                 await submit_and_wait(stub, md)
                 await _run_and_wait(stub, md)
             idle = [await submit_and_wait(stub, md) for _ in range(latency)]
-            idle_run = [await _run_and_wait(stub, md) for _ in range(latency)]
-            idle_chain = [await _run_and_wait(stub, md, 3) for _ in range(latency)]
+            idle_run = [await _run_marked(stub, md) for _ in range(latency)]
+            idle_chain = [await _run_marked(stub, md, 3) for _ in range(latency)]
             e2e_result = await _throughput(
                 server, admin_dsn, e2e, in_flight, lambda: submit_and_wait(stub, md)
             )
@@ -373,8 +430,11 @@ async def gateway_phases(
             )
         return {
             "latency_idle_ms": percentiles(idle),
-            "latency_idle_run_ms": percentiles(idle_run),
-            "latency_idle_run_chain3_ms": percentiles(idle_chain),
+            "latency_idle_run_ms": percentiles([t for t, _ in idle_run]),
+            "latency_idle_run_chain3_ms": percentiles([t for t, _ in idle_chain]),
+            # Medians of each stage ("Where submit → done goes" in README).
+            "latency_idle_run_stages_ms": _median_marks(idle_run),
+            "latency_idle_run_chain3_stages_ms": _median_marks(idle_chain),
             "e2e": e2e_result,
             "e2e_run": run_result,
         }

@@ -130,6 +130,19 @@ def eager_roots(request: pb.CreateWorkflowRequest, excluded: bool) -> list[Any]:
     return picked
 
 
+def _event_row(r: dict[str, Any]) -> dict[str, Any]:
+    """An event row of `wf_complete_steps` (its step in `name`) as `wf_append_events` has it."""
+    return {
+        "workflow_id": r["workflow_id"],
+        "sequence": r["sequence"],
+        "workflow_state": r["workflow_state"],
+        "step_name": r["name"],
+        "step_state": r["step_state"],
+        "message": r["message"],
+        "created_at": r["created_at"],
+    }
+
+
 def _running_events(rows: list[dict[str, Any]]) -> list[NewEvent]:
     return [
         NewEvent(r["workflow_id"], r["name"], StepState.RUNNING, f"attempt {r['attempt']}")
@@ -209,110 +222,29 @@ def step_refs(refs: Any) -> StepRefs:
     )
 
 
+# Migration 015's function: one statement, its plan cached per connection.
 _APPEND_EVENTS = (
-    "WITH c AS (SELECT * FROM unnest(%(workflow_ids)s::uuid[], %(step_names)s::text[],"
-    "   %(step_states)s::smallint[], %(messages)s::text[])"
-    "   WITH ORDINALITY AS c(wf, step, step_state, msg, ord)),"
-    " n AS (SELECT wf, count(*) AS k FROM c GROUP BY wf),"
-    " t AS (SELECT * FROM unnest(%(moved_ids)s::uuid[], %(moved_states)s::smallint[],"
-    "   %(moved_errors)s::text[]) AS t(wf, state, err)),"
-    " w AS (UPDATE workflows w SET last_sequence = w.last_sequence + n.k,"
-    "   state = COALESCE(t.state, CASE WHEN %(promote_pending)s"
-    f"     AND w.state = {WorkflowState.PENDING:d} THEN {WorkflowState.RUNNING:d}"
-    "     ELSE w.state END),"
-    "   error = COALESCE(t.err, w.error), updated_at = now(),"
-    # Set when the workflow finishes, cleared when a retry makes it active (migration 013).
-    "   finished_at = CASE WHEN t.state IS NULL THEN w.finished_at"
-    f"     WHEN t.state IN ({sql(*FINISHED)}) THEN now() END"
-    "   FROM n LEFT JOIN t ON t.wf = n.wf WHERE w.workflow_id = n.wf"
-    "   RETURNING w.workflow_id, w.last_sequence, n.k, w.state)"
-    " INSERT INTO workflow_events"
-    " (workflow_id, sequence, workflow_state, step_name, step_state, message)"
-    " SELECT c.wf, w.last_sequence - w.k"
-    "   + row_number() OVER (PARTITION BY c.wf ORDER BY c.ord), w.state, c.step,"
-    "   c.step_state, c.msg FROM c JOIN w ON w.workflow_id = c.wf"
-    " RETURNING workflow_id, sequence, workflow_state, step_name, step_state, message,"
-    "   created_at"
+    "SELECT * FROM wf_append_events(%(workflow_ids)s::uuid[], %(step_names)s::text[],"
+    " %(step_states)s::smallint[], %(messages)s::text[], %(moved_ids)s::uuid[],"
+    " %(moved_states)s::smallint[], %(moved_errors)s::text[], %(promote_pending)s)"
 )
 
-# Built-in steps runnable now with a higher priority than %(priority)s: eager dispatch
-# leaves them their turn (a ClaimSteps would take them first).
-_OUTRANKED = (
-    "EXISTS (SELECT 1 FROM workflow_steps h"
-    f"   WHERE h.state IN ({sql(*CLAIMABLE)}) AND h.remaining_deps = 0 AND h.queue IS NULL"
-    "   AND h.next_run_at <= now() AND h.priority > %(priority)s)"
-)
-
-# One statement: the workflow, its steps and its first event; with eager dispatch
-# (`eager_names`, chosen by `_insert`: runnable built-in root steps, no timer, no
-# not_before, no condition) those steps are inserted RUNNING, attempt 1, leased to
-# `eager_worker`, with their "attempt 1" events, exactly as a ClaimSteps would leave them,
-# unless a runnable built-in step of a higher priority waits (`ok`).
+# One statement (migration 015's function, its plan cached per connection): the workflow,
+# its steps and its first event; with eager dispatch (`eager_names`, chosen by `_insert`)
+# runnable root steps leased to the caller as a ClaimSteps would leave them.
 _CREATE = (
-    "WITH ok AS (SELECT cardinality(%(eager_names)s::text[]) > 0 AND NOT EXISTS"
-    "   (SELECT 1 FROM workflow_steps h"
-    f"   WHERE h.state IN ({sql(*CLAIMABLE)}) AND h.remaining_deps = 0"
-    "   AND (h.queue IS NULL OR h.queue = ANY(%(eager_queues)s::text[]))"
-    "   AND h.next_run_at <= now() AND h.priority > %(priority)s) AS eager),"
-    " w AS (INSERT INTO workflows (workflow_id, owner_id, owner_username,"
-    "   owner_roles, idempotency_key, spec, state, priority, deadline_at,"
-    "   last_sequence, trace_context, name, schedule_id)"
-    "   VALUES (%(workflow_id)s, %(owner_id)s, %(owner_username)s, %(owner_roles)s,"
-    f"   %(idempotency_key)s, %(spec)s, CASE WHEN (SELECT eager FROM ok)"
-    f"   THEN {WorkflowState.RUNNING:d} ELSE {WorkflowState.PENDING:d} END,"
-    "   %(priority)s, now() + %(timeout_seconds)s * interval '1 second',"
-    "   1 + CASE WHEN (SELECT eager FROM ok)"
-    "     THEN cardinality(%(eager_names)s::text[]) ELSE 0 END,"
-    "   %(trace_context)s, %(name)s, %(schedule_id)s)"
-    f"  ON CONFLICT (owner_id, idempotency_key) DO NOTHING RETURNING {_WF_COLUMNS}),"
-    " s AS (INSERT INTO workflow_steps (workflow_id, name, position, op, inputs,"
-    "   depends_on, remaining_deps, state, priority, max_attempts, initial_backoff,"
-    "   backoff_multiplier, max_backoff, jitter, timeout_seconds, queue, task_type,"
-    "   heartbeat_timeout, timer_seconds, not_before_at, next_run_at, condition,"
-    "   run_if_dependency_skipped, attempt, lease_owner, lease_expires_at,"
-    "   attempt_deadline_at)"
-    "   SELECT w.workflow_id, u.name, u.ord - 1, u.op, u.inputs,"
-    "   ARRAY(SELECT jsonb_array_elements_text(u.deps)), jsonb_array_length(u.deps),"
-    f"   CASE WHEN ea.leased THEN {_RUNNING} ELSE {_PENDING} END,"
-    "   %(priority)s, u.max_attempts, u.initial_backoff,"
-    "   u.backoff_multiplier, u.max_backoff, u.jitter, u.timeout_seconds,"
-    # A task step's queue and type (validated literals, see taskproc/ops/task.py) become
-    # columns, so claims filter on an index.
-    f"   CASE u.op WHEN 'task' THEN u.inputs->>'queue' WHEN 'sleep' THEN '{TIMER_QUEUE}'"
-    f"     WHEN 'wait_for_signal' THEN '{SIGNAL_QUEUE}' END,"
-    "   CASE WHEN u.op = 'task' THEN u.inputs->>'type' END,"
-    "   CASE WHEN u.op = 'task' THEN coalesce("
-    "     (u.inputs->>'heartbeat_timeout_seconds')::float8, %(default_heartbeat)s) END,"
-    "   u.timer, u.not_before,"
-    "   greatest(now() + coalesce(u.timer, 0) * interval '1 second', u.not_before),"
-    "   u.condition, u.run_skipped, CASE WHEN ea.leased THEN 1 ELSE 0 END,"
-    "   CASE WHEN ea.leased THEN CASE WHEN u.op = 'task' THEN %(eager_task_lease)s"
-    "     ELSE %(eager_worker)s END END,"
-    # A task's lease is its heartbeat timeout, never past its attempt's deadline (_CLAIM).
-    "   CASE WHEN ea.leased THEN now() + CASE WHEN u.op = 'task' THEN least(coalesce("
-    "     (u.inputs->>'heartbeat_timeout_seconds')::float8, %(default_heartbeat)s),"
-    "     u.timeout_seconds) ELSE %(eager_lease)s END * interval '1 second' END,"
-    "   CASE WHEN ea.leased AND u.op = 'task'"
-    "     THEN now() + u.timeout_seconds * interval '1 second' END"
-    "   FROM w, unnest(%(step_names)s::text[], %(step_ops)s::text[],"
-    "   %(step_inputs)s::jsonb[], %(step_deps)s::jsonb[], %(max_attempts)s::int[],"
-    "   %(initial_backoffs)s::float8[], %(backoff_multipliers)s::float8[],"
-    "   %(max_backoffs)s::float8[], %(jitters)s::float8[], %(step_timeouts)s::float8[],"
-    "   %(step_timers)s::float8[], %(step_not_befores)s::timestamptz[],"
-    "   %(step_conditions)s::text[], %(step_run_skipped)s::bool[])"
-    "   WITH ORDINALITY AS u(name, op, inputs, deps, max_attempts, initial_backoff,"
-    "   backoff_multiplier, max_backoff, jitter, timeout_seconds, timer, not_before,"
-    "   condition, run_skipped, ord),"
-    "   LATERAL (SELECT (SELECT eager FROM ok) AND u.name = ANY(%(eager_names)s::text[])"
-    "     AS leased) ea),"
-    " e AS (INSERT INTO workflow_events (workflow_id, sequence, workflow_state,"
-    "   step_name, step_state, message, created_at)"
-    f"   SELECT workflow_id, 1, {WorkflowState.PENDING:d}, '', 0, %(submitted)s, created_at"
-    "   FROM w UNION ALL"
-    f"   SELECT w.workflow_id, 1 + x.n, {WorkflowState.RUNNING:d}, x.name, {_RUNNING},"
-    "   'attempt 1', w.created_at FROM w, ok,"
-    "   unnest(%(eager_names)s::text[]) WITH ORDINALITY AS x(name, n) WHERE ok.eager)"
-    " SELECT w.*, (SELECT eager FROM ok) AS eager, now() AS tx_now FROM w"
+    "SELECT * FROM wf_create_workflow(%(workflow_id)s::uuid, %(owner_id)s::text,"
+    " %(owner_username)s::text, %(owner_roles)s::text[], %(idempotency_key)s::text,"
+    " %(spec)s::bytea, %(priority)s::int, %(timeout_seconds)s::float8,"
+    " %(step_names)s::text[], %(step_ops)s::text[], %(step_inputs)s::jsonb[],"
+    " %(step_deps)s::jsonb[], %(max_attempts)s::int[], %(initial_backoffs)s::float8[],"
+    " %(backoff_multipliers)s::float8[], %(max_backoffs)s::float8[], %(jitters)s::float8[],"
+    " %(step_timeouts)s::float8[], %(step_timers)s::float8[],"
+    " %(step_not_befores)s::timestamptz[], %(step_conditions)s::text[],"
+    " %(step_run_skipped)s::bool[], %(submitted)s::text, %(default_heartbeat)s::float8,"
+    " %(trace_context)s::jsonb, %(name)s::text, %(schedule_id)s::uuid,"
+    " %(eager_names)s::text[], %(eager_worker)s::text, %(eager_task_lease)s::text,"
+    " %(eager_queues)s::text[], %(eager_lease)s::float8)"
 )
 
 # A workflow's concurrency key if it holds one of its key's slots (admitted), else NULL.
@@ -353,44 +285,12 @@ _CLAIM = (
     "   w.trace_context, w.created_at AS submitted_at, s.item_index, s.item"
 )
 
-# Eager dispatch on completion: of the built-in steps a CompleteSteps just made runnable
-# (`ids`/`names`), those due now, leased to the completing worker as `_CLAIM` would, unless
-# a runnable built-in step of a higher priority waits (it is a ClaimSteps' to take first).
-_EAGER_CLAIM = _CLAIM.replace(
-    "WITH picked AS (SELECT workflow_id, name FROM workflow_steps"
-    f"   WHERE state IN ({sql(*CLAIMABLE)})",
-    "WITH picked AS (SELECT workflow_id, name FROM workflow_steps"
-    "   WHERE (workflow_id, name) IN (SELECT * FROM"
-    "     unnest(%(ids)s::uuid[], %(names)s::text[]))"
-    f"   AND state IN ({sql(*CLAIMABLE)})"
-    " AND NOT " + _OUTRANKED.replace("%(priority)s", "workflow_steps.priority"),
-).replace("{kind}", _BUILTIN)
-
+# Migration 015's function: the completion, the dependants, the workflow row locks, the
+# finished check, eager dispatch's leases and the events in one call (kinds of rows there).
 _COMPLETE = (
-    "WITH u AS (SELECT * FROM unnest(%(workflow_ids)s::uuid[], %(names)s::text[],"
-    "   %(attempts)s::int[], %(outputs)s::jsonb[])"
-    "   WITH ORDINALITY AS u(wf, name, attempt, output, ord)),"
-    f" done AS (UPDATE workflow_steps s SET state = {_SUCCEEDED}, output = u.output,"
-    "   error = '', lease_owner = NULL, lease_expires_at = NULL, updated_at = now() FROM u"
-    "   WHERE s.workflow_id = u.wf AND s.name = u.name AND s.attempt = u.attempt"
-    f"   AND s.lease_owner = %(worker_id)s AND s.state = {_RUNNING}"
-    "   RETURNING u.ord, s.workflow_id, s.name, s.attempt, u.output),"
-    " rec AS (INSERT INTO workflow_step_attempts"
-    "   (workflow_id, step_name, attempt, worker_id, succeeded, output)"
-    "   SELECT workflow_id, name, attempt, %(worker_id)s, true, output FROM done),"
-    " deps AS (UPDATE workflow_steps d SET remaining_deps = d.remaining_deps - x.k,"
-    # A timer starts when the step is reached (harmless until the last dependency).
-    "   next_run_at = greatest(now() + coalesce(d.timer_seconds, 0) * interval '1 second',"
-    "     d.not_before_at), updated_at = now()"
-    "   FROM (SELECT d2.workflow_id, d2.name, count(*) AS k FROM workflow_steps d2"
-    "     JOIN done a ON d2.workflow_id = a.workflow_id AND a.name = ANY(d2.depends_on)"
-    f"     WHERE d2.state = {_PENDING} GROUP BY 1, 2) x"
-    "   WHERE d.workflow_id = x.workflow_id AND d.name = x.name"
-    "   RETURNING d.workflow_id, d.name, d.remaining_deps, d.queue,"
-    "     d.condition IS NOT NULL AS gated)"
-    " SELECT ord, workflow_id, name, attempt, NULL::int AS remaining, NULL AS queue,"
-    "   NULL::bool AS gated FROM done"
-    " UNION ALL SELECT NULL, workflow_id, name, NULL, remaining_deps, queue, gated FROM deps"
+    "SELECT * FROM wf_complete_steps(%(worker_id)s, %(workflow_ids)s::uuid[],"
+    " %(names)s::text[], %(attempts)s::int[], %(outputs)s::jsonb[], %(eager_max)s,"
+    " %(eager_lease)s, %(alone)s)"
 )
 
 _EXPIRE_LEASES = (
@@ -517,13 +417,15 @@ class WorkflowRepository:
 
     # --- transactions and events ----------------------------------------------------------
 
-    async def tx(self, work: Callable[[DictConnection], Awaitable[T]]) -> T:
+    async def tx(self, work: Callable[[DictConnection], Awaitable[T]], alone: bool = False) -> T:
         """Runs `work` in one transaction, retrying on deadlock/serialization failures;
-        once it commits, the events it appended reach this replica's watchers."""
+        once it commits, the events it appended reach this replica's watchers. `alone`:
+        `work` is one statement, run in autocommit (its own transaction, one round trip)."""
         for attempt in range(_TX_RETRIES):
             with watches.collecting() as appended, self._owing() as later:
                 try:
-                    async with self._db.pool.connection() as conn:
+                    connect = self._db.autocommit() if alone else self._db.pool.connection()
+                    async with connect as conn:
                         result = await work(conn)
                 except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
                     if attempt == _TX_RETRIES - 1:
@@ -611,22 +513,30 @@ class WorkflowRepository:
                 "promote_pending": promote_pending,
             },
         )
-        appended = watches.current_appended()
-        if appended is not None:
-            wids = {e.workflow_id for e in events}
-            if self._wakeups.watching(wids):
-                for row in await cur.fetchall():
-                    rows = appended.setdefault(row["workflow_id"], [])
-                    if rows is not None:
-                        rows.append(row)
-            else:  # parsing rows nobody reads costs the queue; a late watcher re-reads
-                appended.update(dict.fromkeys(wids))
+        wids = {e.workflow_id for e in events}
+        watched = watches.current_appended() is not None and self._wakeups.watching(wids)
+        # Parsing rows nobody reads costs the queue; a late watcher re-reads.
+        self._to_watchers(wids, await cur.fetchall() if watched else [])
         finished = [w for w, (state, _) in new_states.items() if state not in ACTIVE]
         if finished:
             if slots is None:
                 slots = await self.slots_held(conn, finished)
             if slots:
                 await self.admit(conn, slots)
+
+    def _to_watchers(self, wids: set[uuid.UUID], rows: list[dict[str, Any]]) -> None:
+        """Appended event rows of these workflows, for the transaction's watchers (pushed
+        once it commits); no rows while nobody watches them: a late watcher re-reads."""
+        appended = watches.current_appended()
+        if appended is None:
+            return
+        if not rows or not self._wakeups.watching(wids):
+            appended.update(dict.fromkeys(wids))
+            return
+        for row in rows:
+            got = appended.setdefault(row["workflow_id"], [])
+            if got is not None:
+                got.append(row)
 
     # --- workflows ------------------------------------------------------------------------
 
@@ -1644,79 +1554,70 @@ class WorkflowRepository:
         outputs: list[str],
         eager: Eager | None = None,
     ) -> tuple[list[dict[str, Any]], Woken]:
+        """`complete_alone` inside the caller's transaction, where it always goes through."""
+        got = await self.complete_alone(conn, worker_id, refs, outputs, eager, alone=False)
+        if got is None:
+            raise RuntimeError("unreachable: only a call alone is deferred")
+        return got
+
+    async def complete_alone(
+        self,
+        conn: DictConnection,
+        worker_id: str,
+        refs: StepRefs,
+        outputs: list[str],
+        eager: Eager | None = None,
+        alone: bool = True,
+    ) -> tuple[list[dict[str, Any]], Woken] | None:
         """Records results where the lease is still `worker_id`'s, one row per attempt (its
         primary key makes "recorded once" a database guarantee), counts down dependents'
         unmet dependencies and finishes workflows whose last step this was. Returns the
         recorded rows (`ord` is the 1-based position in `refs`) and what kinds of dependent
         became runnable. With `eager`, built-in dependants runnable now (no condition, no
         timer or not_before ahead) are leased to `worker_id` in this transaction (eager
-        dispatch) into `eager.steps`, and need no wake-up."""
+        dispatch) into `eager.steps`, and need no wake-up.
+
+        The common part is one call of migration 015's `wf_complete_steps`. `alone`: `conn`
+        is in autocommit (`tx(..., alone=True)`), so that call is the whole transaction, one
+        round trip, and a batch that needs more (conditions, signals, timers, fan-outs,
+        concurrency keys) changes nothing and returns None: run `complete` in a
+        transaction instead."""
         cur = await conn.execute(
-            _COMPLETE, {"worker_id": worker_id, "outputs": outputs, **refs._asdict()}
+            _COMPLETE,
+            {
+                "worker_id": worker_id,
+                "outputs": outputs,
+                "eager_max": eager.max_steps if eager is not None else 0,
+                "eager_lease": eager.lease_seconds if eager is not None else 0.0,
+                "alone": alone,
+                **refs._asdict(),
+            },
         )
-        rows = await cur.fetchall()
-        done = sorted(
-            (r for r in rows if r["ord"] is not None),
-            key=lambda r: (r["workflow_id"], r["name"]),
-        )
+        kinds: dict[str, list[dict[str, Any]]] = {}
+        for r in await cur.fetchall():
+            kinds.setdefault(r["kind"], []).append(r)
+        if "whole" in kinds:
+            return None
+        done = kinds.get("done", [])
         if not done:
             return done, Woken(False, set())
-        ready = [r for r in rows if r["ord"] is None and r["remaining"] == 0]
-        woke = woken(r for r in ready if r["queue"] != FAN_OUT_QUEUE)
-        # Completions of sibling steps serialise on the workflow row, and the check runs
-        # after the lock so it sees them: the last step to finish finishes the workflow.
         touched = sorted({r["workflow_id"] for r in done})
-        cur = await conn.execute(
-            f"SELECT workflow_id, owner_id, {_SLOT_KEY} FROM workflows"
-            " WHERE workflow_id = ANY(%(ids)s) ORDER BY workflow_id FOR NO KEY UPDATE",
-            {"ids": touched},
-        )
-        held = {r["workflow_id"]: (r["owner_id"], r["slot_key"]) for r in await cur.fetchall()}
-        finished = await self._finished(conn, touched)
-        events = [
-            NewEvent(r["workflow_id"], r["name"], StepState.SUCCEEDED, f"attempt {r['attempt']}")
-            for r in done
-        ]
-        events += [NewEvent(w, "", WORKFLOW_EVENT, "workflow succeeded") for w in finished]
-        leased: list[dict[str, Any]] = []
+        self._to_watchers(set(touched), [_event_row(r) for r in kinds.get("event", [])])
+        rows = kinds.get("dep", [])
+        ready = [r for r in rows if r["remaining"] == 0]
+        woke = woken(r for r in ready if r["queue"] != FAN_OUT_QUEUE)
+        leased = kinds.get("leased", [])
         candidates = [r for r in ready if r["queue"] is None and not r["gated"]]
-        if eager is not None and eager.max_steps > 0 and candidates:
-            cur = await conn.execute(
-                _EAGER_CLAIM,
-                {
-                    "ids": [r["workflow_id"] for r in candidates],
-                    "names": [r["name"] for r in candidates],
-                    "max_steps": eager.max_steps,
-                    "worker_id": worker_id,
-                    "lease_seconds": eager.lease_seconds,
-                    "queues": [],
-                    "types": [],
-                },
-            )
-            leased = sorted(await cur.fetchall(), key=lambda r: (-r["priority"], r["next_run_at"]))
-            events += _running_events(leased)
-            if len(leased) == len(candidates):  # every built-in one is taken: no wake-up
-                woke = Woken(False, woke.queues)
-        await self.append_events(
-            conn,
-            events,
-            {w: (WorkflowState.SUCCEEDED, "") for w in finished},
-            locked=True,
-            slots={held[w] for w in finished if held[w][1] is not None},
-        )
+        if leased and len(leased) == len(candidates):  # every built-in one is taken
+            woke = Woken(False, woke.queues)
+        slots = {(r["owner_id"], r["slot_key"]) for r in kinds.get("slot", [])}
+        if slots:  # finished workflows free their concurrency slots (append_events' rule)
+            await self.admit(conn, slots)
         if leased and eager is not None:
             eager.steps.extend(await self._claimed(conn, leased))
         # A step just reached with a condition has it evaluated before anyone can claim it.
-        gated = [
-            (r["workflow_id"], r["name"])
-            for r in rows
-            if r["ord"] is None and r["remaining"] == 0 and r["gated"]
-        ]
-        signals = {
-            r["workflow_id"]
-            for r in rows
-            if r["ord"] is None and r["remaining"] == 0 and r["queue"] == SIGNAL_QUEUE
-        }
+        gated = [(r["workflow_id"], r["name"]) for r in ready if r["gated"]]
+        signals = {r["workflow_id"] for r in ready if r["queue"] == SIGNAL_QUEUE}
         if gated:
             more, waits = await self.reach(conn, gated)
             woke = Woken(woke.builtin or more.builtin, woke.queues | more.queues)
@@ -1734,7 +1635,7 @@ class WorkflowRepository:
                 items[r["workflow_id"], parent] = items.get((r["workflow_id"], parent), 0) + 1
         if items:
             await self.items_finished(conn, items)
-        if any(r["queue"] == FAN_OUT_QUEUE for r in rows if r["ord"] is None):
+        if any(r["queue"] == FAN_OUT_QUEUE for r in rows):
             await self._expand_reached(conn, touched)
         return done, woke
 

@@ -413,20 +413,32 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         refs = step_refs([r.ref for r in results])
         outputs = [json.dumps(messages.as_dict(r.output)) for r in results]
 
-        async def work(conn: DictConnection) -> tuple[list[bool], Woken, Eager | None]:
+        async def work(
+            conn: DictConnection, alone: bool
+        ) -> tuple[list[bool], Woken, Eager | None] | None:
             # Per attempt: a retried transaction leases afresh.
             eager = (
                 Eager(request.eager_max_steps, request.eager_lease_seconds)
                 if request.eager_max_steps
                 else None
             )
-            done, woke = await self.repo.complete(conn, request.worker_id, refs, outputs, eager)
+            got = await self.repo.complete_alone(
+                conn, request.worker_id, refs, outputs, eager, alone
+            )
+            if got is None:
+                return None
             accepted = [False] * len(request.results)
-            for r in done:
+            for r in got[0]:
                 accepted[unique[r["ord"] - 1]] = True
-            return accepted, woke, eager
+            return accepted, got[1], eager
 
-        accepted, woke, eager = await self.repo.tx(work)
+        # One statement in autocommit when it can do the whole batch, else a transaction.
+        answer = await self.repo.tx(lambda conn: work(conn, True), alone=True)
+        if answer is None:
+            answer = await self.repo.tx(lambda conn: work(conn, False))
+        if answer is None:
+            raise RuntimeError("unreachable: a transaction completes the whole batch")
+        accepted, woke, eager = answer
         self.wakeups.work(*woke)
         reply = pb.CompleteStepsResponse(accepted=accepted)
         if eager is not None:

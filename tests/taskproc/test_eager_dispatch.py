@@ -71,6 +71,24 @@ async def test_a_chain_runs_on_eager_dispatch_once_per_step(suite, gateway_chann
         assert await cur.fetchall() == [(n, 1, worker.id) for n in ("a", "b", "c")]
 
 
+async def test_a_completion_in_flight_leaves_slots_for_submissions(suite) -> None:
+    """A CompleteSteps of one result offers its own slot and half the free ones for the
+    dependants it may make runnable; the other half stays free, so a submission arriving
+    meanwhile still gets its root by eager dispatch instead of waiting for a claim."""
+    worker = suite.running["taskproc"].service.worker
+    assert worker.running_count == 0 and worker._reserved == 0
+    free = worker.cfg.worker_concurrency
+    offered = worker.reserve_for_results(1)
+    try:
+        assert offered == min(1 + free // 2, worker.cfg.claim_batch)
+        root = worker.reserve(1)
+        assert root == 1
+        worker.unreserve(root)
+    finally:
+        worker.unreserve(offered)
+    assert worker._reserved == 0
+
+
 async def test_eager_dispatch_off_claims_every_step(suite, gateway_channel) -> None:
     """With `taskproc.eager_dispatch` off the same chain runs on claims alone."""
     worker = suite.running["taskproc"].service.worker
