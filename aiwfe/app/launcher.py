@@ -296,7 +296,7 @@ def _report_restart(
     )
 
 
-async def _stop_children(children: list[Child]) -> None:
+async def stop_children(children: list[Child]) -> None:
     live = [(c.name, c.proc) for c in reversed(children) if c.proc is not None]
     for _, proc in live:
         if proc.returncode is None:
@@ -348,7 +348,7 @@ async def run_up(settings: Settings) -> int:
         stop.set()  # no restarts from here on
         if watchers:
             await asyncio.wait(watchers, timeout=5)
-        await _stop_children(supervisor.children)
+        await stop_children(supervisor.children)
         for child in supervisor.children:
             for pump in child.pumps:
                 with contextlib.suppress(Exception):
