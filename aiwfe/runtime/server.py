@@ -287,10 +287,10 @@ async def serve(service_cls: type[Service], settings: Settings) -> None:
     The service is built inside the running loop: gRPC aio channels bind to the loop
     that exists when they are created.
     """
+    endpoint = getattr(settings.services, service_cls.name)
+    index = process_index(endpoint.processes)
     service = service_cls(settings)
     running = await start_service(service)
-    endpoint = getattr(settings.services, service.name)
-    index = process_index(endpoint.processes)
     if (metrics_at := process_metrics.serve(endpoint, index)) is not None:
         log.info("%s metrics on %s/metrics", service.name, metrics_at)
     stop = asyncio.Event()
