@@ -1,7 +1,7 @@
 """`python -m benchmarks.processes`: cached answers from the gateway run as 1 and as 2
 processes on one port (`services.gateway.processes`), side by side.
 
-    python -m benchmarks.processes [--rounds 3] [--seconds 5] [--connections 32] [--streams 8]
+    python -m benchmarks.processes [--rounds 3] [--seconds 5] [--connections 32] [--streams 16]
 
 One `benchmarks.servers` process holds the back ends; two gateway groups are started on
 them by `aiwfe up`'s own supervisor (aiwfe/app/launcher.py), one of 1 process and one of
@@ -73,6 +73,7 @@ def _gateway_env(server: harness.ServerProcess, port: int, metrics_port: int, n:
         "JWT_SECRET_KEY": server.jwt_secret,
         "AIWFE_INTERNAL_SECRET_KEY": server.internal_secret,
         "AIWFE_AUTHENTICATION__RATE_LIMITING__API_REQUESTS": "1000000000",
+        "AIWFE_REDIS__URL": os.environ.get("AIWFE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
         "AIWFE_REDIS__KEY_PREFIX": f"aiwfe-bench:{secrets.token_hex(4)}:",
         "AIWFE_GRPC__SHUTDOWN_GRACE_SECONDS": "0.5",
         "AIWFE_LOGGING__LEVEL": "WARNING",
@@ -217,13 +218,22 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             result["ratio_2_vs_1_by_round"] = [round(x, 3) for x in ratios]
             result["ratio_2_vs_1_median"] = round(statistics.median(ratios), 3)
             result["cpu_ms_per_call_median"] = {
-                str(n): statistics.median(
-                    v for run in rs for v in run["cpu_ms_per_call_by_process"].values() if v
+                str(n): round(
+                    statistics.median(
+                        v for run in rs for v in run["cpu_ms_per_call_by_process"].values() if v
+                    ),
+                    4,
                 )
                 for n, rs in runs.items()
             }
-            result["client_cpu_ms_per_call_median"] = statistics.median(
-                run["client_cpu_ms_per_call"] for rs in runs.values() for run in rs
+            result["client_cpu_ms_per_call_median"] = round(
+                statistics.median(
+                    run["client_cpu_ms_per_call"] for rs in runs.values() for run in rs
+                ),
+                4,
+            )
+            result["projected_ratio_on_idle_cores"] = projected_ratio(
+                result["cpu_ms_per_call_median"], result["client_cpu_ms_per_call_median"]
             )
         finally:
             stop.set()
@@ -231,6 +241,19 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                 await stop_children(group.supervisor.children)
             await asyncio.to_thread(server.stop)
     return result
+
+
+def projected_ratio(gateway_ms: dict[str, float], client_ms: float) -> float:
+    """2 vs 1 process throughput on idle cores, from CPU per call alone: N processes do at
+    most N cores' worth of calls, and the gateway and h2load together at most all cores'.
+    Load-independent where the measured ratio is not (a shared machine's other load)."""
+    cores = os.cpu_count() or 1
+
+    def ceiling(n: int) -> float:
+        per_call = gateway_ms[str(n)]
+        return min(min(n, cores) / per_call, cores / (per_call + client_ms))
+
+    return round(ceiling(2) / ceiling(1), 3)
 
 
 def render(result: dict[str, Any]) -> str:
@@ -260,7 +283,8 @@ def render(result: dict[str, Any]) -> str:
         "gateway CPU ms per call, median over runs and processes: 1 process"
         f" {result['cpu_ms_per_call_median']['1']}, 2 processes"
         f" {result['cpu_ms_per_call_median']['2']};"
-        f" h2load {result['client_cpu_ms_per_call_median']}"
+        f" h2load {result['client_cpu_ms_per_call_median']}; 2 vs 1 projected on idle cores"
+        f" from them: {result['projected_ratio_on_idle_cores']}x"
     )
     return "\n".join(lines)
 
@@ -270,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run")
     parser.add_argument("--connections", type=int, default=32, help="h2load clients")
-    parser.add_argument("--streams", type=int, default=8, help="streams per connection")
+    parser.add_argument("--streams", type=int, default=16, help="streams per connection")
     parser.add_argument("--json", help="also write the JSON result here")
     parser.add_argument("--admin-dsn", default=servers.DEFAULT_ADMIN_DSN)
     opts = parser.parse_args(argv)
