@@ -21,13 +21,16 @@ from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
 from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
+from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from tests.cognitive.fake_llm import FakeLLMServer, ollama_routes
 from tests.conftest import bearer, login
+from tests.taskproc.helpers import finish, spec, submit
 from tests.test_up import UpProcess, _scrape, launch_up, processes_with_env
 
 pytestmark = pytest.mark.slow
 
 CONNECTIONS = 16  # all 16 on one of two processes: a 1 in 2**15 chance
+SERVICES = ("GATEWAY", "COGNITIVE", "TASKPROC", "DATAPLATFORM")
 
 
 def _pids(home: str, service: str) -> set[int]:
@@ -256,3 +259,34 @@ async def _drain_both(up: UpProcess, gate: asyncio.Event) -> None:
             await ch.close()
     assert await asyncio.to_thread(up.proc.wait, 30) == 0
     assert processes_with_env(f"AIWFE_HOME={up.home}") == []
+
+
+async def test_all_four_services_as_two_processes_run_workflows(database_dsn, tmp_path) -> None:
+    """taskproc and dataplatform as two processes each too (their replicas share work
+    through PostgreSQL): 16 workflows of two steps, submitted over 16 connections, all
+    succeed, and SIGTERM stops all eight processes."""
+    two = {f"AIWFE_SERVICES__{n}__PROCESSES": "2" for n in SERVICES}
+    with launch_up(database_dsn, tmp_path, **two) as up:
+        for name in SERVICES:
+            assert f"{name.lower()}: 127.0.0.1:{up.ports[name.lower()]} (2 processes)" in (
+                up.banner
+            ), up.banner
+            assert len(_pids(up.home, name.lower())) == 2
+        channels = _channels(up.ports["gateway"])
+        steps = ({"name": "a", "op": "noop"}, {"name": "b", "op": "noop", "depends_on": ["a"]})
+        try:
+            token = await login(channels[0])
+            submitted = await asyncio.gather(*(submit(ch, token, spec(*steps)) for ch in channels))
+            done = await asyncio.gather(
+                *(
+                    finish(ch, token, wf.workflow_id)
+                    for ch, wf in zip(channels, submitted, strict=True)
+                )
+            )
+        finally:
+            for ch in channels:
+                await ch.close()
+        assert [wf.state for wf in done] == [wf_pb.WORKFLOW_STATE_SUCCEEDED] * CONNECTIONS
+        up.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(up.proc.wait, 30) == 0
+        assert processes_with_env(f"AIWFE_HOME={up.home}") == []
