@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,12 @@ pytestmark = pytest.mark.slow
 
 CONNECTIONS = 16  # all 16 on one of two processes: a 1 in 2**15 chance
 SERVICES = ("GATEWAY", "COGNITIVE", "TASKPROC", "DATAPLATFORM")
+
+
+def _own_redis_keys() -> dict[str, str]:
+    """A key prefix of this test's own: the session's database (so its admin) is shared,
+    and these tests' calls would otherwise fill the admin's API window for the next ones."""
+    return {"AIWFE_REDIS__KEY_PREFIX": f"aiwfe-test:{uuid.uuid4().hex[:8]}:"}
 
 
 def _pids(home: str, service: str) -> set[int]:
@@ -113,6 +120,7 @@ def two_each(database_dsn: str, tmp_path: Path) -> Iterator[UpProcess]:
         tmp_path,
         AIWFE_SERVICES__GATEWAY__PROCESSES="2",
         AIWFE_SERVICES__COGNITIVE__PROCESSES="2",
+        **_own_redis_keys(),
     ) as up:
         yield up
 
@@ -219,6 +227,7 @@ async def test_sigterm_drains_calls_in_flight_on_both_processes(database_dsn, tm
         with launch_up(
             database_dsn, tmp_path, "--config", str(config),
             AIWFE_SERVICES__GATEWAY__PROCESSES="2", AIWFE_SERVICES__COGNITIVE__PROCESSES="2",
+            **_own_redis_keys(),
         ) as up:  # fmt: skip
             await _drain_both(up, gate)
     finally:
@@ -266,7 +275,7 @@ async def test_all_four_services_as_two_processes_run_workflows(database_dsn, tm
     through PostgreSQL): 16 workflows of two steps, submitted over 16 connections, all
     succeed, and SIGTERM stops all eight processes."""
     two = {f"AIWFE_SERVICES__{n}__PROCESSES": "2" for n in SERVICES}
-    with launch_up(database_dsn, tmp_path, **two) as up:
+    with launch_up(database_dsn, tmp_path, **two, **_own_redis_keys()) as up:
         for name in SERVICES:
             assert f"{name.lower()}: 127.0.0.1:{up.ports[name.lower()]} (2 processes)" in (
                 up.banner
