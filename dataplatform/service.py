@@ -24,6 +24,7 @@ from aiwfe.data.v1 import schedule_store_service_pb2_grpc as schedule_store_grpc
 from aiwfe.data.v1 import user_store_service_pb2_grpc as user_grpc
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as workflow_store_grpc
 from aiwfe.runtime.config import Settings
+from aiwfe.runtime.errors import AlreadyExists
 from aiwfe.runtime.identity import InternalIdentity
 from aiwfe.runtime.interceptors import InternalIdentityInterceptor
 from aiwfe.runtime.passwords import hash_password_async
@@ -109,9 +110,12 @@ class DataPlatformService(Service):
         generated = password is None
         if password is None:
             password = secrets.token_urlsafe(18)
-        user = await self.users.create(
-            admin.username, await hash_password_async(password), ["admin"]
-        )
+        try:
+            user = await self.users.create(
+                admin.username, await hash_password_async(password), ["admin"]
+            )
+        except AlreadyExists:  # another replica (or process) created it in the meantime
+            return
         log.info("created bootstrap admin %r", user.username)
         if generated:
             # Shown once on the terminal, never written to the logs.

@@ -205,11 +205,11 @@ class FrontDoor:
         self._limits = RelayLimits.from_settings(settings.gateway.http2, settings.grpc)
         self._relay: Relay | None = None
 
-    async def start(self, host: str, port: int, server_socket: str) -> int:
+    async def start(self, host: str, port: int, server_socket: str, reuse_port: bool) -> int:
         gateway = Endpoint(authority=b"localhost", path=server_socket)
         upstreams = {GATEWAY: gateway, **self._upstreams}
         self._relay = Relay(self.decide, upstreams, self._max_streams, self._tls, self._limits)
-        return await self._relay.start(host, port)
+        return await self._relay.start(host, port, reuse_port)
 
     async def stop(self, grace: float) -> None:
         if self._relay is not None:

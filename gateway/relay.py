@@ -221,11 +221,13 @@ class Relay:
     def up(self, upstream: str) -> bool:
         return self.pools[upstream].down_until <= time.monotonic()
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
+        """Listens on host:port; `reuse_port` shares it with the service's other processes."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Client(self), host, port, ssl=self.tls, reuse_address=True
-        )
+            lambda: _Client(self), host, port, ssl=self.tls, reuse_address=True,
+            reuse_port=reuse_port,
+        )  # fmt: skip
         self._sweeper = asyncio.ensure_future(self._sweep())
         return int(self._server.sockets[0].getsockname()[1])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,30 @@ def test_workflow_benchmark_runs_every_phase(servers: Servers) -> None:
         assert timers["timers"] == 5 and timers["late_max_ms"] >= timers["late_p50_ms"], timers
     fan_out = doc["fanout"]
     assert fan_out["items"] == 20 and fan_out["fan_out_vs_separate"] > 0, fan_out
+
+
+@pytest.mark.timeout(300)
+def test_processes_benchmark_runs_both_groups(tmp_path: Path, servers: Servers) -> None:
+    """`python -m benchmarks.processes` for one short round: 1 and 2 gateway processes on
+    one port each answer every call OK, both of the 2 answer some (16 connections: all on
+    one process is a 1 in 2**15 chance), CPU is accounted."""
+    if shutil.which("h2load") is None:
+        pytest.skip("h2load not installed (nghttp2-client)")
+    out = tmp_path / "processes.json"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks.processes", "--rounds", "1", "--seconds", "1",
+            "--connections", "16", "--streams", "4", "--json", str(out),
+            "--admin-dsn", servers.admin_dsn,
+        ],
+        cwd=REPO_ROOT, env=bench_env(servers), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["anchors"]["bare_skip_locked_jobs_per_s"] > 0
+    for n, runs in doc["runs"].items():
+        (run,) = runs
+        assert run["calls_not_ok"] == {}, run
+        assert len(run["calls_ok_by_process"]) == int(n), run
+        assert all(calls > 0 for calls in run["calls_ok_by_process"].values()), run
+    assert doc["projected_ratio_on_idle_cores"] > 0

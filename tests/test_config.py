@@ -203,3 +203,18 @@ def test_cross_field_checks_fail_at_load(overrides, message) -> None:
     with pytest.raises(ConfigError, match="invalid configuration key") as err:
         load_settings(env={}, overrides=overrides)
     assert message in str(err.value)
+
+
+def test_processes_share_a_fixed_port() -> None:
+    """`services.<name>.processes` is 1 by default; more need a fixed port (with port 0
+    each process would bind a port of its own), and fewer than one is refused."""
+    assert load_settings(env={}).services.gateway.processes == 1
+    two = {"port": 50051, "processes": 2}
+    assert (
+        load_settings(env={}, overrides={"services": {"gateway": two}}).services.gateway.processes
+        == 2
+    )
+    with pytest.raises(ConfigError, match=r"'services.gateway'.*processes > 1 need a fixed port"):
+        load_settings(env={}, overrides={"services": {"gateway": {"port": 0, "processes": 2}}})
+    with pytest.raises(ConfigError, match=r"'services.cognitive.processes'"):
+        load_settings(env={}, overrides={"services": {"cognitive": {"port": 1, "processes": 0}}})

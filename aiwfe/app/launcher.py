@@ -1,13 +1,15 @@
-"""`aiwfe up`: the whole suite on one machine, one process per service.
+"""`aiwfe up`: the whole suite on one machine, `services.<name>.processes` per service
+(one by default; several share the service's port with SO_REUSEPORT).
 
 PostgreSQL and Redis come from the configuration when given; otherwise the local servers
 on their standard ports, otherwise embedded ones under the aiwfe home. Qdrant runs as its
 engine in process unless `qdrant.url` is set. Secrets nobody configured are generated once
 and kept (0600) in the home, so tokens survive restarts. Ctrl-C/SIGTERM stops everything.
 
-It supervises: a child that dies is restarted with backoff while the others keep serving
-(`launcher.*` settings), each restart logged; a child that crash-loops stops the suite with
-its last stderr lines.
+It supervises every process alone: a child that dies is restarted with backoff while the
+others keep serving (`launcher.*` settings), each restart logged; while one of a service's
+processes is down the kernel gives its port's new connections to the others. A child that
+crash-loops stops the suite with its last stderr lines.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from typing import Any
 
 from aiwfe.app.embedded import Provisioned, provision_postgres, provision_redis
 from aiwfe.app.suite import SERVICE_ORDER
-from aiwfe.runtime.config import CONFIG_ENV, LauncherSettings, Settings, load_settings
+from aiwfe.runtime.config import (
+    CONFIG_ENV,
+    PROCESS_INDEX_ENV,
+    LauncherSettings,
+    ServiceEndpoint,
+    Settings,
+    load_settings,
+)
 
 READY_TIMEOUT = 60.0
 _PR_SET_PDEATHSIG = 1
@@ -88,7 +97,7 @@ def banner(settings: Settings, pg: Provisioned, redis: Provisioned, embedding: s
     login_body = f'{{"username":"{admin}","password":"\'"$AIWFE_ADMIN_PASSWORD"\'"}}'
     lines = [
         "aiwfe is up",
-        *(f"{name}: {getattr(s, name).address}" for name in reversed(SERVICE_ORDER)),
+        *(f"{name}: {_described(getattr(s, name))}" for name in reversed(SERVICE_ORDER)),
         f"postgres: {pg.kind}   redis: {redis_kind}   qdrant: {qdrant}",
         *([embedding] if embedding else []),
         f"admin login: {admin} (password: $AIWFE_ADMIN_PASSWORD, or printed on first start)",
@@ -100,6 +109,12 @@ def banner(settings: Settings, pg: Provisioned, redis: Provisioned, embedding: s
         "Ctrl-C stops everything.",
     ]
     return "\n".join(lines)
+
+
+def _described(endpoint: ServiceEndpoint) -> str:
+    """`127.0.0.1:50051`, plus `(2 processes)` when several share the port."""
+    n = endpoint.processes
+    return endpoint.address + (f" ({n} processes)" if n > 1 else "")
 
 
 def _describe_exit(code: int) -> str:
@@ -114,9 +129,12 @@ def _describe_exit(code: int) -> str:
 
 @dataclass
 class Child:
-    """One service under supervision: its current process, and what outlives restarts."""
+    """One process of a service under supervision: its current process, and what outlives
+    restarts."""
 
-    name: str
+    service: str  # the module run (`python -m <service>`), which names its readiness line
+    index: int  # which of the service's processes (its PROCESS_INDEX_ENV)
+    name: str  # in logs: the service, or `service.index` when it runs several processes
     tail: deque[str]  # its last stderr lines, shown when it crash-loops
     proc: asyncio.subprocess.Process | None = None
     ready: asyncio.Future[str] | None = None
@@ -126,9 +144,11 @@ class Child:
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
 
 
-async def _pump_stdout(name: str, stream: asyncio.StreamReader, ready: asyncio.Future[str]) -> None:
+async def _pump_stdout(
+    child: Child, stream: asyncio.StreamReader, ready: asyncio.Future[str]
+) -> None:
     """Echoes a child's stdout, resolving `ready` on its readiness line."""
-    prefix = f"{name}: "
+    name, prefix = child.name, f"{child.service}: "
     while line := await stream.readline():
         text = line.decode(errors="replace").rstrip("\n")
         if not ready.done() and text.startswith(prefix):
@@ -165,8 +185,8 @@ class Supervisor:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            child.name,
-            env=self.env,
+            child.service,
+            env={**self.env, PROCESS_INDEX_ENV: str(child.index)},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             stdin=asyncio.subprocess.DEVNULL,
@@ -178,26 +198,35 @@ class Supervisor:
         child.proc, child.started = proc, time.monotonic()
         child.ready = ready = asyncio.get_running_loop().create_future()
         child.pumps = [p for p in child.pumps if not p.done()]
-        child.pumps.append(asyncio.create_task(_pump_stdout(child.name, proc.stdout, ready)))
+        child.pumps.append(asyncio.create_task(_pump_stdout(child, proc.stdout, ready)))
         child.pumps.append(asyncio.create_task(_pump_stderr(proc.stderr, child.tail)))
         return ready
 
-    async def start(self, name: str) -> bool:
-        """Starts one child and waits until it is ready; False if `stop` came first."""
-        child = Child(name, deque(maxlen=self.settings.stderr_lines))
-        self.children.append(child)
-        ready = await self.spawn(child)
+    async def start(self, service: str, processes: int = 1) -> bool:
+        """Starts a service's processes together and waits until every one is ready;
+        False if `stop` came first."""
+        started = []
+        for index in range(processes):
+            name = f"{service}.{index}" if processes > 1 else service
+            child = Child(service, index, name, deque(maxlen=self.settings.stderr_lines))
+            self.children.append(child)
+            started.append(await self.spawn(child))
+        all_ready: asyncio.Future[list[str]] = asyncio.gather(*started)
         waiter = asyncio.create_task(self.stop.wait())
-        ready_or_stop: set[asyncio.Future[Any]] = {ready, waiter}
+        ready_or_stop: set[asyncio.Future[Any]] = {all_ready, waiter}
         done, _ = await asyncio.wait(
             ready_or_stop, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
         )
         waiter.cancel()
+        if self.stop.is_set() or all_ready not in done:
+            all_ready.cancel()
+            with contextlib.suppress(BaseException):
+                await all_ready
         if self.stop.is_set():
             return False
-        if ready not in done:
-            raise RuntimeError(f"{name} was not ready within {READY_TIMEOUT:.0f} s")
-        ready.result()
+        if all_ready not in done:
+            raise RuntimeError(f"{service} was not ready within {READY_TIMEOUT:.0f} s")
+        all_ready.result()
         return True
 
     async def _stopping_within(self, seconds: float | None, *aws: Awaitable[Any]) -> bool:
@@ -267,7 +296,7 @@ def _report_restart(
     )
 
 
-async def _stop_children(children: list[Child]) -> None:
+async def stop_children(children: list[Child]) -> None:
     live = [(c.name, c.proc) for c in reversed(children) if c.proc is not None]
     for _, proc in live:
         if proc.returncode is None:
@@ -301,7 +330,7 @@ async def run_up(settings: Settings) -> int:
     watchers: list[asyncio.Task[str | None]] = []
     try:
         for name in SERVICE_ORDER:
-            if not await supervisor.start(name):
+            if not await supervisor.start(name, getattr(settings.services, name).processes):
                 return 0
         print(banner(settings, pg, redis, embedding), flush=True)
         watchers = [asyncio.create_task(supervisor.watch(c)) for c in supervisor.children]
@@ -319,7 +348,7 @@ async def run_up(settings: Settings) -> int:
         stop.set()  # no restarts from here on
         if watchers:
             await asyncio.wait(watchers, timeout=5)
-        await _stop_children(supervisor.children)
+        await stop_children(supervisor.children)
         for child in supervisor.children:
             for pump in child.pumps:
                 with contextlib.suppress(Exception):

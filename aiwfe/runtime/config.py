@@ -35,6 +35,8 @@ from aiwfe.sdk.channel import ConfigError as ConfigError
 
 ENV_PREFIX = "AIWFE_"
 CONFIG_ENV = "AIWFE_CONFIG"
+# Set by `aiwfe up` on each of a service's `processes`: which one this is (0 when unset).
+PROCESS_INDEX_ENV = "AIWFE_PROCESS_INDEX"
 # Well-known variables accepted as they are named in the seed and the README.
 ENV_ALIASES = {
     "AIWFE_HOME": "home",
@@ -314,6 +316,15 @@ class ServiceEndpoint(_Block):
     host: str = "127.0.0.1"
     port: int = Field(ge=0, le=65535)
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # `aiwfe up` runs this many processes of the service, all listening on `port` with
+    # SO_REUSEPORT (the kernel spreads connections over them); one core each at most.
+    processes: int = Field(default=1, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _shared_port_is_fixed(self) -> ServiceEndpoint:
+        if self.processes > 1 and self.port == 0:
+            raise ValueError("processes > 1 need a fixed port (0 would give each its own)")
+        return self
 
     @property
     def address(self) -> str:

@@ -289,7 +289,9 @@ def _series() -> tuple[frozenset[str], frozenset[str]]:
 METRIC_NAMES, SERIES_NAMES = _series()
 
 
-def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
+def serve_metrics(
+    port: int, host: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY
+) -> int:
     """Starts the Prometheus scrape endpoint; returns the bound port (0 picks a free one)."""
-    server, _ = start_http_server(port, addr=host, registry=REGISTRY)
+    server, _ = start_http_server(port, addr=host, registry=registry)
     return server.server_port

@@ -22,12 +22,12 @@ from typing import Any, Protocol
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aiwfe.runtime import process_metrics
 from aiwfe.runtime.channels import server_credentials, server_options
-from aiwfe.runtime.config import ConfigError, Settings, load_settings
+from aiwfe.runtime.config import PROCESS_INDEX_ENV, ConfigError, Settings, load_settings
 from aiwfe.runtime.health import NOT_SERVING, SERVING, HealthServicer
 from aiwfe.runtime.interceptors import ErrorMappingInterceptor, LoadSheddingInterceptor
 from aiwfe.runtime.logs import configure_logging
-from aiwfe.runtime.metrics import serve_metrics
 from aiwfe.runtime.reflection import enable_reflection
 from aiwfe.runtime.resilience.limiter import ConcurrencyLimiter
 from aiwfe.runtime.system_service import LocalSystemServicer
@@ -47,8 +47,9 @@ class Front(Protocol):
     """A listener that owns the service's port and passes calls on to its gRPC server,
     which then listens on a private Unix socket only (the gateway's relay)."""
 
-    async def start(self, host: str, port: int, server_socket: str) -> int:
-        """Listens on host:port (0: a free port), passing calls on to the gRPC server at
+    async def start(self, host: str, port: int, server_socket: str, reuse_port: bool) -> int:
+        """Listens on host:port (0: a free port; with `reuse_port`, shared with the
+        service's other processes), passing calls on to the gRPC server at
         `server_socket`; returns the port."""
         ...
 
@@ -193,6 +194,9 @@ async def start_service(
     endpoint = getattr(settings.services, service.name)
     host = host or endpoint.host
     port = endpoint.port if port is None else port
+    # N processes of one service listen on one port; the kernel spreads connections. Off
+    # with one process, so a second copy started by mistake fails to bind.
+    shared = endpoint.processes > 1
     # Read before start(): an unreadable certificate is a config error, not a leaked pool.
     credentials = server_credentials(settings.tls) if settings.tls.server_enabled else None
     try:
@@ -218,7 +222,7 @@ async def start_service(
         options=[
             *server_options(settings),
             ("grpc.max_concurrent_streams", settings.grpc.max_concurrent_streams),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(shared)),
         ],
         maximum_concurrent_rpcs=None,
     )
@@ -248,7 +252,7 @@ async def start_service(
             bound = server.add_insecure_port(f"{host}:{port}")
         await server.start()
         if front is not None:
-            bound = await front.start(host, port, socket)
+            bound = await front.start(host, port, socket, shared)
     except (RuntimeError, OSError) as exc:
         await server.stop(0)
         await service.stop()
@@ -269,18 +273,26 @@ async def start_service(
     return running
 
 
+def process_index(processes: int) -> int:
+    """Which of the service's `processes` this one is (`aiwfe up` sets it; 0 alone)."""
+    raw = os.environ.get(PROCESS_INDEX_ENV, "0")
+    if not raw.isdigit() or int(raw) >= processes:
+        raise ConfigError(f"{PROCESS_INDEX_ENV}={raw!r}: not an index below processes={processes}")
+    return int(raw)
+
+
 async def serve(service_cls: type[Service], settings: Settings) -> None:
     """Runs the service until SIGTERM/SIGINT, then shuts down gracefully.
 
     The service is built inside the running loop: gRPC aio channels bind to the loop
     that exists when they are created.
     """
+    endpoint = getattr(settings.services, service_cls.name)
+    index = process_index(endpoint.processes)
     service = service_cls(settings)
     running = await start_service(service)
-    endpoint = getattr(settings.services, service.name)
-    if endpoint.metrics_port is not None:
-        port = serve_metrics(endpoint.metrics_port, endpoint.host)
-        log.info("%s metrics on %s:%d/metrics", service.name, endpoint.host, port)
+    if (metrics_at := process_metrics.serve(endpoint, index)) is not None:
+        log.info("%s metrics on %s/metrics", service.name, metrics_at)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -93,6 +93,7 @@ class FakeLLMServer:
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     port: int = 0
     stalled: set[str] = field(default_factory=set)  # paths that never answer until stop()
+    gate: asyncio.Event | None = None  # when given, every answer waits until it is set
     _server: asyncio.Server | None = None
     _release: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -130,6 +131,8 @@ class FakeLLMServer:
             if path in self.stalled:
                 await self._release.wait()
                 return
+            if self.gate is not None:
+                await self.gate.wait()
             route = self.routes.get(path)
             status, ctype, pieces = (
                 route(body) if route else error(404, {"error": "404 page not found"})(body)
