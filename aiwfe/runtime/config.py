@@ -290,6 +290,12 @@ class HnswSettings(_Block):
 class QdrantPerformanceSettings(_Block):
     quantization_enabled: bool = True
     hnsw_config: HnswSettings = HnswSettings()
+    # Float32 originals on disk (mmap), read only to rescore; the int8 copies stay in RAM.
+    vectors_on_disk: bool = True
+    # Search-time HNSW candidate list; null = the engine's default (ef_construct).
+    hnsw_ef: int | None = Field(default=None, gt=0)
+    # int8 candidates fetched per requested hit before rescoring on the originals.
+    oversampling: float = Field(default=2.0, ge=1)
 
 
 class QdrantConnectionSettings(_Block):
