@@ -97,10 +97,15 @@ def _machine() -> dict[str, object]:
     }
 
 
-def _store(root: Path, **override: Any) -> EdgeVectorStore:
-    """The product's embedded store settings (config + env), auto-optimize off (bulk load)."""
+def _options(**override: Any) -> dict[str, Any]:
+    """The product's store settings (config file + env), with the overrides not None."""
     options = index_options(load_settings().qdrant.performance)
-    options.update(override)
+    options.update({k: v for k, v in override.items() if v is not None})
+    return options
+
+
+def _store(root: Path, options: dict[str, Any]) -> EdgeVectorStore:
+    """The embedded store, auto-optimize off (bulk load: one optimize at the end)."""
     return EdgeVectorStore(root, auto_optimize_threshold=None, **options)
 
 
@@ -110,21 +115,21 @@ def _store(root: Path, **override: Any) -> EdgeVectorStore:
 async def _build(n: int, dim: int, queries: int, root: Path) -> dict[str, Any]:
     centres = _centres(dim)
     qvecs = _draw(np.random.default_rng([SEED, 2]), centres, queries)
-    store = _store(root / "store")
+    store = _store(root / "store", _options())
     try:
         await store.create_collection(CollectionSpec(COLLECTION, dimension=dim))
         # Exact top-k accumulated chunk by chunk: the full matrix is never held.
         best_scores = np.full((queries, K), -np.inf, dtype=np.float32)
         best_ids = np.zeros((queries, K), dtype=np.int64)
-        upsert_s = 0.0
-        truth_cpu = 0.0
+        upsert_s = upsert_cpu = truth_cpu = 0.0
         for index, start in enumerate(range(0, n, CHUNK)):
             size = min(CHUNK, n - start)
             data = _chunk(centres, index, size)
             points = [VectorPoint(str(start + i), data[i], {}) for i in range(size)]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             await store.upsert(COLLECTION, points)
             upsert_s += time.perf_counter() - t0
+            upsert_cpu += time.process_time() - c0
             c0 = time.process_time()
             scores = qvecs @ data.T
             all_scores = np.concatenate([best_scores, scores], axis=1)
@@ -143,9 +148,10 @@ async def _build(n: int, dim: int, queries: int, root: Path) -> dict[str, Any]:
                 )
         ingest_memory = _memory()
         print(f"  optimizing {n:,} points ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _children_cpu()
         await store.optimize(COLLECTION)
         build_s = time.perf_counter() - t0
+        build_cpu = _children_cpu() - c0  # the optimize child's, all its threads
         stats = await store.stats(COLLECTION)
     finally:
         await store.close()
@@ -155,7 +161,9 @@ async def _build(n: int, dim: int, queries: int, root: Path) -> dict[str, Any]:
         "n": n,
         "dim": dim,
         "upsert_points_per_s": round(n / upsert_s),
+        "upsert_points_per_cpu_s": round(n / upsert_cpu),
         "index_build_s": round(build_s, 1),
+        "index_build_cpu_s": round(build_cpu, 1),
         "points": stats["points"],
         "segments": stats["segments"],
         "indexed_vectors": stats["indexed_vectors"],
@@ -170,6 +178,11 @@ async def _build(n: int, dim: int, queries: int, root: Path) -> dict[str, Any]:
     return build
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _du_mb(path: Path) -> int:
     total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return total // (1 << 20)
@@ -178,13 +191,15 @@ def _du_mb(path: Path) -> int:
 # ------------------------------------------------------------------------------- query
 
 
-async def _query(root: Path, ef: int | None, warmup: int) -> dict[str, Any]:
+async def _query(
+    root: Path, ef: int | None, warmup: int, oversampling: float | None
+) -> dict[str, Any]:
     """Search every saved query once; runs in its own process (see module docstring)."""
     qvecs = np.load(root / "queries.npy")
     truth = np.load(root / "truth.npy")
     before_open = _memory()
-    override = {} if ef is None else {"hnsw_ef": ef}
-    store = _store(root / "store", **override)
+    options = _options(hnsw_ef=ef, oversampling=oversampling)
+    store = _store(root / "store", options)
     try:
         t0 = time.perf_counter()
         await store.stats(COLLECTION)  # opens (loads) the shard
@@ -211,7 +226,8 @@ async def _query(root: Path, ef: int | None, warmup: int) -> dict[str, Any]:
     recall = float(np.mean(recalls))
     rss = after_queries["VmRSS"]
     return {
-        "hnsw_ef": ef if ef is not None else "default",
+        "hnsw_ef": options["hnsw_ef"],
+        "oversampling": options["oversampling"],
         "queries": len(qvecs),
         "load_s": round(load_s, 2),
         "search_p50_ms": round(p50, 3),
@@ -229,9 +245,12 @@ async def _query(root: Path, ef: int | None, warmup: int) -> dict[str, Any]:
     }
 
 
-def _query_in_child(root: Path, ef: int | None, warmup: int) -> dict[str, Any]:
+def _query_in_child(
+    root: Path, ef: int | None, warmup: int, oversampling: float | None
+) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.vector_search", "--query-child", str(root)]
     cmd += ["--warmup", str(warmup)] + ([] if ef is None else ["--ef", str(ef)])
+    cmd += [] if oversampling is None else ["--oversampling", str(oversampling)]
     out = subprocess.run(
         cmd, check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
     )
@@ -248,6 +267,7 @@ def run(
     efs: tuple[int | None, ...] = (None,),
     build_only: bool = False,
     warmup: int = 50,
+    oversampling: float | None = None,
 ) -> dict[str, Any]:
     """Build (unless ``reuse``), then run the query phase once per ``hnsw_ef`` in a child.
 
@@ -260,6 +280,7 @@ def run(
         efs: Search-time ``hnsw_ef`` values (``None`` = configured default).
         build_only: Skip the query phase.
         warmup: Untimed queries per query phase, drawn apart from the measured ones.
+        oversampling: Overrides the configured ``qdrant.performance.oversampling``.
 
     Returns:
         Build figures (upsert rate, index build time, memory) and one entry per ``hnsw_ef``.
@@ -274,11 +295,13 @@ def run(
             build = asyncio.run(_build(n, dim, queries, root))
         else:
             build = json.loads((root / "build.json").read_text())
-        results = [] if build_only else [_query_in_child(root, ef, warmup) for ef in efs]
+        results = (
+            [] if build_only else [_query_in_child(root, ef, warmup, oversampling) for ef in efs]
+        )
     return {
         "build": build,
         "query": results,
-        "settings": index_options(load_settings().qdrant.performance),
+        "settings": _options(),
         "machine": _machine(),
     }
 
@@ -288,14 +311,16 @@ def render(result: dict[str, Any]) -> list[str]:
     b = result["build"]
     lines = [
         f"vector-search (n={b['n']:,}, dim {b['dim']}): upsert {b['upsert_points_per_s']:,} "
-        f"points/s, index build {b['index_build_s']} s ({b['segments']} segments), build "
-        f"process peak {b['build_process_peak_mb']} MB"
+        f"points/s ({b.get('upsert_points_per_cpu_s', 'n/a')} per CPU s), index build "
+        f"{b['index_build_s']} s ({b.get('index_build_cpu_s', 'n/a')} CPU s, {b['segments']} "
+        f"segments), build process peak {b['build_process_peak_mb']} MB"
     ]
     for q in result["query"]:
         rss = q["rss_mb"]["after"]
         lines.append(
-            f"  hnsw_ef {q['hnsw_ef']}: p50 {q['search_p50_ms']} ms, p99 {q['search_p99_ms']} "
-            f"ms, CPU {q['cpu_ms_per_query']} ms/query, recall@{K} {q[f'recall@{K}']}, RSS "
+            f"  hnsw_ef {q['hnsw_ef']}, oversampling {q['oversampling']}: p50 "
+            f"{q['search_p50_ms']} ms, p99 {q['search_p99_ms']} ms, CPU "
+            f"{q['cpu_ms_per_query']} ms/query, recall@{K} {q[f'recall@{K}']}, RSS "
             f"{rss['VmRSS']} MB (anon {rss['RssAnon']}, file {rss['RssFile']}), load "
             f"{q['loadavg']}, goal met: {q['goal_met']}"
         )
@@ -316,12 +341,17 @@ def main() -> None:
     where.add_argument("--keep", type=Path, help="build into DIR and keep it for --reuse")
     where.add_argument("--reuse", type=Path, help="query the collection an earlier --keep built")
     where.add_argument("--query-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--oversampling", type=float, help="override the configured value")
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the JSON result to this file")
     args = parser.parse_args()
     efs = tuple(int(e) for e in args.ef.split(",") if e) or (None,)
     if args.query_child:
-        print(json.dumps(asyncio.run(_query(args.query_child, efs[0], args.warmup))))
+        print(
+            json.dumps(
+                asyncio.run(_query(args.query_child, efs[0], args.warmup, args.oversampling))
+            )
+        )
         return
     m = _machine()
     print(f"machine: {m['cores']} cores, Python {m['python']}, numpy {m['numpy']}, {m['platform']}")
@@ -337,6 +367,7 @@ def main() -> None:
         efs=efs,
         build_only=args.build_only,
         warmup=args.warmup,
+        oversampling=args.oversampling,
     )
     print(json.dumps(result, indent=2))
     if args.json:

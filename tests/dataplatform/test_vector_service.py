@@ -250,14 +250,14 @@ async def test_vector_rpcs_require_internal_identity(stub) -> None:
 
 async def test_performance_settings_reach_the_embedded_store(base_overrides) -> None:
     """qdrant.performance's vectors_on_disk, hnsw_ef and oversampling configure the store the
-    service opens; defaults: originals on disk, the engine's ef, oversampling 2."""
+    service opens; defaults: originals on disk, ef 200, oversampling 2."""
     import json
 
     from aiwfe.runtime.config import ConfigError, load_settings
     from dataplatform.vector_service import VectorService, index_options
 
     defaults = load_settings(env={}, overrides=base_overrides).qdrant.performance
-    assert (defaults.vectors_on_disk, defaults.hnsw_ef, defaults.oversampling) == (True, None, 2)
+    assert (defaults.vectors_on_disk, defaults.hnsw_ef, defaults.oversampling) == (True, 200, 2)
     perf = {"vectors_on_disk": False, "hnsw_ef": 64, "oversampling": 3}
     overrides = {**base_overrides, "qdrant": {"performance": perf}}
     settings = load_settings(env={}, overrides=overrides)
