@@ -276,14 +276,9 @@ def render(doc: dict[str, Any]) -> str:
             out += onnx_embedder.render(emb["default_vs_builtin"])
     vec = scenarios.get("vector-search")
     if vec:
-        recall = next((v for k, v in vec.items() if k.startswith("recall@")), None)
-        out += [
-            "",
-            f"vector-search (n={vec['n']:,}, dim {vec['dim']}): upsert "
-            f"{vec['upsert_points_per_s']:,} points/s, index build {vec['index_build_s']} s, "
-            f"search p50 {vec['search_p50_ms']} ms p99 {vec['search_p99_ms']} ms, "
-            f"recall@10 {recall}, goal met: {vec['goal_met']}",
-        ]
+        from benchmarks import vector_search
+
+        out += ["", *vector_search.render(vec)]
     for note in doc.get("notes", []):
         out += ["", note]
     return "\n".join(out)

@@ -14,13 +14,14 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 
 from aiwfe.data.v1 import vector_store_service_pb2 as pb
 from aiwfe.data.v1 import vector_store_service_pb2_grpc as pb_grpc
-from aiwfe.runtime.config import QdrantSettings
+from aiwfe.runtime.config import QdrantPerformanceSettings, QdrantSettings
 from aiwfe.runtime.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from aiwfe.runtime.metrics import qdrant_query_latency
 from aiwfe.runtime.validation import Violations
@@ -51,15 +52,23 @@ MAX_TOP_K = 100
 FIELD_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,127}")
 
 
-def open_configured_store(q: QdrantSettings, home: Path) -> VectorStore:
-    """The store chosen by config, with the seed's HNSW, quantization and client settings;
-    the embedded engine's default directory is `home`/qdrant."""
-    perf = q.performance
-    index = {
+def index_options(perf: QdrantPerformanceSettings) -> dict[str, Any]:
+    """Store constructor options from `qdrant.performance` (both stores take the same ones);
+    benchmarks.vector_search builds its collections with these too."""
+    return {
         "hnsw_m": perf.hnsw_config.m,
         "ef_construct": perf.hnsw_config.ef_construct,
         "quantization": perf.quantization_enabled,
+        "vectors_on_disk": perf.vectors_on_disk,
+        "hnsw_ef": perf.hnsw_ef,
+        "oversampling": perf.oversampling,
     }
+
+
+def open_configured_store(q: QdrantSettings, home: Path) -> VectorStore:
+    """The store chosen by config, with the seed's HNSW, quantization and client settings;
+    the embedded engine's default directory is `home`/qdrant."""
+    index = index_options(q.performance)
     if q.url:
         conn = q.connection
         return open_vector_store(

@@ -155,3 +155,34 @@ def test_processes_benchmark_runs_both_groups(tmp_path: Path, servers: Servers) 
         assert len(run["calls_ok_by_process"]) == int(n), run
         assert all(calls > 0 for calls in run["calls_ok_by_process"].values()), run
     assert doc["projected_ratio_on_idle_cores"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_vector_search_keeps_a_collection_and_queries_it_again(tmp_path: Path) -> None:
+    """`python -m benchmarks.vector_search --keep DIR` builds a collection with the product's
+    settings and leaves it; `--reuse DIR` runs only the query phase on it (a fresh process),
+    with the same exact answers, so both report the same recall."""
+    kept = tmp_path / "kept"
+    base = [sys.executable, "-m", "benchmarks.vector_search", "--dim", "32", "--warmup", "2"]
+    runs = []
+    for extra in (
+        ["--vector-n", "3000", "--queries", "20", "--keep", str(kept)],
+        ["--reuse", str(kept), "--ef", "16,64"],
+    ):
+        out = tmp_path / "result.json"
+        done = subprocess.run(
+            [*base, *extra, "--json", str(out)],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        runs.append(json.loads(out.read_text()))
+    built, reused = runs
+    assert built["build"] == reused["build"]
+    assert built["build"]["points"] == 3000
+    assert built["settings"]["vectors_on_disk"] is True
+    assert [q["hnsw_ef"] for q in reused["query"]] == [16, 64]
+    assert all(q["queries"] == 20 and q["rss_mb"]["after"]["VmRSS"] > 0 for q in reused["query"])
+    assert reused["query"][1]["recall@10"] == built["query"][0]["recall@10"] >= 0.9

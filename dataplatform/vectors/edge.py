@@ -21,6 +21,10 @@ Engine facts this module is built around (measured on qdrant-edge-py 0.9.0):
 * Scalar int8 quantization with ``rescore`` but oversampling 1 loses recall on clustered data
   (0.87-0.97 recall@10 in our tests, unaffected by ``hnsw_ef``); oversampling 2 restores ~1.0
   at negligible cost, hence the default.
+* With quantization the HNSW search runs on the int8 copies (kept in RAM); the float32
+  originals are read only to rescore ``oversampling x top_k`` candidates. So by default they
+  stay on disk (``Memory.Cold``: mmap, not prefetched) and only the pages rescoring touches
+  are resident: 1M x 768 d is 3 GB of originals but ~0.8 GB of int8 in RAM.
 
 Auto-optimize policy: after an ``upsert`` call, if the points written since the last optimize
 reach ``auto_optimize_threshold`` (default 10,000), the same call runs ``optimize`` before it
@@ -150,6 +154,8 @@ class EdgeVectorStore(VectorStore):
         optimize_in_subprocess: Optimize in a child process so the GIL-holding index build does
             not block the event loop; ``False`` runs it in a worker thread instead.
         full_scan_threshold_kb: Below this vector-data size per segment the engine brute-forces.
+        vectors_on_disk: Keep the float32 originals in an mmap'd file read on demand instead
+            of prefetched into RAM; applies to collections created from now on.
     """
 
     def __init__(
@@ -165,6 +171,7 @@ class EdgeVectorStore(VectorStore):
         auto_optimize_threshold: int | None = 10_000,
         optimize_in_subprocess: bool = True,
         full_scan_threshold_kb: int = 10_000,
+        vectors_on_disk: bool = True,
     ) -> None:
         self._path = Path(path)
         self._path.mkdir(parents=True, exist_ok=True)
@@ -177,6 +184,7 @@ class EdgeVectorStore(VectorStore):
         self._auto_optimize_threshold = auto_optimize_threshold
         self._optimize_in_subprocess = optimize_in_subprocess
         self._full_scan_threshold_kb = full_scan_threshold_kb
+        self._vectors_memory = qe.Memory.Cold if vectors_on_disk else qe.Memory.Cached
         self._catalog_lock = asyncio.Lock()
         self._closed = False
         self._collections: dict[str, _Collection] = {}
@@ -397,7 +405,11 @@ class EdgeVectorStore(VectorStore):
             else None
         )
         return qe.EdgeConfig(
-            vectors=qe.EdgeVectorParams(size=spec.dimension, distance=_DISTANCE[spec.distance]),
+            vectors=qe.EdgeVectorParams(
+                size=spec.dimension,
+                distance=_DISTANCE[spec.distance],
+                memory=self._vectors_memory,
+            ),
             hnsw_config=qe.HnswIndexConfig(
                 m=self._hnsw_m,
                 ef_construct=self._ef_construct,

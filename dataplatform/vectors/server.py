@@ -64,6 +64,7 @@ class QdrantServerStore(VectorStore):
         quantization: Scalar int8 quantization (always in RAM) with rescoring.
         hnsw_ef: Search-time candidate list size; ``None`` uses the server default.
         oversampling: Quantized candidates per result before rescoring (see edge.py on recall).
+        vectors_on_disk: Keep the float32 originals on the server's disk (mmap), see edge.py.
         batch_size: Points per upsert request.
         backoff: First retry delay in seconds; doubles each retry.
         client: Pre-built client (tests, or callers who need custom options); ``url`` and the
@@ -84,6 +85,7 @@ class QdrantServerStore(VectorStore):
         quantization: bool = True,
         hnsw_ef: int | None = None,
         oversampling: float = 2.0,
+        vectors_on_disk: bool = True,
         batch_size: int = 256,
         backoff: float = 0.2,
         client: AsyncQdrantClient | None = None,
@@ -107,6 +109,7 @@ class QdrantServerStore(VectorStore):
         self._quantization = quantization
         self._hnsw_ef = hnsw_ef
         self._oversampling = oversampling
+        self._vectors_on_disk = vectors_on_disk
         self._batch_size = max(1, batch_size)
         self._specs: dict[str, CollectionSpec] = {}
 
@@ -128,7 +131,9 @@ class QdrantServerStore(VectorStore):
             await self._client.create_collection(
                 spec.name,
                 vectors_config=models.VectorParams(
-                    size=spec.dimension, distance=_DISTANCE[spec.distance]
+                    size=spec.dimension,
+                    distance=_DISTANCE[spec.distance],
+                    on_disk=self._vectors_on_disk,
                 ),
                 hnsw_config=models.HnswConfigDiff(m=self._hnsw_m, ef_construct=self._ef_construct),
                 quantization_config=quant,

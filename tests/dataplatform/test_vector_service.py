@@ -248,6 +248,41 @@ async def test_vector_rpcs_require_internal_identity(stub) -> None:
     )
 
 
+async def test_performance_settings_reach_the_embedded_store(base_overrides) -> None:
+    """qdrant.performance's vectors_on_disk, hnsw_ef and oversampling configure the store the
+    service opens; defaults: originals on disk, ef 200, oversampling 2."""
+    import json
+
+    from aiwfe.runtime.config import ConfigError, load_settings
+    from dataplatform.vector_service import VectorService, index_options
+
+    defaults = load_settings(env={}, overrides=base_overrides).qdrant.performance
+    assert (defaults.vectors_on_disk, defaults.hnsw_ef, defaults.oversampling) == (True, 200, 2)
+    perf = {"vectors_on_disk": False, "hnsw_ef": 64, "oversampling": 3}
+    overrides = {**base_overrides, "qdrant": {"performance": perf}}
+    settings = load_settings(env={}, overrides=overrides)
+    assert index_options(settings.qdrant.performance) == {
+        "hnsw_m": 16,
+        "ef_construct": 100,
+        "quantization": True,
+        **perf,
+    }
+    service = VectorService(settings.qdrant, settings.home_path)
+    try:
+        params = service.store._search_params()  # type: ignore[attr-defined]
+        assert (params.hnsw_ef, params.quantization.oversampling) == (64, 3.0)
+        collection = pb.Collection(name="perf", dimension=DIM)
+        await service.CreateCollection(pb.CreateCollectionRequest(collection=collection), None)
+        shard = settings.home_path / "qdrant" / "perf" / "shard"
+        config = json.loads((shard / "edge_config.json").read_text())
+        assert config["vectors"][""]["memory"] == "cached"
+    finally:
+        await service.close()
+    for bad in ({"hnsw_ef": 0}, {"oversampling": 0.5}):
+        with pytest.raises(ConfigError, match=r"qdrant\.performance"):
+            load_settings(env={}, overrides={**base_overrides, "qdrant": {"performance": bad}})
+
+
 @pytest.mark.filterwarnings("ignore:.*local Qdrant:UserWarning", "ignore:Local mode:UserWarning")
 async def test_servicer_runs_unchanged_on_the_server_store(base_overrides) -> None:
     """The same servicer on QdrantServerStore (qdrant-client local mode: its calls, not the

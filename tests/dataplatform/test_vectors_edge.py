@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from pathlib import Path
 
@@ -77,6 +78,28 @@ async def test_defaults_are_768_cosine() -> None:
     """CollectionSpec defaults to 768 dimensions and Cosine distance."""
     spec = CollectionSpec("x")
     assert (spec.dimension, spec.distance, spec.indexed_fields) == (768, "Cosine", ())
+
+
+def _vector_memory(store_path: Path, name: str) -> str:
+    """The engine's persisted placement of a collection's float32 originals."""
+    config = json.loads((store_path / name / "shard" / "edge_config.json").read_text())
+    return config["vectors"][""]["memory"]
+
+
+@pytest.mark.parametrize(("on_disk", "memory"), [(True, "cold"), (False, "cached")])
+async def test_originals_on_disk_unless_told(tmp_path: Path, on_disk: bool, memory: str) -> None:
+    """vectors_on_disk (the default) leaves the originals in an mmap'd file read on demand
+    (engine memory "cold"); off, they are prefetched into RAM ("cached"). Search works both
+    ways, from the int8 copies rescored on the originals."""
+    store = EdgeVectorStore(tmp_path / "vec", vectors_on_disk=on_disk)
+    try:
+        await store.create_collection(CollectionSpec("docs", dimension=DIM))
+        await store.upsert("docs", [VectorPoint(f"d{i}", _basis(i), {}) for i in range(DIM)])
+        await store.optimize("docs")
+        assert _vector_memory(tmp_path / "vec", "docs") == memory
+        assert [h.id for h in await store.search("docs", _basis(5), top_k=1)] == ["d5"]
+    finally:
+        await store.close()
 
 
 async def test_create_existing_raises(store: EdgeVectorStore) -> None:

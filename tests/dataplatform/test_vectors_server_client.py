@@ -100,6 +100,19 @@ async def test_spec_read_back_from_collection_metadata(store: QdrantServerStore)
     assert await fresh.get_collection("a") == spec
 
 
+@pytest.mark.parametrize("on_disk", [True, False])
+async def test_originals_on_disk_is_passed_to_the_server(on_disk: bool) -> None:
+    """vectors_on_disk reaches the collection's vector params (the server mmaps them)."""
+    client = AsyncQdrantClient(location=":memory:")
+    try:
+        store = QdrantServerStore("unused", client=client, vectors_on_disk=on_disk)
+        await store.create_collection(CollectionSpec("a", dimension=DIM))
+        params = (await client.get_collection("a")).config.params.vectors
+        assert params.on_disk is on_disk
+    finally:
+        await client.close()
+
+
 async def test_search_ids_payload_filter_threshold(docs: QdrantServerStore) -> None:
     """Search maps ids back to strings, filters on indexed fields and honours the threshold."""
     hits = await docs.search("docs", _basis(3), top_k=3)
