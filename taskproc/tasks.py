@@ -32,7 +32,7 @@ from google.protobuf import json_format, struct_pb2
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
-from aiwfe.runtime import metrics
+from aiwfe.runtime import hops, metrics
 from aiwfe.runtime.channels import Upstream
 from aiwfe.runtime.config import TaskProcSettings, TelemetrySettings
 from aiwfe.runtime.errors import FailedPrecondition, ResourceExhausted
@@ -144,6 +144,8 @@ class TaskDispatcher:
         self.withdraw(promised)
         leftover = []
         for step in steps:
+            if hops.ENABLED:
+                hops.mark(step.ref.workflow_id, "leased_to_taskproc")
             group = next(
                 (
                     g
@@ -438,6 +440,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             await self._unresolvable(step, str(exc))
             return pb.PollTaskResponse()
         metrics.workflow_tasks_dispatched.labels(step.queue, step.task_type).inc()
+        if hops.ENABLED:
+            hops.mark(step.ref.workflow_id, "poll_answered")
         return reply
 
     async def _unresolvable(self, step: store_pb.ClaimedStep, error: str) -> None:
