@@ -576,7 +576,7 @@ def _dispatch_hops(sampled: list[tuple[wf_pb.Workflow, float]], marks: Path) -> 
         times += [seen.get(hop, 0.0) for hop, _ in DISPATCH_HOPS[:-1]] + [received]
         if not all(times):  # not eagerly dispatched (no poller was waiting): not counted
             continue
-        for (hop, _), start, end in zip(DISPATCH_HOPS, times, times[1:], strict=True):
+        for (hop, _), start, end in zip(DISPATCH_HOPS, times[:-1], times[1:], strict=True):
             spans[hop].append(end - start)
         ready.append(received - seen["committed"])
         from_start.append(received - times[0])
