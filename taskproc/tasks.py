@@ -161,6 +161,11 @@ class TaskDispatcher:
                 self.eager_tasks += 1
         if leftover:  # every poller left meanwhile: claimable again at once
             await self._release(leftover)
+        elif steps:
+            # One loop turn first for the polls just handed a task: their answers go out
+            # before the submission's own (the worker's start is what the workflow waits
+            # for; the submitter only learns the id).
+            await asyncio.sleep(0)
 
     def wake(self, queues: Sequence[str]) -> None:
         """Task steps of `queues` may have become runnable (a WaitForWork push; "*": any
