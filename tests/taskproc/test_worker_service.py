@@ -185,6 +185,31 @@ async def test_polling_needs_the_queue_permission(suite, gateway_channel) -> Non
     assert front.fast_calls == fast_before + 1
 
 
+async def test_a_waiting_poll_finds_a_task_whose_wake_up_was_missed(suite, gateway_channel) -> None:
+    """The fall-back claim: with dataplatform's wake-ups kept from the dispatcher, a task
+    made runnable by its dependency's completion still reaches the poll already waiting
+    for it, at the group's next fall-back claim (every taskproc.poll_interval, 0.5 s), not
+    when the poll's time is up (10 s)."""
+    service = suite.running["taskproc"].service
+    service.worker.work_listeners.remove(service.tasks.wake)
+    try:
+        owner = await new_user(suite, gateway_channel)
+        worker = await new_user(suite, gateway_channel, ("worker",))
+        polling = asyncio.create_task(poll(gateway_channel, worker, ["alpha"], wait=10))
+        await asyncio.sleep(0.3)  # waiting; its group's first claim found nothing
+        workflow = await submit(
+            gateway_channel,
+            owner,
+            spec({"name": "first", "op": "noop"}, {**task_step("work"), "depends_on": ["first"]}),
+        )
+        started = time.monotonic()
+        task = await polling
+        assert task.workflow_id == workflow.workflow_id and task.step_name == "work"
+        assert time.monotonic() - started < 5
+    finally:
+        service.worker.work_listeners.append(service.tasks.wake)
+
+
 async def test_a_poll_too_long_for_the_relay_to_hold_is_still_checked(
     suite, gateway_channel
 ) -> None:
