@@ -8,8 +8,9 @@ Admission is the gateway's one policy (gateway/authn.py), forwarding its one tab
 (gateway/forwarding.py), recording its one recorder (`ServerRecorder` in
 aiwfe/runtime/telemetry.py, and `forwarding.Deadline` for the breaker). The relay's fast path is
 the case where all of them finish without waiting: a method a back end owns, a token
-already in the in-process cache, a role that allows it, locally reserved rate-limit
-quota, the back end's breaker closed (where the proxy's `before_call` would let it pass
+already in the in-process cache, a role that allows it (for a permission that names
+resources of the request, PollTask's queues, once the request is read), locally reserved
+rate-limit quota, the back end's breaker closed (where the proxy's `before_call` would let it pass
 without a probe), no response cache to consult, only headers gRPC allows. Such a call goes straight
 to that back end with the headers the table keeps, the identity assertion and the
 deadline. Every other call goes unchanged, plus the client's address, to the gateway's own

@@ -32,7 +32,8 @@ def resource_permissions(info: MethodInfo, request: Message) -> list[str]:
 
 
 class ResourceGuard:
-    """Wraps the handlers of methods with a `resource_field` policy."""
+    """The check of methods with a `resource_field` policy: their handlers wrapped on the
+    full path, and `refusal` asked by the relay (one policy, one place)."""
 
     def __init__(self, methods: dict[str, MethodInfo], rbac: Rbac) -> None:
         self._methods = methods
