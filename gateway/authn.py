@@ -93,8 +93,8 @@ class AuthInterceptor(MethodInterceptor):
 
     def authorize(self, info: MethodInfo, principal: Principal) -> None:
         """PermissionDenied unless `principal`'s roles grant the method's permission. A
-        permission completed by the request (`resource_field`) is the ResourceGuard's, on
-        the decoded request (such methods never take the relay's fast path)."""
+        permission completed by the request (`resource_field`) is `resource_refusal`'s, on
+        the decoded request."""
         if info.resource_field:
             return
         if not info.authenticated and not self._rbac.allows(principal.roles, info.permission):
@@ -103,6 +103,16 @@ class AuthInterceptor(MethodInterceptor):
                 reason="PERMISSION_MISSING",
                 metadata={"permission": info.permission, "method": info.path},
             )
+
+    def resource_refusal(
+        self, info: MethodInfo, principal: Principal, request: bytes
+    ) -> AiwfeError | None:
+        """Why `principal` may not make this call of a `resource_field` method, read from
+        its request (gateway/resources.py), for both data planes; None: allowed (with
+        authentication off nothing is checked, as for every permission)."""
+        if principal is ANONYMOUS:
+            return None
+        return self._resources.refusal(info, principal, request)
 
     async def admit(self, info: MethodInfo | None, metadata: tuple | None) -> Principal | None:
         """The caller's principal (None for public RPCs), or a domain error."""

@@ -8,8 +8,9 @@ Admission is the gateway's one policy (gateway/authn.py), forwarding its one tab
 (gateway/forwarding.py), recording its one recorder (`ServerRecorder` in
 aiwfe/runtime/telemetry.py, and `forwarding.Deadline` for the breaker). The relay's fast path is
 the case where all of them finish without waiting: a method a back end owns, a token
-already in the in-process cache, a role that allows it, locally reserved rate-limit
-quota, the back end's breaker closed (where the proxy's `before_call` would let it pass
+already in the in-process cache, a role that allows it (for a permission that names
+resources of the request, PollTask's queues, once the request is read), locally reserved
+rate-limit quota, the back end's breaker closed (where the proxy's `before_call` would let it pass
 without a probe), no response cache to consult, only headers gRPC allows. Such a call goes straight
 to that back end with the headers the table keeps, the identity assertion and the
 deadline. Every other call goes unchanged, plus the client's address, to the gateway's own
@@ -50,6 +51,7 @@ from aiwfe.runtime.identity import (
     InternalIdentity,
     Principal,
 )
+from aiwfe.runtime.interceptors import is_long_poll
 from aiwfe.runtime.resilience.breaker import BreakerState, CircuitBreaker
 from aiwfe.runtime.resilience.limiter import ConcurrencyLimiter
 from aiwfe.runtime.telemetry import ServerRecorder, call_context, caller_context
@@ -150,9 +152,12 @@ class _Request:
         self.control = cache_control.decode("latin-1") if cache_control else None
         client = self.client = parse_grpc_timeout(timeout) if timeout else None
         self.cap = deadline_cap(info, front._grpc) if info is not None else 0.0
-        # Streams are not counted: a watch would hold a slot for its whole life.
-        streaming = info is not None and (info.client_streaming or info.server_streaming)
-        self.limiter = None if streaming or route is None else route.limiter
+        # Streams and long polls are not counted: a watch or a PollTask would hold a slot
+        # for its whole life (and teach the limit their wait as latency).
+        held_open = info is not None and (
+            info.client_streaming or info.server_streaming or is_long_poll(info.path)
+        )
+        self.limiter = None if held_open or route is None else route.limiter
         # A valid client value is the deadline already; only the gateway's own is written.
         self.wire = (
             timeout if client is not None and timeout is not None else grpc_timeout(self.cap)
@@ -197,7 +202,10 @@ class FrontDoor:
         self._recording = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
         self.fast_calls = 0  # went straight to a back end
         self.answered_calls = 0  # answered by the relay from the in-process response cache
-        self.full_calls = 0  # sent to the gateway's gRPC server (if not answered)
+        # Sent to the gateway's gRPC server (if not answered); a held call (`_held`) is
+        # counted once its request was read, so not when it could not be (not one plain
+        # message, or too long to hold).
+        self.full_calls = 0
         self.shed_calls = 0  # refused by the relay: the back end was at its limit
         self._upstreams = {p: _endpoint(d.target, tls) for p, d in upstreams.items()}
         self._max_streams = settings.grpc.max_concurrent_streams
@@ -228,7 +236,6 @@ class FrontDoor:
         info, route = request.info, request.route
         if (
             info is None
-            or info.resource_field  # the permission needs the request (gateway/resources.py)
             or route is None
             or route.breaker.state is not _CLOSED
             or not up(info.package)
@@ -251,6 +258,23 @@ class FrontDoor:
             if cache_directive(control) is None:  # "no-cache" wants a fresh answer
                 return decision._replace(answer=self._cached_answer(info, principal))
             return decision
+        if info.resource_field:  # the permission needs the request (gateway/resources.py)
+            return self._held(headers, peer, request, relayed, principal)
+        return self._admitted(headers, peer, request, relayed, principal)
+
+    def _admitted(
+        self,
+        headers: Headers,
+        peer: str,
+        request: _Request,
+        relayed: tuple[Headers, list[tuple[str, str]]],
+        principal: Principal,
+    ) -> Decision:
+        """An allowed call: straight to its back end unless the back end is at its limit
+        (shed) or the caller's local quota is spent (the full path waits for more)."""
+        info, route = request.info, request.route
+        if info is None or route is None:
+            raise RuntimeError("an admitted call without its method and route")
         client, limiter = request.client, request.limiter
         slot = 0.0
         if limiter is not None:
@@ -258,7 +282,7 @@ class FrontDoor:
             if started is None:  # before spending quota: a refused call costs none
                 return self._shed(info, route.name, limiter)
             slot = started
-        if not admission.spend_now(principal):
+        if not self._admission.spend_now(principal):
             if limiter is not None:
                 limiter.cancel()
             return self._full(headers, peer)
@@ -271,12 +295,42 @@ class FrontDoor:
                 limiter.cancel()
             raise
 
+    def _held(
+        self,
+        headers: Headers,
+        peer: str,
+        request: _Request,
+        relayed: tuple[Headers, list[tuple[str, str]]],
+        principal: Principal,
+    ) -> Decision:
+        """A call whose permission names resources of its request (PollTask's queues):
+        held until the request is read, then straight to its back end when the check the
+        full path makes (`AuthInterceptor.resource_refusal`) finds nothing to refuse.
+        Anything else goes to the full path, which makes the refusal with its status: a
+        denial, a request that is not one plain message, or one too long to hold."""
+        info = request.info
+        if info is None:
+            raise RuntimeError("a held call without its method")
+        full = Decision(GATEWAY, self._forwarded(headers, peer))
+
+        def answer(message: bytes) -> Decision | None:
+            if self._admission.resource_refusal(info, principal, message) is not None:
+                self.full_calls += 1
+                return None
+            return self._admitted(headers, peer, request, relayed, principal)
+
+        return full._replace(answer=answer)
+
     def _full(self, headers: Headers, peer: str) -> Decision:
         """To the gateway's gRPC server, as the client sent it plus the client's address."""
         self.full_calls += 1
+        return Decision(GATEWAY, self._forwarded(headers, peer))
+
+    @staticmethod
+    def _forwarded(headers: Headers, peer: str) -> Headers:
         forwarded = [(n, v) for n, v in headers if not n.lower().startswith(_INTERNAL)]
         forwarded.append((_PEER, peer.encode()))
-        return Decision(GATEWAY, forwarded)
+        return forwarded
 
     def _shed(self, info: MethodInfo, name: str, limiter: ConcurrencyLimiter) -> Decision:
         """The refusal of a call over its back end's limit, answered by the relay at once:

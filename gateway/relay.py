@@ -152,8 +152,10 @@ class Decision(NamedTuple):
     headers: Headers
     finish: Finish | None = None  # told once how the call ended
     # Asked with the request message once it is whole (a unary call): a response message
-    # the relay sends back itself, or None to send the call on after all.
-    answer: Callable[[bytes], bytes | None] | None = None
+    # the relay sends back itself, another decision for the call (a check that needed the
+    # request), or None to send the call on as decided. Not asked when the request is not
+    # one plain message or longer than the relay holds: then it goes on as decided.
+    answer: Callable[[bytes], bytes | Decision | None] | None = None
     # A status the relay answers at once (trailers only, its details included), never
     # opening the call upstream: a refusal the front door decides from the headers alone.
     status: grpc.Status | None = None
@@ -1164,7 +1166,15 @@ class _Client(_Connection):
             body = b"".join(payload for _, _, payload in stream.to_upstream)
             message = _single_message(body)
             reply = stream.decision.answer(message) if message is not None else None
-            if reply is not None:
+            if isinstance(reply, Decision):
+                stream.decision = reply
+                if reply.status is not None:
+                    stream.held = -1
+                    self._answer_status(stream, reply.status)
+                    return
+                block = reply.block
+                stream.request = block if block is not None else h2.header_block(reply.headers)
+            elif reply is not None:
                 self._answer(stream, reply)
                 return
         elif stream.held < _HOLD_BYTES:

@@ -32,7 +32,7 @@ from google.protobuf import json_format, struct_pb2
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
-from aiwfe.runtime import metrics
+from aiwfe.runtime import hops, metrics
 from aiwfe.runtime.channels import Upstream
 from aiwfe.runtime.config import TaskProcSettings, TelemetrySettings
 from aiwfe.runtime.errors import FailedPrecondition, ResourceExhausted
@@ -87,12 +87,13 @@ class _Group:
 
     queues: list[str]
     types: list[str]
-    waiting: deque[asyncio.Future[store_pb.ClaimedStep]] = field(default_factory=deque)
+    waiting: deque[asyncio.Future[store_pb.ClaimedStep | None]] = field(default_factory=deque)
     dirty: bool = True  # work may have arrived since the last claim found none
     claiming: bool = False
     retry_at: float = 0.0  # monotonic time of the earliest scheduled retry, 0 if none
     claimed_at: float = 0.0  # monotonic time of the group's last claim
     offered: int = 0  # waiters promised to submissions in flight (eager dispatch)
+    fall_back: asyncio.TimerHandle | None = None  # the next fall-back claim while polled
 
     def takes(self, queue: str, task_type: str) -> bool:
         return queue in self.queues and (not self.types or task_type in self.types)
@@ -144,6 +145,8 @@ class TaskDispatcher:
         self.withdraw(promised)
         leftover = []
         for step in steps:
+            if hops.ENABLED:
+                hops.mark(step.ref.workflow_id, "leased_to_taskproc")
             group = next(
                 (
                     g
@@ -158,6 +161,11 @@ class TaskDispatcher:
                 self.eager_tasks += 1
         if leftover:  # every poller left meanwhile: claimable again at once
             await self._release(leftover)
+        elif steps:
+            # One loop turn first for the polls just handed a task: their answers go out
+            # before the submission's own (the worker's start is what the workflow waits
+            # for; the submitter only learns the id).
+            await asyncio.sleep(0)
 
     def wake(self, queues: Sequence[str]) -> None:
         """Task steps of `queues` may have become runnable (a WaitForWork push; "*": any
@@ -262,36 +270,60 @@ class TaskDispatcher:
     async def _poll(
         self, queues: list[str], types: list[str], wait: float
     ) -> store_pb.ClaimedStep | None:
+        if wait <= 0:
+            return None
         key = (tuple(sorted(set(queues))), tuple(sorted(set(types))))
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group(list(key[0]), list(key[1]))
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[store_pb.ClaimedStep] = loop.create_future()
+        # The waiter itself is awaited (no wait_for, no shield): a task handed to it
+        # resumes the poll on the loop's next turn, not three turns later. Its timer ends
+        # it empty (None); the group's fall-back claims run on the group's own timer.
+        waiter: asyncio.Future[store_pb.ClaimedStep | None] = loop.create_future()
         group.waiting.append(waiter)
-        deadline = loop.time() + wait
+        timer = loop.call_later(wait, _empty, waiter)
+        self._kick(group)
+        self._fall_back_later(group)
         try:
-            while (remaining := deadline - loop.time()) > 0:
-                self._kick(group)
-                with contextlib.suppress(TimeoutError):
-                    return await asyncio.wait_for(
-                        asyncio.shield(waiter), min(remaining, self._cfg.poll_interval)
-                    )
-                # The fall-back for a missed wake-up: one claim per poll_interval for the
-                # whole group, not one per waiting poller.
-                if time.monotonic() - group.claimed_at >= 0.9 * self._cfg.poll_interval:
-                    group.dirty = True
-            return waiter.result() if waiter.done() and not waiter.cancelled() else None
+            return await waiter
         except asyncio.CancelledError:  # the caller left: a task handed to it goes back
-            if waiter.done() and not waiter.cancelled():
-                await self._release([waiter.result()])
+            if waiter.done() and not waiter.cancelled() and (step := waiter.result()) is not None:
+                await self._release([step])
             raise
         finally:
+            timer.cancel()
             waiter.cancel()
             if not any(not f.done() for f in group.waiting):
                 group.waiting.clear()
                 if not group.claiming and not group.offered and self._groups.get(key) is group:
                     del self._groups[key]
+                    if group.fall_back is not None:
+                        group.fall_back.cancel()
+
+    def _fall_back_later(self, group: _Group) -> None:
+        """The fall-back for a missed wake-up: while the group has pollers, one claim per
+        `poll_interval` for the whole group (none if a claim ran meanwhile)."""
+        if group.fall_back is not None:
+            return
+        interval = self._cfg.poll_interval
+
+        def due() -> None:
+            group.fall_back = None
+            if not any(not f.done() for f in group.waiting):
+                return
+            if time.monotonic() - group.claimed_at >= 0.9 * interval:
+                group.dirty = True
+                self._kick(group)
+            self._fall_back_later(group)
+
+        group.fall_back = asyncio.get_running_loop().call_later(interval, due)
+
+
+def _empty(waiter: asyncio.Future[store_pb.ClaimedStep | None]) -> None:
+    """A poll's time is up: it answers empty, unless a task reached it first."""
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class CompletionBatcher:
@@ -438,6 +470,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             await self._unresolvable(step, str(exc))
             return pb.PollTaskResponse()
         metrics.workflow_tasks_dispatched.labels(step.queue, step.task_type).inc()
+        if hops.ENABLED:
+            hops.mark(step.ref.workflow_id, "poll_answered")
         return reply
 
     async def _unresolvable(self, step: store_pb.ClaimedStep, error: str) -> None:

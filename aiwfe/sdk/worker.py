@@ -451,6 +451,9 @@ class Worker:
                     execution = asyncio.create_task(self._execute(reply, slots))
                     self._executions.add(execution)
                     execution.add_done_callback(self._executions.discard)
+                    # One turn of the loop for the task to reach its function before this
+                    # poller sets up its next PollTask (which would otherwise run first).
+                    await asyncio.sleep(0)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL_POLL_CODES:
                     self._fatal = WorkerError(

@@ -30,10 +30,11 @@ from typing import Any, NamedTuple, TypeVar
 
 import psycopg
 from google.protobuf import json_format
+from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as pb
-from aiwfe.runtime import conditions, metrics
+from aiwfe.runtime import conditions, hops, metrics
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from dataplatform.db import Database, DictConnection
 from dataplatform.workflows import messages, watches
@@ -631,6 +632,8 @@ class WorkflowRepository:
             "eager_lease": request.eager_lease_seconds,
         }
         cur = await conn.execute(_CREATE, args)
+        if hops.ENABLED and conn.info.transaction_status == TransactionStatus.IDLE:
+            hops.mark(str(wid), "committed")  # autocommit: the reply follows the commit
         row = await cur.fetchone()
         if row is not None:
             first = {

@@ -347,3 +347,58 @@ async def test_a_decided_status_is_answered_at_once_with_its_details() -> None:
         await server.stop(0)
     assert backend.metadata == []  # no Echo reached the upstream
     assert harness.finished.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 64
+
+
+class CheckingHarness(Harness):
+    """Decides every call for an upstream that is down, then reads the request and sends
+    "go" to the real one and answers "no" with a status itself (as the front door holds a
+    call whose permission names resources of its request)."""
+
+    status = ResourceExhausted("refused", reason="OVERLOADED").to_status()
+
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__(upstream_port)
+        endpoints = {
+            "up": Endpoint(b"upstream", host="127.0.0.1", port=upstream_port),
+            "down": Endpoint(b"down", host="127.0.0.1", port=free_port()),
+        }
+        self.relay = Relay(self.decide, endpoints, 100)
+
+    def decide(self, headers: list[tuple[bytes, bytes]], peer: str, up: Any) -> Decision:
+        live = super().decide(headers, peer, up)
+
+        def answer(request: bytes) -> Decision | None:
+            if request == b"go":
+                return live
+            if request == b"no":
+                return Decision("", [], self.finish, status=self.status)
+            return None
+
+        return Decision("down", headers, answer=answer)
+
+
+async def test_a_held_request_can_change_where_its_call_goes() -> None:
+    """A held request's answer may be another decision: "go" is sent to the upstream that
+    decision names (and `finish` told how it ended), "no" is answered with its status
+    without an upstream, and an answer of None sends the call where it was decided."""
+    server, backend, port = await _backend()
+    harness = CheckingHarness(port)
+    relay_port = await harness.relay.start("127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{relay_port}", options=_OPTIONS) as ch:
+            echo = ch.unary_unary("/t.T/Echo")
+            assert await echo(b"go", timeout=5) == b"go"
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await echo(b"no", timeout=5)
+            assert (refused.value.code(), refused.value.details()) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "refused",
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as down:
+                await echo(b"other", timeout=5)
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await harness.relay.stop(0.5)
+        await server.stop(0)
+    assert len(backend.metadata) == 1  # only "go" reached the upstream
+    assert harness.finished == [grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED]

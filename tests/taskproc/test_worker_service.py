@@ -160,20 +160,89 @@ async def test_a_stub_worker_runs_a_task_between_builtin_steps(suite, gateway_ch
 
 async def test_polling_needs_the_queue_permission(suite, gateway_channel) -> None:
     """worker:queue:<q> is checked per named queue at the gateway; a role without any
-    worker permission, or without one of the queues, is refused before taskproc."""
+    worker permission, or without one of the queues, is refused before taskproc. Each
+    refusal is asked twice: first with a token the gateway has not cached (the full path),
+    then cached (the relay reads the request and checks it: never sent to taskproc). An
+    allowed poll with a cached token goes straight to taskproc."""
+    front = suite.running["gateway"].front
     alpha = await new_user(suite, gateway_channel, ("alpha-worker",))
     plain = await new_user(suite, gateway_channel, ("user",))
     for token, queues in ((alpha, ["beta"]), (alpha, ["alpha", "beta"]), (plain, ["alpha"])):
-        with pytest.raises(grpc.aio.AioRpcError) as denied:
-            await poll(gateway_channel, token, queues, wait=0.2)
-        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        why, meta = reason(denied.value)
-        assert why == "PERMISSION_MISSING"
-        assert meta["permission"] in {"worker:queue:beta", "worker:queue:alpha"}
+        for _ in range(2):
+            fast_before = front.fast_calls
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await poll(gateway_channel, token, queues, wait=0.2)
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            why, meta = reason(denied.value)
+            assert why == "PERMISSION_MISSING"
+            assert meta["permission"] in {"worker:queue:beta", "worker:queue:alpha"}
+            assert front.fast_calls == fast_before
+    fast_before = front.fast_calls
     started = time.monotonic()
     empty = await poll(gateway_channel, alpha, ["alpha"], wait=0.3)
     assert not empty.task_token
     assert 0.25 < time.monotonic() - started < 3
+    assert front.fast_calls == fast_before + 1
+
+
+async def test_a_waiting_poll_finds_a_task_whose_wake_up_was_missed(suite, gateway_channel) -> None:
+    """The fall-back claim: with dataplatform's wake-ups kept from the dispatcher, a task
+    made runnable by its dependency's completion still reaches the poll already waiting
+    for it, at the group's next fall-back claim (every taskproc.poll_interval, 0.5 s), not
+    when the poll's time is up (10 s)."""
+    service = suite.running["taskproc"].service
+    service.worker.work_listeners.remove(service.tasks.wake)
+    try:
+        owner = await new_user(suite, gateway_channel)
+        worker = await new_user(suite, gateway_channel, ("worker",))
+        polling = asyncio.create_task(poll(gateway_channel, worker, ["alpha"], wait=10))
+        await asyncio.sleep(0.3)  # waiting; its group's first claim found nothing
+        workflow = await submit(
+            gateway_channel,
+            owner,
+            spec({"name": "first", "op": "noop"}, {**task_step("work"), "depends_on": ["first"]}),
+        )
+        started = time.monotonic()
+        task = await polling
+        assert task.workflow_id == workflow.workflow_id and task.step_name == "work"
+        assert time.monotonic() - started < 5
+    finally:
+        service.worker.work_listeners.append(service.tasks.wake)
+
+
+async def test_a_poll_too_long_for_the_relay_to_hold_is_still_checked(
+    suite, gateway_channel
+) -> None:
+    """A PollTask padded with an unknown field past what the relay holds to read (256 KiB)
+    is not sent straight to taskproc unchecked: the full path refuses the queue the
+    caller lacks, and serves one it has."""
+    front = suite.running["gateway"].front
+    alpha = await new_user(suite, gateway_channel, ("alpha-worker",))
+    await poll(gateway_channel, alpha, ["alpha"], wait=0.1)  # the token is cached now
+    padding = b"\xfa\x06" + _varint(300_000) + b"x" * 300_000  # field 111, length-delimited
+    call = gateway_channel.unary_unary(
+        "/aiwfe.taskproc.v1.WorkerService/PollTask",
+        response_deserializer=pb.PollTaskResponse.FromString,
+    )
+    for queue, allowed in (("beta", False), ("alpha", True)):
+        request = pb.PollTaskRequest(queues=[queue], wait_seconds=0.2).SerializeToString()
+        fast_before = front.fast_calls
+        if allowed:
+            assert not (await call(request + padding, metadata=bearer(alpha), timeout=5)).task_token
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await call(request + padding, metadata=bearer(alpha), timeout=5)
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert reason(denied.value)[1]["permission"] == "worker:queue:beta"
+        assert front.fast_calls == fast_before
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while n > 0x7F:
+        out += bytes([n & 0x7F | 0x80])
+        n >>= 7
+    return out + bytes([n])
 
 
 async def test_a_lapsed_lease_is_dispatched_again_and_the_old_token_refused(
