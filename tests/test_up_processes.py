@@ -81,11 +81,16 @@ def _refused(up: UpProcess) -> dict[str, float]:
 
 
 def _exited(pid: int) -> bool:
-    """Whether `pid` has exited (gone, or a zombie whose sockets are closed)."""
+    """Whether `pid` has exited (gone, or a zombie whose sockets are closed). A zombie
+    leader alone is not enough: its other threads (grpc's) still hold the descriptor table,
+    and with it the listener, which takes new connections until the last thread ends and
+    then resets them."""
     try:
-        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+        threads = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return True
+    return "\nState:\tZ" in status and len(threads) <= 1
 
 
 def _listening(pid: int, port: int) -> bool:
