@@ -431,8 +431,9 @@ class FrontDoor:
             share = self._share(request, kept, assertion, principal)
         return Decision(info.package, out, finish, block=block, share=share)
 
-    @staticmethod
-    def _share(request: _Request, kept: Headers, assertion: str, principal: Principal) -> Share:
+    def _share(
+        self, request: _Request, kept: Headers, assertion: str, principal: Principal
+    ) -> Share:
         """One upstream stream for the calls of one principal (its token, its identity
         and roles) with the same headers and request; its own deadline stays each call's."""
         route = request.route
@@ -455,7 +456,26 @@ class FrontDoor:
             ]
         )
         deadline = request.client if request.client is not None else request.cap
-        return Share(key, block, deadline)
+        return Share(key, block, deadline, self._refusal(request))
+
+    def _refusal(self, request: _Request) -> Callable[[], grpc.Status | None]:
+        """The admission a shared stream's caller passed, made again: the status that
+        refuses it now (a revoked token, a role taken away), else None. A token no longer
+        in the in-process cache cannot be told without waiting: not refused here."""
+        admission, info = self._admission, request.info
+        if info is None:
+            raise RuntimeError("a shared call without its method")
+
+        def refusal() -> grpc.Status | None:
+            try:
+                principal = admission.authenticate_now(info, request.authorization, request.token)
+                if isinstance(principal, Principal):
+                    admission.authorize(info, principal)
+            except AiwfeError as exc:
+                return exc.to_status()
+            return None
+
+        return refusal
 
     def _recorder(self, path: str) -> ServerRecorder | None:
         """The span and metrics recorder of `path` (None with telemetry off, as the

@@ -96,6 +96,7 @@ _FRAME_HEAD = h2.FRAME_HEAD.pack
 # that does not read) is reset alone (ENHANCE_YOUR_CALM: RESOURCE_EXHAUSTED to gRPC).
 _FANOUT_HISTORY = 1 << 20
 _WATCHER_LAG = STREAM_WINDOW
+_RECHECK_SECONDS = 0.5  # a revoked caller's shared streams end within a second
 _RST_STATUS = {h2.CANCEL: grpc.StatusCode.CANCELLED, h2.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
 
 # What the relay says itself when it answers a call.
@@ -178,6 +179,9 @@ class Share(NamedTuple):
     key: bytes  # who asks, and with which headers (never two principals: see the front)
     block: bytes  # the shared stream's request headers: no deadline (each caller has one)
     deadline: float  # this caller's, in seconds: then DEADLINE_EXCEEDED, as a back end says
+    # Asked every `_RECHECK_SECONDS` while the shared stream is open: the status that would
+    # refuse its key's caller now (its token revoked, its role gone), which ends them all.
+    refusal: Callable[[], grpc.Status | None] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -511,7 +515,12 @@ def _finish(stream: _Stream, code: grpc.StatusCode, details: bool = False) -> No
         finish(code, details)
 
 
-def _fail(stream: _Stream, code: grpc.StatusCode, message: str) -> None:
+def _fail(
+    stream: _Stream,
+    code: grpc.StatusCode,
+    message: str,
+    metadata: Iterable[tuple[str, str | bytes]] = (),
+) -> None:
     """Ends a call the relay cannot complete with a gRPC status, after what was queued."""
     if stream.done:
         return
@@ -520,7 +529,7 @@ def _fail(stream: _Stream, code: grpc.StatusCode, message: str) -> None:
         if stream.uid:
             stream.upstream.write(h2.rst_stream(stream.uid, h2.CANCEL))
     stream.upstream_ended = True
-    fields = h2.grpc_status_headers(code.value[0], message, stream.response_started)
+    fields = h2.grpc_status_headers(code.value[0], message, stream.response_started, metadata)
     stream.response_started = True
     stream.to_client.append((h2.HEADERS, h2.END_STREAM, h2.header_block(fields)))
     stream.code = code
@@ -1284,6 +1293,8 @@ class _Fanout:
         self.watchers: dict[_Stream, asyncio.TimerHandle] = {}  # and their deadlines
         self.stream: _Stream | None = None  # the shared one, until it ends
         self.code, self.details = _UNKNOWN, False  # how it ended
+        self.refusal: Callable[[], grpc.Status | None] = lambda: None
+        self.timer: asyncio.TimerHandle | None = None  # the next admission check
 
     @staticmethod
     def join(stream: _Stream, share: Share, body: bytes) -> None:
@@ -1300,9 +1311,12 @@ class _Fanout:
             shared.client_ended = True
             shared.to_upstream.append((h2.DATA, h2.END_STREAM, body))
             fanout.stream = shared
+            fanout.refusal = share.refusal
             relay.pools[stream.decision.upstream].open(shared)
         stream.fanout = fanout
         loop = asyncio.get_running_loop()
+        if fanout.timer is None:
+            fanout.timer = loop.call_later(_RECHECK_SECONDS, fanout.recheck)
         fanout.watchers[stream] = loop.call_later(share.deadline, fanout.expire, stream)
         for frame in fanout.frames or ():
             fanout.give(stream, frame)
@@ -1343,6 +1357,23 @@ class _Fanout:
         _fail(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         self.relay.flush()
 
+    def recheck(self) -> None:
+        """Admission again, for the caller all watchers are: refused now (revoked), they
+        end with the refusal's status and the shared stream with the last of them."""
+        self.timer = None
+        if self.stream is None or not self.watchers:
+            return
+        status = self.refusal()
+        if status is None:
+            self.timer = asyncio.get_running_loop().call_later(_RECHECK_SECONDS, self.recheck)
+            return
+        for stream in list(self.watchers):
+            self.leave(stream)
+            if not stream.done and not stream.upstream_ended:
+                _finish(stream, status.code)
+                _fail(stream, status.code, status.details, status.trailing_metadata)
+        self.relay.flush()
+
     def leave(self, stream: _Stream) -> None:
         """A caller is gone; the last one takes the shared stream with it (CANCEL)."""
         stream.fanout = None
@@ -1352,6 +1383,9 @@ class _Fanout:
         shared = self.stream
         if self.watchers or shared is None:
             return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self._forget()
         shared.done = True
         upstream = shared.upstream

@@ -195,3 +195,37 @@ async def test_a_watcher_that_never_reads_is_reset_alone(
     assert results[0][-1].workflow_state == pb.WORKFLOW_STATE_SUCCEEDED
     assert results[1] == results[0]
     assert not any(f[0] == h2.DATA and f[2] == 1 for f in raw.seen)
+
+
+async def test_revoking_a_token_ends_its_shared_watches_and_refuses_joiners(
+    suite: Suite,
+) -> None:
+    """Admission stays per call: once a token is revoked (Logout), a watch with it is
+    refused, and the shared stream its watchers hold ends UNAUTHENTICATED within a second;
+    another principal's watch of the same workflow goes on."""
+    async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+        token = await new_user(suite, channel)
+        wid = await _submit(channel, token, _waiting("first"))
+        for _ in range(3):
+            await _get(channel, token, wid)
+        admin = await login(channel)
+        for _ in range(3):
+            await _get(channel, admin, wid)
+        watchers = [_Watcher(channel, token, wid) for _ in range(2)]
+        other = _Watcher(channel, admin, wid)
+        await _until(lambda: all(w.events for w in [*watchers, other]))
+        await auth_grpc.AuthServiceStub(channel).Logout(
+            auth_pb.LogoutRequest(), metadata=bearer(token), timeout=5
+        )
+        late = _Watcher(channel, token, wid)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await asyncio.wait_for(late.task, 10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert not late.events
+        for watcher in watchers:
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(watcher.task, 1.5)
+            assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert not other.task.done()
+        await _until(lambda: _slots(suite).in_flight == 1)
+        other.call.cancel()
