@@ -95,6 +95,7 @@ _FRAME_HEAD = h2.FRAME_HEAD.pack
 # no new caller (they open their own); a caller with this many bytes unwritten (a client
 # that does not read) is reset alone (ENHANCE_YOUR_CALM: RESOURCE_EXHAUSTED to gRPC).
 _FANOUT_HISTORY = 1 << 20
+_FANOUTS_HISTORY = 64 << 20  # all fan-outs' kept frames together, in the whole relay
 _WATCHER_LAG = STREAM_WINDOW
 _RECHECK_SECONDS = 0.5  # a revoked caller's shared streams end within a second
 _RST_STATUS = {h2.CANCEL: grpc.StatusCode.CANCELLED, h2.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
@@ -237,6 +238,7 @@ class Relay:
         self.dirty: list[_Connection] = []
         self.opening: list[_Stream] = []  # calls to open upstream once this read is handled
         self.fanouts: dict[bytes, _Fanout] = {}  # shared upstream streams a call may join
+        self.fanout_bytes = 0  # the frames they keep for late joiners
         self.later: list[Callable[[], None]] = []
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -1271,12 +1273,12 @@ class _Client(_Connection):
 class _Fanout:
     """One upstream stream shared by equal calls (`Share`): its frames are copied to each
     caller's stream, where the relay's flow control toward that client applies as for a
-    relayed stream, and kept (up to `_FANOUT_HISTORY`) so a late joiner gets them all from
-    the first, as a call of its own would. To the relay it stands for the shared stream's
-    client (the methods `_send`, `_grant` and the pool ask of one): it takes every byte at
-    once, so the upstream is never held back by a slow caller; that caller is reset alone
-    once it has `_WATCHER_LAG` bytes unwritten or its connection's buffer budget is spent.
-    The upstream is cancelled when the last caller leaves."""
+    relayed stream, and kept (up to `_FANOUT_HISTORY`, and `_FANOUTS_HISTORY` for all) so
+    a late joiner gets them all from the first, as a call of its own would. To the relay
+    it stands for the shared stream's client (the methods `_send`, `_grant` and the pool
+    ask of one): it takes every byte at once, so the upstream is never held back by a slow
+    caller; that caller is reset alone once it has `_WATCHER_LAG` bytes unwritten or its
+    connection's buffer budget is spent. The last caller leaving cancels the upstream."""
 
     peer_initial_window = send_window = h2.MAX_WINDOW
     paused = closing = closed = False
@@ -1397,19 +1399,27 @@ class _Fanout:
     def _forget(self) -> None:
         """No new caller joins this one (it ended or is ending)."""
         self.stream = None
-        self.frames = None
+        self._closed_to_joiners()
+
+    def _closed_to_joiners(self) -> None:
+        """Its kept frames go: those watching go on, a new caller opens a stream anew."""
+        if self.frames is not None:
+            self.relay.fanout_bytes -= self.size
+            self.frames = None
         if self.relay.fanouts.get(self.key) is self:
             del self.relay.fanouts[self.key]
 
     def _add(self, frame: tuple[int, int, bytes]) -> None:
         frames = self.frames
         if frames is not None:
-            frames.append(frame)
-            self.size += len(frame[2])
-            if self.size > _FANOUT_HISTORY:  # those watching go on; a new caller opens anew
-                self.frames = None
-                if self.relay.fanouts.get(self.key) is self:
-                    del self.relay.fanouts[self.key]
+            n = len(frame[2])
+            relay = self.relay
+            if self.size + n > _FANOUT_HISTORY or relay.fanout_bytes + n > _FANOUTS_HISTORY:
+                self._closed_to_joiners()
+            else:
+                frames.append(frame)
+                self.size += n
+                relay.fanout_bytes += n
         for stream in list(self.watchers):
             self.give(stream, frame)
 

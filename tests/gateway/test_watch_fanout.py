@@ -229,3 +229,33 @@ async def test_revoking_a_token_ends_its_shared_watches_and_refuses_joiners(
         assert not other.task.done()
         await _until(lambda: _slots(suite).in_flight == 1)
         other.call.cancel()
+
+
+async def test_a_fan_out_past_its_kept_bytes_takes_no_joiner(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the frames a fan-out may keep (shrunk here), those watching go on and a late
+    caller opens a stream of its own, still getting every event from the first."""
+    monkeypatch.setattr(relay, "_FANOUT_HISTORY", 100)
+    async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+        token = await new_user(suite, channel)
+        wid = await _submit(channel, token, _waiting("first", "second"))
+        for _ in range(3):
+            await _get(channel, token, wid)
+        before = _full(suite)
+        watchers = [_Watcher(channel, token, wid) for _ in range(2)]
+        await _until(lambda: all(w.events for w in watchers))
+        own = _full(suite) - before
+        assert _slots(suite).in_flight == 1 + own
+        await _signal(channel, token, wid, "first")
+        await _until(lambda: all(len(w.events) >= 3 for w in watchers))
+        before = _full(suite)
+        late = _Watcher(channel, token, wid)
+        await _until(lambda: len(late.events) >= 3)
+        assert _slots(suite).in_flight == 2 + own + _full(suite) - before
+        assert not suite.running["gateway"].front._relay.fanouts
+        await _signal(channel, token, wid, "second")
+        results = await asyncio.wait_for(asyncio.gather(*(w.task for w in [*watchers, late])), 20)
+    assert results[0][-1].workflow_state == pb.WORKFLOW_STATE_SUCCEEDED
+    assert results[1] == results[0] == results[2]
+    assert suite.running["gateway"].front._relay.fanout_bytes == 0
