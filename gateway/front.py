@@ -67,7 +67,7 @@ from gateway.forwarding import (
 )
 from gateway.policies import MethodInfo
 from gateway.ratelimit import RELAYED_PEER_KEY
-from gateway.relay import Decision, Endpoint, Headers, Relay, RelayLimits
+from gateway.relay import Decision, Endpoint, Headers, Relay, RelayLimits, Share
 from gateway.response_cache import ResponseCache, cache_directive
 
 GATEWAY = "gateway"  # the upstream name of the gateway's own gRPC server
@@ -75,6 +75,10 @@ _INTERNAL = INTERNAL_METADATA_PREFIX.encode()
 _IDENTITY = IDENTITY_METADATA_KEY.encode()
 _PEER = RELAYED_PEER_KEY.encode()
 _CLOSED = BreakerState.CLOSED  # read once: an Enum class attribute costs a slow lookup
+# Calls equal in caller, headers and request get equal responses, so the relay may serve
+# them from one upstream stream (`relay.Share`): a watch of a workflow streams its events
+# from the first (or after a given sequence) until it is terminal, whoever asks when.
+_SHARED = frozenset({"/aiwfe.taskproc.v1.WorkflowService/WatchWorkflow"})
 
 
 def server_tls(tls: TlsSettings) -> ssl.SSLContext | None:
@@ -422,7 +426,56 @@ class FrontDoor:
             if recorder is not None:
                 recorder.finish(span, code, time.perf_counter() - started)
 
-        return Decision(info.package, out, finish, block=block)
+        share = None
+        if info.path in _SHARED:
+            share = self._share(request, kept, assertion, principal)
+        return Decision(info.package, out, finish, block=block, share=share)
+
+    def _share(
+        self, request: _Request, kept: Headers, assertion: str, principal: Principal
+    ) -> Share:
+        """One upstream stream for the calls of one principal (its token, its identity
+        and roles) with the same headers and request; its own deadline stays each call's."""
+        route = request.route
+        if route is None or request.path is None:
+            raise RuntimeError("a shared call without its route")
+        identity = (_IDENTITY, assertion.encode())
+        key = h2.header_block(
+            [(b":path", request.path), (b"jti", principal.token_id.encode()), identity, *kept]
+        )
+        block = h2.header_block(
+            [
+                (b":method", b"POST"),
+                (b":scheme", route.scheme),
+                (b":path", request.path),
+                (b":authority", route.authority),
+                (b"te", b"trailers"),
+                identity,
+                *kept,
+                (b"user-agent", RELAY_USER_AGENT),
+            ]
+        )
+        deadline = request.client if request.client is not None else request.cap
+        return Share(key, block, deadline, self._refusal(request))
+
+    def _refusal(self, request: _Request) -> Callable[[], grpc.Status | None]:
+        """The admission a shared stream's caller passed, made again: the status that
+        refuses it now (a revoked token, a role taken away), else None. A token no longer
+        in the in-process cache cannot be told without waiting: not refused here."""
+        admission, info = self._admission, request.info
+        if info is None:
+            raise RuntimeError("a shared call without its method")
+
+        def refusal() -> grpc.Status | None:
+            try:
+                principal = admission.authenticate_now(info, request.authorization, request.token)
+                if isinstance(principal, Principal):
+                    admission.authorize(info, principal)
+            except AiwfeError as exc:
+                return exc.to_status()
+            return None
+
+        return refusal
 
     def _recorder(self, path: str) -> ServerRecorder | None:
         """The span and metrics recorder of `path` (None with telemetry off, as the

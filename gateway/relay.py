@@ -91,6 +91,13 @@ _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 _UNKNOWN = grpc.StatusCode.UNKNOWN  # read once: an Enum class attribute costs a slow lookup
 _STATUS_MEMO_BLOCK, _STATUS_MEMO_ENTRIES = 512, 32  # trailers blocks whose status is kept
 _FRAME_HEAD = h2.FRAME_HEAD.pack
+# A fan-out keeps the frames it brought for late joiners up to this many bytes, then takes
+# no new caller (they open their own); a caller with this many bytes unwritten (a client
+# that does not read) is reset alone (ENHANCE_YOUR_CALM: RESOURCE_EXHAUSTED to gRPC).
+_FANOUT_HISTORY = 1 << 20
+_FANOUTS_HISTORY = 64 << 20  # all fan-outs' kept frames together, in the whole relay
+_WATCHER_LAG = STREAM_WINDOW
+_RECHECK_SECONDS = 0.5  # a revoked caller's shared streams end within a second
 _RST_STATUS = {h2.CANCEL: grpc.StatusCode.CANCELLED, h2.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
 
 # What the relay says itself when it answers a call.
@@ -160,6 +167,22 @@ class Decision(NamedTuple):
     # opening the call upstream: a refusal the front door decides from the headers alone.
     status: grpc.Status | None = None
     block: bytes | None = None  # `headers` encoded already (h2.header_block), if at hand
+    share: Share | None = None  # the call may join others' upstream stream (a watch)
+
+
+class Share(NamedTuple):
+    """How a call may share one upstream stream with equal calls (a fan-out): calls
+    whose `key` and whole request message are equal get the same response, so the relay
+    opens one upstream stream for all of them and copies its frames to each, from the
+    first one on for a late joiner. Each keeps its own deadline, flow control and finish;
+    a call whose request is not one plain message goes on by itself, as decided."""
+
+    key: bytes  # who asks, and with which headers (never two principals: see the front)
+    block: bytes  # the shared stream's request headers: no deadline (each caller has one)
+    deadline: float  # this caller's, in seconds: then DEADLINE_EXCEEDED, as a back end says
+    # Asked every `_RECHECK_SECONDS` while the shared stream is open: the status that would
+    # refuse its key's caller now (its token revoked, its role gone), which ends them all.
+    refusal: Callable[[], grpc.Status | None] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -214,6 +237,8 @@ class Relay:
         self.clients: set[_Client] = set()
         self.dirty: list[_Connection] = []
         self.opening: list[_Stream] = []  # calls to open upstream once this read is handled
+        self.fanouts: dict[bytes, _Fanout] = {}  # shared upstream streams a call may join
+        self.fanout_bytes = 0  # the frames they keep for late joiners
         self.later: list[Callable[[], None]] = []
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -311,8 +336,8 @@ class _Half(deque[tuple[int, int, bytes]]):
 class _Stream:
     __slots__ = (
         "cid", "client", "client_credit", "client_ended", "client_recv", "code", "decision",
-        "details", "done", "finished", "headers", "held", "kept", "queued", "replay", "request",
-        "resent",
+        "details", "done", "fanout", "finished", "headers", "held", "kept", "queued", "replay",
+        "request", "resent",
         "response_started", "retries", "target", "to_client", "to_upstream", "trailers", "uid",
         "upstream", "upstream_ended", "upstream_recv",
     )  # fmt: skip
@@ -353,6 +378,7 @@ class _Stream:
         self.resent = 0  # bytes of a replay not yet written again (credited once already)
         self.retries = 0
         self.trailers = b""  # the upstream's trailers block, once it sent them
+        self.fanout: _Fanout | None = None  # the shared upstream stream it watches
 
 
 def _send(stream: _Stream, to_upstream: bool) -> None:
@@ -491,7 +517,12 @@ def _finish(stream: _Stream, code: grpc.StatusCode, details: bool = False) -> No
         finish(code, details)
 
 
-def _fail(stream: _Stream, code: grpc.StatusCode, message: str) -> None:
+def _fail(
+    stream: _Stream,
+    code: grpc.StatusCode,
+    message: str,
+    metadata: Iterable[tuple[str, str | bytes]] = (),
+) -> None:
     """Ends a call the relay cannot complete with a gRPC status, after what was queued."""
     if stream.done:
         return
@@ -500,7 +531,7 @@ def _fail(stream: _Stream, code: grpc.StatusCode, message: str) -> None:
         if stream.uid:
             stream.upstream.write(h2.rst_stream(stream.uid, h2.CANCEL))
     stream.upstream_ended = True
-    fields = h2.grpc_status_headers(code.value[0], message, stream.response_started)
+    fields = h2.grpc_status_headers(code.value[0], message, stream.response_started, metadata)
     stream.response_started = True
     stream.to_client.append((h2.HEADERS, h2.END_STREAM, h2.header_block(fields)))
     stream.code = code
@@ -986,6 +1017,8 @@ class _Client(_Connection):
         self.relay.check_quiet()
 
     def forget(self, stream: _Stream) -> None:
+        if stream.fanout is not None:
+            stream.fanout.leave(stream)
         if self.streams.pop(stream.cid, None) is not None:
             self._ended(stream.cid, False)
             # Request bytes it never passed on (reset, answered, or failed before they
@@ -1073,8 +1106,8 @@ class _Client(_Connection):
             return
         block = decision.block
         stream.request = block if block is not None else h2.header_block(decision.headers)
-        if decision.answer is not None:
-            # Opened upstream only if the whole request finds no answer.
+        if decision.answer is not None or decision.share is not None:
+            # Opened upstream only if the whole request finds no answer (or no fan-out).
             stream.held = sum(len(payload) for _, _, payload in stream.to_upstream)
             if stream.client_ended or stream.held >= _HOLD_BYTES:
                 self._pass_on(stream, 0)
@@ -1161,11 +1194,21 @@ class _Client(_Connection):
             return
         stream.held += size
         if stream.client_ended:
-            if stream.decision.answer is None:
-                raise RuntimeError("a held request ended without the front's answer")
             body = b"".join(payload for _, _, payload in stream.to_upstream)
             message = _single_message(body)
-            reply = stream.decision.answer(message) if message is not None else None
+            share = stream.decision.share
+            if share is not None:
+                if message is not None:
+                    self.credit(stream.held)  # the request was consumed here
+                    stream.held = -1
+                    stream.to_upstream.clear()
+                    _Fanout.join(stream, share, body)
+                    return
+                reply = None
+            elif stream.decision.answer is None:
+                raise RuntimeError("a held request ended without the front's answer")
+            else:
+                reply = stream.decision.answer(message) if message is not None else None
             if isinstance(reply, Decision):
                 stream.decision = reply
                 if reply.status is not None:
@@ -1225,6 +1268,199 @@ class _Client(_Connection):
         self.drain_phase = 2
         if not self.streams:
             self.close()
+
+
+class _Fanout:
+    """One upstream stream shared by equal calls (`Share`): its frames are copied to each
+    caller's stream, where the relay's flow control toward that client applies as for a
+    relayed stream, and kept (up to `_FANOUT_HISTORY`, and `_FANOUTS_HISTORY` for all) so
+    a late joiner gets them all from the first, as a call of its own would. To the relay
+    it stands for the shared stream's client (the methods `_send`, `_grant` and the pool
+    ask of one): it takes every byte at once, so the upstream is never held back by a slow
+    caller; that caller is reset alone once it has `_WATCHER_LAG` bytes unwritten or its
+    connection's buffer budget is spent. The last caller leaving cancels the upstream."""
+
+    peer_initial_window = send_window = h2.MAX_WINDOW
+    paused = closing = closed = False
+
+    def __init__(self, relay: Relay, key: bytes) -> None:
+        self.relay = relay
+        self.key = key
+        self.budget = 1 << 62  # the windows granted upstream are used up at once
+        self.starved: dict[_Stream, None] = {}
+        self.blocked: dict[_Stream, None] = {}
+        self.useful = 0
+        self.frames: list[tuple[int, int, bytes]] | None = []  # None: too long, no joiner
+        self.size = 0
+        self.watchers: dict[_Stream, asyncio.TimerHandle] = {}  # and their deadlines
+        self.stream: _Stream | None = None  # the shared one, until it ends
+        self.code, self.details = _UNKNOWN, False  # how it ended
+        self.refusal: Callable[[], grpc.Status | None] = lambda: None
+        self.timer: asyncio.TimerHandle | None = None  # the next admission check
+
+    @staticmethod
+    def join(stream: _Stream, share: Share, body: bytes) -> None:
+        """`stream` (its request whole, `body`) watches the fan-out of its key and request,
+        opened upstream now if there is none."""
+        relay = stream.client.relay
+        key = share.key + body
+        fanout = relay.fanouts.get(key)
+        if fanout is None:
+            fanout = relay.fanouts[key] = _Fanout(relay, key)
+            shared = _Stream(
+                cast(_Client, fanout), 1, stream.decision._replace(finish=None), share.block
+            )
+            shared.client_ended = True
+            shared.to_upstream.append((h2.DATA, h2.END_STREAM, body))
+            fanout.stream = shared
+            fanout.refusal = share.refusal
+            relay.pools[stream.decision.upstream].open(shared)
+        stream.fanout = fanout
+        loop = asyncio.get_running_loop()
+        if fanout.timer is None:
+            fanout.timer = loop.call_later(_RECHECK_SECONDS, fanout.recheck)
+        fanout.watchers[stream] = loop.call_later(share.deadline, fanout.expire, stream)
+        for frame in fanout.frames or ():
+            fanout.give(stream, frame)
+
+    def give(self, stream: _Stream, frame: tuple[int, int, bytes]) -> None:
+        """Queues one of the shared stream's frames to a caller's and writes what it can."""
+        if stream.done or stream.upstream_ended:
+            return
+        ftype, flags, payload = frame
+        if ftype == h2.DATA:
+            client = stream.client
+            stream.queued += len(payload)  # buffered from its connection's budget
+            client.budget -= len(payload)
+            if stream.queued > _WATCHER_LAG or client.budget < 0:
+                self.drop(stream)
+                return
+        if flags & h2.END_STREAM:
+            stream.upstream_ended = True
+            stream.code, stream.details = self.code, self.details
+        stream.response_started = True
+        stream.to_client.append(frame)
+        _send(stream, False)
+
+    def drop(self, stream: _Stream) -> None:
+        """A caller that does not read: reset, alone."""
+        log.info("resetting a watcher of a shared stream: its client does not read")
+        stream.done = True
+        client = stream.client
+        client.forget(stream)
+        client.reset(stream.cid, h2.ENHANCE_YOUR_CALM, peer_caused=False)
+        _finish(stream, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    def expire(self, stream: _Stream) -> None:
+        """A caller's deadline passed: it ends as a call of its own would."""
+        self.leave(stream)
+        if stream.done or stream.upstream_ended:  # its trailers are out or on their way
+            return
+        _fail(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        self.relay.flush()
+
+    def recheck(self) -> None:
+        """Admission again, for the caller all watchers are: refused now (revoked), they
+        end with the refusal's status and the shared stream with the last of them."""
+        self.timer = None
+        if self.stream is None or not self.watchers:
+            return
+        status = self.refusal()
+        if status is None:
+            self.timer = asyncio.get_running_loop().call_later(_RECHECK_SECONDS, self.recheck)
+            return
+        for stream in list(self.watchers):
+            self.leave(stream)
+            if not stream.done and not stream.upstream_ended:
+                _finish(stream, status.code)
+                _fail(stream, status.code, status.details, status.trailing_metadata)
+        self.relay.flush()
+
+    def leave(self, stream: _Stream) -> None:
+        """A caller is gone; the last one takes the shared stream with it (CANCEL)."""
+        stream.fanout = None
+        timer = self.watchers.pop(stream, None)
+        if timer is not None:
+            timer.cancel()
+        shared = self.stream
+        if self.watchers or shared is None:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._forget()
+        shared.done = True
+        upstream = shared.upstream
+        if upstream is not None:
+            upstream.forget(shared)
+            if shared.uid:
+                upstream.write(h2.rst_stream(shared.uid, h2.CANCEL))
+
+    def _forget(self) -> None:
+        """No new caller joins this one (it ended or is ending)."""
+        self.stream = None
+        self._closed_to_joiners()
+
+    def _closed_to_joiners(self) -> None:
+        """Its kept frames go: those watching go on, a new caller opens a stream anew."""
+        if self.frames is not None:
+            self.relay.fanout_bytes -= self.size
+            self.frames = None
+        if self.relay.fanouts.get(self.key) is self:
+            del self.relay.fanouts[self.key]
+
+    def _add(self, frame: tuple[int, int, bytes]) -> None:
+        frames = self.frames
+        if frames is not None:
+            n = len(frame[2])
+            relay = self.relay
+            if self.size + n > _FANOUT_HISTORY or relay.fanout_bytes + n > _FANOUTS_HISTORY:
+                self._closed_to_joiners()
+            else:
+                frames.append(frame)
+                self.size += n
+                relay.fanout_bytes += n
+        for stream in list(self.watchers):
+            self.give(stream, frame)
+
+    # What the relay asks of the shared stream's client.
+
+    def write_headers(self, sid: int, block: bytes, flags: int) -> None:
+        shared = self.stream
+        if flags & h2.END_STREAM and shared is not None:
+            upstream = shared.upstream
+            if shared.trailers and upstream is not None:
+                self.code, self.details = upstream.status(shared.trailers)
+            else:  # the relay's own (`_fail`)
+                self.code, self.details = shared.code, shared.details
+        self._add((h2.HEADERS, flags, block))
+
+    def write_frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        self.send_window = h2.MAX_WINDOW  # (`_send` takes the size off after this)
+        if self.stream is not None:
+            self.stream.to_client.window = h2.MAX_WINDOW
+        self._add((ftype, flags, payload))
+
+    def write(self, data: bytes) -> None:
+        """Frames for the shared stream's client (window updates): none is needed."""
+
+    def credit(self, n: int) -> None:
+        """The shared request's bytes were passed on: nobody waits for credit."""
+
+    def feed_starved(self) -> None:
+        """Never starved: its budget is not spent."""
+
+    def forget(self, stream: _Stream) -> None:
+        """The shared stream ended (its trailers were copied) or was reset."""
+        self._forget()
+
+    def reset(self, sid: int, code: int, *, peer_caused: bool = True) -> None:
+        """The upstream reset the shared stream: so is every caller's, with its code."""
+        for stream in list(self.watchers):
+            stream.done = True
+            stream.client.forget(stream)
+            stream.client.reset(stream.cid, code, peer_caused=False)
+            _finish(stream, _RST_STATUS.get(code, grpc.StatusCode.INTERNAL))
 
 
 class _Pool:
