@@ -559,7 +559,9 @@ def test_the_readme_lifecycle_example_is_a_valid_spec() -> None:
     assert [s.name for s in checked.steps] == ["fetch", "summarise", "publish"]
 
 
-async def test_two_replicas_purge_side_by_side(suite, gateway_channel, database_dsn) -> None:
+async def test_two_replicas_purge_side_by_side(
+    suite, gateway_channel, database_dsn, monkeypatch
+) -> None:
     """A purge never waits for a row another transaction holds (SKIP LOCKED: it deletes the
     others and leaves that one for a later round), and two replicas' purge rounds at once
     (a second dataplatform on the same database) both delete, without error, until every
@@ -596,12 +598,22 @@ async def test_two_replicas_purge_side_by_side(suite, gateway_channel, database_
         await finish(gateway_channel, token, wf.workflow_id)
     await asyncio.sleep(1.1)
     second = await start_service(DataPlatformService(suite.settings), host="127.0.0.1", port=0)
+    replicas = (first, second.service)  # type: ignore[attr-defined]
+    # Both replicas' first batches start together: otherwise a warm replica can purge all
+    # nine while the new one's first statement still loads its backend's catalog.
+    together = asyncio.Barrier(len(replicas))
+    for replica in replicas:
+        repo = replica.workflows.repo
+
+        async def first_batch_together(*args, _repo=repo, _purge=repo.purge_finished):
+            monkeypatch.setattr(_repo, "purge_finished", _purge)
+            await together.wait()
+            return await _purge(*args)
+
+        monkeypatch.setattr(repo, "purge_finished", first_batch_together)
     try:
         totals = await asyncio.gather(
-            *(
-                Retention(r.workflows.repo, limits).purge_once()
-                for r in (first, second.service)  # type: ignore[attr-defined]
-            )
+            *(Retention(r.workflows.repo, limits).purge_once() for r in replicas)
         )
     finally:
         await second.stop(grace=0.5)
