@@ -264,7 +264,8 @@ async def _drain_both(up: UpProcess, gate: asyncio.Event) -> None:
         assert sum(busy.values()) == CONNECTIONS, busy
         up.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.5)  # the processes are draining when the model answers
-        assert not any(task.done() for task in in_flight)
+        finished = [t.exception() or t.result() for t in in_flight if t.done()]
+        assert not finished, finished
         gate.set()
         results = await asyncio.gather(*in_flight, return_exceptions=True)
         assert results == ["Hello world"] * CONNECTIONS, results

@@ -297,17 +297,27 @@ def _report_restart(
 
 
 async def stop_children(children: list[Child]) -> None:
-    live = [(c.name, c.proc) for c in reversed(children) if c.proc is not None]
-    for _, proc in live:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-    for name, proc in live:
-        try:
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
-        except TimeoutError:
-            print(f"aiwfe: {name} did not stop in {STOP_TIMEOUT:.0f} s; killing it", flush=True)
-            proc.kill()
-            await proc.wait()
+    """Stops the services one after the other, front door first (the reverse of the start
+    order), each service's processes together: a service drains while the ones its calls
+    in flight need still serve them. (Stopped all at once, a call the gateway had passed on
+    but the back end had not yet taken was cancelled by the back end's shutdown.)"""
+    tiers: dict[str, list[Child]] = {}
+    for child in reversed(children):
+        if child.proc is not None:
+            tiers.setdefault(child.service, []).append(child)
+    for tier in tiers.values():
+        await asyncio.gather(*(_stop(c.name, c.proc) for c in tier if c.proc is not None))
+
+
+async def _stop(name: str, proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+    except TimeoutError:
+        print(f"aiwfe: {name} did not stop in {STOP_TIMEOUT:.0f} s; killing it", flush=True)
+        proc.kill()
+        await proc.wait()
 
 
 async def run_up(settings: Settings) -> int:
