@@ -26,6 +26,7 @@ import yaml
 
 from aiwfe.app.cli import check_health
 from aiwfe.app.embedded import free_port
+from aiwfe.app.launcher import READY_TIMEOUT
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
 from tests.cognitive.fake_llm import FakeLLMServer, ollama_routes
@@ -99,7 +100,9 @@ def launch_up(
         start_new_session=True,
     )
     banner = []
-    deadline = time.monotonic() + 60
+    # The launcher gives each service READY_TIMEOUT to start; on a loaded machine the
+    # four together may take longer than one service's allowance.
+    deadline = time.monotonic() + 3 * READY_TIMEOUT
     assert proc.stdout is not None
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -108,6 +111,13 @@ def launch_up(
         banner.append(line.rstrip())
         if line.startswith("Ctrl-C"):
             break
+    if not banner or not banner[-1].startswith("Ctrl-C"):
+        log_file.flush()
+        tail = log_path.read_text(errors="replace").splitlines()[-40:]
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        pytest.fail(f"aiwfe up did not finish starting: {banner}\n" + "\n".join(tail))
     try:
         yield UpProcess(proc, ports, metrics_ports, banner, env["AIWFE_HOME"], log_path)
     finally:
