@@ -338,3 +338,39 @@ def test_redis_server_found_in_the_venv_without_path(
     assert embedded._find_redis_server() == str(binary)
     binary.chmod(0o644)  # not executable: not a server
     assert embedded._find_redis_server() is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the account drop happens only as root")
+async def test_utilities_run_as_the_account_while_grpc_is_busy() -> None:
+    """A PostgreSQL utility started (as its account) from a process whose gRPC threads are
+    busy neither crashes nor runs as root. With subprocess's `user=` the child was a fork
+    that gRPC's fork handler crashed before the exec, a third of the time
+    (grpc/grpc#43055: `pg_ctl start` exited with SIGSEGV in a CI run)."""
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    account = embedded._pg_account()
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+
+    async def traffic() -> None:
+        while True:
+            await stub.Check(health_pb2.HealthCheckRequest())
+
+    busy = asyncio.create_task(traffic())
+    try:
+        results = [
+            await asyncio.to_thread(embedded._run, ["id", "-u"], account, Path("/"), 10)
+            for _ in range(100)
+        ]
+    finally:
+        busy.cancel()
+        await channel.close()
+        await server.stop(None)
+    assert results == [(0, f"{account.uid}\n")] * 100

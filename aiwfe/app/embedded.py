@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from glob import glob
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
@@ -210,16 +209,23 @@ class _RunAs:
     gid: int
     home: str
 
-    def subprocess_kwargs(self) -> dict[str, Any]:
-        """Return ``subprocess`` arguments that drop to this account (if we are root)."""
+    def command(self, cmd: list[str]) -> list[str]:
+        """Return ``cmd`` run as this account: through util-linux's ``setpriv`` when we are
+        root. (Not subprocess's ``user=``/``group=``: with those CPython forks instead of
+        vforking, and since grpcio 1.81 a fork of a process with gRPC threads running
+        crashes in the child's gRPC fork handler before the exec, grpc/grpc#43055; seen
+        as ``pg_ctl`` exiting with SIGSEGV.)"""
+        if os.geteuid() != 0 or self.uid == 0:
+            return cmd
+        drop = [f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--"]
+        return ["setpriv", *drop, *cmd]
+
+    def env(self) -> dict[str, str]:
+        """The environment for this account's PostgreSQL utilities."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         # PG* variables (PGDATA, PGPORT, PGOPTIONS...) would silently override our flags.
         env.update(HOME=self.home, USER=self.name, LOGNAME=self.name)
-        kwargs: dict[str, Any] = {"env": env}
-        if os.geteuid() == 0 and self.uid != 0:
-            # Same effect as setpriv --reuid --regid --clear-groups, without preexec_fn.
-            kwargs.update(user=self.uid, group=self.gid, extra_groups=[])
-        return kwargs
+        return env
 
 
 def _pg_version(pg_ctl: Path) -> tuple[int, int] | None:
@@ -372,13 +378,13 @@ def _run(cmd: list[str], account: _RunAs, cwd: Path, timeout: float) -> tuple[in
     with tempfile.TemporaryFile("w+") as out:
         try:
             proc = subprocess.run(
-                cmd,
+                account.command(cmd),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
                 timeout=timeout,
-                **account.subprocess_kwargs(),
+                env=account.env(),
             )
             code = proc.returncode
         except subprocess.TimeoutExpired:
