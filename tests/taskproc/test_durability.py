@@ -471,10 +471,10 @@ async def external_taskproc(base_overrides) -> Iterator[Any]:
     }
     procs: list[subprocess.Popen[str]] = []
 
-    def launch() -> subprocess.Popen[str]:
+    def launch(extra_env: dict[str, str]) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "taskproc"],
-            env=env,
+            env={**env, **extra_env},
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -486,10 +486,10 @@ async def external_taskproc(base_overrides) -> Iterator[Any]:
         assert line.startswith("taskproc:"), line
         return proc
 
-    async def start() -> subprocess.Popen[str]:
+    async def start(**extra_env: str) -> subprocess.Popen[str]:
         # Off the loop: the in-process gateway keeps running meanwhile (and notices the
         # old worker's dead connection before a new call could be sent down it).
-        proc = await asyncio.to_thread(launch)
+        proc = await asyncio.to_thread(launch, extra_env)
         # Then as a client would: until the gateway's routed health says taskproc is up (its
         # probe may have met the port closed, and the channel waits out a reconnect backoff).
         async with grpc.aio.insecure_channel(running.address("gateway")) as channel:
@@ -580,7 +580,11 @@ async def test_sigterm_releases_running_steps(external_taskproc) -> None:
     """SIGTERM: the worker exits cleanly within its grace, releasing the step it could not
     finish, and the next worker runs it at once (no lease wait, no failure counted)."""
     running, start = external_taskproc
-    worker = await start()
+    # A lease far longer than the step: with the fixture's 1 s, a loaded machine could
+    # delay a renewal past it, and the second attempt failed as "worker lost". A step
+    # that was not released would wait out this lease and then fail (one attempt only).
+    lease = {"AIWFE_TASKPROC__LEASE_SECONDS": "20"}
+    worker = await start(**lease)
     async with grpc.aio.insecure_channel(running.address("gateway")) as ch:
         token = await new_user(running, ch)
         wf = await submit(
@@ -592,7 +596,7 @@ async def test_sigterm_releases_running_steps(external_taskproc) -> None:
         await _wait_running(ch, token, wf.workflow_id, "long")
         worker.send_signal(signal.SIGTERM)
         assert await _exit_code(worker, 15) == 0
-        await start()
+        await start(**lease)
         done = await finish(ch, token, wf.workflow_id, timeout=30)
         assert done.state == S.WORKFLOW_STATE_SUCCEEDED, done.error
         events = await watch(ch, token, wf.workflow_id)
