@@ -6,11 +6,13 @@ the SHA-256 of the request bytes: in process first, then Redis. Failures are nev
 A request with `cache-control: no-cache` metadata skips the lookup (the fresh answer is
 stored), `cache-control: no-store` bypasses the cache entirely; a message-level flag such
 as EmbedRequest.bypass_cache changes the request bytes, so it never matches an entry
-stored without it.
+stored without it. Calls that miss the same entry in process at once (its copy expired
+while they were in flight) share one Redis lookup.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +48,7 @@ class ResponseCache:
         self._l1: TTLCache[str, bytes] = TTLCache(max_entries)
         self._handlers = HandlerCache(self._guard_for)
         self._prefixes: dict[tuple[str, str], str] = {}
+        self._lookups: dict[str, asyncio.Future[bytes | None]] = {}
 
     @staticmethod
     def applies(info: MethodInfo | None) -> bool:
@@ -103,7 +106,7 @@ class ResponseCache:
                     return hit
                 _counters["l1", "miss"].inc()
                 if self._redis.available:
-                    stored = await self._redis.get(key)
+                    stored = await self._lookup(key)
                     if stored is not None:
                         _counters["redis", "hit"].inc()
                         self._l1.set(key, stored, min(ttl, _L1_MAX_TTL))
@@ -114,6 +117,22 @@ class ResponseCache:
             return cached
 
         return guard
+
+    async def _lookup(self, key: str) -> bytes | None:
+        """Redis's copy of `key`: one GET however many calls miss the key meanwhile (when
+        an in-process copy expires, every call in flight for it misses at once). The GET
+        runs on its own, so a caller that gives up cancels only its own wait."""
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            lookup = self._lookups[key] = asyncio.ensure_future(self._redis.get(key))
+            lookup.add_done_callback(lambda done: self._looked_up(key, done))
+        return await asyncio.shield(lookup)
+
+    def _looked_up(self, key: str, done: asyncio.Future[bytes | None]) -> None:
+        if self._lookups.get(key) is done:
+            del self._lookups[key]
+        if not done.cancelled():
+            done.exception()  # retrieved here even when every caller gave up waiting
 
     async def _store(self, key: str, response: Any, ttl: float) -> Any:
         if isinstance(response, bytes) and len(response) <= _MAX_CACHED_BYTES:
