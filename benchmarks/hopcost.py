@@ -1,6 +1,6 @@
 """The gateway hop's own cost per call: CPU µs and system calls, robust on a shared machine.
 
-    python -m benchmarks.hopcost [--calls 4000] [--rounds 3] [--strace] [--target gateway]
+    python -m benchmarks.hopcost [--calls 4000] [--rounds 3] [--strace] [--target cached]
 
 Wall-clock latency ratios move with whatever else the machine runs; what the hop's process
 spends per call moves much less. This starts the benchmark's server process (each service
@@ -11,6 +11,9 @@ calls per call by name (`strace -c -f -p PID` attached for another fixed number 
 ptrace slows the calls, so those rounds are not timed). With `--callgrind` the gateway
 runs under `valgrind --tool=callgrind`, instrumented only while the calls are made: its
 instructions per call in user space, the same whatever else the machine does.
+`--target cached` sends the calls without bypassing the response cache: after the first,
+each is answered by the gateway's relay from its in-process cache (what
+`python -m benchmarks.processes` loads), so the figures are that path's cost per call.
 """
 
 from __future__ import annotations
@@ -143,7 +146,9 @@ async def _run(args: argparse.Namespace) -> None:
             address, pid = server.address("cognitive"), server.info["service_pids"]["cognitive"]
         else:
             token = await harness._login(server.address("gateway"), server.admin_password)
-            metadata = (("authorization", f"Bearer {token}"), ("cache-control", "no-store"))
+            metadata = (("authorization", f"Bearer {token}"),)
+            if args.target == "gateway":  # `cached`: answered from the response cache
+                metadata += (("cache-control", "no-store"),)
             address, pid = server.address("gateway"), server.info["service_pids"]["gateway"]
         async with grpc.aio.insecure_channel(address) as channel:
             await load.preflight(channel, metadata)
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         "--callgrind", action="store_true", help="instructions per call (gateway under callgrind)"
     )
     parser.add_argument("--py-spy", help="write py-spy's raw profiles to this path prefix")
-    parser.add_argument("--target", choices=("gateway", "direct"), default="gateway")
+    parser.add_argument("--target", choices=("gateway", "cached", "direct"), default="gateway")
     parser.add_argument("--admin-dsn", default=servers.DEFAULT_ADMIN_DSN)
     args = parser.parse_args(argv)
     runner: Any = asyncio.run

@@ -1,7 +1,7 @@
 """`python -m benchmarks.processes`: cached answers from the gateway run as 1 and as 2
 processes on one port (`services.gateway.processes`), side by side.
 
-    python -m benchmarks.processes [--rounds 3] [--seconds 5] [--connections 32] [--streams 16]
+    python -m benchmarks.processes [--rounds 3] [--seconds 5] [--connections 16] [--streams 64]
 
 One `benchmarks.servers` process holds the back ends; two gateway groups are started on
 them by `aiwfe up`'s own supervisor (aiwfe/app/launcher.py), one of 1 process and one of
@@ -9,8 +9,10 @@ them by `aiwfe up`'s own supervisor (aiwfe/app/launcher.py), one of 1 process an
 one thread, so the client takes as little of the machine's cores as it can): the same
 Embed request framed as gRPC on every stream, answered from the response cache by the
 relay at the front (the warm-up fills each process's in-process cache), load shedding off
-(capacity is measured, not refusals). Rounds alternate which group goes first; `uptime`
-is printed beside each run, as the machine is shared. The 2 vs 1 ratio is also projected
+(capacity is measured, not refusals). Every run is made unpinned (the processes on any
+core) and pinned (process i on core i, every thread, as `taskset -a -p`; h2load free).
+Rounds alternate which group and which placement go first; `uptime` is printed beside
+each run, as the machine is shared. The 2 vs 1 ratio is also projected
 on idle cores from the CPU per call of the gateway and of h2load, which other load spoils
 far less than it spoils throughput.
 
@@ -18,7 +20,9 @@ h2load counts HTTP status only, and gRPC answers 200 with its status in trailers
 calls each process answered, and how, are read from the gateway's metrics endpoint (one
 port for the group, `process` label per process) before and after each run, so a run
 whose calls did not all end OK is reported as such. CPU per call is each gateway
-process's CPU (from /proc) over the calls it answered, and h2load's over all calls.
+process's CPU (from /proc) over the calls it answered, and h2load's over all calls;
+per process also its user and system share, the cores it used, and its context switches
+per 1,000 calls (voluntary: it waited for work; involuntary: the scheduler took its core).
 The machine's anchors come first: the bare SKIP LOCKED rate and Embed direct to cognitive
 at 1 in flight (p50).
 """
@@ -39,6 +43,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +58,9 @@ from benchmarks import harness, load, overload, procstat, report, servers
 from benchmarks.workflows import bare_skip_locked
 
 METHOD = load.EMBED_METHOD
+# Each run is made twice: processes free to run on any core, and each pinned to its own
+# core (process i on core i, as `taskset -a -p`; h2load stays free).
+PLACEMENTS = ("unpinned", "pinned")
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
@@ -142,14 +150,29 @@ def measure(group: Group, body: str, token: str, opts: argparse.Namespace) -> di
     pids = group.pids()
     load_avg = uptime()
     cpu0 = {i: procstat.cpu_seconds(p) for i, p in pids.items()}
+    use0 = {i: procstat.usage(p) for i, p in pids.items()}
     calls0 = calls(group)
+    started = time.monotonic()
     run = h2load(group.port, body, token, opts, opts.seconds)
+    wall = time.monotonic() - started
     calls1 = calls(group)
     cpu1 = {i: procstat.cpu_seconds(p) for i, p in pids.items()}
+    use1 = {i: procstat.usage(p) for i, p in pids.items()}
     delta = {k: v - calls0.get(k, 0.0) for k, v in calls1.items() if v > calls0.get(k, 0.0)}
     ok = {i: delta.get((i, "OK"), 0.0) for i in pids}
     failed = {f"{i}:{code}": n for (i, code), n in delta.items() if code != "OK"}
     total = sum(ok.values())
+    stats = {}
+    for i in pids:
+        used = {k: use1[i][k] - use0[i][k] for k in use0[i]}
+        per = 1000 / ok[i] if ok[i] else 0.0
+        stats[i] = {
+            "cores": round((cpu1[i] - cpu0[i]) / wall, 3),
+            "user_us_per_call": round(used["user_s"] * 1e3 * per, 2),
+            "system_us_per_call": round(used["system_s"] * 1e3 * per, 2),
+            "voluntary_switches_per_1000_calls": round(used["voluntary"] * per, 2),
+            "involuntary_switches_per_1000_calls": round(used["involuntary"] * per, 2),
+        }
     return {
         "uptime": load_avg,
         "rps": run["rps"],
@@ -158,8 +181,16 @@ def measure(group: Group, body: str, token: str, opts: argparse.Namespace) -> di
         "cpu_ms_per_call_by_process": {
             i: round((cpu1[i] - cpu0[i]) * 1000 / ok[i], 4) if ok[i] else None for i in pids
         },
+        "process_stats": stats,
         "client_cpu_ms_per_call": round(run["cpu_s"] * 1000 / total, 4) if total else None,
     }
+
+
+def place(group: Group, pinned: bool) -> None:
+    """Pins process i of `group` to core i (mod the cores), or lets it run on any."""
+    cores = os.cpu_count() or 1
+    for i, pid in group.pids().items():
+        procstat.pin(pid, {int(i) % cores} if pinned else set(range(cores)))
 
 
 def grpc_body(path: str) -> None:
@@ -211,42 +242,55 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
             token = await harness._login(f"127.0.0.1:{groups[0].port}", server.admin_password)
             for group in groups:  # every process's in-process cache holds the answer
                 await asyncio.to_thread(h2load, group.port, body, token, opts, 2.0)
-            runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+            runs: dict[str, dict[int, list[dict[str, Any]]]] = {
+                placement: {1: [], 2: []} for placement in PLACEMENTS
+            }
             for r in range(opts.rounds):
                 order = groups if r % 2 == 0 else groups[::-1]
-                for group in order:
-                    print(f"round {r + 1}: {group.processes} process(es) ...", file=sys.stderr)
-                    measured = await asyncio.to_thread(measure, group, body, token, opts)
-                    runs[group.processes].append(measured)
-                    print(f"  {measured['rps']:.0f} req/s  {measured['uptime']}", file=sys.stderr)
-            result["runs"] = runs
-            ratios = [b["rps"] / a["rps"] for a, b in zip(runs[1], runs[2], strict=True)]
-            result["ratio_2_vs_1_by_round"] = [round(x, 3) for x in ratios]
-            result["ratio_2_vs_1_median"] = round(statistics.median(ratios), 3)
-            result["cpu_ms_per_call_median"] = {
-                str(n): round(
-                    statistics.median(
-                        v for run in rs for v in run["cpu_ms_per_call_by_process"].values() if v
-                    ),
-                    4,
-                )
-                for n, rs in runs.items()
-            }
-            result["client_cpu_ms_per_call_median"] = round(
-                statistics.median(
-                    run["client_cpu_ms_per_call"] for rs in runs.values() for run in rs
-                ),
-                4,
-            )
-            result["projected_ratio_on_idle_cores"] = projected_ratio(
-                result["cpu_ms_per_call_median"], result["client_cpu_ms_per_call_median"]
-            )
+                for placement in PLACEMENTS if r % 2 == 0 else PLACEMENTS[::-1]:
+                    for group in order:
+                        place(group, placement == "pinned")
+                        print(
+                            f"round {r + 1}: {group.processes} process(es), {placement} ...",
+                            file=sys.stderr,
+                        )
+                        measured = await asyncio.to_thread(measure, group, body, token, opts)
+                        runs[placement][group.processes].append(measured)
+                        print(
+                            f"  {measured['rps']:.0f} req/s  {measured['uptime']}", file=sys.stderr
+                        )
+            result["placements"] = {p: summary(runs[p]) for p in PLACEMENTS}
         finally:
             stop.set()
             for group in groups:
                 await stop_children(group.supervisor.children)
             await asyncio.to_thread(server.stop)
     return result
+
+
+def summary(runs: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
+    """One placement's runs, their 2 vs 1 ratios and the CPU per call they took."""
+    ratios = [b["rps"] / a["rps"] for a, b in zip(runs[1], runs[2], strict=True)]
+    gateway_ms = {
+        str(n): round(
+            statistics.median(
+                v for run in rs for v in run["cpu_ms_per_call_by_process"].values() if v
+            ),
+            4,
+        )
+        for n, rs in runs.items()
+    }
+    client_ms = round(
+        statistics.median(run["client_cpu_ms_per_call"] for rs in runs.values() for run in rs), 4
+    )
+    return {
+        "runs": runs,
+        "ratio_2_vs_1_by_round": [round(x, 3) for x in ratios],
+        "ratio_2_vs_1_median": round(statistics.median(ratios), 3),
+        "cpu_ms_per_call_median": gateway_ms,
+        "client_cpu_ms_per_call_median": client_ms,
+        "projected_ratio_on_idle_cores": projected_ratio(gateway_ms, client_ms),
+    }
 
 
 def projected_ratio(gateway_ms: dict[str, float], client_ms: float) -> float:
@@ -270,28 +314,45 @@ def render(result: dict[str, Any]) -> str:
         f"{m['date']}, {m['cores']} cores; anchors: bare SKIP LOCKED"
         f" {a['bare_skip_locked_jobs_per_s']:,} jobs/s, direct Embed p50"
         f" {a['direct_embed_p50_ms']} ms",
-        "| round | processes | req/s | calls by process | CPU ms/call by process"
-        " | h2load CPU ms/call | not OK | load average |",
-        "|---|---|---|---|---|---|---|---|",
+        "| placement | round | processes | req/s | calls by process | CPU us/call by process"
+        " (user + system) | cores by process | switches per 1000 calls by process"
+        " (voluntary / involuntary) | h2load CPU us/call | not OK | load average |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for n, runs in result["runs"].items():
-        for r, run in enumerate(runs, 1):
-            lines.append(
-                f"| {r} | {n} | {run['rps']:,.0f} | {run['calls_ok_by_process']}"
-                f" | {run['cpu_ms_per_call_by_process']} | {run['client_cpu_ms_per_call']}"
-                f" | {run['calls_not_ok'] or 0} | {run['uptime'].split('load average: ')[-1]} |"
-            )
-    lines.append(
-        f"2 vs 1 process throughput by round: {result['ratio_2_vs_1_by_round']};"
-        f" median {result['ratio_2_vs_1_median']}x (goal >= 1.6x)"
-    )
-    lines.append(
-        "gateway CPU ms per call, median over runs and processes: 1 process"
-        f" {result['cpu_ms_per_call_median']['1']}, 2 processes"
-        f" {result['cpu_ms_per_call_median']['2']};"
-        f" h2load {result['client_cpu_ms_per_call_median']}; 2 vs 1 projected on idle cores"
-        f" from them: {result['projected_ratio_on_idle_cores']}x"
-    )
+    for placement, s in result["placements"].items():
+        for n, runs in s["runs"].items():
+            for r, run in enumerate(runs, 1):
+                stats = run["process_stats"]
+                cpu = ", ".join(
+                    f"{run['cpu_ms_per_call_by_process'][i] * 1000:.1f}"
+                    f" ({p['user_us_per_call']:.1f} + {p['system_us_per_call']:.1f})"
+                    if run["cpu_ms_per_call_by_process"][i]
+                    else "-"
+                    for i, p in stats.items()
+                )
+                cores = ", ".join(f"{p['cores']:.2f}" for p in stats.values())
+                switches = ", ".join(
+                    f"{p['voluntary_switches_per_1000_calls']:.1f}"
+                    f" / {p['involuntary_switches_per_1000_calls']:.1f}"
+                    for p in stats.values()
+                )
+                client = run["client_cpu_ms_per_call"]
+                lines.append(
+                    f"| {placement} | {r} | {n} | {run['rps']:,.0f} | {run['calls_ok_by_process']}"
+                    f" | {cpu} | {cores} | {switches}"
+                    f" | {client * 1000 if client else 0:.1f} | {run['calls_not_ok'] or 0}"
+                    f" | {run['uptime'].split('load average: ')[-1]} |"
+                )
+    for placement, s in result["placements"].items():
+        lines.append(
+            f"{placement}: 2 vs 1 process throughput by round {s['ratio_2_vs_1_by_round']},"
+            f" median {s['ratio_2_vs_1_median']}x (goal >= 1.6x); gateway CPU us per call,"
+            " median over runs and processes: 1 process"
+            f" {s['cpu_ms_per_call_median']['1'] * 1000:.1f}, 2 processes"
+            f" {s['cpu_ms_per_call_median']['2'] * 1000:.1f};"
+            f" h2load {s['client_cpu_ms_per_call_median'] * 1000:.1f};"
+            f" 2 vs 1 projected on idle cores from them: {s['projected_ratio_on_idle_cores']}x"
+        )
     return "\n".join(lines)
 
 
@@ -299,8 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run")
-    parser.add_argument("--connections", type=int, default=32, help="h2load clients")
-    parser.add_argument("--streams", type=int, default=16, help="streams per connection")
+    parser.add_argument("--connections", type=int, default=16, help="h2load clients")
+    parser.add_argument("--streams", type=int, default=64, help="streams per connection")
     parser.add_argument("--json", help="also write the JSON result here")
     parser.add_argument("--admin-dsn", default=servers.DEFAULT_ADMIN_DSN)
     opts = parser.parse_args(argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -55,3 +56,31 @@ def children(pid: int) -> list[int]:
         if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
             found.append(int(entry.name))
     return found
+
+
+def usage(pid: int) -> dict[str, float]:
+    """User and system CPU seconds and context switches (voluntary: it waited; involuntary:
+    the scheduler took its core away) of `pid`, summed over its threads."""
+    total = {"user_s": 0.0, "system_s": 0.0, "voluntary": 0.0, "involuntary": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+            status = (task / "status").read_text()
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total["user_s"] += int(fields[11]) / CLOCK_TICKS
+        total["system_s"] += int(fields[12]) / CLOCK_TICKS
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                total["voluntary"] += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                total["involuntary"] += int(line.split()[1])
+    return total
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Lets every thread of `pid` run on `cpus` only (as `taskset -a -p`)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cpus)

@@ -130,8 +130,8 @@ class _Request:
     breakers, limits) is decided on every call."""
 
     __slots__ = (
-        "authorization", "cap", "client", "control", "info", "limiter", "path", "relayed",
-        "route", "sent", "token", "wire",
+        "authorization", "cap", "client", "control", "full", "info", "limiter", "path",
+        "relayed", "route", "sent", "token", "wire",
     )  # fmt: skip
 
     def __init__(self, front: FrontDoor, headers: Headers) -> None:
@@ -168,6 +168,7 @@ class _Request:
         )
         self.relayed = relayed_headers(headers)
         self.sent: tuple[str, Headers, bytes] | None = None  # (assertion, headers, block)
+        self.full: tuple[str, Decision] | None = None  # (peer, the full path's decision)
 
 
 def _endpoint(target: str, tls: ssl.SSLContext | None) -> Endpoint:
@@ -244,23 +245,24 @@ class FrontDoor:
             or route.breaker.state is not _CLOSED
             or not up(info.package)
         ):
-            return self._full(headers, peer)
+            return self._full(headers, peer, request)
         admission = self._admission
         try:
             principal = admission.authenticate_now(info, request.authorization, request.token)
             if not isinstance(principal, Principal):  # public, or the token is new
-                return self._full(headers, peer)
+                return self._full(headers, peer, request)
             admission.authorize(info, principal)
         except AiwfeError:  # the full path makes every denial, with its status
-            return self._full(headers, peer)
+            return self._full(headers, peer, request)
         relayed = request.relayed
         if relayed is None:  # a header gRPC forbids: the full path refuses the call
-            return self._full(headers, peer)
+            return self._full(headers, peer, request)
         control = request.control
         if admission.consults_cache(info, principal, control):
-            decision = self._full(headers, peer)
+            decision = self._full(headers, peer, request)
             if cache_directive(control) is None:  # "no-cache" wants a fresh answer
-                return decision._replace(answer=self._cached_answer(info, principal))
+                answer = self._cached_answer(info, principal)
+                return Decision(GATEWAY, decision.headers, None, answer, None, decision.block)
             return decision
         if info.resource_field:  # the permission needs the request (gateway/resources.py)
             return self._held(headers, peer, request, relayed, principal)
@@ -289,7 +291,7 @@ class FrontDoor:
         if not self._admission.spend_now(principal):
             if limiter is not None:
                 limiter.cancel()
-            return self._full(headers, peer)
+            return self._full(headers, peer, request)
         self.fast_calls += 1
         deadline = Deadline(route.breaker, client, request.cap)
         try:
@@ -315,7 +317,7 @@ class FrontDoor:
         info = request.info
         if info is None:
             raise RuntimeError("a held call without its method")
-        full = Decision(GATEWAY, self._forwarded(headers, peer))
+        full = self._to_gateway(headers, peer, request)
 
         def answer(message: bytes) -> Decision | None:
             if self._admission.resource_refusal(info, principal, message) is not None:
@@ -323,12 +325,24 @@ class FrontDoor:
                 return None
             return self._admitted(headers, peer, request, relayed, principal)
 
-        return full._replace(answer=answer)
+        return Decision(GATEWAY, full.headers, None, answer, None, full.block)
 
-    def _full(self, headers: Headers, peer: str) -> Decision:
+    def _full(self, headers: Headers, peer: str, request: _Request) -> Decision:
         """To the gateway's gRPC server, as the client sent it plus the client's address."""
         self.full_calls += 1
-        return Decision(GATEWAY, self._forwarded(headers, peer))
+        return self._to_gateway(headers, peer, request)
+
+    def _to_gateway(self, headers: Headers, peer: str, request: _Request) -> Decision:
+        """The decision sending the call to the gateway's gRPC server, its header block
+        encoded once per repeated block (`_Request` lives with it; the peer is the
+        connection's, the same for every call of the block, checked all the same). Shared
+        by the calls: neither the decision nor its header list is ever changed."""
+        full = request.full
+        if full is None or full[0] != peer:
+            forwarded = self._forwarded(headers, peer)
+            decision = Decision(GATEWAY, forwarded, block=h2.header_block(forwarded))
+            full = request.full = (peer, decision)
+        return full[1]
 
     @staticmethod
     def _forwarded(headers: Headers, peer: str) -> Headers:

@@ -6,11 +6,13 @@ the SHA-256 of the request bytes: in process first, then Redis. Failures are nev
 A request with `cache-control: no-cache` metadata skips the lookup (the fresh answer is
 stored), `cache-control: no-store` bypasses the cache entirely; a message-level flag such
 as EmbedRequest.bypass_cache changes the request bytes, so it never matches an entry
-stored without it.
+stored without it. Calls that miss the same entry in process at once (its copy expired
+while they were in flight) share one Redis lookup.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +28,7 @@ from gateway.policies import MethodInfo
 
 _L1_MAX_TTL = 60.0  # replicas' L1 copies stay short-lived; Redis holds the full TTL
 _MAX_CACHED_BYTES = 1024 * 1024
+_KEY_PREFIXES = 10_000  # (method, user) pairs whose key prefix is kept; then cleared
 
 _counters = {
     (layer, result): metrics.redis_cache_hit_rate.labels("api", layer, result)
@@ -44,6 +47,8 @@ class ResponseCache:
         self._methods = methods
         self._l1: TTLCache[str, bytes] = TTLCache(max_entries)
         self._handlers = HandlerCache(self._guard_for)
+        self._prefixes: dict[tuple[str, str], str] = {}
+        self._lookups: dict[str, asyncio.Future[bytes | None]] = {}
 
     @staticmethod
     def applies(info: MethodInfo | None) -> bool:
@@ -63,25 +68,33 @@ class ResponseCache:
         """The in-process (L1) copy of the answer to `request`, if there is one and `admit()`
         lets the call be answered (quota). A hit is counted only when served: otherwise
         the call takes the full path, which counts what it does (a miss there included)."""
-        key = self._redis.api_key(_endpoint(info), user_id, hashlib.sha256(request).hexdigest())
-        hit = self._l1.get(key)
+        hit = self._l1.get(self._key(info.path, user_id, request))
         if hit is None or not admit():
             return None
         _counters["l1", "hit"].inc()
         return hit
 
+    def _key(self, method: str, user_id: str, request: bytes) -> str:
+        """The key of `user_id`'s answer to `request` (`RedisClient.api_key`), all but the
+        request's hash made once per method and user (the relay asks on every call)."""
+        prefix = self._prefixes.get((method, user_id))
+        if prefix is None:
+            if len(self._prefixes) >= _KEY_PREFIXES:
+                self._prefixes.clear()
+            endpoint = method.lstrip("/").replace("/", ".")
+            prefix = self._prefixes[method, user_id] = self._redis.api_key(endpoint, user_id, "")
+        return prefix + hashlib.sha256(request).hexdigest()
+
     def _guard_for(self, method: str) -> Any:
         info = self._methods[method]
         ttl = float(info.cache_ttl_seconds)
-        endpoint = _endpoint(info)
 
         def guard(behavior: Behavior, streaming: bool) -> Behavior:
             async def cached(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 principal = current_principal.get()
                 if not isinstance(request, bytes) or principal is None:
                     return await behavior(request, context)
-                digest = hashlib.sha256(request).hexdigest()
-                key = self._redis.api_key(endpoint, principal.user_id, digest)
+                key = self._key(method, principal.user_id, request)
                 directive = _cache_control(context)
                 if directive == "no-store":  # neither answered from nor written to the cache
                     return await behavior(request, context)
@@ -93,7 +106,7 @@ class ResponseCache:
                     return hit
                 _counters["l1", "miss"].inc()
                 if self._redis.available:
-                    stored = await self._redis.get(key)
+                    stored = await self._lookup(key)
                     if stored is not None:
                         _counters["redis", "hit"].inc()
                         self._l1.set(key, stored, min(ttl, _L1_MAX_TTL))
@@ -105,15 +118,27 @@ class ResponseCache:
 
         return guard
 
+    async def _lookup(self, key: str) -> bytes | None:
+        """Redis's copy of `key`: one GET however many calls miss the key meanwhile (when
+        an in-process copy expires, every call in flight for it misses at once). The GET
+        runs on its own, so a caller that gives up cancels only its own wait."""
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            lookup = self._lookups[key] = asyncio.ensure_future(self._redis.get(key))
+            lookup.add_done_callback(lambda done: self._looked_up(key, done))
+        return await asyncio.shield(lookup)
+
+    def _looked_up(self, key: str, done: asyncio.Future[bytes | None]) -> None:
+        if self._lookups.get(key) is done:
+            del self._lookups[key]
+        if not done.cancelled():
+            done.exception()  # retrieved here even when every caller gave up waiting
+
     async def _store(self, key: str, response: Any, ttl: float) -> Any:
         if isinstance(response, bytes) and len(response) <= _MAX_CACHED_BYTES:
             self._l1.set(key, response, min(ttl, _L1_MAX_TTL))
             await self._redis.set(key, response, ttl)
         return response
-
-
-def _endpoint(info: MethodInfo) -> str:
-    return info.path.lstrip("/").replace("/", ".")
 
 
 def cache_directive(value: str | None) -> str | None:

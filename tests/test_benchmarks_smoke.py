@@ -140,8 +140,8 @@ def test_workflow_benchmark_runs_every_phase(servers: Servers) -> None:
 @pytest.mark.timeout(300)
 def test_processes_benchmark_runs_both_groups(tmp_path: Path, servers: Servers) -> None:
     """`python -m benchmarks.processes` for one short round: 1 and 2 gateway processes on
-    one port each answer every call OK, both of the 2 answer some (16 connections: all on
-    one process is a 1 in 2**15 chance), CPU is accounted."""
+    one port each answer every call OK, unpinned and pinned, both of the 2 answer some (16
+    connections: all on one process is a 1 in 2**15 chance), CPU is accounted."""
     if shutil.which("h2load") is None:
         pytest.skip("h2load not installed (nghttp2-client)")
     out = tmp_path / "processes.json"
@@ -156,12 +156,15 @@ def test_processes_benchmark_runs_both_groups(tmp_path: Path, servers: Servers) 
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["anchors"]["bare_skip_locked_jobs_per_s"] > 0
-    for n, runs in doc["runs"].items():
-        (run,) = runs
-        assert run["calls_not_ok"] == {}, run
-        assert len(run["calls_ok_by_process"]) == int(n), run
-        assert all(calls > 0 for calls in run["calls_ok_by_process"].values()), run
-    assert doc["projected_ratio_on_idle_cores"] > 0
+    assert set(doc["placements"]) == {"unpinned", "pinned"}
+    for placement in doc["placements"].values():
+        for n, runs in placement["runs"].items():
+            (run,) = runs
+            assert run["calls_not_ok"] == {}, run
+            assert len(run["calls_ok_by_process"]) == int(n), run
+            assert all(calls > 0 for calls in run["calls_ok_by_process"].values()), run
+            assert all(p["user_us_per_call"] > 0 for p in run["process_stats"].values()), run
+        assert placement["projected_ratio_on_idle_cores"] > 0
 
 
 @pytest.mark.timeout(300)

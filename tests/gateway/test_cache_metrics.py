@@ -3,8 +3,13 @@ the cache, through the relay's fast answer and through the gateway's full path a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from urllib.parse import urlsplit, urlunsplit
+
 import grpc
 import pytest
+from redis.asyncio import Redis
 
 from aiwfe.app.suite import start_suite
 from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
@@ -13,6 +18,7 @@ from aiwfe.cognitive.v1 import cognitive_service_pb2 as cog_pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as cog_grpc
 from aiwfe.runtime import metrics
 from tests.conftest import bearer, login
+from tests.faultproxy import FaultProxy
 from tests.gateway.conftest import PASSWORD, gateway_overrides, unique
 
 LIMIT = 100  # the seed's API limit per user and minute
@@ -66,3 +72,55 @@ async def test_cache_hits_count_responses_served_from_the_cache(
     hits = delta["l1", "hit"] + delta["redis", "hit"]
     assert hits == ok - 1, delta
     assert delta["l1", "miss"] == 1, delta
+
+
+async def test_an_expired_entry_is_looked_up_in_redis_once(base_overrides, redis_url) -> None:
+    """When the gateway's in-process copy of an answer is gone (expired) while 20 calls for
+    it are in flight, they share one Redis GET of the entry, not one each: Redis answers
+    slowly here (0.3 s a chunk each way, through a fault proxy), so all 20 miss before it
+    answers,
+    and Redis's own MONITOR counts the GETs of the entry's key."""
+    real = urlsplit(redis_url)
+    host, port = real.hostname or "127.0.0.1", real.port or 6379
+    async with FaultProxy(host, port) as proxy:
+        proxied = urlunsplit(real._replace(netloc=f"127.0.0.1:{proxy.port}"))
+        overrides = gateway_overrides(base_overrides, proxied)
+        overrides["redis"]["connection_pool"] = {"socket_timeout": 5.0}  # slow, not down
+        suite = await start_suite(overrides)
+        monitor = Redis.from_url(redis_url)
+        try:
+            async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+                token = await login(channel)
+                embed = cog_grpc.CognitiveServiceStub(channel).Embed
+                request = cog_pb.EmbedRequest(texts=[unique("looked up once")])
+                first = await embed(request, metadata=bearer(token), timeout=10)
+                for _ in range(2):  # the token, the quota and the answer warm in process
+                    assert await embed(request, metadata=bearer(token), timeout=10) == first
+                service = suite.running["gateway"].service
+                service.response_cache._l1.clear()  # as when its 60 s are up
+                key = f"{service.redis.prefix}api:aiwfe.cognitive.v1.CognitiveService.Embed:"
+                gets: list[str] = []
+                async with monitor.monitor() as commands:
+
+                    async def watch() -> None:
+                        while True:
+                            command = (await commands.next_command())["command"]
+                            if command.startswith(f"GET {key}"):
+                                gets.append(command)
+
+                    watching = asyncio.ensure_future(watch())
+                    await asyncio.sleep(0.2)  # MONITOR is on before the calls
+                    proxy.delay(0.3)
+                    answers = await asyncio.gather(
+                        *(embed(request, metadata=bearer(token), timeout=20) for _ in range(20))
+                    )
+                    proxy.pass_through()
+                    await asyncio.sleep(0.5)  # MONITOR's lines of the calls have arrived
+                    watching.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watching
+        finally:
+            await monitor.aclose()
+            await suite.stop()
+    assert all(answer == first for answer in answers)
+    assert len(gets) == 1, gets
