@@ -129,10 +129,10 @@ async def test_lifecycle_migration_backfills_names_and_schedules(empty_dsn: str)
 
 
 async def test_engine_functions_keep_generic_plans(empty_dsn: str) -> None:
-    """Every PL/pgSQL function of the engine runs with plan_cache_mode=force_generic_plan
-    (migration 016): under the default its statements were planned afresh on every call,
-    and a later migration replacing a function (CREATE OR REPLACE drops its SET clause)
-    must set it again."""
+    """Every PL/pgSQL function of the engine runs with cached generic plans and no
+    sequential scans (migration 016): under the default its statements were planned afresh
+    on every call, and a later migration replacing a function (CREATE OR REPLACE drops its
+    SET clauses) must set them again."""
     async with await _connect(empty_dsn) as conn:
         await migrate(conn)
         cur = await conn.execute(
@@ -146,4 +146,5 @@ async def test_engine_functions_keep_generic_plans(empty_dsn: str) -> None:
         "wf_complete_steps",
         "wf_create_workflow",
     ]
-    assert all(r["proconfig"] == ["plan_cache_mode=force_generic_plan"] for r in rows)
+    settings = ["plan_cache_mode=force_generic_plan", "enable_seqscan=off"]
+    assert all(sorted(r["proconfig"]) == sorted(settings) for r in rows)
