@@ -126,3 +126,25 @@ async def test_lifecycle_migration_backfills_names_and_schedules(empty_dsn: str)
         ("tick", sid),
         ("forged", None),  # bob's schedule: ann's key only looks like its tick
     ]
+
+
+async def test_engine_functions_keep_generic_plans(empty_dsn: str) -> None:
+    """Every PL/pgSQL function of the engine runs with cached generic plans and no
+    sequential scans (migration 016): under the default its statements were planned afresh
+    on every call, and a later migration replacing a function (CREATE OR REPLACE drops its
+    SET clauses) must set them again."""
+    async with await _connect(empty_dsn) as conn:
+        await migrate(conn)
+        cur = await conn.execute(
+            "SELECT p.proname, p.proconfig FROM pg_proc p JOIN pg_language l"
+            " ON l.oid = p.prolang WHERE l.lanname = 'plpgsql'"
+            " AND p.pronamespace = 'public'::regnamespace ORDER BY p.proname"
+        )
+        rows = await cur.fetchall()
+    assert [r["proname"] for r in rows] == [
+        "wf_append_events",
+        "wf_complete_steps",
+        "wf_create_workflow",
+    ]
+    settings = ["plan_cache_mode=force_generic_plan", "enable_seqscan=off"]
+    assert all(sorted(r["proconfig"]) == sorted(settings) for r in rows)
