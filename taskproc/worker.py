@@ -40,6 +40,7 @@ from aiwfe.runtime.channels import Upstream
 from aiwfe.runtime.config import TaskProcSettings, TelemetrySettings
 from aiwfe.runtime.identity import Principal, current_principal
 from aiwfe.runtime.telemetry import quiet
+from taskproc.completions import CompletionStream
 from taskproc.ops import OPS, PERMANENT_CODES, StepContext, StepError
 from taskproc.spec import claimed_inputs
 from taskproc.tracing import mark_failed, step_attempt
@@ -77,6 +78,7 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._store = store
         self._stub = store_grpc.WorkflowStoreServiceStub(store.channel)
+        self._completions = CompletionStream(self._stub, store.metadata)
         self._cognitive = cognitive
         self._running: dict[StepKey, _Running] = {}
         self._wake = asyncio.Event()
@@ -98,6 +100,14 @@ class Worker:
         `telemetry.trace_polling`: claims, batches and leases are the queue's cost."""
         with quiet(not self.telemetry.trace_polling):
             return await rpc(request, timeout=timeout, metadata=self._store.metadata())
+
+    async def _send_completion(
+        self, request: store_pb.CompleteStepsRequest
+    ) -> store_pb.CompleteStepsResponse:
+        """CompleteSteps on the worker's completion stream (taskproc/completions.py), quiet
+        as `_call`'s calls are."""
+        with quiet(not self.telemetry.trace_polling):
+            return await self._completions.complete(request, timeout=10)
 
     @property
     def running_count(self) -> int:
@@ -293,11 +303,10 @@ class Worker:
                 eager_lease_seconds=self.cfg.lease_seconds if reserved else 0.0,
             )
             sent = time.monotonic()
-
             try:
                 reply = await self._retrying(
                     "complete",
-                    lambda req=request: self._call(self._stub.CompleteSteps, req, timeout=10),
+                    lambda req=request: self._send_completion(req),
                 )
             except Exception as exc:
                 self.unreserve(reserved)
@@ -428,3 +437,4 @@ class Worker:
         for loop in self._loops:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await loop
+        await self._completions.close()

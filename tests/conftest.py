@@ -5,6 +5,7 @@ started in-process on free ports."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -112,15 +113,34 @@ def redis_for(request: pytest.FixtureRequest, wanted: bool) -> str | None:
     return request.getfixturevalue("redis_url") if wanted else None
 
 
-@pytest.fixture(scope="session")
-def database_dsn(servers: Servers) -> Iterator[str]:
-    """A fresh database for this test run, dropped at the end."""
+@contextlib.contextmanager
+def _fresh_database(servers: Servers) -> Iterator[str]:
+    """The DSN of a new, empty database, dropped on exit."""
     name = f"aiwfe_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(servers.admin_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    yield with_dbname(servers.base_dsn, name)
-    with psycopg.connect(servers.admin_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield with_dbname(servers.base_dsn, name)
+    finally:
+        with psycopg.connect(servers.admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database_dsn(servers: Servers) -> Iterator[str]:
+    """A fresh database for this test run, dropped at the end."""
+    with _fresh_database(servers) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def private_overrides(servers: Servers, base_overrides: dict[str, Any]) -> Iterator[dict]:
+    """`base_overrides` on a database of this test's own, for tests that must see no work
+    left by earlier ones: a step an earlier suite left leased is reclaimed, once its lease
+    expires, by whichever suite is running then."""
+    with _fresh_database(servers) as dsn:
+        postgres = {**base_overrides["database"]["postgres"], "dsn": dsn}
+        yield {**base_overrides, "database": {**base_overrides["database"], "postgres": postgres}}
 
 
 @pytest.fixture(scope="session")

@@ -399,6 +399,20 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
     async def CompleteSteps(
         self, request: pb.CompleteStepsRequest, context: grpc.aio.ServicerContext
     ) -> pb.CompleteStepsResponse:
+        return await self._complete_steps(request)
+
+    async def CompleteStepsStream(
+        self,
+        requests: AsyncIterator[pb.CompleteStepsStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.CompleteStepsStreamResponse]:
+        """CompleteSteps per message, answered in order: one request is handled at a time,
+        so a stream that ends (an error's status, or OK) read no request it did not answer."""
+        async for request in requests:
+            reply = await self._complete_steps(request.complete)
+            yield pb.CompleteStepsStreamResponse(complete=reply)
+
+    async def _complete_steps(self, request: pb.CompleteStepsRequest) -> pb.CompleteStepsResponse:
         v = Violations()
         v.text(request.worker_id, "worker_id", max_chars=MAX_ID_CHARS)
         v.check(1 <= len(request.results) <= MAX_BATCH, "results", f"must list 1 to {MAX_BATCH}")

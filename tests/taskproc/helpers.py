@@ -12,10 +12,13 @@ from google.protobuf import json_format
 from aiwfe.app.suite import Suite
 from aiwfe.data.v1 import user_store_service_pb2 as user_pb
 from aiwfe.data.v1 import user_store_service_pb2_grpc as user_grpc
+from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
+from aiwfe.runtime.config import TaskProcSettings
 from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity, Principal
 from aiwfe.runtime.passwords import hash_password
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
+from taskproc.spec import validate
 from tests.conftest import bearer, login
 
 TERMINAL = {
@@ -103,3 +106,23 @@ def as_user(suite: Suite, user: Principal) -> tuple[tuple[str, str], ...]:
     """The metadata the gateway sends a back end for `user` (to call taskproc directly)."""
     identity = InternalIdentity.from_settings(suite.settings)
     return ((IDENTITY_METADATA_KEY, identity.assertion(user, "gateway")),)
+
+
+async def create_stored(
+    stub, metadata, owner: str, n_steps: int, lease_prio: int = 0, chain: bool = False
+) -> str:
+    """A workflow of `n_steps` `noop` steps (s0, s1, ...; `chain`: each depending on the one
+    before) stored straight through dataplatform."""
+    steps = [
+        {"name": f"s{i}", "op": "noop", **({"depends_on": [f"s{i - 1}"]} if chain and i else {})}
+        for i in range(n_steps)
+    ]
+    workflow = validate(spec(*steps, priority=lease_prio), TaskProcSettings())
+    reply = await stub.CreateWorkflow(
+        store_pb.CreateWorkflowRequest(
+            owner=store_pb.WorkflowOwner(user_id=owner, username=owner), spec=workflow
+        ),
+        metadata=metadata,
+        timeout=10,
+    )
+    return reply.workflow.workflow_id

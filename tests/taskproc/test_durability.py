@@ -31,7 +31,17 @@ from dataplatform.service import DataPlatformService
 from taskproc.service import TaskProcService
 from taskproc.spec import validate
 from tests.conftest import field_violations, until_health
-from tests.taskproc.helpers import deadline, finish, get, new_user, spec, step_status, submit, watch
+from tests.taskproc.helpers import (
+    create_stored,
+    deadline,
+    finish,
+    get,
+    new_user,
+    spec,
+    step_status,
+    submit,
+    watch,
+)
 
 
 @pytest.fixture
@@ -85,39 +95,13 @@ async def test_two_workers_racing_never_run_a_step_twice(roomy_suite) -> None:
         await gateway_channel.close()
 
 
-@pytest.fixture
-async def store(base_overrides) -> Any:
-    """dataplatform alone, and a WorkflowStoreService stub with a service identity."""
-    running = await start_suite(base_overrides, only=("dataplatform",))
-    identity = InternalIdentity.from_settings(running.settings)
-    metadata = ((IDENTITY_METADATA_KEY, identity.assertion(None, "taskproc")),)
-    async with grpc.aio.insecure_channel(running.address("dataplatform")) as ch:
-        yield store_grpc.WorkflowStoreServiceStub(ch), metadata, running
-    await running.stop()
-
-
-async def _create(stub, metadata, owner: str, n_steps: int, lease_prio: int = 0) -> str:
-    workflow = validate(
-        spec(*({"name": f"s{i}", "op": "noop"} for i in range(n_steps)), priority=lease_prio),
-        TaskProcSettings(),
-    )
-    reply = await stub.CreateWorkflow(
-        store_pb.CreateWorkflowRequest(
-            owner=store_pb.WorkflowOwner(user_id=owner, username=owner), spec=workflow
-        ),
-        metadata=metadata,
-        timeout=10,
-    )
-    return reply.workflow.workflow_id
-
-
 async def test_concurrent_claims_are_disjoint_and_priority_ordered(store) -> None:
     """Eight claimers racing over 60 runnable steps never lease the same step twice, and
     higher-priority work is claimed first."""
     stub, md, _ = store
     owner = f"race{time.time_ns()}"
-    low = [await _create(stub, md, owner, 10) for _ in range(5)]
-    high = await _create(stub, md, owner, 10, lease_prio=5)
+    low = [await create_stored(stub, md, owner, 10) for _ in range(5)]
+    high = await create_stored(stub, md, owner, 10, lease_prio=5)
     first = await stub.ClaimSteps(
         store_pb.ClaimStepsRequest(worker_id="w-first", max_steps=10, lease_seconds=30),
         metadata=md,
@@ -145,7 +129,7 @@ async def test_stale_lease_cannot_complete_or_advance_twice(store) -> None:
     extended, and the step succeeds exactly once."""
     stub, md, _ = store
     owner = f"stale{time.time_ns()}"
-    wid = await _create(stub, md, owner, 1)
+    wid = await create_stored(stub, md, owner, 1)
     old = await stub.ClaimSteps(
         store_pb.ClaimStepsRequest(worker_id="old", max_steps=1, lease_seconds=0.2),
         metadata=md,
@@ -208,7 +192,7 @@ async def test_event_stream_is_pushed_polled_across_replicas_and_resumable(store
     terminal event, resumes after a sequence, and is owner-scoped."""
     stub, md, running = store
     owner = f"watch{time.time_ns()}"
-    wid = await _create(stub, md, owner, 2)
+    wid = await create_stored(stub, md, owner, 2)
     scope = store_pb.WorkflowScope(owner_id=owner)
 
     def open_watch(after: int, poll: float) -> Any:
@@ -295,7 +279,7 @@ async def test_the_watch_after_create_adopts_its_events_without_a_read(store) ->
     stub, md, running = store
     pool = running.running["dataplatform"].service.db.pool
     owner = f"adopt{time.time_ns()}"
-    wid = await _create(stub, md, owner, 1)
+    wid = await create_stored(stub, md, owner, 1)
 
     def open_watch(owner_id: str) -> Any:
         return stub.WatchWorkflowEvents(
@@ -341,7 +325,7 @@ async def test_idle_watches_of_many_workflows_share_their_safety_net_queries(sto
     stub, md, running = store
     service = running.running["dataplatform"].service
     owner = f"probe{time.time_ns()}"
-    wids = [await _create(stub, md, owner, 1) for _ in range(20)]
+    wids = [await create_stored(stub, md, owner, 1) for _ in range(20)]
     scope = store_pb.WorkflowScope(owner_id=owner)
     watches = [
         stub.WatchWorkflowEvents(
@@ -401,7 +385,7 @@ async def test_replicas_wake_each_others_streams_through_redis(base_overrides, r
             assert (await asyncio.wait_for(wakes.read(), 5)).work_available  # on subscribing
 
             owner = f"bus{time.time_ns()}"
-            wid = await _create(on_a, md, owner, 1)
+            wid = await create_stored(on_a, md, owner, 1)
             wake = await asyncio.wait_for(wakes.read(), 5)  # A's new work, told to B
             assert wake.work_available and not wake.stopped_workflow_ids
 

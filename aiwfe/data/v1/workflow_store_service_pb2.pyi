@@ -316,6 +316,18 @@ class CompleteStepsResponse(_message.Message):
     eager_steps: _containers.RepeatedCompositeFieldContainer[ClaimedStep]
     def __init__(self, accepted: _Optional[_Iterable[bool]] = ..., eager_steps: _Optional[_Iterable[_Union[ClaimedStep, _Mapping]]] = ...) -> None: ...
 
+class CompleteStepsStreamRequest(_message.Message):
+    __slots__ = ("complete",)
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    complete: CompleteStepsRequest
+    def __init__(self, complete: _Optional[_Union[CompleteStepsRequest, _Mapping]] = ...) -> None: ...
+
+class CompleteStepsStreamResponse(_message.Message):
+    __slots__ = ("complete",)
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    complete: CompleteStepsResponse
+    def __init__(self, complete: _Optional[_Union[CompleteStepsResponse, _Mapping]] = ...) -> None: ...
+
 class FailStepRequest(_message.Message):
     __slots__ = ("worker_id", "ref", "error", "retryable", "details")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]

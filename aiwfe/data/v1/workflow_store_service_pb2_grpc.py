@@ -90,6 +90,11 @@ class WorkflowStoreServiceStub:
                 request_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CompleteStepsRequest.SerializeToString,
                 response_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CompleteStepsResponse.FromString,
                 _registered_method=True)
+        self.CompleteStepsStream = channel.stream_stream(
+                '/aiwfe.data.v1.WorkflowStoreService/CompleteStepsStream',
+                request_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CompleteStepsStreamRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CompleteStepsStreamResponse.FromString,
+                _registered_method=True)
         self.FailStep = channel.unary_unary(
                 '/aiwfe.data.v1.WorkflowStoreService/FailStep',
                 request_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.FailStepRequest.SerializeToString,
@@ -197,6 +202,16 @@ class WorkflowStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompleteStepsStream(self, request_iterator, context):
+        """CompleteStepsStream is CompleteSteps for a worker that sends one batch at a time on a
+        long-lived stream: each request is answered, in order, by the stream's next message,
+        without a call's set-up per completion. A request's error ends the stream with the
+        status CompleteSteps would answer; a stream ended with OK read no further request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FailStep(self, request, context):
         """FailStep records a failed attempt: schedules a retry or fails the workflow.
         """
@@ -283,6 +298,11 @@ def add_WorkflowStoreServiceServicer_to_server(servicer, server):
                     servicer.CompleteSteps,
                     request_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CompleteStepsRequest.FromString,
                     response_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CompleteStepsResponse.SerializeToString,
+            ),
+            'CompleteStepsStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.CompleteStepsStream,
+                    request_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CompleteStepsStreamRequest.FromString,
+                    response_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CompleteStepsStreamResponse.SerializeToString,
             ),
             'FailStep': grpc.unary_unary_rpc_method_handler(
                     servicer.FailStep,
@@ -603,6 +623,33 @@ class WorkflowStoreService:
             '/aiwfe.data.v1.WorkflowStoreService/CompleteSteps',
             aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CompleteStepsRequest.SerializeToString,
             aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CompleteStepsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteStepsStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/aiwfe.data.v1.WorkflowStoreService/CompleteStepsStream',
+            aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CompleteStepsStreamRequest.SerializeToString,
+            aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.CompleteStepsStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
