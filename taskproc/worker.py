@@ -84,6 +84,8 @@ class Worker:
         self._wake = asyncio.Event()
         self._results: list[tuple[store_pb.StepResult, asyncio.Future[bool]]] = []
         self._results_ready = asyncio.Event()
+        self._completing = 0  # results in a CompleteSteps call not yet answered
+        self._releasing: set[asyncio.Task[Any]] = set()  # eager steps given back on stop
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
         self._reserved = 0  # slots promised to eager dispatch calls in flight
@@ -150,7 +152,8 @@ class Worker:
         if self._stopping and steps:  # asked for before stop(): claimable again at once
             release = store_pb.ReleaseStepsRequest(worker_id=self.id, steps=[s.ref for s in steps])
             task = asyncio.create_task(self._call(self._stub.ReleaseSteps, release, timeout=5))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._releasing.add(task)
+            task.add_done_callback(self._released)
             return
         self.eager_steps += len(steps)
         for step in steps:
@@ -158,6 +161,11 @@ class Worker:
         if len(steps) < reserved and self._owed:
             self._owed = False
             self._wake.set()
+
+    def _released(self, task: asyncio.Task[Any]) -> None:
+        self._releasing.discard(task)
+        if not task.cancelled() and task.exception():
+            log.warning("releasing eager steps on shutdown failed: %s", task.exception())
 
     def start(self) -> None:
         self._loops = [
@@ -303,17 +311,20 @@ class Worker:
                 eager_lease_seconds=self.cfg.lease_seconds if reserved else 0.0,
             )
             sent = time.monotonic()
+            self._completing = len(batch)
             try:
                 reply = await self._retrying(
                     "complete",
                     lambda req=request: self._send_completion(req),
                 )
             except Exception as exc:
+                self._completing = 0
                 self.unreserve(reserved)
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
+            self._completing = 0
             self.adopt(reply.eager_steps, reserved, sent)
             for (_, fut), ok in zip(batch, reply.accepted, strict=True):
                 if not fut.done():
@@ -427,11 +438,14 @@ class Worker:
                     timeout=5,
                 )
                 log.info("released %d running steps on shutdown", reply.released)
-        # Let the last batch of results reach the store before the loops go.
+        # Let the last results reach the store (queued, or in a call not yet answered)
+        # before the loops go, and the steps their answers leased us go back.
         for _ in range(100):
-            if not self._results:
+            if not self._results and not self._completing:
                 break
             await asyncio.sleep(0.01)
+        if self._releasing:
+            await asyncio.wait(self._releasing, timeout=5)
         for loop in self._loops:
             loop.cancel()
         for loop in self._loops:

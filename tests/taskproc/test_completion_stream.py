@@ -13,9 +13,13 @@ import pytest
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
+from aiwfe.runtime.channels import Upstream
+from aiwfe.runtime.config import TaskProcSettings
+from aiwfe.runtime.identity import InternalIdentity
 from aiwfe.taskproc.v1 import workflow_service_pb2 as S
 from taskproc import completions
 from taskproc.completions import CompletionStream
+from taskproc.worker import Worker
 from tests.conftest import field_violations
 from tests.taskproc.helpers import create_stored
 
@@ -212,3 +216,32 @@ async def test_a_replica_that_never_answers_times_out_and_its_stream_is_cancelle
         await channel.close()
         await server.stop(0)
 
+
+async def test_steps_an_answer_leased_to_a_stopping_worker_are_given_back_before_stop_returns(
+    store,
+) -> None:
+    """A completion sent before stop() can come back with dependants leased to this worker
+    (eager dispatch); the stopping worker gives them back, and stop() waits for that, so
+    another worker can claim them at once instead of after the lease expires."""
+    stub, md, running = store
+    identity = InternalIdentity.from_settings(running.settings)
+    upstream = Upstream(
+        "dataplatform", running.address("dataplatform"), running.settings, identity, "taskproc"
+    )
+    unused = Upstream("cognitive", "127.0.0.1:1", running.settings, identity, "taskproc")
+    worker = Worker(TaskProcSettings(), 0.5, upstream, unused)
+    try:
+        owner = f"cs{time.time_ns()}"
+        await create_stored(stub, md, owner, 1)
+        leased = await _claim(stub, md, worker.id)
+        worker._stopping = True  # stop() has begun: the answer arrives now
+        worker.adopt([leased], 0, time.monotonic())
+        await worker.stop()
+        other = await _claim(stub, md, "other")
+        assert (other.ref.workflow_id, other.ref.step_name) == (
+            leased.ref.workflow_id,
+            leased.ref.step_name,
+        )  # at once: released, not left to its 30 s lease
+    finally:
+        await upstream.close()
+        await unused.close()
