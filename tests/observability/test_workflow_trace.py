@@ -43,12 +43,13 @@ def exporter() -> Iterator[InMemorySpanExporter]:
 
 @pytest.fixture
 async def traced(
-    exporter: InMemorySpanExporter, base_overrides: dict[str, Any], request: Any
+    exporter: InMemorySpanExporter, private_overrides: dict[str, Any], request: Any
 ) -> AsyncIterator[Suite]:
     """A suite started after the SDK provider is installed, with the `telemetry` overrides
-    a test passes as its (indirect) parameter."""
+    a test passes as its (indirect) parameter, on a database of its own (an idle suite
+    must find no step an earlier test left behind)."""
     telemetry = getattr(request, "param", {})
-    running = await start_suite({**base_overrides, "telemetry": telemetry})
+    running = await start_suite({**private_overrides, "telemetry": telemetry})
     yield running
     await running.stop()
 
