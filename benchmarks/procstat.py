@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -66,7 +69,7 @@ def usage(pid: int) -> dict[str, float]:
         try:
             stat = (task / "stat").read_text()
             status = (task / "status").read_text()
-        except FileNotFoundError:  # a thread that ended meanwhile
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
         total["user_s"] += int(fields[11]) / CLOCK_TICKS
@@ -84,3 +87,38 @@ def pin(pid: int, cpus: set[int]) -> None:
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(ProcessLookupError):
             os.sched_setaffinity(int(task.name), cpus)
+
+
+_SPIN = """
+import os, sys, time
+os.sched_setaffinity(0, {int(sys.argv[1])})
+n, start = 0, time.perf_counter()
+while time.perf_counter() - start < float(sys.argv[2]):
+    for _ in range(10000):
+        n += 1
+print(n / (time.perf_counter() - start))
+"""
+
+
+def cpu_loop_scaling(seconds: float = 2.0) -> dict[str, float]:
+    """The machine's own ceiling for N processes: a pure Python loop's rate on one core,
+    alone, and the sum of two at once on two cores (each pinned to its own), as a ratio.
+    What no shared state limits; two vCPUs that are one core's hyperthreads give ~1.2x."""
+
+    def spin(cpus: list[int]) -> float:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _SPIN, str(cpu), str(seconds)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for cpu in cpus
+        ]
+        return sum(float(p.communicate()[0]) for p in procs)
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return {}
+    one = statistics.median(spin(cores[:1]) for _ in range(3))
+    two = statistics.median(spin(cores[:2]) for _ in range(3))
+    return {"loop_per_s_1": round(one), "loop_per_s_2": round(two), "ratio": round(two / one, 3)}
