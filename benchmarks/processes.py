@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import redis
 
 from aiwfe.app.embedded import free_port
 from aiwfe.app.launcher import Supervisor, stop_children
@@ -59,6 +60,7 @@ from benchmarks import harness, load, overload, procstat, report, servers
 from benchmarks.workflows import bare_skip_locked
 
 METHOD = load.EMBED_METHOD
+REDIS_URL = os.environ.get("AIWFE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 # Each run is made twice: processes free to run on any core, and each pinned to its own
 # core (process i on core i, as `taskset -a -p`; h2load stays free).
 PLACEMENTS = ("unpinned", "pinned")
@@ -85,7 +87,7 @@ def _gateway_env(server: harness.ServerProcess, port: int, metrics_port: int, n:
         "JWT_SECRET_KEY": server.jwt_secret,
         "AIWFE_INTERNAL_SECRET_KEY": server.internal_secret,
         "AIWFE_AUTHENTICATION__RATE_LIMITING__API_REQUESTS": "1000000000",
-        "AIWFE_REDIS__URL": os.environ.get("AIWFE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "AIWFE_REDIS__URL": REDIS_URL,
         "AIWFE_REDIS__KEY_PREFIX": f"aiwfe-bench:{secrets.token_hex(4)}:",
         "AIWFE_GRPC__SHUTDOWN_GRACE_SECONDS": "0.5",
         # Capacity is measured, not shedding: on a loaded machine 512 calls in flight can
@@ -146,16 +148,30 @@ def h2load(port: int, body: str, token: str, opts: argparse.Namespace, seconds: 
     return {"rps": float(rps.group(1)), "requests": int(done.group(2)), "cpu_s": cpu}
 
 
+def redis_cpu_seconds() -> float:
+    """CPU seconds the gateways' Redis has used (INFO cpu: its own threads)."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        info = client.info("cpu")
+    finally:
+        client.close()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def measure(group: Group, body: str, token: str, opts: argparse.Namespace) -> dict[str, Any]:
     """One run on `group`: throughput, calls and CPU per process, uptime."""
     pids = group.pids()
+    redis0 = redis_cpu_seconds()
     load_avg = uptime()
     cpu0 = {i: procstat.cpu_seconds(p) for i, p in pids.items()}
     use0 = {i: procstat.usage(p) for i, p in pids.items()}
     calls0 = calls(group)
+    machine0 = procstat.machine_seconds()
     started = time.monotonic()
     run = h2load(group.port, body, token, opts, opts.seconds)
     wall = time.monotonic() - started
+    machine1 = procstat.machine_seconds()
+    redis1 = redis_cpu_seconds()
     calls1 = calls(group)
     cpu1 = {i: procstat.cpu_seconds(p) for i, p in pids.items()}
     use1 = {i: procstat.usage(p) for i, p in pids.items()}
@@ -184,6 +200,19 @@ def measure(group: Group, body: str, token: str, opts: argparse.Namespace) -> di
         },
         "process_stats": stats,
         "client_cpu_ms_per_call": round(run["cpu_s"] * 1000 / total, 4) if total else None,
+        # Interrupt work (loopback TCP's receive side) per call, and the machine's idle
+        # cores: what no process is charged for.
+        "kernel_ms_per_call": round(
+            sum(machine1[k] - machine0[k] for k in ("irq", "softirq")) * 1000 / total, 4
+        )
+        if total
+        else None,
+        "idle_cores": round((machine1["idle"] - machine0["idle"]) / wall, 2),
+        # The API rate limit's exact sliding window: a sorted-set member per call.
+        "redis_ms_per_call": round((redis1 - redis0) * 1000 / total, 4) if total else None,
+        "machine_cores_by_kind": {
+            k: round((machine1[k] - machine0[k]) / wall, 3) for k in machine0
+        },
     }
 
 
@@ -285,20 +314,34 @@ def summary(runs: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
     client_ms = round(
         statistics.median(run["client_cpu_ms_per_call"] for rs in runs.values() for run in rs), 4
     )
+    kernel_ms = round(
+        statistics.median(run["kernel_ms_per_call"] for rs in runs.values() for run in rs), 4
+    )
+    redis_ms = round(
+        statistics.median(run["redis_ms_per_call"] for rs in runs.values() for run in rs), 4
+    )
     return {
         "runs": runs,
         "ratio_2_vs_1_by_round": [round(x, 3) for x in ratios],
         "ratio_2_vs_1_median": round(statistics.median(ratios), 3),
         "cpu_ms_per_call_median": gateway_ms,
         "client_cpu_ms_per_call_median": client_ms,
+        "kernel_cpu_ms_per_call_median": kernel_ms,
         "projected_ratio_on_idle_cores": projected_ratio(gateway_ms, client_ms),
+        "redis_cpu_ms_per_call_median": redis_ms,
+        "projected_ratio_with_kernel": projected_ratio(
+            gateway_ms, client_ms + kernel_ms + redis_ms
+        ),
     }
 
 
 def projected_ratio(gateway_ms: dict[str, float], client_ms: float) -> float:
     """2 vs 1 process throughput on idle cores, from CPU per call alone: N processes do at
-    most N cores' worth of calls, and the gateway and h2load together at most all cores'.
-    Load-independent where the measured ratio is not (a shared machine's other load)."""
+    most N cores' worth of calls, and the gateway and what else each call costs the same
+    cores (`client_ms`: h2load, and with the kernel's interrupt work too) at most all
+    cores'. Load-independent where the measured ratio is not (a shared machine's other
+    load). With 2 cores and g, c per call, the ceiling is 2g / (g + c): the cheaper the
+    gateway's call against the rest, the lower."""
     cores = os.cpu_count() or 1
 
     def ceiling(n: int) -> float:
@@ -319,8 +362,9 @@ def render(result: dict[str, Any]) -> str:
         f" {a['cpu_loop_2_vs_1'].get('ratio', '-')}x (the machine's own ceiling)",
         "| placement | round | processes | req/s | calls by process | CPU us/call by process"
         " (user + system) | cores by process | switches per 1000 calls by process"
-        " (voluntary / involuntary) | h2load CPU us/call | not OK | load average |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        " (voluntary / involuntary) | h2load CPU us/call | Redis CPU us/call"
+        " | irq + softirq us/call | idle cores | not OK | load average |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for placement, s in result["placements"].items():
         for n, runs in s["runs"].items():
@@ -343,7 +387,10 @@ def render(result: dict[str, Any]) -> str:
                 lines.append(
                     f"| {placement} | {r} | {n} | {run['rps']:,.0f} | {run['calls_ok_by_process']}"
                     f" | {cpu} | {cores} | {switches}"
-                    f" | {client * 1000 if client else 0:.1f} | {run['calls_not_ok'] or 0}"
+                    f" | {client * 1000 if client else 0:.1f}"
+                    f" | {(run['redis_ms_per_call'] or 0) * 1000:.1f}"
+                    f" | {(run['kernel_ms_per_call'] or 0) * 1000:.1f} | {run['idle_cores']}"
+                    f" | {run['calls_not_ok'] or 0}"
                     f" | {run['uptime'].split('load average: ')[-1]} |"
                 )
     for placement, s in result["placements"].items():
@@ -354,7 +401,10 @@ def render(result: dict[str, Any]) -> str:
             f" {s['cpu_ms_per_call_median']['1'] * 1000:.1f}, 2 processes"
             f" {s['cpu_ms_per_call_median']['2'] * 1000:.1f};"
             f" h2load {s['client_cpu_ms_per_call_median'] * 1000:.1f};"
+            f" irq + softirq {s['kernel_cpu_ms_per_call_median'] * 1000:.1f};"
+            f" Redis {s['redis_cpu_ms_per_call_median'] * 1000:.1f};"
             f" 2 vs 1 projected on idle cores from them: {s['projected_ratio_on_idle_cores']}x"
+            f" (gateway and h2load), {s['projected_ratio_with_kernel']}x (all of them)"
         )
     return "\n".join(lines)
 
