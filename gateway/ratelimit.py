@@ -4,8 +4,10 @@
 """Rate limits (seed): failed logins per username and per client address, API calls per user.
 
 API: a sliding-window log per user, exact in any window of `api_window` seconds. Redis
-holds it as a sorted set (one member per admitted call, scored with the time until which
-it counts); one Lua script trims it, counts and admits, on Redis's clock, so replicas
+holds it as a sorted set of runs (the calls one round trip admitted, or reserved, count
+from the same moment: one member each, scored with the time until which they count, their
+number in a hash beside it with the running total), so Redis's work is per round trip,
+not per call; one Lua script trims it, counts and admits, on Redis's clock, so replicas
 agree. Callers waiting on one replica share a round trip (all of them are admitted or
 refused at once). A busy user also gets a few calls reserved for the relay's fast path:
 they count from the moment they are reserved until their short lease ends; the replica
@@ -46,28 +48,48 @@ _NOW_MS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
-# A lease (calls reserved for a replica's fast path) is open until its replica settles
-# it: spent calls then count from now if their lease runs later, the unspent ones go.
-# KEYS[2] maps open leases → ms when they end; a lease its replica never settles
-# (crashed) closes _LEASE_GRACE_MS after its end, its calls counted as spent.
-# ARGV[s..s+3] = trip, first member, spent, reserved.
-_SETTLE = """
-local function settle(key, leases, now, s)
-  local trip, first = ARGV[s], tonumber(ARGV[s + 1])
-  local spent, reserved = tonumber(ARGV[s + 2]), tonumber(ARGV[s + 3])
-  local open = redis.call('HDEL', leases, trip) == 1
-  for i = first, first + reserved - 1 do
-    local m = trip .. ':' .. i
-    if i < first + spent then
-      redis.call('ZADD', key, 'XX', 'LT', now, m)
-    elseif open then
-      redis.call('ZREM', key, m)
-    end
+# The log keeps runs, not calls: the calls one trip admits count from the same moment,
+# and so do those it reserves, so each run is one sorted-set member (`<trip>:a`,
+# `<trip>:r`) with its count in a hash beside it (KEYS[3], field '#' the total). Exact as
+# a member per call would be, at a cost per trip instead of per call.
+_RUNS = """
+local function trim(key, counts, now, window)
+  local old = redis.call('ZRANGEBYSCORE', key, '-inf', now - window, 'LIMIT', 0, 1000)
+  while #old > 0 do
+    local gone = 0
+    for _, m in ipairs(old) do gone = gone + tonumber(redis.call('HGET', counts, m) or '0') end
+    redis.call('ZREM', key, unpack(old))
+    redis.call('HDEL', counts, unpack(old))
+    redis.call('HINCRBY', counts, '#', -gone)
+    old = redis.call('ZRANGEBYSCORE', key, '-inf', now - window, 'LIMIT', 0, 1000)
   end
 end
 """
+# A lease (calls reserved for a replica's fast path) is open until its replica settles
+# it: spent calls then count from now if their lease runs later, the unspent ones go.
+# KEYS[2] maps open leases → ms when they end; a lease its replica never settles
+# (crashed) closes _LEASE_GRACE_MS after its end, its calls counted as spent until then.
+# ARGV[s..s+2] = trip, spent, reserved.
+_SETTLE = """
+local function settle(key, leases, counts, now, s)
+  local trip, spent = ARGV[s], tonumber(ARGV[s + 1])
+  if redis.call('HDEL', leases, trip) == 0 then return end
+  local m = trip .. ':r'
+  local had = tonumber(redis.call('HGET', counts, m) or '0')
+  if had == 0 then return end
+  if spent > 0 then
+    redis.call('ZADD', key, 'XX', 'LT', now, m)
+    redis.call('HSET', counts, m, spent)
+  else
+    redis.call('ZREM', key, m)
+    redis.call('HDEL', counts, m)
+  end
+  redis.call('HINCRBY', counts, '#', spent - had)
+end
+"""
 _LEASE_GRACE_MS = 2000
-# KEYS[1]: the user's log (member → ms until which it counts), KEYS[2]: its open leases.
+# KEYS[1]: the user's runs (member → ms until which its calls count), KEYS[2]: its open
+# leases, KEYS[3]: each run's count and the total ('#').
 # ARGV: limit, need, extra, window ms, lease ms, trip id, then a lease to settle first
 # (trip '' = none). Admits min(need, free) calls now and reserves up to `extra` (at most a
 # quarter of what stays free) until now + lease. Returns {admitted, reserved, retry ms,
@@ -76,15 +98,16 @@ _LEASE_GRACE_MS = 2000
 # call slides out (retry ms).
 _API_ADMIT = (
     _NOW_MS
+    + _RUNS
     + _SETTLE
     + f"local grace = {_LEASE_GRACE_MS}"
     + """
-local key, leases = KEYS[1], KEYS[2]
-if ARGV[7] ~= '' then settle(key, leases, now, 7) end
+local key, leases, counts = KEYS[1], KEYS[2], KEYS[3]
+if ARGV[7] ~= '' then settle(key, leases, counts, now, 7) end
 local limit, need, extra = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local window, lease, trip = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-local free = limit - redis.call('ZCARD', key)
+trim(key, counts, now, window)
+local free = limit - tonumber(redis.call('HGET', counts, '#') or '0')
 if free <= 0 then
   local soonest = nil
   local open = redis.call('HGETALL', leases)
@@ -102,24 +125,23 @@ if free <= 0 then
 end
 local admitted = math.min(need, free)
 local reserved = math.max(0, math.min(extra, math.floor((free - admitted) / 4)))
-local args = {}
-for i = 1, admitted + reserved do
-  args[#args + 1] = (i > admitted) and (now + lease) or now
-  args[#args + 1] = trip .. ':' .. i
-  if #args >= 200 or i == admitted + reserved then
-    redis.call('ZADD', key, unpack(args))
-    args = {}
-  end
+if admitted > 0 then
+  redis.call('ZADD', key, now, trip .. ':a')
+  redis.call('HSET', counts, trip .. ':a', admitted)
 end
-redis.call('PEXPIRE', key, window + lease + 1000)
 if reserved > 0 then
+  redis.call('ZADD', key, now + lease, trip .. ':r')
+  redis.call('HSET', counts, trip .. ':r', reserved)
   redis.call('HSET', leases, trip, now + lease)
   redis.call('PEXPIRE', leases, lease + grace + 1000)
 end
+redis.call('HINCRBY', counts, '#', admitted + reserved)
+redis.call('PEXPIRE', key, window + lease + 1000)
+redis.call('PEXPIRE', counts, window + lease + 1000)
 return {admitted, reserved, 0, 0}
 """
 )
-_API_SETTLE = _NOW_MS + _SETTLE + "settle(KEYS[1], KEYS[2], now, 1)\nreturn 1\n"
+_API_SETTLE = _NOW_MS + _SETTLE + "settle(KEYS[1], KEYS[2], KEYS[3], now, 1)\nreturn 1\n"
 
 # KEYS: username failures, address failures, username checks, address checks (sorted sets
 # of check id → ms until which it holds its slot). ARGV: username limit, address limit,
@@ -243,7 +265,7 @@ class _LocalLog:
 
     def admit(
         self, key: str, limit: int, need: int, extra: int, window: int, lease: int, trip: str,
-        settle: tuple[str, int, int, int] | None,
+        settle: tuple[str, int, int] | None,
     ) -> tuple[int, int, int, int]:  # fmt: skip
         now = _now_ms()
         if settle is not None:
@@ -264,9 +286,9 @@ class _LocalLog:
             runs.append([now + lease, reserved, trip])
         return admitted, reserved, 0, 0
 
-    def settle(self, key: str, lease: tuple[str, int, int, int]) -> None:
+    def settle(self, key: str, lease: tuple[str, int, int]) -> None:
         now = _now_ms()
-        trip, _, spent, _ = lease
+        trip, spent, _ = lease
         for run in self._logs.get(key, ()):
             if run[2] == trip:
                 run[:] = [min(run[0], now), spent, ""]
@@ -280,8 +302,7 @@ class _Quota:
     waiting: int = 0  # callers in `acquire`
     left: int = 0  # reserved calls the fast path may still spend
     until: float = 0.0  # monotonic end of their lease here (before Redis's end)
-    trip: str = ""  # the lease to settle: trip id, its first member, how many reserved
-    first: int = 0
+    trip: str = ""  # the lease to settle: trip id and how many it reserved
     reserved: int = 0
     timer: asyncio.TimerHandle | None = None
     last_trip: float = -math.inf
@@ -392,14 +413,19 @@ class ApiLimiter:
             # stay counted in the log: the safe side).
             q.admitted = min(q.admitted, q.waiting)
 
+    def _keys(self, user_id: str) -> list[str]:
+        """The user's log of runs, open leases and run counts in Redis (`_API_ADMIT`)."""
+        key = self._redis.key(f"ratelimit:api-runs:{_digest(user_id)}")
+        return [key, key + ":leases", key + ":counts"]
+
     def _forget_idle(self) -> None:
         self._quotas = {k: q for k, q in self._quotas.items() if q.waiting or q.trip or q.pending}
 
-    def _take_lease(self, q: _Quota) -> tuple[str, int, int, int] | None:
-        """The lease to settle (trip, first member, spent, reserved); nothing is left to spend."""
+    def _take_lease(self, q: _Quota) -> tuple[str, int, int] | None:
+        """The lease to settle (trip, spent, reserved); nothing is left to spend."""
         if not q.trip:
             return None
-        lease = (q.trip, q.first, q.reserved - q.left, q.reserved)
+        lease = (q.trip, q.reserved - q.left, q.reserved)
         q.trip, q.left = "", 0
         if q.timer is not None:
             q.timer.cancel()
@@ -415,17 +441,16 @@ class ApiLimiter:
             # Reserve for the calls that usually follow: two, or twice the last trip's
             # calls for a user seen again within the window (or twice what it spent of it).
             busy = started - q.last_trip < self._window_ms / 1000
-            recent = max(q.last_used if busy else 0, settle[2] if settle else 0)
+            recent = max(q.last_used if busy else 0, settle[1] if settle else 0)
             extra = min(self.batch_for(limit), max(2, 2 * recent))
             trip = f"{self._replica}{next(self._trips)}"
-            key = self._redis.key(f"ratelimit:api:{_digest(user_id)}")
-            keys = [key, key + ":leases"]
+            keys = self._keys(user_id)
             window, lease = self._window_ms, self._lease_ms
             result = None
             if settle is not None:
                 self._local.settle(user_id, settle)  # reserved in process (Redis was down)?
             if self._admit is not None:
-                flat = settle or ("", 0, 0, 0)
+                flat = settle or ("", 0, 0)
                 result = await self._redis.eval_script(
                     self._admit, keys, [limit, need, extra, window, lease, trip, *flat]
                 )
@@ -435,7 +460,7 @@ class ApiLimiter:
             q.last_trip, q.last_used = started, admitted + reserved
             q.admitted += admitted
             if reserved:
-                self._install(user_id, q, key, trip, admitted + 1, reserved, started)
+                self._install(user_id, q, trip, reserved, started)
             if admitted == 0:
                 if held_ms > 0:
                     await asyncio.sleep(held_ms / 1000)
@@ -454,12 +479,11 @@ class ApiLimiter:
             started = time.monotonic()
             extra = min(self.batch_for(q.limit), max(2, 2 * q.reserved))
             trip = f"{self._replica}{next(self._trips)}"
-            key = self._redis.key(f"ratelimit:api:{_digest(user_id)}")
             window, lease = self._window_ms, self._lease_ms
-            args = [q.limit, 0, extra, window, lease, trip, "", 0, 0, 0]
+            args = [q.limit, 0, extra, window, lease, trip, "", 0, 0]
             result = None
             if self._admit is not None:
-                result = await self._redis.eval_script(self._admit, [key, key + ":leases"], args)
+                result = await self._redis.eval_script(self._admit, self._keys(user_id), args)
             if result is None:
                 result = self._local.admit(user_id, q.limit, 0, extra, window, lease, trip, None)
             reserved = int(result[1])
@@ -468,49 +492,44 @@ class ApiLimiter:
                 return
             q.last_trip, q.last_used = started, reserved
             old = self._take_lease(q)
-            self._install(user_id, q, key, trip, 1, reserved, started)
+            self._install(user_id, q, trip, reserved, started)
             if old is not None:
-                self._settle_in_background(user_id, key, old)
+                self._settle_in_background(user_id, old)
         finally:
             q.pending = None
 
-    def _install(
-        self, user_id: str, q: _Quota, key: str, trip: str, first: int, reserved: int,
-        started: float,
-    ) -> None:  # fmt: skip
+    def _install(self, user_id: str, q: _Quota, trip: str, reserved: int, started: float) -> None:
         """Makes `reserved` calls of lease `trip` spendable by the fast path."""
         # Spent only before Redis's lease ends: it began after `started`; a fifth of it is
         # margin for the settlement to arrive in time.
         q.until = started + self._lease_ms * 0.8 / 1000
-        q.trip, q.first, q.reserved, q.left = trip, first, reserved, reserved
+        q.trip, q.reserved, q.left = trip, reserved, reserved
         delay = max(0.0, q.until - time.monotonic())
-        q.timer = asyncio.get_running_loop().call_later(delay, self._lease_ended, user_id, q, key)
+        q.timer = asyncio.get_running_loop().call_later(delay, self._lease_ended, user_id, q)
 
-    def _lease_ended(self, user_id: str, q: _Quota, key: str) -> None:
+    def _lease_ended(self, user_id: str, q: _Quota) -> None:
         q.timer = None
         lease = self._take_lease(q)
         if lease is None:
             return
-        self._settle_in_background(user_id, key, lease)
+        self._settle_in_background(user_id, lease)
 
-    def _settle_in_background(
-        self, user_id: str, key: str, lease: tuple[str, int, int, int]
-    ) -> None:
+    def _settle_in_background(self, user_id: str, lease: tuple[str, int, int]) -> None:
         """Closes `lease` in the log: spent calls stay counted, the rest go back."""
         if self._settle is None:
             self._local.settle(user_id, lease)
             return
-        task = asyncio.ensure_future(self._settle_lease(user_id, key, lease))
+        task = asyncio.ensure_future(self._settle_lease(user_id, lease))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    async def _settle_lease(self, user_id: str, key: str, lease: tuple[str, int, int, int]) -> None:
+    async def _settle_lease(self, user_id: str, lease: tuple[str, int, int]) -> None:
         if self._settle is None:
             raise RuntimeError("a lease was settled without a Redis settle script")
         # The lease may have been reserved in process while Redis was down: settling it
         # there too is a no-op otherwise.
         self._local.settle(user_id, lease)
-        await self._redis.eval_script(self._settle, [key, key + ":leases"], list(lease))
+        await self._redis.eval_script(self._settle, self._keys(user_id), list(lease))
 
 
 # Logins of one username waiting on one replica for a check slot; beyond, refused (a

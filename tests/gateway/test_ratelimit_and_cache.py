@@ -533,3 +533,23 @@ def test_a_refusal_says_one_retry_time_everywhere() -> None:
     trailers = dict(error.to_status().trailing_metadata)
     assert trailers["retry-after"] == trailers["x-ratelimit-reset"] == "48"
     assert "retry in 48 s" in error.message
+
+
+async def test_redis_keeps_a_member_per_round_trip_and_the_exact_total(redis_helper) -> None:
+    """2,000 calls of a busy user leave Redis a few dozen runs (one per round trip, not a
+    member per call), and once its last lease has been settled the total counted is
+    exactly the calls made: unspent reservations went back, spent ones stayed."""
+    limiter = ApiLimiter(
+        RateLimitSettings(api_requests=1_000_000, api_window=60, api_reserve_lease_ms=200),
+        redis_helper,
+    )
+    for i in range(2000):
+        if not limiter.try_local("runs"):
+            await limiter.acquire("runs", ("user",))
+        if i % 20 == 0:
+            await asyncio.sleep(0.002)
+    await asyncio.sleep(0.5)  # the last lease ends and is settled
+    runs, _, counts = limiter._keys("runs")
+    members = await redis_helper.client.zcard(runs)
+    assert 1 <= members <= 100, members
+    assert int(await redis_helper.client.hget(counts, "#")) == 2000
