@@ -141,8 +141,7 @@ def _error_guard(behavior: Behavior, streaming: bool) -> Behavior:
         async def guarded_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
             _enter(context)
             try:
-                _reject_undecodable(request)
-                result = behavior(request, context)
+                result = behavior(_decoded(request), context)
                 if inspect.isawaitable(result):  # a handler that writes with context.write()
                     await result
                     return
@@ -158,8 +157,7 @@ def _error_guard(behavior: Behavior, streaming: bool) -> Behavior:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         _enter(context)
         try:
-            _reject_undecodable(request)
-            result = behavior(request, context)
+            result = behavior(_decoded(request), context)
             return await result if inspect.isawaitable(result) else result
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
@@ -185,8 +183,7 @@ class HandlerCache:
         if entry is not None and entry[0] is handler:
             return entry[1]
         wrapped = wrap_handler(handler, self._guard_for(method))
-        lenient = self._lenient and not handler.request_streaming
-        if lenient and handler.request_deserializer is not None:
+        if self._lenient and handler.request_deserializer is not None:
             wrapped = wrapped._replace(
                 request_deserializer=_lenient(handler.request_deserializer, method)
             )
@@ -217,6 +214,21 @@ def _lenient(deserializer: Callable[[bytes], Any], method: str) -> Callable[[byt
 def _reject_undecodable(request: Any) -> None:
     if type(request) is _Undecodable:
         raise InvalidArgument([("request", f"is not a valid request message for {request.method}")])
+
+
+def _decoded(request: Any) -> Any:
+    """The request, or a request stream whose messages are checked as they are read: an
+    undecodable one ends the call with INVALID_ARGUMENT where the handler reads it."""
+    if hasattr(request, "__aiter__"):
+        return _decoded_stream(request)
+    _reject_undecodable(request)
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        _reject_undecodable(request)
+        yield request
 
 
 class MethodInterceptor(grpc.aio.ServerInterceptor):

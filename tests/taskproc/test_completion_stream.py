@@ -245,3 +245,18 @@ async def test_steps_an_answer_leased_to_a_stopping_worker_are_given_back_before
     finally:
         await upstream.close()
         await unused.close()
+
+
+async def test_bytes_that_are_no_request_end_the_stream_with_invalid_argument(store) -> None:
+    """A message on the stream that does not decode is the caller's mistake, answered
+    INVALID_ARGUMENT where it is read (not INTERNAL, as grpc itself would)."""
+    _, md, running = store
+    async with grpc.aio.insecure_channel(running.address("dataplatform")) as channel:
+        call = channel.stream_stream("/aiwfe.data.v1.WorkflowStoreService/CompleteStepsStream")(
+            metadata=md, timeout=10
+        )
+        await call.write(b"\x00")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is not a valid request message" in (caught.value.details() or "")
