@@ -32,7 +32,14 @@ from tests.taskproc.helpers import finish, new_user, spec
 EXPORTER = InMemorySpanExporter()
 SUBMIT = "/aiwfe.taskproc.v1.WorkflowService/SubmitWorkflow"
 EMBED = "/aiwfe.cognitive.v1.CognitiveService/Embed"
-POLLING = ("ClaimSteps", "CompleteSteps", "ExtendLeases", "WaitForWork", "ListRevocations")
+POLLING = (
+    "ClaimSteps",
+    "CompleteSteps",
+    "CompleteStepsStream",
+    "ExtendLeases",
+    "WaitForWork",
+    "ListRevocations",
+)
 _tracer = trace.get_tracer("test")
 
 
