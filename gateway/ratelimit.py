@@ -69,7 +69,7 @@ end
 # it: spent calls then count from now if their lease runs later, the unspent ones go.
 # KEYS[2] maps open leases → ms when they end; a lease its replica never settles
 # (crashed) closes _LEASE_GRACE_MS after its end, its calls counted as spent until then.
-# ARGV[s..s+2] = trip, spent, reserved.
+# ARGV[s..s+1] = trip, spent.
 _SETTLE = """
 local function settle(key, leases, counts, now, s)
   local trip, spent = ARGV[s], tonumber(ARGV[s + 1])
@@ -265,7 +265,7 @@ class _LocalLog:
 
     def admit(
         self, key: str, limit: int, need: int, extra: int, window: int, lease: int, trip: str,
-        settle: tuple[str, int, int] | None,
+        settle: tuple[str, int] | None,
     ) -> tuple[int, int, int, int]:  # fmt: skip
         now = _now_ms()
         if settle is not None:
@@ -286,9 +286,9 @@ class _LocalLog:
             runs.append([now + lease, reserved, trip])
         return admitted, reserved, 0, 0
 
-    def settle(self, key: str, lease: tuple[str, int, int]) -> None:
+    def settle(self, key: str, lease: tuple[str, int]) -> None:
         now = _now_ms()
-        trip, spent, _ = lease
+        trip, spent = lease
         for run in self._logs.get(key, ()):
             if run[2] == trip:
                 run[:] = [min(run[0], now), spent, ""]
@@ -421,11 +421,11 @@ class ApiLimiter:
     def _forget_idle(self) -> None:
         self._quotas = {k: q for k, q in self._quotas.items() if q.waiting or q.trip or q.pending}
 
-    def _take_lease(self, q: _Quota) -> tuple[str, int, int] | None:
-        """The lease to settle (trip, spent, reserved); nothing is left to spend."""
+    def _take_lease(self, q: _Quota) -> tuple[str, int] | None:
+        """The lease to settle (trip, calls spent); nothing is left to spend."""
         if not q.trip:
             return None
-        lease = (q.trip, q.reserved - q.left, q.reserved)
+        lease = (q.trip, q.reserved - q.left)
         q.trip, q.left = "", 0
         if q.timer is not None:
             q.timer.cancel()
@@ -450,7 +450,7 @@ class ApiLimiter:
             if settle is not None:
                 self._local.settle(user_id, settle)  # reserved in process (Redis was down)?
             if self._admit is not None:
-                flat = settle or ("", 0, 0)
+                flat = settle or ("", 0)
                 result = await self._redis.eval_script(
                     self._admit, keys, [limit, need, extra, window, lease, trip, *flat]
                 )
@@ -480,7 +480,7 @@ class ApiLimiter:
             extra = min(self.batch_for(q.limit), max(2, 2 * q.reserved))
             trip = f"{self._replica}{next(self._trips)}"
             window, lease = self._window_ms, self._lease_ms
-            args = [q.limit, 0, extra, window, lease, trip, "", 0, 0]
+            args = [q.limit, 0, extra, window, lease, trip, "", 0]
             result = None
             if self._admit is not None:
                 result = await self._redis.eval_script(self._admit, self._keys(user_id), args)
@@ -514,7 +514,7 @@ class ApiLimiter:
             return
         self._settle_in_background(user_id, lease)
 
-    def _settle_in_background(self, user_id: str, lease: tuple[str, int, int]) -> None:
+    def _settle_in_background(self, user_id: str, lease: tuple[str, int]) -> None:
         """Closes `lease` in the log: spent calls stay counted, the rest go back."""
         if self._settle is None:
             self._local.settle(user_id, lease)
@@ -523,7 +523,7 @@ class ApiLimiter:
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    async def _settle_lease(self, user_id: str, lease: tuple[str, int, int]) -> None:
+    async def _settle_lease(self, user_id: str, lease: tuple[str, int]) -> None:
         if self._settle is None:
             raise RuntimeError("a lease was settled without a Redis settle script")
         # The lease may have been reserved in process while Redis was down: settling it

@@ -9,7 +9,7 @@ Semantics are CompleteSteps' own:
 - An error ends the stream with the status CompleteSteps would answer; it is raised as that
   `AioRpcError` and the next batch opens a new stream.
 - A stream ended with OK before answering read no further request (dataplatform answers in
-  order, one at a time), so that request is sent again at once on a new stream.
+  order, one at a time): ConnectionError, which the worker retries on a new stream.
 - `timeout` is the request's deadline: on expiry the stream is cancelled and TimeoutError
   raised; the batch may or may not have been recorded, as with a unary deadline.
 - A dataplatform without the method (UNIMPLEMENTED: an older replica during a rolling
@@ -69,16 +69,13 @@ class CompletionStream:
     async def _exchange(
         self, request: store_pb.CompleteStepsRequest
     ) -> store_pb.CompleteStepsResponse:
-        message = store_pb.CompleteStepsStreamRequest(complete=request)
-        for _ in range(2):  # a stream ended with OK did not read it: once more, on a new one
-            call = await self._open()
-            await call.write(message)
-            reply = await call.read()
-            if reply is not grpc.aio.EOF:
-                return reply.complete
+        call = await self._open()
+        await call.write(store_pb.CompleteStepsStreamRequest(complete=request))
+        reply = await call.read()
+        if reply is grpc.aio.EOF:
             await call  # raises the status it ended with, if not OK
-            self._drop()
-        raise ConnectionError("CompleteStepsStream ended twice without an answer")
+            raise ConnectionError("CompleteStepsStream ended without an answer")
+        return reply.complete
 
     async def _open(self) -> grpc.aio.StreamStreamCall:
         """The open stream; a new one if it has ended (nothing of ours was in it) or is due

@@ -84,7 +84,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._results: list[tuple[store_pb.StepResult, asyncio.Future[bool]]] = []
         self._results_ready = asyncio.Event()
-        self._completing = 0  # results in a CompleteSteps call not yet answered
+        self._completing = False  # a CompleteSteps call not yet answered
         self._releasing: set[asyncio.Task[Any]] = set()  # eager steps given back on stop
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -311,20 +311,20 @@ class Worker:
                 eager_lease_seconds=self.cfg.lease_seconds if reserved else 0.0,
             )
             sent = time.monotonic()
-            self._completing = len(batch)
+            self._completing = True
             try:
                 reply = await self._retrying(
                     "complete",
                     lambda req=request: self._send_completion(req),
                 )
             except Exception as exc:
-                self._completing = 0
+                self._completing = False
                 self.unreserve(reserved)
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            self._completing = 0
+            self._completing = False
             self.adopt(reply.eager_steps, reserved, sent)
             for (_, fut), ok in zip(batch, reply.accepted, strict=True):
                 if not fut.done():
