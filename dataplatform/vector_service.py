@@ -53,7 +53,8 @@ FIELD_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,127}")
 
 
 def index_options(perf: QdrantPerformanceSettings) -> dict[str, Any]:
-    """Store constructor options from `qdrant.performance` (both stores take the same ones);
+    """Store constructor options from `qdrant.performance` (both stores take the same ones,
+    but for `release_originals_every`, the embedded engine's alone);
     benchmarks.vector_search builds its collections with these too."""
     return {
         "hnsw_m": perf.hnsw_config.m,
@@ -62,6 +63,7 @@ def index_options(perf: QdrantPerformanceSettings) -> dict[str, Any]:
         "vectors_on_disk": perf.vectors_on_disk,
         "hnsw_ef": perf.hnsw_ef,
         "oversampling": perf.oversampling,
+        "release_originals_every": perf.release_originals_every,
     }
 
 
@@ -70,6 +72,7 @@ def open_configured_store(q: QdrantSettings, home: Path) -> VectorStore:
     the embedded engine's default directory is `home`/qdrant."""
     index = index_options(q.performance)
     if q.url:
+        del index["release_originals_every"]  # the embedded engine's: a server maps its own
         conn = q.connection
         return open_vector_store(
             q.url,

@@ -299,6 +299,10 @@ class QdrantPerformanceSettings(_Block):
     hnsw_ef: int | None = Field(default=200, gt=0)
     # int8 candidates fetched per requested hit before rescoring on the originals.
     oversampling: float = Field(default=2.0, ge=1)
+    # Embedded engine, originals on disk: every this many searches of a collection, the
+    # originals' pages this process mapped meanwhile go back to the page cache, so its RSS
+    # does not grow with every distinct query (null: never; README, "Vectors at a million").
+    release_originals_every: int | None = Field(default=256, gt=0)
 
 
 class QdrantConnectionSettings(_Block):

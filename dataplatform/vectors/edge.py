@@ -41,6 +41,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ from .base import (
     validate_matrix,
     validate_vector,
 )
+from .mapped import release_originals
 
 __all__ = ["EdgeVectorStore"]
 
@@ -132,6 +134,10 @@ class _Collection:
         self.open_lock = asyncio.Lock()
         self.pending = 0
         self.deleted = False
+        self.searches = 0  # since its mapped originals were last given back
+        # An optimize in a worker thread drops segments (and unmaps their files) while
+        # searches go on: it and a release of the originals' mappings never overlap.
+        self.segments_lock = threading.Lock()
 
     @property
     def shard_dir(self) -> Path:
@@ -156,6 +162,10 @@ class EdgeVectorStore(VectorStore):
         full_scan_threshold_kb: Below this vector-data size per segment the engine brute-forces.
         vectors_on_disk: Keep the float32 originals in an mmap'd file read on demand instead
             of prefetched into RAM; applies to collections created from now on.
+        release_originals_every: With the originals on disk, every this many searches of a
+            collection the last one gives the pages of its originals this process has
+            mapped back to the page cache (`mapped.py`), so the RSS does not grow with every
+            distinct query; ``None`` never does.
     """
 
     def __init__(
@@ -172,6 +182,7 @@ class EdgeVectorStore(VectorStore):
         optimize_in_subprocess: bool = True,
         full_scan_threshold_kb: int = 10_000,
         vectors_on_disk: bool = True,
+        release_originals_every: int | None = 256,
     ) -> None:
         self._path = Path(path)
         self._path.mkdir(parents=True, exist_ok=True)
@@ -185,6 +196,7 @@ class EdgeVectorStore(VectorStore):
         self._optimize_in_subprocess = optimize_in_subprocess
         self._full_scan_threshold_kb = full_scan_threshold_kb
         self._vectors_memory = qe.Memory.Cold if vectors_on_disk else qe.Memory.Cached
+        self._release_every = release_originals_every if vectors_on_disk else None
         self._catalog_lock = asyncio.Lock()
         self._closed = False
         self._collections: dict[str, _Collection] = {}
@@ -298,10 +310,15 @@ class EdgeVectorStore(VectorStore):
             with_vector=False,
             params=self._search_params(),
         )
-        async with coll.rw.read():
+        release = None
+        coll.searches += 1
+        if self._release_every is not None and coll.searches >= self._release_every:
+            coll.searches = 0
+            release = coll
+        async with coll.rw.read():  # held while releasing: the shard is not closed meanwhile
             shard = await self._shard(coll)
             # query releases the GIL, so a worker thread gives real parallelism.
-            hits = await asyncio.to_thread(shard.query, request)
+            hits = await asyncio.to_thread(_query, shard, request, release)
         return [_scored(h) for h in hits]
 
     async def count(self, name: str, filter: Mapping[str, str] | None = None) -> int:
@@ -372,7 +389,7 @@ class EdgeVectorStore(VectorStore):
         if not self._optimize_in_subprocess:
             async with coll.rw.read():
                 shard = await self._shard(coll)
-                await asyncio.to_thread(shard.optimize)
+                await asyncio.to_thread(_optimize_in_thread, shard, coll)
             coll.pending = 0
             return
         async with coll.rw.write():
@@ -428,6 +445,23 @@ class EdgeVectorStore(VectorStore):
 
 
 # ---------------------------------------------------------------- sync helpers
+
+
+def _query(shard: qe.EdgeShard, request: qe.QueryRequest, release: _Collection | None) -> list[Any]:
+    """The search, then (`release`: its collection) the pages of the originals this process
+    mapped given back, in the same worker thread; skipped while an optimize runs."""
+    hits = shard.query(request)
+    if release is not None and release.segments_lock.acquire(blocking=False):
+        try:
+            release_originals(release.shard_dir)
+        finally:
+            release.segments_lock.release()
+    return hits
+
+
+def _optimize_in_thread(shard: qe.EdgeShard, coll: _Collection) -> None:
+    with coll.segments_lock:
+        shard.optimize()
 
 
 def _upsert_batch(shard: qe.EdgeShard, points: Sequence[VectorPoint], vectors: np.ndarray) -> None:

@@ -248,9 +248,11 @@ async def test_vector_rpcs_require_internal_identity(stub) -> None:
     )
 
 
-async def test_performance_settings_reach_the_embedded_store(base_overrides) -> None:
-    """qdrant.performance's vectors_on_disk, hnsw_ef and oversampling configure the store the
-    service opens; defaults: originals on disk, ef 200, oversampling 2."""
+async def test_performance_settings_reach_the_embedded_store(base_overrides, tmp_path) -> None:
+    """qdrant.performance's vectors_on_disk, hnsw_ef, oversampling and
+    release_originals_every configure the store the service opens; defaults: originals on
+    disk, ef 200, oversampling 2, their mapped pages given back every 256 searches (never when
+    the originals are in RAM: there is nothing to give back)."""
     import json
 
     from aiwfe.runtime.config import ConfigError, load_settings
@@ -258,7 +260,16 @@ async def test_performance_settings_reach_the_embedded_store(base_overrides) -> 
 
     defaults = load_settings(env={}, overrides=base_overrides).qdrant.performance
     assert (defaults.vectors_on_disk, defaults.hnsw_ef, defaults.oversampling) == (True, 200, 2)
-    perf = {"vectors_on_disk": False, "hnsw_ef": 64, "oversampling": 3}
+    assert defaults.release_originals_every == 256
+    on_disk = VectorService(load_settings(env={}, overrides=base_overrides).qdrant, tmp_path)
+    assert on_disk.store._release_every == 256  # type: ignore[attr-defined]
+    await on_disk.close()
+    perf = {
+        "vectors_on_disk": False,
+        "hnsw_ef": 64,
+        "oversampling": 3,
+        "release_originals_every": 5,
+    }
     overrides = {**base_overrides, "qdrant": {"performance": perf}}
     settings = load_settings(env={}, overrides=overrides)
     assert index_options(settings.qdrant.performance) == {
@@ -271,6 +282,7 @@ async def test_performance_settings_reach_the_embedded_store(base_overrides) -> 
     try:
         params = service.store._search_params()  # type: ignore[attr-defined]
         assert (params.hnsw_ef, params.quantization.oversampling) == (64, 3.0)
+        assert service.store._release_every is None  # type: ignore[attr-defined]
         collection = pb.Collection(name="perf", dimension=DIM)
         await service.CreateCollection(pb.CreateCollectionRequest(collection=collection), None)
         shard = settings.home_path / "qdrant" / "perf" / "shard"
@@ -278,7 +290,7 @@ async def test_performance_settings_reach_the_embedded_store(base_overrides) -> 
         assert config["vectors"][""]["memory"] == "cached"
     finally:
         await service.close()
-    for bad in ({"hnsw_ef": 0}, {"oversampling": 0.5}):
+    for bad in ({"hnsw_ef": 0}, {"oversampling": 0.5}, {"release_originals_every": 0}):
         with pytest.raises(ConfigError, match=r"qdrant\.performance"):
             load_settings(env={}, overrides={**base_overrides, "qdrant": {"performance": bad}})
 
