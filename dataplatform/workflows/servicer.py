@@ -366,6 +366,8 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         """Many watches on one stream: a task per watch runs `_watch` and queues its tagged
         batches and its end; this generator is the stream's one writer. A watch's error is
         its end alone; a stream-level mistake ends the stream (and so every watch)."""
+        # Headers at once: the client sends its watches only once the call is answered.
+        await context.send_initial_metadata(())
         many = _Many(self.watches_per_stream)
         reader = asyncio.create_task(self._read_watches(requests, many))
         try:
