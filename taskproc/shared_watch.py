@@ -188,7 +188,7 @@ class SharedWatches:
         """Routes the call's responses to their watches until it ends; then every watch
         still on it fails with the call's error (or moves to a stream of its own when
         dataplatform lacks the method)."""
-        error: BaseException
+        error: BaseException = self._error(_ENDED)  # also for a failure of our own
         try:
             async for reply in self._streams.bidi(_METHOD, mux.sending()):
                 if reply.HasField("events"):
@@ -198,14 +198,10 @@ class SharedWatches:
                         shared._notify()
                 elif (shared := self._detach(mux, reply.watch_id)) is not None:
                     shared.end(self._error(reply.end) if reply.end.code else None)
-            error = self._error(_ENDED)
         except grpc.aio.AioRpcError as exc:  # attributed to dataplatform by `bidi`
             error = exc
             if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                 self._own_streams = True
-        except asyncio.CancelledError:  # this replica is stopping
-            error = self._error(_ENDED)
-            raise
         finally:
             mux.ended = True
             if mux in self._muxes:
