@@ -21,6 +21,11 @@ from dataplatform.db import Database
 _DOWN = "the database is unavailable; retry later"
 
 
+def database_unavailable() -> Unavailable:
+    """What a call, or one watch of a multiplexed stream, ends with when PostgreSQL is lost."""
+    return Unavailable(_DOWN, reason="DATABASE_UNAVAILABLE", metadata={"dependency": "postgresql"})
+
+
 def _unavailable_on_db_errors(db: Database, behavior: Behavior, streaming: bool) -> Behavior:
     """`behavior` with lost connections and pool timeouts turned into UNAVAILABLE; a unary
     call also ends UNAVAILABLE as soon as a probe finds the database down mid-call."""
@@ -31,9 +36,7 @@ def _unavailable_on_db_errors(db: Database, behavior: Behavior, streaming: bool)
                 async for item in behavior(request, context):
                     yield item
             except psycopg.OperationalError:
-                raise Unavailable(
-                    _DOWN, reason="DATABASE_UNAVAILABLE", metadata={"dependency": "postgresql"}
-                ) from None
+                raise database_unavailable() from None
 
         return stream
 
@@ -41,9 +44,7 @@ def _unavailable_on_db_errors(db: Database, behavior: Behavior, streaming: bool)
         try:
             return await db.run(behavior(request, context))
         except psycopg.OperationalError:  # DatabaseLost included
-            raise Unavailable(
-                _DOWN, reason="DATABASE_UNAVAILABLE", metadata={"dependency": "postgresql"}
-            ) from None
+            raise database_unavailable() from None
 
     return unary
 
@@ -62,10 +63,5 @@ class DatabaseGuard(MethodInterceptor):
         if not method.startswith(self._prefixes):
             return handler
         if not self._db.reachable:
-            return rejecting_handler(
-                handler,
-                Unavailable(
-                    _DOWN, reason="DATABASE_UNAVAILABLE", metadata={"dependency": "postgresql"}
-                ),
-            )
+            return rejecting_handler(handler, database_unavailable())
         return self._cache.get(method, handler)

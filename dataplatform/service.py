@@ -68,7 +68,9 @@ class DataPlatformService(Service):
         self.db = Database(settings.require("database.postgres.dsn"), settings.database.postgres)
         self.users = UserStore(self.db)
         self.cache = CacheStore(self.db)
-        self.workflows = WorkflowStore(self.db, settings.taskproc.max_fan_out_items)
+        self.workflows = WorkflowStore(
+            self.db, settings.taskproc.max_fan_out_items, settings.taskproc.watches_per_stream
+        )
         self.schedules = ScheduleStore(
             self.db,
             self.workflows.repo,

@@ -383,7 +383,7 @@ class TaskProcService(Service):
         )
         # Watches ride connections of their own, never the control connection above.
         self.streams = StreamPool(self.store, settings, [store_pb.DESCRIPTOR])
-        self.watches = SharedWatches(self.streams)
+        self.watches = SharedWatches(self.streams, settings.taskproc.watches_per_stream)
         self.watch_slots = WatchSlots(settings.taskproc.max_watch_streams)
         self.worker = Worker(
             settings.taskproc,

@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import FileDescriptor
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
@@ -33,7 +34,7 @@ from aiwfe.runtime import metrics
 from aiwfe.runtime.channels import Upstream, create_channel, remaining_timeout
 from aiwfe.runtime.config import Settings
 from aiwfe.runtime.errors import ResourceExhausted, attribute
-from aiwfe.runtime.identity import request_deadline
+from aiwfe.runtime.identity import current_principal, request_deadline
 
 _tracer = trace.get_tracer("aiwfe")
 # When a refused watcher may try again: watches last seconds to minutes, so slots free up
@@ -94,6 +95,12 @@ class StreamPool:
         self._poll = settings.taskproc.watch_poll_interval
         self._reads_per_second = settings.taskproc.watch_reads_per_second
         self.connections: list[_Connection] = []
+        self.multiplexed = 0  # watches carried by WatchWorkflowEventsMany calls
+
+    @property
+    def store_name(self) -> str:
+        """The upstream's name, the dependency its failures are attributed to."""
+        return self._store.name
 
     @property
     def in_flight(self) -> int:
@@ -105,7 +112,8 @@ class StreamPool:
         ask for at most `watch_reads_per_second` re-reads. Commits reach a watch by push
         (in process, or from another replica through Redis); the re-read is the safety
         net, and thousands of them a second would starve dataplatform's other queries."""
-        return min(MAX_POLL_SECONDS, max(self._poll, (self.in_flight + 1) / self._reads_per_second))
+        watches = self.in_flight + self.multiplexed
+        return min(MAX_POLL_SECONDS, max(self._poll, (watches + 1) / self._reads_per_second))
 
     def _acquire(self) -> _Connection:
         for conn in self.connections:
@@ -146,6 +154,45 @@ class StreamPool:
                 raise
             finally:
                 call.cancel()  # the reader stopped early: end the stream upstream too
+        finally:
+            conn.streams -= 1
+            span.end()
+
+    async def bidi(self, method: str, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """Reads the bidirectional stream `method`, sending `requests`, on a connection with
+        room. It carries many users' watches and lives as long as they come and go: it
+        acts for no user and roots a trace (span) of its own, never a watcher's."""
+        conn = self._acquire()
+        span = _tracer.start_span(
+            f"{self._store.name} {method}", context=Context(), kind=SpanKind.CLIENT
+        )
+        call: grpc.aio.StreamStreamCall
+
+        async def sending() -> AsyncIterator[Any]:
+            # Nothing is sent before the server has answered the call (its handler sends
+            # headers first): a message written while the server ends the call (an older
+            # dataplatform's UNIMPLEMENTED) makes grpc report INTERNAL ("Internal error
+            # from Core") instead of the status about half the time.
+            await call.initial_metadata()
+            async for request in requests:
+                yield request
+
+        token = current_principal.set(None)
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                call = getattr(conn.stub, method)(sending(), metadata=self._store.metadata())
+        finally:
+            current_principal.reset(token)
+        try:
+            try:
+                async for message in call:
+                    yield message
+            except grpc.aio.AioRpcError as exc:
+                span.set_status(Status(StatusCode.ERROR, exc.code().name))
+                attribute(exc, self._store.name)
+                raise
+            finally:
+                call.cancel()
         finally:
             conn.streams -= 1
             span.end()

@@ -576,6 +576,11 @@ class TaskProcSettings(_Block):
     # Streams taskproc opens on one connection to dataplatform (at most
     # grpc.max_concurrent_streams); more streams open more connections, never refused.
     streams_per_connection: int = Field(default=500, gt=0)
+    # Watches one WatchWorkflowEventsMany stream carries (taskproc's watches of different
+    # workflows, multiplexed): taskproc opens another stream past it, dataplatform refuses
+    # a watch beyond it with RESOURCE_EXHAUSTED. At least max_watch_streams' default, so
+    # one replica's watches take one stream.
+    watches_per_stream: int = Field(default=10_000, gt=0, le=1_000_000)
     # PollTask calls one process holds waiting at once (external workers' long polls); more
     # are refused with RESOURCE_EXHAUSTED + RetryInfo (TASK_POLLS_EXHAUSTED).
     max_task_polls: int = Field(default=4096, gt=0, le=1_000_000)

@@ -175,6 +175,12 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
         "a taskproc replica serves its limit of watch streams (RetryInfo, QuotaFailure)",
         ("limit",),
     ),
+    "STREAM_WATCHES_EXHAUSTED": Reason(
+        _C.RESOURCE_EXHAUSTED,
+        "a WatchWorkflowEventsMany stream was sent more open watches than its bound"
+        " (QuotaFailure)",
+        ("limit",),
+    ),
     "TASK_POLLS_EXHAUSTED": Reason(
         _C.RESOURCE_EXHAUSTED,
         "a taskproc replica holds its limit of waiting PollTask calls (RetryInfo, QuotaFailure)",
@@ -457,3 +463,34 @@ def internal_status(reference: str) -> grpc.Status:
         reason="INTERNAL_ERROR",
         metadata={"reference": reference},
     ).to_status()
+
+
+def rpc_status_of(status: grpc.Status) -> status_pb2.Status:
+    """`status` as one google.rpc.Status message (code, message, details), for a stream
+    that carries the end of many watches, each with its own status. Trailers other than the
+    details (retry-after, retry pushback) do not fit in it and are dropped."""
+    for key, value in status.trailing_metadata or ():
+        if key == rpc_status.GRPC_DETAILS_METADATA_KEY:
+            return status_pb2.Status.FromString(value)
+    return status_pb2.Status(code=status.code.value[0], message=status.details or "")
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def rpc_error_of(status: status_pb2.Status) -> grpc.aio.AioRpcError:
+    """The `AioRpcError` a call of its own would have raised with `status` (from
+    `rpc_status_of`): the same code, message and details, which `status_from_rpc_error`
+    passes on unchanged. An UNAVAILABLE gets back the pushback every `Unavailable` sends."""
+    code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+    trailers: list[tuple[str, str | bytes]] = []
+    if status.details:
+        trailers.append((rpc_status.GRPC_DETAILS_METADATA_KEY, status.SerializeToString()))
+    if code is grpc.StatusCode.UNAVAILABLE:
+        trailers.append((RETRY_PUSHBACK_KEY, "-1"))
+    return grpc.aio.AioRpcError(
+        code,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(*trailers),
+        details=status.message,
+    )

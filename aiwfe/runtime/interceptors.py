@@ -116,6 +116,12 @@ def rejecting_handler(handler: grpc.RpcMethodHandler, error: AiwfeError) -> grpc
 
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """Ends the RPC with the status `exc` maps to (the one error table in action)."""
+    status = status_of(exc)
+    await context.abort(status.code, status.details, tuple(status.trailing_metadata))
+
+
+def status_of(exc: BaseException) -> grpc.Status:
+    """The status `exc` maps to (the one error table), for a call or one part of a stream."""
     if isinstance(exc, AiwfeError):
         status = exc.to_status()
     elif isinstance(exc, NotImplementedError):
@@ -127,7 +133,7 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> N
         reference = uuid.uuid4().hex[:12]
         log.error("unhandled exception (reference %s)", reference, exc_info=exc)
         status = internal_status(reference)
-    await context.abort(status.code, status.details, tuple(status.trailing_metadata))
+    return status
 
 
 def _enter(context: grpc.aio.ServicerContext) -> None:

@@ -4,21 +4,33 @@ no SQL and no policy of its own."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from contextlib import aclosing
 from datetime import UTC
+from typing import Any
 
 import grpc
+import psycopg
 from google.protobuf.struct_pb2 import Struct
+from google.rpc import status_pb2
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as pb_grpc
 from aiwfe.runtime.aio import wait_event
-from aiwfe.runtime.errors import FailedPrecondition
+from aiwfe.runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    rpc_status_of,
+)
+from aiwfe.runtime.interceptors import status_of
 from aiwfe.runtime.validation import Violations
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from dataplatform.db import Database, DictConnection
+from dataplatform.guard import database_unavailable
 from dataplatform.workflows import messages
 from dataplatform.workflows.repository import (
     MAX_CONCURRENCY,
@@ -77,10 +89,53 @@ def _check_poll(v: Violations, seconds: float) -> None:
     )
 
 
+_FINISHED = status_pb2.Status()  # a watch's end once its workflow is done: OK
+# Messages a WatchWorkflowEventsMany stream queues for its writer: watches wait for room, so
+# a slow reader holds them back (gRPC flow control reaches the watches' reads).
+_MANY_QUEUE = 64
+
+
+class _Many:
+    """One WatchWorkflowEventsMany stream: its open watches by watch_id and the queue its
+    writer drains (responses; an exception ends the stream with its status; None ends it
+    with OK once the client is done sending and no watch is open). A watch costs its task
+    and its `_watch` frames, nothing else."""
+
+    __slots__ = ("limit", "out", "reading", "watches")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.watches: dict[int, asyncio.Task[None]] = {}
+        self.out: asyncio.Queue[pb.WatchWorkflowEventsManyResponse | Exception | None] = (
+            asyncio.Queue(_MANY_QUEUE)
+        )
+        self.reading = True
+
+    def start(self, watch_id: int, run: Coroutine[Any, Any, None]) -> None:
+        if watch_id in self.watches:
+            run.close()
+            raise InvalidArgument(
+                [("watch.watch_id", f"{watch_id} names a watch open on this stream")]
+            )
+        if len(self.watches) >= self.limit:
+            run.close()
+            raise ResourceExhausted(
+                f"a WatchWorkflowEventsMany stream carries at most {self.limit} open watches:"
+                " open another stream",
+                quota_violations=[("taskproc.watches_per_stream", f"at most {self.limit}")],
+                reason="STREAM_WATCHES_EXHAUSTED",
+                metadata={"limit": str(self.limit)},
+            )
+        self.watches[watch_id] = asyncio.create_task(run)
+
+
 class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
     """taskproc's durable workflow state and step queue (see the package docstring)."""
 
-    def __init__(self, db: Database, max_fan_out_items: int = 1000) -> None:
+    def __init__(
+        self, db: Database, max_fan_out_items: int = 1000, watches_per_stream: int = 10_000
+    ) -> None:
+        self.watches_per_stream = watches_per_stream
         self.wakeups = Wakeups()
         self.repo = WorkflowRepository(db, self.wakeups, max_fan_out_items)
         self.scheduler = Scheduler(self.repo)
@@ -272,6 +327,15 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         self, request: pb.WatchWorkflowEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchWorkflowEventsResponse]:
         """One stream per watcher, until the workflow is terminal and every event is sent."""
+        async with aclosing(self._watch(request)) as batches:  # unwatched as the call ends
+            async for events in batches:
+                yield pb.WatchWorkflowEventsResponse(events=events)
+
+    async def _watch(
+        self, request: pb.WatchWorkflowEventsRequest
+    ) -> AsyncGenerator[list[wf_pb.WatchWorkflowResponse], None]:
+        """One watch's batches of events: WatchWorkflowEvents' and each watch of
+        WatchWorkflowEventsMany's (the same checks, adoption, wake-ups and re-reads)."""
         v = Violations()
         v.check(request.after_sequence >= 0, "after_sequence", "must not be negative")
         _check_poll(v, request.poll_interval_seconds)
@@ -290,9 +354,81 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                 need_read=not adopted,
                 probe=self._prober(wid),
             ):
-                yield pb.WatchWorkflowEventsResponse(events=events)
+                yield events
         finally:
             self.wakeups.unwatch(wid, watch)
+
+    async def WatchWorkflowEventsMany(
+        self,
+        requests: AsyncIterator[pb.WatchWorkflowEventsManyRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.WatchWorkflowEventsManyResponse]:
+        """Many watches on one stream: a task per watch runs `_watch` and queues its tagged
+        batches and its end; this generator is the stream's one writer. A watch's error is
+        its end alone; a stream-level mistake ends the stream (and so every watch)."""
+        # Headers at once: the client sends its watches only once the call is answered.
+        await context.send_initial_metadata(())
+        many = _Many(self.watches_per_stream)
+        reader = asyncio.create_task(self._read_watches(requests, many))
+        try:
+            while (item := await many.out.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            reader.cancel()
+            tasks = [reader, *many.watches.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # every watch unwatched
+
+    async def _read_watches(
+        self, requests: AsyncIterator[pb.WatchWorkflowEventsManyRequest], many: _Many
+    ) -> None:
+        """Starts and cancels the stream's watches as asked; the stream's own error (a
+        watch_id in use, one watch too many, an undecodable message) goes to the writer."""
+        try:
+            async for request in requests:
+                if request.HasField("watch"):
+                    many.start(request.watch.watch_id, self._run_watch(request.watch, many))
+                elif request.HasField("cancel"):
+                    task = many.watches.pop(request.cancel, None)
+                    if task is not None:
+                        task.cancel()
+            many.reading = False
+            if not many.watches:
+                await many.out.put(None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await many.out.put(exc)
+
+    async def _run_watch(self, watch: pb.WorkflowWatch, many: _Many) -> None:
+        """One watch of a WatchWorkflowEventsMany stream, to its end message (none when it
+        is cancelled: by `cancel`, or by the stream's end)."""
+        watch_id = watch.watch_id
+        try:
+            async with aclosing(self._watch(watch.request)) as batches:  # unwatched on cancel
+                async for events in batches:
+                    await many.out.put(
+                        pb.WatchWorkflowEventsManyResponse(
+                            watch_id=watch_id,
+                            events=pb.WatchWorkflowEventsResponse(events=events),
+                        )
+                    )
+            end = _FINISHED
+        except asyncio.CancelledError:
+            raise
+        except psycopg.OperationalError:
+            end = rpc_status_of(database_unavailable().to_status())
+        except Exception as exc:  # that watch's status, as WatchWorkflowEvents would end
+            end = rpc_status_of(status_of(exc))
+        # Forgotten before its end is sent: the id is free once the client reads the end.
+        if many.watches.get(watch_id) is asyncio.current_task():
+            del many.watches[watch_id]
+        await many.out.put(pb.WatchWorkflowEventsManyResponse(watch_id=watch_id, end=end))
+        if not many.reading and not many.watches:
+            await many.out.put(None)
 
     async def RunStoredWorkflow(
         self, request: pb.RunStoredWorkflowRequest, context: grpc.aio.ServicerContext

@@ -36,6 +36,7 @@ POLLING = (
     "ClaimSteps",
     "CompleteSteps",
     "CompleteStepsStream",
+    "WatchWorkflowEventsMany",
     "ExtendLeases",
     "WaitForWork",
     "ListRevocations",

@@ -38,6 +38,7 @@ PER_CLIENT_CHANNEL = 15  # the test's own connections to taskproc stay under MAX
 LONG_WORKFLOWS = 4
 LEASE_SECONDS = 2.0
 LONG_STEP_MS = 6000  # three lease lengths: the lease is extended several times mid-flood
+WATCHES_PER_CALL = 10  # taskproc.watches_per_stream: the 36 watches take 4 calls
 
 
 @pytest.fixture
@@ -48,6 +49,7 @@ async def crowded(base_overrides: dict[str, Any]) -> AsyncIterator[Suite]:
         "grpc": {**base_overrides["grpc"], "max_concurrent_streams": MAX_STREAMS},
         "taskproc": {
             "max_watch_streams": WATCH_LIMIT,
+            "watches_per_stream": WATCHES_PER_CALL,
             "lease_seconds": LEASE_SECONDS,
             "poll_interval": 0.2,
         },
@@ -127,17 +129,21 @@ async def test_watch_flood_never_starves_control_traffic(crowded: Suite) -> None
             20,
             "every watch to be in flight",
         )
-        # One upstream per workflow, spread over connections of their own, each below
-        # the servers' limit (the control connection carries none of them).
+        # One upstream watch per workflow, multiplexed WATCHES_PER_CALL to a call, the
+        # calls on connections of their own, each below the servers' limit (the control
+        # connection carries none of them).
         taskproc = suite.running["taskproc"].service
         upstreams = len(set(watched))
+        calls = -(-upstreams // WATCHES_PER_CALL)
         await _wait_for(
-            lambda: sum(c.streams for c in taskproc.streams.connections) == upstreams,
+            lambda: taskproc.watches.upstreams == upstreams,
             10,
-            "one upstream per watched workflow",
+            "one upstream watch per watched workflow",
         )
+        assert taskproc.watches.calls == calls
+        assert sum(c.streams for c in taskproc.streams.connections) == calls
         assert all(c.streams <= MAX_STREAMS for c in taskproc.streams.connections)
-        assert _connections_to(dataplatform_port) - before >= -(-upstreams // MAX_STREAMS)
+        assert _connections_to(dataplatform_port) - before >= 1
 
         # Above the limit: refused at once, with when to retry.
         for n in range(WATCH_LIMIT, WATCH_LIMIT + MAX_STREAMS // 2):

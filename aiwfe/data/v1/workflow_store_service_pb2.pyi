@@ -4,6 +4,7 @@ from aiwfe.options.v1 import options_pb2 as _options_pb2
 from aiwfe.taskproc.v1 import workflow_service_pb2 as _workflow_service_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -171,6 +172,32 @@ class WatchWorkflowEventsResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[_workflow_service_pb2.WatchWorkflowResponse]
     def __init__(self, events: _Optional[_Iterable[_Union[_workflow_service_pb2.WatchWorkflowResponse, _Mapping]]] = ...) -> None: ...
+
+class WatchWorkflowEventsManyRequest(_message.Message):
+    __slots__ = ("watch", "cancel")
+    WATCH_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    watch: WorkflowWatch
+    cancel: int
+    def __init__(self, watch: _Optional[_Union[WorkflowWatch, _Mapping]] = ..., cancel: _Optional[int] = ...) -> None: ...
+
+class WorkflowWatch(_message.Message):
+    __slots__ = ("watch_id", "request")
+    WATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    watch_id: int
+    request: WatchWorkflowEventsRequest
+    def __init__(self, watch_id: _Optional[int] = ..., request: _Optional[_Union[WatchWorkflowEventsRequest, _Mapping]] = ...) -> None: ...
+
+class WatchWorkflowEventsManyResponse(_message.Message):
+    __slots__ = ("watch_id", "events", "end")
+    WATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    watch_id: int
+    events: WatchWorkflowEventsResponse
+    end: _status_pb2.Status
+    def __init__(self, watch_id: _Optional[int] = ..., events: _Optional[_Union[WatchWorkflowEventsResponse, _Mapping]] = ..., end: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class RunStoredWorkflowRequest(_message.Message):
     __slots__ = ("create", "poll_interval_seconds")

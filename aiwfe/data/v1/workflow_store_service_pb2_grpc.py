@@ -70,6 +70,11 @@ class WorkflowStoreServiceStub:
                 request_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsRequest.SerializeToString,
                 response_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsResponse.FromString,
                 _registered_method=True)
+        self.WatchWorkflowEventsMany = channel.stream_stream(
+                '/aiwfe.data.v1.WorkflowStoreService/WatchWorkflowEventsMany',
+                request_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsManyRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsManyResponse.FromString,
+                _registered_method=True)
         self.RunStoredWorkflow = channel.unary_stream(
                 '/aiwfe.data.v1.WorkflowStoreService/RunStoredWorkflow',
                 request_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.RunStoredWorkflowRequest.SerializeToString,
@@ -167,6 +172,19 @@ class WorkflowStoreServiceServicer:
     def WatchWorkflowEvents(self, request, context):
         """WatchWorkflowEvents streams a workflow's events after a sequence number as they are
         appended, and ends once the workflow is terminal and its last event has been sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchWorkflowEventsMany(self, request_iterator, context):
+        """WatchWorkflowEventsMany is WatchWorkflowEvents for many workflows on one stream (a
+        taskproc replica's watches, each far cheaper than a call of its own): each `watch`
+        starts one under a watch_id the client picks, answered by messages tagged with it,
+        batches of events and then one end: OK once the workflow is terminal and every event
+        was sent, or the status WatchWorkflowEvents would have ended with, for that watch
+        alone. `cancel` ends a watch with no answer; the stream's end ends them all. A
+        watch_id already open, or more open watches than the server's bound, ends the stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -278,6 +296,11 @@ def add_WorkflowStoreServiceServicer_to_server(servicer, server):
                     servicer.WatchWorkflowEvents,
                     request_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsRequest.FromString,
                     response_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsResponse.SerializeToString,
+            ),
+            'WatchWorkflowEventsMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.WatchWorkflowEventsMany,
+                    request_deserializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsManyRequest.FromString,
+                    response_serializer=aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsManyResponse.SerializeToString,
             ),
             'RunStoredWorkflow': grpc.unary_stream_rpc_method_handler(
                     servicer.RunStoredWorkflow,
@@ -515,6 +538,33 @@ class WorkflowStoreService:
             '/aiwfe.data.v1.WorkflowStoreService/WatchWorkflowEvents',
             aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsRequest.SerializeToString,
             aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchWorkflowEventsMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/aiwfe.data.v1.WorkflowStoreService/WatchWorkflowEventsMany',
+            aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsManyRequest.SerializeToString,
+            aiwfe_dot_data_dot_v1_dot_workflow__store__service__pb2.WatchWorkflowEventsManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,178 @@
+"""WatchWorkflowEventsMany: many watches on one stream, each as WatchWorkflowEvents would
+serve it alone (events, end, and the status of its own error), none outliving its cancel or
+the stream, and the stream's own mistakes ended with a precise status."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from aiwfe.data.v1 import workflow_store_service_pb2 as pb
+from aiwfe.data.v1 import workflow_store_service_pb2_grpc as pb_grpc
+from aiwfe.runtime.server import RunningService
+from tests.dataplatform.conftest import start_dataplatform
+from tests.taskproc.helpers import create_stored
+
+
+def _watch(watch_id: int, workflow_id: str, owner: str, after: int = 0) -> Any:
+    return pb.WatchWorkflowEventsManyRequest(
+        watch=pb.WorkflowWatch(
+            watch_id=watch_id,
+            request=pb.WatchWorkflowEventsRequest(
+                workflow_id=workflow_id,
+                scope=pb.WorkflowScope(owner_id=owner),
+                after_sequence=after,
+            ),
+        )
+    )
+
+
+def _watchers(dataplatform: RunningService) -> list[Any]:
+    """The wake-up inboxes of open watches (not those CreateWorkflow leaves for a while)."""
+    store = dataplatform.service.workflows
+    recent = {id(entry[2]) for entry in store._recent._recent.values()}
+    return [w for ws in store.wakeups._watchers.values() for w in ws if id(w) not in recent]
+
+
+async def _until(check: Any, what: str, seconds: float = 10) -> None:
+    end = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def _alone(stub: Any, md: Any, request: Any) -> status_pb2.Status:
+    """The status WatchWorkflowEvents ends with for `request`, as google.rpc.Status."""
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        async for _ in stub.WatchWorkflowEvents(request, metadata=md, timeout=10):
+            pass
+    status = rpc_status.from_call(failed.value)
+    assert status is not None
+    return status
+
+
+async def test_each_watch_is_served_and_ends_alone(
+    dataplatform: RunningService, internal_md: Any
+) -> None:
+    """Four watches on one stream: another owner's workflow ends that watch alone with
+    WatchWorkflowEvents' exact NOT_FOUND status, a negative after_sequence with its exact
+    INVALID_ARGUMENT; the others get their events, one ends OK when its workflow is
+    cancelled, `cancel` frees the last one's wake-ups, and the stream then ends OK."""
+    md = internal_md
+    async with grpc.aio.insecure_channel(dataplatform.address) as channel:
+        stub = pb_grpc.WorkflowStoreServiceStub(channel)
+        a = await create_stored(stub, md, "owner-a", 1)
+        b = await create_stored(stub, md, "owner-a", 1)
+        call = stub.WatchWorkflowEventsMany(metadata=md, timeout=30)
+        requests = [
+            _watch(1, a, "owner-a"),
+            _watch(2, b, "stranger"),
+            _watch(3, a, "owner-a", after=-1),
+            _watch(4, b, "owner-a"),
+        ]
+        for request in requests:
+            await call.write(request)
+        ends: dict[int, status_pb2.Status] = {}
+        events: dict[int, list[int]] = {1: [], 4: []}
+        while len(ends) < 2 or not all(events.values()):
+            reply = await call.read()
+            if reply.HasField("end"):
+                ends[reply.watch_id] = reply.end
+            else:
+                events[reply.watch_id] += [e.sequence for e in reply.events.events]
+        assert ends == {
+            2: await _alone(stub, md, requests[1].watch.request),
+            3: await _alone(stub, md, requests[2].watch.request),
+        }
+        assert ends[2].code == grpc.StatusCode.NOT_FOUND.value[0]
+        assert any(d.Is(error_details_pb2.BadRequest.DESCRIPTOR) for d in ends[3].details)
+        assert events == {1: [1], 4: [1]}
+
+        await stub.CancelStoredWorkflow(
+            pb.CancelStoredWorkflowRequest(
+                workflow_id=a, scope=pb.WorkflowScope(owner_id="owner-a")
+            ),
+            metadata=md,
+            timeout=10,
+        )
+        while True:
+            reply = await call.read()
+            assert reply.watch_id == 1, reply
+            if reply.HasField("end"):
+                assert reply.end == status_pb2.Status()  # OK: finished
+                break
+            events[1] += [e.sequence for e in reply.events.events]
+        assert events[1] == list(range(1, len(events[1]) + 1)) and len(events[1]) > 1
+
+        await call.write(pb.WatchWorkflowEventsManyRequest(cancel=4))
+        await _until(lambda: not _watchers(dataplatform), "the cancelled watch to unwatch")
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+
+
+@pytest.fixture
+async def bounded(base_overrides: dict[str, Any]) -> AsyncIterator[RunningService]:
+    """dataplatform with room for two watches per stream."""
+    running = await start_dataplatform({**base_overrides, "taskproc": {"watches_per_stream": 2}})
+    yield running
+    await running.stop(grace=0.5)
+
+
+async def test_stream_mistakes_end_the_stream_with_a_precise_status(
+    bounded: RunningService, internal_md: Any
+) -> None:
+    """A watch_id already open ends the stream INVALID_ARGUMENT naming the field; a watch
+    past the bound RESOURCE_EXHAUSTED (STREAM_WATCHES_EXHAUSTED, QuotaFailure); either way,
+    and when the client cancels, every watch of the stream is unwatched."""
+    md = internal_md
+    async with grpc.aio.insecure_channel(bounded.address) as channel:
+        stub = pb_grpc.WorkflowStoreServiceStub(channel)
+        a = await create_stored(stub, md, "owner-a", 1)
+        b = await create_stored(stub, md, "owner-a", 1)
+        c = await create_stored(stub, md, "owner-a", 1)
+
+        async def refused(*requests: Any) -> status_pb2.Status:
+            call = stub.WatchWorkflowEventsMany(iter(requests), metadata=md, timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                async for _ in call:
+                    pass
+            status = rpc_status.from_call(failed.value)
+            assert status is not None
+            return status
+
+        duplicate = await refused(_watch(7, a, "owner-a"), _watch(7, b, "owner-a"))
+        assert duplicate.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        bad = error_details_pb2.BadRequest()
+        assert next(d for d in duplicate.details if d.Unpack(bad))
+        assert [v.field for v in bad.field_violations] == ["watch.watch_id"]
+        await _until(lambda: not _watchers(bounded), "the stream's watches to unwatch")
+
+        # Cancelled, then reused: the id is free again once its watch is cancelled.
+        reused = [_watch(1, a, "owner-a"), pb.WatchWorkflowEventsManyRequest(cancel=1)]
+        too_many = await refused(
+            *reused, _watch(1, a, "owner-a"), _watch(2, b, "owner-a"), _watch(3, c, "owner-a")
+        )
+        assert too_many.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        info = error_details_pb2.ErrorInfo()
+        assert next(d for d in too_many.details if d.Unpack(info))
+        assert info.reason == "STREAM_WATCHES_EXHAUSTED" and info.metadata["limit"] == "2"
+        assert any(d.Is(error_details_pb2.QuotaFailure.DESCRIPTOR) for d in too_many.details)
+        await _until(lambda: not _watchers(bounded), "the stream's watches to unwatch")
+
+        call = stub.WatchWorkflowEventsMany(metadata=md, timeout=30)
+        await call.write(_watch(1, a, "owner-a"))
+        await call.write(_watch(2, b, "owner-a"))
+        seen = set()
+        while seen != {1, 2}:
+            seen.add((await call.read()).watch_id)
+        assert len(_watchers(bounded)) == 2
+        call.cancel()
+        await _until(lambda: not _watchers(bounded), "the cancelled stream's watches to unwatch")

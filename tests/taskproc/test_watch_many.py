@@ -1,0 +1,243 @@
+"""A taskproc replica's watches of different workflows share one WatchWorkflowEventsMany
+call to dataplatform (taskproc/shared_watch.py), and each watcher still gets what a stream
+of its own would give: its events, its own error with the same status, its watch freed
+when it leaves; the call's failure is every watch's, and an older dataplatform without the
+method is watched with one WatchWorkflowEvents stream per workflow."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from aiwfe.app.suite import Suite, start_suite
+from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
+from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
+from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity, Principal
+from aiwfe.runtime.server import start_service
+from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
+from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
+from dataplatform.service import DataPlatformService
+from dataplatform.workflows.servicer import WorkflowStore
+from tests.taskproc.helpers import as_user, spec
+
+OWNER = Principal(user_id="mux-owner", username="mux-owner", roles=("user",))
+STRANGER = Principal(user_id="mux-stranger", username="mux-stranger", roles=("user",))
+WAITS = {"name": "a", "op": "wait_for_signal", "inputs": {"name": "go"}}
+SHORT = {"name": "a", "op": "noop", "inputs": {"sleep_ms": 300}}
+MANY = "WatchWorkflowEventsMany"
+ONE = "WatchWorkflowEvents"
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Calls of the two watch methods dataplatform served (counted at its servicer)."""
+    calls = Counter[str]()
+
+    def counting(name: str) -> Callable[..., AsyncIterator[Any]]:
+        original = getattr(WorkflowStore, name)
+
+        async def handler(self: WorkflowStore, request: Any, context: Any) -> AsyncIterator[Any]:
+            calls[name] += 1
+            async for reply in original(self, request, context):
+                yield reply
+
+        return handler
+
+    for name in (MANY, ONE):
+        monkeypatch.setattr(WorkflowStore, name, counting(name))
+    return calls
+
+
+@pytest.fixture
+async def back_ends(base_overrides: dict[str, Any], served: Counter[str]) -> AsyncIterator[Suite]:
+    running = await start_suite(base_overrides, only=("dataplatform", "taskproc"))
+    yield running
+    await running.stop()
+
+
+def _open_watches(suite: Suite) -> int:
+    """dataplatform's open watches (not those CreateWorkflow leaves for a few seconds)."""
+    store = suite.running["dataplatform"].service.workflows
+    recent = {id(entry[2]) for entry in store._recent._recent.values()}
+    return sum(1 for ws in store.wakeups._watchers.values() for w in ws if id(w) not in recent)
+
+
+async def _until(check: Callable[[], bool], what: str, seconds: float = 10) -> None:
+    end = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def _submit(stub: Any, md: Any, *steps: dict[str, Any]) -> str:
+    reply = await stub.SubmitWorkflow(
+        pb.SubmitWorkflowRequest(spec=spec(*steps)), metadata=md, timeout=10
+    )
+    return str(reply.workflow.workflow_id)
+
+
+async def _events(stub: Any, md: Any, wid: str) -> list[pb.WatchWorkflowResponse]:
+    call = stub.WatchWorkflow(pb.WatchWorkflowRequest(workflow_id=wid), metadata=md, timeout=30)
+    return [event async for event in call]
+
+
+async def _alone(suite: Suite, wid: str, owner: str) -> status_pb2.Status:
+    """The status dataplatform's own WatchWorkflowEvents stream ends with."""
+    identity = InternalIdentity.from_settings(suite.settings)
+    md = ((IDENTITY_METADATA_KEY, identity.assertion(None, "taskproc")),)
+    async with grpc.aio.insecure_channel(suite.address("dataplatform")) as channel:
+        call = store_grpc.WorkflowStoreServiceStub(channel).WatchWorkflowEvents(
+            store_pb.WatchWorkflowEventsRequest(
+                workflow_id=wid, scope=store_pb.WorkflowScope(owner_id=owner)
+            ),
+            metadata=md,
+            timeout=10,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            async for _ in call:
+                pass
+    status = rpc_status.from_call(failed.value)
+    assert status is not None
+    return status
+
+
+async def _watchers_of_many(suite: Suite, served: Counter[str]) -> None:
+    """Eight workflows watched at once, plus a stranger's watch of one of them: the
+    stranger gets dataplatform's exact NOT_FOUND, every other watcher all its events."""
+    async with grpc.aio.insecure_channel(suite.address("taskproc")) as channel:
+        stub = pb_grpc.WorkflowServiceStub(channel)
+        md = as_user(suite, OWNER)
+        wids = [await _submit(stub, md, SHORT) for _ in range(8)]
+        watchers = [asyncio.create_task(_events(stub, md, wid)) for wid in wids]
+        with pytest.raises(grpc.aio.AioRpcError) as stranger:
+            await _events(stub, as_user(suite, STRANGER), wids[0])
+        assert stranger.value.code() == grpc.StatusCode.NOT_FOUND
+        assert rpc_status.from_call(stranger.value) == await _alone(
+            suite, wids[0], STRANGER.user_id
+        )
+        for events in await asyncio.gather(*watchers):
+            assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+            assert events[-1].workflow_state == pb.WORKFLOW_STATE_SUCCEEDED
+    await _until(lambda: _open_watches(suite) == 0, "dataplatform's watches to end")
+
+
+async def test_watches_of_many_workflows_share_one_dataplatform_call(
+    back_ends: Suite, served: Counter[str]
+) -> None:
+    """Watchers of eight different workflows and a stranger's watch of one are served by
+    one WatchWorkflowEventsMany call: the stranger's NOT_FOUND (dataplatform's exact
+    status) ends none of the others, which get every event to the end."""
+    await _watchers_of_many(back_ends, served)
+    assert served == {MANY: 1, ONE: 1}  # ONE: the test's own call, for the expected status
+    assert back_ends.running["taskproc"].service.watches.calls == 1
+
+
+async def test_the_last_watcher_leaving_frees_dataplatform_s_watch(
+    back_ends: Suite, served: Counter[str]
+) -> None:
+    """A watcher leaving a workflow that never ends cancels its watch: dataplatform keeps
+    no wake-up inbox for it, and the call stays open for the next watch."""
+    suite = back_ends
+    watches = suite.running["taskproc"].service.watches
+    async with grpc.aio.insecure_channel(suite.address("taskproc")) as channel:
+        stub = pb_grpc.WorkflowServiceStub(channel)
+        md = as_user(suite, OWNER)
+        waiting = [await _submit(stub, md, WAITS) for _ in range(2)]
+        calls = [
+            stub.WatchWorkflow(pb.WatchWorkflowRequest(workflow_id=wid), metadata=md)
+            for wid in waiting
+        ]
+        for call in calls:
+            assert (await call.read()).sequence == 1
+        await _until(lambda: _open_watches(suite) == 2, "both watches to be open")
+        calls[0].cancel()
+        await _until(lambda: _open_watches(suite) == 1, "the left watch to be freed")
+        assert watches.upstreams == 1
+        calls[1].cancel()
+        await _until(lambda: _open_watches(suite) == 0, "the other watch to be freed")
+        assert watches.upstreams == 0 and watches.calls == 1
+    assert served == {MANY: 1}
+
+
+async def test_dataplatform_restarted_fails_every_watch_then_a_new_call_serves(
+    back_ends: Suite, served: Counter[str]
+) -> None:
+    """dataplatform stopped mid-watch: every watcher on the call gets UNAVAILABLE naming
+    dataplatform as the failed dependency; once it is back, a new watch opens a new call."""
+    suite = back_ends
+    async with grpc.aio.insecure_channel(suite.address("taskproc")) as channel:
+        stub = pb_grpc.WorkflowServiceStub(channel)
+        md = as_user(suite, OWNER)
+        waiting = [await _submit(stub, md, WAITS) for _ in range(3)]
+        calls = [
+            stub.WatchWorkflow(pb.WatchWorkflowRequest(workflow_id=wid), metadata=md, timeout=30)
+            for wid in waiting
+        ]
+        for call in calls:
+            assert (await call.read()).sequence == 1
+        dataplatform = suite.running.pop("dataplatform")
+        port = dataplatform.port
+        await dataplatform.stop(grace=0)
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await call.read()
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+            status = rpc_status.from_call(failed.value)
+            assert status is not None
+            info = error_details_pb2.ErrorInfo()
+            assert next(d for d in status.details if d.Unpack(info))
+            assert info.metadata["dependency"] == "dataplatform", info
+        suite.running["dataplatform"] = await start_service(
+            DataPlatformService(suite.settings), host="127.0.0.1", port=port
+        )
+        end = time.monotonic() + 20
+        while True:  # until taskproc's connection is back
+            again = stub.WatchWorkflow(
+                pb.WatchWorkflowRequest(workflow_id=waiting[0]), metadata=md, timeout=30
+            )
+            try:
+                assert (await again.read()).sequence == 1
+                break
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                assert time.monotonic() < end, "no watch after the restart"
+                await asyncio.sleep(0.2)
+        assert suite.running["taskproc"].service.watches.calls == 1
+        again.cancel()
+    assert served[ONE] == 0 and served[MANY] >= 2
+
+
+@pytest.fixture
+async def older_dataplatform(
+    base_overrides: dict[str, Any], served: Counter[str], monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Suite]:
+    """A dataplatform without WatchWorkflowEventsMany (UNIMPLEMENTED), as before #23's
+    multiplexing, and a taskproc that has it."""
+
+    async def missing(self: WorkflowStore, requests: Any, context: Any) -> AsyncIterator[Any]:
+        served[MANY] += 1
+        raise NotImplementedError
+        yield  # pragma: no cover - makes this an async generator
+
+    monkeypatch.setattr(WorkflowStore, MANY, missing)
+    running = await start_suite(base_overrides, only=("dataplatform", "taskproc"))
+    yield running
+    await running.stop()
+
+
+async def test_an_older_dataplatform_is_watched_with_a_stream_per_workflow(
+    older_dataplatform: Suite, served: Counter[str]
+) -> None:
+    """Against a dataplatform answering UNIMPLEMENTED, the watches move to one
+    WatchWorkflowEvents stream per workflow with nothing lost, and stay there."""
+    await _watchers_of_many(older_dataplatform, served)
+    assert served[MANY] == 1
+    assert served[ONE] == 10  # eight workflows, the stranger's watch and the test's own
