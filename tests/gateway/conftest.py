@@ -89,6 +89,15 @@ async def gw(base_overrides: dict[str, Any], redis_url: str) -> AsyncIterator[Ga
 
 
 @pytest.fixture
+async def gw_private(private_overrides: dict[str, Any], redis_url: str) -> AsyncIterator[Gateway]:
+    """`gw` on a database of this test's own: a listing that pages through every account
+    sees its own few, not every account the session's earlier tests made (one page of two
+    per call would spend the admin's 100 calls a minute)."""
+    async for g in _gateway(private_overrides, redis_url):
+        yield g
+
+
+@pytest.fixture
 async def gw_no_redis(base_overrides: dict[str, Any]) -> AsyncIterator[Gateway]:
     """The suite with no Redis at all (in-process fallbacks, revocations by polling)."""
     async for g in _gateway(base_overrides, None):

@@ -57,8 +57,9 @@ async def test_create_duplicate_and_unknown_user_errors(gw) -> None:
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_list_users_pages_without_hashes(gw) -> None:
+async def test_list_users_pages_without_hashes(gw_private) -> None:
     """ListUsers pages through every account and never exposes a password hash."""
+    gw = gw_private
     created = {await gw.create_user(["readonly"], "page") for _ in range(3)}
     seen, token = [], ""
     for _ in range(100):
