@@ -19,7 +19,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,44 +128,22 @@ class StreamPool:
         conn.streams += 1
         return conn
 
-    async def stream(
-        self, method: str, request: Any, *, bounded: bool = True
-    ) -> AsyncIterator[Any]:
+    def stream(self, method: str, request: Any, *, bounded: bool = True) -> AsyncIterator[Any]:
         """Reads the server stream `method` (a WorkflowStoreService method name) on a
         connection with room, with the service identity (acting for the current user).
         `bounded`: its deadline is the current RPC's (none when the caller set none);
         otherwise it has none (a stream shared by several callers)."""
-        conn = self._acquire()
-        span = _tracer.start_span(f"{self._store.name} {method}", kind=SpanKind.CLIENT)
         timeout = None
         if bounded and request_deadline.get() is not None:
             timeout = remaining_timeout(math.inf)
-        try:
-            with trace.use_span(span, end_on_exit=False):  # the trace context goes in metadata
-                call = getattr(conn.stub, method)(
-                    request, timeout=timeout, metadata=self._store.metadata()
-                )
-            try:
-                async for message in call:
-                    yield message
-            except grpc.aio.AioRpcError as exc:
-                span.set_status(Status(StatusCode.ERROR, exc.code().name))
-                attribute(exc, self._store.name)  # passed on as dataplatform's, not ours
-                raise
-            finally:
-                call.cancel()  # the reader stopped early: end the stream upstream too
-        finally:
-            conn.streams -= 1
-            span.end()
+        return self._read(
+            method, lambda stub: stub(request, timeout=timeout, metadata=self._store.metadata())
+        )
 
-    async def bidi(self, method: str, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    def bidi(self, method: str, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """Reads the bidirectional stream `method`, sending `requests`, on a connection with
         room. It carries many users' watches and lives as long as they come and go: it
         acts for no user and roots a trace (span) of its own, never a watcher's."""
-        conn = self._acquire()
-        span = _tracer.start_span(
-            f"{self._store.name} {method}", context=Context(), kind=SpanKind.CLIENT
-        )
         call: grpc.aio.StreamStreamCall
 
         async def sending() -> AsyncIterator[Any]:
@@ -177,22 +155,40 @@ class StreamPool:
             async for request in requests:
                 yield request
 
-        token = current_principal.set(None)
+        def start(stub: Any) -> Any:
+            nonlocal call
+            token = current_principal.set(None)
+            try:
+                call = stub(sending(), metadata=self._store.metadata())
+            finally:
+                current_principal.reset(token)
+            return call
+
+        return self._read(method, start, Context())
+
+    async def _read(
+        self, method: str, start: Callable[[Any], Any], span_context: Context | None = None
+    ) -> AsyncIterator[Any]:
+        """The messages of the call `start` makes with `method`'s stub method, on a
+        connection with room and in a client span (a child of `span_context`, or of the
+        current one); its failure passed on as dataplatform's; the call ended and its
+        place on the connection freed however the reader stops."""
+        conn = self._acquire()
+        span = _tracer.start_span(
+            f"{self._store.name} {method}", context=span_context, kind=SpanKind.CLIENT
+        )
         try:
-            with trace.use_span(span, end_on_exit=False):
-                call = getattr(conn.stub, method)(sending(), metadata=self._store.metadata())
-        finally:
-            current_principal.reset(token)
-        try:
+            with trace.use_span(span, end_on_exit=False):  # the trace context goes in metadata
+                call = start(getattr(conn.stub, method))
             try:
                 async for message in call:
                     yield message
             except grpc.aio.AioRpcError as exc:
                 span.set_status(Status(StatusCode.ERROR, exc.code().name))
-                attribute(exc, self._store.name)
+                attribute(exc, self._store.name)  # passed on as dataplatform's, not ours
                 raise
             finally:
-                call.cancel()
+                call.cancel()  # the reader stopped early: end the stream upstream too
         finally:
             conn.streams -= 1
             span.end()

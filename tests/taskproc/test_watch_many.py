@@ -26,6 +26,7 @@ from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
 from dataplatform.service import DataPlatformService
 from dataplatform.workflows.servicer import WorkflowStore
+from tests.dataplatform.test_watch_many import _until, _watchers
 from tests.taskproc.helpers import as_user, spec
 
 OWNER = Principal(user_id="mux-owner", username="mux-owner", roles=("user",))
@@ -65,16 +66,7 @@ async def back_ends(base_overrides: dict[str, Any], served: Counter[str]) -> Asy
 
 def _open_watches(suite: Suite) -> int:
     """dataplatform's open watches (not those CreateWorkflow leaves for a few seconds)."""
-    store = suite.running["dataplatform"].service.workflows
-    recent = {id(entry[2]) for entry in store._recent._recent.values()}
-    return sum(1 for ws in store.wakeups._watchers.values() for w in ws if id(w) not in recent)
-
-
-async def _until(check: Callable[[], bool], what: str, seconds: float = 10) -> None:
-    end = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
+    return len(_watchers(suite.running["dataplatform"]))
 
 
 async def _submit(stub: Any, md: Any, *steps: dict[str, Any]) -> str:
