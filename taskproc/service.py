@@ -291,17 +291,17 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         self, request: pb.RunWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RunWorkflowResponse]:
         """SubmitWorkflow then WatchWorkflow in one call, relayed from one dataplatform
-        stream: one round of RPC set-ups through every hop instead of two."""
+        run: a message on this replica's multiplexed call (`SharedWatches.run`), no call
+        of its own to set up."""
 
         create = self._create_request(request.spec, request.idempotency_key)
         with self._slots:
             eager = self._eager(create)
             try:
-                async for update in self._streams.stream(
-                    "RunStoredWorkflow",
+                async for update in self._watches.run(
                     store_pb.RunStoredWorkflowRequest(
                         create=create, poll_interval_seconds=self._streams.poll_interval()
-                    ),
+                    )
                 ):
                     if update.HasField("stored"):
                         await self._adopt(eager, update.stored.eager_steps)

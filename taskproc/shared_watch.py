@@ -30,6 +30,7 @@ import grpc
 from google.rpc import status_pb2
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
+from aiwfe.runtime.channels import MANY_RUNS_HEADER
 from aiwfe.runtime.errors import attribute, rpc_error_of
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from taskproc.streams import StreamPool, WatchSlots
@@ -46,7 +47,8 @@ class _Shared:
     """One upstream watch and the events it brought, for any number of readers."""
 
     __slots__ = (
-        "changed", "error", "events", "finished", "key", "mux", "readers", "task", "watch_id"
+        "changed", "error", "events", "finished", "key", "mux", "readers", "stored", "task",
+        "watch_id",
     )  # fmt: skip
 
     def __init__(self, key: _Key) -> None:
@@ -59,6 +61,7 @@ class _Shared:
         self.task: asyncio.Task[None] | None = None  # its own stream (the fallback)
         self.mux: _Mux | None = None  # the multiplexed call carrying it, while it does
         self.watch_id = 0  # its id on `mux`
+        self.stored: store_pb.CreateWorkflowResponse | None = None  # a run's, once stored
 
     @property
     def open(self) -> bool:
@@ -90,15 +93,22 @@ class _Shared:
 
 
 class _Mux:
-    """One WatchWorkflowEventsMany call: its watches by watch_id, the requests to send."""
+    """One WatchWorkflowEventsMany call: its watches (and runs) by watch_id, the requests
+    to send."""
 
-    __slots__ = ("ended", "requests", "task", "watches")
+    __slots__ = ("ended", "requests", "takes_runs", "task", "watches")
 
     def __init__(self) -> None:
         self.watches: dict[int, _Shared] = {}
         self.requests: asyncio.Queue[store_pb.WatchWorkflowEventsManyRequest] = asyncio.Queue()
         self.ended = False  # the call failed or ended: no watch is added
         self.task: asyncio.Task[None] | None = None
+        # Set once dataplatform answered the call: whether it takes runs (its header).
+        self.takes_runs: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def answered(self, headers: grpc.aio.Metadata | None) -> None:
+        if not self.takes_runs.done():
+            self.takes_runs.set_result(headers is not None and headers.get(MANY_RUNS_HEADER) == "1")
 
     async def sending(self) -> AsyncIterator[store_pb.WatchWorkflowEventsManyRequest]:
         while True:
@@ -153,24 +163,33 @@ class SharedWatches:
         )
         shared.task = asyncio.create_task(shared.follow(upstream), name=f"watch-{shared.key[0]}")
 
-    def _multiplex(self, shared: _Shared) -> None:
-        """`shared` as a watch of a multiplexed call with room (a new call if none has)."""
+    def _mux(self) -> _Mux:
+        """A multiplexed call with room (a new call if none has)."""
         for mux in self._muxes:
             if not mux.ended and len(mux.watches) < self._per_mux:
-                break
-        else:
-            mux = _Mux()
-            self._muxes.append(mux)
-            # In a context of its own: the call outlives the watcher that opened it.
-            mux.task = asyncio.create_task(
-                self._read(mux), name="watch-many", context=contextvars.Context()
-            )
+                return mux
+        mux = _Mux()
+        self._muxes.append(mux)
+        # In a context of its own: the call outlives the watcher that opened it.
+        mux.task = asyncio.create_task(
+            self._read(mux), name="watch-many", context=contextvars.Context()
+        )
+        return mux
+
+    def _attach(self, mux: _Mux, shared: _Shared) -> int:
+        """`shared` on `mux` under a new watch_id (its request is the caller's to send)."""
         self._next_id += 1
         watch_id = self._next_id
         mux.watches[watch_id] = shared
         shared.mux = mux
         shared.watch_id = watch_id
         self._streams.multiplexed += 1
+        return watch_id
+
+    def _multiplex(self, shared: _Shared) -> None:
+        """`shared` as a watch of a multiplexed call with room."""
+        mux = self._mux()
+        watch_id = self._attach(mux, shared)
         mux.requests.put_nowait(
             store_pb.WatchWorkflowEventsManyRequest(
                 watch=store_pb.WorkflowWatch(watch_id=watch_id, request=self._request(shared.key))
@@ -190,11 +209,16 @@ class SharedWatches:
         dataplatform lacks the method)."""
         error: BaseException = self._error(_ENDED)  # also for a failure of our own
         try:
-            async for reply in self._streams.bidi(_METHOD, mux.sending()):
+            async for reply in self._streams.bidi(_METHOD, mux.sending(), mux.answered):
                 if reply.HasField("events"):
                     shared = mux.watches.get(reply.watch_id)
                     if shared is not None:  # else cancelled meanwhile
                         shared.events.extend(reply.events.events)
+                        shared._notify()
+                elif reply.HasField("stored"):
+                    shared = mux.watches.get(reply.watch_id)
+                    if shared is not None:
+                        shared.stored = reply.stored
                         shared._notify()
                 elif (shared := self._detach(mux, reply.watch_id)) is not None:
                     shared.end(self._error(reply.end) if reply.end.code else None)
@@ -204,6 +228,7 @@ class SharedWatches:
                 self._own_streams = True
         finally:
             mux.ended = True
+            mux.answered(None)  # never answered: no run waits for it
             if mux in self._muxes:
                 self._muxes.remove(mux)
             for watch_id in list(mux.watches):
@@ -247,6 +272,50 @@ class SharedWatches:
                 shared.readers -= 1
                 if shared.readers == 0:
                     self._close(shared)
+
+    async def run(
+        self, request: store_pb.RunStoredWorkflowRequest
+    ) -> AsyncIterator[store_pb.RunStoredWorkflowResponse]:
+        """RunStoredWorkflow's messages for `request` (the caller holds a slot): a run on a
+        multiplexed call when dataplatform takes runs there, else a call of its own."""
+        run = _Shared(("", request.create.owner.user_id, False))  # its reader's alone
+        while not self._own_streams:
+            mux = self._mux()
+            if not await mux.takes_runs:
+                break
+            if mux.ended or len(mux.watches) >= self._per_mux:  # filled while answering
+                continue
+            watch_id = self._attach(mux, run)
+            mux.requests.put_nowait(
+                store_pb.WatchWorkflowEventsManyRequest(
+                    run=store_pb.WorkflowRun(watch_id=watch_id, request=request)
+                )
+            )
+            break
+        if run.mux is None:
+            async for update in self._streams.stream("RunStoredWorkflow", request):
+                yield update
+            return
+        stored = False
+        try:
+            while True:
+                changed = run.changed
+                if not stored and run.stored is not None:
+                    stored = True
+                    yield store_pb.RunStoredWorkflowResponse(stored=run.stored)
+                if run.events:
+                    batch, run.events = run.events, []
+                    yield store_pb.RunStoredWorkflowResponse(
+                        events=store_pb.WatchWorkflowEventsResponse(events=batch)
+                    )
+                    continue
+                if run.error is not None:
+                    raise run.error
+                if run.finished:
+                    return
+                await changed.wait()
+        finally:
+            self._close(run)
 
     def _close(self, shared: _Shared) -> None:
         """Its last watcher left: forget it and end its upstream watch."""

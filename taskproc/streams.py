@@ -140,10 +140,16 @@ class StreamPool:
             method, lambda stub: stub(request, timeout=timeout, metadata=self._store.metadata())
         )
 
-    def bidi(self, method: str, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    def bidi(
+        self,
+        method: str,
+        requests: AsyncIterator[Any],
+        answered: Callable[[grpc.aio.Metadata], None] | None = None,
+    ) -> AsyncIterator[Any]:
         """Reads the bidirectional stream `method`, sending `requests`, on a connection with
-        room. It carries many users' watches and lives as long as they come and go: it
-        acts for no user and roots a trace (span) of its own, never a watcher's."""
+        room; `answered` gets the server's headers before the first request is sent. It
+        carries many users' watches and lives as long as they come and go: it acts for no
+        user and roots a trace (span) of its own, never a watcher's."""
         call: grpc.aio.StreamStreamCall
 
         async def sending() -> AsyncIterator[Any]:
@@ -151,7 +157,9 @@ class StreamPool:
             # headers first): a message written while the server ends the call (an older
             # dataplatform's UNIMPLEMENTED) makes grpc report INTERNAL ("Internal error
             # from Core") instead of the status about half the time.
-            await call.initial_metadata()
+            headers = await call.initial_metadata()
+            if answered is not None:
+                answered(headers)
             async for request in requests:
                 yield request
 

@@ -35,6 +35,9 @@ from aiwfe.sdk.channel import (
 
 T = TypeVar("T")
 _tracer = trace.get_tracer("aiwfe")
+# dataplatform's WatchWorkflowEventsMany answers with this header ("1") when it takes runs
+# as well as watches; taskproc sends a run to no other (an older one would ignore it).
+MANY_RUNS_HEADER = "x-aiwfe-many-runs"
 
 
 def _method_name(rpc: Any) -> str:

@@ -20,6 +20,7 @@ from google.rpc import status_pb2
 from aiwfe.data.v1 import workflow_store_service_pb2 as pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as pb_grpc
 from aiwfe.runtime.aio import wait_event
+from aiwfe.runtime.channels import MANY_RUNS_HEADER
 from aiwfe.runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -363,11 +364,13 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         requests: AsyncIterator[pb.WatchWorkflowEventsManyRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.WatchWorkflowEventsManyResponse]:
-        """Many watches on one stream: a task per watch runs `_watch` and queues its tagged
-        batches and its end; this generator is the stream's one writer. A watch's error is
-        its end alone; a stream-level mistake ends the stream (and so every watch)."""
-        # Headers at once: the client sends its watches only once the call is answered.
-        await context.send_initial_metadata(())
+        """Many watches and runs on one stream: a task per watch runs `_watch` (per run,
+        `_run`) and queues its tagged messages and its end; this generator is the stream's
+        one writer. A watch's error is its end alone; a stream-level mistake ends the
+        stream (and so every watch)."""
+        # Headers at once: the client sends its watches only once the call is answered,
+        # and its runs only to a server that says it takes them.
+        await context.send_initial_metadata(((MANY_RUNS_HEADER, "1"),))
         many = _Many(self.watches_per_stream)
         reader = asyncio.create_task(self._read_watches(requests, many))
         try:
@@ -390,7 +393,16 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         try:
             async for request in requests:
                 if request.HasField("watch"):
-                    many.start(request.watch.watch_id, self._run_watch(request.watch, many))
+                    watch = request.watch
+                    many.start(
+                        watch.watch_id,
+                        self._serve(watch.watch_id, self._watch(watch.request), many),
+                    )
+                elif request.HasField("run"):
+                    run = request.run
+                    many.start(
+                        run.watch_id, self._serve(run.watch_id, self._run(run.request), many)
+                    )
                 elif request.HasField("cancel"):
                     task = many.watches.pop(request.cancel, None)
                     if task is not None:
@@ -403,19 +415,27 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         except Exception as exc:
             await many.out.put(exc)
 
-    async def _run_watch(self, watch: pb.WorkflowWatch, many: _Many) -> None:
-        """One watch of a WatchWorkflowEventsMany stream, to its end message (none when it
-        is cancelled: by `cancel`, or by the stream's end)."""
-        watch_id = watch.watch_id
+    async def _serve(
+        self,
+        watch_id: int,
+        updates: AsyncGenerator[
+            pb.CreateWorkflowResponse | list[wf_pb.WatchWorkflowResponse], None
+        ],
+        many: _Many,
+    ) -> None:
+        """One watch or run of a WatchWorkflowEventsMany stream (`updates`: `_watch`'s or
+        `_run`'s), to its end message (none when it is cancelled: by `cancel`, or by the
+        stream's end)."""
         try:
-            async with aclosing(self._watch(watch.request)) as batches:  # unwatched on cancel
-                async for events in batches:
-                    await many.out.put(
-                        pb.WatchWorkflowEventsManyResponse(
-                            watch_id=watch_id,
-                            events=pb.WatchWorkflowEventsResponse(events=events),
+            async with aclosing(updates):  # unwatched on cancel
+                async for update in updates:
+                    if isinstance(update, pb.CreateWorkflowResponse):
+                        reply = pb.WatchWorkflowEventsManyResponse(watch_id=watch_id, stored=update)
+                    else:
+                        reply = pb.WatchWorkflowEventsManyResponse(
+                            watch_id=watch_id, events=pb.WatchWorkflowEventsResponse(events=update)
                         )
-                    )
+                    await many.out.put(reply)
             end = _FINISHED
         except asyncio.CancelledError:
             raise
@@ -433,9 +453,23 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
     async def RunStoredWorkflow(
         self, request: pb.RunStoredWorkflowRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RunStoredWorkflowResponse]:
-        """CreateWorkflow, then its events. The new id is watched before the insert, so
-        every event is pushed to this stream and none needs a read; a reused idempotency
-        key follows the existing workflow from its first event, read from the database."""
+        """CreateWorkflow, then its events (`_run`)."""
+        async with aclosing(self._run(request)) as updates:  # unwatched as the call ends
+            async for update in updates:
+                if isinstance(update, pb.CreateWorkflowResponse):
+                    yield pb.RunStoredWorkflowResponse(stored=update)
+                else:
+                    yield pb.RunStoredWorkflowResponse(
+                        events=pb.WatchWorkflowEventsResponse(events=update)
+                    )
+
+    async def _run(
+        self, request: pb.RunStoredWorkflowRequest
+    ) -> AsyncGenerator[pb.CreateWorkflowResponse | list[wf_pb.WatchWorkflowResponse], None]:
+        """A run's stored workflow, then its batches of events: RunStoredWorkflow's and each
+        run of WatchWorkflowEventsMany's. The new id is watched before the insert, so every
+        event is pushed here and none needs a read; a reused idempotency key follows the
+        existing workflow from its first event, read from the database."""
         v = Violations()
         _check_poll(v, request.poll_interval_seconds)
         v.raise_if_any()
@@ -444,7 +478,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         watch = self.wakeups.watch(wid)
         try:
             stored = await self._create(request.create, wid)
-            yield pb.RunStoredWorkflowResponse(stored=stored)
+            yield stored
             if not stored.created:
                 self.wakeups.unwatch(wid, watch)
                 wid = uuid.UUID(stored.workflow.workflow_id)
@@ -458,9 +492,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                 not stored.created,
                 self._prober(wid),
             ):
-                yield pb.RunStoredWorkflowResponse(
-                    events=pb.WatchWorkflowEventsResponse(events=events)
-                )
+                yield events
         finally:
             self.wakeups.unwatch(wid, watch)
 

@@ -16,9 +16,12 @@ from grpc_status import rpc_status
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as pb_grpc
+from aiwfe.runtime.channels import MANY_RUNS_HEADER
+from aiwfe.runtime.config import TaskProcSettings
 from aiwfe.runtime.server import RunningService
+from taskproc.spec import validate
 from tests.dataplatform.conftest import start_dataplatform
-from tests.taskproc.helpers import create_stored
+from tests.taskproc.helpers import create_stored, spec
 
 
 def _watch(watch_id: int, workflow_id: str, owner: str, after: int = 0) -> Any:
@@ -176,3 +179,85 @@ async def test_stream_mistakes_end_the_stream_with_a_precise_status(
         assert len(_watchers(bounded)) == 2
         call.cancel()
         await _until(lambda: not _watchers(bounded), "the cancelled stream's watches to unwatch")
+
+
+def _run(watch_id: int, create: Any) -> Any:
+    return pb.WatchWorkflowEventsManyRequest(
+        run=pb.WorkflowRun(watch_id=watch_id, request=pb.RunStoredWorkflowRequest(create=create))
+    )
+
+
+async def test_runs_are_served_on_the_stream_and_end_alone(
+    dataplatform: RunningService, internal_md: Any
+) -> None:
+    """The stream says it takes runs (its headers). A run is answered with its stored
+    workflow, then its events to the end; a run with a bad spec ends alone with
+    RunStoredWorkflow's exact INVALID_ARGUMENT and stores nothing; a reused idempotency key
+    follows the existing workflow from its first event; a watch of the run's workflow on
+    the same stream is served beside it, and nothing stays watched."""
+    md = internal_md
+    owner = pb.WorkflowOwner(user_id="owner-r", username="owner-r")
+    good = validate(
+        spec({"name": "s", "op": "wait_for_signal", "inputs": {"name": "go"}}), TaskProcSettings()
+    )
+    create = pb.CreateWorkflowRequest(owner=owner, spec=good, idempotency_key="run-key")
+    empty = pb.CreateWorkflowRequest(owner=owner)  # no steps, no timeout
+    async with grpc.aio.insecure_channel(dataplatform.address) as channel:
+        stub = pb_grpc.WorkflowStoreServiceStub(channel)
+        call = stub.WatchWorkflowEventsMany(metadata=md, timeout=30)
+        assert dict(await call.initial_metadata())[MANY_RUNS_HEADER] == "1"
+        await call.write(_run(1, create))
+        first = await call.read()
+        assert first.watch_id == 1 and first.stored.created, first
+        wid = first.stored.workflow.workflow_id
+        await call.write(_run(2, empty))
+        await call.write(_run(3, create))
+        await call.write(_watch(4, wid, "owner-r"))
+        stored: dict[int, Any] = {1: first.stored}
+        ends: dict[int, status_pb2.Status] = {}
+        events: dict[int, list[int]] = {1: [], 3: [], 4: []}
+        while 2 not in ends or not all(events.values()):
+            reply = await call.read()
+            if reply.HasField("stored"):
+                assert not events[reply.watch_id], "stored comes first"
+                stored[reply.watch_id] = reply.stored
+            elif reply.HasField("end"):
+                ends[reply.watch_id] = reply.end
+            else:
+                events[reply.watch_id] += [e.sequence for e in reply.events.events]
+        with pytest.raises(grpc.aio.AioRpcError) as alone:
+            async for _ in stub.RunStoredWorkflow(
+                pb.RunStoredWorkflowRequest(create=empty), metadata=md, timeout=10
+            ):
+                pass
+        assert ends == {2: rpc_status.from_call(alone.value)}
+        assert ends[2].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert 2 not in stored
+        assert not stored[3].created and stored[3].workflow.workflow_id == wid
+        assert events == {1: [1], 3: [1], 4: [1]}
+
+        await stub.CancelStoredWorkflow(
+            pb.CancelStoredWorkflowRequest(
+                workflow_id=wid, scope=pb.WorkflowScope(owner_id="owner-r")
+            ),
+            metadata=md,
+            timeout=10,
+        )
+        while len(ends) < 4:
+            reply = await call.read()
+            if reply.HasField("end"):
+                ends[reply.watch_id] = reply.end
+            else:
+                events[reply.watch_id] += [e.sequence for e in reply.events.events]
+        assert ends[1] == ends[3] == ends[4] == status_pb2.Status()  # OK: finished
+        assert events[1] == events[3] == events[4] == list(range(1, len(events[1]) + 1))
+        assert len(events[1]) > 1
+        listed = await stub.ListStoredWorkflows(
+            pb.ListStoredWorkflowsRequest(scope=pb.WorkflowScope(owner_id="owner-r")),
+            metadata=md,
+            timeout=10,
+        )
+        assert [w.workflow_id for w in listed.workflows] == [wid]  # the bad run stored none
+        await _until(lambda: not _watchers(dataplatform), "the runs' watches to unwatch")
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF

@@ -35,11 +35,12 @@ WAITS = {"name": "a", "op": "wait_for_signal", "inputs": {"name": "go"}}
 SHORT = {"name": "a", "op": "noop", "inputs": {"sleep_ms": 300}}
 MANY = "WatchWorkflowEventsMany"
 ONE = "WatchWorkflowEvents"
+RUN = "RunStoredWorkflow"
 
 
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Calls of the two watch methods dataplatform served (counted at its servicer)."""
+    """Calls of the watch and run methods dataplatform served (counted at its servicer)."""
     calls = Counter[str]()
 
     def counting(name: str) -> Callable[..., AsyncIterator[Any]]:
@@ -52,7 +53,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 
         return handler
 
-    for name in (MANY, ONE):
+    for name in (MANY, ONE, RUN):
         monkeypatch.setattr(WorkflowStore, name, counting(name))
     return calls
 
@@ -162,8 +163,9 @@ async def test_the_last_watcher_leaving_frees_dataplatform_s_watch(
 async def test_dataplatform_restarted_fails_every_watch_then_a_new_call_serves(
     back_ends: Suite, served: Counter[str]
 ) -> None:
-    """dataplatform stopped mid-watch: every watcher on the call gets UNAVAILABLE naming
-    dataplatform as the failed dependency; once it is back, a new watch opens a new call."""
+    """dataplatform stopped mid-watch: every watcher (and run) on the call gets UNAVAILABLE
+    naming dataplatform as the failed dependency; once it is back, a new watch opens a new
+    call."""
     suite = back_ends
     async with grpc.aio.insecure_channel(suite.address("taskproc")) as channel:
         stub = pb_grpc.WorkflowServiceStub(channel)
@@ -175,6 +177,10 @@ async def test_dataplatform_restarted_fails_every_watch_then_a_new_call_serves(
         ]
         for call in calls:
             assert (await call.read()).sequence == 1
+        run = stub.RunWorkflow(pb.RunWorkflowRequest(spec=spec(WAITS)), metadata=md, timeout=30)
+        assert (await run.read()).HasField("workflow")
+        assert (await run.read()).event.sequence == 1
+        calls.append(run)
         dataplatform = suite.running.pop("dataplatform")
         port = dataplatform.port
         await dataplatform.stop(grace=0)
@@ -233,3 +239,70 @@ async def test_an_older_dataplatform_is_watched_with_a_stream_per_workflow(
     await _watchers_of_many(older_dataplatform, served)
     assert served[MANY] == 1
     assert served[ONE] == 10  # eight workflows, the stranger's watch and the test's own
+
+
+async def _runs(suite: Suite, n: int) -> None:
+    """`n` RunWorkflow calls at once: each gets its stored workflow first, then every event
+    in order to SUCCEEDED; then dataplatform watches nothing."""
+    async with grpc.aio.insecure_channel(suite.address("taskproc")) as channel:
+        stub = pb_grpc.WorkflowServiceStub(channel)
+        md = as_user(suite, OWNER)
+
+        async def run() -> None:
+            call = stub.RunWorkflow(
+                pb.RunWorkflowRequest(spec=spec(SHORT)), metadata=md, timeout=30
+            )
+            replies = [reply async for reply in call]
+            assert replies[0].HasField("workflow"), replies[0]
+            events = [r.event for r in replies[1:]]
+            assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+            assert events[-1].workflow_state == pb.WORKFLOW_STATE_SUCCEEDED
+
+        await asyncio.gather(*(run() for _ in range(n)))
+    await _until(lambda: _open_watches(suite) == 0, "dataplatform's watches to end")
+
+
+async def test_runs_go_on_the_multiplexed_call(back_ends: Suite, served: Counter[str]) -> None:
+    """RunWorkflow calls are runs on the replica's one WatchWorkflowEventsMany call, not
+    RunStoredWorkflow calls of their own, each with all it got before; a caller leaving a
+    run that never ends frees its watch in dataplatform and the call stays open."""
+    suite = back_ends
+    await _runs(suite, 8)
+    assert served == {MANY: 1}
+    async with grpc.aio.insecure_channel(suite.address("taskproc")) as channel:
+        stub = pb_grpc.WorkflowServiceStub(channel)
+        call = stub.RunWorkflow(
+            pb.RunWorkflowRequest(spec=spec(WAITS)), metadata=as_user(suite, OWNER)
+        )
+        assert (await call.read()).HasField("workflow")
+        assert (await call.read()).event.sequence == 1
+        await _until(lambda: _open_watches(suite) == 1, "the run's watch to be open")
+        call.cancel()
+        await _until(lambda: _open_watches(suite) == 0, "the left run's watch to be freed")
+    watches = suite.running["taskproc"].service.watches
+    assert watches.calls == 1 and suite.running["taskproc"].service.streams.multiplexed == 0
+    assert served == {MANY: 1}
+
+
+@pytest.fixture
+async def runless_dataplatform(
+    base_overrides: dict[str, Any], served: Counter[str], monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Suite]:
+    """A dataplatform whose WatchWorkflowEventsMany takes watches but not runs (before
+    runs were added, it ignored them): it does not send the header."""
+    monkeypatch.setattr("dataplatform.workflows.servicer.MANY_RUNS_HEADER", "x-aiwfe-older")
+    running = await start_suite(base_overrides, only=("dataplatform", "taskproc"))
+    yield running
+    await running.stop()
+
+
+async def test_a_dataplatform_without_runs_gets_a_call_per_run(
+    runless_dataplatform: Suite, served: Counter[str]
+) -> None:
+    """No run is sent on a call whose dataplatform does not say it takes them: each goes as
+    a RunStoredWorkflow call of its own, with nothing lost, and watches still share the
+    multiplexed call."""
+    await _runs(runless_dataplatform, 3)
+    assert served == {MANY: 1, RUN: 3}
+    await _watchers_of_many(runless_dataplatform, served)
+    assert served == {MANY: 1, RUN: 3, ONE: 1}

@@ -174,12 +174,22 @@ class WatchWorkflowEventsResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[_workflow_service_pb2.WatchWorkflowResponse, _Mapping]]] = ...) -> None: ...
 
 class WatchWorkflowEventsManyRequest(_message.Message):
-    __slots__ = ("watch", "cancel")
+    __slots__ = ("watch", "cancel", "run")
     WATCH_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
     watch: WorkflowWatch
     cancel: int
-    def __init__(self, watch: _Optional[_Union[WorkflowWatch, _Mapping]] = ..., cancel: _Optional[int] = ...) -> None: ...
+    run: WorkflowRun
+    def __init__(self, watch: _Optional[_Union[WorkflowWatch, _Mapping]] = ..., cancel: _Optional[int] = ..., run: _Optional[_Union[WorkflowRun, _Mapping]] = ...) -> None: ...
+
+class WorkflowRun(_message.Message):
+    __slots__ = ("watch_id", "request")
+    WATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    watch_id: int
+    request: RunStoredWorkflowRequest
+    def __init__(self, watch_id: _Optional[int] = ..., request: _Optional[_Union[RunStoredWorkflowRequest, _Mapping]] = ...) -> None: ...
 
 class WorkflowWatch(_message.Message):
     __slots__ = ("watch_id", "request")
@@ -190,14 +200,16 @@ class WorkflowWatch(_message.Message):
     def __init__(self, watch_id: _Optional[int] = ..., request: _Optional[_Union[WatchWorkflowEventsRequest, _Mapping]] = ...) -> None: ...
 
 class WatchWorkflowEventsManyResponse(_message.Message):
-    __slots__ = ("watch_id", "events", "end")
+    __slots__ = ("watch_id", "events", "end", "stored")
     WATCH_ID_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
     watch_id: int
     events: WatchWorkflowEventsResponse
     end: _status_pb2.Status
-    def __init__(self, watch_id: _Optional[int] = ..., events: _Optional[_Union[WatchWorkflowEventsResponse, _Mapping]] = ..., end: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+    stored: CreateWorkflowResponse
+    def __init__(self, watch_id: _Optional[int] = ..., events: _Optional[_Union[WatchWorkflowEventsResponse, _Mapping]] = ..., end: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., stored: _Optional[_Union[CreateWorkflowResponse, _Mapping]] = ...) -> None: ...
 
 class RunStoredWorkflowRequest(_message.Message):
     __slots__ = ("create", "poll_interval_seconds")

@@ -185,6 +185,9 @@ class WorkflowStoreServiceServicer:
         was sent, or the status WatchWorkflowEvents would have ended with, for that watch
         alone. `cancel` ends a watch with no answer; the stream's end ends them all. A
         watch_id already open, or more open watches than the server's bound, ends the stream.
+        A `run` is a RunStoredWorkflow as a watch of the stream: its stored workflow first,
+        then its events and its end. A server that takes runs says so in its response
+        headers (`aiwfe-many-runs: 1`); an older one ignores them, so none is sent to it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
