@@ -137,6 +137,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         self, db: Database, max_fan_out_items: int = 1000, watches_per_stream: int = 10_000
     ) -> None:
         self.watches_per_stream = watches_per_stream
+        self._db = db
         self.wakeups = Wakeups()
         self.repo = WorkflowRepository(db, self.wakeups, max_fan_out_items)
         self.scheduler = Scheduler(self.repo)
@@ -427,6 +428,8 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         `_run`'s), to its end message (none when it is cancelled: by `cancel`, or by the
         stream's end)."""
         try:
+            if not self._db.reachable:  # as DatabaseGuard refuses a call of its own
+                raise database_unavailable()
             async with aclosing(updates):  # unwatched on cancel
                 async for update in updates:
                     if isinstance(update, pb.CreateWorkflowResponse):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -196,7 +197,8 @@ async def test_runs_are_served_on_the_stream_and_end_alone(
     follows the existing workflow from its first event; a watch of the run's workflow on
     the same stream is served beside it, and nothing stays watched."""
     md = internal_md
-    owner = pb.WorkflowOwner(user_id="owner-r", username="owner-r")
+    me = f"owner-r-{uuid.uuid4().hex[:8]}"  # the idempotency key is new on any database
+    owner = pb.WorkflowOwner(user_id=me, username=me)
     good = validate(
         spec({"name": "s", "op": "wait_for_signal", "inputs": {"name": "go"}}), TaskProcSettings()
     )
@@ -212,7 +214,7 @@ async def test_runs_are_served_on_the_stream_and_end_alone(
         wid = first.stored.workflow.workflow_id
         await call.write(_run(2, empty))
         await call.write(_run(3, create))
-        await call.write(_watch(4, wid, "owner-r"))
+        await call.write(_watch(4, wid, me))
         stored: dict[int, Any] = {1: first.stored}
         ends: dict[int, status_pb2.Status] = {}
         events: dict[int, list[int]] = {1: [], 3: [], 4: []}
@@ -237,9 +239,7 @@ async def test_runs_are_served_on_the_stream_and_end_alone(
         assert events == {1: [1], 3: [1], 4: [1]}
 
         await stub.CancelStoredWorkflow(
-            pb.CancelStoredWorkflowRequest(
-                workflow_id=wid, scope=pb.WorkflowScope(owner_id="owner-r")
-            ),
+            pb.CancelStoredWorkflowRequest(workflow_id=wid, scope=pb.WorkflowScope(owner_id=me)),
             metadata=md,
             timeout=10,
         )
@@ -252,12 +252,51 @@ async def test_runs_are_served_on_the_stream_and_end_alone(
         assert ends[1] == ends[3] == ends[4] == status_pb2.Status()  # OK: finished
         assert events[1] == events[3] == events[4] == list(range(1, len(events[1]) + 1))
         assert len(events[1]) > 1
-        listed = await stub.ListStoredWorkflows(
-            pb.ListStoredWorkflowsRequest(scope=pb.WorkflowScope(owner_id="owner-r")),
-            metadata=md,
-            timeout=10,
-        )
-        assert [w.workflow_id for w in listed.workflows] == [wid]  # the bad run stored none
+        assert await _listed(dataplatform, md, me) == [wid]  # the bad run stored none
         await _until(lambda: not _watchers(dataplatform), "the runs' watches to unwatch")
         await call.done_writing()
         assert await call.read() is grpc.aio.EOF
+
+
+async def test_a_run_or_watch_while_the_database_is_down_ends_unavailable_at_once(
+    dataplatform: RunningService, internal_md: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the health probe finds PostgreSQL down, a run or a watch on a stream opened
+    before ends at once with DatabaseGuard's UNAVAILABLE (DATABASE_UNAVAILABLE), as a call
+    of its own is refused, instead of waiting out the pool's timeout."""
+    db = dataplatform.service.workflows._db
+    monkeypatch.setattr(db, "_set_reachable", lambda ok: None)  # no probe flips it back
+    me = f"owner-d-{uuid.uuid4().hex[:8]}"
+    owner = pb.WorkflowOwner(user_id=me, username=me)
+    good = validate(spec({"name": "s", "op": "noop"}), TaskProcSettings())
+    async with grpc.aio.insecure_channel(dataplatform.address) as channel:
+        stub = pb_grpc.WorkflowStoreServiceStub(channel)
+        call = stub.WatchWorkflowEventsMany(metadata=internal_md, timeout=10)
+        await call.initial_metadata()  # opened while the database was up
+        monkeypatch.setattr(db, "reachable", False)
+        await call.write(_run(1, pb.CreateWorkflowRequest(owner=owner, spec=good)))
+        await call.write(_watch(2, str(uuid.uuid4()), me))
+        ends = {}
+        while len(ends) < 2:
+            reply = await call.read()
+            assert reply.HasField("end"), reply
+            ends[reply.watch_id] = reply.end
+        for end in ends.values():
+            assert end.code == grpc.StatusCode.UNAVAILABLE.value[0]
+            info = error_details_pb2.ErrorInfo()
+            assert next(d for d in end.details if d.Unpack(info))
+            assert info.reason == "DATABASE_UNAVAILABLE"
+        call.cancel()
+    monkeypatch.setattr(db, "reachable", True)
+    listed = await _listed(dataplatform, internal_md, me)
+    assert not listed  # the run stored nothing
+
+
+async def _listed(dataplatform: RunningService, md: Any, owner: str) -> list[str]:
+    async with grpc.aio.insecure_channel(dataplatform.address) as channel:
+        listed = await pb_grpc.WorkflowStoreServiceStub(channel).ListStoredWorkflows(
+            pb.ListStoredWorkflowsRequest(scope=pb.WorkflowScope(owner_id=owner)),
+            metadata=md,
+            timeout=10,
+        )
+    return [w.workflow_id for w in listed.workflows]
