@@ -14,8 +14,8 @@ Semantics are CompleteSteps' own:
   raised; the batch may or may not have been recorded, as with a unary deadline.
 - A dataplatform without the method (UNIMPLEMENTED: an older replica during a rolling
   upgrade) is called with unary CompleteSteps from then on.
-- The stream is re-opened every `_REOPEN_SECONDS`: the identity assertion it was opened
-  with is checked once, at the open, and must stay fresh.
+- The stream is re-opened every `RENEW_SECONDS` (taskproc/streams.py): the identity
+  assertion it was opened with is checked once, at the open, and must stay fresh.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import grpc
 
 from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
-
-_REOPEN_SECONDS = 30.0  # well inside the identity assertion's lifetime (60 s by default)
+from taskproc.streams import RENEW_SECONDS
 
 Metadata = Callable[[], Sequence[tuple[str, str]]]
 
@@ -55,7 +54,8 @@ class CompletionStream:
                 )
                 return reply
             try:
-                return await asyncio.wait_for(self._exchange(request), timeout)
+                async with asyncio.timeout(timeout):  # no task of its own, as wait_for makes
+                    return await self._exchange(request)
             except grpc.aio.AioRpcError as exc:
                 self._drop()
                 if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
@@ -81,7 +81,7 @@ class CompletionStream:
         """The open stream; a new one if it has ended (nothing of ours was in it) or is due
         to be renewed (closed cleanly: dataplatform's handler ends with OK)."""
         now = time.monotonic()
-        if self._call is not None and (self._call.done() or now - self._opened > _REOPEN_SECONDS):
+        if self._call is not None and (self._call.done() or now - self._opened > RENEW_SECONDS):
             await self.close()
         if self._call is None:
             self._call = self._stub.CompleteStepsStream(metadata=self._metadata())

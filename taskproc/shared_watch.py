@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -33,7 +34,7 @@ from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.runtime.channels import MANY_RUNS_HEADER
 from aiwfe.runtime.errors import attribute, rpc_error_of
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
-from taskproc.streams import StreamPool, WatchSlots
+from taskproc.streams import RENEW_SECONDS, StreamPool, WatchSlots
 
 _Key = tuple[str, str, bool]  # workflow id, owner id, all owners
 _METHOD = "WatchWorkflowEventsMany"
@@ -96,12 +97,17 @@ class _Mux:
     """One WatchWorkflowEventsMany call: its watches (and runs) by watch_id, the requests
     to send."""
 
-    __slots__ = ("ended", "requests", "takes_runs", "task", "watches")
+    __slots__ = ("ended", "opened", "requests", "retired", "takes_runs", "task", "watches")
 
     def __init__(self) -> None:
         self.watches: dict[int, _Shared] = {}
-        self.requests: asyncio.Queue[store_pb.WatchWorkflowEventsManyRequest] = asyncio.Queue()
+        # None ends the requests (the call ends once its last watch has).
+        self.requests: asyncio.Queue[store_pb.WatchWorkflowEventsManyRequest | None] = (
+            asyncio.Queue()
+        )
         self.ended = False  # the call failed or ended: no watch is added
+        self.opened = time.monotonic()
+        self.retired = False  # too old for new watches: it ends with its last one
         self.task: asyncio.Task[None] | None = None
         # Set once dataplatform answered the call: whether it takes runs (its header).
         self.takes_runs: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -111,8 +117,8 @@ class _Mux:
             self.takes_runs.set_result(headers is not None and headers.get(MANY_RUNS_HEADER) == "1")
 
     async def sending(self) -> AsyncIterator[store_pb.WatchWorkflowEventsManyRequest]:
-        while True:
-            yield await self.requests.get()
+        while (request := await self.requests.get()) is not None:
+            yield request
 
 
 class SharedWatches:
@@ -164,9 +170,11 @@ class SharedWatches:
         shared.task = asyncio.create_task(shared.follow(upstream), name=f"watch-{shared.key[0]}")
 
     def _mux(self) -> _Mux:
-        """A multiplexed call with room (a new call if none has)."""
-        for mux in self._muxes:
-            if not mux.ended and len(mux.watches) < self._per_mux:
+        """A multiplexed call with room that is not due for renewal (a new call if none)."""
+        for mux in list(self._muxes):
+            if self._due(mux):
+                self._retire(mux)
+            elif not mux.ended and len(mux.watches) < self._per_mux:
                 return mux
         mux = _Mux()
         self._muxes.append(mux)
@@ -175,6 +183,30 @@ class SharedWatches:
             self._read(mux), name="watch-many", context=contextvars.Context()
         )
         return mux
+
+    @staticmethod
+    def _due(mux: _Mux) -> bool:
+        return time.monotonic() - mux.opened > RENEW_SECONDS
+
+    def _retire(self, mux: _Mux) -> None:
+        """No new watch goes on `mux`: it was opened with an identity assertion that is no
+        longer fresh (new runs write on the caller's behalf). Its open watches go on; the
+        call ends cleanly once the last has ended."""
+        mux.retired = True
+        if mux in self._muxes:
+            self._muxes.remove(mux)
+        self._end_if_idle(mux)
+
+    def _end_if_idle(self, mux: _Mux) -> None:
+        """Ends the requests of a retired call without watches, or of a call due for
+        renewal whose last watch left: dataplatform then ends it with OK."""
+        if mux.watches or mux.ended:
+            return
+        if not mux.retired and self._due(mux):
+            self._retire(mux)  # comes back here retired
+        elif mux.retired:
+            mux.ended = True
+            mux.requests.put_nowait(None)
 
     def _attach(self, mux: _Mux, shared: _Shared) -> int:
         """`shared` on `mux` under a new watch_id (its request is the caller's to send)."""
@@ -222,6 +254,7 @@ class SharedWatches:
                         shared._notify()
                 elif (shared := self._detach(mux, reply.watch_id)) is not None:
                     shared.end(self._error(reply.end) if reply.end.code else None)
+                    self._end_if_idle(mux)
         except grpc.aio.AioRpcError as exc:  # attributed to dataplatform by `bidi`
             error = exc
             if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
@@ -283,8 +316,8 @@ class SharedWatches:
             mux = self._mux()
             if not await mux.takes_runs:
                 break
-            if mux.ended or len(mux.watches) >= self._per_mux:  # filled while answering
-                continue
+            if mux.ended or mux.retired or len(mux.watches) >= self._per_mux:
+                continue  # filled, or retired, while dataplatform answered
             watch_id = self._attach(mux, run)
             mux.requests.put_nowait(
                 store_pb.WatchWorkflowEventsManyRequest(
@@ -325,5 +358,6 @@ class SharedWatches:
         if mux is not None:
             self._detach(mux, shared.watch_id)
             mux.requests.put_nowait(store_pb.WatchWorkflowEventsManyRequest(cancel=shared.watch_id))
+            self._end_if_idle(mux)
         if shared.task is not None:
             shared.task.cancel()  # its stream's own clean-up ends the upstream call

@@ -44,6 +44,11 @@ RETRY_AFTER_SECONDS = 1.0
 # dataplatform's longest re-read interval for a watch (WatchWorkflowEvents' limit).
 MAX_POLL_SECONDS = 30.0
 _OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
+# A long-lived call to dataplatform that writes (the completion stream, the multiplexed
+# watches' call, which carries runs) takes nothing new after this long: its identity
+# assertion was checked once, at its open, and must stay fresh (its lifetime: 60 s by
+# default). A new call takes over.
+RENEW_SECONDS = 30.0
 
 
 class WatchSlots:

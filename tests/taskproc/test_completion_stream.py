@@ -132,7 +132,7 @@ async def test_a_stream_due_for_renewal_is_closed_cleanly_and_replaced(store, mo
     assert list((await stream.complete(_done(f"w-{owner}", one.ref), timeout=10)).accepted) == [
         True
     ]
-    monkeypatch.setattr(completions, "_REOPEN_SECONDS", 0.0)
+    monkeypatch.setattr(completions, "RENEW_SECONDS", 0.0)
     two = await _claim(stub, md, f"w-{owner}")
     assert list((await stream.complete(_done(f"w-{owner}", two.ref), timeout=10)).accepted) == [
         True

@@ -241,9 +241,9 @@ async def test_an_older_dataplatform_is_watched_with_a_stream_per_workflow(
     assert served[ONE] == 10  # eight workflows, the stranger's watch and the test's own
 
 
-async def _runs(suite: Suite, n: int) -> None:
+async def _runs(suite: Suite, n: int, left_open: int = 0) -> None:
     """`n` RunWorkflow calls at once: each gets its stored workflow first, then every event
-    in order to SUCCEEDED; then dataplatform watches nothing."""
+    in order to SUCCEEDED; then dataplatform watches `left_open` (the test's others)."""
     async with grpc.aio.insecure_channel(suite.address("taskproc")) as channel:
         stub = pb_grpc.WorkflowServiceStub(channel)
         md = as_user(suite, OWNER)
@@ -259,7 +259,7 @@ async def _runs(suite: Suite, n: int) -> None:
             assert events[-1].workflow_state == pb.WORKFLOW_STATE_SUCCEEDED
 
         await asyncio.gather(*(run() for _ in range(n)))
-    await _until(lambda: _open_watches(suite) == 0, "dataplatform's watches to end")
+    await _until(lambda: _open_watches(suite) == left_open, "dataplatform's watches to end")
 
 
 async def test_runs_go_on_the_multiplexed_call(back_ends: Suite, served: Counter[str]) -> None:
@@ -306,3 +306,41 @@ async def test_a_dataplatform_without_runs_gets_a_call_per_run(
     assert served == {MANY: 1, RUN: 3}
     await _watchers_of_many(runless_dataplatform, served)
     assert served == {MANY: 1, RUN: 3, ONE: 1}
+
+
+async def test_an_old_call_takes_no_new_run_and_ends_with_its_last_watch(
+    back_ends: Suite, served: Counter[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call open for longer than `RENEW_SECONDS` (its identity assertion no longer fresh)
+    takes no new run or watch: a new call does, while the old one's watch is served on to
+    its end; then the old call ends cleanly (OK). A call without watches that is due ends
+    when the next watch or run comes, which a new call takes."""
+    monkeypatch.setattr("taskproc.shared_watch.RENEW_SECONDS", 0.5)
+    suite = back_ends
+    watches = suite.running["taskproc"].service.watches
+    async with grpc.aio.insecure_channel(suite.address("taskproc")) as channel:
+        stub = pb_grpc.WorkflowServiceStub(channel)
+        md = as_user(suite, OWNER)
+        waiting = await _submit(stub, md, WAITS)
+        old = stub.WatchWorkflow(pb.WatchWorkflowRequest(workflow_id=waiting), metadata=md)
+        assert (await old.read()).sequence == 1
+        first = watches._muxes[0]
+        await asyncio.sleep(0.6)
+        await _runs(suite, 2, left_open=1)  # on a new call
+        assert served == {MANY: 2} and first.retired and not first.task.done()
+        assert first not in watches._muxes and len(watches._muxes) == 1
+        await stub.CancelWorkflow(pb.CancelWorkflowRequest(workflow_id=waiting), metadata=md)
+        while (event := await old.read()) is not grpc.aio.EOF:
+            last = event
+        assert last.workflow_state == pb.WORKFLOW_STATE_CANCELLED
+        await asyncio.wait_for(first.task, 10)  # ended by dataplatform, OK: no error raised
+        renewed = watches._muxes[0]
+        await asyncio.sleep(0.6)
+        again = stub.WatchWorkflow(
+            pb.WatchWorkflowRequest(workflow_id=await _submit(stub, md, WAITS)), metadata=md
+        )
+        assert (await again.read()).sequence == 1
+        assert served == {MANY: 3} and renewed.retired  # renewed has no watch: it ended
+        await asyncio.wait_for(renewed.task, 10)
+        again.cancel()
+        await _until(lambda: _open_watches(suite) == 0, "dataplatform's watches to end")
