@@ -251,8 +251,10 @@ class SharedWatches:
                     shared = mux.watches.get(reply.watch_id)
                     if shared is not None:
                         shared.stored = reply.stored
+                        shared.events.extend(reply.run_events.events)  # its first ones
                         shared._notify()
                 elif (shared := self._detach(mux, reply.watch_id)) is not None:
+                    shared.events.extend(reply.run_events.events)  # a run's last ones
                     shared.end(self._error(reply.end) if reply.end.code else None)
                     self._end_if_idle(mux)
         except grpc.aio.AioRpcError as exc:  # attributed to dataplatform by `bidi`

@@ -402,7 +402,8 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                 elif request.HasField("run"):
                     run = request.run
                     many.start(
-                        run.watch_id, self._serve(run.watch_id, self._run(run.request), many)
+                        run.watch_id,
+                        self._serve(run.watch_id, self._run(run.request), many, run=True),
                     )
                 elif request.HasField("cancel"):
                     task = many.watches.pop(request.cancel, None)
@@ -423,17 +424,33 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             pb.CreateWorkflowResponse | list[wf_pb.WatchWorkflowResponse], None
         ],
         many: _Many,
+        run: bool = False,
     ) -> None:
         """One watch or run of a WatchWorkflowEventsMany stream (`updates`: `_watch`'s or
         `_run`'s), to its end message (none when it is cancelled: by `cancel`, or by the
-        stream's end)."""
+        stream's end). A run's first events go in its `stored` message (they follow at
+        once: pushed by the insert, or one read for a reused key) and its last ones, those
+        ending in the terminal event (after which `follow` returns at once), in its end."""
+        stored: pb.CreateWorkflowResponse | None = None  # a run's, until its first events
+        last: list[wf_pb.WatchWorkflowResponse] = []  # a run's, for its end
         try:
             if not self._db.reachable:  # as DatabaseGuard refuses a call of its own
                 raise database_unavailable()
             async with aclosing(updates):  # unwatched on cancel
                 async for update in updates:
                     if isinstance(update, pb.CreateWorkflowResponse):
-                        reply = pb.WatchWorkflowEventsManyResponse(watch_id=watch_id, stored=update)
+                        stored = update
+                        continue
+                    if stored is not None:
+                        reply = pb.WatchWorkflowEventsManyResponse(
+                            watch_id=watch_id,
+                            stored=stored,
+                            run_events=pb.WatchWorkflowEventsResponse(events=update),
+                        )
+                        stored = None
+                    elif run and update[-1].workflow_state not in ACTIVE:
+                        last = update
+                        continue
                     else:
                         reply = pb.WatchWorkflowEventsManyResponse(
                             watch_id=watch_id, events=pb.WatchWorkflowEventsResponse(events=update)
@@ -446,10 +463,15 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             end = rpc_status_of(database_unavailable().to_status())
         except Exception as exc:  # that watch's status, as WatchWorkflowEvents would end
             end = rpc_status_of(status_of(exc))
+        if stored is not None:  # failed before its first events: the leases it holds go too
+            await many.out.put(pb.WatchWorkflowEventsManyResponse(watch_id=watch_id, stored=stored))
         # Forgotten before its end is sent: the id is free once the client reads the end.
         if many.watches.get(watch_id) is asyncio.current_task():
             del many.watches[watch_id]
-        await many.out.put(pb.WatchWorkflowEventsManyResponse(watch_id=watch_id, end=end))
+        reply = pb.WatchWorkflowEventsManyResponse(watch_id=watch_id, end=end)
+        if last:
+            reply.run_events.events.extend(last)
+        await many.out.put(reply)
         if not many.reading and not many.watches:
             await many.out.put(None)
 

@@ -195,7 +195,8 @@ async def test_runs_are_served_on_the_stream_and_end_alone(
     workflow, then its events to the end; a run with a bad spec ends alone with
     RunStoredWorkflow's exact INVALID_ARGUMENT and stores nothing; a reused idempotency key
     follows the existing workflow from its first event; a watch of the run's workflow on
-    the same stream is served beside it, and nothing stays watched."""
+    the same stream is served beside it, and nothing stays watched. A run's first events
+    come in its `stored` message and its last ones in its end; a watch's never do."""
     md = internal_md
     me = f"owner-r-{uuid.uuid4().hex[:8]}"  # the idempotency key is new on any database
     owner = pb.WorkflowOwner(user_id=me, username=me)
@@ -211,22 +212,28 @@ async def test_runs_are_served_on_the_stream_and_end_alone(
         await call.write(_run(1, create))
         first = await call.read()
         assert first.watch_id == 1 and first.stored.created, first
+        assert [e.sequence for e in first.run_events.events] == [1]  # "submitted"
         wid = first.stored.workflow.workflow_id
         await call.write(_run(2, empty))
         await call.write(_run(3, create))
         await call.write(_watch(4, wid, me))
         stored: dict[int, Any] = {1: first.stored}
         ends: dict[int, status_pb2.Status] = {}
-        events: dict[int, list[int]] = {1: [], 3: [], 4: []}
-        while 2 not in ends or not all(events.values()):
-            reply = await call.read()
+        events: dict[int, list[int]] = {1: [1], 3: [], 4: []}
+
+        def take(reply: Any) -> None:
             if reply.HasField("stored"):
                 assert not events[reply.watch_id], "stored comes first"
                 stored[reply.watch_id] = reply.stored
             elif reply.HasField("end"):
                 ends[reply.watch_id] = reply.end
-            else:
+            assert reply.watch_id in (1, 3) or not reply.HasField("run_events")
+            if reply.watch_id in events:  # not the refused run's
                 events[reply.watch_id] += [e.sequence for e in reply.events.events]
+                events[reply.watch_id] += [e.sequence for e in reply.run_events.events]
+
+        while 2 not in ends or not all(events.values()):
+            take(await call.read())
         with pytest.raises(grpc.aio.AioRpcError) as alone:
             async for _ in stub.RunStoredWorkflow(
                 pb.RunStoredWorkflowRequest(create=empty), metadata=md, timeout=10
@@ -243,15 +250,15 @@ async def test_runs_are_served_on_the_stream_and_end_alone(
             metadata=md,
             timeout=10,
         )
+        ending: dict[int, int] = {}  # events in each end message
         while len(ends) < 4:
             reply = await call.read()
-            if reply.HasField("end"):
-                ends[reply.watch_id] = reply.end
-            else:
-                events[reply.watch_id] += [e.sequence for e in reply.events.events]
+            ending[reply.watch_id] = len(reply.run_events.events)
+            take(reply)
         assert ends[1] == ends[3] == ends[4] == status_pb2.Status()  # OK: finished
         assert events[1] == events[3] == events[4] == list(range(1, len(events[1]) + 1))
         assert len(events[1]) > 1
+        assert ending[1] >= 1 and ending[3] >= 1 and ending[4] == 0  # the runs' last events
         assert await _listed(dataplatform, md, me) == [wid]  # the bad run stored none
         await _until(lambda: not _watchers(dataplatform), "the runs' watches to unwatch")
         await call.done_writing()

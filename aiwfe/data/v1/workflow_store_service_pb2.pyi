@@ -200,16 +200,18 @@ class WorkflowWatch(_message.Message):
     def __init__(self, watch_id: _Optional[int] = ..., request: _Optional[_Union[WatchWorkflowEventsRequest, _Mapping]] = ...) -> None: ...
 
 class WatchWorkflowEventsManyResponse(_message.Message):
-    __slots__ = ("watch_id", "events", "end", "stored")
+    __slots__ = ("watch_id", "events", "end", "stored", "run_events")
     WATCH_ID_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
+    RUN_EVENTS_FIELD_NUMBER: _ClassVar[int]
     watch_id: int
     events: WatchWorkflowEventsResponse
     end: _status_pb2.Status
     stored: CreateWorkflowResponse
-    def __init__(self, watch_id: _Optional[int] = ..., events: _Optional[_Union[WatchWorkflowEventsResponse, _Mapping]] = ..., end: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., stored: _Optional[_Union[CreateWorkflowResponse, _Mapping]] = ...) -> None: ...
+    run_events: WatchWorkflowEventsResponse
+    def __init__(self, watch_id: _Optional[int] = ..., events: _Optional[_Union[WatchWorkflowEventsResponse, _Mapping]] = ..., end: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., stored: _Optional[_Union[CreateWorkflowResponse, _Mapping]] = ..., run_events: _Optional[_Union[WatchWorkflowEventsResponse, _Mapping]] = ...) -> None: ...
 
 class RunStoredWorkflowRequest(_message.Message):
     __slots__ = ("create", "poll_interval_seconds")
