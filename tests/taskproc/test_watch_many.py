@@ -235,10 +235,13 @@ async def test_an_older_dataplatform_is_watched_with_a_stream_per_workflow(
     older_dataplatform: Suite, served: Counter[str]
 ) -> None:
     """Against a dataplatform answering UNIMPLEMENTED, the watches move to one
-    WatchWorkflowEvents stream per workflow with nothing lost, and stay there."""
+    WatchWorkflowEvents stream per workflow with nothing lost, and stay there; so do runs,
+    each on a RunStoredWorkflow call of its own."""
     await _watchers_of_many(older_dataplatform, served)
     assert served[MANY] == 1
     assert served[ONE] == 10  # eight workflows, the stranger's watch and the test's own
+    await _runs(older_dataplatform, 3)
+    assert served[MANY] == 1 and served[RUN] == 3
 
 
 async def _runs(suite: Suite, n: int, left_open: int = 0) -> None:
@@ -263,11 +266,11 @@ async def _runs(suite: Suite, n: int, left_open: int = 0) -> None:
 
 
 async def test_runs_go_on_the_multiplexed_call(back_ends: Suite, served: Counter[str]) -> None:
-    """RunWorkflow calls are runs on the replica's one WatchWorkflowEventsMany call, not
-    RunStoredWorkflow calls of their own, each with all it got before; a caller leaving a
+    """32 RunWorkflow calls at once are runs on the replica's one WatchWorkflowEventsMany
+    call, not RunStoredWorkflow calls of their own, each with all it got before; a caller leaving a
     run that never ends frees its watch in dataplatform and the call stays open."""
     suite = back_ends
-    await _runs(suite, 8)
+    await _runs(suite, 32)
     assert served == {MANY: 1}
     async with grpc.aio.insecure_channel(suite.address("taskproc")) as channel:
         stub = pb_grpc.WorkflowServiceStub(channel)
