@@ -267,8 +267,9 @@ async def _runs(suite: Suite, n: int, left_open: int = 0) -> None:
 
 async def test_runs_go_on_the_multiplexed_call(back_ends: Suite, served: Counter[str]) -> None:
     """32 RunWorkflow calls at once are runs on the replica's one WatchWorkflowEventsMany
-    call, not RunStoredWorkflow calls of their own, each with all it got before; a caller leaving a
-    run that never ends frees its watch in dataplatform and the call stays open."""
+    call, not RunStoredWorkflow calls of their own, each with all it got before; a caller
+    leaving a run that never ends frees its watch in dataplatform and the call stays
+    open."""
     suite = back_ends
     await _runs(suite, 32)
     assert served == {MANY: 1}
