@@ -191,22 +191,18 @@ class SharedWatches:
     def _retire(self, mux: _Mux) -> None:
         """No new watch goes on `mux`: it was opened with an identity assertion that is no
         longer fresh (new runs write on the caller's behalf). Its open watches go on; the
-        call ends cleanly once the last has ended."""
+        call ends cleanly (dataplatform answers OK) once the last has ended."""
         mux.retired = True
         if mux in self._muxes:
             self._muxes.remove(mux)
-        self._end_if_idle(mux)
-
-    def _end_if_idle(self, mux: _Mux) -> None:
-        """Ends the requests of a retired call without watches, or of a call due for
-        renewal whose last watch left: dataplatform then ends it with OK."""
-        if mux.watches or mux.ended:
-            return
-        if not mux.retired and self._due(mux):
-            self._retire(mux)  # comes back here retired
-        elif mux.retired:
+        if not mux.watches and not mux.ended:
             mux.ended = True
             mux.requests.put_nowait(None)
+
+    def _end_if_idle(self, mux: _Mux) -> None:
+        """A call whose last watch left ends if it is retired or due for renewal."""
+        if not mux.watches and (mux.retired or self._due(mux)):
+            self._retire(mux)
 
     def _attach(self, mux: _Mux, shared: _Shared) -> int:
         """`shared` on `mux` under a new watch_id (its request is the caller's to send)."""

@@ -403,7 +403,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                     run = request.run
                     many.start(
                         run.watch_id,
-                        self._serve(run.watch_id, self._run(run.request), many, run=True),
+                        self._serve(run.watch_id, self._run(run.request), many),
                     )
                 elif request.HasField("cancel"):
                     task = many.watches.pop(request.cancel, None)
@@ -424,13 +424,13 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             pb.CreateWorkflowResponse | list[wf_pb.WatchWorkflowResponse], None
         ],
         many: _Many,
-        run: bool = False,
     ) -> None:
         """One watch or run of a WatchWorkflowEventsMany stream (`updates`: `_watch`'s or
         `_run`'s), to its end message (none when it is cancelled: by `cancel`, or by the
         stream's end). A run's first events go in its `stored` message (they follow at
         once: pushed by the insert, or one read for a reused key) and its last ones, those
         ending in the terminal event (after which `follow` returns at once), in its end."""
+        run = False  # a run's updates begin with its stored workflow
         stored: pb.CreateWorkflowResponse | None = None  # a run's, until its first events
         last: list[wf_pb.WatchWorkflowResponse] = []  # a run's, for its end
         try:
@@ -439,7 +439,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             async with aclosing(updates):  # unwatched on cancel
                 async for update in updates:
                     if isinstance(update, pb.CreateWorkflowResponse):
-                        stored = update
+                        run, stored = True, update
                         continue
                     if stored is not None:
                         reply = pb.WatchWorkflowEventsManyResponse(
