@@ -26,6 +26,7 @@ from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
 from dataplatform.service import DataPlatformService
 from dataplatform.workflows.servicer import WorkflowStore
+from taskproc.streams import RENEW_SECONDS
 from tests.dataplatform.test_watch_many import _until, _watchers
 from tests.taskproc.helpers import as_user, spec
 
@@ -313,13 +314,12 @@ async def test_a_dataplatform_without_runs_gets_a_call_per_run(
 
 
 async def test_an_old_call_takes_no_new_run_and_ends_with_its_last_watch(
-    back_ends: Suite, served: Counter[str], monkeypatch: pytest.MonkeyPatch
+    back_ends: Suite, served: Counter[str]
 ) -> None:
     """A call open for longer than `RENEW_SECONDS` (its identity assertion no longer fresh)
     takes no new run or watch: a new call does, while the old one's watch is served on to
     its end; then the old call ends cleanly (OK). A call without watches that is due ends
     when the next watch or run comes, which a new call takes."""
-    monkeypatch.setattr("taskproc.shared_watch.RENEW_SECONDS", 0.5)
     suite = back_ends
     watches = suite.running["taskproc"].service.watches
     async with grpc.aio.insecure_channel(suite.address("taskproc")) as channel:
@@ -329,7 +329,7 @@ async def test_an_old_call_takes_no_new_run_and_ends_with_its_last_watch(
         old = stub.WatchWorkflow(pb.WatchWorkflowRequest(workflow_id=waiting), metadata=md)
         assert (await old.read()).sequence == 1
         first = watches._muxes[0]
-        await asyncio.sleep(0.6)
+        first.opened -= RENEW_SECONDS + 1  # aged, not slept: the new call is not due in the test
         await _runs(suite, 2, left_open=1)  # on a new call
         assert served == {MANY: 2} and first.retired and not first.task.done()
         assert first not in watches._muxes and len(watches._muxes) == 1
@@ -339,7 +339,7 @@ async def test_an_old_call_takes_no_new_run_and_ends_with_its_last_watch(
         assert last.workflow_state == pb.WORKFLOW_STATE_CANCELLED
         await asyncio.wait_for(first.task, 10)  # ended by dataplatform, OK: no error raised
         renewed = watches._muxes[0]
-        await asyncio.sleep(0.6)
+        renewed.opened -= RENEW_SECONDS + 1
         again = stub.WatchWorkflow(
             pb.WatchWorkflowRequest(workflow_id=await _submit(stub, md, WAITS)), metadata=md
         )
