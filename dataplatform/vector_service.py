@@ -37,6 +37,7 @@ from dataplatform.vectors import (
     open_vector_store,
 )
 from dataplatform.vectors.base import DISTANCES, ID_PAYLOAD_KEY, NAME_PATTERN
+from dataplatform.vectors.host import HostedVectorStore, VectorEngineUnavailable
 
 MAX_BATCH = 1000
 MAX_DIMENSION = 65536
@@ -84,6 +85,8 @@ def open_configured_store(q: QdrantSettings, home: Path) -> VectorStore:
             **index,
         )
     path = Path(q.path).expanduser() if q.path else home / "qdrant"
+    if q.engine_process:
+        return HostedVectorStore(path, **index)
     return open_vector_store(None, path, **index)
 
 
@@ -147,7 +150,7 @@ class VectorService(pb_grpc.VectorStoreServiceServicer):
     ) -> None:
         self._defaults = qdrant.collection_config.vectors
         self.store = store or open_configured_store(qdrant, home)
-        self._store_is_server = not isinstance(self.store, EdgeVectorStore)
+        self._store_is_server = not isinstance(self.store, (EdgeVectorStore, HostedVectorStore))
         self._access = access
 
     @property
@@ -180,6 +183,12 @@ class VectorService(pb_grpc.VectorStoreServiceServicer):
         except UnindexedFilterField as exc:
             raise InvalidArgument(
                 [(f"filter.{exc.field}", "is not an indexed field of this collection")]
+            ) from None
+        except VectorEngineUnavailable:
+            raise Unavailable(
+                "the vector engine is restarting, retry later",
+                reason="VECTOR_STORE_UNAVAILABLE",
+                metadata={"dependency": "qdrant"},
             ) from None
         except Exception as exc:
             if self._store_is_server and _server_transient(exc):

@@ -203,6 +203,18 @@ def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
     return out
 
 
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    """The google.rpc ErrorInfo reason of a failed call ("" without one)."""
+    status = rpc_status.from_call(error)
+    assert status is not None, "status details missing"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return ""
+
+
 async def health_status(channel: grpc.aio.Channel, service: str) -> int:
     """grpc.health.v1 Check of `service` on `channel` (a status enum value)."""
     stub = health_pb2_grpc.HealthStub(channel)

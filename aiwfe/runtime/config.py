@@ -312,9 +312,12 @@ class QdrantConnectionSettings(_Block):
 
 
 class QdrantSettings(_Block):
-    url: str | None = None  # a Qdrant server; unset = Qdrant's engine in process
+    url: str | None = None  # a Qdrant server; unset = Qdrant's embedded engine
     api_key: str | None = Field(default=None, repr=False)
     path: str | None = None  # embedded engine data dir; default <home>/qdrant
+    # The embedded engine in a child process of its own: its calls hold the GIL (a shard's
+    # load for seconds), which would stall every other RPC of the data platform meanwhile.
+    engine_process: bool = True
     collection_config: CollectionConfigSettings = CollectionConfigSettings()
     performance: QdrantPerformanceSettings = QdrantPerformanceSettings()
     connection: QdrantConnectionSettings = QdrantConnectionSettings()

@@ -198,7 +198,9 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
         _C.UNAVAILABLE, "the data platform's PostgreSQL is unreachable", ("dependency",)
     ),
     "VECTOR_STORE_UNAVAILABLE": Reason(
-        _C.UNAVAILABLE, "the vector store (Qdrant) failed transiently", ("dependency",)
+        _C.UNAVAILABLE,
+        "the vector store (a Qdrant server, or the embedded engine's process) failed transiently",
+        ("dependency",),
     ),
     "COLLECTION_ACCESS_UNAVAILABLE": Reason(
         _C.UNAVAILABLE, "the data platform runs without its collection access store"

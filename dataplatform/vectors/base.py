@@ -68,6 +68,9 @@ class CollectionExists(VectorStoreError):
         super().__init__(f"collection already exists: {name!r}")
         self.name = name
 
+    def __reduce__(self) -> tuple[type, tuple[str]]:  # pickled by the engine's process
+        return type(self), (self.name,)
+
 
 class DimensionMismatch(VectorStoreError, ValueError):
     """A vector's length differs from the collection's dimension."""
@@ -77,6 +80,9 @@ class DimensionMismatch(VectorStoreError, ValueError):
         self.expected = expected
         self.got = got
 
+    def __reduce__(self) -> tuple[type, tuple[int, int]]:
+        return type(self), (self.expected, self.got)
+
 
 class UnindexedFilterField(VectorStoreError, ValueError):
     """A filter names a payload field that is not in the collection's indexed_fields."""
@@ -84,6 +90,9 @@ class UnindexedFilterField(VectorStoreError, ValueError):
     def __init__(self, field: str) -> None:
         super().__init__(f"filter field is not indexed: {field!r}")
         self.field = field
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return type(self), (self.field,)
 
 
 @dataclass(frozen=True)

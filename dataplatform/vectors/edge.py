@@ -15,9 +15,12 @@ Engine facts this module is built around (measured on qdrant-edge-py 0.9.0):
   the shard and optimize it in a child process, then reopen it (searches on that collection
   wait; other collections and the event loop keep running). ``load()`` after that takes ~1 s
   per 50k points.
-* ``query``/``count`` release the GIL and are safe to call concurrently with ``update`` from
-  several threads, so searches run in worker threads without a lock against writers. The
-  shard holds an exclusive WAL lock: one process can have it open at a time.
+* ``query``/``count`` are safe to call concurrently with ``update`` from several threads, so
+  searches run in worker threads without a lock against writers; but like ``load()`` (1.6 s
+  at 200k x 768) and ``update`` they hold the GIL throughout (measured 2026-12-02: a Python
+  thread ran once in 1.6 s of load, and only at the 5 ms switch interval during searches),
+  so the data platform runs this store in a process of its own (``host.py``). The shard
+  holds an exclusive WAL lock: one process can have it open at a time.
 * Scalar int8 quantization with ``rescore`` but oversampling 1 loses recall on clustered data
   (0.87-0.97 recall@10 in our tests, unaffected by ``hnsw_ef``); oversampling 2 restores ~1.0
   at negligible cost, hence the default.
@@ -42,9 +45,9 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import qdrant_edge as qe
@@ -64,6 +67,8 @@ from .base import (
     validate_vector,
 )
 from .mapped import release_originals
+
+T = TypeVar("T")
 
 __all__ = ["EdgeVectorStore"]
 
@@ -166,6 +171,10 @@ class EdgeVectorStore(VectorStore):
             collection the last one gives the pages of its originals this process has
             mapped back to the page cache (`mapped.py`), so the RSS does not grow with every
             distinct query; ``None`` never does.
+        threads: Run engine calls in worker threads (the event loop reads its sockets at the
+            GIL's switch interval meanwhile); ``False`` runs them on the loop's thread, as
+            the engine's own process does (``host.py``): nothing else runs there, and the
+            hand-off to a thread cost 0.4-0.7 ms of CPU per search at 2 in flight.
     """
 
     def __init__(
@@ -183,7 +192,9 @@ class EdgeVectorStore(VectorStore):
         full_scan_threshold_kb: int = 10_000,
         vectors_on_disk: bool = True,
         release_originals_every: int | None = 256,
+        threads: bool = True,
     ) -> None:
+        self._run = asyncio.to_thread if threads else _inline
         self._path = Path(path)
         self._path.mkdir(parents=True, exist_ok=True)
         self._hnsw_m = hnsw_m
@@ -215,7 +226,7 @@ class EdgeVectorStore(VectorStore):
                 raise CollectionExists(spec.name)
             directory = self._path / spec.name
             coll = _Collection(spec, directory)
-            await asyncio.to_thread(self._create_on_disk, coll)
+            await self._run(self._create_on_disk, coll)
             self._collections[spec.name] = coll
 
     def _create_on_disk(self, coll: _Collection) -> None:
@@ -253,7 +264,7 @@ class EdgeVectorStore(VectorStore):
             async with coll.rw.write():
                 coll.deleted = True
                 del self._collections[name]
-                await asyncio.to_thread(_close_and_remove, coll)
+                await self._run(_close_and_remove, coll)
 
     # ------------------------------------------------------------------ points
 
@@ -269,9 +280,7 @@ class EdgeVectorStore(VectorStore):
                 for start in range(0, len(points), self._batch_size):
                     stop = start + self._batch_size
                     # Building Point objects is Python work too: keep it off the event loop.
-                    await asyncio.to_thread(
-                        _upsert_batch, shard, points[start:stop], vectors[start:stop]
-                    )
+                    await self._run(_upsert_batch, shard, points[start:stop], vectors[start:stop])
             coll.pending += len(points)
             threshold = self._auto_optimize_threshold
             if threshold is not None and coll.pending >= threshold:
@@ -286,7 +295,7 @@ class EdgeVectorStore(VectorStore):
             return 0
         async with coll.write_lock, coll.rw.read():
             shard = await self._shard(coll)
-            return await asyncio.to_thread(_delete_existing, shard, engine_ids)
+            return await self._run(_delete_existing, shard, engine_ids)
 
     async def search(
         self,
@@ -317,8 +326,7 @@ class EdgeVectorStore(VectorStore):
             release = coll
         async with coll.rw.read():  # held while releasing: the shard is not closed meanwhile
             shard = await self._shard(coll)
-            # query releases the GIL, so a worker thread gives real parallelism.
-            hits = await asyncio.to_thread(_query, shard, request, release)
+            hits = await self._run(_query, shard, request, release)
         return [_scored(h) for h in hits]
 
     async def count(self, name: str, filter: Mapping[str, str] | None = None) -> int:
@@ -327,7 +335,7 @@ class EdgeVectorStore(VectorStore):
         request = qe.CountRequest(exact=True, filter=_edge_filter(check_filter(coll.spec, filter)))
         async with coll.rw.read():
             shard = await self._shard(coll)
-            return await asyncio.to_thread(shard.count, request)
+            return await self._run(shard.count, request)
 
     async def optimize(self, name: str) -> None:
         """Merge segments and build HNSW + quantized vectors (no-op when already optimal)."""
@@ -340,7 +348,7 @@ class EdgeVectorStore(VectorStore):
         coll = self._get(name)
         async with coll.rw.read():
             shard = await self._shard(coll)
-            info = await asyncio.to_thread(shard.info)
+            info = await self._run(shard.info)
         return {
             "points": info.points_count,
             "segments": info.segments_count,
@@ -357,7 +365,7 @@ class EdgeVectorStore(VectorStore):
             async with coll.rw.write():
                 if coll.shard is not None:
                     shard, coll.shard = coll.shard, None
-                    await asyncio.to_thread(_flush_close, shard)
+                    await self._run(_flush_close, shard)
 
     # ----------------------------------------------------------------- helpers
 
@@ -381,7 +389,7 @@ class EdgeVectorStore(VectorStore):
             # Concurrent first users could both load; the WAL lock makes the second fail.
             async with coll.open_lock:
                 if coll.shard is None:
-                    coll.shard = await asyncio.to_thread(qe.EdgeShard.load, str(coll.shard_dir))
+                    coll.shard = await self._run(qe.EdgeShard.load, str(coll.shard_dir))
         return coll.shard
 
     async def _optimize_locked(self, coll: _Collection) -> None:
@@ -389,7 +397,7 @@ class EdgeVectorStore(VectorStore):
         if not self._optimize_in_subprocess:
             async with coll.rw.read():
                 shard = await self._shard(coll)
-                await asyncio.to_thread(_optimize_in_thread, shard, coll)
+                await self._run(_optimize_in_thread, shard, coll)
             coll.pending = 0
             return
         async with coll.rw.write():
@@ -397,7 +405,7 @@ class EdgeVectorStore(VectorStore):
                 raise CollectionNotFound(coll.spec.name)
             if coll.shard is not None:
                 shard, coll.shard = coll.shard, None
-                await asyncio.to_thread(_flush_close, shard)
+                await self._run(_flush_close, shard)
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-c",
@@ -408,7 +416,7 @@ class EdgeVectorStore(VectorStore):
             )
             _, stderr = await proc.communicate()
             # Reopen even if the child failed: the shard on disk is still consistent (WAL).
-            coll.shard = await asyncio.to_thread(qe.EdgeShard.load, str(coll.shard_dir))
+            coll.shard = await self._run(qe.EdgeShard.load, str(coll.shard_dir))
             if proc.returncode != 0:
                 raise RuntimeError(
                     f"optimize of {coll.spec.name!r} failed: {stderr.decode(errors='replace')}"
@@ -445,6 +453,11 @@ class EdgeVectorStore(VectorStore):
 
 
 # ---------------------------------------------------------------- sync helpers
+
+
+async def _inline(call: Callable[..., T], *args: Any) -> T:
+    """`call(*args)` on the event loop's thread (``threads=False``)."""
+    return call(*args)
 
 
 def _query(shard: qe.EdgeShard, request: qe.QueryRequest, release: _Collection | None) -> list[Any]:

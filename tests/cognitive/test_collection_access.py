@@ -9,8 +9,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from aiwfe.cognitive.v1 import cognitive_service_pb2 as pb
 from aiwfe.cognitive.v1 import cognitive_service_pb2_grpc as pb_grpc
@@ -19,7 +17,7 @@ from aiwfe.data.v1 import vector_store_service_pb2_grpc as vs_grpc
 from aiwfe.runtime.config import RbacSettings
 from aiwfe.runtime.identity import IDENTITY_METADATA_KEY, InternalIdentity
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
-from tests.conftest import bearer, field_violations
+from tests.conftest import bearer, error_reason, field_violations
 from tests.gateway.conftest import Gateway, _gateway, unique
 from tests.taskproc.helpers import finish, spec, step_status, submit
 
@@ -103,23 +101,12 @@ async def _error(call: Any) -> grpc.aio.AioRpcError:
     return err.value
 
 
-def _reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return ""
-
-
 async def _assert_hidden(call: Any, name: str, missing: grpc.aio.AioRpcError) -> None:
     """The call fails exactly as it does on a collection that does not exist."""
     error = await _error(call)
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert error.details().replace(name, "X") == missing.details().replace("nothing-here", "X")
-    assert _reason(error) == _reason(missing) == "COLLECTION_NOT_FOUND"
+    assert error_reason(error) == error_reason(missing) == "COLLECTION_NOT_FOUND"
 
 
 async def test_admins_private_collection_is_not_found_for_a_user(gw: Gateway) -> None:
@@ -184,7 +171,7 @@ async def test_sharing_with_a_user_or_role_grants_and_unsharing_revokes(gw: Gate
     assert (await reader.search(shared)).hits[0].document_id == "plan"
     read_only = await _error(reader.index(shared))
     assert read_only.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert _reason(read_only) == "COLLECTION_ACCESS_DENIED"
+    assert error_reason(read_only) == "COLLECTION_ACCESS_DENIED"
 
     await owner.share(shared, username=reader.username, write=True)
     assert (await reader.index(shared)).document_count == 1

@@ -13,6 +13,8 @@ import pytest
 from aiwfe.data.v1 import vector_store_service_pb2 as pb
 from aiwfe.data.v1 import vector_store_service_pb2_grpc as pb_grpc
 from aiwfe.runtime.metrics import REGISTRY
+from dataplatform.vectors import EdgeVectorStore
+from dataplatform.vectors.host import HostedVectorStore
 from tests.conftest import field_violations
 
 DIM = 8
@@ -262,7 +264,8 @@ async def test_performance_settings_reach_the_embedded_store(base_overrides, tmp
     assert (defaults.vectors_on_disk, defaults.hnsw_ef, defaults.oversampling) == (True, 200, 2)
     assert defaults.release_originals_every == 256
     on_disk = VectorService(load_settings(env={}, overrides=base_overrides).qdrant, tmp_path)
-    assert on_disk.store._release_every == 256  # type: ignore[attr-defined]
+    assert isinstance(on_disk.store, HostedVectorStore)  # the engine in its own process
+    assert on_disk.store.options["release_originals_every"] == 256
     await on_disk.close()
     perf = {
         "vectors_on_disk": False,
@@ -280,9 +283,11 @@ async def test_performance_settings_reach_the_embedded_store(base_overrides, tmp
     }
     service = VectorService(settings.qdrant, settings.home_path)
     try:
-        params = service.store._search_params()  # type: ignore[attr-defined]
+        assert isinstance(service.store, HostedVectorStore)
+        edge = EdgeVectorStore(tmp_path / "options", **service.store.options)
+        params = edge._search_params()
         assert (params.hnsw_ef, params.quantization.oversampling) == (64, 3.0)
-        assert service.store._release_every is None  # type: ignore[attr-defined]
+        assert edge._release_every is None
         collection = pb.Collection(name="perf", dimension=DIM)
         await service.CreateCollection(pb.CreateCollectionRequest(collection=collection), None)
         shard = settings.home_path / "qdrant" / "perf" / "shard"
