@@ -33,6 +33,7 @@ class FakeWorkerService(pb_grpc.WorkerServiceServicer):
     completes_refused: int = 0
     metadata: list[dict[str, str]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    heard: set[str] = field(default_factory=set)  # tokens a worker has reported on
 
     def offer(self, type: str, value: Any, **fields: Any) -> str:
         token = uuid.uuid4().hex
@@ -76,12 +77,23 @@ class FakeWorkerService(pb_grpc.WorkerServiceServicer):
             self.polls_open -= 1
         if context.cancelled():  # the worker gave up this poll: keep the task
             self.tasks.put_nowait(reply)
+        else:
+            # As the engine's lease does: a task no worker reports on within twice its
+            # heartbeat timeout is handed out again. A poll the worker cancelled can still
+            # look live here (its cancellation not yet seen), and its reply is then lost.
+            lease = 2 * (reply.heartbeat_timeout_seconds or 30.0)  # the worker's default too
+            asyncio.get_running_loop().call_later(lease, self._expire, reply)
         return reply
+
+    def _expire(self, reply: pb.PollTaskResponse) -> None:
+        if reply.task_token not in self.heard:
+            self.tasks.put_nowait(reply)
 
     async def HeartbeatTask(
         self, request: pb.HeartbeatTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatTaskResponse:
         self._seen(context)
+        self.heard.add(request.task_token)
         self.heartbeats.append(request)
         if request.task_token in self.stale:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "stale task token")
@@ -91,6 +103,7 @@ class FakeWorkerService(pb_grpc.WorkerServiceServicer):
         self, request: pb.CompleteTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.CompleteTaskResponse:
         self._seen(context)
+        self.heard.add(request.task_token)
         if request.task_token in self.stale:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "stale task token")
         if self.completes_refused < self.shed_completes:
@@ -104,6 +117,7 @@ class FakeWorkerService(pb_grpc.WorkerServiceServicer):
         self, request: pb.FailTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.FailTaskResponse:
         self._seen(context)
+        self.heard.add(request.task_token)
         if request.task_token in self.stale:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "stale task token")
         self.failed[request.task_token] = request
