@@ -107,7 +107,7 @@ async def test_an_engine_killed_mid_call_fails_that_call_and_comes_back_with_its
     """kill -9 of the engine while a call waits: that call ends UNAVAILABLE
     (VECTOR_STORE_UNAVAILABLE), not INTERNAL; a call in the restart back-off is UNAVAILABLE
     without starting a process; after it, a new engine serves every acknowledged point."""
-    monkeypatch.setattr(host, "RESTART_SECONDS", 0.5)
+    monkeypatch.setattr(host, "RESTART_SECONDS", 60.0)  # aged by hand below, not waited out
     stub = pb_grpc.VectorStoreServiceStub(data_channel)
     await _collection(stub, internal_md, "killed", points=5)
     engine = _engine(dataplatform)
@@ -134,7 +134,7 @@ async def test_an_engine_killed_mid_call_fails_that_call_and_comes_back_with_its
     assert backoff.value.code() == grpc.StatusCode.UNAVAILABLE
     assert engine.pid is None  # no process was started for it
 
-    await asyncio.sleep(0.6)
+    engine._started_at -= 60.0  # the back-off has passed
     reply = await stub.CountPoints(
         pb.CountPointsRequest(collection="killed"), metadata=internal_md, timeout=30
     )
@@ -222,5 +222,32 @@ async def test_only_the_store_interface_is_callable(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match="no such vector store call"):
             await store._call("__class__")
         assert await store.list_collections() == []
+    finally:
+        await store.close()
+
+
+async def test_a_call_its_caller_gave_up_leaves_the_engine_serving(tmp_path: Path) -> None:
+    """A caller cancelled (its deadline passed) while the engine works: its late answer is
+    dropped, and the calls after it get their own answers."""
+    store = HostedVectorStore(tmp_path)
+    try:
+        await store.create_collection(CollectionSpec("c", dimension=DIM))
+        await store.upsert("c", [VectorPoint("a", [1.0, 0.0, 0.0, 0.0])])
+        pid = store.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            given_up = asyncio.ensure_future(store.search("c", [1.0, 0.0, 0.0, 0.0], 1))
+            await asyncio.sleep(0.1)
+            given_up.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await given_up
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert await store.count("c") == 1
+        hits = await store.search("c", [1.0, 0.0, 0.0, 0.0], 1)
+        assert [h.id for h in hits] == ["a"]
+        assert store._pending == {}
+        assert store.pid == pid
     finally:
         await store.close()
