@@ -23,7 +23,7 @@ from aiwfe.data.v1 import vector_store_service_pb2 as pb
 from aiwfe.data.v1 import vector_store_service_pb2_grpc as pb_grpc
 from aiwfe.runtime.config import QdrantPerformanceSettings, QdrantSettings
 from aiwfe.runtime.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from aiwfe.runtime.metrics import qdrant_query_latency
+from aiwfe.runtime.metrics import qdrant_engine_resident_bytes, qdrant_query_latency
 from aiwfe.runtime.validation import Violations
 from dataplatform.collection_access import CollectionAccessStore
 from dataplatform.vectors import (
@@ -151,6 +151,8 @@ class VectorService(pb_grpc.VectorStoreServiceServicer):
         self._defaults = qdrant.collection_config.vectors
         self.store = store or open_configured_store(qdrant, home)
         self._store_is_server = not isinstance(self.store, (EdgeVectorStore, HostedVectorStore))
+        if isinstance(self.store, HostedVectorStore):
+            qdrant_engine_resident_bytes.set_function(self.store.resident_bytes)
         self._access = access
 
     @property

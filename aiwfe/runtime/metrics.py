@@ -194,6 +194,16 @@ qdrant_query_latency = Histogram(
     "qdrant_query_latency", "Vector store operation latency in seconds.", ["operation"],
     buckets=_LATENCY_BUCKETS, registry=REGISTRY,
 )  # fmt: skip
+qdrant_engine_starts = Counter(
+    "qdrant_engine_starts",
+    "Starts of the embedded vector engine's process: the first, then one after each exit.",
+    registry=REGISTRY,
+)
+qdrant_engine_resident_bytes = Gauge(
+    "qdrant_engine_resident_bytes",
+    "Resident memory of the embedded vector engine's process (0 while none runs).",
+    registry=REGISTRY,
+)
 
 # --- workflows and resilience -----------------------------------------------------------
 workflow_queue_depth = Gauge(
@@ -273,6 +283,7 @@ def _series() -> tuple[frozenset[str], frozenset[str]]:
         rpc,
         jwt_validation_time, session_cache_hit_rate, authentication_success_rate,
         database_connection_pool_usage, redis_cache_hit_rate, qdrant_query_latency,
+        qdrant_engine_starts, qdrant_engine_resident_bytes,
         workflow_queue_depth, workflow_step_latency, workflow_step_retries,
         workflow_dead_letters, workflow_watch_streams, circuit_breaker_state,
         workflow_task_queue_depth, workflow_task_queue_oldest_age, workflow_tasks_dispatched,

@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from aiwfe.runtime.metrics import qdrant_engine_starts
+
 from .base import CollectionSpec, ScoredPoint, Vector, VectorPoint, VectorStore, VectorStoreError
 
 __all__ = ["HostedVectorStore", "VectorEngineUnavailable"]
@@ -106,6 +108,17 @@ class HostedVectorStore(VectorStore):
     def pid(self) -> int | None:
         """The engine process's pid while one runs."""
         return self._proc.pid if self._proc is not None and self._writer is not None else None
+
+    def resident_bytes(self) -> int:
+        """The engine process's resident memory; 0 while none runs."""
+        pid = self.pid
+        if pid is None:
+            return 0
+        try:
+            pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):  # exiting, or no /proc here
+            return 0
+        return pages * os.sysconf("SC_PAGE_SIZE")
 
     # ------------------------------------------------------------ the interface
 
@@ -228,6 +241,7 @@ class HostedVectorStore(VectorStore):
                 raise
             finally:
                 theirs.close()
+            qdrant_engine_starts.inc()
             reader, writer = await asyncio.open_unix_connection(sock=ours)
             writer.write(_frame((str(self.path), self.options)))
             self._writer = writer

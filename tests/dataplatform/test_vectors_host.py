@@ -19,6 +19,7 @@ from aiwfe.data.v1 import cache_store_service_pb2 as cache_pb
 from aiwfe.data.v1 import cache_store_service_pb2_grpc as cache_grpc
 from aiwfe.data.v1 import vector_store_service_pb2 as pb
 from aiwfe.data.v1 import vector_store_service_pb2_grpc as pb_grpc
+from aiwfe.runtime.metrics import REGISTRY
 from dataplatform.vectors import (
     CollectionNotFound,
     CollectionSpec,
@@ -49,6 +50,10 @@ async def _gone(pid: int) -> bool:
             return True
         await asyncio.sleep(0.02)
     return False
+
+
+def _sample(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
 
 
 def _engine(dataplatform) -> HostedVectorStore:
@@ -109,10 +114,13 @@ async def test_an_engine_killed_mid_call_fails_that_call_and_comes_back_with_its
     without starting a process; after it, a new engine serves every acknowledged point."""
     monkeypatch.setattr(host, "RESTART_SECONDS", 60.0)  # aged by hand below, not waited out
     stub = pb_grpc.VectorStoreServiceStub(data_channel)
+    starts = _sample("qdrant_engine_starts_total")
     await _collection(stub, internal_md, "killed", points=5)
     engine = _engine(dataplatform)
     pid = engine.pid
     assert pid is not None
+    assert _sample("qdrant_engine_starts_total") == starts + 1
+    assert _sample("qdrant_engine_resident_bytes") > 10 << 20  # the engine's, not 0
     os.kill(pid, signal.SIGSTOP)  # the call below is in the engine when it dies
     count = asyncio.ensure_future(
         stub.CountPoints(
@@ -133,6 +141,7 @@ async def test_an_engine_killed_mid_call_fails_that_call_and_comes_back_with_its
         )
     assert backoff.value.code() == grpc.StatusCode.UNAVAILABLE
     assert engine.pid is None  # no process was started for it
+    assert _sample("qdrant_engine_resident_bytes") == 0
 
     engine._started_at -= 60.0  # the back-off has passed
     reply = await stub.CountPoints(
@@ -140,6 +149,7 @@ async def test_an_engine_killed_mid_call_fails_that_call_and_comes_back_with_its
     )
     assert reply.count == 5
     assert engine.pid not in (None, pid)
+    assert _sample("qdrant_engine_starts_total") == starts + 2
 
 
 async def test_errors_cross_the_process_as_their_own_types(tmp_path: Path) -> None:
