@@ -11,7 +11,7 @@ platform's loop only ever waits on a socket.
 
 Frames: a 4-byte big-endian length, then a pickle. Both ends are this module and the socket
 pair is private to the two processes. The first frame carries the store's path and options;
-then requests `(call, method, args, kwargs)` and replies `(call, ok, result or exception)`.
+then requests `(call, method, args)` and replies `(call, ok, result or exception)`.
 The child exits when its socket closes (the parent closed it, or died). A child that exits
 fails the calls it had with `VectorEngineUnavailable` (UNAVAILABLE to callers); the next call
 starts another, at most one start per `RESTART_SECONDS` (a shard that crashes the engine on
@@ -202,7 +202,7 @@ class HostedVectorStore(VectorStore):
         answer = asyncio.get_running_loop().create_future()
         self._pending[call] = answer
         try:
-            writer.write(_frame((call, method, args, {})))
+            writer.write(_frame((call, method, args)))
             await writer.drain()
             ok, value = await answer
         except ConnectionError as exc:
@@ -327,7 +327,7 @@ async def _serve(fd: int) -> None:
 
     try:
         while (request := await _read(reader)) is not None:
-            call, method, args, _ = request
+            call, method, args = request
             task = asyncio.create_task(answer(call, method, args))
             running.add(task)
             task.add_done_callback(running.discard)
