@@ -100,8 +100,8 @@ class HostedVectorStore(VectorStore):
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._specs: dict[str, CollectionSpec] = {}
         self._calls = itertools.count()
-        self._start_lock = asyncio.Lock()
-        self._started_at = -RESTART_SECONDS
+        self._starting: asyncio.Future[asyncio.StreamWriter] | None = None
+        self._started_at: float | None = None
         self._closed = False
 
     @property
@@ -183,14 +183,16 @@ class HostedVectorStore(VectorStore):
         if self._closed:
             return
         self._closed = True
-        async with self._start_lock:
-            if self._writer is not None:
-                # The child's end of stream: it answers the calls it has, closes the store
-                # (flushing every shard) and exits.
-                with contextlib.suppress(ConnectionError):
-                    self._writer.write_eof()
-            if self._ended is not None:
-                await asyncio.shield(self._ended)
+        if self._starting is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._starting)
+        if self._writer is not None:
+            # The child's end of stream: it answers the calls it has, closes the store
+            # (flushing every shard) and exits.
+            with contextlib.suppress(ConnectionError):
+                self._writer.write_eof()
+        if self._ended is not None:
+            await asyncio.shield(self._ended)
 
     # ------------------------------------------------------------ the child
 
@@ -214,39 +216,48 @@ class HostedVectorStore(VectorStore):
         return value
 
     async def _running(self) -> asyncio.StreamWriter:
-        async with self._start_lock:
-            if self._closed:
-                raise RuntimeError("vector store is closed")
-            if self._writer is not None:
-                return self._writer
-            if self._ended is not None:
-                await asyncio.shield(self._ended)  # the last one has let go of the shards
-            if time.monotonic() - self._started_at < RESTART_SECONDS:
-                raise VectorEngineUnavailable("the vector engine is restarting, retry shortly")
-            self._started_at = time.monotonic()
-            ours, theirs = socket.socketpair()
-            try:
-                self._proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    __name__,
-                    str(theirs.fileno()),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    pass_fds=(theirs.fileno(),),
-                    env=_child_env(),
-                )
-            except BaseException:
-                ours.close()
-                raise
-            finally:
-                theirs.close()
-            qdrant_engine_starts.inc()
+        """The engine's stream, starting the engine if none runs. The start is a task of
+        its own: a caller that gives up (its deadline) must not abandon it half done."""
+        if self._closed:
+            raise RuntimeError("vector store is closed")
+        if self._writer is not None:
+            return self._writer
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self._start())
+            # Its callers may all have gone: the outcome is read here, not left unread.
+            self._starting.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return await asyncio.shield(self._starting)
+
+    async def _start(self) -> asyncio.StreamWriter:
+        if self._ended is not None:
+            await self._ended  # the last one has let go of the shards' locks
+        if self._started_at is not None and time.monotonic() - self._started_at < RESTART_SECONDS:
+            raise VectorEngineUnavailable("the vector engine is restarting, retry shortly")
+        self._started_at = time.monotonic()
+        ours, theirs = socket.socketpair()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                __name__,
+                str(theirs.fileno()),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                env=_child_env(),
+            )
             reader, writer = await asyncio.open_unix_connection(sock=ours)
-            writer.write(_frame((str(self.path), self.options)))
-            self._writer = writer
-            self._ended = asyncio.create_task(self._answers(reader, writer, self._proc))
-            return writer
+        except BaseException:
+            ours.close()  # a child already started sees its socket close, and exits
+            raise
+        finally:
+            theirs.close()
+        qdrant_engine_starts.inc()
+        self._proc = proc
+        writer.write(_frame((str(self.path), self.options)))
+        self._writer = writer
+        self._ended = asyncio.create_task(self._answers(reader, writer, proc))
+        return writer
 
     async def _answers(
         self,

@@ -261,3 +261,30 @@ async def test_a_call_its_caller_gave_up_leaves_the_engine_serving(tmp_path: Pat
         assert store.pid == pid
     finally:
         await store.close()
+
+
+async def test_a_caller_that_gives_up_during_the_start_does_not_abandon_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The first caller's deadline passes while the engine starts (slowly, on a loaded
+    machine): the start goes on, and the next caller is served by that one engine, not
+    refused as "restarting" (seen in a soak under load: 20 calls refused at the start)."""
+    real = asyncio.open_unix_connection
+
+    async def slow(*args, **kwargs):
+        await asyncio.sleep(0.3)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "open_unix_connection", slow)
+    store = HostedVectorStore(tmp_path)
+    starts = _sample("qdrant_engine_starts_total")
+    try:
+        first = asyncio.ensure_future(store.list_collections())
+        await asyncio.sleep(0.1)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert await store.list_collections() == []
+        assert _sample("qdrant_engine_starts_total") == starts + 1
+    finally:
+        await store.close()

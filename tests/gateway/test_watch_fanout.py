@@ -201,8 +201,9 @@ async def test_revoking_a_token_ends_its_shared_watches_and_refuses_joiners(
     suite: Suite,
 ) -> None:
     """Admission stays per call: once a token is revoked (Logout), a watch with it is
-    refused, and the shared stream its watchers hold ends UNAUTHENTICATED within a second;
-    another principal's watch of the same workflow goes on."""
+    refused, and the shared stream its watchers hold ends UNAUTHENTICATED at its next
+    re-admission (every 0.5 s; 10 s allowed: a CI run beside the container stage took over
+    1.5 s); another principal's watch of the same workflow goes on."""
     async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
         token = await new_user(suite, channel)
         wid = await _submit(channel, token, _waiting("first"))
@@ -224,7 +225,7 @@ async def test_revoking_a_token_ends_its_shared_watches_and_refuses_joiners(
         assert not late.events
         for watcher in watchers:
             with pytest.raises(grpc.aio.AioRpcError) as ended:
-                await asyncio.wait_for(watcher.task, 1.5)
+                await asyncio.wait_for(watcher.task, 10)
             assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert not other.task.done()
         await _until(lambda: _slots(suite).in_flight == 1)
