@@ -53,21 +53,26 @@ _USER_QUERY = (
 )
 
 
-async def _serve(dsn: str) -> None:
-    """Child: dataplatform alone on a free port; prints its address; runs until SIGTERM."""
+async def serve(dsn: str, home: str, **overrides: Any) -> None:
+    """Child: dataplatform alone on a free port, its home `home` and `overrides` on top of
+    the benchmarks' settings; prints its address; runs until SIGTERM."""
     from aiwfe.runtime.config import load_settings
     from aiwfe.runtime.server import start_service
     from dataplatform.service import DataPlatformService
 
+    settings = load_settings(env={}, overrides={**servers._overrides(home, dsn), **overrides})
+    running = await start_service(DataPlatformService(settings), "127.0.0.1", 0)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    print(json.dumps({"address": running.address}), flush=True)
+    await stop.wait()
+    await running.stop(grace=0.5)
+
+
+async def _serve(dsn: str) -> None:
     with tempfile.TemporaryDirectory(prefix="aiwfe-bench-dp-") as home:
-        settings = load_settings(env={}, overrides=servers._overrides(home, dsn))
-        running = await start_service(DataPlatformService(settings), "127.0.0.1", 0)
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        print(json.dumps({"address": running.address}), flush=True)
-        await stop.wait()
-        await running.stop(grace=0.5)
+        await serve(dsn, home)
 
 
 async def _time(call: Callable[[], Awaitable[Any]], n: int, warmup: int) -> dict[str, float]:

@@ -38,6 +38,7 @@ from typing import Any
 from aiwfe.runtime.metrics import qdrant_engine_starts
 
 from .base import CollectionSpec, ScoredPoint, Vector, VectorPoint, VectorStore, VectorStoreError
+from .edge import EdgeVectorStore
 
 __all__ = ["HostedVectorStore", "VectorEngineUnavailable"]
 
@@ -308,8 +309,6 @@ def _child_env() -> dict[str, str]:
 
 
 async def _serve(fd: int) -> None:
-    from .edge import EdgeVectorStore  # the engine is imported in the child only
-
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
     opened = await _read(reader)
     if opened is None:

@@ -52,6 +52,15 @@ async def _gone(pid: int) -> bool:
     return False
 
 
+async def _count_reopened(path: Path, name: str) -> int:
+    """The points of `name` as a new engine on `path` finds them."""
+    store = HostedVectorStore(path)
+    try:
+        return await store.count(name)
+    finally:
+        await store.close()
+
+
 def _sample(name: str) -> float:
     return REGISTRY.get_sample_value(name) or 0.0
 
@@ -176,11 +185,7 @@ async def test_errors_cross_the_process_as_their_own_types(tmp_path: Path) -> No
         await store.close()
     assert await asyncio.gather(*writes) == [1] * 20
     assert not _alive(pid)
-    reopened = HostedVectorStore(tmp_path)
-    try:
-        assert await reopened.count("c") == 20
-    finally:
-        await reopened.close()
+    assert await _count_reopened(tmp_path, "c") == 20
     with pytest.raises(RuntimeError, match="closed"):
         await store.count("c")
 
@@ -216,11 +221,7 @@ async def test_the_engine_exits_with_the_process_that_started_it(tmp_path: Path)
         parent.kill()
         await parent.wait()
     assert await _gone(engine)
-    store = HostedVectorStore(tmp_path)
-    try:
-        assert await store.count("c") == 1
-    finally:
-        await store.close()
+    assert await _count_reopened(tmp_path, "c") == 1
 
 
 async def test_only_the_store_interface_is_callable(tmp_path: Path) -> None:
