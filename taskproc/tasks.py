@@ -55,6 +55,7 @@ MAX_TYPES = 64
 MAX_WAIT_SECONDS = 60.0
 DEFAULT_WAIT_SECONDS = 30.0
 MAX_IDENTITY_CHARS = 200
+MAX_ENDED_SESSIONS = 10_000  # ShutdownWorker calls remembered at once (oldest forgotten)
 MAX_TOKEN_CHARS = 2048
 MAX_MESSAGE_CHARS = 4000
 _ANSWER_MARGIN = 0.5  # answer an empty poll this long before the caller's deadline
@@ -113,6 +114,11 @@ class TaskDispatcher:
         self.lease_id = f"task:{uuid.uuid4().hex}"  # this replica's claims
         self.waiting = 0  # PollTask calls held, bounded by cfg.max_task_polls
         self.eager_tasks = 0  # tasks handed to pollers by eager dispatch, not a claim
+        # Poll sessions, keyed (principal, poll_session): their waiting polls, and those
+        # ended by ShutdownWorker with when that stops applying (insertion order = age).
+        self._sessions: dict[tuple[str, str], set[asyncio.Future[store_pb.ClaimedStep | None]]]
+        self._sessions = {}
+        self._ended: dict[tuple[str, str], float] = {}
 
     # --- eager dispatch ---------------------------------------------------------------
 
@@ -247,10 +253,30 @@ class TaskDispatcher:
                 timeout=5,
             )
 
+    def end_session(self, session: tuple[str, str]) -> int:
+        """Answers the session's waiting polls empty, and its polls of the next
+        MAX_WAIT_SECONDS at once; how many were waiting."""
+        now = time.monotonic()
+        self._ended.pop(session, None)
+        self._ended[session] = now + MAX_WAIT_SECONDS
+        while len(self._ended) > MAX_ENDED_SESSIONS or next(iter(self._ended.values())) <= now:
+            del self._ended[next(iter(self._ended))]
+        ended = 0
+        for waiter in self._sessions.pop(session, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+                ended += 1
+        return ended
+
     async def poll(
-        self, queues: list[str], types: list[str], wait: float
+        self,
+        queues: list[str],
+        types: list[str],
+        wait: float,
+        session: tuple[str, str] | None = None,
     ) -> store_pb.ClaimedStep | None:
-        """One task of `queues` (of `types`), or None once `wait` seconds passed."""
+        """One task of `queues` (of `types`), or None once `wait` seconds passed or the
+        poll's `session` ended."""
         if self.waiting >= self._cfg.max_task_polls:
             limit = self._cfg.max_task_polls
             raise ResourceExhausted(
@@ -263,14 +289,18 @@ class TaskDispatcher:
             )
         self.waiting += 1
         try:
-            return await self._poll(queues, types, wait)
+            return await self._poll(queues, types, wait, session)
         finally:
             self.waiting -= 1
 
     async def _poll(
-        self, queues: list[str], types: list[str], wait: float
+        self,
+        queues: list[str],
+        types: list[str],
+        wait: float,
+        session: tuple[str, str] | None,
     ) -> store_pb.ClaimedStep | None:
-        if wait <= 0:
+        if wait <= 0 or (session is not None and self._ended.get(session, 0) > time.monotonic()):
             return None
         key = (tuple(sorted(set(queues))), tuple(sorted(set(types))))
         group = self._groups.get(key)
@@ -282,6 +312,8 @@ class TaskDispatcher:
         # it empty (None); the group's fall-back claims run on the group's own timer.
         waiter: asyncio.Future[store_pb.ClaimedStep | None] = loop.create_future()
         group.waiting.append(waiter)
+        if session is not None:
+            self._sessions.setdefault(session, set()).add(waiter)
         timer = loop.call_later(wait, _empty, waiter)
         self._kick(group)
         self._fall_back_later(group)
@@ -294,6 +326,10 @@ class TaskDispatcher:
         finally:
             timer.cancel()
             waiter.cancel()
+            if session is not None and (polls := self._sessions.get(session)) is not None:
+                polls.discard(waiter)
+                if not polls:
+                    del self._sessions[session]
             if not any(not f.done() for f in group.waiting):
                 group.waiting.clear()
                 if not group.claiming and not group.offered and self._groups.get(key) is group:
@@ -456,12 +492,16 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             max_chars=MAX_IDENTITY_CHARS,
             required=False,
         )
+        if request.poll_session:
+            problem = name_problem(request.poll_session, "poll_session")
+            v.check(problem is None, "poll_session", problem or "")
         v.raise_if_any()
         wait = request.wait_seconds or DEFAULT_WAIT_SECONDS
         remaining = context.time_remaining()
         if remaining is not None:
             wait = min(wait, remaining - _ANSWER_MARGIN)
-        step = await self._dispatcher.poll(list(request.queues), list(request.types), wait)
+        session = (caller, request.poll_session) if request.poll_session else None
+        step = await self._dispatcher.poll(list(request.queues), list(request.types), wait, session)
         if step is None:
             return pb.PollTaskResponse()
         try:
@@ -573,3 +613,14 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         if reply.HasField("next_run_time"):
             answer.next_attempt_time.CopyFrom(reply.next_run_time)
         return answer
+
+    async def ShutdownWorker(
+        self, request: pb.ShutdownWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ShutdownWorkerResponse:
+        caller = require_principal().user_id
+        problem = name_problem(request.poll_session, "poll_session")
+        v = Violations()
+        v.check(problem is None, "poll_session", problem or "")
+        v.raise_if_any()
+        ended = self._dispatcher.end_session((caller, request.poll_session))
+        return pb.ShutdownWorkerResponse(polls_ended=ended)

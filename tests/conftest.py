@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +188,15 @@ async def login(
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
+
+
+async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Waits until `condition()` holds (checked every 10 ms), failing after `within` s."""
+    async with asyncio.timeout(within):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.01)
 
 
 def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:

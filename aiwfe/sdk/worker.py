@@ -32,7 +32,10 @@ It polls only while a slot is free (at most `concurrency` tasks at once, with up
 `pollers` long-polls open), reconnects with exponential backoff (capped at 5 s) while the
 gateway is unavailable, and on `stop()` (SIGTERM/SIGINT under `run()`) stops polling, lets
 running tasks finish for `shutdown_grace` seconds, then cancels the rest and fails them
-as retryable ("worker shutting down") so they are dispatched again at once.
+as retryable ("worker shutting down") so they are dispatched again at once. Its waiting
+polls are not cancelled: ShutdownWorker has the server answer them, so a task handed to
+one as the worker stops is run rather than lost in a cancelled call until its lease
+lapses (a server without ShutdownWorker gets them cancelled).
 
 With the OpenTelemetry API importable (it is optional), each task runs in a span that is
 a child of the step's `traceparent`, so one trace covers submit, step and worker.
@@ -54,6 +57,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -330,6 +334,8 @@ class Worker:
         self._stopping: asyncio.Event | None = None
         self._stop_requested = False
         self._running: dict[str, _Running] = {}
+        self._session = ""  # poll_session of this run's polls (ShutdownWorker ends them)
+        self._in_poll: set[asyncio.Task[Any]] = set()  # pollers with a PollTask out
         self._executions: set[asyncio.Task[None]] = set()
         self._fatal: WorkerError | None = None
         self._pool = _ThreadPool(concurrency)
@@ -356,6 +362,7 @@ class Worker:
                     self._loop.add_signal_handler(sig, self.stop)
                     handled.append(sig)
         slots = asyncio.Semaphore(self.concurrency)
+        self._session = uuid.uuid4().hex
         async with self._channel() as channel:
             self._stub = pb_grpc.WorkerServiceStub(channel)
             log.info(
@@ -366,9 +373,7 @@ class Worker:
             try:
                 await self._stopping.wait()
             finally:
-                for p in pollers:
-                    p.cancel()
-                await asyncio.gather(*pollers, return_exceptions=True)
+                await self._end_polls(pollers)
                 await self._drain()
                 self._pool.shutdown()
                 for sig in handled:
@@ -430,21 +435,53 @@ class Worker:
 
     # --- polling -------------------------------------------------------------------------
 
+    async def _end_polls(self, pollers: list[asyncio.Task[None]]) -> None:
+        """Stops the pollers without cancelling a PollTask in flight: the server answers
+        this run's polls (ShutdownWorker), and a task one of them brings runs in the
+        drain. Cancelled instead: pollers between polls, and every poll when the server
+        refuses ShutdownWorker or its polls are not back within call_timeout."""
+        for p in pollers:
+            if p not in self._in_poll:
+                p.cancel()
+        if self._in_poll:
+            try:
+                await self._stub.ShutdownWorker(
+                    pb.ShutdownWorkerRequest(poll_session=self._session),
+                    timeout=self.call_timeout,
+                    metadata=self._metadata,
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.info("ShutdownWorker failed (%s): cancelling the polls", exc.code().name)
+            else:
+                await asyncio.wait(pollers, timeout=self.call_timeout)
+        for p in pollers:
+            p.cancel()
+        await asyncio.gather(*pollers, return_exceptions=True)
+
     async def _poll_loop(self, slots: asyncio.Semaphore) -> None:
         types = list(self.tasks) if len(self.tasks) <= MAX_POLL_TYPES else []
         request = pb.PollTaskRequest(
             queues=self.queues, types=types, wait_seconds=self.poll_wait,
-            worker_identity=self.identity,
+            worker_identity=self.identity, poll_session=self._session,
         )  # fmt: skip
         delays = backoff_delays()
         stopping = self._stopping or asyncio.Event()
+        poller = asyncio.current_task()
+        if poller is None:
+            raise RuntimeError("the poll loop runs as a task of run_async")
         while not stopping.is_set():
             await slots.acquire()
             started = False
             try:
-                reply = await self._stub.PollTask(
-                    request, timeout=self.poll_wait + 10, metadata=self._metadata
-                )
+                if stopping.is_set():
+                    return
+                self._in_poll.add(poller)
+                try:
+                    reply = await self._stub.PollTask(
+                        request, timeout=self.poll_wait + 10, metadata=self._metadata
+                    )
+                finally:
+                    self._in_poll.discard(poller)
                 delays = backoff_delays()
                 if reply.task_token:
                     started = True

@@ -79,6 +79,7 @@ EXPECTED: dict[str, dict[str, object]] = {
     _WORKER + "HeartbeatTask": _row(INVALID, INVALID, INVALID, UNAUTH),
     _WORKER + "CompleteTask": _row(INVALID, INVALID, INVALID, UNAUTH),
     _WORKER + "FailTask": _row(INVALID, INVALID, INVALID, UNAUTH),
+    _WORKER + "ShutdownWorker": _row(INVALID, INVALID, INVALID, UNAUTH),
 }
 # Internal data-platform RPCs declare no permission: denied to everyone, token or not.
 for _path, _info in method_table().items():

@@ -21,7 +21,8 @@ from aiwfe.taskproc.v1 import worker_service_pb2 as pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as pb_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
-from tests.conftest import bearer, field_violations
+from taskproc.tasks import MAX_ENDED_SESSIONS
+from tests.conftest import bearer, field_violations, until
 from tests.taskproc.helpers import finish, get, new_user, spec, step_status, submit
 
 ROLES = {
@@ -589,3 +590,73 @@ async def test_a_waiting_poller_gets_a_new_task_by_eager_dispatch(suite, gateway
     assert dispatcher.eager_tasks == before + 1
     task = await poll(gateway_channel, worker, ["eagerq"], 5)
     assert (task.workflow_id, task.attempt) == (wf.workflow_id, 1)
+
+
+async def test_shutdown_worker_answers_only_its_callers_polls_of_that_session(
+    suite, gateway_channel
+) -> None:
+    """ShutdownWorker answers the caller's waiting polls of one poll_session empty at once
+    (not after their 30 s), and a later poll of that session too; the caller's other
+    session and another principal's session of the same name keep waiting, and the latter
+    still gets the next task."""
+    owner = await new_user(suite, gateway_channel)
+    worker = await new_user(suite, gateway_channel, ("worker",))
+    other = await new_user(suite, gateway_channel, ("worker",))
+    stub = pb_grpc.WorkerServiceStub(gateway_channel)
+    dispatcher = suite.running["taskproc"].service.tasks
+    ending = [
+        asyncio.create_task(poll(gateway_channel, worker, ["endq"], 30, poll_session="s-1"))
+        for _ in range(2)
+    ]
+    kept = asyncio.create_task(poll(gateway_channel, worker, ["endq"], 30, poll_session="s-2"))
+    theirs = asyncio.create_task(poll(gateway_channel, other, ["endq"], 30, poll_session="s-1"))
+    await until(lambda: dispatcher.waiting == 4)
+    t0 = time.monotonic()
+    reply = await stub.ShutdownWorker(
+        pb.ShutdownWorkerRequest(poll_session="s-1"), metadata=bearer(worker), timeout=5
+    )
+    assert reply.polls_ended == 2
+    assert not any(p.task_token for p in await asyncio.gather(*ending))
+    late = await poll(gateway_channel, worker, ["endq"], 30, poll_session="s-1")
+    assert not late.task_token
+    assert time.monotonic() - t0 < 5
+    await asyncio.sleep(0.2)
+    assert not kept.done() and not theirs.done()
+    again = await stub.ShutdownWorker(
+        pb.ShutdownWorkerRequest(poll_session="s-1"), metadata=bearer(worker), timeout=5
+    )
+    assert again.polls_ended == 0 and not theirs.done()
+    ended = await stub.ShutdownWorker(
+        pb.ShutdownWorkerRequest(poll_session="s-2"), metadata=bearer(worker), timeout=5
+    )
+    assert ended.polls_ended == 1 and not (await kept).task_token
+    wf = await submit(gateway_channel, owner, spec(task_step("t", queue="endq")))
+    task = await theirs
+    assert (task.workflow_id, task.attempt) == (wf.workflow_id, 1)
+    # Ended sessions are remembered up to a bound, whatever a caller sends: the oldest go.
+    for i in range(MAX_ENDED_SESSIONS + 10):
+        dispatcher.end_session(("flood", str(i)))
+    assert len(dispatcher._ended) == MAX_ENDED_SESSIONS
+    assert ("flood", "9") not in dispatcher._ended and ("flood", "10") in dispatcher._ended
+
+
+async def test_poll_sessions_are_validated(suite, gateway_channel) -> None:
+    """A poll_session is 1-64 characters of A-Z a-z 0-9 . _ -: ShutdownWorker needs one,
+    PollTask may omit it; anything else is INVALID_ARGUMENT naming the field."""
+    worker = await new_user(suite, gateway_channel, ("worker",))
+    stub = pb_grpc.WorkerServiceStub(gateway_channel)
+    for session in ("", "x" * 65, "has space", "${input.x}"):
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.ShutdownWorker(
+                pb.ShutdownWorkerRequest(poll_session=session), metadata=bearer(worker), timeout=5
+            )
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "poll_session" in field_violations(exc.value)
+        if session:
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await poll(gateway_channel, worker, ["alpha"], 1, poll_session=session)
+            assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "poll_session" in field_violations(exc.value)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await stub.ShutdownWorker(pb.ShutdownWorkerRequest(poll_session="s"), timeout=5)
+    assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -22,7 +22,7 @@ from aiwfe.taskproc.v1 import worker_service_pb2 as pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as pb_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as wf_grpc
-from tests.conftest import bearer
+from tests.conftest import bearer, until
 from tests.taskproc.helpers import finish, get, new_user, spec, step_status, submit, watch
 from tests.workers import worker_tasks
 from tests.workers.conftest import ROOT, WorkerSuite, queue_name
@@ -234,6 +234,40 @@ async def test_sigterm_finishes_running_tasks_and_hands_back_the_rest(
     assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED
     assert json_format.MessageToDict(step_status(done, "t").output) == {"attempt": 2}
     assert time.monotonic() - t0 < 20
+
+
+async def test_a_task_handed_out_as_the_worker_stops_is_run_not_lost(ws: WorkerSuite) -> None:
+    """stop() just as a submission hands its task to the worker's waiting poll (eager
+    dispatch answers the poll before the submission): the worker does not cancel that
+    poll (ShutdownWorker has taskproc answer it), so the task runs in the worker's drain
+    or is still claimable, and a second worker finishes the workflow at once. Cancelling
+    the poll, as the SDK did, lost the task in a cancelled call until its 60 s heartbeat
+    timeout in most rounds."""
+    dispatcher = ws.suite.running["taskproc"].service.tasks
+    q = queue_name()
+    drained = 0
+    for _ in range(6):
+        first = Worker(ws.gateway, ws.worker_key, queues=[q], tasks=SERVED, concurrency=1)
+        serving = asyncio.create_task(first.run_async())
+        await until(lambda: dispatcher.waiting == 1)
+        step = task_step("t", q, "summarize", {"text": "a b"}, heartbeat_timeout_seconds=60)
+        wf = await submit(ws.channel, ws.admin, spec(step))
+        first.stop()
+        await asyncio.wait_for(serving, 15)
+        if (
+            await get(ws.channel, ws.admin, wf.workflow_id)
+        ).state == wf_pb.WORKFLOW_STATE_SUCCEEDED:
+            drained += 1
+        second = Worker(ws.gateway, ws.worker_key, queues=[q], tasks=SERVED)
+        serving = asyncio.create_task(second.run_async())
+        try:
+            done = await finish(ws.channel, ws.admin, wf.workflow_id, timeout=10)
+        finally:
+            second.stop()
+            await asyncio.wait_for(serving, 15)
+        assert done.state == wf_pb.WORKFLOW_STATE_SUCCEEDED
+        assert step_status(done, "t").attempts == 1  # never timed out and retried
+    assert drained >= 1  # the stopping worker ran tasks it was handed
 
 
 async def test_input_that_does_not_fit_fails_the_step_for_good(ws: WorkerSuite, sdk_worker) -> None:

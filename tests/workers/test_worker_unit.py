@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -27,6 +27,7 @@ from aiwfe.sdk.worker import (
     output_struct,
     tasks_in_module,
 )
+from tests.conftest import until
 from tests.workers.fake_service import FakeWorkerService, serve, value
 
 # --- pure functions ---------------------------------------------------------------------
@@ -110,15 +111,6 @@ def test_heartbeats_go_out_at_a_third_of_the_timeout() -> None:
 
 
 # --- against the fake service -----------------------------------------------------------
-
-
-async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
-    """Waits until `condition()` holds (checked every 10 ms), failing after `within` s."""
-    async with asyncio.timeout(within):
-        while True:
-            if condition():
-                return
-            await asyncio.sleep(0.01)
 
 
 class Harness:

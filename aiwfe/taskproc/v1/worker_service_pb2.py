@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&aiwfe/taskproc/v1/worker_service.proto\x12\x11\x61iwfe.taskproc.v1\x1a\x1e\x61iwfe/options/v1/options.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"_\n\x0fPollTaskRequest\x12\x0e\n\x06queues\x18\x01 \x03(\t\x12\r\n\x05types\x18\x02 \x03(\t\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\x12\x17\n\x0fworker_identity\x18\x04 \x01(\t\"\x91\x02\n\x10PollTaskResponse\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x11\n\tstep_name\x18\x03 \x01(\t\x12\r\n\x05queue\x18\x04 \x01(\t\x12\x0c\n\x04type\x18\x05 \x01(\t\x12%\n\x05input\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\x12\x34\n\x10\x61ttempt_deadline\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x19heartbeat_timeout_seconds\x18\t \x01(\x01\x12\x13\n\x0btraceparent\x18\n \x01(\t\"c\n\x14HeartbeatTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12(\n\x07\x64\x65tails\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"1\n\x15HeartbeatTaskResponse\x12\x18\n\x10\x63\x61ncel_requested\x18\x01 \x01(\x08\"a\n\x13\x43ompleteTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\'\n\x06output\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x16\n\x14\x43ompleteTaskResponse\"\x82\x01\n\x0f\x46\x61ilTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12(\n\x07\x64\x65tails\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"]\n\x10\x46\x61ilTaskResponse\x12\x12\n\nwill_retry\x18\x01 \x01(\x08\x12\x35\n\x11next_attempt_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xb5\x03\n\rWorkerService\x12r\n\x08PollTask\x12\".aiwfe.taskproc.v1.PollTaskRequest\x1a#.aiwfe.taskproc.v1.PollTaskResponse\"\x1d\xca\xf3\x18\x19\n\rworker:queue:2\x06queues8\x01\x12j\n\rHeartbeatTask\x12\'.aiwfe.taskproc.v1.HeartbeatTaskRequest\x1a(.aiwfe.taskproc.v1.HeartbeatTaskResponse\"\x06\xca\xf3\x18\x02\x18\x01\x12g\n\x0c\x43ompleteTask\x12&.aiwfe.taskproc.v1.CompleteTaskRequest\x1a\'.aiwfe.taskproc.v1.CompleteTaskResponse\"\x06\xca\xf3\x18\x02\x18\x01\x12[\n\x08\x46\x61ilTask\x12\".aiwfe.taskproc.v1.FailTaskRequest\x1a#.aiwfe.taskproc.v1.FailTaskResponse\"\x06\xca\xf3\x18\x02\x18\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&aiwfe/taskproc/v1/worker_service.proto\x12\x11\x61iwfe.taskproc.v1\x1a\x1e\x61iwfe/options/v1/options.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"u\n\x0fPollTaskRequest\x12\x0e\n\x06queues\x18\x01 \x03(\t\x12\r\n\x05types\x18\x02 \x03(\t\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\x12\x17\n\x0fworker_identity\x18\x04 \x01(\t\x12\x14\n\x0cpoll_session\x18\x05 \x01(\t\"\x91\x02\n\x10PollTaskResponse\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x11\n\tstep_name\x18\x03 \x01(\t\x12\r\n\x05queue\x18\x04 \x01(\t\x12\x0c\n\x04type\x18\x05 \x01(\t\x12%\n\x05input\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\x12\x34\n\x10\x61ttempt_deadline\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x19heartbeat_timeout_seconds\x18\t \x01(\x01\x12\x13\n\x0btraceparent\x18\n \x01(\t\"c\n\x14HeartbeatTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12(\n\x07\x64\x65tails\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"1\n\x15HeartbeatTaskResponse\x12\x18\n\x10\x63\x61ncel_requested\x18\x01 \x01(\x08\"a\n\x13\x43ompleteTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\'\n\x06output\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x16\n\x14\x43ompleteTaskResponse\"\x82\x01\n\x0f\x46\x61ilTaskRequest\x12\x12\n\ntask_token\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12(\n\x07\x64\x65tails\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"]\n\x10\x46\x61ilTaskResponse\x12\x12\n\nwill_retry\x18\x01 \x01(\x08\x12\x35\n\x11next_attempt_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"-\n\x15ShutdownWorkerRequest\x12\x14\n\x0cpoll_session\x18\x01 \x01(\t\"-\n\x16ShutdownWorkerResponse\x12\x13\n\x0bpolls_ended\x18\x01 \x01(\x05\x32\xa4\x04\n\rWorkerService\x12r\n\x08PollTask\x12\".aiwfe.taskproc.v1.PollTaskRequest\x1a#.aiwfe.taskproc.v1.PollTaskResponse\"\x1d\xca\xf3\x18\x19\n\rworker:queue:2\x06queues8\x01\x12j\n\rHeartbeatTask\x12\'.aiwfe.taskproc.v1.HeartbeatTaskRequest\x1a(.aiwfe.taskproc.v1.HeartbeatTaskResponse\"\x06\xca\xf3\x18\x02\x18\x01\x12g\n\x0c\x43ompleteTask\x12&.aiwfe.taskproc.v1.CompleteTaskRequest\x1a\'.aiwfe.taskproc.v1.CompleteTaskResponse\"\x06\xca\xf3\x18\x02\x18\x01\x12[\n\x08\x46\x61ilTask\x12\".aiwfe.taskproc.v1.FailTaskRequest\x1a#.aiwfe.taskproc.v1.FailTaskResponse\"\x06\xca\xf3\x18\x02\x18\x01\x12m\n\x0eShutdownWorker\x12(.aiwfe.taskproc.v1.ShutdownWorkerRequest\x1a).aiwfe.taskproc.v1.ShutdownWorkerResponse\"\x06\xca\xf3\x18\x02\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,22 +42,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERSERVICE'].methods_by_name['CompleteTask']._serialized_options = b'\312\363\030\002\030\001'
   _globals['_WORKERSERVICE'].methods_by_name['FailTask']._loaded_options = None
   _globals['_WORKERSERVICE'].methods_by_name['FailTask']._serialized_options = b'\312\363\030\002\030\001'
+  _globals['_WORKERSERVICE'].methods_by_name['ShutdownWorker']._loaded_options = None
+  _globals['_WORKERSERVICE'].methods_by_name['ShutdownWorker']._serialized_options = b'\312\363\030\002\030\001'
   _globals['_POLLTASKREQUEST']._serialized_start=156
-  _globals['_POLLTASKREQUEST']._serialized_end=251
-  _globals['_POLLTASKRESPONSE']._serialized_start=254
-  _globals['_POLLTASKRESPONSE']._serialized_end=527
-  _globals['_HEARTBEATTASKREQUEST']._serialized_start=529
-  _globals['_HEARTBEATTASKREQUEST']._serialized_end=628
-  _globals['_HEARTBEATTASKRESPONSE']._serialized_start=630
-  _globals['_HEARTBEATTASKRESPONSE']._serialized_end=679
-  _globals['_COMPLETETASKREQUEST']._serialized_start=681
-  _globals['_COMPLETETASKREQUEST']._serialized_end=778
-  _globals['_COMPLETETASKRESPONSE']._serialized_start=780
-  _globals['_COMPLETETASKRESPONSE']._serialized_end=802
-  _globals['_FAILTASKREQUEST']._serialized_start=805
-  _globals['_FAILTASKREQUEST']._serialized_end=935
-  _globals['_FAILTASKRESPONSE']._serialized_start=937
-  _globals['_FAILTASKRESPONSE']._serialized_end=1030
-  _globals['_WORKERSERVICE']._serialized_start=1033
-  _globals['_WORKERSERVICE']._serialized_end=1470
+  _globals['_POLLTASKREQUEST']._serialized_end=273
+  _globals['_POLLTASKRESPONSE']._serialized_start=276
+  _globals['_POLLTASKRESPONSE']._serialized_end=549
+  _globals['_HEARTBEATTASKREQUEST']._serialized_start=551
+  _globals['_HEARTBEATTASKREQUEST']._serialized_end=650
+  _globals['_HEARTBEATTASKRESPONSE']._serialized_start=652
+  _globals['_HEARTBEATTASKRESPONSE']._serialized_end=701
+  _globals['_COMPLETETASKREQUEST']._serialized_start=703
+  _globals['_COMPLETETASKREQUEST']._serialized_end=800
+  _globals['_COMPLETETASKRESPONSE']._serialized_start=802
+  _globals['_COMPLETETASKRESPONSE']._serialized_end=824
+  _globals['_FAILTASKREQUEST']._serialized_start=827
+  _globals['_FAILTASKREQUEST']._serialized_end=957
+  _globals['_FAILTASKRESPONSE']._serialized_start=959
+  _globals['_FAILTASKRESPONSE']._serialized_end=1052
+  _globals['_SHUTDOWNWORKERREQUEST']._serialized_start=1054
+  _globals['_SHUTDOWNWORKERREQUEST']._serialized_end=1099
+  _globals['_SHUTDOWNWORKERRESPONSE']._serialized_start=1101
+  _globals['_SHUTDOWNWORKERRESPONSE']._serialized_end=1146
+  _globals['_WORKERSERVICE']._serialized_start=1149
+  _globals['_WORKERSERVICE']._serialized_end=1697
 # @@protoc_insertion_point(module_scope)

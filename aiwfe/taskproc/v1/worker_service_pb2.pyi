@@ -12,16 +12,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PollTaskRequest(_message.Message):
-    __slots__ = ("queues", "types", "wait_seconds", "worker_identity")
+    __slots__ = ("queues", "types", "wait_seconds", "worker_identity", "poll_session")
     QUEUES_FIELD_NUMBER: _ClassVar[int]
     TYPES_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WORKER_IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    POLL_SESSION_FIELD_NUMBER: _ClassVar[int]
     queues: _containers.RepeatedScalarFieldContainer[str]
     types: _containers.RepeatedScalarFieldContainer[str]
     wait_seconds: float
     worker_identity: str
-    def __init__(self, queues: _Optional[_Iterable[str]] = ..., types: _Optional[_Iterable[str]] = ..., wait_seconds: _Optional[float] = ..., worker_identity: _Optional[str] = ...) -> None: ...
+    poll_session: str
+    def __init__(self, queues: _Optional[_Iterable[str]] = ..., types: _Optional[_Iterable[str]] = ..., wait_seconds: _Optional[float] = ..., worker_identity: _Optional[str] = ..., poll_session: _Optional[str] = ...) -> None: ...
 
 class PollTaskResponse(_message.Message):
     __slots__ = ("task_token", "workflow_id", "step_name", "queue", "type", "input", "attempt", "attempt_deadline", "heartbeat_timeout_seconds", "traceparent")
@@ -98,3 +100,15 @@ class FailTaskResponse(_message.Message):
     will_retry: bool
     next_attempt_time: _timestamp_pb2.Timestamp
     def __init__(self, will_retry: _Optional[bool] = ..., next_attempt_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ShutdownWorkerRequest(_message.Message):
+    __slots__ = ("poll_session",)
+    POLL_SESSION_FIELD_NUMBER: _ClassVar[int]
+    poll_session: str
+    def __init__(self, poll_session: _Optional[str] = ...) -> None: ...
+
+class ShutdownWorkerResponse(_message.Message):
+    __slots__ = ("polls_ended",)
+    POLLS_ENDED_FIELD_NUMBER: _ClassVar[int]
+    polls_ended: int
+    def __init__(self, polls_ended: _Optional[int] = ...) -> None: ...

@@ -59,6 +59,11 @@ class WorkerServiceStub:
                 request_serializer=aiwfe_dot_taskproc_dot_v1_dot_worker__service__pb2.FailTaskRequest.SerializeToString,
                 response_deserializer=aiwfe_dot_taskproc_dot_v1_dot_worker__service__pb2.FailTaskResponse.FromString,
                 _registered_method=True)
+        self.ShutdownWorker = channel.unary_unary(
+                '/aiwfe.taskproc.v1.WorkerService/ShutdownWorker',
+                request_serializer=aiwfe_dot_taskproc_dot_v1_dot_worker__service__pb2.ShutdownWorkerRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_taskproc_dot_v1_dot_worker__service__pb2.ShutdownWorkerResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -102,6 +107,17 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShutdownWorker(self, request, context):
+        """ShutdownWorker answers the caller's waiting PollTask calls of one poll_session empty,
+        at once, and those arriving for it in the next minute too. A worker that stops calls
+        it and then awaits its polls rather than cancelling them: a task handed to a poll
+        just as the worker stopped then reaches the worker, instead of being lost in a
+        cancelled call and waiting out its lease.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +140,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.FailTask,
                     request_deserializer=aiwfe_dot_taskproc_dot_v1_dot_worker__service__pb2.FailTaskRequest.FromString,
                     response_serializer=aiwfe_dot_taskproc_dot_v1_dot_worker__service__pb2.FailTaskResponse.SerializeToString,
+            ),
+            'ShutdownWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShutdownWorker,
+                    request_deserializer=aiwfe_dot_taskproc_dot_v1_dot_worker__service__pb2.ShutdownWorkerRequest.FromString,
+                    response_serializer=aiwfe_dot_taskproc_dot_v1_dot_worker__service__pb2.ShutdownWorkerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -239,6 +260,33 @@ class WorkerService:
             '/aiwfe.taskproc.v1.WorkerService/FailTask',
             aiwfe_dot_taskproc_dot_v1_dot_worker__service__pb2.FailTaskRequest.SerializeToString,
             aiwfe_dot_taskproc_dot_v1_dot_worker__service__pb2.FailTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShutdownWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiwfe.taskproc.v1.WorkerService/ShutdownWorker',
+            aiwfe_dot_taskproc_dot_v1_dot_worker__service__pb2.ShutdownWorkerRequest.SerializeToString,
+            aiwfe_dot_taskproc_dot_v1_dot_worker__service__pb2.ShutdownWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,
