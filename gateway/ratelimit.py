@@ -233,6 +233,7 @@ def _now_ms() -> int:
 
 
 _MAX_KEYS = 100_000
+_CLOSE_SECONDS = 2.0  # what a stopping gateway waits for its Redis settlements
 
 
 class _LocalWindows:
@@ -523,6 +524,19 @@ class ApiLimiter:
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
+    async def close(self) -> None:
+        """Settles what this replica holds before it stops: the unspent calls of its leases
+        go back to their users at once (a lease never settled counts them for the whole
+        window, as for a crashed replica), after the trips in flight."""
+        trips = {q.pending for q in self._quotas.values() if q.pending is not None}
+        if trips:
+            await asyncio.wait(trips, timeout=_CLOSE_SECONDS)
+        for user_id, q in self._quotas.items():
+            if (lease := self._take_lease(q)) is not None:
+                self._settle_in_background(user_id, lease)
+        if self._settling:
+            await asyncio.wait(set(self._settling), timeout=_CLOSE_SECONDS)
+
     async def _settle_lease(self, user_id: str, lease: tuple[str, int]) -> None:
         if self._settle is None:
             raise RuntimeError("a lease was settled without a Redis settle script")
@@ -552,6 +566,12 @@ class LoginLimiter:
         self._queued: dict[str, int] = {}  # username key → logins waiting here for a slot
         self._ended: dict[str, asyncio.Event] = {}  # username key → set when a check ends
         self._starting: dict[str, asyncio.Lock] = {}  # username key → its queue for a slot
+
+    async def close(self) -> None:
+        """Waits for the password checks' slots being given back (shielded from their
+        cancelled calls), so a stopping gateway leaves none held until it lapses."""
+        if self._ending:
+            await asyncio.wait(set(self._ending), timeout=_CLOSE_SECONDS)
 
     def _keys(self, username: str, address: str) -> list[str]:
         user, addr = _digest(username), _digest(address)

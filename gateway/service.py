@@ -164,6 +164,8 @@ class GatewayService(Service):
         )
 
     async def stop(self) -> None:
+        await self.api_limiter.close()
+        await self.login_limiter.close()
         await self.key_uses.stop()
         await self.revocations.stop()
         for downstream in self.upstreams.values():

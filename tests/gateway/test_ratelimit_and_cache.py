@@ -478,6 +478,27 @@ async def test_unspent_reservations_go_back(redis_helper) -> None:
     assert await admitted_of([first, second], "u2", 10) == 0
 
 
+async def test_a_stopping_replica_gives_its_unspent_reservations_back(redis_helper) -> None:
+    """close() (the gateway's stop) settles the replica's open lease at once: the user's
+    count in Redis drops to the calls spent. Without it the reserved calls stayed counted
+    for the whole window (as for a crashed replica), refusing the user's calls elsewhere
+    after a rolling restart; here the lease (3 s) cannot end by itself meanwhile."""
+    settings = RateLimitSettings(api_requests=100, api_window=60, api_reserve_lease_ms=3000)
+    limiter = ApiLimiter(settings, redis_helper)
+    spent = 0
+    while not limiter.try_local("u3"):
+        await limiter.acquire("u3", ("user",))
+        spent += 1
+    spent += 1
+    counts = limiter._keys("u3")[2]
+    assert redis_helper.client is not None
+    assert int(await redis_helper.client.hget(counts, "#")) > spent  # reserved ahead
+    await limiter.close()
+    assert int(await redis_helper.client.hget(counts, "#")) == spent
+    assert not limiter.try_local("u3")
+    assert await admitted_of([api_limiter(redis_helper)], "u3", 130) == 100 - spent
+
+
 @pytest.mark.parametrize("store", ["redis", "in_process"])
 async def test_a_busy_users_fast_path_quota_is_renewed_before_it_runs_out(
     redis_helper, store
