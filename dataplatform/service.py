@@ -84,7 +84,10 @@ class DataPlatformService(Service):
         self.workflows.wakeups.peers = self.replicas
         self.tokens = TokenStore(self.db)
         self.vectors = VectorService(
-            settings.qdrant, settings.home_path, access=CollectionAccessStore(self.db)
+            settings.qdrant,
+            settings.home_path,
+            access=CollectionAccessStore(self.db),
+            log=settings.logging,
         )
         self._purger: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None

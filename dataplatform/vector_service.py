@@ -21,7 +21,7 @@ import numpy as np
 
 from aiwfe.data.v1 import vector_store_service_pb2 as pb
 from aiwfe.data.v1 import vector_store_service_pb2_grpc as pb_grpc
-from aiwfe.runtime.config import QdrantPerformanceSettings, QdrantSettings
+from aiwfe.runtime.config import LoggingSettings, QdrantPerformanceSettings, QdrantSettings
 from aiwfe.runtime.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from aiwfe.runtime.metrics import qdrant_engine_resident_bytes, qdrant_query_latency
 from aiwfe.runtime.validation import Violations
@@ -68,9 +68,11 @@ def index_options(perf: QdrantPerformanceSettings) -> dict[str, Any]:
     }
 
 
-def open_configured_store(q: QdrantSettings, home: Path) -> VectorStore:
+def open_configured_store(
+    q: QdrantSettings, home: Path, log: LoggingSettings | None = None
+) -> VectorStore:
     """The store chosen by config, with the seed's HNSW, quantization and client settings;
-    the embedded engine's default directory is `home`/qdrant."""
+    the embedded engine's default directory is `home`/qdrant (its process logs by `log`)."""
     index = index_options(q.performance)
     if q.url:
         del index["release_originals_every"]  # the embedded engine's: a server maps its own
@@ -86,7 +88,7 @@ def open_configured_store(q: QdrantSettings, home: Path) -> VectorStore:
         )
     path = Path(q.path).expanduser() if q.path else home / "qdrant"
     if q.engine_process:
-        return HostedVectorStore(path, **index)
+        return HostedVectorStore(path, log, **index)
     return open_vector_store(None, path, **index)
 
 
@@ -147,9 +149,10 @@ class VectorService(pb_grpc.VectorStoreServiceServicer):
         home: Path,
         store: VectorStore | None = None,
         access: CollectionAccessStore | None = None,
+        log: LoggingSettings | None = None,
     ) -> None:
         self._defaults = qdrant.collection_config.vectors
-        self.store = store or open_configured_store(qdrant, home)
+        self.store = store or open_configured_store(qdrant, home, log)
         self._store_is_server = not isinstance(self.store, (EdgeVectorStore, HostedVectorStore))
         if isinstance(self.store, HostedVectorStore):
             qdrant_engine_resident_bytes.set_function(self.store.resident_bytes)

@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from aiwfe.runtime.config import LoggingSettings
+from aiwfe.runtime.logs import configure_logging
 from aiwfe.runtime.metrics import qdrant_engine_starts
 
 from .base import CollectionSpec, ScoredPoint, Vector, VectorPoint, VectorStore, VectorStoreError
@@ -42,7 +44,7 @@ from .edge import EdgeVectorStore
 
 __all__ = ["HostedVectorStore", "VectorEngineUnavailable"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("aiwfe.dataplatform.vectors")  # not __name__: "__main__" in the child
 
 RESTART_SECONDS = 1.0
 _LENGTH = 4
@@ -89,11 +91,13 @@ class HostedVectorStore(VectorStore):
 
     Args:
         path: The embedded store's root directory (the child opens it).
+        log: how the child logs (dataplatform's settings: its lines look like the parent's).
         **options: `EdgeVectorStore`'s keyword options.
     """
 
-    def __init__(self, path: Path, **options: Any) -> None:
+    def __init__(self, path: Path, log: LoggingSettings | None = None, **options: Any) -> None:
         self.path = Path(path)
+        self.log = log or LoggingSettings()
         self.options = options
         self._writer: asyncio.StreamWriter | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -255,7 +259,7 @@ class HostedVectorStore(VectorStore):
             theirs.close()
         qdrant_engine_starts.inc()
         self._proc = proc
-        writer.write(_frame((str(self.path), self.options)))
+        writer.write(_frame((str(self.path), self.options, self.log.model_dump())))
         self._writer = writer
         self._ended = asyncio.create_task(self._answers(reader, writer, proc))
         return writer
@@ -313,8 +317,10 @@ async def _serve(fd: int) -> None:
     opened = await _read(reader)
     if opened is None:
         return
-    path, options = opened
+    path, options, logs = opened
+    configure_logging("dataplatform", LoggingSettings(**logs))
     store = EdgeVectorStore(Path(path), **{**options, "threads": False})
+    log.info("vector engine process %d serving %s", os.getpid(), path)
     running: set[asyncio.Task[None]] = set()
 
     async def answer(call: int, method: str, args: tuple[Any, ...]) -> None:
@@ -352,7 +358,7 @@ def main() -> None:
     # Ctrl-C in a terminal reaches the whole process group: the parent decides when this
     # process ends (by closing its socket), so the shards are closed in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING)
+    configure_logging("dataplatform", LoggingSettings())  # until the parent's settings come
     asyncio.run(_serve(int(sys.argv[1])))
 
 

@@ -6,6 +6,7 @@ outlives the data platform."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -19,6 +20,7 @@ from aiwfe.data.v1 import cache_store_service_pb2 as cache_pb
 from aiwfe.data.v1 import cache_store_service_pb2_grpc as cache_grpc
 from aiwfe.data.v1 import vector_store_service_pb2 as pb
 from aiwfe.data.v1 import vector_store_service_pb2_grpc as pb_grpc
+from aiwfe.runtime.config import LoggingSettings
 from aiwfe.runtime.metrics import REGISTRY
 from dataplatform.vectors import (
     CollectionNotFound,
@@ -289,3 +291,24 @@ async def test_a_caller_that_gives_up_during_the_start_does_not_abandon_it(
         assert _sample("qdrant_engine_starts_total") == starts + 1
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("level", ["INFO", "WARNING"])
+async def test_the_engine_logs_as_dataplatform_does(tmp_path: Path, capfd, level: str) -> None:
+    """The engine's process logs by dataplatform's settings: JSON lines of service
+    `dataplatform` at its level (its start is an INFO line, absent at WARNING)."""
+    store = HostedVectorStore(tmp_path, LoggingSettings(level=level, json_format=True))
+    try:
+        assert await store.list_collections() == []
+        pid = store.pid
+    finally:
+        await store.close()
+    lines = [json.loads(x) for x in capfd.readouterr().err.splitlines() if x.startswith("{")]
+    started = [
+        e
+        for e in lines
+        if e["service"] == "dataplatform"
+        and e["logger"] == "aiwfe.dataplatform.vectors"
+        and f"process {pid} serving" in e["msg"]
+    ]
+    assert len(started) == (1 if level == "INFO" else 0), lines
