@@ -56,6 +56,10 @@ MAX_WAIT_SECONDS = 60.0
 DEFAULT_WAIT_SECONDS = 30.0
 MAX_IDENTITY_CHARS = 200
 MAX_ENDED_SESSIONS = 10_000  # ShutdownWorker calls remembered at once (oldest forgotten)
+# How long polls of an ended session are answered at once: those the worker sent before
+# ShutdownWorker but that arrive after it. Short, because a worker that reuses its
+# session after a restart gets nothing meanwhile.
+ENDED_SESSION_SECONDS = 10.0
 MAX_TOKEN_CHARS = 2048
 MAX_MESSAGE_CHARS = 4000
 _ANSWER_MARGIN = 0.5  # answer an empty poll this long before the caller's deadline
@@ -255,10 +259,10 @@ class TaskDispatcher:
 
     def end_session(self, session: tuple[str, str]) -> int:
         """Answers the session's waiting polls empty, and its polls of the next
-        MAX_WAIT_SECONDS at once; how many were waiting."""
+        ENDED_SESSION_SECONDS at once; how many were waiting."""
         now = time.monotonic()
         self._ended.pop(session, None)
-        self._ended[session] = now + MAX_WAIT_SECONDS
+        self._ended[session] = now + ENDED_SESSION_SECONDS
         while len(self._ended) > MAX_ENDED_SESSIONS or next(iter(self._ended.values())) <= now:
             del self._ended[next(iter(self._ended))]
         ended = 0

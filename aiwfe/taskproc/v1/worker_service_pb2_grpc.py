@@ -109,10 +109,11 @@ class WorkerServiceServicer:
 
     def ShutdownWorker(self, request, context):
         """ShutdownWorker answers the caller's waiting PollTask calls of one poll_session empty,
-        at once, and those arriving for it in the next minute too. A worker that stops calls
-        it and then awaits its polls rather than cancelling them: a task handed to a poll
-        just as the worker stopped then reaches the worker, instead of being lost in a
-        cancelled call and waiting out its lease.
+        at once, and those arriving for it in the next 10 s too (sent before, arrived after).
+        A worker that stops calls it and then awaits its polls rather than cancelling them: a
+        task handed to a poll just as the worker stopped then reaches the worker, instead of
+        being lost in a cancelled call and waiting out its lease. Use a new poll_session for
+        each run of a worker.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
