@@ -43,7 +43,7 @@ from aiwfe.runtime.validation import Violations
 from aiwfe.taskproc.v1 import worker_service_pb2 as pb
 from aiwfe.taskproc.v1 import worker_service_pb2_grpc as pb_grpc
 from taskproc.ops import StepError
-from taskproc.ops.task import name_problem
+from taskproc.ops.task import QUEUE_NAME, name_problem
 from taskproc.spec import claimed_inputs
 from taskproc.streams import RETRY_AFTER_SECONDS
 from taskproc.tracing import dispatch_traceparent
@@ -66,6 +66,9 @@ _ANSWER_MARGIN = 0.5  # answer an empty poll this long before the caller's deadl
 _ACTIVE = (1, 2)  # WorkflowState PENDING, RUNNING
 _INVALID_TOKEN = "is not a task token issued to this caller for this queue"
 ANY_QUEUE = "*"  # in WaitForWorkResponse.task_queues: every queue
+
+_Waiter = asyncio.Future[store_pb.ClaimedStep | None]  # a poll: its task, or None (empty)
+_Session = tuple[str, str]  # (principal, poll_session)
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ class _Group:
 
     queues: list[str]
     types: list[str]
-    waiting: deque[asyncio.Future[store_pb.ClaimedStep | None]] = field(default_factory=deque)
+    waiting: deque[_Waiter] = field(default_factory=deque)
     dirty: bool = True  # work may have arrived since the last claim found none
     claiming: bool = False
     retry_at: float = 0.0  # monotonic time of the earliest scheduled retry, 0 if none
@@ -118,11 +121,10 @@ class TaskDispatcher:
         self.lease_id = f"task:{uuid.uuid4().hex}"  # this replica's claims
         self.waiting = 0  # PollTask calls held, bounded by cfg.max_task_polls
         self.eager_tasks = 0  # tasks handed to pollers by eager dispatch, not a claim
-        # Poll sessions, keyed (principal, poll_session): their waiting polls, and those
-        # ended by ShutdownWorker with when that stops applying (insertion order = age).
-        self._sessions: dict[tuple[str, str], set[asyncio.Future[store_pb.ClaimedStep | None]]]
-        self._sessions = {}
-        self._ended: dict[tuple[str, str], float] = {}
+        # Poll sessions: their waiting polls, and those ended by ShutdownWorker with when
+        # that stops applying (insertion order = age).
+        self._sessions: dict[_Session, set[_Waiter]] = {}
+        self._ended: dict[_Session, float] = {}
 
     # --- eager dispatch ---------------------------------------------------------------
 
@@ -257,7 +259,7 @@ class TaskDispatcher:
                 timeout=5,
             )
 
-    def end_session(self, session: tuple[str, str]) -> int:
+    def end_session(self, session: _Session) -> int:
         """Answers the session's waiting polls empty, and its polls of the next
         ENDED_SESSION_SECONDS at once; how many were waiting."""
         now = time.monotonic()
@@ -277,7 +279,7 @@ class TaskDispatcher:
         queues: list[str],
         types: list[str],
         wait: float,
-        session: tuple[str, str] | None = None,
+        session: _Session | None = None,
     ) -> store_pb.ClaimedStep | None:
         """One task of `queues` (of `types`), or None once `wait` seconds passed or the
         poll's `session` ended."""
@@ -302,7 +304,7 @@ class TaskDispatcher:
         queues: list[str],
         types: list[str],
         wait: float,
-        session: tuple[str, str] | None,
+        session: _Session | None,
     ) -> store_pb.ClaimedStep | None:
         if wait <= 0 or (session is not None and self._ended.get(session, 0) > time.monotonic()):
             return None
@@ -314,7 +316,7 @@ class TaskDispatcher:
         # The waiter itself is awaited (no wait_for, no shield): a task handed to it
         # resumes the poll on the loop's next turn, not three turns later. Its timer ends
         # it empty (None); the group's fall-back claims run on the group's own timer.
-        waiter: asyncio.Future[store_pb.ClaimedStep | None] = loop.create_future()
+        waiter: _Waiter = loop.create_future()
         group.waiting.append(waiter)
         if session is not None:
             self._sessions.setdefault(session, set()).add(waiter)
@@ -360,7 +362,7 @@ class TaskDispatcher:
         group.fall_back = asyncio.get_running_loop().call_later(interval, due)
 
 
-def _empty(waiter: asyncio.Future[store_pb.ClaimedStep | None]) -> None:
+def _empty(waiter: _Waiter) -> None:
     """A poll's time is up: it answers empty, unless a task reached it first."""
     if not waiter.done():
         waiter.set_result(None)
@@ -497,8 +499,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             required=False,
         )
         if request.poll_session:
-            problem = name_problem(request.poll_session, "poll_session")
-            v.check(problem is None, "poll_session", problem or "")
+            _check_session(v, request.poll_session)
         v.raise_if_any()
         wait = request.wait_seconds or DEFAULT_WAIT_SECONDS
         remaining = context.time_remaining()
@@ -622,9 +623,16 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self, request: pb.ShutdownWorkerRequest, context: grpc.aio.ServicerContext
     ) -> pb.ShutdownWorkerResponse:
         caller = require_principal().user_id
-        problem = name_problem(request.poll_session, "poll_session")
         v = Violations()
-        v.check(problem is None, "poll_session", problem or "")
+        _check_session(v, request.poll_session)
         v.raise_if_any()
         ended = self._dispatcher.end_session((caller, request.poll_session))
         return pb.ShutdownWorkerResponse(polls_ended=ended)
+
+
+def _check_session(v: Violations, session: str) -> None:
+    v.check(
+        bool(QUEUE_NAME.fullmatch(session)),  # a session is spelled as a queue name
+        "poll_session",
+        "must be 1-64 characters of A-Z a-z 0-9 . _ -",
+    )
