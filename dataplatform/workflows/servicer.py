@@ -7,10 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from datetime import UTC
-from typing import Any
 
 import grpc
 import psycopg
@@ -23,11 +22,10 @@ from aiwfe.runtime.aio import wait_event
 from aiwfe.runtime.channels import MANY_RUNS_HEADER
 from aiwfe.runtime.errors import (
     FailedPrecondition,
-    InvalidArgument,
-    ResourceExhausted,
     rpc_status_of,
 )
 from aiwfe.runtime.interceptors import status_of
+from aiwfe.runtime.many import Many
 from aiwfe.runtime.validation import Violations
 from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from dataplatform.db import Database, DictConnection
@@ -91,43 +89,6 @@ def _check_poll(v: Violations, seconds: float) -> None:
 
 
 _FINISHED = status_pb2.Status()  # a watch's end once its workflow is done: OK
-# Messages a WatchWorkflowEventsMany stream queues for its writer: watches wait for room, so
-# a slow reader holds them back (gRPC flow control reaches the watches' reads).
-_MANY_QUEUE = 64
-
-
-class _Many:
-    """One WatchWorkflowEventsMany stream: its open watches by watch_id and the queue its
-    writer drains (responses; an exception ends the stream with its status; None ends it
-    with OK once the client is done sending and no watch is open). A watch costs its task
-    and its `_watch` frames, nothing else."""
-
-    __slots__ = ("limit", "out", "reading", "watches")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.watches: dict[int, asyncio.Task[None]] = {}
-        self.out: asyncio.Queue[pb.WatchWorkflowEventsManyResponse | Exception | None] = (
-            asyncio.Queue(_MANY_QUEUE)
-        )
-        self.reading = True
-
-    def start(self, watch_id: int, run: Coroutine[Any, Any, None]) -> None:
-        if watch_id in self.watches:
-            run.close()
-            raise InvalidArgument(
-                [("watch.watch_id", f"{watch_id} names a watch open on this stream")]
-            )
-        if len(self.watches) >= self.limit:
-            run.close()
-            raise ResourceExhausted(
-                f"a WatchWorkflowEventsMany stream carries at most {self.limit} open watches:"
-                " open another stream",
-                quota_violations=[("taskproc.watches_per_stream", f"at most {self.limit}")],
-                reason="STREAM_WATCHES_EXHAUSTED",
-                metadata={"limit": str(self.limit)},
-            )
-        self.watches[watch_id] = asyncio.create_task(run)
 
 
 class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
@@ -372,22 +333,17 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         # Headers at once: the client sends its watches only once the call is answered,
         # and its runs only to a server that says it takes them.
         await context.send_initial_metadata(((MANY_RUNS_HEADER, "1"),))
-        many = _Many(self.watches_per_stream)
-        reader = asyncio.create_task(self._read_watches(requests, many))
-        try:
-            while (item := await many.out.get()) is not None:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            reader.cancel()
-            tasks = [reader, *many.watches.values()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)  # every watch unwatched
+        many: Many[pb.WatchWorkflowEventsManyResponse] = Many(
+            "WatchWorkflowEventsMany", self.watches_per_stream, "taskproc.watches_per_stream"
+        )
+        async with aclosing(many.responses(self._read_watches(requests, many))) as replies:
+            async for reply in replies:
+                yield reply
 
     async def _read_watches(
-        self, requests: AsyncIterator[pb.WatchWorkflowEventsManyRequest], many: _Many
+        self,
+        requests: AsyncIterator[pb.WatchWorkflowEventsManyRequest],
+        many: Many[pb.WatchWorkflowEventsManyResponse],
     ) -> None:
         """Starts and cancels the stream's watches as asked; the stream's own error (a
         watch_id in use, one watch too many, an undecodable message) goes to the writer."""
@@ -406,12 +362,8 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
                         self._serve(run.watch_id, self._run(run.request), many),
                     )
                 elif request.HasField("cancel"):
-                    task = many.watches.pop(request.cancel, None)
-                    if task is not None:
-                        task.cancel()
-            many.reading = False
-            if not many.watches:
-                await many.out.put(None)
+                    many.cancel(request.cancel)
+            await many.done_reading()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -423,7 +375,7 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         updates: AsyncGenerator[
             pb.CreateWorkflowResponse | list[wf_pb.WatchWorkflowResponse], None
         ],
-        many: _Many,
+        many: Many[pb.WatchWorkflowEventsManyResponse],
     ) -> None:
         """One watch or run of a WatchWorkflowEventsMany stream (`updates`: `_watch`'s or
         `_run`'s), to its end message (none when it is cancelled: by `cancel`, or by the
@@ -465,15 +417,10 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
             end = rpc_status_of(status_of(exc))
         if stored is not None:  # failed before its first events: the leases it holds go too
             await many.out.put(pb.WatchWorkflowEventsManyResponse(watch_id=watch_id, stored=stored))
-        # Forgotten before its end is sent: the id is free once the client reads the end.
-        if many.watches.get(watch_id) is asyncio.current_task():
-            del many.watches[watch_id]
         reply = pb.WatchWorkflowEventsManyResponse(watch_id=watch_id, end=end)
         if last:
             reply.run_events.events.extend(last)
-        await many.out.put(reply)
-        if not many.reading and not many.watches:
-            await many.out.put(None)
+        await many.ended(watch_id, reply)
 
     async def RunStoredWorkflow(
         self, request: pb.RunStoredWorkflowRequest, context: grpc.aio.ServicerContext
