@@ -7,16 +7,19 @@ NOT_FOUND); the `admin` role sees all.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.rpc import status_pb2
 from jsonschema import Draft202012Validator
 
 from aiwfe.cognitive.v1 import cognitive_service_pb2
@@ -25,8 +28,10 @@ from aiwfe.data.v1 import workflow_store_service_pb2 as store_pb
 from aiwfe.data.v1 import workflow_store_service_pb2_grpc as store_grpc
 from aiwfe.runtime.channels import Upstream
 from aiwfe.runtime.config import Settings
+from aiwfe.runtime.errors import rpc_status_of
 from aiwfe.runtime.identity import InternalIdentity
-from aiwfe.runtime.interceptors import InternalIdentityInterceptor
+from aiwfe.runtime.interceptors import InternalIdentityInterceptor, status_of
+from aiwfe.runtime.many import Many
 from aiwfe.runtime.page_tokens import PageTokens
 from aiwfe.runtime.server import Service
 from aiwfe.runtime.telemetry import quiet
@@ -50,6 +55,8 @@ from taskproc.worker import Worker
 MAX_IDEMPOTENCY_KEY = 256
 MAX_WORKFLOW_ID = 64
 MAX_SIGNAL_ID = 128
+_FINISHED = status_pb2.Status()  # a watch's end once its workflow is done: OK
+_Many = Many[pb.WatchWorkflowsResponse]
 _MIN_SECONDS, _MAX_SECONDS = -62135596800, 253402300799  # 0001-01-01 .. 9999-12-31 (UTC)
 
 
@@ -286,6 +293,72 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         return self._watches.events(
             request.workflow_id, owners.scope(owners.user()), request.after_sequence, self._slots
         )
+
+    async def WatchWorkflows(
+        self,
+        requests: AsyncIterator[pb.WatchWorkflowsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.WatchWorkflowsResponse]:
+        """Many WatchWorkflow on one stream (aiwfe/runtime/many.py): a task per watch reads
+        the shared watch of its workflow, as WatchWorkflow does, and holds one of the
+        replica's slots; at most `taskproc.watches_per_stream` open at once."""
+        many: _Many = Many("WatchWorkflows", self._limits.watches_per_stream,
+                           "taskproc.watches_per_stream")  # fmt: skip
+        scope = owners.scope(owners.user())
+        # Headers at once: the stream is answered (a relay keeps no replay of it after).
+        await context.send_initial_metadata(())
+        async with aclosing(many.responses(self._read_watches(requests, scope, many))) as out:
+            async for reply in out:
+                yield reply
+
+    async def _read_watches(
+        self,
+        requests: AsyncIterator[pb.WatchWorkflowsRequest],
+        scope: store_pb.WorkflowScope,
+        many: _Many,
+    ) -> None:
+        """Starts and cancels the stream's watches as asked; the stream's own error (a
+        watch_id in use, one watch too many) goes to its writer."""
+        try:
+            async for request in requests:
+                if request.HasField("watch"):
+                    wid, watch = request.watch.watch_id, request.watch.request
+                    many.start(wid, self._serve_watch(wid, watch, scope, many))
+                elif request.HasField("cancel"):
+                    many.cancel(request.cancel)
+            await many.done_reading()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await many.out.put(exc)
+
+    async def _serve_watch(
+        self,
+        watch_id: int,
+        request: pb.WatchWorkflowRequest,
+        scope: store_pb.WorkflowScope,
+        many: _Many,
+    ) -> None:
+        """One watch of a WatchWorkflows stream, to its end message (none when cancelled)."""
+        try:
+            _check_watch(request)
+            events = self._watches.events(
+                request.workflow_id, scope, request.after_sequence, self._slots
+            )
+            del request
+            async with aclosing(events):
+                async for event in events:
+                    await many.out.put(
+                        pb.WatchWorkflowsResponse(
+                            watch_id=watch_id, events=pb.WorkflowEvents(events=(event,))
+                        )
+                    )
+            end = _FINISHED
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # that watch's status, as WatchWorkflow would end
+            end = rpc_status_of(status_of(exc))
+        await many.ended(watch_id, pb.WatchWorkflowsResponse(watch_id=watch_id, end=end))
 
     async def RunWorkflow(
         self, request: pb.RunWorkflowRequest, context: grpc.aio.ServicerContext

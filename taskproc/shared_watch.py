@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 from google.rpc import status_pb2
@@ -277,7 +277,7 @@ class SharedWatches:
 
     async def events(
         self, workflow_id: str, scope: store_pb.WorkflowScope, after: int, slots: WatchSlots
-    ) -> AsyncIterator[pb.WatchWorkflowResponse]:
+    ) -> AsyncGenerator[pb.WatchWorkflowResponse, None]:
         """The workflow's events after `after` until it is terminal and all are sent,
         holding one of `slots` meanwhile. Each open watch keeps this frame alone: no
         locals beyond what it reads with (thousands of them stay open)."""

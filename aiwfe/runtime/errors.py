@@ -177,8 +177,8 @@ REASONS: Mapping[str, Reason] = MappingProxyType({
     ),
     "STREAM_WATCHES_EXHAUSTED": Reason(
         _C.RESOURCE_EXHAUSTED,
-        "a WatchWorkflowEventsMany stream was sent more open watches than its bound"
-        " (QuotaFailure)",
+        "a WatchWorkflowEventsMany or WatchWorkflows stream was sent more open watches than"
+        " its bound (QuotaFailure)",
         ("limit",),
     ),
     "TASK_POLLS_EXHAUSTED": Reason(

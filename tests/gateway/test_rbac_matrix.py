@@ -61,6 +61,7 @@ EXPECTED: dict[str, dict[str, object]] = {
     _WF + "CancelWorkflow": _row(REACHED, REACHED, DENIED, UNAUTH),
     _WF + "RetryWorkflow": _row(REACHED, REACHED, DENIED, UNAUTH),
     _WF + "WatchWorkflow": _row(REACHED, REACHED, REACHED, UNAUTH),
+    _WF + "WatchWorkflows": _row(REACHED, REACHED, REACHED, UNAUTH),
     _WF + "RunWorkflow": _row(REACHED, REACHED, DENIED, UNAUTH),
     _WF + "SignalWorkflow": _row(REACHED, REACHED, DENIED, UNAUTH),
     # Schedules: changes need api:workflow:schedule (user has api:workflow:*), reads

@@ -3,6 +3,7 @@ import datetime
 from aiwfe.options.v1 import options_pb2 as _options_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -283,6 +284,38 @@ class WatchWorkflowResponse(_message.Message):
     message: str
     event_time: _timestamp_pb2.Timestamp
     def __init__(self, sequence: _Optional[int] = ..., workflow_state: _Optional[_Union[WorkflowState, str]] = ..., step_name: _Optional[str] = ..., step_state: _Optional[_Union[StepState, str]] = ..., message: _Optional[str] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class WatchWorkflowsRequest(_message.Message):
+    __slots__ = ("watch", "cancel")
+    WATCH_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    watch: WorkflowWatch
+    cancel: int
+    def __init__(self, watch: _Optional[_Union[WorkflowWatch, _Mapping]] = ..., cancel: _Optional[int] = ...) -> None: ...
+
+class WorkflowWatch(_message.Message):
+    __slots__ = ("watch_id", "request")
+    WATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    watch_id: int
+    request: WatchWorkflowRequest
+    def __init__(self, watch_id: _Optional[int] = ..., request: _Optional[_Union[WatchWorkflowRequest, _Mapping]] = ...) -> None: ...
+
+class WatchWorkflowsResponse(_message.Message):
+    __slots__ = ("watch_id", "events", "end")
+    WATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    watch_id: int
+    events: WorkflowEvents
+    end: _status_pb2.Status
+    def __init__(self, watch_id: _Optional[int] = ..., events: _Optional[_Union[WorkflowEvents, _Mapping]] = ..., end: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+
+class WorkflowEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[WatchWorkflowResponse]
+    def __init__(self, events: _Optional[_Iterable[_Union[WatchWorkflowResponse, _Mapping]]] = ...) -> None: ...
 
 class SignalWorkflowRequest(_message.Message):
     __slots__ = ("workflow_id", "name", "payload", "signal_id")

@@ -65,6 +65,11 @@ class WorkflowServiceStub:
                 request_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowRequest.SerializeToString,
                 response_deserializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowResponse.FromString,
                 _registered_method=True)
+        self.WatchWorkflows = channel.stream_stream(
+                '/aiwfe.taskproc.v1.WorkflowService/WatchWorkflows',
+                request_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowsRequest.SerializeToString,
+                response_deserializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowsResponse.FromString,
+                _registered_method=True)
         self.RunWorkflow = channel.unary_stream(
                 '/aiwfe.taskproc.v1.WorkflowService/RunWorkflow',
                 request_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.RunWorkflowRequest.SerializeToString,
@@ -126,6 +131,22 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchWorkflows(self, request_iterator, context):
+        """WatchWorkflows is WatchWorkflow for many workflows on one stream: each `watch` starts
+        one under a watch_id the client picks, answered by messages tagged with it, batches
+        of events and then one end: OK once the workflow is terminal and every event was
+        sent, or the status WatchWorkflow would have ended with (NOT_FOUND,
+        INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...), for that watch alone. Each open watch
+        holds one of the replica's watch slots, as a WatchWorkflow call does. `cancel` ends a
+        watch with no answer; the client's end of sending ends the stream with OK once no
+        watch is open. A watch_id already open, or more than 10,000 open watches, ends the
+        stream. The gateway carries its callers' WatchWorkflow calls of different workflows
+        on it (one stream instead of a call each).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RunWorkflow(self, request, context):
         """RunWorkflow submits a workflow (as SubmitWorkflow) and streams it as WatchWorkflow
         does, in one call: the accepted workflow first, then every event until it is terminal.
@@ -176,6 +197,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.WatchWorkflow,
                     request_deserializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowRequest.FromString,
                     response_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowResponse.SerializeToString,
+            ),
+            'WatchWorkflows': grpc.stream_stream_rpc_method_handler(
+                    servicer.WatchWorkflows,
+                    request_deserializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowsRequest.FromString,
+                    response_serializer=aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowsResponse.SerializeToString,
             ),
             'RunWorkflow': grpc.unary_stream_rpc_method_handler(
                     servicer.RunWorkflow,
@@ -351,6 +377,33 @@ class WorkflowService:
             '/aiwfe.taskproc.v1.WorkflowService/WatchWorkflow',
             aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowRequest.SerializeToString,
             aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchWorkflows(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/aiwfe.taskproc.v1.WorkflowService/WatchWorkflows',
+            aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowsRequest.SerializeToString,
+            aiwfe_dot_taskproc_dot_v1_dot_workflow__service__pb2.WatchWorkflowsResponse.FromString,
             options,
             channel_credentials,
             insecure,
