@@ -79,6 +79,10 @@ _CLOSED = BreakerState.CLOSED  # read once: an Enum class attribute costs a slow
 # them from one upstream stream (`relay.Share`): a watch of a workflow streams its events
 # from the first (or after a given sequence) until it is terminal, whoever asks when.
 _SHARED = frozenset({"/aiwfe.taskproc.v1.WorkflowService/WatchWorkflow"})
+# Calls of one caller and headers with different requests: their shared streams go as
+# watches of one upstream stream of this method (`relay._Many`), each a task upstream
+# instead of a stream.
+_MANY = {path.encode(): b"/aiwfe.taskproc.v1.WorkflowService/WatchWorkflows" for path in _SHARED}
 
 
 def server_tls(tls: TlsSettings) -> ssl.SSLContext | None:
@@ -457,20 +461,25 @@ class FrontDoor:
         key = h2.header_block(
             [(b":path", request.path), (b"jti", principal.token_id.encode()), identity, *kept]
         )
-        block = h2.header_block(
-            [
-                (b":method", b"POST"),
-                (b":scheme", route.scheme),
-                (b":path", request.path),
-                (b":authority", route.authority),
-                (b"te", b"trailers"),
-                identity,
-                *kept,
-                (b"user-agent", RELAY_USER_AGENT),
-            ]
-        )
+
+        def block(path: bytes) -> bytes:
+            return h2.header_block(
+                [
+                    (b":method", b"POST"),
+                    (b":scheme", route.scheme),
+                    (b":path", path),
+                    (b":authority", route.authority),
+                    (b"te", b"trailers"),
+                    identity,
+                    *kept,
+                    (b"user-agent", RELAY_USER_AGENT),
+                ]
+            )
+
         deadline = request.client if request.client is not None else request.cap
-        return Share(key, block, deadline, self._refusal(request))
+        return Share(
+            key, block(request.path), deadline, self._refusal(request), block(_MANY[request.path])
+        )
 
     def _refusal(self, request: _Request) -> Callable[[], grpc.Status | None]:
         """The admission a shared stream's caller passed, made again: the status that

@@ -31,6 +31,7 @@ cancelled streams and PINGs end in GOAWAY(ENHANCE_YOUR_CALM).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import logging
@@ -40,13 +41,17 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
+from urllib.parse import unquote
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
 
 from aiwfe.runtime.aio import wait_event
 from aiwfe.runtime.config import GatewayHttp2Settings, GrpcSettings
-from aiwfe.runtime.errors import Status
+from aiwfe.runtime.errors import Status, rpc_error_of
 from aiwfe.runtime.resilience.breaker import has_details
+from aiwfe.taskproc.v1 import workflow_service_pb2 as wf_pb
 from gateway import h2
 from gateway.h2 import ProtocolViolation
 
@@ -98,6 +103,11 @@ _FANOUT_HISTORY = 1 << 20
 _FANOUTS_HISTORY = 64 << 20  # all fan-outs' kept frames together, in the whole relay
 _WATCHER_LAG = STREAM_WINDOW
 _RECHECK_SECONDS = 0.5  # a revoked caller's shared streams end within a second
+# Watches of different requests (`_Many`): per upstream stream; a back end without
+# WatchWorkflows is asked again after this long; the largest message taken from it.
+_MANY_WATCHES = 1000
+_MANY_REFUSED_SECONDS = 60.0
+_MANY_MESSAGE = 4 << 20
 _RST_STATUS = {h2.CANCEL: grpc.StatusCode.CANCELLED, h2.REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
 
 # What the relay says itself when it answers a call.
@@ -183,6 +193,10 @@ class Share(NamedTuple):
     # Asked every `_RECHECK_SECONDS` while the shared stream is open: the status that would
     # refuse its key's caller now (its token revoked, its role gone), which ends them all.
     refusal: Callable[[], grpc.Status | None] = lambda: None
+    # The request headers of the upstream stream that carries watches of different
+    # requests of this key, each as a watch of its own (`_Many`: taskproc's
+    # WatchWorkflows), instead of a stream each; None: a stream each.
+    many: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -239,6 +253,8 @@ class Relay:
         self.opening: list[_Stream] = []  # calls to open upstream once this read is handled
         self.fanouts: dict[bytes, _Fanout] = {}  # shared upstream streams a call may join
         self.fanout_bytes = 0  # the frames they keep for late joiners
+        self.manys: dict[bytes, _Many] = {}  # by Share.key: the one new watches go on
+        self.many_refused: dict[str, float] = {}  # upstream -> when to ask it again
         self.later: list[Callable[[], None]] = []
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -1270,7 +1286,33 @@ class _Client(_Connection):
             self.close()
 
 
-class _Fanout:
+class _Host:
+    """The client side of a stream the relay opens upstream for itself (a fan-out's shared
+    stream, a `_Many`): what `_send`, `_grant`, `_passed` and the pool ask of a client. It
+    takes every byte at once (its windows and budget never run out), so the upstream is
+    never held back by it; what it passes on is bounded where it goes."""
+
+    peer_initial_window = send_window = h2.MAX_WINDOW
+    paused = closing = closed = False
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.budget = 1 << 62  # the windows granted upstream are used up at once
+        self.starved: dict[_Stream, None] = {}
+        self.blocked: dict[_Stream, None] = {}
+        self.useful = 0
+
+    def write(self, data: bytes) -> None:
+        """Frames for the stream's client (window updates): none is needed."""
+
+    def credit(self, n: int) -> None:
+        """The stream's request bytes were passed on: nobody waits for credit."""
+
+    def feed_starved(self) -> None:
+        """Never starved: its budget is not spent."""
+
+
+class _Fanout(_Host):
     """One upstream stream shared by equal calls (`Share`): its frames are copied to each
     caller's stream, where the relay's flow control toward that client applies as for a
     relayed stream, and kept (up to `_FANOUT_HISTORY`, and `_FANOUTS_HISTORY` for all) so
@@ -1278,18 +1320,14 @@ class _Fanout:
     it stands for the shared stream's client (the methods `_send`, `_grant` and the pool
     ask of one): it takes every byte at once, so the upstream is never held back by a slow
     caller; that caller is reset alone once it has `_WATCHER_LAG` bytes unwritten or its
-    connection's buffer budget is spent. The last caller leaving cancels the upstream."""
-
-    peer_initial_window = send_window = h2.MAX_WINDOW
-    paused = closing = closed = False
+    connection's buffer budget is spent. The last caller leaving cancels the upstream.
+    Its stream may be a watch of a `_Many` instead of a stream of its own (`Share.many`)."""
 
     def __init__(self, relay: Relay, key: bytes) -> None:
-        self.relay = relay
+        super().__init__(relay)
         self.key = key
-        self.budget = 1 << 62  # the windows granted upstream are used up at once
-        self.starved: dict[_Stream, None] = {}
-        self.blocked: dict[_Stream, None] = {}
-        self.useful = 0
+        self.many: _Many | None = None  # the stream carrying its watch, while it does
+        self.watch_id = 0
         self.frames: list[tuple[int, int, bytes]] | None = []  # None: too long, no joiner
         self.size = 0
         self.watchers: dict[_Stream, asyncio.TimerHandle] = {}  # and their deadlines
@@ -1314,7 +1352,8 @@ class _Fanout:
             shared.to_upstream.append((h2.DATA, h2.END_STREAM, body))
             fanout.stream = shared
             fanout.refusal = share.refusal
-            relay.pools[stream.decision.upstream].open(shared)
+            if share.many is None or not _Many.carry(fanout, share.key, share.many, body):
+                relay.pools[stream.decision.upstream].open(shared)
         stream.fanout = fanout
         loop = asyncio.get_running_loop()
         if fanout.timer is None:
@@ -1390,6 +1429,9 @@ class _Fanout:
             self.timer = None
         self._forget()
         shared.done = True
+        if self.many is not None:
+            self.many.cancel(self.watch_id)
+            self.many = None
         upstream = shared.upstream
         if upstream is not None:
             upstream.forget(shared)
@@ -1441,15 +1483,6 @@ class _Fanout:
             self.stream.to_client.window = h2.MAX_WINDOW
         self._add((ftype, flags, payload))
 
-    def write(self, data: bytes) -> None:
-        """Frames for the shared stream's client (window updates): none is needed."""
-
-    def credit(self, n: int) -> None:
-        """The shared request's bytes were passed on: nobody waits for credit."""
-
-    def feed_starved(self) -> None:
-        """Never starved: its budget is not spent."""
-
     def forget(self, stream: _Stream) -> None:
         """The shared stream ended (its trailers were copied) or was reset."""
         self._forget()
@@ -1461,6 +1494,246 @@ class _Fanout:
             stream.client.forget(stream)
             stream.client.reset(stream.cid, code, peer_caused=False)
             _finish(stream, _RST_STATUS.get(code, grpc.StatusCode.INTERNAL))
+
+
+class _Many(_Host):
+    """One upstream stream carrying the shared streams of many fan-outs (of different
+    requests of one `Share.key`) as watches of taskproc's WatchWorkflows, each under a
+    watch_id of its own: a watch costs the back end a task, not a stream (≈ 25 KB in
+    grpc.aio). Each fan-out's stream is fed here as an upstream stream would feed it:
+    response headers before its first events, a gRPC message per event, and trailers
+    made of its watch's end (code, message, details), so its callers see what a stream of
+    its own would have answered. A watch's end is its alone; the stream's end (the back
+    end restarted, its connection lost) is every open watch's, and the next fan-out opens
+    a new stream. A back end without the method (UNIMPLEMENTED: an older replica) gets a
+    stream per fan-out, for `_MANY_REFUSED_SECONDS`. At most `_MANY_WATCHES` watches per
+    stream; the stream ends (its requests' end) once its last watch has."""
+
+    def __init__(self, relay: Relay, key: bytes, upstream: str, block: bytes) -> None:
+        super().__init__(relay)
+        self.key = key
+        self.upstream = upstream
+        self.watches: dict[int, _Stream] = {}  # fan-outs' shared streams by watch_id
+        self.next_id = 0
+        self.buffer = bytearray()  # response bytes not yet a whole message
+        self.broken = False  # it sent what no WatchWorkflows sends: ending
+        self.stream = _Stream(cast(_Client, self), 1, Decision(upstream, []), block)
+        relay.pools[upstream].open(self.stream)
+
+    @staticmethod
+    def carry(fanout: _Fanout, key: bytes, block: bytes, body: bytes) -> bool:
+        """Opens `fanout`'s stream (its request `body`, one gRPC message) as a watch of
+        the `_Many` of `key`; False when its back end does not take them now."""
+        shared = fanout.stream
+        if shared is None:
+            raise RuntimeError("a fan-out carried without its stream")
+        relay, upstream = fanout.relay, shared.decision.upstream
+        if relay.many_refused.get(upstream, 0.0) > time.monotonic():
+            return False
+        many = relay.manys.get(key)
+        if many is None or len(many.watches) >= _MANY_WATCHES:
+            many = relay.manys[key] = _Many(relay, key, upstream, block)
+        many.next_id += 1
+        watch_id = many.next_id
+        many.watches[watch_id] = shared
+        fanout.many, fanout.watch_id = many, watch_id
+        request = body[5:]  # the WatchWorkflowRequest
+        watch = _field(1, _varint(watch_id)) + _field(2, request, length=True)
+        many.send(_field(1, watch, length=True))  # WatchWorkflowsRequest.watch
+        return True
+
+    def send(self, request: bytes) -> None:
+        stream = self.stream
+        if stream.client_ended or stream.done:
+            return
+        message = b"\x00" + len(request).to_bytes(4, "big") + request
+        stream.to_upstream.append((h2.DATA, 0, message))
+        _send(stream, True)
+
+    def cancel(self, watch_id: int) -> None:
+        """A fan-out's last caller left: its watch ends with no answer."""
+        if self.watches.pop(watch_id, None) is not None:
+            self.send(b"\x10" + _varint(watch_id))  # WatchWorkflowsRequest.cancel
+            self._end_if_idle()
+
+    def _end_if_idle(self) -> None:
+        """No watch left: the stream ends with its requests (the back end answers OK)."""
+        if self.watches:
+            return
+        self._forget()
+        stream = self.stream
+        if not stream.client_ended and not stream.done:
+            stream.client_ended = True
+            stream.to_upstream.append((h2.DATA, h2.END_STREAM, b""))
+            _send(stream, True)
+
+    def _forget(self) -> None:
+        """No new watch goes on this stream."""
+        if self.relay.manys.get(self.key) is self:
+            del self.relay.manys[self.key]
+
+    # What the relay asks of the stream's client.
+
+    def write_headers(self, sid: int, block: bytes, flags: int) -> None:
+        """Its response headers say nothing to pass on; its trailers end every watch."""
+        if flags & h2.END_STREAM:
+            self._ended(block)
+
+    def write_frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        self.send_window = h2.MAX_WINDOW  # (`_send` takes the size off after this)
+        self.stream.to_client.window = h2.MAX_WINDOW
+        if self.broken:
+            return
+        buffer = self.buffer
+        buffer += payload
+        while len(buffer) >= 5:
+            size = int.from_bytes(buffer[1:5], "big")
+            if buffer[0] != 0 or size > _MANY_MESSAGE:
+                self._broken("a compressed or oversized WatchWorkflows message")
+                return
+            if len(buffer) < 5 + size:
+                break
+            message = bytes(buffer[5 : 5 + size])
+            del buffer[: 5 + size]
+            try:
+                reply = wf_pb.WatchWorkflowsResponse.FromString(message)
+            except DecodeError:
+                self._broken("an undecodable WatchWorkflows message")
+                return
+            self._deliver(reply)
+        if flags & h2.END_STREAM:  # a response ending without trailers
+            self._ended(b"")
+
+    def _deliver(self, reply: wf_pb.WatchWorkflowsResponse) -> None:
+        shared = self.watches.get(reply.watch_id)
+        if shared is None or shared.done:
+            return  # cancelled meanwhile
+        if reply.HasField("end"):
+            del self.watches[reply.watch_id]
+            self._end_watch(shared, reply.end)
+            self._end_if_idle()
+            return
+        data = b"".join(_message(event.SerializeToString()) for event in reply.events.events)
+        if not data:
+            return
+        if not shared.response_started:
+            shared.response_started = True
+            shared.to_client.append((h2.HEADERS, 0, _RESPONSE_BLOCK))
+        shared.queued += len(data)
+        shared.to_client.append((h2.DATA, 0, data))
+        _send(shared, False)
+
+    @staticmethod
+    def _end_watch(shared: _Stream, status: status_pb2.Status) -> None:
+        """The trailers a stream of its own would have ended with, for `status`."""
+        error = rpc_error_of(status)
+        shared.code, shared.details = error.code(), bool(status.details)
+        fields = h2.grpc_status_headers(
+            status.code, status.message, shared.response_started, error.trailing_metadata()
+        )
+        shared.upstream_ended = shared.response_started = True
+        shared.to_client.append((h2.HEADERS, h2.END_STREAM, h2.header_block(fields)))
+        _send(shared, False)
+
+    def _ended(self, trailers: bytes) -> None:
+        """The stream ended: its open watches with its status (UNAVAILABLE for an OK with
+        watches open); UNIMPLEMENTED sends each on a stream of its own."""
+        self._forget()
+        status = _trailers_status(trailers)
+        if status.code == grpc.StatusCode.UNIMPLEMENTED.value[0]:
+            self.relay.many_refused[self.upstream] = time.monotonic() + _MANY_REFUSED_SECONDS
+            watches, self.watches = self.watches, {}
+            for shared in watches.values():
+                fanout = cast(_Fanout, shared.client)
+                fanout.many = None
+                if not shared.done and not shared.response_started:
+                    self.relay.pools[self.upstream].open(shared)
+            return
+        if status.code == 0:
+            status = status_pb2.Status(
+                code=grpc.StatusCode.UNAVAILABLE.value[0],
+                message="the back end ended WatchWorkflows with watches open",
+            )
+        self._fail_watches(status)
+
+    def _broken(self, reason: str) -> None:
+        """The back end sent what no WatchWorkflows sends: the stream goes, and its
+        watches with it (UNAVAILABLE, as a broken connection's streams)."""
+        log.warning("ending a WatchWorkflows stream: %s", reason)
+        self.broken = True
+        self.buffer.clear()
+        asyncio.get_running_loop().call_soon(self._fail, reason)  # not inside `_send`
+
+    def _fail(self, reason: str) -> None:
+        if not self.stream.done:
+            _fail(self.stream, grpc.StatusCode.UNAVAILABLE, reason)  # our trailers: `_ended`
+            self.relay.flush()
+
+    def _fail_watches(self, status: status_pb2.Status) -> None:
+        watches, self.watches = self.watches, {}
+        for shared in watches.values():
+            cast(_Fanout, shared.client).many = None
+            if not shared.done:
+                self._end_watch(shared, status)
+
+    def forget(self, stream: _Stream) -> None:
+        """The stream ended (its trailers were read) or was reset."""
+        self._forget()
+
+    def reset(self, sid: int, code: int, *, peer_caused: bool = True) -> None:
+        """The upstream reset the stream: so is every watch's, as its own would be."""
+        watches, self.watches = self.watches, {}
+        for shared in watches.values():
+            fanout = cast(_Fanout, shared.client)
+            fanout.many = None
+            if not shared.done:
+                shared.done = True
+                fanout.forget(shared)
+                fanout.reset(shared.cid, code)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, value: bytes, length: bool = False) -> bytes:
+    """A protobuf field: a varint (`value` encoded already) or a length-delimited one."""
+    if length:
+        return _varint(number << 3 | 2) + _varint(len(value)) + value
+    return _varint(number << 3) + value
+
+
+def _message(payload: bytes) -> bytes:
+    return b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+_TRAILERS = h2.HeaderDecoder(_MAX_HEADER_BLOCK, table_size=0)
+
+
+def _trailers_status(block: bytes) -> status_pb2.Status:
+    """The gRPC status of a trailers block (no dynamic table: an upstream's, or the
+    relay's own), with its message and details; UNKNOWN if it has none."""
+    unknown = status_pb2.Status(code=_UNKNOWN.value[0], message="no status in the trailers")
+    try:
+        fields = dict(_TRAILERS.decode(block)) if block else {}
+    except ProtocolViolation:
+        return unknown
+    raw = fields.get(b"grpc-status", b"")
+    if not raw.isdigit():
+        return unknown
+    details = fields.get(b"grpc-status-details-bin")
+    if details is not None:
+        with contextlib.suppress(ValueError, DecodeError):
+            return status_pb2.Status.FromString(
+                base64.b64decode(details + b"=" * (-len(details) % 4))
+            )
+    message = unquote(fields.get(b"grpc-message", b"").decode("utf-8", "replace"))
+    return status_pb2.Status(code=int(raw), message=message)
 
 
 class _Pool:
