@@ -34,6 +34,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import hashlib
 import logging
 import ssl
 import time
@@ -252,6 +253,7 @@ class Relay:
         self.dirty: list[_Connection] = []
         self.opening: list[_Stream] = []  # calls to open upstream once this read is handled
         self.fanouts: dict[bytes, _Fanout] = {}  # shared upstream streams a call may join
+        self.admissions: dict[bytes, _Admission] = {}  # their callers', by Share.key
         self.fanout_bytes = 0  # the frames they keep for late joiners
         self.manys: dict[bytes, _Many] = {}  # by Share.key: the one new watches go on
         self.many_refused: dict[str, float] = {}  # upstream -> when to ask it again
@@ -1219,6 +1221,10 @@ class _Client(_Connection):
                     stream.held = -1
                     stream.to_upstream.clear()
                     _Fanout.join(stream, share, body)
+                    # A watcher keeps neither its request block nor the share's (a fan-out
+                    # keeps what its stream needs): thousands of them stay open.
+                    stream.request = b""
+                    stream.decision = stream.decision._replace(share=None)
                     return
                 reply = None
             elif stream.decision.answer is None:
@@ -1292,11 +1298,13 @@ class _Host:
     takes every byte at once (its windows and budget never run out), so the upstream is
     never held back by it; what it passes on is bounded where it goes."""
 
-    peer_initial_window = send_window = h2.MAX_WINDOW
+    __slots__ = ("blocked", "budget", "relay", "send_window", "starved", "useful")
+    peer_initial_window = h2.MAX_WINDOW
     paused = closing = closed = False
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
+        self.send_window = h2.MAX_WINDOW
         self.budget = 1 << 62  # the windows granted upstream are used up at once
         self.starved: dict[_Stream, None] = {}
         self.blocked: dict[_Stream, None] = {}
@@ -1323,6 +1331,11 @@ class _Fanout(_Host):
     connection's buffer budget is spent. The last caller leaving cancels the upstream.
     Its stream may be a watch of a `_Many` instead of a stream of its own (`Share.many`)."""
 
+    __slots__ = (
+        "admission", "code", "details", "frames", "key", "many", "size", "stream", "watch_id",
+        "watchers",
+    )  # fmt: skip
+
     def __init__(self, relay: Relay, key: bytes) -> None:
         super().__init__(relay)
         self.key = key
@@ -1333,31 +1346,29 @@ class _Fanout(_Host):
         self.watchers: dict[_Stream, asyncio.TimerHandle] = {}  # and their deadlines
         self.stream: _Stream | None = None  # the shared one, until it ends
         self.code, self.details = _UNKNOWN, False  # how it ended
-        self.refusal: Callable[[], grpc.Status | None] = lambda: None
-        self.timer: asyncio.TimerHandle | None = None  # the next admission check
+        self.admission: _Admission | None = None  # its caller's, while it is open
 
     @staticmethod
     def join(stream: _Stream, share: Share, body: bytes) -> None:
         """`stream` (its request whole, `body`) watches the fan-out of its key and request,
         opened upstream now if there is none."""
         relay = stream.client.relay
-        key = share.key + body
+        # A digest, not the bytes (a caller's key holds its identity assertion): thousands
+        # of fan-outs stay open. SHA-256: no two keys meet.
+        key = hashlib.sha256(share.key + body).digest()
         fanout = relay.fanouts.get(key)
         if fanout is None:
             fanout = relay.fanouts[key] = _Fanout(relay, key)
-            shared = _Stream(
-                cast(_Client, fanout), 1, stream.decision._replace(finish=None), share.block
-            )
+            upstream = stream.decision.upstream
+            shared = _Stream(cast(_Client, fanout), 1, Decision(upstream, []), share.block)
             shared.client_ended = True
             shared.to_upstream.append((h2.DATA, h2.END_STREAM, body))
             fanout.stream = shared
-            fanout.refusal = share.refusal
+            _Admission.enter(fanout, share)
             if share.many is None or not _Many.carry(fanout, share.key, share.many, body):
-                relay.pools[stream.decision.upstream].open(shared)
+                relay.pools[upstream].open(shared)
         stream.fanout = fanout
         loop = asyncio.get_running_loop()
-        if fanout.timer is None:
-            fanout.timer = loop.call_later(_RECHECK_SECONDS, fanout.recheck)
         fanout.watchers[stream] = loop.call_later(share.deadline, fanout.expire, stream)
         for frame in fanout.frames or ():
             fanout.give(stream, frame)
@@ -1398,22 +1409,14 @@ class _Fanout(_Host):
         _fail(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         self.relay.flush()
 
-    def recheck(self) -> None:
-        """Admission again, for the caller all watchers are: refused now (revoked), they
-        end with the refusal's status and the shared stream with the last of them."""
-        self.timer = None
-        if self.stream is None or not self.watchers:
-            return
-        status = self.refusal()
-        if status is None:
-            self.timer = asyncio.get_running_loop().call_later(_RECHECK_SECONDS, self.recheck)
-            return
+    def refuse(self, status: grpc.Status) -> None:
+        """Its caller is refused now (revoked): every watcher ends with the refusal's
+        status, and the shared stream with the last of them."""
         for stream in list(self.watchers):
             self.leave(stream)
             if not stream.done and not stream.upstream_ended:
                 _finish(stream, status.code)
                 _fail(stream, status.code, status.details, status.trailing_metadata)
-        self.relay.flush()
 
     def leave(self, stream: _Stream) -> None:
         """A caller is gone; the last one takes the shared stream with it (CANCEL)."""
@@ -1424,9 +1427,6 @@ class _Fanout(_Host):
         shared = self.stream
         if self.watchers or shared is None:
             return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self._forget()
         shared.done = True
         if self.many is not None:
@@ -1439,9 +1439,13 @@ class _Fanout(_Host):
                 upstream.write(h2.rst_stream(shared.uid, h2.CANCEL))
 
     def _forget(self) -> None:
-        """No new caller joins this one (it ended or is ending)."""
+        """No new caller joins this one (it ended or is ending), and it is re-admitted no
+        more."""
         self.stream = None
         self._closed_to_joiners()
+        if self.admission is not None:
+            self.admission.leave(self)
+            self.admission = None
 
     def _closed_to_joiners(self) -> None:
         """Its kept frames go: those watching go on, a new caller opens a stream anew."""
@@ -1496,6 +1500,48 @@ class _Fanout(_Host):
             _finish(stream, _RST_STATUS.get(code, grpc.StatusCode.INTERNAL))
 
 
+class _Admission:
+    """The admission a caller's fan-outs passed (one `Share.key`: its token, identity and
+    headers), made again every `_RECHECK_SECONDS` while any is open, once for all of them:
+    refused now (a revoked token, a role taken away), they all end with the refusal."""
+
+    __slots__ = ("fanouts", "key", "refusal", "relay", "timer")
+
+    def __init__(self, relay: Relay, key: bytes, refusal: Callable[[], grpc.Status | None]):
+        self.relay = relay
+        self.key = key
+        self.refusal = refusal
+        self.fanouts: dict[_Fanout, None] = {}
+        self.timer = asyncio.get_running_loop().call_later(_RECHECK_SECONDS, self.recheck)
+
+    @staticmethod
+    def enter(fanout: _Fanout, share: Share) -> None:
+        admissions = fanout.relay.admissions
+        admission = admissions.get(share.key)
+        if admission is None:
+            admission = admissions[share.key] = _Admission(fanout.relay, share.key, share.refusal)
+        admission.fanouts[fanout] = None
+        fanout.admission = admission
+
+    def leave(self, fanout: _Fanout) -> None:
+        self.fanouts.pop(fanout, None)
+        if not self.fanouts:
+            self.timer.cancel()
+            if self.relay.admissions.get(self.key) is self:
+                del self.relay.admissions[self.key]
+
+    def recheck(self) -> None:
+        status = self.refusal()
+        if status is None:
+            self.timer = asyncio.get_running_loop().call_later(_RECHECK_SECONDS, self.recheck)
+            return
+        if self.relay.admissions.get(self.key) is self:
+            del self.relay.admissions[self.key]
+        for fanout in list(self.fanouts):
+            fanout.refuse(status)
+        self.relay.flush()
+
+
 class _Many(_Host):
     """One upstream stream carrying the shared streams of many fan-outs (of different
     requests of one `Share.key`) as watches of taskproc's WatchWorkflows, each under a
@@ -1508,6 +1554,8 @@ class _Many(_Host):
     a new stream. A back end without the method (UNIMPLEMENTED: an older replica) gets a
     stream per fan-out, for `_MANY_REFUSED_SECONDS`. At most `_MANY_WATCHES` watches per
     stream; the stream ends (its requests' end) once its last watch has."""
+
+    __slots__ = ("broken", "buffer", "key", "next_id", "stream", "upstream", "watches")
 
     def __init__(self, relay: Relay, key: bytes, upstream: str, block: bytes) -> None:
         super().__init__(relay)
@@ -1537,8 +1585,8 @@ class _Many(_Host):
         watch_id = many.next_id
         many.watches[watch_id] = shared
         fanout.many, fanout.watch_id = many, watch_id
-        request = body[5:]  # the WatchWorkflowRequest
-        watch = _field(1, _varint(watch_id)) + _field(2, request, length=True)
+        # The caller's WatchWorkflowRequest goes as it came: the relay parses no request.
+        watch = _field(1, _varint(watch_id)) + _field(2, body[5:], length=True)
         many.send(_field(1, watch, length=True))  # WatchWorkflowsRequest.watch
         return True
 

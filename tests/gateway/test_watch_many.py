@@ -13,6 +13,8 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from aiwfe.app.suite import Suite
+from aiwfe.auth.v1 import auth_service_pb2 as auth_pb
+from aiwfe.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from aiwfe.taskproc.v1 import workflow_service_pb2 as pb
 from aiwfe.taskproc.v1 import workflow_service_pb2_grpc as pb_grpc
 from gateway import relay
@@ -69,6 +71,7 @@ async def test_watchers_of_different_workflows_share_one_upstream_stream(suite: 
         await until(lambda: all(w.events for w in watchers), 10)
         assert _watches(suite) == 4
         assert len(_relay(suite).manys) == 1
+        assert len(_relay(suite).admissions) == 1  # one re-admission for the caller's four
         assert _upstream_streams(suite) == 1
         assert _slots(suite).in_flight == 4
         for wid, names in zip(wids, signals, strict=True):
@@ -201,8 +204,73 @@ async def test_a_back_end_without_watchworkflows_gets_a_stream_per_watcher(
         assert _upstream_streams(suite) == 3
         for wid in wids:
             await _signal(channel, token, wid, "go")
-        results = await asyncio.wait_for(
-            asyncio.gather(*(w.task for w in [*watchers, late])), 20
-        )
+        results = await asyncio.wait_for(asyncio.gather(*(w.task for w in [*watchers, late])), 20)
     for events in results:
         assert events[-1].workflow_state == pb.WORKFLOW_STATE_SUCCEEDED
+
+
+async def test_a_full_upstream_stream_takes_no_more_watches(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past `_MANY_WATCHES` on a stream (2 here) the next watch opens another stream; both
+    serve their watchers to the end."""
+    monkeypatch.setattr(relay, "_MANY_WATCHES", 2)
+    async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+        token = await new_user(suite, channel)
+        wids = [await _submit(channel, token, _waiting("go")) for _ in range(3)]
+        await _fast(channel, token, wids[0])
+        watchers = [_Watcher(channel, token, wid) for wid in wids]
+        await until(lambda: all(w.events for w in watchers), 10)
+        assert _upstream_streams(suite) == 2
+        assert _watches(suite) == 1  # the stream new watches go on; the full one is apart
+        for wid in wids:
+            await _signal(channel, token, wid, "go")
+        results = await asyncio.wait_for(asyncio.gather(*(w.task for w in watchers)), 20)
+        await until(lambda: _upstream_streams(suite) == 0, 10)
+    for events in results:
+        assert events[-1].workflow_state == pb.WORKFLOW_STATE_SUCCEEDED
+
+
+async def test_a_lost_upstream_connection_ends_every_watcher_unavailable(suite: Suite) -> None:
+    """The gateway's connection to taskproc breaks: each watcher on the stream ends
+    UNAVAILABLE (as relayed streams of their own would), none hangs, slots come back, and a
+    new watcher is served on a new connection."""
+    async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+        token = await new_user(suite, channel)
+        wids = [await _submit(channel, token, _waiting("go")) for _ in range(2)]
+        await _fast(channel, token, wids[0])
+        watchers = [_Watcher(channel, token, wid) for wid in wids]
+        await until(lambda: all(w.events for w in watchers), 10)
+        for name, pool in _relay(suite).pools.items():
+            if "taskproc" in name:
+                for conn in pool.conns:
+                    if conn.streams and conn.transport is not None:
+                        conn.transport.abort()
+        for watcher in watchers:
+            assert (await _ended(watcher)).code() == grpc.StatusCode.UNAVAILABLE
+        assert not _relay(suite).manys
+        await until(lambda: _slots(suite).in_flight == 0, 10)
+        again = _Watcher(channel, token, wids[1])
+        await until(lambda: bool(again.events), 10)
+        await _signal(channel, token, wids[1], "go")
+        events = await asyncio.wait_for(again.task, 10)
+    assert events[-1].workflow_state == pb.WORKFLOW_STATE_SUCCEEDED
+
+
+async def test_revoking_a_token_ends_its_watches_of_every_workflow(suite: Suite) -> None:
+    """One re-admission per caller covers its watches of all workflows: once its token is
+    revoked, each ends UNAUTHENTICATED within its next check, their upstream watches end
+    (slots back), and the caller's re-admission is gone."""
+    async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+        token = await new_user(suite, channel)
+        wids = [await _submit(channel, token, _waiting("go")) for _ in range(3)]
+        await _fast(channel, token, wids[0])
+        watchers = [_Watcher(channel, token, wid) for wid in wids]
+        await until(lambda: all(w.events for w in watchers), 10)
+        await auth_grpc.AuthServiceStub(channel).Logout(
+            auth_pb.LogoutRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=5
+        )
+        for watcher in watchers:
+            assert (await _ended(watcher)).code() == grpc.StatusCode.UNAUTHENTICATED
+        await until(lambda: _slots(suite).in_flight == 0 and _upstream_streams(suite) == 0, 10)
+        assert not _relay(suite).admissions and not _relay(suite).fanouts
