@@ -1578,6 +1578,10 @@ class _Many(_Host):
         relay, upstream = fanout.relay, shared.decision.upstream
         if relay.many_refused.get(upstream, 0.0) > time.monotonic():
             return False
+        try:  # one that does not decode fails alone, on its own stream, not the others'
+            request = wf_pb.WatchWorkflowRequest.FromString(body[5:])
+        except DecodeError:
+            return False
         many = relay.manys.get(key)
         if many is None or len(many.watches) >= _MANY_WATCHES:
             many = relay.manys[key] = _Many(relay, key, upstream, block)
@@ -1585,23 +1589,21 @@ class _Many(_Host):
         watch_id = many.next_id
         many.watches[watch_id] = shared
         fanout.many, fanout.watch_id = many, watch_id
-        # The caller's WatchWorkflowRequest goes as it came: the relay parses no request.
-        watch = _field(1, _varint(watch_id)) + _field(2, body[5:], length=True)
-        many.send(_field(1, watch, length=True))  # WatchWorkflowsRequest.watch
+        watch = wf_pb.WorkflowWatch(watch_id=watch_id, request=request)
+        many.send(wf_pb.WatchWorkflowsRequest(watch=watch))
         return True
 
-    def send(self, request: bytes) -> None:
+    def send(self, request: wf_pb.WatchWorkflowsRequest) -> None:
         stream = self.stream
         if stream.client_ended or stream.done:
             return
-        message = b"\x00" + len(request).to_bytes(4, "big") + request
-        stream.to_upstream.append((h2.DATA, 0, message))
+        stream.to_upstream.append((h2.DATA, 0, _message(request.SerializeToString())))
         _send(stream, True)
 
     def cancel(self, watch_id: int) -> None:
         """A fan-out's last caller left: its watch ends with no answer."""
         if self.watches.pop(watch_id, None) is not None:
-            self.send(b"\x10" + _varint(watch_id))  # WatchWorkflowsRequest.cancel
+            self.send(wf_pb.WatchWorkflowsRequest(cancel=watch_id))
             self._end_if_idle()
 
     def _end_if_idle(self) -> None:
@@ -1738,22 +1740,6 @@ class _Many(_Host):
                 shared.done = True
                 fanout.forget(shared)
                 fanout.reset(shared.cid, code)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field(number: int, value: bytes, length: bool = False) -> bytes:
-    """A protobuf field: a varint (`value` encoded already) or a length-delimited one."""
-    if length:
-        return _varint(number << 3 | 2) + _varint(len(value)) + value
-    return _varint(number << 3) + value
 
 
 def _message(payload: bytes) -> bytes:

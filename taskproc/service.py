@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import time
 import uuid
@@ -307,30 +308,20 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         scope = owners.scope(owners.user())
         # Headers at once: the stream is answered (a relay keeps no replay of it after).
         await context.send_initial_metadata(())
-        async with aclosing(many.responses(self._read_watches(requests, scope, many))) as out:
+        handle = functools.partial(self._handle_watch, scope=scope, many=many)
+        async with aclosing(many.responses(many.read(requests, handle))) as out:
             async for reply in out:
                 yield reply
 
-    async def _read_watches(
-        self,
-        requests: AsyncIterator[pb.WatchWorkflowsRequest],
-        scope: store_pb.WorkflowScope,
-        many: _Many,
+    def _handle_watch(
+        self, request: pb.WatchWorkflowsRequest, scope: store_pb.WorkflowScope, many: _Many
     ) -> None:
-        """Starts and cancels the stream's watches as asked; the stream's own error (a
-        watch_id in use, one watch too many) goes to its writer."""
-        try:
-            async for request in requests:
-                if request.HasField("watch"):
-                    wid, watch = request.watch.watch_id, request.watch.request
-                    many.start(wid, self._serve_watch(wid, watch, scope, many))
-                elif request.HasField("cancel"):
-                    many.cancel(request.cancel)
-            await many.done_reading()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            await many.out.put(exc)
+        """Starts or cancels one watch of the stream, as `request` asks."""
+        if request.HasField("watch"):
+            wid, watch = request.watch.watch_id, request.watch.request
+            many.start(wid, self._serve_watch(wid, watch, scope, many))
+        elif request.HasField("cancel"):
+            many.cancel(request.cancel)
 
     async def _serve_watch(
         self,

@@ -10,11 +10,12 @@ and so every watch. A watch costs its task and its frames, nothing else.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 from aiwfe.runtime.errors import InvalidArgument, ResourceExhausted
 
+Request = TypeVar("Request")
 Response = TypeVar("Response")
 _QUEUE = 64  # messages waiting for the writer: then the watches wait for it
 
@@ -71,6 +72,21 @@ class Many(Generic[Response]):
         self.reading = False
         if not self.watches:
             await self.out.put(None)
+
+    async def read(
+        self, requests: AsyncIterator[Request], handle: Callable[[Request], None]
+    ) -> None:
+        """Hands each request to `handle` (which starts or cancels a watch), then marks the
+        client done; the stream's own error (a watch_id in use, one watch too many, an
+        undecodable message) goes to the writer."""
+        try:
+            async for request in requests:
+                handle(request)
+            await self.done_reading()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self.out.put(exc)
 
     async def responses(self, reader: Coroutine[Any, Any, None]) -> AsyncGenerator[Response, None]:
         """The stream's messages, while `reader` starts and cancels its watches (it puts

@@ -336,38 +336,28 @@ class WorkflowStore(pb_grpc.WorkflowStoreServiceServicer):
         many: Many[pb.WatchWorkflowEventsManyResponse] = Many(
             "WatchWorkflowEventsMany", self.watches_per_stream, "taskproc.watches_per_stream"
         )
-        async with aclosing(many.responses(self._read_watches(requests, many))) as replies:
+        async with aclosing(
+            many.responses(many.read(requests, lambda r: self._handle(r, many)))
+        ) as replies:
             async for reply in replies:
                 yield reply
 
-    async def _read_watches(
+    def _handle(
         self,
-        requests: AsyncIterator[pb.WatchWorkflowEventsManyRequest],
+        request: pb.WatchWorkflowEventsManyRequest,
         many: Many[pb.WatchWorkflowEventsManyResponse],
     ) -> None:
-        """Starts and cancels the stream's watches as asked; the stream's own error (a
-        watch_id in use, one watch too many, an undecodable message) goes to the writer."""
-        try:
-            async for request in requests:
-                if request.HasField("watch"):
-                    watch = request.watch
-                    many.start(
-                        watch.watch_id,
-                        self._serve(watch.watch_id, self._watch(watch.request), many),
-                    )
-                elif request.HasField("run"):
-                    run = request.run
-                    many.start(
-                        run.watch_id,
-                        self._serve(run.watch_id, self._run(run.request), many),
-                    )
-                elif request.HasField("cancel"):
-                    many.cancel(request.cancel)
-            await many.done_reading()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            await many.out.put(exc)
+        """Starts or cancels one watch or run of the stream, as `request` asks."""
+        if request.HasField("watch"):
+            watch = request.watch
+            many.start(
+                watch.watch_id, self._serve(watch.watch_id, self._watch(watch.request), many)
+            )
+        elif request.HasField("run"):
+            run = request.run
+            many.start(run.watch_id, self._serve(run.watch_id, self._run(run.request), many))
+        elif request.HasField("cancel"):
+            many.cancel(request.cancel)
 
     async def _serve(
         self,

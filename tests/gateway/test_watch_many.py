@@ -274,3 +274,26 @@ async def test_revoking_a_token_ends_its_watches_of_every_workflow(suite: Suite)
             assert (await _ended(watcher)).code() == grpc.StatusCode.UNAUTHENTICATED
         await until(lambda: _slots(suite).in_flight == 0 and _upstream_streams(suite) == 0, 10)
         assert not _relay(suite).admissions and not _relay(suite).fanouts
+
+
+async def test_an_undecodable_request_fails_alone_not_on_the_shared_stream(suite: Suite) -> None:
+    """A watch whose request bytes do not decode is not put on the caller's shared stream
+    (taskproc would end the whole stream for it): it goes on a stream of its own and fails
+    there, and the caller's watch already on the shared stream goes on."""
+    async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+        token = await new_user(suite, channel)
+        wid = await _submit(channel, token, _waiting("go"))
+        await _fast(channel, token, wid)
+        live = _Watcher(channel, token, wid)
+        await until(lambda: bool(live.events), 10)
+        bad = channel.unary_stream("/aiwfe.taskproc.v1.WorkflowService/WatchWorkflow")(
+            b"\xff\xff\xff", metadata=(("authorization", f"Bearer {token}"),), timeout=10
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            async for _ in bad:
+                pass
+        assert failed.value.code() != grpc.StatusCode.OK
+        assert _watches(suite) == 1 and not live.task.done()
+        await _signal(channel, token, wid, "go")
+        events = await asyncio.wait_for(live.task, 10)
+    assert events[-1].workflow_state == pb.WORKFLOW_STATE_SUCCEEDED
